@@ -1,0 +1,33 @@
+# The two commands of the README: `make demo` and `make test`. Each creates .venv when missing.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The CIFAR-10 copy (ImageFolder layout in a tar.gz); override on the command line or environment.
+PPVIT_CIFAR10 ?= $(abspath ../shared/datasets/cifar10-jpeg.tar.gz)
+export PPVIT_CIFAR10
+
+.PHONY: venv demo test test-slow lint bench
+
+venv: $(VENV)/.installed
+
+# torch and torchvision are pinned to the releases whose wheels lie on this machine's disk.
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]'
+	touch $@
+
+demo: venv
+	$(VENV)/bin/ppvit demo --data "$(PPVIT_CIFAR10)" --out demo-out
+
+test: venv
+	$(PY) -m pytest -q
+
+test-slow: venv
+	$(PY) -m pytest -q -m slow
+
+lint: venv
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff format --check src tests benchmarks
+
+bench: venv
+	$(PY) benchmarks/bench_encrypt.py

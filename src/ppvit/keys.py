@@ -1,0 +1,184 @@
+"""Secret keys, key files, fingerprints and the version-stable derivation of permutations.
+
+Everything keyed in ppvit (pixel permutations, block orders, per-block choices) comes from
+one 256-bit secret through this derivation, never from numpy's or torch's random streams,
+whose algorithms may change between releases. The derivation, version 1, is:
+
+* a *label* names what is derived and from which parameters, e.g.
+  ``b"ppvit/v1/shuffle/p=16/c=3"``;
+* the byte stream for a label is ``HMAC-SHA256(secret, label || 0x00 || counter)`` for
+  ``counter = 0, 1, 2, ...`` (8-byte big-endian), concatenated;
+* an integer below ``n`` takes 4 bytes as a big-endian ``u32`` and rejects values at or
+  above the largest multiple of ``n`` below 2**32 (no modulo bias);
+* a permutation of ``n`` is a Fisher-Yates shuffle of ``0..n-1`` that, for
+  ``i = n-1 .. 1``, swaps position ``i`` with position ``randbelow(i + 1)``.
+
+Golden vectors in the tests lock this in: a dataset encrypted today decrypts with every
+later version of ppvit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+import secrets
+import stat
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+KEY_FORMAT = "ppvit-key"
+KEY_VERSION = 1
+SECRET_BYTES = 32
+
+
+class KeyFileError(ValueError):
+    """A key file that is missing, damaged, of another version or not private."""
+
+
+@dataclass(frozen=True)
+class Key:
+    """A 256-bit secret. Its ``repr`` and its logs show only the fingerprint."""
+
+    secret: bytes = field(repr=False)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.secret, bytes) or len(self.secret) != SECRET_BYTES:
+            raise ValueError(f"a key secret is {SECRET_BYTES} bytes")
+
+    def __repr__(self) -> str:
+        return f"Key(fingerprint={self.fingerprint!r})"
+
+    @classmethod
+    def generate(cls) -> Key:
+        """A fresh key from the operating system's CSPRNG (``secrets``)."""
+        return cls(secrets.token_bytes(SECRET_BYTES))
+
+    @property
+    def fingerprint(self) -> str:
+        """16 hex digits identifying the key; a keyed hash, so it reveals nothing of it."""
+        return hmac.new(self.secret, b"ppvit/v1/fingerprint", hashlib.sha256).hexdigest()[:16]
+
+    # -- derivation ---------------------------------------------------------------------
+
+    def stream(self, label: str) -> KeyStream:
+        """The deterministic random stream for ``label`` (see the module docstring)."""
+        return KeyStream(self.secret, label)
+
+    def permutation(self, label: str, n: int) -> np.ndarray:
+        """A uniformly random permutation of ``range(n)`` as int64, fixed by key and label."""
+        return self.stream(label).permutation(n)
+
+    def choices(self, label: str, n: int, k: int) -> np.ndarray:
+        """``n`` independent uniform integers in ``range(k)`` as int64."""
+        s = self.stream(label)
+        return np.array([s.randbelow(k) for _ in range(n)], dtype=np.int64)
+
+    # -- files ---------------------------------------------------------------------------
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write a key file with mode 0600; refuse to overwrite an existing file."""
+        path = Path(path)
+        doc = {
+            "format": KEY_FORMAT,
+            "version": KEY_VERSION,
+            "fingerprint": self.fingerprint,
+            "secret": self.secret.hex(),
+        }
+        data = (json.dumps(doc, indent=2) + "\n").encode()
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            try:
+                os.link(tmp, path)  # atomic and fails if path exists: never overwrites
+            except FileExistsError:
+                raise KeyFileError(f"key file {path}: already exists, refusing to overwrite it") from None
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Key:
+        """Read a key file, checking format, version, integrity and permissions."""
+        path = Path(path)
+
+        def bad(problem: str) -> KeyFileError:
+            return KeyFileError(f"key file {path}: {problem}")
+
+        try:
+            st = path.stat()
+            raw = path.read_bytes()
+        except FileNotFoundError:
+            raise bad("not found") from None
+        except OSError as exc:
+            raise bad(f"cannot be read ({exc.strerror})") from None
+        if os.name == "posix" and st.st_mode & 0o077:
+            mode = stat.S_IMODE(st.st_mode)
+            raise bad(f"readable by other users (mode {mode:04o}); run: chmod 600 {path}")
+        try:
+            doc = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise bad("not a ppvit key file (truncated or not JSON)") from None
+        if not isinstance(doc, dict) or doc.get("format") != KEY_FORMAT:
+            raise bad("not a ppvit key file")
+        if doc.get("version") != KEY_VERSION:
+            raise bad(f"key format version {doc.get('version')!r} is not supported (this ppvit reads {KEY_VERSION})")
+        secret_hex = doc.get("secret")
+        try:
+            secret = bytes.fromhex(secret_hex) if isinstance(secret_hex, str) else b""
+        except ValueError:
+            secret = b""
+        if len(secret) != SECRET_BYTES:
+            raise bad(f"damaged: the secret is not {SECRET_BYTES} bytes of hex")
+        key = cls(secret)
+        if doc.get("fingerprint") != key.fingerprint:
+            raise bad("damaged: the stored fingerprint does not match the secret")
+        return key
+
+
+class KeyStream:
+    """HMAC-SHA256 in counter mode; see the module docstring for the exact definition."""
+
+    def __init__(self, secret: bytes, label: str) -> None:
+        self._secret = secret
+        self._label = label.encode("utf-8") + b"\x00"
+        self._blocks = self._generate()
+        self._buf = b""
+
+    def _generate(self) -> Iterator[bytes]:
+        counter = 0
+        while True:
+            yield hmac.new(self._secret, self._label + counter.to_bytes(8, "big"), hashlib.sha256).digest()
+            counter += 1
+
+    def read(self, n: int) -> bytes:
+        """The next ``n`` bytes of the stream."""
+        while len(self._buf) < n:
+            self._buf += next(self._blocks)
+        out, self._buf = self._buf[:n], self._buf[n:]
+        return out
+
+    def randbelow(self, n: int) -> int:
+        """A uniform integer in ``range(n)`` by rejection sampling of big-endian u32s."""
+        if not 0 < n <= 2**32:
+            raise ValueError(f"randbelow needs 0 < n <= 2**32, got {n}")
+        limit = 2**32 - (2**32 % n)
+        while True:
+            u = int.from_bytes(self.read(4), "big")
+            if u < limit:
+                return u % n
+
+    def permutation(self, n: int) -> np.ndarray:
+        """Fisher-Yates: for i = n-1 .. 1 swap items i and randbelow(i + 1)."""
+        items = list(range(n))
+        for i in range(n - 1, 0, -1):
+            j = self.randbelow(i + 1)
+            items[i], items[j] = items[j], items[i]
+        return np.array(items, dtype=np.int64)
