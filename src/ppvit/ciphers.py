@@ -24,6 +24,15 @@ block, the same for every block). Per-block choices tie the model to positions a
 be absorbed into a ViT's patch embedding; ``shuffle``, ``scramble`` and the ``:pixel``
 modes can (see :mod:`ppvit.model_transform`).
 
+Keyed choices come from :mod:`ppvit.keys` with the label ``ppvit/v1/<step>/<where>``,
+``<step>`` as written in the scheme (``negpos``, ``negpos:pixel``, ...) and ``<where>``
+``grid=<GH>x<GW>`` (blocks down and across) for per-block draws (``scramble``, ``rotate``,
+``:block`` modes) or ``p=<p>/c=<C>`` for draws shared by all blocks (``shuffle``, ``:pixel``
+modes). ``shuffle`` and ``scramble`` draw a permutation, the others ``choices``: ``rotate``
+in ``range(8)``, ``negpos`` in ``range(2)``, ``channel`` an index into
+``itertools.permutations(range(C))`` (output channel ``k`` takes input channel
+``order[k]``). Rotations are ``numpy.rot90`` over (row, column).
+
 Every scheme compiles, for one image size, to a :class:`Plan`: a gather index over the
 image flattened in (H, W, C) order and a mask of values to negate afterwards. One plan
 serves numpy (HWC, NHWC) and torch (CHW, NCHW, any device), so both agree bit for bit,
@@ -286,13 +295,10 @@ def compile_plan(key: Key, scheme: str | Scheme, block_size: int, shape: tuple[i
 
 
 def _label(step: Step, p: int, c: int, gh: int, gw: int) -> str:
-    """What a step's randomness depends on: its name, mode and the sizes it draws for."""
+    """What a step's randomness depends on: its name and mode, and the sizes it draws for."""
     per_block = step.name in ("scramble", "rotate") or (step.name in _MODED and step.mode == "block")
     where = f"grid={gh}x{gw}" if per_block else f"p={p}/c={c}"
-    if step.name in _MODED:
-        where += f"/c={c}" if per_block else ""
-        return f"ppvit/v1/{step.name}:{step.mode}/{where}"
-    return f"ppvit/v1/{step.name}/{where}"
+    return f"ppvit/v1/{step}/{where}"
 
 
 def _dihedral(blocks: np.ndarray, ks: np.ndarray) -> np.ndarray:
