@@ -1,0 +1,320 @@
+"""Datasets as in-memory uint8 arrays, and the batch pipeline that turns them into model input.
+
+The path of one image (see README):
+
+    client:  decode -> plain augmentation -> resize to model input -> encrypt -> uint8
+    server:  ciphertext -> ciphertext-safe augmentation -> float -> normalise -> model
+
+Small datasets (CIFAR-10 is 60,000 x 32 x 32 x 3 = 184 MB) are decoded once, cached as a
+``.npy`` pair, and held in memory as one uint8 array, so a CPU training run never waits
+on JPEG decoding. Everything after decoding runs batch-wise on torch tensors
+(:class:`BatchPipeline`), on whatever device trains, so the loader costs one gather.
+
+Where encryption happens in this process (simulating the client) plain-image
+augmentation (random crop with padding, horizontal flip) is allowed *before* encryption.
+On data that arrives encrypted only ciphertext-safe augmentation is offered: mixup (it
+commutes with any permutation of values) and cutmix with block-aligned boxes (for pixel
+shuffling, a box made of whole blocks is the ciphertext of the plain cutmix).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .ciphers import BlockCipher
+
+log = logging.getLogger(__name__)
+
+CIFAR10_ENV = "PPVIT_CIFAR10"
+CACHE_ENV = "PPVIT_CACHE"
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+PlainAugment = Literal["none", "crop-flip"]
+
+
+@dataclass
+class ArrayDataset(torch.utils.data.Dataset):
+    """Images as one uint8 NHWC array with integer labels; ``encrypted`` says what they are."""
+
+    images: np.ndarray
+    labels: np.ndarray
+    classes: tuple[str, ...]
+    encrypted: bool = False
+    meta: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.images.dtype != np.uint8 or self.images.ndim != 4 or self.images.shape[-1] != 3:
+            raise ValueError(f"images must be uint8 NHWC RGB, got {self.images.dtype} {self.images.shape}")
+        if len(self.images) != len(self.labels):
+            raise ValueError(f"{len(self.images)} images but {len(self.labels)} labels")
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return torch.from_numpy(self.images[i]), int(self.labels[i])
+
+    def subset(self, index: np.ndarray) -> ArrayDataset:
+        return ArrayDataset(self.images[index], self.labels[index], self.classes, self.encrypted, dict(self.meta))
+
+
+def cifar10_path(path: str | os.PathLike | None = None) -> Path:
+    """The CIFAR-10 copy: ``path``, else $PPVIT_CIFAR10; a clear error when neither is set."""
+    chosen = path or os.environ.get(CIFAR10_ENV)
+    if not chosen:
+        raise ValueError(f"no CIFAR-10 copy given: pass --data PATH or set {CIFAR10_ENV}")
+    p = Path(chosen)
+    if not p.exists():
+        raise FileNotFoundError(f"CIFAR-10 copy {p}: not found")
+    return p
+
+
+def cache_dir() -> Path:
+    """Where decoded datasets are cached: $PPVIT_CACHE or ~/.cache/ppvit."""
+    d = Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "ppvit")
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def load_image_folder(src: str | os.PathLike, split: str | None = None) -> ArrayDataset:
+    """An ImageFolder tree (folder or tar/tar.gz) decoded into memory, cached by file identity.
+
+    ``split`` selects a top-level folder (``train``/``test`` in the CIFAR-10 copy). All
+    images must share one size; resizing to the model input happens in the pipeline.
+    """
+    from .dataset_io import iter_images  # the file reader shared with `ppvit encrypt`
+
+    src = Path(src)
+    st = src.stat()
+    ident = hashlib.sha256(f"{src.resolve()}|{st.st_size}|{st.st_mtime_ns}|{split}".encode()).hexdigest()[:16]
+    cached = cache_dir() / f"{src.name}-{split or 'all'}-{ident}.npz"
+    if cached.exists():
+        with np.load(cached) as z:
+            return ArrayDataset(z["images"], z["labels"], tuple(z["classes"].tolist()), meta={"source": str(src)})
+    images, names = [], []
+    for item in iter_images(src):
+        parts = Path(item.relpath).parts
+        if split is not None:
+            if parts[0] != split:
+                continue
+            parts = parts[1:]
+        if len(parts) < 2:
+            raise ValueError(f"{src}: {item.relpath} is not inside a class folder (ImageFolder layout)")
+        if item.error is not None:
+            raise ValueError(f"{src}: {item.relpath}: {item.error}")
+        images.append(np.asarray(item.image.convert("RGB")))
+        names.append(parts[0])
+    if not images:
+        raise ValueError(f"{src}: no images found" + (f" under {split}/" if split else ""))
+    classes = tuple(sorted(set(names)))
+    lookup = {c: i for i, c in enumerate(classes)}
+    shapes = {im.shape for im in images}
+    if len(shapes) != 1:
+        raise ValueError(f"{src}: images of several sizes {sorted(shapes)[:3]}; encrypt with --size first")
+    ds = ArrayDataset(np.stack(images), np.array([lookup[n] for n in names], dtype=np.int64), classes)
+    _save_npz(cached, ds)
+    ds.meta["source"] = str(src)
+    return ds
+
+
+def _save_npz(path: Path, ds: ArrayDataset) -> None:
+    from ._io import atomic_write
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as fh:
+            np.savez(fh, images=ds.images, labels=ds.labels, classes=np.array(ds.classes))
+
+    atomic_write(path, write)
+
+
+def split_train_val(ds: ArrayDataset, val_fraction: float, seed: int) -> tuple[ArrayDataset, ArrayDataset]:
+    """A stratified, seeded validation split for model selection (the test set stays untouched)."""
+    if not 0 < val_fraction < 1:
+        raise ValueError(f"validation fraction must be in (0, 1), got {val_fraction}")
+    rng = np.random.default_rng(seed)
+    val = []
+    for c in range(len(ds.classes)):
+        idx = np.flatnonzero(ds.labels == c)
+        val.append(rng.permutation(idx)[: round(len(idx) * val_fraction)])
+    val_idx = np.sort(np.concatenate(val))
+    train_idx = np.setdiff1d(np.arange(len(ds)), val_idx)
+    return ds.subset(train_idx), ds.subset(val_idx)
+
+
+def stratified_subset(ds: ArrayDataset, n: int, seed: int) -> ArrayDataset:
+    """``n`` images with the class balance of ``ds`` (rounded), chosen with ``seed``."""
+    if n >= len(ds):
+        return ds
+    frac = n / len(ds)
+    rng = np.random.default_rng(seed)
+    keep = [
+        rng.permutation(np.flatnonzero(ds.labels == c))[: round(frac * np.sum(ds.labels == c))]
+        for c in range(len(ds.classes))
+    ]
+    return ds.subset(np.sort(np.concatenate(keep)))
+
+
+def take_part(ds: ArrayDataset, part: str) -> ArrayDataset:
+    """Part ``"i/k"``: the i-th of k disjoint stratified parts (fixed split, independent of run seeds).
+
+    Upstream pretraining on part 0/2 and downstream fine-tuning on part 1/2 never share an image.
+    """
+    try:
+        i, k = (int(v) for v in part.split("/"))
+        if not 0 <= i < k:
+            raise ValueError
+    except ValueError:
+        raise ValueError(f"part must be 'i/k' with 0 <= i < k, got {part!r}") from None
+    rng = np.random.default_rng(20_260_000 + k)  # one fixed partition per k
+    keep = [np.array_split(rng.permutation(np.flatnonzero(ds.labels == c)), k)[i] for c in range(len(ds.classes))]
+    return ds.subset(np.sort(np.concatenate(keep)))
+
+
+@dataclass
+class DataSplits:
+    """Train (for fitting), val (for choosing the epoch) and test (for the final report only)."""
+
+    train: ArrayDataset
+    val: ArrayDataset
+    test: ArrayDataset
+    encrypted: bool
+    manifest: dict | None = None
+
+
+def load_splits(
+    data: str | os.PathLike | None,
+    val_fraction: float,
+    seed: int,
+    part: str | None = None,
+    train_subset: int | None = None,
+    test_subset: int | None = None,
+) -> DataSplits:
+    """The run's data: ``data`` (else $PPVIT_CIFAR10) with ``train/`` and ``test/`` splits.
+
+    A folder written by ``ppvit encrypt`` (it holds a manifest) gives encrypted splits;
+    the caller checks the manifest against its scheme, block size, input size and key.
+    """
+    src = cifar10_path(data)
+    manifest = None
+    from .dataset_io import MANIFEST_NAME, load_encrypted_split, read_manifest
+
+    if src.is_dir() and (src / MANIFEST_NAME).exists():
+        manifest = read_manifest(src)
+        full, test = load_encrypted_split(src, "train"), load_encrypted_split(src, "test")
+    else:
+        full, test = load_image_folder(src, "train"), load_image_folder(src, "test")
+    if part:
+        full = take_part(full, part)
+    if train_subset:
+        full = stratified_subset(full, train_subset, seed)
+    if test_subset:
+        test = stratified_subset(test, test_subset, 0)
+    train, val = split_train_val(full, val_fraction, seed)
+    return DataSplits(train, val, test, manifest is not None, manifest)
+
+
+class BatchPipeline:
+    """uint8 NHWC batch -> normalised float NCHW model input, in the documented order.
+
+    ``cipher`` set means encryption happens here (the client's side, simulated): plain
+    augmentation, resize, then encrypt. ``cipher`` None with ``data_encrypted`` means the
+    batch is ciphertext already: plain augmentation is refused.
+    """
+
+    def __init__(
+        self,
+        size: int,
+        mean: tuple[float, ...],
+        std: tuple[float, ...],
+        cipher: BlockCipher | None = None,
+        data_encrypted: bool = False,
+        augment: PlainAugment = "none",
+    ) -> None:
+        if augment != "none" and data_encrypted:
+            raise ValueError(
+                f"augmentation {augment!r} does not commute with block-wise encryption and the data arrive "
+                "encrypted; use --mixup or --cutmix (ciphertext-safe) instead"
+            )
+        if cipher is not None and data_encrypted:
+            raise ValueError("the data are encrypted already; do not encrypt them again")
+        self.size, self.cipher, self.augment, self.data_encrypted = size, cipher, augment, data_encrypted
+        self.mean = torch.tensor(mean).view(1, -1, 1, 1)
+        self.std = torch.tensor(std).view(1, -1, 1, 1)
+
+    def __call__(self, images: torch.Tensor, train: bool, generator: torch.Generator | None = None) -> torch.Tensor:
+        x = images.permute(0, 3, 1, 2)  # NHWC uint8 -> NCHW uint8 (a view)
+        if train and self.augment == "crop-flip":
+            x = random_crop_flip(x, pad=x.shape[-1] // 8, generator=generator)
+        if x.shape[-1] != self.size or x.shape[-2] != self.size:
+            if self.data_encrypted:
+                raise ValueError(
+                    f"encrypted images are {x.shape[-2]}x{x.shape[-1]} but the model takes {self.size}x{self.size}; "
+                    "resizing would destroy the ciphertext: encrypt with --size"
+                )
+            x = F.interpolate(x.float(), size=(self.size, self.size), mode="bicubic", align_corners=False)
+            x = x.round().clamp(0, 255).to(torch.uint8)
+        if self.cipher is not None:
+            x = self.cipher.encrypt(x.contiguous())
+        x = x.float().div_(255)
+        return (x - self.mean.to(x.device)) / self.std.to(x.device)
+
+
+def random_crop_flip(x: torch.Tensor, pad: int, generator: torch.Generator | None) -> torch.Tensor:
+    """Per image: a random crop of the zero-padded image, then a horizontal flip half the time."""
+    n, _, h, w = x.shape
+    padded = F.pad(x, (pad, pad, pad, pad))
+    dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
+    dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
+    flip = torch.rand(n, generator=generator) < 0.5
+    rows = (dy[:, None] + torch.arange(h)[None]).to(x.device)  # (n, h)
+    cols = dx[:, None] + torch.arange(w)[None]
+    cols = torch.where(flip[:, None], cols.flip(1), cols).to(x.device)  # (n, w)
+    batch = torch.arange(n, device=x.device)[:, None, None]
+    out = padded.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]]  # (n, h, w, c)
+    return out.permute(0, 3, 1, 2)
+
+
+def mix_batch(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    num_classes: int,
+    mixup: float,
+    cutmix: float,
+    block: int,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mixup or block-aligned cutmix (chosen at random when both are on): soft targets.
+
+    Both are safe on ciphertext: mixup mixes values position by position, so it commutes
+    with any permutation; the cutmix box covers whole ``block x block`` blocks, so it
+    commutes with every step that keeps block positions. Under ``scramble`` the box is a
+    keyed scattered set of blocks in the plain image: still a valid mix of two images.
+    """
+    target = F.one_hot(y, num_classes).float()
+    if mixup <= 0 and cutmix <= 0:
+        return x, target
+    perm = torch.randperm(x.shape[0], generator=generator).to(x.device)
+    use_cutmix = cutmix > 0 and (mixup <= 0 or torch.rand((), generator=generator) < 0.5)
+    alpha = cutmix if use_cutmix else mixup
+    # Beta from numpy, seeded from the torch generator, so a resumed run draws the same.
+    lam = float(np.random.default_rng(int(torch.randint(0, 2**31, (), generator=generator))).beta(alpha, alpha))
+    if not use_cutmix:
+        return lam * x + (1 - lam) * x[perm], lam * target + (1 - lam) * target[perm]
+    gh, gw = x.shape[-2] // block, x.shape[-1] // block
+    bh = round(gh * (1 - lam) ** 0.5)
+    bw = round(gw * (1 - lam) ** 0.5)
+    top = int(torch.randint(0, gh - bh + 1, (), generator=generator))
+    left = int(torch.randint(0, gw - bw + 1, (), generator=generator))
+    x = x.clone()
+    sl = (slice(None), slice(None), slice(top * block, (top + bh) * block), slice(left * block, (left + bw) * block))
+    x[sl] = x[perm][sl]
+    lam = 1 - (bh * bw) / (gh * gw)  # the exact share of the image kept
+    return x, lam * target + (1 - lam) * target[perm]
