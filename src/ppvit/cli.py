@@ -8,12 +8,16 @@ are raised as ``UserError``/``ValueError`` subclasses and printed as one line, e
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import logging
 import sys
+import typing
 from collections.abc import Sequence
 
 from . import __version__
 from .keys import Key, KeyFileError
+from .train import TrainConfig, train
 
 
 class UserError(Exception):
@@ -32,7 +36,53 @@ def _add_keygen(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_keygen)
 
 
-PARSERS = [_add_keygen]
+def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
+    """One flag per dataclass field (``--patch-embed-lr-scale``), help from the field's metadata.
+
+    Defaults are None so that a YAML config or the dataclass default applies when a flag is
+    not given; bools become ``--flag/--no-flag``.
+    """
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        kind = hints[f.name]
+        if typing.get_origin(kind) is not typing.Literal:  # unwrap ``X | None``
+            kind = next((a for a in typing.get_args(kind) if a is not type(None)), kind)
+        choices = typing.get_args(kind) if typing.get_origin(kind) is typing.Literal else None
+        base = str if choices else kind
+        help_ = f"{f.metadata.get('help', '')} (default: {f.default})"
+        if base is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_)
+        else:
+            parser.add_argument(flag, type=base, choices=choices, default=None, help=help_)
+
+
+def _train_config(args: argparse.Namespace) -> TrainConfig:
+    names = [f.name for f in dataclasses.fields(TrainConfig)]
+    given = {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+    if args.quiet:
+        given["quiet"] = True
+    if args.config:
+        return TrainConfig.from_yaml(args.config, **given)
+    return TrainConfig(**given)
+
+
+def _train(args: argparse.Namespace) -> None:
+    result = train(_train_config(args), resume=args.resume)
+    print(json.dumps(result, indent=2))
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="fine-tune a ViT on encrypted (or plain) images")
+    p.add_argument("--config", help="YAML file of settings; flags override it")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    add_dataclass_args(p, TrainConfig, skip=("quiet",))
+    p.set_defaults(func=_train)
+
+
+PARSERS = [_add_keygen, _add_train]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -100,7 +100,7 @@ def load_image_folder(src: str | os.PathLike, split: str | None = None) -> Array
         with np.load(cached) as z:
             return ArrayDataset(z["images"], z["labels"], tuple(z["classes"].tolist()), meta={"source": str(src)})
     images, names = [], []
-    for item in iter_images(src):
+    for item in iter_images(src, select=None if split is None else lambda rel: rel.startswith(f"{split}/")):
         parts = Path(item.relpath).parts
         if split is not None:
             if parts[0] != split:
@@ -204,11 +204,11 @@ def load_splits(
     """
     src = cifar10_path(data)
     manifest = None
-    from .dataset_io import MANIFEST_NAME, load_encrypted_split, read_manifest
+    from .dataset_io import MANIFEST_NAME, read_manifest
 
     if src.is_dir() and (src / MANIFEST_NAME).exists():
         manifest = read_manifest(src)
-        full, test = load_encrypted_split(src, "train"), load_encrypted_split(src, "test")
+        full, test = (_encrypted_dataset(src, s) for s in ("train", "test"))
     else:
         full, test = load_image_folder(src, "train"), load_image_folder(src, "test")
     if part:
@@ -219,6 +219,13 @@ def load_splits(
         test = stratified_subset(test, test_subset, 0)
     train, val = split_train_val(full, val_fraction, seed)
     return DataSplits(train, val, test, manifest is not None, manifest)
+
+
+def _encrypted_dataset(folder: Path, split: str) -> ArrayDataset:
+    from .dataset_io import load_encrypted_split
+
+    images, labels, classes = load_encrypted_split(folder, split)
+    return ArrayDataset(images, labels, tuple(classes), encrypted=True, meta={"source": str(folder)})
 
 
 class BatchPipeline:

@@ -1,0 +1,425 @@
+"""Image collections on disk: reading sources, writing encrypted datasets, manifests.
+
+Sources are a folder tree of images (ImageFolder layout), a single image, or a tar /
+tar.gz archive (read member by member, never extracted). Outputs are lossless: PNG files
+mirroring the source tree, or uint8 numpy shards per split for fast loading. A JPEG or
+WebP output is refused, since lossy compression destroys the pixel shuffling.
+
+A manifest (``ppvit-manifest.json``) beside the output records the scheme, block size,
+input size, format, classes and the key fingerprint, never the key. It is written before
+the first image, so an interrupted run can be continued (outputs that exist are skipped)
+and a run with another key or scheme cannot write into the same folder.
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+import json
+import logging
+import os
+import tarfile
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from PIL import Image
+from tqdm.auto import tqdm
+
+from ._io import atomic_write, atomic_write_bytes, atomic_write_text
+from .ciphers import BlockCipher, Scheme
+from .keys import Key
+
+log = logging.getLogger(__name__)
+
+MANIFEST_NAME = "ppvit-manifest.json"
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".tif", ".tiff", ".webp", ".gif")
+LOSSY_SUFFIXES = (".jpg", ".jpeg", ".webp")
+SHARD_SIZE = 1024
+Format = Literal["png", "npy"]
+
+
+@dataclass
+class ImageItem:
+    """One source image: its path relative to the source, and the decoded image or an error."""
+
+    relpath: str
+    image: Image.Image | None = None
+    error: str | None = None
+
+
+def iter_image_bytes(
+    src: str | os.PathLike, select: Callable[[str], bool] | None = None
+) -> Iterator[tuple[str, bytes]]:
+    """(relative path, raw bytes) of every image file in a folder tree, single file or tar archive."""
+    src = Path(src)
+    if not src.exists():
+        raise FileNotFoundError(f"source {src}: not found")
+    if src.is_dir():
+        for path in sorted(p for p in src.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()):
+            rel = path.relative_to(src).as_posix()
+            if select is None or select(rel):
+                yield rel, path.read_bytes()
+    elif tarfile.is_tarfile(src):
+        with tarfile.open(src, "r:*") as tar:
+            for member in tar:
+                rel = member.name.removeprefix("./")
+                if member.isfile() and Path(rel).suffix.lower() in IMAGE_SUFFIXES and (select is None or select(rel)):
+                    yield rel, tar.extractfile(member).read()
+    elif src.suffix.lower() in IMAGE_SUFFIXES:
+        yield src.name, src.read_bytes()
+    else:
+        raise ValueError(f"source {src}: not an image, a folder of images or a tar archive")
+
+
+def decode(relpath: str, data: bytes) -> ImageItem:
+    """Decode to RGB; a corrupt file becomes an item with an error, not an exception."""
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            return ImageItem(relpath, im.convert("RGB"))
+    except Exception as exc:  # PIL raises many types for bad files
+        return ImageItem(relpath, error=f"cannot decode ({exc.__class__.__name__}: {exc})")
+
+
+def iter_images(src: str | os.PathLike, select: Callable[[str], bool] | None = None) -> Iterator[ImageItem]:
+    """Decoded images of a source, in a stable order."""
+    for rel, data in iter_image_bytes(src, select):
+        yield decode(rel, data)
+
+
+def class_of(relpath: str) -> str:
+    """The ImageFolder class: the folder holding the file ('' for a file at the top)."""
+    parts = Path(relpath).parts
+    return parts[-2] if len(parts) >= 2 else ""
+
+
+def split_of(relpath: str) -> str:
+    """The split folder above the class folder ('' when there is none)."""
+    parts = Path(relpath).parts
+    return parts[0] if len(parts) >= 3 else ""
+
+
+# -- manifest -----------------------------------------------------------------------------------
+
+
+@dataclass
+class Manifest:
+    """What an encrypted dataset is; checked by decrypt and by training on it."""
+
+    scheme: str
+    block_size: int
+    size: int | None
+    key_fingerprint: str
+    format: Format
+    ppvit_version: str = ""
+    classes: dict[str, list[str]] = field(default_factory=dict)  # split -> sorted class names
+    counts: dict[str, int] = field(default_factory=dict)  # split -> images written
+    complete: bool = False
+
+    def check(
+        self,
+        scheme: str | None = None,
+        block_size: int | None = None,
+        size: int | None = None,
+        fingerprint: str | None = None,
+        where: str = "",
+    ) -> None:
+        """Raise ValueError naming the first setting that differs from this dataset's."""
+        wanted = {
+            "scheme": None if scheme is None else str(Scheme.parse(scheme)),
+            "block size": block_size,
+            "image size": size,
+            "key fingerprint": fingerprint,
+        }
+        have = {
+            "scheme": self.scheme,
+            "block size": self.block_size,
+            "image size": self.size,
+            "key fingerprint": self.key_fingerprint,
+        }
+        for name, value in wanted.items():
+            if value is not None and have[name] is not None and value != have[name]:
+                raise ValueError(f"{where or 'encrypted dataset'}: {name} is {have[name]}, not {value}")
+
+
+def read_manifest(folder: str | os.PathLike) -> Manifest:
+    path = Path(folder) / MANIFEST_NAME
+    try:
+        return Manifest(**json.loads(path.read_text()))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{folder}: no {MANIFEST_NAME} (not written by `ppvit encrypt`?)") from None
+    except (OSError, json.JSONDecodeError, TypeError) as exc:
+        raise ValueError(f"manifest {path}: damaged ({exc})") from None
+
+
+def write_manifest(folder: Path, manifest: Manifest) -> None:
+    atomic_write_text(folder / MANIFEST_NAME, json.dumps(asdict(manifest), indent=2) + "\n")
+
+
+# -- encrypting and decrypting collections --------------------------------------------------------
+
+
+@dataclass
+class Summary:
+    """What a run did; ``failed`` lists (relative path, problem) for every bad input."""
+
+    written: int = 0
+    skipped: int = 0
+    failed: list[tuple[str, str]] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def check_output(dst: Path, fmt: str) -> None:
+    """Refuse lossy outputs and destinations that are not folders."""
+    if fmt not in ("png", "npy"):
+        reason = " (lossy compression would destroy the shuffling)" if fmt.lower() in ("jpg", "jpeg", "webp") else ""
+        raise ValueError(f"output format {fmt!r} is not supported{reason}; use png or npy")
+    if dst.suffix.lower() in LOSSY_SUFFIXES:
+        raise ValueError(
+            f"output {dst}: a lossy format would destroy the shuffling; give a folder (PNG files are written)"
+        )
+    if dst.exists() and not dst.is_dir():
+        raise ValueError(f"output {dst}: exists and is not a folder")
+
+
+_worker: dict[str, object] = {}
+
+
+def _init_worker(secret: bytes, scheme: str, block_size: int, size: int | None, decrypting: bool) -> None:
+    """Runs once in each worker process: the key arrives through the pool, never argv or logs."""
+    _worker.update(cipher=BlockCipher(Key(secret), scheme, block_size), size=size, decrypting=decrypting)
+
+
+def _transform_one(item: tuple[str, bytes]) -> tuple[str, np.ndarray | None, str | None]:
+    """Decode, resize, encrypt (or decrypt) one image: the work a worker does."""
+    got = decode(*item)
+    if got.error is not None:
+        return got.relpath, None, got.error
+    image, size = got.image, _worker["size"]
+    if size is not None and image.size != (size, size):
+        image = image.resize((size, size), Image.Resampling.BICUBIC)
+    cipher: BlockCipher = _worker["cipher"]  # type: ignore[assignment]
+    try:
+        arr = np.asarray(image)
+        out = cipher.decrypt(arr) if _worker["decrypting"] else cipher.encrypt(arr)
+    except ValueError as exc:  # e.g. a side that is not a multiple of the block size
+        return got.relpath, None, str(exc)
+    return got.relpath, out, None
+
+
+def _png_bytes(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+def transform_collection(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    cipher: BlockCipher,
+    manifest: Manifest,
+    decrypting: bool = False,
+    workers: int = 1,
+    progress: bool = True,
+    select: Callable[[str], bool] | None = None,
+) -> Summary:
+    """Encrypt (or decrypt) every image of ``src`` into ``dst``; the shared engine of both verbs."""
+    src, dst = Path(src), Path(dst)
+    check_output(dst, manifest.format)
+    dst.mkdir(parents=True, exist_ok=True)
+    if (dst / MANIFEST_NAME).exists():
+        old = read_manifest(dst)
+        old.check(manifest.scheme, manifest.block_size, manifest.size, manifest.key_fingerprint, where=f"output {dst}")
+        if old.format != manifest.format:
+            raise ValueError(f"output {dst}: holds {old.format} output, not {manifest.format}")
+    write_manifest(dst, manifest)  # before the first image: claims the folder for these settings
+
+    t0 = time.perf_counter()
+    summary = Summary()
+    sink = _PngSink(dst) if manifest.format == "png" else _ShardSink(dst)
+    pending = ((rel, data) for rel, data in iter_image_bytes(src, select) if not sink.has(rel, summary))
+    init = (cipher.key.secret, str(cipher.scheme), cipher.block_size, manifest.size, decrypting)
+    with tqdm(desc="decrypting" if decrypting else "encrypting", unit="img", disable=not progress) as bar:
+        if workers > 1:
+            with ProcessPoolExecutor(workers, initializer=_init_worker, initargs=init) as pool:
+                # bounded windows: Executor.map would read the whole source before the first result
+                while window := list(itertools.islice(pending, 64 * workers)):
+                    _consume(pool.map(_transform_one, window, chunksize=16), sink, summary, bar)
+        else:
+            _init_worker(*init)
+            _consume(map(_transform_one, pending), sink, summary, bar)
+        sink.close()
+    manifest.classes, manifest.counts = sink.inventory()
+    manifest.complete = not summary.failed
+    write_manifest(dst, manifest)
+    summary.seconds = time.perf_counter() - t0
+    return summary
+
+
+def _consume(results: Iterator, sink: _PngSink | _ShardSink, summary: Summary, bar: tqdm) -> None:
+    for rel, arr, error in results:
+        if error is not None:
+            summary.failed.append((rel, error))
+        else:
+            sink.add(rel, arr)
+            summary.written += 1
+        bar.update()
+
+
+def _inventory(entries: Iterator[tuple[str, str]]) -> tuple[dict[str, list[str]], dict[str, int]]:
+    """(split -> sorted classes, split -> count) from (split, class) pairs."""
+    classes: dict[str, set[str]] = {}
+    counts: dict[str, int] = {}
+    for split, cls in entries:
+        classes.setdefault(split, set()).add(cls)
+        counts[split] = counts.get(split, 0) + 1
+    return {k: sorted(v) for k, v in classes.items()}, counts
+
+
+class _PngSink:
+    """One PNG per image, at the source's relative path with a .png suffix."""
+
+    def __init__(self, dst: Path) -> None:
+        self.dst = dst
+
+    def _path(self, rel: str) -> Path:
+        return self.dst / Path(rel).with_suffix(".png")
+
+    def has(self, rel: str, summary: Summary) -> bool:
+        if self._path(rel).exists():
+            summary.skipped += 1
+            return True
+        return False
+
+    def add(self, rel: str, arr: np.ndarray) -> None:
+        path = self._path(rel)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(path, _png_bytes(arr))
+
+    def close(self) -> None:
+        pass
+
+    def inventory(self) -> tuple[dict[str, list[str]], dict[str, int]]:
+        rels = (p.relative_to(self.dst).as_posix() for p in self.dst.rglob("*.png"))
+        return _inventory((split_of(r), class_of(r)) for r in rels)
+
+
+class _ShardSink:
+    """uint8 NHWC shards per split, ``<split>/shard-00000.npz`` (images, class names, paths).
+
+    The i-th image of a split (in source order) belongs to shard i // SHARD_SIZE, so a
+    rerun skips every image whose shard exists and rewrites only unfinished shards.
+    """
+
+    def __init__(self, dst: Path) -> None:
+        self.dst = dst
+        self.next_index: dict[str, int] = {}
+        self.index: dict[str, int] = {}
+        self.buffers: dict[tuple[str, int], list[tuple[str, np.ndarray]]] = {}
+
+    def _shard(self, split: str, number: int) -> Path:
+        return self.dst / split / f"shard-{number:05d}.npz"
+
+    def has(self, rel: str, summary: Summary) -> bool:
+        split = split_of(rel)
+        i = self.next_index.get(split, 0)
+        self.next_index[split] = i + 1
+        self.index[rel] = i
+        if self._shard(split, i // SHARD_SIZE).exists():
+            summary.skipped += 1
+            return True
+        return False
+
+    def add(self, rel: str, arr: np.ndarray) -> None:
+        split, shard = split_of(rel), self.index.pop(rel) // SHARD_SIZE
+        for key in [k for k in self.buffers if k[0] == split and k[1] < shard]:
+            self._flush(key)  # results arrive in source order: earlier shards are complete
+        self.buffers.setdefault((split, shard), []).append((rel, arr))
+
+    def _flush(self, key: tuple[str, int]) -> None:
+        buf = self.buffers.pop(key)
+        path = self._shard(*key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        rels = [r for r, _ in buf]
+
+        def write(tmp: Path) -> None:
+            with open(tmp, "wb") as fh:
+                images = np.stack([a for _, a in buf])
+                np.savez(fh, images=images, classes=np.array([class_of(r) for r in rels]), paths=np.array(rels))
+
+        atomic_write(path, write)
+
+    def close(self) -> None:
+        for key in list(self.buffers):
+            self._flush(key)
+
+    def inventory(self) -> tuple[dict[str, list[str]], dict[str, int]]:
+        def entries() -> Iterator[tuple[str, str]]:
+            for shard in sorted(self.dst.rglob("shard-*.npz")):
+                with np.load(shard) as z:
+                    for p in z["paths"].tolist():
+                        yield split_of(p), class_of(p)
+
+        return _inventory(entries())
+
+
+def encrypt_collection(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    cipher: BlockCipher,
+    size: int | None = None,
+    fmt: Format = "png",
+    workers: int = 1,
+    progress: bool = True,
+    select: Callable[[str], bool] | None = None,
+) -> Summary:
+    """Encrypt a folder, image or tar archive into ``dst`` (resized to ``size`` first if given)."""
+    from . import __version__
+
+    manifest = Manifest(str(cipher.scheme), cipher.block_size, size, cipher.key.fingerprint, fmt, __version__)
+    return transform_collection(src, dst, cipher, manifest, False, workers, progress, select)
+
+
+def decrypt_collection(
+    src: str | os.PathLike, dst: str | os.PathLike, key: Key, workers: int = 1, progress: bool = True
+) -> Summary:
+    """Undo :func:`encrypt_collection`; refuses a key whose fingerprint differs from the manifest's."""
+    from . import __version__
+
+    src = Path(src)
+    manifest = read_manifest(src)
+    manifest.check(fingerprint=key.fingerprint, where=f"{src}")
+    if manifest.format != "png":
+        raise ValueError(f"{src}: decrypting {manifest.format} shards is not supported; load them with ppvit.data")
+    cipher = BlockCipher(key, manifest.scheme, manifest.block_size)
+    plain = Manifest("plain", manifest.block_size, manifest.size, key.fingerprint, "png", __version__)
+    return transform_collection(src, dst, cipher, plain, True, workers, progress)
+
+
+def load_encrypted_split(folder: str | os.PathLike, split: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """(images NHWC uint8, labels, classes) of one split of an encrypted dataset, PNG or shards."""
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    classes = manifest.classes.get(split)
+    if not classes:
+        raise ValueError(f"encrypted dataset {folder}: has no {split!r} split (it has {sorted(manifest.classes)})")
+    lookup = {c: i for i, c in enumerate(classes)}
+    if manifest.format == "npy":
+        shards = sorted((folder / split).glob("shard-*.npz"))  # split '' is the folder itself
+        images, names = [], []
+        for shard in shards:
+            with np.load(shard) as z:
+                images.append(z["images"])
+                names.extend(z["classes"].tolist())
+    else:
+        items = list(iter_images(folder / split))
+        bad = [i for i in items if i.error]
+        if bad:
+            raise ValueError(f"encrypted dataset {folder}: {bad[0].relpath}: {bad[0].error}")
+        images = [np.stack([np.asarray(i.image) for i in items])]
+        names = [class_of(i.relpath) for i in items]
+    return np.concatenate(images), np.array([lookup[n] for n in names], dtype=np.int64), classes
