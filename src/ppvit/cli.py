@@ -14,8 +14,10 @@ import logging
 import sys
 import typing
 from collections.abc import Sequence
+from pathlib import Path
 
-from . import __version__
+from . import __version__, adapters, dataset_io, experiments, methods
+from .ciphers import BlockCipher
 from .keys import Key, KeyFileError
 from .train import TrainConfig, train
 
@@ -82,7 +84,130 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_train)
 
 
-PARSERS = [_add_keygen, _add_train]
+def _scheme_args(p: argparse.ArgumentParser, block_default: int | None = 16) -> None:
+    p.add_argument("--key", required=True, help="key file (see `ppvit keygen`)")
+    p.add_argument("--scheme", default="shuffle", help="steps joined by +, e.g. shuffle+scramble (default: shuffle)")
+    p.add_argument("--block-size", type=int, default=block_default, help="block size; the ViT patch size (default 16)")
+
+
+def _report(summary: dataset_io.Summary, verb: str, dst: str) -> int:
+    print(f"{verb} {summary.written} images into {dst} ({summary.skipped} already there) in {summary.seconds:.1f} s")
+    for rel, problem in summary.failed:
+        print(f"  failed: {rel}: {problem}", file=sys.stderr)
+    if summary.failed:
+        print(f"{len(summary.failed)} images could not be read; the others were written", file=sys.stderr)
+    return 1 if summary.failed else 0
+
+
+def _encrypt(args: argparse.Namespace) -> int:
+    cipher = BlockCipher(Key.load(args.key), args.scheme, args.block_size)
+    summary = dataset_io.encrypt_collection(
+        args.src, args.dst, cipher, size=args.size, fmt=args.format, workers=args.workers, progress=not args.quiet
+    )
+    return _report(summary, "encrypted", args.dst)
+
+
+def _add_encrypt(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("encrypt", help="encrypt a folder tree, image or tar archive of images")
+    p.add_argument("src", help="folder tree (ImageFolder layout), single image, or tar/tar.gz archive")
+    p.add_argument("dst", help="output folder (created); the source layout is kept")
+    _scheme_args(p)
+    p.add_argument("--size", type=int, help="resize to SIZE x SIZE first (the model input size)")
+    p.add_argument("--format", default="png", help="png (one file per image) or npy (uint8 shards per split)")
+    p.add_argument("--workers", type=int, default=1, help="processes to use")
+    p.set_defaults(func=_encrypt)
+
+
+def _decrypt(args: argparse.Namespace) -> int:
+    summary = dataset_io.decrypt_collection(
+        args.src, args.dst, Key.load(args.key), workers=args.workers, progress=not args.quiet
+    )
+    return _report(summary, "decrypted", args.dst)
+
+
+def _add_decrypt(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("decrypt", help="decrypt a folder written by `ppvit encrypt` (the manifest says how)")
+    p.add_argument("src", help="folder written by `ppvit encrypt`")
+    p.add_argument("dst", help="output folder for the plain PNG images")
+    p.add_argument("--key", required=True, help="the key it was encrypted with (checked by fingerprint)")
+    p.add_argument("--workers", type=int, default=1, help="processes to use")
+    p.set_defaults(func=_decrypt)
+
+
+def _preview(args: argparse.Namespace) -> None:
+    images = experiments.sample_images(args.src, args.n, args.size, args.prefix)
+    schemes = tuple(s for s in args.schemes.split(",") if s)
+    path = experiments.preview_grid(images, Key.load(args.key), schemes, args.block_size, args.out)
+    print(f"wrote {path}")
+
+
+def _add_preview(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("preview", help="write a PNG grid of plain and encrypted examples per scheme")
+    p.add_argument("src", help="folder, image or tar archive")
+    p.add_argument("out", help="PNG file to write")
+    p.add_argument("--key", required=True, help="key file")
+    p.add_argument("--schemes", default=",".join(experiments.PREVIEW_SCHEMES), help="comma-separated schemes")
+    p.add_argument("--block-size", type=int, default=16, help="block size (default 16)")
+    p.add_argument("--n", type=int, default=4, help="number of example images")
+    p.add_argument("--size", type=int, default=224, help="resize to SIZE x SIZE (default 224)")
+    p.add_argument("--prefix", default="", help="only images whose path starts with this, e.g. test/")
+    p.set_defaults(func=_preview)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    report = experiments.encryption_demo(args.data, args.out, n=args.n)
+    print("\n".join(report.lines()))
+    return 0 if report.round_trip_exact and not report.failed else 1
+
+
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="the README's main job: encrypt, decrypt and verify CIFAR-10 images")
+    p.add_argument("--data", help="the CIFAR-10 copy (default $PPVIT_CIFAR10)")
+    p.add_argument("--out", default="demo-out", help="output folder (default demo-out)")
+    p.add_argument("--n", type=int, default=200, help="number of test images (default 200)")
+    p.set_defaults(func=_demo)
+
+
+def _params(args: argparse.Namespace) -> None:
+    rows = methods.param_report(args.model, args.num_classes, rank=args.rank, alpha=args.alpha, targets=args.targets)
+    full = next(r.trainable for r in rows if r.method == "full")
+    print(f"{args.model}, {args.num_classes} classes (M = 10^6, 2^20 = the paper's unit)")
+    print(f"{'method':<9} {'trainable':>12} {'M':>8} {'2^20':>8} {'% of full':>10} {'total':>12}")
+    for r in rows:
+        pct = 100 * r.trainable / full
+        print(
+            f"{r.method:<9} {r.trainable:>12,} {r.trainable / 1e6:>8.3f} {r.trainable_mib:>8.2f} {pct:>9.3f}% "
+            f"{r.total:>12,}"
+        )
+
+
+def _add_params(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("params", help="trainable and total parameters per method")
+    p.add_argument("--model", default="vit_base_patch16_224", help="timm ViT or ppvit small configuration")
+    p.add_argument("--num-classes", type=int, default=10, help="classes of the new head (default 10)")
+    p.add_argument("--rank", type=int, help="LoRA rank (default 4)")
+    p.add_argument("--alpha", type=float, help="LoRA alpha (default: the rank)")
+    p.add_argument("--targets", choices=("qv", "qkv", "all"), help="LoRA targets (default qv)")
+    p.set_defaults(func=_params)
+
+
+def _merge(args: argparse.Namespace) -> None:
+    if Path(args.out).exists() and not args.force:
+        raise UserError(f"output {args.out}: exists; pass --force to replace it")
+    adapters.merge_to_file(args.adapter, args.out, args.weights)
+    print(f"wrote {args.out} (a plain timm state dict)")
+
+
+def _add_merge(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("merge", help="fold an adapter into a plain timm model (safetensors)")
+    p.add_argument("adapter", help="adapter folder (a run's adapter/)")
+    p.add_argument("out", help="safetensors file to write")
+    p.add_argument("--weights", help="the base weights file the adapter was trained on, if any")
+    p.add_argument("--force", action="store_true", help="replace an existing output file")
+    p.set_defaults(func=_merge)
+
+
+PARSERS = [_add_keygen, _add_encrypt, _add_decrypt, _add_preview, _add_demo, _add_params, _add_train, _add_merge]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -99,14 +224,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
     try:
-        args.func(args)
+        code = args.func(args)
     except (UserError, KeyFileError, ValueError, FileNotFoundError) as exc:
         print(f"ppvit {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"ppvit {args.command}: interrupted", file=sys.stderr)
         return 130
-    return 0
+    return code or 0
 
 
 if __name__ == "__main__":
