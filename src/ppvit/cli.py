@@ -19,7 +19,7 @@ from pathlib import Path
 from . import __version__, adapters, dataset_io, experiments, methods
 from .ciphers import BlockCipher
 from .keys import Key, KeyFileError
-from .train import TrainConfig, train
+from .train import TrainConfig, evaluate_adapter, predict_files, train
 
 
 class UserError(Exception):
@@ -207,7 +207,58 @@ def _add_merge(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_merge)
 
 
-PARSERS = [_add_keygen, _add_encrypt, _add_decrypt, _add_preview, _add_demo, _add_params, _add_train, _add_merge]
+def _eval(args: argparse.Namespace) -> None:
+    key = Key.load(args.key) if args.key else None
+    result = evaluate_adapter(_adapter_dir(args.adapter), args.data, key, args.weights, subset=args.subset)
+    print(json.dumps(result, indent=2))
+
+
+def _adapter_dir(path: str) -> Path:
+    """A run folder or its adapter folder."""
+    p = Path(path)
+    return p / "adapter" if (p / "adapter" / "adapter_config.json").exists() else p
+
+
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="test accuracy of a trained adapter (a run folder or its adapter/)")
+    p.add_argument("adapter", help="run folder or adapter folder")
+    p.add_argument(
+        "--data", help="dataset with a test/ split: plain (encrypted here with --key) or `ppvit encrypt` output"
+    )
+    p.add_argument("--key", help="key file, to encrypt plain test images as the client would")
+    p.add_argument("--weights", help="the base weights file, if the adapter was trained on one")
+    p.add_argument("--subset", type=int, help="evaluate on this many test images only")
+    p.set_defaults(func=_eval)
+
+
+def _predict(args: argparse.Namespace) -> None:
+    key = Key.load(args.key) if args.key else None
+    for f, cls, prob in predict_files(_adapter_dir(args.adapter), args.images, key, args.encrypted, args.weights):
+        print(f"{f}\t{cls}\t{prob:.3f}")
+
+
+def _add_predict(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("predict", help="classify image files with a trained adapter")
+    p.add_argument("adapter", help="run folder or adapter folder")
+    p.add_argument("images", nargs="+", help="image files")
+    p.add_argument("--key", help="key file: plain images are resized and encrypted with it first")
+    p.add_argument("--encrypted", action="store_true", help="the images are encrypted already (`ppvit encrypt`)")
+    p.add_argument("--weights", help="the base weights file, if the adapter was trained on one")
+    p.set_defaults(func=_predict)
+
+
+PARSERS = [
+    _add_keygen,
+    _add_encrypt,
+    _add_decrypt,
+    _add_preview,
+    _add_demo,
+    _add_params,
+    _add_train,
+    _add_eval,
+    _add_predict,
+    _add_merge,
+]
 
 
 def build_parser() -> argparse.ArgumentParser:

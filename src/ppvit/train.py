@@ -21,10 +21,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 import yaml
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from tqdm.auto import tqdm
 
 from ._io import atomic_write, atomic_write_text
@@ -251,7 +253,13 @@ def make_cipher(cfg: TrainConfig, model: torch.nn.Module) -> BlockCipher | None:
 def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
     """Fine-tune, select the epoch with the best validation accuracy, report on the test set."""
     out = Path(cfg.out)
-    accelerator = Accelerator(mixed_precision=cfg.precision, gradient_accumulation_steps=cfg.grad_accum)
+    # Accelerate keeps its precision in a process-wide singleton; a second run in one process
+    # (a notebook, `ppvit reproduce`) may want another. The process group (PartialState) stays.
+    AcceleratorState._reset_state(reset_partial_state=False)
+    # cpu=True where there is no GPU: Accelerate only then runs several CPU processes (gloo).
+    accelerator = Accelerator(
+        mixed_precision=cfg.precision, gradient_accumulation_steps=cfg.grad_accum, cpu=not torch.cuda.is_available()
+    )
     main = accelerator.is_main_process
     if main:
         out.mkdir(parents=True, exist_ok=True)
@@ -457,3 +465,78 @@ def _write_metrics(out: Path, history: list[dict[str, float]]) -> None:
     fig.tight_layout()
     atomic_write(out / "curves.png", lambda tmp: fig.savefig(tmp, format="png", dpi=100))
     plt.close(fig)
+
+
+# -- using a trained adapter ---------------------------------------------------------------------
+
+
+def _adapter_pipeline(
+    meta: AdapterMeta, model: torch.nn.Module, key: Key | None, data_encrypted: bool
+) -> BatchPipeline:
+    """The input pipeline an adapter expects: encrypt here with the key, or take ciphertext as it is."""
+    cipher = None
+    if meta.scheme is not None and not data_encrypted:
+        if key is None:
+            raise ValueError(
+                f"this model was trained on images encrypted with scheme {meta.scheme}: pass --key to encrypt "
+                "plain inputs, or give inputs encrypted with `ppvit encrypt`"
+            )
+        if key.fingerprint != meta.key_fingerprint:
+            raise ValueError(f"key fingerprint {key.fingerprint} is not the adapter's ({meta.key_fingerprint})")
+        cipher = BlockCipher(key, meta.scheme, meta.block_size)
+    mean, std = normalization(model)
+    return BatchPipeline(input_size(model), mean, std, cipher, data_encrypted)
+
+
+def evaluate_adapter(
+    adapter_dir: str | os.PathLike,
+    data: str | os.PathLike | None,
+    key: Key | None = None,
+    weights: str | os.PathLike | None = None,
+    batch_size: int = 256,
+    subset: int | None = None,
+) -> dict[str, float]:
+    """Test-set loss and accuracy of a saved adapter on plain (encrypted here) or encrypted data."""
+    from .adapters import load_adapter
+
+    model, meta = load_adapter(adapter_dir, weights)
+    splits = load_splits(data, 0.5, 0, test_subset=subset)
+    if splits.encrypted:
+        splits.manifest.check(meta.scheme, meta.block_size, input_size(model), meta.key_fingerprint, where=str(data))
+    pipeline = _adapter_pipeline(meta, model, key, splits.encrypted)
+    return evaluate(model, splits.test, pipeline, batch_size, Accelerator(cpu=not torch.cuda.is_available()))
+
+
+@torch.no_grad()
+def predict_files(
+    adapter_dir: str | os.PathLike,
+    files: list[str],
+    key: Key | None = None,
+    encrypted: bool = False,
+    weights: str | os.PathLike | None = None,
+) -> list[tuple[str, str, float]]:
+    """(file, predicted class, probability) per image file; plain files are resized then encrypted."""
+    from PIL import Image
+
+    from .adapters import load_adapter
+    from .dataset_io import decode
+
+    model, meta = load_adapter(adapter_dir, weights)
+    pipeline = _adapter_pipeline(meta, model, key, encrypted)
+    size, arrays = input_size(model), []
+    for f in files:
+        try:
+            item = decode(f, Path(f).read_bytes())
+        except OSError as exc:
+            raise ValueError(f"image {f}: cannot be read ({exc.strerror})") from None
+        if item.error:
+            raise ValueError(f"image {f}: {item.error}")
+        image = item.image
+        if image.size != (size, size):
+            if encrypted:
+                raise ValueError(f"image {f}: is {image.size[0]}x{image.size[1]}, the model takes {size}x{size}")
+            image = image.resize((size, size), Image.Resampling.BICUBIC)
+        arrays.append(torch.from_numpy(np.asarray(image).copy()))
+    probs = model.eval()(pipeline(torch.stack(arrays), train=False)).softmax(-1)
+    classes = meta.classes or [str(i) for i in range(meta.num_classes)]
+    return [(f, classes[int(p.argmax())], float(p.max())) for f, p in zip(files, probs, strict=True)]

@@ -1,0 +1,240 @@
+"""Training end to end on a toy dataset: learning, resume after SIGKILL, NaN stop, two processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from ppvit import cli
+from ppvit.keys import Key
+from ppvit.train import TrainConfig, TrainingDiverged, train
+
+SMALL = "vit_micro_d2_patch4_32"
+
+
+@pytest.fixture(scope="module")
+def key_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("key") / "k.key"
+    Key.generate().save(path)
+    return path
+
+
+def config(out: Path, data: Path, key: Path | None, **kw) -> TrainConfig:
+    base = dict(
+        out=str(out),
+        data=str(data),
+        key=str(key) if key else None,
+        model=SMALL,
+        method="lora-pe",
+        epochs=3,
+        batch_size=8,
+        lr=3e-3,
+        val_fraction=0.25,
+        warmup_epochs=0.5,
+        quiet=True,
+        precision="no",
+    )
+    return TrainConfig(**{**base, **kw})
+
+
+def adapter_tensors(run: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(run / "adapter" / "adapter_model.safetensors"))
+
+
+@pytest.mark.parametrize("method", ["full", "linear", "melo", "lora-pe"])
+def test_each_method_learns_on_encrypted_data(tmp_path: Path, toy_dataset: Path, key_file: Path, method: str) -> None:
+    result = train(config(tmp_path / "run", toy_dataset, key_file, method=method, epochs=4))
+    assert result["test_acc"] > 0.5, result  # 4 classes: chance is 0.25
+    run = tmp_path / "run"
+    history = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [h["epoch"] for h in history] == [1, 2, 3, 4]
+    assert (run / "curves.png").stat().st_size > 0
+    meta = json.loads((run / "adapter" / "adapter_config.json").read_text())
+    assert meta["scheme"] == "shuffle" and meta["key_fingerprint"] == Key.load(key_file).fingerprint
+    assert yaml.safe_load((run / "config.yaml").read_text())["method"] == method
+
+
+def test_eval_and_predict_reproduce_the_run(tmp_path: Path, toy_dataset: Path, key_file: Path, capsys) -> None:
+    result = train(config(tmp_path / "run", toy_dataset, key_file))
+    capsys.readouterr()
+    assert cli.main(["eval", str(tmp_path / "run"), "--data", str(toy_dataset), "--key", str(key_file)]) == 0
+    evaluated = json.loads(capsys.readouterr().out)
+    assert evaluated["acc"] == pytest.approx(result["test_acc"]) and evaluated["n"] == 32
+    assert cli.main(["eval", str(tmp_path / "run"), "--data", str(toy_dataset)]) == 2  # no key: refused
+    files = sorted(str(p) for p in (toy_dataset / "test" / "class2").glob("*.png"))[:3]
+    capsys.readouterr()
+    assert cli.main(["predict", str(tmp_path / "run"), *files, "--key", str(key_file)]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 3 and all(line.split("\t")[0] in files for line in lines)
+
+
+def test_plain_training_needs_no_key(tmp_path: Path, toy_dataset: Path) -> None:
+    result = train(config(tmp_path / "run", toy_dataset, None, scheme="none", augment="crop-flip"))
+    assert result["scheme"] == "plain" and result["test_acc"] > 0.5
+
+
+def test_training_on_data_encrypted_on_disk(tmp_path: Path, toy_dataset: Path, key_file: Path) -> None:
+    enc = tmp_path / "enc"
+    assert cli.main(["-q", "encrypt", str(toy_dataset), str(enc), "--key", str(key_file), "--block-size", "4"]) == 0
+    result = train(config(tmp_path / "run", enc, None, mixup=0.2, cutmix=1.0))
+    assert result["test_acc"] > 0.5
+    with pytest.raises(ValueError, match="does not commute"):
+        train(config(tmp_path / "run2", enc, None, augment="crop-flip"))
+    with pytest.raises(ValueError, match="scheme is shuffle, not shuffle\\+scramble"):
+        train(config(tmp_path / "run3", enc, None, scheme="shuffle+scramble"))
+
+
+def test_run_folder_is_not_reused_by_accident(tmp_path: Path, toy_dataset: Path, key_file: Path) -> None:
+    cfg = config(tmp_path / "run", toy_dataset, key_file, epochs=1)
+    train(cfg)
+    with pytest.raises(ValueError, match="already holds a run"):
+        train(cfg)
+    with pytest.raises(ValueError, match="different settings \\(lr\\)"):
+        train(config(tmp_path / "run", toy_dataset, key_file, epochs=1, lr=1.0), resume=True)
+
+
+def test_nan_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(
+    tmp_path: Path, toy_dataset: Path, key_file: Path
+) -> None:
+    cfg = config(tmp_path / "run", toy_dataset, key_file, epochs=2)
+    train(cfg)
+    good = (tmp_path / "run" / "checkpoint.pt").read_bytes()
+    bad = config(tmp_path / "run", toy_dataset, key_file, epochs=4, lr=float("nan"))
+    (tmp_path / "run" / "config.yaml").unlink()  # let the same folder take the changed settings
+    # step 1 of epoch 3 makes the weights NaN; step 2 sees the NaN loss and stops
+    with pytest.raises(TrainingDiverged, match="loss is nan at epoch 3, step 2"):
+        train(bad, resume=True)
+    assert (tmp_path / "run" / "checkpoint.pt").read_bytes() == good
+
+
+def test_resume_after_sigkill_mid_epoch_ends_like_an_uninterrupted_run(
+    tmp_path: Path, toy_dataset: Path, key_file: Path
+) -> None:
+    settings = dict(epochs=3, save_every_steps=2, precision="bf16")
+    reference = train(config(tmp_path / "ref", toy_dataset, key_file, **settings))
+
+    run = tmp_path / "killed"
+    cfg = config(run, toy_dataset, key_file, **settings)
+    args = [
+        sys.executable,
+        "-m",
+        "ppvit.cli",
+        "-q",
+        "train",
+        "--out",
+        str(run),
+        "--data",
+        str(toy_dataset),
+        "--key",
+        str(key_file),
+        "--model",
+        SMALL,
+        "--method",
+        "lora-pe",
+        "--epochs",
+        "3",
+        "--batch-size",
+        "8",
+        "--lr",
+        "3e-3",
+        "--val-fraction",
+        "0.25",
+        "--warmup-epochs",
+        "0.5",
+        "--precision",
+        "bf16",
+        "--save-every-steps",
+        "2",
+    ]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    killed_at = None
+    while time.time() < deadline and proc.poll() is None:
+        ckpt = run / "checkpoint.pt"
+        if ckpt.exists():
+            state = torch.load(ckpt, weights_only=False)
+            if state["epoch"] >= 1 and "partial" in state:  # mid-epoch, after at least one epoch
+                proc.send_signal(signal.SIGKILL)
+                killed_at = (state["epoch"], state["step"])
+                break
+        time.sleep(0.005)
+    proc.wait()
+    assert killed_at is not None and proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
+    assert not (run / "result.json").exists()
+    assert [p.name for p in run.iterdir() if p.name.endswith(".tmp")] == []  # no half-written files
+
+    resumed = train(cfg, resume=True)
+    for k in ("test_acc", "test_loss", "best_epoch", "best_val_acc"):
+        assert resumed[k] == reference[k], (k, killed_at)
+    ref_t, got_t = adapter_tensors(tmp_path / "ref"), adapter_tensors(run)
+    assert all(torch.equal(ref_t[n], got_t[n]) for n in ref_t)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_match_one_with_the_same_global_batch(tmp_path: Path, toy_dataset: Path, key_file: Path) -> None:
+    """torchrun with 2 CPU processes (gloo), batch 4 each, against 1 process with batch 8."""
+    common = [
+        "--data",
+        str(toy_dataset),
+        "--key",
+        str(key_file),
+        "--model",
+        SMALL,
+        "--method",
+        "lora-pe",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "8",
+        "--lr",
+        "3e-3",
+        "--val-fraction",
+        "0.25",
+        "--precision",
+        "no",
+        "--warmup-epochs",
+        "0.5",
+    ]
+    single = train(config(tmp_path / "one", toy_dataset, key_file, epochs=2))
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
+    cmd = [
+        torchrun,
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(free_port()),
+        "-m",
+        "ppvit.cli",
+        "-q",
+        "train",
+        "--out",
+        str(tmp_path / "two"),
+        *common,
+    ]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    double = json.loads((tmp_path / "two" / "result.json").read_text())
+    assert double["processes"] == 2
+    assert double["test_acc"] == pytest.approx(single["test_acc"], abs=1 / 32)
+    one, two = adapter_tensors(tmp_path / "one"), adapter_tensors(tmp_path / "two")
+    for name in one:
+        torch.testing.assert_close(two[name], one[name], rtol=1e-3, atol=1e-4)
