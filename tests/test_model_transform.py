@@ -60,7 +60,7 @@ def test_transformed_model_on_ciphertext_equals_original_on_plain(model, scheme:
         got = transformed(normalise(enc, *norm))
         untouched = model(normalise(enc, *norm))
     assert (got - want).abs().max() < TOLERANCE
-    assert (untouched - want).abs().max() > 5 * TOLERANCE  # the test can fail: encryption matters
+    assert (untouched - want).abs().max() > 100 * (got - want).abs().max()  # the key really matters
 
 
 @pytest.mark.parametrize("scheme", ["rotate", "negpos", "channel", "shuffle+rotate"])
