@@ -81,6 +81,19 @@ def test_eval_and_predict_reproduce_the_run(tmp_path: Path, toy_dataset: Path, k
     assert len(lines) == 3 and all(line.split("\t")[0] in files for line in lines)
 
 
+def test_key_init_adapter_reloads_with_its_transformed_backbone(
+    tmp_path: Path, toy_dataset: Path, key_file: Path, capsys
+) -> None:
+    result = train(config(tmp_path / "run", toy_dataset, key_file, scheme="shuffle+scramble", key_init=True))
+    meta = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
+    assert meta["key_init"] and "pos_embed" in adapter_tensors(tmp_path / "run")
+    capsys.readouterr()
+    assert cli.main(["eval", str(tmp_path / "run"), "--data", str(toy_dataset), "--key", str(key_file)]) == 0
+    assert json.loads(capsys.readouterr().out)["acc"] == pytest.approx(result["test_acc"])
+    with pytest.raises(ValueError, match="--key-init needs the key"):
+        train(config(tmp_path / "plain", toy_dataset, None, scheme="none", key_init=True))
+
+
 def test_plain_training_needs_no_key(tmp_path: Path, toy_dataset: Path) -> None:
     result = train(config(tmp_path / "run", toy_dataset, None, scheme="none", augment="crop-flip"))
     assert result["scheme"] == "plain" and result["test_acc"] > 0.5

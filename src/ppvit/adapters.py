@@ -45,6 +45,7 @@ class AdapterMeta:
     scheme: str | None = None
     block_size: int | None = None
     key_fingerprint: str | None = None
+    key_init: bool = False  # the frozen backbone was transformed with the key: its changed tensors are saved
     extra: dict[str, Any] = field(default_factory=dict)
 
     def method_config(self) -> MethodConfig:
@@ -60,16 +61,24 @@ def file_sha256(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-def trainable_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The parameters the method trains, by name, contiguous on the CPU."""
-    return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+KEYED_TENSORS = ("patch_embed.proj.weight", "patch_embed.proj.bias", "pos_embed")
+
+
+def trainable_tensors(model: nn.Module, key_init: bool = False) -> dict[str, torch.Tensor]:
+    """The parameters the method trains, by name, contiguous on the CPU; with ``key_init``
+    also the frozen tensors the key transformation changed (they cannot be rebuilt without the key)."""
+    return {
+        n: p.detach().cpu().contiguous()
+        for n, p in model.named_parameters()
+        if p.requires_grad or (key_init and n in KEYED_TENSORS)
+    }
 
 
 def save_adapter(model: nn.Module, meta: AdapterMeta, out_dir: str | os.PathLike) -> Path:
     """Write the adapter folder; each file atomically, the config last (it marks completion)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tensors = trainable_tensors(model)
+    tensors = trainable_tensors(model, meta.key_init)
     metadata = {"format": "ppvit-adapter", "method": meta.method["method"], "model": meta.model}
     atomic_write(out / WEIGHTS_NAME, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
     doc = {"format": "ppvit-adapter", "version": FORMAT_VERSION, **asdict(meta)}
@@ -126,7 +135,7 @@ def load_adapter(
         tensors = load_file(str(path))
     except (SafetensorError, OSError) as exc:
         raise ValueError(f"adapter weights {path}: cannot be read ({exc})") from None
-    expected = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    expected = {n: p for n, p in model.named_parameters() if p.requires_grad or (meta.key_init and n in KEYED_TENSORS)}
     if set(tensors) != set(expected):
         diff = sorted(set(tensors) ^ set(expected))
         raise ValueError(f"adapter weights {path}: do not fit {meta.model} with {meta.method['method']} ({diff[:2]})")

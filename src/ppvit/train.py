@@ -36,6 +36,7 @@ from .ciphers import BlockCipher, Scheme
 from .data import ArrayDataset, BatchPipeline, PlainAugment, load_splits, mix_batch
 from .keys import Key
 from .methods import MethodConfig, apply_method, method_config
+from .model_transform import transform_model
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +101,9 @@ class TrainConfig:
     )
     train_subset: int | None = field(default=None, metadata={"help": "use only this many training images (smoke runs)"})
     test_subset: int | None = field(default=None, metadata={"help": "evaluate on only this many test images"})
+    key_init: bool = field(
+        default=False, metadata={"help": "key holder only: start from the backbone transformed with the key"}
+    )
     fused_attn: bool | None = field(
         default=None,
         metadata={"help": "use torch's fused attention kernel (default: on GPUs only; slower to train on CPUs)"},
@@ -139,14 +143,22 @@ class TrainConfig:
 # -- building blocks --------------------------------------------------------------------------
 
 
-def build_model(cfg: TrainConfig, num_classes: int) -> torch.nn.Module:
-    """The backbone (same frozen weights on every call) with the method applied and a new head."""
+def build_model(cfg: TrainConfig, num_classes: int, cipher: BlockCipher | None = None) -> torch.nn.Module:
+    """The backbone (same frozen weights on every call) with the method applied and a new head.
+
+    With ``key_init`` (the key holder's case) the backbone is first transformed with the key,
+    so training starts from a model that is exact on the encrypted images.
+    """
     torch.manual_seed(cfg.seed)  # random-init backbones and new heads are reproducible
     model = create_backbone(cfg.model, num_classes=num_classes, pretrained=cfg.pretrained, weights=cfg.weights)
     model.reset_classifier(num_classes)
     fused = cfg.fused_attn if cfg.fused_attn is not None else torch.cuda.is_available()
     for block in model.blocks:
         block.attn.fused_attn = fused
+    if cfg.key_init:
+        if cipher is None:
+            raise ValueError("--key-init needs the key and an encrypting run (--key, a scheme, plain data)")
+        transform_model(model, cipher.key, cipher.scheme, cipher.block_size)
     return apply_method(model, cfg.method_config())
 
 
@@ -241,13 +253,13 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
 # -- the run -------------------------------------------------------------------------------------
 
 
-def make_cipher(cfg: TrainConfig, model: torch.nn.Module) -> BlockCipher | None:
+def make_cipher(cfg: TrainConfig, block_size: int) -> BlockCipher | None:
     """The cipher when this process encrypts (it holds the key), else None."""
     if not cfg.encrypted:
         return None
     if cfg.key is None:
         raise ValueError("encrypting needs --key KEY (or data already encrypted with `ppvit encrypt`)")
-    return BlockCipher(Key.load(cfg.key), Scheme.parse(cfg.scheme), cfg.block_size or patch_size(model))
+    return BlockCipher(Key.load(cfg.key), Scheme.parse(cfg.scheme), block_size)
 
 
 def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
@@ -266,14 +278,16 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
         _check_resume(out, cfg, resume)
 
     splits = load_splits(cfg.data, cfg.val_fraction, cfg.seed, cfg.part, cfg.train_subset, cfg.test_subset)
-    model = build_model(cfg, len(splits.train.classes))
-    block = cfg.block_size or patch_size(model)
+    with torch.device("meta"):  # geometry only: no memory, no initialisation
+        probe = create_backbone(cfg.model, num_classes=0)
+    block, side = cfg.block_size or patch_size(probe), input_size(probe)
     if splits.encrypted:  # the server's case: ciphertext on disk, checked against this run
         fingerprint = Key.load(cfg.key).fingerprint if cfg.key else None
-        splits.manifest.check(scheme=cfg.scheme, block_size=block, size=input_size(model), fingerprint=fingerprint)
+        splits.manifest.check(scheme=cfg.scheme, block_size=block, size=side, fingerprint=fingerprint)
         cipher = None
     else:
-        cipher = make_cipher(cfg, model)
+        cipher = make_cipher(cfg, block)
+    model = build_model(cfg, len(splits.train.classes), cipher)
     mean, std = normalization(model)
     pipeline = BatchPipeline(input_size(model), mean, std, cipher, splits.encrypted, cfg.augment)
 
@@ -428,6 +442,7 @@ def adapter_meta(
         scheme=scheme,
         block_size=block,
         key_fingerprint=fingerprint,
+        key_init=cfg.key_init,
     )
 
 
