@@ -16,7 +16,9 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]'
 	touch $@
 
+# demo-out/ is the demo's own scratch folder: each run starts it afresh.
 demo: venv
+	rm -rf demo-out
 	$(VENV)/bin/ppvit demo --data "$(PPVIT_CIFAR10)" --out demo-out
 
 test: venv
