@@ -251,3 +251,79 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path: Path, toy_
     one, two = adapter_tensors(tmp_path / "one"), adapter_tensors(tmp_path / "two")
     for name in one:
         torch.testing.assert_close(two[name], one[name], rtol=1e-3, atol=1e-4)
+
+
+def test_gradient_accumulation_equals_the_larger_batch(tmp_path: Path, toy_dataset: Path, key_file: Path) -> None:
+    big = train(config(tmp_path / "big", toy_dataset, key_file, batch_size=8, epochs=2))
+    acc = train(config(tmp_path / "acc", toy_dataset, key_file, batch_size=4, grad_accum=2, epochs=2))
+    assert acc["test_acc"] == big["test_acc"]
+    one, two = adapter_tensors(tmp_path / "big"), adapter_tensors(tmp_path / "acc")
+    for name in one:
+        torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=1e-5)
+
+
+def test_yaml_config_with_flags_on_top(tmp_path: Path, toy_dataset: Path, key_file: Path, capsys) -> None:
+    (tmp_path / "c.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "model": SMALL,
+                "method": "melo",
+                "epochs": 1,
+                "batch_size": 8,
+                "rank": 2,
+                "precision": "no",
+                "val_fraction": 0.25,
+            }
+        )
+    )
+    args = [
+        "-q",
+        "train",
+        "--config",
+        str(tmp_path / "c.yaml"),
+        "--data",
+        str(toy_dataset),
+        "--key",
+        str(key_file),
+        "--out",
+        str(tmp_path / "run"),
+        "--rank",
+        "3",
+    ]
+    assert cli.main(args) == 0
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert saved["method"] == "melo" and saved["rank"] == 3 and saved["epochs"] == 1
+    lora_a = adapter_tensors(tmp_path / "run")["blocks.0.attn.qkv.lora_A.default.weight"]
+    assert lora_a.shape[0] == 2 * 3  # A_q and A_v of rank 3
+    (tmp_path / "bad.yaml").write_text("epochs: 1\nlearning_rate: 3\n")
+    capsys.readouterr()
+    assert cli.main(["train", "--config", str(tmp_path / "bad.yaml")]) == 2
+    assert "unknown settings learning_rate" in capsys.readouterr().err
+
+
+def test_cifar10_download_path_and_its_offline_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    import numpy as np
+    import torchvision.datasets
+
+    from ppvit.data import load_splits
+
+    class FakeCIFAR10:
+        classes = ("a", "b")
+
+        def __init__(self, root: str, train: bool, download: bool) -> None:
+            n = 40 if train else 10
+            self.data = np.full((n, 32, 32, 3), 7, dtype=np.uint8)
+            self.targets = [i % 2 for i in range(n)]
+
+    monkeypatch.delenv("PPVIT_CIFAR10", raising=False)
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", FakeCIFAR10)
+    splits = load_splits(None, 0.25, 0)
+    assert (len(splits.train), len(splits.val), len(splits.test)) == (30, 10, 10)
+    assert splits.train.classes == ("a", "b") and not splits.encrypted
+
+    def offline(*args, **kwargs):
+        raise OSError("no network")
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", offline)
+    with pytest.raises(ValueError, match=r"CIFAR-10 download failed .* set PPVIT_CIFAR10"):
+        load_splits("cifar10", 0.25, 0)

@@ -66,15 +66,33 @@ class ArrayDataset(torch.utils.data.Dataset):
         return ArrayDataset(self.images[index], self.labels[index], self.classes, self.encrypted, dict(self.meta))
 
 
-def cifar10_path(path: str | os.PathLike | None = None) -> Path:
-    """The CIFAR-10 copy: ``path``, else $PPVIT_CIFAR10; a clear error when neither is set."""
+def cifar10_path(path: str | os.PathLike | None = None) -> Path | None:
+    """The local CIFAR-10 copy: ``path``, else $PPVIT_CIFAR10; None means "download it"."""
     chosen = path or os.environ.get(CIFAR10_ENV)
-    if not chosen:
-        raise ValueError(f"no CIFAR-10 copy given: pass --data PATH or set {CIFAR10_ENV}")
+    if not chosen or str(chosen) == "cifar10":
+        return None
     p = Path(chosen)
     if not p.exists():
-        raise FileNotFoundError(f"CIFAR-10 copy {p}: not found")
+        raise FileNotFoundError(f"dataset {p}: not found")
     return p
+
+
+def download_cifar10() -> tuple[ArrayDataset, ArrayDataset]:
+    """CIFAR-10 through torchvision, downloaded once into the cache (needs the network)."""
+    from torchvision.datasets import CIFAR10
+
+    root = cache_dir() / "torchvision"
+    try:
+        parts = [CIFAR10(str(root), train=train, download=True) for train in (True, False)]
+    except Exception as exc:  # offline: URLError, socket errors, ...
+        raise ValueError(
+            f"CIFAR-10 download failed ({exc.__class__.__name__}); offline, pass --data PATH or set {CIFAR10_ENV} "
+            "to a local copy (ImageFolder folder or tar)"
+        ) from None
+    return tuple(  # type: ignore[return-value]
+        ArrayDataset(np.asarray(d.data, dtype=np.uint8), np.asarray(d.targets, dtype=np.int64), tuple(d.classes))
+        for d in parts
+    )
 
 
 def cache_dir() -> Path:
@@ -197,7 +215,7 @@ def load_splits(
     train_subset: int | None = None,
     test_subset: int | None = None,
 ) -> DataSplits:
-    """The run's data: ``data`` (else $PPVIT_CIFAR10) with ``train/`` and ``test/`` splits.
+    """The run's data: ``data`` (else $PPVIT_CIFAR10, else CIFAR-10 downloaded) with ``train/`` and ``test/``.
 
     A folder written by ``ppvit encrypt`` (it holds a manifest) gives encrypted splits;
     the caller checks the manifest against its scheme, block size, input size and key.
@@ -206,7 +224,9 @@ def load_splits(
     manifest = None
     from .dataset_io import MANIFEST_NAME, read_manifest
 
-    if src.is_dir() and (src / MANIFEST_NAME).exists():
+    if src is None:
+        full, test = download_cifar10()
+    elif src.is_dir() and (src / MANIFEST_NAME).exists():
         manifest = read_manifest(src)
         full, test = (_encrypted_dataset(src, s) for s in ("train", "test"))
     else:

@@ -53,7 +53,8 @@ class TrainConfig:
     data: str | None = field(
         default=None,
         metadata={
-            "help": "ImageFolder folder/tar with train/ and test/, or `ppvit encrypt` output; default $PPVIT_CIFAR10"
+            "help": "ImageFolder folder/tar with train/ and test/, `ppvit encrypt` output, or cifar10 (download); "
+            "default $PPVIT_CIFAR10"
         },
     )
     model: str = field(
