@@ -284,6 +284,41 @@ def _add_transform_model(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_transform_model)
 
 
+def _reproduce(args: argparse.Namespace) -> int:
+    overrides = {k: getattr(args, k) for k in ("epochs", "train_subset", "test_subset") if getattr(args, k)}
+    preset = experiments.PRESETS[args.preset]
+    if args.seeds:
+        preset = dataclasses.replace(preset, seeds=tuple(int(s) for s in args.seeds.split(",")))
+    out = args.out or f"reproduce-{args.preset}"
+    table = experiments.reproduce(
+        preset, out, args.data, args.key, args.weights, args.pretrained, overrides, progress=not args.quiet
+    )
+    print(table.markdown())
+    print(f"written: {out}/results.md, results.csv, results.json, results.png")
+    return 1 if any(r.errors for r in table.rows) else 0
+
+
+def _add_reproduce(sub: argparse._SubParsersAction) -> None:
+    presets = "; ".join(f"{p.name}: {p.help}" for p in experiments.PRESETS.values())
+    p = sub.add_parser("reproduce", help="the paper's comparison: methods x plain/encrypted", description=presets)
+    p.add_argument("--preset", choices=sorted(experiments.PRESETS), default="demo", help="default: demo")
+    p.add_argument("--out", help="folder for cells and tables (default reproduce-PRESET); reruns skip finished cells")
+    p.add_argument("--data", help="CIFAR-10: local copy (default $PPVIT_CIFAR10) or cifar10 to download")
+    p.add_argument("--key", help="key file (default: one made in the output folder)")
+    p.add_argument("--weights", help="pretrained weights file (paper preset offline; skips pretraining for cpu)")
+    p.add_argument(
+        "--pretrained",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="download timm's ImageNet weights (paper preset default)",
+    )
+    p.add_argument("--seeds", help="comma-separated seeds instead of the preset's")
+    p.add_argument("--epochs", type=int, help="fine-tuning epochs instead of the preset's")
+    p.add_argument("--train-subset", type=int, help="fine-tune on this many images (smoke runs)")
+    p.add_argument("--test-subset", type=int, help="test on this many images (smoke runs)")
+    p.set_defaults(func=_reproduce)
+
+
 PARSERS = [
     _add_keygen,
     _add_encrypt,
@@ -296,6 +331,7 @@ PARSERS = [
     _add_predict,
     _add_merge,
     _add_transform_model,
+    _add_reproduce,
 ]
 
 

@@ -416,6 +416,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
         "scheme": str(Scheme.parse(cfg.scheme)) if cfg.encrypted else "plain",
         "trainable_params": sum(p.numel() for p in unwrapped.parameters() if p.requires_grad),
         "train_seconds": sum(r["seconds"] for r in state["history"]),
+        "images_per_s": float(np.mean([r["images_per_s"] for r in state["history"]])) if state["history"] else None,
+        "peak_rss_mb": _peak_rss_mb(),
         "processes": world,
     }
     if main:
@@ -459,6 +461,15 @@ def _check_resume(out: Path, cfg: TrainConfig, resume: bool) -> None:
     changed = [k for k in new if k not in ("quiet",) and old.get(k) != new[k]]
     if changed:
         raise ValueError(f"run folder {out}: --resume with different settings ({', '.join(changed)})")
+
+
+def _peak_rss_mb() -> float:
+    """This process's peak resident memory (Linux reports KiB, macOS bytes)."""
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
 
 
 def _write_metrics(out: Path, history: list[dict[str, float]]) -> None:
