@@ -16,10 +16,9 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]'
 	touch $@
 
-# demo-out/ is the demo's own scratch folder: each run starts it afresh.
+# The paper's comparison at CPU scale, reduced (about 15 minutes); rerun to continue an interrupted one.
 demo: venv
-	rm -rf demo-out
-	$(VENV)/bin/ppvit demo --data "$(PPVIT_CIFAR10)" --out demo-out
+	$(VENV)/bin/ppvit reproduce --preset demo --data "$(PPVIT_CIFAR10)" --out demo-out
 
 test: venv
 	$(PY) -m pytest -q

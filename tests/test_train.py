@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -46,6 +47,17 @@ def config(out: Path, data: Path, key: Path | None, **kw) -> TrainConfig:
         precision="no",
     )
     return TrainConfig(**{**base, **kw})
+
+
+def flags(cfg: TrainConfig) -> list[str]:
+    """The same settings as `ppvit train` flags."""
+    out = []
+    for name, value in dataclasses.asdict(cfg).items():
+        default = getattr(TrainConfig, name, None)
+        if value is None or value == default or name == "quiet":
+            continue
+        out += [f"--{name.replace('_', '-')}", str(value)]
+    return out
 
 
 def adapter_tensors(run: Path) -> dict[str, torch.Tensor]:
@@ -141,37 +153,7 @@ def test_resume_after_sigkill_mid_epoch_ends_like_an_uninterrupted_run(
 
     run = tmp_path / "killed"
     cfg = config(run, toy_dataset, key_file, **settings)
-    args = [
-        sys.executable,
-        "-m",
-        "ppvit.cli",
-        "-q",
-        "train",
-        "--out",
-        str(run),
-        "--data",
-        str(toy_dataset),
-        "--key",
-        str(key_file),
-        "--model",
-        SMALL,
-        "--method",
-        "lora-pe",
-        "--epochs",
-        "3",
-        "--batch-size",
-        "8",
-        "--lr",
-        "3e-3",
-        "--val-fraction",
-        "0.25",
-        "--warmup-epochs",
-        "0.5",
-        "--precision",
-        "bf16",
-        "--save-every-steps",
-        "2",
-    ]
+    args = [sys.executable, "-m", "ppvit.cli", "-q", "train", *flags(cfg)]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 120
@@ -205,44 +187,10 @@ def free_port() -> int:
 
 def test_two_processes_match_one_with_the_same_global_batch(tmp_path: Path, toy_dataset: Path, key_file: Path) -> None:
     """torchrun with 2 CPU processes (gloo), batch 4 each, against 1 process with batch 8."""
-    common = [
-        "--data",
-        str(toy_dataset),
-        "--key",
-        str(key_file),
-        "--model",
-        SMALL,
-        "--method",
-        "lora-pe",
-        "--epochs",
-        "2",
-        "--batch-size",
-        "8",
-        "--lr",
-        "3e-3",
-        "--val-fraction",
-        "0.25",
-        "--precision",
-        "no",
-        "--warmup-epochs",
-        "0.5",
-    ]
     single = train(config(tmp_path / "one", toy_dataset, key_file, epochs=2))
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
-    cmd = [
-        torchrun,
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        str(free_port()),
-        "-m",
-        "ppvit.cli",
-        "-q",
-        "train",
-        "--out",
-        str(tmp_path / "two"),
-        *common,
-    ]
+    launch = [torchrun, "--nproc_per_node", "2", "--master_port", str(free_port())]
+    cmd = [*launch, "-m", "ppvit.cli", "-q", "train", *flags(config(tmp_path / "two", toy_dataset, key_file, epochs=2))]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
     double = json.loads((tmp_path / "two" / "result.json").read_text())

@@ -166,9 +166,9 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _add_demo(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="the README's main job: encrypt, decrypt and verify CIFAR-10 images")
+    p = sub.add_parser("encrypt-demo", help="encrypt, decrypt and verify CIFAR-10 test images; write a preview")
     p.add_argument("--data", help="the CIFAR-10 copy (default $PPVIT_CIFAR10)")
-    p.add_argument("--out", default="demo-out", help="output folder (default demo-out)")
+    p.add_argument("--out", default="encrypt-demo-out", help="output folder (default encrypt-demo-out)")
     p.add_argument("--n", type=int, default=200, help="number of test images (default 200)")
     p.set_defaults(func=_demo)
 

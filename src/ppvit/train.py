@@ -414,6 +414,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
         "epochs": cfg.epochs,
         "method": cfg.method,
         "scheme": str(Scheme.parse(cfg.scheme)) if cfg.encrypted else "plain",
+        "num_classes": len(splits.train.classes),
         "trainable_params": sum(p.numel() for p in unwrapped.parameters() if p.requires_grad),
         "train_seconds": sum(r["seconds"] for r in state["history"]),
         "images_per_s": float(np.mean([r["images_per_s"] for r in state["history"]])) if state["history"] else None,

@@ -1,0 +1,99 @@
+"""`reproduce`: cells, skipping finished ones, failures reported, tables and plot; the paper preset's wiring."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from ppvit import cli
+from ppvit.experiments import PRESETS, Preset, Upstream, reproduce
+
+TOY = Preset(
+    "toy",
+    "test preset",
+    "vit_micro_d2_patch4_32",
+    ("linear",),
+    ("none", "shuffle"),
+    (0, 1),
+    train=dict(part="1/2", batch_size=8, epochs=2, val_fraction=0.25, precision="no", warmup_epochs=0.5),
+    per_method={"linear": {"lr": 5e-3}},
+    upstream=Upstream(epochs=2, batch_size=8),
+)
+
+
+def test_toy_reproduction_end_to_end(tmp_path: Path, toy_dataset: Path) -> None:
+    table = reproduce(TOY, tmp_path / "out", toy_dataset, progress=False)
+    assert table.upstream_acc is not None and 0 <= table.upstream_acc <= 1
+    assert [(r.method, r.data, r.seeds) for r in table.rows] == [("linear", "plain", 2), ("linear", "shuffle", 2)]
+    for row in table.rows:
+        cells = [
+            c
+            for c in table.cells
+            if c["method"] == row.method and c["scheme"] == ("none" if row.data == "plain" else row.data)
+        ]
+        accs = [100 * c["test_acc"] for c in cells]
+        assert row.acc_mean == pytest.approx(sum(accs) / 2)
+        assert row.acc_std == pytest.approx(abs(accs[0] - accs[1]) / 2**0.5)  # sample sd of two values
+        assert row.peak_mb and row.peak_mb > 50
+    # exact counts: linear = a head of 4 classes on a 48-dim model
+    linear = table.rows[0]
+    assert linear.trainable == 48 * 4 + 4 == table.cells[0]["trainable_params"]
+    out = tmp_path / "out"
+    assert {p.name for p in out.iterdir()} >= {"results.md", "results.csv", "results.json", "results.png", "cells"}
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert len(rows) == 2 and rows[1]["data"] == "shuffle"
+    assert "upstream (plain) test accuracy" in (out / "results.md").read_text()
+
+    # a rerun skips every finished cell: results are read back, not retrained
+    stamp = {p: p.stat().st_mtime_ns for p in (out / "cells").rglob("result.json")}
+    again = reproduce(TOY, out, toy_dataset, progress=False)
+    assert {p: p.stat().st_mtime_ns for p in (out / "cells").rglob("result.json")} == stamp
+    assert [r.acc_mean for r in again.rows] == [r.acc_mean for r in table.rows]
+
+
+def test_failed_cells_are_reported_not_hidden(tmp_path: Path, toy_dataset: Path, capsys) -> None:
+    broken = Preset(
+        "broken", "", "vit_micro_d2_patch4_32", ("melo",), ("shuffle",), (0,), train=dict(TOY.train, batch_size=10_000)
+    )  # larger than the training set
+    table = reproduce(broken, tmp_path / "out", toy_dataset, weights=None, pretrained=False, progress=False)
+    assert table.rows[0].acc_mean is None and "larger than the training set" in table.rows[0].errors[0]
+    assert "Failed cells:" in table.markdown()
+
+
+def test_presets_say_what_they_run() -> None:
+    paper, cpu, demo = PRESETS["paper"], PRESETS["cpu"], PRESETS["demo"]
+    assert paper.model == "vit_base_patch16_224" and paper.upstream is None
+    assert paper.paper == {"full": 96.16, "melo": 90.05, "lora-pe": 96.35}
+    assert len(cpu.seeds) >= 3 and cpu.upstream is not None and cpu.train["part"] == "1/2"
+    for p in (paper, cpu, demo):
+        assert set(p.methods) == {"full", "linear", "melo", "lora-pe"} and set(p.schemes) == {"none", "shuffle"}
+
+
+@pytest.mark.slow
+@pytest.mark.data
+def test_paper_preset_wiring_on_a_tiny_subset(tmp_path: Path) -> None:
+    """ViT-B/16 at 224x224 with random weights (offline), 16x16 shuffling, one epoch on 64 images."""
+    if not os.environ.get("PPVIT_CIFAR10"):
+        pytest.skip("PPVIT_CIFAR10 is not set")
+    args = [
+        "-q",
+        "reproduce",
+        "--preset",
+        "paper",
+        "--out",
+        str(tmp_path / "out"),
+        "--no-pretrained",
+        "--epochs",
+        "1",
+        "--train-subset",
+        "80",
+        "--test-subset",
+        "20",
+    ]
+    assert cli.main(args) == 0
+    result = json.loads((tmp_path / "out" / "cells" / "lora-pe-shuffle-s0" / "result.json").read_text())
+    assert result["trainable_params"] == 745_738 and result["test_images"] == 20
