@@ -275,3 +275,28 @@ def test_cifar10_download_path_and_its_offline_error(monkeypatch: pytest.MonkeyP
     monkeypatch.setattr(torchvision.datasets, "CIFAR10", offline)
     with pytest.raises(ValueError, match=r"CIFAR-10 download failed .* set PPVIT_CIFAR10"):
         load_splits("cifar10", 0.25, 0)
+
+
+@pytest.mark.data
+def test_lora_pe_on_the_cifar10_copy(tmp_path: Path, key_file: Path) -> None:
+    """The real data path: the CIFAR-10 tar decoded, half of the training set, encrypted on the fly."""
+    data = os.environ.get("PPVIT_CIFAR10")
+    if not data:
+        pytest.skip("PPVIT_CIFAR10 is not set")
+    cfg = TrainConfig(
+        out=str(tmp_path / "run"),
+        data=data,
+        key=str(key_file),
+        model=SMALL,
+        method="lora-pe",
+        part="1/2",
+        train_subset=600,
+        test_subset=300,
+        epochs=1,
+        batch_size=64,
+        quiet=True,
+    )
+    result = train(cfg)
+    assert result["test_images"] == 300 and result["num_classes"] == 10 and result["scheme"] == "shuffle"
+    meta = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
+    assert meta["classes"][:2] == ["airplane", "automobile"] and meta["block_size"] == 4

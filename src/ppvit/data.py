@@ -29,8 +29,11 @@ from typing import Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torchvision.datasets import CIFAR10
 
+from ._io import atomic_write
 from .ciphers import BlockCipher
+from .dataset_io import MANIFEST_NAME, iter_images, load_encrypted_split, read_manifest
 
 log = logging.getLogger(__name__)
 
@@ -79,8 +82,6 @@ def cifar10_path(path: str | os.PathLike | None = None) -> Path | None:
 
 def download_cifar10() -> tuple[ArrayDataset, ArrayDataset]:
     """CIFAR-10 through torchvision, downloaded once into the cache (needs the network)."""
-    from torchvision.datasets import CIFAR10
-
     root = cache_dir() / "torchvision"
     try:
         parts = [CIFAR10(str(root), train=train, download=True) for train in (True, False)]
@@ -108,8 +109,6 @@ def load_image_folder(src: str | os.PathLike, split: str | None = None) -> Array
     ``split`` selects a top-level folder (``train``/``test`` in the CIFAR-10 copy). All
     images must share one size; resizing to the model input happens in the pipeline.
     """
-    from .dataset_io import iter_images  # the file reader shared with `ppvit encrypt`
-
     src = Path(src)
     st = src.stat()
     ident = hashlib.sha256(f"{src.resolve()}|{st.st_size}|{st.st_mtime_ns}|{split}".encode()).hexdigest()[:16]
@@ -144,8 +143,6 @@ def load_image_folder(src: str | os.PathLike, split: str | None = None) -> Array
 
 
 def _save_npz(path: Path, ds: ArrayDataset) -> None:
-    from ._io import atomic_write
-
     def write(tmp: Path) -> None:
         with open(tmp, "wb") as fh:
             np.savez(fh, images=ds.images, labels=ds.labels, classes=np.array(ds.classes))
@@ -222,8 +219,6 @@ def load_splits(
     """
     src = cifar10_path(data)
     manifest = None
-    from .dataset_io import MANIFEST_NAME, read_manifest
-
     if src is None:
         full, test = download_cifar10()
     elif src.is_dir() and (src / MANIFEST_NAME).exists():
@@ -242,8 +237,6 @@ def load_splits(
 
 
 def _encrypted_dataset(folder: Path, split: str) -> ArrayDataset:
-    from .dataset_io import load_encrypted_split
-
     images, labels, classes = load_encrypted_split(folder, split)
     return ArrayDataset(images, labels, tuple(classes), encrypted=True, meta={"source": str(folder)})
 

@@ -30,6 +30,7 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
+from . import __version__
 from ._io import atomic_write, atomic_write_bytes, atomic_write_text
 from .ciphers import BlockCipher, Scheme
 from .keys import Key
@@ -378,8 +379,6 @@ def encrypt_collection(
     select: Callable[[str], bool] | None = None,
 ) -> Summary:
     """Encrypt a folder, image or tar archive into ``dst`` (resized to ``size`` first if given)."""
-    from . import __version__
-
     manifest = Manifest(str(cipher.scheme), cipher.block_size, size, cipher.key.fingerprint, fmt, __version__)
     return transform_collection(src, dst, cipher, manifest, False, workers, progress, select)
 
@@ -388,8 +387,6 @@ def decrypt_collection(
     src: str | os.PathLike, dst: str | os.PathLike, key: Key, workers: int = 1, progress: bool = True
 ) -> Summary:
     """Undo :func:`encrypt_collection`; refuses a key whose fingerprint differs from the manifest's."""
-    from . import __version__
-
     src = Path(src)
     manifest = read_manifest(src)
     manifest.check(fingerprint=key.fingerprint, where=f"{src}")

@@ -2,18 +2,30 @@
 
 from __future__ import annotations
 
+import csv
+import hashlib
+import io
+import json
 import logging
 import os
+import subprocess
+import sys
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+import yaml
 from PIL import Image, ImageDraw
 
 from ._io import atomic_write
+from .adapters import merge_to_file
 from .ciphers import BlockCipher
+from .data import cache_dir, cifar10_path
 from .dataset_io import decrypt_collection, encrypt_collection, iter_images
 from .keys import Key
+from .methods import param_report
+from .train import TrainConfig, train
 
 log = logging.getLogger(__name__)
 
@@ -212,13 +224,6 @@ def pretrain(model: str, upstream: Upstream, data: str | os.PathLike | None, qui
     Returns the weights file (a plain timm state dict) and the upstream run's result
     (its test accuracy is the quality that decides whether a comparison means anything).
     """
-    import hashlib
-    import json
-
-    from .adapters import merge_to_file
-    from .data import cache_dir, cifar10_path
-    from .train import TrainConfig, train
-
     source = cifar10_path(data)
     ident = json.dumps([model, asdict(upstream), str(source.resolve()) if source else "cifar10"], sort_keys=True)
     run = cache_dir() / "pretrained" / f"{model}-{hashlib.sha256(ident.encode()).hexdigest()[:12]}"
@@ -254,14 +259,8 @@ def cell_config(preset: Preset, method: str, scheme: str, seed: int, out: Path, 
 
 def run_cell(cfg: dict, cell: Path) -> dict:
     """Train one cell in its own process (its peak memory is its own; a crash stays its own)."""
-    import json
-    import subprocess
-    import sys
-
     if (cell / "result.json").exists():
         return json.loads((cell / "result.json").read_text())
-    import yaml
-
     cell.mkdir(parents=True, exist_ok=True)
     atomic_write(cell / "cell.yaml", lambda tmp: tmp.write_text(yaml.safe_dump(cfg, sort_keys=False)))
     args = [sys.executable, "-m", "ppvit.cli", "-q", "train", "--config", str(cell / "cell.yaml"), "--resume"]
@@ -284,10 +283,6 @@ def reproduce(
     progress: bool = True,
 ) -> ResultTable:
     """Run every cell of ``preset`` (finished cells are skipped), then tabulate and plot."""
-    import time as _time
-
-    from .data import cifar10_path
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     key_path = Path(key) if key else out / "reproduce.key"
@@ -309,7 +304,7 @@ def reproduce(
         for method in preset.methods:
             for scheme in preset.schemes:
                 cell = out / "cells" / f"{method}-{scheme}-s{seed}"
-                t0 = _time.perf_counter()
+                t0 = time.perf_counter()
                 result = run_cell(cell_config(preset, method, scheme, seed, cell, key_path, **common), cell)
                 log.info(
                     "%s %s seed %d: %s (%.0f s)",
@@ -317,7 +312,7 @@ def reproduce(
                     scheme,
                     seed,
                     result.get("error") or f"test acc {result['test_acc']:.4f}",
-                    _time.perf_counter() - t0,
+                    time.perf_counter() - t0,
                 )
                 cells.append({**result, "method": method, "scheme": scheme, "seed": seed})
     table = ResultTable.from_cells(preset, cells, upstream_acc)
@@ -351,8 +346,6 @@ class ResultTable:
 
     @classmethod
     def from_cells(cls, preset: Preset, cells: list[dict], upstream_acc: float | None) -> ResultTable:
-        from .methods import param_report
-
         classes = next((c["num_classes"] for c in cells if "num_classes" in c), 10)
         counts = {r.method: r.trainable for r in param_report(preset.model, classes)}
         rows = []
@@ -408,10 +401,6 @@ class ResultTable:
 
     def write(self, out: Path) -> None:
         """results.md, results.csv, results.json and results.png, each written atomically."""
-        import csv
-        import io
-        import json
-
         atomic_write(out / "results.md", lambda tmp: tmp.write_text(self.markdown()))
         buf = io.StringIO()
         writer = csv.DictWriter(buf, fieldnames=[k for k in asdict(self.rows[0]) if k != "errors"])

@@ -32,6 +32,8 @@ from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.lora import Linear as PeftLoraLinear
 from peft.tuners.tuners_utils import BaseTunerLayer
 
+from .backbones import create_backbone
+
 LoraTargets = Literal["qv", "qkv", "all"]
 ADAPTER = "default"
 
@@ -225,8 +227,6 @@ def count_params(model: nn.Module, method: str = "") -> ParamCount:
 
 def param_report(model_name: str, num_classes: int, **overrides: Any) -> list[ParamCount]:
     """Build the model once per method on the meta device (no memory, no init) and count."""
-    from .backbones import create_backbone
-
     rows = []
     for name in METHODS:
         opts = {k: v for k, v in overrides.items() if k in {f.name for f in fields(METHODS[name])}}

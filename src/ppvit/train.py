@@ -16,6 +16,8 @@ import json
 import logging
 import math
 import os
+import resource
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,13 +29,15 @@ import torch.nn.functional as F
 import yaml
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
+from PIL import Image
 from tqdm.auto import tqdm
 
 from ._io import atomic_write, atomic_write_text
-from .adapters import AdapterMeta, file_sha256, save_adapter, trainable_tensors
+from .adapters import AdapterMeta, file_sha256, load_adapter, save_adapter, trainable_tensors
 from .backbones import create_backbone, input_size, normalization, patch_size
 from .ciphers import BlockCipher, Scheme
 from .data import ArrayDataset, BatchPipeline, PlainAugment, load_splits, mix_batch
+from .dataset_io import decode
 from .keys import Key
 from .methods import MethodConfig, apply_method, method_config
 from .model_transform import transform_model
@@ -466,9 +470,6 @@ def _check_resume(out: Path, cfg: TrainConfig, resume: bool) -> None:
 
 def _peak_rss_mb() -> float:
     """This process's peak resident memory (Linux reports KiB, macOS bytes)."""
-    import resource
-    import sys
-
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
 
@@ -525,8 +526,6 @@ def evaluate_adapter(
     subset: int | None = None,
 ) -> dict[str, float]:
     """Test-set loss and accuracy of a saved adapter on plain (encrypted here) or encrypted data."""
-    from .adapters import load_adapter
-
     model, meta = load_adapter(adapter_dir, weights)
     splits = load_splits(data, 0.5, 0, test_subset=subset)
     if splits.encrypted:
@@ -544,11 +543,6 @@ def predict_files(
     weights: str | os.PathLike | None = None,
 ) -> list[tuple[str, str, float]]:
     """(file, predicted class, probability) per image file; plain files are resized then encrypted."""
-    from PIL import Image
-
-    from .adapters import load_adapter
-    from .dataset_io import decode
-
     model, meta = load_adapter(adapter_dir, weights)
     pipeline = _adapter_pipeline(meta, model, key, encrypted)
     size, arrays = input_size(model), []
