@@ -114,6 +114,61 @@ def test_refuses_tensors_of_another_method(tmp_path: Path) -> None:
         load_adapter(tmp_path / "a")
 
 
+def test_refuses_a_weights_file_for_a_random_init_base(tmp_path: Path) -> None:
+    model, meta = trained("melo")
+    save_adapter(model, meta, tmp_path / "a")
+    save_file(create_backbone(SMALL, num_classes=5).state_dict(), str(tmp_path / "w.safetensors"))
+    with pytest.raises(ValueError, match=r"w\.safetensors: the adapter's base is a random-init"):
+        load_adapter(tmp_path / "a", weights=tmp_path / "w.safetensors")
+
+
+def test_damaged_config_is_a_one_line_error_naming_the_file(tmp_path: Path) -> None:
+    model, meta = trained("melo")
+    save_adapter(model, meta, tmp_path / "a")
+    config = tmp_path / "a" / "adapter_config.json"
+    doc = json.loads(config.read_text())
+    del doc["num_classes"]
+    config.write_text(json.dumps(doc))
+    with pytest.raises(ValueError, match=r"adapter_config\.json: damaged") as err:
+        load_adapter(tmp_path / "a")
+    assert "\n" not in str(err.value)
+
+
+def test_model_kwargs_rebuild_the_base(tmp_path: Path) -> None:
+    """A timm name plus create_backbone arguments (here 16x16 patches on 32x32 inputs, 1 block)."""
+    kwargs = dict(img_size=32, depth=1, embed_dim=48, num_heads=3)
+    torch.manual_seed(4)
+    model = apply_method(create_backbone("vit_tiny_patch16_224", num_classes=3, **kwargs), method_config("lora-pe"))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.05)
+    meta = AdapterMeta(
+        model="vit_tiny_patch16_224",
+        num_classes=3,
+        method=method_config("lora-pe").to_dict(),
+        model_kwargs=kwargs,
+        init_seed=4,
+    )
+    save_adapter(model, meta, tmp_path / "a")
+    loaded, meta2 = load_adapter(tmp_path / "a")
+    x = torch.randn(2, 3, 32, 32)
+    assert meta2 == meta and loaded.patch_embed.patch_size == (16, 16)
+    assert torch.equal(loaded.eval()(x), model.eval()(x))
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_merge_to_file_gives_a_plain_model_with_equal_outputs(tmp_path: Path, method: str) -> None:
+    model, meta = trained(method)
+    save_adapter(model, meta, tmp_path / "a")
+    merge_to_file(tmp_path / "a", tmp_path / "m.safetensors", None)
+    plain = create_backbone(SMALL, num_classes=5)
+    plain.load_state_dict(load_file(str(tmp_path / "m.safetensors")))  # strict: timm keys only
+    assert type(plain.blocks[0].attn.qkv) is torch.nn.Linear
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(plain.eval()(x), model(x), rtol=1e-5, atol=1e-5)
+
+
 def test_merge_cli_writes_a_plain_timm_model(tmp_path: Path) -> None:
     model, meta = trained("lora-pe")
     save_adapter(model, meta, tmp_path / "a")

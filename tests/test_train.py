@@ -251,9 +251,8 @@ def test_yaml_config_with_flags_on_top(tmp_path: Path, toy_dataset: Path, key_fi
 
 def test_cifar10_download_path_and_its_offline_error(monkeypatch: pytest.MonkeyPatch) -> None:
     import numpy as np
-    import torchvision.datasets
 
-    from ppvit.data import load_splits
+    from ppvit import data
 
     class FakeCIFAR10:
         classes = ("a", "b")
@@ -264,17 +263,17 @@ def test_cifar10_download_path_and_its_offline_error(monkeypatch: pytest.MonkeyP
             self.targets = [i % 2 for i in range(n)]
 
     monkeypatch.delenv("PPVIT_CIFAR10", raising=False)
-    monkeypatch.setattr(torchvision.datasets, "CIFAR10", FakeCIFAR10)
-    splits = load_splits(None, 0.25, 0)
+    monkeypatch.setattr(data, "CIFAR10", FakeCIFAR10)
+    splits = data.load_splits(None, 0.25, 0)
     assert (len(splits.train), len(splits.val), len(splits.test)) == (30, 10, 10)
     assert splits.train.classes == ("a", "b") and not splits.encrypted
 
     def offline(*args, **kwargs):
         raise OSError("no network")
 
-    monkeypatch.setattr(torchvision.datasets, "CIFAR10", offline)
+    monkeypatch.setattr(data, "CIFAR10", offline)
     with pytest.raises(ValueError, match=r"CIFAR-10 download failed .* set PPVIT_CIFAR10"):
-        load_splits("cifar10", 0.25, 0)
+        data.load_splits("cifar10", 0.25, 0)
 
 
 @pytest.mark.data

@@ -16,14 +16,10 @@ import typing
 from collections.abc import Sequence
 from pathlib import Path
 
-from safetensors.torch import save_file
-
 from . import __version__, adapters, dataset_io, experiments, methods
-from ._io import atomic_write
-from .backbones import create_backbone, patch_size
-from .ciphers import BlockCipher, Scheme
+from .ciphers import BlockCipher
 from .keys import Key, KeyFileError
-from .model_transform import transform_model
+from .model_transform import transform_weights_file
 from .train import TrainConfig, evaluate_adapter, predict_files, train
 
 
@@ -256,30 +252,27 @@ def _transform_model(args: argparse.Namespace) -> None:
     if Path(args.out).exists() and not args.force:
         raise UserError(f"output {args.out}: exists; pass --force to replace it")
     key = Key.load(args.key)
-    model = create_backbone(args.model, num_classes=args.num_classes, weights=args.weights)
-    transform_model(model, key, args.scheme, args.block_size)
-    info = {
-        "scheme": str(Scheme.parse(args.scheme)),
-        "block_size": str(patch_size(model)),
-        "key_fingerprint": key.fingerprint,
-        "model": args.model,
-    }
-    state = {k: v.contiguous() for k, v in model.state_dict().items()}
-    atomic_write(args.out, lambda tmp: save_file(state, str(tmp), metadata=info))
-    print(f"wrote {args.out}: {args.model} for images encrypted with {info['scheme']} (key {key.fingerprint})")
+    info = transform_weights_file(
+        args.model, args.weights, args.out, key, args.scheme, args.num_classes, args.block_size, args.inverse
+    )
+    print(
+        f"wrote {args.out}: {args.model} for {info['input']} images (scheme {info['scheme']}, key {key.fingerprint},"
+        f" normalisation mean {info['mean']} std {info['std']})"
+    )
 
 
 def _add_transform_model(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("transform-model", help="make a model trained on plain images exact on encrypted ones")
     p.add_argument("out", help="safetensors file to write (a timm state dict)")
     p.add_argument("--model", required=True, help="timm ViT name or ppvit small configuration")
-    p.add_argument("--weights", required=True, help="the plain model's weights (safetensors or PyTorch, timm keys)")
+    p.add_argument("--weights", required=True, help="the weights to transform (safetensors or PyTorch, timm keys)")
     p.add_argument("--num-classes", type=int, help="classes of the weights' head (default: as stored)")
     p.add_argument("--key", required=True, help="key file")
     p.add_argument(
         "--scheme", default="shuffle", help="absorbable steps: shuffle, scramble, negpos:pixel, channel:pixel"
     )
     p.add_argument("--block-size", type=int, help="must equal the patch size (the default)")
+    p.add_argument("--inverse", action="store_true", help="undo: make a model for encrypted images work on plain ones")
     p.add_argument("--force", action="store_true", help="replace an existing output file")
     p.set_defaults(func=_transform_model)
 

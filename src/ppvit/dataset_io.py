@@ -20,6 +20,7 @@ import logging
 import os
 import tarfile
 import time
+import zlib
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -55,30 +56,54 @@ class ImageItem:
 
 def iter_image_bytes(
     src: str | os.PathLike, select: Callable[[str], bool] | None = None
-) -> Iterator[tuple[str, bytes]]:
-    """(relative path, raw bytes) of every image file in a folder tree, single file or tar archive."""
+) -> Iterator[tuple[str, bytes | OSError]]:
+    """(relative path, raw bytes or why they cannot be read) of every image in a folder tree, file or tar archive.
+
+    Hidden names (``.x``, macOS ``._x.jpg`` resource forks) are not images. A damaged archive
+    or a member that would land outside the output folder (``../x``, ``/x``) stops the run.
+    """
     src = Path(src)
     if not src.exists():
         raise FileNotFoundError(f"source {src}: not found")
     if src.is_dir():
-        for path in sorted(p for p in src.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()):
+        for path in sorted(p for p in src.rglob("*") if _is_image(p.relative_to(src).as_posix()) and p.is_file()):
             rel = path.relative_to(src).as_posix()
             if select is None or select(rel):
-                yield rel, path.read_bytes()
+                yield rel, _read(path)
     elif tarfile.is_tarfile(src):
-        with tarfile.open(src, "r:*") as tar:
-            for member in tar:
-                rel = member.name.removeprefix("./")
-                if member.isfile() and Path(rel).suffix.lower() in IMAGE_SUFFIXES and (select is None or select(rel)):
-                    yield rel, tar.extractfile(member).read()
+        try:
+            with tarfile.open(src, "r:*") as tar:
+                for member in tar:
+                    rel = member.name.removeprefix("./")
+                    if member.isfile() and _is_image(rel) and (select is None or select(rel)):
+                        if Path(rel).is_absolute() or ".." in Path(rel).parts:
+                            raise ValueError(f"archive {src}: member {member.name!r} has an unsafe path; refusing it")
+                        yield rel, tar.extractfile(member).read()
+        except (tarfile.TarError, EOFError, zlib.error, OSError) as exc:
+            raise ValueError(f"archive {src}: damaged ({exc.__class__.__name__}: {exc})") from None
     elif src.suffix.lower() in IMAGE_SUFFIXES:
-        yield src.name, src.read_bytes()
+        yield src.name, _read(src)
     else:
         raise ValueError(f"source {src}: not an image, a folder of images or a tar archive")
 
 
-def decode(relpath: str, data: bytes) -> ImageItem:
-    """Decode to RGB; a corrupt file becomes an item with an error, not an exception."""
+def _is_image(relpath: str) -> bool:
+    parts = Path(relpath).parts
+    return Path(relpath).suffix.lower() in IMAGE_SUFFIXES and not any(p.startswith(".") and p != ".." for p in parts)
+
+
+def _read(path: Path) -> bytes | OSError:
+    """An unreadable file is one failed image, not the end of the run."""
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        return exc
+
+
+def decode(relpath: str, data: bytes | OSError) -> ImageItem:
+    """Decode to RGB; an unreadable or corrupt file becomes an item with an error, not an exception."""
+    if isinstance(data, OSError):
+        return ImageItem(relpath, error=f"cannot read ({data.strerror or data})")
     try:
         with Image.open(io.BytesIO(data)) as im:
             return ImageItem(relpath, im.convert("RGB"))
@@ -195,7 +220,7 @@ def _init_worker(secret: bytes, scheme: str, block_size: int, size: int | None, 
     _worker.update(cipher=BlockCipher(Key(secret), scheme, block_size), size=size, decrypting=decrypting)
 
 
-def _transform_one(item: tuple[str, bytes]) -> tuple[str, np.ndarray | None, str | None]:
+def _transform_one(item: tuple[str, bytes | OSError]) -> tuple[str, np.ndarray | None, str | None]:
     """Decode, resize, encrypt (or decrypt) one image: the work a worker does."""
     got = decode(*item)
     if got.error is not None:

