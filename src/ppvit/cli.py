@@ -16,8 +16,11 @@ import typing
 from collections.abc import Sequence
 from pathlib import Path
 
-from . import __version__, adapters, dataset_io, experiments, methods
-from .ciphers import BlockCipher
+import yaml
+
+from . import __version__, adapters, audit, dataset_io, experiments, methods
+from .ciphers import BlockCipher, Scheme
+from .data import test_images
 from .keys import Key, KeyFileError
 from .model_transform import transform_weights_file
 from .train import TrainConfig, evaluate_adapter, predict_files, train
@@ -277,11 +280,28 @@ def _add_transform_model(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_transform_model)
 
 
+def _parse_sets(items: Sequence[str]) -> dict:
+    """``--set name=value`` pairs (values read as YAML: 8, 1e-3, true, none) checked against TrainConfig."""
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    out = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        name = name.strip().replace("-", "_")
+        if not sep or name not in known:
+            raise UserError(f"--set {item!r}: expected NAME=VALUE with a `ppvit train` setting as NAME")
+        out[name] = yaml.safe_load(value)
+    return out
+
+
 def _reproduce(args: argparse.Namespace) -> int:
     overrides = {k: getattr(args, k) for k in ("epochs", "train_subset", "test_subset") if getattr(args, k)}
+    overrides.update(_parse_sets(args.set))
     preset = experiments.PRESETS[args.preset]
     if args.seeds:
         preset = dataclasses.replace(preset, seeds=tuple(int(s) for s in args.seeds.split(",")))
+    for name in ("methods", "schemes"):
+        if getattr(args, name):
+            preset = dataclasses.replace(preset, **{name: tuple(getattr(args, name).split(","))})
     out = args.out or f"reproduce-{args.preset}"
     table = experiments.reproduce(
         preset, out, args.data, args.key, args.weights, args.pretrained, overrides, progress=not args.quiet
@@ -309,7 +329,77 @@ def _add_reproduce(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--epochs", type=int, help="fine-tuning epochs instead of the preset's")
     p.add_argument("--train-subset", type=int, help="fine-tune on this many images (smoke runs)")
     p.add_argument("--test-subset", type=int, help="test on this many images (smoke runs)")
+    p.add_argument("--methods", help="comma-separated methods instead of the preset's (e.g. lora-pe)")
+    p.add_argument("--schemes", help="comma-separated schemes instead of the preset's (none = plain images)")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a `ppvit train` setting for every cell, e.g. --set rank=8 (ablations: use a new --out)",
+    )
     p.set_defaults(func=_reproduce)
+
+
+def _pretrain(args: argparse.Namespace) -> int:
+    preset = experiments.PRESETS[args.preset]
+    if preset.upstream is None:
+        raise UserError(f"preset {preset.name} starts from ImageNet weights; nothing to pretrain here")
+    weights, result = experiments.pretrain(preset.model, preset.upstream, args.data, quiet=args.quiet)
+    print(f"{weights}: {preset.model}, upstream test accuracy {result['test_acc']:.2%}")
+    return 0
+
+
+def _add_pretrain(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("pretrain", help="train a preset's upstream model on plain images (cached; reruns resume)")
+    p.add_argument("--preset", choices=[n for n, p in experiments.PRESETS.items() if p.upstream], default="cpu")
+    p.add_argument("--data", help="CIFAR-10: local copy (default $PPVIT_CIFAR10) or cifar10 to download")
+    p.set_defaults(func=_pretrain)
+
+
+def _audit(args: argparse.Namespace) -> int:
+    key = Key.load(args.key) if args.key else Key.generate()
+    cfg = audit.AuditConfig(
+        schemes=tuple(args.scheme or audit.AuditConfig.schemes),
+        size=args.size,
+        block_size=args.block_size,
+        pairs=tuple(int(n) for n in args.pairs.split(",")),
+        images=args.images,
+        resize=args.resize,
+        extra={"key": "given" if args.key else "fresh (made for this audit, not saved)"},
+    )
+    for scheme in cfg.schemes:
+        Scheme.parse(scheme)  # a bad scheme fails before the slow part
+    images = test_images(args.data, max(cfg.pairs) + cfg.images)
+    weights = {}
+    for scheme in cfg.schemes:
+        if Scheme.parse(scheme).absorbable:
+            weights[f"{scheme}, key-transformed {args.model}"] = audit.weight_leakage_transformed(
+                args.model, key, scheme, cfg.block_size, args.weights
+            )
+    for run in args.adapter or []:
+        weights[f"adapter {run}"] = audit.weight_leakage_adapter(run, key, args.weights)
+    report = audit.run_audit(key, images, cfg, args.out, weights)
+    print(audit.format_report(report))
+    print(f"written: {args.out}/audit.json, audit.png")
+    return 0
+
+
+def _add_audit(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("audit", help="attack the encryption and models: what leaks, measured (JSON + PNG)")
+    p.add_argument("--key", help="key file to audit (default: a fresh key, never saved)")
+    p.add_argument("--scheme", action="append", help="scheme to audit (repeat; default: four from weak to strong)")
+    p.add_argument("--data", help="CIFAR-10: local copy (default $PPVIT_CIFAR10); test images are used")
+    p.add_argument("--size", type=int, default=224, help="image side after resizing (default 224)")
+    p.add_argument("--block-size", type=int, default=16, help="block size (default 16)")
+    p.add_argument("--resize", choices=["bicubic", "nearest"], default="bicubic", help="nearest: flat regions")
+    p.add_argument("--pairs", default="1,2,4,8", help="known plain/encrypted pair counts to try (default 1,2,4,8)")
+    p.add_argument("--images", type=int, default=8, help="held-out images decrypted with the recovered key")
+    p.add_argument("--model", default="vit_base_patch16_224", help="model for weight matching (default ViT-B/16)")
+    p.add_argument("--weights", help="the public pretrained weights (default: random initialisation)")
+    p.add_argument("--adapter", action="append", help="run folder of an adapter trained on encrypted images (repeat)")
+    p.add_argument("--out", default="audit-out", help="folder for audit.json and audit.png (default audit-out)")
+    p.set_defaults(func=_audit)
 
 
 PARSERS = [
@@ -324,7 +414,9 @@ PARSERS = [
     _add_predict,
     _add_merge,
     _add_transform_model,
+    _add_pretrain,
     _add_reproduce,
+    _add_audit,
 ]
 
 

@@ -150,6 +150,15 @@ def _save_npz(path: Path, ds: ArrayDataset) -> None:
     atomic_write(path, write)
 
 
+def test_images(data: str | os.PathLike | None, n: int) -> np.ndarray:
+    """``n`` CIFAR-10 test images (class-balanced, fixed choice) as NHWC uint8: audit material."""
+    source = cifar10_path(data)
+    ds = load_image_folder(source, "test") if source else download_cifar10()[1]
+    if n > len(ds):
+        raise ValueError(f"{source or 'CIFAR-10'}: {len(ds)} test images, {n} needed")
+    return stratified_subset(ds, n, seed=0).images
+
+
 def split_train_val(ds: ArrayDataset, val_fraction: float, seed: int) -> tuple[ArrayDataset, ArrayDataset]:
     """A stratified, seeded validation split for model selection (the test set stays untouched)."""
     if not 0 < val_fraction < 1:

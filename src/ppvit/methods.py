@@ -97,6 +97,16 @@ class MethodConfig:
     train_patch_embed: bool = field(default=False, metadata={"help": "train the patch embedding (weight and bias)"})
     train_pos_embed: bool = field(default=False, metadata={"help": "train the position embedding"})
     train_cls_token: bool = field(default=False, metadata={"help": "train the class token"})
+    patch_embed_init: Literal["pretrained", "random"] = field(
+        default="pretrained",
+        metadata={"help": "start a trainable patch embedding from the pretrained weights or at random"},
+    )
+
+    def __post_init__(self) -> None:
+        if self.patch_embed_init not in ("pretrained", "random"):
+            raise ValueError(f"patch_embed_init must be pretrained or random, got {self.patch_embed_init!r}")
+        if self.patch_embed_init == "random" and not (self.train_patch_embed or self.name == "full"):
+            raise ValueError("a random patch embedding must be trained: use it with lora-pe or full")
 
     def to_dict(self) -> dict[str, Any]:
         return {"method": self.name, **{f.name: getattr(self, f.name) for f in fields(self)}}
@@ -127,6 +137,7 @@ class MeloConfig(MethodConfig):
     dropout: float = field(default=0.0, metadata={"help": "LoRA dropout"})
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.rank < 1:
             raise ValueError(f"LoRA rank must be at least 1, got {self.rank}")
         if self.targets not in ("qv", "qkv", "all"):
@@ -172,6 +183,8 @@ def _lora_config(cfg: MeloConfig) -> LoraConfig:
 
 def apply_method(model: nn.Module, cfg: MethodConfig) -> nn.Module:
     """Inject adapters and set ``requires_grad`` as the method says; returns the same model."""
+    if cfg.patch_embed_init == "random":  # seeded by the caller, like the new head
+        model.patch_embed.proj.reset_parameters()
     if isinstance(cfg, FullConfig):
         model.requires_grad_(True)
         return model

@@ -19,6 +19,7 @@ import os
 import resource
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -72,6 +73,10 @@ class TrainConfig:
     lora_targets: str | None = field(default=None, metadata={"help": "qv, qkv or all"})
     train_pos_embed: bool = field(default=False, metadata={"help": "also train the position embedding"})
     train_cls_token: bool = field(default=False, metadata={"help": "also train the class token"})
+    patch_embed_init: Literal["pretrained", "random"] | None = field(
+        default=None,
+        metadata={"help": "pretrained (default) or random: start the trainable patch embedding at random"},
+    )
     scheme: str | None = field(
         default="shuffle", metadata={"help": "encryption scheme, e.g. shuffle+scramble; none for plain images"}
     )
@@ -138,6 +143,7 @@ class TrainConfig:
             targets=self.lora_targets,
             train_pos_embed=self.train_pos_embed,
             train_cls_token=self.train_cls_token,
+            patch_embed_init=self.patch_embed_init,
         )
 
     @property
@@ -267,8 +273,14 @@ def make_cipher(cfg: TrainConfig, block_size: int) -> BlockCipher | None:
     return BlockCipher(Key.load(cfg.key), Scheme.parse(cfg.scheme), block_size)
 
 
-def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
-    """Fine-tune, select the epoch with the best validation accuracy, report on the test set."""
+def train(
+    cfg: TrainConfig, resume: bool = False, on_step: Callable[[int, torch.nn.Module], None] | None = None
+) -> dict[str, Any]:
+    """Fine-tune, select the epoch with the best validation accuracy, report on the test set.
+
+    ``on_step(step, model)`` is called on the main process after every optimiser step with the
+    unwrapped model (e.g. to watch a tensor as training proceeds, as ``ppvit.audit`` does).
+    """
     out = Path(cfg.out)
     # Accelerate keeps its precision in a process-wide singleton; a second run in one process
     # (a notebook, `ppvit reproduce`) may want another. The process group (PartialState) stays.
@@ -352,6 +364,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
                     accelerator.clip_grad_norm_(model.parameters(), cfg.clip_grad)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
+                if on_step is not None and main and accelerator.sync_gradients:
+                    on_step((step + 1) // cfg.grad_accum, unwrapped)
             n = len(labels)
             sums["loss"] += loss.item() * n
             sums["correct"] += (logits.argmax(1) == labels).sum().item()
