@@ -449,6 +449,10 @@ def format_report(report: dict[str, Any]) -> str:
                 f"held-out images decrypted at {k['held_out_psnr_db']:.1f} dB"
             )
         lines.append(f"  the same attack on a fresh key's images: {s['fresh_key_psnr_db']:.1f} dB")
+    watched = report.get("leakage_during_training")
+    if watched:
+        steps = ", ".join(f"{c['step']}: {c['pixel_permutation']:.0%}" for c in watched["curve"])
+        lines.append(f"\nweight matching while training {watched['config']} (step: pixels recovered): {steps}")
     for name, score in report.get("weights", {}).items():
         b = score["block_permutation"]
         lines.append(

@@ -379,6 +379,12 @@ def _audit(args: argparse.Namespace) -> int:
             )
     for run in args.adapter or []:
         weights[f"adapter {run}"] = audit.weight_leakage_adapter(run, key, args.weights)
+    if args.watch:
+        watched = TrainConfig.from_yaml(args.watch, quiet=args.quiet)
+        if watched.key is None or Key.load(watched.key).fingerprint != key.fingerprint:
+            raise UserError(f"config {args.watch}: its run must encrypt with the audited key (--key)")
+        curve, result = audit.leakage_during_training(watched, args.every)
+        cfg.extra["leakage_during_training"] = {"config": args.watch, "curve": curve, "test_acc": result["test_acc"]}
     report = audit.run_audit(key, images, cfg, args.out, weights)
     print(audit.format_report(report))
     print(f"written: {args.out}/audit.json, audit.png")
@@ -398,6 +404,8 @@ def _add_audit(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default="vit_base_patch16_224", help="model for weight matching (default ViT-B/16)")
     p.add_argument("--weights", help="the public pretrained weights (default: random initialisation)")
     p.add_argument("--adapter", action="append", help="run folder of an adapter trained on encrypted images (repeat)")
+    p.add_argument("--watch", metavar="CONFIG", help="train this run config and match weights as it trains")
+    p.add_argument("--every", type=int, default=20, help="with --watch: match every N steps (default 20)")
     p.add_argument("--out", default="audit-out", help="folder for audit.json and audit.png (default audit-out)")
     p.set_defaults(func=_audit)
 
