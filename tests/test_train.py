@@ -19,7 +19,7 @@ import yaml
 
 from ppvit import cli
 from ppvit.keys import Key
-from ppvit.train import TrainConfig, TrainingDiverged, train
+from ppvit.train import TrainConfig, TrainingDiverged, resolve_precision, train
 
 SMALL = "vit_micro_d2_patch4_32"
 
@@ -77,6 +77,26 @@ def test_each_method_learns_on_encrypted_data(tmp_path: Path, toy_dataset: Path,
     meta = json.loads((run / "adapter" / "adapter_config.json").read_text())
     assert meta["scheme"] == "shuffle" and meta["key_fingerprint"] == Key.load(key_file).fingerprint
     assert yaml.safe_load((run / "config.yaml").read_text())["method"] == method
+    assert result["precision"] == "no"
+
+
+@pytest.mark.parametrize(
+    ("cuda", "cuda_bf16", "amx", "expected"),
+    [
+        (False, False, True, "bf16"),
+        (False, False, False, "no"),
+        (True, True, False, "bf16"),
+        (True, False, False, "fp16"),
+    ],
+)
+def test_auto_precision_takes_bf16_only_where_it_is_fast(
+    monkeypatch: pytest.MonkeyPatch, cuda: bool, cuda_bf16: bool, amx: bool, expected: str
+) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: cuda_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    assert resolve_precision("auto") == expected
+    assert resolve_precision("fp16") == "fp16" and resolve_precision("no") == "no"
 
 
 def test_eval_and_predict_reproduce_the_run(tmp_path: Path, toy_dataset: Path, key_file: Path, capsys) -> None:

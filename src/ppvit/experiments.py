@@ -179,7 +179,7 @@ class Preset:
 
 
 METHOD_LRS = {"full": {"lr": 5e-4}, "linear": {"lr": 5e-3}, "melo": {"lr": 2e-3}, "lora-pe": {"lr": 2e-3}}
-CPU_TRAIN = dict(part="1/2", batch_size=128, warmup_epochs=0.5, precision="bf16", val_fraction=0.1)
+CPU_TRAIN = dict(part="1/2", batch_size=128, warmup_epochs=0.5, val_fraction=0.1)
 
 PRESETS: dict[str, Preset] = {
     "paper": Preset(
@@ -189,7 +189,7 @@ PRESETS: dict[str, Preset] = {
         ("full", "linear", "melo", "lora-pe"),
         ("none", "shuffle"),
         (0,),
-        train=dict(epochs=5, batch_size=64, warmup_epochs=0.5, precision="bf16", val_fraction=0.1),
+        train=dict(epochs=5, batch_size=64, warmup_epochs=0.5, val_fraction=0.1),
         per_method={"full": {"lr": 1e-4}, "linear": {"lr": 1e-3}, "melo": {"lr": 1e-3}, "lora-pe": {"lr": 1e-3}},
         paper={"full": 96.16, "melo": 90.05, "lora-pe": 96.35},
     ),

@@ -31,6 +31,7 @@ from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.lora import Linear as PeftLoraLinear
 from peft.tuners.tuners_utils import BaseTunerLayer
@@ -53,16 +54,22 @@ class QVLoraB(nn.Module):
         self.dim, self.r = dim, r
         self.weight = nn.Parameter(torch.zeros(2, dim, r))
 
+    def stacked(self) -> torch.Tensor:
+        """The (3d, 2r) matrix [[B_q, 0], [0, 0], [0, B_v]].
+
+        Why one matrix: a single matmul writes the (..., 3d) update directly; two matmuls and a
+        concatenation with zeros made ``melo`` 1.064x the step of PEFT's whole-qkv LoRA (bf16,
+        CPU), one matmul 1.030x (BENCHMARKS.md).
+        """
+        b_q, b_v = self.weight[0], self.weight[1]
+        return torch.cat([F.pad(b_q, (0, self.r)), b_q.new_zeros(self.dim, 2 * self.r), F.pad(b_v, (self.r, 0))])
+
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        q = h[..., : self.r] @ self.weight[0].T
-        v = h[..., self.r :] @ self.weight[1].T
-        return torch.cat([q, torch.zeros_like(q), v], dim=-1)
+        return F.linear(h, self.stacked())
 
     def delta(self, a: torch.Tensor) -> torch.Tensor:
         """B @ A as a (3d, d) matrix for merging: rows [B_q A_q; 0; B_v A_v]."""
-        q = self.weight[0] @ a[: self.r]
-        v = self.weight[1] @ a[self.r :]
-        return torch.cat([q, torch.zeros_like(q), v], dim=0)
+        return self.stacked() @ a
 
 
 class QVLoraLinear(PeftLoraLinear):

@@ -97,7 +97,9 @@ class TrainConfig:
     label_smoothing: float = field(default=0.1, metadata={"help": "label smoothing"})
     clip_grad: float | None = field(default=1.0, metadata={"help": "gradient-norm clipping (none to disable)"})
     grad_accum: int = field(default=1, metadata={"help": "gradient accumulation steps"})
-    precision: Literal["no", "bf16", "fp16"] = field(default="bf16", metadata={"help": "mixed precision"})
+    precision: Literal["auto", "no", "bf16", "fp16"] = field(
+        default="auto", metadata={"help": "mixed precision; auto: bf16 where it is fast (GPU, CPU with AMX), else fp32"}
+    )
     augment: PlainAugment = field(
         default="none", metadata={"help": "plain-image augmentation before encryption (crop-flip)"}
     )
@@ -273,6 +275,20 @@ def make_cipher(cfg: TrainConfig, block_size: int) -> BlockCipher | None:
     return BlockCipher(Key.load(cfg.key), Scheme.parse(cfg.scheme), block_size)
 
 
+def resolve_precision(precision: str) -> str:
+    """``auto``: bf16 on GPUs that have it (else fp16) and on CPUs with AMX tiles, fp32 otherwise.
+
+    Why: without AMX a CPU multiplies bf16 matrices slower than fp32 (measured on an AVX-512
+    machine: 167 against 319 GFLOP/s; BENCHMARKS.md), so autocast would only cost accuracy.
+    """
+    if precision != "auto":
+        return precision
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    return "bf16" if amx() else "no"
+
+
 def train(
     cfg: TrainConfig, resume: bool = False, on_step: Callable[[int, torch.nn.Module], None] | None = None
 ) -> dict[str, Any]:
@@ -286,8 +302,9 @@ def train(
     # (a notebook, `ppvit reproduce`) may want another. The process group (PartialState) stays.
     AcceleratorState._reset_state(reset_partial_state=False)
     # cpu=True where there is no GPU: Accelerate only then runs several CPU processes (gloo).
+    precision = resolve_precision(cfg.precision)
     accelerator = Accelerator(
-        mixed_precision=cfg.precision, gradient_accumulation_steps=cfg.grad_accum, cpu=not torch.cuda.is_available()
+        mixed_precision=precision, gradient_accumulation_steps=cfg.grad_accum, cpu=not torch.cuda.is_available()
     )
     main = accelerator.is_main_process
     if main:
@@ -438,6 +455,7 @@ def train(
         "images_per_s": float(np.mean([r["images_per_s"] for r in state["history"]])) if state["history"] else None,
         "peak_rss_mb": _peak_rss_mb(),
         "processes": world,
+        "precision": precision,
     }
     if main:
         atomic_write_text(out / "result.json", json.dumps(result, indent=2) + "\n")
