@@ -18,6 +18,7 @@ import torch
 import yaml
 
 from ppvit import cli
+from ppvit import train as ppvit_train
 from ppvit.keys import Key
 from ppvit.train import TrainConfig, TrainingDiverged, resolve_precision, train
 
@@ -81,22 +82,22 @@ def test_each_method_learns_on_encrypted_data(tmp_path: Path, toy_dataset: Path,
 
 
 @pytest.mark.parametrize(
-    ("cuda", "cuda_bf16", "amx", "expected"),
-    [
-        (False, False, True, "bf16"),
-        (False, False, False, "no"),
-        (True, True, False, "bf16"),
-        (True, False, False, "fp16"),
-    ],
+    ("cuda", "cuda_bf16", "speedup", "expected"),
+    [(False, False, 2.6, "bf16"), (False, False, 0.5, "no"), (True, True, 0.5, "bf16"), (True, False, 2.6, "fp16")],
 )
 def test_auto_precision_takes_bf16_only_where_it_is_fast(
-    monkeypatch: pytest.MonkeyPatch, cuda: bool, cuda_bf16: bool, amx: bool, expected: str
+    monkeypatch: pytest.MonkeyPatch, cuda: bool, cuda_bf16: bool, speedup: float, expected: str
 ) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: cuda_bf16)
-    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    monkeypatch.setattr(ppvit_train, "cpu_bf16_speedup", lambda: speedup)
     assert resolve_precision("auto") == expected
     assert resolve_precision("fp16") == "fp16" and resolve_precision("no") == "no"
+
+
+def test_cpu_bf16_speedup_is_a_measured_ratio() -> None:
+    ratio = ppvit_train.cpu_bf16_speedup.__wrapped__(n=256, reps=2)
+    assert 0.05 < ratio < 20
 
 
 def test_eval_and_predict_reproduce_the_run(tmp_path: Path, toy_dataset: Path, key_file: Path, capsys) -> None:

@@ -12,6 +12,7 @@ exactly the batches the interrupted one would have.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -98,7 +99,7 @@ class TrainConfig:
     clip_grad: float | None = field(default=1.0, metadata={"help": "gradient-norm clipping (none to disable)"})
     grad_accum: int = field(default=1, metadata={"help": "gradient accumulation steps"})
     precision: Literal["auto", "no", "bf16", "fp16"] = field(
-        default="auto", metadata={"help": "mixed precision; auto: bf16 where it is fast (GPU, CPU with AMX), else fp32"}
+        default="auto", metadata={"help": "mixed precision; auto: bf16 on GPUs, and on CPUs where it measures faster"}
     )
     augment: PlainAugment = field(
         default="none", metadata={"help": "plain-image augmentation before encryption (crop-flip)"}
@@ -276,17 +277,33 @@ def make_cipher(cfg: TrainConfig, block_size: int) -> BlockCipher | None:
 
 
 def resolve_precision(precision: str) -> str:
-    """``auto``: bf16 on GPUs that have it (else fp16) and on CPUs with AMX tiles, fp32 otherwise.
+    """``auto``: bf16 on GPUs that have it (else fp16); on a CPU, bf16 only if it measures faster.
 
-    Why: without AMX a CPU multiplies bf16 matrices slower than fp32 (measured on an AVX-512
-    machine: 167 against 319 GFLOP/s; BENCHMARKS.md), so autocast would only cost accuracy.
+    Why measure: CPUs differ. One machine here multiplied bf16 matrices 2.6x faster than fp32
+    (370 vs 140 GFLOP/s), another, with AVX-512 but no AMX, 2x slower (167 vs 330); BENCHMARKS.md.
     """
     if precision != "auto":
         return precision
     if torch.cuda.is_available():
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
-    return "bf16" if amx() else "no"
+    return "bf16" if cpu_bf16_speedup() > 1.25 else "no"
+
+
+@functools.cache
+def cpu_bf16_speedup(n: int = 1024, reps: int = 5) -> float:
+    """fp32 time over bf16 time of an n x n matrix multiply on this CPU (best of ``reps``)."""
+
+    def best(dtype: torch.dtype) -> float:
+        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+        a @ b
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            a @ b
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
+    return best(torch.float32) / best(torch.bfloat16)
 
 
 def train(
