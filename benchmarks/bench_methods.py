@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -87,8 +88,8 @@ def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 8) -> float:
     return 2 * n**3 / best / 1e9
 
 
-def train_worker(variant: str, model_name: str, batch: int, steps: int, bf16: bool) -> dict:
-    model = build(variant, model_name)
+def training_step(model: nn.Module, batch: int, bf16: bool) -> tuple[Callable[[], None], list[nn.Parameter]]:
+    """One AdamW step on a fixed random batch, as a closure, and the parameters it trains."""
     side = input_size(model)
     x, y = torch.randn(batch, 3, side, side), torch.randint(0, 10, (batch,))
     params = [p for p in model.parameters() if p.requires_grad]
@@ -101,6 +102,14 @@ def train_worker(variant: str, model_name: str, batch: int, steps: int, bf16: bo
         opt.step()
         opt.zero_grad(set_to_none=True)
 
+    step.opt = opt
+    return step, params
+
+
+def train_worker(variant: str, model_name: str, batch: int, steps: int, bf16: bool) -> dict:
+    model = build(variant, model_name)
+    step, params = training_step(model, batch, bf16)
+    opt = step.opt
     counter = FlopCounterMode(display=False)
     with counter:
         step()  # also the warm-up
@@ -123,6 +132,24 @@ def train_worker(variant: str, model_name: str, batch: int, steps: int, bf16: bo
         "adapter_bytes": adapter_bytes,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
+
+
+def qv_worker(model_name: str, batch: int, steps: int, bf16: bool) -> dict:
+    """Step time of the three q/v LoRA variants in one process, interleaved, best of ``steps``.
+
+    Why interleaved: steps vary by +-20% on this shared machine, more than the 5% to resolve.
+    """
+    variants = ("melo", "melo-handwritten", "lora-qkv-peft")
+    steps_of = {v: training_step(build(v, model_name), batch, bf16)[0] for v in variants}
+    best = dict.fromkeys(variants, math.inf)
+    for v in variants:
+        steps_of[v]()  # warm-up
+    for _ in range(steps):
+        for v in variants:
+            t0 = time.perf_counter()
+            steps_of[v]()
+            best[v] = min(best[v], time.perf_counter() - t0)
+    return best
 
 
 @torch.no_grad()
@@ -177,6 +204,9 @@ def main() -> None:
     if args.worker == "inference":
         print(json.dumps(inference_worker(args.model, args.batch, args.steps, bf16)))
         return
+    if args.worker == "qv":
+        print(json.dumps(qv_worker(args.model, args.batch, args.steps, bf16)))
+        return
     if args.worker:
         print(json.dumps(train_worker(args.worker, args.model, args.batch, args.steps, bf16)))
         return
@@ -184,6 +214,7 @@ def main() -> None:
     peaks = {"fp32": [matmul_peak(torch.float32)], "bf16": [matmul_peak(torch.bfloat16)]}
     rows = {v: run_child(args, v) for v in TRAIN_VARIANTS}
     inf = run_child(args, "inference")
+    qv = run_child(args, "qv")
     peaks["fp32"].append(matmul_peak(torch.float32))
     peaks["bf16"].append(matmul_peak(torch.bfloat16))
     fp32_peak, bf16_peak = max(peaks["fp32"]), max(peaks["bf16"])
@@ -206,9 +237,15 @@ def main() -> None:
             f"{r['optimizer_bytes'] / 2**20:.2f} | {r['adapter_bytes'] / 2**20:.2f} |"
         )
     melo, hand, peft_qkv = rows["melo"], rows["melo-handwritten"], rows["lora-qkv-peft"]
-    print(f"melo step / hand-written step: {melo['step_s'] / hand['step_s']:.3f}")
-    print(f"melo step / PEFT whole-qkv step: {melo['step_s'] / peft_qkv['step_s']:.3f}")
-    print(f"melo RSS / hand-written RSS: {melo['peak_rss_mb'] / hand['peak_rss_mb']:.3f}")
+    print(
+        f"interleaved in one process, best of {args.steps} steps: melo {qv['melo']:.3f} s, hand-written "
+        f"{qv['melo-handwritten']:.3f} s, PEFT whole-qkv {qv['lora-qkv-peft']:.3f} s; melo / hand-written "
+        f"{qv['melo'] / qv['melo-handwritten']:.3f}, melo / PEFT whole-qkv {qv['melo'] / qv['lora-qkv-peft']:.3f}"
+    )
+    print(
+        f"melo peak RSS / hand-written: {melo['peak_rss_mb'] / hand['peak_rss_mb']:.3f}, "
+        f"/ PEFT whole-qkv: {melo['peak_rss_mb'] / peft_qkv['peak_rss_mb']:.3f}"
+    )
     ips = inf["images_per_s"]
     print(
         f"inference img/s: base {ips['base']:.1f}, unmerged {ips['unmerged']:.1f}, merged {ips['merged']:.1f}; "
