@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -320,3 +321,14 @@ def test_lora_pe_on_the_cifar10_copy(tmp_path: Path, key_file: Path) -> None:
     assert result["test_images"] == 300 and result["num_classes"] == 10 and result["scheme"] == "shuffle"
     meta = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
     assert meta["classes"][:2] == ["airplane", "automobile"] and meta["block_size"] == 4
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="Linux only")
+def test_peak_memory_of_a_child_is_its_own_not_its_parents() -> None:
+    """`ppvit reproduce` runs each cell in a child process of a parent that may be large."""
+    ballast = np.ones(600 * 2**20, dtype=np.uint8)  # touch 600 MiB in this (parent) process
+    parent = ppvit_train._peak_rss_mb()
+    code = "from ppvit.train import _peak_rss_mb; print(_peak_rss_mb())"
+    child = float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+    del ballast
+    assert parent > 600 and child < parent - 400, (parent, child)

@@ -453,7 +453,8 @@ def write_report(report: dict[str, Any], figures: dict[str, dict], out: Path) ->
             if c < len(figs):
                 name, img = list(figs.items())[c]
                 ax.imshow(img)
-                ax.set_title(name.replace("_", " ").replace("kpa", "known-plaintext,") + ("" if c else f"\n{scheme}"))
+                label = "\n" + scheme.replace("+", "+\n") if c == 0 else ""  # long schemes: one step a line
+                ax.set_title(name.replace("_", " ").replace("kpa", "known-plaintext,") + label, fontsize=9)
     fig.tight_layout()
     atomic_write(out / "audit.png", lambda tmp: fig.savefig(tmp, format="png", dpi=80))
     plt.close(fig)

@@ -518,8 +518,19 @@ def _check_resume(out: Path, cfg: TrainConfig, resume: bool) -> None:
 
 
 def _peak_rss_mb() -> float:
-    """This process's peak resident memory (Linux reports KiB, macOS bytes)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    """This process's peak resident memory in MiB.
+
+    On Linux, VmHWM of /proc/self/status: the high-water mark of this process's own memory.
+    Not ``ru_maxrss``: a child started by fork and exec inherits its parent's peak there, so
+    every `ppvit reproduce` cell reported the parent's 2.2 GB (the pretraining) as its own.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**10  # kB
+    except OSError:
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # Linux KiB, macOS bytes
     return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
 
 
