@@ -88,8 +88,8 @@ def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 8) -> float:
     return 2 * n**3 / best / 1e9
 
 
-def training_step(model: nn.Module, batch: int, bf16: bool) -> tuple[Callable[[], None], list[nn.Parameter]]:
-    """One AdamW step on a fixed random batch, as a closure, and the parameters it trains."""
+def training_step(model: nn.Module, batch: int, bf16: bool) -> tuple[Callable[[], None], torch.optim.AdamW]:
+    """One AdamW step on a fixed random batch, as a closure, and its optimiser."""
     side = input_size(model)
     x, y = torch.randn(batch, 3, side, side), torch.randint(0, 10, (batch,))
     params = [p for p in model.parameters() if p.requires_grad]
@@ -102,14 +102,13 @@ def training_step(model: nn.Module, batch: int, bf16: bool) -> tuple[Callable[[]
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    step.opt = opt
-    return step, params
+    return step, opt
 
 
 def train_worker(variant: str, model_name: str, batch: int, steps: int, bf16: bool) -> dict:
     model = build(variant, model_name)
-    step, params = training_step(model, batch, bf16)
-    opt = step.opt
+    step, opt = training_step(model, batch, bf16)
+    params = opt.param_groups[0]["params"]
     counter = FlopCounterMode(display=False)
     with counter:
         step()  # also the warm-up
