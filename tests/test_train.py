@@ -232,6 +232,39 @@ def test_gradient_accumulation_equals_the_larger_batch(tmp_path: Path, toy_datas
         torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("head_init", ["random", "zero"])
+def test_a_zero_head_sends_no_gradient_to_the_backbone_at_first(tmp_path: Path, head_init: str) -> None:
+    cfg = TrainConfig(out=str(tmp_path), model=SMALL, method="lora-pe", head_init=head_init, scheme="none")
+    model = ppvit_train.build_model(cfg, num_classes=10)
+    torch.nn.functional.cross_entropy(model(torch.randn(4, 3, 32, 32)), torch.arange(4)).backward()
+    head = model.head.weight
+    assert torch.count_nonzero(head.grad) > 0
+    backbone = [p.grad for n, p in model.named_parameters() if p.requires_grad and not n.startswith("head.")]
+    assert len(backbone) > 2  # the patch embedding and the LoRA matrices train
+    moved = sum(int(torch.count_nonzero(g)) for g in backbone if g is not None)
+    if head_init == "zero":
+        assert torch.count_nonzero(head) == 0 and moved == 0
+    else:
+        assert moved > 0
+
+
+def test_data_seed_picks_the_data_and_seed_the_rest(
+    tmp_path: Path, toy_dataset: Path, key_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen = []
+    real = ppvit_train.load_splits
+    monkeypatch.setattr(ppvit_train, "load_splits", lambda *a, **kw: seen.append(a[2]) or real(*a, **kw))
+    default = train(config(tmp_path / "default", toy_dataset, key_file, seed=1, epochs=1))
+    same = train(config(tmp_path / "same", toy_dataset, key_file, seed=1, data_seed=1, epochs=1))
+    train(config(tmp_path / "mixed", toy_dataset, key_file, seed=0, data_seed=1, epochs=1))
+    assert seen == [1, 1, 1]  # the subset and validation split come from data_seed, else from seed
+    assert same["test_acc"] == default["test_acc"]
+    one, two, other = (adapter_tensors(tmp_path / n) for n in ("default", "same", "mixed"))
+    for name in one:
+        torch.testing.assert_close(two[name], one[name], rtol=0, atol=0)
+    assert any(not torch.equal(other[n], one[n]) for n in one)  # seed still decides init and order
+
+
 def test_yaml_config_with_flags_on_top(tmp_path: Path, toy_dataset: Path, key_file: Path, capsys) -> None:
     (tmp_path / "c.yaml").write_text(
         yaml.safe_dump(

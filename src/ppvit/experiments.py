@@ -179,7 +179,8 @@ class Preset:
 
 
 METHOD_LRS = {"full": {"lr": 5e-4}, "linear": {"lr": 5e-3}, "melo": {"lr": 2e-3}, "lora-pe": {"lr": 2e-3}}
-CPU_TRAIN = dict(part="1/2", batch_size=128, warmup_epochs=0.5, val_fraction=0.1)
+# A zero head: with a random one, lora-pe on shuffled images swung 15 points with the seed (RESULTS.md).
+CPU_TRAIN = dict(part="1/2", batch_size=128, warmup_epochs=0.5, val_fraction=0.1, head_init="zero")
 
 PRESETS: dict[str, Preset] = {
     "paper": Preset(
@@ -202,7 +203,7 @@ PRESETS: dict[str, Preset] = {
         (0, 1, 2),
         train=dict(CPU_TRAIN, epochs=3, train_subset=6_000),
         per_method={**METHOD_LRS, "lora-pe": {"lr": 2e-3, "patch_embed_lr_scale": 5.0}},
-        upstream=Upstream(epochs=10),
+        upstream=Upstream(epochs=6),  # sized for 60 minutes on 2 cores without fast bf16
     ),
     "demo": Preset(
         "demo",
@@ -211,9 +212,9 @@ PRESETS: dict[str, Preset] = {
         ("full", "linear", "melo", "lora-pe"),
         ("none", "shuffle"),
         (0,),
-        train=dict(CPU_TRAIN, epochs=2, train_subset=5_000, test_subset=5_000),
+        train=dict(CPU_TRAIN, epochs=2, train_subset=4_000, test_subset=5_000),
         per_method={**METHOD_LRS, "lora-pe": {"lr": 2e-3, "patch_embed_lr_scale": 5.0}},
-        upstream=Upstream(epochs=3),
+        upstream=Upstream(epochs=2),
     ),
 }
 

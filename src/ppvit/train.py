@@ -3,7 +3,7 @@
 Accelerate places the model, runs bf16 autocast on the CPU (AMP on a GPU), accumulates
 gradients and wraps the model for multi-process data-parallel training (``accelerate
 launch`` or ``torchrun``; gloo on CPUs). Batches are drawn by hand from an in-memory uint8
-array (``get_batch``): the order of epoch ``e`` is a permutation seeded by ``(seed, e)``
+array (``get_batch``): the order of epoch ``e`` is a permutation seeded by ``(data_seed, e)``
 and each global batch is split into equal contiguous shards, one per process, so one
 process with batch B and two with B/2 each see the same images, and a resumed run sees
 exactly the batches the interrupted one would have.
@@ -78,6 +78,11 @@ class TrainConfig:
         default=None,
         metadata={"help": "pretrained (default) or random: start the trainable patch embedding at random"},
     )
+    head_init: Literal["random", "zero"] = field(
+        default="random",
+        metadata={"help": "the new head: random (timm's reset_classifier) or zero (no gradient reaches the backbone "
+        "until the head has learnt)"},
+    )
     scheme: str | None = field(
         default="shuffle", metadata={"help": "encryption scheme, e.g. shuffle+scramble; none for plain images"}
     )
@@ -121,7 +126,11 @@ class TrainConfig:
         default=None,
         metadata={"help": "use torch's fused attention kernel (default: on GPUs only; slower to train on CPUs)"},
     )
-    seed: int = field(default=0, metadata={"help": "seed for the model head, data order and augmentation"})
+    seed: int = field(default=0, metadata={"help": "seed for the new head and adapter initialisation (and data_seed)"})
+    data_seed: int | None = field(
+        default=None,
+        metadata={"help": "seed for the training subset, validation split, data order and augmentation (default: seed)"},
+    )
     save_every_steps: int | None = field(default=None, metadata={"help": "also checkpoint every N optimiser steps"})
     quiet: bool = field(default=False, metadata={"help": "no progress bar"})
 
@@ -166,6 +175,11 @@ def build_model(cfg: TrainConfig, num_classes: int, cipher: BlockCipher | None =
     torch.manual_seed(cfg.seed)  # random-init backbones and new heads are reproducible
     model = create_backbone(cfg.model, num_classes=num_classes, pretrained=cfg.pretrained, weights=cfg.weights)
     model.reset_classifier(num_classes)
+    if cfg.head_init == "zero":
+        torch.nn.init.zeros_(model.head.weight)
+        torch.nn.init.zeros_(model.head.bias)
+    elif cfg.head_init != "random":
+        raise ValueError(f"head_init must be random or zero, got {cfg.head_init!r}")
     fused = cfg.fused_attn if cfg.fused_attn is not None else torch.cuda.is_available()
     for block in model.blocks:
         block.attn.fused_attn = fused
@@ -328,7 +342,8 @@ def train(
         out.mkdir(parents=True, exist_ok=True)
         _check_resume(out, cfg, resume)
 
-    splits = load_splits(cfg.data, cfg.val_fraction, cfg.seed, cfg.part, cfg.train_subset, cfg.test_subset)
+    data_seed = cfg.seed if cfg.data_seed is None else cfg.data_seed
+    splits = load_splits(cfg.data, cfg.val_fraction, data_seed, cfg.part, cfg.train_subset, cfg.test_subset)
     with torch.device("meta"):  # geometry only: no memory, no initialisation
         probe = create_backbone(cfg.model, num_classes=0)
     block, side = cfg.block_size or patch_size(probe), input_size(probe)
@@ -363,14 +378,14 @@ def train(
         atomic_write_text(out / "config.yaml", yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
     for epoch in range(state["epoch"], cfg.epochs):
         model.train()
-        order = epoch_order(len(splits.train), cfg.seed, epoch)
+        order = epoch_order(len(splits.train), data_seed, epoch)
         first = state["step"] - epoch * steps_per_epoch  # > 0 only when resuming mid-epoch
         sums = {"loss": 0.0, "correct": 0.0, "n": 0.0} | state.pop("partial", {})
         bar = tqdm(range(first, steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=cfg.quiet or not main)
         t0 = time.perf_counter()
         for i in bar:
             step = epoch * steps_per_epoch + i
-            gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 97 + rank)
+            gen = torch.Generator().manual_seed(data_seed * 1_000_003 + step * 97 + rank)
             images, labels = get_batch(splits.train, order[i * cfg.batch_size : (i + 1) * cfg.batch_size], rank, world)
             images, labels = images.to(accelerator.device), labels.to(accelerator.device)
             x, target = mix_batch(
