@@ -80,8 +80,10 @@ class TrainConfig:
     )
     head_init: Literal["random", "zero"] = field(
         default="random",
-        metadata={"help": "the new head: random (timm's reset_classifier) or zero (no gradient reaches the backbone "
-        "until the head has learnt)"},
+        metadata={
+            "help": "the new head: random (timm's reset_classifier) or zero (no gradient reaches the backbone "
+            "until the head has learnt)"
+        },
     )
     scheme: str | None = field(
         default="shuffle", metadata={"help": "encryption scheme, e.g. shuffle+scramble; none for plain images"}
@@ -129,7 +131,9 @@ class TrainConfig:
     seed: int = field(default=0, metadata={"help": "seed for the new head and adapter initialisation (and data_seed)"})
     data_seed: int | None = field(
         default=None,
-        metadata={"help": "seed for the training subset, validation split, data order and augmentation (default: seed)"},
+        metadata={
+            "help": "seed for the training subset, validation split, data order and augmentation (default: seed)"
+        },
     )
     save_every_steps: int | None = field(default=None, metadata={"help": "also checkpoint every N optimiser steps"})
     quiet: bool = field(default=False, metadata={"help": "no progress bar"})
