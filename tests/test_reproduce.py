@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 from pathlib import Path
 
 import pytest
 
-from ppvit import cli
+from ppvit import cli, experiments
 from ppvit.experiments import PRESETS, Preset, Upstream, reproduce
 
 TOY = Preset(
@@ -71,6 +72,22 @@ def test_presets_say_what_they_run() -> None:
     assert len(cpu.seeds) >= 3 and cpu.upstream is not None and cpu.train["part"] == "1/2"
     for p in (paper, cpu, demo):
         assert set(p.methods) == {"full", "linear", "melo", "lora-pe"} and set(p.schemes) == {"none", "shuffle"}
+
+
+def test_upstream_epochs_flag_changes_only_the_pretraining_epochs(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    seen = []
+
+    def fake_pretrain(model: str, upstream: Upstream, data: object, quiet: bool) -> tuple[Path, dict]:
+        seen.append(upstream)
+        return Path("w"), {"test_acc": 0.5}
+
+    monkeypatch.setattr(experiments, "pretrain", fake_pretrain)
+    assert cli.main(["-q", "pretrain", "--preset", "cpu", "--upstream-epochs", "10"]) == 0
+    assert seen == [dataclasses.replace(PRESETS["cpu"].upstream, epochs=10)] and PRESETS["cpu"].upstream.epochs != 10
+    assert cli.main(["-q", "reproduce", "--preset", "paper", "--upstream-epochs", "3"]) == 2
+    assert cli.main(["-q", "pretrain", "--upstream-epochs", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "paper starts from ImageNet weights" in err and "at least 1" in err
 
 
 @pytest.mark.slow

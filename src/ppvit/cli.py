@@ -296,7 +296,7 @@ def _parse_sets(items: Sequence[str]) -> dict:
 def _reproduce(args: argparse.Namespace) -> int:
     overrides = {k: getattr(args, k) for k in ("epochs", "train_subset", "test_subset") if getattr(args, k)}
     overrides.update(_parse_sets(args.set))
-    preset = experiments.PRESETS[args.preset]
+    preset = _preset(args)
     if args.seeds:
         preset = dataclasses.replace(preset, seeds=tuple(int(s) for s in args.seeds.split(",")))
     for name in ("methods", "schemes"):
@@ -326,6 +326,7 @@ def _add_reproduce(sub: argparse._SubParsersAction) -> None:
         help="download timm's ImageNet weights (paper preset default)",
     )
     p.add_argument("--seeds", help="comma-separated seeds instead of the preset's")
+    _add_upstream_epochs(p)
     p.add_argument("--epochs", type=int, help="fine-tuning epochs instead of the preset's")
     p.add_argument("--train-subset", type=int, help="fine-tune on this many images (smoke runs)")
     p.add_argument("--test-subset", type=int, help="test on this many images (smoke runs)")
@@ -341,8 +342,24 @@ def _add_reproduce(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_reproduce)
 
 
-def _pretrain(args: argparse.Namespace) -> int:
+def _preset(args: argparse.Namespace) -> experiments.Preset:
+    """The named preset, with ``--upstream-epochs`` applied (a stronger upstream where time allows)."""
     preset = experiments.PRESETS[args.preset]
+    if args.upstream_epochs is None:
+        return preset
+    if preset.upstream is None:
+        raise UserError(f"preset {preset.name} starts from ImageNet weights: --upstream-epochs does not apply")
+    if args.upstream_epochs < 1:
+        raise UserError(f"--upstream-epochs must be at least 1, got {args.upstream_epochs}")
+    return dataclasses.replace(preset, upstream=dataclasses.replace(preset.upstream, epochs=args.upstream_epochs))
+
+
+def _add_upstream_epochs(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--upstream-epochs", type=int, help="pretraining epochs instead of the preset's (cached separately)")
+
+
+def _pretrain(args: argparse.Namespace) -> int:
+    preset = _preset(args)
     if preset.upstream is None:
         raise UserError(f"preset {preset.name} starts from ImageNet weights; nothing to pretrain here")
     weights, result = experiments.pretrain(preset.model, preset.upstream, args.data, quiet=args.quiet)
@@ -354,6 +371,7 @@ def _add_pretrain(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("pretrain", help="train a preset's upstream model on plain images (cached; reruns resume)")
     p.add_argument("--preset", choices=[n for n, p in experiments.PRESETS.items() if p.upstream], default="cpu")
     p.add_argument("--data", help="CIFAR-10: local copy (default $PPVIT_CIFAR10) or cifar10 to download")
+    _add_upstream_epochs(p)
     p.set_defaults(func=_pretrain)
 
 
