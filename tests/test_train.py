@@ -257,12 +257,12 @@ def test_data_seed_picks_the_data_and_seed_the_rest(
     default = train(config(tmp_path / "default", toy_dataset, key_file, seed=1, epochs=1))
     same = train(config(tmp_path / "same", toy_dataset, key_file, seed=1, data_seed=1, epochs=1))
     train(config(tmp_path / "mixed", toy_dataset, key_file, seed=0, data_seed=1, epochs=1))
-    assert seen == [1, 1, 1]  # the subset and validation split come from data_seed, else from seed
+    assert seen == [1, 1, 1]  # the subset and split come from data_seed, else from seed (order too: not observed here)
     assert same["test_acc"] == default["test_acc"]
     one, two, other = (adapter_tensors(tmp_path / n) for n in ("default", "same", "mixed"))
     for name in one:
         torch.testing.assert_close(two[name], one[name], rtol=0, atol=0)
-    assert any(not torch.equal(other[n], one[n]) for n in one)  # seed still decides init and order
+    assert any(not torch.equal(other[n], one[n]) for n in one)  # seed still decides the initialisation
 
 
 def test_yaml_config_with_flags_on_top(tmp_path: Path, toy_dataset: Path, key_file: Path, capsys) -> None:
