@@ -17,10 +17,9 @@ import torch.nn.functional as F
 
 from ppvit.backbones import create_backbone, input_size, normalization, patch_size
 from ppvit.ciphers import BlockCipher
-from ppvit.data import ArrayDataset, BatchPipeline
+from ppvit.data import ArrayDataset, BatchPipeline, get_batch
 from ppvit.keys import Key
 from ppvit.methods import apply_method, method_config
-from ppvit.train import get_batch
 
 
 def rate(fn, images_per_call: int, calls: int) -> float:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -14,9 +15,9 @@ import torch
 from ppvit import audit, cli
 from ppvit.backbones import create_backbone
 from ppvit.ciphers import BlockCipher
+from ppvit.config import TrainConfig
 from ppvit.keys import Key
 from ppvit.model_transform import block_map, transform_model
-from ppvit.train import TrainConfig
 
 SMALL = "vit_micro_d2_patch4_32"
 
@@ -190,7 +191,7 @@ def test_training_outputs_carry_no_key_material_and_leakage_is_tracked(tmp_path:
     key_path = tmp_path / "k.key"
     Key.generate().save(key_path)
     key = Key.load(key_path)
-    cfg = TrainConfig(
+    cfg = TrainConfig.from_flat(
         out=str(tmp_path / "run"),
         data=str(toy_dataset),
         key=str(key_path),
@@ -211,4 +212,4 @@ def test_training_outputs_carry_no_key_material_and_leakage_is_tracked(tmp_path:
     assert audit.weight_leakage_adapter(tmp_path / "run", key).pixel_permutation > 0.9
     with pytest.raises(ValueError, match="not"):
         audit.weight_leakage_adapter(tmp_path / "run", Key.generate())  # another key: refused
-    _assert_no_key_material(tmp_path / "run", key, json.dumps(result))
+    _assert_no_key_material(tmp_path / "run", key, json.dumps(dataclasses.asdict(result)))

@@ -127,7 +127,7 @@ def test_npy_shards_load_as_an_encrypted_dataset(tmp_path: Path, key_file: Path)
     src = tmp_path / "src"
     images = make_tree(src, n=5)
     args = ["-q", "encrypt", str(src), str(tmp_path / "enc"), "--key", str(key_file), "--block-size", "4"]
-    assert cli.main([*args, "--format", "npy"]) == 0
+    assert cli.main([*args, "--format", "npz"]) == 0
     got, labels, classes = load_encrypted_split(tmp_path / "enc", "train")
     cipher = BlockCipher(Key.load(key_file), "shuffle", 4)
     want = {rel: cipher.encrypt(a) for rel, a in images.items() if rel.startswith("train/")}
@@ -241,7 +241,7 @@ def test_cifar10_copy_encrypts_at_224(tmp_path: Path, key_file: Path) -> None:
     data = os.environ.get("PPVIT_CIFAR10")
     if not data:
         pytest.skip("PPVIT_CIFAR10 is not set")
-    from ppvit.experiments import encryption_demo
+    from ppvit.preview import encryption_demo
 
     report = encryption_demo(data, tmp_path / "demo", n=20)
     assert report.images == 20 and report.round_trip_exact and report.failed == 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import pytest
@@ -256,7 +257,9 @@ def test_bad_method_configs(name: str, opts: dict, message: str) -> None:
 
 
 def test_alpha_defaults_to_the_rank_and_is_a_float() -> None:
-    assert method_config("melo", rank=8).alpha == 8.0
+    melo = method_config("melo", rank=8)
+    assert melo.alpha is None and melo.lora_alpha == 8.0  # unset: follows the rank (scale 1)
+    assert dataclasses.replace(melo, rank=2).lora_alpha == 2.0
     cfg = method_config("lora-pe", alpha=16)
     assert isinstance(cfg.alpha, float) and cfg.to_dict()["alpha"] == 16.0 and cfg.train_patch_embed
 

@@ -9,19 +9,30 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
-from ppvit import cli, experiments
-from ppvit.experiments import PRESETS, Preset, Upstream, reproduce
+from ppvit import cli
+from ppvit import presets as ppvit_presets
+from ppvit.backbones import create_backbone, input_size, patch_size
+from ppvit.config import TrainConfig
+from ppvit.presets import PRESETS, MethodSettings, Preset, Upstream, cell_config, reproduce
+from ppvit.runs import RunResult
 
 TOY = Preset(
     "toy",
     "test preset",
-    "vit_micro_d2_patch4_32",
-    ("linear",),
+    TrainConfig.from_flat(
+        model="vit_micro_d2_patch4_32",
+        part="1/2",
+        batch_size=8,
+        epochs=2,
+        val_fraction=0.25,
+        precision="no",
+        warmup_epochs=0.5,
+    ),
+    {"linear": MethodSettings(lr=5e-3)},
     ("none", "shuffle"),
     (0, 1),
-    train=dict(part="1/2", batch_size=8, epochs=2, val_fraction=0.25, precision="no", warmup_epochs=0.5),
-    per_method={"linear": {"lr": 5e-3}},
     upstream=Upstream(epochs=2, batch_size=8),
 )
 
@@ -34,15 +45,15 @@ def test_toy_reproduction_end_to_end(tmp_path: Path, toy_dataset: Path) -> None:
         cells = [
             c
             for c in table.cells
-            if c["method"] == row.method and c["scheme"] == ("none" if row.data == "plain" else row.data)
+            if c.method == row.method and c.scheme == ("none" if row.data == "plain" else row.data)
         ]
-        accs = [100 * c["test_acc"] for c in cells]
+        accs = [100 * c.result.test_acc for c in cells]
         assert row.acc_mean == pytest.approx(sum(accs) / 2)
         assert row.acc_std == pytest.approx(abs(accs[0] - accs[1]) / 2**0.5)  # sample sd of two values
         assert row.peak_mb and row.peak_mb > 50
     # exact counts: linear = a head of 4 classes on a 48-dim model
     linear = table.rows[0]
-    assert linear.trainable == 48 * 4 + 4 == table.cells[0]["trainable_params"]
+    assert linear.trainable == 48 * 4 + 4 == table.cells[0].result.trainable_params
     out = tmp_path / "out"
     assert {p.name for p in out.iterdir()} >= {"results.md", "results.csv", "results.json", "results.png", "cells"}
     rows = list(csv.DictReader((out / "results.csv").open()))
@@ -58,32 +69,41 @@ def test_toy_reproduction_end_to_end(tmp_path: Path, toy_dataset: Path) -> None:
 
 def test_failed_cells_are_reported_not_hidden(tmp_path: Path, toy_dataset: Path, capsys) -> None:
     broken = Preset(
-        "broken", "", "vit_micro_d2_patch4_32", ("melo",), ("shuffle",), (0,), train=dict(TOY.train, batch_size=10_000)
+        "broken", "", TOY.base.replace(batch_size=10_000), {"melo": MethodSettings(lr=1e-3)}, ("shuffle",), (0,)
     )  # larger than the training set
     table = reproduce(broken, tmp_path / "out", toy_dataset, weights=None, pretrained=False, progress=False)
-    assert table.rows[0].acc_mean is None and "larger than the training set" in table.rows[0].errors[0]
+    assert table.rows[0].acc_mean is None
+    assert table.rows[0].errors[0].startswith("ValueError: batch size 10000 is larger than the training set")
     assert "Failed cells:" in table.markdown()
 
 
-def test_presets_say_what_they_run() -> None:
-    paper, cpu, demo = PRESETS["paper"], PRESETS["cpu"], PRESETS["demo"]
-    assert paper.model == "vit_base_patch16_224" and paper.upstream is None
-    assert paper.paper == {"full": 96.16, "melo": 90.05, "lora-pe": 96.35}
-    assert len(cpu.seeds) >= 3 and cpu.upstream is not None and cpu.train["part"] == "1/2"
-    for p in (paper, cpu, demo):
-        assert set(p.methods) == {"full", "linear", "melo", "lora-pe"} and set(p.schemes) == {"none", "shuffle"}
+def test_every_preset_builds_each_cell_config_on_its_geometry(tmp_path: Path) -> None:
+    """Each cell's config is valid, blocks equal the model's patches, and the input size divides into them."""
+    for preset in PRESETS.values():
+        with torch.device("meta"):
+            model = create_backbone(preset.model, num_classes=10, img_size=preset.base.backbone.img_size)
+        side, patch = input_size(model), patch_size(model)
+        assert side % patch == 0, preset.name
+        assert (preset.upstream is None) == (preset.weights_env is not None or preset.name == "paper"), preset.name
+        for method in preset.methods:
+            for scheme in preset.schemes:
+                cfg = cell_config(preset, method, scheme, 1, tmp_path / "c", tmp_path / "k")
+                assert cfg.method.name == method and cfg.run.seed == 1 and cfg.crypto.scheme == scheme
+                assert (cfg.crypto.key is None) == (scheme == "none")
+                assert cfg.optim.lr == preset.methods[method].lr
 
 
 def test_upstream_epochs_flag_changes_only_the_pretraining_epochs(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
     seen = []
 
-    def fake_pretrain(model: str, upstream: Upstream, data: object, quiet: bool) -> tuple[Path, dict]:
+    def fake_pretrain(model: str, upstream: Upstream, data: object, quiet: bool) -> tuple[Path, RunResult]:
         seen.append(upstream)
-        return Path("w"), {"test_acc": 0.5}
+        return Path("w"), RunResult(0.5, 1.0, 10, 1, 0.5, 1, "full", "plain", 10, 1, 1.0, 1.0, 1.0, 1, "no")
 
-    monkeypatch.setattr(experiments, "pretrain", fake_pretrain)
-    assert cli.main(["-q", "pretrain", "--preset", "cpu", "--upstream-epochs", "10"]) == 0
-    assert seen == [dataclasses.replace(PRESETS["cpu"].upstream, epochs=10)] and PRESETS["cpu"].upstream.epochs != 10
+    monkeypatch.setattr(ppvit_presets, "pretrain", fake_pretrain)
+    small = PRESETS["small-cpu"]
+    assert cli.main(["-q", "pretrain", "--preset", "small-cpu", "--upstream-epochs", "10"]) == 0
+    assert seen == [dataclasses.replace(small.upstream, epochs=10)] and small.upstream.epochs != 10
     assert cli.main(["-q", "reproduce", "--preset", "paper", "--upstream-epochs", "3"]) == 2
     assert cli.main(["-q", "pretrain", "--upstream-epochs", "0"]) == 2
     err = capsys.readouterr().err

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import shutil
@@ -18,10 +17,12 @@ import pytest
 import torch
 import yaml
 
-from ppvit import cli
-from ppvit import train as ppvit_train
+from ppvit import cli, runtime
+from ppvit import training as ppvit_train
+from ppvit.config import TrainConfig
 from ppvit.keys import Key
-from ppvit.train import TrainConfig, TrainingDiverged, resolve_precision, train
+from ppvit.runtime import resolve_precision
+from ppvit.training import TrainingDiverged, train
 
 SMALL = "vit_micro_d2_patch4_32"
 
@@ -48,17 +49,18 @@ def config(out: Path, data: Path, key: Path | None, **kw) -> TrainConfig:
         quiet=True,
         precision="no",
     )
-    return TrainConfig(**{**base, **kw})
+    return TrainConfig.from_flat(**{**base, **kw})
 
 
 def flags(cfg: TrainConfig) -> list[str]:
     """The same settings as `ppvit train` flags."""
+    defaults = TrainConfig.from_flat(method=cfg.method.name).flat()
     out = []
-    for name, value in dataclasses.asdict(cfg).items():
-        default = getattr(TrainConfig, name, None)
-        if value is None or value == default or name == "quiet":
+    for name, value in cfg.flat().items():
+        if value is None or value == defaults.get(name) or name == "quiet":
             continue
-        out += [f"--{name.replace('_', '-')}", str(value)]
+        flag = f"--{name.replace('_', '-')}"
+        out += ([flag] if value else [f"--no-{flag[2:]}"]) if isinstance(value, bool) else [flag, str(value)]
     return out
 
 
@@ -71,15 +73,15 @@ def adapter_tensors(run: Path) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("method", ["full", "linear", "melo", "lora-pe"])
 def test_each_method_learns_on_encrypted_data(tmp_path: Path, toy_dataset: Path, key_file: Path, method: str) -> None:
     result = train(config(tmp_path / "run", toy_dataset, key_file, method=method, epochs=4))
-    assert result["test_acc"] > 0.5, result  # 4 classes: chance is 0.25
+    assert result.test_acc > 0.5, result  # 4 classes: chance is 0.25
     run = tmp_path / "run"
     history = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [h["epoch"] for h in history] == [1, 2, 3, 4]
     assert (run / "curves.png").stat().st_size > 0
     meta = json.loads((run / "adapter" / "adapter_config.json").read_text())
     assert meta["scheme"] == "shuffle" and meta["key_fingerprint"] == Key.load(key_file).fingerprint
-    assert yaml.safe_load((run / "config.yaml").read_text())["method"] == method
-    assert result["precision"] == "no"
+    assert yaml.safe_load((run / "config.yaml").read_text())["method"]["name"] == method
+    assert result.precision == "no"
 
 
 @pytest.mark.parametrize(
@@ -91,13 +93,13 @@ def test_auto_precision_takes_bf16_only_where_it_is_fast(
 ) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: cuda_bf16)
-    monkeypatch.setattr(ppvit_train, "cpu_bf16_speedup", lambda: speedup)
+    monkeypatch.setattr(runtime, "cpu_bf16_speedup", lambda: speedup)
     assert resolve_precision("auto") == expected
     assert resolve_precision("fp16") == "fp16" and resolve_precision("no") == "no"
 
 
 def test_cpu_bf16_speedup_is_a_measured_ratio() -> None:
-    ratio = ppvit_train.cpu_bf16_speedup.__wrapped__(n=256, reps=2)
+    ratio = runtime.cpu_bf16_speedup.__wrapped__(n=256, reps=2)
     assert 0.05 < ratio < 20
 
 
@@ -106,7 +108,7 @@ def test_eval_and_predict_reproduce_the_run(tmp_path: Path, toy_dataset: Path, k
     capsys.readouterr()
     assert cli.main(["eval", str(tmp_path / "run"), "--data", str(toy_dataset), "--key", str(key_file)]) == 0
     evaluated = json.loads(capsys.readouterr().out)
-    assert evaluated["acc"] == pytest.approx(result["test_acc"]) and evaluated["n"] == 32
+    assert evaluated["acc"] == pytest.approx(result.test_acc) and evaluated["n"] == 32
     assert cli.main(["eval", str(tmp_path / "run"), "--data", str(toy_dataset)]) == 2  # no key: refused
     files = sorted(str(p) for p in (toy_dataset / "test" / "class2").glob("*.png"))[:3]
     capsys.readouterr()
@@ -123,21 +125,21 @@ def test_key_init_adapter_reloads_with_its_transformed_backbone(
     assert meta["key_init"] and "pos_embed" in adapter_tensors(tmp_path / "run")
     capsys.readouterr()
     assert cli.main(["eval", str(tmp_path / "run"), "--data", str(toy_dataset), "--key", str(key_file)]) == 0
-    assert json.loads(capsys.readouterr().out)["acc"] == pytest.approx(result["test_acc"])
+    assert json.loads(capsys.readouterr().out)["acc"] == pytest.approx(result.test_acc)
     with pytest.raises(ValueError, match="--key-init needs the key"):
         train(config(tmp_path / "plain", toy_dataset, None, scheme="none", key_init=True))
 
 
 def test_plain_training_needs_no_key(tmp_path: Path, toy_dataset: Path) -> None:
     result = train(config(tmp_path / "run", toy_dataset, None, scheme="none", augment="crop-flip"))
-    assert result["scheme"] == "plain" and result["test_acc"] > 0.5
+    assert result.scheme == "plain" and result.test_acc > 0.5
 
 
 def test_training_on_data_encrypted_on_disk(tmp_path: Path, toy_dataset: Path, key_file: Path) -> None:
     enc = tmp_path / "enc"
     assert cli.main(["-q", "encrypt", str(toy_dataset), str(enc), "--key", str(key_file), "--block-size", "4"]) == 0
     result = train(config(tmp_path / "run", enc, None, mixup=0.2, cutmix=1.0))
-    assert result["test_acc"] > 0.5
+    assert result.test_acc > 0.5
     with pytest.raises(ValueError, match="does not commute"):
         train(config(tmp_path / "run2", enc, None, augment="crop-flip"))
     with pytest.raises(ValueError, match="scheme is shuffle, not shuffle\\+scramble"):
@@ -196,7 +198,7 @@ def test_resume_after_sigkill_mid_epoch_ends_like_an_uninterrupted_run(
 
     resumed = train(cfg, resume=True)
     for k in ("test_acc", "test_loss", "best_epoch", "best_val_acc"):
-        assert resumed[k] == reference[k], (k, killed_at)
+        assert getattr(resumed, k) == getattr(reference, k), (k, killed_at)
     ref_t, got_t = adapter_tensors(tmp_path / "ref"), adapter_tensors(run)
     assert all(torch.equal(ref_t[n], got_t[n]) for n in ref_t)
 
@@ -217,7 +219,7 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path: Path, toy_
     assert done.returncode == 0, done.stderr[-3000:]
     double = json.loads((tmp_path / "two" / "result.json").read_text())
     assert double["processes"] == 2
-    assert double["test_acc"] == pytest.approx(single["test_acc"], abs=1 / 32)
+    assert double["test_acc"] == pytest.approx(single.test_acc, abs=1 / 32)
     one, two = adapter_tensors(tmp_path / "one"), adapter_tensors(tmp_path / "two")
     for name in one:
         torch.testing.assert_close(two[name], one[name], rtol=1e-3, atol=1e-4)
@@ -226,7 +228,7 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path: Path, toy_
 def test_gradient_accumulation_equals_the_larger_batch(tmp_path: Path, toy_dataset: Path, key_file: Path) -> None:
     big = train(config(tmp_path / "big", toy_dataset, key_file, batch_size=8, epochs=2))
     acc = train(config(tmp_path / "acc", toy_dataset, key_file, batch_size=4, grad_accum=2, epochs=2))
-    assert acc["test_acc"] == big["test_acc"]
+    assert acc.test_acc == big.test_acc
     one, two = adapter_tensors(tmp_path / "big"), adapter_tensors(tmp_path / "acc")
     for name in one:
         torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=1e-5)
@@ -234,7 +236,7 @@ def test_gradient_accumulation_equals_the_larger_batch(tmp_path: Path, toy_datas
 
 @pytest.mark.parametrize("head_init", ["random", "zero"])
 def test_a_zero_head_sends_no_gradient_to_the_backbone_at_first(tmp_path: Path, head_init: str) -> None:
-    cfg = TrainConfig(out=str(tmp_path), model=SMALL, method="lora-pe", head_init=head_init, scheme="none")
+    cfg = TrainConfig.from_flat(out=str(tmp_path), model=SMALL, method="lora-pe", head_init=head_init, scheme="none")
     model = ppvit_train.build_model(cfg, num_classes=10)
     torch.nn.functional.cross_entropy(model(torch.randn(4, 3, 32, 32)), torch.arange(4)).backward()
     head = model.head.weight
@@ -258,7 +260,7 @@ def test_data_seed_picks_the_data_and_seed_the_rest(
     same = train(config(tmp_path / "same", toy_dataset, key_file, seed=1, data_seed=1, epochs=1))
     train(config(tmp_path / "mixed", toy_dataset, key_file, seed=0, data_seed=1, epochs=1))
     assert seen == [1, 1, 1]  # the subset and split come from data_seed, else from seed (order too: not observed here)
-    assert same["test_acc"] == default["test_acc"]
+    assert same.test_acc == default.test_acc
     one, two, other = (adapter_tensors(tmp_path / n) for n in ("default", "same", "mixed"))
     for name in one:
         torch.testing.assert_close(two[name], one[name], rtol=0, atol=0)
@@ -295,13 +297,13 @@ def test_yaml_config_with_flags_on_top(tmp_path: Path, toy_dataset: Path, key_fi
     ]
     assert cli.main(args) == 0
     saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
-    assert saved["method"] == "melo" and saved["rank"] == 3 and saved["epochs"] == 1
+    assert saved["method"]["name"] == "melo" and saved["method"]["rank"] == 3 and saved["optim"]["epochs"] == 1
     lora_a = adapter_tensors(tmp_path / "run")["blocks.0.attn.qkv.lora_A.default.weight"]
     assert lora_a.shape[0] == 2 * 3  # A_q and A_v of rank 3
     (tmp_path / "bad.yaml").write_text("epochs: 1\nlearning_rate: 3\n")
     capsys.readouterr()
     assert cli.main(["train", "--config", str(tmp_path / "bad.yaml")]) == 2
-    assert "unknown settings learning_rate" in capsys.readouterr().err
+    assert "bad.yaml: unknown setting 'learning_rate'" in capsys.readouterr().err
 
 
 def test_cifar10_download_path_and_its_offline_error(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -337,7 +339,7 @@ def test_lora_pe_on_the_cifar10_copy(tmp_path: Path, key_file: Path) -> None:
     data = os.environ.get("PPVIT_CIFAR10")
     if not data:
         pytest.skip("PPVIT_CIFAR10 is not set")
-    cfg = TrainConfig(
+    cfg = TrainConfig.from_flat(
         out=str(tmp_path / "run"),
         data=data,
         key=str(key_file),
@@ -351,7 +353,7 @@ def test_lora_pe_on_the_cifar10_copy(tmp_path: Path, key_file: Path) -> None:
         quiet=True,
     )
     result = train(cfg)
-    assert result["test_images"] == 300 and result["num_classes"] == 10 and result["scheme"] == "shuffle"
+    assert result.test_images == 300 and result.num_classes == 10 and result.scheme == "shuffle"
     meta = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
     assert meta["classes"][:2] == ["airplane", "automobile"] and meta["block_size"] == 4
 
@@ -360,8 +362,8 @@ def test_lora_pe_on_the_cifar10_copy(tmp_path: Path, key_file: Path) -> None:
 def test_peak_memory_of_a_child_is_its_own_not_its_parents() -> None:
     """`ppvit reproduce` runs each cell in a child process of a parent that may be large."""
     ballast = np.ones(600 * 2**20, dtype=np.uint8)  # touch 600 MiB in this (parent) process
-    parent = ppvit_train._peak_rss_mb()
-    code = "from ppvit.train import _peak_rss_mb; print(_peak_rss_mb())"
+    parent = runtime.peak_rss_mb()
+    code = "from ppvit.runtime import peak_rss_mb; print(peak_rss_mb())"
     child = float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
     del ballast
     assert parent > 600 and child < parent - 400, (parent, child)

@@ -3,9 +3,9 @@
 An adapter folder holds ``adapter_model.safetensors`` (the trained tensors under the
 model's own parameter names, e.g. ``blocks.0.attn.qkv.lora_A.default.weight``,
 ``patch_embed.proj.weight``, ``head.weight``) and ``adapter_config.json``, which names
-the base model and how to rebuild it, the method and its settings, the classes, and the
-encryption scheme, block size and key fingerprint (never the key). For ViT-B/16
-``lora-pe`` that is 745,738 values (3.0 MB) against 85.8 M (343 MB) for the full model.
+the base model and how to rebuild it (input size included), the method and its settings,
+the classes, and the encryption scheme, block size and key fingerprint (never the key).
+For ViT-B/16 ``lora-pe`` that is 745,738 values against 85.8 M for the full model.
 """
 
 from __future__ import annotations
@@ -47,7 +47,6 @@ class AdapterMeta:
     block_size: int | None = None
     key_fingerprint: str | None = None
     key_init: bool = False  # the frozen backbone was transformed with the key: its changed tensors are saved
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def method_config(self) -> MethodConfig:
         opts = {k: v for k, v in self.method.items() if k != "method"}
@@ -97,6 +96,7 @@ def read_adapter_meta(adapter_dir: str | os.PathLike) -> AdapterMeta:
         raise ValueError(f"adapter config {path}: cannot be read ({exc})") from None
     if doc.pop("format", None) != "ppvit-adapter" or doc.pop("version", None) != FORMAT_VERSION:
         raise ValueError(f"adapter config {path}: not a ppvit adapter of format version {FORMAT_VERSION}")
+    doc.pop("extra", None)  # an unused field of the first release: always empty
     try:
         return AdapterMeta(**doc)
     except TypeError as exc:  # missing or unknown fields
@@ -115,11 +115,12 @@ def build_base(meta: AdapterMeta, weights: str | os.PathLike | None = None) -> n
             raise ValueError(f"weights file {weights}: not the base model this adapter was trained on (sha256 differs)")
     elif weights is not None and not meta.pretrained:  # a file may stand in for timm's download, not a random init
         raise ValueError(f"weights file {weights}: the adapter's base is a random-init {meta.model}; drop --weights")
-    if meta.init_seed is not None:
-        torch.manual_seed(meta.init_seed)
-    return create_backbone(
-        meta.model, num_classes=meta.num_classes, pretrained=meta.pretrained, weights=weights, **meta.model_kwargs
-    )
+    with torch.random.fork_rng(devices=range(torch.cuda.device_count())):
+        if meta.init_seed is not None:  # a random-init base is rebuilt from the seed it was trained from
+            torch.manual_seed(meta.init_seed)
+        return create_backbone(
+            meta.model, num_classes=meta.num_classes, pretrained=meta.pretrained, weights=weights, **meta.model_kwargs
+        )
 
 
 def load_adapter(

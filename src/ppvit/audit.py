@@ -28,22 +28,25 @@ import dataclasses
 import json
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from matplotlib.figure import Figure
 from scipy.optimize import linear_sum_assignment
 
 from ._io import atomic_write, atomic_write_text
 from .adapters import build_base, load_adapter, read_adapter_meta
 from .backbones import create_backbone, input_size, patch_size
 from .ciphers import BlockCipher, Plan, Scheme
+from .config import TrainConfig
 from .keys import Key
 from .model_transform import BlockMap, block_map, transform_model
-from .train import TrainConfig, train
+from .runs import RunResult, adapter_dir
+from .training import train
 
 # -- image layout helpers -----------------------------------------------------------------------
 
@@ -319,8 +322,7 @@ class AuditConfig:
     pairs: tuple[int, ...] = (1, 2, 4, 8)
     images: int = 8  # held-out images decrypted with the recovered plan, and ciphertext-only stats
     resize: str = "bicubic"  # how 32x32 CIFAR images reach ``size``: bicubic (smooth) or nearest (flat regions)
-    seed: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
+    key_source: str = "given"  # recorded in the report: "given", or a fresh key made for the audit
 
 
 def upscale(images: np.ndarray, size: int, mode: str) -> np.ndarray:
@@ -383,8 +385,9 @@ def weight_leakage_transformed(
 ) -> MapScore:
     """Weight matching against a key-transformed copy of the public model (``weights``, or
     a random initialisation: what matters is that the attacker has the same public model)."""
-    torch.manual_seed(0)
-    public = create_backbone(model_name, num_classes=0, weights=weights)
+    with torch.random.fork_rng(devices=range(torch.cuda.device_count())):
+        torch.manual_seed(0)
+        public = create_backbone(model_name, num_classes=0, weights=weights)
     p = block_size or patch_size(public)
     ref = _embedding(public)
     transform_model(public, key, scheme, p)
@@ -394,38 +397,43 @@ def weight_leakage_transformed(
 
 def weight_leakage_adapter(run: str | os.PathLike, key: Key, weights: str | os.PathLike | None = None) -> MapScore:
     """Weight matching against the patch embedding of an adapter trained on encrypted images."""
-    adapter_dir = Path(run) / "adapter" if (Path(run) / "adapter").is_dir() else Path(run)
-    meta = read_adapter_meta(adapter_dir)
+    folder = adapter_dir(run)
+    meta = read_adapter_meta(folder)
     if meta.scheme in (None, "plain"):
-        raise ValueError(f"adapter {adapter_dir}: trained on plain images; there is no key to leak")
+        raise ValueError(f"adapter {folder}: trained on plain images; there is no key to leak")
     if meta.key_fingerprint is not None and meta.key_fingerprint != key.fingerprint:
-        raise ValueError(f"adapter {adapter_dir}: trained with key {meta.key_fingerprint}, not {key.fingerprint}")
+        raise ValueError(f"adapter {folder}: trained with key {meta.key_fingerprint}, not {key.fingerprint}")
     public = _embedding(build_base(meta, weights))
-    model, _ = load_adapter(adapter_dir, weights)
+    model, _ = load_adapter(folder, weights)
     if torch.equal(public["patch_embed.proj.weight"], model.patch_embed.proj.weight):
-        raise ValueError(f"adapter {adapter_dir}: the patch embedding was not trained; nothing to match")
+        raise ValueError(f"adapter {folder}: the patch embedding was not trained; nothing to match")
     guess = weight_matching_attack(public, _embedding(model), model.num_prefix_tokens)
     return MapScore.of(guess, _true_map(key, meta.scheme, meta.block_size, input_size(model)))
 
 
-def leakage_during_training(cfg: TrainConfig, every: int = 10) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+def leakage_during_training(cfg: TrainConfig, every: int = 10) -> tuple[list[dict[str, Any]], RunResult]:
     """Train ``cfg`` (on encrypted images, with a key) and run weight matching every ``every``
     steps against the public model: how fast the permutation appears in the weights."""
-    if not cfg.encrypted or cfg.key is None:
+    if not cfg.crypto.encrypted or cfg.crypto.key is None:
         raise ValueError("leakage_during_training needs an encrypting run: a scheme and --key")
-    key = Key.load(cfg.key)
+    key = Key.load(cfg.crypto.key)
+    b = cfg.backbone
     curve: list[dict[str, Any]] = []
     ref: dict[str, Any] = {}
 
     def watch(step: int, model: torch.nn.Module) -> None:
         if not ref:  # the public model build_model started from (same seed and head size)
-            with torch.random.fork_rng():
-                torch.manual_seed(cfg.seed)
+            with torch.random.fork_rng(devices=range(torch.cuda.device_count())):
+                torch.manual_seed(cfg.run.seed)
                 public = create_backbone(
-                    cfg.model, num_classes=model.num_classes, pretrained=cfg.pretrained, weights=cfg.weights
+                    b.model,
+                    num_classes=model.num_classes,
+                    pretrained=b.pretrained,
+                    weights=b.weights,
+                    img_size=b.img_size,
                 )
-            p = cfg.block_size or patch_size(public)
-            ref.update(embedding=_embedding(public), truth=_true_map(key, cfg.scheme, p, input_size(public)))
+            p = cfg.crypto.block_size or patch_size(public)
+            ref.update(embedding=_embedding(public), truth=_true_map(key, cfg.crypto.scheme, p, input_size(public)))
         if step == 1 or step % every == 0:
             guess = weight_matching_attack(ref["embedding"], _embedding(model), model.num_prefix_tokens)
             curve.append({"step": step, **dataclasses.asdict(MapScore.of(guess, ref["truth"]))})
@@ -436,16 +444,12 @@ def leakage_during_training(cfg: TrainConfig, every: int = 10) -> tuple[list[dic
 
 def write_report(report: dict[str, Any], figures: dict[str, dict], out: Path) -> None:
     """audit.json and audit.png (plain, encrypted, block means, known-plaintext decryption per scheme)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "audit.json", json.dumps(report, indent=2, default=_jsonable) + "\n")
     rows = list(figures.items())
     cols = max(len(f) for _, f in rows)
-    fig, axes = plt.subplots(len(rows), cols, figsize=(2.2 * cols, 2.4 * len(rows)), squeeze=False)
+    fig = Figure(figsize=(2.2 * cols, 2.4 * len(rows)))  # not pyplot: no global backend touched
+    axes = fig.subplots(len(rows), cols, squeeze=False)
     for r, (scheme, figs) in enumerate(rows):
         for c in range(cols):
             ax = axes[r][c]
@@ -457,7 +461,6 @@ def write_report(report: dict[str, Any], figures: dict[str, dict], out: Path) ->
                 ax.set_title(name.replace("_", " ").replace("kpa", "known-plaintext,") + label, fontsize=9)
     fig.tight_layout()
     atomic_write(out / "audit.png", lambda tmp: fig.savefig(tmp, format="png", dpi=80))
-    plt.close(fig)
 
 
 def _jsonable(x: Any) -> Any:
@@ -508,8 +511,12 @@ def run_audit(
     cfg: AuditConfig,
     out: str | os.PathLike | None = None,
     weights: dict[str, MapScore] | None = None,
+    leakage_during_training: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Audit every scheme of ``cfg`` on ``images`` (NHWC uint8, any size; upscaled to cfg.size)."""
+    """Audit every scheme of ``cfg`` on ``images`` (NHWC uint8, any size; upscaled to cfg.size).
+
+    ``weights`` and ``leakage_during_training`` are model attacks already run; they join the report.
+    """
     images = upscale(images, cfg.size, cfg.resize)
     report: dict[str, Any] = {
         "size": cfg.size,
@@ -517,10 +524,12 @@ def run_audit(
         "resize": cfg.resize,
         "images_seen": len(images),
         "key_fingerprint": key.fingerprint,
+        "key": cfg.key_source,
         "schemes": [],
         "weights": {k: dataclasses.asdict(v) for k, v in (weights or {}).items()},
-        **cfg.extra,
     }
+    if leakage_during_training:
+        report["leakage_during_training"] = leakage_during_training
     figures = {}
     for scheme in cfg.schemes:
         rep, fig = audit_scheme(key, scheme, images, cfg)

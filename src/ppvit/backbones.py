@@ -1,52 +1,61 @@
 """timm Vision Transformers by name: ImageNet weights online, a local file offline, or random.
 
-ppvit adds no model class of its own. Small CPU configurations are timm models with other
-arguments (patch 4 on 32x32 inputs, fewer blocks), registered here as data under names
-that carry their settings, the way timm names its models.
+ppvit adds no model class of its own. Small CPU configurations are timm's VisionTransformer
+with other arguments (patch 4 on 32x32 inputs, fewer blocks), registered in timm's registry
+under names that carry their settings, the way timm names its models.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import timm
 import torch.nn as nn
 from safetensors import safe_open
-from timm.models import load_state_dict
-from timm.models.vision_transformer import VisionTransformer
+from timm.models import build_model_with_cfg, generate_default_cfgs, load_state_dict, register_model
+from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
+
+WEIGHTS_ENV = "PPVIT_WEIGHTS"
 
 DEFAULT_MODEL = "vit_base_patch16_224"
 
-
-@dataclass(frozen=True)
-class SmallBackbone:
-    """A CPU-sized ViT: a timm architecture plus the arguments that shrink it."""
-
-    timm_name: str
-    kwargs: dict[str, Any] = field(default_factory=dict)
-    help: str = ""
-
-
-SMALL_BACKBONES: dict[str, SmallBackbone] = {
-    "vit_tiny_d6_patch4_32": SmallBackbone(
-        "vit_tiny_patch16_224",
+# ppvit's CPU-sized ViTs: ViT-Tiny (dim 192, 3 heads) with other arguments, registered in
+# timm's own registry on ``import ppvit`` so that plain ``timm.create_model`` builds them.
+SMALL_VITS: dict[str, tuple[dict[str, Any], str]] = {
+    "vit_tiny_d6_patch4_32": (
         dict(img_size=32, patch_size=4, depth=6),
-        "ViT-Tiny geometry (dim 192, 3 heads), 6 blocks, 4x4 patches on 32x32 inputs: the CPU preset",
+        "ViT-Tiny geometry, 6 blocks, 4x4 patches on 32x32 inputs: the self-pretrained CPU presets",
     ),
-    "vit_tiny_d12_patch4_32": SmallBackbone(
-        "vit_tiny_patch16_224",
-        dict(img_size=32, patch_size=4),
-        "ViT-Tiny, all 12 blocks, 4x4 patches on 32x32 inputs",
-    ),
-    "vit_micro_d2_patch4_32": SmallBackbone(
-        "vit_tiny_patch16_224",
-        dict(img_size=32, patch_size=4, depth=2, embed_dim=48, num_heads=3),
+    "vit_tiny_d12_patch4_32": (dict(img_size=32, patch_size=4, depth=12), "ViT-Tiny, all 12 blocks, 4x4 patches"),
+    "vit_micro_d2_patch4_32": (
+        dict(img_size=32, patch_size=4, depth=2, embed_dim=48),
         "a 2-block, 48-dim ViT for tests and smoke runs",
     ),
 }
+default_cfgs = generate_default_cfgs(  # read by timm's register_model: mean = std = 0.5, as ViT-Tiny's
+    {
+        name: dict(url="", num_classes=1000, input_size=(3, 32, 32), mean=(0.5,) * 3, std=(0.5,) * 3, description=text)
+        for name, (_, text) in SMALL_VITS.items()
+    }
+)
+
+
+def _small_vit(name: str) -> Callable[..., VisionTransformer]:
+    def entrypoint(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
+        args = {"embed_dim": 192, "num_heads": 3, **SMALL_VITS[name][0]}
+        return build_model_with_cfg(
+            VisionTransformer, name, pretrained, pretrained_filter_fn=checkpoint_filter_fn, **{**args, **kwargs}
+        )
+
+    entrypoint.__name__ = entrypoint.__qualname__ = name
+    return entrypoint
+
+
+for _name in SMALL_VITS:
+    globals()[_name] = register_model(_small_vit(_name))
 
 
 def create_backbone(
@@ -54,39 +63,50 @@ def create_backbone(
     num_classes: int | None = None,
     pretrained: bool = False,
     weights: str | os.PathLike | None = None,
+    img_size: int | None = None,
     **kwargs: Any,
 ) -> VisionTransformer:
     """Build a timm ViT.
 
     ``pretrained=True`` downloads timm's default weights (needs the network);
     ``weights=PATH`` loads a local safetensors or PyTorch file with timm key names instead
-    (through timm's ``pretrained_cfg_overlay``, so timm adapts the head and position
-    embeddings exactly as for downloaded weights). ``None`` kwargs are dropped so that a
-    CLI default of ``None`` means "the model's own default", as in ``timm.create_model``.
+    (through timm's ``pretrained_cfg_overlay``, so timm adapts the head and resamples the
+    position embeddings to ``img_size`` exactly as for downloaded weights). ``None``
+    arguments mean "the model's own default", as in ``timm.create_model``.
     """
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
-    timm_name = name
-    if name in SMALL_BACKBONES:
-        timm_name = SMALL_BACKBONES[name].timm_name
-        kwargs = {**SMALL_BACKBONES[name].kwargs, **kwargs}
     if num_classes is not None:
         kwargs["num_classes"] = num_classes
+    if img_size is not None:
+        kwargs["img_size"] = img_size
     if weights is not None:
         path = Path(weights)
-        if not path.is_file():
-            raise FileNotFoundError(f"weights file {path}: not found")
+        check_weights_file(path)
         # Tell timm the file's own head size, so that it keeps a matching head and replaces
         # only a mismatched one (it compares this with num_classes).
         kwargs["pretrained_cfg_overlay"] = dict(file=str(path), num_classes=_head_classes(path))
         pretrained = True
     try:
-        model = timm.create_model(timm_name, pretrained=pretrained, **kwargs)
+        model = timm.create_model(name, pretrained=pretrained, **kwargs)
     except RuntimeError as exc:
         src = f"weights file {weights}" if weights is not None else f"model {name}"
         raise ValueError(f"{src}: {str(exc).splitlines()[0]}") from exc
     if not isinstance(model, VisionTransformer):
         raise ValueError(f"model {name}: ppvit needs a timm VisionTransformer, got {type(model).__name__}")
+    if img_size is not None and img_size % patch_size(model):
+        raise ValueError(f"--img-size {img_size}: not a multiple of {name}'s patch size {patch_size(model)}")
     return model
+
+
+def check_weights_file(path: str | os.PathLike) -> None:
+    """Fail early, in one line, on a weights file that is missing or cannot be read."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"weights file {path}: not found (set {WEIGHTS_ENV} or --weights to a local copy, or pass --pretrained "
+            "to download timm's weights where there is a network)"
+        )
+    _head_classes(path)
 
 
 def _head_classes(path: Path) -> int:
@@ -97,7 +117,10 @@ def _head_classes(path: Path) -> int:
                 return f.get_slice("head.weight").get_shape()[0] if "head.weight" in f.keys() else 0  # noqa: SIM118
         state = load_state_dict(str(path))
     except Exception as exc:  # any unreadable file: one clear line
-        raise ValueError(f"weights file {path}: cannot be read ({exc.__class__.__name__}: {exc})") from None
+        raise ValueError(
+            f"weights file {path}: cannot be read ({exc.__class__.__name__}: {str(exc)[:200]}); get a good copy, or "
+            "pass --pretrained to download timm's weights where there is a network"
+        ) from None
     return int(state["head.weight"].shape[0]) if "head.weight" in state else 0
 
 
@@ -121,8 +144,3 @@ def normalization(model: nn.Module) -> tuple[tuple[float, ...], tuple[float, ...
     """(mean, std) the model was trained with, from its pretrained config."""
     cfg = getattr(model, "pretrained_cfg", {}) or {}
     return tuple(cfg.get("mean", (0.5, 0.5, 0.5))), tuple(cfg.get("std", (0.5, 0.5, 0.5)))
-
-
-def available_models() -> list[str]:
-    """ppvit's small configurations followed by every timm ViT name."""
-    return [*SMALL_BACKBONES, *timm.list_models("vit_*")]

@@ -12,18 +12,20 @@ import dataclasses
 import json
 import logging
 import sys
-import typing
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import yaml
 
-from . import __version__, adapters, audit, dataset_io, experiments, methods
+from . import __version__, adapters, audit, dataset_io, methods, presets, preview
 from .ciphers import BlockCipher, Scheme
+from .config import ALIASES, Setting, TrainConfig, settings
 from .data import test_images
+from .inference import evaluate_adapter, predict_files
 from .keys import Key, KeyFileError
 from .model_transform import transform_weights_file
-from .train import TrainConfig, evaluate_adapter, predict_files, train
+from .runs import adapter_dir
+from .training import train
 
 
 class UserError(Exception):
@@ -42,49 +44,41 @@ def _add_keygen(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_keygen)
 
 
-def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
-    """One flag per dataclass field (``--patch-embed-lr-scale``), help from the field's metadata.
+def add_setting_args(parser: argparse.ArgumentParser, items: Iterable[Setting]) -> None:
+    """One flag per schema setting (``--patch-embed-lr-scale``), help from the schema.
 
-    Defaults are None so that a YAML config or the dataclass default applies when a flag is
-    not given; bools become ``--flag/--no-flag``.
+    Defaults are None so that a YAML config or the schema's default applies when a flag is
+    not given; bools become ``--flag/--no-flag``; old names stay as aliases (``--lora-targets``).
     """
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        if f.name in skip:
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        kind = hints[f.name]
-        if typing.get_origin(kind) is not typing.Literal:  # unwrap ``X | None``
-            kind = next((a for a in typing.get_args(kind) if a is not type(None)), kind)
-        choices = typing.get_args(kind) if typing.get_origin(kind) is typing.Literal else None
-        base = str if choices else kind
-        help_ = f"{f.metadata.get('help', '')} (default: {f.default})"
-        if base is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_)
+    old = {new: old for old, new in ALIASES.items()}
+    for item in items:
+        flags = ["--" + n.replace("_", "-") for n in (item.name, old.get(item.name)) if n]
+        help_ = f"{item.help} (default: {item.default})"
+        if item.type is bool:
+            parser.add_argument(*flags, action=argparse.BooleanOptionalAction, default=None, help=help_)
         else:
-            parser.add_argument(flag, type=base, choices=choices, default=None, help=help_)
+            parser.add_argument(*flags, type=item.type, choices=item.choices, default=None, help=help_)
 
 
 def _train_config(args: argparse.Namespace) -> TrainConfig:
-    names = [f.name for f in dataclasses.fields(TrainConfig)]
-    given = {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+    given = {s.name: getattr(args, s.name) for s in settings() if getattr(args, s.name, None) is not None}
     if args.quiet:
         given["quiet"] = True
     if args.config:
-        return TrainConfig.from_yaml(args.config, **given)
-    return TrainConfig(**given)
+        return TrainConfig.load(args.config, **given)
+    return TrainConfig.from_flat(**given)
 
 
 def _train(args: argparse.Namespace) -> None:
     result = train(_train_config(args), resume=args.resume)
-    print(json.dumps(result, indent=2))
+    print(json.dumps(dataclasses.asdict(result), indent=2))
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="fine-tune a ViT on encrypted (or plain) images")
     p.add_argument("--config", help="YAML file of settings; flags override it")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    add_dataclass_args(p, TrainConfig, skip=("quiet",))
+    add_setting_args(p, (s for s in settings() if s.name != "quiet"))
     p.set_defaults(func=_train)
 
 
@@ -117,7 +111,12 @@ def _add_encrypt(sub: argparse._SubParsersAction) -> None:
     p.add_argument("dst", help="output folder (created); the source layout is kept")
     _scheme_args(p)
     p.add_argument("--size", type=int, help="resize to SIZE x SIZE first (the model input size)")
-    p.add_argument("--format", default="png", help="png (one file per image) or npy (uint8 shards per split)")
+    p.add_argument(
+        "--format",
+        default="png",
+        type=lambda f: dataset_io.OLD_FORMATS.get(f, f),
+        help="png (one file per image) or npz (uint8 shards per split; npy is an old name for it)",
+    )
     p.add_argument("--workers", type=int, default=1, help="processes to use")
     p.set_defaults(func=_encrypt)
 
@@ -139,9 +138,9 @@ def _add_decrypt(sub: argparse._SubParsersAction) -> None:
 
 
 def _preview(args: argparse.Namespace) -> None:
-    images = experiments.sample_images(args.src, args.n, args.size, args.prefix)
+    images = preview.sample_images(args.src, args.n, args.size, args.prefix)
     schemes = tuple(s for s in args.schemes.split(",") if s)
-    path = experiments.preview_grid(images, Key.load(args.key), schemes, args.block_size, args.out)
+    path = preview.preview_grid(images, Key.load(args.key), schemes, args.block_size, args.out)
     print(f"wrote {path}")
 
 
@@ -150,7 +149,7 @@ def _add_preview(sub: argparse._SubParsersAction) -> None:
     p.add_argument("src", help="folder, image or tar archive")
     p.add_argument("out", help="PNG file to write")
     p.add_argument("--key", required=True, help="key file")
-    p.add_argument("--schemes", default=",".join(experiments.PREVIEW_SCHEMES), help="comma-separated schemes")
+    p.add_argument("--schemes", default=",".join(preview.PREVIEW_SCHEMES), help="comma-separated schemes")
     p.add_argument("--block-size", type=int, default=16, help="block size (default 16)")
     p.add_argument("--n", type=int, default=4, help="number of example images")
     p.add_argument("--size", type=int, default=224, help="resize to SIZE x SIZE (default 224)")
@@ -159,7 +158,7 @@ def _add_preview(sub: argparse._SubParsersAction) -> None:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    report = experiments.encryption_demo(args.data, args.out, n=args.n)
+    report = preview.encryption_demo(args.data, args.out, n=args.n)
     print("\n".join(report.lines()))
     return 0 if report.round_trip_exact and not report.failed else 1
 
@@ -173,7 +172,8 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 
 
 def _params(args: argparse.Namespace) -> None:
-    rows = methods.param_report(args.model, args.num_classes, rank=args.rank, alpha=args.alpha, targets=args.targets)
+    opts = {s.name: getattr(args, s.name) for s in _method_settings() if getattr(args, s.name) is not None}
+    rows = methods.param_report(args.model, args.num_classes, args.img_size, **opts)
     full = next(r.trainable for r in rows if r.method == "full")
     print(f"{args.model}, {args.num_classes} classes (M = 10^6, 2^20 = the paper's unit)")
     print(f"{'method':<9} {'trainable':>12} {'M':>8} {'2^20':>8} {'% of full':>10} {'total':>12}")
@@ -189,10 +189,14 @@ def _add_params(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("params", help="trainable and total parameters per method")
     p.add_argument("--model", default="vit_base_patch16_224", help="timm ViT or ppvit small configuration")
     p.add_argument("--num-classes", type=int, default=10, help="classes of the new head (default 10)")
-    p.add_argument("--rank", type=int, help="LoRA rank (default 4)")
-    p.add_argument("--alpha", type=float, help="LoRA alpha (default: the rank)")
-    p.add_argument("--targets", choices=("qv", "qkv", "all"), help="LoRA targets (default qv)")
+    p.add_argument("--img-size", type=int, help="input side (default: the model's)")
+    add_setting_args(p, _method_settings())
     p.set_defaults(func=_params)
+
+
+def _method_settings() -> list[Setting]:
+    """Every method's own settings (rank, alpha, targets, ...), each applied where a method has it."""
+    return [s for s in settings(("method",)) if s.name != "method"]
 
 
 def _merge(args: argparse.Namespace) -> None:
@@ -213,14 +217,8 @@ def _add_merge(sub: argparse._SubParsersAction) -> None:
 
 def _eval(args: argparse.Namespace) -> None:
     key = Key.load(args.key) if args.key else None
-    result = evaluate_adapter(_adapter_dir(args.adapter), args.data, key, args.weights, subset=args.subset)
+    result = evaluate_adapter(adapter_dir(args.adapter), args.data, key, args.weights, subset=args.subset)
     print(json.dumps(result, indent=2))
-
-
-def _adapter_dir(path: str) -> Path:
-    """A run folder or its adapter folder."""
-    p = Path(path)
-    return p / "adapter" if (p / "adapter" / "adapter_config.json").exists() else p
 
 
 def _add_eval(sub: argparse._SubParsersAction) -> None:
@@ -237,7 +235,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
 
 def _predict(args: argparse.Namespace) -> None:
     key = Key.load(args.key) if args.key else None
-    for f, cls, prob in predict_files(_adapter_dir(args.adapter), args.images, key, args.encrypted, args.weights):
+    for f, cls, prob in predict_files(adapter_dir(args.adapter), args.images, key, args.encrypted, args.weights):
         print(f"{f}\t{cls}\t{prob:.3f}")
 
 
@@ -256,7 +254,15 @@ def _transform_model(args: argparse.Namespace) -> None:
         raise UserError(f"output {args.out}: exists; pass --force to replace it")
     key = Key.load(args.key)
     info = transform_weights_file(
-        args.model, args.weights, args.out, key, args.scheme, args.num_classes, args.block_size, args.inverse
+        args.model,
+        args.weights,
+        args.out,
+        key,
+        args.scheme,
+        args.num_classes,
+        args.block_size,
+        args.inverse,
+        args.img_size,
     )
     print(
         f"wrote {args.out}: {args.model} for {info['input']} images (scheme {info['scheme']}, key {key.fingerprint},"
@@ -275,6 +281,7 @@ def _add_transform_model(sub: argparse._SubParsersAction) -> None:
         "--scheme", default="shuffle", help="absorbable steps: shuffle, scramble, negpos:pixel, channel:pixel"
     )
     p.add_argument("--block-size", type=int, help="must equal the patch size (the default)")
+    p.add_argument("--img-size", type=int, help="input side (default: the model's; pos_embed resampled by timm)")
     p.add_argument("--inverse", action="store_true", help="undo: make a model for encrypted images work on plain ones")
     p.add_argument("--force", action="store_true", help="replace an existing output file")
     p.set_defaults(func=_transform_model)
@@ -282,7 +289,7 @@ def _add_transform_model(sub: argparse._SubParsersAction) -> None:
 
 def _parse_sets(items: Sequence[str]) -> dict:
     """``--set name=value`` pairs (values read as YAML: 8, 1e-3, true, none) checked against TrainConfig."""
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    known = {s.name for s in settings()} | set(ALIASES)
     out = {}
     for item in items:
         name, sep, value = item.partition("=")
@@ -294,16 +301,16 @@ def _parse_sets(items: Sequence[str]) -> dict:
 
 
 def _reproduce(args: argparse.Namespace) -> int:
-    overrides = {k: getattr(args, k) for k in ("epochs", "train_subset", "test_subset") if getattr(args, k)}
+    overrides = {k: getattr(args, k) for k in ("epochs", "train_subset", "test_subset", "img_size") if getattr(args, k)}
     overrides.update(_parse_sets(args.set))
     preset = _preset(args)
-    if args.seeds:
-        preset = dataclasses.replace(preset, seeds=tuple(int(s) for s in args.seeds.split(",")))
-    for name in ("methods", "schemes"):
-        if getattr(args, name):
-            preset = dataclasses.replace(preset, **{name: tuple(getattr(args, name).split(","))})
+    preset.base.replace(**overrides)  # a bad setting fails here, not in every cell
+    changes: dict = {"seeds": tuple(int(s) for s in args.seeds.split(","))} if args.seeds else {}
+    if args.schemes:
+        changes["schemes"] = tuple(args.schemes.split(","))
+    preset = preset.select(tuple(args.methods.split(",")) if args.methods else None, **changes)
     out = args.out or f"reproduce-{args.preset}"
-    table = experiments.reproduce(
+    table = presets.reproduce(
         preset, out, args.data, args.key, args.weights, args.pretrained, overrides, progress=not args.quiet
     )
     print(table.markdown())
@@ -312,9 +319,9 @@ def _reproduce(args: argparse.Namespace) -> int:
 
 
 def _add_reproduce(sub: argparse._SubParsersAction) -> None:
-    presets = "; ".join(f"{p.name}: {p.help}" for p in experiments.PRESETS.values())
-    p = sub.add_parser("reproduce", help="the paper's comparison: methods x plain/encrypted", description=presets)
-    p.add_argument("--preset", choices=sorted(experiments.PRESETS), default="demo", help="default: demo")
+    described = "; ".join(f"{p.name}: {p.help}" for p in presets.PRESETS.values())
+    p = sub.add_parser("reproduce", help="the paper's comparison: methods x plain/encrypted", description=described)
+    p.add_argument("--preset", choices=list(presets.PRESETS), default="demo", help="default: demo")
     p.add_argument("--out", help="folder for cells and tables (default reproduce-PRESET); reruns skip finished cells")
     p.add_argument("--data", help="CIFAR-10: local copy (default $PPVIT_CIFAR10) or cifar10 to download")
     p.add_argument("--key", help="key file (default: one made in the output folder)")
@@ -330,6 +337,7 @@ def _add_reproduce(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--epochs", type=int, help="fine-tuning epochs instead of the preset's")
     p.add_argument("--train-subset", type=int, help="fine-tune on this many images (smoke runs)")
     p.add_argument("--test-subset", type=int, help="test on this many images (smoke runs)")
+    p.add_argument("--img-size", type=int, help="input side instead of the preset's (a multiple of the patch size)")
     p.add_argument("--methods", help="comma-separated methods instead of the preset's (e.g. lora-pe)")
     p.add_argument("--schemes", help="comma-separated schemes instead of the preset's (none = plain images)")
     p.add_argument(
@@ -342,9 +350,9 @@ def _add_reproduce(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_reproduce)
 
 
-def _preset(args: argparse.Namespace) -> experiments.Preset:
+def _preset(args: argparse.Namespace) -> presets.Preset:
     """The named preset, with ``--upstream-epochs`` applied (a stronger upstream where time allows)."""
-    preset = experiments.PRESETS[args.preset]
+    preset = presets.PRESETS[args.preset]
     if args.upstream_epochs is None:
         return preset
     if preset.upstream is None:
@@ -362,14 +370,14 @@ def _pretrain(args: argparse.Namespace) -> int:
     preset = _preset(args)
     if preset.upstream is None:
         raise UserError(f"preset {preset.name} starts from ImageNet weights; nothing to pretrain here")
-    weights, result = experiments.pretrain(preset.model, preset.upstream, args.data, quiet=args.quiet)
-    print(f"{weights}: {preset.model}, upstream test accuracy {result['test_acc']:.2%}")
+    weights, result = presets.pretrain(preset.model, preset.upstream, args.data, quiet=args.quiet)
+    print(f"{weights}: {preset.model}, upstream test accuracy {result.test_acc:.2%}")
     return 0
 
 
 def _add_pretrain(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("pretrain", help="train a preset's upstream model on plain images (cached; reruns resume)")
-    p.add_argument("--preset", choices=[n for n, p in experiments.PRESETS.items() if p.upstream], default="cpu")
+    p.add_argument("--preset", choices=[n for n, p in presets.PRESETS.items() if p.upstream], default="small-cpu")
     p.add_argument("--data", help="CIFAR-10: local copy (default $PPVIT_CIFAR10) or cifar10 to download")
     _add_upstream_epochs(p)
     p.set_defaults(func=_pretrain)
@@ -384,7 +392,7 @@ def _audit(args: argparse.Namespace) -> int:
         pairs=tuple(int(n) for n in args.pairs.split(",")),
         images=args.images,
         resize=args.resize,
-        extra={"key": "given" if args.key else "fresh (made for this audit, not saved)"},
+        key_source="given" if args.key else "fresh (made for this audit, not saved)",
     )
     for scheme in cfg.schemes:
         Scheme.parse(scheme)  # a bad scheme fails before the slow part
@@ -397,13 +405,14 @@ def _audit(args: argparse.Namespace) -> int:
             )
     for run in args.adapter or []:
         weights[f"adapter {run}"] = audit.weight_leakage_adapter(run, key, args.weights)
+    leakage = None
     if args.watch:
-        watched = TrainConfig.from_yaml(args.watch, quiet=args.quiet)
-        if watched.key is None or Key.load(watched.key).fingerprint != key.fingerprint:
+        watched = TrainConfig.load(args.watch, quiet=args.quiet)
+        if watched.crypto.key is None or Key.load(watched.crypto.key).fingerprint != key.fingerprint:
             raise UserError(f"config {args.watch}: its run must encrypt with the audited key (--key)")
         curve, result = audit.leakage_during_training(watched, args.every)
-        cfg.extra["leakage_during_training"] = {"config": args.watch, "curve": curve, "test_acc": result["test_acc"]}
-    report = audit.run_audit(key, images, cfg, args.out, weights)
+        leakage = {"config": args.watch, "curve": curve, "test_acc": result.test_acc}
+    report = audit.run_audit(key, images, cfg, args.out, weights, leakage)
     print(audit.format_report(report))
     print(f"written: {args.out}/audit.json, audit.png")
     return 0

@@ -6,7 +6,7 @@ The path of one image (see README):
     server:  ciphertext -> ciphertext-safe augmentation -> float -> normalise -> model
 
 Small datasets (CIFAR-10 is 60,000 x 32 x 32 x 3 = 184 MB) are decoded once, cached as a
-``.npy`` pair, and held in memory as one uint8 array, so a CPU training run never waits
+``.npz`` file, and held in memory as one uint8 array, so a CPU training run never waits
 on JPEG decoding. Everything after decoding runs batch-wise on torch tensors
 (:class:`BatchPipeline`), on whatever device trains, so the loader costs one gather.
 
@@ -22,7 +22,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -33,25 +33,22 @@ from torchvision.datasets import CIFAR10
 
 from ._io import atomic_write
 from .ciphers import BlockCipher
-from .dataset_io import MANIFEST_NAME, iter_images, load_encrypted_split, read_manifest
+from .dataset_io import MANIFEST_NAME, Manifest, iter_images, load_encrypted_split, read_manifest
 
 log = logging.getLogger(__name__)
 
 CIFAR10_ENV = "PPVIT_CIFAR10"
 CACHE_ENV = "PPVIT_CACHE"
-CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 PlainAugment = Literal["none", "crop-flip"]
 
 
 @dataclass
-class ArrayDataset(torch.utils.data.Dataset):
-    """Images as one uint8 NHWC array with integer labels; ``encrypted`` says what they are."""
+class ArrayDataset:
+    """Images as one uint8 NHWC array with integer labels (batches are gathered by index)."""
 
     images: np.ndarray
     labels: np.ndarray
     classes: tuple[str, ...]
-    encrypted: bool = False
-    meta: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.images.dtype != np.uint8 or self.images.ndim != 4 or self.images.shape[-1] != 3:
@@ -62,11 +59,8 @@ class ArrayDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.labels)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        return torch.from_numpy(self.images[i]), int(self.labels[i])
-
     def subset(self, index: np.ndarray) -> ArrayDataset:
-        return ArrayDataset(self.images[index], self.labels[index], self.classes, self.encrypted, dict(self.meta))
+        return ArrayDataset(self.images[index], self.labels[index], self.classes)
 
 
 def cifar10_path(path: str | os.PathLike | None = None) -> Path | None:
@@ -115,7 +109,7 @@ def load_image_folder(src: str | os.PathLike, split: str | None = None) -> Array
     cached = cache_dir() / f"{src.name}-{split or 'all'}-{ident}.npz"
     if cached.exists():
         with np.load(cached) as z:
-            return ArrayDataset(z["images"], z["labels"], tuple(z["classes"].tolist()), meta={"source": str(src)})
+            return ArrayDataset(z["images"], z["labels"], tuple(z["classes"].tolist()))
     images, names = [], []
     for item in iter_images(src, select=None if split is None else lambda rel: rel.startswith(f"{split}/")):
         parts = Path(item.relpath).parts
@@ -138,7 +132,6 @@ def load_image_folder(src: str | os.PathLike, split: str | None = None) -> Array
         raise ValueError(f"{src}: images of several sizes {sorted(shapes)[:3]}; encrypt with --size first")
     ds = ArrayDataset(np.stack(images), np.array([lookup[n] for n in names], dtype=np.int64), classes)
     _save_npz(cached, ds)
-    ds.meta["source"] = str(src)
     return ds
 
 
@@ -209,8 +202,11 @@ class DataSplits:
     train: ArrayDataset
     val: ArrayDataset
     test: ArrayDataset
-    encrypted: bool
-    manifest: dict | None = None
+    manifest: Manifest | None = None  # set when the data arrive encrypted (``ppvit encrypt`` output)
+
+    @property
+    def encrypted(self) -> bool:
+        return self.manifest is not None
 
 
 def load_splits(
@@ -226,15 +222,8 @@ def load_splits(
     A folder written by ``ppvit encrypt`` (it holds a manifest) gives encrypted splits;
     the caller checks the manifest against its scheme, block size, input size and key.
     """
-    src = cifar10_path(data)
-    manifest = None
-    if src is None:
-        full, test = download_cifar10()
-    elif src.is_dir() and (src / MANIFEST_NAME).exists():
-        manifest = read_manifest(src)
-        full, test = (_encrypted_dataset(src, s) for s in ("train", "test"))
-    else:
-        full, test = load_image_folder(src, "train"), load_image_folder(src, "test")
+    full, manifest = _load_split(data, "train")
+    test, _ = _load_split(data, "test")
     if part:
         full = take_part(full, part)
     if train_subset:
@@ -242,12 +231,35 @@ def load_splits(
     if test_subset:
         test = stratified_subset(test, test_subset, 0)
     train, val = split_train_val(full, val_fraction, seed)
-    return DataSplits(train, val, test, manifest is not None, manifest)
+    return DataSplits(train, val, test, manifest)
 
 
-def _encrypted_dataset(folder: Path, split: str) -> ArrayDataset:
-    images, labels, classes = load_encrypted_split(folder, split)
-    return ArrayDataset(images, labels, tuple(classes), encrypted=True, meta={"source": str(folder)})
+def load_test_split(data: str | os.PathLike | None, subset: int | None = None) -> tuple[ArrayDataset, Manifest | None]:
+    """The test split alone (evaluating an adapter decodes nothing else), with the manifest if encrypted."""
+    test, manifest = _load_split(data, "test")
+    return (stratified_subset(test, subset, 0) if subset else test), manifest
+
+
+def _load_split(data: str | os.PathLike | None, split: str) -> tuple[ArrayDataset, Manifest | None]:
+    """One split of ``data`` (else $PPVIT_CIFAR10, else CIFAR-10 downloaded), and its manifest if encrypted."""
+    src = cifar10_path(data)
+    if src is None:
+        return download_cifar10()[split == "test"], None
+    if src.is_dir() and (src / MANIFEST_NAME).exists():
+        images, labels, classes = load_encrypted_split(src, split)
+        return ArrayDataset(images, labels, tuple(classes)), read_manifest(src)
+    return load_image_folder(src, split), None
+
+
+def get_batch(ds: ArrayDataset, index: torch.Tensor, rank: int, world: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """This process's contiguous share of one global batch of indices.
+
+    ``tensor_split`` always gives ``world`` shares (``chunk`` may give fewer: a last batch of
+    one image over two processes had no share for rank 1). Shares differ in size by at most
+    one; training refuses batch sizes that do not divide, evaluation sums over processes.
+    """
+    share = torch.tensor_split(index, world)[rank].numpy()
+    return torch.from_numpy(ds.images[share]), torch.from_numpy(ds.labels[share])
 
 
 class BatchPipeline:

@@ -42,7 +42,8 @@ MANIFEST_NAME = "ppvit-manifest.json"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".tif", ".tiff", ".webp", ".gif")
 LOSSY_SUFFIXES = (".jpg", ".jpeg", ".webp")
 SHARD_SIZE = 1024
-Format = Literal["png", "npy"]
+Format = Literal["png", "npz"]
+OLD_FORMATS = {"npy": "npz"}  # manifests of the first release named the .npz shard format "npy"
 
 
 @dataclass
@@ -175,7 +176,9 @@ class Manifest:
 def read_manifest(folder: str | os.PathLike) -> Manifest:
     path = Path(folder) / MANIFEST_NAME
     try:
-        return Manifest(**json.loads(path.read_text()))
+        doc = json.loads(path.read_text())
+        doc["format"] = OLD_FORMATS.get(doc.get("format"), doc.get("format"))
+        return Manifest(**doc)
     except FileNotFoundError:
         raise FileNotFoundError(f"{folder}: no {MANIFEST_NAME} (not written by `ppvit encrypt`?)") from None
     except (OSError, json.JSONDecodeError, TypeError) as exc:
@@ -201,9 +204,9 @@ class Summary:
 
 def check_output(dst: Path, fmt: str) -> None:
     """Refuse lossy outputs and destinations that are not folders."""
-    if fmt not in ("png", "npy"):
+    if fmt not in ("png", "npz"):
         reason = " (lossy compression would destroy the shuffling)" if fmt.lower() in ("jpg", "jpeg", "webp") else ""
-        raise ValueError(f"output format {fmt!r} is not supported{reason}; use png or npy")
+        raise ValueError(f"output format {fmt!r} is not supported{reason}; use png or npz")
     if dst.suffix.lower() in LOSSY_SUFFIXES:
         raise ValueError(
             f"output {dst}: a lossy format would destroy the shuffling; give a folder (PNG files are written)"
@@ -267,7 +270,7 @@ def transform_collection(
     t0 = time.perf_counter()
     summary = Summary()
     sink = _PngSink(dst) if manifest.format == "png" else _ShardSink(dst)
-    pending = ((rel, data) for rel, data in iter_image_bytes(src, select) if not sink.has(rel, summary))
+    pending = ((rel, data) for rel, data in iter_image_bytes(src, select) if not sink.claim(rel, summary))
     init = (cipher.key.secret, str(cipher.scheme), cipher.block_size, manifest.size, decrypting)
     with tqdm(desc="decrypting" if decrypting else "encrypting", unit="img", disable=not progress) as bar:
         if workers > 1:
@@ -315,7 +318,8 @@ class _PngSink:
     def _path(self, rel: str) -> Path:
         return self.dst / Path(rel).with_suffix(".png")
 
-    def has(self, rel: str, summary: Summary) -> bool:
+    def claim(self, rel: str, summary: Summary) -> bool:
+        """True (and counted as skipped) when ``rel`` is written already."""
         if self._path(rel).exists():
             summary.skipped += 1
             return True
@@ -350,7 +354,8 @@ class _ShardSink:
     def _shard(self, split: str, number: int) -> Path:
         return self.dst / split / f"shard-{number:05d}.npz"
 
-    def has(self, rel: str, summary: Summary) -> bool:
+    def claim(self, rel: str, summary: Summary) -> bool:
+        """Give ``rel`` the next index of its split; True (and counted as skipped) when its shard exists."""
         split = split_of(rel)
         i = self.next_index.get(split, 0)
         self.next_index[split] = i + 1
@@ -430,7 +435,7 @@ def load_encrypted_split(folder: str | os.PathLike, split: str) -> tuple[np.ndar
     if not classes:
         raise ValueError(f"encrypted dataset {folder}: has no {split!r} split (it has {sorted(manifest.classes)})")
     lookup = {c: i for i, c in enumerate(classes)}
-    if manifest.format == "npy":
+    if manifest.format == "npz":
         shards = sorted((folder / split).glob("shard-*.npz"))  # split '' is the folder itself
         images, names = [], []
         for shard in shards:

@@ -116,14 +116,23 @@ class MethodConfig:
             raise ValueError("a random patch embedding must be trained: use it with lora-pe or full")
 
     def to_dict(self) -> dict[str, Any]:
+        """As recorded in an adapter's config: the method's name and every setting."""
         return {"method": self.name, **{f.name: getattr(self, f.name) for f in fields(self)}}
 
 
 @dataclass
 class FullConfig(MethodConfig):
-    """Every parameter trains (the flags are implied)."""
+    """Every parameter trains: the patch embedding, position embedding and class token with the rest."""
 
     name: ClassVar[str] = "full"
+    train_patch_embed: bool = True
+    train_pos_embed: bool = True
+    train_cls_token: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        # implied, whatever a file written before this record says (it recorded False)
+        self.train_patch_embed = self.train_pos_embed = self.train_cls_token = True
 
 
 @dataclass
@@ -149,11 +158,17 @@ class MeloConfig(MethodConfig):
             raise ValueError(f"LoRA rank must be at least 1, got {self.rank}")
         if self.targets not in ("qv", "qkv", "all"):
             raise ValueError(f"LoRA targets must be qv, qkv or all, got {self.targets!r}")
-        self.alpha = float(self.rank if self.alpha is None else self.alpha)  # YAML may give an int
-        if self.alpha <= 0:
+        if self.alpha is not None:
+            self.alpha = float(self.alpha)  # YAML may give an int
+        if self.lora_alpha <= 0:
             raise ValueError(f"LoRA alpha must be positive, got {self.alpha}")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
+
+    @property
+    def lora_alpha(self) -> float:
+        """alpha, or the rank when unset (scale 1): a later change of rank keeps scale 1."""
+        return float(self.rank if self.alpha is None else self.alpha)
 
 
 @dataclass
@@ -182,7 +197,9 @@ def method_config(name: str, **overrides: Any) -> MethodConfig:
 
 def _lora_config(cfg: MeloConfig) -> LoraConfig:
     targets = {"qv": ["attn.qkv"], "qkv": ["attn.qkv"], "all": ["attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"]}
-    lora = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets[cfg.targets])
+    lora = LoraConfig(
+        r=cfg.rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.dropout, target_modules=targets[cfg.targets]
+    )
     if cfg.targets == "qv":
         lora._register_custom_module({nn.Linear: QVLoraLinear})
     return lora
@@ -247,12 +264,16 @@ def count_params(model: nn.Module, method: str = "") -> ParamCount:
     return ParamCount(method, sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params))
 
 
-def param_report(model_name: str, num_classes: int, **overrides: Any) -> list[ParamCount]:
-    """Build the model once per method on the meta device (no memory, no init) and count."""
+def param_report(model_name: str, num_classes: int, img_size: int | None = None, **overrides: Any) -> list[ParamCount]:
+    """Build the model once per method on the meta device (no memory, no init) and count.
+
+    ``overrides`` are method settings (rank, alpha, targets, ...), each given to the methods
+    that have it; ``img_size`` matters for methods that train the position embedding.
+    """
     rows = []
     for name in METHODS:
         opts = {k: v for k, v in overrides.items() if k in {f.name for f in fields(METHODS[name])}}
         with torch.device("meta"):
-            model = create_backbone(model_name, num_classes=num_classes)
+            model = create_backbone(model_name, num_classes=num_classes, img_size=img_size)
             rows.append(count_params(apply_method(model, method_config(name, **opts)), name))
     return rows

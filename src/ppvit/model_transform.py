@@ -221,19 +221,21 @@ def transform_weights_file(
     num_classes: int | None = None,
     block_size: int | None = None,
     inverse: bool = False,
+    img_size: int | None = None,
 ) -> dict[str, str]:
     """Load a timm ViT from ``weights``, transform it, write it atomically to ``out`` (safetensors).
 
     The file's metadata (returned) names the scheme, block size, normalisation and the key's
     fingerprint, never the key, so the server can check it runs the matching pipeline.
     """
-    model = create_backbone(model_name, num_classes=num_classes, weights=weights)
+    model = create_backbone(model_name, num_classes=num_classes, weights=weights, img_size=img_size)
     transform_model(model, key, scheme, block_size, inverse=inverse)
     mean, std = normalization(model)
     info = {
         "model": model_name,
         "scheme": str(Scheme.parse(scheme)),
         "block_size": str(patch_size(model)),
+        "img_size": str(input_size(model)),
         "key_fingerprint": key.fingerprint,
         "input": "plain" if inverse else "encrypted",
         "mean": json.dumps(list(mean)),

@@ -1,0 +1,78 @@
+"""The process a run trains in: Accelerate, mixed precision, peak memory.
+
+Accelerate keeps its settings in process-wide singletons; :func:`make_accelerator` is the
+one place that resets them, so that a second run in one process (a notebook, a test) may
+use another precision. The process group (PartialState) is kept.
+"""
+
+from __future__ import annotations
+
+import functools
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
+
+
+def make_accelerator(precision: str = "no", grad_accum: int = 1) -> Accelerator:
+    """A fresh Accelerator; ``cpu=True`` without a GPU, since only then does Accelerate run several
+    CPU processes (gloo)."""
+    AcceleratorState._reset_state(reset_partial_state=False)
+    return Accelerator(
+        mixed_precision=precision, gradient_accumulation_steps=grad_accum, cpu=not torch.cuda.is_available()
+    )
+
+
+def resolve_precision(precision: str) -> str:
+    """``auto``: bf16 on GPUs that have it (else fp16); on a CPU, bf16 only if it measures faster.
+
+    Why measure: CPUs differ by a factor of 5 either way (bf16 2.6x faster than fp32 on one
+    machine here, 2x slower on another without AMX; BENCHMARKS.md).
+    """
+    if precision != "auto":
+        return precision
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16" if cpu_bf16_speedup() > 1.25 else "no"
+
+
+@functools.cache
+def cpu_bf16_speedup(n: int = 1024, reps: int = 5) -> float:
+    """fp32 time over bf16 time of an n x n matrix multiply on this CPU (best of ``reps``).
+
+    Randomness from a private generator: measuring must not move the caller's random stream.
+    """
+    gen = torch.Generator().manual_seed(0)
+
+    def best(dtype: torch.dtype) -> float:
+        a = torch.randn(n, n, generator=gen).to(dtype)
+        b = torch.randn(n, n, generator=gen).to(dtype)
+        a @ b
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            a @ b
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
+    return best(torch.float32) / best(torch.bfloat16)
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory in MiB.
+
+    On Linux, VmHWM of /proc/self/status: the high-water mark of this process's own memory.
+    Not ``ru_maxrss``: a child started by fork and exec inherits its parent's peak there.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**10  # kB
+    except OSError:
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # Linux KiB, macOS bytes
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
