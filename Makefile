@@ -4,6 +4,9 @@ PY := $(VENV)/bin/python
 # The CIFAR-10 copy (ImageFolder layout in a tar.gz); override on the command line or environment.
 PPVIT_CIFAR10 ?= $(abspath ../shared/datasets/cifar10-jpeg.tar.gz)
 export PPVIT_CIFAR10
+# ImageNet ViT-Ti/16 weights (timm's vit_tiny_patch16_224 state dict) for the demo, cpu and gpu presets.
+PPVIT_WEIGHTS ?= $(abspath ../shared/weights/vit_tiny_patch16_224.safetensors)
+export PPVIT_WEIGHTS
 
 .PHONY: venv demo test test-slow lint bench
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import resource
 import subprocess
 import sys
 import tempfile
@@ -33,6 +32,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from ppvit.adapters import trainable_tensors
 from ppvit.backbones import create_backbone, input_size
 from ppvit.methods import apply_method, merge_adapters, method_config
+from ppvit.runtime import peak_rss_mb
 
 TRAIN_VARIANTS = ("full", "linear", "melo", "lora-pe", "melo-handwritten", "lora-qkv-peft")
 
@@ -129,7 +129,7 @@ def train_worker(variant: str, model_name: str, batch: int, steps: int, bf16: bo
         "gflop_per_step": counter.get_total_flops() / 1e9,
         "optimizer_bytes": opt_bytes,
         "adapter_bytes": adapter_bytes,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mb": peak_rss_mb(),  # VmHWM: ru_maxrss of an exec'd child is its parent's peak
     }
 
 

@@ -120,8 +120,8 @@ class Plan:
     def apply_numpy(self, x: np.ndarray, max_value: float | None = None) -> np.ndarray:
         """Apply to a channels-last array (..., H, W, C).
 
-        The gather runs in torch on a zero-copy view: torch's gather uses every core and
-        was 1.3x faster than ``np.take`` here (BENCHMARKS.md); the result is the same.
+        The gather runs in torch on a zero-copy view: torch's gather uses every core, where
+        ``np.take`` uses one (figures in BENCHMARKS.md); the result is the same.
         """
         with warnings.catch_warnings():  # a read-only input (e.g. np.asarray of a PIL image) is only read
             warnings.filterwarnings("ignore", "The given NumPy array is not writable")
@@ -134,7 +134,7 @@ class Plan:
 
     def _apply(self, flat: torch.Tensor, layout: str, max_value: float | None) -> torch.Tensor:
         index, invert = self._tensors(layout, flat.device)
-        # gather with a broadcast index runs on all cores; index_select on dim 1 was 8x slower here
+        # gather with a broadcast index runs on all cores; index_select on dim 1 is far slower (BENCHMARKS.md)
         y = torch.gather(flat, 1, index.expand(flat.shape[0], -1))
         if invert is not None:
             if y.dtype == torch.uint8 and max_value in (None, 255):

@@ -16,7 +16,7 @@ rows and ``B_v A_v x`` into the v rows, and nothing into the k rows. The paramet
 is MeLo's, 2·r·(d + d) per block, and PEFT's merge folds exactly that delta into ``qkv``.
 PEFT's own ``get_peft_model_state_dict``/``set_peft_model_state_dict`` handle it unchanged.
 A merged float32 model's outputs equal the unmerged one's within rtol = atol = 1e-5
-(measured: at most 1e-6 on ViT-B/16 logits of size ~1).
+(tests/test_methods.py checks it).
 
 Adapters are injected with ``peft.inject_adapter_in_model``, so the model stays a timm
 ``VisionTransformer`` (``reset_classifier``, ``forward_features`` keep working) and every
@@ -57,9 +57,8 @@ class QVLoraB(nn.Module):
     def stacked(self) -> torch.Tensor:
         """The (3d, 2r) matrix [[B_q, 0], [0, 0], [0, B_v]].
 
-        Why one matrix: a single matmul writes the (..., 3d) update directly; two matmuls and a
-        concatenation with zeros made ``melo`` 1.064x the step of PEFT's whole-qkv LoRA (bf16,
-        CPU), one matmul 1.030x (BENCHMARKS.md).
+        Why one matrix: a single matmul writes the (..., 3d) update directly, where two matmuls
+        and a concatenation with zeros cost a measurable share of the step (BENCHMARKS.md).
         """
         b_q, b_v = self.weight[0], self.weight[1]
         return torch.cat([F.pad(b_q, (0, self.r)), b_q.new_zeros(self.dim, 2 * self.r), F.pad(b_v, (self.r, 0))])

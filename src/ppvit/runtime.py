@@ -30,8 +30,8 @@ def make_accelerator(precision: str = "no", grad_accum: int = 1) -> Accelerator:
 def resolve_precision(precision: str) -> str:
     """``auto``: bf16 on GPUs that have it (else fp16); on a CPU, bf16 only if it measures faster.
 
-    Why measure: CPUs differ by a factor of 5 either way (bf16 2.6x faster than fp32 on one
-    machine here, 2x slower on another without AMX; BENCHMARKS.md).
+    Why measure: CPUs differ either way; bf16 was several times faster than fp32 on one
+    machine here and slower on another without AMX (figures in BENCHMARKS.md).
     """
     if precision != "auto":
         return precision

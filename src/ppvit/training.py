@@ -213,12 +213,12 @@ def setup(cfg: TrainConfig, resume: bool) -> Session:
     if cfg.optim.batch_size % world:
         raise ValueError(f"batch size {cfg.optim.batch_size} does not divide into {world} equal per-process shares")
 
+    with torch.device("meta"):  # geometry first (no memory, no initialisation): a bad size fails before the data load
+        probe = create_backbone(cfg.backbone.model, num_classes=0, img_size=cfg.backbone.img_size)
+    block, side = cfg.crypto.block_size or patch_size(probe), input_size(probe)
     d = cfg.data
     data_seed = cfg.run.seed if d.data_seed is None else d.data_seed
     splits = load_splits(d.data, d.val_fraction, data_seed, d.part, d.train_subset, d.test_subset)
-    with torch.device("meta"):  # geometry only: no memory, no initialisation
-        probe = create_backbone(cfg.backbone.model, num_classes=0, img_size=cfg.backbone.img_size)
-    block, side = cfg.crypto.block_size or patch_size(probe), input_size(probe)
     if splits.manifest is not None:  # the server's case: ciphertext on disk, checked against this run
         fingerprint = Key.load(cfg.crypto.key).fingerprint if cfg.crypto.key else None
         splits.manifest.check(scheme=cfg.crypto.scheme, block_size=block, size=side, fingerprint=fingerprint)
