@@ -1,12 +1,28 @@
-"""Shared fixtures: a private cache folder, and a small learnable ImageFolder dataset."""
+"""Shared test setup: constants, fixtures, the toy run's config, and the key-material scan.
+
+Test modules import the plain names directly (pytest puts ``tests/`` on ``sys.path``)::
+
+    from conftest import KEY, SMALL, assert_no_key_material, train_config
+"""
 
 from __future__ import annotations
 
+import base64
+import socket
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
+
+from ppvit.config import TrainConfig
+from ppvit.keys import Key
+
+SMALL = "vit_micro_d2_patch4_32"  # d 48, 2 blocks, 4x4 patches on 32x32: 64 patch tokens
+KEY = Key(bytes(range(32)))  # a fixed key: ciphertexts and maps are the same on every run
 
 
 @pytest.fixture(autouse=True)
@@ -29,3 +45,110 @@ def toy_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
                 img[:, 4 * c : 4 * c + 4] = 255
                 Image.fromarray(img).save(root / split / f"class{c}" / f"{i}.png")
     return root
+
+
+@pytest.fixture(scope="session")
+def key_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A freshly generated key in a private (0600) key file; nothing may modify it."""
+    path = tmp_path_factory.mktemp("key") / "k.key"
+    Key.generate().save(path)
+    return path
+
+
+# -- the toy run ---------------------------------------------------------------------------------
+
+
+def train_config(out: Path, data: Path, key: Path | None, **settings: Any) -> TrainConfig:
+    """A quick run of the micro ViT on the toy dataset (8 images a batch, 3 epochs); ``settings`` on top."""
+    base = dict(
+        out=str(out),
+        data=str(data),
+        key=str(key) if key else None,
+        model=SMALL,
+        method="lora-pe",
+        epochs=3,
+        batch_size=8,
+        lr=3e-3,
+        val_fraction=0.25,
+        warmup_epochs=0.5,
+        quiet=True,
+        precision="no",
+    )
+    return TrainConfig.from_flat(**{**base, **settings})
+
+
+def train_flags(cfg: TrainConfig) -> list[str]:
+    """The same settings as `ppvit train` flags."""
+    defaults = TrainConfig.from_flat(method=cfg.method.name).flat()
+    out = []
+    for name, value in cfg.flat().items():
+        if value is None or value == defaults.get(name) or name == "quiet":
+            continue
+        flag = f"--{name.replace('_', '-')}"
+        out += ([flag] if value else [f"--no-{flag[2:]}"]) if isinstance(value, bool) else [flag, str(value)]
+    return out
+
+
+def adapter_tensors(run: Path) -> dict[str, torch.Tensor]:
+    """The trained tensors a run saved in its adapter."""
+    from safetensors.torch import load_file
+
+    return load_file(str(run / "adapter" / "adapter_model.safetensors"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# -- no key material in outputs ------------------------------------------------------------------
+
+
+def key_encodings(key: Key) -> dict[str, bytes]:
+    """The forms in which a key's secret could end up in a file or a message."""
+    s = key.secret
+    b64, url = base64.b64encode(s), base64.urlsafe_b64encode(s)
+    return {
+        "raw bytes": s,
+        "lowercase hex": s.hex().encode(),
+        "uppercase hex": s.hex().upper().encode(),
+        "base64": b64,
+        "base64 without padding": b64.rstrip(b"="),
+        "urlsafe base64": url,
+        "urlsafe base64 without padding": url.rstrip(b"="),
+    }
+
+
+def assert_no_key_material(
+    where: Path | str | bytes | Iterable[Path | str | bytes], key: Key, skip: Iterable[Path] = ()
+) -> None:
+    """Fail if the secret of ``key`` occurs, in any of :func:`key_encodings`' forms, in ``where``.
+
+    ``where`` holds paths (``Path``: a file, or a folder searched recursively; each must exist
+    and a folder must hold at least one file, so that a wrong path cannot pass vacuously) and
+    texts (``str`` or ``bytes``: printed output, messages, reprs). Files are read as bytes.
+    ``skip`` names files that may hold the key (a key file written next to the outputs).
+    """
+    items = [where] if isinstance(where, Path | str | bytes) else list(where)
+    forms = key_encodings(key)
+    skipped = {Path(p).resolve() for p in skip}
+
+    def check(data: bytes, what: str) -> None:
+        for name, form in forms.items():
+            if form in data:  # not a bare assert: pytest would print the data, the key with it
+                raise AssertionError(f"the key's secret ({name}) is in {what}")
+
+    for item in items:
+        if isinstance(item, Path):
+            assert item.exists(), f"{item}: nothing there to scan"
+            files = [item] if item.is_file() else sorted(p for p in item.rglob("*") if p.is_file())
+            files = [f for f in files if f.resolve() not in skipped]
+            assert files, f"{item}: no files to scan"
+            for f in files:
+                check(f.read_bytes(), str(f))
+        elif isinstance(item, str):
+            check(item.encode("utf-8", "surrogateescape"), "a text")
+            check(item.encode("latin-1", "replace"), "a text")  # raw bytes held one per character
+        else:
+            check(bytes(item), "bytes")

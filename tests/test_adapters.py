@@ -7,16 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import KEY, SMALL, assert_no_key_material
 from safetensors.torch import load_file, save_file
 
 from ppvit import cli
 from ppvit.adapters import AdapterMeta, load_adapter, merge_to_file, save_adapter
 from ppvit.backbones import create_backbone
-from ppvit.keys import Key
 from ppvit.methods import METHODS, apply_method, method_config
-
-SMALL = "vit_micro_d2_patch4_32"
-KEY = Key(bytes(range(32)))
 
 
 def trained(method: str, seed: int = 3, weights: Path | None = None) -> tuple[torch.nn.Module, AdapterMeta]:
@@ -61,8 +58,7 @@ def test_adapter_holds_only_trained_tensors_and_no_key(tmp_path: Path) -> None:
     assert n_values == depth * 4 * r * d + (4 * 4 * 3 * d + d) + (d * 5 + 5)
     config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
     assert config["key_fingerprint"] == KEY.fingerprint and config["method"]["method"] == "lora-pe"
-    for f in (tmp_path / "a").iterdir():
-        assert KEY.secret.hex().encode() not in f.read_bytes()
+    assert_no_key_material(tmp_path / "a", KEY)
 
 
 def test_vit_b16_lora_pe_adapter_is_about_3_mb(tmp_path: Path) -> None:
@@ -167,9 +163,10 @@ def test_merge_to_file_gives_a_plain_model_with_equal_outputs(tmp_path: Path, me
     assert type(plain.blocks[0].attn.qkv) is torch.nn.Linear
     x = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(plain.eval()(x), model(x), rtol=1e-5, atol=1e-5)
+    assert_no_key_material(tmp_path / "m.safetensors", KEY)
 
 
-def test_merge_cli_writes_a_plain_timm_model(tmp_path: Path) -> None:
+def test_merge_cli_writes_a_plain_timm_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     model, meta = trained("lora-pe")
     save_adapter(model, meta, tmp_path / "a")
     assert cli.main(["merge", str(tmp_path / "a"), str(tmp_path / "m.safetensors")]) == 0
@@ -178,6 +175,8 @@ def test_merge_cli_writes_a_plain_timm_model(tmp_path: Path) -> None:
     x = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(plain.eval()(x), model(x), rtol=1e-5, atol=1e-5)
     assert cli.main(["merge", str(tmp_path / "a"), str(tmp_path / "m.safetensors")]) == 2  # no overwrite
+    printed = capsys.readouterr()
+    assert_no_key_material([tmp_path / "m.safetensors", printed.out, printed.err], KEY)
 
 
 def test_merge_to_file_of_missing_adapter_is_a_clear_error(tmp_path: Path) -> None:

@@ -2,24 +2,22 @@
 
 from __future__ import annotations
 
-import base64
 import dataclasses
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import SMALL, assert_no_key_material, train_config
 
 from ppvit import audit, cli
 from ppvit.backbones import create_backbone
 from ppvit.ciphers import BlockCipher
-from ppvit.config import TrainConfig
 from ppvit.keys import Key
 from ppvit.model_transform import block_map, transform_model
-
-SMALL = "vit_micro_d2_patch4_32"
 
 
 def noise(n: int, size: int = 32, seed: int = 0) -> np.ndarray:
@@ -144,33 +142,12 @@ def test_jigsaw_reassembles_block_scrambling_from_ciphertexts_alone() -> None:
     assert audit.jigsaw_neighbours(rotated.encrypt(smooth(16)), 4, sigma) < 0.5  # edges moved
 
 
-def _secret_forms(key: Key) -> list[bytes]:
-    s = key.secret
-    return [s, s.hex().encode(), s.hex().upper().encode(), base64.b64encode(s), base64.b64encode(s)[:20]]
-
-
-def _assert_no_key_material(root: Path, key: Key, extra: str = "") -> None:
-    forms = _secret_forms(key)
-    scanned = 0
-    for path in root.rglob("*"):
-        if path.is_file() and not path.name.endswith(".key"):
-            data = path.read_bytes()
-            scanned += 1
-            for form in forms:
-                assert form not in data, f"key material in {path}"
-    for form in forms:
-        assert form.decode("latin-1") not in extra
-    assert scanned > 0
-
-
 def test_audit_cli_writes_report_and_figure_without_key_material(
-    tmp_path: Path, toy_dataset: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, toy_dataset: Path, key_file: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    key_path = tmp_path / "k.key"
-    Key.generate().save(key_path)
-    key = Key.load(key_path)
+    key = Key.load(key_file)
     out = tmp_path / "audit"
-    args = ["audit", "--key", str(key_path), "--data", str(toy_dataset), "--size", "32", "--block-size", "4"]
+    args = ["audit", "--key", str(key_file), "--data", str(toy_dataset), "--size", "32", "--block-size", "4"]
     args += ["--pairs", "1,2", "--images", "4", "--model", SMALL, "--scheme", "shuffle", "--scheme", "scramble"]
     assert cli.main([*args, "--out", str(out)]) == 0
     printed = capsys.readouterr()
@@ -180,36 +157,26 @@ def test_audit_cli_writes_report_and_figure_without_key_material(
     assert report["weights"]  # weight matching ran for both (absorbable) schemes
     assert all(w["pixel_permutation"] == 1.0 for w in report["weights"].values())
     assert (out / "audit.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    _assert_no_key_material(out, key, printed.out + printed.err)
+    assert_no_key_material([out, printed.out, printed.err], key)
     assert cli.main(["audit", "--scheme", "shuffle+bogus", "--data", str(toy_dataset)]) == 2
-    assert "bogus" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "bogus" in err
+    assert_no_key_material(err, key)
 
 
-def test_training_outputs_carry_no_key_material_and_leakage_is_tracked(tmp_path: Path, toy_dataset: Path) -> None:
+def test_training_outputs_carry_no_key_material_and_leakage_is_tracked(
+    tmp_path: Path, toy_dataset: Path, key_file: Path
+) -> None:
     """A key-initialised lora-pe run: its weights leak the permutation (by design) but its
     files never hold the key itself; the leakage curve is recorded as training proceeds."""
-    key_path = tmp_path / "k.key"
-    Key.generate().save(key_path)
-    key = Key.load(key_path)
-    cfg = TrainConfig.from_flat(
-        out=str(tmp_path / "run"),
-        data=str(toy_dataset),
-        key=str(key_path),
-        model=SMALL,
-        method="lora-pe",
-        scheme="shuffle+scramble",
-        key_init=True,
-        epochs=1,
-        batch_size=8,
-        lr=3e-3,
-        val_fraction=0.25,
-        quiet=True,
-        precision="no",
-    )
+    key = Key.load(key_file)
+    cfg = train_config(tmp_path / "run", toy_dataset, key_file, scheme="shuffle+scramble", key_init=True, epochs=1)
     curve, result = audit.leakage_during_training(cfg, every=3)
     assert [c["step"] for c in curve][:2] == [1, 3]
     assert curve[0]["pixel_permutation"] == 1.0 and curve[0]["block_permutation"] == 1.0
     assert audit.weight_leakage_adapter(tmp_path / "run", key).pixel_permutation > 0.9
-    with pytest.raises(ValueError, match="not"):
-        audit.weight_leakage_adapter(tmp_path / "run", Key.generate())  # another key: refused
-    _assert_no_key_material(tmp_path / "run", key, json.dumps(dataclasses.asdict(result)))
+    other = Key.generate()
+    refusal = f"adapter {tmp_path / 'run' / 'adapter'}: trained with key {key.fingerprint}, not {other.fingerprint}"
+    with pytest.raises(ValueError, match=f"^{re.escape(refusal)}$"):
+        audit.weight_leakage_adapter(tmp_path / "run", other)  # another key: refused, both fingerprints named
+    assert_no_key_material([tmp_path / "run", json.dumps(dataclasses.asdict(result)), json.dumps(curve)], key)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import assert_no_key_material
 from PIL import Image
 
 from ppvit import cli
@@ -40,13 +41,6 @@ def tree_digest(root: Path) -> str:
         if p.is_file():
             h.update(p.read_bytes())
     return h.hexdigest()
-
-
-@pytest.fixture
-def key_file(tmp_path: Path) -> Path:
-    path = tmp_path / "k.key"
-    assert cli.main(["keygen", str(path)]) == 0
-    return path
 
 
 def read_png(path: Path) -> np.ndarray:
@@ -85,6 +79,7 @@ def test_folder_round_trip_keeps_layout_and_is_exact(tmp_path: Path, key_file: P
     manifest = read_manifest(tmp_path / "enc")
     assert manifest.counts == {"train": 6, "test": 6} and manifest.classes["train"] == ["cat", "dog"]
     assert manifest.key_fingerprint == Key.load(key_file).fingerprint and manifest.complete
+    assert_no_key_material([tmp_path / "enc", tmp_path / "dec"], Key.load(key_file))
 
 
 def test_tar_source_with_resize_and_workers(tmp_path: Path, key_file: Path) -> None:
@@ -113,6 +108,7 @@ def test_tar_source_with_resize_and_workers(tmp_path: Path, key_file: Path) -> N
     for rel, arr in images.items():
         resized = np.asarray(Image.fromarray(arr).resize((32, 32), Image.Resampling.BICUBIC))
         np.testing.assert_array_equal(read_png(tmp_path / "enc" / rel), cipher.encrypt(resized))
+    assert_no_key_material(tmp_path / "enc", cipher.key)
 
 
 def test_single_image(tmp_path: Path, key_file: Path) -> None:
@@ -121,6 +117,7 @@ def test_single_image(tmp_path: Path, key_file: Path) -> None:
     assert cli.main(["-q", "encrypt", str(tmp_path / "one.png"), str(tmp_path / "enc"), "--key", str(key_file)]) == 0
     cipher = BlockCipher(Key.load(key_file), "shuffle", 16)
     np.testing.assert_array_equal(read_png(tmp_path / "enc" / "one.png"), cipher.encrypt(arr))
+    assert_no_key_material(tmp_path / "enc", cipher.key)
 
 
 def test_npy_shards_load_as_an_encrypted_dataset(tmp_path: Path, key_file: Path) -> None:
@@ -135,6 +132,7 @@ def test_npy_shards_load_as_an_encrypted_dataset(tmp_path: Path, key_file: Path)
     assert sorted(g.tobytes() for g in got) == sorted(w.tobytes() for w in want.values())
     splits = load_splits(tmp_path / "enc", val_fraction=0.2, seed=0)
     assert splits.encrypted and isinstance(splits.train, ArrayDataset) and len(splits.test) == 10
+    assert_no_key_material(tmp_path / "enc", cipher.key)
 
 
 def test_wrong_key_is_refused_and_nothing_written(tmp_path: Path, key_file: Path, capsys) -> None:
@@ -148,7 +146,8 @@ def test_wrong_key_is_refused_and_nothing_written(tmp_path: Path, key_file: Path
     other = tmp_path / "other.key"
     Key.generate().save(other)
     assert cli.main(["-q", "decrypt", str(tmp_path / "enc"), str(tmp_path / "dec"), "--key", str(other)]) == 2
-    assert "key fingerprint" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "key fingerprint" in err
     assert not (tmp_path / "dec").exists()
     # nor may another key write into the same encrypted folder
     assert (
@@ -157,6 +156,9 @@ def test_wrong_key_is_refused_and_nothing_written(tmp_path: Path, key_file: Path
         )
         == 2
     )
+    err += capsys.readouterr().err
+    for key in (Key.load(key_file), Key.load(other)):
+        assert_no_key_material([tmp_path / "enc", err], key)
 
 
 def test_corrupt_images_are_listed_others_written(tmp_path: Path, key_file: Path, capsys) -> None:
@@ -169,6 +171,7 @@ def test_corrupt_images_are_listed_others_written(tmp_path: Path, key_file: Path
     assert "train/cat/broken.png" in err and "1 images could not be read" in err
     assert len(list((tmp_path / "enc").rglob("*.png"))) == 12
     assert not read_manifest(tmp_path / "enc").complete
+    assert_no_key_material([tmp_path / "enc", err], Key.load(key_file))
 
 
 def test_rerun_skips_finished_outputs(tmp_path: Path, key_file: Path, capsys) -> None:
@@ -183,6 +186,7 @@ def test_rerun_skips_finished_outputs(tmp_path: Path, key_file: Path, capsys) ->
     out = capsys.readouterr().out
     assert "encrypted 1 images" in out and "(11 already there)" in out
     assert victim.exists() and (tmp_path / "enc" / "test" / "dog" / "1.png").stat().st_mtime_ns == mtime
+    assert_no_key_material([tmp_path / "enc", out], Key.load(key_file))
 
 
 @pytest.mark.parametrize("bad", [["--format", "jpg"], ["DST.jpg"]])
@@ -191,13 +195,17 @@ def test_lossy_output_is_refused(tmp_path: Path, key_file: Path, capsys, bad: li
     dst = str(tmp_path / (bad[0] if bad[0].endswith(".jpg") else "enc"))
     extra = [] if bad[0].endswith(".jpg") else bad
     assert cli.main(["-q", "encrypt", str(tmp_path / "src"), dst, "--key", str(key_file), *extra]) == 2
-    assert "lossy" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "lossy" in err
+    assert_no_key_material(err, Key.load(key_file))
 
 
 def test_block_size_must_divide_the_image(tmp_path: Path, key_file: Path, capsys) -> None:
     make_tree(tmp_path / "src", n=1, size=20)
     assert cli.main(["-q", "encrypt", str(tmp_path / "src"), str(tmp_path / "enc"), "--key", str(key_file)]) == 1
-    assert "not a multiple of the block size 16" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "not a multiple of the block size 16" in err
+    assert_no_key_material([tmp_path / "enc", err], Key.load(key_file))
 
 
 def test_key_never_appears_in_outputs_or_messages(tmp_path: Path, key_file: Path, capsys) -> None:
@@ -216,12 +224,9 @@ def test_key_never_appears_in_outputs_or_messages(tmp_path: Path, key_file: Path
             "4",
         ]
     )
-    secret = Key.load(key_file).secret.hex()
     out = capsys.readouterr()
-    assert secret not in out.out + out.err
-    for f in [*(tmp_path / "enc").rglob("*"), tmp_path / "p.png"]:
-        if f.is_file():
-            assert secret.encode() not in f.read_bytes() and Key.load(key_file).secret not in f.read_bytes()
+    assert "encrypted 12 images" in out.out  # not quiet: messages were printed, and are scanned
+    assert_no_key_material([tmp_path / "enc", tmp_path / "p.png", out.out, out.err], Key.load(key_file))
     assert Image.open(tmp_path / "p.png").size[0] > 0
 
 
@@ -233,7 +238,7 @@ def test_keygen_refuses_overwrite(tmp_path: Path, capsys) -> None:
     assert path.read_bytes() == content
     assert oct(os.stat(path).st_mode & 0o777) == "0o600"
     out = capsys.readouterr()
-    assert Key.load(path).secret.hex() not in out.out + out.err
+    assert_no_key_material([out.out, out.err], Key.load(path))
 
 
 @pytest.mark.data
@@ -247,3 +252,5 @@ def test_cifar10_copy_encrypts_at_224(tmp_path: Path, key_file: Path) -> None:
     assert report.images == 20 and report.round_trip_exact and report.failed == 0
     enc = next((tmp_path / "demo" / "encrypted").rglob("*.png"))
     assert read_png(enc).shape == (224, 224, 3)
+    demo_key = tmp_path / "demo" / "demo.key"
+    assert_no_key_material([tmp_path / "demo", str(report)], Key.load(demo_key), skip=[demo_key])

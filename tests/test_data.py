@@ -5,12 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import KEY
 
 from ppvit.ciphers import BlockCipher
 from ppvit.data import ArrayDataset, BatchPipeline, mix_batch, random_crop_flip, split_train_val, take_part
-from ppvit.keys import Key
-
-KEY = Key(bytes(range(32)))
 
 
 def dataset(n: int = 200, classes: int = 4, size: int = 8, seed: int = 0) -> ArrayDataset:

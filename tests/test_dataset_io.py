@@ -9,14 +9,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import KEY, assert_no_key_material
 from PIL import Image
 
 from ppvit import cli
 from ppvit.ciphers import BlockCipher
 from ppvit.dataset_io import encrypt_collection, iter_image_bytes
 from ppvit.keys import Key
-
-KEY = Key(bytes(range(32)))
 
 
 def png_bytes(seed: int, size: int = 16) -> bytes:
@@ -53,8 +52,9 @@ def test_truncated_archive_is_one_clear_error(tmp_path: Path, capsys: pytest.Cap
     code = cli.main(
         ["-q", "encrypt", str(tmp_path / "d.tar.gz"), str(tmp_path / "enc"), "--key", str(tmp_path / "k.key")]
     )
-    err = capsys.readouterr().err
-    assert code == 2 and "d.tar.gz" in err and "damaged" in err and "Traceback" not in err
+    printed = capsys.readouterr()
+    assert code == 2 and "d.tar.gz" in printed.err and "damaged" in printed.err and "Traceback" not in printed.err
+    assert_no_key_material([printed.out, printed.err], Key.load(tmp_path / "k.key"))
 
 
 def test_unreadable_file_is_listed_not_fatal(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -74,6 +74,7 @@ def test_unreadable_file_is_listed_not_fatal(tmp_path: Path, monkeypatch: pytest
     assert summary.written == 2 and [rel for rel, _ in summary.failed] == ["cls/b.png"]
     assert "Permission denied" in summary.failed[0][1]
     assert sorted(p.name for p in (tmp_path / "enc" / "cls").iterdir()) == ["a.png", "c.png"]
+    assert_no_key_material([tmp_path / "enc", *summary.failed[0]], KEY)
 
 
 def test_hidden_files_are_not_images(tmp_path: Path) -> None:

@@ -6,15 +6,18 @@ import hashlib
 import hmac
 import json
 import os
+import re
 import stat
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import KEY, assert_no_key_material, key_encodings
 
 from ppvit.keys import Key, KeyFileError
 
 GOLDEN_SECRET = bytes(range(32))
+assert KEY.secret == GOLDEN_SECRET  # the tests' shared key is the golden one
 
 
 def digest(a: np.ndarray) -> str:
@@ -89,7 +92,8 @@ def test_generate_uses_fresh_secrets() -> None:
 
 def test_repr_hides_secret() -> None:
     key = Key(GOLDEN_SECRET)
-    assert GOLDEN_SECRET.hex() not in repr(key) and key.fingerprint in repr(key)
+    assert_no_key_material([repr(key), str(key), f"{key}"], key)
+    assert key.fingerprint in repr(key)
 
 
 def test_save_load_round_trip_mode_0600(tmp_path: Path) -> None:
@@ -138,4 +142,50 @@ def test_bad_key_files(tmp_path: Path, make, message: str) -> None:
     with pytest.raises(KeyFileError, match=message) as info:
         Key.load(path)
     assert str(path) in str(info.value)
-    assert GOLDEN_SECRET.hex() not in str(info.value)
+    assert_no_key_material(str(info.value), Key(GOLDEN_SECRET))
+
+
+# -- the tests' key-material scan (conftest.assert_no_key_material) catches what it claims -----------------------
+
+SCAN_KEY = Key(bytes(range(224, 256)))  # a secret whose seven encodings all differ (hex letters, base64 + and /)
+
+
+def test_scan_key_encodings_are_distinct() -> None:
+    forms = key_encodings(SCAN_KEY)
+    assert len(set(forms.values())) == len(forms) == 7
+    assert forms["lowercase hex"].decode() == SCAN_KEY.secret.hex() and forms["raw bytes"] == SCAN_KEY.secret
+
+
+@pytest.mark.parametrize("form", list(key_encodings(SCAN_KEY)))
+def test_scan_finds_each_encoding_in_files_and_texts(tmp_path: Path, form: str) -> None:
+    secret = key_encodings(SCAN_KEY)[form]
+    out = tmp_path / "out"
+    (out / "deep" / "er").mkdir(parents=True)
+    (out / "clean.json").write_text(json.dumps({"fingerprint": SCAN_KEY.fingerprint}))
+    assert_no_key_material(out, SCAN_KEY)  # the fingerprint is no key material
+    leak = out / "deep" / "er" / "leak.bin"
+    leak.write_bytes(b"\x89PNG\r\n\x1a\n\x00\xff" + secret + b"\n\x00 trailing")
+    expected = f"the key's secret \\({re.escape(form)}\\) is in {re.escape(str(leak))}"
+    with pytest.raises(AssertionError, match=expected):
+        assert_no_key_material(out, SCAN_KEY)  # in a folder, recursively
+    with pytest.raises(AssertionError, match=expected):
+        assert_no_key_material([tmp_path / "out" / "clean.json", leak], SCAN_KEY)  # among files
+    text = "ok: " + secret.decode("latin-1") + " (printed)"
+    with pytest.raises(AssertionError, match=f"secret \\({re.escape(form)}\\) is in a text"):
+        assert_no_key_material(["nothing here", text], SCAN_KEY)
+    with pytest.raises(AssertionError, match=f"secret \\({re.escape(form)}\\) is in bytes"):
+        assert_no_key_material(b"stderr: " + secret, SCAN_KEY)
+    assert_no_key_material([out, text], Key(bytes(range(32))))  # another key's material is not this key's
+
+
+def test_scan_finds_a_key_file_unless_told_to_skip_it_and_never_passes_vacuously(tmp_path: Path) -> None:
+    SCAN_KEY.save(tmp_path / "k.key")
+    (tmp_path / "result.json").write_text("{}")
+    with pytest.raises(AssertionError, match=r"\(lowercase hex\) is in .*k\.key"):
+        assert_no_key_material(tmp_path, SCAN_KEY)
+    assert_no_key_material(tmp_path, SCAN_KEY, skip=[tmp_path / "k.key"])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(AssertionError, match="no files to scan"):
+        assert_no_key_material(tmp_path / "empty", SCAN_KEY)
+    with pytest.raises(AssertionError, match="nothing there to scan"):
+        assert_no_key_material(tmp_path / "missing", SCAN_KEY)

@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import SMALL
 from peft import get_peft_model_state_dict, set_peft_model_state_dict
 from peft.tuners.lora import Linear as PeftLoraLinear
 
@@ -22,7 +23,6 @@ from ppvit.methods import (
     param_report,
 )
 
-SMALL = "vit_micro_d2_patch4_32"  # d 48, 2 blocks, 4x4 patches on 32x32: 64 patch tokens
 P16 = dict(img_size=32, depth=1, embed_dim=48, num_heads=3)  # on vit_tiny_patch16_224: 16x16 patches, 4 tokens
 GEOMETRY = {  # d, depth, tokens incl. class token, values per patch
     "micro": (48, 2, 65, 4 * 4 * 3),

@@ -15,16 +15,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import KEY, SMALL, assert_no_key_material
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from ppvit import cli
 from ppvit.backbones import create_backbone
 from ppvit.ciphers import BlockCipher
-from ppvit.keys import Key
 from ppvit.model_transform import block_map, keyed_embedding, transform_model
 
-KEY = Key(bytes(range(32)))
 ABSORBABLE = [
     "shuffle",
     "scramble",
@@ -39,7 +38,6 @@ ALL_STEPS = "scramble+negpos:pixel+shuffle+channel:pixel"
 UNIFORM = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 TOLERANCE = 1e-4  # max abs logit difference, float32
-MICRO = "vit_micro_d2_patch4_32"
 
 
 def normalise(images: np.ndarray, mean: tuple, std: tuple) -> torch.Tensor:
@@ -77,12 +75,12 @@ def check_exact(model: torch.nn.Module, scheme: str, norm: tuple, x: np.ndarray,
     assert untouched > max(100 * err, 10 * TOLERANCE)  # the key matters: untransformed, the check would fail
 
 
-@pytest.fixture(scope="module", params=[MICRO, "vit_base_patch16_224"], ids=["micro", "vit_b16_geometry"])
+@pytest.fixture(scope="module", params=[SMALL, "vit_base_patch16_224"], ids=["micro", "vit_b16_geometry"])
 def case(request: pytest.FixtureRequest) -> tuple[torch.nn.Module, np.ndarray, dict]:
     """A model, images, and the original's logits on them per normalisation (computed once)."""
     # ViT-B/16 geometry (224 px, 16 px patches, width 768, 12 heads) with 1 of its 12 blocks:
     # the transform touches only the embeddings; the full depth is checked once below.
-    m = make_model(request.param) if request.param == MICRO else make_model(request.param, depth=1)
+    m = make_model(request.param) if request.param == SMALL else make_model(request.param, depth=1)
     x = images(m)
     with torch.no_grad():
         plain = {norm: m(normalise(x, *norm)) for norm in (UNIFORM, IMAGENET)}
@@ -117,7 +115,7 @@ def test_full_vit_b16_is_exact_on_ciphertext() -> None:
     ids=["reg-no-embed-class", "reg", "gap", "map", "pre-norm", "no-pos-embed"],
 )
 def test_timm_vit_options(options: dict) -> None:
-    model = make_model(MICRO, **options)
+    model = make_model(SMALL, **options)
     x = images(model)
     with torch.no_grad():
         plain = model(normalise(x, *IMAGENET))
@@ -129,7 +127,7 @@ def test_timm_vit_options(options: dict) -> None:
 
 def test_negpos_with_uniform_normalisation_flips_columns_only() -> None:
     """Hand arithmetic: with mean = std = 0.5, n' = 2(1 - v) - 1 = -n, so W' = -W on negated inputs, b' = b."""
-    model = make_model(MICRO)
+    model = make_model(SMALL)
     emb = keyed_embedding(model, KEY, "negpos:pixel", mean=UNIFORM[0], std=UNIFORM[1])
     bits = KEY.choices("ppvit/v1/negpos:pixel/p=4/c=3", 48, 2).reshape(4, 4, 3).transpose(2, 0, 1)  # (C, p, p)
     sign = torch.from_numpy(1 - 2 * bits).float()
@@ -139,7 +137,7 @@ def test_negpos_with_uniform_normalisation_flips_columns_only() -> None:
 
 
 def test_keyed_embedding_leaves_the_model_alone() -> None:
-    model = make_model(MICRO)
+    model = make_model(SMALL)
     before = copy.deepcopy(model.state_dict())
     emb = keyed_embedding(model, KEY, ALL_STEPS, mean=IMAGENET[0], std=IMAGENET[1])
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
@@ -147,7 +145,7 @@ def test_keyed_embedding_leaves_the_model_alone() -> None:
 
 
 def test_inverse_undoes_the_transform() -> None:
-    model = make_model(MICRO)
+    model = make_model(SMALL)
     x = images(model)
     enc = BlockCipher(KEY, ALL_STEPS, 4).encrypt(x)
     for_plain = transform_model(copy.deepcopy(model), KEY, ALL_STEPS, inverse=True)
@@ -180,33 +178,33 @@ def test_block_map_refuses_per_block_plans(scheme: str) -> None:
 @pytest.mark.parametrize("scheme", ["rotate", "negpos", "channel", "shuffle+rotate", "channel:pixel+negpos"])
 def test_per_block_schemes_are_refused(scheme: str) -> None:
     with pytest.raises(ValueError, match="cannot be absorbed"):
-        transform_model(create_backbone(MICRO, num_classes=10), KEY, scheme)
+        transform_model(create_backbone(SMALL, num_classes=10), KEY, scheme)
 
 
 def test_block_size_must_be_the_patch_size() -> None:
     with pytest.raises(ValueError, match="block size 8 differs from the model's patch size 4"):
-        transform_model(create_backbone(MICRO, num_classes=10), KEY, "shuffle", block_size=8)
+        transform_model(create_backbone(SMALL, num_classes=10), KEY, "shuffle", block_size=8)
 
 
 def test_unsupported_models_are_refused() -> None:
     with pytest.raises(ValueError, match="dynamic image size"):
-        transform_model(create_backbone(MICRO, num_classes=10, dynamic_img_size=True), KEY, "shuffle")
-    model = create_backbone(MICRO, num_classes=10, pre_norm=True)
+        transform_model(create_backbone(SMALL, num_classes=10, dynamic_img_size=True), KEY, "shuffle")
+    model = create_backbone(SMALL, num_classes=10, pre_norm=True)
     model.patch_embed.norm = torch.nn.LayerNorm(48)  # the offset could no longer move past the patch embedding
     with pytest.raises(ValueError, match="no bias"):
         transform_model(model, KEY, "negpos:pixel", mean=IMAGENET[0], std=IMAGENET[1])
 
 
-def test_cli_transform_model(tmp_path: Path) -> None:
-    model = make_model(MICRO)
+def test_cli_transform_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    model = make_model(SMALL)
     save_file(model.state_dict(), str(tmp_path / "plain.safetensors"))
     key = tmp_path / "k.key"
     KEY.save(key)
     out = tmp_path / "enc.safetensors"
-    base = ["transform-model", "--model", MICRO, "--key", str(key), "--scheme", "shuffle+scramble"]
+    base = ["transform-model", "--model", SMALL, "--key", str(key), "--scheme", "shuffle+scramble"]
     args = [*base, "--weights", str(tmp_path / "plain.safetensors"), str(out)]
     assert cli.main(args) == 0
-    transformed = create_backbone(MICRO, weights=out).eval()
+    transformed = create_backbone(SMALL, weights=out).eval()
     x = images(model)
     with torch.no_grad():
         enc = BlockCipher(KEY, "shuffle+scramble", 4).encrypt(x)
@@ -215,7 +213,7 @@ def test_cli_transform_model(tmp_path: Path) -> None:
         meta = f.metadata()
     assert meta["key_fingerprint"] == KEY.fingerprint and meta["scheme"] == "shuffle+scramble"
     assert (meta["block_size"], meta["input"], meta["mean"]) == ("4", "encrypted", "[0.5, 0.5, 0.5]")
-    assert KEY.secret.hex().encode() not in out.read_bytes() and KEY.secret not in out.read_bytes()
+    assert_no_key_material(out, KEY)
 
     written = out.read_bytes()
     assert cli.main(args) == 2  # refuses to overwrite
@@ -228,3 +226,5 @@ def test_cli_transform_model(tmp_path: Path) -> None:
     restored = load_file(str(back))
     for k, v in model.state_dict().items():
         torch.testing.assert_close(restored[k], v, rtol=0, atol=1e-6, msg=k)
+    printed = capsys.readouterr()
+    assert_no_key_material([out, back, printed.out, printed.err], KEY)

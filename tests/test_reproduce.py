@@ -10,19 +10,21 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import SMALL, assert_no_key_material
 
 from ppvit import cli
 from ppvit import presets as ppvit_presets
 from ppvit.backbones import create_backbone, input_size, patch_size
 from ppvit.config import TrainConfig
-from ppvit.presets import PRESETS, MethodSettings, Preset, Upstream, cell_config, reproduce
+from ppvit.keys import Key
+from ppvit.presets import PRESETS, MethodSettings, Preset, Upstream, cell_config, reproduce, resolve_weights
 from ppvit.runs import RunResult
 
 TOY = Preset(
     "toy",
     "test preset",
     TrainConfig.from_flat(
-        model="vit_micro_d2_patch4_32",
+        model=SMALL,
         part="1/2",
         batch_size=8,
         epochs=2,
@@ -65,6 +67,8 @@ def test_toy_reproduction_end_to_end(tmp_path: Path, toy_dataset: Path) -> None:
     again = reproduce(TOY, out, toy_dataset, progress=False)
     assert {p: p.stat().st_mtime_ns for p in (out / "cells").rglob("result.json")} == stamp
     assert [r.acc_mean for r in again.rows] == [r.acc_mean for r in table.rows]
+    key_file = out / "reproduce.key"  # generated next to the outputs; no other file may hold it
+    assert_no_key_material(out, Key.load(key_file), skip=[key_file])
 
 
 def test_failed_cells_are_reported_not_hidden(tmp_path: Path, toy_dataset: Path, capsys) -> None:
@@ -75,22 +79,40 @@ def test_failed_cells_are_reported_not_hidden(tmp_path: Path, toy_dataset: Path,
     assert table.rows[0].acc_mean is None
     assert table.rows[0].errors[0].startswith("ValueError: batch size 10000 is larger than the training set")
     assert "Failed cells:" in table.markdown()
+    key_file = tmp_path / "out" / "reproduce.key"
+    assert_no_key_material([tmp_path / "out", table.markdown()], Key.load(key_file), skip=[key_file])
 
 
-def test_every_preset_builds_each_cell_config_on_its_geometry(tmp_path: Path) -> None:
-    """Each cell's config is valid, blocks equal the model's patches, and the input size divides into them."""
+def test_every_preset_builds_each_cell_config_on_its_geometry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each cell's config is valid, blocks equal the model's patches, and the input size divides into them.
+
+    A cell's settings are composed here independently of ``cell_config``: the preset's base, then
+    the method's own settings (where set), then the run-wide ones, then the cell's.
+    """
+    common = {"data": str(tmp_path / "d"), "epochs": 1}
     for preset in PRESETS.values():
         with torch.device("meta"):
             model = create_backbone(preset.model, num_classes=10, img_size=preset.base.backbone.img_size)
         side, patch = input_size(model), patch_size(model)
         assert side % patch == 0, preset.name
-        assert (preset.upstream is None) == (preset.weights_env is not None or preset.name == "paper"), preset.name
-        for method in preset.methods:
+        for method, settings in preset.methods.items():
             for scheme in preset.schemes:
-                cfg = cell_config(preset, method, scheme, 1, tmp_path / "c", tmp_path / "k")
-                assert cfg.method.name == method and cfg.run.seed == 1 and cfg.crypto.scheme == scheme
-                assert (cfg.crypto.key is None) == (scheme == "none")
-                assert cfg.optim.lr == preset.methods[method].lr
+                cfg = cell_config(preset, method, scheme, 1, tmp_path / "c", tmp_path / "k", **common)
+                want = {**preset.base.flat(), "method": method}
+                want |= {name: value for name, value in dataclasses.asdict(settings).items() if value is not None}
+                want |= common
+                key = None if scheme == "none" else str(tmp_path / "k")
+                want |= {"out": str(tmp_path / "c"), "scheme": scheme, "seed": 1, "quiet": True, "key": key}
+                assert cfg.flat() == want, (preset.name, method, scheme)
+        # where the weights come from: an upstream run here, or ImageNet weights (a file or timm's download)
+        if preset.upstream is not None:
+            assert preset.weights_env is None, preset.name
+        elif preset.weights_env is not None:
+            monkeypatch.delenv(preset.weights_env, raising=False)
+            with pytest.raises(ValueError, match=f"preset {preset.name} needs .* set {preset.weights_env} or pass"):
+                resolve_weights(preset, None, None)
+        else:
+            assert resolve_weights(preset, None, None) == (None, True), preset.name  # the download
 
 
 def test_upstream_epochs_flag_changes_only_the_pretraining_epochs(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
