@@ -3,31 +3,78 @@
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+
+# the temporary names of atomic_write (and Key.save): ".NAME.XXXXXXXX.tmp", 8 random characters
+TEMP_NAME = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")
+
+
+def current_umask() -> int:
+    """This process's umask, read without changing it where Linux allows (``/proc/self/status``)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    old = os.umask(0o022)  # elsewhere: set and restore (not thread-safe, but only a mode depends on it)
+    os.umask(old)
+    return old
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None], mode: int | None = None) -> None:
     """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it into place.
 
     The temporary name lives in the destination folder so the rename is atomic on POSIX;
-    on any error it is removed and ``path`` is left as it was.
+    on any error it is removed and ``path`` is left as it was. The file gets ``mode`` if
+    given (0600 for anything secret), else what the user's umask gives a new file (0644
+    under umask 022), not the temporary file's private 0600. An ``OSError`` (a full disk, a
+    read-only folder) is raised again naming ``path``, not the temporary name.
     """
     path = Path(path)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise _naming(exc, path) from None
     os.close(fd)
     tmp = Path(tmp_name)
     try:
         write(tmp)
-        if mode is not None:
-            os.chmod(tmp, mode)
+        os.chmod(tmp, (0o666 & ~current_umask()) if mode is None else mode)
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise _naming(exc, path) from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def _naming(exc: OSError, path: Path) -> OSError:
+    """The same error (type, errno, message) about the file the caller asked for."""
+    if exc.errno is None:
+        return exc
+    return type(exc)(exc.errno, exc.strerror or os.strerror(exc.errno), str(path))
+
+
+def remove_stale_temps(folder: str | os.PathLike) -> list[Path]:
+    """Remove the temporary files an interrupted (killed) writer left in ``folder``'s tree; returns them.
+
+    Only names of :func:`atomic_write`'s form (``.NAME.XXXXXXXX.tmp``) are touched. Call it
+    where no other writer is at work (a run that owns its output folder).
+    """
+    removed = []
+    for p in Path(folder).rglob(".*.tmp"):
+        if TEMP_NAME.match(p.name) and p.is_file() and not p.is_symlink():
+            p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes, mode: int | None = None) -> None:

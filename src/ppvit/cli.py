@@ -11,8 +11,10 @@ import argparse
 import dataclasses
 import json
 import logging
+import signal
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import yaml
@@ -25,11 +27,33 @@ from .inference import evaluate_adapter, predict_files
 from .keys import Key, KeyFileError
 from .model_transform import transform_weights_file
 from .runs import adapter_dir
-from .training import train
+from .training import TrainingStopped, train
 
 
 class UserError(Exception):
     """A problem with the user's input, printed as one line without a traceback."""
+
+
+class Stopped(KeyboardInterrupt):
+    """A SIGTERM, met like Ctrl-C: files being written are removed, finished ones kept."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+@contextmanager
+def _stop_on_sigterm() -> Iterator[None]:
+    """While the body runs, SIGTERM raises :class:`Stopped` (exit 143) instead of killing the process."""
+
+    def stop(signum: int, frame: object) -> None:
+        raise Stopped(signum)
+
+    old = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
 
 
 def _keygen(args: argparse.Namespace) -> None:
@@ -99,9 +123,10 @@ def _report(summary: dataset_io.Summary, verb: str, dst: str) -> int:
 
 def _encrypt(args: argparse.Namespace) -> int:
     cipher = BlockCipher(Key.load(args.key), args.scheme, args.block_size)
-    summary = dataset_io.encrypt_collection(
-        args.src, args.dst, cipher, size=args.size, fmt=args.format, workers=args.workers, progress=not args.quiet
-    )
+    with _stop_on_sigterm():
+        summary = dataset_io.encrypt_collection(
+            args.src, args.dst, cipher, size=args.size, fmt=args.format, workers=args.workers, progress=not args.quiet
+        )
     return _report(summary, "encrypted", args.dst)
 
 
@@ -122,9 +147,10 @@ def _add_encrypt(sub: argparse._SubParsersAction) -> None:
 
 
 def _decrypt(args: argparse.Namespace) -> int:
-    summary = dataset_io.decrypt_collection(
-        args.src, args.dst, Key.load(args.key), workers=args.workers, progress=not args.quiet
-    )
+    with _stop_on_sigterm():
+        summary = dataset_io.decrypt_collection(
+            args.src, args.dst, Key.load(args.key), workers=args.workers, progress=not args.quiet
+        )
     return _report(summary, "decrypted", args.dst)
 
 
@@ -465,6 +491,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+RERUN = ("encrypt", "decrypt")  # verbs that continue where an interrupted run stopped
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
@@ -473,9 +502,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (UserError, KeyFileError, ValueError, FileNotFoundError) as exc:
         print(f"ppvit {args.command}: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"ppvit {args.command}: interrupted", file=sys.stderr)
-        return 130
+    except TrainingStopped as exc:  # a checkpoint was saved; the message says how to resume
+        print(f"ppvit {args.command}: {exc}", file=sys.stderr)
+        return 128 + exc.signum
+    except OSError as exc:  # the system's refusal (a full disk, a read-only folder): one line naming the file
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"ppvit {args.command}: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM where a verb turns it into Stopped
+        signum = getattr(exc, "signum", signal.SIGINT)
+        again = " (finished files are kept: run the same command again to continue)" if args.command in RERUN else ""
+        print(f"ppvit {args.command}: interrupted by {signal.Signals(signum).name}{again}", file=sys.stderr)
+        return 128 + signum
     return code or 0
 
 

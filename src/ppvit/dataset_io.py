@@ -13,12 +13,16 @@ and a run with another key or scheme cannot write into the same folder.
 
 from __future__ import annotations
 
+import ctypes
 import io
 import itertools
 import json
 import logging
 import os
+import signal
+import sys
 import tarfile
+import threading
 import time
 import zlib
 from collections.abc import Callable, Iterator
@@ -32,7 +36,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from . import __version__
-from ._io import atomic_write, atomic_write_bytes, atomic_write_text
+from ._io import atomic_write, atomic_write_bytes, atomic_write_text, remove_stale_temps
 from .ciphers import BlockCipher, Scheme
 from .keys import Key
 
@@ -42,6 +46,7 @@ MANIFEST_NAME = "ppvit-manifest.json"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".tif", ".tiff", ".webp", ".gif")
 LOSSY_SUFFIXES = (".jpg", ".jpeg", ".webp")
 SHARD_SIZE = 1024
+PLAIN = "plain"  # the scheme a decrypted folder's manifest names
 Format = Literal["png", "npz"]
 OLD_FORMATS = {"npy": "npz"}  # manifests of the first release named the .npz shard format "npy"
 
@@ -62,12 +67,13 @@ def iter_image_bytes(
 
     Hidden names (``.x``, macOS ``._x.jpg`` resource forks) are not images. A damaged archive
     or a member that would land outside the output folder (``../x``, ``/x``) stops the run.
+    A dangling or looping symbolic link in a folder is an unreadable image, named like any other.
     """
     src = Path(src)
     if not src.exists():
         raise FileNotFoundError(f"source {src}: not found")
     if src.is_dir():
-        for path in sorted(p for p in src.rglob("*") if _is_image(p.relative_to(src).as_posix()) and p.is_file()):
+        for path in sorted(p for p in src.rglob("*") if _is_image(p.relative_to(src).as_posix()) and _is_file(p)):
             rel = path.relative_to(src).as_posix()
             if select is None or select(rel):
                 yield rel, _read(path)
@@ -93,11 +99,22 @@ def _is_image(relpath: str) -> bool:
     return Path(relpath).suffix.lower() in IMAGE_SUFFIXES and not any(p.startswith(".") and p != ".." for p in parts)
 
 
+def _is_file(path: Path) -> bool:
+    """A file, or a symbolic link that is not to a folder (a broken one included: it is reported, not skipped)."""
+    return path.is_file() or (path.is_symlink() and not path.is_dir())
+
+
 def _read(path: Path) -> bytes | OSError:
     """An unreadable file is one failed image, not the end of the run."""
     try:
         return path.read_bytes()
     except OSError as exc:
+        if path.is_symlink() and exc.errno is not None:  # dangling or looping: say so
+            try:
+                target = os.readlink(path)
+            except OSError:
+                target = "?"
+            return OSError(exc.errno, f"symbolic link to {target}: {exc.strerror}")
         return exc
 
 
@@ -157,7 +174,8 @@ class Manifest:
     ) -> None:
         """Raise ValueError naming the first setting that differs from this dataset's."""
         wanted = {
-            "scheme": None if scheme is None else str(Scheme.parse(scheme)),
+            # "plain": decrypted output, checked when an interrupted decrypt is run again
+            "scheme": scheme if scheme in (None, PLAIN) else str(Scheme.parse(scheme)),
             "block size": block_size,
             "image size": size,
             "key fingerprint": fingerprint,
@@ -216,11 +234,47 @@ def check_output(dst: Path, fmt: str) -> None:
 
 
 _worker: dict[str, object] = {}
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 def _init_worker(secret: bytes, scheme: str, block_size: int, size: int | None, decrypting: bool) -> None:
-    """Runs once in each worker process: the key arrives through the pool, never argv or logs."""
+    """Sets up the transform (in each worker process: the key arrives through the pool, never argv or logs)."""
     _worker.update(cipher=BlockCipher(Key(secret), scheme, block_size), size=size, decrypting=decrypting)
+
+
+def _init_pool_worker(*args: object) -> None:
+    """The pool's initializer: tie the worker's life to its parent's, then :func:`_init_worker`."""
+    _die_with_parent()
+    _init_worker(*args)  # type: ignore[arg-type]
+
+
+def _die_with_parent() -> None:
+    """Make this worker exit when the process that started it dies, even by SIGKILL.
+
+    Otherwise a killed ``ppvit encrypt`` leaves its workers asleep on the task queue forever.
+    Linux: the kernel sends SIGKILL on the parent's death (``PR_SET_PDEATHSIG``). Everywhere:
+    a daemon thread exits when the parent changes (the orphan is re-parented). Ctrl-C goes to
+    the whole process group: workers ignore it and the parent stops the pool, so only the
+    parent reports it.
+    """
+    parent = os.getppid()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a forked worker inherits the parent's handler
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != parent:  # the parent died before the line above
+        os._exit(1)
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="ppvit-parent-watch", daemon=True).start()
 
 
 def _transform_one(item: tuple[str, bytes | OSError]) -> tuple[str, np.ndarray | None, str | None]:
@@ -266,6 +320,8 @@ def transform_collection(
         if old.format != manifest.format:
             raise ValueError(f"output {dst}: holds {old.format} output, not {manifest.format}")
     write_manifest(dst, manifest)  # before the first image: claims the folder for these settings
+    for tmp in remove_stale_temps(dst):  # an interrupted run's half-written files
+        log.info("removed %s (left by an interrupted run)", tmp)
 
     t0 = time.perf_counter()
     summary = Summary()
@@ -274,10 +330,14 @@ def transform_collection(
     init = (cipher.key.secret, str(cipher.scheme), cipher.block_size, manifest.size, decrypting)
     with tqdm(desc="decrypting" if decrypting else "encrypting", unit="img", disable=not progress) as bar:
         if workers > 1:
-            with ProcessPoolExecutor(workers, initializer=_init_worker, initargs=init) as pool:
-                # bounded windows: Executor.map would read the whole source before the first result
-                while window := list(itertools.islice(pending, 64 * workers)):
-                    _consume(pool.map(_transform_one, window, chunksize=16), sink, summary, bar)
+            with ProcessPoolExecutor(workers, initializer=_init_pool_worker, initargs=init) as pool:
+                try:
+                    # bounded windows: Executor.map would read the whole source before the first result
+                    while window := list(itertools.islice(pending, 64 * workers)):
+                        _consume(pool.map(_transform_one, window, chunksize=16), sink, summary, bar)
+                except BaseException:  # a full disk, Ctrl-C, SIGTERM: drop the queued work, not only finish it
+                    pool.shutdown(wait=True, cancel_futures=True)
+                    raise
         else:
             _init_worker(*init)
             _consume(map(_transform_one, pending), sink, summary, bar)
@@ -306,7 +366,8 @@ def _inventory(entries: Iterator[tuple[str, str]]) -> tuple[dict[str, list[str]]
     for split, cls in entries:
         classes.setdefault(split, set()).add(cls)
         counts[split] = counts.get(split, 0) + 1
-    return {k: sorted(v) for k, v in classes.items()}, counts
+    # sorted: the same manifest whatever order the file system lists the files in
+    return {k: sorted(classes[k]) for k in sorted(classes)}, {k: counts[k] for k in sorted(counts)}
 
 
 class _PngSink:
@@ -423,7 +484,7 @@ def decrypt_collection(
     if manifest.format != "png":
         raise ValueError(f"{src}: decrypting {manifest.format} shards is not supported; load them with ppvit.data")
     cipher = BlockCipher(key, manifest.scheme, manifest.block_size)
-    plain = Manifest("plain", manifest.block_size, manifest.size, key.fingerprint, "png", __version__)
+    plain = Manifest(PLAIN, manifest.block_size, manifest.size, key.fingerprint, "png", __version__)
     return transform_collection(src, dst, cipher, plain, True, workers, progress)
 
 

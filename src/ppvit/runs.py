@@ -6,6 +6,7 @@ OUT/best.pt          trained tensors of the epoch with the best validation accur
 OUT/metrics.jsonl    one line per epoch; OUT/curves.png the same as curves
 OUT/adapter/         the adapter (safetensors + JSON), see :mod:`ppvit.adapters`
 OUT/result.json      the :class:`RunResult`
+OUT/.lock            held (flock) by the ``train`` writing the folder: a second one is refused
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 from matplotlib.figure import Figure
@@ -25,6 +26,11 @@ from .adapters import CONFIG_NAME, trainable_tensors
 from .config import IGNORED_ON_RESUME, TrainConfig
 
 CONFIG_FILE, CHECKPOINT_FILE, BEST_FILE, RESULT_FILE = "config.yaml", "checkpoint.pt", "best.pt", "result.json"
+LOCK_FILE = ".lock"
+
+
+class RunFolderBusy(ValueError):
+    """Another process is training into the same run folder."""
 
 
 @dataclass
@@ -76,6 +82,33 @@ def adapter_dir(path: str | os.PathLike) -> Path:
     return p / "adapter" if (p / "adapter" / CONFIG_NAME).exists() else p
 
 
+def lock_run_folder(out: Path) -> IO[str]:
+    """Hold an exclusive lock on ``OUT/.lock`` until the returned file is closed (or the process ends).
+
+    Two runs writing one folder would overwrite each other's checkpoints; the second is refused.
+    """
+    fh = open(out / LOCK_FILE, "a+")  # noqa: SIM115 -- held open for the run's lifetime
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock
+        return fh
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        fh.seek(0)
+        holder = fh.read().strip()
+        fh.close()
+        raise RunFolderBusy(
+            f"run folder {out}: in use by another `ppvit train`{f' (pid {holder})' if holder else ''}; "
+            "wait for it to end or choose another --out"
+        ) from None
+    fh.seek(0)
+    fh.truncate()
+    fh.write(f"{os.getpid()}\n")
+    fh.flush()
+    return fh
+
+
 def check_run_folder(out: Path, cfg: TrainConfig, resume: bool) -> None:
     """Refuse to mix two runs in one folder; on resume, the saved config must match."""
     saved = out / CONFIG_FILE
@@ -92,7 +125,14 @@ def check_run_folder(out: Path, cfg: TrainConfig, resume: bool) -> None:
 def save_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: RunState) -> None:
     """One file, written to a temporary name and renamed: never a half-written checkpoint."""
     payload = {"model": trainable_tensors(model), "optimizer": optimizer.state_dict(), **dataclasses.asdict(state)}
-    atomic_write(path, lambda tmp: torch.save(payload, tmp))
+    atomic_write(path, lambda tmp: _torch_save(payload, tmp))
+
+
+def _torch_save(obj: object, tmp: Path) -> None:
+    """``torch.save`` through a Python file: a full disk is ``OSError`` ENOSPC, not a RuntimeError from
+    torch's own writer (``unexpected pos ...``)."""
+    with open(tmp, "wb") as fh:
+        torch.save(obj, fh)
 
 
 def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> RunState:
@@ -118,7 +158,7 @@ def load_tensors(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> No
 
 
 def save_best(out: Path, model: torch.nn.Module) -> None:
-    atomic_write(out / BEST_FILE, lambda tmp: torch.save(trainable_tensors(model), tmp))
+    atomic_write(out / BEST_FILE, lambda tmp: _torch_save(trainable_tensors(model), tmp))
 
 
 def load_best(out: Path, model: torch.nn.Module) -> None:

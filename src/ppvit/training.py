@@ -20,8 +20,11 @@ from __future__ import annotations
 
 import logging
 import math
+import signal
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,6 +55,7 @@ from .runs import (
     check_run_folder,
     load_best,
     load_checkpoint,
+    lock_run_folder,
     save_best,
     save_checkpoint,
     write_metrics,
@@ -65,6 +69,14 @@ StepCallback = Callable[[int, torch.nn.Module], None]
 
 class TrainingDiverged(RuntimeError):
     """The loss stopped being finite; the last good checkpoint is kept."""
+
+
+class TrainingStopped(RuntimeError):
+    """A SIGTERM or SIGINT stopped the run after saving a checkpoint; ``--resume`` continues it."""
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.signum = signum
 
 
 # -- building blocks --------------------------------------------------------------------------
@@ -191,6 +203,8 @@ class Session:
     optimizer: torch.optim.Optimizer
     schedule: Schedule
     state: RunState
+    stop_signal: int | None = None  # set by SIGTERM/SIGINT: checkpoint and stop at the next step
+    lock: Any = None  # the run folder's lock (main process), held while this object lives
 
     @property
     def unwrapped(self) -> torch.nn.Module:
@@ -201,13 +215,21 @@ class Session:
         return self.accelerator.is_main_process
 
 
-def setup(cfg: TrainConfig, resume: bool) -> Session:
-    """Check the run folder, load and check the data, build model and optimiser, resume if asked."""
+def setup(cfg: TrainConfig, resume: bool, hold: ExitStack | None = None) -> Session:
+    """Check the run folder, load and check the data, build model and optimiser, resume if asked.
+
+    The main process locks the run folder first (a second run into it is refused); the lock
+    is released when ``hold`` closes (without one: with the session).
+    """
     out = Path(cfg.run.out)
     precision = resolve_precision(cfg.optim.precision)
     accelerator = make_accelerator(precision, cfg.optim.grad_accum)
+    lock = None
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
+        lock = lock_run_folder(out)
+        if hold is not None:
+            hold.callback(lock.close)
         check_run_folder(out, cfg, resume)
     world = accelerator.num_processes
     if cfg.optim.batch_size % world:
@@ -238,9 +260,11 @@ def setup(cfg: TrainConfig, resume: bool) -> Session:
         log.info("resumed %s at epoch %d, step %d", out, state.epoch, state.step)
     if accelerator.is_main_process:  # written once the run's inputs have been checked: it marks the folder
         atomic_write_text(out / CONFIG_FILE, cfg.dump())
-    return Session(
+    session = Session(
         cfg, out, accelerator, precision, splits, cipher, pipeline, block, data_seed, model, optimizer, schedule, state
     )
+    session.lock = lock
+    return session
 
 
 def make_schedule(cfg: TrainConfig, n_train: int, base_lrs: list[float]) -> Schedule:
@@ -267,6 +291,8 @@ def train_epoch(s: Session, epoch: int, on_step: StepCallback | None) -> dict[st
     t0 = time.perf_counter()
     for i in bar:
         step = epoch * sched.steps_per_epoch + i
+        if s.stop_signal is not None and step % o.grad_accum == 0:  # between optimiser steps
+            _stop(s, RunState(**{**vars(s.state), "epoch": epoch, "step": step, "partial": dict(sums)}))
         gen = torch.Generator().manual_seed(s.data_seed * 1_000_003 + step * 97 + rank)
         images, labels = get_batch(s.splits.train, order[i * o.batch_size : (i + 1) * o.batch_size], rank, world)
         images, labels = images.to(acc.device), labels.to(acc.device)
@@ -373,9 +399,53 @@ def train(cfg: TrainConfig, resume: bool = False, on_step: StepCallback | None =
 
     ``on_step(step, model)`` is called on the main process after every optimiser step with the
     unwrapped model (e.g. to watch a tensor as training proceeds, as ``ppvit.audit`` does).
+    The run folder is locked while it runs. In a single process, SIGTERM or SIGINT saves a
+    checkpoint at the next step and raises :class:`TrainingStopped` (``resume=True`` continues).
     """
-    session = setup(cfg, resume)
-    for epoch in range(session.state.epoch, cfg.optim.epochs):
-        sums = train_epoch(session, epoch, on_step)
-        end_epoch(session, epoch, sums)
-    return finish(session)
+    with ExitStack() as hold:
+        session = setup(cfg, resume, hold)
+        hold.enter_context(_stop_on_signals(session))
+        for epoch in range(session.state.epoch, cfg.optim.epochs):
+            sums = train_epoch(session, epoch, on_step)
+            end_epoch(session, epoch, sums)
+            if session.stop_signal is not None and epoch + 1 < cfg.optim.epochs:
+                _stop(session, None)  # end_epoch has just saved the checkpoint
+        return finish(session)
+
+
+@contextmanager
+def _stop_on_signals(s: Session) -> Iterator[None]:
+    """SIGTERM or SIGINT: finish the current step, save a checkpoint, raise :class:`TrainingStopped`.
+
+    A second signal stops at once (KeyboardInterrupt). One process only: ranks of a
+    distributed run could stop at different steps, so there the signals keep their defaults.
+    """
+    if s.accelerator.num_processes > 1 or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: object) -> None:
+        if s.stop_signal is not None:
+            raise KeyboardInterrupt
+        s.stop_signal = signum
+
+    old = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, h in old.items():
+            signal.signal(sig, h)
+
+
+def _stop(s: Session, state: RunState | None) -> None:
+    """Save ``state`` (None: the checkpoint on disk is current) and raise :class:`TrainingStopped`."""
+    ckpt = s.out / CHECKPOINT_FILE
+    if state is not None and s.main:
+        save_checkpoint(ckpt, s.unwrapped, s.optimizer, state)
+    state = state or s.state
+    step = state.step - state.epoch * s.schedule.steps_per_epoch
+    raise TrainingStopped(
+        f"stopped by {signal.Signals(s.stop_signal).name} at epoch {state.epoch + 1}, step {step}; "
+        f"checkpoint saved in {ckpt}: continue with the same command and --resume",
+        s.stop_signal,
+    )
