@@ -144,7 +144,7 @@ def start_encrypt(src: Path, dst: Path, key: Path, workers: int) -> subprocess.P
 @pytest.fixture(scope="module")
 def big_source(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Enough images that `ppvit encrypt --workers 2` takes seconds: time to interrupt it."""
-    return make_tree(tmp_path_factory.mktemp("big"), n=150, size=32, splits=("train", "test"))
+    return make_tree(tmp_path_factory.mktemp("big"), n=150, size=256, splits=("train", "test"))
 
 
 @pytest.fixture(scope="module")
