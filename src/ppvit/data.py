@@ -222,8 +222,11 @@ def load_splits(
     A folder written by ``ppvit encrypt`` (it holds a manifest) gives encrypted splits;
     the caller checks the manifest against its scheme, block size, input size and key.
     """
-    full, manifest = _load_split(data, "train")
-    test, _ = _load_split(data, "test")
+    if cifar10_path(data) is None:  # one download call gives both splits
+        (full, test), manifest = download_cifar10(), None
+    else:
+        full, manifest = _load_split(data, "train")
+        test, _ = _load_split(data, "test")
     if part:
         full = take_part(full, part)
     if train_subset:
