@@ -158,14 +158,26 @@ def keyed_embedding(
     """
     scheme = Scheme.parse(scheme)
     p = _check_model(model, scheme, block_size)
-    side = input_size(model)
+    side, channels = input_size(model), model.patch_embed.proj.in_channels
+    plan = BlockCipher(key, scheme, p).plan(side, side, channels)
+    return plan_embedding(model, plan.inverse() if inverse else plan, mean, std)
+
+
+def plan_embedding(
+    model: nn.Module, plan: Plan, mean: tuple[float, ...] | None = None, std: tuple[float, ...] | None = None
+) -> KeyedEmbedding:
+    """:func:`keyed_embedding` for a compiled plan: also a plan recovered without the key
+    (:mod:`ppvit.key_recovery`), which is how a server that broke the key starts where the key holder does."""
+    p = patch_size(model)
     proj = model.patch_embed.proj
+    side = input_size(model)
+    if plan.shape != (side, side, proj.in_channels):
+        raise ValueError(f"the plan is for {plan.shape} images, the model takes {(side, side, proj.in_channels)}")
     default_mean, default_std = normalization(model)
     mean, std = mean or default_mean, std or default_std
     if len(mean) != proj.in_channels or len(std) != proj.in_channels:
         raise ValueError(f"mean and std need {proj.in_channels} values (one per channel), got {mean} and {std}")
-    plan = BlockCipher(key, scheme, p).plan(side, side, proj.in_channels)
-    bmap = block_map(plan.inverse() if inverse else plan, p)
+    bmap = block_map(plan, p)
 
     new_w, shift = _fold(proj.weight, bmap, mean, std)
     pos = model.pos_embed
@@ -202,7 +214,11 @@ def transform_model(
     ``inverse=True`` undoes it: a model for encrypted inputs becomes one for plain inputs.
     See :func:`keyed_embedding` for the arguments.
     """
-    emb = keyed_embedding(model, key, scheme, block_size, mean, std, inverse)
+    return install_embedding(model, keyed_embedding(model, key, scheme, block_size, mean, std, inverse))
+
+
+def install_embedding(model: nn.Module, emb: KeyedEmbedding) -> nn.Module:
+    """Copy a :class:`KeyedEmbedding` into ``model`` (in place; returned)."""
     with torch.no_grad():
         model.patch_embed.proj.weight.copy_(emb.weight)
         if emb.bias is not None:
