@@ -176,8 +176,11 @@ def test_noise_gives_nothing_away() -> None:
 
 def test_refuses_what_it_cannot_attack() -> None:
     x = np.zeros((2, 16, 16, 3), dtype=np.uint8)
-    with pytest.raises(ValueError, match="covers shuffle"):
-        kr.recover_plan(x, "shuffle+negpos", 4)
+    with pytest.raises(ValueError, match="does not attack 'shuffle\\+negpos:pixel': negpos:pixel"):
+        kr.recover_plan(x, "shuffle+negpos:pixel", 4)
+    with pytest.raises(ValueError, match="rotate before shuffle"):
+        kr.recover_plan(x, "rotate+shuffle", 4)  # per-block choices inside the shared permutation
+    assert kr.unsupported("shuffle+scramble+rotate+negpos+channel") is None
     with pytest.raises(ValueError, match="not a multiple"):
         kr.recover_plan(x, "shuffle", 5)
     with pytest.raises(ValueError, match="uint8"):

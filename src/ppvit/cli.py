@@ -19,7 +19,7 @@ from pathlib import Path
 
 import yaml
 
-from . import __version__, adapters, audit, dataset_io, methods, presets, preview
+from . import __version__, adapters, audit, dataset_io, key_recovery, methods, presets, preview
 from .ciphers import BlockCipher, Scheme
 from .config import ALIASES, Setting, TrainConfig, settings
 from .data import test_images
@@ -409,7 +409,44 @@ def _add_pretrain(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_pretrain)
 
 
+def _counts(text: str, flag: str) -> list[int]:
+    """``"5,10,20"`` -> [5, 10, 20]; anything else is one clear error."""
+    try:
+        counts = [int(v) for v in text.split(",")]
+        if not counts or min(counts) < 1:
+            raise ValueError
+    except ValueError:
+        raise UserError(
+            f"{flag}: expected comma-separated positive numbers of images (e.g. 5,10,20), got {text!r}"
+        ) from None
+    return counts
+
+
+def _audit_ciphertext_only(args: argparse.Namespace) -> int:
+    ns = _counts(args.ciphertext_only, "--ciphertext-only")
+    if args.keys < 1:
+        raise UserError(f"--keys: expected a positive number of keys, got {args.keys}")
+    schemes = args.scheme or list(key_recovery.CIPHERTEXT_ONLY_SCHEMES)
+    for scheme in schemes:
+        Scheme.parse(scheme)  # a bad scheme fails before the slow part
+    keys = [Key.load(args.key)] if args.key else [Key.generate() for _ in range(args.keys)]
+    cfg = key_recovery.CiphertextOnlyConfig(
+        size=args.size,
+        block_size=args.block_size,
+        resize=args.resize,
+        images=args.images,
+        key_source="given" if args.key else "fresh (made for this audit, not saved)",
+    )
+    images = test_images(args.data, max(ns) + cfg.images)
+    report = key_recovery.ciphertext_only_audit(images, schemes, ns, keys, cfg, args.out)
+    print(key_recovery.format_ciphertext_only(report))
+    print(f"written: {args.out}/audit.json, ciphertext-only.png")
+    return 0
+
+
 def _audit(args: argparse.Namespace) -> int:
+    if args.ciphertext_only is not None:
+        return _audit_ciphertext_only(args)
     key = Key.load(args.key) if args.key else Key.generate()
     cfg = audit.AuditConfig(
         schemes=tuple(args.scheme or audit.AuditConfig.schemes),
@@ -459,6 +496,14 @@ def _add_audit(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--adapter", action="append", help="run folder of an adapter trained on encrypted images (repeat)")
     p.add_argument("--watch", metavar="CONFIG", help="train this run config and match weights as it trains")
     p.add_argument("--every", type=int, default=20, help="with --watch: match every N steps (default 20)")
+    p.add_argument(
+        "--ciphertext-only",
+        metavar="N1,N2,...",
+        help="instead: recover keys from N ciphertexts alone, per scheme (default shuffle, shuffle+scramble) and N",
+    )
+    p.add_argument(
+        "--keys", type=int, default=3, help="with --ciphertext-only and no --key: fresh keys per N (default 3)"
+    )
     p.add_argument("--out", default="audit-out", help="folder for audit.json and audit.png (default audit-out)")
     p.set_defaults(func=_audit)
 

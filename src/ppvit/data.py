@@ -144,12 +144,17 @@ def _save_npz(path: Path, ds: ArrayDataset) -> None:
 
 
 def test_images(data: str | os.PathLike | None, n: int) -> np.ndarray:
-    """``n`` CIFAR-10 test images (class-balanced, fixed choice) as NHWC uint8: audit material."""
+    """``n`` CIFAR-10 test images (class-balanced, fixed choice) as NHWC uint8: audit material.
+
+    They come in a fixed random order (not grouped by class), so that any leading part of
+    them (an attacker's images) and the rest (held-out ones) both mix the classes.
+    """
     source = cifar10_path(data)
     ds = load_image_folder(source, "test") if source else download_cifar10()[1]
     if n > len(ds):
         raise ValueError(f"{source or 'CIFAR-10'}: {len(ds)} test images, {n} needed")
-    return stratified_subset(ds, n, seed=0).images
+    images = stratified_subset(ds, n, seed=0).images
+    return images[np.random.default_rng(0).permutation(len(images))]
 
 
 def split_train_val(ds: ArrayDataset, val_fraction: float, seed: int) -> tuple[ArrayDataset, ArrayDataset]:
