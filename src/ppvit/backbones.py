@@ -35,9 +35,17 @@ SMALL_VITS: dict[str, tuple[dict[str, Any], str]] = {
         "a 2-block, 48-dim ViT for tests and smoke runs",
     ),
 }
-default_cfgs = generate_default_cfgs(  # read by timm's register_model: mean = std = 0.5, as ViT-Tiny's
+default_cfgs = generate_default_cfgs(  # read by timm's register_model: mean = std = 0.5 and the head, as ViT-Tiny's
     {
-        name: dict(url="", num_classes=1000, input_size=(3, 32, 32), mean=(0.5,) * 3, std=(0.5,) * 3, description=text)
+        name: dict(
+            url="",
+            num_classes=1000,
+            input_size=(3, 32, 32),
+            mean=(0.5,) * 3,
+            std=(0.5,) * 3,
+            classifier="head",
+            description=text,
+        )
         for name, (_, text) in SMALL_VITS.items()
     }
 )

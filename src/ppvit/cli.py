@@ -21,6 +21,7 @@ import yaml
 
 from . import __version__, adapters, audit, dataset_io, key_recovery, methods, presets, preview
 from .ciphers import BlockCipher, Scheme
+from .commands_serve import add_client, add_serve
 from .config import ALIASES, Setting, TrainConfig, settings
 from .data import test_images
 from .inference import evaluate_adapter, predict_files
@@ -523,6 +524,8 @@ PARSERS = [
     _add_pretrain,
     _add_reproduce,
     _add_audit,
+    add_serve,
+    add_client,
 ]
 
 

@@ -93,20 +93,24 @@ def predict_files(
     """(file, predicted class, probability) per image file; plain files are resized then encrypted."""
     model, meta = load_adapter(adapter_dir, weights)
     pipeline = adapter_pipeline(meta, model, key, encrypted)
-    size, arrays = input_size(model), []
-    for f in files:
-        try:
-            item = decode(f, Path(f).read_bytes())
-        except OSError as exc:
-            raise ValueError(f"image {f}: cannot be read ({exc.strerror})") from None
-        if item.error:
-            raise ValueError(f"image {f}: {item.error}")
-        image = item.image
-        if image.size != (size, size):
-            if encrypted:
-                raise ValueError(f"image {f}: is {image.size[0]}x{image.size[1]}, the model takes {size}x{size}")
-            image = image.resize((size, size), Image.Resampling.BICUBIC)
-        arrays.append(torch.from_numpy(np.asarray(image).copy()))
+    size = input_size(model)
+    arrays = [torch.from_numpy(read_image(f, size, resize=not encrypted)) for f in files]
     probs = model.eval()(pipeline(torch.stack(arrays), train=False)).softmax(-1)
     classes = meta.classes or [str(i) for i in range(meta.num_classes)]
     return [(f, classes[int(p.argmax())], float(p.max())) for f, p in zip(files, probs, strict=True)]
+
+
+def read_image(path: str | os.PathLike, size: int, resize: bool = True) -> np.ndarray:
+    """An image file as (size, size, 3) uint8: plain images are resized (bicubic), ciphertext must fit already."""
+    try:
+        item = decode(str(path), Path(path).read_bytes())
+    except OSError as exc:
+        raise ValueError(f"image {path}: cannot be read ({exc.strerror})") from None
+    if item.error:
+        raise ValueError(f"image {path}: {item.error}")
+    image = item.image
+    if image.size != (size, size):
+        if not resize:
+            raise ValueError(f"image {path}: is {image.size[0]}x{image.size[1]}, the model takes {size}x{size}")
+        image = image.resize((size, size), Image.Resampling.BICUBIC)
+    return np.asarray(image).copy()

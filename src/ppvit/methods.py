@@ -42,6 +42,13 @@ LoraTargets = Literal["qv", "qkv", "all"]
 ADAPTER = "default"
 
 
+def qv_stacked(weight: torch.Tensor) -> torch.Tensor:
+    """``(2, d, r)`` [B_q, B_v] as the ``(3d, 2r)`` matrix [[B_q, 0], [0, 0], [0, B_v]] (k rows zero)."""
+    b_q, b_v = weight[0], weight[1]
+    d, r = b_q.shape
+    return torch.cat([F.pad(b_q, (0, r)), b_q.new_zeros(d, 2 * r), F.pad(b_v, (r, 0))])
+
+
 class QVLoraB(nn.Module):
     """LoRA's B for a fused qkv layer: (..., 2r) -> (..., 3d) with zeros in the k rows.
 
@@ -60,8 +67,7 @@ class QVLoraB(nn.Module):
         Why one matrix: a single matmul writes the (..., 3d) update directly, where two matmuls
         and a concatenation with zeros cost a measurable share of the step (BENCHMARKS.md).
         """
-        b_q, b_v = self.weight[0], self.weight[1]
-        return torch.cat([F.pad(b_q, (0, self.r)), b_q.new_zeros(self.dim, 2 * self.r), F.pad(b_v, (self.r, 0))])
+        return qv_stacked(self.weight)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return F.linear(h, self.stacked())
