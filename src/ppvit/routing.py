@@ -41,7 +41,8 @@ class RoutedAdapter:
     """One client's tensors in the layout routing gathers from.
 
     ``lora`` maps a Linear's path (``blocks.0.attn.qkv``) to ``(A, B)``: ``A`` is ``R x in``,
-    ``B`` is ``out x R`` with the LoRA scale folded in (q/v LoRA as its stacked ``3d x 2r`` form).
+    ``B`` is ``out x R`` with the LoRA scale folded in; q/v LoRA keeps its ``(2, d, r)`` B
+    (:class:`~ppvit.methods.QVLoraB`), stacked to ``3d x 2r`` only when a batch gathers it.
     """
 
     meta: AdapterMeta
@@ -79,17 +80,10 @@ def routed_adapter(meta: AdapterMeta, tensors: dict[str, torch.Tensor], base: nn
         a, b = rest.pop(name), rest.pop(f"{path}.lora_B.{ADAPTER}.weight", None)
         if b is None:
             raise NotRoutable(f"LoRA of {path} has an A but no B")
-        b = qv_stacked(b) if b.ndim == 3 else b
         linear = _submodule(base, path)
-        if (
-            not isinstance(linear, nn.Linear)
-            or a.shape[1] != linear.in_features
-            or b.shape
-            != (
-                linear.out_features,
-                a.shape[0],
-            )
-        ):
+        full_b = qv_stacked(b) if b.ndim == 3 else b  # q/v LoRA stays (2, d, r) in memory: a third of the stacked size
+        fits = isinstance(linear, nn.Linear) and a.shape[1] == linear.in_features
+        if not fits or full_b.shape != (linear.out_features, a.shape[0]):
             raise NotRoutable(f"LoRA of {path} ({tuple(a.shape)}, {tuple(b.shape)}) does not fit the backbone")
         lora[path] = (a.float().contiguous(), (b.float() * scale).contiguous())
     head_w, head_b = rest.pop("head.weight", None), rest.pop("head.bias", None)
@@ -221,6 +215,7 @@ class RoutedViT(nn.Module):
         factors = {}
         for path in sorted({p for a in adapters for p in a.lora}):
             pairs = [a.lora.get(path) for a in adapters]
+            pairs = [None if p is None else (p[0], qv_stacked(p[1]) if p[1].ndim == 3 else p[1]) for p in pairs]
             some = next(p for p in pairs if p is not None)
             rank = max(p[0].shape[0] for p in pairs if p is not None)
             a_all = torch.zeros(len(adapters), rank, some[0].shape[1], device=device)

@@ -1,0 +1,216 @@
+"""Serving many tenants: the routed forward against a merged model and a per-adapter split, and a loopback load test.
+
+1. In process, fp32, ``--batch`` images from ``--batch`` different lora-pe tenants (ImageNet
+   ViT-Ti/16 at ``--size``; adapters with random tensors of the real shapes):
+   routed (one forward, per-sample adapters) vs one merged model on the same batch (the
+   ceiling: one client, no routing) vs the batch split per adapter (PEFT's ``adapter_names``
+   way: one forward per tenant). Interleaved repeats, median seconds per batch.
+2. Loopback: ``ppvit serve`` on 127.0.0.1 with ``--tenants`` registered lora-pe adapters,
+   ``--clients`` concurrent asyncio clients sending one-image requests for ``--seconds``:
+   requests/s, p50/p99 latency, errors.
+3. Memory: bytes per resident adapter, adapters per GiB, and the same arithmetic for ViT-B/16.
+
+Usage:
+    python benchmarks/bench_serve.py [--weights $PPVIT_WEIGHTS] [--size 112] [--batch 64] [--repeats 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import os
+import statistics
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+import numpy as np
+import torch
+import uvicorn
+
+from ppvit.adapters import AdapterMeta, file_sha256, save_adapter
+from ppvit.backbones import WEIGHTS_ENV, create_backbone
+from ppvit.methods import apply_method, count_params, merge_adapters, method_config
+from ppvit.routing import RoutedViT, routed_adapter
+from ppvit.server import ServeConfig, create_app
+from ppvit.tenants import TenantStore
+
+MODEL = "vit_tiny_patch16_224"
+
+
+def make_adapter(weights: str | None, size: int, seed: int) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+    """A lora-pe model with random trained tensors (LoRA B non-zero, so the update costs what it costs)."""
+    torch.manual_seed(seed)
+    model = apply_method(
+        create_backbone(MODEL, num_classes=10, weights=weights, img_size=size), method_config("lora-pe")
+    )
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.02)
+    return model, {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def seconds(fn: Callable[[], None]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def in_process(args: argparse.Namespace) -> None:
+    base = create_backbone(MODEL, num_classes=10, weights=args.weights, img_size=args.size)
+    meta = AdapterMeta(MODEL, 10, method_config("lora-pe").to_dict(), model_kwargs={"img_size": args.size})
+    adapters = []
+    for i in range(args.batch):
+        model, tensors = make_adapter(args.weights, args.size, i)
+        if i == 0:
+            merged = merge_adapters(model).eval()  # tenant 0 alone: a plain timm model
+        adapters.append(routed_adapter(meta, tensors, base))
+    routed = RoutedViT(base)
+    x = torch.randn(args.batch, 3, args.size, args.size)
+    index = torch.arange(args.batch)
+    one = torch.zeros(1, dtype=torch.long)
+
+    def run_routed() -> None:
+        routed(x, adapters, index)
+
+    def run_merged() -> None:
+        with torch.no_grad():
+            merged(x)
+
+    def run_split() -> None:
+        for i in range(args.batch):
+            routed(x[i : i + 1], [adapters[i]], one)
+
+    for fn in (run_routed, run_merged, run_split):  # warm-up
+        fn()
+    times: dict[str, list[float]] = {"routed": [], "merged": [], "split": []}
+    for _ in range(args.repeats):  # interleaved: drifts of a shared machine hit all three alike
+        times["routed"].append(seconds(run_routed))
+        times["merged"].append(seconds(run_merged))
+        times["split"].append(seconds(run_split))
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print(f"\n## in-process, {args.batch} images from {args.batch} lora-pe tenants, ViT-Ti/16 at {args.size}, fp32")
+    print(f"| variant | s / batch (median of {args.repeats}) | images/s |\n|---|---:|---:|")
+    for k, v in med.items():
+        print(f"| {k} | {v:.4f} | {args.batch / v:.0f} |")
+    print(f"\nrouted / merged throughput: {med['merged'] / med['routed']:.3f}  (target >= 0.8)")
+    print(f"routed / split-per-adapter throughput: {med['split'] / med['routed']:.2f}  (target >= 3)")
+    nbytes = adapters[0].nbytes
+    print(f"\nresident lora-pe adapter, ViT-Ti/16 at {args.size}: {nbytes:,} bytes -> {2**30 // nbytes:,} per GiB")
+    vitb = count_params(apply_method(_meta_vit_b(), method_config("lora-pe"))).trainable
+    print(
+        f"ViT-B/16 lora-pe (10 classes): {vitb:,} values = {4 * vitb:,} bytes fp32 -> {2**32 // (4 * vitb):,} in 4 GiB"
+    )
+
+
+def _meta_vit_b() -> torch.nn.Module:
+    with torch.device("meta"):
+        return create_backbone("vit_base_patch16_224", num_classes=10)
+
+
+class LiveServer(threading.Thread):
+    def __init__(self, root: Path, port: int, window_ms: float) -> None:
+        super().__init__(daemon=True)
+        cfg = ServeConfig(root, window_ms=window_ms)
+        self.server = uvicorn.Server(uvicorn.Config(create_app(cfg), port=port, log_level="warning"))
+
+    def run(self) -> None:
+        self.server.run()
+
+
+async def load_test(url: str, tokens: list[str], images: list[bytes], clients: int, seconds: float) -> dict:
+    latencies: list[float] = []
+    errors = 0
+    stop = time.perf_counter() + seconds
+
+    async def client(i: int) -> None:
+        nonlocal errors
+        headers = {"Authorization": f"Bearer {tokens[i % len(tokens)]}", "Content-Type": "application/x-npy"}
+        async with httpx.AsyncClient(base_url=url, timeout=60) as http:
+            while time.perf_counter() < stop:
+                t0 = time.perf_counter()
+                r = await http.post("/v1/predict", content=images[i % len(images)], headers=headers)
+                latencies.append(time.perf_counter() - t0)
+                errors += r.status_code != 200
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(client(i) for i in range(clients)))
+    wall = time.perf_counter() - t0
+    lat = sorted(latencies)
+    return {
+        "requests": len(lat),
+        "rps": len(lat) / wall,
+        "p50_ms": 1000 * lat[len(lat) // 2],
+        "p99_ms": 1000 * lat[min(len(lat) - 1, int(0.99 * len(lat)))],
+        "errors": errors,
+    }
+
+
+def loopback(args: argparse.Namespace) -> None:
+    tmp = Path(tempfile.mkdtemp(prefix="bench-serve-"))
+    store = TenantStore(tmp / "root")
+    tokens = []
+    sha = file_sha256(args.weights) if args.weights else None
+    for i in range(args.tenants):
+        model, _ = make_adapter(args.weights, args.size, 1000 + i)
+        meta = AdapterMeta(
+            MODEL,
+            10,
+            method_config("lora-pe").to_dict(),
+            model_kwargs={"img_size": args.size},
+            weights_sha256=sha,
+            pretrained=False,
+            init_seed=None if sha else 0,
+        )
+        save_adapter(model, meta, tmp / f"t{i}")
+        tokens.append(store.add(f"t{i}", tmp / f"t{i}", args.weights))
+    rng = np.random.default_rng(0)
+    bodies = []
+    for _ in range(8):
+        buf = io.BytesIO()
+        np.save(buf, rng.integers(0, 256, (1, args.size, args.size, 3), dtype=np.uint8))
+        bodies.append(buf.getvalue())
+    port = 8765
+    server = LiveServer(tmp / "root", port, args.window_ms)
+    server.start()
+    while not server.server.started:
+        time.sleep(0.05)
+    url = f"http://127.0.0.1:{port}"
+    asyncio.run(load_test(url, tokens, bodies, args.tenants, 3))  # warm-up: every adapter loaded
+    result = asyncio.run(load_test(url, tokens, bodies, args.clients, args.seconds))
+    server.server.should_exit = True
+    server.join(30)
+    print(
+        f"\n## loopback: {args.clients} clients over {args.tenants} tenants, one image a request, "
+        f"window {args.window_ms} ms, {args.seconds:.0f} s"
+    )
+    print("| requests | requests/s | p50 ms | p99 ms | errors |\n|---:|---:|---:|---:|---:|")
+    print(
+        f"| {result['requests']} | {result['rps']:.1f} | {result['p50_ms']:.0f} | {result['p99_ms']:.0f} | "
+        f"{result['errors']} |"
+    )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--weights", default=os.environ.get(WEIGHTS_ENV), help="ViT-Ti/16 weights (default $PPVIT_WEIGHTS)")
+    ap.add_argument("--size", type=int, default=112)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--tenants", type=int, default=16)
+    ap.add_argument("--clients", type=int, default=32)
+    ap.add_argument("--seconds", type=float, default=20)
+    ap.add_argument("--window-ms", type=float, default=5)
+    args = ap.parse_args()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    in_process(args)
+    loopback(args)
+
+
+if __name__ == "__main__":
+    main()
