@@ -18,6 +18,7 @@ import signal
 import stat
 import subprocess
 import sys
+import tarfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -26,13 +27,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import adapter_tensors, train_config, train_flags
+from conftest import adapter_tensors, free_port, train_config, train_flags
 from PIL import Image
 
 from ppvit import cli, dataset_io
 from ppvit import training as ppvit_train
 from ppvit._io import atomic_write_bytes
 from ppvit.keys import Key
+from ppvit.runs import RunResult
 from ppvit.training import train
 
 # -- helpers -------------------------------------------------------------------------------------
@@ -276,6 +278,53 @@ def test_dangling_and_looping_links_are_named_and_counted(tmp_path: Path, key_fi
     assert (tmp_path / "dst" / "train" / "dog" / "alias.png").exists()
 
 
+@pytest.mark.parametrize("suffix", [".tar", ".tar.gz"])
+def test_link_members_of_an_archive_are_followed_inside_it_only_else_named_and_counted(
+    tmp_path: Path, small_source: Path, key_file: Path, capsys, suffix: str
+) -> None:
+    """Symbolic and hard links in a tar source: one to a member is that image (a good link in a folder is
+    too); one that is dangling, loops or leaves the archive is an unreadable image, named and counted. The
+    archive is read, never extracted: nothing outside it is ever opened, whatever a link says."""
+    outside = tmp_path / "outside.png"  # what an escaping link would reach if it were followed on disk
+    Image.fromarray(np.full((32, 32, 3), 7, np.uint8)).save(outside)
+    links = {  # name: (type, target)
+        "train/dog/alias.png": (tarfile.SYMTYPE, "../cat/0.png"),
+        "train/dog/hard.png": (tarfile.LNKTYPE, "train/cat/1.png"),
+        "train/cat/dangling.png": (tarfile.SYMTYPE, "nowhere.png"),
+        "train/cat/loop.png": (tarfile.SYMTYPE, "loop.png"),
+        "train/cat/absolute.png": (tarfile.SYMTYPE, str(outside)),
+        "train/cat/up.png": (tarfile.SYMTYPE, "../" * 8 + str(outside).lstrip("/")),
+        "train/cat/orphan.png": (tarfile.LNKTYPE, "train/cat/gone.png"),
+    }
+    archive = tmp_path / f"src{suffix}"
+    with tarfile.open(archive, "w:gz" if suffix == ".tar.gz" else "w") as tar:
+        tar.add(small_source, arcname=".")
+        for name, (kind, target) in links.items():
+            info = tarfile.TarInfo(name)
+            info.type, info.linkname = kind, target
+            tar.addfile(info)
+    dst = tmp_path / "dst"
+    assert encrypt(archive, dst, key_file) == 1
+    err = capsys.readouterr().err
+    expected = {
+        "train/cat/dangling.png": "symbolic link to nowhere.png: not in the archive",
+        "train/cat/loop.png": "symbolic link to loop.png: Too many levels of symbolic links",
+        "train/cat/absolute.png": f"symbolic link to {outside}: outside the archive, not followed",
+        "train/cat/up.png": "outside the archive, not followed",
+        "train/cat/orphan.png": "hard link to train/cat/gone.png: not in the archive",
+    }
+    for name, why in expected.items():
+        assert re.search(rf"{re.escape(name)}: cannot read \(.*{re.escape(why)}", err), (name, err)
+    assert f"{len(expected)} images could not be read" in err, err
+    written = {p.relative_to(dst).as_posix() for p in dst.rglob("*.png")}
+    assert written == {p.relative_to(small_source).as_posix() for p in small_source.rglob("*.png")} | {
+        "train/dog/alias.png",
+        "train/dog/hard.png",
+    }
+    assert (dst / "train/dog/alias.png").read_bytes() == (dst / "train/cat/0.png").read_bytes()
+    assert (dst / "train/dog/hard.png").read_bytes() == (dst / "train/cat/1.png").read_bytes()
+
+
 # -- 5: file modes ---------------------------------------------------------------------------------
 
 
@@ -473,3 +522,98 @@ def test_full_disk_while_checkpointing_keeps_the_previous_checkpoint(
 def _nothing(path: Path) -> Iterator[Path]:
     path.mkdir()
     yield path
+
+
+# -- 8: distributed train: a peer process dies or hangs -------------------------------------------
+
+# The victim's own fault, at its N-th batch: deterministic, whatever the machine's speed.
+PEER_FAULT = """
+import os, signal, sys
+from ppvit import cli, training
+real, calls = training.get_batch, []
+def get_batch(*args, **kwargs):
+    calls.append(1)
+    if len(calls) == {at}:
+        os.kill(os.getpid(), signal.{fault})
+    return real(*args, **kwargs)
+training.get_batch = get_batch
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def start_worker(rank: int, port: str, code: list[str], *args: str) -> subprocess.Popen:
+    """One of two processes, started as torchrun starts them but directly (as in test_distributed), so
+    that each one's exit code and stderr can be read."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2"}
+    env |= {"LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
+    argv = [sys.executable, *code, *args]
+    return subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def faulted(proc: subprocess.Popen, fault: str) -> bool:
+    if fault == "SIGKILL":
+        return proc.poll() is not None
+    try:
+        return Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "T"
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize(
+    ("fault", "victim"),
+    [pytest.param("SIGKILL", 1, marks=pytest.mark.slow), ("SIGSTOP", 0)],  # slow: 35 s
+)
+def test_a_dead_or_hung_peer_process_ends_the_other_within_the_timeout_and_resume_continues(
+    tmp_path: Path, toy_dataset: Path, key_file: Path, fault: str, victim: int
+) -> None:
+    """At its 6th step (epoch 1; the checkpoint of step 4 is on disk) one of two processes is SIGKILLed
+    (the OOM killer: its connections close) or SIGSTOPped (a hung peer: they stay open). The other exits
+    1 within --dist-timeout-s with one line, and `--resume` continues from step 4: with two processes
+    again after the SIGKILL, in one after the SIGSTOP."""
+    run, timeout = tmp_path / "run", 10
+    cfg = train_config(run, toy_dataset, key_file, epochs=2, save_every_steps=2, dist_timeout_s=timeout)
+    port = str(free_port())
+    fault_code = ["-c", PEER_FAULT.format(at=6, fault=fault)]
+    procs = [
+        start_worker(r, port, fault_code if r == victim else ["-m", "ppvit.cli"], "-q", "train", *train_flags(cfg))
+        for r in range(2)
+    ]
+    survivor, dead = procs[1 - victim], procs[victim]
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and not faulted(dead, fault) and survivor.poll() is None:
+            time.sleep(0.02)
+        assert faulted(dead, fault), f"the {fault} never came: {survivor.poll()} {dead.poll()}"
+        t0 = time.time()
+        try:
+            _, err = survivor.communicate(timeout=timeout + 50)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"rank {1 - victim} still waits for its {fault}ed peer after {time.time() - t0:.0f} s")
+        waited = time.time() - t0
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.communicate()
+    assert survivor.returncode == 1, err[-3000:]
+    assert waited < timeout + 20, waited
+    lines = err.strip().splitlines()
+    peer = r"ppvit train: error: another process of this run died or stopped answering .*--resume"
+    assert "Traceback" not in err and len(lines) == 1 and re.match(peer, lines[0]), err[-3000:]
+    assert str(run / "checkpoint.pt") in lines[0]
+    assert torch.load(run / "checkpoint.pt", weights_only=False)["step"] == 4
+
+    if fault == "SIGKILL":  # two processes again (info logs on: they say where they resume)
+        port = str(free_port())
+        procs = [start_worker(r, port, ["-m", "ppvit.cli"], "train", *train_flags(cfg), "--resume") for r in range(2)]
+        for p in procs:
+            _, err = p.communicate(timeout=300)
+            assert p.returncode == 0, err[-3000:]
+            assert f"resumed {run} at epoch 0, step 4" in err, err[-3000:]
+        assert RunResult.read(run / "result.json").processes == 2
+    else:  # one process
+        steps: list[int] = []
+        result = train(cfg, resume=True, on_step=lambda step, model: steps.append(step))
+        assert steps[0] == 5 and steps[-1] == 18  # after step 4, to the end of epoch 2
+        assert result.processes == 1
+    assert len(torch.load(run / "checkpoint.pt", weights_only=False)["history"]) == 2 and (run / "adapter").is_dir()

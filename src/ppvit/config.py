@@ -127,6 +127,13 @@ class RunConfig:
     out: str = field(default="runs/run", metadata=_help("run folder (checkpoints, metrics, adapter)"))
     seed: int = field(default=0, metadata=_help("seed for the new head and adapter initialisation (and data_seed)"))
     save_every_steps: int | None = field(default=None, metadata=_help("also checkpoint every N optimiser steps"))
+    dist_timeout_s: float = field(
+        default=60.0,
+        metadata=_help(
+            "several processes: seconds a process waits for the others in a collective before it gives up (a peer "
+            "died or hangs); raise it if one process can be busy that long alone (a large checkpoint, a slow disk)"
+        ),
+    )
     quiet: bool = field(default=False, metadata=_help("no progress bar"))
 
 
@@ -139,7 +146,7 @@ SECTIONS: dict[str, type] = {
 }
 # Old flat names of method settings (config files and flags before the schema): new name.
 ALIASES = {"lora_targets": "targets", "lora_dropout": "dropout"}
-IGNORED_ON_RESUME = ("quiet",)
+IGNORED_ON_RESUME = ("quiet", "dist_timeout_s")
 
 
 def _method_fields() -> dict[str, dataclasses.Field]:

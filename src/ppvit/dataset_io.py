@@ -14,11 +14,13 @@ and a run with another key or scheme cannot write into the same folder.
 from __future__ import annotations
 
 import ctypes
+import errno
 import io
 import itertools
 import json
 import logging
 import os
+import posixpath
 import signal
 import sys
 import tarfile
@@ -80,12 +82,15 @@ def iter_image_bytes(
     elif tarfile.is_tarfile(src):
         try:
             with tarfile.open(src, "r:*") as tar:
+                members = _TarMembers(tar)
                 for member in tar:
                     rel = member.name.removeprefix("./")
-                    if member.isfile() and _is_image(rel) and (select is None or select(rel)):
+                    if (member.isfile() or member.issym() or member.islnk()) and _is_image(rel):
+                        if select is not None and not select(rel):
+                            continue
                         if Path(rel).is_absolute() or ".." in Path(rel).parts:
                             raise ValueError(f"archive {src}: member {member.name!r} has an unsafe path; refusing it")
-                        yield rel, tar.extractfile(member).read()
+                        yield rel, members.read(member)
         except (tarfile.TarError, EOFError, zlib.error, OSError) as exc:
             raise ValueError(f"archive {src}: damaged ({exc.__class__.__name__}: {exc})") from None
     elif src.suffix.lower() in IMAGE_SUFFIXES:
@@ -116,6 +121,49 @@ def _read(path: Path) -> bytes | OSError:
                 target = "?"
             return OSError(exc.errno, f"symbolic link to {target}: {exc.strerror}")
         return exc
+
+
+class _TarMembers:
+    """Reads a tar member, following symbolic and hard links inside the archive only.
+
+    An archive is never extracted, so no link is ever resolved on the file system. A symbolic
+    link is resolved against its member's folder, a hard link against the archive's root (and
+    only to a member before it, as tar writes them). A link that leaves the archive (``/x``,
+    ``../x``), names no member, loops, or ends at something other than a file is an unreadable
+    image (an ``OSError`` value), named like a dangling link in a folder.
+    """
+
+    MAX_HOPS = 40  # as Linux's limit on nested symbolic links
+
+    def __init__(self, tar: tarfile.TarFile) -> None:
+        self.tar = tar
+        self.index: dict[str, tarfile.TarInfo] | None = None  # built at the first link: it reads every header
+
+    def _find(self, name: str) -> tarfile.TarInfo | None:
+        if self.index is None:
+            self.index = {posixpath.normpath(m.name): m for m in self.tar.getmembers()}  # the last of a name wins
+        return self.index.get(name)
+
+    def read(self, member: tarfile.TarInfo) -> bytes | OSError:
+        link = f"{'symbolic' if member.issym() else 'hard'} link to {member.linkname}"
+        target = member
+        for _ in range(self.MAX_HOPS):
+            if not (target.issym() or target.islnk()):
+                break
+            why = link if target is member else f"{link}, via {target.name} -> {target.linkname}"
+            base = posixpath.dirname(target.name) if target.issym() else ""
+            name = posixpath.normpath(posixpath.join(base, target.linkname))
+            if posixpath.isabs(target.linkname) or name == ".." or name.startswith("../"):
+                return OSError(errno.EXDEV, f"{why}: outside the archive, not followed")
+            found = self._find(name)
+            if found is None or (target.islnk() and found.offset >= target.offset):
+                return OSError(errno.ENOENT, f"{why}: not in the archive")
+            target = found
+        else:
+            return OSError(errno.ELOOP, f"{link}: {os.strerror(errno.ELOOP)}")
+        if not target.isfile():
+            return OSError(errno.EISDIR, f"{link}: not a file in the archive")
+        return self.tar.extractfile(target).read()
 
 
 def decode(relpath: str, data: bytes | OSError) -> ImageItem:

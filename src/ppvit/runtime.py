@@ -8,23 +8,55 @@ use another precision. The process group (PartialState) is kept.
 from __future__ import annotations
 
 import functools
+import re
 import resource
 import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
+import torch.distributed as dist
+from accelerate import Accelerator, InitProcessGroupKwargs
 from accelerate.state import AcceleratorState
 
 
-def make_accelerator(precision: str = "no", grad_accum: int = 1) -> Accelerator:
+def make_accelerator(precision: str = "no", grad_accum: int = 1, timeout_s: float | None = None) -> Accelerator:
     """A fresh Accelerator; ``cpu=True`` without a GPU, since only then does Accelerate run several
-    CPU processes (gloo)."""
+    CPU processes (gloo).
+
+    ``timeout_s``: how long a process of a multi-process run waits for the others (joining, and
+    in every collective) before it raises instead of waiting for ever on a peer that hangs
+    (torch's default: 30 minutes). It takes effect when the process group is created, i.e. on
+    the first call in a process.
+    """
     AcceleratorState._reset_state(reset_partial_state=False)
+    handlers = [InitProcessGroupKwargs(timeout=timedelta(seconds=timeout_s))] if timeout_s else []
     return Accelerator(
-        mixed_precision=precision, gradient_accumulation_steps=grad_accum, cpu=not torch.cuda.is_available()
+        mixed_precision=precision,
+        gradient_accumulation_steps=grad_accum,
+        cpu=not torch.cuda.is_available(),
+        kwargs_handlers=handlers,
     )
+
+
+# What gloo and NCCL say when a peer is gone or silent (they raise plain RuntimeErrors from C++).
+_PEER_LOST = re.compile(r"gloo/|nccl|connection (reset|closed|refused)|broken pipe|timed out", re.IGNORECASE)
+
+
+def peer_failure(exc: BaseException) -> str | None:
+    """A short reason when ``exc`` says another process of a multi-process run died or stopped
+    answering (a lost connection, a collective's or the rendezvous's timeout), else None."""
+    if not dist.is_available():
+        return None
+    text = str(exc)
+    several = dist.is_initialized() and dist.get_world_size() > 1
+    if not (isinstance(exc, dist.DistError) or (several and isinstance(exc, RuntimeError) and _PEER_LOST.search(text))):
+        return None
+    if re.search(r"timed out|timeout", text, re.IGNORECASE):
+        return "no answer within the timeout"
+    found = re.search(r"connection (reset|closed|refused)[a-z ]*|broken pipe", text, re.IGNORECASE)
+    return found.group(0).strip().lower() if found else exc.__class__.__name__
 
 
 def resolve_precision(precision: str) -> str:

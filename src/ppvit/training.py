@@ -60,7 +60,7 @@ from .runs import (
     save_checkpoint,
     write_metrics,
 )
-from .runtime import make_accelerator, peak_rss_mb, resolve_precision
+from .runtime import make_accelerator, peak_rss_mb, peer_failure, resolve_precision
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +69,11 @@ StepCallback = Callable[[int, torch.nn.Module], None]
 
 class TrainingDiverged(RuntimeError):
     """The loss stopped being finite; the last good checkpoint is kept."""
+
+
+class PeerProcessFailed(ConnectionError):
+    """Another process of a multi-process run died or stopped answering; ``--resume`` continues
+    from the last checkpoint. A ``ConnectionError``: the CLI reports it in one line, exit 1."""
 
 
 class TrainingStopped(RuntimeError):
@@ -223,7 +228,7 @@ def setup(cfg: TrainConfig, resume: bool, hold: ExitStack | None = None) -> Sess
     """
     out = Path(cfg.run.out)
     precision = resolve_precision(cfg.optim.precision)
-    accelerator = make_accelerator(precision, cfg.optim.grad_accum)
+    accelerator = make_accelerator(precision, cfg.optim.grad_accum, cfg.run.dist_timeout_s)
     lock = None
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
@@ -401,16 +406,30 @@ def train(cfg: TrainConfig, resume: bool = False, on_step: StepCallback | None =
     unwrapped model (e.g. to watch a tensor as training proceeds, as ``ppvit.audit`` does).
     The run folder is locked while it runs. In a single process, SIGTERM or SIGINT saves a
     checkpoint at the next step and raises :class:`TrainingStopped` (``resume=True`` continues).
+    With several processes, one that dies or hangs makes the others raise :class:`PeerProcessFailed`
+    within ``cfg.run.dist_timeout_s`` (at once when its connections close) instead of waiting for ever.
     """
-    with ExitStack() as hold:
-        session = setup(cfg, resume, hold)
-        hold.enter_context(_stop_on_signals(session))
-        for epoch in range(session.state.epoch, cfg.optim.epochs):
-            sums = train_epoch(session, epoch, on_step)
-            end_epoch(session, epoch, sums)
-            if session.stop_signal is not None and epoch + 1 < cfg.optim.epochs:
-                _stop(session, None)  # end_epoch has just saved the checkpoint
-        return finish(session)
+    try:
+        with ExitStack() as hold:
+            session = setup(cfg, resume, hold)
+            hold.enter_context(_stop_on_signals(session))
+            for epoch in range(session.state.epoch, cfg.optim.epochs):
+                sums = train_epoch(session, epoch, on_step)
+                end_epoch(session, epoch, sums)
+                if session.stop_signal is not None and epoch + 1 < cfg.optim.epochs:
+                    _stop(session, None)  # end_epoch has just saved the checkpoint
+            return finish(session)
+    except RuntimeError as exc:  # gloo and NCCL raise plain RuntimeErrors; torch's DistError is one
+        reason = peer_failure(exc)
+        if reason is None:
+            raise
+        ckpt = Path(cfg.run.out) / CHECKPOINT_FILE
+        last = f"the last checkpoint is {ckpt}" if ckpt.exists() else "no checkpoint was saved yet"
+        raise PeerProcessFailed(
+            f"another process of this run died or stopped answering ({reason}; --dist-timeout-s "
+            f"{cfg.run.dist_timeout_s:g}), so this one stopped too; {last}: start every process again with "
+            "the same command and --resume"
+        ) from None
 
 
 @contextmanager
