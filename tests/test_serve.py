@@ -10,6 +10,7 @@ what ``ppvit predict`` runs).
 from __future__ import annotations
 
 import io
+import shutil
 import subprocess
 import sys
 import threading
@@ -399,3 +400,94 @@ def test_shutdown_answers_requests_in_flight(world: dict, tmp_path: Path) -> Non
         server.__exit__()
         answer = pending.result(timeout=30)
     assert len(answer) == 2
+
+
+# -- faults (issue 16): damaged or removed adapters, a killed server, a client that goes away ----------
+
+
+def test_adapter_damaged_or_removed_while_serving_fails_that_tenant_only(world: dict, tmp_path: Path) -> None:
+    store = TenantStore(tmp_path / "root")
+    tokens = {t: store.add(t, world["runs"][t]) for t in ("alice", "bob", "carol")}
+    images = list(world["images"][:2])
+    # a 1-byte cache budget keeps only the last adapter: each tenant's next request reads its files again
+    with LiveServer(ServeConfig(tmp_path / "root", window_ms=1, cache_bytes=1)) as server:
+        clients = {t: Client(server.url, tok) for t, tok in tokens.items()}
+        for t, c in clients.items():
+            c.predict(images, key_of(world, t))
+        (tmp_path / "root" / "adapters" / "alice" / "v1" / WEIGHTS_NAME).write_bytes(b"\0" * 100)
+        shutil.rmtree(tmp_path / "root" / "adapters" / "bob")
+        for t in ("alice", "bob"):
+            with pytest.raises(ServerError) as err:
+                clients[t].predict(images, key_of(world, t))
+            assert err.value.status == 503 and t in str(err.value)
+        assert len(clients["carol"].predict(images, None)) == 2
+        assert httpx.get(f"{server.url}/healthz").json()["status"] == "ok"
+
+
+def _serve_process(root: Path, port: int) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "ppvit.cli", "serve", "--root", str(root), "--port", str(port), "--window-ms", "20"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        assert proc.poll() is None, proc.stderr.read().decode()
+        assert time.monotonic() < deadline, "server did not start"
+        time.sleep(0.2)
+
+
+def test_server_killed_under_load_then_restarted_never_answers_with_another_tenants_model(
+    world: dict, tmp_path: Path
+) -> None:
+    store = TenantStore(tmp_path / "root")
+    tenants = ("alice", "bob", "carol")
+    tokens = {t: store.add(t, world["runs"][t]) for t in tenants}
+    images = world["images"][:2]
+    expected = {t: reference_logits(world, t, images).softmax(-1) for t in tenants}
+    port = free_port()
+    proc = _serve_process(tmp_path / "root", port)
+    url = f"http://127.0.0.1:{port}"
+    answers: list[tuple[str, dict]] = []
+    stop = threading.Event()
+
+    def load(t: str) -> None:
+        c = Client(url, tokens[t], timeout=10)
+        ct = c.encrypt(list(images), key_of(world, t))
+        while not stop.is_set():
+            try:
+                answers.append((t, {"p": [p.probabilities for p in c.predict_ciphertext(ct)]}))
+            except ServerError:
+                time.sleep(0.05)  # refused or cut off by the kill: allowed; a wrong answer is not
+
+    with ThreadPoolExecutor(len(tenants)) as pool:
+        for t in tenants:
+            pool.submit(load, t)
+        time.sleep(3)
+        proc.kill()
+        proc.wait(10)
+        served_before = len(answers)
+        proc = _serve_process(tmp_path / "root", port)  # restarted: the same tenants, from SQLite
+        time.sleep(3)
+        stop.set()
+    proc.terminate()
+    proc.wait(30)
+    assert served_before > 0 and len(answers) > served_before
+    for t, answer in answers:
+        np.testing.assert_allclose(answer["p"], expected[t].numpy(), atol=1e-4, err_msg=f"tenant {t}")
+
+
+def test_a_client_that_goes_away_mid_request_harms_nobody(world: dict, tmp_path: Path) -> None:
+    store = TenantStore(tmp_path / "root")
+    token = store.add("carol", world["runs"]["carol"])
+    with LiveServer(ServeConfig(tmp_path / "root", window_ms=400)) as server:
+        c = Client(server.url, token)
+        ct = c.encrypt(list(world["images"][:2]), None)
+        impatient = Client(server.url, token, timeout=0.1)
+        with pytest.raises(ServerError):  # gives up while its request waits in the batching window
+            impatient.predict_ciphertext(ct)
+        time.sleep(0.6)  # the forward it was part of has run and found nobody to answer
+        assert len(c.predict_ciphertext(ct)) == 2
+        assert httpx.get(f"{server.url}/healthz").status_code == 200
