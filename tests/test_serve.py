@@ -491,3 +491,19 @@ def test_a_client_that_goes_away_mid_request_harms_nobody(world: dict, tmp_path:
         time.sleep(0.6)  # the forward it was part of has run and found nobody to answer
         assert len(c.predict_ciphertext(ct)) == 2
         assert httpx.get(f"{server.url}/healthz").status_code == 200
+
+
+def test_a_request_in_flight_finishes_on_the_version_it_started_with(world: dict, tmp_path: Path) -> None:
+    store = TenantStore(tmp_path / "root")
+    token = store.add("carol", world["runs"]["carol"])
+    body = _npy(world["images"][:1])
+    headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/x-npy"}
+    with LiveServer(ServeConfig(tmp_path / "root", window_ms=500)) as server, ThreadPoolExecutor(1) as pool:
+        first = pool.submit(httpx.post, f"{server.url}/v1/predict", content=body, headers=headers, timeout=30)
+        time.sleep(0.25)  # resolved to version 1, waiting in the batching window
+        assert store.set_adapter("carol", world["runs"]["bob"]) == 2
+        old = first.result()
+        new = httpx.post(f"{server.url}/v1/predict", content=body, headers=headers, timeout=30)
+    assert (old.json()["version"], new.json()["version"]) == (1, 2)
+    expected_old = reference_logits(world, "carol", world["images"][:1]).softmax(-1)
+    np.testing.assert_allclose(old.json()["predictions"][0]["probabilities"], expected_old[0].numpy(), atol=1e-5)
