@@ -438,7 +438,7 @@ def _audit_ciphertext_only(args: argparse.Namespace) -> int:
         images=args.images,
         key_source="given" if args.key else "fresh (made for this audit, not saved)",
     )
-    images = test_images(args.data, max(ns) + cfg.images)
+    images = test_images(args.data, max(ns) * len(keys) + cfg.images)  # own attack images per key
     report = key_recovery.ciphertext_only_audit(images, schemes, ns, keys, cfg, args.out)
     print(key_recovery.format_ciphertext_only(report))
     print(f"written: {args.out}/audit.json, ciphertext-only.png")

@@ -1048,21 +1048,25 @@ def ciphertext_only_audit(
 ) -> dict[str, Any]:
     """Ciphertext-only key recovery per scheme, number of ciphertexts N and key, scored on held-out images.
 
-    ``images``: NHWC uint8 plain images (upscaled to ``cfg.size``), a mix of classes: the first
-    ``max(ns)`` are the attacker's (it sees only their encryptions, the first N of them), the
-    last ``cfg.images`` are held out. A scheme :func:`recover_plan` does not attack is reported
-    as ``"not attacked: <reason>"``. Keys appear only by fingerprint. With ``out``, writes
-    ``audit.json`` (the report under ``"ciphertext_only"``) and ``ciphertext-only.png``.
+    ``images``: NHWC uint8 plain images (upscaled to ``cfg.size``), a mix of classes. Key ``k``
+    attacks the encryptions of images ``k*M .. k*M+N`` (``M = max(ns)``) when there are
+    ``len(keys)*M`` of them besides the held-out ones, so that keys are independent trials,
+    else all keys share the first ``M``; the last ``cfg.images`` are held out. A scheme
+    :func:`recover_plan` does not attack is reported as ``"not attacked: <reason>"``. Keys appear
+    only by fingerprint. With ``out``, writes ``audit.json`` (the report under ``"ciphertext_only"``)
+    and ``ciphertext-only.png``.
     """
     ns = sorted(set(ns))
     if not ns or min(ns) < 1:
         raise ValueError(f"numbers of ciphertexts must be positive, got {list(ns)}")
     if not keys:
         raise ValueError("no key to attack")
-    images = upscale(images, cfg.size, cfg.resize)
-    if len(images) < max(ns) + cfg.images or cfg.images < 1:
+    if cfg.images < 1 or len(images) < max(ns) + cfg.images:
         raise ValueError(f"need {max(ns)} attack images plus {max(cfg.images, 1)} held out, got {len(images)}")
-    attack, held = images[: max(ns)], images[len(images) - cfg.images :]
+    # each key gets its own attack images while there are enough (independent trials), else they share
+    own = (len(images) - cfg.images) // (max(ns) * len(keys)) > 0
+    images = upscale(images, cfg.size, cfg.resize)
+    held = images[len(images) - cfg.images :]
     p = cfg.block_size
     results: list[dict[str, Any]] = []
     figures: dict[str, dict[str, np.ndarray]] = {}
@@ -1077,6 +1081,8 @@ def ciphertext_only_audit(
         for n in ns:
             runs = []
             for k, key in enumerate(keys):
+                start = k * max(ns) if own else 0
+                attack = images[start : start + max(ns)]
                 truth = compile_plan(key, scheme, p, images.shape[1:])
                 t0 = time.perf_counter()
                 guess = recover_plan(truth.apply_numpy(attack[:n]), scheme, p, seed=np.random.default_rng(cfg.seed))
@@ -1101,6 +1107,7 @@ def ciphertext_only_audit(
             "block_size": cfg.block_size,
             "resize": cfg.resize,
             "attack_images": max(ns),
+            "attack_images_per_key": "own" if own else "shared",
             "held_out_images": cfg.images,
             "keys": cfg.key_source,
             "key_fingerprints": [k.fingerprint for k in keys],
