@@ -16,7 +16,7 @@ venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check torch==2.14.1 torchvision==0.29.1
-	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev,serve]'
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev,serve,data,track]'
 	touch $@
 
 # The paper's comparison at CPU scale, reduced (about 15 minutes); rerun to continue an interrupted one.

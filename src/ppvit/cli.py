@@ -28,6 +28,7 @@ from .inference import evaluate_adapter, predict_files
 from .keys import Key, KeyFileError
 from .model_transform import transform_weights_file
 from .runs import adapter_dir
+from .sources import Columns
 from .training import TrainingStopped, train
 
 
@@ -126,14 +127,27 @@ def _encrypt(args: argparse.Namespace) -> int:
     cipher = BlockCipher(Key.load(args.key), args.scheme, args.block_size)
     with _stop_on_sigterm():
         summary = dataset_io.encrypt_collection(
-            args.src, args.dst, cipher, size=args.size, fmt=args.format, workers=args.workers, progress=not args.quiet
+            args.src,
+            args.dst,
+            cipher,
+            size=args.size,
+            fmt=args.format,
+            workers=args.workers,
+            progress=not args.quiet,
+            columns=Columns(args.image_column, args.label_column),
+            shard_size=args.shard_size,
         )
     return _report(summary, "encrypted", args.dst)
 
 
 def _add_encrypt(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("encrypt", help="encrypt a folder tree, image or tar archive of images")
-    p.add_argument("src", help="folder tree (ImageFolder layout), single image, or tar/tar.gz archive")
+    p = sub.add_parser("encrypt", help="encrypt images: ImageFolder tree or tar, HF dataset, WebDataset shards")
+    p.add_argument(
+        "src",
+        help="folder tree (ImageFolder layout), single image, tar/tar.gz archive, Hugging Face dataset "
+        "(save_to_disk folder or parquet file/folder), or WebDataset shards (.tar with KEY.jpg + KEY.cls, "
+        "a folder of them, or a brace pattern such as 'shards/train-{000..009}.tar')",
+    )
     p.add_argument("dst", help="output folder (created); the source layout is kept")
     _scheme_args(p)
     p.add_argument("--size", type=int, help="resize to SIZE x SIZE first (the model input size)")
@@ -141,8 +155,16 @@ def _add_encrypt(sub: argparse._SubParsersAction) -> None:
         "--format",
         default="png",
         type=lambda f: dataset_io.OLD_FORMATS.get(f, f),
-        help="png (one file per image) or npz (uint8 shards per split; npy is an old name for it)",
+        help="png (one file per image), npz (uint8 shards per split; npy is an old name for it) or wds "
+        "(WebDataset tar shards of PNG + .cls per split, streamed by `ppvit train`)",
     )
+    p.add_argument(
+        "--shard-size",
+        type=int,
+        help=f"--format wds: images per shard (default {dataset_io.WDS_SHARD_SIZE})",
+    )
+    p.add_argument("--image-column", help="Hugging Face dataset: the image column (default: the Image feature)")
+    p.add_argument("--label-column", help="Hugging Face dataset: the label column (default: the ClassLabel feature)")
     p.add_argument("--workers", type=int, default=1, help="processes to use")
     p.set_defaults(func=_encrypt)
 

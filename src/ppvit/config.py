@@ -61,9 +61,20 @@ class DataConfig:
     data: str | None = field(
         default=None,
         metadata=_help(
-            "ImageFolder folder/tar with train/ and test/, `ppvit encrypt` output, or cifar10 (download); "
+            "ImageFolder folder/tar with train/ and test/, a Hugging Face dataset (save_to_disk folder or parquet), "
+            "WebDataset shards (.tar, folder or brace pattern), `ppvit encrypt` output, or cifar10 (download); "
             "default $PPVIT_CIFAR10"
         ),
+    )
+    image_column: str | None = field(
+        default=None, metadata=_help("Hugging Face dataset: the image column (default: the Image feature)")
+    )
+    label_column: str | None = field(
+        default=None, metadata=_help("Hugging Face dataset: the label column (default: the ClassLabel feature)")
+    )
+    loader_workers: int = field(
+        default=0,
+        metadata=_help("`ppvit encrypt --format wds` data: processes reading the shards (0: the training process)"),
     )
     val_fraction: float = field(default=0.1, metadata=_help("share of the training set held out for model selection"))
     part: str | None = field(
@@ -134,6 +145,10 @@ class RunConfig:
             "died or hangs); raise it if one process can be busy that long alone (a large checkpoint, a slow disk)"
         ),
     )
+    report_to: Literal["none", "tensorboard", "wandb", "mlflow"] = field(
+        default="none",
+        metadata=_help("also log each epoch's metrics to this tracker through Accelerate (its library installed)"),
+    )
     quiet: bool = field(default=False, metadata=_help("no progress bar"))
 
 
@@ -146,7 +161,7 @@ SECTIONS: dict[str, type] = {
 }
 # Old flat names of method settings (config files and flags before the schema): new name.
 ALIASES = {"lora_targets": "targets", "lora_dropout": "dropout"}
-IGNORED_ON_RESUME = ("quiet", "dist_timeout_s")
+IGNORED_ON_RESUME = ("quiet", "dist_timeout_s", "report_to")
 
 
 def _method_fields() -> dict[str, dataclasses.Field]:

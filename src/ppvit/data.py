@@ -19,9 +19,9 @@ shuffling, a box made of whole blocks is the ciphertext of the plain cutmix).
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -33,7 +33,9 @@ from torchvision.datasets import CIFAR10
 
 from ._io import atomic_write
 from .ciphers import BlockCipher
-from .dataset_io import MANIFEST_NAME, Manifest, iter_images, load_encrypted_split, read_manifest
+from .dataset_io import MANIFEST_NAME, Manifest, load_encrypted_split, read_manifest, wds_shard_files
+from .sources import Columns, identity, iter_source_images
+from .streaming import ShardStream, is_val
 
 log = logging.getLogger(__name__)
 
@@ -97,21 +99,23 @@ def cache_dir() -> Path:
     return d
 
 
-def load_image_folder(src: str | os.PathLike, split: str | None = None) -> ArrayDataset:
-    """An ImageFolder tree (folder or tar/tar.gz) decoded into memory, cached by file identity.
+def load_image_folder(src: str | os.PathLike, split: str | None = None, columns: Columns | None = None) -> ArrayDataset:
+    """An ImageFolder tree (folder or tar/tar.gz), Hugging Face dataset or WebDataset shards
+    (:mod:`ppvit.sources`) decoded into memory, cached by file identity.
 
-    ``split`` selects a top-level folder (``train``/``test`` in the CIFAR-10 copy). All
-    images must share one size; resizing to the model input happens in the pipeline.
+    ``split`` selects a top-level folder (``train``/``test`` in the CIFAR-10 copy), a
+    dataset's split, or the shards named for it. All images must share one size; resizing
+    to the model input happens in the pipeline.
     """
-    src = Path(src)
-    st = src.stat()
-    ident = hashlib.sha256(f"{src.resolve()}|{st.st_size}|{st.st_mtime_ns}|{split}".encode()).hexdigest()[:16]
-    cached = cache_dir() / f"{src.name}-{split or 'all'}-{ident}.npz"
+    ident = identity(src, columns)
+    name = Path(str(src).split("{")[0]).name or "source"
+    cached = cache_dir() / f"{name}-{split or 'all'}-{ident}.npz"
     if cached.exists():
         with np.load(cached) as z:
             return ArrayDataset(z["images"], z["labels"], tuple(z["classes"].tolist()))
     images, names = [], []
-    for item in iter_images(src, select=None if split is None else lambda rel: rel.startswith(f"{split}/")):
+    select = None if split is None else lambda rel: rel.startswith(f"{split}/")
+    for item in iter_source_images(src, select, columns):
         parts = Path(item.relpath).parts
         if split is not None:
             if parts[0] != split:
@@ -204,9 +208,9 @@ def take_part(ds: ArrayDataset, part: str) -> ArrayDataset:
 class DataSplits:
     """Train (for fitting), val (for choosing the epoch) and test (for the final report only)."""
 
-    train: ArrayDataset
-    val: ArrayDataset
-    test: ArrayDataset
+    train: ArrayDataset | ShardStream
+    val: ArrayDataset | ShardStream
+    test: ArrayDataset | ShardStream
     manifest: Manifest | None = None  # set when the data arrive encrypted (``ppvit encrypt`` output)
 
     @property
@@ -221,17 +225,34 @@ def load_splits(
     part: str | None = None,
     train_subset: int | None = None,
     test_subset: int | None = None,
+    columns: Columns | None = None,
+    loader_workers: int = 0,
 ) -> DataSplits:
     """The run's data: ``data`` (else $PPVIT_CIFAR10, else CIFAR-10 downloaded) with ``train/`` and ``test/``.
 
     A folder written by ``ppvit encrypt`` (it holds a manifest) gives encrypted splits;
     the caller checks the manifest against its scheme, block size, input size and key.
+    WebDataset output of ``ppvit encrypt --format wds`` is streamed (:class:`ShardStream`,
+    read by ``loader_workers`` processes), never loaded whole.
     """
-    if cifar10_path(data) is None:  # one download call gives both splits
+    src = cifar10_path(data)
+    if src is not None and _is_wds_output(src):
+        if part or train_subset or test_subset:
+            raise ValueError(f"{src}: streamed WebDataset data take no --part, --train-subset or --test-subset")
+        if not 0 < val_fraction < 1:
+            raise ValueError(f"validation fraction must be in (0, 1), got {val_fraction}")
+        manifest = read_manifest(src)
+        classes = tuple(manifest.classes.get("train") or ())
+        shards = wds_shard_files(src, "train")
+        train = ShardStream(shards, classes, lambda k: not is_val(k, val_fraction), loader_workers, str(src))
+        val = ShardStream(shards, classes, lambda k: is_val(k, val_fraction), loader_workers, str(src))
+        test = _stream_split(src, "test", manifest, loader_workers)
+        return DataSplits(train, val, test, manifest)
+    if src is None:  # one download call gives both splits
         (full, test), manifest = download_cifar10(), None
     else:
-        full, manifest = _load_split(data, "train")
-        test, _ = _load_split(data, "test")
+        full, manifest = _load_split(data, "train", columns)
+        test, _ = _load_split(data, "test", columns)
     if part:
         full = take_part(full, part)
     if train_subset:
@@ -242,13 +263,34 @@ def load_splits(
     return DataSplits(train, val, test, manifest)
 
 
-def load_test_split(data: str | os.PathLike | None, subset: int | None = None) -> tuple[ArrayDataset, Manifest | None]:
+def load_test_split(
+    data: str | os.PathLike | None, subset: int | None = None, columns: Columns | None = None
+) -> tuple[ArrayDataset | ShardStream, Manifest | None]:
     """The test split alone (evaluating an adapter decodes nothing else), with the manifest if encrypted."""
-    test, manifest = _load_split(data, "test")
+    src = cifar10_path(data)
+    if src is not None and _is_wds_output(src):
+        if subset:
+            raise ValueError(f"{src}: streamed WebDataset data take no test subset")
+        manifest = read_manifest(src)
+        return _stream_split(src, "test", manifest, 0), manifest
+    test, manifest = _load_split(data, "test", columns)
     return (stratified_subset(test, subset, 0) if subset else test), manifest
 
 
-def _load_split(data: str | os.PathLike | None, split: str) -> tuple[ArrayDataset, Manifest | None]:
+def _is_wds_output(src: Path) -> bool:
+    return src.is_dir() and (src / MANIFEST_NAME).exists() and read_manifest(src).format == "wds"
+
+
+def _stream_split(src: Path, split: str, manifest: Manifest, workers: int) -> ShardStream:
+    classes = manifest.classes.get(split)
+    if not classes:
+        raise ValueError(f"encrypted dataset {src}: has no {split!r} split (it has {sorted(manifest.classes)})")
+    return ShardStream(wds_shard_files(src, split), tuple(classes), None, workers, str(src))
+
+
+def _load_split(
+    data: str | os.PathLike | None, split: str, columns: Columns | None = None
+) -> tuple[ArrayDataset, Manifest | None]:
     """One split of ``data`` (else $PPVIT_CIFAR10, else CIFAR-10 downloaded), and its manifest if encrypted."""
     src = cifar10_path(data)
     if src is None:
@@ -256,7 +298,24 @@ def _load_split(data: str | os.PathLike | None, split: str) -> tuple[ArrayDatase
     if src.is_dir() and (src / MANIFEST_NAME).exists():
         images, labels, classes = load_encrypted_split(src, split)
         return ArrayDataset(images, labels, tuple(classes)), read_manifest(src)
-    return load_image_folder(src, split), None
+    return load_image_folder(src, split, columns), None
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """The order of epoch ``epoch``: fixed by (seed, epoch), so a resumed run repeats it."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+
+
+def eval_batches(
+    ds: ArrayDataset | ShardStream, batch_size: int, rank: int, world: int
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """This process's share of every image of ``ds`` once, in order (streamed: in its shards' order)."""
+    if isinstance(ds, ShardStream):
+        yield from ds.batches(max(1, batch_size // world), rank, world)
+        return
+    order = torch.arange(len(ds))
+    for start in range(0, len(ds), batch_size):
+        yield get_batch(ds, order[start : start + batch_size], rank, world)
 
 
 def get_batch(ds: ArrayDataset, index: torch.Tensor, rank: int, world: int) -> tuple[torch.Tensor, torch.Tensor]:

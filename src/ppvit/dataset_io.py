@@ -1,9 +1,11 @@
 """Image collections on disk: reading sources, writing encrypted datasets, manifests.
 
 Sources are a folder tree of images (ImageFolder layout), a single image, or a tar /
-tar.gz archive (read member by member, never extracted). Outputs are lossless: PNG files
-mirroring the source tree, or uint8 numpy shards per split for fast loading. A JPEG or
-WebP output is refused, since lossy compression destroys the pixel shuffling.
+tar.gz archive (read member by member, never extracted); Hugging Face datasets and
+WebDataset shards are read by :mod:`ppvit.sources` into the same stream. Outputs are
+lossless: PNG files mirroring the source tree, uint8 numpy shards per split for fast
+loading, or WebDataset tar shards of PNGs (``.png`` + ``.cls``) per split for streaming. A
+JPEG or WebP output is refused, since lossy compression destroys the pixel shuffling.
 
 A manifest (``ppvit-manifest.json``) beside the output records the scheme, block size,
 input size, format, classes and the key fingerprint, never the key. It is written before
@@ -24,6 +26,7 @@ import posixpath
 import signal
 import sys
 import tarfile
+import tempfile
 import threading
 import time
 import zlib
@@ -38,7 +41,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from . import __version__
-from ._io import atomic_write, atomic_write_bytes, atomic_write_text, remove_stale_temps
+from ._io import _naming, atomic_write, atomic_write_bytes, atomic_write_text, current_umask, remove_stale_temps
 from .ciphers import BlockCipher, Scheme
 from .keys import Key
 
@@ -48,8 +51,10 @@ MANIFEST_NAME = "ppvit-manifest.json"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".tif", ".tiff", ".webp", ".gif")
 LOSSY_SUFFIXES = (".jpg", ".jpeg", ".webp")
 SHARD_SIZE = 1024
+WDS_SHARD_SIZE = 1000  # images per WebDataset shard unless --shard-size says otherwise
 PLAIN = "plain"  # the scheme a decrypted folder's manifest names
-Format = Literal["png", "npz"]
+Format = Literal["png", "npz", "wds"]
+FORMATS = ("png", "npz", "wds")
 OLD_FORMATS = {"npy": "npz"}  # manifests of the first release named the .npz shard format "npy"
 
 
@@ -211,6 +216,7 @@ class Manifest:
     classes: dict[str, list[str]] = field(default_factory=dict)  # split -> sorted class names
     counts: dict[str, int] = field(default_factory=dict)  # split -> images written
     complete: bool = False
+    shard_size: int | None = None  # wds: images per shard (the i-th image of a split is in shard i // shard_size)
 
     def check(
         self,
@@ -270,9 +276,9 @@ class Summary:
 
 def check_output(dst: Path, fmt: str) -> None:
     """Refuse lossy outputs and destinations that are not folders."""
-    if fmt not in ("png", "npz"):
+    if fmt not in FORMATS:
         reason = " (lossy compression would destroy the shuffling)" if fmt.lower() in ("jpg", "jpeg", "webp") else ""
-        raise ValueError(f"output format {fmt!r} is not supported{reason}; use png or npz")
+        raise ValueError(f"output format {fmt!r} is not supported{reason}; use png, npz or wds")
     if dst.suffix.lower() in LOSSY_SUFFIXES:
         raise ValueError(
             f"output {dst}: a lossy format would destroy the shuffling; give a folder (PNG files are written)"
@@ -357,24 +363,45 @@ def transform_collection(
     workers: int = 1,
     progress: bool = True,
     select: Callable[[str], bool] | None = None,
+    columns: object = None,
 ) -> Summary:
-    """Encrypt (or decrypt) every image of ``src`` into ``dst``; the shared engine of both verbs."""
-    src, dst = Path(src), Path(dst)
+    """Encrypt (or decrypt) every image of ``src`` into ``dst``; the shared engine of both verbs.
+
+    ``src`` is any source of :mod:`ppvit.sources` (``columns``: a Hugging Face dataset's
+    :class:`~ppvit.sources.Columns`).
+    """
+    from . import sources  # it builds on this module's readers
+
+    dst = Path(dst)
     check_output(dst, manifest.format)
+    labels: list[str] = []
+    if manifest.format == "wds":  # the label space first: each sample's .cls is an index into it
+        manifest.shard_size = manifest.shard_size or WDS_SHARD_SIZE
+        paths = list(sources.source_paths(src, select, columns))
+        labels = sorted({class_of(r) for r in paths} - {sources.UNLABELLED})
+        manifest.classes = {split: labels for split in sorted({split_of(r) for r in paths})}
     dst.mkdir(parents=True, exist_ok=True)
     if (dst / MANIFEST_NAME).exists():
         old = read_manifest(dst)
         old.check(manifest.scheme, manifest.block_size, manifest.size, manifest.key_fingerprint, where=f"output {dst}")
         if old.format != manifest.format:
             raise ValueError(f"output {dst}: holds {old.format} output, not {manifest.format}")
+        if old.shard_size != manifest.shard_size:
+            raise ValueError(f"output {dst}: was written with shard size {old.shard_size}, not {manifest.shard_size}")
+        if manifest.format == "wds" and old.classes != manifest.classes:
+            raise ValueError(f"output {dst}: its classes {old.classes} differ from the source's now; use a new output")
     write_manifest(dst, manifest)  # before the first image: claims the folder for these settings
     for tmp in remove_stale_temps(dst):  # an interrupted run's half-written files
         log.info("removed %s (left by an interrupted run)", tmp)
 
     t0 = time.perf_counter()
     summary = Summary()
-    sink = _PngSink(dst) if manifest.format == "png" else _ShardSink(dst)
-    pending = ((rel, data) for rel, data in iter_image_bytes(src, select) if not sink.claim(rel, summary))
+    if manifest.format == "wds":
+        sink: _PngSink | _ShardSink | _WdsSink = _WdsSink(dst, manifest.shard_size, labels)
+    else:
+        sink = _PngSink(dst) if manifest.format == "png" else _ShardSink(dst)
+    stream = sources.iter_source_bytes(src, select, columns)
+    pending = ((rel, data) for rel, data in stream if not sink.claim(rel, summary))
     init = (cipher.key.secret, str(cipher.scheme), cipher.block_size, manifest.size, decrypting)
     with tqdm(desc="decrypting" if decrypting else "encrypting", unit="img", disable=not progress) as bar:
         if workers > 1:
@@ -397,7 +424,7 @@ def transform_collection(
     return summary
 
 
-def _consume(results: Iterator, sink: _PngSink | _ShardSink, summary: Summary, bar: tqdm) -> None:
+def _consume(results: Iterator, sink: _PngSink | _ShardSink | _WdsSink, summary: Summary, bar: tqdm) -> None:
     for rel, arr, error in results:
         if error is not None:
             summary.failed.append((rel, error))
@@ -516,10 +543,18 @@ def encrypt_collection(
     workers: int = 1,
     progress: bool = True,
     select: Callable[[str], bool] | None = None,
+    columns: object = None,
+    shard_size: int | None = None,
 ) -> Summary:
-    """Encrypt a folder, image or tar archive into ``dst`` (resized to ``size`` first if given)."""
+    """Encrypt any source of :mod:`ppvit.sources` into ``dst`` (resized to ``size`` first if given).
+
+    ``shard_size``: images per WebDataset shard (``fmt="wds"`` only; default 1000).
+    """
+    if shard_size is not None and (fmt != "wds" or shard_size < 1):
+        raise ValueError(f"shard size {shard_size}: only for --format wds, and at least 1")
     manifest = Manifest(str(cipher.scheme), cipher.block_size, size, cipher.key.fingerprint, fmt, __version__)
-    return transform_collection(src, dst, cipher, manifest, False, workers, progress, select)
+    manifest.shard_size = shard_size
+    return transform_collection(src, dst, cipher, manifest, False, workers, progress, select, columns)
 
 
 def decrypt_collection(
@@ -544,6 +579,12 @@ def load_encrypted_split(folder: str | os.PathLike, split: str) -> tuple[np.ndar
     if not classes:
         raise ValueError(f"encrypted dataset {folder}: has no {split!r} split (it has {sorted(manifest.classes)})")
     lookup = {c: i for i, c in enumerate(classes)}
+    if manifest.format == "wds":
+        images, labels = [], []
+        for png, label in iter_wds_split(folder, split):
+            images.append(png_array(png, folder))
+            labels.append(label)
+        return np.stack(images), np.array(labels, dtype=np.int64), classes
     if manifest.format == "npz":
         shards = sorted((folder / split).glob("shard-*.npz"))  # split '' is the folder itself
         images, names = [], []
@@ -559,3 +600,115 @@ def load_encrypted_split(folder: str | os.PathLike, split: str) -> tuple[np.ndar
         images = [np.stack([np.asarray(i.image) for i in items])]
         names = [class_of(i.relpath) for i in items]
     return np.concatenate(images), np.array([lookup[n] for n in names], dtype=np.int64), classes
+
+
+class _WdsSink:
+    """WebDataset shards per split, ``<split>/shard-000000.tar``: ``KEY.png`` (the ciphertext) and ``KEY.cls``.
+
+    ``KEY`` is the image's path below its split without suffix (``cat/00000012``); ``.cls`` is
+    the class's index in the manifest's class list, as text. The i-th image of a split belongs
+    to shard i // shard_size; a shard is written to a temporary name as its images arrive
+    (never held in memory whole) and renamed when complete, so a rerun skips finished shards
+    and rewrites only the one an interruption left unfinished.
+    """
+
+    def __init__(self, dst: Path, shard_size: int, classes: list[str]) -> None:
+        self.dst, self.shard_size = dst, shard_size
+        self.lookup = {c: i for i, c in enumerate(classes)}
+        self.next_index: dict[str, int] = {}
+        self.index: dict[str, int] = {}
+        self.open: dict[str, tuple[int, Path, Path, object, object]] = {}  # split -> number, path, tmp, file, writer
+
+    def _shard(self, split: str, number: int) -> Path:
+        return self.dst / split / f"shard-{number:06d}.tar"
+
+    def claim(self, rel: str, summary: Summary) -> bool:
+        split = split_of(rel)
+        i = self.next_index.get(split, 0)
+        self.next_index[split] = i + 1
+        self.index[rel] = i
+        if self._shard(split, i // self.shard_size).exists():
+            summary.skipped += 1
+            return True
+        return False
+
+    def add(self, rel: str, arr: np.ndarray) -> None:
+        from .sources import optional
+
+        wds = optional("webdataset")
+
+        split, number = split_of(rel), self.index.pop(rel) // self.shard_size
+        if split in self.open and self.open[split][0] != number:
+            self._finish(split)  # results arrive in source order: the earlier shard is complete
+        if split not in self.open:
+            path = self._shard(split, number)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+            except OSError as exc:
+                raise _naming(exc, path) from None
+            fh = os.fdopen(fd, "wb")
+            self.open[split] = (number, path, Path(name), fh, wds.TarWriter(fh, encoder=False, mtime=0))
+        below = Path(rel).relative_to(split) if split else Path(rel)
+        key = below.with_suffix("").as_posix().replace(".", "_")
+        writer = self.open[split][4]
+        try:
+            writer.write({"__key__": key, "png": _png_bytes(arr), "cls": str(self.lookup[class_of(rel)]).encode()})
+        except OSError as exc:
+            raise _naming(exc, self.open[split][1]) from None
+
+    def _finish(self, split: str) -> None:
+        _, path, tmp, fh, writer = self.open.pop(split)
+        try:
+            writer.close()  # the tar stream; the file is ours to close
+            fh.close()
+            os.chmod(tmp, 0o666 & ~current_umask())
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise _naming(exc, path) from None
+
+    def close(self) -> None:
+        for split in list(self.open):
+            self._finish(split)
+
+    def inventory(self) -> tuple[dict[str, list[str]], dict[str, int]]:
+        classes = sorted(self.lookup, key=self.lookup.__getitem__)
+        counts: dict[str, int] = {}
+        for shard in sorted(self.dst.rglob("shard-*.tar")):
+            split = shard.parent.relative_to(self.dst).as_posix().replace(".", "")
+            with tarfile.open(shard) as tar:
+                counts[split] = counts.get(split, 0) + sum(m.name.endswith(".png") for m in tar)
+        return {split: classes for split in sorted(counts)}, {k: counts[k] for k in sorted(counts)}
+
+
+def wds_shard_files(folder: str | os.PathLike, split: str) -> list[Path]:
+    """The shards of one split of an encrypted WebDataset folder, in order."""
+    return sorted((Path(folder) / split).glob("shard-*.tar"))
+
+
+def iter_wds_split(folder: str | os.PathLike, split: str) -> Iterator[tuple[bytes, int]]:
+    """(PNG bytes, label index) of every image of one split of ``ppvit encrypt --format wds`` output."""
+    for shard in wds_shard_files(folder, split):
+        try:
+            with tarfile.open(shard) as tar:
+                pending: dict[str, dict[str, bytes]] = {}
+                for member in tar:
+                    key, _, ext = member.name.partition(".")
+                    pending.setdefault(key, {})[ext] = tar.extractfile(member).read()
+                    if {"png", "cls"} <= set(pending[key]):
+                        sample = pending.pop(key)
+                        yield sample["png"], int(sample["cls"])
+        except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
+            raise ValueError(f"shard {shard}: damaged ({exc.__class__.__name__}: {exc})") from None
+
+
+def png_array(data: bytes, where: object) -> np.ndarray:
+    """An encrypted PNG as an HWC uint8 RGB array; a damaged one is an error naming ``where``."""
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            return np.asarray(im.convert("RGB"))
+    except Exception as exc:  # PIL raises many types for bad files
+        raise ValueError(f"encrypted dataset {where}: an image cannot be decoded ({exc.__class__.__name__})") from None

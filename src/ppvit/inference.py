@@ -19,24 +19,25 @@ from PIL import Image
 from .adapters import AdapterMeta, load_adapter
 from .backbones import input_size, normalization
 from .ciphers import BlockCipher
-from .data import ArrayDataset, BatchPipeline, get_batch, load_test_split
+from .data import ArrayDataset, BatchPipeline, eval_batches, load_test_split
 from .dataset_io import decode
 from .keys import Key
 from .runtime import make_accelerator
+from .streaming import ShardStream
 
 
 @torch.no_grad()
 def evaluate(
-    model: torch.nn.Module, ds: ArrayDataset, pipeline: BatchPipeline, batch_size: int, accelerator: Accelerator
+    model: torch.nn.Module,
+    ds: ArrayDataset | ShardStream,
+    pipeline: BatchPipeline,
+    batch_size: int,
+    accelerator: Accelerator,
 ) -> dict[str, float]:
     """Loss and accuracy over the whole of ``ds``, summed across processes."""
     model.eval()
     totals = torch.zeros(3, dtype=torch.float64, device=accelerator.device)  # loss sum, correct, count
-    order = torch.arange(len(ds))
-    for start in range(0, len(ds), batch_size):
-        images, labels = get_batch(
-            ds, order[start : start + batch_size], accelerator.process_index, accelerator.num_processes
-        )
+    for images, labels in eval_batches(ds, batch_size, accelerator.process_index, accelerator.num_processes):
         if len(labels) == 0:
             continue
         labels = labels.to(accelerator.device)

@@ -19,16 +19,24 @@ import torch
 import torch.distributed as dist
 from accelerate import Accelerator, InitProcessGroupKwargs
 from accelerate.state import AcceleratorState
+from accelerate.utils import ProjectConfiguration
 
 
-def make_accelerator(precision: str = "no", grad_accum: int = 1, timeout_s: float | None = None) -> Accelerator:
+def make_accelerator(
+    precision: str = "no",
+    grad_accum: int = 1,
+    timeout_s: float | None = None,
+    log_with: str | None = None,
+    project_dir: str | None = None,
+) -> Accelerator:
     """A fresh Accelerator; ``cpu=True`` without a GPU, since only then does Accelerate run several
     CPU processes (gloo).
 
     ``timeout_s``: how long a process of a multi-process run waits for the others (joining, and
     in every collective) before it raises instead of waiting for ever on a peer that hangs
     (torch's default: 30 minutes). It takes effect when the process group is created, i.e. on
-    the first call in a process.
+    the first call in a process. ``log_with``: an Accelerate tracker (``tensorboard``, ``wandb``,
+    ``mlflow``) writing under ``project_dir``.
     """
     AcceleratorState._reset_state(reset_partial_state=False)
     handlers = [InitProcessGroupKwargs(timeout=timedelta(seconds=timeout_s))] if timeout_s else []
@@ -37,6 +45,8 @@ def make_accelerator(precision: str = "no", grad_accum: int = 1, timeout_s: floa
         gradient_accumulation_steps=grad_accum,
         cpu=not torch.cuda.is_available(),
         kwargs_handlers=handlers,
+        log_with=log_with,
+        project_config=ProjectConfiguration(project_dir=project_dir, logging_dir=project_dir) if project_dir else None,
     )
 
 

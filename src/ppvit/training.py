@@ -10,7 +10,8 @@ the test set once, writes the adapter and returns the :class:`~ppvit.runs.RunRes
 Accelerate places the model, runs bf16 autocast on the CPU (AMP on a GPU), accumulates
 gradients and wraps the model for multi-process data-parallel training (``accelerate
 launch`` or ``torchrun``; gloo on CPUs). Batches are drawn by hand from an in-memory uint8
-array (:func:`~ppvit.data.get_batch`): the order of epoch ``e`` is a permutation seeded by
+array (:func:`~ppvit.data.get_batch`), or streamed from WebDataset shards
+(:class:`~ppvit.streaming.ShardStream`, see there for its order): the order of epoch ``e`` is a permutation seeded by
 ``(data_seed, e)`` and each global batch is split into equal contiguous shards, one per
 process, so one process with batch B and two with B/2 each see the same images, and a
 resumed run sees exactly the batches the interrupted one would have.
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import signal
 import threading
 import time
@@ -40,7 +42,7 @@ from .adapters import AdapterMeta, file_sha256, save_adapter
 from .backbones import create_backbone, input_size, normalization, patch_size
 from .ciphers import BlockCipher, Scheme
 from .config import TrainConfig
-from .data import BatchPipeline, DataSplits, get_batch, load_splits, mix_batch
+from .data import BatchPipeline, DataSplits, epoch_order, get_batch, load_splits, mix_batch
 from .dataset_io import Manifest
 from .inference import evaluate
 from .keys import Key
@@ -61,6 +63,8 @@ from .runs import (
     write_metrics,
 )
 from .runtime import make_accelerator, peak_rss_mb, peer_failure, resolve_precision
+from .sources import Columns
+from .streaming import ShardStream
 
 log = logging.getLogger(__name__)
 
@@ -136,11 +140,6 @@ def get_lr_scale(step: int, total: int, warmup: int) -> float:
         return (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
     return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
-def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
-    """The order of epoch ``epoch``: fixed by (seed, epoch), so a resumed run repeats it."""
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
 
 
 def make_cipher(cfg: TrainConfig, block_size: int) -> BlockCipher | None:
@@ -228,7 +227,10 @@ def setup(cfg: TrainConfig, resume: bool, hold: ExitStack | None = None) -> Sess
     """
     out = Path(cfg.run.out)
     precision = resolve_precision(cfg.optim.precision)
-    accelerator = make_accelerator(precision, cfg.optim.grad_accum, cfg.run.dist_timeout_s)
+    report = None if cfg.run.report_to == "none" else cfg.run.report_to
+    accelerator = make_accelerator(
+        precision, cfg.optim.grad_accum, cfg.run.dist_timeout_s, report, str(out / "trackers") if report else None
+    )
     lock = None
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
@@ -245,7 +247,10 @@ def setup(cfg: TrainConfig, resume: bool, hold: ExitStack | None = None) -> Sess
     block, side = cfg.crypto.block_size or patch_size(probe), input_size(probe)
     d = cfg.data
     data_seed = cfg.run.seed if d.data_seed is None else d.data_seed
-    splits = load_splits(d.data, d.val_fraction, data_seed, d.part, d.train_subset, d.test_subset)
+    columns = Columns(d.image_column, d.label_column)
+    splits = load_splits(
+        d.data, d.val_fraction, data_seed, d.part, d.train_subset, d.test_subset, columns, d.loader_workers
+    )
     if splits.manifest is not None:  # the server's case: ciphertext on disk, checked against this run
         fingerprint = Key.load(cfg.crypto.key).fingerprint if cfg.crypto.key else None
         splits.manifest.check(scheme=cfg.crypto.scheme, block_size=block, size=side, fingerprint=fingerprint)
@@ -265,11 +270,27 @@ def setup(cfg: TrainConfig, resume: bool, hold: ExitStack | None = None) -> Sess
         log.info("resumed %s at epoch %d, step %d", out, state.epoch, state.step)
     if accelerator.is_main_process:  # written once the run's inputs have been checked: it marks the folder
         atomic_write_text(out / CONFIG_FILE, cfg.dump())
+    if report:
+        start_trackers(accelerator, cfg, hold)
     session = Session(
         cfg, out, accelerator, precision, splits, cipher, pipeline, block, data_seed, model, optimizer, schedule, state
     )
     session.lock = lock
     return session
+
+
+def start_trackers(accelerator: Accelerator, cfg: TrainConfig, hold: ExitStack | None) -> None:
+    """Accelerate's tracker for ``--report-to`` (main process only), under ``OUT/trackers``; its run is
+    ended (files flushed) when ``hold`` closes, however the run ends."""
+    if cfg.run.report_to == "wandb":
+        os.environ.setdefault("WANDB_DIR", str(Path(cfg.run.out) / "trackers"))
+    hparams = {k: v if isinstance(v, int | float | str | bool) else str(v) for k, v in cfg.flat().items()}
+    try:
+        accelerator.init_trackers(Path(cfg.run.out).resolve().name or "ppvit", config=hparams)
+    except (ImportError, ValueError) as exc:
+        raise ValueError(f"--report-to {cfg.run.report_to}: cannot start it ({exc})") from None
+    if hold is not None:
+        hold.callback(accelerator.end_training)
 
 
 def make_schedule(cfg: TrainConfig, n_train: int, base_lrs: list[float]) -> Schedule:
@@ -281,13 +302,30 @@ def make_schedule(cfg: TrainConfig, n_train: int, base_lrs: list[float]) -> Sche
     return Schedule(steps_per_epoch, steps_per_epoch * o.epochs // o.grad_accum, warmup, base_lrs)
 
 
+def epoch_feed(s: Session, epoch: int, first: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """This process's share of the batches ``first ..`` of epoch ``epoch``.
+
+    In memory: the epoch's permutation (:func:`epoch_order`) cut into global batches. Streamed:
+    the shards' order seeded by ``(data_seed, epoch)`` (:meth:`ShardStream.batches`).
+    """
+    ds, b, steps = s.splits.train, s.cfg.optim.batch_size, s.schedule.steps_per_epoch
+    rank, world = s.accelerator.process_index, s.accelerator.num_processes
+    if isinstance(ds, ShardStream):
+        seed = s.data_seed * 100_003 + epoch
+        yield from ds.batches(b // world, rank, world, shuffle=True, seed=seed, skip=first, steps=steps - first)
+        return
+    order = epoch_order(len(ds), s.data_seed, epoch)
+    for i in range(first, steps):
+        yield get_batch(ds, order[i * b : (i + 1) * b], rank, world)
+
+
 def train_epoch(s: Session, epoch: int, on_step: StepCallback | None) -> dict[str, float]:
     """One epoch of optimiser steps (from the resumed step, if any); returns this process's sums."""
     cfg, acc, sched = s.cfg, s.accelerator, s.schedule
     o, rank, world = cfg.optim, acc.process_index, acc.num_processes
     s.model.train()
-    order = epoch_order(len(s.splits.train), s.data_seed, epoch)
     first = s.state.step - epoch * sched.steps_per_epoch  # > 0 only when resuming mid-epoch
+    feed = epoch_feed(s, epoch, first)
     sums = {"loss": 0.0, "correct": 0.0, "n": 0.0} | (s.state.partial or {})
     s.state.partial = None
     bar = tqdm(
@@ -299,7 +337,7 @@ def train_epoch(s: Session, epoch: int, on_step: StepCallback | None) -> dict[st
         if s.stop_signal is not None and step % o.grad_accum == 0:  # between optimiser steps
             _stop(s, RunState(**{**vars(s.state), "epoch": epoch, "step": step, "partial": dict(sums)}))
         gen = torch.Generator().manual_seed(s.data_seed * 1_000_003 + step * 97 + rank)
-        images, labels = get_batch(s.splits.train, order[i * o.batch_size : (i + 1) * o.batch_size], rank, world)
+        images, labels = next(feed)
         images, labels = images.to(acc.device), labels.to(acc.device)
         x = s.pipeline(images, train=True, generator=gen)
         x, target = mix_batch(x, labels, len(s.splits.train.classes), cfg.data.mixup, cfg.data.cutmix, s.block, gen)
@@ -363,6 +401,8 @@ def end_epoch(s: Session, epoch: int, sums: dict[str, float]) -> None:
             save_best(s.out, s.unwrapped)
         save_checkpoint(s.out / CHECKPOINT_FILE, s.unwrapped, s.optimizer, s.state)
         write_metrics(s.out, s.state.history)
+    if s.cfg.run.report_to != "none":
+        acc.log({k: v for k, v in row.items() if k != "epoch"}, step=epoch + 1)
         log.info(
             "epoch %d: train loss %.4f acc %.4f | val loss %.4f acc %.4f | %.0f img/s",
             *(row[k] for k in ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "images_per_s")),
@@ -392,6 +432,8 @@ def finish(s: Session) -> RunResult:
         processes=s.accelerator.num_processes,
         precision=s.precision,
     )
+    if cfg.run.report_to != "none":
+        s.accelerator.log({"test_loss": test["loss"], "test_acc": test["acc"]}, step=len(history))
     if s.main:
         meta = adapter_meta(cfg, s.splits.train.classes, s.cipher, s.splits.manifest)
         save_adapter(s.unwrapped, meta, s.out / "adapter")
