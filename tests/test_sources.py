@@ -190,3 +190,18 @@ def test_wds_source_bad_samples_and_damaged_shards(tmp_path: Path, capsys) -> No
     )
     err = capsys.readouterr().err
     assert code == 2 and "train-002.tar" in err and "not found" in err
+
+
+def test_preview_shows_one_image_per_class_first(tmp_path: Path, toy_dataset: Path) -> None:
+    from ppvit.preview import sample_images
+
+    first = [np.asarray(Image.open(sorted((toy_dataset / "train" / c).glob("*.png"))[0])) for c in CLASSES]
+    second = [np.asarray(Image.open(sorted((toy_dataset / "train" / c).glob("*.png"))[1])) for c in CLASSES]
+    got = sample_images(toy_dataset, 4, None, "train/")
+    assert len(got) == 4 and all(np.array_equal(g, f) for g, f in zip(got, first, strict=True))
+    got = sample_images(toy_dataset, 6, None, "train/")  # more than the classes: a second round
+    assert all(np.array_equal(g, f) for g, f in zip(got, first + second[:2], strict=True))
+    hf = tmp_path / "hf"
+    datasets.DatasetDict(train=hf_split(toy_dataset, "train"), test=hf_split(toy_dataset, "test")).save_to_disk(hf)
+    got = sample_images(hf, 4, None, "train/")  # any source
+    assert all(np.array_equal(g, f) for g, f in zip(got, first, strict=True))

@@ -11,24 +11,43 @@ from PIL import Image, ImageDraw
 
 from ._io import atomic_write
 from .ciphers import BlockCipher
-from .dataset_io import decrypt_collection, encrypt_collection, iter_images
+from .dataset_io import class_of, decrypt_collection, encrypt_collection, iter_images
 from .keys import Key
+from .sources import iter_source_images
 
 PREVIEW_SCHEMES = ("shuffle", "scramble", "rotate", "negpos", "channel", "shuffle+scramble")
 
 
 def sample_images(src: str | os.PathLike, n: int, size: int | None, prefix: str = "") -> list[np.ndarray]:
-    """The first ``n`` decodable images of a source (under ``prefix``), resized to ``size``."""
-    out = []
-    for item in iter_images(src, select=(lambda r: r.startswith(prefix)) if prefix else None):
-        if item.error is None:
-            im = item.image if size is None else item.image.resize((size, size), Image.Resampling.BICUBIC)
-            out.append(np.asarray(im))
-        if len(out) == n:
+    """``n`` decodable images of a source (under ``prefix``), one per class in class order, resized to ``size``.
+
+    With fewer classes than ``n``, a second image of each class follows, and so on. Images of a
+    class already shown are not read (a folder or archive sorted by class is not decoded whole).
+    """
+    quota, taken = 1, {}
+    while True:
+        per_class: dict[str, list[np.ndarray]] = {}
+
+        def select(rel: str, quota: int = quota, per_class: dict = per_class) -> bool:
+            return (not prefix or rel.startswith(prefix)) and len(per_class.get(class_of(rel), [])) < quota
+
+        for item in iter_source_images(src, select):
+            if item.error is None:
+                im = item.image if size is None else item.image.resize((size, size), Image.Resampling.BICUBIC)
+                per_class.setdefault(class_of(item.relpath), []).append(np.asarray(im))
+            if len(per_class) >= n and all(len(v) >= quota for v in per_class.values()):
+                break
+        if not per_class:
+            raise ValueError(f"source {src}: no readable images" + (f" under {prefix}" if prefix else ""))
+        taken = per_class
+        if sum(len(v) for v in per_class.values()) >= n or quota * len(per_class) >= n or quota > n:
             break
-    if not out:
-        raise ValueError(f"source {src}: no readable images" + (f" under {prefix}" if prefix else ""))
-    return out
+        if sum(len(v) for v in per_class.values()) < quota * len(per_class):  # the source ran out
+            break
+        quota = -(-n // len(per_class))
+    rounds = max(len(v) for v in taken.values())
+    out = [taken[c][r] for r in range(rounds) for c in sorted(taken) if r < len(taken[c])]
+    return out[:n]
 
 
 def preview_grid(
@@ -116,7 +135,7 @@ def encryption_demo(
     dec = decrypt_collection(out / "encrypted", out / "decrypted", key, progress=False)
     decrypted = {item.relpath: np.asarray(item.image) for item in iter_images(out / "decrypted")}
     exact = decrypted.keys() == originals.keys() and all(np.array_equal(decrypted[r], originals[r]) for r in originals)
-    preview_grid(sample_images(data, 6, size, "test/"), key, PREVIEW_SCHEMES, block_size, out / "preview.png")
+    preview_grid(sample_images(data, 10, size, "test/"), key, PREVIEW_SCHEMES, block_size, out / "preview.png")
     return DemoReport(
         enc.written + enc.skipped,
         size,
