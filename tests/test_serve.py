@@ -28,12 +28,13 @@ from conftest import SMALL, assert_no_key_material, free_port, train_config
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from ppvit.adapters import WEIGHTS_NAME, load_adapter, read_adapter_meta
+from ppvit.adapters import WEIGHTS_NAME, AdapterMeta, load_adapter, read_adapter_meta
 from ppvit.backbones import create_backbone
 from ppvit.client import Client, ServerError
 from ppvit.data import load_image_folder
 from ppvit.inference import adapter_pipeline
 from ppvit.keys import Key
+from ppvit.methods import apply_method, method_config
 from ppvit.routing import NotRoutable, RoutedViT, routed_adapter
 from ppvit.server import ServeConfig, create_app
 from ppvit.tenants import TenantStore
@@ -141,7 +142,7 @@ def test_mixed_batch_logits_equal_each_adapters_own_model(world: dict, live: Liv
 
     def ask(tenant: str) -> list:
         with Client(live.url, world["tokens"][tenant]) as c:
-            return c.predict(list(images), key_of(world, tenant), logits=True)
+            return c.predict(list(images), key_of(world, tenant), logits=True, plain=key_of(world, tenant) is None)
 
     with ThreadPoolExecutor(len(TENANTS)) as pool:  # within the 300 ms window: one routed forward
         answers = dict(zip(TENANTS, pool.map(ask, TENANTS), strict=True))
@@ -241,7 +242,7 @@ def test_bad_input_is_one_line_4xx_and_the_server_goes_on(
     r = httpx.post(f"{live.url}/v1/predict", content=body, headers=headers)
     assert r.status_code == status, r.text
     assert list(r.json()) == ["error"] and words in r.json()["error"] and "\n" not in r.json()["error"]
-    ok = Client(live.url, world["tokens"]["carol"]).predict(list(world["images"][:2]), None)
+    ok = Client(live.url, world["tokens"]["carol"]).predict(list(world["images"][:2]), None, plain=True)
     assert len(ok) == 2
 
 
@@ -303,7 +304,7 @@ def test_damaged_adapter_fails_its_tenant_only_and_restart_keeps_tenants(world: 
         with pytest.raises(ServerError) as err:
             Client(server.url, tokens["alice"]).predict(list(world["images"][:1]), key_of(world, "alice"))
         assert err.value.status == 503 and "alice" in str(err.value)
-        assert len(Client(server.url, tokens["carol"]).predict(list(world["images"][:2]), None)) == 2
+        assert len(Client(server.url, tokens["carol"]).predict(list(world["images"][:2]), None, plain=True)) == 2
     with LiveServer(ServeConfig(tmp_path / "fresh", window_ms=1)) as server:  # restarted: tenants kept
         assert Client(server.url, tokens["carol"]).info()["tenant"] == "carol"
 
@@ -395,7 +396,7 @@ def test_shutdown_answers_requests_in_flight(world: dict, tmp_path: Path) -> Non
     c = Client(server.url, token)
     c.info()
     with ThreadPoolExecutor(1) as pool:
-        pending = pool.submit(c.predict, list(world["images"][:2]), None)
+        pending = pool.submit(c.predict, list(world["images"][:2]), None, plain=True)
         time.sleep(0.2)  # the request waits in the 500 ms batching window
         server.__exit__()
         answer = pending.result(timeout=30)
@@ -413,14 +414,14 @@ def test_adapter_damaged_or_removed_while_serving_fails_that_tenant_only(world: 
     with LiveServer(ServeConfig(tmp_path / "root", window_ms=1, cache_bytes=1)) as server:
         clients = {t: Client(server.url, tok) for t, tok in tokens.items()}
         for t, c in clients.items():
-            c.predict(images, key_of(world, t))
+            c.predict(images, key_of(world, t), plain=t == "carol")
         (tmp_path / "root" / "adapters" / "alice" / "v1" / WEIGHTS_NAME).write_bytes(b"\0" * 100)
         shutil.rmtree(tmp_path / "root" / "adapters" / "bob")
         for t in ("alice", "bob"):
             with pytest.raises(ServerError) as err:
                 clients[t].predict(images, key_of(world, t))
             assert err.value.status == 503 and t in str(err.value)
-        assert len(clients["carol"].predict(images, None)) == 2
+        assert len(clients["carol"].predict(images, None, plain=True)) == 2
         assert httpx.get(f"{server.url}/healthz").json()["status"] == "ok"
 
 
@@ -455,7 +456,7 @@ def test_server_killed_under_load_then_restarted_never_answers_with_another_tena
 
     def load(t: str) -> None:
         c = Client(url, tokens[t], timeout=10)
-        ct = c.encrypt(list(images), key_of(world, t))
+        ct = c.encrypt(list(images), key_of(world, t), plain=t == "carol")
         while not stop.is_set():
             try:
                 answers.append((t, {"p": [p.probabilities for p in c.predict_ciphertext(ct)]}))
@@ -463,8 +464,7 @@ def test_server_killed_under_load_then_restarted_never_answers_with_another_tena
                 time.sleep(0.05)  # refused or cut off by the kill: allowed; a wrong answer is not
 
     with ThreadPoolExecutor(len(tenants)) as pool:
-        for t in tenants:
-            pool.submit(load, t)
+        loads = [pool.submit(load, t) for t in tenants]
         time.sleep(3)
         proc.kill()
         proc.wait(10)
@@ -472,6 +472,8 @@ def test_server_killed_under_load_then_restarted_never_answers_with_another_tena
         proc = _serve_process(tmp_path / "root", port)  # restarted: the same tenants, from SQLite
         time.sleep(3)
         stop.set()
+        for f in loads:
+            f.result()  # a load thread's exception (e.g. a half-written answer) fails the test
     proc.terminate()
     proc.wait(30)
     assert served_before > 0 and len(answers) > served_before
@@ -484,7 +486,7 @@ def test_a_client_that_goes_away_mid_request_harms_nobody(world: dict, tmp_path:
     token = store.add("carol", world["runs"]["carol"])
     with LiveServer(ServeConfig(tmp_path / "root", window_ms=400)) as server:
         c = Client(server.url, token)
-        ct = c.encrypt(list(world["images"][:2]), None)
+        ct = c.encrypt(list(world["images"][:2]), None, plain=True)
         impatient = Client(server.url, token, timeout=0.1)
         with pytest.raises(ServerError):  # gives up while its request waits in the batching window
             impatient.predict_ciphertext(ct)
@@ -507,3 +509,136 @@ def test_a_request_in_flight_finishes_on_the_version_it_started_with(world: dict
     assert (old.json()["version"], new.json()["version"]) == (1, 2)
     expected_old = reference_logits(world, "carol", world["images"][:1]).softmax(-1)
     np.testing.assert_allclose(old.json()["predictions"][0]["probabilities"], expected_old[0].numpy(), atol=1e-5)
+
+
+# -- review findings: a reused tenant id, bodies that declare more than they hold, plaintext, errors ----------
+
+
+def test_a_later_tenant_never_gets_a_removed_tenants_cached_adapter(world: dict, tmp_path: Path) -> None:
+    store = TenantStore(tmp_path / "root")
+    token = store.add("alice", world["runs"]["alice"])
+    with LiveServer(ServeConfig(tmp_path / "root", window_ms=1)) as server:
+        assert Client(server.url, token).info()["tenant"] == "alice"  # alice's adapter now cached
+        store.remove("alice")
+        for name, run in (("mallory", "bob"), ("alice", "bob")):  # a new tenant, and the old name again
+            info = Client(server.url, store.add(name, world["runs"][run])).info()
+            assert (info["tenant"], info["key_fingerprint"]) == (name, key_of(world, "bob").fingerprint)
+            store.remove(name)
+
+
+def _header_only(shape: tuple[int, ...]) -> bytes:
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, {"descr": "|u1", "fortran_order": False, "shape": shape})
+    return buf.getvalue() + b"\0" * 16
+
+
+@pytest.mark.parametrize(
+    ("body", "content_type", "status"),
+    [
+        (_header_only((64, 300_000, 300_000, 3)), "application/x-npy", 413),  # 17 TB declared, 16 bytes sent
+        (_header_only((1, 300_000, 300_000, 3)), "application/x-npy", 422),
+        (_header_only((1, 32, 32, 3)), "application/x-npy", 400),  # the right shape, too few bytes
+        (_png(np.zeros((4096, 4096, 3), np.uint8)), "image/png", 422),  # 49 kB that decode to 48 MB
+    ],
+)
+def test_declared_sizes_are_refused_before_anything_is_allocated(
+    world: dict, live: LiveServer, body: bytes, content_type: str, status: int
+) -> None:
+    headers = {"Authorization": f"Bearer {world['tokens']['carol']}", "Content-Type": content_type}
+    t0 = time.perf_counter()
+    r = httpx.post(f"{live.url}/v1/predict", content=body, headers=headers, timeout=30)
+    assert r.status_code == status and "error" in r.json()
+    assert time.perf_counter() - t0 < 2.0
+
+
+def test_too_many_json_images_are_refused_before_decoding(world: dict, live: LiveServer) -> None:
+    import base64
+
+    big = base64.b64encode(_png(np.zeros((2048, 2048, 3), np.uint8))).decode()  # 12 MB each, decoded
+    headers = {"Authorization": f"Bearer {world['tokens']['carol']}"}
+    r = httpx.post(f"{live.url}/v1/predict", json={"images": [big] * 17}, headers=headers, timeout=30)
+    assert r.status_code == 413 and "limit is 16" in r.json()["error"]
+
+
+def test_framework_errors_are_one_line_json_too(world: dict, live: LiveServer) -> None:
+    r = httpx.get(f"{live.url}/no/such/path")
+    assert r.status_code == 404 and list(r.json()) == ["error"]
+    headers = {"Authorization": f"Bearer {world['tokens']['carol']}", "Content-Type": "application/x-npy"}
+    r = httpx.post(f"{live.url}/v1/predict?logits=maybe", content=_npy(world["images"][:1]), headers=headers)
+    assert r.status_code == 422 and "logits" in r.json()["error"]
+    assert "no/such" not in httpx.get(f"{live.url}/metrics").text  # unknown paths share one label
+
+
+def test_the_client_never_sends_plain_images_unasked(world: dict, live: LiveServer) -> None:
+    c = Client(live.url, world["tokens"]["carol"])  # an adapter trained on plain images: the server says "none"
+    with pytest.raises(ValueError, match="unencrypted"):
+        c.predict(list(world["images"][:1]), key_of(world, "alice"))  # a key given: refused
+    with pytest.raises(ValueError, match="unencrypted"):
+        c.predict(list(world["images"][:1]), None)  # no key, but plain not asked for
+    assert len(c.predict(list(world["images"][:1]), None, plain=True)) == 1
+
+
+def test_the_client_splits_a_long_list_by_the_servers_limit(world: dict, live: LiveServer) -> None:
+    images = list(np.concatenate([world["images"]] * 2)[:40])  # the server takes 16 a request
+    answers = Client(live.url, world["tokens"]["alice"]).predict(images, key_of(world, "alice"))
+    assert len(answers) == 40
+
+
+def test_routing_matches_each_adapter_across_class_counts_ranks_and_targets(tmp_path: Path) -> None:
+    """Random adapters of every routable kind, 10/7/3/5 classes, one mixed forward."""
+    torch.manual_seed(0)
+    weights = tmp_path / "w.safetensors"
+    save_file(create_backbone(SMALL).state_dict(), str(weights))
+    specs = [
+        ("lora-pe", {"rank": 4}, 10),
+        ("melo", {"rank": 2, "alpha": 8.0, "targets": "all"}, 7),
+        ("linear", {}, 3),
+        ("lora-pe", {"rank": 8, "targets": "qkv", "train_pos_embed": True}, 5),
+    ]
+    base = create_backbone(SMALL, weights=weights)
+    routed, adapters, models = RoutedViT(base), [], []
+    for method, opts, classes in specs:
+        model = apply_method(
+            create_backbone(SMALL, num_classes=classes, weights=weights), method_config(method, **opts)
+        )
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.add_(torch.randn_like(p) * 0.1)
+        meta = AdapterMeta(SMALL, classes, method_config(method, **opts).to_dict(), weights_sha256="x")
+        tensors = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        adapters.append(routed_adapter(meta, tensors, base))
+        models.append(model.eval())
+    x = torch.randn(8, 3, 32, 32)
+    index = torch.tensor([0, 1, 2, 3, 3, 2, 1, 0])
+    out = routed(x, adapters, index)
+    for j, i in enumerate(index.tolist()):
+        with torch.no_grad():
+            torch.testing.assert_close(out[j], models[i](x[j : j + 1])[0], rtol=0, atol=1e-5)
+    with pytest.raises(NotRoutable, match="transformer blocks"):
+        routed_adapter(adapters[1].meta, {"attn_pool.mlp.fc1.lora_A.default.weight": torch.zeros(2, 48)}, base)
+
+
+def test_registration_refuses_what_routing_cannot_serve(world: dict, tmp_path: Path, toy_dataset: Path) -> None:
+    run = tmp_path / "cls"
+    train(
+        train_config(
+            run,
+            toy_dataset,
+            None,
+            method="melo",
+            scheme="none",
+            weights=str(world["weights"]),
+            train_cls_token=True,
+            epochs=1,
+        )
+    )
+    with pytest.raises(NotRoutable, match="cls_token"):
+        TenantStore(tmp_path / "root").add("cls", run)
+    assert TenantStore(tmp_path / "root").list() == []
+    with pytest.raises(ValueError, match="tenant name"):
+        TenantStore(tmp_path / "root").add("alice\n", world["runs"]["carol"])
+    store = TenantStore(tmp_path / "root")
+    store.add("Alice", world["runs"]["carol"])
+    with pytest.raises(ValueError, match="exists already"):
+        store.add("alice", world["runs"]["carol"])

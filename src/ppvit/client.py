@@ -28,6 +28,7 @@ class Prediction:
     probability: float
     probabilities: list[float]
     logits: list[float] | None = None
+    version: int | None = None  # the adapter version that answered
 
 
 class ServerError(RuntimeError):
@@ -75,9 +76,18 @@ class Client:
             self._info = self._call("GET", "/v1/adapter")
         return self._info
 
-    def encrypt(self, images: list[str | os.PathLike | np.ndarray], key: Key | None) -> np.ndarray:
-        """Plain images (files or HWC uint8 arrays) -> the (N, S, S, 3) uint8 ciphertext the adapter expects."""
+    def encrypt(self, images: list[str | os.PathLike | np.ndarray], key: Key | None, plain: bool = False) -> np.ndarray:
+        """Plain images (files or HWC uint8 arrays) -> the (N, S, S, 3) uint8 ciphertext the adapter expects.
+
+        The server says which scheme its adapter takes; a server that says "none" gets plain
+        images only when the caller asks for that (``plain=True``) and gave no key.
+        """
         info = self.info()
+        if info["scheme"] is None and (key is not None or not plain):
+            raise ValueError(
+                "the server says this adapter takes plain images; refusing to send them unencrypted "
+                "(pass no key and plain=True / --plain if that is what you want)"
+            )
         size = info["input_size"]
         arrays = []
         for im in images:
@@ -111,11 +121,26 @@ class Client:
             params={"logits": "true"} if logits else None,
         )
         return [
-            Prediction(p["label"], p["probability"], p["probabilities"], p.get("logits")) for p in answer["predictions"]
+            Prediction(p["label"], p["probability"], p["probabilities"], p.get("logits"), answer.get("version"))
+            for p in answer["predictions"]
         ]
 
     def predict(
-        self, images: list[str | os.PathLike | np.ndarray], key: Key | None, logits: bool = False
+        self, images: list[str | os.PathLike | np.ndarray], key: Key | None, logits: bool = False, plain: bool = False
     ) -> list[Prediction]:
-        """Encrypt here, send ciphertext, return the answers (in the order of ``images``)."""
-        return self.predict_ciphertext(self.encrypt(images, key), logits)
+        """Encrypt here, send ciphertext (in requests of at most the server's limit), return the answers in order.
+
+        An answer from a newer adapter version than the settings used to encrypt (the tenant's
+        adapter was replaced meanwhile) is not returned: settings are read again and the images resent.
+        """
+        for _ in range(2):
+            info = self.info()
+            ciphertext = self.encrypt(images, key, plain)
+            step = info.get("max_images") or len(ciphertext)
+            answers: list[Prediction] = []
+            for start in range(0, len(ciphertext), step):
+                answers += self.predict_ciphertext(ciphertext[start : start + step], logits)
+            if all(a.version == info["version"] for a in answers):
+                return answers
+            self._info = None
+        raise ServerError(409, "the tenant's adapter changed twice while predicting; try again")

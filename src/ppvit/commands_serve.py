@@ -23,11 +23,12 @@ def _serve(args: argparse.Namespace) -> None:
             raise ValueError(f"the server needs FastAPI and uvicorn: pip install 'ppvit[serve]' ({exc.name})") from None
         cfg = ServeConfig(
             Path(args.root),
-            args.window_ms,
-            args.max_batch,
-            args.max_images,
-            args.max_body_mb << 20,
-            args.cache_mb << 20,
+            window_ms=args.window_ms,
+            max_batch=args.max_batch,
+            max_images=args.max_images or min(64, args.max_batch),
+            max_body_bytes=args.max_body_mb << 20,
+            cache_bytes=args.cache_mb << 20,
+            device=args.device,
         )
         print(f"ppvit serve: {args.root} on http://{args.host}:{args.port}", file=sys.stderr)
         serve(cfg, args.host, args.port)
@@ -61,11 +62,14 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--root", help="server folder (tenants.sqlite, adapters); created on first start")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
-    p.add_argument("--window-ms", type=float, default=5.0, help="how long a batch waits for more requests (ms)")
+    p.add_argument(
+        "--window-ms", type=float, default=5.0, help="how long a batch waits for more requests (default 5 ms)"
+    )
     p.add_argument("--max-batch", type=int, default=64, help="images per routed forward (default 64)")
-    p.add_argument("--max-images", type=int, default=64, help="images per request (default 64)")
+    p.add_argument("--max-images", type=int, help="images per request (default: 64 or --max-batch if smaller)")
     p.add_argument("--max-body-mb", type=int, default=32, help="largest request body in MiB (default 32)")
     p.add_argument("--cache-mb", type=int, default=1024, help="adapter memory budget in MiB, LRU (default 1024)")
+    p.add_argument("--device", default="cpu", help="torch device of the backbones and adapters (default cpu)")
     actions = p.add_subparsers(dest="action", metavar="ACTION")
     for name, text in (
         ("add-tenant", "register a tenant with a run's adapter; prints its token once"),
@@ -95,7 +99,7 @@ def _client(args: argparse.Namespace) -> None:
         raise ValueError(f"token file {args.token_file}: cannot be read ({exc.strerror})") from None
     key = Key.load(args.key) if args.key else None
     with Client(args.server, token) as client:
-        for f, p in zip(args.images, client.predict(args.images, key), strict=True):
+        for f, p in zip(args.images, client.predict(args.images, key, plain=args.plain), strict=True):
             print(f"{f}\t{p.label}\t{p.probability:.3f}")
 
 
@@ -107,4 +111,5 @@ def add_client(sub: argparse._SubParsersAction) -> None:
     a.add_argument("--server", required=True, help="server URL, e.g. http://127.0.0.1:8000")
     a.add_argument("--token-file", required=True, help="file holding the tenant's API token")
     a.add_argument("--key", help="the key file the adapter was trained with (stays here)")
+    a.add_argument("--plain", action="store_true", help="send plain images (only to an adapter trained on them)")
     p.set_defaults(func=_client)

@@ -63,6 +63,23 @@ class RoutedAdapter:
     def num_classes(self) -> int:
         return self.head_weight.shape[0]
 
+    def to(self, device: torch.device | str) -> RoutedAdapter:
+        """The same adapter with every tensor on ``device`` (kept there while it is cached)."""
+
+        def move(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(device)
+
+        lora = {k: (a.to(device), b.to(device)) for k, (a, b) in self.lora.items()}
+        return RoutedAdapter(
+            self.meta,
+            lora,
+            move(self.head_weight),
+            move(self.head_bias),
+            move(self.patch_weight),
+            move(self.patch_bias),
+            move(self.pos_embed),
+        )
+
 
 def routed_adapter(meta: AdapterMeta, tensors: dict[str, torch.Tensor], base: nn.Module) -> RoutedAdapter:
     """An adapter's saved tensors (``adapter_model.safetensors``) checked against ``base`` and laid out for routing."""
@@ -77,6 +94,8 @@ def routed_adapter(meta: AdapterMeta, tensors: dict[str, torch.Tensor], base: nn
     lora = {}
     for name in [k for k in tensors if k.endswith(f".lora_A.{ADAPTER}.weight")]:
         path = name.removesuffix(f".lora_A.{ADAPTER}.weight")
+        if not path.startswith("blocks."):  # only the blocks' Linear layers are routed (e.g. not MAP pooling's)
+            raise NotRoutable(f"LoRA of {path}: routing serves LoRA in the transformer blocks only")
         a, b = rest.pop(name), rest.pop(f"{path}.lora_B.{ADAPTER}.weight", None)
         if b is None:
             raise NotRoutable(f"LoRA of {path} has an A but no B")
@@ -151,6 +170,7 @@ class RoutedViT(nn.Module):
         _check_routable(base)
         self.base = base.eval().requires_grad_(False)
         self.patch, self.side = patch_size(base), input_size(base)
+        self.in_channels = base.patch_embed.proj.in_channels
         self._deltas = _Deltas()
         for name, module in list(base.blocks.named_modules()):
             if isinstance(module, nn.Linear):

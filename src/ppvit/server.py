@@ -33,11 +33,13 @@ from typing import Any
 import numpy as np
 import torch
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from PIL import Image, UnidentifiedImageError
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from safetensors import SafetensorError
 from safetensors.torch import load_file
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .adapters import WEIGHTS_NAME, AdapterMeta, build_base, read_adapter_meta
 from .backbones import normalization
@@ -107,48 +109,67 @@ def base_identity(meta: AdapterMeta) -> str:
 
 
 class AdapterCache:
-    """Adapters by (tenant, version), least recently used dropped beyond ``budget`` bytes; bases built once."""
+    """Adapters by (tenant, version), least recently used dropped beyond ``budget`` bytes; bases built once.
+
+    The cache's lock guards only its dictionaries: a slow load (a base model built, a weights
+    file hashed) holds a lock of its own key, so other tenants' requests are not held up by it.
+    """
 
     def __init__(self, budget: int, device: str) -> None:
         self.budget, self.device = budget, torch.device(device)
         self.adapters: OrderedDict[tuple[int, int], Served] = OrderedDict()
         self.bases: dict[str, Base] = {}
-        self.lock = threading.Lock()
-
-    @property
-    def resident_bytes(self) -> int:
-        return sum(s.adapter.nbytes for s in self.adapters.values())
+        self.resident_bytes = 0
+        self.lock = threading.Lock()  # the dictionaries and the byte count
+        self._loading: dict[tuple[int, int], threading.Lock] = {}
+        self._base_lock = threading.Lock()
 
     def get(self, tenant: TenantAdapter) -> Served:
+        key = tenant.cache_key
         with self.lock:
-            served = self.adapters.get(tenant.cache_key)
-            if served is not None:
-                self.adapters.move_to_end(tenant.cache_key)
-                return served
+            if key in self.adapters:
+                self.adapters.move_to_end(key)
+                return self.adapters[key]
+            loading = self._loading.setdefault(key, threading.Lock())
+        with loading:  # one load per key; others wait here, not on the cache
+            with self.lock:
+                if key in self.adapters:
+                    return self.adapters[key]
             served = self._load(tenant)
-            self.adapters[tenant.cache_key] = served
-            while self.resident_bytes > self.budget and len(self.adapters) > 1:
-                self.adapters.popitem(last=False)
+            with self.lock:
+                self.adapters[key] = served
+                self.resident_bytes += served.adapter.nbytes
+                while self.resident_bytes > self.budget and len(self.adapters) > 1:
+                    self.resident_bytes -= self.adapters.popitem(last=False)[1].adapter.nbytes
+                self._loading.pop(key, None)
             return served
 
     def _load(self, tenant: TenantAdapter) -> Served:
         try:
             meta = read_adapter_meta(tenant.folder)
-            ident = base_identity(meta)
+            base = self._base(meta, tenant)
+            tensors = load_file(str(tenant.folder / WEIGHTS_NAME))
+            adapter = routed_adapter(meta, tensors, base.routed.base).to(self.device)
+        except (OSError, ValueError, SafetensorError, RuntimeError) as exc:
+            log.warning("tenant %s, adapter version %d: %s", tenant.tenant, tenant.version, exc)
+            raise HTTPError(
+                503, f"the adapter of tenant {tenant.tenant} cannot be loaded (see the server log)"
+            ) from None
+        return Served(tenant, adapter, base)
+
+    def _base(self, meta: AdapterMeta, tenant: TenantAdapter) -> Base:
+        ident = base_identity(meta)
+        with self._base_lock:
             if ident not in self.bases:
                 model = build_base(meta, tenant.weights).to(self.device)
                 mean, std = normalization(model)
                 shape = (1, -1, 1, 1)
                 self.bases[ident] = Base(
-                    RoutedViT(model), torch.tensor(mean).view(shape), torch.tensor(std).view(shape)
+                    RoutedViT(model),
+                    torch.tensor(mean, device=self.device).view(shape),
+                    torch.tensor(std, device=self.device).view(shape),
                 )
-            base = self.bases[ident]
-            tensors = load_file(str(tenant.folder / WEIGHTS_NAME))
-            adapter = routed_adapter(meta, tensors, base.routed.base)
-        except (OSError, ValueError, SafetensorError, RuntimeError) as exc:
-            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise HTTPError(503, f"the adapter of tenant {tenant.tenant} cannot be loaded: {first}") from None
-        return Served(tenant, adapter, base)
+            return self.bases[ident]
 
 
 # -- batching -----------------------------------------------------------------------------------
@@ -166,7 +187,7 @@ class Batcher:
 
     def __init__(self, window: float, max_batch: int, metrics: Metrics) -> None:
         self.window, self.max_batch, self.metrics = window, max_batch, metrics
-        self.queue: asyncio.Queue[Job] = asyncio.Queue()
+        self.queue: asyncio.Queue[Job | None] = asyncio.Queue()  # None: stop
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="ppvit-forward")
         self.closing = False
         self._carry: Job | None = None
@@ -176,16 +197,29 @@ class Batcher:
         self._task = asyncio.get_running_loop().create_task(self._run())
 
     async def stop(self) -> None:
-        """Answer what is queued, then stop; later submissions are refused."""
+        """Refuse new jobs, answer every job already taken or queued, then stop the loop."""
         self.closing = True
-        while self._carry is not None or not self.queue.empty():
-            await asyncio.sleep(0.01)
+        await self.queue.put(None)  # the loop stops when it meets this, after what came before it
         if self._task is not None:
+            await asyncio.wait({self._task}, timeout=60)
             self._task.cancel()
-        self.executor.shutdown(wait=True)
+        for job in [self._carry, *self._drain()]:  # only if the loop died: never left unanswered
+            if job is not None and not job.future.done():
+                job.future.set_exception(HTTPError(503, "the server is shutting down"))
+        self.executor.shutdown(wait=False)
+
+    def _drain(self) -> list[Job | None]:
+        jobs = []
+        while not self.queue.empty():
+            jobs.append(self.queue.get_nowait())
+        return jobs
+
+    @property
+    def alive(self) -> bool:
+        return self._task is not None and not self._task.done()
 
     async def submit(self, served: Served, images: torch.Tensor) -> list[torch.Tensor]:
-        if self.closing:
+        if self.closing or not self.alive:
             raise HTTPError(503, "the server is shutting down")
         future = asyncio.get_running_loop().create_future()
         await self.queue.put(Job(served, images, future))
@@ -204,12 +238,16 @@ class Batcher:
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
-        while True:
+        stopping = False
+        while not stopping:
             first = await self._next(None)
+            if first is None:
+                return
             batch, count, deadline = [first], len(first.images), loop.time() + self.window
             while count < self.max_batch:
                 job = await self._next(deadline - loop.time())
                 if job is None:
+                    stopping = self.closing and self.queue.empty() and self._carry is None
                     break
                 if count + len(job.images) > self.max_batch:
                     self._carry = job
@@ -220,7 +258,13 @@ class Batcher:
             for job in batch:
                 by_base.setdefault(id(job.served.base), []).append(job)
             for jobs in by_base.values():
-                await self._forward(jobs)
+                try:
+                    await self._forward(jobs)
+                except Exception:  # a failed forward fails its own requests, never the loop
+                    log.exception("routed forward failed")
+                    for job in jobs:
+                        if not job.future.done():
+                            job.future.set_exception(HTTPError(500, "inference failed (see the server log)"))
 
     async def _forward(self, jobs: list[Job]) -> None:
         adapters: dict[tuple[int, int], int] = {}
@@ -232,16 +276,9 @@ class Batcher:
         base = jobs[0].served.base
         self.metrics.batch_size.observe(len(x))
         self.metrics.batch_tenants.observe(len(adapters))
-        try:
-            logits = await asyncio.get_running_loop().run_in_executor(
-                self.executor, base.routed, x.to(base.mean.device), list(unique.values()), index
-            )
-        except Exception as exc:  # a failed forward fails its own requests, not the server
-            log.exception("routed forward failed")
-            for job in jobs:
-                if not job.future.done():
-                    job.future.set_exception(HTTPError(500, f"inference failed: {type(exc).__name__}"))
-            return
+        logits = await asyncio.get_running_loop().run_in_executor(
+            self.executor, base.routed, x.to(base.mean.device), list(unique.values()), index
+        )
         start = 0
         for job in jobs:
             if not job.future.done():  # a client that went away left a cancelled future
@@ -277,68 +314,87 @@ class Metrics:
 # -- request parsing ----------------------------------------------------------------------------
 
 
-def decode_images(body: bytes, content_type: str, max_images: int) -> np.ndarray:
-    """The request's images as (N, H, W, C) uint8; HTTPError 400/413 for what is not that."""
+@dataclass(frozen=True)
+class Expected:
+    """What the tenant's model takes: checked on headers, before anything is decoded or allocated."""
+
+    side: int
+    channels: int
+    max_images: int
+
+    def check(self, count: int, h: int, w: int, c: int) -> None:
+        if count > self.max_images:
+            raise HTTPError(413, f"{count} images in one request; the limit is {self.max_images}")
+        if c != self.channels:
+            raise HTTPError(422, f"images have {c} channels; the model takes {self.channels}")
+        if (h, w) != (self.side, self.side):
+            raise HTTPError(422, f"images are {h}x{w}; the model takes {self.side}x{self.side} ciphertext")
+
+
+def decode_images(body: bytes, content_type: str, expected: Expected) -> np.ndarray:
+    """The request's images as (N, H, W, C) uint8; HTTPError 4xx for anything else.
+
+    Sizes and counts are checked from the ``.npy`` header or each PNG's header first, so a
+    small body that declares a huge image is refused without allocating it.
+    """
     kind = content_type.split(";")[0].strip().lower()
     if kind == "application/x-npy":
-        try:
-            arr = np.load(io.BytesIO(body), allow_pickle=False)
-        except (ValueError, OSError, EOFError) as exc:
-            raise HTTPError(400, f"body is not a .npy array ({exc})") from None
-        if arr.dtype != np.uint8:
-            raise HTTPError(422, f"array dtype is {arr.dtype}; send uint8 ciphertext")
-        images = arr[None] if arr.ndim == 3 else arr
-        if images.ndim != 4:
-            raise HTTPError(422, f"array shape {arr.shape}: expected (H, W, C) or (N, H, W, C)")
+        images = _npy(body, expected)
     elif kind == "application/json":
         try:
             items = json.loads(body)["images"]
             if not isinstance(items, list):
                 raise TypeError
-            blobs = [base64.b64decode(s, validate=True) for s in items]
-        except (json.JSONDecodeError, KeyError, TypeError, binascii.Error, UnicodeDecodeError):
+        except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
             raise HTTPError(400, 'JSON body must be {"images": [base64 PNG, ...]}') from None
-        images = _stack([_png(b, i) for i, b in enumerate(blobs)])
+        if len(items) > expected.max_images:
+            raise HTTPError(413, f"{len(items)} images in one request; the limit is {expected.max_images}")
+        try:
+            blobs = [base64.b64decode(s, validate=True) for s in items]
+        except (binascii.Error, TypeError, ValueError):
+            raise HTTPError(400, "JSON images must be base64 strings") from None
+        images = np.stack([_png(b, i, expected) for i, b in enumerate(blobs)]) if blobs else None
     elif kind.startswith("image/"):
-        images = _png(body, 0)[None]
+        images = _png(body, 0, expected)[None]
     else:
         raise HTTPError(415, f"content type {kind or 'missing'}: send image/png, application/x-npy or application/json")
-    if len(images) == 0:
+    if images is None or len(images) == 0:
         raise HTTPError(422, "no images in the request")
-    if len(images) > max_images:
-        raise HTTPError(413, f"{len(images)} images in one request; the limit is {max_images}")
     return images
 
 
-def _png(data: bytes, i: int) -> np.ndarray:
+def _npy(body: bytes, expected: Expected) -> np.ndarray:
+    buf = io.BytesIO(body)
+    try:
+        version = np.lib.format.read_magic(buf)
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = read(buf)
+    except (ValueError, OSError, EOFError, SyntaxError):
+        raise HTTPError(400, "body is not a .npy array") from None
+    if dtype != np.uint8:
+        raise HTTPError(422, f"array dtype is {dtype}; send uint8 ciphertext")
+    if len(shape) not in (3, 4):
+        raise HTTPError(422, f"array shape {shape}: expected (H, W, C) or (N, H, W, C)")
+    shape4 = shape if len(shape) == 4 else (1, *shape)
+    expected.check(*shape4)
+    if len(body) - buf.tell() != int(np.prod(shape)):
+        raise HTTPError(400, f"array of shape {shape} needs {int(np.prod(shape))} bytes, the body holds another number")
+    data = np.frombuffer(body, dtype=np.uint8, offset=buf.tell())
+    return data.reshape(shape4, order="F" if fortran else "C")
+
+
+def _png(data: bytes, i: int, expected: Expected) -> np.ndarray:
     try:
         with Image.open(io.BytesIO(data)) as im:
-            if im.width * im.height > 4096 * 4096:
-                raise HTTPError(413, f"image {i} is {im.width}x{im.height}: too large")
+            expected.check(1, im.height, im.width, len(im.getbands()))
             im.load()
             arr = np.asarray(im)
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError):
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError, SyntaxError):
         raise HTTPError(400, f"image {i} is not a readable image") from None
     return arr[..., None] if arr.ndim == 2 else arr
 
 
-def _stack(images: list[np.ndarray]) -> np.ndarray:
-    shapes = {im.shape for im in images}
-    if len(shapes) > 1:
-        raise HTTPError(422, f"images of different shapes in one request: {sorted(shapes)}")
-    return np.stack(images) if images else np.zeros((0, 1, 1, 3), np.uint8)
-
-
-def check_shape(images: np.ndarray, served: Served) -> None:
-    side, channels = served.base.routed.side, served.base.routed.base.patch_embed.proj.in_channels
-    _, h, w, c = images.shape
-    if c != channels:
-        raise HTTPError(422, f"images have {c} channels; the model takes {channels}")
-    if (h, w) != (side, side):
-        raise HTTPError(422, f"images are {h}x{w}; the model takes {side}x{side} ciphertext (encrypt at that size)")
-
-
-def adapter_info(served: Served) -> dict[str, Any]:
+def adapter_info(served: Served, max_images: int) -> dict[str, Any]:
     """What a tenant may know about its own adapter (never another's, never a key)."""
     meta = served.meta
     return {
@@ -351,6 +407,7 @@ def adapter_info(served: Served) -> dict[str, Any]:
         "block_size": meta.block_size,
         "key_fingerprint": meta.key_fingerprint,
         "classes": meta.classes or [str(i) for i in range(meta.num_classes)],
+        "max_images": max_images,
     }
 
 
@@ -379,10 +436,25 @@ def create_app(cfg: ServeConfig) -> FastAPI:
         headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
         return JSONResponse({"error": str(exc)}, status_code=exc.status, headers=headers)
 
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(x) for x in first.get("loc", ()))
+        return JSONResponse({"error": f"{where}: {first.get('msg', 'invalid request')}"}, status_code=422)
+
     @app.middleware("http")
     async def _count(request: Request, call_next):
-        response = await call_next(request)
-        metrics.requests.labels(request.url.path, str(response.status_code)).inc()
+        try:
+            response = await call_next(request)
+        except Exception:  # anything unforeseen: one line of JSON, the details in the server log
+            log.exception("request failed")
+            response = JSONResponse({"error": "internal error (see the server log)"}, status_code=500)
+        route = request.scope.get("route")
+        metrics.requests.labels(getattr(route, "path", "other"), str(response.status_code)).inc()
         return response
 
     async def resolve(request: Request) -> Served:
@@ -393,12 +465,16 @@ def create_app(cfg: ServeConfig) -> FastAPI:
         if tenant is None:
             raise HTTPError(401, "unknown token")
         served = await asyncio.to_thread(cache.get, tenant)
-        metrics.resident.set(len(cache.adapters))
-        metrics.resident_bytes.set(cache.resident_bytes)
+        with cache.lock:
+            metrics.resident.set(len(cache.adapters))
+            metrics.resident_bytes.set(cache.resident_bytes)
         return served
 
     @app.get("/healthz")
-    async def healthz() -> dict[str, Any]:
+    async def healthz() -> Any:
+        batcher = state.get("batcher")
+        if batcher is None or not batcher.alive:
+            return JSONResponse({"status": "batcher stopped"}, status_code=503)
         return {"status": "ok", "adapters_resident": len(cache.adapters), "bases": len(cache.bases)}
 
     @app.get("/metrics")
@@ -407,19 +483,20 @@ def create_app(cfg: ServeConfig) -> FastAPI:
 
     @app.get("/v1/adapter")
     async def adapter(request: Request) -> dict[str, Any]:
-        return adapter_info(await resolve(request))
+        return adapter_info(await resolve(request), cfg.max_images)
 
     @app.post("/v1/predict")
     async def predict(request: Request, logits: bool = False) -> dict[str, Any]:
         t0 = time.perf_counter()
         served = await resolve(request)
         body = await read_body(request, cfg.max_body_bytes)
-        images = decode_images(body, request.headers.get("content-type", ""), cfg.max_images)
-        check_shape(images, served)
-        x = torch.from_numpy(np.array(images)).permute(0, 3, 1, 2).float().div_(255)
+        expected = Expected(served.base.routed.side, served.base.routed.in_channels, cfg.max_images)
+        kind = request.headers.get("content-type", "")
+        images = await asyncio.to_thread(decode_images, body, kind, expected)  # off the event loop
+        x = torch.from_numpy(np.array(images)).permute(0, 3, 1, 2).to(served.base.mean.device).float().div_(255)
         x = (x - served.base.mean) / served.base.std
         rows = await state["batcher"].submit(served, x)
-        classes = adapter_info(served)["classes"]
+        classes = adapter_info(served, cfg.max_images)["classes"]
         answers = []
         for row in rows:
             p = row.softmax(-1)

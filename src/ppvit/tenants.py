@@ -23,19 +23,23 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from .adapters import CONFIG_NAME, WEIGHTS_NAME, file_sha256, read_adapter_meta
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from .adapters import CONFIG_NAME, WEIGHTS_NAME, build_base, file_sha256, read_adapter_meta
 from .config import TrainConfig
+from .routing import routed_adapter
 from .runs import adapter_dir
 
 SCHEMA_VERSION = 1
 DB_NAME = "tenants.sqlite"
 TOKEN_PREFIX = "ppvit_"
-NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS tenants (
-    id INTEGER PRIMARY KEY,
-    name TEXT NOT NULL UNIQUE,
+    id INTEGER PRIMARY KEY AUTOINCREMENT,  -- never reused: a cached adapter cannot pass to a later tenant
+    name TEXT NOT NULL UNIQUE COLLATE NOCASE,
     token_sha256 TEXT NOT NULL UNIQUE,
     version INTEGER NOT NULL,
     created REAL NOT NULL
@@ -106,11 +110,11 @@ class TenantStore:
 
     def add(self, name: str, adapter: str | os.PathLike, weights: str | os.PathLike | None = None) -> str:
         """Register ``name`` with a copy of ``adapter``; returns the API token (shown once, never stored)."""
-        if not NAME.match(name):
+        if not NAME.fullmatch(name):
             raise ValueError(f"tenant name {name!r}: use 1-64 letters, digits, '_', '.', '-' (starting alnum)")
         token = TOKEN_PREFIX + secrets.token_urlsafe(32)
         with self._connect() as con:
-            if con.execute("SELECT 1 FROM tenants WHERE name = ?", (name,)).fetchone():
+            if con.execute("SELECT 1 FROM tenants WHERE name = ?", (name,)).fetchone():  # any case
                 raise ValueError(f"tenant {name} exists already (remove-tenant first, or set-adapter)")
             cur = con.execute(
                 "INSERT INTO tenants (name, token_sha256, version, created) VALUES (?, ?, 1, ?)",
@@ -149,6 +153,7 @@ class TenantStore:
                 raise ValueError(f"adapter {src}: trained on a local weights file; pass it with --weights")
             if file_sha256(weights) != meta.weights_sha256:
                 raise ValueError(f"weights file {weights}: not the base this adapter was trained on (sha256 differs)")
+        check_routable(src, weights)  # refused now rather than answered with 503 for ever
         folder = self.root / "adapters" / name / f"v{version}"
         folder.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".v{version}.", dir=folder.parent))
@@ -180,6 +185,16 @@ class TenantStore:
         with self._connect() as con:
             row = con.execute(_ACTIVE + " WHERE t.token_sha256 = ?", (hash_token(token),)).fetchone()
         return None if row is None else _tenant(row)
+
+
+def check_routable(adapter: Path, weights: str | os.PathLike | None) -> None:
+    """Build the adapter's base and lay its tensors out for routing: every error a server would meet."""
+    meta = read_adapter_meta(adapter)
+    try:
+        tensors = load_file(str(adapter / WEIGHTS_NAME))
+    except (SafetensorError, OSError) as exc:
+        raise ValueError(f"adapter weights {adapter / WEIGHTS_NAME}: cannot be read ({exc})") from None
+    routed_adapter(meta, tensors, build_base(meta, weights))
 
 
 def _run_weights(run: Path) -> str | None:
