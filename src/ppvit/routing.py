@@ -140,10 +140,15 @@ def _submodule(model: nn.Module, path: str) -> nn.Module | None:
 
 
 class _Deltas:
-    """The gathered LoRA factors of the batch being computed, by layer path (shared by the layers)."""
+    """The gathered LoRA factors of the batch being computed, by layer path (shared by the layers).
+
+    A value is ``(A, B)`` with ``A`` (batch, R, in) and ``B`` (batch, out, R), or for q/v LoRA
+    ``(A, B_q, B_v)`` with ``B_q``, ``B_v`` (batch, d, r): the update goes into the q and v
+    slices only, with no multiplication by the zero k rows.
+    """
 
     def __init__(self) -> None:
-        self.by_path: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.by_path: dict[str, tuple[torch.Tensor, ...]] = {}
 
 
 class RoutedLinear(nn.Module):
@@ -158,8 +163,24 @@ class RoutedLinear(nn.Module):
         factors = self._deltas.by_path.get(self.path)
         if factors is None:
             return y
-        a, b = factors  # (batch, R, in), (batch, out, R)
-        return y + torch.bmm(torch.bmm(x, a.transpose(1, 2)), b.transpose(1, 2))
+        h = torch.bmm(x, factors[0].transpose(1, 2))
+        if len(factors) == 2:
+            return y + torch.bmm(h, factors[1].transpose(1, 2))
+        b_q, b_v = factors[1], factors[2]
+        d, r = b_q.shape[1], b_q.shape[2]
+        y[..., :d] += torch.bmm(h[..., :r], b_q.transpose(1, 2))
+        y[..., 2 * d :] += torch.bmm(h[..., r:], b_v.transpose(1, 2))
+        return y
+
+
+def per_sample(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``table[index]`` (one row per sample) without a copy where none is needed: the table
+    itself when sample i uses entry i (a batch of distinct tenants), a view for one entry."""
+    if len(table) == 1:
+        return table.expand(len(index), *table.shape[1:])
+    if len(table) == len(index) and bool((index == torch.arange(len(index), device=index.device)).all()):
+        return table
+    return table[index]
 
 
 class RoutedViT(nn.Module):
@@ -201,7 +222,7 @@ class RoutedViT(nn.Module):
         heads = torch.stack([F.pad(a.head_weight, (0, 0, 0, classes - a.num_classes)) for a in adapters])
         biases = torch.stack([F.pad(a.head_bias, (0, classes - a.num_classes)) for a in adapters])
         heads, biases = heads.to(x.device), biases.to(x.device)
-        logits = torch.bmm(heads[index], features.unsqueeze(-1)).squeeze(-1) + biases[index]
+        logits = torch.bmm(per_sample(heads, index), features.unsqueeze(-1)).squeeze(-1) + per_sample(biases, index)
         return [row[: adapters[i].num_classes] for row, i in zip(logits, index.tolist(), strict=True)]
 
     def _patch_embed(self, x: torch.Tensor, adapters: list[RoutedAdapter], index: torch.Tensor) -> torch.Tensor:
@@ -211,12 +232,12 @@ class RoutedViT(nn.Module):
         own = proj.weight.reshape(proj.weight.shape[0], -1)
         weights = torch.stack([own if a.patch_weight is None else a.patch_weight.to(x.device) for a in adapters])
         patches = F.unfold(x, self.patch, stride=self.patch).transpose(1, 2)  # (B, N, C p p), the conv's order
-        out = torch.bmm(patches, weights[index].transpose(1, 2))
+        out = torch.bmm(patches, per_sample(weights, index).transpose(1, 2))
         if proj.bias is not None or any(a.patch_bias is not None for a in adapters):
             zero = torch.zeros_like(own[:, 0])
             base_bias = zero if proj.bias is None else proj.bias
             bias = torch.stack([base_bias if a.patch_bias is None else a.patch_bias.to(x.device) for a in adapters])
-            out = out + bias[index].unsqueeze(1)
+            out = out + per_sample(bias, index).unsqueeze(1)
         return out
 
     @staticmethod
@@ -224,30 +245,35 @@ class RoutedViT(nn.Module):
         """The backbone's tensor when no adapter has its own, else one row per sample."""
         if all(t is None for t in theirs):
             return own
-        table = torch.cat([own if t is None else t.to(own.device) for t in theirs])
-        return table[index]
+        return per_sample(torch.cat([own if t is None else t.to(own.device) for t in theirs]), index)
 
     @staticmethod
     def _lora_factors(
         adapters: list[RoutedAdapter], index: torch.Tensor, device: torch.device
-    ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """Per layer: A and B of every sample's adapter, ranks padded with zeros (which adds nothing)."""
+    ) -> dict[str, tuple[torch.Tensor, ...]]:
+        """Per layer: A and B of every sample's adapter. Adapters without LoRA there get zeros,
+        and lower ranks are padded with zeros: both add nothing."""
         factors = {}
         for path in sorted({p for a in adapters for p in a.lora}):
             pairs = [a.lora.get(path) for a in adapters]
-            pairs = [None if p is None else (p[0], qv_stacked(p[1]) if p[1].ndim == 3 else p[1]) for p in pairs]
-            some = next(p for p in pairs if p is not None)
-            rank = max(p[0].shape[0] for p in pairs if p is not None)
+            present = [p for p in pairs if p is not None]
+            ranks = {p[0].shape[0] for p in present}
+            if all(p[1].ndim == 3 for p in present) and len(ranks) == 1:  # q/v LoRA of one rank: stay compact
+                a0, b0 = present[0]
+                a = torch.stack([torch.zeros_like(a0) if q is None else q[0] for q in pairs])
+                b = torch.stack([torch.zeros_like(b0) if q is None else q[1] for q in pairs])
+                factors[path] = (per_sample(a.to(device), index), *per_sample(b.to(device), index).unbind(1))
+                continue
+            full = [None if q is None else (q[0], qv_stacked(q[1]) if q[1].ndim == 3 else q[1]) for q in pairs]
+            rank = max(ranks)
+            some = next(q for q in full if q is not None)
             a_all = torch.zeros(len(adapters), rank, some[0].shape[1], device=device)
             b_all = torch.zeros(len(adapters), some[1].shape[0], rank, device=device)
-            for i, pair in enumerate(pairs):
+            for i, pair in enumerate(full):
                 if pair is not None:
                     a_all[i, : pair[0].shape[0]] = pair[0]
                     b_all[i, :, : pair[1].shape[1]] = pair[1]
-            if len(adapters) == 1:  # one adapter: a view, not a copy per sample
-                factors[path] = (a_all.expand(len(index), -1, -1), b_all.expand(len(index), -1, -1))
-            else:
-                factors[path] = (a_all[index], b_all[index])
+            factors[path] = (per_sample(a_all, index), per_sample(b_all, index))
         return factors
 
 
