@@ -133,8 +133,12 @@ def descendants(pid: int) -> set[int]:
 def start_encrypt(src: Path, dst: Path, key: Path, workers: int) -> subprocess.Popen:
     """`ppvit encrypt` in its own session (a terminal's process group); returns once it has written an image."""
     args = [sys.executable, "-m", "ppvit.cli", "-q", "encrypt", str(src), str(dst), "--key", str(key)]
-    proc = subprocess.Popen(
-        [*args, "--workers", str(workers)], stderr=subprocess.PIPE, text=True, start_new_session=True
+    proc = subprocess.Popen(  # as a terminal starts a foreground job: Ctrl-C not ignored, whatever this process does
+        [*args, "--workers", str(workers)],
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None and not any(dst.rglob("*.png")):
