@@ -19,7 +19,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import io
+import math
 import os
+import socket
 import statistics
 import tempfile
 import threading
@@ -134,14 +136,17 @@ async def load_test(url: str, tokens: list[str], images: list[bytes], clients: i
         async with httpx.AsyncClient(base_url=url, timeout=60) as http:
             while time.perf_counter() < stop:
                 t0 = time.perf_counter()
-                r = await http.post("/v1/predict", content=images[i % len(images)], headers=headers)
+                try:
+                    r = await http.post("/v1/predict", content=images[i % len(images)], headers=headers)
+                    errors += r.status_code != 200
+                except httpx.HTTPError:  # a refused or broken connection is an error, not the end of the test
+                    errors += 1
                 latencies.append(time.perf_counter() - t0)
-                errors += r.status_code != 200
 
     t0 = time.perf_counter()
     await asyncio.gather(*(client(i) for i in range(clients)))
     wall = time.perf_counter() - t0
-    lat = sorted(latencies)
+    lat = sorted(latencies) or [math.nan]
     return {
         "requests": len(lat),
         "rps": len(lat) / wall,
@@ -175,7 +180,9 @@ def loopback(args: argparse.Namespace) -> None:
         buf = io.BytesIO()
         np.save(buf, rng.integers(0, 256, (1, args.size, args.size, 3), dtype=np.uint8))
         bodies.append(buf.getvalue())
-    port = 8765
+    with socket.socket() as sock:  # a free port
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
     server = LiveServer(tmp / "root", port, args.window_ms)
     server.start()
     while not server.server.started:

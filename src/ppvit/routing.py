@@ -184,7 +184,11 @@ def per_sample(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 
 class RoutedViT(nn.Module):
-    """A frozen timm ViT that computes each sample of a batch with that sample's adapter."""
+    """A frozen timm ViT that computes each sample of a batch with that sample's adapter.
+
+    One forward at a time: the batch's LoRA factors are held on the module while it runs
+    (the server calls it from a single worker thread).
+    """
 
     def __init__(self, base: nn.Module) -> None:
         super().__init__()
