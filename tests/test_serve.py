@@ -642,3 +642,12 @@ def test_registration_refuses_what_routing_cannot_serve(world: dict, tmp_path: P
     store.add("Alice", world["runs"]["carol"])
     with pytest.raises(ValueError, match="exists already"):
         store.add("alice", world["runs"]["carol"])
+
+
+def test_the_client_can_pin_the_scheme_instead_of_trusting_the_server(world: dict, live: LiveServer) -> None:
+    images = list(world["images"][:1])
+    assert (
+        len(Client(live.url, world["tokens"]["alice"], scheme="shuffle").predict(images, key_of(world, "alice"))) == 1
+    )
+    with pytest.raises(ValueError, match="not shuffle\\+scramble"):  # alice's adapter says shuffle
+        Client(live.url, world["tokens"]["alice"], scheme="shuffle+scramble").predict(images, key_of(world, "alice"))

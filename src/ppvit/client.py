@@ -17,7 +17,7 @@ import httpx
 import numpy as np
 import torch
 
-from .ciphers import BlockCipher
+from .ciphers import BlockCipher, Scheme
 from .inference import read_image
 from .keys import Key
 
@@ -42,10 +42,20 @@ class ServerError(RuntimeError):
 class Client:
     """A tenant's connection: ``Client(url, token).predict(files, key)``."""
 
-    def __init__(self, url: str, token: str, timeout: float = 60.0, transport: httpx.BaseTransport | None = None):
+    def __init__(
+        self,
+        url: str,
+        token: str,
+        timeout: float = 60.0,
+        transport: httpx.BaseTransport | None = None,
+        scheme: str | None = None,
+    ):
+        """``scheme``: the scheme you trained with; the server's word for it is then checked,
+        not trusted (the key's fingerprint binds the key, not the scheme or block size)."""
         self.http = httpx.Client(
             base_url=url.rstrip("/"), headers={"Authorization": f"Bearer {token}"}, timeout=timeout, transport=transport
         )
+        self.scheme = None if scheme is None else str(Scheme.parse(scheme))
         self._info: dict[str, Any] | None = None
 
     def close(self) -> None:
@@ -83,6 +93,8 @@ class Client:
         images only when the caller asks for that (``plain=True``) and gave no key.
         """
         info = self.info()
+        if self.scheme is not None and info["scheme"] != self.scheme:
+            raise ValueError(f"the server says the adapter takes scheme {info['scheme']}, not {self.scheme}: refusing")
         if info["scheme"] is None and (key is not None or not plain):
             raise ValueError(
                 "the server says this adapter takes plain images; refusing to send them unencrypted "

@@ -98,7 +98,7 @@ def _client(args: argparse.Namespace) -> None:
     except OSError as exc:
         raise ValueError(f"token file {args.token_file}: cannot be read ({exc.strerror})") from None
     key = Key.load(args.key) if args.key else None
-    with Client(args.server, token) as client:
+    with Client(args.server, token, scheme=args.scheme) as client:
         for f, p in zip(args.images, client.predict(args.images, key, plain=args.plain), strict=True):
             print(f"{f}\t{p.label}\t{p.probability:.3f}")
 
@@ -112,4 +112,5 @@ def add_client(sub: argparse._SubParsersAction) -> None:
     a.add_argument("--token-file", required=True, help="file holding the tenant's API token")
     a.add_argument("--key", help="the key file the adapter was trained with (stays here)")
     a.add_argument("--plain", action="store_true", help="send plain images (only to an adapter trained on them)")
+    a.add_argument("--scheme", help="the scheme you trained with: refuse a server that reports another")
     p.set_defaults(func=_client)
