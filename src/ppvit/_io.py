@@ -44,6 +44,23 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None], mode: i
     tmp = Path(tmp_name)
     try:
         write(tmp)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise _naming(exc, path) from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    commit_temp(tmp, path, mode)
+
+
+def commit_temp(tmp: Path, path: Path, mode: int | None = None) -> None:
+    """Give a finished temporary file its mode, flush it to disk and rename it to ``path``.
+
+    The second half of :func:`atomic_write`, for writers that fill the temporary file
+    themselves (a tar stream). On any error the temporary file is removed; an ``OSError``
+    names ``path``.
+    """
+    try:
         os.chmod(tmp, (0o666 & ~current_umask()) if mode is None else mode)
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())

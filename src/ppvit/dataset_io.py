@@ -41,7 +41,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from . import __version__
-from ._io import _naming, atomic_write, atomic_write_bytes, atomic_write_text, current_umask, remove_stale_temps
+from ._io import _naming, atomic_write, atomic_write_bytes, atomic_write_text, commit_temp, remove_stale_temps
 from .ciphers import BlockCipher, Scheme
 from .keys import Key
 
@@ -662,13 +662,10 @@ class _WdsSink:
         try:
             writer.close()  # the tar stream; the file is ours to close
             fh.close()
-            os.chmod(tmp, 0o666 & ~current_umask())
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
         except OSError as exc:
             tmp.unlink(missing_ok=True)
             raise _naming(exc, path) from None
+        commit_temp(tmp, path)
 
     def close(self) -> None:
         for split in list(self.open):
