@@ -394,6 +394,10 @@ def _png(data: bytes, i: int, expected: Expected) -> np.ndarray:
     return arr[..., None] if arr.ndim == 2 else arr
 
 
+def class_names(meta: AdapterMeta) -> list[str]:
+    return meta.classes or [str(i) for i in range(meta.num_classes)]
+
+
 def adapter_info(served: Served, max_images: int) -> dict[str, Any]:
     """What a tenant may know about its own adapter (never another's, never a key)."""
     meta = served.meta
@@ -406,7 +410,7 @@ def adapter_info(served: Served, max_images: int) -> dict[str, Any]:
         "scheme": meta.scheme,
         "block_size": meta.block_size,
         "key_fingerprint": meta.key_fingerprint,
-        "classes": meta.classes or [str(i) for i in range(meta.num_classes)],
+        "classes": class_names(meta),
         "max_images": max_images,
     }
 
@@ -414,22 +418,8 @@ def adapter_info(served: Served, max_images: int) -> dict[str, Any]:
 # -- the application ----------------------------------------------------------------------------
 
 
-def create_app(cfg: ServeConfig) -> FastAPI:
-    """The FastAPI application over ``cfg.root`` (created on first start)."""
-    store = TenantStore(cfg.root)
-    cache = AdapterCache(cfg.cache_bytes, cfg.device)
-    metrics = Metrics()
-    state: dict[str, Batcher] = {}
-
-    @asynccontextmanager
-    async def lifespan(app: FastAPI):
-        batcher = Batcher(cfg.window_ms / 1000, cfg.max_batch, metrics)
-        batcher.start()
-        state["batcher"] = batcher
-        yield
-        await batcher.stop()
-
-    app = FastAPI(title="ppvit", lifespan=lifespan)
+def _one_line_errors(app: FastAPI, metrics: Metrics) -> None:
+    """Every answer that is not 200, ours or the framework's, as one line of JSON; requests counted by route."""
 
     @app.exception_handler(HTTPError)
     async def _error(request: Request, exc: HTTPError) -> JSONResponse:
@@ -456,6 +446,26 @@ def create_app(cfg: ServeConfig) -> FastAPI:
         route = request.scope.get("route")
         metrics.requests.labels(getattr(route, "path", "other"), str(response.status_code)).inc()
         return response
+
+
+def create_app(cfg: ServeConfig) -> FastAPI:
+    """The FastAPI application over ``cfg.root`` (created on first start)."""
+    store = TenantStore(cfg.root)
+    cache = AdapterCache(cfg.cache_bytes, cfg.device)
+    metrics = Metrics()
+    state: dict[str, Batcher] = {}
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        batcher = Batcher(cfg.window_ms / 1000, cfg.max_batch, metrics)
+        batcher.start()
+        state["batcher"] = batcher
+        yield
+        await batcher.stop()
+
+    app = FastAPI(title="ppvit", lifespan=lifespan)
+
+    _one_line_errors(app, metrics)
 
     async def resolve(request: Request) -> Served:
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
@@ -496,7 +506,7 @@ def create_app(cfg: ServeConfig) -> FastAPI:
         x = torch.from_numpy(np.array(images)).permute(0, 3, 1, 2).to(served.base.mean.device).float().div_(255)
         x = (x - served.base.mean) / served.base.std
         rows = await state["batcher"].submit(served, x)
-        classes = adapter_info(served, cfg.max_images)["classes"]
+        classes = class_names(served.meta)
         answers = []
         for row in rows:
             p = row.softmax(-1)
