@@ -474,21 +474,18 @@ class _PngSink:
         return _inventory((split_of(r), class_of(r)) for r in rels)
 
 
-class _ShardSink:
-    """uint8 NHWC shards per split, ``<split>/shard-00000.npz`` (images, class names, paths).
+class _NumberedShards:
+    """Outputs in numbered shards per split: the i-th image of a split (in source order)
+    belongs to shard i // shard_size, so a rerun skips every image whose shard exists and
+    rewrites only unfinished shards."""
 
-    The i-th image of a split (in source order) belongs to shard i // SHARD_SIZE, so a
-    rerun skips every image whose shard exists and rewrites only unfinished shards.
-    """
-
-    def __init__(self, dst: Path) -> None:
-        self.dst = dst
+    def __init__(self, dst: Path, shard_size: int) -> None:
+        self.dst, self.shard_size = dst, shard_size
         self.next_index: dict[str, int] = {}
         self.index: dict[str, int] = {}
-        self.buffers: dict[tuple[str, int], list[tuple[str, np.ndarray]]] = {}
 
     def _shard(self, split: str, number: int) -> Path:
-        return self.dst / split / f"shard-{number:05d}.npz"
+        raise NotImplementedError
 
     def claim(self, rel: str, summary: Summary) -> bool:
         """Give ``rel`` the next index of its split; True (and counted as skipped) when its shard exists."""
@@ -496,13 +493,24 @@ class _ShardSink:
         i = self.next_index.get(split, 0)
         self.next_index[split] = i + 1
         self.index[rel] = i
-        if self._shard(split, i // SHARD_SIZE).exists():
+        if self._shard(split, i // self.shard_size).exists():
             summary.skipped += 1
             return True
         return False
 
+
+class _ShardSink(_NumberedShards):
+    """uint8 NHWC shards per split, ``<split>/shard-00000.npz`` (images, class names, paths)."""
+
+    def __init__(self, dst: Path) -> None:
+        super().__init__(dst, SHARD_SIZE)
+        self.buffers: dict[tuple[str, int], list[tuple[str, np.ndarray]]] = {}
+
+    def _shard(self, split: str, number: int) -> Path:
+        return self.dst / split / f"shard-{number:05d}.npz"
+
     def add(self, rel: str, arr: np.ndarray) -> None:
-        split, shard = split_of(rel), self.index.pop(rel) // SHARD_SIZE
+        split, shard = split_of(rel), self.index.pop(rel) // self.shard_size
         for key in [k for k in self.buffers if k[0] == split and k[1] < shard]:
             self._flush(key)  # results arrive in source order: earlier shards are complete
         self.buffers.setdefault((split, shard), []).append((rel, arr))
@@ -602,7 +610,7 @@ def load_encrypted_split(folder: str | os.PathLike, split: str) -> tuple[np.ndar
     return np.concatenate(images), np.array([lookup[n] for n in names], dtype=np.int64), classes
 
 
-class _WdsSink:
+class _WdsSink(_NumberedShards):
     """WebDataset shards per split, ``<split>/shard-000000.tar``: ``KEY.png`` (the ciphertext) and ``KEY.cls``.
 
     ``KEY`` is the image's path below its split without suffix (``cat/00000012``); ``.cls`` is
@@ -613,24 +621,12 @@ class _WdsSink:
     """
 
     def __init__(self, dst: Path, shard_size: int, classes: list[str]) -> None:
-        self.dst, self.shard_size = dst, shard_size
+        super().__init__(dst, shard_size)
         self.lookup = {c: i for i, c in enumerate(classes)}
-        self.next_index: dict[str, int] = {}
-        self.index: dict[str, int] = {}
         self.open: dict[str, tuple[int, Path, Path, object, object]] = {}  # split -> number, path, tmp, file, writer
 
     def _shard(self, split: str, number: int) -> Path:
         return self.dst / split / f"shard-{number:06d}.tar"
-
-    def claim(self, rel: str, summary: Summary) -> bool:
-        split = split_of(rel)
-        i = self.next_index.get(split, 0)
-        self.next_index[split] = i + 1
-        self.index[rel] = i
-        if self._shard(split, i // self.shard_size).exists():
-            summary.skipped += 1
-            return True
-        return False
 
     def add(self, rel: str, arr: np.ndarray) -> None:
         from .sources import optional
