@@ -85,6 +85,7 @@ class TenantStore:
                 raise FileNotFoundError(f"server root {self.root}: no {DB_NAME} (add a tenant first)")
             self.root.mkdir(parents=True, exist_ok=True)
         with self._connect() as con:
+            con.execute("PRAGMA journal_mode=WAL")  # readers (the server) and a writer (the CLI) at once
             con.executescript(SCHEMA)
             row = con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
             if row is None:
@@ -99,8 +100,7 @@ class TenantStore:
         except sqlite3.Error as exc:
             raise ValueError(f"{self.db}: cannot be opened ({exc})") from None
         try:
-            con.execute("PRAGMA journal_mode=WAL")
-            con.execute("PRAGMA foreign_keys=ON")
+            con.execute("PRAGMA foreign_keys=ON")  # per connection; WAL is set once and kept by the file
             with con:  # one transaction: committed on success, rolled back on error
                 yield con
         except sqlite3.DatabaseError as exc:
