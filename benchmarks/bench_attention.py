@@ -12,7 +12,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from ppvit.backbones import create_backbone, input_size
+from ppvit.models.backbones import create_backbone, input_size
 
 
 def step_rate(model: torch.nn.Module, batch: int, bf16: bool, steps: int) -> float:

@@ -20,8 +20,8 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from ppvit.ciphers import BlockCipher
-from ppvit.keys import Key
+from ppvit.crypto.ciphers import BlockCipher
+from ppvit.crypto.keys import Key
 
 SIZE, BLOCK = 224, 16
 

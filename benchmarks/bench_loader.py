@@ -30,12 +30,13 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ppvit.backbones import create_backbone, input_size, normalization, patch_size
-from ppvit.ciphers import BlockCipher
-from ppvit.data import ArrayDataset, BatchPipeline, get_batch, load_splits
-from ppvit.dataset_io import encrypt_collection
-from ppvit.keys import Key
-from ppvit.methods import apply_method, method_config
+from ppvit.crypto.ciphers import BlockCipher
+from ppvit.crypto.keys import Key
+from ppvit.data.dataset_io import encrypt_collection
+from ppvit.data.datasets import ArrayDataset, load_splits
+from ppvit.data.pipeline import BatchPipeline, get_batch
+from ppvit.models.backbones import create_backbone, input_size, normalization, patch_size
+from ppvit.models.methods import apply_method, method_config
 
 MODELS = {"vit_tiny_d6_patch4_32": (128, 4), "vit_base_patch16_224": (16, 2)}  # batch, timed training steps
 

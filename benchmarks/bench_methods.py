@@ -29,10 +29,10 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch.utils.flop_counter import FlopCounterMode
 
-from ppvit.adapters import trainable_tensors
-from ppvit.backbones import create_backbone, input_size
-from ppvit.methods import apply_method, merge_adapters, method_config
-from ppvit.runtime import peak_rss_mb
+from ppvit.models.adapters import trainable_tensors
+from ppvit.models.backbones import create_backbone, input_size
+from ppvit.models.methods import apply_method, merge_adapters, method_config
+from ppvit.train.runtime import peak_rss_mb
 
 TRAIN_VARIANTS = ("full", "linear", "melo", "lora-pe", "melo-handwritten", "lora-qkv-peft")
 

@@ -34,12 +34,13 @@ import numpy as np
 import torch
 import uvicorn
 
-from ppvit.adapters import AdapterMeta, file_sha256, save_adapter
-from ppvit.backbones import WEIGHTS_ENV, create_backbone
-from ppvit.methods import apply_method, count_params, merge_adapters, method_config
-from ppvit.routing import RoutedViT, routed_adapter
-from ppvit.server import ServeConfig, create_app
-from ppvit.tenants import TenantStore
+from ppvit.models.adapters import AdapterMeta, file_sha256, save_adapter
+from ppvit.models.backbones import create_backbone
+from ppvit.models.methods import apply_method, count_params, merge_adapters, method_config
+from ppvit.models.weights import WEIGHTS_ENV
+from ppvit.serve.app import ServeConfig, create_app
+from ppvit.serve.routing import RoutedViT, routed_adapter
+from ppvit.serve.tenants import TenantStore
 
 MODEL = "vit_tiny_patch16_224"
 

@@ -1,8 +1,8 @@
 """What a server gains by breaking the key: blind key-init against the key holder's and plain lora-pe.
 
 The server holds the training ciphertexts of the ``cpu`` preset (ImageNet ViT-Ti/16 at 112x112,
-16x16 ``shuffle``). It recovers the plan from them alone (:func:`ppvit.key_recovery.recover_plan`),
-folds the recovered plan into the pretrained patch embedding (:func:`ppvit.model_transform.plan_embedding`)
+16x16 ``shuffle``). It recovers the plan from them alone (:func:`ppvit.attacks.key_recovery.recover_plan`),
+folds the recovered plan into the pretrained patch embedding (:func:`ppvit.models.transform.plan_embedding`)
 and fine-tunes ``lora-pe`` from that backbone: ``--key-init`` without ever being given the key.
 Beside it, per seed, the key holder's ``--key-init`` run on the same data. With an exact recovery
 the two must agree digit for digit (same backbone tensors, same seeds).
@@ -26,13 +26,15 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from ppvit.backbones import WEIGHTS_ENV, create_backbone, input_size, patch_size
-from ppvit.ciphers import BlockCipher
-from ppvit.data import cifar10_path, load_splits
-from ppvit.key_recovery import recover_plan, score_recovery
-from ppvit.keys import Key
-from ppvit.model_transform import install_embedding, plan_embedding
-from ppvit.presets import PRESETS, cell_config, run_cell
+from ppvit.attacks.key_recovery import recover_plan, score_recovery
+from ppvit.crypto.ciphers import BlockCipher
+from ppvit.crypto.keys import Key
+from ppvit.data.datasets import cifar10_path, load_splits
+from ppvit.experiments.presets import PRESETS
+from ppvit.experiments.reproduce import cell_config, run_cell
+from ppvit.models.backbones import create_backbone, input_size, patch_size
+from ppvit.models.transform import install_embedding, plan_embedding
+from ppvit.models.weights import WEIGHTS_ENV
 
 SCHEME = "shuffle"
 

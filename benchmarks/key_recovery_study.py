@@ -1,4 +1,4 @@
-"""Ciphertext-only key recovery (ppvit.key_recovery) on CIFAR-10: how many ciphertexts break a key.
+"""Ciphertext-only key recovery (ppvit.attacks.key_recovery) on CIFAR-10: how many ciphertexts break a key.
 
 For each number of ciphertexts N and each of ``--keys`` fresh keys (``Key.generate()``), the
 attacker sees N encrypted CIFAR-10 test images (upscaled to ``--size`` by ``--resize``), recovers
@@ -28,11 +28,11 @@ from typing import Any
 
 import numpy as np
 
-from ppvit.audit import upscale
-from ppvit.ciphers import compile_plan
-from ppvit.data import test_images
-from ppvit.key_recovery import recover_plan, score_recovery
-from ppvit.keys import Key
+from ppvit.attacks.audit import upscale
+from ppvit.attacks.key_recovery import recover_plan, score_recovery
+from ppvit.crypto.ciphers import compile_plan
+from ppvit.crypto.keys import Key
+from ppvit.data.datasets import test_images
 
 
 def run(images: np.ndarray, n: int, args: argparse.Namespace) -> dict[str, Any]:

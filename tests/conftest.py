@@ -18,8 +18,8 @@ import pytest
 import torch
 from PIL import Image
 
-from ppvit.config import TrainConfig
-from ppvit.keys import Key
+from ppvit.crypto.keys import Key
+from ppvit.train.config import TrainConfig
 
 SMALL = "vit_micro_d2_patch4_32"  # d 48, 2 blocks, 4x4 patches on 32x32: 64 patch tokens
 KEY = Key(bytes(range(32)))  # a fixed key: ciphertexts and maps are the same on every run

@@ -1,77 +1,82 @@
 """ppvit: privacy-preserving fine-tuning of Vision Transformers on block-wise encrypted images.
 
 The library API a notebook user calls; the ``ppvit`` command is a thin layer over it.
+Names load on first use (PEP 562), so ``import ppvit`` and ``ppvit --help`` cost no torch import.
+The subpackages, lowest first (a module imports only from its own layer or lower ones):
+``crypto`` keys and ciphers, ``data`` sources and datasets, ``models`` backbones, methods,
+adapters, key-based model transformation, ``train`` config, loop, runs, inference,
+``attacks`` the security audit, ``experiments`` presets and reproduction, ``serve`` the
+multi-tenant server and its client, ``cli`` the command.
 """
 
-__version__ = "0.2.0"  # before the imports: modules may read it while the package loads
+from __future__ import annotations
 
-from .adapters import AdapterMeta, load_adapter, merge_to_file, save_adapter
-from .audit import known_plaintext_attack, run_audit, weight_matching_attack
-from .backbones import create_backbone
-from .ciphers import BlockCipher, EncryptTransform, Plan, Scheme
-from .config import BackboneConfig, CryptoConfig, DataConfig, OptimConfig, RunConfig, TrainConfig
-from .dataset_io import decrypt_collection, encrypt_collection
-from .inference import evaluate_adapter, predict_files
-from .keys import Key, KeyFileError
-from .methods import (
-    METHODS,
-    FullConfig,
-    LinearConfig,
-    LoraPEConfig,
-    MeloConfig,
-    MethodConfig,
-    apply_method,
-    count_params,
-    merge_adapters,
-    method_config,
-    param_report,
-)
-from .model_transform import transform_model
-from .presets import PRESETS, Preset, reproduce
-from .runs import RunResult
-from .training import train
+import importlib
+from typing import Any
 
-__all__ = [
-    "METHODS",
-    "PRESETS",
-    "AdapterMeta",
-    "BackboneConfig",
-    "BlockCipher",
-    "CryptoConfig",
-    "DataConfig",
-    "EncryptTransform",
-    "FullConfig",
-    "Key",
-    "KeyFileError",
-    "LinearConfig",
-    "LoraPEConfig",
-    "MeloConfig",
-    "MethodConfig",
-    "OptimConfig",
-    "Plan",
-    "Preset",
-    "RunConfig",
-    "RunResult",
-    "Scheme",
-    "TrainConfig",
-    "__version__",
-    "apply_method",
-    "count_params",
-    "create_backbone",
-    "decrypt_collection",
-    "encrypt_collection",
-    "evaluate_adapter",
-    "known_plaintext_attack",
-    "load_adapter",
-    "merge_adapters",
-    "merge_to_file",
-    "method_config",
-    "param_report",
-    "predict_files",
-    "reproduce",
-    "run_audit",
-    "save_adapter",
-    "train",
-    "transform_model",
-    "weight_matching_attack",
-]
+from ppvit import _compat
+
+__version__ = "0.3.0"
+
+_API = {
+    "Key": "crypto.keys",
+    "KeyFileError": "crypto.keys",
+    "BlockCipher": "crypto.ciphers",
+    "EncryptTransform": "crypto.ciphers",
+    "Plan": "crypto.ciphers",
+    "Scheme": "crypto.ciphers",
+    "decrypt_collection": "data.dataset_io",
+    "encrypt_collection": "data.dataset_io",
+    "create_backbone": "models.backbones",
+    "METHODS": "models.configs",
+    "FullConfig": "models.configs",
+    "LinearConfig": "models.configs",
+    "LoraPEConfig": "models.configs",
+    "MeloConfig": "models.configs",
+    "MethodConfig": "models.configs",
+    "apply_method": "models.methods",
+    "count_params": "models.methods",
+    "merge_adapters": "models.methods",
+    "method_config": "models.configs",
+    "param_report": "models.methods",
+    "AdapterMeta": "models.adapters",
+    "load_adapter": "models.adapters",
+    "merge_to_file": "models.adapters",
+    "save_adapter": "models.adapters",
+    "transform_model": "models.transform",
+    "BackboneConfig": "train.config",
+    "CryptoConfig": "train.config",
+    "DataConfig": "train.config",
+    "OptimConfig": "train.config",
+    "RunConfig": "train.config",
+    "TrainConfig": "train.config",
+    "RunResult": "train.runs",
+    "train": "train.loop",
+    "evaluate_adapter": "train.inference",
+    "predict_files": "train.inference",
+    "known_plaintext_attack": "attacks.audit",
+    "run_audit": "attacks.audit",
+    "weight_matching_attack": "attacks.audit",
+    "PRESETS": "experiments.presets",
+    "Preset": "experiments.presets",
+    "reproduce": "experiments.reproduce",
+}
+"""Public name -> the module that defines it."""
+
+__all__ = ["__version__", *sorted(_API)]
+
+_compat.install()
+
+
+def __getattr__(name: str) -> Any:
+    if name in _API:
+        value = getattr(importlib.import_module(f"ppvit.{_API[name]}"), name)
+        globals()[name] = value
+        return value
+    if name in _compat.MOVED:  # ppvit.keys as an attribute: the deprecated module
+        return importlib.import_module(f"ppvit.{name}")
+    raise AttributeError(f"module 'ppvit' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_API])

@@ -1,0 +1,84 @@
+"""Old flat module paths (``ppvit.keys``, ``ppvit.training``...) kept importable for one release.
+
+Through the 0.3 releases ``import ppvit.keys`` gives a module that forwards every name to its new home
+(``ppvit.crypto.keys``) with a DeprecationWarning; new code imports the new paths.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.abc
+import importlib.machinery
+import importlib.util
+import sys
+import types
+import warnings
+
+MOVED: dict[str, str | tuple[str, ...]] = {
+    "keys": "crypto.keys",
+    "ciphers": "crypto.ciphers",
+    "backbones": ("models.backbones", "models.weights"),
+    "methods": ("models.methods", "models.configs"),
+    "adapters": "models.adapters",
+    "model_transform": "models.transform",
+    "dataset_io": ("data.dataset_io", "data.manifest"),
+    "sources": "data.sources",
+    "streaming": "data.streaming",
+    "config": "train.config",
+    "runtime": "train.runtime",
+    "runs": "train.runs",
+    "training": "train.loop",
+    "inference": ("train.inference", "data.images"),
+    "audit": "attacks.audit",
+    "key_recovery": "attacks.key_recovery",
+    "presets": ("experiments.reproduce", "experiments.presets"),
+    "results": "experiments.results",
+    "preview": "experiments.preview",
+    "routing": "serve.routing",
+    "tenants": "serve.tenants",
+    "server": "serve.app",
+    "client": "serve.client",
+    "commands_serve": "cli.serve",
+}
+"""Old module name -> its path(s) under ``ppvit`` now, searched in order. (``ppvit.data`` and ``ppvit.cli`` are packages
+whose ``__init__`` forwards the old modules' names.)"""
+
+
+def forward(module: types.ModuleType, targets: str | tuple[str, ...], old: str) -> None:
+    """Make ``module``'s unknown attributes resolve in ``targets`` (the first that has the name), with a warning."""
+
+    def __getattr__(name: str) -> object:
+        if name.startswith("__") or (hasattr(module, "__path__") and _is_submodule(f"{module.__name__}.{name}")):
+            raise AttributeError(name)  # a submodule is imported, not forwarded
+        for target in (targets,) if isinstance(targets, str) else targets:
+            new = importlib.import_module(target)
+            if hasattr(new, name):
+                warnings.warn(f"{old}.{name} moved to {target}; import it from there", DeprecationWarning, stacklevel=2)
+                return getattr(new, name)
+        raise AttributeError(f"module {old!r} has no attribute {name!r}")
+
+    module.__getattr__ = __getattr__  # type: ignore[method-assign]
+
+
+def _is_submodule(name: str) -> bool:
+    return importlib.util.find_spec(name) is not None
+
+
+class _OldPaths(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    def find_spec(self, name: str, path: object = None, target: object = None) -> importlib.machinery.ModuleSpec | None:
+        prefix, _, rest = name.partition(".")
+        if prefix == "ppvit" and rest in MOVED:
+            return importlib.machinery.ModuleSpec(name, self)
+        return None
+
+    def create_module(self, spec: importlib.machinery.ModuleSpec) -> None:
+        return None
+
+    def exec_module(self, module: types.ModuleType) -> None:
+        moved = MOVED[module.__name__.partition(".")[2]]
+        forward(module, tuple(f"ppvit.{m}" for m in ((moved,) if isinstance(moved, str) else moved)), module.__name__)
+
+
+def install() -> None:
+    if not any(isinstance(f, _OldPaths) for f in sys.meta_path):
+        sys.meta_path.append(_OldPaths())

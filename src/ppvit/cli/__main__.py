@@ -1,0 +1,5 @@
+import sys
+
+from ppvit.cli import main
+
+sys.exit(main())

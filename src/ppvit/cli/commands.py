@@ -1,0 +1,92 @@
+"""The ``ppvit`` command: thin verbs that parse arguments and call the library.
+
+Each verb group is a module of this package (``data``, ``models``, ``train``,
+``experiments``, ``serve``) with a parser function ``add_<verb>(sub)`` that registers its
+arguments and sets ``func`` to one call into the library, imported when the verb runs (so
+``ppvit --help`` imports no torch). Errors the user can fix (bad files, bad options) are
+raised as ``UserError``/``ValueError`` subclasses and printed as one line, exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+
+from ppvit import __version__
+from ppvit.cli import data, experiments, models, train
+from ppvit.cli.common import UserError
+from ppvit.cli.serve import add_client, add_serve
+from ppvit.crypto.keys import KeyFileError
+
+
+class _NeverRaised(Exception):
+    """Stands for an exception whose module was never imported (so it cannot have been raised)."""
+
+
+def _training_stopped() -> type[BaseException]:
+    """Training's TrainingStopped when training ran; ``except`` evaluates this only on an exception."""
+    loop = sys.modules.get("ppvit.train.loop")
+    return loop.TrainingStopped if loop is not None else _NeverRaised
+
+
+PARSERS = [  # in the order of `ppvit --help`
+    data.add_keygen,
+    data.add_encrypt,
+    data.add_decrypt,
+    data.add_preview,
+    data.add_demo,
+    models.add_params,
+    train.add_train,
+    train.add_eval,
+    train.add_predict,
+    models.add_merge,
+    models.add_transform_model,
+    experiments.add_pretrain,
+    experiments.add_reproduce,
+    experiments.add_audit,
+    add_serve,
+    add_client,
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ppvit", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"ppvit {__version__}")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars or info logs")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in PARSERS:
+        add(sub)
+    return parser
+
+
+RERUN = ("encrypt", "decrypt")  # verbs that continue where an interrupted run stopped
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
+    try:
+        code = args.func(args)
+    except (UserError, KeyFileError, ValueError, FileNotFoundError) as exc:
+        print(f"ppvit {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except _training_stopped() as exc:  # a checkpoint was saved; the message says how to resume
+        print(f"ppvit {args.command}: {exc}", file=sys.stderr)
+        return 128 + exc.signum
+    except OSError as exc:  # the system's refusal (a full disk, a read-only folder): one line naming the file
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"ppvit {args.command}: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM where a verb turns it into Stopped
+        signum = getattr(exc, "signum", signal.SIGINT)
+        again = " (finished files are kept: run the same command again to continue)" if args.command in RERUN else ""
+        print(f"ppvit {args.command}: interrupted by {signal.Signals(signum).name}{again}", file=sys.stderr)
+        return 128 + signum
+    return code or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,85 @@
+"""What every verb shares: the one-line user error, SIGTERM handling, flags from the training schema."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING
+
+from ppvit.train.config import ALIASES, Setting
+
+if TYPE_CHECKING:
+    from ppvit.data.dataset_io import Summary
+
+
+class UserError(Exception):
+    """A problem with the user's input, printed as one line without a traceback."""
+
+
+class Stopped(KeyboardInterrupt):
+    """A SIGTERM, met like Ctrl-C: files being written are removed, finished ones kept."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+@contextmanager
+def stop_on_sigterm() -> Iterator[None]:
+    """While the body runs, SIGTERM raises :class:`Stopped` (exit 143) instead of killing the process."""
+
+    def stop(signum: int, frame: object) -> None:
+        raise Stopped(signum)
+
+    old = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def add_setting_args(parser: argparse.ArgumentParser, items: Iterable[Setting]) -> None:
+    """One flag per schema setting (``--patch-embed-lr-scale``), help from the schema.
+
+    Defaults are None so that a YAML config or the schema's default applies when a flag is
+    not given; bools become ``--flag/--no-flag``; old names stay as aliases (``--lora-targets``).
+    """
+    old = {new: old for old, new in ALIASES.items()}
+    for item in items:
+        flags = ["--" + n.replace("_", "-") for n in (item.name, old.get(item.name)) if n]
+        help_ = f"{item.help} (default: {item.default})"
+        if item.type is bool:
+            parser.add_argument(*flags, action=argparse.BooleanOptionalAction, default=None, help=help_)
+        else:
+            parser.add_argument(*flags, type=item.type, choices=item.choices, default=None, help=help_)
+
+
+def scheme_args(p: argparse.ArgumentParser, block_default: int | None = 16) -> None:
+    p.add_argument("--key", required=True, help="key file (see `ppvit keygen`)")
+    p.add_argument("--scheme", default="shuffle", help="steps joined by +, e.g. shuffle+scramble (default: shuffle)")
+    p.add_argument("--block-size", type=int, default=block_default, help="block size; the ViT patch size (default 16)")
+
+
+def report_summary(summary: Summary, verb: str, dst: str) -> int:
+    print(f"{verb} {summary.written} images into {dst} ({summary.skipped} already there) in {summary.seconds:.1f} s")
+    for rel, problem in summary.failed:
+        print(f"  failed: {rel}: {problem}", file=sys.stderr)
+    if summary.failed:
+        print(f"{len(summary.failed)} images could not be read; the others were written", file=sys.stderr)
+    return 1 if summary.failed else 0
+
+
+def counts(text: str, flag: str) -> list[int]:
+    """``"5,10,20"`` -> [5, 10, 20]; anything else is one clear error."""
+    try:
+        counts = [int(v) for v in text.split(",")]
+        if not counts or min(counts) < 1:
+            raise ValueError
+    except ValueError:
+        raise UserError(
+            f"{flag}: expected comma-separated positive numbers of images (e.g. 5,10,20), got {text!r}"
+        ) from None
+    return counts

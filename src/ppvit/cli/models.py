@@ -1,0 +1,98 @@
+"""Models: ``params``, ``merge``, ``transform-model``."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ppvit.cli.common import UserError, add_setting_args
+from ppvit.crypto.keys import Key
+from ppvit.train.config import Setting, settings
+
+
+def _params(args: argparse.Namespace) -> None:
+    from ppvit.models.methods import param_report
+
+    opts = {s.name: getattr(args, s.name) for s in _method_settings() if getattr(args, s.name) is not None}
+    rows = param_report(args.model, args.num_classes, args.img_size, **opts)
+    full = next(r.trainable for r in rows if r.method == "full")
+    print(f"{args.model}, {args.num_classes} classes (M = 10^6, 2^20 = the paper's unit)")
+    print(f"{'method':<9} {'trainable':>12} {'M':>8} {'2^20':>8} {'% of full':>10} {'total':>12}")
+    for r in rows:
+        pct = 100 * r.trainable / full
+        print(
+            f"{r.method:<9} {r.trainable:>12,} {r.trainable / 1e6:>8.3f} {r.trainable_mib:>8.2f} {pct:>9.3f}% "
+            f"{r.total:>12,}"
+        )
+
+
+def add_params(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("params", help="trainable and total parameters per method")
+    p.add_argument("--model", default="vit_base_patch16_224", help="timm ViT or ppvit small configuration")
+    p.add_argument("--num-classes", type=int, default=10, help="classes of the new head (default 10)")
+    p.add_argument("--img-size", type=int, help="input side (default: the model's)")
+    add_setting_args(p, _method_settings())
+    p.set_defaults(func=_params)
+
+
+def _method_settings() -> list[Setting]:
+    """Every method's own settings (rank, alpha, targets, ...), each applied where a method has it."""
+    return [s for s in settings(("method",)) if s.name != "method"]
+
+
+def _merge(args: argparse.Namespace) -> None:
+    if Path(args.out).exists() and not args.force:
+        raise UserError(f"output {args.out}: exists; pass --force to replace it")
+    from ppvit.models.adapters import merge_to_file
+
+    merge_to_file(args.adapter, args.out, args.weights)
+    print(f"wrote {args.out} (a plain timm state dict)")
+
+
+def add_merge(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("merge", help="fold an adapter into a plain timm model (safetensors)")
+    p.add_argument("adapter", help="adapter folder (a run's adapter/)")
+    p.add_argument("out", help="safetensors file to write")
+    p.add_argument("--weights", help="the base weights file the adapter was trained on, if any")
+    p.add_argument("--force", action="store_true", help="replace an existing output file")
+    p.set_defaults(func=_merge)
+
+
+def _transform_model(args: argparse.Namespace) -> None:
+    if Path(args.out).exists() and not args.force:
+        raise UserError(f"output {args.out}: exists; pass --force to replace it")
+    from ppvit.models.transform import transform_weights_file
+
+    key = Key.load(args.key)
+    info = transform_weights_file(
+        args.model,
+        args.weights,
+        args.out,
+        key,
+        args.scheme,
+        args.num_classes,
+        args.block_size,
+        args.inverse,
+        args.img_size,
+    )
+    print(
+        f"wrote {args.out}: {args.model} for {info['input']} images (scheme {info['scheme']}, key {key.fingerprint},"
+        f" normalisation mean {info['mean']} std {info['std']})"
+    )
+
+
+def add_transform_model(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("transform-model", help="make a model trained on plain images exact on encrypted ones")
+    p.add_argument("out", help="safetensors file to write (a timm state dict)")
+    p.add_argument("--model", required=True, help="timm ViT name or ppvit small configuration")
+    p.add_argument("--weights", required=True, help="the weights to transform (safetensors or PyTorch, timm keys)")
+    p.add_argument("--num-classes", type=int, help="classes of the weights' head (default: as stored)")
+    p.add_argument("--key", required=True, help="key file")
+    p.add_argument(
+        "--scheme", default="shuffle", help="absorbable steps: shuffle, scramble, negpos:pixel, channel:pixel"
+    )
+    p.add_argument("--block-size", type=int, help="must equal the patch size (the default)")
+    p.add_argument("--img-size", type=int, help="input side (default: the model's; pos_embed resampled by timm)")
+    p.add_argument("--inverse", action="store_true", help="undo: make a model for encrypted images work on plain ones")
+    p.add_argument("--force", action="store_true", help="replace an existing output file")
+    p.set_defaults(func=_transform_model)

@@ -1,0 +1,75 @@
+"""Training and using a model: ``train``, ``eval``, ``predict``."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+
+from ppvit.cli.common import add_setting_args
+from ppvit.crypto.keys import Key
+from ppvit.train.config import TrainConfig, settings
+
+
+def _train_config(args: argparse.Namespace) -> TrainConfig:
+    given = {s.name: getattr(args, s.name) for s in settings() if getattr(args, s.name, None) is not None}
+    if args.quiet:
+        given["quiet"] = True
+    if args.config:
+        return TrainConfig.load(args.config, **given)
+    return TrainConfig.from_flat(**given)
+
+
+def _train(args: argparse.Namespace) -> None:
+    from ppvit.train.loop import train
+
+    result = train(_train_config(args), resume=args.resume)
+    print(json.dumps(dataclasses.asdict(result), indent=2))
+
+
+def add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="fine-tune a ViT on encrypted (or plain) images")
+    p.add_argument("--config", help="YAML file of settings; flags override it")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    add_setting_args(p, (s for s in settings() if s.name != "quiet"))
+    p.set_defaults(func=_train)
+
+
+def _eval(args: argparse.Namespace) -> None:
+    from ppvit.train.inference import evaluate_adapter
+    from ppvit.train.runs import adapter_dir
+
+    key = Key.load(args.key) if args.key else None
+    result = evaluate_adapter(adapter_dir(args.adapter), args.data, key, args.weights, subset=args.subset)
+    print(json.dumps(result, indent=2))
+
+
+def add_eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="test accuracy of a trained adapter (a run folder or its adapter/)")
+    p.add_argument("adapter", help="run folder or adapter folder")
+    p.add_argument(
+        "--data", help="dataset with a test/ split: plain (encrypted here with --key) or `ppvit encrypt` output"
+    )
+    p.add_argument("--key", help="key file, to encrypt plain test images as the client would")
+    p.add_argument("--weights", help="the base weights file, if the adapter was trained on one")
+    p.add_argument("--subset", type=int, help="evaluate on this many test images only")
+    p.set_defaults(func=_eval)
+
+
+def _predict(args: argparse.Namespace) -> None:
+    from ppvit.train.inference import predict_files
+    from ppvit.train.runs import adapter_dir
+
+    key = Key.load(args.key) if args.key else None
+    for f, cls, prob in predict_files(adapter_dir(args.adapter), args.images, key, args.encrypted, args.weights):
+        print(f"{f}\t{cls}\t{prob:.3f}")
+
+
+def add_predict(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("predict", help="classify image files with a trained adapter")
+    p.add_argument("adapter", help="run folder or adapter folder")
+    p.add_argument("images", nargs="+", help="image files")
+    p.add_argument("--key", help="key file: plain images are resized and encrypted with it first")
+    p.add_argument("--encrypted", action="store_true", help="the images are encrypted already (`ppvit encrypt`)")
+    p.add_argument("--weights", help="the base weights file, if the adapter was trained on one")
+    p.set_defaults(func=_predict)

@@ -1,0 +1,83 @@
+"""The manifest of an encrypted dataset: what it is (scheme, block size, size, key fingerprint, format).
+
+Every encrypted folder carries one (``ppvit-manifest.json``); decrypt, train and eval check
+it before using the data. Torch-free, so the CLI's parser reads the format names cheaply.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from ppvit._io import atomic_write_text
+
+MANIFEST_NAME = "ppvit-manifest.json"
+SHARD_SIZE = 1024  # images per npz shard
+WDS_SHARD_SIZE = 1000  # images per WebDataset shard unless --shard-size says otherwise
+PLAIN = "plain"  # the scheme a decrypted folder's manifest names
+Format = Literal["png", "npz", "wds"]
+FORMATS = ("png", "npz", "wds")
+OLD_FORMATS = {"npy": "npz"}  # manifests of the first release named the .npz shard format "npy"
+
+
+@dataclass
+class Manifest:
+    """What an encrypted dataset is; checked by decrypt and by training on it."""
+
+    scheme: str
+    block_size: int
+    size: int | None
+    key_fingerprint: str
+    format: Format
+    ppvit_version: str = ""
+    classes: dict[str, list[str]] = field(default_factory=dict)  # split -> sorted class names
+    counts: dict[str, int] = field(default_factory=dict)  # split -> images written
+    complete: bool = False
+    shard_size: int | None = None  # wds: images per shard (the i-th image of a split is in shard i // shard_size)
+
+    def check(
+        self,
+        scheme: str | None = None,
+        block_size: int | None = None,
+        size: int | None = None,
+        fingerprint: str | None = None,
+        where: str = "",
+    ) -> None:
+        """Raise ValueError naming the first setting that differs from this dataset's."""
+        from ppvit.crypto.ciphers import Scheme
+
+        wanted = {
+            # "plain": decrypted output, checked when an interrupted decrypt is run again
+            "scheme": scheme if scheme in (None, PLAIN) else str(Scheme.parse(scheme)),
+            "block size": block_size,
+            "image size": size,
+            "key fingerprint": fingerprint,
+        }
+        have = {
+            "scheme": self.scheme,
+            "block size": self.block_size,
+            "image size": self.size,
+            "key fingerprint": self.key_fingerprint,
+        }
+        for name, value in wanted.items():
+            if value is not None and have[name] is not None and value != have[name]:
+                raise ValueError(f"{where or 'encrypted dataset'}: {name} is {have[name]}, not {value}")
+
+
+def read_manifest(folder: str | os.PathLike) -> Manifest:
+    path = Path(folder) / MANIFEST_NAME
+    try:
+        doc = json.loads(path.read_text())
+        doc["format"] = OLD_FORMATS.get(doc.get("format"), doc.get("format"))
+        return Manifest(**doc)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{folder}: no {MANIFEST_NAME} (not written by `ppvit encrypt`?)") from None
+    except (OSError, json.JSONDecodeError, TypeError) as exc:
+        raise ValueError(f"manifest {path}: damaged ({exc})") from None
+
+
+def write_manifest(folder: Path, manifest: Manifest) -> None:
+    atomic_write_text(folder / MANIFEST_NAME, json.dumps(asdict(manifest), indent=2) + "\n")

@@ -1,0 +1,160 @@
+"""Running a preset: every cell (finished ones skipped, so a rerun continues), then the result table.
+
+Each cell trains in its own spawned process through :func:`ppvit.train.loop.train` (its peak
+memory is its own, a crash stays its own); its exception comes back with type and message.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import multiprocessing
+import os
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict
+from pathlib import Path
+
+from ppvit.crypto.keys import Key
+from ppvit.data.datasets import cache_dir, cifar10_path
+from ppvit.experiments.presets import Preset, Upstream
+from ppvit.experiments.results import Cell, ResultTable
+from ppvit.models.adapters import merge_to_file
+from ppvit.models.weights import check_weights_file
+from ppvit.train.config import TrainConfig
+from ppvit.train.loop import train
+from ppvit.train.runs import RESULT_FILE, RunResult
+
+log = logging.getLogger(__name__)
+
+
+def pretrain(
+    model: str, upstream: Upstream, data: str | os.PathLike | None, quiet: bool = True
+) -> tuple[Path, RunResult]:
+    """Train ``model`` on plain images of part 0/2 and cache it, keyed by its configuration.
+
+    Returns the weights file (a plain timm state dict) and the upstream run's result
+    (its test accuracy is the quality that decides whether a comparison means anything).
+    """
+    source = cifar10_path(data)
+    ident = json.dumps([model, asdict(upstream), str(source.resolve()) if source else "cifar10"], sort_keys=True)
+    run = cache_dir() / "pretrained" / f"{model}-{hashlib.sha256(ident.encode()).hexdigest()[:12]}"
+    weights = run / "weights.safetensors"
+    if not (weights.exists() and (run / RESULT_FILE).exists()):
+        cfg = TrainConfig.from_flat(
+            out=str(run),
+            data=str(source) if source else "cifar10",
+            model=model,
+            method="full",
+            scheme="none",
+            epochs=upstream.epochs,
+            batch_size=upstream.batch_size,
+            lr=upstream.lr,
+            part="0/2",
+            train_subset=upstream.train_subset,
+            augment="crop-flip",
+            warmup_epochs=1.0,
+            quiet=quiet,
+        )
+        train(cfg, resume=(run / "config.yaml").exists())
+        merge_to_file(run / "adapter", weights, None)
+    return weights, RunResult.read(run / RESULT_FILE)
+
+
+def cell_config(
+    preset: Preset, method: str, scheme: str, seed: int, out: Path, key: Path, **common: object
+) -> TrainConfig:
+    """The TrainConfig of one cell: the preset's base, the method's settings, then ``common``."""
+    cfg = preset.methods[method].apply(preset.base.replace(method=method))
+    cfg = cfg.replace(**common) if common else cfg
+    return cfg.replace(out=str(out), scheme=scheme, seed=seed, quiet=True, key=str(key) if scheme != "none" else None)
+
+
+def _cell_worker(cfg: TrainConfig, log_file: str) -> RunResult:
+    """In the spawned process: stderr (warnings, tracebacks of native crashes) goes to the cell's log."""
+    fd = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(fd, 2)
+    sys.stderr = os.fdopen(2, "w", buffering=1)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    return train(cfg, resume=True)
+
+
+def run_cell(cfg: TrainConfig) -> RunResult:
+    """Train one cell in a fresh spawned process; a finished cell is read back, not retrained.
+
+    Errors keep their type and message (a child killed by a signal raises BrokenProcessPool).
+    """
+    out = Path(cfg.run.out)
+    if (out / RESULT_FILE).exists():
+        return RunResult.read(out / RESULT_FILE)
+    out.mkdir(parents=True, exist_ok=True)
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(_cell_worker, cfg, str(out / "stderr.log")).result()
+
+
+def resolve_weights(
+    preset: Preset, weights: str | os.PathLike | None, pretrained: bool | None
+) -> tuple[str | None, bool]:
+    """(weights file, download) for an ImageNet preset: --weights, else --pretrained, else $ENV, else an error."""
+    if weights is None and not pretrained and preset.weights_env:
+        weights = os.environ.get(preset.weights_env)
+        if not weights:
+            raise ValueError(
+                f"preset {preset.name} needs ImageNet weights for {preset.model}: set {preset.weights_env} or pass "
+                "--weights FILE (a timm state dict), or --pretrained to download timm's where there is a network"
+            )
+    if weights is not None:
+        check_weights_file(weights)
+        return str(weights), False
+    return None, pretrained if pretrained is not None else True
+
+
+def reproduce(
+    preset: Preset,
+    out: str | os.PathLike,
+    data: str | os.PathLike | None = None,
+    key: str | os.PathLike | None = None,
+    weights: str | os.PathLike | None = None,
+    pretrained: bool | None = None,
+    overrides: dict | None = None,
+    progress: bool = True,
+) -> ResultTable:
+    """Run every cell of ``preset`` (finished cells are skipped), then tabulate and plot."""
+    out = Path(out)
+    source = cifar10_path(data)
+    common: dict = {"data": str(source) if source else "cifar10", **(overrides or {})}
+    upstream_acc = None
+    if preset.upstream is not None and weights is None:
+        log.info("pretraining %s upstream (cached after the first run)", preset.model)
+        weights, upstream = pretrain(preset.model, preset.upstream, data, quiet=not progress)
+        upstream_acc = upstream.test_acc
+    elif preset.upstream is None:
+        weights, pretrained = resolve_weights(preset, weights, pretrained)
+    common.update(weights=str(weights) if weights else None, pretrained=bool(pretrained) and weights is None)
+    out.mkdir(parents=True, exist_ok=True)
+    key_path = Path(key) if key else out / "reproduce.key"
+    if not key_path.exists():
+        Key.generate().save(key_path)
+    cells = []
+    for seed in preset.seeds:  # seed by seed: an interrupted run leaves whole tables of the first seeds
+        for method in preset.methods:
+            for scheme in preset.schemes:
+                cell = Cell(method, scheme, seed)
+                cfg = cell_config(
+                    preset, method, scheme, seed, out / "cells" / f"{method}-{scheme}-s{seed}", key_path, **common
+                )
+                t0 = time.perf_counter()
+                try:
+                    cell.result = run_cell(cfg)
+                except Exception as exc:  # one failed cell is reported in the table; the others still run
+                    cell.error = f"{type(exc).__name__}: {str(exc)[:300]}"
+                status = cell.error or f"test acc {cell.result.test_acc:.4f}"
+                log.info("%s %s seed %d: %s (%.0f s)", method, scheme, seed, status, time.perf_counter() - t0)
+                cells.append(cell)
+    table = ResultTable.from_cells(
+        preset.name, preset.model, cells, upstream_acc, dict(preset.paper), preset.base.backbone.img_size
+    )
+    table.write(out)
+    return table

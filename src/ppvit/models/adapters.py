@@ -1,0 +1,172 @@
+"""Adapters on disk: only what a method trained, as safetensors plus a JSON config.
+
+An adapter folder holds ``adapter_model.safetensors`` (the trained tensors under the
+model's own parameter names, e.g. ``blocks.0.attn.qkv.lora_A.default.weight``,
+``patch_embed.proj.weight``, ``head.weight``) and ``adapter_config.json``, which names
+the base model and how to rebuild it (input size included), the method and its settings,
+the classes, and the encryption scheme, block size and key fingerprint (never the key).
+For ViT-B/16 ``lora-pe`` that is 745,738 values against 85.8 M for the full model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from ppvit._io import atomic_write, atomic_write_text
+from ppvit.models.backbones import create_backbone
+from ppvit.models.configs import MethodConfig, method_config
+from ppvit.models.methods import apply_method, merge_adapters
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class AdapterMeta:
+    """Everything needed to rebuild the model an adapter belongs to, and to check inputs."""
+
+    model: str
+    num_classes: int
+    method: dict[str, Any]
+    model_kwargs: dict[str, Any] = field(default_factory=dict)  # extra ``create_backbone`` arguments
+    classes: list[str] | None = None
+    weights_sha256: str | None = None  # the local base weights file, when one was used
+    pretrained: bool = False  # timm's downloadable weights
+    init_seed: int | None = None  # random-init base: rebuilt under this torch seed
+    scheme: str | None = None
+    block_size: int | None = None
+    key_fingerprint: str | None = None
+    key_init: bool = False  # the frozen backbone was transformed with the key: its changed tensors are saved
+
+    def method_config(self) -> MethodConfig:
+        opts = {k: v for k, v in self.method.items() if k != "method"}
+        return method_config(self.method["method"], **opts)
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+KEYED_TENSORS = ("patch_embed.proj.weight", "patch_embed.proj.bias", "pos_embed")
+
+
+def trainable_tensors(model: nn.Module, key_init: bool = False) -> dict[str, torch.Tensor]:
+    """The parameters the method trains, by name, contiguous on the CPU; with ``key_init``
+    also the frozen tensors the key transformation changed (they cannot be rebuilt without the key)."""
+    return {
+        n: p.detach().cpu().contiguous()
+        for n, p in model.named_parameters()
+        if p.requires_grad or (key_init and n in KEYED_TENSORS)
+    }
+
+
+def save_adapter(model: nn.Module, meta: AdapterMeta, out_dir: str | os.PathLike) -> Path:
+    """Write the adapter folder; each file atomically, the config last (it marks completion)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = trainable_tensors(model, meta.key_init)
+    metadata = {"format": "ppvit-adapter", "method": meta.method["method"], "model": meta.model}
+    atomic_write(out / WEIGHTS_NAME, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+    doc = {"format": "ppvit-adapter", "version": FORMAT_VERSION, **asdict(meta)}
+    atomic_write_text(out / CONFIG_NAME, json.dumps(doc, indent=2) + "\n")
+    return out
+
+
+def read_adapter_meta(adapter_dir: str | os.PathLike) -> AdapterMeta:
+    path = Path(adapter_dir) / CONFIG_NAME
+    try:
+        doc = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"adapter {adapter_dir}: no {CONFIG_NAME} (not an adapter folder?)") from None
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"adapter config {path}: cannot be read ({exc})") from None
+    if doc.pop("format", None) != "ppvit-adapter" or doc.pop("version", None) != FORMAT_VERSION:
+        raise ValueError(f"adapter config {path}: not a ppvit adapter of format version {FORMAT_VERSION}")
+    doc.pop("extra", None)  # an unused field of the first release: always empty
+    try:
+        return AdapterMeta(**doc)
+    except TypeError as exc:  # missing or unknown fields
+        raise ValueError(f"adapter config {path}: damaged ({exc})") from None
+
+
+def build_base(meta: AdapterMeta, weights: str | os.PathLike | None = None) -> nn.Module:
+    """The base model an adapter was trained on, checked against the adapter's record."""
+    if meta.weights_sha256 is not None:
+        if weights is None:
+            raise ValueError(
+                f"this adapter was trained on a local weights file (sha256 {meta.weights_sha256[:12]}); "
+                "pass it with --weights"
+            )
+        if file_sha256(weights) != meta.weights_sha256:
+            raise ValueError(f"weights file {weights}: not the base model this adapter was trained on (sha256 differs)")
+    elif weights is not None and not meta.pretrained:  # a file may stand in for timm's download, not a random init
+        raise ValueError(f"weights file {weights}: the adapter's base is a random-init {meta.model}; drop --weights")
+    with torch.random.fork_rng(devices=range(torch.cuda.device_count())):
+        if meta.init_seed is not None:  # a random-init base is rebuilt from the seed it was trained from
+            torch.manual_seed(meta.init_seed)
+        return create_backbone(
+            meta.model, num_classes=meta.num_classes, pretrained=meta.pretrained, weights=weights, **meta.model_kwargs
+        )
+
+
+def load_adapter(
+    adapter_dir: str | os.PathLike,
+    weights: str | os.PathLike | None = None,
+    model_name: str | None = None,
+    num_classes: int | None = None,
+) -> tuple[nn.Module, AdapterMeta]:
+    """Rebuild base model + method and load the adapter's tensors; outputs equal the trained model's.
+
+    ``model_name``/``num_classes`` are the caller's expectations: a mismatch is an error.
+    """
+    meta = read_adapter_meta(adapter_dir)
+    path = Path(adapter_dir) / WEIGHTS_NAME
+    if model_name is not None and model_name != meta.model:
+        raise ValueError(f"adapter {adapter_dir}: trained on {meta.model}, not {model_name}")
+    if num_classes is not None and num_classes != meta.num_classes:
+        raise ValueError(f"adapter {adapter_dir}: has {meta.num_classes} classes, not {num_classes}")
+    model = apply_method(build_base(meta, weights), meta.method_config())
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError) as exc:
+        raise ValueError(f"adapter weights {path}: cannot be read ({exc})") from None
+    expected = {n: p for n, p in model.named_parameters() if p.requires_grad or (meta.key_init and n in KEYED_TENSORS)}
+    if set(tensors) != set(expected):
+        diff = sorted(set(tensors) ^ set(expected))
+        raise ValueError(f"adapter weights {path}: do not fit {meta.model} with {meta.method['method']} ({diff[:2]})")
+    with torch.no_grad():
+        for name, t in tensors.items():
+            if t.shape != expected[name].shape:
+                raise ValueError(
+                    f"adapter weights {path}: {name} is {tuple(t.shape)}, the model needs {tuple(expected[name].shape)}"
+                )
+            expected[name].copy_(t)
+    return model, meta
+
+
+def merge_to_file(adapter_dir: str | os.PathLike, out: str | os.PathLike, weights: str | os.PathLike | None) -> None:
+    """Fold an adapter into a plain timm state dict (safetensors) for inference.
+
+    The merged model's float32 outputs equal the adapter's within rtol = atol = 1e-5.
+    """
+    model, meta = load_adapter(adapter_dir, weights)
+    state = {k: v.contiguous() for k, v in merge_adapters(model).state_dict().items()}
+    info = {"format": "timm-state-dict", "model": meta.model, "merged_from": meta.method["method"]}
+    if meta.key_fingerprint:
+        info["key_fingerprint"] = meta.key_fingerprint
+    atomic_write(out, lambda tmp: save_file(state, str(tmp), metadata=info))

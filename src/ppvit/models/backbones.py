@@ -1,0 +1,127 @@
+"""timm Vision Transformers by name: ImageNet weights online, a local file offline, or random.
+
+ppvit adds no model class of its own. Small CPU configurations are timm's VisionTransformer
+with other arguments (patch 4 on 32x32 inputs, fewer blocks), registered in timm's registry
+under names that carry their settings, the way timm names its models.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch.nn as nn
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
+
+from ppvit.models.weights import check_weights_file, head_classes
+
+DEFAULT_MODEL = "vit_base_patch16_224"
+
+# ppvit's CPU-sized ViTs: ViT-Tiny (dim 192, 3 heads) with other arguments, registered in
+# timm's own registry on ``import ppvit`` so that plain ``timm.create_model`` builds them.
+SMALL_VITS: dict[str, tuple[dict[str, Any], str]] = {
+    "vit_tiny_d6_patch4_32": (
+        dict(img_size=32, patch_size=4, depth=6),
+        "ViT-Tiny geometry, 6 blocks, 4x4 patches on 32x32 inputs: the self-pretrained CPU presets",
+    ),
+    "vit_tiny_d12_patch4_32": (dict(img_size=32, patch_size=4, depth=12), "ViT-Tiny, all 12 blocks, 4x4 patches"),
+    "vit_micro_d2_patch4_32": (
+        dict(img_size=32, patch_size=4, depth=2, embed_dim=48),
+        "a 2-block, 48-dim ViT for tests and smoke runs",
+    ),
+}
+default_cfgs = generate_default_cfgs(  # read by timm's register_model: mean = std = 0.5 and the head, as ViT-Tiny's
+    {
+        name: dict(
+            url="",
+            num_classes=1000,
+            input_size=(3, 32, 32),
+            mean=(0.5,) * 3,
+            std=(0.5,) * 3,
+            classifier="head",
+            description=text,
+        )
+        for name, (_, text) in SMALL_VITS.items()
+    }
+)
+
+
+def _small_vit(name: str) -> Callable[..., VisionTransformer]:
+    def entrypoint(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
+        args = {"embed_dim": 192, "num_heads": 3, **SMALL_VITS[name][0]}
+        return build_model_with_cfg(
+            VisionTransformer, name, pretrained, pretrained_filter_fn=checkpoint_filter_fn, **{**args, **kwargs}
+        )
+
+    entrypoint.__name__ = entrypoint.__qualname__ = name
+    return entrypoint
+
+
+for _name in SMALL_VITS:
+    globals()[_name] = register_model(_small_vit(_name))
+
+
+def create_backbone(
+    name: str = DEFAULT_MODEL,
+    num_classes: int | None = None,
+    pretrained: bool = False,
+    weights: str | os.PathLike | None = None,
+    img_size: int | None = None,
+    **kwargs: Any,
+) -> VisionTransformer:
+    """Build a timm ViT.
+
+    ``pretrained=True`` downloads timm's default weights (needs the network);
+    ``weights=PATH`` loads a local safetensors or PyTorch file with timm key names instead
+    (through timm's ``pretrained_cfg_overlay``, so timm adapts the head and resamples the
+    position embeddings to ``img_size`` exactly as for downloaded weights). ``None``
+    arguments mean "the model's own default", as in ``timm.create_model``.
+    """
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    if num_classes is not None:
+        kwargs["num_classes"] = num_classes
+    if img_size is not None:
+        kwargs["img_size"] = img_size
+    if weights is not None:
+        path = Path(weights)
+        check_weights_file(path)
+        # Tell timm the file's own head size, so that it keeps a matching head and replaces
+        # only a mismatched one (it compares this with num_classes).
+        kwargs["pretrained_cfg_overlay"] = dict(file=str(path), num_classes=head_classes(path))
+        pretrained = True
+    try:
+        model = timm.create_model(name, pretrained=pretrained, **kwargs)
+    except RuntimeError as exc:
+        src = f"weights file {weights}" if weights is not None else f"model {name}"
+        raise ValueError(f"{src}: {str(exc).splitlines()[0]}") from exc
+    if not isinstance(model, VisionTransformer):
+        raise ValueError(f"model {name}: ppvit needs a timm VisionTransformer, got {type(model).__name__}")
+    if img_size is not None and img_size % patch_size(model):
+        raise ValueError(f"--img-size {img_size}: not a multiple of {name}'s patch size {patch_size(model)}")
+    return model
+
+
+def input_size(model: nn.Module) -> int:
+    """The square input side the model's patch embedding expects (timm keeps it on the module)."""
+    h, w = model.patch_embed.img_size
+    if h != w:
+        raise ValueError(f"ppvit needs square inputs, the model expects {h}x{w}")
+    return int(h)
+
+
+def patch_size(model: nn.Module) -> int:
+    """The ViT patch size: the block size that encryption must match."""
+    ph, pw = model.patch_embed.patch_size
+    if ph != pw:
+        raise ValueError(f"ppvit needs square patches, the model has {ph}x{pw}")
+    return int(ph)
+
+
+def normalization(model: nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) the model was trained with, from its pretrained config."""
+    cfg = getattr(model, "pretrained_cfg", {}) or {}
+    return tuple(cfg.get("mean", (0.5, 0.5, 0.5))), tuple(cfg.get("std", (0.5, 0.5, 0.5)))

@@ -1,0 +1,294 @@
+"""Many clients' adapters through one frozen ViT in one forward: per-sample routing.
+
+A multi-tenant server holds one frozen backbone and, per client, an adapter: LoRA on some
+Linear layers, a new head, and for ``lora-pe`` (or the key holder's ``--key-init``) its own
+patch embedding (and position embeddings). Serving a batch that mixes clients the way PEFT
+does (``adapter_names``: one sub-batch per adapter) runs the backbone once per client.
+Here every sample of a mixed batch goes through the backbone together, and only the small
+per-client parts differ, gathered per sample (the BGMV idea of Punica and S-LoRA):
+
+* patch embedding: the image's patches (``unfold``) times the sample's own ``D x (C p p)``
+  matrix, one batched matmul (``bmm``); clients without one use the backbone's;
+* LoRA: for a routed Linear, ``y = W x + b + B_s (A_s x)`` with ``A_s``, ``B_s`` gathered per
+  sample (ranks padded with zeros, the LoRA scale folded into ``B``): two ``bmm`` per layer;
+* position embeddings per sample where a client has its own (key-init), the backbone's otherwise;
+* heads: ``(classes x D)`` per client, padded to the largest class count, one ``bmm``.
+
+The backbone's weights are never copied or changed. ``full`` adapters change every weight and
+cannot share a backbone: :class:`NotRoutable` (serve them with ``ppvit predict``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers import PatchEmbed
+
+from ppvit.models.adapters import AdapterMeta
+from ppvit.models.backbones import input_size, patch_size
+from ppvit.models.configs import FullConfig, MeloConfig
+from ppvit.models.methods import ADAPTER, qv_stacked
+
+
+class NotRoutable(ValueError):
+    """An adapter that cannot be served through a shared backbone (and why)."""
+
+
+@dataclass(frozen=True)
+class RoutedAdapter:
+    """One client's tensors in the layout routing gathers from.
+
+    ``lora`` maps a Linear's path (``blocks.0.attn.qkv``) to ``(A, B)``: ``A`` is ``R x in``,
+    ``B`` is ``out x R`` with the LoRA scale folded in; q/v LoRA keeps its ``(2, d, r)`` B
+    (:class:`~ppvit.models.methods.QVLoraB`), stacked to ``3d x 2r`` only when a batch gathers it.
+    """
+
+    meta: AdapterMeta
+    lora: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    head_weight: torch.Tensor  # classes x D
+    head_bias: torch.Tensor  # classes
+    patch_weight: torch.Tensor | None = None  # D x (C p p), the conv weight flattened
+    patch_bias: torch.Tensor | None = None  # D
+    pos_embed: torch.Tensor | None = None  # 1 x tokens x D
+
+    @property
+    def nbytes(self) -> int:
+        tensors = [self.head_weight, self.head_bias, self.patch_weight, self.patch_bias, self.pos_embed]
+        tensors += [t for pair in self.lora.values() for t in pair]
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+    @property
+    def num_classes(self) -> int:
+        return self.head_weight.shape[0]
+
+    def to(self, device: torch.device | str) -> RoutedAdapter:
+        """The same adapter with every tensor on ``device`` (kept there while it is cached)."""
+
+        def move(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(device)
+
+        lora = {k: (a.to(device), b.to(device)) for k, (a, b) in self.lora.items()}
+        return RoutedAdapter(
+            self.meta,
+            lora,
+            move(self.head_weight),
+            move(self.head_bias),
+            move(self.patch_weight),
+            move(self.patch_bias),
+            move(self.pos_embed),
+        )
+
+
+def routed_adapter(meta: AdapterMeta, tensors: dict[str, torch.Tensor], base: nn.Module) -> RoutedAdapter:
+    """An adapter's saved tensors (``adapter_model.safetensors``) checked against ``base`` and laid out for routing."""
+    method = meta.method_config()
+    if isinstance(method, FullConfig):
+        raise NotRoutable(
+            "a full fine-tuning adapter replaces every weight of the backbone, so it cannot share one: "
+            "serve it on its own with `ppvit predict`"
+        )
+    rest = dict(tensors)
+    scale = method.lora_alpha / method.rank if isinstance(method, MeloConfig) else 1.0
+    lora = {}
+    for name in [k for k in tensors if k.endswith(f".lora_A.{ADAPTER}.weight")]:
+        path = name.removesuffix(f".lora_A.{ADAPTER}.weight")
+        if not path.startswith("blocks."):  # only the blocks' Linear layers are routed (e.g. not MAP pooling's)
+            raise NotRoutable(f"LoRA of {path}: routing serves LoRA in the transformer blocks only")
+        a, b = rest.pop(name), rest.pop(f"{path}.lora_B.{ADAPTER}.weight", None)
+        if b is None:
+            raise NotRoutable(f"LoRA of {path} has an A but no B")
+        linear = _submodule(base, path)
+        full_b = qv_stacked(b) if b.ndim == 3 else b  # q/v LoRA stays (2, d, r) in memory: a third of the stacked size
+        fits = isinstance(linear, nn.Linear) and a.shape[1] == linear.in_features
+        if not fits or full_b.shape != (linear.out_features, a.shape[0]):
+            raise NotRoutable(f"LoRA of {path} ({tuple(a.shape)}, {tuple(b.shape)}) does not fit the backbone")
+        lora[path] = (a.float().contiguous(), (b.float() * scale).contiguous())
+    head_w, head_b = rest.pop("head.weight", None), rest.pop("head.bias", None)
+    dim = base.embed_dim
+    if head_w is None or head_b is None or head_w.shape[1:] != (dim,) or head_b.shape != head_w.shape[:1]:
+        raise NotRoutable(f"the adapter needs a head of shape (classes, {dim}) with a bias")
+    proj = base.patch_embed.proj
+    patch_w, patch_b = rest.pop("patch_embed.proj.weight", None), rest.pop("patch_embed.proj.bias", None)
+    if patch_w is not None:
+        if patch_w.shape != proj.weight.shape:
+            raise NotRoutable(f"patch embedding {tuple(patch_w.shape)}, the backbone's is {tuple(proj.weight.shape)}")
+        patch_w = patch_w.float().reshape(patch_w.shape[0], -1).contiguous()
+    pos = rest.pop("pos_embed", None)
+    if pos is not None and pos.shape != base.pos_embed.shape:
+        raise NotRoutable(f"position embeddings {tuple(pos.shape)}, the backbone's are {tuple(base.pos_embed.shape)}")
+    if rest:
+        raise NotRoutable(f"the adapter trains {', '.join(sorted(rest)[:3])}, which routing does not serve")
+    return RoutedAdapter(
+        meta,
+        lora,
+        head_w.float().contiguous(),
+        head_b.float().contiguous(),
+        patch_w,
+        None if patch_b is None else patch_b.float().contiguous(),
+        None if pos is None else pos.float().contiguous(),
+    )
+
+
+def _submodule(model: nn.Module, path: str) -> nn.Module | None:
+    try:
+        module = model.get_submodule(path)
+    except AttributeError:
+        return None
+    return module.base if isinstance(module, RoutedLinear) else module
+
+
+class _Deltas:
+    """The gathered LoRA factors of the batch being computed, by layer path (shared by the layers).
+
+    A value is ``(A, B)`` with ``A`` (batch, R, in) and ``B`` (batch, out, R), or for q/v LoRA
+    ``(A, B_q, B_v)`` with ``B_q``, ``B_v`` (batch, d, r): the update goes into the q and v
+    slices only, with no multiplication by the zero k rows.
+    """
+
+    def __init__(self) -> None:
+        self.by_path: dict[str, tuple[torch.Tensor, ...]] = {}
+
+
+class RoutedLinear(nn.Module):
+    """A frozen Linear plus, per sample, that sample's LoRA update (when its adapter has one here)."""
+
+    def __init__(self, base: nn.Linear, path: str, deltas: _Deltas) -> None:
+        super().__init__()
+        self.base, self.path, self._deltas = base, path, deltas
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        factors = self._deltas.by_path.get(self.path)
+        if factors is None:
+            return y
+        h = torch.bmm(x, factors[0].transpose(1, 2))
+        if len(factors) == 2:
+            return y + torch.bmm(h, factors[1].transpose(1, 2))
+        b_q, b_v = factors[1], factors[2]
+        d, r = b_q.shape[1], b_q.shape[2]
+        y[..., :d] += torch.bmm(h[..., :r], b_q.transpose(1, 2))
+        y[..., 2 * d :] += torch.bmm(h[..., r:], b_v.transpose(1, 2))
+        return y
+
+
+def per_sample(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``table[index]`` (one row per sample) without a copy where none is needed: the table
+    itself when sample i uses entry i (a batch of distinct tenants), a view for one entry."""
+    if len(table) == 1:
+        return table.expand(len(index), *table.shape[1:])
+    if len(table) == len(index) and bool((index == torch.arange(len(index), device=index.device)).all()):
+        return table
+    return table[index]
+
+
+class RoutedViT(nn.Module):
+    """A frozen timm ViT that computes each sample of a batch with that sample's adapter.
+
+    One forward at a time: the batch's LoRA factors are held on the module while it runs
+    (the server calls it from a single worker thread).
+    """
+
+    def __init__(self, base: nn.Module) -> None:
+        super().__init__()
+        _check_routable(base)
+        self.base = base.eval().requires_grad_(False)
+        self.patch, self.side = patch_size(base), input_size(base)
+        self.in_channels = base.patch_embed.proj.in_channels
+        self._deltas = _Deltas()
+        for name, module in list(base.blocks.named_modules()):
+            if isinstance(module, nn.Linear):
+                parent, _, child = name.rpartition(".")
+                owner = base.blocks.get_submodule(parent) if parent else base.blocks
+                setattr(owner, child, RoutedLinear(module, f"blocks.{name}", self._deltas))
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor, adapters: list[RoutedAdapter], index: torch.Tensor) -> list[torch.Tensor]:
+        """Logits per sample (each of its adapter's class count): ``x`` (B, C, H, W) normalised,
+        sample ``i`` through ``adapters[index[i]]``."""
+        index = index.to(x.device)
+        m = self.base
+        tokens = m.patch_embed.norm(self._patch_embed(x, adapters, index))
+        prefix = [t.expand(len(x), -1, -1) for t in (m.cls_token, m.reg_token) if t is not None]
+        pos = self._gather(m.pos_embed, [a.pos_embed for a in adapters], index)
+        if m.no_embed_class:
+            tokens = torch.cat([*prefix, tokens + pos], dim=1)
+        else:
+            tokens = torch.cat([*prefix, tokens], dim=1) + pos
+        tokens = m.norm_pre(m.patch_drop(m.pos_drop(tokens)))
+        self._deltas.by_path = self._lora_factors(adapters, index, x.device)
+        try:
+            features = m.forward_head(m.norm(m.blocks(tokens)), pre_logits=True)
+        finally:
+            self._deltas.by_path = {}
+        classes = max(a.num_classes for a in adapters)
+        heads = torch.stack([F.pad(a.head_weight, (0, 0, 0, classes - a.num_classes)) for a in adapters])
+        biases = torch.stack([F.pad(a.head_bias, (0, classes - a.num_classes)) for a in adapters])
+        heads, biases = heads.to(x.device), biases.to(x.device)
+        logits = torch.bmm(per_sample(heads, index), features.unsqueeze(-1)).squeeze(-1) + per_sample(biases, index)
+        return [row[: adapters[i].num_classes] for row, i in zip(logits, index.tolist(), strict=True)]
+
+    def _patch_embed(self, x: torch.Tensor, adapters: list[RoutedAdapter], index: torch.Tensor) -> torch.Tensor:
+        proj = self.base.patch_embed.proj
+        if all(a.patch_weight is None for a in adapters):
+            return proj(x).flatten(2).transpose(1, 2)
+        own = proj.weight.reshape(proj.weight.shape[0], -1)
+        weights = torch.stack([own if a.patch_weight is None else a.patch_weight.to(x.device) for a in adapters])
+        patches = F.unfold(x, self.patch, stride=self.patch).transpose(1, 2)  # (B, N, C p p), the conv's order
+        out = torch.bmm(patches, per_sample(weights, index).transpose(1, 2))
+        if proj.bias is not None or any(a.patch_bias is not None for a in adapters):
+            zero = torch.zeros_like(own[:, 0])
+            base_bias = zero if proj.bias is None else proj.bias
+            bias = torch.stack([base_bias if a.patch_bias is None else a.patch_bias.to(x.device) for a in adapters])
+            out = out + per_sample(bias, index).unsqueeze(1)
+        return out
+
+    @staticmethod
+    def _gather(own: torch.Tensor, theirs: list[torch.Tensor | None], index: torch.Tensor) -> torch.Tensor:
+        """The backbone's tensor when no adapter has its own, else one row per sample."""
+        if all(t is None for t in theirs):
+            return own
+        return per_sample(torch.cat([own if t is None else t.to(own.device) for t in theirs]), index)
+
+    @staticmethod
+    def _lora_factors(
+        adapters: list[RoutedAdapter], index: torch.Tensor, device: torch.device
+    ) -> dict[str, tuple[torch.Tensor, ...]]:
+        """Per layer: A and B of every sample's adapter. Adapters without LoRA there get zeros,
+        and lower ranks are padded with zeros: both add nothing."""
+        factors = {}
+        for path in sorted({p for a in adapters for p in a.lora}):
+            pairs = [a.lora.get(path) for a in adapters]
+            present = [p for p in pairs if p is not None]
+            ranks = {p[0].shape[0] for p in present}
+            if all(p[1].ndim == 3 for p in present) and len(ranks) == 1:  # q/v LoRA of one rank: stay compact
+                a0, b0 = present[0]
+                a = torch.stack([torch.zeros_like(a0) if q is None else q[0] for q in pairs])
+                b = torch.stack([torch.zeros_like(b0) if q is None else q[1] for q in pairs])
+                factors[path] = (per_sample(a.to(device), index), *per_sample(b.to(device), index).unbind(1))
+                continue
+            full = [None if q is None else (q[0], qv_stacked(q[1]) if q[1].ndim == 3 else q[1]) for q in pairs]
+            rank = max(ranks)
+            some = next(q for q in full if q is not None)
+            a_all = torch.zeros(len(adapters), rank, some[0].shape[1], device=device)
+            b_all = torch.zeros(len(adapters), some[1].shape[0], rank, device=device)
+            for i, pair in enumerate(full):
+                if pair is not None:
+                    a_all[i, : pair[0].shape[0]] = pair[0]
+                    b_all[i, :, : pair[1].shape[1]] = pair[1]
+            factors[path] = (per_sample(a_all, index), per_sample(b_all, index))
+        return factors
+
+
+def _check_routable(model: nn.Module) -> None:
+    """Refuse, in one line, a backbone whose embedding this module does not reproduce exactly."""
+    pe = getattr(model, "patch_embed", None)
+    if type(pe) is not PatchEmbed or not isinstance(pe.proj, nn.Conv2d) or not pe.flatten:
+        raise NotRoutable(f"routing needs timm's plain PatchEmbed, the model has {type(pe).__name__}")
+    p = patch_size(model)
+    if pe.proj.kernel_size != (p, p) or pe.proj.stride != (p, p) or getattr(model, "dynamic_img_size", False):
+        raise NotRoutable("routing needs one p x p convolution with stride p and a fixed input size")
+    if getattr(model, "pos_embed", None) is None:
+        raise NotRoutable("routing needs a model with learned position embeddings")

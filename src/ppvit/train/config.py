@@ -1,0 +1,308 @@
+"""The run's settings as one typed schema: small sections plus the method's own config.
+
+A :class:`TrainConfig` is composed of :class:`BackboneConfig`, :class:`DataConfig`,
+:class:`CryptoConfig`, :class:`OptimConfig`, :class:`RunConfig` and a
+:class:`~ppvit.models.methods.MethodConfig` (``full``, ``linear``, ``melo``, ``lora-pe``). No
+section re-declares another's field, so every setting has one flat name (``lr``,
+``rank``, ``img_size``): the name of its ``ppvit train`` flag, of ``reproduce --set``
+and of the keys accepted by :meth:`TrainConfig.from_flat`. On disk (``config.yaml``) the
+config is nested by section; flat files written before the sections existed still load.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from ppvit.data.augment import PlainAugment
+from ppvit.models.configs import METHODS, LoraPEConfig, MethodConfig, method_config
+
+
+def _help(text: str) -> dict[str, str]:
+    return {"help": text}
+
+
+@dataclass
+class BackboneConfig:
+    """Which pretrained ViT, at which input size, with which new head."""
+
+    model: str = field(default="vit_tiny_d6_patch4_32", metadata=_help("timm ViT name (ppvit's small ones included)"))
+    weights: str | None = field(default=None, metadata=_help("local weights file (safetensors/PyTorch, timm keys)"))
+    pretrained: bool = field(default=False, metadata=_help("download timm's pretrained weights (needs the network)"))
+    img_size: int | None = field(
+        default=None,
+        metadata=_help(
+            "input side in pixels (default: the model's); a multiple of the patch size, pos_embed resampled"
+        ),
+    )
+    head_init: Literal["random", "zero"] = field(
+        default="random",
+        metadata=_help(
+            "the new head: random (timm's reset_classifier) or zero (no gradient reaches the backbone until the "
+            "head has learnt)"
+        ),
+    )
+    fused_attn: bool | None = field(
+        default=None, metadata=_help("torch's fused attention kernel (default: on GPUs only; slower to train on CPUs)")
+    )
+
+
+@dataclass
+class DataConfig:
+    """Where the images come from, how they are split, and how they are augmented."""
+
+    data: str | None = field(
+        default=None,
+        metadata=_help(
+            "ImageFolder folder/tar with train/ and test/, a Hugging Face dataset (save_to_disk folder or parquet), "
+            "WebDataset shards (.tar, folder or brace pattern), `ppvit encrypt` output, or cifar10 (download); "
+            "default $PPVIT_CIFAR10"
+        ),
+    )
+    image_column: str | None = field(
+        default=None, metadata=_help("Hugging Face dataset: the image column (default: the Image feature)")
+    )
+    label_column: str | None = field(
+        default=None, metadata=_help("Hugging Face dataset: the label column (default: the ClassLabel feature)")
+    )
+    loader_workers: int = field(
+        default=0,
+        metadata=_help("`ppvit encrypt --format wds` data: processes reading the shards (0: the training process)"),
+    )
+    val_fraction: float = field(default=0.1, metadata=_help("share of the training set held out for model selection"))
+    part: str | None = field(
+        default=None, metadata=_help("'i/k': train on the i-th of k disjoint stratified parts of the training set")
+    )
+    train_subset: int | None = field(default=None, metadata=_help("use only this many training images"))
+    test_subset: int | None = field(default=None, metadata=_help("evaluate on only this many test images"))
+    augment: PlainAugment = field(
+        default="none", metadata=_help("plain-image augmentation before encryption (crop-flip)")
+    )
+    mixup: float = field(default=0.0, metadata=_help("mixup alpha (ciphertext-safe); 0 disables"))
+    cutmix: float = field(default=0.0, metadata=_help("block-aligned cutmix alpha (ciphertext-safe); 0 disables"))
+    data_seed: int | None = field(
+        default=None,
+        metadata=_help("seed for the training subset, validation split, data order and augmentation (default: seed)"),
+    )
+
+
+@dataclass
+class CryptoConfig:
+    """How the images are encrypted, and with which key (a file; only its fingerprint is recorded)."""
+
+    scheme: str | None = field(
+        default="shuffle", metadata=_help("encryption scheme, e.g. shuffle+scramble; none for plain images")
+    )
+    key: str | None = field(default=None, metadata=_help("key file (needed when this process encrypts)"))
+    block_size: int | None = field(
+        default=None, metadata=_help("encryption block size (default: the model's patch size)")
+    )
+    key_init: bool = field(
+        default=False, metadata=_help("key holder only: start from the backbone transformed with the key")
+    )
+
+    @property
+    def encrypted(self) -> bool:
+        return self.scheme not in (None, "", "none", "plain")
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warm-up and cosine decay, mixed precision, clipping, accumulation."""
+
+    epochs: int = field(default=10, metadata=_help("training epochs"))
+    batch_size: int = field(default=128, metadata=_help("global batch size (split evenly across processes)"))
+    lr: float = field(default=1e-3, metadata=_help("peak learning rate (AdamW)"))
+    patch_embed_lr_scale: float = field(default=1.0, metadata=_help("learning-rate multiplier for the patch embedding"))
+    weight_decay: float = field(default=0.05, metadata=_help("AdamW weight decay (not on biases, norms, embeddings)"))
+    warmup_epochs: float = field(default=1.0, metadata=_help("linear warm-up, then cosine decay to 0"))
+    label_smoothing: float = field(default=0.1, metadata=_help("label smoothing"))
+    clip_grad: float | None = field(default=1.0, metadata=_help("gradient-norm clipping (none to disable)"))
+    grad_accum: int = field(default=1, metadata=_help("gradient accumulation steps"))
+    precision: Literal["auto", "no", "bf16", "fp16"] = field(
+        default="auto", metadata=_help("mixed precision; auto: bf16 on GPUs, and on CPUs where it measures faster")
+    )
+
+
+@dataclass
+class RunConfig:
+    """The run folder, the initialisation seed, checkpoint cadence and output verbosity."""
+
+    out: str = field(default="runs/run", metadata=_help("run folder (checkpoints, metrics, adapter)"))
+    seed: int = field(default=0, metadata=_help("seed for the new head and adapter initialisation (and data_seed)"))
+    save_every_steps: int | None = field(default=None, metadata=_help("also checkpoint every N optimiser steps"))
+    dist_timeout_s: float = field(
+        default=60.0,
+        metadata=_help(
+            "several processes: seconds a process waits for the others in a collective before it gives up (a peer "
+            "died or hangs); raise it if one process can be busy that long alone (a large checkpoint, a slow disk)"
+        ),
+    )
+    report_to: Literal["none", "tensorboard", "wandb", "mlflow"] = field(
+        default="none",
+        metadata=_help("also log each epoch's metrics to this tracker through Accelerate (its library installed)"),
+    )
+    quiet: bool = field(default=False, metadata=_help("no progress bar"))
+
+
+SECTIONS: dict[str, type] = {
+    "backbone": BackboneConfig,
+    "data": DataConfig,
+    "crypto": CryptoConfig,
+    "optim": OptimConfig,
+    "run": RunConfig,
+}
+# Old flat names of method settings (config files and flags before the schema): new name.
+ALIASES = {"lora_targets": "targets", "lora_dropout": "dropout"}
+IGNORED_ON_RESUME = ("quiet", "dist_timeout_s", "report_to")
+
+
+def _method_fields() -> dict[str, dataclasses.Field]:
+    """Every method setting by name (a union over the methods; the first declaration wins)."""
+    out: dict[str, dataclasses.Field] = {}
+    for cls in METHODS.values():
+        for f in dataclasses.fields(cls):
+            out.setdefault(f.name, f)
+    return out
+
+
+def _section_of() -> dict[str, str]:
+    """Flat name -> section name, checked unique: a setting lives in one place only."""
+    out: dict[str, str] = {}
+    for section, cls in SECTIONS.items():
+        for f in dataclasses.fields(cls):
+            if f.name in out:
+                raise AssertionError(f"setting {f.name} declared in {out[f.name]} and {section}")
+            out[f.name] = section
+    clash = set(out) & set(_method_fields())
+    if clash:
+        raise AssertionError(f"method settings re-declared by a section: {sorted(clash)}")
+    return out
+
+
+SECTION_OF = _section_of()
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run needs; saved as ``config.yaml`` (nested by section) in the run folder."""
+
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    crypto: CryptoConfig = field(default_factory=CryptoConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    method: MethodConfig = field(default_factory=LoraPEConfig)
+
+    @classmethod
+    def from_flat(cls, **settings: Any) -> TrainConfig:
+        """A config from flat names (``lr=1e-3, rank=8, method="melo"``); ``None`` means the default."""
+        sections: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
+        method_name, method_opts = "lora-pe", {}
+        method_fields = _method_fields()
+        for name, value in settings.items():
+            name = ALIASES.get(name, name)
+            if value is None:
+                continue
+            if name == "method":
+                method_name = value
+            elif name in SECTION_OF:
+                sections[SECTION_OF[name]][name] = value
+            elif name in method_fields:
+                method_opts[name] = value
+            else:
+                raise ValueError(f"unknown setting {name!r}")
+        return cls(
+            **{s: SECTIONS[s](**v) for s, v in sections.items()},
+            method=method_config(method_name, **method_opts),
+        )
+
+    def flat(self) -> dict[str, Any]:
+        """Flat names and values; method settings only where they differ from the method's defaults."""
+        out: dict[str, Any] = {}
+        for section in SECTIONS:
+            out.update(dataclasses.asdict(getattr(self, section)))
+        defaults = type(self.method)()
+        out["method"] = self.method.name
+        for f in dataclasses.fields(self.method):
+            if getattr(self.method, f.name) != getattr(defaults, f.name):
+                out[f.name] = getattr(self.method, f.name)
+        return out
+
+    def replace(self, **settings: Any) -> TrainConfig:
+        """A copy with flat settings changed (checked as in :meth:`from_flat`)."""
+        return TrainConfig.from_flat(**{**self.flat(), **{ALIASES.get(k, k): v for k, v in settings.items()}})
+
+    def to_dict(self) -> dict[str, Any]:
+        """Nested by section, as written to ``config.yaml``."""
+        doc = {section: dataclasses.asdict(getattr(self, section)) for section in SECTIONS}
+        return {**doc, "method": {"name": self.method.name, **dataclasses.asdict(self.method)}}
+
+    @classmethod
+    def from_dict(cls, doc: dict[str, Any], where: str = "config") -> TrainConfig:
+        """From :meth:`to_dict`'s nesting, or from the flat layout of ppvit 0.1 files."""
+        try:
+            if isinstance(doc.get("method", {}), dict) and set(doc) <= {*SECTIONS, "method"}:
+                unknown = [f"{s}.{k}" for s, v in doc.items() if s in SECTIONS for k in v if SECTION_OF.get(k) != s]
+                if unknown:
+                    raise ValueError(f"unknown settings {', '.join(unknown)}")
+                method = dict(doc.get("method", {}))
+                flat = {k: v for s in SECTIONS for k, v in (doc.get(s) or {}).items()}
+                return cls.from_flat(**flat, method=method.pop("name", "lora-pe"), **method)
+            return cls.from_flat(**doc)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{where}: {exc}") from None
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, **overrides: Any) -> TrainConfig:
+        """A config from YAML, with flat ``overrides`` (e.g. command-line flags) taking precedence."""
+        try:
+            doc = yaml.safe_load(Path(path).read_text()) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise ValueError(f"config file {path}: cannot be read ({exc})") from None
+        if not isinstance(doc, dict):
+            raise ValueError(f"config file {path}: not a mapping of settings")
+        cfg = cls.from_dict(doc, where=f"config file {path}")
+        return cfg.replace(**overrides) if overrides else cfg
+
+    def dump(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One flat setting as the CLI sees it: name, value type, choices, default and help."""
+
+    name: str
+    type: type
+    choices: tuple[str, ...] | None
+    default: Any
+    help: str
+
+
+def _setting(f: dataclasses.Field, hint: Any) -> Setting:
+    if typing.get_origin(hint) is not Literal:  # unwrap ``X | None``
+        hint = next((a for a in typing.get_args(hint) if a is not type(None)), hint)
+    choices = typing.get_args(hint) if typing.get_origin(hint) is Literal else None
+    return Setting(f.name, str if choices else hint, choices, f.default, f.metadata.get("help", ""))
+
+
+def settings(sections: tuple[str, ...] = (*SECTIONS, "method")) -> Iterator[Setting]:
+    """The flat settings of the given sections (``method``: every method's own settings)."""
+    for section in sections:
+        if section == "method":
+            yield Setting("method", str, tuple(METHODS), "lora-pe", "full, linear, melo or lora-pe")
+            for f in _method_fields().values():
+                owner = next(c for c in METHODS.values() if f in dataclasses.fields(c))
+                yield _setting(f, typing.get_type_hints(owner)[f.name])
+        else:
+            cls = SECTIONS[section]
+            hints = typing.get_type_hints(cls)
+            yield from (_setting(f, hints[f.name]) for f in dataclasses.fields(cls))

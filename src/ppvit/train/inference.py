@@ -1,0 +1,99 @@
+"""Using a model: evaluation over a dataset (also during training) and prediction on files.
+
+An adapter brings its own input pipeline: plain inputs are encrypted here with the key it
+was trained with (checked by fingerprint), ciphertext from ``ppvit encrypt`` is taken as it
+is (checked against the manifest), and anything else is refused.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+
+from ppvit.crypto.ciphers import BlockCipher
+from ppvit.crypto.keys import Key
+from ppvit.data.datasets import ArrayDataset, load_test_split
+from ppvit.data.images import read_image
+from ppvit.data.pipeline import BatchPipeline, eval_batches
+from ppvit.data.streaming import ShardStream
+from ppvit.models.adapters import AdapterMeta, load_adapter
+from ppvit.models.backbones import input_size, normalization
+from ppvit.train.runtime import make_accelerator
+
+
+@torch.no_grad()
+def evaluate(
+    model: torch.nn.Module,
+    ds: ArrayDataset | ShardStream,
+    pipeline: BatchPipeline,
+    batch_size: int,
+    accelerator: Accelerator,
+) -> dict[str, float]:
+    """Loss and accuracy over the whole of ``ds``, summed across processes."""
+    model.eval()
+    totals = torch.zeros(3, dtype=torch.float64, device=accelerator.device)  # loss sum, correct, count
+    for images, labels in eval_batches(ds, batch_size, accelerator.process_index, accelerator.num_processes):
+        if len(labels) == 0:
+            continue
+        labels = labels.to(accelerator.device)
+        with accelerator.autocast():
+            logits = model(pipeline(images.to(accelerator.device), train=False))
+        totals[0] += F.cross_entropy(logits.float(), labels, reduction="sum").double()
+        totals[1] += (logits.argmax(1) == labels).sum()
+        totals[2] += len(labels)
+    totals = accelerator.reduce(totals, reduction="sum")
+    return {"loss": float(totals[0] / totals[2]), "acc": float(totals[1] / totals[2]), "n": int(totals[2])}
+
+
+def adapter_pipeline(meta: AdapterMeta, model: torch.nn.Module, key: Key | None, data_encrypted: bool) -> BatchPipeline:
+    """The input pipeline an adapter expects: encrypt here with the key, or take ciphertext as it is."""
+    cipher = None
+    if meta.scheme is not None and not data_encrypted:
+        if key is None:
+            raise ValueError(
+                f"this model was trained on images encrypted with scheme {meta.scheme}: pass --key to encrypt "
+                "plain inputs, or give inputs encrypted with `ppvit encrypt`"
+            )
+        if key.fingerprint != meta.key_fingerprint:
+            raise ValueError(f"key fingerprint {key.fingerprint} is not the adapter's ({meta.key_fingerprint})")
+        cipher = BlockCipher(key, meta.scheme, meta.block_size)
+    mean, std = normalization(model)
+    return BatchPipeline(input_size(model), mean, std, cipher, data_encrypted)
+
+
+def evaluate_adapter(
+    adapter_dir: str | os.PathLike,
+    data: str | os.PathLike | None,
+    key: Key | None = None,
+    weights: str | os.PathLike | None = None,
+    batch_size: int = 256,
+    subset: int | None = None,
+) -> dict[str, float]:
+    """Test-set loss and accuracy of a saved adapter on plain (encrypted here) or encrypted data."""
+    model, meta = load_adapter(adapter_dir, weights)
+    test, manifest = load_test_split(data, subset)
+    if manifest is not None:
+        manifest.check(meta.scheme, meta.block_size, input_size(model), meta.key_fingerprint, where=str(data))
+    pipeline = adapter_pipeline(meta, model, key, manifest is not None)
+    return evaluate(model, test, pipeline, batch_size, make_accelerator())
+
+
+@torch.no_grad()
+def predict_files(
+    adapter_dir: str | os.PathLike,
+    files: list[str],
+    key: Key | None = None,
+    encrypted: bool = False,
+    weights: str | os.PathLike | None = None,
+) -> list[tuple[str, str, float]]:
+    """(file, predicted class, probability) per image file; plain files are resized then encrypted."""
+    model, meta = load_adapter(adapter_dir, weights)
+    pipeline = adapter_pipeline(meta, model, key, encrypted)
+    size = input_size(model)
+    arrays = [torch.from_numpy(read_image(f, size, resize=not encrypted)) for f in files]
+    probs = model.eval()(pipeline(torch.stack(arrays), train=False)).softmax(-1)
+    classes = meta.classes or [str(i) for i in range(meta.num_classes)]
+    return [(f, classes[int(p.argmax())], float(p.max())) for f, p in zip(files, probs, strict=True)]

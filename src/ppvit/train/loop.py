@@ -1,0 +1,514 @@
+"""Fine-tuning on encrypted (or plain) images: a short driver over named stages.
+
+    train(cfg)  =  setup  ->  for each epoch: train_epoch, end_epoch  ->  finish
+
+``setup`` builds everything a run needs (accelerator, data, model, optimiser, schedule,
+resumed state) into a :class:`Session`; ``train_epoch`` is the step loop; ``end_epoch``
+validates, keeps the best epoch and checkpoints; ``finish`` reloads the best epoch, touches
+the test set once, writes the adapter and returns the :class:`~ppvit.train.runs.RunResult`.
+
+Accelerate places the model, runs bf16 autocast on the CPU (AMP on a GPU), accumulates
+gradients and wraps the model for multi-process data-parallel training (``accelerate
+launch`` or ``torchrun``; gloo on CPUs). Batches are drawn by hand from an in-memory uint8
+array (:func:`~ppvit.data.datasets.get_batch`), or streamed from WebDataset shards
+(:class:`~ppvit.data.streaming.ShardStream`, see there for its order): the order of epoch
+``e`` is a permutation seeded by ``(data_seed, e)`` and each global batch is split into equal contiguous shards, one per
+process, so one process with batch B and two with B/2 each see the same images, and a
+resumed run sees exactly the batches the interrupted one would have.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from tqdm.auto import tqdm
+
+from ppvit._io import atomic_write_text
+from ppvit.crypto.ciphers import BlockCipher, Scheme
+from ppvit.crypto.keys import Key
+from ppvit.data.augment import mix_batch
+from ppvit.data.datasets import DataSplits, load_splits
+from ppvit.data.manifest import Manifest
+from ppvit.data.pipeline import BatchPipeline, epoch_order, get_batch
+from ppvit.data.sources import Columns
+from ppvit.data.streaming import ShardStream
+from ppvit.models.adapters import AdapterMeta, file_sha256, save_adapter
+from ppvit.models.backbones import create_backbone, input_size, normalization, patch_size
+from ppvit.models.methods import apply_method
+from ppvit.models.transform import transform_model
+from ppvit.train.config import TrainConfig
+from ppvit.train.inference import evaluate
+from ppvit.train.runs import (
+    CHECKPOINT_FILE,
+    CONFIG_FILE,
+    RESULT_FILE,
+    RunResult,
+    RunState,
+    check_run_folder,
+    load_best,
+    load_checkpoint,
+    lock_run_folder,
+    save_best,
+    save_checkpoint,
+    write_metrics,
+)
+from ppvit.train.runtime import make_accelerator, peak_rss_mb, peer_failure, resolve_precision
+
+log = logging.getLogger(__name__)
+
+StepCallback = Callable[[int, torch.nn.Module], None]
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss stopped being finite; the last good checkpoint is kept."""
+
+
+class PeerProcessFailed(ConnectionError):
+    """Another process of a multi-process run died or stopped answering; ``--resume`` continues
+    from the last checkpoint. A ``ConnectionError``: the CLI reports it in one line, exit 1."""
+
+
+class TrainingStopped(RuntimeError):
+    """A SIGTERM or SIGINT stopped the run after saving a checkpoint; ``--resume`` continues it."""
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.signum = signum
+
+
+# -- building blocks --------------------------------------------------------------------------
+
+
+def build_model(cfg: TrainConfig, num_classes: int, cipher: BlockCipher | None = None) -> torch.nn.Module:
+    """The backbone (same frozen weights on every call) with the method applied and a new head.
+
+    Random draws (a random-init backbone, the new head, LoRA's A) come from the torch stream
+    seeded with ``cfg.run.seed`` inside ``fork_rng``: reproducible, and the caller's stream
+    is left as it was. With ``key_init`` (the key holder's case) the backbone is first
+    transformed with the key, so training starts from a model exact on the encrypted images.
+    """
+    b = cfg.backbone
+    with torch.random.fork_rng(devices=range(torch.cuda.device_count())):
+        torch.manual_seed(cfg.run.seed)
+        model = create_backbone(
+            b.model, num_classes=num_classes, pretrained=b.pretrained, weights=b.weights, img_size=b.img_size
+        )
+        model.reset_classifier(num_classes)
+        if b.head_init == "zero":
+            torch.nn.init.zeros_(model.head.weight)
+            torch.nn.init.zeros_(model.head.bias)
+        fused = b.fused_attn if b.fused_attn is not None else torch.cuda.is_available()
+        for block in model.blocks:
+            block.attn.fused_attn = fused
+        if cfg.crypto.key_init:
+            if cipher is None:
+                raise ValueError("--key-init needs the key and an encrypting run (--key, a scheme, plain data)")
+            transform_model(model, cipher.key, cipher.scheme, cipher.block_size)
+        return apply_method(model, cfg.method)
+
+
+def param_groups(model: torch.nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
+    """AdamW groups: no decay on 1-D tensors and embeddings; the patch embedding's own lr."""
+    groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        decay = p.ndim > 1 and not name.endswith(("pos_embed", "cls_token", "reg_token"))
+        groups.setdefault(("patch_embed." in name, decay), []).append(p)
+    o = cfg.optim
+    return [
+        {"params": ps, "lr": o.lr * (o.patch_embed_lr_scale if pe else 1.0), "weight_decay": o.weight_decay * decay}
+        for (pe, decay), ps in sorted(groups.items())
+    ]
+
+
+def get_lr_scale(step: int, total: int, warmup: int) -> float:
+    """Linear warm-up to 1, then cosine decay to 0."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def make_cipher(cfg: TrainConfig, block_size: int) -> BlockCipher | None:
+    """The cipher when this process encrypts (it holds the key), else None."""
+    if not cfg.crypto.encrypted:
+        return None
+    if cfg.crypto.key is None:
+        raise ValueError("encrypting needs --key KEY (or data already encrypted with `ppvit encrypt`)")
+    return BlockCipher(Key.load(cfg.crypto.key), Scheme.parse(cfg.crypto.scheme), block_size)
+
+
+def adapter_meta(
+    cfg: TrainConfig, classes: tuple[str, ...], cipher: BlockCipher | None, manifest: Manifest | None
+) -> AdapterMeta:
+    """What the adapter must remember: base model and input size, method, classes, the encryption (no key)."""
+    scheme = block = fingerprint = None
+    if cipher is not None:
+        scheme, block, fingerprint = str(cipher.scheme), cipher.block_size, cipher.key.fingerprint
+    elif manifest is not None:
+        scheme, block, fingerprint = manifest.scheme, manifest.block_size, manifest.key_fingerprint
+    b = cfg.backbone
+    return AdapterMeta(
+        model=b.model,
+        num_classes=len(classes),
+        method=cfg.method.to_dict(),
+        model_kwargs={"img_size": b.img_size} if b.img_size else {},
+        classes=list(classes),
+        weights_sha256=file_sha256(b.weights) if b.weights else None,
+        pretrained=b.pretrained,
+        init_seed=None if (b.weights or b.pretrained) else cfg.run.seed,
+        scheme=scheme,
+        block_size=block,
+        key_fingerprint=fingerprint,
+        key_init=cfg.crypto.key_init,
+    )
+
+
+# -- the stages ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Schedule:
+    """Steps per epoch and the learning-rate schedule in optimiser steps."""
+
+    steps_per_epoch: int  # micro-batches
+    total: int  # optimiser steps
+    warmup: int
+    base_lrs: list[float]
+
+
+@dataclass
+class Session:
+    """A run in progress: everything the stages share."""
+
+    cfg: TrainConfig
+    out: Path
+    accelerator: Accelerator
+    precision: str
+    splits: DataSplits
+    cipher: BlockCipher | None
+    pipeline: BatchPipeline
+    block: int
+    data_seed: int
+    model: torch.nn.Module  # as prepared by Accelerate (wrapped when distributed)
+    optimizer: torch.optim.Optimizer
+    schedule: Schedule
+    state: RunState
+    stop_signal: int | None = None  # set by SIGTERM/SIGINT: checkpoint and stop at the next step
+    lock: Any = None  # the run folder's lock (main process), held while this object lives
+
+    @property
+    def unwrapped(self) -> torch.nn.Module:
+        return self.accelerator.unwrap_model(self.model)
+
+    @property
+    def main(self) -> bool:
+        return self.accelerator.is_main_process
+
+
+def setup(cfg: TrainConfig, resume: bool, hold: ExitStack | None = None) -> Session:
+    """Check the run folder, load and check the data, build model and optimiser, resume if asked.
+
+    The main process locks the run folder first (a second run into it is refused); the lock
+    is released when ``hold`` closes (without one: with the session).
+    """
+    out = Path(cfg.run.out)
+    precision = resolve_precision(cfg.optim.precision)
+    report = None if cfg.run.report_to == "none" else cfg.run.report_to
+    accelerator = make_accelerator(
+        precision, cfg.optim.grad_accum, cfg.run.dist_timeout_s, report, str(out / "trackers") if report else None
+    )
+    lock = None
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        lock = lock_run_folder(out)
+        if hold is not None:
+            hold.callback(lock.close)
+        check_run_folder(out, cfg, resume)
+    world = accelerator.num_processes
+    if cfg.optim.batch_size % world:
+        raise ValueError(f"batch size {cfg.optim.batch_size} does not divide into {world} equal per-process shares")
+
+    with torch.device("meta"):  # geometry first (no memory, no initialisation): a bad size fails before the data load
+        probe = create_backbone(cfg.backbone.model, num_classes=0, img_size=cfg.backbone.img_size)
+    block, side = cfg.crypto.block_size or patch_size(probe), input_size(probe)
+    d = cfg.data
+    data_seed = cfg.run.seed if d.data_seed is None else d.data_seed
+    columns = Columns(d.image_column, d.label_column)
+    splits = load_splits(
+        d.data, d.val_fraction, data_seed, d.part, d.train_subset, d.test_subset, columns, d.loader_workers
+    )
+    if splits.manifest is not None:  # the server's case: ciphertext on disk, checked against this run
+        fingerprint = Key.load(cfg.crypto.key).fingerprint if cfg.crypto.key else None
+        splits.manifest.check(scheme=cfg.crypto.scheme, block_size=block, size=side, fingerprint=fingerprint)
+        cipher = None
+    else:
+        cipher = make_cipher(cfg, block)
+    model = build_model(cfg, len(splits.train.classes), cipher)
+    mean, std = normalization(model)
+    pipeline = BatchPipeline(input_size(model), mean, std, cipher, splits.encrypted, d.augment)
+
+    optimizer = torch.optim.AdamW(param_groups(model, cfg))
+    model, optimizer = accelerator.prepare(model, optimizer)
+    schedule = make_schedule(cfg, len(splits.train), [g["lr"] for g in optimizer.param_groups])
+    state = RunState()
+    if resume and (out / CHECKPOINT_FILE).exists():
+        state = load_checkpoint(out / CHECKPOINT_FILE, accelerator.unwrap_model(model), optimizer)
+        log.info("resumed %s at epoch %d, step %d", out, state.epoch, state.step)
+    if accelerator.is_main_process:  # written once the run's inputs have been checked: it marks the folder
+        atomic_write_text(out / CONFIG_FILE, cfg.dump())
+    if report:
+        start_trackers(accelerator, cfg, hold)
+    session = Session(
+        cfg, out, accelerator, precision, splits, cipher, pipeline, block, data_seed, model, optimizer, schedule, state
+    )
+    session.lock = lock
+    return session
+
+
+def start_trackers(accelerator: Accelerator, cfg: TrainConfig, hold: ExitStack | None) -> None:
+    """Accelerate's tracker for ``--report-to`` (main process only), under ``OUT/trackers``; its run is
+    ended (files flushed) when ``hold`` closes, however the run ends."""
+    if cfg.run.report_to == "wandb":
+        os.environ.setdefault("WANDB_DIR", str(Path(cfg.run.out) / "trackers"))
+    hparams = {k: v if isinstance(v, int | float | str | bool) else str(v) for k, v in cfg.flat().items()}
+    try:
+        accelerator.init_trackers(Path(cfg.run.out).resolve().name or "ppvit", config=hparams)
+    except (ImportError, ValueError) as exc:
+        raise ValueError(f"--report-to {cfg.run.report_to}: cannot start it ({exc})") from None
+    if hold is not None:
+        hold.callback(accelerator.end_training)
+
+
+def make_schedule(cfg: TrainConfig, n_train: int, base_lrs: list[float]) -> Schedule:
+    o = cfg.optim
+    steps_per_epoch = n_train // o.batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(f"batch size {o.batch_size} is larger than the training set ({n_train} images)")
+    warmup = max(1, round(o.warmup_epochs * steps_per_epoch / o.grad_accum))
+    return Schedule(steps_per_epoch, steps_per_epoch * o.epochs // o.grad_accum, warmup, base_lrs)
+
+
+def epoch_feed(s: Session, epoch: int, first: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """This process's share of the batches ``first ..`` of epoch ``epoch``.
+
+    In memory: the epoch's permutation (:func:`epoch_order`) cut into global batches. Streamed:
+    the shards' order seeded by ``(data_seed, epoch)`` (:meth:`ShardStream.batches`).
+    """
+    ds, b, steps = s.splits.train, s.cfg.optim.batch_size, s.schedule.steps_per_epoch
+    rank, world = s.accelerator.process_index, s.accelerator.num_processes
+    if isinstance(ds, ShardStream):
+        seed = s.data_seed * 100_003 + epoch
+        yield from ds.batches(b // world, rank, world, shuffle=True, seed=seed, skip=first, steps=steps - first)
+        return
+    order = epoch_order(len(ds), s.data_seed, epoch)
+    for i in range(first, steps):
+        yield get_batch(ds, order[i * b : (i + 1) * b], rank, world)
+
+
+def train_epoch(s: Session, epoch: int, on_step: StepCallback | None) -> dict[str, float]:
+    """One epoch of optimiser steps (from the resumed step, if any); returns this process's sums."""
+    cfg, acc, sched = s.cfg, s.accelerator, s.schedule
+    o, rank, world = cfg.optim, acc.process_index, acc.num_processes
+    s.model.train()
+    first = s.state.step - epoch * sched.steps_per_epoch  # > 0 only when resuming mid-epoch
+    feed = epoch_feed(s, epoch, first)
+    sums = {"loss": 0.0, "correct": 0.0, "n": 0.0} | (s.state.partial or {})
+    s.state.partial = None
+    bar = tqdm(
+        range(first, sched.steps_per_epoch), desc=f"epoch {epoch + 1}/{o.epochs}", disable=cfg.run.quiet or not s.main
+    )
+    t0 = time.perf_counter()
+    for i in bar:
+        step = epoch * sched.steps_per_epoch + i
+        if s.stop_signal is not None and step % o.grad_accum == 0:  # between optimiser steps
+            _stop(s, RunState(**{**vars(s.state), "epoch": epoch, "step": step, "partial": dict(sums)}))
+        gen = torch.Generator().manual_seed(s.data_seed * 1_000_003 + step * 97 + rank)
+        images, labels = next(feed)
+        images, labels = images.to(acc.device), labels.to(acc.device)
+        x = s.pipeline(images, train=True, generator=gen)
+        x, target = mix_batch(x, labels, len(s.splits.train.classes), cfg.data.mixup, cfg.data.cutmix, s.block, gen)
+        with acc.accumulate(s.model):
+            for g, lr in zip(s.optimizer.param_groups, sched.base_lrs, strict=True):
+                g["lr"] = lr * get_lr_scale(step // o.grad_accum, sched.total, sched.warmup)
+            with acc.autocast():
+                logits = s.model(x)
+            loss = F.cross_entropy(logits.float(), target, label_smoothing=o.label_smoothing)
+            if not torch.isfinite(loss):
+                ckpt = s.out / CHECKPOINT_FILE
+                raise TrainingDiverged(
+                    f"loss is {loss.item()} at epoch {epoch + 1}, step {i + 1}; stopped. Last good checkpoint: "
+                    f"{ckpt if ckpt.exists() else 'none'}. Try a lower --lr or --patch-embed-lr-scale."
+                )
+            acc.backward(loss)
+            if o.clip_grad and acc.sync_gradients:
+                acc.clip_grad_norm_(s.model.parameters(), o.clip_grad)
+            s.optimizer.step()
+            s.optimizer.zero_grad(set_to_none=True)
+            if on_step is not None and s.main and acc.sync_gradients:
+                on_step((step + 1) // o.grad_accum, s.unwrapped)
+        sums["loss"] += loss.item() * len(labels)
+        sums["correct"] += (logits.argmax(1) == labels).sum().item()
+        sums["n"] += len(labels)
+        rate = sums["n"] * world / max(1e-9, time.perf_counter() - t0)
+        bar.set_postfix(
+            loss=f"{sums['loss'] / sums['n']:.3f}", acc=f"{sums['correct'] / sums['n']:.3f}", ips=f"{rate:.0f}"
+        )
+        every = cfg.run.save_every_steps
+        if every and (step + 1) % every == 0 and i + 1 < sched.steps_per_epoch and s.main:
+            partial = RunState(**{**vars(s.state), "epoch": epoch, "step": step + 1, "partial": dict(sums)})
+            save_checkpoint(s.out / CHECKPOINT_FILE, s.unwrapped, s.optimizer, partial)
+    sums["seconds"] = time.perf_counter() - t0
+    return sums
+
+
+def end_epoch(s: Session, epoch: int, sums: dict[str, float]) -> None:
+    """Validate, record the epoch, keep the best weights, checkpoint, write metrics."""
+    acc = s.accelerator
+    val = evaluate(s.model, s.splits.val, s.pipeline, s.cfg.optim.batch_size, acc)
+    train_stats = acc.reduce(
+        torch.tensor([sums["loss"], sums["correct"], sums["n"]], dtype=torch.float64, device=acc.device),
+        reduction="sum",
+    )
+    row = {
+        "epoch": epoch + 1,
+        "train_loss": float(train_stats[0] / train_stats[2]),
+        "train_acc": float(train_stats[1] / train_stats[2]),
+        "val_loss": val["loss"],
+        "val_acc": val["acc"],
+        "lr": s.optimizer.param_groups[0]["lr"],
+        "images_per_s": float(train_stats[2]) / sums["seconds"],
+        "seconds": sums["seconds"],
+    }
+    s.state.history.append(row)
+    s.state.epoch, s.state.step = epoch + 1, (epoch + 1) * s.schedule.steps_per_epoch
+    if s.main:
+        if val["acc"] > s.state.best_val_acc:
+            s.state.best_val_acc, s.state.best_epoch = val["acc"], epoch + 1
+            save_best(s.out, s.unwrapped)
+        save_checkpoint(s.out / CHECKPOINT_FILE, s.unwrapped, s.optimizer, s.state)
+        write_metrics(s.out, s.state.history)
+    if s.cfg.run.report_to != "none":
+        acc.log({k: v for k, v in row.items() if k != "epoch"}, step=epoch + 1)
+        log.info(
+            "epoch %d: train loss %.4f acc %.4f | val loss %.4f acc %.4f | %.0f img/s",
+            *(row[k] for k in ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "images_per_s")),
+        )
+    acc.wait_for_everyone()
+
+
+def finish(s: Session) -> RunResult:
+    """Reload the best epoch, touch the test set once, write the adapter and the result."""
+    cfg, history = s.cfg, s.state.history
+    load_best(s.out, s.unwrapped)
+    test = evaluate(s.model, s.splits.test, s.pipeline, cfg.optim.batch_size, s.accelerator)
+    result = RunResult(
+        test_acc=test["acc"],
+        test_loss=test["loss"],
+        test_images=test["n"],
+        best_epoch=s.state.best_epoch,
+        best_val_acc=s.state.best_val_acc,
+        epochs=cfg.optim.epochs,
+        method=cfg.method.name,
+        scheme=str(Scheme.parse(cfg.crypto.scheme)) if cfg.crypto.encrypted else "plain",
+        num_classes=len(s.splits.train.classes),
+        trainable_params=sum(p.numel() for p in s.unwrapped.parameters() if p.requires_grad),
+        train_seconds=sum(r["seconds"] for r in history),
+        images_per_s=float(np.mean([r["images_per_s"] for r in history])) if history else None,
+        peak_rss_mb=peak_rss_mb(),
+        processes=s.accelerator.num_processes,
+        precision=s.precision,
+    )
+    if cfg.run.report_to != "none":
+        s.accelerator.log({"test_loss": test["loss"], "test_acc": test["acc"]}, step=len(history))
+    if s.main:
+        meta = adapter_meta(cfg, s.splits.train.classes, s.cipher, s.splits.manifest)
+        save_adapter(s.unwrapped, meta, s.out / "adapter")
+        result.write(s.out / RESULT_FILE)
+    return result
+
+
+def train(cfg: TrainConfig, resume: bool = False, on_step: StepCallback | None = None) -> RunResult:
+    """Fine-tune, select the epoch with the best validation accuracy, report on the test set.
+
+    ``on_step(step, model)`` is called on the main process after every optimiser step with the
+    unwrapped model (e.g. to watch a tensor as training proceeds, as ``ppvit.attacks.audit`` does).
+    The run folder is locked while it runs. In a single process, SIGTERM or SIGINT saves a
+    checkpoint at the next step and raises :class:`TrainingStopped` (``resume=True`` continues).
+    With several processes, one that dies or hangs makes the others raise :class:`PeerProcessFailed`
+    within ``cfg.run.dist_timeout_s`` (at once when its connections close) instead of waiting for ever.
+    """
+    try:
+        with ExitStack() as hold:
+            session = setup(cfg, resume, hold)
+            hold.enter_context(_stop_on_signals(session))
+            for epoch in range(session.state.epoch, cfg.optim.epochs):
+                sums = train_epoch(session, epoch, on_step)
+                end_epoch(session, epoch, sums)
+                if session.stop_signal is not None and epoch + 1 < cfg.optim.epochs:
+                    _stop(session, None)  # end_epoch has just saved the checkpoint
+            return finish(session)
+    except RuntimeError as exc:  # gloo and NCCL raise plain RuntimeErrors; torch's DistError is one
+        reason = peer_failure(exc)
+        if reason is None:
+            raise
+        ckpt = Path(cfg.run.out) / CHECKPOINT_FILE
+        last = f"the last checkpoint is {ckpt}" if ckpt.exists() else "no checkpoint was saved yet"
+        raise PeerProcessFailed(
+            f"another process of this run died or stopped answering ({reason}; --dist-timeout-s "
+            f"{cfg.run.dist_timeout_s:g}), so this one stopped too; {last}: start every process again with "
+            "the same command and --resume"
+        ) from None
+
+
+@contextmanager
+def _stop_on_signals(s: Session) -> Iterator[None]:
+    """SIGTERM or SIGINT: finish the current step, save a checkpoint, raise :class:`TrainingStopped`.
+
+    A second signal stops at once (KeyboardInterrupt). One process only: ranks of a
+    distributed run could stop at different steps, so there the signals keep their defaults.
+    """
+    if s.accelerator.num_processes > 1 or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: object) -> None:
+        if s.stop_signal is not None:
+            raise KeyboardInterrupt
+        s.stop_signal = signum
+
+    old = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, h in old.items():
+            signal.signal(sig, h)
+
+
+def _stop(s: Session, state: RunState | None) -> None:
+    """Save ``state`` (None: the checkpoint on disk is current) and raise :class:`TrainingStopped`."""
+    ckpt = s.out / CHECKPOINT_FILE
+    if state is not None and s.main:
+        save_checkpoint(ckpt, s.unwrapped, s.optimizer, state)
+    state = state or s.state
+    step = state.step - state.epoch * s.schedule.steps_per_epoch
+    raise TrainingStopped(
+        f"stopped by {signal.Signals(s.stop_signal).name} at epoch {state.epoch + 1}, step {step}; "
+        f"checkpoint saved in {ckpt}: continue with the same command and --resume",
+        s.stop_signal,
+    )

@@ -1,0 +1,181 @@
+"""A run folder on disk: its config, checkpoint, best weights, metrics, curves and result.
+
+OUT/config.yaml      the run's TrainConfig (written once its inputs are checked: it marks the folder)
+OUT/checkpoint.pt    trained tensors + optimiser + RunState, replaced atomically
+OUT/best.pt          trained tensors of the epoch with the best validation accuracy
+OUT/metrics.jsonl    one line per epoch; OUT/curves.png the same as curves
+OUT/adapter/         the adapter (safetensors + JSON), see :mod:`ppvit.models.adapters`
+OUT/result.json      the :class:`RunResult`
+OUT/.lock            held (flock) by the ``train`` writing the folder: a second one is refused
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import torch
+from matplotlib.figure import Figure
+
+from ppvit._io import atomic_write, atomic_write_text
+from ppvit.models.adapters import CONFIG_NAME, trainable_tensors
+from ppvit.train.config import IGNORED_ON_RESUME, TrainConfig
+
+CONFIG_FILE, CHECKPOINT_FILE, BEST_FILE, RESULT_FILE = "config.yaml", "checkpoint.pt", "best.pt", "result.json"
+LOCK_FILE = ".lock"
+
+
+class RunFolderBusy(ValueError):
+    """Another process is training into the same run folder."""
+
+
+@dataclass
+class RunState:
+    """Where a run stands: saved in every checkpoint, so that ``--resume`` continues exactly."""
+
+    epoch: int = 0  # epochs finished
+    step: int = 0  # micro-batches consumed
+    best_val_acc: float = -1.0
+    best_epoch: int | None = None
+    history: list[dict[str, float]] = field(default_factory=list)
+    partial: dict[str, float] | None = None  # running sums of an epoch checkpointed part-way
+
+
+@dataclass
+class RunResult:
+    """What a finished run reports (``result.json``)."""
+
+    test_acc: float
+    test_loss: float
+    test_images: int
+    best_epoch: int | None
+    best_val_acc: float
+    epochs: int
+    method: str
+    scheme: str
+    num_classes: int
+    trainable_params: int
+    train_seconds: float
+    images_per_s: float | None
+    peak_rss_mb: float
+    processes: int
+    precision: str
+
+    @classmethod
+    def read(cls, path: str | os.PathLike) -> RunResult:
+        try:
+            return cls(**json.loads(Path(path).read_text()))
+        except (OSError, json.JSONDecodeError, TypeError) as exc:
+            raise ValueError(f"run result {path}: cannot be read ({exc})") from None
+
+    def write(self, path: str | os.PathLike) -> None:
+        atomic_write_text(path, json.dumps(dataclasses.asdict(self), indent=2) + "\n")
+
+
+def adapter_dir(path: str | os.PathLike) -> Path:
+    """A run folder or its adapter folder, given either (the one rule every command uses)."""
+    p = Path(path)
+    return p / "adapter" if (p / "adapter" / CONFIG_NAME).exists() else p
+
+
+def lock_run_folder(out: Path) -> IO[str]:
+    """Hold an exclusive lock on ``OUT/.lock`` until the returned file is closed (or the process ends).
+
+    Two runs writing one folder would overwrite each other's checkpoints; the second is refused.
+    """
+    fh = open(out / LOCK_FILE, "a+")  # noqa: SIM115 -- held open for the run's lifetime
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock
+        return fh
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        fh.seek(0)
+        holder = fh.read().strip()
+        fh.close()
+        raise RunFolderBusy(
+            f"run folder {out}: in use by another `ppvit train`{f' (pid {holder})' if holder else ''}; "
+            "wait for it to end or choose another --out"
+        ) from None
+    fh.seek(0)
+    fh.truncate()
+    fh.write(f"{os.getpid()}\n")
+    fh.flush()
+    return fh
+
+
+def check_run_folder(out: Path, cfg: TrainConfig, resume: bool) -> None:
+    """Refuse to mix two runs in one folder; on resume, the saved config must match."""
+    saved = out / CONFIG_FILE
+    if not saved.exists():
+        return
+    if not resume:
+        raise ValueError(f"run folder {out}: already holds a run; pass --resume to continue it or choose another --out")
+    old, new = TrainConfig.load(saved).flat(), cfg.flat()
+    changed = [k for k in sorted(set(old) | set(new)) if k not in IGNORED_ON_RESUME and old.get(k) != new.get(k)]
+    if changed:
+        raise ValueError(f"run folder {out}: --resume with different settings ({', '.join(changed)})")
+
+
+def save_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: RunState) -> None:
+    """One file, written to a temporary name and renamed: never a half-written checkpoint."""
+    payload = {"model": trainable_tensors(model), "optimizer": optimizer.state_dict(), **dataclasses.asdict(state)}
+    atomic_write(path, lambda tmp: _torch_save(payload, tmp))
+
+
+def _torch_save(obj: object, tmp: Path) -> None:
+    """``torch.save`` through a Python file: a full disk is ``OSError`` ENOSPC, not a RuntimeError from
+    torch's own writer (``unexpected pos ...``)."""
+    with open(tmp, "wb") as fh:
+        torch.save(obj, fh)
+
+
+def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> RunState:
+    """Restore the trained tensors and the optimiser in place; returns the saved state."""
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:
+        raise ValueError(f"checkpoint {path}: cannot be read ({exc.__class__.__name__})") from None
+    missing = set(trainable_tensors(model)) ^ set(payload["model"])
+    if missing:
+        raise ValueError(f"checkpoint {path}: does not match this run's method ({sorted(missing)[:3]} ...)")
+    load_tensors(model, payload.pop("model"))
+    optimizer.load_state_dict(payload.pop("optimizer"))
+    return RunState(**payload)
+
+
+def load_tensors(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Copy named tensors into the model's parameters (in place, no gradient)."""
+    named = dict(model.named_parameters())
+    with torch.no_grad():
+        for n, t in tensors.items():
+            named[n].copy_(t)
+
+
+def save_best(out: Path, model: torch.nn.Module) -> None:
+    atomic_write(out / BEST_FILE, lambda tmp: _torch_save(trainable_tensors(model), tmp))
+
+
+def load_best(out: Path, model: torch.nn.Module) -> None:
+    load_tensors(model, torch.load(out / BEST_FILE, map_location="cpu", weights_only=True))
+
+
+def write_metrics(out: Path, history: list[dict[str, Any]]) -> None:
+    """metrics.jsonl (one line per epoch) and curves.png (loss and accuracy per epoch)."""
+    atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history))
+    epochs = [r["epoch"] for r in history]
+    fig = Figure(figsize=(9, 3.5))  # not pyplot: no global backend or figure registry touched
+    ax1, ax2 = fig.subplots(1, 2)
+    for split in ("train", "val"):
+        ax1.plot(epochs, [r[f"{split}_loss"] for r in history], label=split)
+        ax2.plot(epochs, [r[f"{split}_acc"] for r in history], label=split)
+    ax1.set(xlabel="epoch", ylabel="loss")
+    ax2.set(xlabel="epoch", ylabel="accuracy")
+    ax1.legend()
+    fig.tight_layout()
+    atomic_write(out / "curves.png", lambda tmp: fig.savefig(tmp, format="png", dpi=100))

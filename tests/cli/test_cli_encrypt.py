@@ -1,0 +1,257 @@
+"""`ppvit encrypt` / `decrypt` / `preview` / `keygen` end to end, in process."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import assert_no_key_material
+from PIL import Image
+
+from ppvit import cli
+from ppvit.crypto.ciphers import BlockCipher
+from ppvit.crypto.keys import Key
+from ppvit.data.dataset_io import load_encrypted_split
+from ppvit.data.datasets import ArrayDataset, load_splits
+from ppvit.data.manifest import read_manifest
+
+
+def make_tree(root: Path, n: int = 3, size: int = 16, seed: int = 0) -> dict[str, np.ndarray]:
+    """train/<class>/i.png and test/<class>/i.png with random pixels; returns relpath -> array."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for split in ("train", "test"):
+        for cls in ("cat", "dog"):
+            for i in range(n):
+                arr = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+                rel = f"{split}/{cls}/{i}.png"
+                (root / split / cls).mkdir(parents=True, exist_ok=True)
+                Image.fromarray(arr).save(root / rel)
+                out[rel] = arr
+    return out
+
+
+def tree_digest(root: Path) -> str:
+    h = hashlib.sha256()
+    for p in sorted(root.rglob("*")):
+        h.update(p.relative_to(root).as_posix().encode())
+        if p.is_file():
+            h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+def read_png(path: Path) -> np.ndarray:
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+@pytest.mark.parametrize("scheme", ["shuffle", "shuffle+scramble+rotate+negpos+channel"])
+def test_folder_round_trip_keeps_layout_and_is_exact(tmp_path: Path, key_file: Path, scheme: str) -> None:
+    src = tmp_path / "src"
+    images = make_tree(src)
+    before = tree_digest(src)
+    assert (
+        cli.main(
+            [
+                "-q",
+                "encrypt",
+                str(src),
+                str(tmp_path / "enc"),
+                "--key",
+                str(key_file),
+                "--scheme",
+                scheme,
+                "--block-size",
+                "4",
+            ]
+        )
+        == 0
+    )
+    cipher = BlockCipher(Key.load(key_file), scheme, 4)
+    for rel, arr in images.items():
+        np.testing.assert_array_equal(read_png(tmp_path / "enc" / rel), cipher.encrypt(arr))
+    assert cli.main(["-q", "decrypt", str(tmp_path / "enc"), str(tmp_path / "dec"), "--key", str(key_file)]) == 0
+    for rel, arr in images.items():
+        np.testing.assert_array_equal(read_png(tmp_path / "dec" / rel), arr)
+    assert tree_digest(src) == before  # the source is never modified
+    manifest = read_manifest(tmp_path / "enc")
+    assert manifest.counts == {"train": 6, "test": 6} and manifest.classes["train"] == ["cat", "dog"]
+    assert manifest.key_fingerprint == Key.load(key_file).fingerprint and manifest.complete
+    assert_no_key_material([tmp_path / "enc", tmp_path / "dec"], Key.load(key_file))
+
+
+def test_tar_source_with_resize_and_workers(tmp_path: Path, key_file: Path) -> None:
+    src = tmp_path / "src"
+    images = make_tree(src, size=8)
+    with tarfile.open(tmp_path / "data.tar.gz", "w:gz") as tar:
+        tar.add(src, arcname=".")
+    code = cli.main(
+        [
+            "-q",
+            "encrypt",
+            str(tmp_path / "data.tar.gz"),
+            str(tmp_path / "enc"),
+            "--key",
+            str(key_file),
+            "--size",
+            "32",
+            "--block-size",
+            "16",
+            "--workers",
+            "2",
+        ]
+    )
+    assert code == 0
+    cipher = BlockCipher(Key.load(key_file), "shuffle", 16)
+    for rel, arr in images.items():
+        resized = np.asarray(Image.fromarray(arr).resize((32, 32), Image.Resampling.BICUBIC))
+        np.testing.assert_array_equal(read_png(tmp_path / "enc" / rel), cipher.encrypt(resized))
+    assert_no_key_material(tmp_path / "enc", cipher.key)
+
+
+def test_single_image(tmp_path: Path, key_file: Path) -> None:
+    arr = np.random.default_rng(1).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    Image.fromarray(arr).save(tmp_path / "one.png")
+    assert cli.main(["-q", "encrypt", str(tmp_path / "one.png"), str(tmp_path / "enc"), "--key", str(key_file)]) == 0
+    cipher = BlockCipher(Key.load(key_file), "shuffle", 16)
+    np.testing.assert_array_equal(read_png(tmp_path / "enc" / "one.png"), cipher.encrypt(arr))
+    assert_no_key_material(tmp_path / "enc", cipher.key)
+
+
+def test_npy_shards_load_as_an_encrypted_dataset(tmp_path: Path, key_file: Path) -> None:
+    src = tmp_path / "src"
+    images = make_tree(src, n=5)
+    args = ["-q", "encrypt", str(src), str(tmp_path / "enc"), "--key", str(key_file), "--block-size", "4"]
+    assert cli.main([*args, "--format", "npz"]) == 0
+    got, labels, classes = load_encrypted_split(tmp_path / "enc", "train")
+    cipher = BlockCipher(Key.load(key_file), "shuffle", 4)
+    want = {rel: cipher.encrypt(a) for rel, a in images.items() if rel.startswith("train/")}
+    assert classes == ["cat", "dog"] and sorted(labels.tolist()) == [0] * 5 + [1] * 5
+    assert sorted(g.tobytes() for g in got) == sorted(w.tobytes() for w in want.values())
+    splits = load_splits(tmp_path / "enc", val_fraction=0.2, seed=0)
+    assert splits.encrypted and isinstance(splits.train, ArrayDataset) and len(splits.test) == 10
+    assert_no_key_material(tmp_path / "enc", cipher.key)
+
+
+def test_wrong_key_is_refused_and_nothing_written(tmp_path: Path, key_file: Path, capsys) -> None:
+    make_tree(tmp_path / "src")
+    assert (
+        cli.main(
+            ["-q", "encrypt", str(tmp_path / "src"), str(tmp_path / "enc"), "--key", str(key_file), "--block-size", "4"]
+        )
+        == 0
+    )
+    other = tmp_path / "other.key"
+    Key.generate().save(other)
+    assert cli.main(["-q", "decrypt", str(tmp_path / "enc"), str(tmp_path / "dec"), "--key", str(other)]) == 2
+    err = capsys.readouterr().err
+    assert "key fingerprint" in err
+    assert not (tmp_path / "dec").exists()
+    # nor may another key write into the same encrypted folder
+    assert (
+        cli.main(
+            ["-q", "encrypt", str(tmp_path / "src"), str(tmp_path / "enc"), "--key", str(other), "--block-size", "4"]
+        )
+        == 2
+    )
+    err += capsys.readouterr().err
+    for key in (Key.load(key_file), Key.load(other)):
+        assert_no_key_material([tmp_path / "enc", err], key)
+
+
+def test_corrupt_images_are_listed_others_written(tmp_path: Path, key_file: Path, capsys) -> None:
+    src = tmp_path / "src"
+    make_tree(src)
+    (src / "train" / "cat" / "broken.png").write_bytes(b"\x89PNG not really")
+    code = cli.main(["-q", "encrypt", str(src), str(tmp_path / "enc"), "--key", str(key_file), "--block-size", "4"])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "train/cat/broken.png" in err and "1 images could not be read" in err
+    assert len(list((tmp_path / "enc").rglob("*.png"))) == 12
+    assert not read_manifest(tmp_path / "enc").complete
+    assert_no_key_material([tmp_path / "enc", err], Key.load(key_file))
+
+
+def test_rerun_skips_finished_outputs(tmp_path: Path, key_file: Path, capsys) -> None:
+    make_tree(tmp_path / "src")
+    args = ["-q", "encrypt", str(tmp_path / "src"), str(tmp_path / "enc"), "--key", str(key_file), "--block-size", "4"]
+    assert cli.main(args) == 0
+    victim = tmp_path / "enc" / "train" / "cat" / "0.png"
+    victim.unlink()
+    mtime = (tmp_path / "enc" / "test" / "dog" / "1.png").stat().st_mtime_ns
+    capsys.readouterr()
+    assert cli.main(args) == 0
+    out = capsys.readouterr().out
+    assert "encrypted 1 images" in out and "(11 already there)" in out
+    assert victim.exists() and (tmp_path / "enc" / "test" / "dog" / "1.png").stat().st_mtime_ns == mtime
+    assert_no_key_material([tmp_path / "enc", out], Key.load(key_file))
+
+
+@pytest.mark.parametrize("bad", [["--format", "jpg"], ["DST.jpg"]])
+def test_lossy_output_is_refused(tmp_path: Path, key_file: Path, capsys, bad: list[str]) -> None:
+    make_tree(tmp_path / "src")
+    dst = str(tmp_path / (bad[0] if bad[0].endswith(".jpg") else "enc"))
+    extra = [] if bad[0].endswith(".jpg") else bad
+    assert cli.main(["-q", "encrypt", str(tmp_path / "src"), dst, "--key", str(key_file), *extra]) == 2
+    err = capsys.readouterr().err
+    assert "lossy" in err
+    assert_no_key_material(err, Key.load(key_file))
+
+
+def test_block_size_must_divide_the_image(tmp_path: Path, key_file: Path, capsys) -> None:
+    make_tree(tmp_path / "src", n=1, size=20)
+    assert cli.main(["-q", "encrypt", str(tmp_path / "src"), str(tmp_path / "enc"), "--key", str(key_file)]) == 1
+    err = capsys.readouterr().err
+    assert "not a multiple of the block size 16" in err
+    assert_no_key_material([tmp_path / "enc", err], Key.load(key_file))
+
+
+def test_key_never_appears_in_outputs_or_messages(tmp_path: Path, key_file: Path, capsys) -> None:
+    make_tree(tmp_path / "src")
+    cli.main(["encrypt", str(tmp_path / "src"), str(tmp_path / "enc"), "--key", str(key_file), "--block-size", "4"])
+    cli.main(
+        [
+            "preview",
+            str(tmp_path / "src"),
+            str(tmp_path / "p.png"),
+            "--key",
+            str(key_file),
+            "--size",
+            "16",
+            "--block-size",
+            "4",
+        ]
+    )
+    out = capsys.readouterr()
+    assert "encrypted 12 images" in out.out  # not quiet: messages were printed, and are scanned
+    assert_no_key_material([tmp_path / "enc", tmp_path / "p.png", out.out, out.err], Key.load(key_file))
+    assert Image.open(tmp_path / "p.png").size[0] > 0
+
+
+def test_keygen_refuses_overwrite(tmp_path: Path, capsys) -> None:
+    path = tmp_path / "k.key"
+    assert cli.main(["keygen", str(path)]) == 0
+    content = path.read_bytes()
+    assert cli.main(["keygen", str(path)]) == 2
+    assert path.read_bytes() == content
+    assert oct(os.stat(path).st_mode & 0o777) == "0o600"
+    out = capsys.readouterr()
+    assert_no_key_material([out.out, out.err], Key.load(path))
+
+
+@pytest.mark.data
+def test_cifar10_copy_encrypts_at_224(tmp_path: Path, key_file: Path) -> None:
+    data = os.environ.get("PPVIT_CIFAR10")
+    if not data:
+        pytest.skip("PPVIT_CIFAR10 is not set")
+    from ppvit.experiments.preview import encryption_demo
+
+    report = encryption_demo(data, tmp_path / "demo", n=20)
+    assert report.images == 20 and report.round_trip_exact and report.failed == 0
+    enc = next((tmp_path / "demo" / "encrypted").rglob("*.png"))
+    assert read_png(enc).shape == (224, 224, 3)
+    demo_key = tmp_path / "demo" / "demo.key"
+    assert_no_key_material([tmp_path / "demo", str(report)], Key.load(demo_key), skip=[demo_key])

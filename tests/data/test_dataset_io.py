@@ -1,0 +1,90 @@
+"""dataset_io on hostile or damaged input: archive paths, truncated archives, unreadable and hidden files."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import KEY, assert_no_key_material
+from PIL import Image
+
+from ppvit import cli
+from ppvit.crypto.ciphers import BlockCipher
+from ppvit.crypto.keys import Key
+from ppvit.data.dataset_io import encrypt_collection, iter_image_bytes
+
+
+def png_bytes(seed: int, size: int = 16) -> bytes:
+    arr = np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def write_tar(path: Path, members: dict[str, bytes]) -> None:
+    with tarfile.open(path, "w") as tf:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+
+
+@pytest.mark.parametrize("bad_name", ["../escaped.png", "/tmp/ppvit-escaped.png", "cls/../../escaped.png"])
+def test_archive_member_outside_dst_is_refused(tmp_path: Path, bad_name: str) -> None:
+    """A member named ../x or /x must never be written outside DST (tar path traversal)."""
+    write_tar(tmp_path / "evil.tar", {"cls/a.png": png_bytes(0), bad_name: png_bytes(1)})
+    outside = {tmp_path / "escaped.png", tmp_path / "out" / "escaped.png", Path("/tmp/ppvit-escaped.png")}
+    Path("/tmp/ppvit-escaped.png").unlink(missing_ok=True)
+    with pytest.raises(ValueError, match="unsafe path"):
+        encrypt_collection(tmp_path / "evil.tar", tmp_path / "out" / "enc", BlockCipher(KEY), progress=False)
+    assert not [p for p in outside if p.exists()]
+
+
+def test_truncated_archive_is_one_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    write_tar(tmp_path / "d.tar", {f"cls/{i}.png": png_bytes(i, 64) for i in range(8)})
+    packed = gzip.compress((tmp_path / "d.tar").read_bytes())
+    (tmp_path / "d.tar.gz").write_bytes(packed[: len(packed) // 2])
+    Key.generate().save(tmp_path / "k.key")
+    code = cli.main(
+        ["-q", "encrypt", str(tmp_path / "d.tar.gz"), str(tmp_path / "enc"), "--key", str(tmp_path / "k.key")]
+    )
+    printed = capsys.readouterr()
+    assert code == 2 and "d.tar.gz" in printed.err and "damaged" in printed.err and "Traceback" not in printed.err
+    assert_no_key_material([printed.out, printed.err], Key.load(tmp_path / "k.key"))
+
+
+def test_unreadable_file_is_listed_not_fatal(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A file that cannot be read (permissions, I/O error) is a per-image failure; the others are written."""
+    (tmp_path / "src" / "cls").mkdir(parents=True)
+    for name in ("a.png", "b.png", "c.png"):
+        (tmp_path / "src" / "cls" / name).write_bytes(png_bytes(ord(name[0])))
+    real = Path.read_bytes
+
+    def read_bytes(self: Path) -> bytes:
+        if self.name == "b.png":
+            raise PermissionError(13, "Permission denied", str(self))
+        return real(self)
+
+    monkeypatch.setattr(Path, "read_bytes", read_bytes)  # root ignores chmod 000, so simulate it
+    summary = encrypt_collection(tmp_path / "src", tmp_path / "enc", BlockCipher(KEY), progress=False)
+    assert summary.written == 2 and [rel for rel, _ in summary.failed] == ["cls/b.png"]
+    assert "Permission denied" in summary.failed[0][1]
+    assert sorted(p.name for p in (tmp_path / "enc" / "cls").iterdir()) == ["a.png", "c.png"]
+    assert_no_key_material([tmp_path / "enc", *summary.failed[0]], KEY)
+
+
+def test_hidden_files_are_not_images(tmp_path: Path) -> None:
+    """macOS puts ._name.jpg resource forks into archives; they are not images and not failures."""
+    write_tar(
+        tmp_path / "mac.tar",
+        {"cls/a.png": png_bytes(0), "cls/._a.png": b"\x00\x05\x16\x07 resource fork", ".hidden/b.png": png_bytes(1)},
+    )
+    assert [rel for rel, _ in iter_image_bytes(tmp_path / "mac.tar")] == ["cls/a.png"]
+    (tmp_path / "src" / "cls").mkdir(parents=True)
+    (tmp_path / "src" / "cls" / "a.png").write_bytes(png_bytes(0))
+    (tmp_path / "src" / "cls" / "._a.png").write_bytes(b"\x00\x05\x16\x07")
+    assert [rel for rel, _ in iter_image_bytes(tmp_path / "src")] == ["cls/a.png"]

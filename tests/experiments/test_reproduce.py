@@ -1,0 +1,159 @@
+"""`reproduce`: cells, skipping finished ones, failures reported, tables and plot; the paper preset's wiring."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import SMALL, assert_no_key_material
+
+from ppvit import cli
+from ppvit.crypto.keys import Key
+from ppvit.experiments import reproduce as runner
+from ppvit.experiments.presets import PRESETS, MethodSettings, Preset, Upstream
+from ppvit.experiments.reproduce import cell_config, reproduce, resolve_weights
+from ppvit.models.backbones import create_backbone, input_size, patch_size
+from ppvit.train.config import TrainConfig
+from ppvit.train.runs import RunResult
+
+TOY = Preset(
+    "toy",
+    "test preset",
+    TrainConfig.from_flat(
+        model=SMALL,
+        part="1/2",
+        batch_size=8,
+        epochs=2,
+        val_fraction=0.25,
+        precision="no",
+        warmup_epochs=0.5,
+    ),
+    {"linear": MethodSettings(lr=5e-3)},
+    ("none", "shuffle"),
+    (0, 1),
+    upstream=Upstream(epochs=2, batch_size=8),
+)
+
+
+def test_toy_reproduction_end_to_end(tmp_path: Path, toy_dataset: Path) -> None:
+    table = reproduce(TOY, tmp_path / "out", toy_dataset, progress=False)
+    assert table.upstream_acc is not None and 0 <= table.upstream_acc <= 1
+    assert [(r.method, r.data, r.seeds) for r in table.rows] == [("linear", "plain", 2), ("linear", "shuffle", 2)]
+    for row in table.rows:
+        cells = [
+            c
+            for c in table.cells
+            if c.method == row.method and c.scheme == ("none" if row.data == "plain" else row.data)
+        ]
+        accs = [100 * c.result.test_acc for c in cells]
+        assert row.acc_mean == pytest.approx(sum(accs) / 2)
+        assert row.acc_std == pytest.approx(abs(accs[0] - accs[1]) / 2**0.5)  # sample sd of two values
+        assert row.peak_mb and row.peak_mb > 50
+    # exact counts: linear = a head of 4 classes on a 48-dim model
+    linear = table.rows[0]
+    assert linear.trainable == 48 * 4 + 4 == table.cells[0].result.trainable_params
+    out = tmp_path / "out"
+    assert {p.name for p in out.iterdir()} >= {"results.md", "results.csv", "results.json", "results.png", "cells"}
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert len(rows) == 2 and rows[1]["data"] == "shuffle"
+    assert "upstream (plain) test accuracy" in (out / "results.md").read_text()
+
+    # a rerun skips every finished cell: results are read back, not retrained
+    stamp = {p: p.stat().st_mtime_ns for p in (out / "cells").rglob("result.json")}
+    again = reproduce(TOY, out, toy_dataset, progress=False)
+    assert {p: p.stat().st_mtime_ns for p in (out / "cells").rglob("result.json")} == stamp
+    assert [r.acc_mean for r in again.rows] == [r.acc_mean for r in table.rows]
+    key_file = out / "reproduce.key"  # generated next to the outputs; no other file may hold it
+    assert_no_key_material(out, Key.load(key_file), skip=[key_file])
+
+
+def test_failed_cells_are_reported_not_hidden(tmp_path: Path, toy_dataset: Path, capsys) -> None:
+    broken = Preset(
+        "broken", "", TOY.base.replace(batch_size=10_000), {"melo": MethodSettings(lr=1e-3)}, ("shuffle",), (0,)
+    )  # larger than the training set
+    table = reproduce(broken, tmp_path / "out", toy_dataset, weights=None, pretrained=False, progress=False)
+    assert table.rows[0].acc_mean is None
+    assert table.rows[0].errors[0].startswith("ValueError: batch size 10000 is larger than the training set")
+    assert "Failed cells:" in table.markdown()
+    key_file = tmp_path / "out" / "reproduce.key"
+    assert_no_key_material([tmp_path / "out", table.markdown()], Key.load(key_file), skip=[key_file])
+
+
+def test_every_preset_builds_each_cell_config_on_its_geometry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each cell's config is valid, blocks equal the model's patches, and the input size divides into them.
+
+    A cell's settings are composed here independently of ``cell_config``: the preset's base, then
+    the method's own settings (where set), then the run-wide ones, then the cell's.
+    """
+    common = {"data": str(tmp_path / "d"), "epochs": 1}
+    for preset in PRESETS.values():
+        with torch.device("meta"):
+            model = create_backbone(preset.model, num_classes=10, img_size=preset.base.backbone.img_size)
+        side, patch = input_size(model), patch_size(model)
+        assert side % patch == 0, preset.name
+        for method, settings in preset.methods.items():
+            for scheme in preset.schemes:
+                cfg = cell_config(preset, method, scheme, 1, tmp_path / "c", tmp_path / "k", **common)
+                want = {**preset.base.flat(), "method": method}
+                want |= {name: value for name, value in dataclasses.asdict(settings).items() if value is not None}
+                want |= common
+                key = None if scheme == "none" else str(tmp_path / "k")
+                want |= {"out": str(tmp_path / "c"), "scheme": scheme, "seed": 1, "quiet": True, "key": key}
+                assert cfg.flat() == want, (preset.name, method, scheme)
+        # where the weights come from: an upstream run here, or ImageNet weights (a file or timm's download)
+        if preset.upstream is not None:
+            assert preset.weights_env is None, preset.name
+        elif preset.weights_env is not None:
+            monkeypatch.delenv(preset.weights_env, raising=False)
+            with pytest.raises(ValueError, match=f"preset {preset.name} needs .* set {preset.weights_env} or pass"):
+                resolve_weights(preset, None, None)
+        else:
+            assert resolve_weights(preset, None, None) == (None, True), preset.name  # the download
+
+
+def test_upstream_epochs_flag_changes_only_the_pretraining_epochs(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    seen = []
+
+    def fake_pretrain(model: str, upstream: Upstream, data: object, quiet: bool) -> tuple[Path, RunResult]:
+        seen.append(upstream)
+        return Path("w"), RunResult(0.5, 1.0, 10, 1, 0.5, 1, "full", "plain", 10, 1, 1.0, 1.0, 1.0, 1, "no")
+
+    monkeypatch.setattr(runner, "pretrain", fake_pretrain)
+    small = PRESETS["small-cpu"]
+    assert cli.main(["-q", "pretrain", "--preset", "small-cpu", "--upstream-epochs", "10"]) == 0
+    assert seen == [dataclasses.replace(small.upstream, epochs=10)] and small.upstream.epochs != 10
+    assert cli.main(["-q", "reproduce", "--preset", "paper", "--upstream-epochs", "3"]) == 2
+    assert cli.main(["-q", "pretrain", "--upstream-epochs", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "paper starts from ImageNet weights" in err and "at least 1" in err
+
+
+@pytest.mark.slow
+@pytest.mark.data
+def test_paper_preset_wiring_on_a_tiny_subset(tmp_path: Path) -> None:
+    """ViT-B/16 at 224x224 with random weights (offline), 16x16 shuffling, one epoch on 64 images."""
+    if not os.environ.get("PPVIT_CIFAR10"):
+        pytest.skip("PPVIT_CIFAR10 is not set")
+    args = [
+        "-q",
+        "reproduce",
+        "--preset",
+        "paper",
+        "--out",
+        str(tmp_path / "out"),
+        "--no-pretrained",
+        "--epochs",
+        "1",
+        "--train-subset",
+        "80",
+        "--test-subset",
+        "20",
+    ]
+    assert cli.main(args) == 0
+    result = json.loads((tmp_path / "out" / "cells" / "lora-pe-shuffle-s0" / "result.json").read_text())
+    assert result["trainable_params"] == 745_738 and result["test_images"] == 20

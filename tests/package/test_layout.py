@@ -1,0 +1,109 @@
+"""The package's shape: imports go one way (down the layers), and the cheap entry points stay cheap."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import ppvit
+
+SRC = Path(ppvit.__file__).parent
+LAYERS = ("_io", "_compat", "crypto", "data", "models", "train", "attacks", "experiments", "serve", "cli")
+"""Lowest first: a module may import from its own layer or a lower one, never a higher one."""
+HEAVY = ("torch", "timm", "peft", "accelerate", "matplotlib", "scipy", "skimage")
+
+
+def layer_of(module: str) -> int:
+    parts = module.split(".")
+    if parts[0] != "ppvit" or len(parts) == 1:
+        return -1  # the package root (``from ppvit import __version__``) sits below everything
+    return LAYERS.index(parts[1])
+
+
+def imported_modules(path: Path) -> list[tuple[int, str]]:
+    """(line, module) of every ppvit import in a file, including the ones inside functions."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.append((node.lineno, node.module))
+        elif isinstance(node, ast.Import):
+            found.extend((node.lineno, alias.name) for alias in node.names)
+    return [(line, m) for line, m in found if m == "ppvit" or m.startswith("ppvit.")]
+
+
+def test_every_module_sits_in_a_known_layer() -> None:
+    tops = {p.relative_to(SRC).parts[0].removesuffix(".py") for p in SRC.glob("*") if p.name != "__pycache__"}
+    assert tops - {"__init__", "__main__"} <= set(LAYERS)
+
+
+def test_no_module_imports_a_higher_layer() -> None:
+    wrong = []
+    for path in SRC.rglob("*.py"):
+        rel = path.relative_to(SRC)
+        if rel.parts[0] in ("__init__.py", "__main__.py"):
+            continue
+        own = LAYERS.index(rel.parts[0].removesuffix(".py"))
+        wrong += [
+            f"{rel}:{line} imports {m}" for line, m in imported_modules(path) if m != "ppvit" and layer_of(m) > own
+        ]
+    assert not wrong, "\n".join(wrong)
+
+
+def test_no_relative_imports() -> None:
+    """Absolute imports only, so that the layer check above sees every edge."""
+    relative = [
+        f"{p.relative_to(SRC)}:{n.lineno}"
+        for p in SRC.rglob("*.py")
+        for n in ast.walk(ast.parse(p.read_text()))
+        if isinstance(n, ast.ImportFrom) and n.level > 0
+    ]
+    assert not relative
+
+
+def loaded_after(code: str) -> set[str]:
+    """Top-level names of the modules a fresh interpreter holds after running ``code`` (even if it exits)."""
+    report = "import atexit, sys; atexit.register(lambda: print(' '.join(sorted(sys.modules)), file=sys.stderr))\n"
+    out = subprocess.run([sys.executable, "-c", report + code], capture_output=True, text=True, timeout=120)
+    return {m.split(".")[0] for m in out.stderr.split()}
+
+
+@pytest.mark.parametrize(
+    "code",
+    [
+        "import ppvit",
+        "from ppvit.cli import main; main(['--help'])",
+        "from ppvit.cli import main; main(['train', '--help'])",
+        "from ppvit.cli import main; main(['keygen', '/nonexistent-folder/k.key'])",
+        "import ppvit.crypto.keys",
+    ],
+    ids=["import", "help", "train-help", "keygen", "keys"],
+)
+def test_cheap_entry_points_import_no_heavy_dependency(code: str) -> None:
+    loaded = loaded_after(code)
+    assert "ppvit" in loaded  # the check itself worked
+    assert not loaded & set(HEAVY)
+
+
+def test_the_client_needs_no_training_stack() -> None:
+    assert not loaded_after("import ppvit.serve.client") & {
+        "timm",
+        "peft",
+        "accelerate",
+        "matplotlib",
+        "scipy",
+        "skimage",
+    }
+
+
+def test_one_version_number() -> None:
+    import tomllib
+
+    project = tomllib.loads((SRC.parents[1] / "pyproject.toml").read_text())["project"]
+    assert "version" not in project and "version" in project["dynamic"]
+    from importlib.metadata import version
+
+    assert version("ppvit") == ppvit.__version__

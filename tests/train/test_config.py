@@ -1,0 +1,123 @@
+"""The typed schema: one place per setting, flat names for flags, nested YAML, old flat files."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ppvit import cli
+from ppvit.models.configs import FullConfig, LoraPEConfig, MeloConfig
+from ppvit.train.config import SECTIONS, TrainConfig, settings
+
+# a config.yaml as ppvit 0.1 wrote it: flat, every field, method settings as None where unset
+OLD_FLAT = {
+    "out": "runs/old",
+    "data": "data.tar.gz",
+    "model": "vit_tiny_d6_patch4_32",
+    "weights": None,
+    "pretrained": False,
+    "method": "melo",
+    "rank": 8,
+    "alpha": None,
+    "lora_targets": "qkv",
+    "train_pos_embed": False,
+    "train_cls_token": False,
+    "patch_embed_init": None,
+    "head_init": "zero",
+    "scheme": "shuffle",
+    "key": "k.key",
+    "block_size": None,
+    "epochs": 3,
+    "batch_size": 64,
+    "lr": 0.002,
+    "patch_embed_lr_scale": 1.0,
+    "weight_decay": 0.05,
+    "warmup_epochs": 0.5,
+    "label_smoothing": 0.1,
+    "clip_grad": 1.0,
+    "grad_accum": 1,
+    "precision": "auto",
+    "augment": "none",
+    "mixup": 0.0,
+    "cutmix": 0.0,
+    "val_fraction": 0.1,
+    "part": "1/2",
+    "train_subset": 6000,
+    "test_subset": None,
+    "key_init": False,
+    "fused_attn": None,
+    "seed": 2,
+    "data_seed": None,
+    "save_every_steps": None,
+    "quiet": True,
+}
+
+
+def test_an_old_flat_config_file_loads_into_the_sections(tmp_path: Path) -> None:
+    (tmp_path / "old.yaml").write_text(yaml.safe_dump(OLD_FLAT))
+    cfg = TrainConfig.load(tmp_path / "old.yaml")
+    assert cfg.method == MeloConfig(rank=8, targets="qkv")
+    assert (cfg.backbone.model, cfg.backbone.head_init, cfg.data.part, cfg.data.train_subset) == (
+        "vit_tiny_d6_patch4_32",
+        "zero",
+        "1/2",
+        6000,
+    )
+    assert (cfg.optim.lr, cfg.optim.batch_size, cfg.run.seed, cfg.crypto.key) == (0.002, 64, 2, "k.key")
+    # every old setting has exactly one new home with the same value (renamed: lora_targets -> targets)
+    flat = cfg.flat()
+    for name, value in OLD_FLAT.items():
+        new = {"lora_targets": "targets"}.get(name, name)
+        if value is not None and new in flat:
+            assert flat[new] == value, name
+
+
+def test_nested_yaml_round_trips_and_names_unknown_settings(tmp_path: Path) -> None:
+    cfg = TrainConfig.from_flat(model="vit_micro_d2_patch4_32", method="lora-pe", rank=2, lr=1e-2, img_size=48)
+    (tmp_path / "c.yaml").write_text(cfg.dump())
+    assert TrainConfig.load(tmp_path / "c.yaml") == cfg
+    doc = yaml.safe_load(cfg.dump())
+    assert (
+        set(doc) == {*SECTIONS, "method"} and doc["method"]["name"] == "lora-pe" and doc["backbone"]["img_size"] == 48
+    )
+    doc["optim"]["learning_rate"] = 1
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(doc))
+    with pytest.raises(ValueError, match=r"bad.yaml: unknown settings optim.learning_rate"):
+        TrainConfig.load(tmp_path / "bad.yaml")
+    with pytest.raises(ValueError, match="method full takes no rank"):
+        TrainConfig.from_flat(method="full", rank=4)
+
+
+def test_no_setting_is_declared_twice_and_every_one_is_a_train_flag() -> None:
+    names = [f.name for cls in SECTIONS.values() for f in dataclasses.fields(cls)]
+    assert len(names) == len(set(names))
+    method_fields = {f.name for cls in (FullConfig, LoraPEConfig) for f in dataclasses.fields(cls)}
+    assert not method_fields & set(names)  # rank, targets, train_pos_embed, ... live in the method only
+    parser = cli.build_parser()
+    train = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices["train"]
+    flags = {opt for action in train._actions for opt in action.option_strings}
+    for s in settings():
+        if s.name != "quiet":  # the global -q
+            assert "--" + s.name.replace("_", "-") in flags, s.name
+    assert {"--lora-targets", "--lora-dropout", "--dropout", "--img-size"} <= flags
+
+
+def test_replace_keeps_alpha_following_the_rank_and_full_records_what_it_trains() -> None:
+    cfg = TrainConfig.from_flat(method="melo", rank=8)
+    assert cfg.replace(rank=2).method.lora_alpha == 2.0  # alpha unset: scale stays 1
+    assert cfg.replace(alpha=16).replace(rank=2).method.lora_alpha == 16.0
+    full = TrainConfig.from_flat(method="full").method
+    assert full.train_patch_embed and full.train_pos_embed and full.train_cls_token
+    # an adapter config of ppvit 0.1 recorded False for full; it still loads, as what full trains
+    assert FullConfig(train_patch_embed=False).train_patch_embed
+
+
+def test_reproduce_set_is_checked_against_the_schema(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["reproduce", "--preset", "small-demo", "--set", "learning_rate=3"]) == 2
+    assert "--set 'learning_rate=3': expected NAME=VALUE" in capsys.readouterr().err
+    assert cli.main(["reproduce", "--preset", "small-demo", "--set", "method=full", "--set", "rank=8"]) == 2
+    assert "method full takes no rank" in capsys.readouterr().err
