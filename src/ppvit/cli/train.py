@@ -57,19 +57,21 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
 
 
 def _predict(args: argparse.Namespace) -> None:
-    from ppvit.train.inference import predict_files
+    from ppvit.train.inference import iter_predictions
     from ppvit.train.runs import adapter_dir
 
     key = Key.load(args.key) if args.key else None
-    for f, cls, prob in predict_files(adapter_dir(args.adapter), args.images, key, args.encrypted, args.weights):
-        print(f"{f}\t{cls}\t{prob:.3f}")
+    found = iter_predictions(adapter_dir(args.adapter), args.images, key, args.encrypted, args.weights, args.batch_size)
+    for f, cls, prob in found:
+        print(f"{f}\t{cls}\t{prob:.3f}", flush=True)
 
 
 def add_predict(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("predict", help="classify image files with a trained adapter")
     p.add_argument("adapter", help="run folder or adapter folder")
-    p.add_argument("images", nargs="+", help="image files")
+    p.add_argument("images", nargs="+", help="image files or folders (their image files, sorted)")
     p.add_argument("--key", help="key file: plain images are resized and encrypted with it first")
     p.add_argument("--encrypted", action="store_true", help="the images are encrypted already (`ppvit encrypt`)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (memory: one batch)")
     p.add_argument("--weights", help="the base weights file, if the adapter was trained on one")
     p.set_defaults(func=_predict)

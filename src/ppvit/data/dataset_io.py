@@ -42,7 +42,7 @@ from ppvit import __version__
 from ppvit._io import _naming, atomic_write, atomic_write_bytes, commit_temp, remove_stale_temps
 from ppvit.crypto.ciphers import BlockCipher
 from ppvit.crypto.keys import Key
-from ppvit.data.images import resize_array
+from ppvit.data.images import IMAGE_SUFFIXES, resize_array
 from ppvit.data.manifest import (
     FORMATS,
     MANIFEST_NAME,
@@ -57,7 +57,6 @@ from ppvit.data.manifest import (
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".tif", ".tiff", ".webp", ".gif")
 LOSSY_SUFFIXES = (".jpg", ".jpeg", ".webp")
 
 

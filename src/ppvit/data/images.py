@@ -16,6 +16,7 @@ photo brought down to 112 or 224 pixels; CIFAR-10 at 32 pixels only grows, unaff
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -23,6 +24,8 @@ import numpy as np
 
 if TYPE_CHECKING:
     import torch
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".tif", ".tiff", ".webp", ".gif")
 
 
 def resize(images: torch.Tensor, size: int) -> torch.Tensor:
@@ -43,7 +46,7 @@ def resize_array(image: np.ndarray, size: int) -> np.ndarray:
         return image
     import torch
 
-    x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None]
+    x = torch.from_numpy(np.array(image)).permute(2, 0, 1)[None]  # a copy: decoded arrays are read-only
     return resize(x, size)[0].permute(1, 2, 0).numpy()
 
 
@@ -53,8 +56,6 @@ def read_image(path: str | os.PathLike, size: int, resize: bool = True) -> np.nd
 
     try:
         item = decode(str(path), Path(path).read_bytes())
-    except IsADirectoryError:
-        raise ValueError(f"image {path}: is a folder; give image files") from None
     except OSError as exc:
         raise ValueError(f"image {path}: cannot be read ({exc.strerror})") from None
     if item.error:
@@ -63,3 +64,21 @@ def read_image(path: str | os.PathLike, size: int, resize: bool = True) -> np.nd
     if image.shape[:2] != (size, size) and not resize:
         raise ValueError(f"image {path}: is {image.shape[1]}x{image.shape[0]}, the model takes {size}x{size}")
     return resize_array(image, size).copy()
+
+
+def image_files(paths: Iterable[str | os.PathLike]) -> Iterator[str]:
+    """Files as given; a folder as the image files under it, sorted (hidden ones skipped)."""
+    for path in map(Path, paths):
+        if not path.is_dir():
+            yield str(path)
+            continue
+        found = sorted(
+            p
+            for p in path.rglob("*")
+            if p.suffix.lower() in IMAGE_SUFFIXES
+            and p.is_file()
+            and not any(part.startswith(".") for part in p.relative_to(path).parts)
+        )
+        if not found:
+            raise ValueError(f"folder {path}: no image files ({', '.join(IMAGE_SUFFIXES)})")
+        yield from map(str, found)

@@ -8,6 +8,7 @@ is (checked against the manifest), and anything else is refused.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -16,7 +17,7 @@ from accelerate import Accelerator
 from ppvit.crypto.ciphers import BlockCipher
 from ppvit.crypto.keys import Key
 from ppvit.data.datasets import ArrayDataset, load_test_split
-from ppvit.data.images import read_image
+from ppvit.data.images import image_files, read_image
 from ppvit.data.pipeline import BatchPipeline, eval_batches
 from ppvit.data.streaming import ShardStream
 from ppvit.models.adapters import AdapterMeta, load_adapter
@@ -81,19 +82,45 @@ def evaluate_adapter(
     return evaluate(model, test, pipeline, batch_size, make_accelerator())
 
 
-@torch.no_grad()
+def iter_predictions(
+    adapter_dir: str | os.PathLike,
+    files: Iterable[str | os.PathLike],
+    key: Key | None = None,
+    encrypted: bool = False,
+    weights: str | os.PathLike | None = None,
+    batch_size: int = 64,
+) -> Iterator[tuple[str, str, float]]:
+    """(file, predicted class, probability) per image file, batch by batch: memory is one batch, not every file.
+
+    Plain files are resized (:func:`ppvit.data.images.resize`) then encrypted with ``key``;
+    ``encrypted`` files must be ciphertext of the model's input size already. A folder
+    stands for the image files under it.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch size must be at least 1, got {batch_size}")
+    model, meta = load_adapter(adapter_dir, weights)
+    pipeline = adapter_pipeline(meta, model, key, encrypted)
+    size = input_size(model)
+    classes = meta.classes or [str(i) for i in range(meta.num_classes)]
+    model.eval()
+    batch: list[str] = []
+    for path in [*image_files(files), None]:  # None: flush the last batch
+        if path is not None:
+            batch.append(path)
+        if batch and (path is None or len(batch) == batch_size):
+            x = torch.stack([torch.from_numpy(read_image(f, size, resize=not encrypted)) for f in batch])
+            with torch.inference_mode():
+                probs = model(pipeline(x, train=False)).softmax(-1)
+            yield from ((f, classes[int(p.argmax())], float(p.max())) for f, p in zip(batch, probs, strict=True))
+            batch = []
+
+
 def predict_files(
     adapter_dir: str | os.PathLike,
-    files: list[str],
+    files: Iterable[str | os.PathLike],
     key: Key | None = None,
     encrypted: bool = False,
     weights: str | os.PathLike | None = None,
 ) -> list[tuple[str, str, float]]:
-    """(file, predicted class, probability) per image file; plain files are resized then encrypted."""
-    model, meta = load_adapter(adapter_dir, weights)
-    pipeline = adapter_pipeline(meta, model, key, encrypted)
-    size = input_size(model)
-    arrays = [torch.from_numpy(read_image(f, size, resize=not encrypted)) for f in files]
-    probs = model.eval()(pipeline(torch.stack(arrays), train=False)).softmax(-1)
-    classes = meta.classes or [str(i) for i in range(meta.num_classes)]
-    return [(f, classes[int(p.argmax())], float(p.max())) for f, p in zip(files, probs, strict=True)]
+    """Every prediction of :func:`iter_predictions` as a list."""
+    return list(iter_predictions(adapter_dir, files, key, encrypted, weights))

@@ -405,6 +405,7 @@ def end_epoch(s: Session, epoch: int, sums: dict[str, float]) -> None:
         write_metrics(s.out, s.state.history)
     if s.cfg.run.report_to != "none":
         acc.log({k: v for k, v in row.items() if k != "epoch"}, step=epoch + 1)
+    if s.main:  # every run, tracker or not
         log.info(
             "epoch %d: train loss %.4f acc %.4f | val loss %.4f acc %.4f | %.0f img/s",
             *(row[k] for k in ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "images_per_s")),
