@@ -11,14 +11,27 @@ from ppvit.experiments.preview import PREVIEW_SCHEMES
 
 
 def _keygen(args: argparse.Namespace) -> None:
-    key = Key.generate()
+    pin = None
+    given = [args.scheme, args.block_size, args.size]
+    if any(v is not None for v in given):
+        if None in given:
+            raise ValueError("keygen: pin a geometry with all three of --scheme, --block-size and --size")
+        from ppvit.crypto.ciphers import Scheme
+        from ppvit.crypto.keys import Geometry
+
+        pin = Geometry(str(Scheme.parse(args.scheme)), args.block_size, args.size)
+    key = Key.generate(pin)
     key.save(args.out)
-    print(f"wrote key {args.out} (fingerprint {key.fingerprint}, mode 0600)")
+    pinned = "" if pin is None else f", pinned to {pin.scheme} blocks of {pin.block_size} on {pin.input_size}"
+    print(f"wrote key {args.out} (fingerprint {key.fingerprint}{pinned}, mode 0600)")
 
 
 def add_keygen(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("keygen", help="write a new secret key file (mode 0600)")
     p.add_argument("out", help="key file to create; an existing file is never overwritten")
+    p.add_argument("--scheme", help="pin the scheme this key encrypts with (with --block-size and --size)")
+    p.add_argument("--block-size", type=int, help="pin the block size (a client refuses a server stating another)")
+    p.add_argument("--size", type=int, help="pin the input size the images are encrypted at")
     p.set_defaults(func=_keygen)
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from ppvit._io import atomic_write_bytes
 from ppvit.crypto.keys import Key
+from ppvit.serve.defaults import KEEP_VERSIONS, MAX_CLASSES
 
 
 def _serve(args: argparse.Namespace) -> None:
@@ -29,15 +30,27 @@ def _serve(args: argparse.Namespace) -> None:
             max_body_bytes=args.max_body_mb << 20,
             cache_bytes=args.cache_mb << 20,
             device=args.device,
+            max_connections=args.max_connections,
+            header_timeout_s=args.header_timeout,
+            body_timeout_s=args.body_timeout,
+            body_budget_bytes=max(args.body_budget_mb, args.max_body_mb) << 20,
+            tenant_requests=args.tenant_requests,
+            metrics=args.metrics,
+            docs=args.docs,
         )
-        print(f"ppvit serve: {args.root} on http://{args.host}:{args.port}", file=sys.stderr)
-        serve(cfg, args.host, args.port)
+        scheme = "https" if args.ssl_certfile else "http"
+        print(f"ppvit serve: {args.root} on {scheme}://{args.host}:{args.port}", file=sys.stderr)
+        serve(cfg, args.host, args.port, args.ssl_certfile, args.ssl_keyfile)
     elif args.action == "add-tenant":
-        token = TenantStore(args.dir).add(args.name, args.adapter, args.weights)
+        token = TenantStore(args.dir).add(args.name, args.adapter, args.weights, max_classes=args.max_classes)
         _hand_over(token, args.token_file, args.name)
     elif args.action == "set-adapter":
-        version = TenantStore(args.dir, create=False).set_adapter(args.name, args.adapter, args.weights)
+        store = TenantStore(args.dir, create=False)
+        version = store.set_adapter(args.name, args.adapter, args.weights, keep=args.keep, max_classes=args.max_classes)
         print(f"tenant {args.name}: adapter version {version} (requests in flight finish on the previous one)")
+    elif args.action == "rotate-token":
+        token = TenantStore(args.dir, create=False).rotate_token(args.name)
+        _hand_over(token, args.token_file, args.name, "has a new token (the old one no longer works)")
     elif args.action == "remove-tenant":
         TenantStore(args.dir, create=False).remove(args.name)
         print(f"tenant {args.name}: removed")
@@ -46,15 +59,15 @@ def _serve(args: argparse.Namespace) -> None:
             print(f"{t.tenant}\tversion {t.version}\t{t.folder}")
 
 
-def _hand_over(token: str, token_file: str | None, name: str) -> None:
+def _hand_over(token: str, token_file: str | None, name: str, what: str = "added") -> None:
     """Show the token once, or write it to a new 0600 file (never over an existing one)."""
     if token_file is None:
-        print(f"tenant {name} added. Its API token (shown once, only its hash is kept):\n{token}")
+        print(f"tenant {name} {what}. Its API token (shown once, only its hash is kept):\n{token}")
         return
     if os.path.lexists(token_file):
         raise ValueError(f"token file {token_file}: exists; choose a new name")
     atomic_write_bytes(token_file, (token + "\n").encode(), mode=0o600)
-    print(f"tenant {name} added; token written to {token_file} (mode 0600)")
+    print(f"tenant {name} {what}; token written to {token_file} (mode 0600)")
 
 
 def add_serve(sub: argparse._SubParsersAction) -> None:
@@ -70,6 +83,17 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-body-mb", type=int, default=32, help="largest request body in MiB (default 32)")
     p.add_argument("--cache-mb", type=int, default=1024, help="adapter memory budget in MiB, LRU (default 1024)")
     p.add_argument("--device", default="cpu", help="torch device of the backbones and adapters (default cpu)")
+    p.add_argument("--max-connections", type=int, default=1000, help="open connections; more are closed (1000)")
+    p.add_argument("--header-timeout", type=float, default=10.0, help="seconds to send a request's headers (10)")
+    p.add_argument("--body-timeout", type=float, default=30.0, help="seconds to send a request's body (30)")
+    p.add_argument(
+        "--body-budget-mb", type=int, default=256, help="request bodies held in memory at once, MiB (256; 503 beyond)"
+    )
+    p.add_argument("--tenant-requests", type=int, default=8, help="a tenant's predict requests in flight (8; 429)")
+    p.add_argument("--metrics", action="store_true", help="serve GET /metrics (every tenant's traffic; bind privately)")
+    p.add_argument("--docs", action="store_true", help="serve /docs and /openapi.json")
+    p.add_argument("--ssl-certfile", help="TLS certificate (PEM) for HTTPS; or put a TLS reverse proxy in front")
+    p.add_argument("--ssl-keyfile", help="TLS private key (PEM), with --ssl-certfile")
     actions = p.add_subparsers(dest="action", metavar="ACTION")
     for name, text in (
         ("add-tenant", "register a tenant with a run's adapter; prints its token once"),
@@ -80,9 +104,23 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
         a.add_argument("name", help="tenant name")
         a.add_argument("--adapter", required=True, help="run folder or adapter folder (lora-pe, melo or linear)")
         a.add_argument("--weights", help="base weights file (default: the one the run's config.yaml names)")
+        a.add_argument(
+            "--max-classes", type=int, default=MAX_CLASSES, help=f"largest head accepted (default {MAX_CLASSES})"
+        )
         if name == "add-tenant":
             a.add_argument("--token-file", help="write the token to this new file (0600) instead of printing it")
-    a = actions.add_parser("remove-tenant", help="remove a tenant and its adapters")
+        else:
+            a.add_argument(
+                "--keep",
+                type=int,
+                default=KEEP_VERSIONS,
+                help=f"adapter versions kept, the new one included; older ones are deleted (default {KEEP_VERSIONS})",
+            )
+    a = actions.add_parser("rotate-token", help="give a tenant a new API token; the old one stops working")
+    a.add_argument("dir")
+    a.add_argument("name")
+    a.add_argument("--token-file", help="write the token to this new file (0600) instead of printing it")
+    a = actions.add_parser("remove-tenant", help="remove a tenant, its token and every adapter version")
     a.add_argument("dir")
     a.add_argument("name")
     a = actions.add_parser("list-tenants", help="tenants and their adapter versions")
@@ -98,7 +136,7 @@ def _client(args: argparse.Namespace) -> None:
     except OSError as exc:
         raise ValueError(f"token file {args.token_file}: cannot be read ({exc.strerror})") from None
     key = Key.load(args.key) if args.key else None
-    with Client(args.server, token, scheme=args.scheme) as client:
+    with Client(args.server, token, scheme=args.scheme, block_size=args.block_size, input_size=args.size) as client:
         for f, p in zip(args.images, client.predict(args.images, key, plain=args.plain), strict=True):
             print(f"{f}\t{p.label}\t{p.probability:.3f}")
 
@@ -113,4 +151,6 @@ def add_client(sub: argparse._SubParsersAction) -> None:
     a.add_argument("--key", help="the key file the adapter was trained with (stays here)")
     a.add_argument("--plain", action="store_true", help="send plain images (only to an adapter trained on them)")
     a.add_argument("--scheme", help="the scheme you trained with: refuse a server that reports another")
+    a.add_argument("--block-size", type=int, help="the block size you trained with: refuse a server reporting another")
+    a.add_argument("--size", type=int, help="the input size you trained with: refuse a server reporting another")
     p.set_defaults(func=_client)

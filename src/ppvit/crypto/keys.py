@@ -15,6 +15,12 @@ whose algorithms may change between releases. The derivation, version 1, is:
 
 Golden vectors in the tests lock this in: a dataset encrypted today decrypts with every
 later version of ppvit.
+
+A key may pin the geometry it encrypts with (:class:`Geometry`: scheme, block size, input
+side), written in its key file. The pin changes no derived permutation, only the fingerprint,
+which then binds the geometry too: a client holding the key refuses a server that states other
+settings (a block size of 1 would leave each pixel's colour in place). Keys without a pin
+keep the fingerprint they always had.
 """
 
 from __future__ import annotations
@@ -41,10 +47,30 @@ class KeyFileError(ValueError):
 
 
 @dataclass(frozen=True)
+class Geometry:
+    """The settings a key encrypts with: the scheme (as ``str(Scheme)`` writes it), block size, input side."""
+
+    scheme: str
+    block_size: int
+    input_size: int
+
+    def __post_init__(self) -> None:
+        ints = (self.block_size, self.input_size)
+        if not isinstance(self.scheme, str) or not all(type(n) is int and n > 0 for n in ints):
+            raise ValueError(f"a pinned geometry is a scheme and two positive integers, not {self}")
+        if self.input_size % self.block_size:
+            raise ValueError(f"input size {self.input_size} is not a multiple of block size {self.block_size}")
+
+    def label(self) -> bytes:
+        return f"scheme={self.scheme};block={self.block_size};size={self.input_size}".encode()
+
+
+@dataclass(frozen=True)
 class Key:
-    """A 256-bit secret. Its ``repr`` and its logs show only the fingerprint."""
+    """A 256-bit secret and the geometry it is pinned to, if any; ``repr`` and logs show only the fingerprint."""
 
     secret: bytes = field(repr=False)
+    pin: Geometry | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.secret, bytes) or len(self.secret) != SECRET_BYTES:
@@ -54,14 +80,15 @@ class Key:
         return f"Key(fingerprint={self.fingerprint!r})"
 
     @classmethod
-    def generate(cls) -> Key:
+    def generate(cls, pin: Geometry | None = None) -> Key:
         """A fresh key from the operating system's CSPRNG (``secrets``)."""
-        return cls(secrets.token_bytes(SECRET_BYTES))
+        return cls(secrets.token_bytes(SECRET_BYTES), pin)
 
     @property
     def fingerprint(self) -> str:
-        """16 hex digits identifying the key; a keyed hash, so it reveals nothing of it."""
-        return hmac.new(self.secret, b"ppvit/v1/fingerprint", hashlib.sha256).hexdigest()[:16]
+        """16 hex digits identifying the key (and its pinned geometry); a keyed hash, so it reveals nothing of it."""
+        label = b"ppvit/v1/fingerprint" + (b"" if self.pin is None else b"/" + self.pin.label())
+        return hmac.new(self.secret, label, hashlib.sha256).hexdigest()[:16]
 
     # -- derivation ---------------------------------------------------------------------
 
@@ -89,6 +116,12 @@ class Key:
             "fingerprint": self.fingerprint,
             "secret": self.secret.hex(),
         }
+        if self.pin is not None:
+            doc["pin"] = {
+                "scheme": self.pin.scheme,
+                "block_size": self.pin.block_size,
+                "input_size": self.pin.input_size,
+            }
         data = (json.dumps(doc, indent=2) + "\n").encode()
         tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -137,7 +170,11 @@ class Key:
             secret = b""
         if len(secret) != SECRET_BYTES:
             raise bad(f"damaged: the secret is not {SECRET_BYTES} bytes of hex")
-        key = cls(secret)
+        pin = doc.get("pin")
+        try:
+            key = cls(secret, None if pin is None else Geometry(**pin))
+        except (TypeError, ValueError):
+            raise bad("damaged: the pinned geometry is not a scheme, a block size and an input size") from None
         if doc.get("fingerprint") != key.fingerprint:
             raise bad("damaged: the stored fingerprint does not match the secret")
         return key

@@ -9,8 +9,14 @@ loaded fails its tenant's requests with 503 and nobody else's.
 
 HTTP API: ``POST /v1/predict`` (body: one PNG, ``application/x-npy`` uint8 array(s) of
 shape (H, W, 3) or (N, H, W, 3), or JSON ``{"images": [base64 PNG, ...]}``), ``GET /v1/adapter``
-(the tenant's own settings), ``GET /healthz``, ``GET /metrics`` (Prometheus). Every error is
-a status code with one-line JSON ``{"error": ...}``.
+(the tenant's own settings), ``GET /healthz``; ``GET /metrics`` (Prometheus) and ``/docs``,
+``/openapi.json`` only when asked for (``metrics``, ``docs``). Every error is a status code
+with one-line JSON ``{"error": ...}``.
+
+Limits, so that no client holds more than its share: a connection cap and a deadline for a
+request's headers (:func:`guarded_protocol`) and for its body, a budget of body bytes held in
+memory at once, a cap on each tenant's requests in flight (429), and a batcher that takes the
+tenants' queues in turn (one tenant's deep queue does not delay another's one request).
 """
 
 from __future__ import annotations
@@ -19,11 +25,14 @@ import asyncio
 import base64
 import binascii
 import io
+import ipaddress
 import json
 import logging
+import os
+import shutil
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -40,13 +49,17 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
-from ppvit.models.adapters import WEIGHTS_NAME, AdapterMeta, build_base, read_adapter_meta
+from ppvit.models.adapters import WEIGHTS_NAME, AdapterMeta, build_base, file_sha256, read_adapter_meta
 from ppvit.models.backbones import normalization
 from ppvit.serve.routing import RoutedAdapter, RoutedViT, routed_adapter
-from ppvit.serve.tenants import TenantAdapter, TenantStore
+from ppvit.serve.tenants import TenantAdapter, TenantStore, check_meta
 
 log = logging.getLogger(__name__)
+access_log = logging.getLogger("ppvit.serve.access")
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+NPY_HEADER_LIMIT = 1024  # bytes of a .npy header; a real one is under 128
 
 
 @dataclass
@@ -60,11 +73,21 @@ class ServeConfig:
     max_body_bytes: int = 32 << 20
     cache_bytes: int = 1 << 30  # adapter tensors kept resident (LRU beyond it)
     device: str = "cpu"
+    max_connections: int = 1000  # open connections; more are closed at once
+    header_timeout_s: float = 10.0  # from a request's first byte (or the connection's opening) to its last header
+    body_timeout_s: float = 30.0  # to receive a whole body
+    body_budget_bytes: int = 256 << 20  # request bodies held in memory at once, all tenants (503 beyond)
+    tenant_requests: int = 8  # one tenant's predict requests in flight (429 beyond)
+    min_free_bytes: int = 64 << 20  # free space on the store's disk under which /healthz says degraded
+    metrics: bool = False  # serve GET /metrics (it shows every tenant's traffic: bind it privately)
+    docs: bool = False  # serve /docs and /openapi.json
 
     def __post_init__(self) -> None:
         self.root = Path(self.root)
         if self.max_images > self.max_batch:
             raise ValueError(f"max images per request ({self.max_images}) exceeds the batch ({self.max_batch})")
+        if self.body_budget_bytes < self.max_body_bytes:
+            raise ValueError(f"the body budget ({self.body_budget_bytes}) is under one body ({self.max_body_bytes})")
 
 
 class HTTPError(Exception):
@@ -100,9 +123,12 @@ class Base:
     std: torch.Tensor
 
 
-def base_identity(meta: AdapterMeta) -> str:
-    """Adapters with the same identity share one backbone (a random-init base depends on its head size too)."""
-    ident = [meta.model, meta.weights_sha256, meta.pretrained, meta.init_seed, sorted(meta.model_kwargs.items())]
+def base_identity(meta: AdapterMeta, weights_sha256: str | None) -> str:
+    """Adapters with the same identity share one backbone: the weights file's own hash (a file may
+    stand in for timm's download, which the adapter does not record), and for a random-init base
+    its head size too."""
+    weights = weights_sha256 or meta.weights_sha256
+    ident = [meta.model, weights, meta.pretrained, meta.init_seed, sorted(meta.model_kwargs.items())]
     if meta.init_seed is not None:
         ident.append(meta.num_classes)
     return json.dumps(ident)
@@ -123,6 +149,7 @@ class AdapterCache:
         self.lock = threading.Lock()  # the dictionaries and the byte count
         self._loading: dict[tuple[int, int], threading.Lock] = {}
         self._base_lock = threading.Lock()
+        self._digests: dict[tuple[str, int, int], str] = {}  # weights files hashed, by path, size and mtime
 
     def get(self, tenant: TenantAdapter) -> Served:
         key = tenant.cache_key
@@ -147,6 +174,7 @@ class AdapterCache:
     def _load(self, tenant: TenantAdapter) -> Served:
         try:
             meta = read_adapter_meta(tenant.folder)
+            check_meta(meta, tenant.folder)
             base = self._base(meta, tenant)
             tensors = load_file(str(tenant.folder / WEIGHTS_NAME))
             adapter = routed_adapter(meta, tensors, base.routed.base).to(self.device)
@@ -157,9 +185,18 @@ class AdapterCache:
             ) from None
         return Served(tenant, adapter, base)
 
+    def _digest(self, path: Path | None) -> str | None:
+        if path is None:
+            return None
+        st = path.stat()
+        key = (str(path), st.st_size, st.st_mtime_ns)
+        if key not in self._digests:
+            self._digests[key] = file_sha256(path)
+        return self._digests[key]
+
     def _base(self, meta: AdapterMeta, tenant: TenantAdapter) -> Base:
-        ident = base_identity(meta)
         with self._base_lock:
+            ident = base_identity(meta, self._digest(tenant.weights))
             if ident not in self.bases:
                 model = build_base(meta, tenant.weights).to(self.device)
                 mean, std = normalization(model)
@@ -183,36 +220,37 @@ class Job:
 
 
 class Batcher:
-    """Collects jobs for ``window`` seconds (or ``max_batch`` images) and runs one routed forward per base."""
+    """Collects jobs for ``window`` seconds (or ``max_batch`` images) and runs one routed forward per base.
+
+    Each tenant has its own queue and a batch takes one job from each in turn (round-robin), the
+    tenants served last time going to the back: a tenant that queues many large requests gets
+    no more turns than one that queues a single request.
+    """
 
     def __init__(self, window: float, max_batch: int, metrics: Metrics) -> None:
         self.window, self.max_batch, self.metrics = window, max_batch, metrics
-        self.queue: asyncio.Queue[Job | None] = asyncio.Queue()  # None: stop
+        self.queues: OrderedDict[int, deque[Job]] = OrderedDict()  # by tenant id
+        self.queued = 0  # images waiting
+        self.arrived = asyncio.Event()
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="ppvit-forward")
         self.closing = False
-        self._carry: Job | None = None
         self._task: asyncio.Task | None = None
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run())
 
     async def stop(self) -> None:
-        """Refuse new jobs, answer every job already taken or queued, then stop the loop."""
+        """Refuse new jobs, answer every job already queued, then stop the loop."""
         self.closing = True
-        await self.queue.put(None)  # the loop stops when it meets this, after what came before it
+        self.arrived.set()
         if self._task is not None:
             await asyncio.wait({self._task}, timeout=60)
             self._task.cancel()
-        for job in [self._carry, *self._drain()]:  # only if the loop died: never left unanswered
-            if job is not None and not job.future.done():
-                job.future.set_exception(HTTPError(503, "the server is shutting down"))
+        for queue in self.queues.values():  # only if the loop died: never left unanswered
+            for job in queue:
+                if not job.future.done():
+                    job.future.set_exception(HTTPError(503, "the server is shutting down"))
         self.executor.shutdown(wait=False)
-
-    def _drain(self) -> list[Job | None]:
-        jobs = []
-        while not self.queue.empty():
-            jobs.append(self.queue.get_nowait())
-        return jobs
 
     @property
     def alive(self) -> bool:
@@ -222,38 +260,52 @@ class Batcher:
         if self.closing or not self.alive:
             raise HTTPError(503, "the server is shutting down")
         future = asyncio.get_running_loop().create_future()
-        await self.queue.put(Job(served, images, future))
+        self.queues.setdefault(served.tenant.tenant_id, deque()).append(Job(served, images, future))
+        self.queued += len(images)
+        self.arrived.set()
         return await future
 
-    async def _next(self, timeout: float | None) -> Job | None:
-        if self._carry is not None:
-            job, self._carry = self._carry, None
-            return job
-        if timeout is None:
-            return await self.queue.get()
+    def take(self) -> list[Job]:
+        """Up to ``max_batch`` images, one job per tenant per turn; jobs whose client left are dropped."""
+        batch, count, progress = [], 0, True
+        while progress and count < self.max_batch:
+            progress = False
+            for tenant in list(self.queues):
+                queue = self.queues[tenant]
+                while queue and queue[0].future.done():  # cancelled: nobody to answer
+                    self.queued -= len(queue.popleft().images)
+                if queue and count + len(queue[0].images) <= self.max_batch:
+                    job = queue.popleft()
+                    self.queued -= len(job.images)
+                    batch.append(job)
+                    count += len(job.images)
+                    progress = True
+                    self.queues.move_to_end(tenant)
+                if not queue:
+                    del self.queues[tenant]
+        return batch
+
+    async def _wait(self, timeout: float | None) -> bool:
+        """Until a job arrives (True) or ``timeout`` passes (False)."""
+        self.arrived.clear()
         try:
-            return await asyncio.wait_for(self.queue.get(), max(timeout, 0))
+            await asyncio.wait_for(self.arrived.wait(), timeout)
         except TimeoutError:
-            return None
+            return False
+        return True
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
-        stopping = False
-        while not stopping:
-            first = await self._next(None)
-            if first is None:
-                return
-            batch, count, deadline = [first], len(first.images), loop.time() + self.window
-            while count < self.max_batch:
-                job = await self._next(deadline - loop.time())
-                if job is None:
-                    stopping = self.closing and self.queue.empty() and self._carry is None
+        while True:
+            while not self.queues:
+                if self.closing:
+                    return
+                await self._wait(None)
+            deadline = loop.time() + self.window
+            while self.queued < self.max_batch and not self.closing and deadline > loop.time():
+                if not await self._wait(deadline - loop.time()):
                     break
-                if count + len(job.images) > self.max_batch:
-                    self._carry = job
-                    break
-                batch.append(job)
-                count += len(job.images)
+            batch = self.take()
             by_base: dict[int, list[Job]] = {}
             for job in batch:
                 by_base.setdefault(id(job.served.base), []).append(job)
@@ -341,11 +393,11 @@ def decode_images(body: bytes, content_type: str, expected: Expected) -> np.ndar
     if kind == "application/x-npy":
         images = _npy(body, expected)
     elif kind == "application/json":
-        try:
+        try:  # ValueError: a number over Python's digit limit; RecursionError: nesting too deep
             items = json.loads(body)["images"]
             if not isinstance(items, list):
                 raise TypeError
-        except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
+        except (ValueError, KeyError, TypeError, RecursionError):
             raise HTTPError(400, 'JSON body must be {"images": [base64 PNG, ...]}') from None
         if len(items) > expected.max_images:
             raise HTTPError(413, f"{len(items)} images in one request; the limit is {expected.max_images}")
@@ -354,7 +406,7 @@ def decode_images(body: bytes, content_type: str, expected: Expected) -> np.ndar
         except (binascii.Error, TypeError, ValueError):
             raise HTTPError(400, "JSON images must be base64 strings") from None
         images = np.stack([_png(b, i, expected) for i, b in enumerate(blobs)]) if blobs else None
-    elif kind.startswith("image/"):
+    elif kind == "image/png":
         images = _png(body, 0, expected)[None]
     else:
         raise HTTPError(415, f"content type {kind or 'missing'}: send image/png, application/x-npy or application/json")
@@ -368,12 +420,12 @@ def _npy(body: bytes, expected: Expected) -> np.ndarray:
     try:
         version = np.lib.format.read_magic(buf)
         read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-        shape, fortran, dtype = read(buf)
-    except (ValueError, OSError, EOFError, SyntaxError):
+        shape, fortran, dtype = read(buf, max_header_size=NPY_HEADER_LIMIT)
+    except (ValueError, OSError, EOFError, SyntaxError, RecursionError, MemoryError):
         raise HTTPError(400, "body is not a .npy array") from None
     if dtype != np.uint8:
         raise HTTPError(422, f"array dtype is {dtype}; send uint8 ciphertext")
-    if len(shape) not in (3, 4):
+    if len(shape) not in (3, 4) or any(type(n) is not int or n < 0 for n in shape):
         raise HTTPError(422, f"array shape {shape}: expected (H, W, C) or (N, H, W, C)")
     shape4 = shape if len(shape) == 4 else (1, *shape)
     expected.check(*shape4)
@@ -384,12 +436,15 @@ def _npy(body: bytes, expected: Expected) -> np.ndarray:
 
 
 def _png(data: bytes, i: int, expected: Expected) -> np.ndarray:
-    try:
-        with Image.open(io.BytesIO(data)) as im:
+    """One PNG, and only a PNG: no other PIL decoder is reached."""
+    if not data.startswith(PNG_SIGNATURE):
+        raise HTTPError(415, f"image {i} is not a PNG (the API takes PNG images only)")
+    try:  # ValueError: a text or ICC chunk that inflates past PIL's limits
+        with Image.open(io.BytesIO(data), formats=["PNG"]) as im:
             expected.check(1, im.height, im.width, len(im.getbands()))
             im.load()
             arr = np.asarray(im)
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError, SyntaxError):
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError, SyntaxError, ValueError):
         raise HTTPError(400, f"image {i} is not a readable image") from None
     return arr[..., None] if arr.ndim == 2 else arr
 
@@ -419,7 +474,8 @@ def adapter_info(served: Served, max_images: int) -> dict[str, Any]:
 
 
 def _one_line_errors(app: FastAPI, metrics: Metrics) -> None:
-    """Every answer that is not 200, ours or the framework's, as one line of JSON; requests counted by route."""
+    """Every answer that is not 200, ours or the framework's, as one line of JSON; requests counted
+    by route and written to the access log (never the token)."""
 
     @app.exception_handler(HTTPError)
     async def _error(request: Request, exc: HTTPError) -> JSONResponse:
@@ -438,6 +494,7 @@ def _one_line_errors(app: FastAPI, metrics: Metrics) -> None:
 
     @app.middleware("http")
     async def _count(request: Request, call_next):
+        t0 = time.perf_counter()
         try:
             response = await call_next(request)
         except Exception:  # anything unforeseen: one line of JSON, the details in the server log
@@ -445,7 +502,44 @@ def _one_line_errors(app: FastAPI, metrics: Metrics) -> None:
             response = JSONResponse({"error": "internal error (see the server log)"}, status_code=500)
         route = request.scope.get("route")
         metrics.requests.labels(getattr(route, "path", "other"), str(response.status_code)).inc()
+        client = request.client.host if request.client else "-"
+        tenant = getattr(request.state, "tenant", "-")
+        access_log.info(
+            "%s %s %s %d %.1f ms tenant=%s",
+            client,
+            request.method,
+            request.url.path,
+            response.status_code,
+            (time.perf_counter() - t0) * 1000,
+            tenant,
+        )
         return response
+
+
+class Limits:
+    """What the server holds for its clients at once: body bytes in memory (all tenants) and each
+    tenant's predict requests in flight. Used from the event loop only: no lock."""
+
+    def __init__(self, body_budget: int, per_tenant: int) -> None:
+        self.body_budget, self.per_tenant = body_budget, per_tenant
+        self.body_bytes = 0
+        self.in_flight: dict[int, int] = {}
+
+    def enter(self, tenant: TenantAdapter) -> None:
+        n = self.in_flight.get(tenant.tenant_id, 0)
+        if n >= self.per_tenant:
+            raise HTTPError(429, f"tenant {tenant.tenant}: {n} requests in flight; the limit is {self.per_tenant}")
+        self.in_flight[tenant.tenant_id] = n + 1
+
+    def leave(self, tenant: TenantAdapter) -> None:
+        n = self.in_flight.pop(tenant.tenant_id) - 1
+        if n:
+            self.in_flight[tenant.tenant_id] = n
+
+    def reserve(self, nbytes: int) -> None:
+        if self.body_bytes + nbytes > self.body_budget:
+            raise HTTPError(503, "the server holds as many request bodies as it takes; retry shortly")
+        self.body_bytes += nbytes
 
 
 def create_app(cfg: ServeConfig) -> FastAPI:
@@ -453,6 +547,7 @@ def create_app(cfg: ServeConfig) -> FastAPI:
     store = TenantStore(cfg.root)
     cache = AdapterCache(cfg.cache_bytes, cfg.device)
     metrics = Metrics()
+    limits = Limits(cfg.body_budget_bytes, cfg.tenant_requests)
     state: dict[str, Batcher] = {}
 
     @asynccontextmanager
@@ -462,18 +557,28 @@ def create_app(cfg: ServeConfig) -> FastAPI:
         state["batcher"] = batcher
         yield
         await batcher.stop()
+        store.close()
 
-    app = FastAPI(title="ppvit", lifespan=lifespan)
+    docs = {} if cfg.docs else {"docs_url": None, "redoc_url": None, "openapi_url": None}
+    app = FastAPI(title="ppvit", lifespan=lifespan, **docs)
 
     _one_line_errors(app, metrics)
 
     async def resolve(request: Request) -> Served:
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        values = request.headers.getlist("authorization")
+        if len(values) > 1:
+            raise HTTPError(400, "more than one Authorization header")
+        scheme, _, token = (values[0] if values else "").partition(" ")
         if scheme.lower() != "bearer" or not token:
             raise HTTPError(401, "missing bearer token")
-        tenant = await asyncio.to_thread(store.by_token, token.strip())
+        try:
+            tenant = await asyncio.to_thread(store.by_token, token.strip())
+        except ValueError as exc:
+            log.error("tenant registry: %s", exc)
+            raise HTTPError(503, "the tenant registry cannot be read (see the server log)") from None
         if tenant is None:
             raise HTTPError(401, "unknown token")
+        request.state.tenant = tenant.tenant
         served = await asyncio.to_thread(cache.get, tenant)
         with cache.lock:
             metrics.resident.set(len(cache.adapters))
@@ -485,58 +590,192 @@ def create_app(cfg: ServeConfig) -> FastAPI:
         batcher = state.get("batcher")
         if batcher is None or not batcher.alive:
             return JSONResponse({"status": "batcher stopped"}, status_code=503)
-        return {"status": "ok", "adapters_resident": len(cache.adapters), "bases": len(cache.bases)}
+        free = shutil.disk_usage(cfg.root).free
+        problems = [] if free >= cfg.min_free_bytes else [f"store disk: {free} bytes free, registration will fail"]
+        return {
+            "status": "degraded" if problems else "ok",
+            "problems": problems,
+            "adapters_resident": len(cache.adapters),
+            "bases": len(cache.bases),
+        }
 
-    @app.get("/metrics")
-    async def prometheus() -> Response:
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    if cfg.metrics:
+
+        @app.get("/metrics")
+        async def prometheus() -> Response:
+            return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/adapter")
     async def adapter(request: Request) -> dict[str, Any]:
         return adapter_info(await resolve(request), cfg.max_images)
 
     @app.post("/v1/predict")
-    async def predict(request: Request, logits: bool = False) -> dict[str, Any]:
+    async def predict(request: Request, logits: bool = False) -> Response:
         t0 = time.perf_counter()
         served = await resolve(request)
-        body = await read_body(request, cfg.max_body_bytes)
-        expected = Expected(served.base.routed.side, served.base.routed.in_channels, cfg.max_images)
-        kind = request.headers.get("content-type", "")
-        images = await asyncio.to_thread(decode_images, body, kind, expected)  # off the event loop
-        x = torch.from_numpy(np.array(images)).permute(0, 3, 1, 2).to(served.base.mean.device).float().div_(255)
-        x = (x - served.base.mean) / served.base.std
-        rows = await state["batcher"].submit(served, x)
-        classes = class_names(served.meta)
-        answers = []
-        for row in rows:
-            p = row.softmax(-1)
-            i = int(p.argmax())
-            answer = {"label": classes[i], "index": i, "probability": float(p[i]), "probabilities": p.tolist()}
-            if logits:
-                answer["logits"] = row.tolist()
-            answers.append(answer)
+        limits.enter(served.tenant)
+        held = [0]  # body bytes reserved by this request
+        try:
+            body = await read_body(request, cfg.max_body_bytes, cfg.body_timeout_s, limits, held)
+            expected = Expected(served.base.routed.side, served.base.routed.in_channels, cfg.max_images)
+            kind = request.headers.get("content-type", "")
+            images = await asyncio.to_thread(decode_images, body, kind, expected)  # off the event loop
+            del body
+            x = torch.from_numpy(np.array(images)).permute(0, 3, 1, 2).to(served.base.mean.device).float().div_(255)
+            x = (x - served.base.mean) / served.base.std
+            rows = await state["batcher"].submit(served, x)
+            answer = await asyncio.to_thread(answers_json, served, rows, logits)
+        finally:
+            limits.leave(served.tenant)
+            limits.body_bytes -= held[0]
         metrics.latency.observe(time.perf_counter() - t0)
-        return {"tenant": served.tenant.tenant, "version": served.tenant.version, "predictions": answers}
+        return Response(answer, media_type="application/json")
 
     return app
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The body, refused with 413 as soon as it exceeds ``limit`` (declared or streamed)."""
+def answers_json(served: Served, rows: list[torch.Tensor], logits: bool) -> bytes:
+    """The predict answer as JSON bytes (built off the event loop: a large head makes it long)."""
+    classes = class_names(served.meta)
+    answers = []
+    for row in rows:
+        p = row.softmax(-1)
+        i = int(p.argmax())
+        answer = {"label": classes[i], "index": i, "probability": float(p[i]), "probabilities": p.tolist()}
+        if logits:
+            answer["logits"] = row.tolist()
+        answers.append(answer)
+    doc = {"tenant": served.tenant.tenant, "version": served.tenant.version, "predictions": answers}
+    return json.dumps(doc).encode()
+
+
+async def read_body(request: Request, limit: int, timeout: float, limits: Limits, held: list[int]) -> bytes:
+    """The body within ``timeout`` seconds, refused with 413 as soon as it exceeds ``limit``
+    (declared or streamed) and with 503 when the server's body budget cannot hold it; ``held[0]``
+    counts the bytes reserved from the budget (the caller gives them back)."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise HTTPError(413, f"body of {declared} bytes; the limit is {limit}")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise HTTPError(413, f"body over {limit} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
+    expected = int(declared) if declared is not None and declared.isdigit() else 0
+    limits.reserve(expected)
+    held[0] = expected
+    body = bytearray()
+    try:
+        async with asyncio.timeout(timeout):
+            async for chunk in request.stream():
+                if len(body) + len(chunk) > limit:
+                    raise HTTPError(413, f"body over {limit} bytes")
+                if len(body) + len(chunk) > held[0]:  # sent without a length, or more than it declared
+                    limits.reserve(len(body) + len(chunk) - held[0])
+                    held[0] = len(body) + len(chunk)
+                body += chunk
+    except TimeoutError:
+        raise HTTPError(408, f"the body did not arrive within {timeout:g} s") from None
+    except ClientDisconnect:
+        raise HTTPError(499, "the client closed the connection") from None
+    return bytes(body)
 
 
-def serve(cfg: ServeConfig, host: str = "127.0.0.1", port: int = 8000) -> None:
+def guarded_protocol(max_connections: int, header_timeout: float) -> type:
+    """uvicorn's h11 protocol with a cap on open connections (one past it is closed at once) and a
+    deadline for each request's headers, from the connection's opening or the request's first byte
+    (uvicorn's keep-alive timeout covers only the idle time after a response)."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class GuardedH11Protocol(H11Protocol):
+        header_timer: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            if len(self.connections) > max_connections:
+                transport.abort()
+                return
+            self._arm()
+
+        def data_received(self, data: bytes) -> None:
+            if self.cycle is None or self.cycle.response_complete:
+                self._arm()  # bytes of a request whose headers are not all in yet
+            super().data_received(data)
+            if self.cycle is not None and not self.cycle.response_complete:
+                self._disarm()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+        def _arm(self) -> None:
+            if self.header_timer is None:
+                self.header_timer = self.loop.call_later(header_timeout, self._expired)
+
+        def _disarm(self) -> None:
+            if self.header_timer is not None:
+                self.header_timer.cancel()
+                self.header_timer = None
+
+        def _expired(self) -> None:
+            self.header_timer = None
+            if self.cycle is None or self.cycle.response_complete:
+                self.transport.close()
+
+    return GuardedH11Protocol
+
+
+def uvicorn_config(
+    cfg: ServeConfig,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    ssl_certfile: str | None = None,
+    ssl_keyfile: str | None = None,
+):
+    """The uvicorn settings of ``ppvit serve`` (the tests start the same)."""
+    import uvicorn
+
+    return uvicorn.Config(
+        create_app(cfg),
+        host=host,
+        port=port,
+        http=guarded_protocol(cfg.max_connections, cfg.header_timeout_s),
+        log_level="warning",
+        access_log=False,  # ours names the tenant (ppvit.serve.access)
+        timeout_graceful_shutdown=30,
+        timeout_keep_alive=5,
+        ssl_certfile=ssl_certfile,
+        ssl_keyfile=ssl_keyfile,
+    )
+
+
+def exposure_warning(host: str, tls: bool) -> str | None:
+    """A warning for a server reachable beyond this machine without TLS (tokens would cross in clear)."""
+    if tls:
+        return None
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = host == "localhost"
+    if loopback:
+        return None
+    return (
+        f"warning: listening on {host} without TLS: tokens and ciphertext cross the network in clear. "
+        "Put a TLS reverse proxy in front (and bind 127.0.0.1), or pass --ssl-certfile and --ssl-keyfile"
+    )
+
+
+def serve(
+    cfg: ServeConfig,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    ssl_certfile: str | None = None,
+    ssl_keyfile: str | None = None,
+) -> None:
     """Run the server until SIGINT/SIGTERM; requests in flight are answered before it exits."""
     import uvicorn
 
-    uvicorn.run(create_app(cfg), host=host, port=port, log_level="warning", timeout_graceful_shutdown=30)
+    if (ssl_certfile is None) != (ssl_keyfile is None):
+        raise ValueError("TLS needs both --ssl-certfile and --ssl-keyfile")
+    for path in (ssl_certfile, ssl_keyfile):
+        if path is not None and not os.path.isfile(path):
+            raise FileNotFoundError(f"TLS file {path}: not found")
+    warning = exposure_warning(host, ssl_certfile is not None)
+    if warning:
+        log.warning("%s", warning)
+    uvicorn.Server(uvicorn_config(cfg, host, port, ssl_certfile, ssl_keyfile)).run()

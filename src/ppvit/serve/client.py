@@ -4,13 +4,18 @@ The client asks the server which scheme, block size, input size and key fingerpr
 adapter was trained with, refuses a key whose fingerprint differs, resizes and encrypts
 each image here (as ``ppvit predict`` does), and sends the uint8 ciphertext as a ``.npy``
 body. Neither the key nor a plain image leaves this process.
+
+The server's word on the geometry is checked, not trusted: a key file that pins one
+(``ppvit keygen --scheme --block-size --size``), or the caller's ``scheme``, ``block_size``
+and ``input_size``, must match what the server states, and without a pinned block size
+none under :data:`MIN_BLOCK_SIZE` is used (a block of 1 pixel keeps every pixel's colour).
 """
 
 from __future__ import annotations
 
 import io
 import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import httpx
@@ -20,6 +25,8 @@ import torch
 from ppvit.crypto.ciphers import BlockCipher, Scheme
 from ppvit.crypto.keys import Key
 from ppvit.data.images import read_image
+
+MIN_BLOCK_SIZE = 4  # the smallest block size used without a pin
 
 
 @dataclass(frozen=True)
@@ -49,13 +56,19 @@ class Client:
         timeout: float = 60.0,
         transport: httpx.BaseTransport | None = None,
         scheme: str | None = None,
+        block_size: int | None = None,
+        input_size: int | None = None,
     ):
-        """``scheme``: the scheme you trained with; the server's word for it is then checked,
-        not trusted (the key's fingerprint binds the key, not the scheme or block size)."""
+        """``scheme``, ``block_size``, ``input_size``: what you trained with, for a key file that
+        pins no geometry; the server's word for them is then checked, not trusted."""
         self.http = httpx.Client(
             base_url=url.rstrip("/"), headers={"Authorization": f"Bearer {token}"}, timeout=timeout, transport=transport
         )
-        self.scheme = None if scheme is None else str(Scheme.parse(scheme))
+        self.wanted = {
+            "scheme": None if scheme is None else str(Scheme.parse(scheme)),
+            "block_size": block_size,
+            "input_size": input_size,
+        }
         self._info: dict[str, Any] | None = None
 
     def close(self) -> None:
@@ -93,8 +106,7 @@ class Client:
         images only when the caller asks for that (``plain=True``) and gave no key.
         """
         info = self.info()
-        if self.scheme is not None and info["scheme"] != self.scheme:
-            raise ValueError(f"the server says the adapter takes scheme {info['scheme']}, not {self.scheme}: refusing")
+        self.check_geometry(info, key)
         if info["scheme"] is None and (key is not None or not plain):
             raise ValueError(
                 "the server says this adapter takes plain images; refusing to send them unencrypted "
@@ -120,6 +132,38 @@ class Client:
                 )
             x = BlockCipher(key, info["scheme"], info["block_size"]).encrypt(x)
         return x.permute(0, 2, 3, 1).contiguous().numpy()
+
+    def pinned(self, key: Key | None) -> dict[str, Any]:
+        """The geometry to hold the server to: the key file's pin, and the caller's settings (which must agree)."""
+        wanted = {k: v for k, v in self.wanted.items() if v is not None}
+        if key is None or key.pin is None:
+            return wanted
+        pin = asdict(key.pin)
+        pin["scheme"] = str(Scheme.parse(pin["scheme"]))
+        for name, value in wanted.items():
+            if value != pin[name]:
+                raise ValueError(f"{name} {value} differs from the {pin[name]} that the key file pins")
+        return pin
+
+    def check_geometry(self, info: dict[str, Any], key: Key | None) -> None:
+        """Refuse a server that states other settings than the pinned ones, or (unpinned) too small a block."""
+        stated = {"scheme": info.get("scheme"), "block_size": info.get("block_size"), "input_size": info["input_size"]}
+        if stated["scheme"] is not None:
+            stated["scheme"] = str(Scheme.parse(stated["scheme"]))
+        pinned = self.pinned(key)
+        for name, value in pinned.items():
+            if stated[name] != value:
+                raise ValueError(f"the server says the adapter takes {name} {stated[name]}, not {value}: refusing")
+        block = stated["block_size"]
+        if (
+            stated["scheme"] is not None
+            and "block_size" not in pinned
+            and not (type(block) is int and block >= MIN_BLOCK_SIZE)
+        ):
+            raise ValueError(
+                f"the server says the adapter takes block size {block}; refusing to encrypt with blocks under "
+                f"{MIN_BLOCK_SIZE} pixels unless the key file or --block-size pins it"
+            )
 
     def predict_ciphertext(self, ciphertext: np.ndarray, logits: bool = False) -> list[Prediction]:
         """Send (N, S, S, 3) uint8 ciphertext; one prediction per image."""

@@ -121,6 +121,12 @@ def routed_adapter(meta: AdapterMeta, tensors: dict[str, torch.Tensor], base: nn
         raise NotRoutable(f"position embeddings {tuple(pos.shape)}, the backbone's are {tuple(base.pos_embed.shape)}")
     if rest:
         raise NotRoutable(f"the adapter trains {', '.join(sorted(rest)[:3])}, which routing does not serve")
+    classes = len(meta.classes) if meta.classes is not None else meta.num_classes
+    if classes != head_w.shape[0]:  # an answer would index past the class list
+        raise NotRoutable(f"the adapter names {classes} classes, its head has {head_w.shape[0]}")
+    bad = [name for name, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise NotRoutable(f"the adapter's {', '.join(sorted(bad)[:3])} hold NaN or infinite values")
     return RoutedAdapter(
         meta,
         lora,

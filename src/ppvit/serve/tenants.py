@@ -6,17 +6,26 @@ holds copies of the adapter folders, so a run folder can be deleted after regist
 new version never changes an old one: requests in flight finish on the version they started
 with. Tokens are 256-bit random (``secrets``), shown once, stored only as their hash.
 The schema carries a version; a newer one than this code knows is refused.
+
+Adapter folders are recorded relative to ROOT (``adapters/NAME/vK``), so a server started from
+any directory, or a root moved elsewhere, finds them; rows written by earlier releases (relative
+to the directory registration ran in, or absolute) are read by their last three parts. The store
+is private to the server's user: folders 0700, files 0600. Sources are copied without following
+links and never from inside the store, so one tenant cannot register another's private copy.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
 import secrets
 import shutil
 import sqlite3
+import stat
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -26,7 +35,15 @@ from pathlib import Path
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from ppvit.models.adapters import CONFIG_NAME, WEIGHTS_NAME, build_base, file_sha256, read_adapter_meta
+from ppvit.models.adapters import (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    AdapterMeta,
+    build_base,
+    file_sha256,
+    read_adapter_meta,
+)
+from ppvit.serve.defaults import KEEP_VERSIONS, MAX_CLASSES
 from ppvit.serve.routing import routed_adapter
 from ppvit.train.config import TrainConfig
 from ppvit.train.runs import adapter_dir
@@ -35,6 +52,7 @@ SCHEMA_VERSION = 1
 DB_NAME = "tenants.sqlite"
 TOKEN_PREFIX = "ppvit_"
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+MODEL_KWARGS = frozenset({"img_size"})  # the only create_backbone arguments an adapter config may set
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS tenants (
@@ -83,7 +101,8 @@ class TenantStore:
         if not self.db.exists():
             if not create:
                 raise FileNotFoundError(f"server root {self.root}: no {DB_NAME} (add a tenant first)")
-            self.root.mkdir(parents=True, exist_ok=True)
+            self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+            os.close(os.open(self.db, os.O_WRONLY | os.O_CREAT, 0o600))  # SQLite's -wal and -shm copy its mode
         with self._connect() as con:
             con.execute("PRAGMA journal_mode=WAL")  # readers (the server) and a writer (the CLI) at once
             con.executescript(SCHEMA)
@@ -92,6 +111,8 @@ class TenantStore:
                 con.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
             elif int(row[0]) > SCHEMA_VERSION:
                 raise ValueError(f"{self.db}: schema version {row[0]} is newer than this ppvit's ({SCHEMA_VERSION})")
+        self._reader: sqlite3.Connection | None = None  # by_token's, held open (see by_token)
+        self._reader_lock = threading.Lock()
 
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
@@ -108,11 +129,17 @@ class TenantStore:
         finally:
             con.close()
 
-    def add(self, name: str, adapter: str | os.PathLike, weights: str | os.PathLike | None = None) -> str:
+    def add(
+        self,
+        name: str,
+        adapter: str | os.PathLike,
+        weights: str | os.PathLike | None = None,
+        max_classes: int = MAX_CLASSES,
+    ) -> str:
         """Register ``name`` with a copy of ``adapter``; returns the API token (shown once, never stored)."""
         if not NAME.fullmatch(name):
             raise ValueError(f"tenant name {name!r}: use 1-64 letters, digits, '_', '.', '-' (starting alnum)")
-        token = TOKEN_PREFIX + secrets.token_urlsafe(32)
+        token = new_token()
         with self._connect() as con:
             if con.execute("SELECT 1 FROM tenants WHERE name = ?", (name,)).fetchone():  # any case
                 raise ValueError(f"tenant {name} exists already (remove-tenant first, or set-adapter)")
@@ -120,19 +147,44 @@ class TenantStore:
                 "INSERT INTO tenants (name, token_sha256, version, created) VALUES (?, ?, 1, ?)",
                 (name, hash_token(token), time.time()),
             )
-            self._add_version(con, cur.lastrowid, name, 1, adapter, weights)
+            self._add_version(con, cur.lastrowid, name, 1, adapter, weights, max_classes)
         return token
 
-    def set_adapter(self, name: str, adapter: str | os.PathLike, weights: str | os.PathLike | None = None) -> int:
-        """A new adapter version for ``name`` (the old one stays for requests already in flight)."""
+    def set_adapter(
+        self,
+        name: str,
+        adapter: str | os.PathLike,
+        weights: str | os.PathLike | None = None,
+        keep: int = KEEP_VERSIONS,
+        max_classes: int = MAX_CLASSES,
+    ) -> int:
+        """A new adapter version for ``name``; the newest ``keep`` versions stay (the previous one
+        for requests already in flight), older ones are deleted."""
+        if keep < 1:
+            raise ValueError(f"--keep {keep}: keep at least the active version (1)")
         with self._connect() as con:
-            row = con.execute("SELECT id, version FROM tenants WHERE name = ?", (name,)).fetchone()
+            row = con.execute("SELECT id, version, name FROM tenants WHERE name = ?", (name,)).fetchone()
             if row is None:
                 raise ValueError(f"no tenant {name}")
-            version = row[1] + 1
-            self._add_version(con, row[0], name, version, adapter, weights)
-            con.execute("UPDATE tenants SET version = ? WHERE id = ?", (version, row[0]))
+            tenant_id, version, stored_name = row[0], row[1] + 1, row[2]  # folders use the name as registered
+            self._add_version(con, tenant_id, stored_name, version, adapter, weights, max_classes)
+            con.execute("UPDATE tenants SET version = ? WHERE id = ?", (version, tenant_id))
+            old = con.execute(
+                "SELECT folder FROM adapters WHERE tenant_id = ? AND version <= ?", (tenant_id, version - keep)
+            ).fetchall()
+            con.execute("DELETE FROM adapters WHERE tenant_id = ? AND version <= ?", (tenant_id, version - keep))
+        for (folder,) in old:  # after the commit: a failed registration deletes nothing
+            shutil.rmtree(self.folder(folder), ignore_errors=True)
         return version
+
+    def rotate_token(self, name: str) -> str:
+        """A new API token for ``name``; the old one stops working at once."""
+        token = new_token()
+        with self._connect() as con:
+            cur = con.execute("UPDATE tenants SET token_sha256 = ? WHERE name = ?", (hash_token(token), name))
+            if cur.rowcount == 0:
+                raise ValueError(f"no tenant {name}")
+        return token
 
     def _add_version(
         self,
@@ -142,24 +194,34 @@ class TenantStore:
         version: int,
         adapter: str | os.PathLike,
         weights: str | os.PathLike | None,
+        max_classes: int,
     ) -> None:
         src = adapter_dir(adapter)
-        meta = read_adapter_meta(src)  # a clear error for what is not an adapter
-        if meta.method.get("method") == "full":
-            raise ValueError(f"adapter {src}: full fine-tuning replaces the whole backbone; it cannot be routed")
-        if meta.weights_sha256 is not None:
-            weights = weights or _run_weights(Path(adapter))
-            if weights is None:
-                raise ValueError(f"adapter {src}: trained on a local weights file; pass it with --weights")
-            if file_sha256(weights) != meta.weights_sha256:
-                raise ValueError(f"weights file {weights}: not the base this adapter was trained on (sha256 differs)")
-        check_routable(src, weights)  # refused now rather than answered with 503 for ever
-        folder = self.root / "adapters" / name / f"v{version}"
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".v{version}.", dir=folder.parent))
+        read_adapter_meta(src)  # a clear error for what is not an adapter, before anything is copied
+        store = self.root.resolve()
+        if src.resolve().is_relative_to(store):
+            raise ValueError(f"adapter {src}: lies inside the server folder {self.root}; register a run's adapter")
+        rel = Path("adapters", name, f"v{version}")
+        folder = self.root / rel
+        folder.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".v{version}.", dir=folder.parent))  # 0700
         try:
             for file in (WEIGHTS_NAME, CONFIG_NAME):
-                shutil.copy2(src / file, tmp / file)
+                _copy_private(src / file, tmp / file)
+            meta = read_adapter_meta(tmp)  # what was copied is what is checked and served
+            if meta.method.get("method") == "full":
+                raise ValueError(f"adapter {src}: full fine-tuning replaces the whole backbone; it cannot be routed")
+            if meta.num_classes > max_classes or len(meta.classes or ()) > max_classes:
+                raise ValueError(f"adapter {src}: {meta.num_classes} classes; this server takes at most {max_classes}")
+            if meta.weights_sha256 is not None:
+                weights = weights or _run_weights(Path(adapter))
+                if weights is None:
+                    raise ValueError(f"adapter {src}: trained on a local weights file; pass it with --weights")
+                if file_sha256(weights) != meta.weights_sha256:
+                    raise ValueError(
+                        f"weights file {weights}: not the base this adapter was trained on (sha256 differs)"
+                    )
+            check_routable(tmp, weights)  # refused now rather than answered with 503 for ever
             if folder.exists():  # left by a registration that failed after the copy
                 shutil.rmtree(folder)
             os.replace(tmp, folder)
@@ -167,29 +229,91 @@ class TenantStore:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         w = str(Path(weights).resolve()) if weights else None
-        con.execute("INSERT INTO adapters VALUES (?, ?, ?, ?, ?)", (tenant_id, version, str(folder), w, time.time()))
+        con.execute("INSERT INTO adapters VALUES (?, ?, ?, ?, ?)", (tenant_id, version, rel.as_posix(), w, time.time()))
 
     def remove(self, name: str) -> None:
+        """Remove ``name``, its token and every adapter version it has."""
         with self._connect() as con:
-            if con.execute("DELETE FROM tenants WHERE name = ?", (name,)).rowcount == 0:
+            row = con.execute("SELECT id, name FROM tenants WHERE name = ?", (name,)).fetchone()
+            if row is None:
                 raise ValueError(f"no tenant {name}")
-        shutil.rmtree(self.root / "adapters" / name, ignore_errors=True)
+            folders = [r[0] for r in con.execute("SELECT folder FROM adapters WHERE tenant_id = ?", (row[0],))]
+            con.execute("DELETE FROM tenants WHERE id = ?", (row[0],))
+        for folder in map(self.folder, folders):
+            shutil.rmtree(folder, ignore_errors=True)
+            with contextlib.suppress(OSError):  # a folder of another spelling of the name, now empty
+                folder.parent.rmdir()
+        shutil.rmtree(self.root / "adapters" / row[1], ignore_errors=True)
 
     def list(self) -> list[TenantAdapter]:
         with self._connect() as con:
             rows = con.execute(_ACTIVE + " ORDER BY t.name").fetchall()
-        return [_tenant(r) for r in rows]
+        return [self._tenant(r) for r in rows]
 
     def by_token(self, token: str) -> TenantAdapter | None:
-        """The tenant whose token this is, with its active adapter version; None for an unknown token."""
-        with self._connect() as con:
-            row = con.execute(_ACTIVE + " WHERE t.token_sha256 = ?", (hash_token(token),)).fetchone()
-        return None if row is None else _tenant(row)
+        """The tenant whose token this is, with its active adapter version; None for an unknown token.
+
+        Reads through one connection held open: a new connection to a WAL database must write
+        its shared-memory file, which fails on a full disk; a held one needs no write.
+        """
+        with self._reader_lock:
+            if self._reader is None:
+                try:
+                    self._reader = sqlite3.connect(self.db, timeout=30, check_same_thread=False)
+                except sqlite3.Error as exc:
+                    raise ValueError(f"{self.db}: cannot be opened ({exc})") from None
+            try:
+                row = self._reader.execute(_ACTIVE + " WHERE t.token_sha256 = ?", (hash_token(token),)).fetchone()
+            except sqlite3.DatabaseError as exc:
+                raise ValueError(f"{self.db}: {exc}") from None
+        return None if row is None else self._tenant(row)
+
+    def close(self) -> None:
+        with self._reader_lock:
+            if self._reader is not None:
+                self._reader.close()
+                self._reader = None
+
+    def folder(self, stored: str) -> Path:
+        """An adapter folder as recorded: ``adapters/NAME/vK`` under this root, whatever directory
+        registration ran in (earlier releases stored it relative to that directory, or absolute)."""
+        parts = Path(stored).parts
+        return self.root.joinpath(*parts[-3:]) if len(parts) >= 3 and parts[-3] == "adapters" else self.root / stored
+
+    def _tenant(self, row: tuple) -> TenantAdapter:
+        return TenantAdapter(row[0], row[1], row[2], self.folder(row[3]), Path(row[4]) if row[4] else None)
+
+
+def new_token() -> str:
+    return TOKEN_PREFIX + secrets.token_urlsafe(32)
+
+
+def _copy_private(src: Path, dst: Path) -> None:
+    """Copy a regular file to a new 0600 file, refusing a symbolic link (never followed)."""
+    try:
+        fd = os.open(src, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    except OSError as exc:
+        if os.path.islink(src):
+            raise ValueError(f"adapter file {src}: a symbolic link; register real files") from None
+        raise ValueError(f"adapter file {src}: cannot be read ({exc.strerror})") from None
+    with os.fdopen(fd, "rb") as fin:
+        if not stat.S_ISREG(os.fstat(fin.fileno()).st_mode):
+            raise ValueError(f"adapter file {src}: not a regular file")
+        with open(os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as fout:
+            shutil.copyfileobj(fin, fout, 1 << 20)
+
+
+def check_meta(meta: AdapterMeta, where: Path) -> None:
+    """Refuse config fields that would make the server build something the registry never checked."""
+    extra = sorted(set(meta.model_kwargs) - MODEL_KWARGS)
+    if extra:
+        raise ValueError(f"adapter config {where}: model_kwargs {', '.join(extra)} are not allowed in a served adapter")
 
 
 def check_routable(adapter: Path, weights: str | os.PathLike | None) -> None:
     """Build the adapter's base and lay its tensors out for routing: every error a server would meet."""
     meta = read_adapter_meta(adapter)
+    check_meta(meta, adapter)
     try:
         tensors = load_file(str(adapter / WEIGHTS_NAME))
     except (SafetensorError, OSError) as exc:
@@ -207,7 +331,3 @@ _ACTIVE = (
     "SELECT t.id, t.name, t.version, a.folder, a.weights FROM tenants t "
     "JOIN adapters a ON a.tenant_id = t.id AND a.version = t.version"
 )
-
-
-def _tenant(row: tuple) -> TenantAdapter:
-    return TenantAdapter(row[0], row[1], row[2], Path(row[3]), Path(row[4]) if row[4] else None)
