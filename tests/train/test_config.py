@@ -121,3 +121,37 @@ def test_reproduce_set_is_checked_against_the_schema(capsys: pytest.CaptureFixtu
     assert "--set 'learning_rate=3': expected NAME=VALUE" in capsys.readouterr().err
     assert cli.main(["reproduce", "--preset", "small-demo", "--set", "method=full", "--set", "rank=8"]) == 2
     assert "method full takes no rank" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method", ["full", "linear", "melo", "lora-pe"])
+def test_defaults_are_the_documented_recipe(method: str) -> None:
+    """Without flags a run trains the README's recipe: ImageNet ViT-Ti/16, the method's lr, head and PE rate."""
+    cfg = TrainConfig.from_flat(method=method)
+    recipe = {  # RESULTS.md / README, written out independently of MethodConfig.recipe
+        "full": (1e-4, "random", 1.0),
+        "linear": (1e-2, "zero", 1.0),
+        "melo": (3e-3, "zero", 1.0),
+        "lora-pe": (3e-3, "zero", 0.1),
+    }[method]
+    assert cfg.backbone.model == "vit_tiny_patch16_224"
+    assert (cfg.optim.lr, cfg.backbone.head_init, cfg.optim.patch_embed_lr_scale) == recipe
+    assert TrainConfig.from_flat(method=method, lr=0.5, head_init="random").optim.lr == 0.5  # flags still win
+
+
+def test_unset_weights_resolve_to_a_stated_source(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    weights = tmp_path / "vit-ti.safetensors"
+    weights.write_bytes(b"x")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PPVIT_WEIGHTS", "vit-ti.safetensors")
+    cfg = TrainConfig.from_flat(data=".", out="run").resolved()
+    assert (cfg.backbone.weights, cfg.backbone.pretrained) == (str(weights), False)
+    assert cfg.data.data == str(tmp_path) and cfg.run.out == str(tmp_path / "run")  # absolute: resumable anywhere
+    assert f"from weights {weights}" in cfg.describe_start()
+    monkeypatch.delenv("PPVIT_WEIGHTS")
+    assert TrainConfig.from_flat().resolved().backbone.pretrained is True  # timm's download, said so
+    assert "timm's pretrained weights" in TrainConfig.from_flat().resolved().describe_start()
+    small = TrainConfig.from_flat(model="vit_micro_d2_patch4_32").resolved()
+    assert small.backbone.pretrained is False and "random initialisation" in small.describe_start()
+    monkeypatch.setenv("PPVIT_WEIGHTS", str(weights))
+    other = TrainConfig.from_flat(model="vit_small_patch16_224").resolved()  # PPVIT_WEIGHTS is the default model's
+    assert other.backbone.weights is None and other.backbone.pretrained is True

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -380,3 +381,29 @@ def test_every_run_logs_each_epoch(tmp_path: Path, toy_dataset: Path, caplog: py
         train(train_config(tmp_path / "run", toy_dataset, None, scheme="none", epochs=2, report_to="none"))
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("epoch ")]
     assert [line.split(":")[0] for line in lines] == ["epoch 1", "epoch 2"] and all("| val loss" in x for x in lines)
+
+
+def test_resume_with_only_the_run_folder_from_anywhere(
+    tmp_path: Path, toy_dataset: Path, key_file: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    """`ppvit train --resume --out RUN` continues RUN with its own settings, whatever the current folder."""
+    work = tmp_path / "work"
+    shutil.copytree(toy_dataset, work / "data")
+    shutil.copy(key_file, work / "k.key")
+    monkeypatch.chdir(work)  # relative paths, as a user types them
+    cfg = train_config(Path("run"), Path("data"), Path("k.key"), epochs=1)
+    assert cli.main(["train", *train_flags(cfg)]) == 0
+    first = json.loads(capsys.readouterr().out)
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["-q", "train", "--resume", "--out", str(work / "run")]) == 0
+    assert json.loads(capsys.readouterr().out)["test_acc"] == first["test_acc"]
+    saved = yaml.safe_load((work / "run" / "config.yaml").read_text())
+    assert saved["data"]["data"] == str(work / "data") and saved["crypto"]["key"] == str(work / "k.key")
+
+
+def test_a_refused_run_leaves_no_empty_folder(tmp_path: Path, capsys) -> None:
+    code = cli.main(
+        ["-q", "train", "--out", str(tmp_path / "new"), "--data", str(tmp_path / "missing"), "--scheme", "none"]
+    )
+    assert code == 2 and len(capsys.readouterr().err.strip().splitlines()) == 1
+    assert not (tmp_path / "new").exists()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+from pathlib import Path
 
 from ppvit.cli.common import add_setting_args
 from ppvit.crypto.keys import Key
@@ -17,6 +18,11 @@ def _train_config(args: argparse.Namespace) -> TrainConfig:
         given["quiet"] = True
     if args.config:
         return TrainConfig.load(args.config, **given)
+    from ppvit.train.runs import CONFIG_FILE
+
+    saved = Path(args.out or "") / CONFIG_FILE
+    if args.resume and args.out and saved.exists():  # `--resume --out RUN`: the run's own settings, flags on top
+        return TrainConfig.load(saved, **given)
     return TrainConfig.from_flat(**given)
 
 
@@ -30,7 +36,11 @@ def _train(args: argparse.Namespace) -> None:
 def add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="fine-tune a ViT on encrypted (or plain) images")
     p.add_argument("--config", help="YAML file of settings; flags override it")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --out from its last checkpoint (its config.yaml gives every setting not flagged)",
+    )
     add_setting_args(p, (s for s in settings() if s.name != "quiet"))
     p.set_defaults(func=_train)
 

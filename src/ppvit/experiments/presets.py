@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 from typing import Literal
 
+from ppvit.models.configs import METHODS
 from ppvit.models.weights import WEIGHTS_ENV
 from ppvit.train.config import TrainConfig
 
@@ -84,18 +85,13 @@ SMALL_METHODS = {
     "melo": MethodSettings(lr=2e-3),
     "lora-pe": MethodSettings(lr=2e-3, patch_embed_lr_scale=5.0),
 }
-# ImageNet ViT-Ti/16 at 112x112 (the paper's 16x16 blocks and 768-value shuffle at CPU cost): the learning rates of
-# the first trial on these weights (issue 13), and lora-pe's patch embedding at 0.1x its rate (the levers study in
-# RESULTS.md: +5.6 points on shuffled images over 1x, 3 seeds; the cpu table there ran at 1x); heads as above.
+# ImageNet ViT-Ti/16 at 112x112 (the paper's 16x16 blocks and 768-value shuffle at CPU cost), each method with its
+# recipe (``MethodConfig.recipe``, also `ppvit train`'s defaults): the learning rates of the first trial on these
+# weights (issue 13), lora-pe's patch embedding at 0.1x (RESULTS.md; the cpu table there ran at 1x); heads as above.
 TI_TRAIN = TrainConfig.from_flat(
     model="vit_tiny_patch16_224", img_size=112, batch_size=64, warmup_epochs=0.3, val_fraction=0.1, head_init="zero"
 )
-TI_METHODS = {
-    "full": MethodSettings(lr=1e-4, head_init="random"),
-    "linear": MethodSettings(lr=1e-2),
-    "melo": MethodSettings(lr=3e-3),
-    "lora-pe": MethodSettings(lr=3e-3, patch_embed_lr_scale=0.1),
-}
+TI_METHODS = {name: MethodSettings(**METHODS[name].recipe) for name in ("full", "linear", "melo", "lora-pe")}
 COMPARISON = ("none", "shuffle")
 
 PRESETS: dict[str, Preset] = {

@@ -23,6 +23,9 @@ import yaml
 
 from ppvit.data.augment import PlainAugment
 from ppvit.models.configs import METHODS, LoraPEConfig, MethodConfig, method_config
+from ppvit.models.weights import WEIGHTS_ENV
+
+DEFAULT_MODEL = "vit_tiny_patch16_224"  # the recipe's ImageNet ViT-Ti/16; $PPVIT_WEIGHTS names a local copy
 
 
 def _help(text: str) -> dict[str, str]:
@@ -33,17 +36,26 @@ def _help(text: str) -> dict[str, str]:
 class BackboneConfig:
     """Which pretrained ViT, at which input size, with which new head."""
 
-    model: str = field(default="vit_tiny_d6_patch4_32", metadata=_help("timm ViT name (ppvit's small ones included)"))
-    weights: str | None = field(default=None, metadata=_help("local weights file (safetensors/PyTorch, timm keys)"))
-    pretrained: bool = field(default=False, metadata=_help("download timm's pretrained weights (needs the network)"))
+    model: str = field(default=DEFAULT_MODEL, metadata=_help("timm ViT name (ppvit's small ones included)"))
+    weights: str | None = field(
+        default=None,
+        metadata=_help(f"local weights file (safetensors/PyTorch, timm keys); default model: ${WEIGHTS_ENV} if set"),
+    )
+    pretrained: bool | None = field(
+        default=None,
+        metadata=_help(
+            "timm's pretrained weights, downloaded (default: yes for a timm ViT without --weights or "
+            f"${WEIGHTS_ENV}; no for ppvit's small ViTs, which have none); --no-pretrained: random initialisation"
+        ),
+    )
     img_size: int | None = field(
         default=None,
         metadata=_help(
             "input side in pixels (default: the model's); a multiple of the patch size, pos_embed resampled"
         ),
     )
-    head_init: Literal["random", "zero"] = field(
-        default="random",
+    head_init: Literal["random", "zero"] | None = field(
+        default=None,
         metadata=_help(
             "the new head: random (timm's reset_classifier) or zero (no gradient reaches the backbone until the "
             "head has learnt)"
@@ -119,8 +131,10 @@ class OptimConfig:
 
     epochs: int = field(default=10, metadata=_help("training epochs"))
     batch_size: int = field(default=128, metadata=_help("global batch size (split evenly across processes)"))
-    lr: float = field(default=1e-3, metadata=_help("peak learning rate (AdamW)"))
-    patch_embed_lr_scale: float = field(default=1.0, metadata=_help("learning-rate multiplier for the patch embedding"))
+    lr: float | None = field(default=None, metadata=_help("peak learning rate (AdamW)"))
+    patch_embed_lr_scale: float | None = field(
+        default=None, metadata=_help("learning-rate multiplier for the patch embedding")
+    )
     weight_decay: float = field(default=0.05, metadata=_help("AdamW weight decay (not on biases, norms, embeddings)"))
     warmup_epochs: float = field(default=1.0, metadata=_help("linear warm-up, then cosine decay to 0"))
     label_smoothing: float = field(default=0.1, metadata=_help("label smoothing"))
@@ -201,6 +215,17 @@ class TrainConfig:
     run: RunConfig = field(default_factory=RunConfig)
     method: MethodConfig = field(default_factory=LoraPEConfig)
 
+    def __post_init__(self) -> None:
+        """Settings left unset take the method's recipe (lr, head, patch-embedding rate): see ``MethodConfig.recipe``.
+
+        Resolved here, so ``config.yaml`` records the values a run used; :meth:`replace` with
+        another method keeps them (give the new method's values, or build with :meth:`from_flat`).
+        """
+        for name, value in self.method.recipe.items():
+            section = getattr(self, SECTION_OF[name])
+            if getattr(section, name) is None:
+                setattr(section, name, value)
+
     @classmethod
     def from_flat(cls, **settings: Any) -> TrainConfig:
         """A config from flat names (``lr=1e-3, rank=8, method="melo"``); ``None`` means the default."""
@@ -274,6 +299,40 @@ class TrainConfig:
 
     def dump(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def resolved(self) -> TrainConfig:
+        """As the run will use it, recorded in ``config.yaml``: local paths absolute (a resume from any
+        folder finds them) and the pretrained weights chosen (see ``pretrained``'s help)."""
+        from ppvit.models.backbones import SMALL_VITS  # timm: only when a run starts
+
+        changes: dict[str, Any] = {
+            name: str(Path(value).resolve())
+            for name in ("data", "key", "weights", "out")
+            if (value := self.flat()[name]) is not None and (name == "out" or Path(value).exists())
+        }
+        b = self.backbone
+        if b.weights is None and b.pretrained is None:
+            local = os.environ.get(WEIGHTS_ENV)
+            if b.model in SMALL_VITS:
+                changes["pretrained"] = False
+            elif b.model == DEFAULT_MODEL and local:
+                changes["weights"], changes["pretrained"] = str(Path(local).resolve()), False
+            else:
+                changes["pretrained"] = True
+        return self.replace(**changes)
+
+    def describe_start(self) -> str:
+        """One line saying what will train, from which weights (a newcomer's first check)."""
+        b = self.backbone
+        source = (
+            f"weights {b.weights}"
+            if b.weights
+            else "timm's pretrained weights (downloaded)"
+            if b.pretrained
+            else "random initialisation"
+        )
+        size = f"{b.img_size} px" if b.img_size else "its own input size"
+        return f"training {self.method.name} on {b.model} from {source} at {size}, lr {self.optim.lr:g}"
 
 
 @dataclass(frozen=True)

@@ -62,6 +62,7 @@ from ppvit.train.runs import (
     load_best,
     load_checkpoint,
     lock_run_folder,
+    remove_empty_run_folder,
     save_best,
     save_checkpoint,
     write_metrics,
@@ -235,6 +236,7 @@ def setup(cfg: TrainConfig, resume: bool, hold: ExitStack | None = None) -> Sess
     )
     lock = None
     if accelerator.is_main_process:
+        log.info(cfg.describe_start())
         out.mkdir(parents=True, exist_ok=True)
         lock = lock_run_folder(out)
         if hold is not None:
@@ -454,9 +456,17 @@ def train(cfg: TrainConfig, resume: bool = False, on_step: StepCallback | None =
     With several processes, one that dies or hangs makes the others raise :class:`PeerProcessFailed`
     within ``cfg.run.dist_timeout_s`` (at once when its connections close) instead of waiting for ever.
     """
+    cfg = cfg.resolved()
+    new_folder = not Path(cfg.run.out).exists()
     try:
         with ExitStack() as hold:
-            session = setup(cfg, resume, hold)
+            try:
+                session = setup(cfg, resume, hold)
+            except BaseException:
+                if new_folder:  # refused before anything was written: leave no empty run folder behind
+                    hold.close()
+                    remove_empty_run_folder(Path(cfg.run.out))
+                raise
             hold.enter_context(_stop_on_signals(session))
             for epoch in range(session.state.epoch, cfg.optim.epochs):
                 sums = train_epoch(session, epoch, on_step)

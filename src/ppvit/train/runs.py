@@ -109,6 +109,13 @@ def lock_run_folder(out: Path) -> IO[str]:
     return fh
 
 
+def remove_empty_run_folder(out: Path) -> None:
+    """Remove ``out`` if it holds nothing but the lock file (a run refused before it wrote anything)."""
+    if out.is_dir() and {p.name for p in out.iterdir()} <= {LOCK_FILE}:
+        (out / LOCK_FILE).unlink(missing_ok=True)
+        out.rmdir()
+
+
 def check_run_folder(out: Path, cfg: TrainConfig, resume: bool) -> None:
     """Refuse to mix two runs in one folder; on resume, the saved config must match."""
     saved = out / CONFIG_FILE
@@ -116,7 +123,7 @@ def check_run_folder(out: Path, cfg: TrainConfig, resume: bool) -> None:
         return
     if not resume:
         raise ValueError(f"run folder {out}: already holds a run; pass --resume to continue it or choose another --out")
-    old, new = TrainConfig.load(saved).flat(), cfg.flat()
+    old, new = TrainConfig.load(saved).resolved().flat(), cfg.flat()  # resolved: runs saved before 0.3
     changed = [k for k in sorted(set(old) | set(new)) if k not in IGNORED_ON_RESUME and old.get(k) != new.get(k)]
     if changed:
         raise ValueError(f"run folder {out}: --resume with different settings ({', '.join(changed)})")
