@@ -155,3 +155,27 @@ def test_unset_weights_resolve_to_a_stated_source(tmp_path: Path, monkeypatch: p
     monkeypatch.setenv("PPVIT_WEIGHTS", str(weights))
     other = TrainConfig.from_flat(model="vit_small_patch16_224").resolved()  # PPVIT_WEIGHTS is the default model's
     assert other.backbone.weights is None and other.backbone.pretrained is True
+
+
+def test_train_help_states_each_default_once_and_per_method_where_it_differs(capsys) -> None:
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse's line wrapping undone
+    assert "default: None" not in text and "(default: the model's)" in text and "default: the model's) (" not in text
+    assert "--lr LR peak learning rate (AdamW) (default per method: full 0.0001, linear 0.01, melo 0.003" in text
+    assert (
+        "train the position embedding (default per method: full True, linear False, melo False, lora-pe False)" in text
+    )
+    assert "train the patch embedding (weight and bias) (default per method: full True" in text
+
+
+@pytest.mark.parametrize("argv", [["-q", "train"], ["train", "-q"], ["train"]])
+def test_quiet_goes_before_or_after_the_verb(argv: list[str]) -> None:
+    assert cli.build_parser().parse_args(argv).quiet is ("-q" in argv)
+
+
+def test_the_command_does_not_log_each_http_request(tmp_path: Path) -> None:
+    import logging
+
+    assert cli.main(["keygen", str(tmp_path / "k.key")]) == 0
+    assert not logging.getLogger("httpx").isEnabledFor(logging.INFO)  # `ppvit client` printed "HTTP Request: ..."

@@ -327,6 +327,7 @@ def test_cifar10_download_path_and_its_offline_error(monkeypatch: pytest.MonkeyP
     import numpy as np
 
     from ppvit.data import datasets as data
+    from ppvit.data.sources import cifar10
 
     class FakeCIFAR10:
         classes = ("a", "b")
@@ -337,7 +338,7 @@ def test_cifar10_download_path_and_its_offline_error(monkeypatch: pytest.MonkeyP
             self.targets = [i % 2 for i in range(n)]
 
     monkeypatch.delenv("PPVIT_CIFAR10", raising=False)
-    monkeypatch.setattr(data, "CIFAR10", FakeCIFAR10)
+    monkeypatch.setattr(cifar10, "torchvision_split", lambda root, train: FakeCIFAR10(str(root), train, True))
     splits = data.load_splits(None, 0.25, 0)
     assert (len(splits.train), len(splits.val), len(splits.test)) == (30, 10, 10)
     assert splits.train.classes == ("a", "b") and not splits.encrypted
@@ -345,7 +346,7 @@ def test_cifar10_download_path_and_its_offline_error(monkeypatch: pytest.MonkeyP
     def offline(*args, **kwargs):
         raise OSError("no network")
 
-    monkeypatch.setattr(data, "CIFAR10", offline)
+    monkeypatch.setattr(cifar10, "torchvision_split", offline)
     with pytest.raises(ValueError, match=r"CIFAR-10 download failed .* set PPVIT_CIFAR10"):
         data.load_splits("cifar10", 0.25, 0)
 
@@ -407,3 +408,16 @@ def test_a_refused_run_leaves_no_empty_folder(tmp_path: Path, capsys) -> None:
     )
     assert code == 2 and len(capsys.readouterr().err.strip().splitlines()) == 1
     assert not (tmp_path / "new").exists()
+
+
+def test_a_one_epoch_run_draws_its_curves(tmp_path: Path) -> None:
+    """One epoch is one point: drawn with a marker (a bare line of one point is invisible)."""
+    from PIL import Image
+
+    from ppvit.train.runs import write_metrics
+
+    row = {"epoch": 1, "train_loss": 1.0, "val_loss": 0.8, "train_acc": 0.5, "val_acc": 0.6}
+    write_metrics(tmp_path, [row])
+    pixels = np.asarray(Image.open(tmp_path / "curves.png").convert("RGB")).astype(int)
+    coloured = (pixels.max(-1) - pixels.min(-1)) > 60  # matplotlib's blue and orange, not grey text or axes
+    assert coloured.sum() > 300  # measured: 554 with markers, 120 (the legend alone) without

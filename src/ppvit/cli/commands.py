@@ -52,13 +52,18 @@ PARSERS = [  # in the order of `ppvit --help`
 ]
 
 
+QUIET = "no progress bars or info logs"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ppvit", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"ppvit {__version__}")
-    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars or info logs")
+    parser.add_argument("-q", "--quiet", action="store_true", help=QUIET)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in PARSERS:
         add(sub)
+    for verb in sub.choices.values():  # `ppvit train -q` as well as `ppvit -q train`
+        verb.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help=QUIET)
     return parser
 
 
@@ -68,6 +73,7 @@ RERUN = ("encrypt", "decrypt")  # verbs that continue where an interrupted run s
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per request of `ppvit client`
     try:
         code = args.func(args)
     except (UserError, KeyFileError, ValueError, FileNotFoundError) as exc:

@@ -9,10 +9,10 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
-from ppvit.train.config import ALIASES, Setting
+from ppvit.train.config import ALIASES, Setting, per_method_defaults
 
 if TYPE_CHECKING:
-    from ppvit.data.dataset_io import Summary
+    from ppvit.data.encrypt import Summary
 
 
 class UserError(Exception):
@@ -50,11 +50,21 @@ def add_setting_args(parser: argparse.ArgumentParser, items: Iterable[Setting]) 
     old = {new: old for old, new in ALIASES.items()}
     for item in items:
         flags = ["--" + n.replace("_", "-") for n in (item.name, old.get(item.name)) if n]
-        help_ = f"{item.help} (default: {item.default})"
+        help_ = f"{item.help}{_default_text(item)}"
         if item.type is bool:
             parser.add_argument(*flags, action=argparse.BooleanOptionalAction, default=None, help=help_)
         else:
             parser.add_argument(*flags, type=item.type, choices=item.choices, default=None, help=help_)
+
+
+def _default_text(item: Setting) -> str:
+    """The default as the help shows it: per method where it differs, none where the help says it already."""
+    per_method = per_method_defaults(item.name)
+    if per_method:
+        return " (default per method: " + ", ".join(f"{m} {v}" for m, v in per_method.items()) + ")"
+    if item.default is None or "default" in item.help:
+        return ""
+    return f" (default: {item.default})"
 
 
 def scheme_args(p: argparse.ArgumentParser, block_default: int | None = 16) -> None:

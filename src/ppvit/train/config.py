@@ -179,11 +179,13 @@ IGNORED_ON_RESUME = ("quiet", "dist_timeout_s", "report_to")
 
 
 def _method_fields() -> dict[str, dataclasses.Field]:
-    """Every method setting by name (a union over the methods; the first declaration wins)."""
+    """Every method setting by name (a union over the methods; the first declaration with a help text wins:
+    a subclass that only changes a default, as ``full`` does, re-declares the field without one)."""
     out: dict[str, dataclasses.Field] = {}
     for cls in METHODS.values():
         for f in dataclasses.fields(cls):
-            out.setdefault(f.name, f)
+            if f.name not in out or (f.metadata.get("help") and not out[f.name].metadata.get("help")):
+                out[f.name] = f
     return out
 
 
@@ -351,6 +353,17 @@ def _setting(f: dataclasses.Field, hint: Any) -> Setting:
         hint = next((a for a in typing.get_args(hint) if a is not type(None)), hint)
     choices = typing.get_args(hint) if typing.get_origin(hint) is Literal else None
     return Setting(f.name, str if choices else hint, choices, f.default, f.metadata.get("help", ""))
+
+
+def per_method_defaults(name: str) -> dict[str, Any]:
+    """method -> default of setting ``name`` where that depends on the method (its recipe or its own
+    field default); empty where it does not."""
+    out: dict[str, Any] = {}
+    for method, cls in METHODS.items():
+        own = {f.name: f.default for f in dataclasses.fields(cls)}
+        if name in cls.recipe or name in own:
+            out[method] = cls.recipe.get(name, own.get(name))
+    return out if len({repr(v) for v in out.values()}) > 1 else {}
 
 
 def settings(sections: tuple[str, ...] = (*SECTIONS, "method")) -> Iterator[Setting]:

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import IO, Any
 
 import torch
-from matplotlib.figure import Figure
 
 from ppvit._io import atomic_write, atomic_write_text
 from ppvit.models.adapters import CONFIG_NAME, trainable_tensors
@@ -80,6 +79,25 @@ def adapter_dir(path: str | os.PathLike) -> Path:
     """A run folder or its adapter folder, given either (the one rule every command uses)."""
     p = Path(path)
     return p / "adapter" if (p / "adapter" / CONFIG_NAME).exists() else p
+
+
+def adapter_and_weights(path: str | os.PathLike, weights: str | os.PathLike | None) -> tuple[Path, str | None]:
+    """The adapter folder of a run folder or adapter folder, and its base weights file.
+
+    Explicit ``weights`` win; otherwise those the run recorded in its config.yaml (an adapter
+    folder's run is the folder above it), so that eval, predict and merge need no ``--weights``
+    that training already had. A recorded file that is gone is one clear error.
+    """
+    adapter = adapter_dir(path)
+    recorded = adapter.parent / CONFIG_FILE
+    if weights is not None or not recorded.is_file():
+        return adapter, None if weights is None else str(weights)
+    found = TrainConfig.load(recorded).backbone.weights
+    if found is not None and not Path(found).is_file():
+        raise FileNotFoundError(
+            f"weights file {found}: recorded in {recorded} but not found; pass --weights with the base weights"
+        )
+    return adapter, found
 
 
 def lock_run_folder(out: Path) -> IO[str]:
@@ -175,14 +193,19 @@ def load_best(out: Path, model: torch.nn.Module) -> None:
 def write_metrics(out: Path, history: list[dict[str, Any]]) -> None:
     """metrics.jsonl (one line per epoch) and curves.png (loss and accuracy per epoch)."""
     atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history))
+    from matplotlib.figure import Figure  # only when a run writes its curves: eval and predict need none
+
     epochs = [r["epoch"] for r in history]
     fig = Figure(figsize=(9, 3.5))  # not pyplot: no global backend or figure registry touched
     ax1, ax2 = fig.subplots(1, 2)
-    for split in ("train", "val"):
-        ax1.plot(epochs, [r[f"{split}_loss"] for r in history], label=split)
-        ax2.plot(epochs, [r[f"{split}_acc"] for r in history], label=split)
-    ax1.set(xlabel="epoch", ylabel="loss")
-    ax2.set(xlabel="epoch", ylabel="accuracy")
+    for split in ("train", "val"):  # markers: a one-epoch run is one point, which a bare line does not draw
+        ax1.plot(epochs, [r[f"{split}_loss"] for r in history], marker="o", label=split)
+        ax2.plot(epochs, [r[f"{split}_acc"] for r in history], marker="o", label=split)
+    ax1.set(xlabel="epoch", ylabel="loss", title="loss")
+    ax2.set(xlabel="epoch", ylabel="accuracy", title="accuracy")
+    ax1.set_xticks(epochs)
+    ax2.set_xticks(epochs)
     ax1.legend()
+    fig.suptitle(out.name)
     fig.tight_layout()
     atomic_write(out / "curves.png", lambda tmp: fig.savefig(tmp, format="png", dpi=100))
