@@ -32,8 +32,8 @@ from PIL import Image
 
 from ppvit.crypto.ciphers import BlockCipher
 from ppvit.crypto.keys import Key
-from ppvit.data.dataset_io import encrypt_collection
 from ppvit.data.datasets import ArrayDataset, load_splits
+from ppvit.data.encrypt import encrypt_collection
 from ppvit.data.pipeline import BatchPipeline, get_batch
 from ppvit.models.backbones import create_backbone, input_size, normalization, patch_size
 from ppvit.models.methods import apply_method, method_config

@@ -29,7 +29,7 @@ from safetensors.torch import save_file
 from ppvit.attacks.key_recovery import recover_plan, score_recovery
 from ppvit.crypto.ciphers import BlockCipher
 from ppvit.crypto.keys import Key
-from ppvit.data.datasets import cifar10_path, load_splits
+from ppvit.data.datasets import load_splits, resolve_data
 from ppvit.experiments.presets import PRESETS
 from ppvit.experiments.reproduce import cell_config, run_cell
 from ppvit.models.backbones import create_backbone, input_size, patch_size
@@ -61,7 +61,7 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     preset = PRESETS["cpu"]
-    data = str(cifar10_path(args.data))
+    data = str(resolve_data(args.data))
     key = Key.load(args.key)
 
     base = create_backbone(preset.model, weights=args.weights, img_size=preset.base.backbone.img_size)

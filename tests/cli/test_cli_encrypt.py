@@ -15,8 +15,7 @@ from PIL import Image
 from ppvit import cli
 from ppvit.crypto.ciphers import BlockCipher
 from ppvit.crypto.keys import Key
-from ppvit.data.dataset_io import load_encrypted_split
-from ppvit.data.datasets import ArrayDataset, load_splits
+from ppvit.data.datasets import ArrayDataset, load_source_split, load_splits
 from ppvit.data.manifest import read_manifest
 
 
@@ -126,7 +125,8 @@ def test_npy_shards_load_as_an_encrypted_dataset(tmp_path: Path, key_file: Path)
     images = make_tree(src, n=5)
     args = ["-q", "encrypt", str(src), str(tmp_path / "enc"), "--key", str(key_file), "--block-size", "4"]
     assert cli.main([*args, "--format", "npz"]) == 0
-    got, labels, classes = load_encrypted_split(tmp_path / "enc", "train")
+    ds = load_source_split(tmp_path / "enc", "train")
+    got, labels, classes = ds.images, ds.labels, list(ds.classes)
     cipher = BlockCipher(Key.load(key_file), "shuffle", 4)
     want = {rel: cipher.encrypt(a) for rel, a in images.items() if rel.startswith("train/")}
     assert classes == ["cat", "dog"] and sorted(labels.tolist()) == [0] * 5 + [1] * 5

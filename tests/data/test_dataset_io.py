@@ -15,7 +15,8 @@ from PIL import Image
 from ppvit import cli
 from ppvit.crypto.ciphers import BlockCipher
 from ppvit.crypto.keys import Key
-from ppvit.data.dataset_io import encrypt_collection, iter_image_bytes
+from ppvit.data.encrypt import encrypt_collection
+from ppvit.data.legacy import iter_image_bytes
 
 
 def png_bytes(seed: int, size: int = 16) -> bytes:

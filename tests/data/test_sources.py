@@ -15,9 +15,10 @@ from PIL import Image
 from ppvit import cli
 from ppvit.crypto.ciphers import BlockCipher
 from ppvit.crypto.keys import Key
-from ppvit.data.dataset_io import encrypt_collection
+from ppvit.data.encrypt import encrypt_collection
+from ppvit.data.legacy import iter_source_bytes, source_kind
 from ppvit.data.manifest import read_manifest
-from ppvit.data.sources import Columns, iter_source_bytes, source_kind
+from ppvit.data.sources import Columns
 from ppvit.train.loop import train
 
 datasets = pytest.importorskip("datasets")

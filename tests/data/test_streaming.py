@@ -17,7 +17,7 @@ from conftest import assert_no_key_material, train_config
 
 from ppvit import cli
 from ppvit.crypto.keys import Key
-from ppvit.data.dataset_io import load_encrypted_split
+from ppvit.data.legacy import load_encrypted_split
 from ppvit.data.manifest import read_manifest
 from ppvit.train.loop import train
 

@@ -20,8 +20,8 @@ from PIL import Image
 
 from ppvit.crypto.ciphers import BlockCipher
 from ppvit.crypto.keys import Key
-from ppvit.data.dataset_io import encrypt_collection
 from ppvit.data.datasets import load_test_split
+from ppvit.data.encrypt import encrypt_collection
 from ppvit.models.adapters import load_adapter
 from ppvit.train.inference import adapter_pipeline, iter_predictions
 from ppvit.train.loop import train

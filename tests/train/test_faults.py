@@ -33,7 +33,7 @@ from PIL import Image
 from ppvit import cli
 from ppvit._io import atomic_write_bytes
 from ppvit.crypto.keys import Key
-from ppvit.data import dataset_io
+from ppvit.data import sinks
 from ppvit.train import loop as ppvit_train
 from ppvit.train.loop import train
 from ppvit.train.runs import RunResult
@@ -362,7 +362,7 @@ def test_sigterm_stops_encrypt_and_decrypt_with_one_line_and_exit_143(
     if verb == "decrypt":
         assert encrypt(small_source, tmp_path / "enc", key_file) == 0
         src = tmp_path / "enc"
-    real_add, added = dataset_io._PngSink.add, []
+    real_add, added = sinks.PngSink.add, []
 
     def add(self, rel: str, arr: np.ndarray) -> None:
         real_add(self, rel, arr)
@@ -370,7 +370,7 @@ def test_sigterm_stops_encrypt_and_decrypt_with_one_line_and_exit_143(
         if len(added) == 2:
             os.kill(os.getpid(), signal.SIGTERM)
 
-    monkeypatch.setattr(dataset_io._PngSink, "add", add)
+    monkeypatch.setattr(sinks.PngSink, "add", add)
     argv = ["-q", verb, str(src), str(tmp_path / "out"), "--key", str(key_file)]
     assert cli.main(argv) == 128 + signal.SIGTERM
     lines = err_lines(capsys)

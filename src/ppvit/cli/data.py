@@ -37,7 +37,7 @@ def add_keygen(sub: argparse._SubParsersAction) -> None:
 
 def _encrypt(args: argparse.Namespace) -> int:
     from ppvit.crypto.ciphers import BlockCipher
-    from ppvit.data.dataset_io import encrypt_collection
+    from ppvit.data.encrypt import encrypt_collection
     from ppvit.data.sources import Columns
 
     cipher = BlockCipher(Key.load(args.key), args.scheme, args.block_size)
@@ -86,7 +86,7 @@ def add_encrypt(sub: argparse._SubParsersAction) -> None:
 
 
 def _decrypt(args: argparse.Namespace) -> int:
-    from ppvit.data.dataset_io import decrypt_collection
+    from ppvit.data.encrypt import decrypt_collection
 
     with stop_on_sigterm():
         summary = decrypt_collection(

@@ -1,8 +1,10 @@
-"""Datasets as in-memory uint8 arrays: loading a split, caching its decoded pixels, subsets and splits.
+"""Datasets as in-memory uint8 arrays: loading a split of any source, caching its decoded pixels, subsets and splits.
 
-Small datasets (CIFAR-10 is 60,000 x 32 x 32 x 3 = 184 MB) are decoded once, cached as a
-``.npz`` file, and held in memory as one uint8 array, so a CPU training run never waits
-on JPEG decoding; :mod:`ppvit.data.pipeline` makes batches of them.
+Small datasets (CIFAR-10 is 60,000 x 32 x 32 x 3 = 184 MB) are decoded once, cached (the npz
+layout of :mod:`ppvit.data.sources.encrypted_npz`, private: see :mod:`ppvit.data.cache`), and held
+in memory as one uint8 array, so a CPU training run never waits on JPEG decoding;
+:mod:`ppvit.data.pipeline` makes batches of them. ``ppvit encrypt --format wds`` output is
+streamed instead (:class:`~ppvit.data.streaming.ShardStream`). Torch-free until a stream is made.
 """
 
 from __future__ import annotations
@@ -11,20 +13,23 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-from torchvision.datasets import CIFAR10
 
-from ppvit._io import atomic_write
-from ppvit.data.dataset_io import load_encrypted_split, wds_shard_files
-from ppvit.data.manifest import MANIFEST_NAME, Manifest, read_manifest
-from ppvit.data.sources import Columns, identity, iter_source_images
-from ppvit.data.streaming import ShardStream, is_val
+from ppvit.data.cache import decoded_cache
+from ppvit.data.manifest import Manifest
+from ppvit.data.sources import Columns, Source, decode, open_source
+from ppvit.data.sources.cifar10 import CIFAR10_ENV
+from ppvit.data.sources.cifar10 import NAME as CIFAR10_NAME
+from ppvit.data.sources.encrypted_npz import read_npz, write_npz
+from ppvit.data.sources.encrypted_wds import EncryptedWds
+from ppvit.data.sources.wds import is_pattern
+
+if TYPE_CHECKING:
+    from ppvit.data.streaming import ShardStream
 
 log = logging.getLogger(__name__)
-
-CIFAR10_ENV = "PPVIT_CIFAR10"
-CACHE_ENV = "PPVIT_CACHE"
 
 
 @dataclass
@@ -48,86 +53,76 @@ class ArrayDataset:
         return ArrayDataset(self.images[index], self.labels[index], self.classes)
 
 
-def cifar10_path(path: str | os.PathLike | None = None) -> Path | None:
-    """The local CIFAR-10 copy: ``path``, else $PPVIT_CIFAR10; None means "download it"."""
-    chosen = path or os.environ.get(CIFAR10_ENV)
-    if not chosen or str(chosen) == "cifar10":
+def resolve_data(data: str | os.PathLike | None = None) -> Path | None:
+    """What ``--data`` names: ``data``, else $PPVIT_CIFAR10; None: CIFAR-10 downloaded (``cifar10``, or neither set)."""
+    chosen = data or os.environ.get(CIFAR10_ENV)
+    if not chosen or str(chosen) == CIFAR10_NAME:
         return None
     p = Path(chosen)
-    if not p.exists():
+    if not is_pattern(str(chosen)) and not p.exists():
         raise FileNotFoundError(f"dataset {p}: not found")
     return p
 
 
-def download_cifar10() -> tuple[ArrayDataset, ArrayDataset]:
-    """CIFAR-10 through torchvision, downloaded once into the cache (needs the network)."""
-    root = cache_dir() / "torchvision"
-    try:
-        parts = [CIFAR10(str(root), train=train, download=True) for train in (True, False)]
-    except Exception as exc:  # offline: URLError, socket errors, ...
-        raise ValueError(
-            f"CIFAR-10 download failed ({exc.__class__.__name__}); offline, pass --data PATH or set {CIFAR10_ENV} "
-            "to a local copy (ImageFolder folder or tar)"
-        ) from None
-    return tuple(  # type: ignore[return-value]
-        ArrayDataset(np.asarray(d.data, dtype=np.uint8), np.asarray(d.targets, dtype=np.int64), tuple(d.classes))
-        for d in parts
-    )
+def load_source_split(
+    src: str | os.PathLike | Source | None, split: str | None = None, columns: Columns | None = None
+) -> ArrayDataset:
+    """One split of any source (:func:`ppvit.data.sources.open_source`) decoded into memory, cached by identity.
 
-
-def cache_dir() -> Path:
-    """Where decoded datasets are cached: $PPVIT_CACHE or ~/.cache/ppvit."""
-    d = Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "ppvit")
-    d.mkdir(parents=True, exist_ok=True)
-    return d
-
-
-def load_image_folder(src: str | os.PathLike, split: str | None = None, columns: Columns | None = None) -> ArrayDataset:
-    """An ImageFolder tree (folder or tar/tar.gz), Hugging Face dataset or WebDataset shards
-    (:mod:`ppvit.data.sources`) decoded into memory, cached by file identity.
-
-    ``split`` selects a top-level folder (``train``/``test`` in the CIFAR-10 copy), a
-    dataset's split, or the shards named for it. All images must share one size; resizing
-    to the model input happens in the pipeline.
+    ``split`` selects a top-level folder (``train``/``test`` in the CIFAR-10 copy), a dataset's
+    split, or the shards named for it (None: the whole source). Labels index the manifest's class
+    list for ``ppvit encrypt`` output, else the sorted class folders found. All images must share
+    one size; resizing to the model input happens in the pipeline.
     """
-    ident = identity(src, columns)
-    name = Path(str(src).split("{")[0]).name or "source"
-    cached = cache_dir() / f"{name}-{split or 'all'}-{ident}.npz"
-    if cached.exists():
-        with np.load(cached) as z:
-            return ArrayDataset(z["images"], z["labels"], tuple(z["classes"].tolist()))
-    images, names = [], []
+    source = open_source(src, columns)
+    where = source.path
+    known = source.known_classes(split) if split is not None else None
+    if source.manifest is not None and split is not None and not known:
+        raise ValueError(
+            f"encrypted dataset {where}: has no {split!r} split (it has {sorted(source.manifest.classes)})"
+        )
+    cached = _cache_file(source, split)
+    if cached is not None and cached.exists():
+        got = read_npz(cached)
+        return ArrayDataset(got.images, got.labels, tuple(got.classes))
+    images, names, rels = [], [], []
     select = None if split is None else lambda rel: rel.startswith(f"{split}/")
-    for item in iter_source_images(src, select, columns):
-        parts = Path(item.relpath).parts
-        if split is not None:
-            if parts[0] != split:
-                continue
-            parts = parts[1:]
+    for rel, data in source.items(select):
+        parts = Path(rel).parts[0 if split is None else 1 :]
         if len(parts) < 2:
-            raise ValueError(f"{src}: {item.relpath} is not inside a class folder (ImageFolder layout)")
-        if item.error is not None:
-            raise ValueError(f"{src}: {item.relpath}: {item.error}")
-        images.append(np.asarray(item.image.convert("RGB")))
+            raise ValueError(f"{where}: {rel} is not inside a class folder (ImageFolder layout)")
+        if isinstance(data, np.ndarray):
+            images.append(data)
+        else:
+            item = decode(rel, data)
+            if item.error is not None:
+                raise ValueError(f"{where}: {rel}: {item.error}")
+            images.append(np.asarray(item.image))
         names.append(parts[0])
+        rels.append(rel)
     if not images:
-        raise ValueError(f"{src}: no images found" + (f" under {split}/" if split else ""))
-    classes = tuple(sorted(set(names)))
+        raise ValueError(f"{where}: no images found" + (f" under {split}/" if split else ""))
+    classes = tuple(known or sorted(set(names)))
     lookup = {c: i for i, c in enumerate(classes)}
+    unknown = sorted(set(names) - set(lookup))
+    if unknown:
+        raise ValueError(f"{where}: class {unknown[0]!r} of split {split!r} is not in its manifest")
     shapes = {im.shape for im in images}
     if len(shapes) != 1:
-        raise ValueError(f"{src}: images of several sizes {sorted(shapes)[:3]}; encrypt with --size first")
+        raise ValueError(f"{where}: images of several sizes {sorted(shapes)[:3]}; encrypt with --size first")
     ds = ArrayDataset(np.stack(images), np.array([lookup[n] for n in names], dtype=np.int64), classes)
-    _save_npz(cached, ds)
+    if cached is not None:
+        write_npz(cached, ds.images, ds.labels, ds.classes, rels, mode=0o600)
     return ds
 
 
-def _save_npz(path: Path, ds: ArrayDataset) -> None:
-    def write(tmp: Path) -> None:
-        with open(tmp, "wb") as fh:
-            np.savez(fh, images=ds.images, labels=ds.labels, classes=np.array(ds.classes))
-
-    atomic_write(path, write)
+def _cache_file(source: Source, split: str | None) -> Path | None:
+    """Where a split's decoded pixels are cached (None: the cache is off, or the source holds arrays already)."""
+    folder = decoded_cache() if source.cache_decoded else None
+    if folder is None:
+        return None
+    name = Path(str(source.path).split("{")[0]).name or "source"
+    return folder / f"{name}-{split or 'all'}-{source.identity()}.npz"
 
 
 def test_images(data: str | os.PathLike | None, n: int) -> np.ndarray:
@@ -136,8 +131,8 @@ def test_images(data: str | os.PathLike | None, n: int) -> np.ndarray:
     They come in a fixed random order (not grouped by class), so that any leading part of
     them (an attacker's images) and the rest (held-out ones) both mix the classes.
     """
-    source = cifar10_path(data)
-    ds = load_image_folder(source, "test") if source else download_cifar10()[1]
+    source = resolve_data(data)
+    ds = load_source_split(source, "test")
     if n > len(ds):
         raise ValueError(f"{source or 'CIFAR-10'}: {len(ds)} test images, {n} needed")
     images = stratified_subset(ds, n, seed=0).images
@@ -211,31 +206,26 @@ def load_splits(
     columns: Columns | None = None,
     loader_workers: int = 0,
 ) -> DataSplits:
-    """The run's data: ``data`` (else $PPVIT_CIFAR10, else CIFAR-10 downloaded) with ``train/`` and ``test/``.
+    """The run's data: ``data`` (else $PPVIT_CIFAR10, else CIFAR-10 downloaded) with ``train`` and ``test`` splits.
 
     A folder written by ``ppvit encrypt`` (it holds a manifest) gives encrypted splits;
     the caller checks the manifest against its scheme, block size, input size and key.
     WebDataset output of ``ppvit encrypt --format wds`` is streamed (:class:`ShardStream`,
     read by ``loader_workers`` processes), never loaded whole.
     """
-    src = cifar10_path(data)
-    if src is not None and _is_wds_output(src):
+    source = open_source(resolve_data(data), columns)
+    if isinstance(source, EncryptedWds):
+        from ppvit.data.streaming import ShardStream, is_val
+
         if part or train_subset or test_subset:
-            raise ValueError(f"{src}: streamed WebDataset data take no --part, --train-subset or --test-subset")
+            raise ValueError(f"{source.path}: streamed WebDataset data take no --part, --train-subset or --test-subset")
         if not 0 < val_fraction < 1:
             raise ValueError(f"validation fraction must be in (0, 1), got {val_fraction}")
-        manifest = read_manifest(src)
-        classes = tuple(manifest.classes.get("train") or ())
-        shards = wds_shard_files(src, "train")
-        train = ShardStream(shards, classes, lambda k: not is_val(k, val_fraction), loader_workers, str(src))
-        val = ShardStream(shards, classes, lambda k: is_val(k, val_fraction), loader_workers, str(src))
-        test = _stream_split(src, "test", manifest, loader_workers)
-        return DataSplits(train, val, test, manifest)
-    if src is None:  # one download call gives both splits
-        (full, test), manifest = download_cifar10(), None
-    else:
-        full, manifest = _load_split(data, "train", columns)
-        test, _ = _load_split(data, "test", columns)
+        classes, shards = tuple(source.split_classes("train")), source.shard_files("train")
+        train = ShardStream(shards, classes, lambda k: not is_val(k, val_fraction), loader_workers, str(source.path))
+        val = ShardStream(shards, classes, lambda k: is_val(k, val_fraction), loader_workers, str(source.path))
+        return DataSplits(train, val, _stream_split(source, "test", loader_workers), source.manifest)
+    full, test = load_source_split(source, "train"), load_source_split(source, "test")
     if part:
         full = take_part(full, part)
     if train_subset:
@@ -243,42 +233,24 @@ def load_splits(
     if test_subset:
         test = stratified_subset(test, test_subset, 0)
     train, val = split_train_val(full, val_fraction, seed)
-    return DataSplits(train, val, test, manifest)
+    return DataSplits(train, val, test, source.manifest)
 
 
 def load_test_split(
     data: str | os.PathLike | None, subset: int | None = None, columns: Columns | None = None
 ) -> tuple[ArrayDataset | ShardStream, Manifest | None]:
     """The test split alone (evaluating an adapter decodes nothing else), with the manifest if encrypted."""
-    src = cifar10_path(data)
-    if src is not None and _is_wds_output(src):
+    source = open_source(resolve_data(data), columns)
+    if isinstance(source, EncryptedWds):
         if subset:
-            raise ValueError(f"{src}: streamed WebDataset data take no test subset")
-        manifest = read_manifest(src)
-        return _stream_split(src, "test", manifest, 0), manifest
-    test, manifest = _load_split(data, "test", columns)
-    return (stratified_subset(test, subset, 0) if subset else test), manifest
+            raise ValueError(f"{source.path}: streamed WebDataset data take no test subset")
+        return _stream_split(source, "test", 0), source.manifest
+    test = load_source_split(source, "test")
+    return (stratified_subset(test, subset, 0) if subset else test), source.manifest
 
 
-def _is_wds_output(src: Path) -> bool:
-    return src.is_dir() and (src / MANIFEST_NAME).exists() and read_manifest(src).format == "wds"
+def _stream_split(source: EncryptedWds, split: str, workers: int) -> ShardStream:
+    from ppvit.data.streaming import ShardStream
 
-
-def _stream_split(src: Path, split: str, manifest: Manifest, workers: int) -> ShardStream:
-    classes = manifest.classes.get(split)
-    if not classes:
-        raise ValueError(f"encrypted dataset {src}: has no {split!r} split (it has {sorted(manifest.classes)})")
-    return ShardStream(wds_shard_files(src, split), tuple(classes), None, workers, str(src))
-
-
-def _load_split(
-    data: str | os.PathLike | None, split: str, columns: Columns | None = None
-) -> tuple[ArrayDataset, Manifest | None]:
-    """One split of ``data`` (else $PPVIT_CIFAR10, else CIFAR-10 downloaded), and its manifest if encrypted."""
-    src = cifar10_path(data)
-    if src is None:
-        return download_cifar10()[split == "test"], None
-    if src.is_dir() and (src / MANIFEST_NAME).exists():
-        images, labels, classes = load_encrypted_split(src, split)
-        return ArrayDataset(images, labels, tuple(classes)), read_manifest(src)
-    return load_image_folder(src, split, columns), None
+    classes = tuple(source.split_classes(split))
+    return ShardStream(source.shard_files(split), classes, None, workers, str(source.path))

@@ -52,7 +52,7 @@ def resize_array(image: np.ndarray, size: int) -> np.ndarray:
 
 def read_image(path: str | os.PathLike, size: int, resize: bool = True) -> np.ndarray:
     """An image file as (size, size, 3) uint8: plain images are resized, ciphertext must fit already."""
-    from ppvit.data.dataset_io import decode
+    from ppvit.data.sources.base import decode
 
     try:
         item = decode(str(path), Path(path).read_bytes())

@@ -19,7 +19,6 @@ of several workers are dropped) starts its shards again for the remaining steps.
 from __future__ import annotations
 
 import random
-import tarfile
 import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -28,7 +27,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-from ppvit.data.dataset_io import png_array
+from ppvit.data.sources.encrypted_wds import labelled, png_array
+from ppvit.data.sources.wds import count_samples, read_samples
 
 SHUFFLE_BUFFER = 1000  # raw samples held for shuffling: with 224x224 PNGs about 150 MB
 
@@ -38,61 +38,39 @@ def is_val(key: str, fraction: float) -> bool:
     return zlib.crc32(key.encode()) % 10_000 < round(fraction * 10_000)
 
 
-def count_keys(shards: list[Path], keep: Callable[[str], bool] | None) -> int:
-    """Samples (``.png`` members) in ``shards`` that ``keep`` accepts; reads tar headers only."""
-    n = 0
-    for shard in shards:
-        try:
-            with tarfile.open(shard) as tar:
-                for m in tar:
-                    if m.name.endswith(".png") and (keep is None or keep(m.name[: -len(".png")])):
-                        n += 1
-        except (tarfile.TarError, EOFError, OSError) as exc:
-            raise ValueError(f"shard {shard}: damaged ({exc.__class__.__name__}: {exc})") from None
-    return n
-
-
 class _Samples(IterableDataset):
     """(HWC uint8 image, label) of this process's share of the stream, decoded in the worker that reads it."""
 
     def __init__(
         self,
         shards: list[Path],
+        n_classes: int,
         keep: Callable[[str], bool] | None,
         shuffle: bool,
         seed: int,
         rank: int,
         world: int,
     ) -> None:
-        self.shards, self.keep, self.shuffle, self.seed = shards, keep, shuffle, seed
+        self.shards, self.n_classes, self.keep, self.shuffle, self.seed = shards, n_classes, keep, shuffle, seed
         self.rank, self.world = rank, world
 
     def __iter__(self) -> Iterator[tuple[np.ndarray, int]]:
-        from ppvit.data.sources import optional
-
-        wds = optional("webdataset")
-
         info = torch.utils.data.get_worker_info()
         wid, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         order = list(range(len(self.shards)))
         if self.shuffle:
             random.Random(self.seed).shuffle(order)
         mine = [self.shards[i] for i in order[wid::workers]]
-        raw = wds.tarfile_to_samples(handler=_reraise)(iter([{"url": str(p)} for p in mine]))
         stream = (
-            (s["__key__"], s["png"], s["cls"], s["__url__"])
-            for s in raw
-            if "png" in s and "cls" in s and (self.keep is None or self.keep(s["__key__"]))
+            (shard, sample["__key__"], *labelled(shard, sample, self.n_classes))
+            for shard, sample in read_samples(mine)
+            if self.keep is None or self.keep(sample["__key__"])
         )
         if self.shuffle:
             stream = _buffer_shuffle(stream, SHUFFLE_BUFFER, random.Random(self.seed * 31 + wid))
-        for c, (key, png, cls, url) in enumerate(stream):
+        for c, (shard, key, png, label) in enumerate(stream):
             if c % self.world == self.rank:
-                yield png_array(png, f"{url}: {key}"), int(cls)
-
-
-def _reraise(exc: Exception) -> bool:
-    raise ValueError(f"encrypted shards: damaged ({exc.__class__.__name__}: {exc})") from None
+                yield png_array(png, f"{shard}: {key}"), label
 
 
 def _buffer_shuffle(stream: Iterator, size: int, rng: random.Random) -> Iterator:
@@ -132,7 +110,7 @@ class ShardStream:
         if not shards:
             raise ValueError(f"encrypted dataset {where}: no shards")
         self.shards, self.classes, self.keep, self.workers = shards, classes, keep, workers
-        self.n = count_keys(shards, keep)
+        self.n = count_samples(shards, keep)
 
     def __len__(self) -> int:
         return self.n
@@ -152,7 +130,7 @@ class ShardStream:
         done, cycle = 0, 0
         while True:
             loader = DataLoader(
-                _Samples(self.shards, self.keep, shuffle, seed * 1_000_003 + cycle, rank, world),
+                _Samples(self.shards, len(self.classes), self.keep, shuffle, seed * 1_000_003 + cycle, rank, world),
                 batch_size=per_process,
                 num_workers=self.workers,
                 collate_fn=_collate,

@@ -22,8 +22,7 @@ def sample_images(src: str | os.PathLike, n: int, size: int | None, prefix: str 
     With fewer classes than ``n``, a second image of each class follows, and so on. Images of a
     class already shown are not read (a folder or archive sorted by class is not decoded whole).
     """
-    from ppvit.data.dataset_io import class_of  # the data stack (torch) only when previews are made
-    from ppvit.data.sources import iter_source_images
+    from ppvit.data.sources import class_of, open_source  # the data stack only when previews are made
 
     quota, taken = 1, {}
     while True:
@@ -32,7 +31,7 @@ def sample_images(src: str | os.PathLike, n: int, size: int | None, prefix: str 
         def select(rel: str, quota: int = quota, per_class: dict = per_class) -> bool:
             return (not prefix or rel.startswith(prefix)) and len(per_class.get(class_of(rel), [])) < quota
 
-        for item in iter_source_images(src, select):
+        for item in open_source(src).images(select):
             if item.error is None:
                 im = np.asarray(item.image)
                 per_class.setdefault(class_of(item.relpath), []).append(im if size is None else resize_array(im, size))
@@ -105,7 +104,8 @@ def encryption_demo(
     A throwaway key is created in ``out``; the run refuses an ``out`` that holds one already.
     """
     from ppvit.crypto.ciphers import BlockCipher
-    from ppvit.data.dataset_io import decrypt_collection, encrypt_collection, iter_images
+    from ppvit.data.encrypt import decrypt_collection, encrypt_collection
+    from ppvit.data.sources import open_source
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -124,7 +124,7 @@ def encryption_demo(
 
     originals = {
         Path(item.relpath).with_suffix(".png").as_posix(): resize_array(np.asarray(item.image), size)
-        for item in iter_images(data, select)
+        for item in open_source(data).images(select)
         if item.error is None
     }
     chosen = {Path(rel).with_suffix("").as_posix() for rel in originals}
@@ -137,7 +137,7 @@ def encryption_demo(
         select=lambda r: str(Path(r).with_suffix("")) in chosen,
     )
     dec = decrypt_collection(out / "encrypted", out / "decrypted", key, progress=False)
-    decrypted = {item.relpath: np.asarray(item.image) for item in iter_images(out / "decrypted")}
+    decrypted = {item.relpath: np.asarray(item.image) for item in open_source(out / "decrypted").images()}
     exact = decrypted.keys() == originals.keys() and all(np.array_equal(decrypted[r], originals[r]) for r in originals)
     preview_grid(sample_images(data, 10, size, "test/"), key, PREVIEW_SCHEMES, block_size, out / "preview.png")
     return DemoReport(

@@ -18,7 +18,8 @@ from dataclasses import asdict
 from pathlib import Path
 
 from ppvit.crypto.keys import Key
-from ppvit.data.datasets import cache_dir, cifar10_path
+from ppvit.data.cache import cache_dir
+from ppvit.data.datasets import resolve_data
 from ppvit.experiments.presets import Preset, Upstream
 from ppvit.experiments.results import Cell, ResultTable
 from ppvit.models.adapters import merge_to_file
@@ -38,7 +39,7 @@ def pretrain(
     Returns the weights file (a plain timm state dict) and the upstream run's result
     (its test accuracy is the quality that decides whether a comparison means anything).
     """
-    source = cifar10_path(data)
+    source = resolve_data(data)
     ident = json.dumps([model, asdict(upstream), str(source.resolve()) if source else "cifar10"], sort_keys=True)
     run = cache_dir() / "pretrained" / f"{model}-{hashlib.sha256(ident.encode()).hexdigest()[:12]}"
     weights = run / "weights.safetensors"
@@ -123,7 +124,7 @@ def reproduce(
 ) -> ResultTable:
     """Run every cell of ``preset`` (finished cells are skipped), then tabulate and plot."""
     out = Path(out)
-    source = cifar10_path(data)
+    source = resolve_data(data)
     common: dict = {"data": str(source) if source else "cifar10", **(overrides or {})}
     upstream_acc = None
     if preset.upstream is not None and weights is None:

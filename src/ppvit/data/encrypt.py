@@ -1,0 +1,179 @@
+"""Encrypting and decrypting collections: ``ppvit encrypt`` and ``ppvit decrypt``.
+
+Any source of :mod:`ppvit.data.sources` goes in; outputs are lossless (:mod:`ppvit.data.sinks`):
+PNG files mirroring the source tree, uint8 npz shards per split for fast loading, or
+WebDataset tar shards of PNGs (``.png`` + ``.cls``) per split for streaming. A JPEG or WebP
+output is refused, since lossy compression destroys the pixel shuffling.
+
+A manifest (``ppvit-manifest.json``) beside the output records the scheme, block size, input
+size, format, classes and the key fingerprint, never the key. It is written before the first
+image, so an interrupted run can be continued (outputs that exist are skipped) and a run with
+another key or scheme cannot write into the same folder.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from ppvit import __version__
+from ppvit._io import remove_stale_temps
+from ppvit.crypto.ciphers import BlockCipher
+from ppvit.crypto.keys import Key
+from ppvit.data.manifest import (
+    FORMATS,
+    MANIFEST_NAME,
+    PLAIN,
+    WDS_SHARD_SIZE,
+    Format,
+    Manifest,
+    read_manifest,
+    write_manifest,
+)
+from ppvit.data.sinks import Sink, open_sink
+from ppvit.data.sources import Columns, Item, Select, Source, open_source
+from ppvit.data.sources.encrypted_png import EncryptedPng
+from ppvit.data.workers import Result, transform_all
+
+log = logging.getLogger(__name__)
+
+LOSSY_SUFFIXES = (".jpg", ".jpeg", ".webp")
+
+
+@dataclass
+class Summary:
+    """What a run did; ``failed`` lists (relative path, problem) for every bad input."""
+
+    written: int = 0
+    skipped: int = 0
+    failed: list[tuple[str, str]] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def check_output(dst: Path, fmt: str) -> None:
+    """Refuse lossy outputs and destinations that are not folders."""
+    if fmt not in FORMATS:
+        reason = " (lossy compression would destroy the shuffling)" if fmt.lower() in ("jpg", "jpeg", "webp") else ""
+        raise ValueError(f"output format {fmt!r} is not supported{reason}; use png, npz or wds")
+    if dst.suffix.lower() in LOSSY_SUFFIXES:
+        raise ValueError(
+            f"output {dst}: a lossy format would destroy the shuffling; give a folder (PNG files are written)"
+        )
+    if dst.exists() and not dst.is_dir():
+        raise ValueError(f"output {dst}: exists and is not a folder")
+
+
+def transform_collection(
+    src: str | os.PathLike | Source,
+    dst: str | os.PathLike,
+    cipher: BlockCipher,
+    manifest: Manifest,
+    decrypting: bool = False,
+    workers: int = 1,
+    progress: bool = True,
+    select: Select = None,
+    columns: Columns | None = None,
+) -> Summary:
+    """Encrypt (or decrypt) every image of ``src`` (any source: :func:`ppvit.data.sources.open_source`)
+    into ``dst``; the shared engine of both verbs."""
+    source = open_source(src, columns)
+    dst = Path(dst)
+    check_output(dst, manifest.format)
+    labels: list[str] = []
+    if manifest.format == "wds":  # the label space first: each sample's .cls is an index into it
+        manifest.shard_size = manifest.shard_size or WDS_SHARD_SIZE
+        splits, labels = source.splits_and_classes(select)
+        manifest.classes = {split: labels for split in splits}
+    dst.mkdir(parents=True, exist_ok=True)
+    if (dst / MANIFEST_NAME).exists():
+        old = read_manifest(dst)
+        old.check(manifest.scheme, manifest.block_size, manifest.size, manifest.key_fingerprint, where=f"output {dst}")
+        if old.format != manifest.format:
+            raise ValueError(f"output {dst}: holds {old.format} output, not {manifest.format}")
+        if old.shard_size != manifest.shard_size:
+            raise ValueError(f"output {dst}: was written with shard size {old.shard_size}, not {manifest.shard_size}")
+        if manifest.format == "wds" and old.classes != manifest.classes:
+            raise ValueError(f"output {dst}: its classes {old.classes} differ from the source's now; use a new output")
+    write_manifest(dst, manifest)  # before the first image: claims the folder for these settings
+    for tmp in remove_stale_temps(dst):  # an interrupted run's half-written files
+        log.info("removed %s (left by an interrupted run)", tmp)
+
+    t0 = time.perf_counter()
+    summary = Summary()
+    sink = open_sink(manifest.format, dst, manifest.shard_size, labels)
+
+    def fresh(items: Iterator[Item]) -> Iterator[Item]:
+        for rel, data in items:
+            if sink.claim(rel):
+                summary.skipped += 1
+            else:
+                yield rel, data
+
+    init = (cipher.key.secret, str(cipher.scheme), cipher.block_size, manifest.size, decrypting)
+    with tqdm(desc="decrypting" if decrypting else "encrypting", unit="img", disable=not progress) as bar:
+
+        def consume(results: Iterator[Result]) -> None:
+            _consume(results, sink, summary, bar)
+
+        transform_all(fresh(source.items(select)), init, workers, consume)
+        sink.close()
+    manifest.classes, manifest.counts = sink.inventory()
+    manifest.complete = not summary.failed
+    write_manifest(dst, manifest)
+    summary.seconds = time.perf_counter() - t0
+    return summary
+
+
+def _consume(results: Iterator[Result], sink: Sink, summary: Summary, bar: tqdm) -> None:
+    for rel, arr, error in results:
+        if error is not None:
+            summary.failed.append((rel, error))
+        else:
+            sink.add(rel, arr)
+            summary.written += 1
+        bar.update()
+
+
+def encrypt_collection(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    cipher: BlockCipher,
+    size: int | None = None,
+    fmt: Format = "png",
+    workers: int = 1,
+    progress: bool = True,
+    select: Select = None,
+    columns: Columns | None = None,
+    shard_size: int | None = None,
+) -> Summary:
+    """Encrypt any source of :mod:`ppvit.data.sources` into ``dst`` (resized to ``size`` first if given).
+
+    ``shard_size``: images per WebDataset shard (``fmt="wds"`` only; default 1000).
+    """
+    if shard_size is not None and (fmt != "wds" or shard_size < 1):
+        raise ValueError(f"shard size {shard_size}: only for --format wds, and at least 1")
+    manifest = Manifest(str(cipher.scheme), cipher.block_size, size, cipher.key.fingerprint, fmt, __version__)
+    manifest.shard_size = shard_size
+    return transform_collection(src, dst, cipher, manifest, False, workers, progress, select, columns)
+
+
+def decrypt_collection(
+    src: str | os.PathLike, dst: str | os.PathLike, key: Key, workers: int = 1, progress: bool = True
+) -> Summary:
+    """Undo :func:`encrypt_collection`; refuses a key whose fingerprint differs from the manifest's."""
+    src = Path(src)
+    manifest = read_manifest(src)
+    manifest.check(fingerprint=key.fingerprint, where=f"{src}")
+    if manifest.format != "png":
+        raise ValueError(
+            f"{src}: decrypting {manifest.format} shards is not supported; load them with ppvit.data.datasets"
+        )
+    cipher = BlockCipher(key, manifest.scheme, manifest.block_size)
+    plain = Manifest(PLAIN, manifest.block_size, manifest.size, key.fingerprint, "png", __version__)
+    return transform_collection(EncryptedPng(src), dst, cipher, plain, True, workers, progress)

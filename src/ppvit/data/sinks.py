@@ -1,0 +1,218 @@
+"""Where ``ppvit encrypt`` and ``decrypt`` write: one sink per output format (png, npz, wds).
+
+Every sink writes each file atomically and can tell, per image, whether a previous run wrote
+it already (``claim``), so an interrupted run is continued, not restarted. Results arrive in
+source order.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+from PIL import Image
+
+from ppvit._io import _naming, atomic_write_bytes, commit_temp
+from ppvit.data.manifest import SHARD_SIZE
+from ppvit.data.sources.base import class_of, optional, split_of
+from ppvit.data.sources.encrypted_npz import read_npz, write_npz
+from ppvit.data.sources.wds import count_samples
+
+Inventory = tuple[dict[str, list[str]], dict[str, int]]  # (split -> sorted classes, split -> images)
+
+
+class Sink(Protocol):
+    def claim(self, rel: str) -> bool:
+        """True when ``rel`` is written already (a previous run's): it is skipped."""
+
+    def add(self, rel: str, arr: np.ndarray) -> None: ...
+
+    def close(self) -> None: ...
+
+    def inventory(self) -> Inventory:
+        """What the output holds now, for the manifest."""
+
+
+def open_sink(fmt: str, dst: Path, shard_size: int | None, classes: list[str]) -> Sink:
+    """The sink of output format ``fmt`` (``classes``: the label space of wds ``.cls`` members)."""
+    if fmt == "wds":
+        return WdsSink(dst, shard_size or 0, classes)
+    return NpzSink(dst) if fmt == "npz" else PngSink(dst)
+
+
+def png_bytes(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+def _inventory(entries: Iterator[tuple[str, str]]) -> Inventory:
+    """(split -> sorted classes, split -> count) from (split, class) pairs."""
+    classes: dict[str, set[str]] = {}
+    counts: dict[str, int] = {}
+    for split, cls in entries:
+        classes.setdefault(split, set()).add(cls)
+        counts[split] = counts.get(split, 0) + 1
+    # sorted: the same manifest whatever order the file system lists the files in
+    return {k: sorted(classes[k]) for k in sorted(classes)}, {k: counts[k] for k in sorted(counts)}
+
+
+class PngSink:
+    """One PNG per image, at the source's relative path with a .png suffix."""
+
+    def __init__(self, dst: Path) -> None:
+        self.dst = dst
+
+    def _path(self, rel: str) -> Path:
+        return self.dst / Path(rel).with_suffix(".png")
+
+    def claim(self, rel: str) -> bool:
+        return self._path(rel).exists()
+
+    def add(self, rel: str, arr: np.ndarray) -> None:
+        path = self._path(rel)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(path, png_bytes(arr))
+
+    def close(self) -> None:
+        pass
+
+    def inventory(self) -> Inventory:
+        rels = (p.relative_to(self.dst).as_posix() for p in self.dst.rglob("*.png"))
+        return _inventory((split_of(r), class_of(r)) for r in rels)
+
+
+class _NumberedShards:
+    """Outputs in numbered shards per split: the i-th image of a split (in source order)
+    belongs to shard i // shard_size, so a rerun skips every image whose shard exists and
+    rewrites only unfinished shards."""
+
+    PATTERN = ""  # the shards' file names, as a glob
+
+    def __init__(self, dst: Path, shard_size: int) -> None:
+        self.dst, self.shard_size = dst, shard_size
+        self.next_index: dict[str, int] = {}
+        self.index: dict[str, int] = {}
+
+    def _shard(self, split: str, number: int) -> Path:
+        raise NotImplementedError
+
+    def claim(self, rel: str) -> bool:
+        """Give ``rel`` the next index of its split; True when its shard exists."""
+        split = split_of(rel)
+        i = self.next_index.get(split, 0)
+        self.next_index[split] = i + 1
+        self.index[rel] = i
+        return self._shard(split, i // self.shard_size).exists()
+
+    def _shards(self) -> list[Path]:
+        return sorted(self.dst.rglob(self.PATTERN))
+
+
+class NpzSink(_NumberedShards):
+    """uint8 shards per split, ``<split>/shard-00000.npz`` (the layout of :mod:`ppvit.data.sources.encrypted_npz`)."""
+
+    PATTERN = "shard-*.npz"
+
+    def __init__(self, dst: Path) -> None:
+        super().__init__(dst, SHARD_SIZE)
+        self.buffers: dict[tuple[str, int], list[tuple[str, np.ndarray]]] = {}
+
+    def _shard(self, split: str, number: int) -> Path:
+        return self.dst / split / f"shard-{number:05d}.npz"
+
+    def add(self, rel: str, arr: np.ndarray) -> None:
+        split, shard = split_of(rel), self.index.pop(rel) // self.shard_size
+        for key in [k for k in self.buffers if k[0] == split and k[1] < shard]:
+            self._flush(key)  # results arrive in source order: earlier shards are complete
+        self.buffers.setdefault((split, shard), []).append((rel, arr))
+
+    def _flush(self, key: tuple[str, int]) -> None:
+        buf = self.buffers.pop(key)
+        path = self._shard(*key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        rels = [r for r, _ in buf]
+        classes = sorted({class_of(r) for r in rels})
+        labels = np.array([classes.index(class_of(r)) for r in rels], dtype=np.int64)
+        write_npz(path, np.stack([a for _, a in buf]), labels, classes, rels)
+
+    def close(self) -> None:
+        for key in list(self.buffers):
+            self._flush(key)
+
+    def inventory(self) -> Inventory:
+        def entries() -> Iterator[tuple[str, str]]:
+            for shard in self._shards():
+                for p in read_npz(shard).paths:
+                    yield split_of(p), class_of(p)
+
+        return _inventory(entries())
+
+
+class WdsSink(_NumberedShards):
+    """WebDataset shards per split, ``<split>/shard-000000.tar`` (the layout of
+    :mod:`ppvit.data.sources.encrypted_wds`), each image's PNG and ``.cls``.
+
+    A shard is written to a temporary name as its images arrive (never held in memory whole)
+    and renamed when complete, so a rerun skips finished shards and rewrites only the one an
+    interruption left unfinished.
+    """
+
+    PATTERN = "shard-*.tar"
+
+    def __init__(self, dst: Path, shard_size: int, classes: list[str]) -> None:
+        super().__init__(dst, shard_size)
+        self.lookup = {c: i for i, c in enumerate(classes)}
+        self.open: dict[str, tuple[int, Path, Path, Any, Any]] = {}  # split -> number, path, tmp, file, writer
+
+    def _shard(self, split: str, number: int) -> Path:
+        return self.dst / split / f"shard-{number:06d}.tar"
+
+    def add(self, rel: str, arr: np.ndarray) -> None:
+        wds = optional("webdataset")
+        split, number = split_of(rel), self.index.pop(rel) // self.shard_size
+        if split in self.open and self.open[split][0] != number:
+            self._finish(split)  # results arrive in source order: the earlier shard is complete
+        if split not in self.open:
+            path = self._shard(split, number)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+            except OSError as exc:
+                raise _naming(exc, path) from None
+            fh = os.fdopen(fd, "wb")
+            self.open[split] = (number, path, Path(name), fh, wds.TarWriter(fh, encoder=False, mtime=0))
+        below = Path(rel).relative_to(split) if split else Path(rel)
+        key = below.with_suffix("").as_posix().replace(".", "_")
+        writer = self.open[split][4]
+        try:
+            writer.write({"__key__": key, "png": png_bytes(arr), "cls": str(self.lookup[class_of(rel)]).encode()})
+        except OSError as exc:
+            raise _naming(exc, self.open[split][1]) from None
+
+    def _finish(self, split: str) -> None:
+        _, path, tmp, fh, writer = self.open.pop(split)
+        try:
+            writer.close()  # the tar stream; the file is ours to close
+            fh.close()
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise _naming(exc, path) from None
+        commit_temp(tmp, path)
+
+    def close(self) -> None:
+        for split in list(self.open):
+            self._finish(split)
+
+    def inventory(self) -> Inventory:
+        classes = sorted(self.lookup, key=self.lookup.__getitem__)
+        counts: dict[str, int] = {}
+        for shard in self._shards():
+            split = shard.parent.relative_to(self.dst).as_posix().replace(".", "")
+            counts[split] = counts.get(split, 0) + count_samples([shard])
+        return {split: classes for split in sorted(counts)}, {k: counts[k] for k in sorted(counts)}

@@ -1,0 +1,194 @@
+"""What every source of images is: the :class:`Source` interface and the ImageFolder path conventions.
+
+A source yields items ``(relative path, data)``: the path in ImageFolder layout,
+``[split/]class/name``, whatever the source's own layout, so the rest of ppvit (the manifest's
+classes, resumable outputs, the splits, the demo's selection) works on every kind alike; the
+data are the raw bytes of an encoded image, the pixels themselves (uint8 HWC, for sources that
+hold arrays), or the ``OSError`` saying why the image cannot be read (one failed image, not the
+end of a run). Torch-free: PIL and numpy only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import io
+import os
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+from PIL import Image
+
+from ppvit.data.manifest import MANIFEST_NAME, PLAIN, Manifest, read_manifest
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".tif", ".tiff", ".webp", ".gif")
+SPLIT_NAMES = ("train", "test", "validation", "valid", "val", "dev")
+UNLABELLED = "_unlabelled_"  # the class folder of an image whose label is missing (a failed image)
+
+Data = bytes | np.ndarray | OSError
+Item = tuple[str, Data]
+Select = Callable[[str], bool] | None
+
+
+@dataclass(frozen=True)
+class Columns:
+    """Which columns of a Hugging Face dataset hold the image and the label (None: found by feature type)."""
+
+    image: str | None = None
+    label: str | None = None
+
+
+@dataclass
+class ImageItem:
+    """One source image: its path relative to the source, and the decoded image or an error."""
+
+    relpath: str
+    image: Image.Image | None = None
+    error: str | None = None
+
+
+def decode(relpath: str, data: Data) -> ImageItem:
+    """Decode to RGB; an unreadable or corrupt file becomes an item with an error, not an exception."""
+    if isinstance(data, OSError):
+        return ImageItem(relpath, error=f"cannot read ({data.strerror or data})")
+    if isinstance(data, np.ndarray):
+        return ImageItem(relpath, Image.fromarray(data))
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            return ImageItem(relpath, im.convert("RGB"))
+    except Exception as exc:  # PIL raises many types for bad files
+        return ImageItem(relpath, error=f"cannot decode ({exc.__class__.__name__}: {exc})")
+
+
+def class_of(relpath: str) -> str:
+    """The ImageFolder class: the folder holding the file ('' for a file at the top)."""
+    parts = Path(relpath).parts
+    return parts[-2] if len(parts) >= 2 else ""
+
+
+def split_of(relpath: str) -> str:
+    """The split folder above the class folder ('' when there is none)."""
+    parts = Path(relpath).parts
+    return parts[0] if len(parts) >= 3 else ""
+
+
+def is_image_path(relpath: str) -> bool:
+    """An image suffix, and no hidden part (``.x``, macOS ``._x.jpg`` resource forks are not images)."""
+    parts = Path(relpath).parts
+    return Path(relpath).suffix.lower() in IMAGE_SUFFIXES and not any(p.startswith(".") and p != ".." for p in parts)
+
+
+def has_images(folder: Path) -> bool:
+    return any(is_image_path(p.relative_to(folder).as_posix()) for p in folder.rglob("*"))
+
+
+def split_from_path(path: Path, root: Path | None = None) -> str:
+    """The split a shard or parquet file belongs to: its folder's name, else its name's prefix, else ''."""
+    for part in reversed(path.relative_to(root).parts[:-1] if root else path.parts[:-1][-1:]):
+        if part in SPLIT_NAMES:
+            return part
+    stem = path.name.split(".")[0]
+    for sep in ("-", "_"):
+        stem = stem.split(sep)[0]
+    return stem if stem in SPLIT_NAMES else ""
+
+
+def label_name(value: Any, names: list[str] | None) -> str | None:
+    """A label value as a class folder name (None: no label)."""
+    if value is None or (isinstance(value, int) and value < 0):
+        return None
+    if names is not None and isinstance(value, int):
+        return safe_name(names[value]) if value < len(names) else None
+    if isinstance(value, int | float) and float(value).is_integer():
+        return f"{int(value):04d}"
+    return safe_name(str(value))
+
+
+def safe_name(text: str) -> str:
+    """A class or key as one path component: no separators, no leading dot, never '..'."""
+    out = text.replace("/", "_").replace("\\", "_").strip() or "_"
+    return "_" + out if out.startswith(".") else out
+
+
+def optional(module: str) -> Any:
+    """An optional dependency (the ``data`` extra), or a one-line error saying how to install it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise ValueError(
+            f"this source needs {module.split('.')[0]} (not installed): pip install 'ppvit[data]'"
+        ) from None
+
+
+class Source(ABC):
+    """A way of reading images; one subclass per kind, chosen from the path by :func:`ppvit.data.sources.open_source`.
+
+    A new kind is one module with a subclass (``kind``, :meth:`claims`, :meth:`items`,
+    :meth:`files`) and one entry in the registry's ``KINDS``.
+    """
+
+    kind: ClassVar[str]
+    cache_decoded: ClassVar[bool] = True  # loading a split caches its decoded pixels (not for arrays already)
+    manifest: Manifest | None = None  # an encrypted (or decrypted) dataset's: what it is and its classes
+
+    def __init__(self, path: str | os.PathLike, columns: Columns | None = None) -> None:
+        self.path = path
+        self.columns = columns or Columns()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({str(self.path)!r})"
+
+    @classmethod
+    @abstractmethod
+    def claims(cls, path: str) -> bool:
+        """Whether ``path`` (as given: a path, a brace pattern, a name) is this kind; cheap, never raises."""
+
+    @abstractmethod
+    def items(self, select: Select = None) -> Iterator[Item]:
+        """(relative path in ImageFolder layout, data) of every image (that ``select`` accepts), in a stable order."""
+
+    @abstractmethod
+    def files(self) -> list[Path]:
+        """What the source is on disk, for :meth:`identity` (sizes and times of these files)."""
+
+    def paths(self, select: Select = None) -> Iterator[str]:
+        """The relative paths alone; kinds that can list them without reading images do so."""
+        return (rel for rel, _ in self.items(select))
+
+    def images(self, select: Select = None) -> Iterator[ImageItem]:
+        """Decoded images (see :func:`decode`), in the order of :meth:`items`."""
+        return (decode(rel, data) for rel, data in self.items(select))
+
+    @property
+    def encrypted(self) -> bool:
+        return self.manifest is not None and self.manifest.scheme != PLAIN
+
+    def identity(self) -> str:
+        """A short hash of what the source is on disk (paths, sizes, times) and the columns read: a cache key."""
+        parts = [f"{p.resolve()}|{p.stat().st_size}|{p.stat().st_mtime_ns}" for p in self.files()]
+        return hashlib.sha256("\n".join([*parts, repr(self.columns)]).encode()).hexdigest()[:16]
+
+    def known_classes(self, split: str) -> list[str] | None:
+        """The class list labels index, where the source records one (a manifest); None: the classes found."""
+        return self.manifest.classes.get(split) if self.manifest is not None else None
+
+    def splits_and_classes(self, select: Select = None) -> tuple[list[str], list[str]]:
+        """The splits ('' for images outside a split folder) and every class of every split, sorted:
+        the manifest's, else (or with ``select``) one pass over :meth:`paths` (a shard source reads its data)."""
+        if self.manifest is not None and self.manifest.classes and select is None:
+            listed = self.manifest.classes
+            return sorted(listed), sorted({c for split in listed.values() for c in split})
+        rels = list(self.paths(select))
+        return sorted({split_of(r) for r in rels}), sorted({class_of(r) for r in rels} - {UNLABELLED})
+
+
+def manifest_format(path: str) -> str | None:
+    """The format a folder's ``ppvit encrypt`` manifest names (None: no manifest there); for the encrypted kinds."""
+    p = Path(path)
+    if not (p / MANIFEST_NAME).is_file():
+        return None
+    return read_manifest(p).format

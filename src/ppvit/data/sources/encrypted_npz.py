@@ -1,0 +1,88 @@
+"""``ppvit encrypt --format npz`` output as a source, and ppvit's one npz layout.
+
+The layout written (since 0.3), by the shards (``<split>/shard-00000.npz``, 1024 images each)
+and by the decoded-image cache alike: ``images`` uint8 NHWC, ``labels`` int64 indices into
+``classes`` (the class names), ``paths`` each image's relative path. Older files still read:
+shards before 0.3 hold the class name of each image in ``classes`` and no ``labels``; cache
+files before 0.3 have no ``paths``; a manifest naming the format ``npy`` means npz.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+
+from ppvit._io import atomic_write
+from ppvit.data.manifest import MANIFEST_NAME, read_manifest
+from ppvit.data.sources.base import Columns, Item, Select, Source, manifest_format
+
+
+@dataclass
+class NpzArrays:
+    """One npz file read, whichever layout: images, labels indexing ``classes``, and the paths ([] if none)."""
+
+    images: np.ndarray
+    labels: np.ndarray
+    classes: list[str]
+    paths: list[str]
+
+
+def write_npz(
+    path: Path,
+    images: np.ndarray,
+    labels: np.ndarray,
+    classes: Sequence[str],
+    paths: Sequence[str],
+    mode: int | None = None,
+) -> None:
+    """Write the current layout atomically (``mode``: 0600 for the cache of plain images)."""
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as fh:
+            np.savez(fh, images=images, labels=labels, classes=np.array(classes), paths=np.array(paths))
+
+    atomic_write(path, write, mode=mode)
+
+
+def read_npz(path: Path) -> NpzArrays:
+    with np.load(path) as z:
+        paths = z["paths"].tolist() if "paths" in z else []
+        classes = z["classes"].tolist()
+        if "labels" in z:
+            return NpzArrays(z["images"], z["labels"].astype(np.int64), classes, paths)
+        names = sorted(set(classes))  # before 0.3: one class name per image
+        lookup = {c: i for i, c in enumerate(names)}
+        return NpzArrays(z["images"], np.array([lookup[c] for c in classes], dtype=np.int64), names, paths)
+
+
+class EncryptedNpz(Source):
+    """uint8 shards per split with a manifest; items are the pixels, shard by shard."""
+
+    kind: ClassVar[str] = "encrypted-npz"
+    cache_decoded: ClassVar[bool] = False
+
+    def __init__(self, path: str | os.PathLike, columns: Columns | None = None) -> None:
+        super().__init__(path, columns)
+        self.manifest = read_manifest(path)
+
+    @classmethod
+    def claims(cls, path: str) -> bool:
+        return manifest_format(path) == "npz"
+
+    def files(self) -> list[Path]:
+        return [Path(self.path) / MANIFEST_NAME]
+
+    def shards(self) -> list[Path]:
+        return sorted(Path(self.path).rglob("shard-*.npz"))
+
+    def items(self, select: Select = None) -> Iterator[Item]:
+        for shard in self.shards():
+            got = read_npz(shard)
+            for i, rel in enumerate(got.paths):
+                if select is None or select(rel):
+                    yield rel, got.images[i]

@@ -1,0 +1,88 @@
+"""``ppvit encrypt --format wds`` output as a source: ``<split>/shard-000000.tar`` of ``KEY.png`` + ``KEY.cls``.
+
+``KEY`` is the image's path below its split without suffix (``cat/00000012``); ``.cls`` is the
+class's index in the manifest's class list of the split. Training streams these shards
+(:class:`ppvit.data.streaming.ShardStream`); the items here (``split/KEY.png``, the PNG bytes)
+load them into memory or feed them to another encrypt. Both read them through
+:func:`ppvit.data.sources.wds.read_samples` and check each sample with :func:`labelled`.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import posixpath
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+from PIL import Image
+
+from ppvit.data.manifest import MANIFEST_NAME, read_manifest
+from ppvit.data.sources.base import Columns, Item, Select, Source, class_of, manifest_format
+from ppvit.data.sources.wds import read_samples
+
+
+class EncryptedWds(Source):
+    """Encrypted WebDataset shards per split with a manifest."""
+
+    kind: ClassVar[str] = "encrypted-wds"
+
+    def __init__(self, path: str | os.PathLike, columns: Columns | None = None) -> None:
+        super().__init__(path, columns)
+        self.manifest = read_manifest(path)
+
+    @classmethod
+    def claims(cls, path: str) -> bool:
+        return manifest_format(path) == "wds"
+
+    def files(self) -> list[Path]:
+        return [Path(self.path) / MANIFEST_NAME]
+
+    def shard_files(self, split: str) -> list[Path]:
+        """The shards of one split, in order."""
+        return sorted((Path(self.path) / split).glob("shard-*.tar"))
+
+    def split_classes(self, split: str) -> list[str]:
+        """The split's class list (labels index it); a one-line error for a split it does not have."""
+        classes = self.manifest.classes.get(split) if self.manifest else None
+        if not classes:
+            have = sorted(self.manifest.classes) if self.manifest else []
+            raise ValueError(f"encrypted dataset {self.path}: has no {split!r} split (it has {have})")
+        return classes
+
+    def items(self, select: Select = None) -> Iterator[Item]:
+        for split in sorted(self.manifest.classes if self.manifest else {}):
+            classes = self.split_classes(split)
+            for shard, sample in read_samples(self.shard_files(split)):
+                png, label = labelled(shard, sample, len(classes))
+                rel = posixpath.join(split, f"{sample['__key__']}.png")
+                if class_of(rel) != classes[label]:
+                    raise ValueError(f"shard {shard}: sample {rel}: its .cls says {classes[label]} (damaged)")
+                if select is None or select(rel):
+                    yield rel, png
+
+
+def labelled(shard: Path, sample: dict[str, Any], n_classes: int) -> tuple[bytes, int]:
+    """(PNG bytes, label) of one sample; a sample without either, or with a label out of range, is damage."""
+    key = sample["__key__"]
+    missing = [ext for ext in ("png", "cls") if ext not in sample]
+    if missing:
+        raise ValueError(f"shard {shard}: sample {key} has no .{missing[0]} (damaged encrypted dataset)")
+    try:
+        label = int(sample["cls"])
+    except ValueError:
+        label = -1
+    if not 0 <= label < n_classes:
+        raise ValueError(f"shard {shard}: sample {key} has .cls {sample['cls'][:20]!r}, not a class index")
+    return sample["png"], label
+
+
+def png_array(data: bytes, where: object) -> np.ndarray:
+    """An encrypted PNG as an HWC uint8 RGB array; a damaged one is an error naming ``where``."""
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            return np.asarray(im.convert("RGB"))
+    except Exception as exc:  # PIL raises many types for bad files
+        raise ValueError(f"encrypted dataset {where}: an image cannot be decoded ({exc.__class__.__name__})") from None

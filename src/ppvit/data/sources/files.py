@@ -1,0 +1,137 @@
+"""Image files: a folder tree in ImageFolder layout, a tar/tar.gz archive of one, or a single image.
+
+An archive is read member by member, never extracted. A damaged archive or a member that would
+land outside an output folder (``../x``, ``/x``) stops the run; an unreadable file (permissions,
+a dangling or looping symbolic link) is one failed image, named like any other.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import posixpath
+import tarfile
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import ClassVar
+
+from ppvit.data.sources.base import IMAGE_SUFFIXES, Item, Select, Source, is_image_path
+
+
+class FilesSource(Source):
+    """Images as files: ``[split/]class/name.jpg`` below a folder or in an archive; the path itself for one image."""
+
+    kind: ClassVar[str] = "files"
+
+    @classmethod
+    def claims(cls, path: str) -> bool:
+        p = Path(path)
+        return p.is_dir() or p.suffix.lower() in IMAGE_SUFFIXES or (p.is_file() and tarfile.is_tarfile(p))
+
+    def files(self) -> list[Path]:
+        return [Path(self.path)]
+
+    def items(self, select: Select = None) -> Iterator[Item]:
+        src = Path(self.path)
+        if src.is_dir():
+            for path in _image_files(src):
+                rel = path.relative_to(src).as_posix()
+                if select is None or select(rel):
+                    yield rel, _read(path)
+        elif src.suffix.lower() in IMAGE_SUFFIXES and not tarfile.is_tarfile(src):
+            yield src.name, _read(src)
+        else:
+            yield from _archive_items(src, select)
+
+    def paths(self, select: Select = None) -> Iterator[str]:
+        src = Path(self.path)
+        if not src.is_dir():
+            yield from super().paths(select)
+            return
+        for path in _image_files(src):
+            rel = path.relative_to(src).as_posix()
+            if select is None or select(rel):
+                yield rel
+
+
+def _image_files(root: Path) -> list[Path]:
+    """Image files below ``root``, sorted; a symbolic link that is not to a folder counts (a broken one is reported)."""
+    return sorted(
+        p
+        for p in root.rglob("*")
+        if is_image_path(p.relative_to(root).as_posix()) and (p.is_file() or (p.is_symlink() and not p.is_dir()))
+    )
+
+
+def _archive_items(src: Path, select: Select) -> Iterator[Item]:
+    try:
+        with tarfile.open(src, "r:*") as tar:
+            members = _TarMembers(tar)
+            for member in tar:
+                rel = member.name.removeprefix("./")
+                if (member.isfile() or member.issym() or member.islnk()) and is_image_path(rel):
+                    if select is not None and not select(rel):
+                        continue
+                    if Path(rel).is_absolute() or ".." in Path(rel).parts:
+                        raise ValueError(f"archive {src}: member {member.name!r} has an unsafe path; refusing it")
+                    yield rel, members.read(member)
+    except (tarfile.TarError, EOFError, zlib.error, OSError) as exc:
+        raise ValueError(f"archive {src}: damaged ({exc.__class__.__name__}: {exc})") from None
+
+
+def _read(path: Path) -> bytes | OSError:
+    """An unreadable file is one failed image, not the end of the run."""
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        if path.is_symlink() and exc.errno is not None:  # dangling or looping: say so
+            try:
+                target = os.readlink(path)
+            except OSError:
+                target = "?"
+            return OSError(exc.errno, f"symbolic link to {target}: {exc.strerror}")
+        return exc
+
+
+class _TarMembers:
+    """Reads a tar member, following symbolic and hard links inside the archive only.
+
+    An archive is never extracted, so no link is ever resolved on the file system. A symbolic
+    link is resolved against its member's folder, a hard link against the archive's root (and
+    only to a member before it, as tar writes them). A link that leaves the archive (``/x``,
+    ``../x``), names no member, loops, or ends at something other than a file is an unreadable
+    image (an ``OSError`` value), named like a dangling link in a folder.
+    """
+
+    MAX_HOPS = 40  # as Linux's limit on nested symbolic links
+
+    def __init__(self, tar: tarfile.TarFile) -> None:
+        self.tar = tar
+        self.index: dict[str, tarfile.TarInfo] | None = None  # built at the first link: it reads every header
+
+    def _find(self, name: str) -> tarfile.TarInfo | None:
+        if self.index is None:
+            self.index = {posixpath.normpath(m.name): m for m in self.tar.getmembers()}  # the last of a name wins
+        return self.index.get(name)
+
+    def read(self, member: tarfile.TarInfo) -> bytes | OSError:
+        link = f"{'symbolic' if member.issym() else 'hard'} link to {member.linkname}"
+        target = member
+        for _ in range(self.MAX_HOPS):
+            if not (target.issym() or target.islnk()):
+                break
+            why = link if target is member else f"{link}, via {target.name} -> {target.linkname}"
+            base = posixpath.dirname(target.name) if target.issym() else ""
+            name = posixpath.normpath(posixpath.join(base, target.linkname))
+            if posixpath.isabs(target.linkname) or name == ".." or name.startswith("../"):
+                return OSError(errno.EXDEV, f"{why}: outside the archive, not followed")
+            found = self._find(name)
+            if found is None or (target.islnk() and found.offset >= target.offset):
+                return OSError(errno.ENOENT, f"{why}: not in the archive")
+            target = found
+        else:
+            return OSError(errno.ELOOP, f"{link}: {os.strerror(errno.ELOOP)}")
+        if not target.isfile():
+            return OSError(errno.EISDIR, f"{link}: not a file in the archive")
+        return self.tar.extractfile(target).read()
