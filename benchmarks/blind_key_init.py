@@ -1,7 +1,7 @@
 """What a server gains by breaking the key: blind key-init against the key holder's and plain lora-pe.
 
 The server holds the training ciphertexts of the ``cpu`` preset (ImageNet ViT-Ti/16 at 112x112,
-16x16 ``shuffle``). It recovers the plan from them alone (:func:`ppvit.attacks.key_recovery.recover_plan`),
+16x16 ``shuffle``). It recovers the plan from them alone (:func:`ppvit.attacks.ciphertext_only.recover_plan`),
 folds the recovered plan into the pretrained patch embedding (:func:`ppvit.models.transform.plan_embedding`)
 and fine-tunes ``lora-pe`` from that backbone: ``--key-init`` without ever being given the key.
 Beside it, per seed, the key holder's ``--key-init`` run on the same data. With an exact recovery
@@ -26,7 +26,9 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from ppvit.attacks.key_recovery import recover_plan, score_recovery
+from ppvit._io import json_text
+from ppvit.attacks.ciphertext_only import recover_plan
+from ppvit.attacks.ciphertext_only_audit import score_recovery
 from ppvit.crypto.ciphers import BlockCipher
 from ppvit.crypto.keys import Key
 from ppvit.data.datasets import load_splits, resolve_data
@@ -99,7 +101,7 @@ def main() -> None:
             result = run_cell(cfg)
             report["cells"].append({"run": name, "seed": seed, "test_acc": result.test_acc})
             print(f"{name} seed {seed}: {100 * result.test_acc:.2f}", flush=True)
-    (out / "blind.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / "blind.json").write_text(json_text(report))
 
     print(
         "\n| run | "

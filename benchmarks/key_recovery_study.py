@@ -1,4 +1,4 @@
-"""Ciphertext-only key recovery (ppvit.attacks.key_recovery) on CIFAR-10: how many ciphertexts break a key.
+"""Ciphertext-only key recovery (ppvit.attacks.ciphertext_only) on CIFAR-10: how many ciphertexts break a key.
 
 For each number of ciphertexts N and each of ``--keys`` fresh keys (``Key.generate()``), the
 attacker sees N encrypted CIFAR-10 test images (upscaled to ``--size`` by ``--resize``), recovers
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import os
 import time
@@ -28,8 +27,10 @@ from typing import Any
 
 import numpy as np
 
-from ppvit.attacks.audit import upscale
-from ppvit.attacks.key_recovery import recover_plan, score_recovery
+from ppvit._io import json_text
+from ppvit.attacks.ciphertext_only import recover_plan
+from ppvit.attacks.ciphertext_only_audit import score_recovery
+from ppvit.attacks.metrics import upscale
 from ppvit.crypto.ciphers import compile_plan
 from ppvit.crypto.keys import Key
 from ppvit.data.datasets import test_images
@@ -108,7 +109,7 @@ def main() -> None:
     total = time.perf_counter() - t0
     print(f"total {total:.0f} s")
     doc = {"setting": {k: str(v) for k, v in vars(args).items()}, "total_seconds": total, "runs": rows}
-    args.out.write_text(json.dumps(doc, indent=2, default=lambda x: "inf" if x == math.inf else x) + "\n")
+    args.out.write_text(json_text(doc))
     print(f"wrote {args.out}")
 
 

@@ -36,8 +36,15 @@ MOVED: dict[str, str | tuple[str, ...]] = {
     "runs": "train.runs",
     "training": "train.loop",
     "inference": ("train.inference", "data.images"),
-    "audit": "attacks.audit",
-    "key_recovery": "attacks.key_recovery",
+    "audit": (
+        "attacks.audit",
+        "attacks.known_plaintext",
+        "attacks.weight_matching",
+        "attacks.ciphertext_stats",
+        "attacks.metrics",
+        "attacks.report",
+    ),
+    "key_recovery": ("attacks.ciphertext_only", "attacks.ciphertext_only_audit", "attacks.metrics", "attacks.report"),
     "presets": ("experiments.reproduce", "experiments.presets"),
     "results": "experiments.results",
     "preview": "experiments.preview",
@@ -50,6 +57,12 @@ MOVED: dict[str, str | tuple[str, ...]] = {
 """Old module name -> its path(s) under ``ppvit`` now, searched in order. (``ppvit.data`` and ``ppvit.cli`` are packages
 whose ``__init__`` forwards the old modules' names.)"""
 
+RENAMED: dict[str, str] = {
+    "key_recovery.write_ciphertext_only_report": "attacks.report.write_report",
+    "key_recovery.format_ciphertext_only": "attacks.report.format_report",
+}
+"""Old ``module.name`` -> ``module.name`` now under ``ppvit``, for names that changed (the same call works)."""
+
 
 def forward(module: types.ModuleType, targets: str | tuple[str, ...], old: str) -> None:
     """Make ``module``'s unknown attributes resolve in ``targets`` (the first that has the name), with a warning."""
@@ -57,6 +70,11 @@ def forward(module: types.ModuleType, targets: str | tuple[str, ...], old: str) 
     def __getattr__(name: str) -> object:
         if name.startswith("__") or (hasattr(module, "__path__") and _is_submodule(f"{module.__name__}.{name}")):
             raise AttributeError(name)  # a submodule is imported, not forwarded
+        renamed = RENAMED.get(f"{old.removeprefix('ppvit.')}.{name}")
+        if renamed:
+            where, _, new_name = f"ppvit.{renamed}".rpartition(".")
+            warnings.warn(f"{old}.{name} is now {where}.{new_name}; use that", DeprecationWarning, stacklevel=2)
+            return getattr(importlib.import_module(where), new_name)
         for target in (targets,) if isinstance(targets, str) else targets:
             new = importlib.import_module(target)
             if hasattr(new, name):

@@ -1,12 +1,15 @@
-"""Atomic file output: a reader or a crash never sees a half-written file."""
+"""Atomic file output: a reader or a crash never sees a half-written file; JSON that strict parsers read."""
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import re
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 # the temporary names of atomic_write (and Key.save): ".NAME.XXXXXXXX.tmp", 8 random characters
 TEMP_NAME = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")
@@ -102,3 +105,30 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes, mode: int | None = 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write UTF-8 ``text`` to ``path`` atomically."""
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` with its non-finite floats replaced, the one convention of every JSON file ppvit writes.
+
+    Strict JSON has no infinity or NaN (Python's ``json`` writes ``Infinity``, which other parsers reject):
+    ``inf`` and ``-inf`` become the strings ``"inf"`` and ``"-inf"`` (an exact decryption's PSNR), NaN
+    becomes null (no value, e.g. an SSIM of images narrower than its window). Dicts, lists and tuples
+    are walked; anything else is returned as it is.
+    """
+    if isinstance(value, float) and not math.isfinite(value):
+        return None if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def json_text(doc: Any, indent: int | None = 2) -> str:
+    """``doc`` as strict JSON (:func:`json_safe`, then ``allow_nan=False``) ending in a newline."""
+    return json.dumps(json_safe(doc), indent=indent, allow_nan=False) + "\n"
+
+
+def atomic_write_json(path: str | os.PathLike, doc: Any) -> None:
+    """Write ``doc`` to ``path`` as strict JSON (:func:`json_text`), atomically."""
+    atomic_write_text(path, json_text(doc))

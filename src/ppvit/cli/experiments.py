@@ -115,18 +115,20 @@ def add_pretrain(sub: argparse._SubParsersAction) -> None:
 
 
 def _audit_ciphertext_only(args: argparse.Namespace) -> int:
-    from ppvit.attacks import key_recovery
+    from ppvit.attacks.ciphertext_only import CIPHERTEXT_ONLY_SCHEMES
+    from ppvit.attacks.ciphertext_only_audit import CiphertextOnlyConfig, ciphertext_only_audit
+    from ppvit.attacks.report import format_report
     from ppvit.crypto.ciphers import Scheme
     from ppvit.data.datasets import test_images
 
     ns = counts(args.ciphertext_only, "--ciphertext-only")
     if args.keys < 1:
         raise UserError(f"--keys: expected a positive number of keys, got {args.keys}")
-    schemes = args.scheme or list(key_recovery.CIPHERTEXT_ONLY_SCHEMES)
+    schemes = args.scheme or list(CIPHERTEXT_ONLY_SCHEMES)
     for scheme in schemes:
         Scheme.parse(scheme)  # a bad scheme fails before the slow part
     keys = [Key.load(args.key)] if args.key else [Key.generate() for _ in range(args.keys)]
-    cfg = key_recovery.CiphertextOnlyConfig(
+    cfg = CiphertextOnlyConfig(
         size=args.size,
         block_size=args.block_size,
         resize=args.resize,
@@ -134,8 +136,8 @@ def _audit_ciphertext_only(args: argparse.Namespace) -> int:
         key_source="given" if args.key else "fresh (made for this audit, not saved)",
     )
     images = test_images(args.data, max(ns) * len(keys) + cfg.images)  # own attack images per key
-    report = key_recovery.ciphertext_only_audit(images, schemes, ns, keys, cfg, args.out)
-    print(key_recovery.format_ciphertext_only(report))
+    report = ciphertext_only_audit(images, schemes, ns, keys, cfg, args.out)
+    print(format_report(report))
     print(f"written: {args.out}/audit.json, ciphertext-only.png")
     return 0
 
@@ -144,6 +146,8 @@ def _audit(args: argparse.Namespace) -> int:
     if args.ciphertext_only is not None:
         return _audit_ciphertext_only(args)
     from ppvit.attacks import audit
+    from ppvit.attacks.report import format_report
+    from ppvit.attacks.weight_matching import weight_leakage_transformed
     from ppvit.crypto.ciphers import Scheme
     from ppvit.data.datasets import test_images
 
@@ -163,7 +167,7 @@ def _audit(args: argparse.Namespace) -> int:
     weights = {}
     for scheme in cfg.schemes:
         if Scheme.parse(scheme).absorbable:
-            weights[f"{scheme}, key-transformed {args.model}"] = audit.weight_leakage_transformed(
+            weights[f"{scheme}, key-transformed {args.model}"] = weight_leakage_transformed(
                 args.model, key, scheme, cfg.block_size, args.weights
             )
     for run in args.adapter or []:
@@ -176,7 +180,7 @@ def _audit(args: argparse.Namespace) -> int:
         curve, result = audit.leakage_during_training(watched, args.every)
         leakage = {"config": args.watch, "curve": curve, "test_acc": result.test_acc}
     report = audit.run_audit(key, images, cfg, args.out, weights, leakage)
-    print(audit.format_report(report))
+    print(format_report(report))
     print(f"written: {args.out}/audit.json, audit.png")
     return 0
 

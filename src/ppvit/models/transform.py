@@ -167,7 +167,7 @@ def plan_embedding(
     model: nn.Module, plan: Plan, mean: tuple[float, ...] | None = None, std: tuple[float, ...] | None = None
 ) -> KeyedEmbedding:
     """:func:`keyed_embedding` for a compiled plan: also a plan recovered without the key
-    (:mod:`ppvit.attacks.key_recovery`), which is how a server that broke the key starts where the key holder does."""
+    (:mod:`ppvit.attacks.ciphertext_only`): how a server that broke the key starts where the key holder does."""
     p = patch_size(model)
     proj = model.patch_embed.proj
     side = input_size(model)

@@ -27,7 +27,8 @@ unchanged (they never look at where a block is); then a jigsaw over block edges,
 over all images, puts the blocks back (:func:`solve_jigsaw`). The result is right up to a
 rotation or flip of the whole image: the rotation is chosen by the same natural-image
 prior (light and blue at the top), the left-right mirror cannot be told from ciphertexts
-and a mirror-symmetric prior, so it stays as found (:func:`score_recovery` counts it).
+and a mirror-symmetric prior, so it stays as found
+(:func:`~ppvit.attacks.ciphertext_only_audit.score_recovery` forgives it).
 
 The per-block steps (``rotate``, and ``channel`` and ``negpos`` in ``:block`` mode) give each
 block position its own choice, the same in every image: pooled per position across images,
@@ -36,36 +37,27 @@ the others', and a negated block's brightness and gradients anti-correlate with 
 neighbours' (:func:`align_blocks`). Aligned, all blocks share one map, and the attack above
 recovers it; the negation of everything at once is chosen by the natural-image prior. This
 needs the per-block steps after ``shuffle`` (as in ppvit's EtC order); :func:`unsupported`
-says which schemes are not attacked and why. :func:`ciphertext_only_audit` runs the attack
-per scheme, number of ciphertexts and key for ``ppvit audit --ciphertext-only``.
+says which schemes are not attacked and why.
 
-Recovered plans are for measuring leakage (:mod:`ppvit.attacks.audit`): callers should report
-scores, not plans. All randomness comes from an explicit ``numpy.random.Generator``.
+Recovered plans are for measuring leakage (:mod:`ppvit.attacks.ciphertext_only_audit` scores them
+per scheme, number of ciphertexts and key for ``ppvit audit --ciphertext-only``): callers should
+report scores, not plans. All randomness comes from an explicit ``numpy.random.Generator``. The
+attack is numpy; scipy and the cipher module (which imports torch) load inside the functions that
+use them, so that importing this module (the CLI reads :data:`CIPHERTEXT_ONLY_SCHEMES`) stays cheap.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
-import json
 import math
-import os
-import time
-from collections.abc import Sequence
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
-from matplotlib.figure import Figure
-from scipy.optimize import linear_sum_assignment
-from scipy.sparse.csgraph import connected_components, minimum_spanning_tree
-from scipy.spatial.distance import cdist
 
-from ppvit._io import atomic_write, atomic_write_text
-from ppvit.attacks.audit import plan_accuracy, plan_from_maps, psnr, ssim, to_blocks, upscale
-from ppvit.crypto.ciphers import Plan, Scheme, compile_plan
-from ppvit.crypto.keys import Key
+from ppvit.attacks.metrics import assign, plan_from_maps, to_blocks
+
+if TYPE_CHECKING:
+    from ppvit.crypto.ciphers import Plan, Scheme
 
 CIPHERTEXT_ONLY_SCHEMES = ("shuffle", "shuffle+scramble")  # what ppvit audit --ciphertext-only attacks by default
 DIHEDRAL_NAMES = ("identity", "rot90", "rot180", "rot270", "flip", "rot90+flip", "rot180+flip", "rot270+flip")
@@ -81,6 +73,8 @@ def unsupported(scheme: str | Scheme) -> str | None:
     needs them to act on the ciphertext side of every shared map: after ``shuffle`` and
     ``channel:pixel`` (``negpos`` commutes with everything and may stand anywhere).
     """
+    from ppvit.crypto.ciphers import Scheme
+
     steps = Scheme.parse(scheme).steps
     for i, s in enumerate(steps):
         if s.name == "negpos" and s.mode == "pixel":
@@ -102,6 +96,8 @@ def recover_plan(ciphertexts: np.ndarray, scheme: str | Scheme, block_size: int,
     Decrypt with ``plan.inverse()``. ``seed`` (or a Generator) drives the k-means restarts and
     the symmetry breaking of the graduated assignment. The attack assumes natural photographs.
     """
+    from ppvit.crypto.ciphers import Scheme
+
     parsed = Scheme.parse(scheme)
     why = unsupported(parsed)
     if why:
@@ -254,6 +250,8 @@ def negated_blocks(blocks: np.ndarray, components: int = 32, sweeps: int = 10) -
     spread from block 0 along the strongest correlations (a maximum spanning tree), then each
     block takes the sign most of the others' weighted votes give it, a few sweeps.
     """
+    from scipy.sparse.csgraph import minimum_spanning_tree
+
     n, nb, length = blocks.shape
     if n < 2:
         return np.zeros(nb, dtype=bool)
@@ -316,6 +314,8 @@ def match_block_maps(blocks: np.ndarray, group: np.ndarray, rounds: int = 6) -> 
 
 def _chain(first: Plan, second: Plan) -> Plan:
     """The plan that applies ``first``, then ``second``."""
+    from ppvit.crypto.ciphers import Plan
+
     index = first.index[second.index]
     invert = np.zeros(index.size, dtype=bool)
     if first.invert is not None:
@@ -329,6 +329,8 @@ def _choose_sign(plan: Plan, ciphertexts: np.ndarray, scramble: bool, max_images
     """Of the plan with and without a negation of everything, red and blue swapped or not (and, with
     ``scramble``, the whole image turned by quarter turns), the one whose decryptions
     :func:`natural_score` rates highest: per-block negation is only found relative to one block."""
+    from ppvit.crypto.ciphers import Plan
+
     h, w, c = plan.shape
     size = h * w * c
     enc = ciphertexts[:max_images]
@@ -391,6 +393,8 @@ def _same_split(a: np.ndarray, b: np.ndarray) -> bool:
 def balanced_kmeans(x: np.ndarray, k: int, rng: np.random.Generator, restarts: int = 4) -> np.ndarray:
     """k-means with clusters of exactly ``len(x) // k`` points, best of ``restarts``: Lloyd steps,
     then assignment steps that keep the sizes equal (a linear sum assignment to the centres)."""
+    from scipy.optimize import linear_sum_assignment
+
     m = len(x)
     size = m // k
     if size * k != m:
@@ -436,7 +440,7 @@ def pixel_triplets(flat: np.ndarray, labels: np.ndarray, c: int) -> np.ndarray:
     cols = [groups[0]]
     for ix in groups[1:]:
         corr = z[:, groups[0]].T @ z[:, ix]
-        cols.append(ix[_assign(corr)])
+        cols.append(ix[assign(corr)])
     return np.stack(cols, 1)
 
 
@@ -520,7 +524,7 @@ def synchronise_channels(pc: np.ndarray, groups: np.ndarray, partners: int = 4) 
     centres = rows[np.argmax(strength.max(1))]
     out = np.empty_like(groups)
     for _ in range(20):
-        order = np.stack([_assign(r @ centres.T) for r in rows])  # value i of pixel a -> channel order[a, i]
+        order = np.stack([assign(r @ centres.T) for r in rows])  # value i of pixel a -> channel order[a, i]
         new = np.zeros_like(centres)
         np.add.at(new, order.ravel(), rows.reshape(-1, c))
         new /= np.maximum(np.linalg.norm(new, axis=1, keepdims=True), 1e-12)
@@ -528,14 +532,6 @@ def synchronise_channels(pc: np.ndarray, groups: np.ndarray, partners: int = 4) 
             break
         centres = new
     out[np.arange(n)[:, None], order] = groups
-    return out
-
-
-def _assign(score: np.ndarray) -> np.ndarray:
-    """The permutation maximising the summed score (row i -> column out[i])."""
-    rows, cols = linear_sum_assignment(score, maximize=True)
-    out = np.empty(len(rows), dtype=np.int64)
-    out[rows] = cols
     return out
 
 
@@ -595,7 +591,7 @@ def graduated_layout(sim: np.ndarray, p: int, rng: np.random.Generator, reach: f
         if soft.max(1).min() > 0.99:  # hard already: the rest would change nothing
             break
         beta *= 1.1
-    return _assign(soft)
+    return assign(soft)
 
 
 def partial_correlation(sim: np.ndarray, samples: int) -> np.ndarray:
@@ -614,6 +610,8 @@ def partial_correlation(sim: np.ndarray, samples: int) -> np.ndarray:
 def _mutual_neighbours(score: np.ndarray, k: int) -> np.ndarray:
     """The graph joining pixels that are among each other's ``k`` best by ``score`` (either's,
     when that leaves it in pieces)."""
+    from scipy.sparse.csgraph import connected_components
+
     m = len(score)
     s = score.copy()
     np.fill_diagonal(s, -np.inf)
@@ -685,7 +683,7 @@ def _move_all(s0: np.ndarray, cells: np.ndarray, template: np.ndarray, p: int) -
     r, c = np.divmod(np.arange(p * p), p)
     cell_template = template[np.abs(r[:, None] - r[None]), np.abs(c[:, None] - c[None])]
     np.fill_diagonal(cell_template, 0)
-    return _assign(s0 @ cell_template[cells])
+    return assign(s0 @ cell_template[cells])
 
 
 def _swap_greedily(s0: np.ndarray, cells: np.ndarray, template: np.ndarray, p: int) -> np.ndarray:
@@ -870,6 +868,8 @@ def solve_jigsaw(images: np.ndarray, p: int) -> np.ndarray:
 def _edge_costs(blocks: np.ndarray, axis: int) -> np.ndarray:
     """cost[a, b]: mismatch of block b placed after block a along ``axis`` (3: columns, 2: rows),
     each side extrapolated half a pixel towards the seam, relative to the best alternatives."""
+    from scipy.spatial.distance import cdist
+
     last, before = np.take(blocks, -1, axis=axis), np.take(blocks, -2, axis=axis)
     first, after = np.take(blocks, 0, axis=axis), np.take(blocks, 1, axis=axis)
     u = (last + (last - before) / 2).reshape(len(blocks), -1)
@@ -911,6 +911,8 @@ def _merge_pieces(costs: list[np.ndarray], gh: int, gw: int) -> np.ndarray:
 def _fill_frame(pos: np.ndarray, group: np.ndarray, costs: list[np.ndarray], gh: int, gw: int) -> np.ndarray:
     """Final positions in the frame: the largest group where it lies, any other block into a free
     cell by an assignment on its mismatch with the placed blocks there (a fallback, rarely used)."""
+    from scipy.optimize import linear_sum_assignment
+
     main = np.bincount(group).argmax()
     inside = group == main
     out = np.full((len(pos), 2), -1)
@@ -953,6 +955,8 @@ def block_symmetry_index(shape: tuple[int, int, int], p: int, k: int) -> np.ndar
 
 def then(plan: Plan, index: np.ndarray) -> Plan:
     """The plan whose decryption is ``plan``'s followed by the gather ``index`` (e.g. a symmetry)."""
+    from ppvit.crypto.ciphers import Plan
+
     return _chain(plan.inverse(), Plan(plan.shape, index, None)).inverse()
 
 
@@ -970,222 +974,3 @@ def _upright(plan: Plan, ciphertexts: np.ndarray) -> Plan:
             if score > best_score:
                 best, best_score = candidate, score
     return best
-
-
-# -- scoring ------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class RecoveryScore:
-    """How well a recovered plan matches the key's: fractions of values in [0, 1], images in dB."""
-
-    exact: float  # share of values whose source the guess gets right
-    up_to_symmetry: float  # the best share over the symmetries ciphertexts cannot (or need not) tell
-    symmetry: str  # which one: "block rot90", "image flip", ...
-    psnr_db: float  # held-out images decrypted with the guess against the originals (inf: exact)
-    ssim: float  # nan for images under 11 pixels
-    psnr_db_up_to_symmetry: float  # against the originals under that symmetry
-    up_to_colours: float  # the best share when, besides, any order of the channels is forgiven
-
-
-def symmetries(scheme: str | Scheme, shape: tuple[int, int, int], p: int) -> dict[str, np.ndarray]:
-    """The symmetries a score forgives, as gather indexes: the 8 orientations of the blocks (all
-    alike), and for ``scramble`` the left-right mirror of the whole image (no prior tells it)."""
-    out = {f"block {name}": block_symmetry_index(shape, p, k) for k, name in enumerate(DIHEDRAL_NAMES)}
-    if any(s.name == "scramble" for s in Scheme.parse(scheme).steps):
-        out["image flip"] = image_symmetry_index(shape, 4)
-    return out
-
-
-def score_recovery(guess: Plan, truth: Plan, scheme: str | Scheme, p: int, held_out: np.ndarray) -> RecoveryScore:
-    """Score ``guess`` against ``truth`` (``compile_plan`` of the key), decrypting ``held_out``
-    (NHWC uint8 plain images the attacker never saw) encrypted with the truth."""
-    shape = truth.shape
-    forgiven = symmetries(scheme, shape, p)
-    fits = {name: plan_accuracy(guess, then(truth, ix)) for name, ix in forgiven.items()}
-    name = max(fits, key=lambda k: (fits[k], k == "block identity"))
-    channels = np.arange(math.prod(shape)).reshape(shape)
-    recoloured = [
-        plan_accuracy(guess, then(then(truth, ix), channels[..., list(order)].reshape(-1)))
-        for ix in forgiven.values()
-        for order in itertools.permutations(range(shape[2]))
-    ]
-    decrypted = guess.inverse().apply_numpy(truth.apply_numpy(held_out))
-    turned = held_out.reshape(len(held_out), -1)[:, forgiven[name]].reshape(held_out.shape)
-    return RecoveryScore(
-        exact=plan_accuracy(guess, truth),
-        up_to_symmetry=fits[name],
-        symmetry=name,
-        psnr_db=psnr(held_out, decrypted),
-        ssim=ssim(held_out, decrypted) if min(shape[:2]) >= 11 else math.nan,  # an 11x11 window
-        psnr_db_up_to_symmetry=psnr(turned, decrypted),
-        up_to_colours=max(recoloured),
-    )
-
-
-# -- the audit: ppvit audit --ciphertext-only -----------------------------------------------------------
-
-
-@dataclass
-class CiphertextOnlyConfig:
-    """What ``ppvit audit --ciphertext-only`` measures (beside the schemes, Ns and keys)."""
-
-    size: int = 224
-    block_size: int = 16
-    resize: str = "bicubic"  # how smaller images reach ``size``: bicubic (smooth) or nearest
-    images: int = 8  # held-out images per run, decrypted with the recovered plan
-    seed: int = 0  # the attack's generator (k-means restarts, symmetry breaking)
-    key_source: str = "fresh"  # recorded in the report: "given", or fresh keys made for the audit
-
-
-def ciphertext_only_audit(
-    images: np.ndarray,
-    schemes: Sequence[str],
-    ns: Sequence[int],
-    keys: Sequence[Key],
-    cfg: CiphertextOnlyConfig,
-    out: str | os.PathLike | None = None,
-) -> dict[str, Any]:
-    """Ciphertext-only key recovery per scheme, number of ciphertexts N and key, scored on held-out images.
-
-    ``images``: NHWC uint8 plain images (upscaled to ``cfg.size``), a mix of classes. Key ``k``
-    attacks the encryptions of images ``k*M .. k*M+N`` (``M = max(ns)``) when there are
-    ``len(keys)*M`` of them besides the held-out ones, so that keys are independent trials,
-    else all keys share the first ``M``; the last ``cfg.images`` are held out. A scheme
-    :func:`recover_plan` does not attack is reported as ``"not attacked: <reason>"``. Keys appear
-    only by fingerprint. With ``out``, writes ``audit.json`` (the report under ``"ciphertext_only"``)
-    and ``ciphertext-only.png``.
-    """
-    ns = sorted(set(ns))
-    if not ns or min(ns) < 1:
-        raise ValueError(f"numbers of ciphertexts must be positive, got {list(ns)}")
-    if not keys:
-        raise ValueError("no key to attack")
-    if cfg.images < 1 or len(images) < max(ns) + cfg.images:
-        raise ValueError(f"need {max(ns)} attack images plus {max(cfg.images, 1)} held out, got {len(images)}")
-    # each key gets its own attack images while there are enough (independent trials), else they share
-    own = (len(images) - cfg.images) // (max(ns) * len(keys)) > 0
-    images = upscale(images, cfg.size, cfg.resize)
-    held = images[len(images) - cfg.images :]
-    p = cfg.block_size
-    results: list[dict[str, Any]] = []
-    figures: dict[str, dict[str, np.ndarray]] = {}
-    for scheme in schemes:
-        Scheme.parse(scheme)
-        why = unsupported(scheme)
-        entry: dict[str, Any] = {"scheme": scheme, "status": f"not attacked: {why}" if why else "attacked"}
-        results.append(entry)
-        if why:
-            continue
-        entry["runs"], entry["summary"] = [], []
-        for n in ns:
-            runs = []
-            for k, key in enumerate(keys):
-                start = k * max(ns) if own else 0
-                attack = images[start : start + max(ns)]
-                truth = compile_plan(key, scheme, p, images.shape[1:])
-                t0 = time.perf_counter()
-                guess = recover_plan(truth.apply_numpy(attack[:n]), scheme, p, seed=np.random.default_rng(cfg.seed))
-                seconds = time.perf_counter() - t0
-                score = score_recovery(guess, truth, scheme, p, held)
-                runs.append(
-                    {"n": n, "key_fingerprint": key.fingerprint, "seconds": seconds, **dataclasses.asdict(score)}
-                )
-                if n == ns[-1] and k == 0:
-                    shown = held[:2]
-                    enc = truth.apply_numpy(shown)
-                    figures[scheme] = {
-                        "plain": shown,
-                        "encrypted": enc,
-                        f"recovered from {n}": guess.inverse().apply_numpy(enc),
-                    }
-            entry["runs"] += runs
-            entry["summary"].append(_summary(n, runs))
-    report = {
-        "ciphertext_only": {
-            "size": cfg.size,
-            "block_size": cfg.block_size,
-            "resize": cfg.resize,
-            "attack_images": max(ns),
-            "attack_images_per_key": "own" if own else "shared",
-            "held_out_images": cfg.images,
-            "keys": cfg.key_source,
-            "key_fingerprints": [k.fingerprint for k in keys],
-            "schemes": results,
-        }
-    }
-    if out is not None:
-        write_ciphertext_only_report(report, figures, Path(out))
-    return report
-
-
-def _summary(n: int, runs: list[dict[str, Any]]) -> dict[str, Any]:
-    psnrs = [r["psnr_db"] for r in runs]
-    return {
-        "n": n,
-        "keys": len(runs),
-        "keys_exact": sum(r["exact"] == 1.0 for r in runs),
-        "keys_exact_up_to_symmetry": sum(r["up_to_symmetry"] == 1.0 for r in runs),
-        "mean_exact": float(np.mean([r["exact"] for r in runs])),
-        "mean_up_to_symmetry": float(np.mean([r["up_to_symmetry"] for r in runs])),
-        "median_psnr_db": float(np.median(psnrs)),
-        "mean_ssim": float(np.nanmean([r["ssim"] for r in runs]))
-        if not all(math.isnan(r["ssim"]) for r in runs)
-        else math.nan,
-        "mean_seconds": float(np.mean([r["seconds"] for r in runs])),
-    }
-
-
-def _clean(x: Any) -> Any:
-    """JSON-safe: inf as "inf", nan as null (strict JSON has neither)."""
-    if isinstance(x, dict):
-        return {k: _clean(v) for k, v in x.items()}
-    if isinstance(x, list | tuple):
-        return [_clean(v) for v in x]
-    if isinstance(x, float) and not math.isfinite(x):
-        return None if math.isnan(x) else ("inf" if x > 0 else "-inf")
-    return x
-
-
-def write_ciphertext_only_report(report: dict[str, Any], figures: dict[str, dict[str, np.ndarray]], out: Path) -> None:
-    """audit.json and ciphertext-only.png (per scheme: plain, encrypted, recovered rows), atomically."""
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "audit.json", json.dumps(_clean(report), indent=2) + "\n")
-    rows = [(scheme, name, imgs) for scheme, f in figures.items() for name, imgs in f.items()]
-    cols = max([len(imgs) for _, _, imgs in rows], default=1)
-    fig = Figure(figsize=(2.0 * cols + 1.5, 2.0 * max(len(rows), 1)))  # not pyplot: no global backend touched
-    axes = fig.subplots(max(len(rows), 1), cols, squeeze=False)
-    for ax in axes.ravel():
-        ax.axis("off")
-    for r, (scheme, name, imgs) in enumerate(rows):
-        for c, img in enumerate(imgs):
-            axes[r][c].imshow(img)
-        axes[r][0].set_title(f"{scheme}: {name}", fontsize=8, loc="left")
-    if not rows:
-        axes[0][0].text(0.5, 0.5, "no scheme attacked", ha="center", va="center")
-    fig.tight_layout()
-    atomic_write(out / "ciphertext-only.png", lambda tmp: fig.savefig(tmp, format="png", dpi=80))
-
-
-def format_ciphertext_only(report: dict[str, Any]) -> str:
-    """The printed table: one line per scheme and N (keys exact, mean shares, PSNR, SSIM, time)."""
-    co = report["ciphertext_only"]
-    lines = [
-        f"ciphertext-only key recovery at {co['size']}x{co['size']}, {co['block_size']}x{co['block_size']} blocks, "
-        f"{co['resize']} resize, {len(co['key_fingerprints'])} key(s) ({co['keys']}), "
-        f"{co['held_out_images']} held-out images",
-        f"{'scheme':<40} {'N':>5} {'exact':>7} {'up to sym.':>10} {'mean exact':>10} {'mean sym.':>9} "
-        f"{'PSNR dB':>8} {'SSIM':>6} {'s/key':>6}",
-    ]
-    for s in co["schemes"]:
-        if s["status"] != "attacked":
-            lines.append(f"{s['scheme']:<40} {s['status']}")
-            continue
-        for r in s["summary"]:
-            k = r["keys"]
-            lines.append(
-                f"{s['scheme']:<40} {r['n']:>5} {r['keys_exact']:>5}/{k} {r['keys_exact_up_to_symmetry']:>8}/{k} "
-                f"{r['mean_exact']:>10.3f} {r['mean_up_to_symmetry']:>9.3f} {r['median_psnr_db']:>8.1f} "
-                f"{r['mean_ssim']:>6.3f} {r['mean_seconds']:>6.1f}"
-            )
-    return "\n".join(lines)
