@@ -1,10 +1,7 @@
 """ppvit serve: routed multi-tenant inference over real HTTP on 127.0.0.1, its client and its tenant registry.
 
-Four tenants trained here on the toy dataset from one base weights file: ``alice`` (lora-pe,
-shuffle, key A), ``bob`` (melo, shuffle, key B), ``carol`` (linear, plain images) and
-``dave`` (the key holder's lora-pe with --key-init under shuffle+scramble: own position
-embeddings). Routed logits are checked against each adapter's own model (``load_adapter``,
-what ``ppvit predict`` runs).
+The four tenants of :mod:`serving`; routed logits are checked against each adapter's own model
+(``load_adapter``, what ``ppvit predict`` runs).
 """
 
 from __future__ import annotations
@@ -23,119 +20,34 @@ import httpx
 import numpy as np
 import pytest
 import torch
-import uvicorn
 from conftest import SMALL, assert_no_key_material, free_port, train_config
 from PIL import Image
 from safetensors.torch import load_file, save_file
+from serving import TENANTS, LiveServer, build_world, key_of, npy, png, reference_logits
 
-from ppvit.crypto.keys import Key
-from ppvit.data.datasets import load_image_folder
 from ppvit.models.adapters import WEIGHTS_NAME, AdapterMeta, load_adapter, read_adapter_meta
 from ppvit.models.backbones import create_backbone
 from ppvit.models.configs import method_config
 from ppvit.models.methods import apply_method
-from ppvit.serve.app import ServeConfig, create_app
+from ppvit.serve.app import ServeConfig
 from ppvit.serve.client import Client, ServerError
 from ppvit.serve.routing import NotRoutable, RoutedViT, routed_adapter
 from ppvit.serve.tenants import TenantStore
 from ppvit.train.inference import adapter_pipeline
 from ppvit.train.loop import train
 
-TENANTS = {  # name: (method, scheme, key name, extra settings)
-    "alice": ("lora-pe", "shuffle", "A", {}),
-    "bob": ("melo", "shuffle", "B", {"rank": 2, "alpha": 4.0}),
-    "carol": ("linear", "none", None, {}),
-    "dave": ("lora-pe", "shuffle+scramble", "A", {"key_init": True}),
-}
-
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory, toy_dataset: Path) -> dict:
-    """Base weights, two keys, four trained runs and a server root with the four tenants."""
-    tmp = tmp_path_factory.mktemp("serve")
-    weights = tmp / "base.safetensors"
-    torch.manual_seed(0)
-    save_file(create_backbone(SMALL, num_classes=4).state_dict(), str(weights))
-    keys = {}
-    for name in ("A", "B"):
-        keys[name] = tmp / f"{name}.key"
-        Key.generate().save(keys[name])
-    runs, tokens = {}, {}
-    store = TenantStore(tmp / "root")
-    for tenant, (method, scheme, key, extra) in TENANTS.items():
-        runs[tenant] = tmp / tenant
-        cfg = train_config(
-            runs[tenant],
-            toy_dataset,
-            keys[key] if key else None,
-            method=method,
-            scheme=scheme,
-            weights=str(weights),
-            epochs=2,
-            **extra,
-        )
-        train(cfg)
-        tokens[tenant] = store.add(tenant, runs[tenant])  # the weights file comes from the run's config.yaml
-    test = load_image_folder(toy_dataset, "test")
-    return {
-        "tmp": tmp,
-        "weights": weights,
-        "keys": keys,
-        "runs": runs,
-        "tokens": tokens,
-        "root": tmp / "root",
-        "images": test.images,
-        "labels": test.labels,
-    }
-
-
-class LiveServer:
-    """uvicorn serving ``create_app(cfg)`` in a thread on a free port."""
-
-    def __init__(self, cfg: ServeConfig) -> None:
-        self.url = f"http://127.0.0.1:{free_port()}"
-        config = uvicorn.Config(
-            create_app(cfg),
-            host="127.0.0.1",
-            port=int(self.url.rsplit(":", 1)[1]),
-            log_level="warning",
-            timeout_graceful_shutdown=10,
-        )
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self) -> LiveServer:
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            assert time.monotonic() < deadline, "server did not start"
-            time.sleep(0.02)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.should_exit = True
-        self.thread.join(30)
+    return build_world(tmp_path_factory.mktemp("serve"), toy_dataset)
 
 
 @pytest.fixture(scope="module")
 def live(world: dict) -> Iterator[LiveServer]:
     with LiveServer(
-        ServeConfig(world["root"], window_ms=300, max_batch=64, max_images=16, max_body_bytes=1 << 20)
+        ServeConfig(world["root"], window_ms=300, max_batch=64, max_images=16, max_body_bytes=1 << 20, metrics=True)
     ) as server:
         yield server
-
-
-def key_of(world: dict, tenant: str) -> Key | None:
-    name = TENANTS[tenant][2]
-    return Key.load(world["keys"][name]) if name else None
-
-
-def reference_logits(world: dict, tenant: str, images: np.ndarray) -> torch.Tensor:
-    """What the adapter's own model (``ppvit predict``'s) computes on these plain images, encrypted with the key."""
-    model, meta = load_adapter(world["runs"][tenant] / "adapter", world["weights"])
-    pipeline = adapter_pipeline(meta, model, key_of(world, tenant), data_encrypted=False)
-    with torch.no_grad():
-        return model.eval()(pipeline(torch.from_numpy(images), train=False))
 
 
 def test_mixed_batch_logits_equal_each_adapters_own_model(world: dict, live: LiveServer) -> None:
@@ -197,7 +109,7 @@ def test_auth(world: dict, live: LiveServer) -> None:
     assert httpx.get(f"{live.url}/v1/adapter").status_code == 401
     r = httpx.get(f"{live.url}/v1/adapter", headers={"Authorization": "Bearer ppvit_not-a-token"})
     assert r.status_code == 401 and r.json() == {"error": "unknown token"}
-    body = _npy(np.zeros((1, 32, 32, 3), np.uint8))
+    body = npy(np.zeros((1, 32, 32, 3), np.uint8))
     r = httpx.post(f"{live.url}/v1/predict", content=body, headers={"Content-Type": "application/x-npy"})
     assert r.status_code == 401
     for tenant in TENANTS:  # each token sees its own adapter only
@@ -209,28 +121,17 @@ def test_auth(world: dict, live: LiveServer) -> None:
         assert info["input_size"] == 32 and info["block_size"] == (None if meta.scheme is None else 4)
 
 
-def _npy(a: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, a)
-    return buf.getvalue()
-
-
-def _png(a: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(a).save(buf, format="PNG")
-    return buf.getvalue()
-
-
 @pytest.mark.parametrize(
     ("content_type", "body", "status", "words"),
     [
-        ("image/png", b"not an image", 400, "not a readable image"),
+        ("image/png", b"not an image", 415, "not a PNG"),
+        ("image/png", b"\x89PNG\r\n\x1a\n broken", 400, "not a readable image"),
         ("application/x-npy", b"\x93NUMPY garbage", 400, "not a .npy"),
-        ("application/x-npy", _npy(np.zeros((1, 48, 48, 3), np.uint8)), 422, "48x48"),
-        ("application/x-npy", _npy(np.zeros((1, 32, 32, 4), np.uint8)), 422, "4 channels"),
-        ("image/png", _png(np.zeros((32, 32), np.uint8)), 422, "1 channels"),
-        ("application/x-npy", _npy(np.zeros((1, 32, 32, 3), np.float32)), 422, "uint8"),
-        ("application/x-npy", _npy(np.zeros((17, 32, 32, 3), np.uint8)), 413, "limit is 16"),
+        ("application/x-npy", npy(np.zeros((1, 48, 48, 3), np.uint8)), 422, "48x48"),
+        ("application/x-npy", npy(np.zeros((1, 32, 32, 4), np.uint8)), 422, "4 channels"),
+        ("image/png", png(np.zeros((32, 32), np.uint8)), 422, "1 channels"),
+        ("application/x-npy", npy(np.zeros((1, 32, 32, 3), np.float32)), 422, "uint8"),
+        ("application/x-npy", npy(np.zeros((17, 32, 32, 3), np.uint8)), 413, "limit is 16"),
         ("application/x-npy", b"\0" * (2 << 20), 413, "limit"),
         ("application/json", b'{"images": "x"}', 400, "JSON body"),
         ("text/plain", b"hello", 415, "content type"),
@@ -247,7 +148,7 @@ def test_bad_input_is_one_line_4xx_and_the_server_goes_on(
     assert len(ok) == 2
 
 
-def test_png_and_json_bodies_answer_like_npy(world: dict, live: LiveServer) -> None:
+def test_png_and_json_bodies_answer_likenpy(world: dict, live: LiveServer) -> None:
     import base64
 
     c = Client(live.url, world["tokens"]["alice"])
@@ -255,10 +156,10 @@ def test_png_and_json_bodies_answer_like_npy(world: dict, live: LiveServer) -> N
     via_npy = [p.probabilities for p in c.predict_ciphertext(ct)]
     headers = {"Authorization": f"Bearer {world['tokens']['alice']}"}
     r = httpx.post(
-        f"{live.url}/v1/predict", json={"images": [base64.b64encode(_png(a)).decode() for a in ct]}, headers=headers
+        f"{live.url}/v1/predict", json={"images": [base64.b64encode(png(a)).decode() for a in ct]}, headers=headers
     )
     np.testing.assert_allclose([p["probabilities"] for p in r.json()["predictions"]], via_npy, atol=1e-6)
-    r = httpx.post(f"{live.url}/v1/predict", content=_png(ct[0]), headers={**headers, "Content-Type": "image/png"})
+    r = httpx.post(f"{live.url}/v1/predict", content=png(ct[0]), headers={**headers, "Content-Type": "image/png"})
     np.testing.assert_allclose(r.json()["predictions"][0]["probabilities"], via_npy[0], atol=1e-6)
 
 
@@ -499,7 +400,7 @@ def test_a_client_that_goes_away_mid_request_harms_nobody(world: dict, tmp_path:
 def test_a_request_in_flight_finishes_on_the_version_it_started_with(world: dict, tmp_path: Path) -> None:
     store = TenantStore(tmp_path / "root")
     token = store.add("carol", world["runs"]["carol"])
-    body = _npy(world["images"][:1])
+    body = npy(world["images"][:1])
     headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/x-npy"}
     with LiveServer(ServeConfig(tmp_path / "root", window_ms=500)) as server, ThreadPoolExecutor(1) as pool:
         first = pool.submit(httpx.post, f"{server.url}/v1/predict", content=body, headers=headers, timeout=30)
@@ -539,7 +440,7 @@ def _header_only(shape: tuple[int, ...]) -> bytes:
         (_header_only((64, 300_000, 300_000, 3)), "application/x-npy", 413),  # 17 TB declared, 16 bytes sent
         (_header_only((1, 300_000, 300_000, 3)), "application/x-npy", 422),
         (_header_only((1, 32, 32, 3)), "application/x-npy", 400),  # the right shape, too few bytes
-        (_png(np.zeros((4096, 4096, 3), np.uint8)), "image/png", 422),  # 49 kB that decode to 48 MB
+        (png(np.zeros((4096, 4096, 3), np.uint8)), "image/png", 422),  # 49 kB that decode to 48 MB
     ],
 )
 def test_declared_sizes_are_refused_before_anything_is_allocated(
@@ -555,7 +456,7 @@ def test_declared_sizes_are_refused_before_anything_is_allocated(
 def test_too_many_json_images_are_refused_before_decoding(world: dict, live: LiveServer) -> None:
     import base64
 
-    big = base64.b64encode(_png(np.zeros((2048, 2048, 3), np.uint8))).decode()  # 12 MB each, decoded
+    big = base64.b64encode(png(np.zeros((2048, 2048, 3), np.uint8))).decode()  # 12 MB each, decoded
     headers = {"Authorization": f"Bearer {world['tokens']['carol']}"}
     r = httpx.post(f"{live.url}/v1/predict", json={"images": [big] * 17}, headers=headers, timeout=30)
     assert r.status_code == 413 and "limit is 16" in r.json()["error"]
@@ -565,7 +466,7 @@ def test_framework_errors_are_one_line_json_too(world: dict, live: LiveServer) -
     r = httpx.get(f"{live.url}/no/such/path")
     assert r.status_code == 404 and list(r.json()) == ["error"]
     headers = {"Authorization": f"Bearer {world['tokens']['carol']}", "Content-Type": "application/x-npy"}
-    r = httpx.post(f"{live.url}/v1/predict?logits=maybe", content=_npy(world["images"][:1]), headers=headers)
+    r = httpx.post(f"{live.url}/v1/predict?logits=maybe", content=npy(world["images"][:1]), headers=headers)
     assert r.status_code == 422 and "logits" in r.json()["error"]
     assert "no/such" not in httpx.get(f"{live.url}/metrics").text  # unknown paths share one label
 

@@ -544,7 +544,7 @@ class Limits:
 
 def create_app(cfg: ServeConfig) -> FastAPI:
     """The FastAPI application over ``cfg.root`` (created on first start)."""
-    store = TenantStore(cfg.root)
+    store = TenantStore(cfg.root, hold_reader=True)
     cache = AdapterCache(cfg.cache_bytes, cfg.device)
     metrics = Metrics()
     limits = Limits(cfg.body_budget_bytes, cfg.tenant_requests)

@@ -95,7 +95,8 @@ def hash_token(token: str) -> str:
 class TenantStore:
     """Tenants of one server root; safe to use from the server and the CLI at once (SQLite WAL)."""
 
-    def __init__(self, root: str | os.PathLike, create: bool = True) -> None:
+    def __init__(self, root: str | os.PathLike, create: bool = True, hold_reader: bool = False) -> None:
+        """``hold_reader``: open :meth:`by_token`'s connection now (the server: it then needs no write later)."""
         self.root = Path(root)
         self.db = self.root / DB_NAME
         if not self.db.exists():
@@ -111,8 +112,14 @@ class TenantStore:
                 con.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
             elif int(row[0]) > SCHEMA_VERSION:
                 raise ValueError(f"{self.db}: schema version {row[0]} is newer than this ppvit's ({SCHEMA_VERSION})")
+        for path in (self.db, self.db.with_name(DB_NAME + "-wal"), self.db.with_name(DB_NAME + "-shm")):
+            with contextlib.suppress(FileNotFoundError):  # a store of an earlier release: made private
+                if path.stat().st_mode & 0o077:
+                    path.chmod(0o600)
         self._reader: sqlite3.Connection | None = None  # by_token's, held open (see by_token)
         self._reader_lock = threading.Lock()
+        if hold_reader:
+            self.by_token("")
 
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
@@ -203,7 +210,8 @@ class TenantStore:
             raise ValueError(f"adapter {src}: lies inside the server folder {self.root}; register a run's adapter")
         rel = Path("adapters", name, f"v{version}")
         folder = self.root / rel
-        folder.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        folder.parent.parent.mkdir(mode=0o700, exist_ok=True)
+        folder.parent.mkdir(mode=0o700, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".v{version}.", dir=folder.parent))  # 0700
         try:
             for file in (WEIGHTS_NAME, CONFIG_NAME):

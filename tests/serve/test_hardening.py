@@ -1,0 +1,565 @@
+"""Issue 22: ``ppvit serve`` against hostile clients, hostile servers and a careless operator.
+
+One test (or one table row) per finding of the issue, each checked to fail on the code before
+the fix. Servers run on loopback with ``ppvit serve``'s own uvicorn settings (:mod:`serving`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hmac
+import io
+import json
+import logging
+import os
+import re
+import shutil
+import socket
+import sqlite3
+import stat
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from types import SimpleNamespace
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from conftest import SMALL
+from PIL import Image, PngImagePlugin
+from safetensors.torch import load_file, save_file
+from serving import LiveServer, build_world, key_of, npy, png, reference_logits
+
+from ppvit.crypto.keys import Geometry, Key, KeyFileError
+from ppvit.models.adapters import CONFIG_NAME, WEIGHTS_NAME, load_adapter
+from ppvit.models.backbones import create_backbone
+from ppvit.serve.app import Batcher, Metrics, ServeConfig, exposure_warning
+from ppvit.serve.client import Client
+from ppvit.serve.routing import NotRoutable
+from ppvit.serve.tenants import TenantStore
+from ppvit.train.inference import adapter_pipeline
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory, toy_dataset: Path) -> dict:
+    return build_world(tmp_path_factory.mktemp("serve"), toy_dataset)
+
+
+def ppvit(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "ppvit.cli", *args], capture_output=True, text=True, timeout=120, cwd=cwd
+    )
+
+
+def predict_raw(url: str, token: str, body: bytes, content_type: str = "application/x-npy", **kw) -> httpx.Response:
+    headers = {"Authorization": f"Bearer {token}", "Content-Type": content_type}
+    return httpx.post(f"{url}/v1/predict", content=body, headers=headers, timeout=30, **kw)
+
+
+def adapter_copy(world: dict, tenant: str, dst: Path, **config: object) -> Path:
+    """A copy of a tenant's adapter folder with some config fields replaced."""
+    shutil.copytree(world["runs"][tenant] / "adapter", dst)
+    doc = json.loads((dst / CONFIG_NAME).read_text())
+    doc.update(config)
+    (dst / CONFIG_NAME).write_text(json.dumps(doc))
+    return dst
+
+
+# -- 1. adapter paths relative to the store's root, not the working directory ------------------------
+
+
+def test_a_server_started_elsewhere_serves_each_tenant_its_own_adapter(
+    world: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "ops").mkdir()
+    monkeypatch.chdir(tmp_path / "ops")  # registration with a relative root, as in the issue
+    token = TenantStore("srv").add("alice", world["runs"]["alice"])
+    decoy = tmp_path / "elsewhere" / "srv" / "adapters" / "alice" / "v1"  # what the old paths pointed at from there
+    shutil.copytree(world["runs"]["bob"] / "adapter", decoy)
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    images = world["images"][:2]
+    with LiveServer(ServeConfig(tmp_path / "ops" / "srv", window_ms=1)) as server:
+        c = Client(server.url, token)
+        assert c.info()["key_fingerprint"] == key_of(world, "alice").fingerprint
+        got = torch.tensor([p.probabilities for p in c.predict(list(images), key_of(world, "alice"))])
+    torch.testing.assert_close(got, reference_logits(world, "alice", images).softmax(-1), rtol=0, atol=1e-4)
+
+
+def test_rows_of_earlier_releases_are_read_under_the_root(world: dict, tmp_path: Path) -> None:
+    store = TenantStore(tmp_path / "srv")
+    store.add("alice", world["runs"]["alice"])
+    with sqlite3.connect(tmp_path / "srv" / "tenants.sqlite") as con:  # as an earlier release wrote it
+        con.execute("UPDATE adapters SET folder = 'some/cwd/srv/adapters/alice/v1'")
+    assert store.list()[0].folder == tmp_path / "srv" / "adapters" / "alice" / "v1"
+    with sqlite3.connect(tmp_path / "srv" / "tenants.sqlite") as con:
+        assert con.execute("SELECT folder FROM adapters").fetchone() == ("some/cwd/srv/adapters/alice/v1",)
+    store.set_adapter("alice", world["runs"]["alice"])
+    with sqlite3.connect(tmp_path / "srv" / "tenants.sqlite") as con:
+        assert con.execute("SELECT folder FROM adapters WHERE version = 2").fetchone() == ("adapters/alice/v2",)
+
+
+# -- 2. timeouts, a connection cap, bounded bodies ----------------------------------------------------
+
+
+def _closed_within(sock: socket.socket, seconds: float) -> bool:
+    """Whether the server closed ``sock`` within ``seconds`` (a read sees the end, or a reset)."""
+    sock.settimeout(seconds)
+    try:
+        sock.recv(1 << 16)  # the end, or an answer (a 4xx) before it
+        return True
+    except TimeoutError:
+        return False
+    except ConnectionResetError:
+        return True
+
+
+def test_idle_and_slow_connections_are_capped_and_timed_out(world: dict) -> None:
+    cfg = ServeConfig(world["root"], window_ms=1, max_connections=8, header_timeout_s=0.5)
+    with LiveServer(cfg) as server:
+        idle = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(20)]
+        slow = socket.create_connection(("127.0.0.1", server.port))
+        try:
+            time.sleep(0.2)
+            early = sum(_closed_within(s, 0.05) for s in idle)
+            assert early >= 11, f"only {early} of 20 idle connections past a cap of 8 were closed"
+            slow.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")  # headers never finished
+            assert all(_closed_within(s, 3) for s in idle), "idle connections held past the header deadline"
+            assert _closed_within(slow, 3), "a request whose headers never end was held"
+            assert httpx.get(f"{server.url}/healthz", timeout=5).status_code == 200
+        finally:
+            for s in [*idle, slow]:
+                s.close()
+
+
+def _start_upload(port: int, token: str, declared: int, sent: int) -> socket.socket:
+    s = socket.create_connection(("127.0.0.1", port))
+    head = (
+        f"POST /v1/predict HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n"
+        f"Content-Type: application/x-npy\r\nContent-Length: {declared}\r\n\r\n"
+    )
+    s.sendall(head.encode() + b"\0" * sent)
+    return s
+
+
+def _status(sock: socket.socket, seconds: float) -> int | None:
+    sock.settimeout(seconds)
+    try:
+        line = sock.recv(1 << 16).split(b"\r\n", 1)[0]
+    except TimeoutError:
+        return None
+    return int(line.split()[1]) if line.startswith(b"HTTP/") else None
+
+
+def test_a_stalled_body_times_out_and_stalled_bodies_hold_a_bounded_memory(world: dict) -> None:
+    token = world["tokens"]["carol"]
+    cfg = ServeConfig(world["root"], window_ms=1, max_body_bytes=1 << 20, body_budget_bytes=1 << 20, body_timeout_s=1.5)
+    with LiveServer(cfg) as server:
+        stalled = _start_upload(server.port, token, 900_000, 100_000)
+        try:
+            time.sleep(0.3)
+            second = predict_raw(server.url, token, b"\0" * 500_000)  # would push the bodies held past 1 MiB
+            assert second.status_code == 503 and "retry" in second.json()["error"]
+            assert _status(stalled, 5) == 408, "a body that stopped arriving was waited for"
+        finally:
+            stalled.close()
+        ok = predict_raw(server.url, token, npy(world["images"][:1]))
+        assert ok.status_code == 200, ok.text  # the budget was given back
+
+
+def test_one_tenant_gets_429_past_its_requests_in_flight_and_others_are_served(world: dict) -> None:
+    cfg = ServeConfig(world["root"], window_ms=1500, tenant_requests=2)
+    body = npy(world["images"][:1])
+    with LiveServer(cfg) as server, ThreadPoolExecutor(4) as pool:
+        noisy = [pool.submit(predict_raw, server.url, world["tokens"]["carol"], body) for _ in range(3)]
+        time.sleep(0.5)
+        other = pool.submit(predict_raw, server.url, world["tokens"]["alice"], npy(world["images"][:1]))
+        statuses = sorted(f.result().status_code for f in noisy)
+        assert statuses == [200, 200, 429]
+        assert other.result().status_code == 200
+
+
+# -- 3. the client holds the server to the geometry its key pins ---------------------------------------
+
+
+def _fake_server(info: dict, posted: list[bytes]) -> httpx.MockTransport:
+    def handle(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/v1/adapter":
+            return httpx.Response(200, json=info)
+        posted.append(request.read())
+        n = len(np.load(io.BytesIO(posted[-1])))
+        answer = {"label": "x", "index": 0, "probability": 1.0, "probabilities": [1.0]}
+        return httpx.Response(200, json={"version": 1, "predictions": [answer] * n})
+
+    return httpx.MockTransport(handle)
+
+
+PINNED = Key(bytes(range(32)), Geometry("shuffle", 4, 32))
+UNPINNED = Key(bytes(range(32)))
+
+
+@pytest.mark.parametrize(
+    ("key", "stated", "client_pins", "refused"),
+    [
+        (UNPINNED, {"block_size": 1}, {}, "block size 1"),  # the issue's hostile server
+        (UNPINNED, {"block_size": 2}, {}, "under 4"),
+        (UNPINNED, {"block_size": 4}, {"block_size": 8}, "block_size 4, not 8"),
+        (UNPINNED, {"input_size": 64, "block_size": 4}, {"input_size": 32}, "input_size 64, not 32"),
+        (PINNED, {"block_size": 1}, {}, "block_size 1, not 4"),
+        (PINNED, {"block_size": 8}, {}, "block_size 8, not 4"),
+        (PINNED, {"scheme": "shuffle+scramble"}, {}, "scheme shuffle+scramble, not shuffle"),
+        (PINNED, {"input_size": 64}, {}, "input_size 64, not 32"),
+        (PINNED, {}, {"block_size": 8}, "differs from the 4"),
+        (PINNED, {}, {}, None),
+        (UNPINNED, {"block_size": 4}, {"block_size": 4, "scheme": "shuffle"}, None),
+    ],
+)
+def test_the_client_refuses_a_server_stating_weaker_settings_than_pinned(
+    key: Key, stated: dict, client_pins: dict, refused: str | None
+) -> None:
+    info = {"scheme": "shuffle", "block_size": 4, "input_size": 32, "version": 1, "max_images": 8}
+    info.update(stated, key_fingerprint=key.fingerprint)
+    posted: list[bytes] = []
+    image = np.arange(32 * 32 * 3, dtype=np.uint8).reshape(32, 32, 3)
+    with Client("http://fake", "t", transport=_fake_server(info, posted), **client_pins) as c:
+        if refused is None:
+            assert len(c.predict([image], key)) == 1 and len(posted) == 1
+            return
+        with pytest.raises(ValueError, match=re.escape(refused)):
+            c.predict([image], key)
+    assert posted == [], "ciphertext was sent under settings the client should have refused"
+
+
+def test_a_pinned_key_file_binds_its_geometry_into_the_fingerprint(tmp_path: Path) -> None:
+    secret = bytes(range(32))
+    old = hmac.new(secret, b"ppvit/v1/fingerprint", "sha256").hexdigest()[:16]
+    bound = hmac.new(secret, b"ppvit/v1/fingerprint/scheme=shuffle;block=4;size=32", "sha256").hexdigest()[:16]
+    assert (UNPINNED.fingerprint, PINNED.fingerprint) == (old, bound)  # unpinned keys keep their fingerprint
+    PINNED.save(tmp_path / "k.key")
+    assert Key.load(tmp_path / "k.key") == PINNED
+    doc = json.loads((tmp_path / "k.key").read_text())
+    doc["pin"]["block_size"] = 1  # a pin edited without the secret's say
+    (tmp_path / "bad.key").write_text(json.dumps(doc))
+    (tmp_path / "bad.key").chmod(0o600)
+    with pytest.raises(KeyFileError, match="fingerprint"):
+        Key.load(tmp_path / "bad.key")
+    r = ppvit("keygen", str(tmp_path / "cli.key"), "--scheme", "shuffle", "--block-size", "16", "--size", "112")
+    assert r.returncode == 0, r.stderr
+    assert Key.load(tmp_path / "cli.key").pin == Geometry("shuffle", 16, 112)
+    r = ppvit("keygen", str(tmp_path / "half.key"), "--block-size", "16")
+    assert r.returncode == 2 and "all three" in r.stderr
+
+
+# -- 4. a weights file is part of the base's identity ---------------------------------------------------
+
+
+def test_tenants_on_different_weights_files_get_their_own_base(world: dict, tmp_path: Path) -> None:
+    other = tmp_path / "other.safetensors"
+    torch.manual_seed(1)
+    save_file(create_backbone(SMALL, num_classes=4).state_dict(), str(other))
+    store = TenantStore(tmp_path / "root")
+    tokens, folders = {}, {}
+    for name, weights in (("x", world["weights"]), ("y", other)):  # timm-pretrained adapters, a file standing in
+        folders[name] = adapter_copy(world, "carol", tmp_path / name, pretrained=True, weights_sha256=None)
+        tokens[name] = store.add(name, folders[name], weights=weights)
+    images = world["images"][:2]
+    with LiveServer(ServeConfig(tmp_path / "root", window_ms=1)) as server:
+        got = {n: Client(server.url, t).predict(list(images), None, plain=True) for n, t in tokens.items()}
+    for name, weights in (("x", world["weights"]), ("y", other)):
+        model, meta = load_adapter(folders[name], weights)
+        with torch.no_grad():
+            expected = model.eval()(adapter_pipeline(meta, model, None, False)(torch.from_numpy(images), train=False))
+        served = torch.tensor([p.probabilities for p in got[name]])
+        torch.testing.assert_close(served, expected.softmax(-1), rtol=0, atol=1e-4, msg=f"tenant {name}")
+
+
+# -- 5. fair share --------------------------------------------------------------------------------------
+
+
+def test_the_batcher_takes_tenants_in_turn() -> None:
+    """A tenant queueing five 24-image requests does not push a neighbour's request out of the next batch."""
+    batches: list[list[str]] = []
+
+    async def scenario() -> None:
+        batcher = Batcher(window=0.05, max_batch=64, metrics=Metrics())
+
+        async def record(jobs: list) -> None:
+            batches.append([j.served.tenant.tenant for j in jobs])
+            await asyncio.sleep(0.01)  # a forward takes time: others may queue meanwhile
+            for j in jobs:
+                j.future.set_result([])
+
+        batcher._forward = record
+        batcher.start()
+        base = object()
+
+        def served(tenant_id: int, name: str) -> SimpleNamespace:
+            return SimpleNamespace(
+                tenant=SimpleNamespace(tenant_id=tenant_id, tenant=name, cache_key=(tenant_id, 1)), base=base
+            )
+
+        noisy = [asyncio.create_task(batcher.submit(served(1, "noisy"), torch.zeros(24, 3, 2, 2))) for _ in range(5)]
+        victim = asyncio.create_task(batcher.submit(served(2, "victim"), torch.zeros(1, 3, 2, 2)))
+        await asyncio.gather(*noisy, victim)
+        await batcher.stop()
+
+    asyncio.run(scenario())
+    assert batches[0] == ["noisy", "victim", "noisy"], batches
+    assert sum(len(b) for b in batches) == 6
+
+
+def test_a_head_past_the_class_limit_is_refused_at_registration(world: dict, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="at most 3"):
+        TenantStore(tmp_path / "root").add("carol", world["runs"]["carol"], max_classes=3)
+
+
+# -- 6. a full store disk ---------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path):
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)]).returncode:
+        pytest.skip("needs root to mount a small tmpfs")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_a_full_store_disk_is_reported_and_reads_still_answer(world: dict, small_disk: Path) -> None:
+    store = TenantStore(small_disk / "root")
+    token = store.add("carol", world["runs"]["carol"])
+    with LiveServer(ServeConfig(small_disk / "root", window_ms=1, min_free_bytes=1 << 20)) as server:
+        assert httpx.get(f"{server.url}/healthz").json()["status"] == "ok"
+        with open(small_disk / "fill", "wb") as fh, pytest.raises(OSError):
+            while True:
+                fh.write(b"\0" * (1 << 16))
+                fh.flush()
+        health = httpx.get(f"{server.url}/healthz").json()
+        assert health["status"] == "degraded" and "store disk" in health["problems"][0]
+        r = predict_raw(server.url, token, npy(world["images"][:1]))
+        assert r.status_code == 200, r.text
+
+
+# -- 7. PNG only ------------------------------------------------------------------------------------------
+
+
+def _encoded(a: np.ndarray, fmt: str) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(a).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "BMP", "TIFF", "GIF", "WEBP"])
+def test_only_png_is_decoded(world: dict, fmt: str) -> None:
+    img = world["images"][0]
+    blob = _encoded(img, fmt)
+    with LiveServer(ServeConfig(world["root"], window_ms=1)) as server:
+        token = world["tokens"]["carol"]
+        assert predict_raw(server.url, token, blob, "image/png").status_code == 415
+        assert predict_raw(server.url, token, blob, f"image/{fmt.lower()}").status_code == 415
+        body = json.dumps({"images": [base64.b64encode(blob).decode()]}).encode()
+        assert predict_raw(server.url, token, body, "application/json").status_code == 415
+        assert predict_raw(server.url, token, png(img), "image/png").status_code == 200
+
+
+# -- 8. tenant folders by the registered name, removal of every version, retention --------------------
+
+
+def test_versions_live_under_the_registered_name_are_kept_n_and_all_removed(world: dict, tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    store = TenantStore(root)
+    store.add("alice", world["runs"]["carol"])
+    assert store.set_adapter("ALICE", world["runs"]["carol"]) == 2
+    assert sorted(p.name for p in (root / "adapters").iterdir()) == ["alice"]
+    assert sorted(p.name for p in (root / "adapters" / "alice").iterdir()) == ["v1", "v2"]
+    r = ppvit("serve", "set-adapter", str(root), "Alice", "--adapter", str(world["runs"]["carol"]), "--keep", "1")
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in (root / "adapters" / "alice").iterdir()) == ["v3"]
+    with sqlite3.connect(root / "tenants.sqlite") as con:
+        assert [v for (v,) in con.execute("SELECT version FROM adapters")] == [3]
+    # a version an earlier release wrote under another spelling of the name
+    shutil.copytree(root / "adapters" / "alice" / "v3", root / "adapters" / "ALICE" / "v4")
+    with sqlite3.connect(root / "tenants.sqlite") as con:
+        con.execute("INSERT INTO adapters SELECT tenant_id, 4, 'adapters/ALICE/v4', weights, created FROM adapters")
+    ppvit("serve", "remove-tenant", str(root), "ALICE")
+    assert list((root / "adapters").iterdir()) == []
+    with pytest.raises(ValueError, match="keep at least"):
+        store.set_adapter("x", world["runs"]["carol"], keep=0)
+
+
+# -- 9. links and the store itself are no sources -----------------------------------------------------------
+
+
+def test_links_and_store_paths_are_refused_as_sources(world: dict, tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    store = TenantStore(root)
+    store.add("bob", world["runs"]["bob"])
+    linked = tmp_path / "linked"
+    linked.mkdir()
+    shutil.copy(world["runs"]["carol"] / "adapter" / CONFIG_NAME, linked / CONFIG_NAME)
+    (linked / WEIGHTS_NAME).symlink_to(root / "adapters" / "bob" / "v1" / WEIGHTS_NAME)
+    with pytest.raises(ValueError, match="symbolic link"):
+        store.add("mallory", linked)
+    (tmp_path / "dirlink").symlink_to(root / "adapters" / "bob" / "v1")
+    for source in (root / "adapters" / "bob" / "v1", tmp_path / "dirlink"):
+        with pytest.raises(ValueError, match="inside the server folder"):
+            store.add("mallory", source)
+    assert [t.tenant for t in store.list()] == ["bob"]
+
+
+# -- 10. TLS ----------------------------------------------------------------------------------------------------
+
+
+def test_binding_beyond_loopback_without_tls_warns() -> None:
+    for host in ("127.0.0.1", "::1", "localhost"):
+        assert exposure_warning(host, tls=False) is None
+    assert exposure_warning("0.0.0.0", tls=True) is None
+    for host in ("0.0.0.0", "::", "10.1.2.3", "example.org"):
+        assert "without TLS" in exposure_warning(host, tls=False)
+
+
+def test_the_server_speaks_tls_with_a_certificate(world: dict, tmp_path: Path) -> None:
+    if shutil.which("openssl") is None:
+        pytest.skip("needs openssl to make a certificate")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    openssl = ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1"]
+    subprocess.run([*openssl, "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    server = LiveServer(ServeConfig(world["root"], window_ms=1), ssl_certfile=str(cert), ssl_keyfile=str(key))
+    with server:
+        url = server.url.replace("http://", "https://")
+        assert httpx.get(f"{url}/healthz", verify=False).status_code == 200
+        with pytest.raises(httpx.HTTPError):
+            httpx.get(f"{server.url}/healthz", timeout=3)  # no plain HTTP beside it
+    r = ppvit("serve", "--root", str(tmp_path), "--ssl-certfile", str(cert))
+    assert r.returncode == 2 and "both" in r.stderr
+
+
+# -- 11. the small ones ---------------------------------------------------------------------------------------
+
+
+def _npy_header(header: str) -> bytes:
+    text = header.encode() + b" " * ((-(10 + len(header) + 1)) % 64) + b"\n"
+    return b"\x93NUMPY\x01\x00" + len(text).to_bytes(2, "little") + text
+
+
+def _png_with(**chunks: bytes) -> bytes:
+    img = Image.fromarray(np.zeros((32, 32, 3), np.uint8))
+    buf = io.BytesIO()
+    info = PngImagePlugin.PngInfo()
+    if "ztxt" in chunks:
+        info.add_text("k", chunks["ztxt"].decode(), zip=True)
+    img.save(buf, format="PNG", pnginfo=info, icc_profile=chunks.get("icc"))
+    return buf.getvalue()
+
+
+BIG = 20 << 20
+DEEP = "[" * 100_000 + "]" * 100_000
+
+
+@pytest.mark.parametrize(
+    ("name", "body", "content_type", "status"),
+    [
+        ("npy shape of a bool", _npy_header("{'descr': '|u1', 'fortran_order': False, 'shape': (True, 32, 32, 3), }")
+         + b"\0" * 3072, "application/x-npy", 422),
+        ("npy header 4,500 deep", _npy_header("{'descr': '|u1', 'fortran_order': False, 'shape': " + "-" * 4500 + "1}"),
+         "application/x-npy", 400),
+        ("zTXt inflating to 20 MiB", _png_with(ztxt=b"a" * BIG), "image/png", 400),
+        ("iCCP inflating to 20 MiB", _png_with(icc=b"\0" * BIG), "image/png", 400),
+        ("JSON nested 100,000 deep", ('{"images": ' + DEEP + "}").encode(), "application/json", 400),
+        ("a 5,000-digit integer", ('{"images": [], "n": ' + "9" * 5000 + "}").encode(), "application/json", 400),
+    ],
+)  # fmt: skip
+def test_hostile_bodies_are_4xx_not_500(world: dict, name: str, body: bytes, content_type: str, status: int) -> None:
+    assert len(body) < 1 << 20, f"{name}: the test body itself must be small"
+    with LiveServer(ServeConfig(world["root"], window_ms=1)) as server:
+        r = predict_raw(server.url, world["tokens"]["carol"], body, content_type)
+        assert r.status_code == status, f"{name}: {r.status_code} {r.text[:200]}"
+        assert list(r.json()) == ["error"]
+
+
+def test_two_authorization_headers_are_refused(world: dict) -> None:
+    with LiveServer(ServeConfig(world["root"], window_ms=1)) as server:
+        headers = [("Authorization", f"Bearer {world['tokens']['carol']}"), ("Authorization", "Bearer other")]
+        r = httpx.get(f"{server.url}/v1/adapter", headers=headers)
+        assert r.status_code == 400 and "more than one" in r.json()["error"]
+
+
+@pytest.mark.parametrize(
+    ("change", "words"),
+    [
+        ({"classes": ["only", "three", "names"]}, "names 3 classes, its head has 4"),
+        ({"model_kwargs": {"pretrained_cfg_overlay": {"file": "/etc/passwd"}}}, "pretrained_cfg_overlay"),
+        ("nan", "NaN"),
+    ],
+)
+def test_adapters_that_would_fail_every_request_are_refused_at_registration(
+    world: dict, tmp_path: Path, change: dict | str, words: str
+) -> None:
+    folder = adapter_copy(world, "carol", tmp_path / "a", **({} if change == "nan" else change))
+    if change == "nan":
+        tensors = load_file(str(folder / WEIGHTS_NAME))
+        tensors["head.weight"][0, 0] = float("nan")
+        save_file(tensors, str(folder / WEIGHTS_NAME))
+    with pytest.raises((ValueError, NotRoutable), match=words):
+        TenantStore(tmp_path / "root").add("t", folder, weights=world["weights"])
+    assert TenantStore(tmp_path / "root").list() == []
+
+
+def test_a_client_that_disconnects_mid_body_is_no_500(world: dict, caplog: pytest.LogCaptureFixture) -> None:
+    with LiveServer(ServeConfig(world["root"], window_ms=1, metrics=True)) as server:
+        with caplog.at_level(logging.INFO):
+            _start_upload(server.port, world["tokens"]["carol"], 10_000, 100).close()
+            time.sleep(0.5)
+        metrics = httpx.get(f"{server.url}/metrics").text
+    assert 'status="500"' not in metrics
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], [r.getMessage() for r in caplog.records]
+
+
+def test_metrics_and_docs_are_opt_in(world: dict) -> None:
+    with LiveServer(ServeConfig(world["root"], window_ms=1)) as server:
+        for path in ("/metrics", "/docs", "/openapi.json"):
+            assert httpx.get(f"{server.url}{path}").status_code == 404, path
+    with LiveServer(ServeConfig(world["root"], window_ms=1, metrics=True, docs=True)) as server:
+        for path in ("/metrics", "/docs", "/openapi.json"):
+            assert httpx.get(f"{server.url}{path}").status_code == 200, path
+
+
+def test_the_store_is_private_to_the_servers_user(world: dict, tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    TenantStore(root).add("carol", world["runs"]["carol"])
+    with LiveServer(ServeConfig(root, window_ms=1)) as server:
+        httpx.get(f"{server.url}/healthz")
+        for path in [root, *root.rglob("*")]:
+            mode = stat.S_IMODE(path.stat().st_mode)
+            assert mode & 0o077 == 0, f"{path.relative_to(tmp_path)}: mode {mode:04o}"
+
+
+def test_requests_are_access_logged_by_tenant_without_the_token(world: dict, caplog: pytest.LogCaptureFixture) -> None:
+    token = world["tokens"]["carol"]
+    with LiveServer(ServeConfig(world["root"], window_ms=1)) as server, caplog.at_level(logging.INFO):
+        predict_raw(server.url, token, npy(world["images"][:1]))
+        httpx.get(f"{server.url}/v1/adapter", headers={"Authorization": "Bearer nobody"})
+    lines = [r.getMessage() for r in caplog.records if r.name == "ppvit.serve.access"]
+    assert any("POST /v1/predict 200" in line and "tenant=carol" in line for line in lines), lines
+    assert any("GET /v1/adapter 401" in line for line in lines), lines
+    assert not any(token in line or token.removeprefix("ppvit_") in line for line in lines)
+
+
+def test_a_token_can_be_rotated(world: dict, tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    old = TenantStore(root).add("carol", world["runs"]["carol"])
+    r = ppvit("serve", "rotate-token", str(root), "carol", "--token-file", str(tmp_path / "new.token"))
+    assert r.returncode == 0, r.stderr
+    new = (tmp_path / "new.token").read_text().strip()
+    assert stat.S_IMODE((tmp_path / "new.token").stat().st_mode) == 0o600
+    with LiveServer(ServeConfig(root, window_ms=1)) as server:
+        assert httpx.get(f"{server.url}/v1/adapter", headers={"Authorization": f"Bearer {old}"}).status_code == 401
+        assert Client(server.url, new).info()["tenant"] == "carol"
+    with pytest.raises(ValueError, match="no tenant"):
+        TenantStore(root).rotate_token("nobody")
