@@ -1,4 +1,4 @@
-"""dataset_io on hostile or damaged input: archive paths, truncated archives, unreadable and hidden files."""
+"""Image files and archives on hostile or damaged input: unsafe paths, truncation, unreadable and hidden files."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from ppvit import cli
 from ppvit.crypto.ciphers import BlockCipher
 from ppvit.crypto.keys import Key
 from ppvit.data.encrypt import encrypt_collection
-from ppvit.data.legacy import iter_image_bytes
+from ppvit.data.sources.files import FilesSource
 
 
 def png_bytes(seed: int, size: int = 16) -> bytes:
@@ -84,8 +84,8 @@ def test_hidden_files_are_not_images(tmp_path: Path) -> None:
         tmp_path / "mac.tar",
         {"cls/a.png": png_bytes(0), "cls/._a.png": b"\x00\x05\x16\x07 resource fork", ".hidden/b.png": png_bytes(1)},
     )
-    assert [rel for rel, _ in iter_image_bytes(tmp_path / "mac.tar")] == ["cls/a.png"]
+    assert [rel for rel, _ in FilesSource(tmp_path / "mac.tar").items()] == ["cls/a.png"]
     (tmp_path / "src" / "cls").mkdir(parents=True)
     (tmp_path / "src" / "cls" / "a.png").write_bytes(png_bytes(0))
     (tmp_path / "src" / "cls" / "._a.png").write_bytes(b"\x00\x05\x16\x07")
-    assert [rel for rel, _ in iter_image_bytes(tmp_path / "src")] == ["cls/a.png"]
+    assert [rel for rel, _ in FilesSource(tmp_path / "src").items()] == ["cls/a.png"]

@@ -16,9 +16,8 @@ from ppvit import cli
 from ppvit.crypto.ciphers import BlockCipher
 from ppvit.crypto.keys import Key
 from ppvit.data.encrypt import encrypt_collection
-from ppvit.data.legacy import iter_source_bytes, source_kind
 from ppvit.data.manifest import read_manifest
-from ppvit.data.sources import Columns
+from ppvit.data.sources import Columns, open_source
 from ppvit.train.loop import train
 
 datasets = pytest.importorskip("datasets")
@@ -92,8 +91,8 @@ def eval_run(run: Path, data: Path | str, *flags: str) -> dict:
 def test_hf_save_to_disk_round_trip(tmp_path: Path, toy_dataset: Path, key_file: Path) -> None:
     hf = tmp_path / "hf"
     datasets.DatasetDict(train=hf_split(toy_dataset, "train"), test=hf_split(toy_dataset, "test")).save_to_disk(hf)
-    assert source_kind(hf) == "hf"
-    rels = [rel for rel, _ in iter_source_bytes(hf)]
+    assert open_source(hf).kind == "hf"
+    rels = list(open_source(hf).paths())
     assert rels[0] == "test/class0/00000000.png" and len(rels) == 128
     check_round_trip(tmp_path, str(hf), key_file)
     assert sorted(read_manifest(tmp_path / "enc").classes["train"]) == CLASSES
@@ -117,7 +116,7 @@ def test_hf_parquet_with_named_columns(tmp_path: Path, toy_dataset: Path, key_fi
     check_round_trip(tmp_path, pq, key_file, ("--label-column", "target"))
     assert read_manifest(tmp_path / "enc").classes["train"] == ["0000", "0001", "0002", "0003"]  # sort as numbers
     with pytest.raises(ValueError, match="no column 'nope'"):
-        list(iter_source_bytes(pq, columns=Columns(label="nope")))
+        list(open_source(pq, Columns(label="nope")).items())
     # training straight from parquet with the column named in the config
     result = train(train_config(tmp_path / "run-plain", Path(pq), key_file, label_column="target", epochs=1))
     assert result.num_classes == 4
@@ -143,11 +142,9 @@ def test_hf_bad_rows_are_counted_not_fatal(tmp_path: Path, toy_dataset: Path) ->
 def test_wds_source_round_trip(tmp_path: Path, toy_dataset: Path, key_file: Path) -> None:
     shards = tmp_path / "shards"
     wds_from_toy(toy_dataset, shards)
-    assert source_kind(shards) == "wds" and source_kind(shards / "train-000.tar") == "wds"
-    assert (
-        source_kind(f"{shards}/{{train,test}}-{{000..002}}.tar".replace("test}-{000..002", "test}-{000..002")) == "wds"
-    )
-    rels = [rel for rel, _ in iter_source_bytes(f"{shards}/train-{{000..002}}.tar")]
+    assert open_source(shards).kind == "wds" and open_source(shards / "train-000.tar").kind == "wds"
+    assert open_source(f"{shards}/{{train,test}}-{{000..002}}.tar").kind == "wds"
+    rels = list(open_source(f"{shards}/train-{{000..002}}.tar").paths())
     assert len(rels) == 96 and rels[0] == "train/0000/train-000_000000.png"
     check_round_trip(tmp_path, str(shards), key_file)
     result = train(train_config(tmp_path / "run-plain", shards, key_file, epochs=1))

@@ -17,7 +17,7 @@ from conftest import assert_no_key_material, train_config
 
 from ppvit import cli
 from ppvit.crypto.keys import Key
-from ppvit.data.legacy import load_encrypted_split
+from ppvit.data.datasets import load_source_split
 from ppvit.data.manifest import read_manifest
 from ppvit.train.loop import train
 
@@ -42,8 +42,8 @@ def test_wds_output_is_the_png_output_in_shards_and_resumes(tmp_path: Path, toy_
         assert names[:2] == ["class0/0.cls", "class0/0.png"] and len(names) == 32
         assert tar.extractfile("class0/0.cls").read() == b"0"
     for split in ("train", "test"):  # same ciphertexts and labels as the PNG output, in the same order
-        a, b = load_encrypted_split(wds, split), load_encrypted_split(png, split)
-        assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1]) and a[2] == b[2]
+        a, b = load_source_split(wds, split), load_source_split(png, split)
+        assert np.array_equal(a.images, b.images) and np.array_equal(a.labels, b.labels) and a.classes == b.classes
     # an interruption: the last shard never renamed into place; a rerun writes only its images
     (wds / "train" / "shard-000005.tar").unlink()
     (wds / "train" / ".shard-000005.tar.abcd1234.tmp").write_bytes(b"half")
