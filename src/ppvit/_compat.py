@@ -60,6 +60,9 @@ whose ``__init__`` forwards the old modules' names.)"""
 RENAMED: dict[str, str] = {
     "key_recovery.write_ciphertext_only_report": "attacks.report.write_report",
     "key_recovery.format_ciphertext_only": "attacks.report.format_report",
+    "data.cifar10_path": "data.datasets.resolve_data",
+    "data.load_image_folder": "data.datasets.load_source_split",
+    "streaming.count_keys": "data.sources.wds.count_samples",
 }
 """Old ``module.name`` -> ``module.name`` now under ``ppvit``, for names that changed (the same call works)."""
 
