@@ -1,0 +1,35 @@
+"""The batch pipeline: its order (resize, encrypt, normalise) and what it refuses on ciphertext."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import KEY
+from data_arrays import dataset
+
+from ppvit.crypto.ciphers import BlockCipher
+from ppvit.data.pipeline import BatchPipeline
+
+
+def test_pipeline_order_is_resize_encrypt_normalise() -> None:
+    ds = dataset(4, size=16)
+    cipher = BlockCipher(KEY, "shuffle+scramble", 8)
+    pipe = BatchPipeline(32, (0.4, 0.5, 0.6), (0.2, 0.25, 0.3), cipher)
+    got = pipe(torch.from_numpy(ds.images), train=False)
+    # independent: resize (bicubic, rounded to uint8), encrypt the uint8 image, then normalise
+    x = torch.from_numpy(ds.images).permute(0, 3, 1, 2).float()
+    x = torch.nn.functional.interpolate(x, size=(32, 32), mode="bicubic", align_corners=False)
+    x = cipher.encrypt(x.round().clamp(0, 255).to(torch.uint8)).float() / 255
+    want = (x - torch.tensor([0.4, 0.5, 0.6]).view(1, 3, 1, 1)) / torch.tensor([0.2, 0.25, 0.3]).view(1, 3, 1, 1)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+
+
+def test_pipeline_refuses_plain_augmentation_on_ciphertext() -> None:
+    with pytest.raises(ValueError, match="does not commute"):
+        BatchPipeline(32, (0.5,) * 3, (0.5,) * 3, data_encrypted=True, augment="crop-flip")
+
+
+def test_pipeline_refuses_resizing_ciphertext() -> None:
+    pipe = BatchPipeline(32, (0.5,) * 3, (0.5,) * 3, data_encrypted=True)
+    with pytest.raises(ValueError, match="resizing would destroy the ciphertext"):
+        pipe(torch.zeros(1, 16, 16, 3, dtype=torch.uint8), train=False)
