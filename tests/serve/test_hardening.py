@@ -405,11 +405,11 @@ def test_links_and_store_paths_are_refused_as_sources(world: dict, tmp_path: Pat
     shutil.copy(world["runs"]["carol"] / "adapter" / CONFIG_NAME, linked / CONFIG_NAME)
     (linked / WEIGHTS_NAME).symlink_to(root / "adapters" / "bob" / "v1" / WEIGHTS_NAME)
     with pytest.raises(ValueError, match="symbolic link"):
-        store.add("mallory", linked)
+        store.add("mallory", linked, weights=world["weights"])
     (tmp_path / "dirlink").symlink_to(root / "adapters" / "bob" / "v1")
     for source in (root / "adapters" / "bob" / "v1", tmp_path / "dirlink"):
         with pytest.raises(ValueError, match="inside the server folder"):
-            store.add("mallory", source)
+            store.add("mallory", source, weights=world["weights"])
     assert [t.tenant for t in store.list()] == ["bob"]
 
 
