@@ -72,16 +72,74 @@ def test_toy_reproduction_end_to_end(tmp_path: Path, toy_dataset: Path) -> None:
     assert_no_key_material(out, Key.load(key_file), skip=[key_file])
 
 
-def test_failed_cells_are_reported_not_hidden(tmp_path: Path, toy_dataset: Path, capsys) -> None:
-    broken = Preset(
-        "broken", "", TOY.base.replace(batch_size=10_000), {"melo": MethodSettings(lr=1e-3)}, ("shuffle",), (0,)
-    )  # larger than the training set
-    table = reproduce(broken, tmp_path / "out", toy_dataset, weights=None, pretrained=False, progress=False)
-    assert table.rows[0].acc_mean is None
-    assert table.rows[0].errors[0].startswith("ValueError: batch size 10000 is larger than the training set")
+def test_failed_cells_are_reported_not_hidden(
+    tmp_path: Path, toy_dataset: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real, calls = runner.run_cell, []
+
+    def second_fails(cfg: TrainConfig) -> RunResult:
+        calls.append(cfg.run.out)
+        if len(calls) == 2:
+            raise ValueError("batch size 10000 is larger than the training set")
+        return real(cfg)
+
+    monkeypatch.setattr(runner, "run_cell", second_fails)
+    preset = Preset("two", "", TOY.base, {"linear": MethodSettings(lr=5e-3)}, ("none", "shuffle"), (0,))
+    table = reproduce(preset, tmp_path / "out", toy_dataset, weights=None, pretrained=False, progress=False)
+    assert table.rows[0].acc_mean is not None and table.rows[1].acc_mean is None
+    assert table.rows[1].errors[0].startswith("ValueError: batch size 10000 is larger than the training set")
     assert "Failed cells:" in table.markdown()
     key_file = tmp_path / "out" / "reproduce.key"
     assert_no_key_material([tmp_path / "out", table.markdown()], Key.load(key_file), skip=[key_file])
+
+
+def test_a_failing_first_cell_stops_the_run_before_the_others(tmp_path: Path, toy_dataset: Path) -> None:
+    broken = Preset(
+        "broken", "", TOY.base.replace(batch_size=10_000), {"melo": MethodSettings(lr=1e-3)}, ("shuffle", "none"), (0,)
+    )  # larger than the training set: every cell would fail the same way
+    with pytest.raises(ValueError, match=r"the first cell \(melo, shuffle, seed 0\) failed, so every cell would"):
+        reproduce(broken, tmp_path / "out", toy_dataset, weights=None, pretrained=False, progress=False)
+    assert not (tmp_path / "out" / "results.md").exists() and not (tmp_path / "out" / "cells" / "melo-none-s0").exists()
+
+
+def test_data_it_cannot_use_is_refused_before_any_cell(
+    tmp_path: Path, toy_dataset: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    monkeypatch.delenv("PPVIT_CIFAR10", raising=False)
+    assert cli.main(["reproduce", "--preset", "small-demo", "--out", str(tmp_path / "a")]) == 2
+    assert "no data: pass --data" in capsys.readouterr().err
+    encrypted = tmp_path / "enc"
+    assert (
+        cli.main(
+            ["-q", "encrypt", str(toy_dataset), str(encrypted), "--key", str(tmp_path / "k.key"), "--block-size", "4"]
+        )
+        == 2
+    )  # no key yet
+    Key.generate().save(tmp_path / "k.key")
+    assert (
+        cli.main(
+            ["-q", "encrypt", str(toy_dataset), str(encrypted), "--key", str(tmp_path / "k.key"), "--block-size", "4"]
+        )
+        == 0
+    )
+    capsys.readouterr()
+    assert (
+        cli.main(["reproduce", "--preset", "small-demo", "--data", str(encrypted), "--out", str(tmp_path / "b")]) == 2
+    )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "encrypted (`ppvit encrypt` output); reproduce needs the plain images" in err[0]
+    assert not (tmp_path / "a" / "cells").exists() and not (tmp_path / "b" / "cells").exists()
+
+
+def test_results_say_what_they_ran_on(tmp_path: Path, toy_dataset: Path) -> None:
+    one = Preset("one", "", TOY.base, {"linear": MethodSettings(lr=5e-3)}, ("none",), (0,))
+    table = reproduce(
+        one, tmp_path / "out", toy_dataset, weights=None, pretrained=False, overrides={"epochs": 1}, progress=False
+    )
+    saved = json.loads((tmp_path / "out" / "results.json").read_text())["settings"]
+    assert saved["data"] == str(toy_dataset) and saved["overrides"] == {"epochs": 1}
+    assert saved["key_fingerprint"] == Key.load(tmp_path / "out" / "reproduce.key").fingerprint
+    assert "**overrides of the preset: epochs=1** (not the preset's protocol)" in table.markdown()
 
 
 def test_every_preset_builds_each_cell_config_on_its_geometry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -17,9 +17,14 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 
+from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
+
 from ppvit.crypto.keys import Key
 from ppvit.data.cache import cache_dir
-from ppvit.data.datasets import resolve_data
+from ppvit.data.datasets import load_test_split, resolve_data
+from ppvit.data.sources.cifar10 import CIFAR10_ENV
+from ppvit.data.sources.cifar10 import NAME as CIFAR10_NAME
 from ppvit.experiments.presets import Preset, Upstream
 from ppvit.experiments.results import Cell, ResultTable
 from ppvit.models.adapters import merge_to_file
@@ -122,10 +127,14 @@ def reproduce(
     overrides: dict | None = None,
     progress: bool = True,
 ) -> ResultTable:
-    """Run every cell of ``preset`` (finished cells are skipped), then tabulate and plot."""
+    """Run every cell of ``preset`` (finished cells are skipped), then tabulate and plot.
+
+    Fails fast, before any training, on data it cannot use; and when the first cell fails (every
+    cell shares its data, weights and key) nothing else runs and no table is written.
+    """
     out = Path(out)
-    source = resolve_data(data)
-    common: dict = {"data": str(source) if source else "cifar10", **(overrides or {})}
+    source = check_data(data)
+    common: dict = {"data": str(source) if source else CIFAR10_NAME, **(overrides or {})}
     upstream_acc = None
     if preset.upstream is not None and weights is None:
         log.info("pretraining %s upstream (cached after the first run)", preset.model)
@@ -138,24 +147,57 @@ def reproduce(
     key_path = Path(key) if key else out / "reproduce.key"
     if not key_path.exists():
         Key.generate().save(key_path)
-    cells = []
-    for seed in preset.seeds:  # seed by seed: an interrupted run leaves whole tables of the first seeds
-        for method in preset.methods:
-            for scheme in preset.schemes:
-                cell = Cell(method, scheme, seed)
-                cfg = cell_config(
-                    preset, method, scheme, seed, out / "cells" / f"{method}-{scheme}-s{seed}", key_path, **common
-                )
-                t0 = time.perf_counter()
-                try:
-                    cell.result = run_cell(cfg)
-                except Exception as exc:  # one failed cell is reported in the table; the others still run
-                    cell.error = f"{type(exc).__name__}: {str(exc)[:300]}"
-                status = cell.error or f"test acc {cell.result.test_acc:.4f}"
-                log.info("%s %s seed %d: %s (%.0f s)", method, scheme, seed, status, time.perf_counter() - t0)
-                cells.append(cell)
+    # seed by seed: an interrupted run leaves whole tables of the first seeds
+    todo = [Cell(m, s, seed) for seed in preset.seeds for m in preset.methods for s in preset.schemes]
+    bar = tqdm(todo, desc=f"reproduce {preset.name}", unit="cell", disable=not progress, dynamic_ncols=True)
+    with logging_redirect_tqdm():
+        for i, cell in enumerate(bar):
+            bar.set_postfix_str(f"{cell.method} {cell.scheme} seed {cell.seed}")
+            run = out / "cells" / f"{cell.method}-{cell.scheme}-s{cell.seed}"
+            cfg = cell_config(preset, cell.method, cell.scheme, cell.seed, run, key_path, **common)
+            t0 = time.perf_counter()
+            try:
+                cell.result = run_cell(cfg)
+            except Exception as exc:  # one failed cell is reported in the table; the others still run
+                if i == 0:
+                    raise ValueError(
+                        f"the first cell ({cell.method}, {cell.scheme}, seed {cell.seed}) failed, so every cell "
+                        f"would: {type(exc).__name__}: {str(exc)[:300]} (its log: {run / 'stderr.log'})"
+                    ) from None
+                cell.error = f"{type(exc).__name__}: {str(exc)[:300]}"
+            status = cell.error or f"test acc {cell.result.test_acc:.4f}"
+            log.info(
+                "%s %s seed %d: %s (%.0f s)", cell.method, cell.scheme, cell.seed, status, time.perf_counter() - t0
+            )
     table = ResultTable.from_cells(
-        preset.name, preset.model, cells, upstream_acc, dict(preset.paper), preset.base.backbone.img_size
+        preset.name, preset.model, todo, upstream_acc, dict(preset.paper), preset.base.backbone.img_size
     )
+    table.settings = {
+        "data": common["data"],
+        "key_fingerprint": Key.load(key_path).fingerprint,
+        "weights": common.get("weights"),
+        "overrides": dict(overrides or {}),
+    }
     table.write(out)
     return table
+
+
+def check_data(data: str | os.PathLike | None) -> Path | None:
+    """The dataset a comparison trains on, refused in one line before any cell when it cannot be used.
+
+    Plain images only (each cell encrypts them with its scheme); ``cifar10`` downloads once, here.
+    Reading the test split once also warms the cache every cell then reads.
+    """
+    chosen = data or os.environ.get(CIFAR10_ENV)
+    if not chosen:
+        raise ValueError(
+            "no data: pass --data (the CIFAR-10 copy, or your own images: a folder or tar with train/ and test/, "
+            f"a Hugging Face dataset, WebDataset shards), set {CIFAR10_ENV}, or --data {CIFAR10_NAME} to download"
+        )
+    _, manifest = load_test_split(chosen)
+    if manifest is not None:
+        raise ValueError(
+            f"dataset {chosen}: encrypted (`ppvit encrypt` output); reproduce needs the plain images, which each "
+            "cell encrypts with its own scheme"
+        )
+    return resolve_data(chosen)

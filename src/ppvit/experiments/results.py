@@ -7,6 +7,7 @@ import io
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from matplotlib.figure import Figure
@@ -50,6 +51,8 @@ class ResultTable:
     upstream_acc: float | None
     rows: list[ResultRow]
     cells: list[Cell]
+    # what the cells ran on, beyond the preset: data, key fingerprint, weights, overrides (a smoke run says so)
+    settings: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def from_cells(
@@ -77,6 +80,7 @@ class ResultTable:
         lines = [
             f"preset `{self.preset}`, model `{self.model}`"
             + (f", upstream (plain) test accuracy {100 * self.upstream_acc:.2f}%" if self.upstream_acc else ""),
+            *self._settings_lines(),
             "",
             "| method | data | test acc. % (mean ± sd, n seeds) | paper % | trainable | M | 2^20 | % of full "
             "| train s | img/s | peak MB |",
@@ -91,6 +95,14 @@ class ResultTable:
             )
         errors = [f"- {r.method} / {r.data}: {e}" for r in self.rows for e in r.errors]
         return "\n".join(lines + (["", "Failed cells:", *errors] if errors else [])) + "\n"
+
+    def _settings_lines(self) -> list[str]:
+        s = self.settings
+        if not s:
+            return []
+        overrides = ", ".join(f"{k}={v}" for k, v in s.get("overrides", {}).items())
+        lines = [f"data `{s.get('data')}`, key {s.get('key_fingerprint')}, weights `{s.get('weights')}`"]
+        return lines + ([f"**overrides of the preset: {overrides}** (not the preset's protocol)"] if overrides else [])
 
     def write(self, out: Path) -> None:
         """results.md, results.csv, results.json and results.png, each written atomically."""
