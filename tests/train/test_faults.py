@@ -510,7 +510,7 @@ def test_full_disk_while_checkpointing_keeps_the_previous_checkpoint(
                 else:
                     monkeypatch.setattr(torch, "save", injected_enospc)
 
-        monkeypatch.setattr(cli, "train", functools.partial(train, on_step=on_step))
+        monkeypatch.setattr(ppvit_train, "train", functools.partial(train, on_step=on_step))  # looked up per call
         assert cli.main(["-q", "train", *train_flags(cfg)]) == 1
         lines = err_lines(capsys)
         assert len(lines) == 1 and f"{run / 'checkpoint.pt'}: No space left on device" in lines[0], lines
