@@ -38,18 +38,20 @@ from ppvit.models.adapters import AdapterMeta, file_sha256, save_adapter
 from ppvit.models.backbones import create_backbone
 from ppvit.models.methods import apply_method, count_params, merge_adapters, method_config
 from ppvit.models.weights import WEIGHTS_ENV
-from ppvit.serve.app import ServeConfig, create_app
+from ppvit.serve.app import ServeConfig, uvicorn_config
 from ppvit.serve.routing import RoutedViT, routed_adapter
 from ppvit.serve.tenants import TenantStore
 
 MODEL = "vit_tiny_patch16_224"
 
 
-def make_adapter(weights: str | None, size: int, seed: int) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+def make_adapter(
+    weights: str | None, size: int, seed: int, model_name: str = MODEL
+) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
     """A lora-pe model with random trained tensors (LoRA B non-zero, so the update costs what it costs)."""
     torch.manual_seed(seed)
     model = apply_method(
-        create_backbone(MODEL, num_classes=10, weights=weights, img_size=size), method_config("lora-pe")
+        create_backbone(model_name, num_classes=10, weights=weights, img_size=size), method_config("lora-pe")
     )
     with torch.no_grad():
         for p in model.parameters():
@@ -120,7 +122,7 @@ class LiveServer(threading.Thread):
     def __init__(self, root: Path, port: int, window_ms: float) -> None:
         super().__init__(daemon=True)
         cfg = ServeConfig(root, window_ms=window_ms)
-        self.server = uvicorn.Server(uvicorn.Config(create_app(cfg), port=port, log_level="warning"))
+        self.server = uvicorn.Server(uvicorn_config(cfg, port=port))
 
     def run(self) -> None:
         self.server.run()
@@ -157,24 +159,32 @@ async def load_test(url: str, tokens: list[str], images: list[bytes], clients: i
     }
 
 
-def loopback(args: argparse.Namespace) -> None:
-    tmp = Path(tempfile.mkdtemp(prefix="bench-serve-"))
+def register_tenants(
+    tmp: Path, count: int, weights: str | None, size: int, model_name: str = MODEL, prefix: str = "t"
+) -> list[str]:
+    """``count`` lora-pe tenants with random adapters in the server folder ``tmp/root``; their tokens."""
     store = TenantStore(tmp / "root")
     tokens = []
-    sha = file_sha256(args.weights) if args.weights else None
-    for i in range(args.tenants):
-        model, _ = make_adapter(args.weights, args.size, 1000 + i)
+    sha = file_sha256(weights) if weights else None
+    for i in range(count):
+        model, _ = make_adapter(weights, size, 1000 + i, model_name)
         meta = AdapterMeta(
-            MODEL,
+            model_name,
             10,
             method_config("lora-pe").to_dict(),
-            model_kwargs={"img_size": args.size},
+            model_kwargs={"img_size": size},
             weights_sha256=sha,
             pretrained=False,
             init_seed=None if sha else 0,
         )
-        save_adapter(model, meta, tmp / f"t{i}")
-        tokens.append(store.add(f"t{i}", tmp / f"t{i}", args.weights))
+        save_adapter(model, meta, tmp / f"{prefix}{i}")
+        tokens.append(store.add(f"{prefix}{i}", tmp / f"{prefix}{i}", weights))
+    return tokens
+
+
+def loopback(args: argparse.Namespace) -> None:
+    tmp = Path(tempfile.mkdtemp(prefix="bench-serve-"))
+    tokens = register_tenants(tmp, args.tenants, args.weights, args.size)
     rng = np.random.default_rng(0)
     bodies = []
     for _ in range(8):
