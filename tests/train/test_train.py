@@ -421,3 +421,34 @@ def test_a_one_epoch_run_draws_its_curves(tmp_path: Path) -> None:
     pixels = np.asarray(Image.open(tmp_path / "curves.png").convert("RGB")).astype(int)
     coloured = (pixels.max(-1) - pixels.min(-1)) > 60  # matplotlib's blue and orange, not grey text or axes
     assert coloured.sum() > 300  # measured: 554 with markers, 120 (the legend alone) without
+
+
+def test_run_records_are_strict_json_even_when_a_value_is_not_finite(tmp_path: Path) -> None:
+    """A diverged epoch (NaN loss) or an infinite value still gives JSON that strict parsers read."""
+    from ppvit.train.runs import RunResult, write_metrics
+
+    def strict(text: str) -> object:
+        return json.loads(text, parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}"))
+
+    row = {"epoch": 1, "train_loss": float("nan"), "val_loss": float("inf"), "train_acc": 0.5, "val_acc": 0.6}
+    write_metrics(tmp_path, [row])
+    assert strict((tmp_path / "metrics.jsonl").read_text())["train_loss"] is None
+    result = RunResult(
+        test_acc=0.5,
+        test_loss=float("nan"),
+        test_images=4,
+        best_epoch=1,
+        best_val_acc=0.5,
+        epochs=1,
+        method="full",
+        scheme="plain",
+        num_classes=4,
+        trainable_params=1,
+        train_seconds=1.0,
+        images_per_s=None,
+        peak_rss_mb=1.0,
+        processes=1,
+        precision="no",
+    )
+    result.write(tmp_path / "result.json")
+    assert strict((tmp_path / "result.json").read_text())["test_loss"] is None

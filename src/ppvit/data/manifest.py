@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from ppvit._io import atomic_write_text
+from ppvit._io import atomic_write_json
 
 MANIFEST_NAME = "ppvit-manifest.json"
 SHARD_SIZE = 1024  # images per npz shard
@@ -80,4 +80,4 @@ def read_manifest(folder: str | os.PathLike) -> Manifest:
 
 
 def write_manifest(folder: Path, manifest: Manifest) -> None:
-    atomic_write_text(folder / MANIFEST_NAME, json.dumps(asdict(manifest), indent=2) + "\n")
+    atomic_write_json(folder / MANIFEST_NAME, asdict(manifest))

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -12,7 +11,7 @@ from typing import Any
 import numpy as np
 from matplotlib.figure import Figure
 
-from ppvit._io import atomic_write, atomic_write_text
+from ppvit._io import atomic_write, atomic_write_json, atomic_write_text
 from ppvit.models.methods import param_report
 from ppvit.train.runs import RunResult
 
@@ -113,7 +112,7 @@ class ResultTable:
         for r in self.rows:
             writer.writerow({k: v for k, v in asdict(r).items() if k != "errors"})
         atomic_write_text(out / "results.csv", buf.getvalue())
-        atomic_write_text(out / "results.json", json.dumps(asdict(self), indent=2) + "\n")
+        atomic_write_json(out / "results.json", asdict(self))
         self.plot(out / "results.png")
 
     def plot(self, path: Path) -> None:

@@ -20,7 +20,7 @@ from typing import IO, Any
 
 import torch
 
-from ppvit._io import atomic_write, atomic_write_text
+from ppvit._io import atomic_write, atomic_write_json, atomic_write_text, json_text
 from ppvit.models.adapters import CONFIG_NAME, trainable_tensors
 from ppvit.train.config import IGNORED_ON_RESUME, TrainConfig
 
@@ -72,7 +72,7 @@ class RunResult:
             raise ValueError(f"run result {path}: cannot be read ({exc})") from None
 
     def write(self, path: str | os.PathLike) -> None:
-        atomic_write_text(path, json.dumps(dataclasses.asdict(self), indent=2) + "\n")
+        atomic_write_json(path, dataclasses.asdict(self))
 
 
 def adapter_dir(path: str | os.PathLike) -> Path:
@@ -192,7 +192,7 @@ def load_best(out: Path, model: torch.nn.Module) -> None:
 
 def write_metrics(out: Path, history: list[dict[str, Any]]) -> None:
     """metrics.jsonl (one line per epoch) and curves.png (loss and accuracy per epoch)."""
-    atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history))
+    atomic_write_text(out / "metrics.jsonl", "".join(json_text(r, indent=None) for r in history))
     from matplotlib.figure import Figure  # only when a run writes its curves: eval and predict need none
 
     epochs = [r["epoch"] for r in history]
