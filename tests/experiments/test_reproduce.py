@@ -215,3 +215,16 @@ def test_paper_preset_wiring_on_a_tiny_subset(tmp_path: Path) -> None:
     assert cli.main(args) == 0
     result = json.loads((tmp_path / "out" / "cells" / "lora-pe-shuffle-s0" / "result.json").read_text())
     assert result["trainable_params"] == 745_738 and result["test_images"] == 20
+
+
+def test_the_estimate_measures_each_method_and_counts_only_sized_cells(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    speeds = {"linear": 200.0, "melo": 50.0}
+    monkeypatch.setattr(runner, "training_speed", lambda cfg: speeds[cfg.method.name])
+    sized = TOY.base.replace(train_subset=1_000, test_subset=500, epochs=2, val_fraction=0.1, precision="no")
+    cells = [sized.replace(method="linear"), sized.replace(method="melo"), TOY.base.replace(method="melo")]
+    line = runner.estimate_line(cells)
+    # linear: 900 x 2 / 200 + (100 x 2 + 500) / 200 = 12.5 s; melo: 900 x 2 / 50 + 700 / 200 = 39.5 s
+    assert line.startswith("estimate: about 1 min for 2 of 3 cells") and "linear 200, melo 50" in line
+    assert runner.training_speed(sized.replace(method="linear", out=str(tmp_path / "x"))) > 0

@@ -32,6 +32,7 @@ from ppvit.models.weights import check_weights_file
 from ppvit.train.config import TrainConfig
 from ppvit.train.loop import train
 from ppvit.train.runs import RESULT_FILE, RunResult
+from ppvit.train.runtime import resolve_precision
 
 log = logging.getLogger(__name__)
 
@@ -149,12 +150,20 @@ def reproduce(
         Key.generate().save(key_path)
     # seed by seed: an interrupted run leaves whole tables of the first seeds
     todo = [Cell(m, s, seed) for seed in preset.seeds for m in preset.methods for s in preset.schemes]
+    configs = [
+        cell_config(
+            preset, c.method, c.scheme, c.seed, out / "cells" / f"{c.method}-{c.scheme}-s{c.seed}", key_path, **common
+        )
+        for c in todo
+    ]
+    left = [cfg for cfg in configs if not (Path(cfg.run.out) / RESULT_FILE).exists()]
+    if left and progress:
+        log.info(estimate_line(left))
     bar = tqdm(todo, desc=f"reproduce {preset.name}", unit="cell", disable=not progress, dynamic_ncols=True)
     with logging_redirect_tqdm():
-        for i, cell in enumerate(bar):
+        for i, (cell, cfg) in enumerate(zip(bar, configs, strict=True)):
             bar.set_postfix_str(f"{cell.method} {cell.scheme} seed {cell.seed}")
-            run = out / "cells" / f"{cell.method}-{cell.scheme}-s{cell.seed}"
-            cfg = cell_config(preset, cell.method, cell.scheme, cell.seed, run, key_path, **common)
+            run = Path(cfg.run.out)
             t0 = time.perf_counter()
             try:
                 cell.result = run_cell(cfg)
@@ -180,6 +189,60 @@ def reproduce(
     }
     table.write(out)
     return table
+
+
+def estimate_line(cells: list[TrainConfig]) -> str:
+    """How long ``cells`` should take on this machine, said before they start.
+
+    Each method's training speed is measured here on three steps of its model (after one to
+    warm up) at the cells' batch size and input size, in the precision the cells will use;
+    evaluation is taken as forward passes at the measured speed of ``linear`` training (whose
+    backward pass stops at the head). Cells without a ``train_subset`` (the whole dataset) are
+    not estimated.
+    """
+    speeds = {cfg.method.name: training_speed(cfg) for cfg in {c.method.name: c for c in cells}.values()}
+    forward = max(speeds.values())
+    total, sized = 0.0, 0
+    for cfg in cells:
+        d, o = cfg.data, cfg.optim
+        if d.train_subset is None:
+            continue
+        sized += 1
+        n_train = d.train_subset * (1 - d.val_fraction)
+        evaluated = d.train_subset * d.val_fraction * o.epochs + (d.test_subset or 10_000)
+        total += n_train * o.epochs / speeds[cfg.method.name] + evaluated / forward
+    measured = ", ".join(f"{m} {v:.0f}" for m, v in speeds.items())
+    precision = resolve_precision(cells[0].optim.precision)
+    return (
+        f"estimate: about {total / 60:.0f} min for {sized} of {len(cells)} cells on this machine "
+        f"(training img/s measured just now: {measured}; precision {precision})"
+    )
+
+
+def training_speed(cfg: TrainConfig, steps: int = 3) -> float:
+    """Images per second of ``cfg``'s training step here (its model, batch, size and precision)."""
+    import torch
+    import torch.nn.functional as F
+
+    from ppvit.models.backbones import input_size
+    from ppvit.train.loop import build_model, param_groups
+
+    cfg = cfg.resolved()
+    model = build_model(cfg, 10).train()
+    opt = torch.optim.AdamW(param_groups(model, cfg))
+    side, batch = input_size(model), min(cfg.optim.batch_size, 64)
+    x, y = torch.rand(batch, 3, side, side), torch.randint(0, 10, (batch,))
+    bf16 = resolve_precision(cfg.optim.precision) == "bf16"
+    times = []
+    for _ in range(steps + 1):
+        t0 = time.perf_counter()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = F.cross_entropy(model(x).float(), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        times.append(time.perf_counter() - t0)
+    return batch / (sum(times[1:]) / steps)
 
 
 def check_data(data: str | os.PathLike | None) -> Path | None:
