@@ -120,3 +120,14 @@ def test_noise_images_give_a_low_score() -> None:
     (summary,) = report["schemes"][0]["summary"]
     assert summary["keys_exact"] == 0 and summary["mean_up_to_symmetry"] < 0.3
     assert summary["median_psnr_db"] < 20
+
+
+def test_progress_is_shown_per_attack(capsys: pytest.CaptureFixture[str]) -> None:
+    """The audit said nothing until its end; with progress it counts the attacks (scheme x N x key) as they go."""
+    images = smooth_images(12, 32, seed=1)
+    cfg = CiphertextOnlyConfig(size=32, block_size=4, images=4)
+    ciphertext_only_audit(images, ["shuffle", "rotate"], [2, 4], [key(1), key(2)], cfg, progress=True)
+    err = capsys.readouterr().err
+    assert "ciphertext-only attacks" in err and "8/8" in err and "shuffle, N=4" in err
+    ciphertext_only_audit(images, ["shuffle"], [2], [key(1)], cfg)
+    assert capsys.readouterr().err == ""  # a library call is silent unless asked

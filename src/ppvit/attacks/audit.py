@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from ppvit.attacks.ciphertext_stats import block_mean_image, ciphertext_stats, jigsaw_neighbours, source_blocks
 from ppvit.attacks.known_plaintext import known_plaintext_attack
@@ -135,6 +136,7 @@ def run_audit(
     out: str | os.PathLike | None = None,
     weights: dict[str, MapScore] | None = None,
     leakage_during_training: dict[str, Any] | None = None,
+    progress: bool = False,
 ) -> dict[str, Any]:
     """Audit every scheme of ``cfg`` on ``images`` (NHWC uint8, any size; resized to cfg.size).
 
@@ -155,7 +157,7 @@ def run_audit(
     if leakage_during_training:
         report["leakage_during_training"] = leakage_during_training
     figures: Figures = {}
-    for scheme in cfg.schemes:
+    for scheme in tqdm(cfg.schemes, desc="audit", unit="scheme", disable=not progress):
         rep, figures[scheme] = audit_scheme(key, scheme, images, cfg)
         report["schemes"].append(rep)
     if out is not None:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from ppvit.attacks.ciphertext_only import (
     DIHEDRAL_NAMES,
@@ -109,6 +110,7 @@ def ciphertext_only_audit(
     keys: Sequence[Key],
     cfg: CiphertextOnlyConfig,
     out: str | os.PathLike | None = None,
+    progress: bool = False,
 ) -> dict[str, Any]:
     """Ciphertext-only key recovery per scheme, number of ciphertexts N and key, scored on held-out images.
 
@@ -136,12 +138,14 @@ def ciphertext_only_audit(
     p = cfg.block_size
     results: list[dict[str, Any]] = []
     figures: dict[str, dict[str, np.ndarray]] = {}  # per scheme: two held-out images, side by side
+    bar = tqdm(total=len(schemes) * len(ns) * len(keys), desc="ciphertext-only attacks", disable=not progress)
     for scheme in schemes:
         Scheme.parse(scheme)
         why = unsupported(scheme)
         entry: dict[str, Any] = {"scheme": scheme, "status": f"not attacked: {why}" if why else "attacked"}
         results.append(entry)
         if why:
+            bar.update(len(ns) * len(keys))
             continue
         entry["runs"], entry["summary"] = [], []
         for n in ns:
@@ -154,6 +158,8 @@ def ciphertext_only_audit(
                 guess = recover_plan(truth.apply_numpy(attack[:n]), scheme, p, seed=np.random.default_rng(cfg.seed))
                 seconds = time.perf_counter() - t0
                 score = score_recovery(guess, truth, scheme, p, held)
+                bar.set_postfix_str(f"{scheme}, N={n}")
+                bar.update()
                 runs.append(
                     {"n": n, "key_fingerprint": key.fingerprint, "seconds": seconds, **dataclasses.asdict(score)}
                 )
@@ -167,6 +173,7 @@ def ciphertext_only_audit(
                     }
             entry["runs"] += runs
             entry["summary"].append(_summary(n, runs))
+    bar.close()
     report = {
         "ciphertext_only": {
             "size": cfg.size,

@@ -136,7 +136,7 @@ def _audit_ciphertext_only(args: argparse.Namespace) -> int:
         key_source="given" if args.key else "fresh (made for this audit, not saved)",
     )
     images = test_images(args.data, max(ns) * len(keys) + cfg.images)  # own attack images per key
-    report = ciphertext_only_audit(images, schemes, ns, keys, cfg, args.out)
+    report = ciphertext_only_audit(images, schemes, ns, keys, cfg, args.out, progress=not args.quiet)
     print(format_report(report))
     print(f"written: {args.out}/audit.json, ciphertext-only.png")
     return 0
@@ -179,7 +179,7 @@ def _audit(args: argparse.Namespace) -> int:
             raise UserError(f"config {args.watch}: its run must encrypt with the audited key (--key)")
         curve, result = audit.leakage_during_training(watched, args.every)
         leakage = {"config": args.watch, "curve": curve, "test_acc": result.test_acc}
-    report = audit.run_audit(key, images, cfg, args.out, weights, leakage)
+    report = audit.run_audit(key, images, cfg, args.out, weights, leakage, progress=not args.quiet)
     print(format_report(report))
     print(f"written: {args.out}/audit.json, audit.png")
     return 0
