@@ -113,7 +113,7 @@ class TenantStore:
             elif int(row[0]) > SCHEMA_VERSION:
                 raise ValueError(f"{self.db}: schema version {row[0]} is newer than this ppvit's ({SCHEMA_VERSION})")
         for path in (self.db, self.db.with_name(DB_NAME + "-wal"), self.db.with_name(DB_NAME + "-shm")):
-            with contextlib.suppress(FileNotFoundError):  # a store of an earlier release: made private
+            with contextlib.suppress(OSError):  # a store of an earlier release made private (if ours to change)
                 if path.stat().st_mode & 0o077:
                     path.chmod(0o600)
         self._reader: sqlite3.Connection | None = None  # by_token's, held open (see by_token)
