@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from ppvit.cli.common import UserError, add_setting_args
+from ppvit.cli.train import WEIGHTS_HELP
 from ppvit.crypto.keys import Key
 from ppvit.train.config import Setting, settings
 
@@ -44,16 +45,18 @@ def _merge(args: argparse.Namespace) -> None:
     if Path(args.out).exists() and not args.force:
         raise UserError(f"output {args.out}: exists; pass --force to replace it")
     from ppvit.models.adapters import merge_to_file
+    from ppvit.train.runs import adapter_and_weights
 
-    merge_to_file(args.adapter, args.out, args.weights)
+    adapter, weights = adapter_and_weights(args.adapter, args.weights)
+    merge_to_file(adapter, args.out, weights)
     print(f"wrote {args.out} (a plain timm state dict)")
 
 
 def add_merge(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("merge", help="fold an adapter into a plain timm model (safetensors)")
-    p.add_argument("adapter", help="adapter folder (a run's adapter/)")
+    p.add_argument("adapter", help="run folder or adapter folder")
     p.add_argument("out", help="safetensors file to write")
-    p.add_argument("--weights", help="the base weights file the adapter was trained on, if any")
+    p.add_argument("--weights", help=WEIGHTS_HELP)
     p.add_argument("--force", action="store_true", help="replace an existing output file")
     p.set_defaults(func=_merge)
 

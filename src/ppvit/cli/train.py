@@ -11,6 +11,8 @@ from ppvit.cli.common import add_setting_args
 from ppvit.crypto.keys import Key
 from ppvit.train.config import TrainConfig, settings
 
+WEIGHTS_HELP = "the base weights file the adapter was trained on (default: the one the run's config.yaml records)"
+
 
 def _train_config(args: argparse.Namespace) -> TrainConfig:
     given = {s.name: getattr(args, s.name) for s in settings() if getattr(args, s.name, None) is not None}
@@ -47,10 +49,11 @@ def add_train(sub: argparse._SubParsersAction) -> None:
 
 def _eval(args: argparse.Namespace) -> None:
     from ppvit.train.inference import evaluate_adapter
-    from ppvit.train.runs import adapter_dir
+    from ppvit.train.runs import adapter_and_weights
 
     key = Key.load(args.key) if args.key else None
-    result = evaluate_adapter(adapter_dir(args.adapter), args.data, key, args.weights, subset=args.subset)
+    adapter, weights = adapter_and_weights(args.adapter, args.weights)
+    result = evaluate_adapter(adapter, args.data, key, weights, subset=args.subset)
     print(json.dumps(result, indent=2))
 
 
@@ -61,17 +64,18 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
         "--data", help="dataset with a test/ split: plain (encrypted here with --key) or `ppvit encrypt` output"
     )
     p.add_argument("--key", help="key file, to encrypt plain test images as the client would")
-    p.add_argument("--weights", help="the base weights file, if the adapter was trained on one")
+    p.add_argument("--weights", help=WEIGHTS_HELP)
     p.add_argument("--subset", type=int, help="evaluate on this many test images only")
     p.set_defaults(func=_eval)
 
 
 def _predict(args: argparse.Namespace) -> None:
     from ppvit.train.inference import iter_predictions
-    from ppvit.train.runs import adapter_dir
+    from ppvit.train.runs import adapter_and_weights
 
     key = Key.load(args.key) if args.key else None
-    found = iter_predictions(adapter_dir(args.adapter), args.images, key, args.encrypted, args.weights, args.batch_size)
+    adapter, weights = adapter_and_weights(args.adapter, args.weights)
+    found = iter_predictions(adapter, args.images, key, args.encrypted, weights, args.batch_size)
     for f, cls, prob in found:
         print(f"{f}\t{cls}\t{prob:.3f}", flush=True)
 
@@ -83,5 +87,5 @@ def add_predict(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--key", help="key file: plain images are resized and encrypted with it first")
     p.add_argument("--encrypted", action="store_true", help="the images are encrypted already (`ppvit encrypt`)")
     p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (memory: one batch)")
-    p.add_argument("--weights", help="the base weights file, if the adapter was trained on one")
+    p.add_argument("--weights", help=WEIGHTS_HELP)
     p.set_defaults(func=_predict)

@@ -152,15 +152,16 @@ class Key:
             raise bad("not found") from None
         except OSError as exc:
             raise bad(f"cannot be read ({exc.strerror})") from None
-        if os.name == "posix" and st.st_mode & 0o077:
-            mode = stat.S_IMODE(st.st_mode)
-            raise bad(f"readable by other users (mode {mode:04o}); run: chmod 600 {path}")
         try:
             doc = json.loads(raw.decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError):
             raise bad("not a ppvit key file (truncated or not JSON)") from None
         if not isinstance(doc, dict) or doc.get("format") != KEY_FORMAT:
             raise bad("not a ppvit key file")
+        # The mode only after the content: asking to chmod a file that is no key at all misleads.
+        if os.name == "posix" and st.st_mode & 0o077:
+            mode = stat.S_IMODE(st.st_mode)
+            raise bad(f"readable by other users (mode {mode:04o}); run: chmod 600 {path}")
         if doc.get("version") != KEY_VERSION:
             raise bad(f"key format version {doc.get('version')!r} is not supported (this ppvit reads {KEY_VERSION})")
         secret_hex = doc.get("secret")

@@ -112,6 +112,8 @@ def build_base(meta: AdapterMeta, weights: str | os.PathLike | None = None) -> n
                 f"this adapter was trained on a local weights file (sha256 {meta.weights_sha256[:12]}); "
                 "pass it with --weights"
             )
+        if not Path(weights).is_file():
+            raise FileNotFoundError(f"weights file {weights}: not found (the base weights this adapter was trained on)")
         if file_sha256(weights) != meta.weights_sha256:
             raise ValueError(f"weights file {weights}: not the base model this adapter was trained on (sha256 differs)")
     elif weights is not None and not meta.pretrained:  # a file may stand in for timm's download, not a random init

@@ -7,17 +7,20 @@ under names that carry their settings, the way timm names its models.
 
 from __future__ import annotations
 
+import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import timm
+import torch
 import torch.nn as nn
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 
-from ppvit.models.weights import check_weights_file, head_classes
+from ppvit.models.weights import check_weights_file, head_classes, weights_mismatch
 
 DEFAULT_MODEL = "vit_base_patch16_224"
 
@@ -65,6 +68,12 @@ for _name in SMALL_VITS:
     globals()[_name] = register_model(_small_vit(_name))
 
 
+LIST_MODELS = (
+    "list timm's with: python -c \"import timm; print(timm.list_models('vit_*'))\"; ppvit's small ones: "
+    + ", ".join(SMALL_VITS)
+)
+
+
 def create_backbone(
     name: str = DEFAULT_MODEL,
     num_classes: int | None = None,
@@ -86,6 +95,11 @@ def create_backbone(
         kwargs["num_classes"] = num_classes
     if img_size is not None:
         kwargs["img_size"] = img_size
+    if not timm.is_model(name):
+        raise ValueError(f"model {name}: not a timm model name; ppvit needs a timm ViT ({LIST_MODELS})")
+    if weights is not None or pretrained:  # the kind of model first: weights for a ResNet would fail obscurely
+        with torch.device("meta"):
+            _require_vit(name, timm.create_model(name, **kwargs))
     if weights is not None:
         path = Path(weights)
         check_weights_file(path)
@@ -94,15 +108,47 @@ def create_backbone(
         kwargs["pretrained_cfg_overlay"] = dict(file=str(path), num_classes=head_classes(path))
         pretrained = True
     try:
-        model = timm.create_model(name, pretrained=pretrained, **kwargs)
-    except RuntimeError as exc:
-        src = f"weights file {weights}" if weights is not None else f"model {name}"
-        raise ValueError(f"{src}: {str(exc).splitlines()[0]}") from exc
-    if not isinstance(model, VisionTransformer):
-        raise ValueError(f"model {name}: ppvit needs a timm VisionTransformer, got {type(model).__name__}")
+        with _quiet_new_head():
+            model = timm.create_model(name, pretrained=pretrained, **kwargs)
+    except (RuntimeError, KeyError) as exc:
+        if weights is None:
+            raise ValueError(f"model {name}: {str(exc).splitlines()[0]}") from exc
+        with torch.device("meta"):
+            wanted = timm.create_model(name, **{k: v for k, v in kwargs.items() if k != "pretrained_cfg_overlay"})
+        shapes = {k: tuple(v.shape) for k, v in wanted.state_dict().items()}
+        raise ValueError(
+            f"weights file {weights}: made for a different model ({weights_mismatch(Path(weights), shapes, name)})"
+        ) from exc
+    _require_vit(name, model)
     if img_size is not None and img_size % patch_size(model):
         raise ValueError(f"--img-size {img_size}: not a multiple of {name}'s patch size {patch_size(model)}")
     return model
+
+
+def _require_vit(name: str, model: nn.Module) -> None:
+    if not isinstance(model, VisionTransformer):
+        raise ValueError(
+            f"model {name}: ppvit needs a timm VisionTransformer, got {type(model).__name__} ({LIST_MODELS})"
+        )
+
+
+@contextmanager
+def _quiet_new_head() -> Iterator[None]:
+    """Drop timm's "Missing keys (head.weight, head.bias)" while a model loads.
+
+    timm logs it whenever it replaces a weights file's head by a new one of other classes,
+    which ppvit does knowingly on every run, eval and predict; any other missing key is still logged.
+    """
+    logger = logging.getLogger("timm.models._builder")
+
+    def keep(record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Missing keys (head.weight, head.bias) ")
+
+    logger.addFilter(keep)
+    try:
+        yield
+    finally:
+        logger.removeFilter(keep)
 
 
 def input_size(model: nn.Module) -> int:

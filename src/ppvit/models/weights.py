@@ -26,16 +26,50 @@ def check_weights_file(path: str | os.PathLike) -> None:
 
 def head_classes(path: Path) -> int:
     """The number of classes of the ``head.weight`` stored in a weights file (0 when headless)."""
+    head = tensor_shapes(path).get("head.weight")
+    return head[0] if head else 0
+
+
+def tensor_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every tensor in a weights file (a safetensors file: its header alone)."""
     try:
         if path.suffix == ".safetensors":
             with safe_open(str(path), framework="pt") as f:
-                return f.get_slice("head.weight").get_shape()[0] if "head.weight" in f.keys() else 0  # noqa: SIM118
+                return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
         from timm.models import load_state_dict
 
-        state = load_state_dict(str(path))
+        return {k: tuple(v.shape) for k, v in load_state_dict(str(path)).items()}
     except Exception as exc:  # any unreadable file: one clear line
         raise ValueError(
             f"weights file {path}: cannot be read ({exc.__class__.__name__}: {str(exc)[:200]}); get a good copy, or "
             "pass --pretrained to download timm's weights where there is a network"
         ) from None
-    return int(state["head.weight"].shape[0]) if "head.weight" in state else 0
+
+
+def weights_mismatch(path: Path, wanted: dict[str, tuple[int, ...]], model: str) -> str:
+    """Why a weights file does not fit ``model`` (whose tensor shapes are ``wanted``), in a few words.
+
+    The embedding width and the number of blocks say it for another ViT; keys for anything else.
+    """
+    have = tensor_shapes(path)
+    (file_width, file_depth), (width, depth) = _vit_geometry(have), _vit_geometry(wanted)
+    if file_width != width:
+        return f"embed dim {file_width} vs {model}'s {width}"
+    if file_depth != depth:
+        return f"{file_depth} blocks vs {model}'s {depth}"
+    lacking = sorted(set(wanted) - set(have) - {"head.weight", "head.bias"})
+    if lacking:
+        return f"{len(lacking)} of {model}'s tensors missing, e.g. {lacking[0]}"
+    extra = sorted(set(have) - set(wanted))
+    if extra:
+        return f"{len(extra)} tensors {model} does not have, e.g. {extra[0]}"
+    differs = [k for k in sorted(wanted) if k in have and have[k] != wanted[k]]
+    if differs:
+        return f"{differs[0]} is {have[differs[0]]} vs {model}'s {wanted[differs[0]]}"
+    return f"its tensors do not load into {model}"
+
+
+def _vit_geometry(shapes: dict[str, tuple[int, ...]]) -> tuple[int, int]:
+    """(embedding width, number of blocks) of a ViT state dict's shapes; 0 where it has none."""
+    width = shapes.get("cls_token", shapes.get("pos_embed", (0,)))[-1]
+    return width, len({k.split(".")[1] for k in shapes if k.startswith("blocks.")})
