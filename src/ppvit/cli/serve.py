@@ -37,6 +37,7 @@ def _serve(args: argparse.Namespace) -> None:
             tenant_requests=args.tenant_requests,
             metrics=args.metrics,
             docs=args.docs,
+            training=_service_limits(args),
         )
         scheme = "https" if args.ssl_certfile else "http"
         print(f"ppvit serve: {args.root} on {scheme}://{args.host}:{args.port}", file=sys.stderr)
@@ -57,6 +58,22 @@ def _serve(args: argparse.Namespace) -> None:
     else:
         for t in TenantStore(args.dir, create=False).list():
             print(f"{t.tenant}\tversion {t.version}\t{t.folder}")
+
+
+def _service_limits(args: argparse.Namespace):
+    """The training service's limits from ``--train-model`` and friends (None: no training)."""
+    if not args.train_model:
+        return None
+    from ppvit.serve.jobs import ServiceLimits
+
+    models: dict[str, str | None] = {}
+    for spec in args.train_model:
+        name, _, weights = spec.partition("=")
+        if weights and not os.path.isfile(weights):
+            raise FileNotFoundError(f"--train-model {spec}: weights file {weights} not found")
+        models[name] = str(Path(weights).resolve()) if weights else None
+    devices = [d.strip() for d in args.train_devices.split(",") if d.strip()]
+    return ServiceLimits(models, args.max_epochs, args.tenant_jobs, devices, args.quota_mb << 20)
 
 
 def _hand_over(token: str, token_file: str | None, name: str, what: str = "added") -> None:
@@ -94,6 +111,19 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--docs", action="store_true", help="serve /docs and /openapi.json")
     p.add_argument("--ssl-certfile", help="TLS certificate (PEM) for HTTPS; or put a TLS reverse proxy in front")
     p.add_argument("--ssl-keyfile", help="TLS private key (PEM), with --ssl-certfile")
+    t = p.add_argument_group("fine-tuning as a service (on when --train-model is given)")
+    t.add_argument(
+        "--train-model",
+        action="append",
+        metavar="MODEL[=WEIGHTS]",
+        help="a base model tenants may fine-tune, with its weights file (repeat for several)",
+    )
+    t.add_argument("--max-epochs", type=int, default=50, help="most epochs of a job (default 50)")
+    t.add_argument("--tenant-jobs", type=int, default=2, help="a tenant's queued or running jobs (default 2)")
+    t.add_argument(
+        "--train-devices", default="cpu", help="comma-separated device slots, one running job each (default cpu)"
+    )
+    t.add_argument("--quota-mb", type=int, default=10240, help="a tenant's uploaded bytes in MiB (default 10240)")
     actions = p.add_subparsers(dest="action", metavar="ACTION")
     for name, text in (
         ("add-tenant", "register a tenant with a run's adapter; prints its token once"),
@@ -128,13 +158,17 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_serve)
 
 
+def _token(path: str) -> str:
+    try:
+        return Path(path).read_text().strip()
+    except OSError as exc:
+        raise ValueError(f"token file {path}: cannot be read ({exc.strerror})") from None
+
+
 def _client(args: argparse.Namespace) -> None:
     from ppvit.serve.client import Client
 
-    try:
-        token = Path(args.token_file).read_text().strip()
-    except OSError as exc:
-        raise ValueError(f"token file {args.token_file}: cannot be read ({exc.strerror})") from None
+    token = _token(args.token_file)
     key = Key.load(args.key) if args.key else None
     with Client(args.server, token, scheme=args.scheme, block_size=args.block_size, input_size=args.size) as client:
         for f, p in zip(args.images, client.predict(args.images, key, plain=args.plain), strict=True):
@@ -154,3 +188,131 @@ def add_client(sub: argparse._SubParsersAction) -> None:
     a.add_argument("--block-size", type=int, help="the block size you trained with: refuse a server reporting another")
     a.add_argument("--size", type=int, help="the input size you trained with: refuse a server reporting another")
     p.set_defaults(func=_client)
+    add_service_verbs(actions)
+
+
+# -- fine-tuning as a service: train, upload, jobs, job, cancel, activate --------------------------------
+
+
+def _job_line(job: dict) -> str:
+    acc = "-" if job["val_acc"] is None else f"{job['val_acc']:.3f}"
+    version = f"\tversion {job['version']}" if job["version"] is not None else ""
+    error = f"\t{job['error']}" if job["error"] else ""
+    progress = f"epoch {job['epoch']}/{job['epochs']}\tval acc {acc}"
+    return f"{job['id']}\t{job['state']}\t{job['dataset']}\t{progress}{version}{error}"
+
+
+def _settings(pairs: list[str]) -> dict:
+    import yaml
+
+    out = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep:
+            raise ValueError(f"--set {pair}: use NAME=VALUE (a `ppvit train` setting)")
+        out[name.replace("-", "_")] = yaml.safe_load(value)
+    return out
+
+
+def _follow(client, job: dict) -> dict:
+    """A progress bar over the job's epochs until it ends (loss, val acc, ETA; the log's last line)."""
+    from tqdm.auto import tqdm
+
+    with tqdm(total=job["epochs"], desc=job["id"], unit="epoch") as bar:
+
+        def update(j: dict) -> None:
+            bar.update(j["epoch"] - bar.n)
+            bar.set_postfix_str(f"{j['state']} loss {j['train_loss'] or 0:.3f} val acc {j['val_acc'] or 0:.3f}")
+
+        return client.follow(job["id"], update)
+
+
+def _service(args: argparse.Namespace) -> None:
+    from ppvit.serve.client import Client, ServerError
+
+    try:
+        with Client(args.server, _token(args.token_file)) as client:
+            _service_call(client, args)
+    except ServerError as exc:  # the server's one line, as a user error (exit 2)
+        raise ValueError(str(exc)) from None
+
+
+def _service_call(client, args: argparse.Namespace) -> None:
+    from ppvit.serve.client import warn_threat_model
+
+    if args.action == "jobs":
+        for job in client.jobs():
+            print(_job_line(job))
+        return
+    if args.action in ("job", "cancel", "activate"):
+        job = {"job": client.job, "cancel": client.cancel, "activate": client.activate}[args.action](args.job)
+        print(_job_line(job))
+        return
+    warn_threat_model()
+    if args.action == "upload":
+        found = client.upload(args.folder, args.name, lambda rel: print(f"sent {rel}", file=sys.stderr))
+        print(f"dataset {found['name']}: {found['bytes']} bytes, key fingerprint {found['key_fingerprint']}")
+        return
+    job = _train_remote(client, args)
+    print(_job_line(job))
+    if job["state"] != "succeeded":
+        raise ValueError(f"job {job['id']} {job['state']}: {job['error'] or 'see ppvit client job'}")
+
+
+def _train_remote(client, args: argparse.Namespace) -> dict:
+    """encrypt here (resumable) -> upload (only missing shards) -> submit -> follow."""
+    from ppvit.crypto.ciphers import BlockCipher
+    from ppvit.data.encrypt import encrypt_collection
+
+    key = Key.load(args.key)
+    src = Path(args.src)
+    name = args.name or src.name.split(".")[0]
+    work = Path(args.work or f"{name}.ppvit-wds")
+    pin = key.pin
+    scheme = args.scheme or (pin.scheme if pin else "shuffle")
+    block = args.block_size or (pin.block_size if pin else 16)
+    size = args.img_size or (pin.input_size if pin else 224)
+    summary = encrypt_collection(src, work, BlockCipher(key, scheme, block), size, "wds", shard_size=args.shard_size)
+    if summary.failed:
+        raise ValueError(f"{src}: {len(summary.failed)} images could not be encrypted (first: {summary.failed[0]})")
+    client.upload(work, name, lambda rel: print(f"sent {rel}", file=sys.stderr))
+    settings = {"method": args.method, "model": args.model, "epochs": args.epochs, **_settings(args.set or [])}
+    job = client.submit(name, settings, activate=args.activate)
+    print(f"job {job['id']} submitted on dataset {name}", file=sys.stderr)
+    return _follow(client, job)
+
+
+def add_service_verbs(actions: argparse._SubParsersAction) -> None:
+    def connection(a: argparse.ArgumentParser) -> None:
+        a.add_argument("--server", required=True, help="server URL, e.g. http://127.0.0.1:8000")
+        a.add_argument("--token-file", required=True, help="file holding the tenant's API token")
+        a.set_defaults(func=_service)
+
+    a = actions.add_parser("train", help="encrypt a dataset here, upload it, fine-tune on the server, follow the job")
+    a.add_argument("src", help="plain dataset (an ImageFolder with train/ and test/, or any `ppvit encrypt` source)")
+    a.add_argument("--key", required=True, help="key file (stays here; only its fingerprint is sent)")
+    a.add_argument("--name", help="dataset name on the server (default: SRC's name)")
+    a.add_argument("--work", help="local folder of the encrypted shards (default NAME.ppvit-wds; resumable)")
+    a.add_argument("--method", default="lora-pe", help="lora-pe, melo or linear (default lora-pe)")
+    a.add_argument("--model", required=True, help="base model, one the server offers")
+    a.add_argument("--img-size", type=int, help="input size (default: the key's pin, else 224)")
+    a.add_argument("--scheme", help="encryption scheme (default: the key's pin, else shuffle)")
+    a.add_argument("--block-size", type=int, help="block size (default: the key's pin, else 16)")
+    a.add_argument("--shard-size", type=int, help="images per shard (default 1000)")
+    a.add_argument("--epochs", type=int, default=10, help="training epochs (default 10)")
+    a.add_argument("--set", action="append", metavar="NAME=VALUE", help="any other `ppvit train` setting")
+    a.add_argument("--activate", action="store_true", help="serve the new adapter version as soon as it is trained")
+    connection(a)
+    a = actions.add_parser("upload", help="upload `ppvit encrypt --format wds` output (only missing shards)")
+    a.add_argument("folder")
+    a.add_argument("--name", required=True, help="dataset name on the server")
+    connection(a)
+    connection(actions.add_parser("jobs", help="this tenant's training jobs"))
+    for verb, text in (
+        ("job", "one job's state and progress"),
+        ("cancel", "stop a queued or running job"),
+        ("activate", "serve the adapter version a finished job registered"),
+    ):
+        a = actions.add_parser(verb, help=text)
+        a.add_argument("job", help="job id (job-...)")
+        connection(a)

@@ -53,6 +53,7 @@ from starlette.requests import ClientDisconnect
 
 from ppvit.models.adapters import WEIGHTS_NAME, AdapterMeta, build_base, file_sha256, read_adapter_meta
 from ppvit.models.backbones import normalization
+from ppvit.serve.jobs import ServiceLimits
 from ppvit.serve.routing import RoutedAdapter, RoutedViT, routed_adapter
 from ppvit.serve.tenants import TenantAdapter, TenantStore, check_meta
 
@@ -81,6 +82,7 @@ class ServeConfig:
     min_free_bytes: int = 64 << 20  # free space on the store's disk under which /healthz says degraded
     metrics: bool = False  # serve GET /metrics (it shows every tenant's traffic: bind it privately)
     docs: bool = False  # serve /docs and /openapi.json
+    training: ServiceLimits | None = None  # fine-tuning as a service on (ppvit.serve.training_api)
 
     def __post_init__(self) -> None:
         self.root = Path(self.root)
@@ -631,6 +633,10 @@ def create_app(cfg: ServeConfig) -> FastAPI:
         metrics.latency.observe(time.perf_counter() - t0)
         return Response(answer, media_type="application/json")
 
+    if cfg.training is not None:
+        from ppvit.serve.training_api import training_router  # it imports this module
+
+        app.include_router(training_router(cfg.root, store, cfg.training))
     return app
 
 

@@ -13,9 +13,14 @@ none under :data:`MIN_BLOCK_SIZE` is used (a block of 1 pixel keeps every pixel'
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
+import sys
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -25,8 +30,38 @@ import torch
 from ppvit.crypto.ciphers import BlockCipher, Scheme
 from ppvit.crypto.keys import Key
 from ppvit.data.images import read_image
+from ppvit.data.manifest import read_manifest
 
 MIN_BLOCK_SIZE = 4  # the smallest block size used without a pin
+THREAT_WARNING = (
+    "warning: the server holds your ciphertexts. docs/THREAT_MODEL.md measured that about 20 of them "
+    "suffice to recover the key of these block schemes; the service is no stronger than the scheme"
+)
+FINAL_STATES = ("succeeded", "failed", "cancelled")
+CHUNK = 1 << 20
+_warned = False
+
+
+def warn_threat_model() -> None:
+    """Say once per process, on stderr, what the threat model measured (uploading ciphertext is the risk)."""
+    global _warned
+    if not _warned:
+        print(THREAT_WARNING, file=sys.stderr)
+        _warned = True
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _chunks(path: Path) -> Iterator[bytes]:
+    with open(path, "rb") as fh:
+        while chunk := fh.read(CHUNK):
+            yield chunk
 
 
 @dataclass(frozen=True)
@@ -200,3 +235,61 @@ class Client:
                 return answers
             self._info = None
         raise ServerError(409, "the tenant's adapter changed twice while predicting; try again")
+
+    # -- fine-tuning as a service (the server's ppvit.serve.training_api) ----------------------------
+
+    def upload(self, folder: str | os.PathLike, name: str, on_shard: Callable[[str], None] | None = None) -> dict:
+        """Upload ``ppvit encrypt --format wds`` output as dataset ``name``; only shards the server lacks are sent.
+
+        The manifest (its key fingerprint, never the key) and each shard's size and SHA-256 are
+        declared first; the server checks every shard against them. ``on_shard``: called per shard sent.
+        """
+        folder = Path(folder)
+        manifest = read_manifest(folder)
+        shards = sorted(p for p in folder.glob("*/shard-*.tar") if p.is_file())
+        if not shards:
+            raise ValueError(f"{folder}: no WebDataset shards (SPLIT/shard-NNNNNN.tar); encrypt with --format wds")
+        specs = [
+            {"path": p.relative_to(folder).as_posix(), "bytes": p.stat().st_size, "sha256": _sha256(p)} for p in shards
+        ]
+        declared = self._call("PUT", f"/v1/datasets/{name}", json={"manifest": asdict(manifest), "shards": specs})
+        for rel in declared["missing"]:
+            self._call("PUT", f"/v1/datasets/{name}/shards/{rel}", content=_chunks(folder / rel))
+            if on_shard is not None:
+                on_shard(rel)
+        return self._call("GET", f"/v1/datasets/{name}")
+
+    def datasets(self) -> list[dict]:
+        return self._call("GET", "/v1/datasets")
+
+    def submit(self, dataset: str, settings: dict[str, Any], activate: bool = False) -> dict:
+        """A training job: flat ``ppvit train`` settings on one of this tenant's datasets."""
+        return self._call("POST", "/v1/jobs", json={"dataset": dataset, "config": settings, "activate": activate})
+
+    def jobs(self) -> list[dict]:
+        return self._call("GET", "/v1/jobs")
+
+    def job(self, job_id: str) -> dict:
+        return self._call("GET", f"/v1/jobs/{job_id}")
+
+    def job_metrics(self, job_id: str) -> list[dict]:
+        return self._call("GET", f"/v1/jobs/{job_id}/metrics")
+
+    def cancel(self, job_id: str) -> dict:
+        return self._call("POST", f"/v1/jobs/{job_id}/cancel")
+
+    def activate(self, job_id: str) -> dict:
+        """Serve this tenant with the adapter version the job registered."""
+        self._info = None
+        return self._call("POST", f"/v1/jobs/{job_id}/activate")
+
+    def follow(self, job_id: str, on_update: Callable[[dict], None] | None = None, interval: float = 1.0) -> dict:
+        """Poll the job until it ends; ``on_update`` sees each state. Returns the last one."""
+        while True:
+            job = self.job(job_id)
+            if on_update is not None:
+                on_update(job)
+            if job["state"] in FINAL_STATES:
+                self._info = None  # the adapter may have changed
+                return job
+            time.sleep(interval)

@@ -164,25 +164,41 @@ class TenantStore:
         weights: str | os.PathLike | None = None,
         keep: int = KEEP_VERSIONS,
         max_classes: int = MAX_CLASSES,
+        activate: bool = True,
     ) -> int:
-        """A new adapter version for ``name``; the newest ``keep`` versions stay (the previous one
-        for requests already in flight), older ones are deleted."""
+        """A new adapter version for ``name``, active unless ``activate`` is False (a training job's
+        result, activated later by :meth:`activate`); the newest ``keep`` versions and the active
+        one stay (the previous one for requests already in flight), older ones are deleted."""
         if keep < 1:
             raise ValueError(f"--keep {keep}: keep at least the active version (1)")
         with self._connect() as con:
             row = con.execute("SELECT id, version, name FROM tenants WHERE name = ?", (name,)).fetchone()
             if row is None:
                 raise ValueError(f"no tenant {name}")
-            tenant_id, version, stored_name = row[0], row[1] + 1, row[2]  # folders use the name as registered
+            tenant_id, active, stored_name = row  # folders use the name as registered
+            version = con.execute("SELECT MAX(version) FROM adapters WHERE tenant_id = ?", (tenant_id,)).fetchone()[0]
+            version = max(version or 0, active) + 1  # above inactive versions too
             self._add_version(con, tenant_id, stored_name, version, adapter, weights, max_classes)
-            con.execute("UPDATE tenants SET version = ? WHERE id = ?", (version, tenant_id))
-            old = con.execute(
-                "SELECT folder FROM adapters WHERE tenant_id = ? AND version <= ?", (tenant_id, version - keep)
-            ).fetchall()
-            con.execute("DELETE FROM adapters WHERE tenant_id = ? AND version <= ?", (tenant_id, version - keep))
+            if activate:
+                con.execute("UPDATE tenants SET version = ? WHERE id = ?", (version, tenant_id))
+                active = version
+            stale = "FROM adapters WHERE tenant_id = ? AND version <= ? AND version != ?"
+            old = con.execute("SELECT folder " + stale, (tenant_id, version - keep, active)).fetchall()
+            con.execute("DELETE " + stale, (tenant_id, version - keep, active))
         for (folder,) in old:  # after the commit: a failed registration deletes nothing
             shutil.rmtree(self.folder(folder), ignore_errors=True)
         return version
+
+    def activate(self, name: str, version: int) -> None:
+        """Serve ``name`` with its kept adapter ``version`` from the next request on."""
+        with self._connect() as con:
+            row = con.execute(
+                "SELECT t.id FROM tenants t JOIN adapters a ON a.tenant_id = t.id WHERE t.name = ? AND a.version = ?",
+                (name, version),
+            ).fetchone()
+            if row is None:
+                raise ValueError(f"tenant {name}: no adapter version {version} (deleted, or never registered)")
+            con.execute("UPDATE tenants SET version = ? WHERE id = ?", (version, row[0]))
 
     def rotate_token(self, name: str) -> str:
         """A new API token for ``name``; the old one stops working at once."""

@@ -1,0 +1,389 @@
+"""Training jobs of the service: a job is a ``TrainConfig`` on one of the tenant's uploaded datasets.
+
+A submission is checked against the server's limits (allowed base models and their weights,
+most epochs, jobs per tenant) and against what the server can do without the key: settings
+that need plain images (plain augmentation, ``key_init``) or a key are refused in one line,
+as is ``full`` (it replaces the whole backbone and cannot be routed). The server fills in
+what is its own (data folder, run folder, weights, scheme, block size and input size from
+the dataset's manifest) and records the result as the job's ``config.yaml``.
+
+States: queued -> running -> succeeded / failed / cancelled, kept in the store's SQLite. A
+:class:`Runner` runs ``ppvit train --config JOB.yaml --resume`` processes; the embedded one
+(:class:`LocalRunner`) runs them on this machine, one per device slot. :class:`Supervisor` (a
+thread of the server) starts queued jobs, watches running ones and, on success, registers the
+adapter as a new adapter version of the tenant (activated if asked). A process that dies fails
+its job with its last log line. The server's own death kills its processes (Linux
+``PR_SET_PDEATHSIG``); the next server finds their jobs still "running", queues them again and
+their ``--resume`` continues from the last checkpoint, bit-exact as ``ppvit train --resume`` is.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import logging
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import yaml
+
+from ppvit._io import atomic_write_text
+from ppvit.serve.datasets import Dataset, DatasetError, service_db
+from ppvit.serve.tenants import TenantStore
+from ppvit.train.config import TrainConfig
+
+log = logging.getLogger(__name__)
+
+JOBS_DIR = "jobs"
+ACTIVE = ("queued", "running")
+# Settings that are the server's (filled in from its limits and the dataset), never the client's.
+SERVER_SETTINGS = frozenset({"data", "out", "key", "weights", "pretrained", "quiet", "report_to"})
+# Settings that need the key or plain images, which the server never has.
+PLAIN_ONLY = {"key_init": "key_init needs the key", "augment": "plain augmentation needs plain images"}
+LOG_TAIL_BYTES = 8192
+
+
+@dataclass
+class ServiceLimits:
+    """What the server lets tenants train: base models (name -> weights file, None: the model's own
+    initialisation), epochs, jobs, dataset bytes, device slots (one running job each)."""
+
+    models: dict[str, str | None]
+    max_epochs: int = 50
+    tenant_jobs: int = 2  # queued or running jobs of one tenant
+    devices: list[str] = field(default_factory=lambda: ["cpu"])  # "cpu" or a CUDA index; len = jobs running at once
+    quota_bytes: int = 10 << 30  # one tenant's uploaded datasets
+
+
+class JobError(DatasetError):
+    """A refused job request (``status``: its HTTP status)."""
+
+
+def job_config(settings: Any, dataset: Dataset, limits: ServiceLimits, out: Path) -> TrainConfig:
+    """The job's ``TrainConfig`` from the client's flat settings, or a one-line refusal (422)."""
+    if not isinstance(settings, dict):
+        raise JobError(422, "config: a JSON object of `ppvit train` settings (flat names: epochs, lr, rank, ...)")
+    given = sorted(SERVER_SETTINGS & set(settings))
+    if given:
+        raise JobError(422, f"config: {', '.join(given)} are the server's to set, not the client's")
+    if settings.get("key_init"):
+        raise JobError(422, f"config: {PLAIN_ONLY['key_init']}, which the server never holds")
+    if settings.get("augment", "none") != "none":
+        raise JobError(422, f"config: {PLAIN_ONLY['augment']}; use mixup or cutmix (ciphertext-safe)")
+    if settings.get("method") == "full":
+        raise JobError(422, "config: method full replaces the whole backbone; it cannot be served (use lora-pe)")
+    m = dataset.manifest
+    fixed = {"scheme": m.scheme, "block_size": m.block_size, "img_size": m.size}
+    for name, value in fixed.items():
+        if settings.get(name) is not None and settings[name] != value:
+            raise JobError(422, f"config: {name} {settings[name]} differs from the dataset's {value}")
+    model = settings.get("model")
+    if model is None or model not in limits.models:
+        allowed = ", ".join(sorted(limits.models))
+        raise JobError(422, f"config: model {model!r} is not offered here (allowed: {allowed})")
+    weights = limits.models[model]
+    try:
+        cfg = TrainConfig.from_flat(
+            **{**settings, **fixed},
+            data=str(dataset.folder),
+            out=str(out),
+            weights=weights,
+            pretrained=False if weights else None,
+            quiet=False,  # its progress bar is the job's log: the last line says the step
+        )
+    except (TypeError, ValueError) as exc:
+        raise JobError(422, f"config: {exc}") from None
+    if not 1 <= cfg.optim.epochs <= limits.max_epochs:
+        raise JobError(422, f"config: epochs {cfg.optim.epochs}; this server allows 1 to {limits.max_epochs}")
+    return cfg.resolved()
+
+
+class Runner(Protocol):
+    """Where job processes run. ``start`` returns a handle; ``poll`` the exit code (None: running)."""
+
+    def start(self, job_id: str, config: Path, log_file: Path, device: str) -> str: ...
+
+    def poll(self, handle: str) -> int | None: ...
+
+    def cancel(self, handle: str) -> None: ...
+
+    def shutdown(self) -> None: ...
+
+
+def _die_with_parent() -> None:
+    """In the child: SIGKILL when the server's supervising thread dies (Linux); elsewhere nothing."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+class LocalRunner:
+    """``ppvit train`` processes on this machine (the embedded runner); call from one long-lived thread."""
+
+    def __init__(self) -> None:
+        self.procs: dict[str, subprocess.Popen] = {}
+
+    def start(self, job_id: str, config: Path, log_file: Path, device: str) -> str:
+        env = dict(os.environ)
+        if device != "cpu":
+            env["CUDA_VISIBLE_DEVICES"] = device
+        cmd = [sys.executable, "-m", "ppvit.cli", "train", "--config", str(config), "--resume"]
+        with open(log_file, "ab") as fh:
+            proc = subprocess.Popen(
+                cmd, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, preexec_fn=_die_with_parent
+            )
+        handle = f"local:{proc.pid}"
+        self.procs[handle] = proc
+        return handle
+
+    def poll(self, handle: str) -> int | None:
+        proc = self.procs.get(handle)
+        if proc is None:
+            return -1  # not ours: a process of an earlier server
+        code = proc.poll()
+        if code is not None:
+            del self.procs[handle]
+        return code
+
+    def cancel(self, handle: str) -> None:
+        proc = self.procs.get(handle)
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)  # training checkpoints and stops at its next step
+
+    def shutdown(self) -> None:
+        """Stop every process (checkpointed: the next server resumes them)."""
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in self.procs.values():
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        self.procs.clear()
+
+
+def last_line(path: Path) -> str:
+    """The last non-empty line of a log (a progress bar's last redraw counts as a line)."""
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(max(0, fh.seek(0, os.SEEK_END) - LOG_TAIL_BYTES))
+            tail = fh.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
+    lines = [s.strip() for s in tail.replace("\r", "\n").split("\n") if s.strip()]
+    return lines[-1] if lines else ""
+
+
+class Jobs:
+    """Job records of one server root, per tenant; the :class:`Supervisor` moves them along."""
+
+    def __init__(self, root: Path, limits: ServiceLimits) -> None:
+        self.root, self.limits = Path(root), limits
+
+    def folder(self, job_id: str) -> Path:
+        return self.root / JOBS_DIR / job_id
+
+    def submit(self, tenant_id: int, dataset: Dataset, settings: Any, activate: bool) -> dict[str, Any]:
+        if not dataset.complete:
+            raise JobError(409, f"dataset {dataset.name}: {len(dataset.missing)} shards not uploaded yet")
+        job_id = "job-" + secrets.token_hex(6)
+        folder = self.folder(job_id)
+        cfg = job_config(settings, dataset, self.limits, folder / "run")
+        with service_db(self.root) as con:
+            busy = con.execute(
+                "SELECT COUNT(*) FROM jobs WHERE tenant_id = ? AND state IN (?, ?)", (tenant_id, *ACTIVE)
+            ).fetchone()[0]
+            if busy >= self.limits.tenant_jobs:
+                raise JobError(429, f"{busy} jobs queued or running; this server takes {self.limits.tenant_jobs}")
+            folder.mkdir(mode=0o700, parents=True)
+            atomic_write_text(folder / "config.yaml", cfg.dump())
+            con.execute(
+                "INSERT INTO jobs (id, tenant_id, dataset, state, config, activate, created) "
+                "VALUES (?, ?, ?, 'queued', ?, ?, ?)",
+                (job_id, tenant_id, dataset.name, cfg.dump(), int(activate), time.time()),
+            )
+        return self.get(tenant_id, job_id)
+
+    def _row(self, con: Any, tenant_id: int, job_id: str) -> tuple:
+        row = con.execute(
+            "SELECT id, dataset, state, config, activate, error, version, created, started, ended, cancel "
+            "FROM jobs WHERE id = ? AND tenant_id = ?",
+            (job_id, tenant_id),
+        ).fetchone()
+        if row is None:
+            raise JobError(404, f"no job {job_id[:40]}")
+        return row
+
+    def get(self, tenant_id: int, job_id: str) -> dict[str, Any]:
+        """The job's state, progress (last epoch of metrics.jsonl) and last log line; 404 if not the tenant's."""
+        with service_db(self.root) as con:
+            row = self._row(con, tenant_id, job_id)
+        jid, dataset, state, config, activate, error, version, created, started, ended, _ = row
+        cfg = TrainConfig.from_dict(yaml.safe_load(config))
+        metrics = self.metrics(jid)
+        last = metrics[-1] if metrics else {}
+        epochs = cfg.optim.epochs
+        eta = None
+        if state == "running" and last and started:
+            eta = (time.time() - started) / last["epoch"] * (epochs - last["epoch"])
+        return {
+            "id": jid,
+            "dataset": dataset,
+            "state": state,
+            "method": cfg.method.name,
+            "model": cfg.backbone.model,
+            "activate": bool(activate),
+            "epoch": last.get("epoch", 0),
+            "epochs": epochs,
+            "train_loss": last.get("train_loss"),
+            "val_acc": last.get("val_acc"),
+            "eta_s": eta,
+            "log": last_line(self.folder(jid) / "log.txt"),
+            "error": error,
+            "version": version,
+            "created": created,
+            "started": started,
+            "ended": ended,
+        }
+
+    def metrics(self, job_id: str) -> list[dict[str, Any]]:
+        try:
+            text = (self.folder(job_id) / "run" / "metrics.jsonl").read_text()
+        except OSError:
+            return []
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+    def list(self, tenant_id: int) -> list[dict[str, Any]]:
+        with service_db(self.root) as con:
+            ids = [r[0] for r in con.execute("SELECT id FROM jobs WHERE tenant_id = ? ORDER BY created", (tenant_id,))]
+        return [self.get(tenant_id, j) for j in ids]
+
+    def cancel(self, tenant_id: int, job_id: str) -> dict[str, Any]:
+        """Ask for the job to stop: a queued one is cancelled at once, a running one at its next step."""
+        with service_db(self.root) as con:
+            state = self._row(con, tenant_id, job_id)[2]
+            if state not in ACTIVE:
+                raise JobError(409, f"job {job_id}: already {state}")
+            if state == "queued":
+                con.execute("UPDATE jobs SET state = 'cancelled', ended = ? WHERE id = ?", (time.time(), job_id))
+            else:
+                con.execute("UPDATE jobs SET cancel = 1 WHERE id = ?", (job_id,))
+        return self.get(tenant_id, job_id)
+
+    def activate(self, tenant_id: int, job_id: str, tenants: TenantStore) -> dict[str, Any]:
+        """Serve the tenant with the adapter version this job registered."""
+        with service_db(self.root) as con:
+            row = self._row(con, tenant_id, job_id)
+            name = con.execute("SELECT name FROM tenants WHERE id = ?", (tenant_id,)).fetchone()[0]
+        if row[2] != "succeeded" or row[6] is None:
+            raise JobError(409, f"job {job_id}: {row[2]}, no adapter to activate")
+        try:
+            tenants.activate(name, row[6])
+        except ValueError as exc:
+            raise JobError(409, str(exc)) from None
+        return self.get(tenant_id, job_id)
+
+    def uses(self, tenant_id: int, dataset: str) -> bool:
+        with service_db(self.root) as con:
+            return (
+                con.execute(
+                    "SELECT 1 FROM jobs WHERE tenant_id = ? AND dataset = ? AND state IN (?, ?)",
+                    (tenant_id, dataset, *ACTIVE),
+                ).fetchone()
+                is not None
+            )
+
+
+class Supervisor:
+    """The server's job thread: starts queued jobs on free device slots, watches and finishes running ones.
+
+    Processes are started from this one thread, which lives as long as the server: a process
+    started with ``PR_SET_PDEATHSIG`` dies with the thread that started it.
+    """
+
+    def __init__(self, jobs: Jobs, tenants: TenantStore, runner: Runner | None = None, interval: float = 0.5) -> None:
+        self.jobs, self.tenants = jobs, tenants
+        self.runner = runner or LocalRunner()
+        self.interval = interval
+        self.slots: dict[str, str] = {}  # job id -> device
+        self.handles: dict[str, str] = {}  # job id -> runner handle
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="ppvit-jobs", daemon=True)
+
+    def start(self) -> None:
+        with service_db(self.jobs.root) as con:  # an earlier server's running jobs: resumed from their checkpoints
+            con.execute("UPDATE jobs SET state = 'queued', handle = NULL WHERE state = 'running'")
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(60)
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                try:
+                    self.step()
+                except Exception:  # a bad row or a full disk: logged, the server keeps serving
+                    log.exception("job supervisor")
+                self._stop.wait(self.interval)
+        finally:
+            self.runner.shutdown()  # from this thread: the processes' parent
+
+    def step(self) -> None:
+        with service_db(self.jobs.root) as con:
+            rows = con.execute(
+                "SELECT j.id, j.state, j.cancel, j.activate, t.name FROM jobs j JOIN tenants t ON t.id = j.tenant_id "
+                "WHERE j.state IN (?, ?) ORDER BY j.created",
+                ACTIVE,
+            ).fetchall()
+        for job_id, state, cancel, activate, tenant in rows:
+            if state == "running" and job_id in self.handles:
+                if cancel:
+                    self.runner.cancel(self.handles[job_id])
+                code = self.runner.poll(self.handles[job_id])
+                if code is not None:
+                    self._finish(job_id, code, bool(cancel), bool(activate), tenant)
+            elif state == "queued":
+                free = [d for d in self.jobs.limits.devices if d not in self.slots.values()]
+                if free:
+                    self._launch(job_id, free[0])
+
+    def _launch(self, job_id: str, device: str) -> None:
+        folder = self.jobs.folder(job_id)
+        handle = self.runner.start(job_id, folder / "config.yaml", folder / "log.txt", device)
+        self.handles[job_id], self.slots[job_id] = handle, device
+        with service_db(self.jobs.root) as con:
+            con.execute(
+                "UPDATE jobs SET state = 'running', handle = ?, started = COALESCE(started, ?) WHERE id = ?",
+                (handle, time.time(), job_id),
+            )
+
+    def _finish(self, job_id: str, code: int, cancelled: bool, activate: bool, tenant: str) -> None:
+        del self.handles[job_id], self.slots[job_id]
+        folder = self.jobs.folder(job_id)
+        state, error, version = "succeeded", None, None
+        if cancelled:
+            state = "cancelled"
+        elif code != 0:
+            state, error = "failed", last_line(folder / "log.txt") or f"the training process exited with {code}"
+        else:
+            try:
+                version = self.tenants.set_adapter(tenant, folder / "run", activate=activate)
+            except (ValueError, OSError) as exc:
+                state, error = "failed", f"the adapter could not be registered: {exc}"
+        with service_db(self.jobs.root) as con:
+            con.execute(
+                "UPDATE jobs SET state = ?, error = ?, version = ?, ended = ?, handle = NULL WHERE id = ?",
+                (state, error, version, time.time(), job_id),
+            )
+        log.info("job %s of %s: %s%s", job_id, tenant, state, f" ({error})" if error else "")

@@ -1,0 +1,150 @@
+"""The HTTP API of fine-tuning as a service, mounted by :func:`ppvit.serve.app.create_app` when training is on.
+
+Every route takes the tenant's bearer token, as ``/v1/predict`` does, and sees only that
+tenant's datasets and jobs (another tenant's answer 404, as a missing one does)::
+
+    GET    /v1/datasets                         the tenant's datasets
+    PUT    /v1/datasets/NAME                    declare {manifest, shards: [{path, bytes, sha256}]}: missing shards
+    GET    /v1/datasets/NAME                    its manifest fields and the shards still missing
+    DELETE /v1/datasets/NAME
+    PUT    /v1/datasets/NAME/shards/SPLIT/FILE  one shard's bytes (checked against the declared size and SHA-256)
+    POST   /v1/jobs                             {dataset, config: {flat TrainConfig settings}, activate}
+    GET    /v1/jobs, /v1/jobs/ID, /v1/jobs/ID/metrics
+    POST   /v1/jobs/ID/cancel, /v1/jobs/ID/activate
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+from fastapi import APIRouter, Request
+from starlette.requests import ClientDisconnect
+
+from ppvit.serve.app import HTTPError
+from ppvit.serve.datasets import DatasetError, DatasetStore
+from ppvit.serve.jobs import Jobs, ServiceLimits, Supervisor
+from ppvit.serve.tenants import TenantStore
+
+JSON_LIMIT = 16 << 20  # a declaration of many shards; nothing else comes near
+T = TypeVar("T")
+
+
+async def _call(fn: Callable[..., T], *args: Any) -> T:
+    """A store call off the event loop; its refusal as the answer's status and line."""
+    try:
+        return await asyncio.to_thread(fn, *args)
+    except DatasetError as exc:
+        raise HTTPError(exc.status, str(exc)) from None
+
+
+async def _json(request: Request) -> dict[str, Any]:
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > JSON_LIMIT:
+            raise HTTPError(413, f"body over {JSON_LIMIT} bytes")
+    try:
+        doc = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        raise HTTPError(400, "body: not JSON") from None
+    if not isinstance(doc, dict):
+        raise HTTPError(422, "body: not a JSON object")
+    return doc
+
+
+def training_router(root: Path, tenants: TenantStore, limits: ServiceLimits) -> APIRouter:
+    """The routes above over the store at ``root``, with a job supervisor living as long as the app."""
+    datasets = DatasetStore(root, limits.quota_bytes)
+    jobs = Jobs(root, limits)
+
+    @asynccontextmanager
+    async def lifespan(app: Any) -> AsyncIterator[None]:
+        supervisor = Supervisor(jobs, tenants)
+        supervisor.start()
+        yield
+        await asyncio.to_thread(supervisor.stop)
+
+    router = APIRouter(prefix="/v1", lifespan=lifespan)
+
+    async def tenant(request: Request) -> int:
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not token:
+            raise HTTPError(401, "missing bearer token")
+        try:
+            found = await asyncio.to_thread(tenants.by_token, token.strip())
+        except ValueError:
+            raise HTTPError(503, "the tenant registry cannot be read (see the server log)") from None
+        if found is None:
+            raise HTTPError(401, "unknown token")
+        request.state.tenant = found.tenant
+        return found.tenant_id
+
+    @router.get("/datasets")
+    async def list_datasets(request: Request) -> list[dict[str, Any]]:
+        return [d.summary() for d in await _call(datasets.list, await tenant(request))]
+
+    @router.put("/datasets/{name}")
+    async def declare(name: str, request: Request) -> dict[str, Any]:
+        tid = await tenant(request)
+        doc = await _json(request)
+        return (await _call(datasets.declare, tid, name, doc.get("manifest"), doc.get("shards"))).summary()
+
+    @router.get("/datasets/{name}")
+    async def dataset(name: str, request: Request) -> dict[str, Any]:
+        return (await _call(datasets.get, await tenant(request), name)).summary()
+
+    @router.delete("/datasets/{name}")
+    async def delete(name: str, request: Request) -> dict[str, Any]:
+        tid = await tenant(request)
+        await _call(lambda: datasets.delete(tid, name, jobs.uses(tid, name)))
+        return {"deleted": name}
+
+    @router.put("/datasets/{name}/shards/{split}/{file}")
+    async def shard(name: str, split: str, file: str, request: Request) -> dict[str, Any]:
+        tid = await tenant(request)
+        try:
+            await datasets.receive(tid, name, f"{split}/{file}", request.stream())
+        except DatasetError as exc:
+            raise HTTPError(exc.status, str(exc)) from None
+        except ClientDisconnect:
+            raise HTTPError(499, "the client closed the connection") from None
+        return {"stored": f"{split}/{file}"}
+
+    @router.post("/jobs")
+    async def submit(request: Request) -> dict[str, Any]:
+        tid = await tenant(request)
+        doc = await _json(request)
+        name = doc.get("dataset")
+        if not isinstance(name, str):
+            raise HTTPError(422, "dataset: the name of one of your datasets")
+        found = await _call(datasets.get, tid, name)
+        return await _call(jobs.submit, tid, found, doc.get("config"), bool(doc.get("activate", False)))
+
+    @router.get("/jobs")
+    async def list_jobs(request: Request) -> list[dict[str, Any]]:
+        return await _call(jobs.list, await tenant(request))
+
+    @router.get("/jobs/{job_id}")
+    async def job(job_id: str, request: Request) -> dict[str, Any]:
+        return await _call(jobs.get, await tenant(request), job_id)
+
+    @router.get("/jobs/{job_id}/metrics")
+    async def metrics(job_id: str, request: Request) -> list[dict[str, Any]]:
+        tid = await tenant(request)
+        await _call(jobs.get, tid, job_id)  # 404 unless the tenant's
+        return await _call(jobs.metrics, job_id)
+
+    @router.post("/jobs/{job_id}/cancel")
+    async def cancel(job_id: str, request: Request) -> dict[str, Any]:
+        return await _call(jobs.cancel, await tenant(request), job_id)
+
+    @router.post("/jobs/{job_id}/activate")
+    async def activate(job_id: str, request: Request) -> dict[str, Any]:
+        return await _call(jobs.activate, await tenant(request), job_id, tenants)
+
+    return router
