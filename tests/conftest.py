@@ -93,7 +93,7 @@ def adapter_tensors(run: Path) -> dict[str, torch.Tensor]:
     """The trained tensors a run saved in its adapter."""
     from safetensors.torch import load_file
 
-    return load_file(str(run / "adapter" / "adapter_model.safetensors"))
+    return load_file(str(run / "adapter" / "ppvit_adapter.safetensors"))
 
 
 def free_port() -> int:

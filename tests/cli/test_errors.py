@@ -14,7 +14,7 @@ from conftest import SMALL, train_config
 from safetensors.torch import load_file, save_file
 
 from ppvit import cli
-from ppvit.models.adapters import AdapterMeta, file_sha256, load_adapter, save_adapter
+from ppvit.models.adapters import CONFIG_NAME, AdapterMeta, file_sha256, load_adapter, save_adapter
 from ppvit.models.backbones import create_backbone
 from ppvit.models.configs import method_config
 from ppvit.models.methods import apply_method
@@ -69,7 +69,7 @@ def test_a_file_that_is_no_key_is_called_so_whatever_its_mode(
     run: Path, toy_dataset: Path, tmp_path: Path, capsys
 ) -> None:
     image = next((toy_dataset / "test" / "class0").glob("*.png"))
-    for not_a_key in (image, run / "adapter" / "adapter_config.json"):
+    for not_a_key in (image, run / "adapter" / CONFIG_NAME):
         mistaken = tmp_path / not_a_key.name
         shutil.copy(not_a_key, mistaken)
         mistaken.chmod(0o644)

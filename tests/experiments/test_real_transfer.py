@@ -123,9 +123,9 @@ def test_a_run_at_another_size_is_rebuilt_at_that_size_by_later_commands(
     args += ["--key", str(key_path), "--out", str(run), "--epochs", "2", "--batch-size", "8", "--precision", "no"]
     assert cli.main([*args, "--val-fraction", "0.25", "--lr", "3e-3"]) == 0
     result = json.loads(capsys.readouterr().out)
-    meta = json.loads((run / "adapter" / "adapter_config.json").read_text())
+    meta = json.loads((run / "adapter" / "ppvit_adapter.json").read_text())
     assert meta["model_kwargs"] == {"img_size": 48}
-    assert load_file(str(run / "adapter" / "adapter_model.safetensors"))["head.weight"].shape == (4, 48)
+    assert load_file(str(run / "adapter" / "ppvit_adapter.safetensors"))["head.weight"].shape == (4, 48)
     assert cli.main(["eval", str(run), "--data", str(toy_dataset), "--key", str(key_path)]) == 0
     assert json.loads(capsys.readouterr().out)["acc"] == pytest.approx(result["test_acc"])
 
@@ -144,6 +144,6 @@ def test_imagenet_presets_train_on_a_tiny_subset(
     result = json.loads((cell / "result.json").read_text())
     assert result["test_images"] == 20 and result["num_classes"] == 10
     assert result["trainable_params"] == 12 * 2 * 4 * (192 + 192) + 768 * 192 + 192 + 10 * 193
-    meta = json.loads((cell / "adapter" / "adapter_config.json").read_text())
+    meta = json.loads((cell / "adapter" / "ppvit_adapter.json").read_text())
     assert meta["block_size"] == 16 and meta["model"] == TI and meta["weights_sha256"] is not None
     assert meta["model_kwargs"] == {"img_size": side}

@@ -11,7 +11,15 @@ from conftest import KEY, SMALL, assert_no_key_material
 from safetensors.torch import load_file, save_file
 
 from ppvit import cli
-from ppvit.models.adapters import AdapterMeta, load_adapter, merge_to_file, save_adapter
+from ppvit.models.adapters import (
+    CONFIG_NAME,
+    LEGACY_NAMES,
+    WEIGHTS_NAME,
+    AdapterMeta,
+    load_adapter,
+    merge_to_file,
+    save_adapter,
+)
 from ppvit.models.backbones import create_backbone
 from ppvit.models.configs import METHODS, method_config
 from ppvit.models.methods import apply_method
@@ -47,17 +55,17 @@ def test_save_load_gives_identical_outputs(tmp_path: Path, method: str) -> None:
     x = torch.randn(2, 3, 32, 32)
     assert torch.equal(loaded.eval()(x), model(x))
     assert meta2 == meta
-    stored = load_file(str(tmp_path / "a" / "adapter_model.safetensors"))
+    stored = load_file(str(tmp_path / "a" / WEIGHTS_NAME))
     assert set(stored) == {n for n, p in model.named_parameters() if p.requires_grad}
 
 
 def test_adapter_holds_only_trained_tensors_and_no_key(tmp_path: Path) -> None:
     model, meta = trained("lora-pe")
     save_adapter(model, meta, tmp_path / "a")
-    n_values = sum(t.numel() for t in load_file(str(tmp_path / "a" / "adapter_model.safetensors")).values())
+    n_values = sum(t.numel() for t in load_file(str(tmp_path / "a" / WEIGHTS_NAME)).values())
     d, r, depth = 48, 4, 2
     assert n_values == depth * 4 * r * d + (4 * 4 * 3 * d + d) + (d * 5 + 5)
-    config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    config = json.loads((tmp_path / "a" / CONFIG_NAME).read_text())
     assert config["key_fingerprint"] == KEY.fingerprint and config["method"]["method"] == "lora-pe"
     assert_no_key_material(tmp_path / "a", KEY)
 
@@ -67,7 +75,7 @@ def test_vit_b16_lora_pe_adapter_is_about_3_mb(tmp_path: Path) -> None:
     model = apply_method(create_backbone("vit_base_patch16_224", num_classes=10), method_config("lora-pe"))
     meta = AdapterMeta(model="vit_base_patch16_224", num_classes=10, method=method_config("lora-pe").to_dict())
     save_adapter(model, meta, tmp_path / "a")
-    size = (tmp_path / "a" / "adapter_model.safetensors").stat().st_size
+    size = (tmp_path / "a" / WEIGHTS_NAME).stat().st_size
     assert 745_738 * 4 < size < 745_738 * 4 + 20_000  # the values plus a small header
 
 
@@ -103,7 +111,7 @@ def test_refuses_a_different_base_weights_file(tmp_path: Path) -> None:
 def test_refuses_tensors_of_another_method(tmp_path: Path) -> None:
     model, meta = trained("melo")
     save_adapter(model, meta, tmp_path / "a")
-    config = tmp_path / "a" / "adapter_config.json"
+    config = tmp_path / "a" / CONFIG_NAME
     doc = json.loads(config.read_text())
     doc["method"] = method_config("lora-pe").to_dict()
     config.write_text(json.dumps(doc))
@@ -122,11 +130,11 @@ def test_refuses_a_weights_file_for_a_random_init_base(tmp_path: Path) -> None:
 def test_damaged_config_is_a_one_line_error_naming_the_file(tmp_path: Path) -> None:
     model, meta = trained("melo")
     save_adapter(model, meta, tmp_path / "a")
-    config = tmp_path / "a" / "adapter_config.json"
+    config = tmp_path / "a" / CONFIG_NAME
     doc = json.loads(config.read_text())
     del doc["num_classes"]
     config.write_text(json.dumps(doc))
-    with pytest.raises(ValueError, match=r"adapter_config\.json: damaged") as err:
+    with pytest.raises(ValueError, match=r"ppvit_adapter\.json: damaged") as err:
         load_adapter(tmp_path / "a")
     assert "\n" not in str(err.value)
 
@@ -183,3 +191,39 @@ def test_merge_cli_writes_a_plain_timm_model(tmp_path: Path, capsys: pytest.Capt
 def test_merge_to_file_of_missing_adapter_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="not an adapter folder"):
         merge_to_file(tmp_path, tmp_path / "m.safetensors", None)
+
+
+def as_earlier_release(folder: Path) -> None:
+    """ppvit 0.3 wrote the same two files under PEFT's names (the contents are unchanged, format version 1)."""
+    for new, old in zip((CONFIG_NAME, WEIGHTS_NAME), LEGACY_NAMES, strict=True):
+        (folder / new).rename(folder / old)
+
+
+@pytest.mark.parametrize("method", ["melo", "lora-pe"])
+def test_an_adapter_folder_of_an_earlier_release_still_loads(tmp_path: Path, method: str) -> None:
+    from ppvit.train.runs import adapter_dir
+
+    model, meta = trained(method)
+    save_adapter(model, meta, tmp_path / "run" / "adapter")
+    as_earlier_release(tmp_path / "run" / "adapter")
+    assert adapter_dir(tmp_path / "run") == tmp_path / "run" / "adapter"  # a run folder of 0.3 is still found
+    loaded, meta2 = load_adapter(tmp_path / "run" / "adapter")
+    x = torch.randn(2, 3, 32, 32)
+    assert meta2 == meta and torch.equal(loaded.eval()(x), model(x))
+    merge_to_file(tmp_path / "run" / "adapter", tmp_path / "m.safetensors", None)
+    plain = create_backbone(SMALL, num_classes=5)
+    plain.load_state_dict(load_file(str(tmp_path / "m.safetensors")))
+    torch.testing.assert_close(plain.eval()(x), model(x), rtol=1e-5, atol=1e-5)
+    save_adapter(model, meta, tmp_path / "run" / "adapter")  # rewritten (a resumed run): one adapter, ppvit's names
+    assert sorted(p.name for p in (tmp_path / "run" / "adapter").iterdir()) == sorted((CONFIG_NAME, WEIGHTS_NAME))
+
+
+def test_peft_does_not_take_a_ppvit_adapter_for_its_own(tmp_path: Path) -> None:
+    """PEFT cannot load these folders (q/v LoRA on a fused qkv, bare parameters, full and linear); under PEFT's
+    names it failed obscurely (KeyError 'peft_type'); now it says at once there is no PEFT adapter."""
+    import peft
+
+    model, meta = trained("lora-pe")
+    save_adapter(model, meta, tmp_path / "a")
+    with pytest.raises(ValueError, match=r"Can't find 'adapter_config\.json'"):
+        peft.PeftConfig.from_pretrained(str(tmp_path / "a"))

@@ -88,7 +88,7 @@ def test_each_method_learns_on_encrypted_data(
     history = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [h["epoch"] for h in history] == [1, 2, 3, 4]
     assert (run / "curves.png").stat().st_size > 0
-    meta = json.loads((run / "adapter" / "adapter_config.json").read_text())
+    meta = json.loads((run / "adapter" / "ppvit_adapter.json").read_text())
     assert meta["scheme"] == "shuffle" and meta["key_fingerprint"] == Key.load(key_file).fingerprint
     assert yaml.safe_load((run / "config.yaml").read_text())["method"]["name"] == method
     assert result.precision == "no"
@@ -155,7 +155,7 @@ def test_key_init_adapter_reloads_with_its_transformed_backbone(
     tmp_path: Path, toy_dataset: Path, key_file: Path, capsys
 ) -> None:
     result = train(train_config(tmp_path / "run", toy_dataset, key_file, scheme="shuffle+scramble", key_init=True))
-    meta = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
+    meta = json.loads((tmp_path / "run" / "adapter" / "ppvit_adapter.json").read_text())
     assert meta["key_init"] and "pos_embed" in adapter_tensors(tmp_path / "run")
     capsys.readouterr()
     assert cli.main(["eval", str(tmp_path / "run"), "--data", str(toy_dataset), "--key", str(key_file)]) == 0
@@ -360,7 +360,7 @@ def test_lora_pe_on_the_cifar10_copy(tmp_path: Path, key_file: Path) -> None:
     settings = dict(part="1/2", train_subset=600, test_subset=300, epochs=1, batch_size=64, val_fraction=0.1)
     result = train(train_config(tmp_path / "run", Path(data), key_file, **settings))
     assert result.test_images == 300 and result.num_classes == 10 and result.scheme == "shuffle"
-    meta = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
+    meta = json.loads((tmp_path / "run" / "adapter" / "ppvit_adapter.json").read_text())
     assert meta["classes"][:2] == ["airplane", "automobile"] and meta["block_size"] == 4
     assert_no_key_material(tmp_path / "run", Key.load(key_file))
 

@@ -1,11 +1,15 @@
 """Adapters on disk: only what a method trained, as safetensors plus a JSON config.
 
-An adapter folder holds ``adapter_model.safetensors`` (the trained tensors under the
+An adapter folder holds ``ppvit_adapter.safetensors`` (the trained tensors under the
 model's own parameter names, e.g. ``blocks.0.attn.qkv.lora_A.default.weight``,
-``patch_embed.proj.weight``, ``head.weight``) and ``adapter_config.json``, which names
+``patch_embed.proj.weight``, ``head.weight``) and ``ppvit_adapter.json``, which names
 the base model and how to rebuild it (input size included), the method and its settings,
 the classes, and the encryption scheme, block size and key fingerprint (never the key).
 For ViT-B/16 ``lora-pe`` that is 745,738 values against 85.8 M for the full model.
+
+Folders of ppvit 0.3 and earlier hold the same two files under PEFT's names
+(``adapter_config.json``, ``adapter_model.safetensors``) and still load; the names were
+changed because PEFT cannot load these folders (docs/ARCHITECTURE.md, "Adapter format").
 """
 
 from __future__ import annotations
@@ -27,9 +31,18 @@ from ppvit.models.backbones import create_backbone
 from ppvit.models.configs import MethodConfig, method_config
 from ppvit.models.methods import apply_method, merge_adapters
 
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
+CONFIG_NAME = "ppvit_adapter.json"
+WEIGHTS_NAME = "ppvit_adapter.safetensors"
+LEGACY_NAMES = ("adapter_config.json", "adapter_model.safetensors")  # PEFT's names, not PEFT's format
 FORMAT_VERSION = 1
+
+
+def adapter_files(adapter_dir: str | os.PathLike) -> tuple[Path, Path]:
+    """(config, weights) of an adapter folder: ppvit's names, or PEFT's names in a folder of an earlier release."""
+    folder = Path(adapter_dir)
+    if not (folder / CONFIG_NAME).exists() and (folder / LEGACY_NAMES[0]).exists():
+        return folder / LEGACY_NAMES[0], folder / LEGACY_NAMES[1]
+    return folder / CONFIG_NAME, folder / WEIGHTS_NAME
 
 
 @dataclass
@@ -84,11 +97,13 @@ def save_adapter(model: nn.Module, meta: AdapterMeta, out_dir: str | os.PathLike
     atomic_write(out / WEIGHTS_NAME, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
     doc = {"format": "ppvit-adapter", "version": FORMAT_VERSION, **asdict(meta)}
     atomic_write_text(out / CONFIG_NAME, json.dumps(doc, indent=2) + "\n")
+    for name in LEGACY_NAMES:  # an earlier release's adapter here is replaced, not left beside the new one
+        (out / name).unlink(missing_ok=True)
     return out
 
 
 def read_adapter_meta(adapter_dir: str | os.PathLike) -> AdapterMeta:
-    path = Path(adapter_dir) / CONFIG_NAME
+    path = adapter_files(adapter_dir)[0]
     try:
         doc = json.loads(path.read_text())
     except FileNotFoundError:
@@ -137,7 +152,7 @@ def load_adapter(
     ``model_name``/``num_classes`` are the caller's expectations: a mismatch is an error.
     """
     meta = read_adapter_meta(adapter_dir)
-    path = Path(adapter_dir) / WEIGHTS_NAME
+    path = adapter_files(adapter_dir)[1]
     if model_name is not None and model_name != meta.model:
         raise ValueError(f"adapter {adapter_dir}: trained on {meta.model}, not {model_name}")
     if num_classes is not None and num_classes != meta.num_classes:

@@ -51,7 +51,7 @@ from safetensors.torch import load_file
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from ppvit.models.adapters import WEIGHTS_NAME, AdapterMeta, build_base, file_sha256, read_adapter_meta
+from ppvit.models.adapters import AdapterMeta, adapter_files, build_base, file_sha256, read_adapter_meta
 from ppvit.models.backbones import normalization
 from ppvit.serve.jobs import ServiceLimits
 from ppvit.serve.routing import RoutedAdapter, RoutedViT, routed_adapter
@@ -178,7 +178,7 @@ class AdapterCache:
             meta = read_adapter_meta(tenant.folder)
             check_meta(meta, tenant.folder)
             base = self._base(meta, tenant)
-            tensors = load_file(str(tenant.folder / WEIGHTS_NAME))
+            tensors = load_file(str(adapter_files(tenant.folder)[1]))  # a store of 0.3 or earlier: PEFT's names
             adapter = routed_adapter(meta, tensors, base.routed.base).to(self.device)
         except (OSError, ValueError, SafetensorError, RuntimeError) as exc:
             log.warning("tenant %s, adapter version %d: %s", tenant.tenant, tenant.version, exc)

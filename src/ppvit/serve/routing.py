@@ -83,7 +83,7 @@ class RoutedAdapter:
 
 
 def routed_adapter(meta: AdapterMeta, tensors: dict[str, torch.Tensor], base: nn.Module) -> RoutedAdapter:
-    """An adapter's saved tensors (``adapter_model.safetensors``) checked against ``base`` and laid out for routing."""
+    """An adapter's saved tensors (``ppvit_adapter.safetensors``) checked against ``base`` and laid out for routing."""
     method = meta.method_config()
     if isinstance(method, FullConfig):
         raise NotRoutable(

@@ -39,6 +39,7 @@ from ppvit.models.adapters import (
     CONFIG_NAME,
     WEIGHTS_NAME,
     AdapterMeta,
+    adapter_files,
     build_base,
     file_sha256,
     read_adapter_meta,
@@ -230,8 +231,9 @@ class TenantStore:
         folder.parent.mkdir(mode=0o700, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".v{version}.", dir=folder.parent))  # 0700
         try:
-            for file in (WEIGHTS_NAME, CONFIG_NAME):
-                _copy_private(src / file, tmp / file)
+            config, weights_file = adapter_files(src)  # a folder of 0.3 or earlier: PEFT's names, copied as ppvit's
+            for file, name in ((weights_file, WEIGHTS_NAME), (config, CONFIG_NAME)):
+                _copy_private(file, tmp / name)
             meta = read_adapter_meta(tmp)  # what was copied is what is checked and served
             if meta.method.get("method") == "full":
                 raise ValueError(f"adapter {src}: full fine-tuning replaces the whole backbone; it cannot be routed")
@@ -338,10 +340,11 @@ def check_routable(adapter: Path, weights: str | os.PathLike | None) -> None:
     """Build the adapter's base and lay its tensors out for routing: every error a server would meet."""
     meta = read_adapter_meta(adapter)
     check_meta(meta, adapter)
+    path = adapter_files(adapter)[1]
     try:
-        tensors = load_file(str(adapter / WEIGHTS_NAME))
+        tensors = load_file(str(path))
     except (SafetensorError, OSError) as exc:
-        raise ValueError(f"adapter weights {adapter / WEIGHTS_NAME}: cannot be read ({exc})") from None
+        raise ValueError(f"adapter weights {path}: cannot be read ({exc})") from None
     routed_adapter(meta, tensors, build_base(meta, weights))
 
 

@@ -21,7 +21,7 @@ from typing import IO, Any
 import torch
 
 from ppvit._io import atomic_write, atomic_write_json, atomic_write_text, json_text
-from ppvit.models.adapters import CONFIG_NAME, trainable_tensors
+from ppvit.models.adapters import adapter_files, trainable_tensors
 from ppvit.train.config import IGNORED_ON_RESUME, TrainConfig
 
 CONFIG_FILE, CHECKPOINT_FILE, BEST_FILE, RESULT_FILE = "config.yaml", "checkpoint.pt", "best.pt", "result.json"
@@ -78,7 +78,7 @@ class RunResult:
 def adapter_dir(path: str | os.PathLike) -> Path:
     """A run folder or its adapter folder, given either (the one rule every command uses)."""
     p = Path(path)
-    return p / "adapter" if (p / "adapter" / CONFIG_NAME).exists() else p
+    return p / "adapter" if adapter_files(p / "adapter")[0].exists() else p
 
 
 def adapter_and_weights(path: str | os.PathLike, weights: str | os.PathLike | None) -> tuple[Path, str | None]:
