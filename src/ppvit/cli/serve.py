@@ -203,14 +203,18 @@ def _job_line(job: dict) -> str:
 
 
 def _settings(pairs: list[str]) -> dict:
-    import yaml
+    """``--set NAME=VALUE`` pairs; a value is JSON where it parses (3e-3, true, null), else the text ("no")."""
+    import json
 
     out = {}
     for pair in pairs:
         name, sep, value = pair.partition("=")
         if not sep:
             raise ValueError(f"--set {pair}: use NAME=VALUE (a `ppvit train` setting)")
-        out[name.replace("-", "_")] = yaml.safe_load(value)
+        try:
+            out[name.replace("-", "_")] = json.loads(value)
+        except ValueError:
+            out[name.replace("-", "_")] = value
     return out
 
 

@@ -223,7 +223,7 @@ class TenantStore:
         src = adapter_dir(adapter)
         read_adapter_meta(src)  # a clear error for what is not an adapter, before anything is copied
         store = self.root.resolve()
-        if src.resolve().is_relative_to(store):
+        if src.resolve().is_relative_to(store) and not src.resolve().is_relative_to(store / "jobs"):  # jobs: runs
             raise ValueError(f"adapter {src}: lies inside the server folder {self.root}; register a run's adapter")
         rel = Path("adapters", name, f"v{version}")
         folder = self.root / rel
