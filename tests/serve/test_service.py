@@ -173,13 +173,11 @@ def test_client_train_round_trip_serves_what_predict_computes(
     """`ppvit client train` (encryption and upload found done: resumed) -> job -> --activate -> served
     predictions equal `ppvit predict` of the job's adapter with the key, file by file."""
     extra = [f"--set={k}={v}" for k, v in SETTINGS.items() if k not in ("method", "model", "epochs")]
-    code = main(
-        ["client", "train", str(world["toy"]), "--key", str(world["keys"]["alice"]), "--name", "toy"]
-        + ["--work", str(encrypted_toy(world)), "--server", world["server"].url]
-        + ["--token-file", str(world["tokens"]["alice"]), "--method", "lora-pe", "--model", SMALL]
-        + ["--img-size", "32", "--block-size", "4", "--shard-size", str(SHARD_SIZE), "--epochs", "2", "--activate"]
-        + extra
-    )
+    flags = ["--key", str(world["keys"]["alice"]), "--name", "toy", "--work", str(encrypted_toy(world))]
+    flags += ["--server", world["server"].url, "--token-file", str(world["tokens"]["alice"])]
+    flags += ["--method", "lora-pe", "--model", SMALL, "--img-size", "32", "--block-size", "4"]
+    flags += ["--shard-size", str(SHARD_SIZE), "--epochs", "2", "--activate", *extra]
+    code = main(["client", "train", str(world["toy"]), *flags])
     out, err = capsys.readouterr()
     assert code == 0, err[-2000:]
     assert err.count("about 20 of them") == 1  # the threat model's warning, once
