@@ -1,0 +1,1 @@
+"""The security audit: attacks on ppvit's own cipher and models, measured, and their one report writer."""

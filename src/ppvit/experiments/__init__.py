@@ -1,0 +1,1 @@
+"""The paper's comparison: presets as data, their reproduction, result tables, previews."""

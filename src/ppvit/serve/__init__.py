@@ -1,0 +1,1 @@
+"""The multi-tenant server (routing, tenant store, app) and the client that encrypts locally."""

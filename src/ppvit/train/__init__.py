@@ -1,0 +1,1 @@
+"""A training run: its schema, runtime, run folder, loop, and inference with its result."""
