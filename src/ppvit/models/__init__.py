@@ -1,1 +1,1 @@
-"""Vision Transformers and what trains in them: weights, backbones, method configs and methods, adapters, key transformation."""
+"""Vision Transformers and what trains in them: backbones, method configs and methods, adapters, key transform."""
