@@ -130,7 +130,7 @@ class OptimConfig:
     """AdamW with linear warm-up and cosine decay, mixed precision, clipping, accumulation."""
 
     epochs: int = field(default=10, metadata=_help("training epochs"))
-    batch_size: int = field(default=128, metadata=_help("global batch size (split evenly across processes)"))
+    batch_size: int = field(default=64, metadata=_help("global batch size (split evenly across processes)"))
     lr: float | None = field(default=None, metadata=_help("peak learning rate (AdamW)"))
     patch_embed_lr_scale: float | None = field(
         default=None, metadata=_help("learning-rate multiplier for the patch embedding")
