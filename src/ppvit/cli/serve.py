@@ -73,7 +73,7 @@ def _service_limits(args: argparse.Namespace):
             raise FileNotFoundError(f"--train-model {spec}: weights file {weights} not found")
         models[name] = str(Path(weights).resolve()) if weights else None
     devices = [d.strip() for d in args.train_devices.split(",") if d.strip()]
-    return ServiceLimits(models, args.max_epochs, args.tenant_jobs, devices, args.quota_mb << 20)
+    return ServiceLimits(models, args.max_epochs, args.tenant_jobs, devices, args.quota_mb << 20, args.ray_address)
 
 
 def _hand_over(token: str, token_file: str | None, name: str, what: str = "added") -> None:
@@ -124,6 +124,10 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
         "--train-devices", default="cpu", help="comma-separated device slots, one running job each (default cpu)"
     )
     t.add_argument("--quota-mb", type=int, default=10240, help="a tenant's uploaded bytes in MiB (default 10240)")
+    t.add_argument(
+        "--ray-address",
+        help="run jobs on a Ray cluster (its dashboard URL, e.g. http://head:8265; shared file system) instead of here",
+    )
     actions = p.add_subparsers(dest="action", metavar="ACTION")
     for name, text in (
         ("add-tenant", "register a tenant with a run's adapter; prints its token once"),

@@ -15,6 +15,7 @@ adapter as a new adapter version of the tenant (activated if asked). A process t
 its job with its last log line. The server's own death kills its processes (Linux
 ``PR_SET_PDEATHSIG``); the next server finds their jobs still "running", queues them again and
 their ``--resume`` continues from the last checkpoint, bit-exact as ``ppvit train --resume`` is.
+:class:`RayRunner` submits the same command to a Ray cluster instead (its job submission API).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import json
 import logging
 import os
 import secrets
+import shlex
 import signal
 import subprocess
 import sys
@@ -50,6 +52,7 @@ SERVER_SETTINGS = frozenset({"data", "out", "key", "weights", "pretrained", "qui
 # Settings that need the key or plain images, which the server never has.
 PLAIN_ONLY = {"key_init": "key_init needs the key", "augment": "plain augmentation needs plain images"}
 LOG_TAIL_BYTES = 8192
+RAY_EXIT = {"PENDING": None, "RUNNING": None, "SUCCEEDED": 0, "FAILED": 1, "STOPPED": 143}  # Ray status: exit code
 
 
 @dataclass
@@ -62,6 +65,10 @@ class ServiceLimits:
     tenant_jobs: int = 2  # queued or running jobs of one tenant
     devices: list[str] = field(default_factory=lambda: ["cpu"])  # "cpu" or a CUDA index; len = jobs running at once
     quota_bytes: int = 10 << 30  # one tenant's uploaded datasets
+    ray_address: str | None = None  # a Ray cluster's dashboard URL: jobs run there (RayRunner), not here
+
+    def runner(self) -> Runner:
+        return LocalRunner() if self.ray_address is None else RayRunner(self.ray_address)
 
 
 class JobError(DatasetError):
@@ -108,11 +115,14 @@ def job_config(settings: Any, dataset: Dataset, limits: ServiceLimits, out: Path
 
 
 class Runner(Protocol):
-    """Where job processes run. ``start`` returns a handle; ``poll`` the exit code (None: running)."""
+    """Where job processes run. ``start`` returns a handle; ``poll`` the exit code (None: running);
+    ``adopt`` takes over a handle of an earlier server (False: its process is gone, start again)."""
 
     def start(self, job_id: str, config: Path, log_file: Path, device: str) -> str: ...
 
     def poll(self, handle: str) -> int | None: ...
+
+    def adopt(self, handle: str) -> bool: ...
 
     def cancel(self, handle: str) -> None: ...
 
@@ -153,6 +163,9 @@ class LocalRunner:
             del self.procs[handle]
         return code
 
+    def adopt(self, handle: str) -> bool:
+        return False  # an earlier server's processes died with it (PR_SET_PDEATHSIG)
+
     def cancel(self, handle: str) -> None:
         proc = self.procs.get(handle)
         if proc is not None and proc.poll() is None:
@@ -169,6 +182,54 @@ class LocalRunner:
             except subprocess.TimeoutExpired:
                 proc.kill()
         self.procs.clear()
+
+
+class RayRunner:
+    """Jobs submitted to a Ray cluster through its job submission REST API (the dashboard's ``/api/jobs/``).
+
+    The entrypoint is the same ``ppvit train --config JOB.yaml --resume``, run by Ray on a node
+    with ppvit installed at the same ``python`` path and the server root on a shared file
+    system (the job's folder holds its config, checkpoints, log and adapter). Ray schedules;
+    ppvit only submits, polls and stops. Jobs keep running while the server is down: a new
+    server adopts them by their submission id.
+    """
+
+    def __init__(self, address: str, python: str = sys.executable, timeout: float = 30.0) -> None:
+        import httpx
+
+        self.http = httpx.Client(base_url=address.rstrip("/"), timeout=timeout)
+        self.python = python
+
+    def start(self, job_id: str, config: Path, log_file: Path, device: str) -> str:
+        cmd = [self.python, "-m", "ppvit.cli", "train", "--config", str(config), "--resume"]
+        entrypoint = f"{shlex.join(cmd)} >> {shlex.quote(str(log_file))} 2>&1"
+        submission = f"ppvit-{job_id}-{secrets.token_hex(4)}"  # a resumed job is a new submission
+        body = {"entrypoint": entrypoint, "submission_id": submission, "metadata": {"ppvit_job": job_id}}
+        if device != "cpu":
+            body["entrypoint_num_gpus"] = 1
+        response = self.http.post("/api/jobs/", json=body)
+        if response.status_code != 200:
+            raise RuntimeError(f"Ray refused job {job_id}: {response.status_code} {response.text[:200]}")
+        return f"ray:{submission}"
+
+    def poll(self, handle: str) -> int | None:
+        try:
+            response = self.http.get(f"/api/jobs/{handle.removeprefix('ray:')}")
+        except Exception as exc:  # the cluster unreachable for a moment: still running, as far as we know
+            log.warning("Ray job %s: %s", handle, exc)
+            return None
+        if response.status_code == 404:
+            return -1
+        return RAY_EXIT.get(response.json().get("status")) if response.status_code == 200 else None
+
+    def adopt(self, handle: str) -> bool:
+        return handle.startswith("ray:") and self.poll(handle) != -1
+
+    def cancel(self, handle: str) -> None:
+        self.http.post(f"/api/jobs/{handle.removeprefix('ray:')}/stop")
+
+    def shutdown(self) -> None:
+        self.http.close()  # the cluster's jobs go on; the next server adopts them
 
 
 def last_line(path: Path) -> str:
@@ -312,7 +373,7 @@ class Supervisor:
 
     def __init__(self, jobs: Jobs, tenants: TenantStore, runner: Runner | None = None, interval: float = 0.5) -> None:
         self.jobs, self.tenants = jobs, tenants
-        self.runner = runner or LocalRunner()
+        self.runner = runner or jobs.limits.runner()
         self.interval = interval
         self.slots: dict[str, str] = {}  # job id -> device
         self.handles: dict[str, str] = {}  # job id -> runner handle
@@ -320,8 +381,18 @@ class Supervisor:
         self._thread = threading.Thread(target=self._run, name="ppvit-jobs", daemon=True)
 
     def start(self) -> None:
-        with service_db(self.jobs.root) as con:  # an earlier server's running jobs: resumed from their checkpoints
-            con.execute("UPDATE jobs SET state = 'queued', handle = NULL WHERE state = 'running'")
+        """Take over an earlier server's running jobs: adopted where the runner still has them, else
+        queued again (``--resume`` continues them from their last checkpoint)."""
+        with service_db(self.jobs.root) as con:
+            running = con.execute("SELECT id, handle FROM jobs WHERE state = 'running' ORDER BY created").fetchall()
+        devices = iter(self.jobs.limits.devices)
+        for job_id, handle in running:
+            device = next(devices, None)
+            if handle and device is not None and self.runner.adopt(handle):
+                self.handles[job_id], self.slots[job_id] = handle, device
+            else:
+                with service_db(self.jobs.root) as con:
+                    con.execute("UPDATE jobs SET state = 'queued', handle = NULL WHERE id = ?", (job_id,))
         self._thread.start()
 
     def stop(self) -> None:
@@ -360,7 +431,15 @@ class Supervisor:
 
     def _launch(self, job_id: str, device: str) -> None:
         folder = self.jobs.folder(job_id)
-        handle = self.runner.start(job_id, folder / "config.yaml", folder / "log.txt", device)
+        try:
+            handle = self.runner.start(job_id, folder / "config.yaml", folder / "log.txt", device)
+        except (OSError, RuntimeError) as exc:  # no process (a full disk, a cluster that refuses): this job fails
+            with service_db(self.jobs.root) as con:
+                con.execute(
+                    "UPDATE jobs SET state = 'failed', error = ?, ended = ? WHERE id = ?",
+                    (f"could not be started: {exc}", time.time(), job_id),
+                )
+            return
         self.handles[job_id], self.slots[job_id] = handle, device
         with service_db(self.jobs.root) as con:
             con.execute(
