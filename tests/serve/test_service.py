@@ -52,8 +52,8 @@ SHARD_SIZE = 40  # train: 3 shards of the 96 images, test: 1
 class ServerProcess:
     """`ppvit serve` with training on, as a process (so that it can be SIGKILLed)."""
 
-    def __init__(self, root: Path, weights: Path, log: Path) -> None:
-        self.root, self.weights, self.log = root, weights, log
+    def __init__(self, root: Path, weights: Path, log: Path, *extra: str) -> None:
+        self.root, self.weights, self.log, self.extra = root, weights, log, list(extra)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
@@ -61,7 +61,7 @@ class ServerProcess:
     def start(self) -> ServerProcess:
         cmd = [sys.executable, "-m", "ppvit.cli", "serve", "--root", str(self.root), "--port", str(self.port)]
         cmd += ["--train-model", f"{SMALL}={self.weights}", "--max-epochs", "5", "--tenant-jobs", "2"]
-        cmd += ["--quota-mb", "1"]
+        cmd += ["--quota-mb", "1", *self.extra]
         with open(self.log, "ab") as fh:
             self.proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 60
