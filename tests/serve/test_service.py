@@ -335,3 +335,22 @@ def test_cancel_and_a_dying_training_process(world: dict, capsys: pytest.Capture
     assert main(["client", "jobs", *flags]) == 0
     listed = capsys.readouterr().out.splitlines()
     assert [line.split("\t")[1] for line in listed][-2:] == ["failed", "cancelled"]
+
+
+def test_a_store_without_the_service_tables_gains_them_and_keeps_working(tmp_path: Path) -> None:
+    """A store written before the service (tenants and adapters only) is opened by both sides unchanged."""
+    from ppvit.serve.datasets import DatasetStore
+
+    TenantStore(tmp_path / "old")
+    before = _tables(tmp_path / "old")
+    assert not {"datasets", "shards", "jobs"} & before
+    assert DatasetStore(tmp_path / "old", 1 << 20).list(1) == []
+    assert _tables(tmp_path / "old") == before | {"datasets", "shards", "jobs"}
+    assert TenantStore(tmp_path / "old", create=False).list() == []
+    with sqlite3.connect(tmp_path / "old" / "tenants.sqlite") as con:
+        assert con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchall() == [("1",)]
+
+
+def _tables(root: Path) -> set[str]:
+    with sqlite3.connect(root / "tenants.sqlite") as con:
+        return {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}

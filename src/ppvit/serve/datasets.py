@@ -86,16 +86,20 @@ class DatasetError(ValueError):
 
 @contextmanager
 def service_db(root: Path) -> Iterator[sqlite3.Connection]:
-    """One transaction on the store's database, the service's tables created if missing."""
+    """One transaction on the store's database, the service's tables created if missing.
+
+    Taken with the write lock from its start (``BEGIN IMMEDIATE``): a count and the insert it
+    allows (a quota, a tenant's jobs) cannot interleave with another request's.
+    """
     try:
         con = sqlite3.connect(root / DB_NAME, timeout=30)
     except sqlite3.Error as exc:
         raise ValueError(f"{root / DB_NAME}: cannot be opened ({exc})") from None
     try:
         con.execute("PRAGMA foreign_keys=ON")
+        con.executescript(SERVICE_SCHEMA)  # idempotent; runs in its own transaction
         with con:
-            con.executescript(SERVICE_SCHEMA)  # idempotent; commits, so it runs before the transaction
-        with con:
+            con.execute("BEGIN IMMEDIATE")
             yield con
     except sqlite3.DatabaseError as exc:
         raise ValueError(f"{root / DB_NAME}: {exc}") from None
