@@ -60,7 +60,7 @@ class ServerProcess:
 
     def start(self) -> ServerProcess:
         cmd = [sys.executable, "-m", "ppvit.cli", "serve", "--root", str(self.root), "--port", str(self.port)]
-        cmd += ["--train-model", f"{SMALL}={self.weights}", "--max-epochs", "5", "--tenant-jobs", "2"]
+        cmd += ["--train-model", f"{SMALL}={self.weights}", "--max-epochs", "5", "--max-steps", "40"]
         cmd += ["--quota-mb", "1", *self.extra]
         with open(self.log, "ab") as fh:
             self.proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT)
@@ -195,6 +195,7 @@ def test_client_train_round_trip_serves_what_predict_computes(
     assert [p.label for p in served] == [cls for _, cls, _ in direct]
     assert [p.probability for p in served] == pytest.approx([prob for _, _, prob in direct], abs=1e-4)
     assert_no_key_material(sent, Key.load(world["keys"]["alice"]))
+    assert_no_key_material(world["tmp"] / "root", Key.load(world["keys"]["alice"]))  # nor on the server's disk
     world["reference"] = run
 
 
@@ -271,6 +272,7 @@ BAD_CONFIGS = [  # settings on top of SETTINGS, the status, and a word of the on
     ({"method": "full"}, 422, "cannot be served"),
     ({"model": "vit_base_patch16_224"}, 422, "not offered"),
     ({"epochs": 6}, 422, "1 to 5"),
+    ({"epochs": 5}, 422, "about 45 optimiser steps"),  # 96 x 0.75 / 8 = 9 a epoch; the server allows 40
     ({"data": "/etc"}, 422, "server's"),
     ({"key": "/tmp/k.key"}, 422, "server's"),
     ({"block_size": 8}, 422, "dataset's 4"),

@@ -73,7 +73,9 @@ def _service_limits(args: argparse.Namespace):
             raise FileNotFoundError(f"--train-model {spec}: weights file {weights} not found")
         models[name] = str(Path(weights).resolve()) if weights else None
     devices = [d.strip() for d in args.train_devices.split(",") if d.strip()]
-    return ServiceLimits(models, args.max_epochs, args.tenant_jobs, devices, args.quota_mb << 20, args.ray_address)
+    return ServiceLimits(
+        models, args.max_epochs, args.max_steps, args.tenant_jobs, devices, args.quota_mb << 20, args.ray_address
+    )
 
 
 def _hand_over(token: str, token_file: str | None, name: str, what: str = "added") -> None:
@@ -119,6 +121,7 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
         help="a base model tenants may fine-tune, with its weights file (repeat for several)",
     )
     t.add_argument("--max-epochs", type=int, default=50, help="most epochs of a job (default 50)")
+    t.add_argument("--max-steps", type=int, help="most optimiser steps of a job (default: no limit)")
     t.add_argument("--tenant-jobs", type=int, default=2, help="a tenant's queued or running jobs (default 2)")
     t.add_argument(
         "--train-devices", default="cpu", help="comma-separated device slots, one running job each (default cpu)"

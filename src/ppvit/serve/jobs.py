@@ -24,6 +24,7 @@ import contextlib
 import ctypes
 import json
 import logging
+import math
 import os
 import secrets
 import shlex
@@ -62,6 +63,7 @@ class ServiceLimits:
 
     models: dict[str, str | None]
     max_epochs: int = 50
+    max_steps: int | None = None  # optimiser steps of a job (epochs x batches of the training images)
     tenant_jobs: int = 2  # queued or running jobs of one tenant
     devices: list[str] = field(default_factory=lambda: ["cpu"])  # "cpu" or a CUDA index; len = jobs running at once
     quota_bytes: int = 10 << 30  # one tenant's uploaded datasets
@@ -111,7 +113,18 @@ def job_config(settings: Any, dataset: Dataset, limits: ServiceLimits, out: Path
         raise JobError(422, f"config: {exc}") from None
     if not 1 <= cfg.optim.epochs <= limits.max_epochs:
         raise JobError(422, f"config: epochs {cfg.optim.epochs}; this server allows 1 to {limits.max_epochs}")
+    steps = cfg.optim.epochs * math.ceil(train_images(cfg, dataset) / (cfg.optim.batch_size * cfg.optim.grad_accum))
+    if limits.max_steps is not None and steps > limits.max_steps:
+        raise JobError(422, f"config: about {steps} optimiser steps; this server allows {limits.max_steps}")
     return cfg.resolved()
+
+
+def train_images(cfg: TrainConfig, dataset: Dataset) -> int:
+    """The training images a run of ``cfg`` steps over (the validation share held out)."""
+    n = dataset.manifest.counts.get("train", 0)
+    if cfg.data.train_subset:
+        n = min(n, cfg.data.train_subset)
+    return max(1, round(n * (1 - cfg.data.val_fraction)))
 
 
 class Runner(Protocol):
