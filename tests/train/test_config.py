@@ -179,3 +179,4 @@ def test_the_command_does_not_log_each_http_request(tmp_path: Path) -> None:
 
     assert cli.main(["keygen", str(tmp_path / "k.key")]) == 0
     assert not logging.getLogger("httpx").isEnabledFor(logging.INFO)  # `ppvit client` printed "HTTP Request: ..."
+    assert not logging.getLogger("timm").isEnabledFor(logging.INFO)  # "Loading pretrained weights ..." per model

@@ -73,7 +73,8 @@ RERUN = ("encrypt", "decrypt")  # verbs that continue where an interrupted run s
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per request of `ppvit client`
+    for chatty in ("httpx", "timm"):  # not a line per request of `ppvit client`, nor per model timm builds
+        logging.getLogger(chatty).setLevel(logging.WARNING)
     try:
         code = args.func(args)
     except (UserError, KeyFileError, ValueError, FileNotFoundError) as exc:
