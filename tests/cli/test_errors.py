@@ -178,3 +178,16 @@ def test_loading_a_base_for_a_new_head_logs_no_missing_head_keys(run: Path, capl
     create_backbone(SMALL, num_classes=4, weights=base)
     load_adapter(run / "adapter", base)
     assert "Missing keys" not in caplog.text and "from checkpoint" in caplog.text  # timm's other messages stay
+
+
+def test_client_with_no_server_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """It was a traceback (the client's ServerError escaped the command)."""
+    pytest.importorskip("httpx")
+    token = tmp_path / "t.token"
+    token.write_text("x")
+    token.chmod(0o600)
+    code = cli.main(
+        ["client", "predict", "a.png", "--server", "http://127.0.0.1:9", "--token-file", str(token), "--plain"]
+    )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "127.0.0.1:9" in err[0]

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from ppvit._io import atomic_write_bytes
@@ -172,12 +174,30 @@ def _token(path: str) -> str:
         raise ValueError(f"token file {path}: cannot be read ({exc.strerror})") from None
 
 
+@contextmanager
+def _server_errors(url: str) -> Iterator[None]:
+    """A refusal from the server, or no server at all, as one user-error line (exit 2), not a traceback."""
+    import httpx
+
+    from ppvit.serve.client import ServerError
+
+    try:
+        yield
+    except ServerError as exc:
+        raise ValueError(str(exc)) from None
+    except httpx.HTTPError as exc:
+        raise ValueError(f"server {url}: {exc or type(exc).__name__}") from None
+
+
 def _client(args: argparse.Namespace) -> None:
     from ppvit.serve.client import Client
 
     token = _token(args.token_file)
     key = Key.load(args.key) if args.key else None
-    with Client(args.server, token, scheme=args.scheme, block_size=args.block_size, input_size=args.size) as client:
+    with (
+        _server_errors(args.server),
+        Client(args.server, token, scheme=args.scheme, block_size=args.block_size, input_size=args.size) as client,
+    ):
         for f, p in zip(args.images, client.predict(args.images, key, plain=args.plain), strict=True):
             print(f"{f}\t{p.label}\t{p.probability:.3f}")
 
@@ -239,13 +259,10 @@ def _follow(client, job: dict) -> dict:
 
 
 def _service(args: argparse.Namespace) -> None:
-    from ppvit.serve.client import Client, ServerError
+    from ppvit.serve.client import Client
 
-    try:
-        with Client(args.server, _token(args.token_file)) as client:
-            _service_call(client, args)
-    except ServerError as exc:  # the server's one line, as a user error (exit 2)
-        raise ValueError(str(exc)) from None
+    with _server_errors(args.server), Client(args.server, _token(args.token_file)) as client:
+        _service_call(client, args)
 
 
 def _service_call(client, args: argparse.Namespace) -> None:
