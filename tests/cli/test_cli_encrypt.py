@@ -16,6 +16,7 @@ from ppvit import cli
 from ppvit.crypto.ciphers import BlockCipher
 from ppvit.crypto.keys import Key
 from ppvit.data.datasets import ArrayDataset, load_source_split, load_splits
+from ppvit.data.images import resize_array
 from ppvit.data.manifest import read_manifest
 
 
@@ -106,7 +107,7 @@ def test_tar_source_with_resize_and_workers(tmp_path: Path, key_file: Path) -> N
     assert code == 0
     cipher = BlockCipher(Key.load(key_file), "shuffle", 16)
     for rel, arr in images.items():
-        resized = np.asarray(Image.fromarray(arr).resize((32, 32), Image.Resampling.BICUBIC))
+        resized = resize_array(arr, 32)  # the one resize (data.images) every path uses
         np.testing.assert_array_equal(read_png(tmp_path / "enc" / rel), cipher.encrypt(resized))
     assert_no_key_material(tmp_path / "enc", cipher.key)
 
@@ -201,12 +202,33 @@ def test_lossy_output_is_refused(tmp_path: Path, key_file: Path, capsys, bad: li
     assert_no_key_material(err, Key.load(key_file))
 
 
-def test_block_size_must_divide_the_image(tmp_path: Path, key_file: Path, capsys) -> None:
-    make_tree(tmp_path / "src", n=1, size=20)
-    assert cli.main(["-q", "encrypt", str(tmp_path / "src"), str(tmp_path / "enc"), "--key", str(key_file)]) == 1
+def _mixed(root: Path) -> None:
+    make_tree(root, n=2, size=16)
+    Image.fromarray(np.zeros((24, 16, 3), np.uint8)).save(root / "train" / "dog" / "1.png")
+
+
+def _empty(root: Path) -> None:
+    (root / "train" / "cat").mkdir(parents=True)
+
+
+@pytest.mark.parametrize(
+    ("make", "extra", "says"),
+    [
+        (lambda r: make_tree(r, n=1, size=20), [], "images are 20x20, not a multiple of the block size 16"),
+        (lambda r: make_tree(r, n=1, size=16), ["--size", "100"], "--size 100 is not a multiple of the block size 16"),
+        (_mixed, ["--block-size", "4"], "train/dog/1.png is 16x24); pass --size"),
+        (_empty, [], "no images found"),
+    ],
+    ids=["block-vs-image", "block-vs-size", "mixed-sizes", "empty"],
+)
+def test_parameter_mistakes_are_one_line_before_any_work(
+    tmp_path: Path, key_file: Path, capsys, make, extra: list[str], says: str
+) -> None:
+    make(tmp_path / "src")
+    code = cli.main(["-q", "encrypt", str(tmp_path / "src"), str(tmp_path / "enc"), "--key", str(key_file), *extra])
     err = capsys.readouterr().err
-    assert "not a multiple of the block size 16" in err
-    assert_no_key_material([tmp_path / "enc", err], Key.load(key_file))
+    assert code == 2 and says in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "enc").exists()  # nothing written, not even the manifest
 
 
 def test_key_never_appears_in_outputs_or_messages(tmp_path: Path, key_file: Path, capsys) -> None:

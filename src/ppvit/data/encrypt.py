@@ -13,6 +13,7 @@ another key or scheme cannot write into the same folder.
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import time
@@ -20,6 +21,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+from PIL import Image
 from tqdm.auto import tqdm
 
 from ppvit import __version__
@@ -38,6 +41,7 @@ from ppvit.data.manifest import (
 )
 from ppvit.data.sinks import Sink, open_sink
 from ppvit.data.sources import Columns, Item, Select, Source, open_source
+from ppvit.data.sources.base import Data
 from ppvit.data.sources.encrypted_png import EncryptedPng
 from ppvit.data.workers import Result, transform_all
 
@@ -85,6 +89,7 @@ def transform_collection(
     source = open_source(src, columns)
     dst = Path(dst)
     check_output(dst, manifest.format)
+    total = survey(source, select, manifest.block_size, manifest.size, check_sizes=not decrypting)
     labels: list[str] = []
     if manifest.format == "wds":  # the label space first: each sample's .cls is an index into it
         manifest.shard_size = manifest.shard_size or WDS_SHARD_SIZE
@@ -112,11 +117,13 @@ def transform_collection(
         for rel, data in items:
             if sink.claim(rel):
                 summary.skipped += 1
+                bar.update()
             else:
                 yield rel, data
 
     init = (cipher.key.secret, str(cipher.scheme), cipher.block_size, manifest.size, decrypting)
-    with tqdm(desc="decrypting" if decrypting else "encrypting", unit="img", disable=not progress) as bar:
+    bar = tqdm(desc="decrypting" if decrypting else "encrypting", total=total, unit="img", disable=not progress)
+    with bar:
 
         def consume(results: Iterator[Result]) -> None:
             _consume(results, sink, summary, bar)
@@ -128,6 +135,57 @@ def transform_collection(
     write_manifest(dst, manifest)
     summary.seconds = time.perf_counter() - t0
     return summary
+
+
+def survey(source: Source, select: Select, block_size: int, size: int | None, check_sizes: bool = True) -> int:
+    """The number of images, after checking up front what would fail every image (one line, nothing written).
+
+    With ``size`` it must be a multiple of the block size. Without it the images must share one
+    size that is: a first pass reads each image's header (PIL reads the size without decoding)
+    and stops at the first image of another size, so a mixed source never leaves a half dataset.
+    An empty source is refused.
+    """
+    if size is not None and check_sizes and (size < block_size or size % block_size):
+        raise ValueError(f"--size {size} is not a multiple of the block size {block_size}")
+    if size is not None or not check_sizes:
+        n = sum(1 for _ in source.paths(select))
+    else:
+        n, first = 0, None
+        for rel, data in source.items(select):
+            n += 1
+            dims = _dims(data)
+            if dims is None:  # unreadable: one failed image later, as before
+                continue
+            if first is None:
+                first = rel, dims
+            elif dims != first[1]:
+                (w, h), (w2, h2) = first[1], dims
+                raise ValueError(
+                    f"source {source.path}: images of several sizes ({first[0]} is {w}x{h}, {rel} is {w2}x{h2}); "
+                    "pass --size to resize them all to the model's input size"
+                )
+        if first is not None and (first[1][0] % block_size or first[1][1] % block_size):
+            w, h = first[1]
+            raise ValueError(
+                f"source {source.path}: images are {w}x{h}, not a multiple of the block size {block_size}; "
+                "pass --size (e.g. the model's input size)"
+            )
+    if n == 0:
+        raise ValueError(f"source {source.path}: no images found")
+    return n
+
+
+def _dims(data: Data) -> tuple[int, int] | None:
+    """An image's (width, height) from its header alone; None when it cannot be read (reported when transformed)."""
+    if isinstance(data, np.ndarray):
+        return data.shape[1], data.shape[0]
+    if isinstance(data, OSError):
+        return None
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            return im.size
+    except Exception:  # PIL raises many types for bad files
+        return None
 
 
 def _consume(results: Iterator[Result], sink: Sink, summary: Summary, bar: tqdm) -> None:
