@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import logging
+from pathlib import Path
+
 import numpy as np
 import pytest
+from conftest import KEY
 from data_arrays import dataset
+from PIL import Image
 
-from ppvit.data.datasets import split_train_val, take_part
+from ppvit.crypto.ciphers import BlockCipher
+from ppvit.data.datasets import load_source_split, load_splits, split_train_val, take_part
+from ppvit.data.encrypt import encrypt_collection
+from ppvit.data.images import resize_array
 
 
 def test_val_split_is_stratified_disjoint_and_seeded() -> None:
@@ -28,3 +36,40 @@ def test_parts_are_disjoint_and_cover_the_set() -> None:
     assert np.bincount(a.labels).tolist() == [50] * 3
     with pytest.raises(ValueError, match="i/k"):
         take_part(ds, "2/2")
+
+
+def _photos(root: Path, sizes: list[tuple[int, int]]) -> dict[str, np.ndarray]:
+    """train/ and test/ of one image per size (w x h), classes a and b alternating; relpath -> pixels."""
+    rng = np.random.default_rng(1)
+    out = {}
+    for split in ("train", "test"):
+        for i, (w, h) in enumerate(sizes):
+            rel = f"{split}/{'ab'[i % 2]}/{i}.png"
+            (root / rel).parent.mkdir(parents=True, exist_ok=True)
+            out[rel] = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+            Image.fromarray(out[rel]).save(root / rel)
+    return out
+
+
+def test_plain_images_of_several_sizes_are_resized_at_load_by_the_one_resize(tmp_path: Path, caplog) -> None:
+    photos = _photos(tmp_path / "src", [(40, 30), (16, 16), (20, 50), (33, 33)])
+    with caplog.at_level(logging.INFO, logger="ppvit.data.datasets"):
+        splits = load_splits(tmp_path / "src", 0.5, 0, size=16)
+    test = splits.test
+    assert test.images.shape == (4, 16, 16, 3)
+    for k, rel in enumerate(sorted(r for r in photos if r.startswith("test/"))):  # the source's order
+        np.testing.assert_array_equal(test.images[k], resize_array(photos[rel], 16))
+    assert sum("resized to 16x16 at load" in r.getMessage() for r in caplog.records) == 2  # one line per split
+    again = load_source_split(tmp_path / "src", "test", size=16)  # from the cache now
+    np.testing.assert_array_equal(again.images, test.images)
+    with pytest.raises(ValueError, match=r"several sizes \(test/a/0.png is 40x30, test/a/2.png is 20x50\)"):
+        load_source_split(tmp_path / "src", "test")  # no size to resize to
+
+
+def test_ciphertext_of_several_sizes_is_refused_not_resized(tmp_path: Path) -> None:
+    _photos(tmp_path / "src", [(16, 16), (16, 16)])
+    cipher = BlockCipher(KEY, "shuffle", 4)
+    encrypt_collection(tmp_path / "src", tmp_path / "enc", cipher, progress=False)
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "enc" / "test" / "b" / "1.png")
+    with pytest.raises(ValueError, match="ciphertext is never resized"):
+        load_source_split(tmp_path / "enc", "test", size=16)

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ppvit.data.cache import decoded_cache
+from ppvit.data.images import resize_array
 from ppvit.data.manifest import Manifest
 from ppvit.data.sources import Columns, Source, decode, open_source
 from ppvit.data.sources.cifar10 import CIFAR10_ENV
@@ -65,14 +66,19 @@ def resolve_data(data: str | os.PathLike | None = None) -> Path | None:
 
 
 def load_source_split(
-    src: str | os.PathLike | Source | None, split: str | None = None, columns: Columns | None = None
+    src: str | os.PathLike | Source | None,
+    split: str | None = None,
+    columns: Columns | None = None,
+    size: int | None = None,
 ) -> ArrayDataset:
     """One split of any source (:func:`ppvit.data.sources.open_source`) decoded into memory, cached by identity.
 
     ``split`` selects a top-level folder (``train``/``test`` in the CIFAR-10 copy), a dataset's
     split, or the shards named for it (None: the whole source). Labels index the manifest's class
-    list for ``ppvit encrypt`` output, else the sorted class folders found. All images must share
-    one size; resizing to the model input happens in the pipeline.
+    list for ``ppvit encrypt`` output, else the sorted class folders found. Images of one size are
+    kept as they are (the pipeline resizes batches to the model input); plain images of several sizes
+    (photos) are resized here to ``size``, the run's input size, by the one resize
+    (:func:`ppvit.data.images.resize_array`). Ciphertext is never resized: one size or a refusal.
     """
     source = open_source(src, columns)
     where = source.path
@@ -82,47 +88,74 @@ def load_source_split(
             f"encrypted dataset {where}: has no {split!r} split (it has {sorted(source.manifest.classes)})"
         )
     cached = _cache_file(source, split)
-    if cached is not None and cached.exists():
-        got = read_npz(cached)
-        return ArrayDataset(got.images, got.labels, tuple(got.classes))
-    images, names, rels = [], [], []
+    resized_cache = _cache_file(source, split, size)
+    for hit in (cached, resized_cache):
+        if hit is not None and hit.exists():
+            got = read_npz(hit)
+            return ArrayDataset(got.images, got.labels, tuple(got.classes))
+    images: list[np.ndarray] = []
+    names, rels = [], []
+    resizing = False
     select = None if split is None else lambda rel: rel.startswith(f"{split}/")
     for rel, data in source.items(select):
         parts = Path(rel).parts[0 if split is None else 1 :]
         if len(parts) < 2:
             raise ValueError(f"{where}: {rel} is not inside a class folder (ImageFolder layout)")
         if isinstance(data, np.ndarray):
-            images.append(data)
+            image = data
         else:
             item = decode(rel, data)
             if item.error is not None:
                 raise ValueError(f"{where}: {rel}: {item.error}")
-            images.append(np.asarray(item.image))
+            image = np.asarray(item.image)
+        if not resizing and images and image.shape != images[0].shape:
+            _check_resizable(source, split, size, (images[0].shape, rels[0]), (image.shape, rel))
+            resizing = True  # from here on every image is stored at size x size: memory stays one split's
+            images = [resize_array(im, size) for im in images]  # type: ignore[arg-type]
+        images.append(resize_array(image, size) if resizing else image)  # type: ignore[arg-type]
         names.append(parts[0])
         rels.append(rel)
     if not images:
         raise ValueError(f"{where}: no images found" + (f" under {split}/" if split else ""))
+    if resizing:
+        log.info(
+            "%s%s: images of several sizes, resized to %dx%d at load", where, f" {split}/" if split else "", size, size
+        )
+        cached = resized_cache
     classes = tuple(known or sorted(set(names)))
     lookup = {c: i for i, c in enumerate(classes)}
     unknown = sorted(set(names) - set(lookup))
     if unknown:
         raise ValueError(f"{where}: class {unknown[0]!r} of split {split!r} is not in its manifest")
-    shapes = {im.shape for im in images}
-    if len(shapes) != 1:
-        raise ValueError(f"{where}: images of several sizes {sorted(shapes)[:3]}; encrypt with --size first")
     ds = ArrayDataset(np.stack(images), np.array([lookup[n] for n in names], dtype=np.int64), classes)
     if cached is not None:
         write_npz(cached, ds.images, ds.labels, ds.classes, rels, mode=0o600)
     return ds
 
 
-def _cache_file(source: Source, split: str | None) -> Path | None:
-    """Where a split's decoded pixels are cached (None: the cache is off, or the source holds arrays already)."""
+def _check_resizable(
+    source: Source, split: str | None, size: int | None, first: tuple[tuple, str], other: tuple[tuple, str]
+) -> None:
+    """Images of several sizes: fine for plain images with a size to resize to, else one line saying why not."""
+    (s1, r1), (s2, r2) = first, other
+    seen = f"{r1} is {s1[1]}x{s1[0]}, {r2} is {s2[1]}x{s2[0]}"
+    if source.encrypted:
+        raise ValueError(
+            f"encrypted dataset {source.path}: images of several sizes ({seen}); ciphertext is never resized"
+        )
+    if size is None:
+        raise ValueError(f"{source.path}: images of several sizes ({seen}); give the input size to resize them to")
+
+
+def _cache_file(source: Source, split: str | None, size: int | None = None) -> Path | None:
+    """Where a split's decoded pixels are cached (None: the cache is off, or the source holds arrays already);
+    ``size``: of images of several sizes resized to it at load (None: the cache of images kept as they are)."""
     folder = decoded_cache() if source.cache_decoded else None
     if folder is None:
         return None
     name = Path(str(source.path).split("{")[0]).name or "source"
-    return folder / f"{name}-{split or 'all'}-{source.identity()}.npz"
+    resized = f"-{size}px" if size else ""
+    return folder / f"{name}-{split or 'all'}{resized}-{source.identity()}.npz"
 
 
 def test_images(data: str | os.PathLike | None, n: int) -> np.ndarray:
@@ -205,13 +238,15 @@ def load_splits(
     test_subset: int | None = None,
     columns: Columns | None = None,
     loader_workers: int = 0,
+    size: int | None = None,
 ) -> DataSplits:
     """The run's data: ``data`` (else $PPVIT_CIFAR10, else CIFAR-10 downloaded) with ``train`` and ``test`` splits.
 
     A folder written by ``ppvit encrypt`` (it holds a manifest) gives encrypted splits;
     the caller checks the manifest against its scheme, block size, input size and key.
     WebDataset output of ``ppvit encrypt --format wds`` is streamed (:class:`ShardStream`,
-    read by ``loader_workers`` processes), never loaded whole.
+    read by ``loader_workers`` processes), never loaded whole. ``size``: the run's input size, that plain
+    images of several sizes are resized to at load (:func:`load_source_split`).
     """
     source = open_source(resolve_data(data), columns)
     if isinstance(source, EncryptedWds):
@@ -225,7 +260,7 @@ def load_splits(
         train = ShardStream(shards, classes, lambda k: not is_val(k, val_fraction), loader_workers, str(source.path))
         val = ShardStream(shards, classes, lambda k: is_val(k, val_fraction), loader_workers, str(source.path))
         return DataSplits(train, val, _stream_split(source, "test", loader_workers), source.manifest)
-    full, test = load_source_split(source, "train"), load_source_split(source, "test")
+    full, test = load_source_split(source, "train", size=size), load_source_split(source, "test", size=size)
     if part:
         full = take_part(full, part)
     if train_subset:
@@ -237,15 +272,16 @@ def load_splits(
 
 
 def load_test_split(
-    data: str | os.PathLike | None, subset: int | None = None, columns: Columns | None = None
+    data: str | os.PathLike | None, subset: int | None = None, columns: Columns | None = None, size: int | None = None
 ) -> tuple[ArrayDataset | ShardStream, Manifest | None]:
-    """The test split alone (evaluating an adapter decodes nothing else), with the manifest if encrypted."""
+    """The test split alone (evaluating an adapter decodes nothing else), with the manifest if encrypted;
+    ``size`` as for :func:`load_splits`."""
     source = open_source(resolve_data(data), columns)
     if isinstance(source, EncryptedWds):
         if subset:
             raise ValueError(f"{source.path}: streamed WebDataset data take no test subset")
         return _stream_split(source, "test", 0), source.manifest
-    test = load_source_split(source, "test")
+    test = load_source_split(source, "test", size=size)
     return (stratified_subset(test, subset, 0) if subset else test), source.manifest
 
 

@@ -134,7 +134,7 @@ def reproduce(
     cell shares its data, weights and key) nothing else runs and no table is written.
     """
     out = Path(out)
-    source = check_data(data)
+    source = check_data(data, preset.base.backbone.img_size)
     common: dict = {"data": str(source) if source else CIFAR10_NAME, **(overrides or {})}
     upstream_acc = None
     if preset.upstream is not None and weights is None:
@@ -245,11 +245,12 @@ def training_speed(cfg: TrainConfig, steps: int = 3) -> float:
     return batch / (sum(times[1:]) / steps)
 
 
-def check_data(data: str | os.PathLike | None) -> Path | None:
+def check_data(data: str | os.PathLike | None, size: int | None = None) -> Path | None:
     """The dataset a comparison trains on, refused in one line before any cell when it cannot be used.
 
     Plain images only (each cell encrypts them with its scheme); ``cifar10`` downloads once, here.
-    Reading the test split once also warms the cache every cell then reads.
+    Reading the test split once also warms the cache every cell then reads (photos of several sizes
+    resized to ``size``, the preset's input size).
     """
     chosen = data or os.environ.get(CIFAR10_ENV)
     if not chosen:
@@ -257,7 +258,7 @@ def check_data(data: str | os.PathLike | None) -> Path | None:
             "no data: pass --data (the CIFAR-10 copy, or your own images: a folder or tar with train/ and test/, "
             f"a Hugging Face dataset, WebDataset shards), set {CIFAR10_ENV}, or --data {CIFAR10_NAME} to download"
         )
-    _, manifest = load_test_split(chosen)
+    _, manifest = load_test_split(chosen, size=size)
     if manifest is not None:
         raise ValueError(
             f"dataset {chosen}: encrypted (`ppvit encrypt` output); reproduce needs the plain images, which each "

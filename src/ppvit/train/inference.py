@@ -75,7 +75,7 @@ def evaluate_adapter(
 ) -> dict[str, float]:
     """Test-set loss and accuracy of a saved adapter on plain (encrypted here) or encrypted data."""
     model, meta = load_adapter(adapter_dir, weights)
-    test, manifest = load_test_split(data, subset)
+    test, manifest = load_test_split(data, subset, size=input_size(model))
     if manifest is not None:
         manifest.check(meta.scheme, meta.block_size, input_size(model), meta.key_fingerprint, where=str(data))
     pipeline = adapter_pipeline(meta, model, key, manifest is not None)
