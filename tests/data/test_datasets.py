@@ -12,7 +12,15 @@ from data_arrays import dataset
 from PIL import Image
 
 from ppvit.crypto.ciphers import BlockCipher
-from ppvit.data.datasets import load_source_split, load_splits, split_train_val, take_part
+from ppvit.data.datasets import (
+    ArrayDataset,
+    load_source_split,
+    load_splits,
+    split_train_val,
+    stratified_subset,
+    take_part,
+)
+from ppvit.data.datasets import test_images as audit_images
 from ppvit.data.encrypt import encrypt_collection
 from ppvit.data.images import resize_array
 
@@ -73,3 +81,41 @@ def test_ciphertext_of_several_sizes_is_refused_not_resized(tmp_path: Path) -> N
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "enc" / "test" / "b" / "1.png")
     with pytest.raises(ValueError, match="ciphertext is never resized"):
         load_source_split(tmp_path / "enc", "test", size=16)
+
+
+@pytest.mark.parametrize(
+    ("sizes", "n"),
+    [([1] * 10, 5), ([1000] * 10, 13), ([3, 3, 3], 4), ([5, 1, 1], 2), ([7, 2, 9, 4], 21)],
+    ids=["one-per-class", "cifar-13", "thirds", "skewed", "n-minus-1"],
+)
+def test_stratified_subset_gives_exactly_n_within_one_of_each_share(sizes: list[int], n: int) -> None:
+    labels = np.repeat(np.arange(len(sizes)), sizes)
+    ds = ArrayDataset(np.zeros((len(labels), 1, 1, 3), np.uint8), labels, tuple(map(str, range(len(sizes)))))
+    got = np.bincount(stratified_subset(ds, n, seed=0).labels, minlength=len(sizes))
+    assert got.sum() == n
+    share = n / sum(sizes) * np.array(sizes)
+    assert np.all(np.abs(got - share) < 1) and np.all(got <= sizes)
+
+
+def test_stratified_subset_keeps_its_old_choice_where_rounding_gave_n() -> None:
+    ds = dataset(n=200, classes=4)
+    rng = np.random.default_rng(3)  # the choice before the remainder was filled: round(share) per class
+    old = np.sort(np.concatenate([rng.permutation(np.flatnonzero(ds.labels == c))[:15] for c in range(4)]))
+    np.testing.assert_array_equal(stratified_subset(ds, 60, seed=3).images, ds.images[old])
+
+
+def test_audit_images_come_from_test_else_the_whole_source_exactly_n_resized(tmp_path: Path) -> None:
+    _photos(tmp_path / "split", [(16, 16), (16, 16)])
+    for rel in ("train/a/0.png", "train/b/1.png"):
+        Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(tmp_path / "split" / rel)  # black: never chosen
+    got = audit_images(tmp_path / "split", 2, 8)
+    assert got.shape == (2, 16, 16, 3) and all(im.any() for im in got)  # one size: kept as it is
+    flat = tmp_path / "photos"  # one photo per class, mixed sizes, no splits
+    for i, (w, h) in enumerate([(40, 30), (16, 16), (20, 50), (33, 33), (9, 12)]):
+        (flat / f"c{i}").mkdir(parents=True)
+        Image.fromarray(np.full((h, w, 3), 10 * i + 5, np.uint8)).save(flat / f"c{i}" / "x.jpg", quality=100)
+    got = audit_images(flat, 3, 8)
+    assert got.shape == (3, 8, 8, 3)
+    assert len({int(np.median(im)) for im in got}) == 3  # three different photos
+    with pytest.raises(ValueError, match="5 images, 6 needed"):
+        audit_images(flat, 6, 8)

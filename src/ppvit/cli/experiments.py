@@ -135,7 +135,7 @@ def _audit_ciphertext_only(args: argparse.Namespace) -> int:
         images=args.images,
         key_source="given" if args.key else "fresh (made for this audit, not saved)",
     )
-    images = test_images(args.data, max(ns) * len(keys) + cfg.images)  # own attack images per key
+    images = test_images(args.data, max(ns) * len(keys) + cfg.images, args.size)  # own attack images per key
     report = ciphertext_only_audit(images, schemes, ns, keys, cfg, args.out, progress=not args.quiet)
     print(format_report(report))
     print(f"written: {args.out}/audit.json, ciphertext-only.png")
@@ -163,7 +163,7 @@ def _audit(args: argparse.Namespace) -> int:
     )
     for scheme in cfg.schemes:
         Scheme.parse(scheme)  # a bad scheme fails before the slow part
-    images = test_images(args.data, max(cfg.pairs) + cfg.images)
+    images = test_images(args.data, max(cfg.pairs) + cfg.images, args.size)
     weights = {}
     for scheme in cfg.schemes:
         if Scheme.parse(scheme).absorbable:
@@ -189,7 +189,11 @@ def add_audit(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("audit", help="attack the encryption and models: what leaks, measured (JSON + PNG)")
     p.add_argument("--key", help="key file to audit (default: a fresh key, never saved)")
     p.add_argument("--scheme", action="append", help="scheme to audit (repeat; default: four from weak to strong)")
-    p.add_argument("--data", help="CIFAR-10: local copy (default $PPVIT_CIFAR10); test images are used")
+    p.add_argument(
+        "--data",
+        help="images to audit with (default $PPVIT_CIFAR10): any source `ppvit encrypt` reads; its test/ split "
+        "if it has one, else all of it, any sizes (resized to --size)",
+    )
     p.add_argument("--size", type=int, default=224, help="image side after resizing (default 224)")
     p.add_argument("--block-size", type=int, default=16, help="block size (default 16)")
     p.add_argument("--resize", choices=["bicubic", "nearest"], default="bicubic", help="nearest: flat regions")

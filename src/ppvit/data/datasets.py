@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -20,7 +21,7 @@ import numpy as np
 from ppvit.data.cache import decoded_cache
 from ppvit.data.images import resize_array
 from ppvit.data.manifest import Manifest
-from ppvit.data.sources import Columns, Source, decode, open_source
+from ppvit.data.sources import Columns, Select, Source, class_of, decode, open_source
 from ppvit.data.sources.cifar10 import CIFAR10_ENV
 from ppvit.data.sources.cifar10 import NAME as CIFAR10_NAME
 from ppvit.data.sources.encrypted_npz import read_npz, write_npz
@@ -93,14 +94,39 @@ def load_source_split(
         if hit is not None and hit.exists():
             got = read_npz(hit)
             return ArrayDataset(got.images, got.labels, tuple(got.classes))
-    images: list[np.ndarray] = []
-    names, rels = [], []
-    resizing = False
     select = None if split is None else lambda rel: rel.startswith(f"{split}/")
-    for rel, data in source.items(select):
+
+    def folder_class(rel: str) -> str:
         parts = Path(rel).parts[0 if split is None else 1 :]
         if len(parts) < 2:
             raise ValueError(f"{where}: {rel} is not inside a class folder (ImageFolder layout)")
+        return parts[0]
+
+    images, names, rels, resized = _decode_images(source, select, size, folder_class, split)
+    if resized:
+        cached = resized_cache
+    classes = tuple(known or sorted(set(names)))
+    lookup = {c: i for i, c in enumerate(classes)}
+    unknown = sorted(set(names) - set(lookup))
+    if unknown:
+        raise ValueError(f"{where}: class {unknown[0]!r} of split {split!r} is not in its manifest")
+    ds = ArrayDataset(images, np.array([lookup[n] for n in names], dtype=np.int64), classes)
+    if cached is not None:
+        write_npz(cached, ds.images, ds.labels, ds.classes, rels, mode=0o600)
+    return ds
+
+
+def _decode_images(
+    source: Source, select: Select, size: int | None, label: Callable[[str], str], split: str | None
+) -> tuple[np.ndarray, list[str], list[str], bool]:
+    """Every image ``select`` accepts as one uint8 NHWC array, with its ``label`` and path, and whether the
+    images were resized: plain images of several sizes are brought to ``size`` (one log line saying so)."""
+    where = source.path
+    images: list[np.ndarray] = []
+    names, rels = [], []
+    resizing = False
+    for rel, data in source.items(select):
+        names.append(label(rel))
         if isinstance(data, np.ndarray):
             image = data
         else:
@@ -109,33 +135,21 @@ def load_source_split(
                 raise ValueError(f"{where}: {rel}: {item.error}")
             image = np.asarray(item.image)
         if not resizing and images and image.shape != images[0].shape:
-            _check_resizable(source, split, size, (images[0].shape, rels[0]), (image.shape, rel))
+            _check_resizable(source, size, (images[0].shape, rels[0]), (image.shape, rel))
             resizing = True  # from here on every image is stored at size x size: memory stays one split's
             images = [resize_array(im, size) for im in images]  # type: ignore[arg-type]
         images.append(resize_array(image, size) if resizing else image)  # type: ignore[arg-type]
-        names.append(parts[0])
         rels.append(rel)
     if not images:
         raise ValueError(f"{where}: no images found" + (f" under {split}/" if split else ""))
     if resizing:
         log.info(
-            "%s%s: images of several sizes, resized to %dx%d at load", where, f" {split}/" if split else "", size, size
+            "%s%s: images of several sizes, resized to %dx%d at load", where, f" {split}/" * bool(split), size, size
         )
-        cached = resized_cache
-    classes = tuple(known or sorted(set(names)))
-    lookup = {c: i for i, c in enumerate(classes)}
-    unknown = sorted(set(names) - set(lookup))
-    if unknown:
-        raise ValueError(f"{where}: class {unknown[0]!r} of split {split!r} is not in its manifest")
-    ds = ArrayDataset(np.stack(images), np.array([lookup[n] for n in names], dtype=np.int64), classes)
-    if cached is not None:
-        write_npz(cached, ds.images, ds.labels, ds.classes, rels, mode=0o600)
-    return ds
+    return np.stack(images), names, rels, resizing
 
 
-def _check_resizable(
-    source: Source, split: str | None, size: int | None, first: tuple[tuple, str], other: tuple[tuple, str]
-) -> None:
+def _check_resizable(source: Source, size: int | None, first: tuple[tuple, str], other: tuple[tuple, str]) -> None:
     """Images of several sizes: fine for plain images with a size to resize to, else one line saying why not."""
     (s1, r1), (s2, r2) = first, other
     seen = f"{r1} is {s1[1]}x{s1[0]}, {r2} is {s2[1]}x{s2[0]}"
@@ -158,16 +172,26 @@ def _cache_file(source: Source, split: str | None, size: int | None = None) -> P
     return folder / f"{name}-{split or 'all'}{resized}-{source.identity()}.npz"
 
 
-def test_images(data: str | os.PathLike | None, n: int) -> np.ndarray:
-    """``n`` CIFAR-10 test images (class-balanced, fixed choice) as NHWC uint8: audit material.
+def test_images(data: str | os.PathLike | None, n: int, size: int | None = None) -> np.ndarray:
+    """``n`` images of ``data`` (CIFAR-10 by default) as NHWC uint8, class-balanced, a fixed choice: audit material.
 
-    They come in a fixed random order (not grouped by class), so that any leading part of
-    them (an attacker's images) and the rest (held-out ones) both mix the classes.
+    From the test split where there is one, else from the whole source (every split, or a folder of
+    photos in any layout); exactly ``n`` whenever it holds ``n``. Plain images of several sizes are
+    resized to ``size`` as for training. They come in a fixed random order (not grouped by class),
+    so that any leading part of them (an attacker's images) and the rest (held-out ones) both mix
+    the classes.
     """
-    source = resolve_data(data)
-    ds = load_source_split(source, "test")
+    source = open_source(resolve_data(data))
+    where = source.path or "CIFAR-10"
+    if next(iter(source.paths(lambda rel: rel.startswith("test/"))), None) is not None:
+        ds = load_source_split(source, "test", size=size)
+    else:
+        log.info("%s: no test/ split; the audit takes its images from the whole source", where)
+        images, names, _, _ = _decode_images(source, None, size, class_of, None)
+        classes = tuple(sorted(set(names)))
+        ds = ArrayDataset(images, np.array([classes.index(c) for c in names], dtype=np.int64), classes)
     if n > len(ds):
-        raise ValueError(f"{source or 'CIFAR-10'}: {len(ds)} test images, {n} needed")
+        raise ValueError(f"{where}: {len(ds)} images, {n} needed")
     images = stratified_subset(ds, n, seed=0).images
     return images[np.random.default_rng(0).permutation(len(images))]
 
@@ -187,15 +211,24 @@ def split_train_val(ds: ArrayDataset, val_fraction: float, seed: int) -> tuple[A
 
 
 def stratified_subset(ds: ArrayDataset, n: int, seed: int) -> ArrayDataset:
-    """``n`` images with the class balance of ``ds`` (rounded), chosen with ``seed``."""
+    """Exactly ``n`` images with the class balance of ``ds``, chosen with ``seed``.
+
+    Each class gets its share rounded; what rounding leaves over or takes too many goes to (or
+    comes from) the classes whose shares rounding moved most, so one image per class or an ``n``
+    that does not divide still gives ``n``. Where rounding already gives ``n`` the choice is as it
+    always was.
+    """
     if n >= len(ds):
         return ds
-    frac = n / len(ds)
+    sizes = np.bincount(ds.labels, minlength=len(ds.classes))
+    share = n / len(ds) * sizes
+    quota = np.array([round(s) for s in share])
+    gap = n - int(quota.sum())
+    order = np.argsort(quota - share if gap > 0 else share - quota, kind="stable")  # most short (or over) first
+    for c in order[: abs(gap)]:
+        quota[c] += np.sign(gap)
     rng = np.random.default_rng(seed)
-    keep = [
-        rng.permutation(np.flatnonzero(ds.labels == c))[: round(frac * np.sum(ds.labels == c))]
-        for c in range(len(ds.classes))
-    ]
+    keep = [rng.permutation(np.flatnonzero(ds.labels == c))[: quota[c]] for c in range(len(ds.classes))]
     return ds.subset(np.sort(np.concatenate(keep)))
 
 
