@@ -59,7 +59,14 @@ def _init_worker(secret: bytes, scheme: str, block_size: int, size: int | None, 
 
 
 def _init_pool_worker(*args: object) -> None:
-    """The pool's initializer: tie the worker's life to its parent's, then :func:`_init_worker`."""
+    """The pool's initializer: tie the worker's life to its parent's, one torch thread, then :func:`_init_worker`.
+
+    One thread as in torch's DataLoader workers: a forked child that enters the OpenMP pool its
+    parent had used (a process that trained, then encrypts) can deadlock; the cores are the pool's.
+    """
+    import torch
+
+    torch.set_num_threads(1)
     _die_with_parent()
     _init_worker(*args)  # type: ignore[arg-type]
 
