@@ -277,3 +277,11 @@ def test_cifar10_copy_encrypts_at_224(tmp_path: Path, key_file: Path) -> None:
     assert read_png(enc).shape == (224, 224, 3)
     demo_key = tmp_path / "demo" / "demo.key"
     assert_no_key_material([tmp_path / "demo", str(report)], Key.load(demo_key), skip=[demo_key])
+
+
+def test_encrypt_bar_has_a_total_and_counts_skipped_images(tmp_path: Path, key_file: Path, capsys) -> None:
+    make_tree(tmp_path / "src")  # 12 images
+    args = ["encrypt", str(tmp_path / "src"), str(tmp_path / "enc"), "--key", str(key_file), "--block-size", "4"]
+    for _ in range(2):  # the second run skips all 12
+        assert cli.main(args) == 0
+        assert "| 12/12 [" in capsys.readouterr().err

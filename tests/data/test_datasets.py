@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -119,3 +120,17 @@ def test_audit_images_come_from_test_else_the_whole_source_exactly_n_resized(tmp
     assert len({int(np.median(im)) for im in got}) == 3  # three different photos
     with pytest.raises(ValueError, match="5 images, 6 needed"):
         audit_images(flat, 6, 8)
+
+
+def test_decoding_a_split_shows_a_bar_with_its_total_unless_quiet(tmp_path: Path, capsys, caplog) -> None:
+    _photos(tmp_path / "src", [(16, 16)] * 3)
+    with tarfile.open(tmp_path / "src.tar", "w") as tar:  # the total from the tar headers alone
+        tar.add(tmp_path / "src", arcname=".")
+    for src in (tmp_path / "src", tmp_path / "src.tar"):
+        with caplog.at_level(logging.INFO, logger="ppvit.data.datasets"):
+            load_source_split(src, "test")
+        err = capsys.readouterr().err
+        assert "decoding test (once: cached): 100%" in err and "| 3/3 [" in err, err
+        with caplog.at_level(logging.WARNING, logger="ppvit.data.datasets"):  # -q
+            load_source_split(src, "train")
+        assert "decoding" not in capsys.readouterr().err

@@ -120,12 +120,24 @@ def _decode_images(
     source: Source, select: Select, size: int | None, label: Callable[[str], str], split: str | None
 ) -> tuple[np.ndarray, list[str], list[str], bool]:
     """Every image ``select`` accepts as one uint8 NHWC array, with its ``label`` and path, and whether the
-    images were resized: plain images of several sizes are brought to ``size`` (one log line saying so)."""
+    images were resized: plain images of several sizes are brought to ``size`` (one log line saying so).
+    A progress bar (with a total where the source lists its images cheaply) shows while INFO is logged:
+    the first decode of CIFAR-10 takes about a minute."""
+    from tqdm.auto import tqdm
+
     where = source.path
     images: list[np.ndarray] = []
     names, rels = [], []
     resizing = False
-    for rel, data in source.items(select):
+    shown = log.isEnabledFor(logging.INFO)  # off under -q: the CLI's logging level
+    items = tqdm(
+        source.items(select),
+        desc=f"decoding {split or 'images'} (once: cached)" if source.cache_decoded else f"reading {split or 'images'}",
+        total=source.count(select) if shown else None,
+        unit="img",
+        disable=not shown,
+    )
+    for rel, data in items:
         names.append(label(rel))
         if isinstance(data, np.ndarray):
             image = data

@@ -159,6 +159,11 @@ class Source(ABC):
         """The relative paths alone; kinds that can list them without reading images do so."""
         return (rel for rel, _ in self.items(select))
 
+    def count(self, select: Select = None) -> int | None:
+        """How many images, where the kind lists them without reading image data (a progress bar's total);
+        None: not known without reading them all."""
+        return None if type(self).paths is Source.paths else sum(1 for _ in self.paths(select))
+
     def images(self, select: Select = None) -> Iterator[ImageItem]:
         """Decoded images (see :func:`decode`), in the order of :meth:`items`."""
         return (decode(rel, data) for rel, data in self.items(select))

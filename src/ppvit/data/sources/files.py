@@ -46,13 +46,13 @@ class FilesSource(Source):
 
     def paths(self, select: Select = None) -> Iterator[str]:
         src = Path(self.path)
-        if not src.is_dir():
-            yield from super().paths(select)
-            return
-        for path in _image_files(src):
-            rel = path.relative_to(src).as_posix()
-            if select is None or select(rel):
-                yield rel
+        if src.is_dir():
+            rels: Iterator[str] = (path.relative_to(src).as_posix() for path in _image_files(src))
+        elif src.suffix.lower() in IMAGE_SUFFIXES and not tarfile.is_tarfile(src):
+            rels = iter([src.name])
+        else:
+            rels = _archive_paths(src)
+        yield from (rel for rel in rels if select is None or select(rel))
 
 
 def _image_files(root: Path) -> list[Path]:
@@ -69,13 +69,28 @@ def _archive_items(src: Path, select: Select) -> Iterator[Item]:
         with tarfile.open(src, "r:*") as tar:
             members = _TarMembers(tar)
             for member in tar:
-                rel = member.name.removeprefix("./")
-                if (member.isfile() or member.issym() or member.islnk()) and is_image_path(rel):
+                rel = _image_member(member)
+                if rel is not None:
                     if select is not None and not select(rel):
                         continue
                     if Path(rel).is_absolute() or ".." in Path(rel).parts:
                         raise ValueError(f"archive {src}: member {member.name!r} has an unsafe path; refusing it")
                     yield rel, members.read(member)
+    except (tarfile.TarError, EOFError, zlib.error, OSError) as exc:
+        raise ValueError(f"archive {src}: damaged ({exc.__class__.__name__}: {exc})") from None
+
+
+def _image_member(member: tarfile.TarInfo) -> str | None:
+    """The member's path when it is an image (a file, or a link that may be one), else None."""
+    rel = member.name.removeprefix("./")
+    return rel if (member.isfile() or member.issym() or member.islnk()) and is_image_path(rel) else None
+
+
+def _archive_paths(src: Path) -> Iterator[str]:
+    """The image members' paths from the tar headers alone (an uncompressed archive's data are skipped, not read)."""
+    try:
+        with tarfile.open(src, "r:*") as tar:
+            yield from (rel for rel in map(_image_member, tar) if rel is not None)
     except (tarfile.TarError, EOFError, zlib.error, OSError) as exc:
         raise ValueError(f"archive {src}: damaged ({exc.__class__.__name__}: {exc})") from None
 
