@@ -134,6 +134,8 @@ def reproduce(
     cell shares its data, weights and key) nothing else runs and no table is written.
     """
     out = Path(out)
+    if preset.upstream is None:  # the weights first: a missing file is named before any data is read
+        weights, pretrained = resolve_weights(preset, weights, pretrained)
     source = check_data(data, preset.base.backbone.img_size)
     common: dict = {"data": str(source) if source else CIFAR10_NAME, **(overrides or {})}
     upstream_acc = None
@@ -141,8 +143,6 @@ def reproduce(
         log.info("pretraining %s upstream (cached after the first run)", preset.model)
         weights, upstream = pretrain(preset.model, preset.upstream, data, quiet=not progress)
         upstream_acc = upstream.test_acc
-    elif preset.upstream is None:
-        weights, pretrained = resolve_weights(preset, weights, pretrained)
     common.update(weights=str(weights) if weights else None, pretrained=bool(pretrained) and weights is None)
     out.mkdir(parents=True, exist_ok=True)
     key_path = Path(key) if key else out / "reproduce.key"
