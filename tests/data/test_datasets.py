@@ -17,6 +17,7 @@ from ppvit.data.datasets import (
     ArrayDataset,
     load_source_split,
     load_splits,
+    load_test_split,
     split_train_val,
     stratified_subset,
     take_part,
@@ -134,3 +135,35 @@ def test_decoding_a_split_shows_a_bar_with_its_total_unless_quiet(tmp_path: Path
         with caplog.at_level(logging.WARNING, logger="ppvit.data.datasets"):  # -q
             load_source_split(src, "train")
         assert "decoding" not in capsys.readouterr().err
+
+
+def _classes(root: Path, per_class: int) -> None:
+    """class folders c0..c2 of ``per_class`` 8x8 images, image i of class c filled with 10 c + i."""
+    for c in range(3):
+        (root / f"c{c}").mkdir(parents=True)
+        for i in range(per_class):
+            Image.fromarray(np.full((8, 8, 3), 10 * c + i, np.uint8)).save(root / f"c{c}" / f"{i}.png")
+
+
+def test_a_folder_of_class_folders_is_one_split_that_holds_out_a_fixed_test_part(tmp_path: Path, caplog) -> None:
+    _classes(tmp_path / "flat", 5)
+    with caplog.at_level(logging.INFO, logger="ppvit.data.datasets"):
+        splits = load_splits(tmp_path / "flat", 0.25, 0)
+    assert "one split of 15 images in 3 classes, 20% of each class held out" in caplog.text
+    assert len(splits.test) == 3 and sorted(splits.test.labels) == [0, 1, 2]  # one of 5 per class
+    assert len(splits.train) + len(splits.val) == 12
+    test, _ = load_test_split(tmp_path / "flat")  # eval holds out the same images
+    np.testing.assert_array_equal(test.images, splits.test.images)
+    seen = {int(im[0, 0, 0]) for ds in (splits.train, splits.val, splits.test) for im in ds.images}
+    assert seen == {10 * c + i for c in range(3) for i in range(5)}  # disjoint parts that cover the source
+
+
+def test_a_validation_split_stands_in_for_a_missing_test_split(tmp_path: Path, caplog) -> None:
+    _classes(tmp_path / "d" / "train", 4)
+    _classes(tmp_path / "d" / "validation", 2)
+    with caplog.at_level(logging.INFO, logger="ppvit.data.datasets"):
+        test, _ = load_test_split(tmp_path / "d")
+    assert len(test) == 6 and "validation/ is the test split" in caplog.text
+    _classes(tmp_path / "only" / "test", 2)
+    with pytest.raises(ValueError, match="a test/ split but no train/ split"):
+        load_splits(tmp_path / "only", 0.25, 0)

@@ -305,7 +305,7 @@ def load_splits(
         train = ShardStream(shards, classes, lambda k: not is_val(k, val_fraction), loader_workers, str(source.path))
         val = ShardStream(shards, classes, lambda k: is_val(k, val_fraction), loader_workers, str(source.path))
         return DataSplits(train, val, _stream_split(source, "test", loader_workers), source.manifest)
-    full, test = load_source_split(source, "train", size=size), load_source_split(source, "test", size=size)
+    full, test = _train_and_test(source, size)
     if part:
         full = take_part(full, part)
     if train_subset:
@@ -326,8 +326,46 @@ def load_test_split(
         if subset:
             raise ValueError(f"{source.path}: streamed WebDataset data take no test subset")
         return _stream_split(source, "test", 0), source.manifest
-    test = load_source_split(source, "test", size=size)
+    test = _train_and_test(source, size, train=False)[1]
     return (stratified_subset(test, subset, 0) if subset else test), source.manifest
+
+
+TEST_NAMES = ("test", "validation", "valid", "val", "dev")  # a test split's names, the first found is taken
+HELD_OUT = 0.2  # of each class: the test split of a source without train/ and test/ folders
+
+
+def _train_and_test(source: Source, size: int | None, train: bool = True) -> tuple[ArrayDataset | None, ArrayDataset]:
+    """The train and test splits (train None when not wanted): the source's train/ and test/ (or validation/,
+    val/...) splits, else the whole source as one split of class folders with ``HELD_OUT`` of each class
+    held out as the test split (a fixed choice: train and eval hold out the same images)."""
+    where = source.path or "CIFAR-10"
+
+    def has(split: str) -> bool:  # a scan that stops at the split's first image
+        if source.manifest is not None:
+            return split in source.manifest.classes
+        return next(iter(source.paths(lambda rel: rel.startswith(f"{split}/"))), None) is not None
+
+    test = next((n for n in TEST_NAMES if has(n)), None)
+    if has("train"):
+        if test is None:
+            raise ValueError(f"{where}: a train/ split but no test/ (nor {', '.join(TEST_NAMES[1:])}) split")
+        if test != "test":
+            log.info("%s: no test/ split; %s/ is the test split", where, test)
+        return (load_source_split(source, "train", size=size) if train else None), load_source_split(
+            source, test, size=size
+        )
+    if test is not None:
+        raise ValueError(f"{where}: a {test}/ split but no train/ split")
+    whole = load_source_split(source, None, size=size)
+    log.info(
+        "%s: no train/ and test/ folders: one split of %d images in %d classes, %d%% of each class held out "
+        "as the test split (a fixed choice)",
+        where,
+        len(whole),
+        len(whole.classes),
+        round(100 * HELD_OUT),
+    )
+    return split_train_val(whole, HELD_OUT, seed=0)
 
 
 def _stream_split(source: EncryptedWds, split: str, workers: int) -> ShardStream:
