@@ -92,3 +92,18 @@ def test_preview_shows_one_image_per_class_first(tmp_path: Path, toy_dataset: Pa
     datasets.DatasetDict(train=hf_split(toy_dataset, "train"), test=hf_split(toy_dataset, "test")).save_to_disk(hf)
     got = sample_images(hf, 4, None, "train/")  # any source
     assert all(np.array_equal(g, f) for g, f in zip(got, first, strict=True))
+
+
+def test_hf_train_validation_and_a_single_dataset_load(tmp_path: Path, toy_dataset: Path) -> None:
+    from ppvit.data.datasets import load_splits
+
+    pair = tmp_path / "pair"
+    datasets.DatasetDict(train=hf_split(toy_dataset, "train"), validation=hf_split(toy_dataset, "test")).save_to_disk(
+        pair
+    )
+    splits = load_splits(pair, 0.25, 0)
+    assert (len(splits.train) + len(splits.val), len(splits.test)) == (96, 32)  # validation: the test split
+    single = tmp_path / "single"
+    hf_split(toy_dataset, "train").save_to_disk(single)
+    splits = load_splits(single, 0.25, 0)
+    assert len(splits.test) == 4 * round(24 * 0.2) and splits.train.classes == tuple(CLASSES)  # 20% of each class held out
