@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
+
+from ppvit._compat import forward
+
+# ``ppvit.cli`` was one module until 0.2: its other names (UserError, PARSERS, ...) still resolve, deprecated
+forward(sys.modules[__name__], ("ppvit.cli.commands", "ppvit.cli.common"), "ppvit.cli")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -30,7 +30,10 @@ def iter_images(src: str | os.PathLike, select: Select = None) -> Iterator[Image
     return FilesSource(src).images(select)
 
 
-def source_kind(src: str | os.PathLike) -> str:
+Kind = str  # 0.2 named the kinds in a Literal; now a key of ``ppvit.data.sources.KINDS``
+
+
+def source_kind(src: str | os.PathLike) -> Kind:
     return open_source(src).kind
 
 
