@@ -285,3 +285,13 @@ def test_encrypt_bar_has_a_total_and_counts_skipped_images(tmp_path: Path, key_f
     for _ in range(2):  # the second run skips all 12
         assert cli.main(args) == 0
         assert "| 12/12 [" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("fmt", ["npz", "wds"])
+def test_decrypt_restores_shards_as_png_files(tmp_path: Path, key_file: Path, fmt: str) -> None:
+    images = make_tree(tmp_path / "src")
+    base = ["-q", "--key", str(key_file), "--block-size", "4"]
+    assert cli.main(["encrypt", str(tmp_path / "src"), str(tmp_path / "enc"), "--format", fmt, *base]) == 0
+    assert cli.main(["decrypt", str(tmp_path / "enc"), str(tmp_path / "dec"), "-q", "--key", str(key_file)]) == 0
+    for rel, arr in images.items():
+        np.testing.assert_array_equal(read_png(tmp_path / "dec" / rel), arr)

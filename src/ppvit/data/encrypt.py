@@ -42,7 +42,6 @@ from ppvit.data.manifest import (
 from ppvit.data.sinks import Sink, open_sink
 from ppvit.data.sources import Columns, Item, Select, Source, open_source
 from ppvit.data.sources.base import Data
-from ppvit.data.sources.encrypted_png import EncryptedPng
 from ppvit.data.workers import Result, transform_all
 
 log = logging.getLogger(__name__)
@@ -224,14 +223,11 @@ def encrypt_collection(
 def decrypt_collection(
     src: str | os.PathLike, dst: str | os.PathLike, key: Key, workers: int = 1, progress: bool = True
 ) -> Summary:
-    """Undo :func:`encrypt_collection`; refuses a key whose fingerprint differs from the manifest's."""
+    """Undo :func:`encrypt_collection` whatever its format (png, npz or wds): PNG files in ImageFolder layout;
+    refuses a key whose fingerprint differs from the manifest's."""
     src = Path(src)
     manifest = read_manifest(src)
     manifest.check(fingerprint=key.fingerprint, where=f"{src}")
-    if manifest.format != "png":
-        raise ValueError(
-            f"{src}: decrypting {manifest.format} shards is not supported; load them with ppvit.data.datasets"
-        )
     cipher = BlockCipher(key, manifest.scheme, manifest.block_size)
     plain = Manifest(PLAIN, manifest.block_size, manifest.size, key.fingerprint, "png", __version__)
-    return transform_collection(EncryptedPng(src), dst, cipher, plain, True, workers, progress)
+    return transform_collection(open_source(src), dst, cipher, plain, True, workers, progress)
