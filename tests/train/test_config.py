@@ -180,3 +180,11 @@ def test_the_command_does_not_log_each_http_request(tmp_path: Path) -> None:
     assert cli.main(["keygen", str(tmp_path / "k.key")]) == 0
     assert not logging.getLogger("httpx").isEnabledFor(logging.INFO)  # `ppvit client` printed "HTTP Request: ..."
     assert not logging.getLogger("timm").isEnabledFor(logging.INFO)  # "Loading pretrained weights ..." per model
+
+
+@pytest.mark.parametrize("spelling", [None, "", "none", "plain"])
+def test_no_encryption_has_one_spelling(spelling: str | None) -> None:
+    from ppvit.train.config import CryptoConfig
+
+    crypto = CryptoConfig(scheme=spelling)  # (a flat None means "the default", shuffle, as every flat setting)
+    assert crypto.scheme == "none" and not crypto.encrypted

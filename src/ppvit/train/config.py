@@ -25,6 +25,7 @@ from ppvit.data.augment import PlainAugment
 from ppvit.models.configs import METHODS, LoraPEConfig, MethodConfig, method_config
 from ppvit.models.weights import WEIGHTS_ENV
 
+NO_ENCRYPTION = "none"  # the one spelling of plain images in a run's settings
 DEFAULT_MODEL = "vit_tiny_patch16_224"  # the recipe's ImageNet ViT-Ti/16; $PPVIT_WEIGHTS names a local copy
 
 
@@ -120,9 +121,13 @@ class CryptoConfig:
         default=False, metadata=_help("key holder only: start from the backbone transformed with the key")
     )
 
+    def __post_init__(self) -> None:
+        if self.scheme in (None, "", "plain"):  # YAML null, an empty flag, a decrypted folder's word: one spelling
+            self.scheme = NO_ENCRYPTION
+
     @property
     def encrypted(self) -> bool:
-        return self.scheme not in (None, "", "none", "plain")
+        return self.scheme != NO_ENCRYPTION
 
 
 @dataclass
