@@ -295,3 +295,16 @@ def test_decrypt_restores_shards_as_png_files(tmp_path: Path, key_file: Path, fm
     assert cli.main(["decrypt", str(tmp_path / "enc"), str(tmp_path / "dec"), "-q", "--key", str(key_file)]) == 0
     for rel, arr in images.items():
         np.testing.assert_array_equal(read_png(tmp_path / "dec" / rel), arr)
+
+
+def test_wds_shards_each_hold_every_class_not_runs_of_one(tmp_path: Path, key_file: Path) -> None:
+    make_tree(tmp_path / "src", n=8)  # per split: 8 cat then 8 dog, in source order
+    args = ["-q", "encrypt", str(tmp_path / "src"), str(tmp_path / "enc"), "--key", str(key_file), "--block-size", "4"]
+    assert cli.main([*args, "--format", "wds", "--shard-size", "4"]) == 0
+    for split in ("train", "test"):
+        shards = sorted((tmp_path / "enc" / split).glob("shard-*.tar"))
+        assert len(shards) == 4
+        for shard in shards:
+            with tarfile.open(shard) as tar:
+                labels = sorted(tar.extractfile(m).read() for m in tar if m.name.endswith(".cls"))
+            assert labels == [b"0", b"0", b"1", b"1"], shard  # 2 cats, 2 dogs: before, shards 0-1 all cats

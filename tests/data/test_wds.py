@@ -127,3 +127,14 @@ def test_without_webdataset_reading_shards_says_how_to_install_it(tmp_path: Path
     monkeypatch.setitem(sys.modules, "webdataset.tariterators", None)  # as if not installed
     with pytest.raises(ValueError, match=r"needs webdataset \(not installed\): pip install 'ppvit\[data\]'"):
         list(source.items())
+
+
+def test_wds_sink_deals_each_block_of_images_round_robin_over_its_shards(tmp_path: Path, monkeypatch) -> None:
+    from ppvit.data.sinks import WdsSink
+
+    monkeypatch.setattr(WdsSink, "SPREAD", 2)  # blocks of 2 shards x 3 images
+    sink = WdsSink(tmp_path, 3, ["a"], {"train": 10})
+    got = [sink.number("train", i) for i in range(10)]
+    # block 0: images 0-5 over shards 0, 1; block 1: images 6-9 (4 left: 2 shards) over shards 2, 3
+    assert got == [0, 1, 0, 1, 0, 1, 2, 3, 2, 3]
+    assert sink.left == {("train", 0): 3, ("train", 1): 3, ("train", 2): 2, ("train", 3): 2}

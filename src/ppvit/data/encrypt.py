@@ -17,6 +17,7 @@ import io
 import logging
 import os
 import time
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,7 +42,7 @@ from ppvit.data.manifest import (
 )
 from ppvit.data.sinks import Sink, open_sink
 from ppvit.data.sources import Columns, Item, Select, Source, open_source
-from ppvit.data.sources.base import Data
+from ppvit.data.sources.base import Data, split_of
 from ppvit.data.workers import Result, transform_all
 
 log = logging.getLogger(__name__)
@@ -88,7 +89,7 @@ def transform_collection(
     source = open_source(src, columns)
     dst = Path(dst)
     check_output(dst, manifest.format)
-    total = survey(source, select, manifest.block_size, manifest.size, check_sizes=not decrypting)
+    counts = survey(source, select, manifest.block_size, manifest.size, check_sizes=not decrypting)
     labels: list[str] = []
     if manifest.format == "wds":  # the label space first: each sample's .cls is an index into it
         manifest.shard_size = manifest.shard_size or WDS_SHARD_SIZE
@@ -110,7 +111,7 @@ def transform_collection(
 
     t0 = time.perf_counter()
     summary = Summary()
-    sink = open_sink(manifest.format, dst, manifest.shard_size, labels)
+    sink = open_sink(manifest.format, dst, manifest.shard_size, labels, counts)
 
     def fresh(items: Iterator[Item]) -> Iterator[Item]:
         for rel, data in items:
@@ -121,7 +122,9 @@ def transform_collection(
                 yield rel, data
 
     init = (cipher.key.secret, str(cipher.scheme), cipher.block_size, manifest.size, decrypting)
-    bar = tqdm(desc="decrypting" if decrypting else "encrypting", total=total, unit="img", disable=not progress)
+    bar = tqdm(
+        desc="decrypting" if decrypting else "encrypting", total=sum(counts.values()), unit="img", disable=not progress
+    )
     with bar:
 
         def consume(results: Iterator[Result]) -> None:
@@ -136,8 +139,10 @@ def transform_collection(
     return summary
 
 
-def survey(source: Source, select: Select, block_size: int, size: int | None, check_sizes: bool = True) -> int:
-    """The number of images, after checking up front what would fail every image (one line, nothing written).
+def survey(
+    source: Source, select: Select, block_size: int, size: int | None, check_sizes: bool = True
+) -> dict[str, int]:
+    """The number of images per split, after checking up front what would fail every image (one line, nothing written).
 
     With ``size`` it must be a multiple of the block size. Without it the images must share one
     size that is: a first pass reads each image's header (PIL reads the size without decoding)
@@ -146,12 +151,13 @@ def survey(source: Source, select: Select, block_size: int, size: int | None, ch
     """
     if size is not None and check_sizes and (size < block_size or size % block_size):
         raise ValueError(f"--size {size} is not a multiple of the block size {block_size}")
+    counts: Counter[str] = Counter()
     if size is not None or not check_sizes:
-        n = sum(1 for _ in source.paths(select))
+        counts.update(split_of(rel) for rel in source.paths(select))
     else:
-        n, first = 0, None
+        first = None
         for rel, data in source.items(select):
-            n += 1
+            counts[split_of(rel)] += 1
             dims = _dims(data)
             if dims is None:  # unreadable: one failed image later, as before
                 continue
@@ -169,9 +175,9 @@ def survey(source: Source, select: Select, block_size: int, size: int | None, ch
                 f"source {source.path}: images are {w}x{h}, not a multiple of the block size {block_size}; "
                 "pass --size (e.g. the model's input size)"
             )
-    if n == 0:
+    if not counts:
         raise ValueError(f"source {source.path}: no images found")
-    return n
+    return dict(counts)
 
 
 def _dims(data: Data) -> tuple[int, int] | None:

@@ -36,7 +36,7 @@ class Manifest:
     classes: dict[str, list[str]] = field(default_factory=dict)  # split -> sorted class names
     counts: dict[str, int] = field(default_factory=dict)  # split -> images written
     complete: bool = False
-    shard_size: int | None = None  # wds: images per shard (the i-th image of a split is in shard i // shard_size)
+    shard_size: int | None = None  # wds: images per shard (dealt round-robin over up to 64 shards: data.sinks.WdsSink)
 
     def check(
         self,

@@ -38,10 +38,11 @@ class Sink(Protocol):
         """What the output holds now, for the manifest."""
 
 
-def open_sink(fmt: str, dst: Path, shard_size: int | None, classes: list[str]) -> Sink:
-    """The sink of output format ``fmt`` (``classes``: the label space of wds ``.cls`` members)."""
+def open_sink(fmt: str, dst: Path, shard_size: int | None, classes: list[str], counts: dict[str, int]) -> Sink:
+    """The sink of output format ``fmt`` (``classes``: the label space of wds ``.cls`` members; ``counts``:
+    images per split, that wds spreads over its shards)."""
     if fmt == "wds":
-        return WdsSink(dst, shard_size or 0, classes)
+        return WdsSink(dst, shard_size or 0, classes, counts)
     return NpzSink(dst) if fmt == "npz" else PngSink(dst)
 
 
@@ -88,9 +89,9 @@ class PngSink:
 
 
 class _NumberedShards:
-    """Outputs in numbered shards per split: the i-th image of a split (in source order)
-    belongs to shard i // shard_size, so a rerun skips every image whose shard exists and
-    rewrites only unfinished shards."""
+    """Outputs in numbered shards per split: the i-th image of a split (in source order) belongs to
+    shard ``number(split, i)`` (here i // shard_size), so a rerun skips every image whose shard
+    exists and rewrites only unfinished shards."""
 
     PATTERN = ""  # the shards' file names, as a glob
 
@@ -102,13 +103,16 @@ class _NumberedShards:
     def _shard(self, split: str, number: int) -> Path:
         raise NotImplementedError
 
+    def number(self, split: str, i: int) -> int:
+        return i // self.shard_size
+
     def claim(self, rel: str) -> bool:
-        """Give ``rel`` the next index of its split; True when its shard exists."""
+        """Give ``rel`` the next index of its split, hence its shard; True when that shard exists."""
         split = split_of(rel)
         i = self.next_index.get(split, 0)
         self.next_index[split] = i + 1
-        self.index[rel] = i
-        return self._shard(split, i // self.shard_size).exists()
+        self.index[rel] = self.number(split, i)
+        return self._shard(split, self.index[rel]).exists()
 
     def _shards(self) -> list[Path]:
         return sorted(self.dst.rglob(self.PATTERN))
@@ -127,7 +131,7 @@ class NpzSink(_NumberedShards):
         return self.dst / split / f"shard-{number:05d}.npz"
 
     def add(self, rel: str, arr: np.ndarray) -> None:
-        split, shard = split_of(rel), self.index.pop(rel) // self.shard_size
+        split, shard = split_of(rel), self.index.pop(rel)
         for key in [k for k in self.buffers if k[0] == split and k[1] < shard]:
             self._flush(key)  # results arrive in source order: earlier shards are complete
         self.buffers.setdefault((split, shard), []).append((rel, arr))
@@ -158,27 +162,47 @@ class WdsSink(_NumberedShards):
     """WebDataset shards per split, ``<split>/shard-000000.tar`` (the layout of
     :mod:`ppvit.data.sources.encrypted_wds`), each image's PNG and ``.cls``.
 
-    A shard is written to a temporary name as its images arrive (never held in memory whole)
-    and renamed when complete, so a rerun skips finished shards and rewrites only the one an
-    interruption left unfinished.
+    A source sorted by class (a folder tree) would give shards of one or two classes each, so the
+    images are dealt round-robin: each block of up to ``SPREAD`` shards' worth of a split's images
+    goes to its shards in turn (image i of a block to shard i mod the block's shard count), and a
+    split of up to ``SPREAD`` shards has every class in every shard in proportion. Deterministic:
+    the same source gives the same shards. A shard is written to a temporary name as its images
+    arrive (never held in memory whole; at most ``SPREAD`` open per split) and renamed when its
+    last image is in, so a rerun skips finished shards and rewrites the unfinished ones.
     """
+
+    SPREAD = 64
 
     PATTERN = "shard-*.tar"
 
-    def __init__(self, dst: Path, shard_size: int, classes: list[str]) -> None:
+    def __init__(self, dst: Path, shard_size: int, classes: list[str], counts: dict[str, int]) -> None:
         super().__init__(dst, shard_size)
         self.lookup = {c: i for i, c in enumerate(classes)}
-        self.open: dict[str, tuple[int, Path, Path, Any, Any]] = {}  # split -> number, path, tmp, file, writer
+        self.counts = counts
+        self.open: dict[tuple[str, int], tuple[Path, Path, Any, Any]] = {}  # (split, number) -> path, tmp, file, writer
+        self.left: dict[tuple[str, int], int] = {}  # images a shard still waits for
+
+    def _block(self, split: str, i: int) -> tuple[int, int, int]:
+        """(first image, images, shards) of the block image ``i`` of ``split`` is in."""
+        block = self.SPREAD * self.shard_size
+        start = i // block * block
+        n = min(block, max(self.counts.get(split, 0), i + 1) - start)
+        return start, n, -(-n // self.shard_size)
+
+    def number(self, split: str, i: int) -> int:
+        start, n, shards = self._block(split, i)
+        number = start // self.shard_size + (i - start) % shards
+        if (split, number) not in self.left:
+            self.left[split, number] = -(-(n - (number - start // self.shard_size)) // shards)
+        return number
 
     def _shard(self, split: str, number: int) -> Path:
         return self.dst / split / f"shard-{number:06d}.tar"
 
     def add(self, rel: str, arr: np.ndarray) -> None:
         wds = optional("webdataset")
-        split, number = split_of(rel), self.index.pop(rel) // self.shard_size
-        if split in self.open and self.open[split][0] != number:
-            self._finish(split)  # results arrive in source order: the earlier shard is complete
-        if split not in self.open:
+        split, number = split_of(rel), self.index.pop(rel)
+        if (split, number) not in self.open:
             path = self._shard(split, number)
             path.parent.mkdir(parents=True, exist_ok=True)
             try:
@@ -186,17 +210,20 @@ class WdsSink(_NumberedShards):
             except OSError as exc:
                 raise _naming(exc, path) from None
             fh = os.fdopen(fd, "wb")
-            self.open[split] = (number, path, Path(name), fh, wds.TarWriter(fh, encoder=False, mtime=0))
+            self.open[split, number] = (path, Path(name), fh, wds.TarWriter(fh, encoder=False, mtime=0))
         below = Path(rel).relative_to(split) if split else Path(rel)
         key = below.with_suffix("").as_posix().replace(".", "_")
-        writer = self.open[split][4]
+        path, _, _, writer = self.open[split, number]
         try:
             writer.write({"__key__": key, "png": png_bytes(arr), "cls": str(self.lookup[class_of(rel)]).encode()})
         except OSError as exc:
-            raise _naming(exc, self.open[split][1]) from None
+            raise _naming(exc, path) from None
+        self.left[split, number] -= 1
+        if self.left[split, number] == 0:
+            self._finish((split, number))
 
-    def _finish(self, split: str) -> None:
-        _, path, tmp, fh, writer = self.open.pop(split)
+    def _finish(self, shard: tuple[str, int]) -> None:
+        path, tmp, fh, writer = self.open.pop(shard)
         try:
             writer.close()  # the tar stream; the file is ours to close
             fh.close()
@@ -206,8 +233,8 @@ class WdsSink(_NumberedShards):
         commit_temp(tmp, path)
 
     def close(self) -> None:
-        for split in list(self.open):
-            self._finish(split)
+        for shard in list(self.open):  # shards short of an image that failed
+            self._finish(shard)
 
     def inventory(self) -> Inventory:
         classes = sorted(self.lookup, key=self.lookup.__getitem__)
