@@ -17,6 +17,7 @@ from ppvit.crypto.ciphers import BlockCipher
 from ppvit.crypto.keys import Key
 from ppvit.data.datasets import load_source_split, load_test_split
 from ppvit.data.encrypt import encrypt_collection
+from ppvit.data.manifest import read_manifest
 from ppvit.data.sources import open_source
 from ppvit.train.loop import train
 
@@ -138,3 +139,17 @@ def test_wds_sink_deals_each_block_of_images_round_robin_over_its_shards(tmp_pat
     # block 0: images 0-5 over shards 0, 1; block 1: images 6-9 (4 left: 2 shards) over shards 2, 3
     assert got == [0, 1, 0, 1, 0, 1, 2, 3, 2, 3]
     assert sink.left == {("train", 0): 3, ("train", 1): 3, ("train", 2): 2, ("train", 3): 2}
+
+
+def test_classes_file_names_the_cls_numbers(tmp_path: Path, toy_dataset: Path, key_file: Path, capsys) -> None:
+    wds_from_toy(toy_dataset, tmp_path / "shards")
+    names = tmp_path / "classes.txt"
+    names.write_text("red\ngreen\n\nblue\nyellow\n")
+    base = ["-q", "encrypt", str(tmp_path / "shards"), "--key", str(key_file), "--block-size", "4"]
+    assert cli.main([*base[:3], str(tmp_path / "enc"), *base[3:], "--classes", str(names)]) == 0
+    assert read_manifest(tmp_path / "enc").classes["train"] == ["blue", "green", "red", "yellow"]
+    assert {p.parent.name for p in (tmp_path / "enc" / "test").rglob("*.png")} == {"blue", "green", "red", "yellow"}
+    names.write_text("red\nred\n")
+    capsys.readouterr()
+    assert cli.main([*base[:3], str(tmp_path / "x"), *base[3:], "--classes", str(names)]) == 2
+    assert "classes.txt: a class is named twice" in capsys.readouterr().err

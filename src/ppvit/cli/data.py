@@ -39,7 +39,9 @@ def _encrypt(args: argparse.Namespace) -> int:
     from ppvit.crypto.ciphers import BlockCipher
     from ppvit.data.encrypt import encrypt_collection
     from ppvit.data.sources import Columns
+    from ppvit.data.sources.base import read_class_names
 
+    classes = read_class_names(args.classes) if args.classes else None
     cipher = BlockCipher(Key.load(args.key), args.scheme, args.block_size)
     with stop_on_sigterm():
         summary = encrypt_collection(
@@ -50,7 +52,7 @@ def _encrypt(args: argparse.Namespace) -> int:
             fmt=args.format,
             workers=args.workers,
             progress=not args.quiet,
-            columns=Columns(args.image_column, args.label_column),
+            columns=Columns(args.image_column, args.label_column, classes),
             shard_size=args.shard_size,
         )
     return report_summary(summary, "encrypted", args.dst)
@@ -81,6 +83,11 @@ def add_encrypt(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--image-column", help="Hugging Face dataset: the image column (default: the Image feature)")
     p.add_argument("--label-column", help="Hugging Face dataset: the label column (default: the ClassLabel feature)")
+    p.add_argument(
+        "--classes",
+        help="file of class names, one per line: line i names label i (WebDataset .cls numbers, or a Hugging Face "
+        "label column that is no ClassLabel); default: the numbers, 0000, 0001, ...",
+    )
     p.add_argument("--workers", type=int, default=1, help="processes to use")
     p.set_defaults(func=_encrypt)
 

@@ -36,10 +36,26 @@ Select = Callable[[str], bool] | None
 
 @dataclass(frozen=True)
 class Columns:
-    """Which columns of a Hugging Face dataset hold the image and the label (None: found by feature type)."""
+    """Which columns of a Hugging Face dataset hold the image and the label (None: found by feature type), and the
+    class names integer labels index (WebDataset ``.cls``, a label column that is no ``ClassLabel``; None: the
+    numbers, zero-padded)."""
 
     image: str | None = None
     label: str | None = None
+    classes: tuple[str, ...] | None = None
+
+
+def read_class_names(path: str | os.PathLike) -> tuple[str, ...]:
+    """A ``--classes`` file: one class name per line, line i naming label i (blank lines skipped)."""
+    try:
+        names = tuple(line.strip() for line in Path(path).read_text().splitlines() if line.strip())
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"classes file {path}: cannot be read ({exc.__class__.__name__}: {exc})") from None
+    if not names:
+        raise ValueError(f"classes file {path}: no class names (one per line, line i naming label i)")
+    if len(set(names)) != len(names):
+        raise ValueError(f"classes file {path}: a class is named twice")
+    return names
 
 
 @dataclass

@@ -55,6 +55,7 @@ class HFSource(Source):
         row_offset: dict[str, int] = {}  # parquet files of one split number their rows on from each other
         for split, table, where in _splits(Path(self.path)):
             image, label, names = find_columns(_features(table, where), self.columns, where)
+            names = names or (list(self.columns.classes) if self.columns.classes else None)
             for cell, value in _table_rows(table, image, label, read, where):
                 row = row_offset.get(split, 0)
                 row_offset[split] = row + 1

@@ -71,7 +71,8 @@ class WdsSource(Source):
             if isinstance(cls_data, bytes):
                 try:
                     label = cls_data.decode("utf-8").strip()
-                    cls = label_name(int(label) if label.lstrip("-").isdigit() else label, None)
+                    value = int(label) if label.lstrip("-").isdigit() else label
+                    cls = label_name(value, list(self.columns.classes) if self.columns.classes else None)
                 except UnicodeDecodeError:
                     cls = None
             split = split_from_path(shard, root)
