@@ -340,9 +340,11 @@ def _train_and_test(source: Source, size: int | None, train: bool = True) -> tup
     held out as the test split (a fixed choice: train and eval hold out the same images)."""
     where = source.path or "CIFAR-10"
 
-    def has(split: str) -> bool:  # a scan that stops at the split's first image
+    def has(split: str) -> bool:  # a cached split, else a scan that stops at the split's first image
         if source.manifest is not None:
             return split in source.manifest.classes
+        if any(c is not None and c.exists() for c in (_cache_file(source, split), _cache_file(source, split, size))):
+            return True
         return next(iter(source.paths(lambda rel: rel.startswith(f"{split}/"))), None) is not None
 
     test = next((n for n in TEST_NAMES if has(n)), None)
