@@ -172,6 +172,7 @@ def test_loading_a_base_for_a_new_head_logs_no_missing_head_keys(run: Path, capl
 
     base = run.parent / "base.safetensors"
     caplog.set_level(logging.INFO)
+    caplog.set_level(logging.INFO, logger="timm")  # the command quiets timm: a CLI test run before may have
     timm.create_model(SMALL, num_classes=4, pretrained=True, pretrained_cfg_overlay=dict(file=str(base)))
     assert "Missing keys (head.weight, head.bias)" in caplog.text  # plain timm says it: the filter is needed
     caplog.clear()
