@@ -188,3 +188,13 @@ def test_no_encryption_has_one_spelling(spelling: str | None) -> None:
 
     crypto = CryptoConfig(scheme=spelling)  # (a flat None means "the default", shuffle, as every flat setting)
     assert crypto.scheme == "none" and not crypto.encrypted
+
+
+def test_reproduce_set_reads_each_value_as_its_settings_type() -> None:
+    """`--set precision=no` was read by YAML as false (and `lr=1e-3` as a string)."""
+    from ppvit.cli.experiments import _parse_sets
+
+    parsed = _parse_sets(["precision=no", "lr=1e-3", "rank=8", "key=none", "lora-targets=qkv", "key_init=true"])
+    assert parsed == {"precision": "no", "lr": 1e-3, "rank": 8, "key": None, "targets": "qkv", "key_init": True}
+    with pytest.raises(cli.common.UserError, match="rank takes int values"):
+        _parse_sets(["rank=x"])

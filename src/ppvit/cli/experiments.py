@@ -11,19 +11,35 @@ import yaml
 from ppvit.cli.common import UserError, counts
 from ppvit.crypto.keys import Key
 from ppvit.experiments import presets
-from ppvit.train.config import ALIASES, TrainConfig, settings
+from ppvit.train.config import ALIASES, Setting, TrainConfig, settings
+
+
+def _typed(setting: Setting, value: str, item: str) -> object:
+    """A ``--set`` value as its setting's type: none (or null) is None; a word setting takes the word as
+    written (YAML would read ``precision=no`` as false, ``1e-3`` as a string)."""
+    if value.lower() in ("none", "null", "~"):
+        return None
+    try:
+        if setting.type is bool:
+            parsed = yaml.safe_load(value)
+            if not isinstance(parsed, bool):
+                raise ValueError
+            return parsed
+        return setting.type(value)
+    except ValueError:
+        raise UserError(f"--set {item!r}: {setting.name} takes {setting.type.__name__} values") from None
 
 
 def _parse_sets(items: Sequence[str]) -> dict:
-    """``--set name=value`` pairs (values read as YAML: 8, 1e-3, true, none) checked against TrainConfig."""
-    known = {s.name for s in settings()} | set(ALIASES)
+    """``--set name=value`` pairs, each checked against TrainConfig's settings and read as its type."""
+    known = {s.name: s for s in settings()}
     out = {}
     for item in items:
         name, sep, value = item.partition("=")
-        name = name.strip().replace("-", "_")
+        name = ALIASES.get(name.strip().replace("-", "_"), name.strip().replace("-", "_"))
         if not sep or name not in known:
             raise UserError(f"--set {item!r}: expected NAME=VALUE with a `ppvit train` setting as NAME")
-        out[name] = yaml.safe_load(value)
+        out[name] = _typed(known[name], value.strip(), item)
     return out
 
 

@@ -348,6 +348,8 @@ def _train_and_test(source: Source, size: int | None, train: bool = True) -> tup
         return next(iter(source.paths(lambda rel: rel.startswith(f"{split}/"))), None) is not None
 
     test = next((n for n in TEST_NAMES if has(n)), None)
+    if not train and test is not None:  # evaluating: a test split alone will do
+        return None, load_source_split(source, test, size=size)
     if has("train"):
         if test is None:
             raise ValueError(f"{where}: a train/ split but no test/ (nor {', '.join(TEST_NAMES[1:])}) split")
