@@ -12,14 +12,15 @@ export PPVIT_WEIGHTS
 
 venv: $(VENV)/.installed
 
-# torch and torchvision are pinned to the releases whose wheels lie on this machine's disk.
+# torch and torchvision pinned to the releases this project is tested with.
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check torch==2.14.1 torchvision==0.29.1
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev,serve,data,track]'
 	touch $@
 
-# The paper's comparison at CPU scale, reduced (about 15 minutes); rerun to continue an interrupted one.
+# The paper's comparison at CPU scale, reduced (8 minutes in fp32 on a 2-core EPYC; it prints its own
+# estimate first); rerun to continue an interrupted one.
 demo: venv
 	$(VENV)/bin/ppvit reproduce --preset demo --data "$(PPVIT_CIFAR10)" --out demo-out
 

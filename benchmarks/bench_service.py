@@ -100,6 +100,7 @@ def main() -> None:
     settings = {"method": "lora-pe", "model": args.model, "epochs": args.epochs, "batch_size": args.batch_size}
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in settings.items()]
     weights = ["--weights", args.weights] if args.weights else []
+    weights += [f"--img-size={args.size}"]  # the direct run's input size (a job takes it from the manifest)
 
     t0 = time.perf_counter()
     subprocess.run([*PPVIT, "-q", "train", "--data", str(shards), "--out", str(tmp / "direct"), *flags, *weights,

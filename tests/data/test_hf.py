@@ -106,4 +106,6 @@ def test_hf_train_validation_and_a_single_dataset_load(tmp_path: Path, toy_datas
     single = tmp_path / "single"
     hf_split(toy_dataset, "train").save_to_disk(single)
     splits = load_splits(single, 0.25, 0)
-    assert len(splits.test) == 4 * round(24 * 0.2) and splits.train.classes == tuple(CLASSES)  # 20% of each class held out
+    assert len(splits.test) == 4 * round(24 * 0.2) and splits.train.classes == tuple(
+        CLASSES
+    )  # 20% of each class held out

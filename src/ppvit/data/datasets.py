@@ -348,13 +348,13 @@ def _train_and_test(source: Source, size: int | None, train: bool = True) -> tup
         return next(iter(source.paths(lambda rel: rel.startswith(f"{split}/"))), None) is not None
 
     test = next((n for n in TEST_NAMES if has(n)), None)
+    if test not in (None, "test"):
+        log.info("%s: no test/ split; %s/ is the test split", where, test)
     if not train and test is not None:  # evaluating: a test split alone will do
         return None, load_source_split(source, test, size=size)
     if has("train"):
         if test is None:
             raise ValueError(f"{where}: a train/ split but no test/ (nor {', '.join(TEST_NAMES[1:])}) split")
-        if test != "test":
-            log.info("%s: no test/ split; %s/ is the test split", where, test)
         return (load_source_split(source, "train", size=size) if train else None), load_source_split(
             source, test, size=size
         )
