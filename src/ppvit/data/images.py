@@ -25,8 +25,6 @@ import numpy as np
 if TYPE_CHECKING:
     import torch
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".tif", ".tiff", ".webp", ".gif")
-
 
 def resize(images: torch.Tensor, size: int) -> torch.Tensor:
     """uint8 NCHW images -> uint8 NCHW ``size x size`` (returned as given when already that size)."""
@@ -72,13 +70,9 @@ def image_files(paths: Iterable[str | os.PathLike]) -> Iterator[str]:
         if not path.is_dir():
             yield str(path)
             continue
-        found = sorted(
-            p
-            for p in path.rglob("*")
-            if p.suffix.lower() in IMAGE_SUFFIXES
-            and p.is_file()
-            and not any(part.startswith(".") for part in p.relative_to(path).parts)
-        )
+        from ppvit.data.sources.base import IMAGE_SUFFIXES, is_image_path  # the sources' test of an image file
+
+        found = sorted(p for p in path.rglob("*") if is_image_path(p.relative_to(path).as_posix()) and p.is_file())
         if not found:
             raise ValueError(f"folder {path}: no image files ({', '.join(IMAGE_SUFFIXES)})")
         yield from map(str, found)
