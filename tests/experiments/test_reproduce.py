@@ -222,9 +222,45 @@ def test_the_estimate_measures_each_method_and_counts_only_sized_cells(
 ) -> None:
     speeds = {"linear": 200.0, "melo": 50.0}
     monkeypatch.setattr(runner, "training_speed", lambda cfg: speeds[cfg.method.name])
+    monkeypatch.setattr(runner, "cell_start_seconds", lambda: 10.0)
     sized = TOY.base.replace(train_subset=1_000, test_subset=500, epochs=2, val_fraction=0.1, precision="no")
     cells = [sized.replace(method="linear"), sized.replace(method="melo"), TOY.base.replace(method="melo")]
-    line = runner.estimate_line(cells)
-    # linear: 900 x 2 / 200 + (100 x 2 + 500) / 200 = 12.5 s; melo: 900 x 2 / 50 + 700 / 200 = 39.5 s
-    assert line.startswith("estimate: about 1 min for 2 of 3 cells") and "linear 200, melo 50" in line
+    est = runner.estimate(cells)
+    # linear: 10 + 900 x 2 / 200 + (100 x 2 + 500) / 200 = 22.5 s; melo: 10 + 900 x 2 / 50 + 700 / 200 = 49.5 s
+    assert est.seconds == pytest.approx(72.0) and (est.sized, est.cells) == (2, 3)
+    assert est.line().startswith("estimate: about 1 min for 2 of 3 cells") and "linear 200, melo 50" in est.line()
+    assert est.fit(60) is None  # an unsized cell (the whole dataset) cannot be shrunk
+    both = runner.estimate(cells[:2])
+    # fixed 2 x 10 + 2 x 500 / 200 = 25 s; per image 1.8 / 200 + 0.2 / 200 + 1.8 / 50 + 0.2 / 200 = 0.047 s
+    assert both.fixed == pytest.approx(25.0) and both.per_image == pytest.approx(0.047)
+    assert both.fit(100) is None  # 72 s is within 85% of 100 s
+    assert both.fit(80) == 910  # (0.85 x 80 - 25) / 0.047 = 914.9, to two digits
+    assert both.fit(40) == runner.MIN_TRAIN_SUBSET  # (34 - 25) / 0.047 = 191: the floor
     assert runner.training_speed(sized.replace(method="linear", out=str(tmp_path / "x"))) > 0
+    assert 0 < runner.cell_start_seconds() < 120
+
+
+def test_a_slow_machine_trains_fewer_images_within_the_budget_and_says_so(
+    tmp_path: Path, toy_dataset: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A budget the measured speed cannot meet shrinks every cell's training subset, once, before
+    the first cell; the table states it, and a rerun (a faster measurement now) keeps the size."""
+    monkeypatch.setattr(runner, "training_speed", lambda cfg: 10.0)
+    monkeypatch.setattr(runner, "cell_start_seconds", lambda: 1.0)
+    monkeypatch.setattr(runner, "MIN_TRAIN_SUBSET", 8)
+    preset = TOY.select(seeds=(0,), minutes=0.2, base=TOY.base.replace(train_subset=80, test_subset=16))
+    out = tmp_path / "out"
+    table = reproduce(preset, out, toy_dataset, progress=False)
+    budget = json.loads((out / runner.BUDGET_FILE).read_text())
+    # per cell: 1 + 16 / 10 = 2.6 s fixed; per image 0.75 x 2 / 10 + 0.25 x 2 / 10 = 0.2 s; two cells:
+    # (0.85 x 12 - 5.2) / 0.4 = 12.5 -> 12
+    assert (budget["train_subset"], budget["preset_train_subset"]) == (12, 80), budget
+    for cell in ("linear-none-s0", "linear-shuffle-s0"):
+        assert TrainConfig.load(out / "cells" / cell / "config.yaml").data.train_subset == 12
+    assert "sized to the 0.2-minute budget: 12 training images instead of 80" in (out / "results.md").read_text()
+    assert table.settings["budget"]["train_subset"] == 12
+    monkeypatch.setattr(runner, "training_speed", lambda cfg: 1e6)
+    assert reproduce(preset, out, toy_dataset, progress=False).settings["budget"]["train_subset"] == 12
+    quick = reproduce(preset, tmp_path / "quick", toy_dataset, progress=False)  # fast enough: the preset's size
+    assert "budget" not in quick.settings and not (tmp_path / "quick" / runner.BUDGET_FILE).exists()
+    assert TrainConfig.load(tmp_path / "quick" / "cells" / "linear-none-s0" / "config.yaml").data.train_subset == 80

@@ -14,12 +14,13 @@ import os
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from ppvit._io import atomic_write_json
 from ppvit.crypto.keys import Key
 from ppvit.data.cache import cache_dir
 from ppvit.data.datasets import load_test_split, resolve_data
@@ -127,11 +128,14 @@ def reproduce(
     pretrained: bool | None = None,
     overrides: dict | None = None,
     progress: bool = True,
+    minutes: float | None = None,
 ) -> ResultTable:
     """Run every cell of ``preset`` (finished cells are skipped), then tabulate and plot.
 
     Fails fast, before any training, on data it cannot use; and when the first cell fails (every
-    cell shares its data, weights and key) nothing else runs and no table is written.
+    cell shares its data, weights and key) nothing else runs and no table is written. With a time
+    budget (``minutes``, else the preset's; 0 for none) a machine too slow for it trains every cell
+    on fewer images, chosen before the first cell from measured speeds and stated in the table.
     """
     out = Path(out)
     if preset.upstream is None:  # the weights first: a missing file is named before any data is read
@@ -150,15 +154,24 @@ def reproduce(
         Key.generate().save(key_path)
     # seed by seed: an interrupted run leaves whole tables of the first seeds
     todo = [Cell(m, s, seed) for seed in preset.seeds for m in preset.methods for s in preset.schemes]
-    configs = [
-        cell_config(
-            preset, c.method, c.scheme, c.seed, out / "cells" / f"{c.method}-{c.scheme}-s{c.seed}", key_path, **common
-        )
-        for c in todo
-    ]
+
+    def configs_with(common: dict) -> list[TrainConfig]:
+        named = [(c, out / "cells" / f"{c.method}-{c.scheme}-s{c.seed}") for c in todo]
+        return [cell_config(preset, c.method, c.scheme, c.seed, folder, key_path, **common) for c, folder in named]
+
+    configs = configs_with(common)
     left = [cfg for cfg in configs if not (Path(cfg.run.out) / RESULT_FILE).exists()]
-    if left and progress:
-        log.info(estimate_line(left))
+    minutes = preset.minutes if minutes is None else minutes
+    budgeted = bool(minutes) and "train_subset" not in (overrides or {})
+    est = estimate(left) if left and (progress or budgeted) else None
+    budget = fit_budget(out, configs, left, minutes, est) if budgeted else None
+    if budget is not None:
+        common["train_subset"] = budget["train_subset"]
+        configs = configs_with(common)
+        left = [cfg for cfg in configs if not (Path(cfg.run.out) / RESULT_FILE).exists()]
+        est = est and replace(est, seconds=est.fixed + est.per_image * budget["train_subset"])
+    if est and progress:
+        log.info(est.line())
     bar = tqdm(todo, desc=f"reproduce {preset.name}", unit="cell", disable=not progress, dynamic_ncols=True)
     with logging_redirect_tqdm():
         for i, (cell, cfg) in enumerate(zip(bar, configs, strict=True)):
@@ -186,37 +199,119 @@ def reproduce(
         "key_fingerprint": Key.load(key_path).fingerprint,
         "weights": common.get("weights"),
         "overrides": dict(overrides or {}),
+        **({"budget": budget} if budget else {}),
     }
     table.write(out)
     return table
 
 
-def estimate_line(cells: list[TrainConfig]) -> str:
-    """How long ``cells`` should take on this machine, said before they start.
+BUDGET_FILE = "budget.json"  # in the output folder: the training subset a budget chose (reruns keep it)
+BUDGET_MARGIN = 0.85  # aim this far under the budget: the estimate leaves out data preparation
+MIN_TRAIN_SUBSET = 500
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """Seconds the sized cells should take here, as ``fixed + per_image * train_subset``."""
+
+    fixed: float  # process starts and testing: they do not grow with the training subset
+    per_image: float  # per image of the training subset (training and validation, all cells)
+    train_subset: int | None  # the cells' common training subset (None: they differ)
+    seconds: float  # the cells as they are
+    sized: int  # cells with a training subset (the others, the whole dataset, are not estimated)
+    cells: int
+    speeds: dict[str, float]
+    precision: str
+
+    def line(self) -> str:
+        measured = ", ".join(f"{m} {v:.0f}" for m, v in self.speeds.items())
+        return (
+            f"estimate: about {self.seconds / 60:.0f} min for {self.sized} of {self.cells} cells on this machine "
+            f"(training img/s measured just now: {measured}; precision {self.precision})"
+        )
+
+    def fit(self, budget_s: float) -> int | None:
+        """The training subset (rounded down to two digits, at least ``MIN_TRAIN_SUBSET``) that fits
+        within ``BUDGET_MARGIN`` of ``budget_s``; None when the cells already fit or cannot be resized."""
+        if self.train_subset is None or self.sized < self.cells or self.seconds <= BUDGET_MARGIN * budget_s:
+            return None
+        fitting = max(1, int((BUDGET_MARGIN * budget_s - self.fixed) / self.per_image))
+        step = 10 ** max(0, len(str(fitting)) - 2)
+        return min(self.train_subset, max(MIN_TRAIN_SUBSET, fitting // step * step))
+
+
+def estimate(cells: list[TrainConfig]) -> Estimate:
+    """How long ``cells`` should take on this machine, measured before they start.
 
     Each method's training speed is measured here on three steps of its model (after one to
     warm up) at the cells' batch size and input size, in the precision the cells will use;
     evaluation is taken as forward passes at the measured speed of ``linear`` training (whose
-    backward pass stops at the head). Cells without a ``train_subset`` (the whole dataset) are
-    not estimated.
+    backward pass stops at the head), and each cell's process start is measured once.
     """
     speeds = {cfg.method.name: training_speed(cfg) for cfg in {c.method.name: c for c in cells}.values()}
     forward = max(speeds.values())
-    total, sized = 0.0, 0
-    for cfg in cells:
+    start = cell_start_seconds()
+    fixed = per_image = seconds = 0.0
+    sized = [cfg for cfg in cells if cfg.data.train_subset is not None]
+    for cfg in sized:
         d, o = cfg.data, cfg.optim
-        if d.train_subset is None:
-            continue
-        sized += 1
-        n_train = d.train_subset * (1 - d.val_fraction)
-        evaluated = d.train_subset * d.val_fraction * o.epochs + (d.test_subset or 10_000)
-        total += n_train * o.epochs / speeds[cfg.method.name] + evaluated / forward
-    measured = ", ".join(f"{m} {v:.0f}" for m, v in speeds.items())
+        test = (d.test_subset or 10_000) / forward
+        slope = (1 - d.val_fraction) * o.epochs / speeds[cfg.method.name] + d.val_fraction * o.epochs / forward
+        fixed, per_image = fixed + start + test, per_image + slope
+        seconds += start + test + slope * d.train_subset
+    subsets = {cfg.data.train_subset for cfg in sized}
+    common = subsets.pop() if len(subsets) == 1 else None
     precision = resolve_precision(cells[0].optim.precision)
-    return (
-        f"estimate: about {total / 60:.0f} min for {sized} of {len(cells)} cells on this machine "
-        f"(training img/s measured just now: {measured}; precision {precision})"
-    )
+    return Estimate(fixed, per_image, common, seconds, len(sized), len(cells), speeds, precision)
+
+
+def fit_budget(
+    out: Path, configs: list[TrainConfig], left: list[TrainConfig], minutes: float, est: Estimate | None
+) -> dict | None:
+    """The training subset that keeps the cells within ``minutes`` here, when the preset's does not.
+
+    Chosen once, before the first cell, from ``est`` (of every cell), and kept in
+    ``out/budget.json`` so that a rerun continues with the same size; a run whose first cells
+    finished at the preset's size keeps it.
+    """
+    record = out / BUDGET_FILE
+    if record.exists():
+        return json.loads(record.read_text())
+    if est is None or len(left) < len(configs):
+        return None
+    chosen = est.fit(minutes * 60)
+    if chosen is None:
+        return None
+    resized = est.fixed + est.per_image * chosen
+    budget = {
+        "minutes": minutes,
+        "train_subset": chosen,
+        "preset_train_subset": est.train_subset,
+        "estimate_min": round(est.seconds / 60, 1),
+        "resized_estimate_min": round(resized / 60, 1),
+        "speeds": {m: round(v, 1) for m, v in est.speeds.items()},
+    }
+    log.warning(
+        "this machine is too slow for %d training images within %g minutes (estimate %.0f min; training img/s %s): "
+        "every cell trains on %d instead (estimate %.0f min), as the results say; --minutes 0 keeps %d",
+        est.train_subset, minutes, est.seconds / 60, budget["speeds"], chosen, resized / 60, est.train_subset,
+    )  # fmt: skip
+    if resized > minutes * 60:
+        log.warning("even %d images would take about %.0f min here", chosen, resized / 60)
+    atomic_write_json(record, budget)
+    return budget
+
+
+def cell_start_seconds() -> float:
+    """Seconds for a cell's spawned process to start and import the training stack, measured once here."""
+    t0 = time.perf_counter()
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        pool.submit(_import_training).result()
+    return time.perf_counter() - t0
+
+
+def _import_training() -> None:
+    import ppvit.train.loop  # noqa: F401  (what a cell imports before its first step)
 
 
 def training_speed(cfg: TrainConfig, steps: int = 3) -> float:

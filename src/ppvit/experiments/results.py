@@ -101,7 +101,15 @@ class ResultTable:
             return []
         overrides = ", ".join(f"{k}={v}" for k, v in s.get("overrides", {}).items())
         lines = [f"data `{s.get('data')}`, key {s.get('key_fingerprint')}, weights `{s.get('weights')}`"]
-        return lines + ([f"**overrides of the preset: {overrides}** (not the preset's protocol)"] if overrides else [])
+        if overrides:
+            lines.append(f"**overrides of the preset: {overrides}** (not the preset's protocol)")
+        if budget := s.get("budget"):
+            lines.append(
+                f"**sized to the {budget['minutes']:g}-minute budget: {budget['train_subset']:,} training images "
+                f"instead of {budget['preset_train_subset']:,}** (estimated {budget['estimate_min']:g} min here at "
+                f"the preset's size; training img/s {budget['speeds']})"
+            )
+        return lines
 
     def write(self, out: Path) -> None:
         """results.md, results.csv, results.json and results.png, each written atomically."""
