@@ -9,7 +9,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
-from ppvit.train.config import ALIASES, Setting, per_method_defaults
+from ppvit.train.config import ALIASES, Setting, per_method_defaults, settings
 
 if TYPE_CHECKING:
     from ppvit.data.encrypt import Summary
@@ -55,6 +55,11 @@ def add_setting_args(parser: argparse.ArgumentParser, items: Iterable[Setting]) 
             parser.add_argument(*flags, action=argparse.BooleanOptionalAction, default=None, help=help_)
         else:
             parser.add_argument(*flags, type=item.type, choices=item.choices, default=None, help=help_)
+
+
+def add_splits_arg(parser: argparse.ArgumentParser) -> None:
+    """``--splits`` as ``ppvit train`` has it from the schema: one definition for every verb that reads a source."""
+    add_setting_args(parser, (s for s in settings(("data",)) if s.name == "splits"))
 
 
 def _default_text(item: Setting) -> str:

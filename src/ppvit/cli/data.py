@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ppvit.cli.common import report_summary, scheme_args, stop_on_sigterm
+from ppvit.cli.common import add_splits_arg, report_summary, scheme_args, stop_on_sigterm
 from ppvit.crypto.keys import Key
 from ppvit.data.manifest import OLD_FORMATS, WDS_SHARD_SIZE
 from ppvit.experiments.preview import PREVIEW_SCHEMES
@@ -38,9 +38,10 @@ def add_keygen(sub: argparse._SubParsersAction) -> None:
 def _encrypt(args: argparse.Namespace) -> int:
     from ppvit.crypto.ciphers import BlockCipher
     from ppvit.data.encrypt import encrypt_collection
-    from ppvit.data.sources import Columns
+    from ppvit.data.sources import Columns, SplitNames
     from ppvit.data.sources.base import read_class_names
 
+    splits = SplitNames.of(args.splits)
     classes = read_class_names(args.classes) if args.classes else None
     cipher = BlockCipher(Key.load(args.key), args.scheme, args.block_size)
     with stop_on_sigterm():
@@ -54,6 +55,7 @@ def _encrypt(args: argparse.Namespace) -> int:
             progress=not args.quiet,
             columns=Columns(args.image_column, args.label_column, classes),
             shard_size=args.shard_size,
+            splits=splits,
         )
     return report_summary(summary, "encrypted", args.dst)
 
@@ -88,6 +90,7 @@ def add_encrypt(sub: argparse._SubParsersAction) -> None:
         help="file of class names, one per line: line i names label i (WebDataset .cls numbers, or a Hugging Face "
         "label column that is no ClassLabel); default: the numbers, 0000, 0001, ...",
     )
+    add_splits_arg(p)
     p.add_argument("--workers", type=int, default=1, help="processes to use")
     p.set_defaults(func=_encrypt)
 

@@ -7,7 +7,7 @@ import dataclasses
 import json
 from pathlib import Path
 
-from ppvit.cli.common import add_setting_args
+from ppvit.cli.common import add_setting_args, add_splits_arg
 from ppvit.crypto.keys import Key
 from ppvit.train.config import TrainConfig, settings
 
@@ -48,12 +48,14 @@ def add_train(sub: argparse._SubParsersAction) -> None:
 
 
 def _eval(args: argparse.Namespace) -> None:
+    from ppvit.data.sources import SplitNames
     from ppvit.train.inference import evaluate_adapter
     from ppvit.train.runs import adapter_and_weights
 
+    splits = SplitNames.of(args.splits)
     key = Key.load(args.key) if args.key else None
     adapter, weights = adapter_and_weights(args.adapter, args.weights)
-    result = evaluate_adapter(adapter, args.data, key, weights, subset=args.subset)
+    result = evaluate_adapter(adapter, args.data, key, weights, subset=args.subset, splits=splits)
     print(json.dumps(result, indent=2))
 
 
@@ -66,6 +68,7 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--key", help="key file, to encrypt plain test images as the client would")
     p.add_argument("--weights", help=WEIGHTS_HELP)
     p.add_argument("--subset", type=int, help="evaluate on this many test images only")
+    add_splits_arg(p)
     p.set_defaults(func=_eval)
 
 

@@ -21,7 +21,7 @@ import numpy as np
 from ppvit.data.cache import decoded_cache
 from ppvit.data.images import resize_array
 from ppvit.data.manifest import Manifest
-from ppvit.data.sources import Columns, Select, Source, class_of, decode, open_source
+from ppvit.data.sources import Columns, Select, Source, SplitNames, class_of, decode, open_source
 from ppvit.data.sources.cifar10 import CIFAR10_ENV
 from ppvit.data.sources.cifar10 import NAME as CIFAR10_NAME
 from ppvit.data.sources.encrypted_npz import read_npz, write_npz
@@ -284,6 +284,7 @@ def load_splits(
     columns: Columns | None = None,
     loader_workers: int = 0,
     size: int | None = None,
+    splits: SplitNames | None = None,
 ) -> DataSplits:
     """The run's data: ``data`` (else $PPVIT_CIFAR10, else CIFAR-10 downloaded) with ``train`` and ``test`` splits.
 
@@ -291,9 +292,10 @@ def load_splits(
     the caller checks the manifest against its scheme, block size, input size and key.
     WebDataset output of ``ppvit encrypt --format wds`` is streamed (:class:`ShardStream`,
     read by ``loader_workers`` processes), never loaded whole. ``size``: the run's input size, that plain
-    images of several sizes are resized to at load (:func:`load_source_split`).
+    images of several sizes are resized to at load (:func:`load_source_split`). ``splits``: which of the
+    source's splits are train and test, where it names them otherwise (:class:`SplitNames`).
     """
-    source = open_source(resolve_data(data), columns)
+    source = open_source(resolve_data(data), columns, splits)
     if isinstance(source, EncryptedWds):
         from ppvit.data.streaming import ShardStream, is_val
 
@@ -317,11 +319,15 @@ def load_splits(
 
 
 def load_test_split(
-    data: str | os.PathLike | None, subset: int | None = None, columns: Columns | None = None, size: int | None = None
+    data: str | os.PathLike | None,
+    subset: int | None = None,
+    columns: Columns | None = None,
+    size: int | None = None,
+    splits: SplitNames | None = None,
 ) -> tuple[ArrayDataset | ShardStream, Manifest | None]:
     """The test split alone (evaluating an adapter decodes nothing else), with the manifest if encrypted;
-    ``size`` as for :func:`load_splits`."""
-    source = open_source(resolve_data(data), columns)
+    ``size`` and ``splits`` as for :func:`load_splits`."""
+    source = open_source(resolve_data(data), columns, splits)
     if isinstance(source, EncryptedWds):
         if subset:
             raise ValueError(f"{source.path}: streamed WebDataset data take no test subset")

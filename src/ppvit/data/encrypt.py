@@ -41,7 +41,7 @@ from ppvit.data.manifest import (
     write_manifest,
 )
 from ppvit.data.sinks import Sink, open_sink
-from ppvit.data.sources import Columns, Item, Select, Source, open_source
+from ppvit.data.sources import Columns, Item, Select, Source, SplitNames, open_source
 from ppvit.data.sources.base import Data, split_of
 from ppvit.data.workers import Result, transform_all
 
@@ -214,16 +214,19 @@ def encrypt_collection(
     select: Select = None,
     columns: Columns | None = None,
     shard_size: int | None = None,
+    splits: SplitNames | None = None,
 ) -> Summary:
     """Encrypt any source of :mod:`ppvit.data.sources` into ``dst`` (resized to ``size`` first if given).
 
-    ``shard_size``: images per WebDataset shard (``fmt="wds"`` only; default 1000).
+    ``shard_size``: images per WebDataset shard (``fmt="wds"`` only; default 1000). ``splits``: the
+    source's splits written as ``train`` and ``test`` (the others left out), where it names them otherwise.
     """
     if shard_size is not None and (fmt != "wds" or shard_size < 1):
         raise ValueError(f"shard size {shard_size}: only for --format wds, and at least 1")
     manifest = Manifest(str(cipher.scheme), cipher.block_size, size, cipher.key.fingerprint, fmt, __version__)
     manifest.shard_size = shard_size
-    return transform_collection(src, dst, cipher, manifest, False, workers, progress, select, columns)
+    source = open_source(src, columns, splits)
+    return transform_collection(source, dst, cipher, manifest, False, workers, progress, select)
 
 
 def decrypt_collection(

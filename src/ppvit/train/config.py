@@ -22,6 +22,7 @@ from typing import Any, Literal
 import yaml
 
 from ppvit.data.augment import PlainAugment
+from ppvit.data.sources.base import SplitNames
 from ppvit.models.configs import METHODS, LoraPEConfig, MethodConfig, method_config
 from ppvit.models.weights import WEIGHTS_ENV
 
@@ -85,6 +86,14 @@ class DataConfig:
     label_column: str | None = field(
         default=None, metadata=_help("Hugging Face dataset: the label column (default: the ClassLabel feature)")
     )
+    splits: SplitNames | None = field(
+        default=None,
+        metadata=_help(
+            "which of the source's splits are ppvit's train and test, e.g. train=training,test=holdout or "
+            "test=validation (folders, Hugging Face splits or shard name prefixes; the others are left out); "
+            "default: train/ and test/ (else validation/, val/... as test)"
+        ),
+    )
     loader_workers: int = field(
         default=0,
         metadata=_help("`ppvit encrypt --format wds` data: processes reading the shards (0: the training process)"),
@@ -104,6 +113,9 @@ class DataConfig:
         default=None,
         metadata=_help("seed for the training subset, validation split, data order and augmentation (default: seed)"),
     )
+
+    def __post_init__(self) -> None:
+        self.splits = SplitNames.of(self.splits)  # a flag's text, config.yaml's mapping: one typed value
 
 
 @dataclass
@@ -357,7 +369,8 @@ def _setting(f: dataclasses.Field, hint: Any) -> Setting:
     if typing.get_origin(hint) is not Literal:  # unwrap ``X | None``
         hint = next((a for a in typing.get_args(hint) if a is not type(None)), hint)
     choices = typing.get_args(hint) if typing.get_origin(hint) is Literal else None
-    return Setting(f.name, str if choices else hint, choices, f.default, f.metadata.get("help", ""))
+    text = choices or dataclasses.is_dataclass(hint)  # a structured value (splits): text, read by its section
+    return Setting(f.name, str if text else hint, choices, f.default, f.metadata.get("help", ""))
 
 
 def per_method_defaults(name: str) -> dict[str, Any]:

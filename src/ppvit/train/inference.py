@@ -19,6 +19,7 @@ from ppvit.crypto.keys import Key
 from ppvit.data.datasets import ArrayDataset, load_test_split
 from ppvit.data.images import image_files, read_image
 from ppvit.data.pipeline import BatchPipeline, eval_batches
+from ppvit.data.sources import SplitNames
 from ppvit.data.streaming import ShardStream
 from ppvit.models.adapters import AdapterMeta, load_adapter
 from ppvit.models.backbones import input_size, normalization
@@ -72,10 +73,12 @@ def evaluate_adapter(
     weights: str | os.PathLike | None = None,
     batch_size: int = 256,
     subset: int | None = None,
+    splits: SplitNames | None = None,
 ) -> dict[str, float]:
-    """Test-set loss and accuracy of a saved adapter on plain (encrypted here) or encrypted data."""
+    """Test-set loss and accuracy of a saved adapter on plain (encrypted here) or encrypted data (``splits``: which
+    of its splits is the test split, where it names it otherwise)."""
     model, meta = load_adapter(adapter_dir, weights)
-    test, manifest = load_test_split(data, subset, size=input_size(model))
+    test, manifest = load_test_split(data, subset, size=input_size(model), splits=splits)
     if manifest is not None:
         manifest.check(meta.scheme, meta.block_size, input_size(model), meta.key_fingerprint, where=str(data))
     pipeline = adapter_pipeline(meta, model, key, manifest is not None)

@@ -253,7 +253,16 @@ def setup(cfg: TrainConfig, resume: bool, hold: ExitStack | None = None) -> Sess
     data_seed = cfg.run.seed if d.data_seed is None else d.data_seed
     columns = Columns(d.image_column, d.label_column)
     splits = load_splits(
-        d.data, d.val_fraction, data_seed, d.part, d.train_subset, d.test_subset, columns, d.loader_workers, side
+        d.data,
+        d.val_fraction,
+        data_seed,
+        d.part,
+        d.train_subset,
+        d.test_subset,
+        columns,
+        d.loader_workers,
+        side,
+        d.splits,
     )
     if splits.manifest is not None:  # the server's case: ciphertext on disk, checked against this run
         fingerprint = Key.load(cfg.crypto.key).fingerprint if cfg.crypto.key else None

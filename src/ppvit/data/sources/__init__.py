@@ -13,13 +13,15 @@
   (:mod:`~ppvit.data.sources.files`).
 
 Every source yields the same items: ``(path in ImageFolder layout [split/]class/name, data)``,
-so encrypting, training and previews work on each kind alike, and the encrypted copy of any
-source is an ImageFolder tree (or shards) of PNGs. Damaged or missing containers (a truncated
-shard, a parquet file that is not one) stop a run in one line naming the file; a bad item in
-a good container (an image that does not decode, a sample without a label) is a failed image,
-named and counted. Importing this package imports no torch (PIL and numpy only); the
-``webdataset`` (which does), ``datasets`` and ``torchvision`` are imported when a source of
-theirs is read. A new kind: one module with a :class:`Source` subclass, one entry in ``KINDS``.
+with ``splits`` (:class:`~ppvit.data.sources.base.SplitNames`, ``--splits train=training,test=holdout``)
+applied to every kind alike (the two chosen splits alone, named ``train`` and ``test``), so
+encrypting, training and previews work on each kind alike, and the encrypted copy of any source is
+an ImageFolder tree (or shards) of PNGs. Damaged or missing containers (a truncated shard, a parquet
+file that is not one) stop a run in one line naming the file; a bad item in a good container (an
+image that does not decode, a sample without a label) is a failed image, named and counted.
+Importing this package imports no torch (PIL and numpy only); the ``webdataset`` (which does),
+``datasets`` and ``torchvision`` are imported when a source of theirs is read. A new kind: one
+module with a :class:`Source` subclass, one entry in ``KINDS``.
 """
 
 from __future__ import annotations
@@ -27,7 +29,17 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ppvit.data.sources.base import Columns, ImageItem, Item, Select, Source, class_of, decode, split_of
+from ppvit.data.sources.base import (
+    Columns,
+    ImageItem,
+    Item,
+    Select,
+    Source,
+    SplitNames,
+    class_of,
+    decode,
+    split_of,
+)
 from ppvit.data.sources.cifar10 import NAME as CIFAR10_NAME
 from ppvit.data.sources.cifar10 import Cifar10Download
 from ppvit.data.sources.encrypted_npz import EncryptedNpz
@@ -55,6 +67,7 @@ __all__ = [
     "Item",
     "Select",
     "Source",
+    "SplitNames",
     "class_of",
     "decode",
     "open_source",
@@ -62,8 +75,11 @@ __all__ = [
 ]
 
 
-def open_source(path: str | os.PathLike | Source | None, columns: Columns | None = None) -> Source:
-    """The source at ``path`` (None: CIFAR-10 downloaded); one line saying so when nothing is there or reads it."""
+def open_source(
+    path: str | os.PathLike | Source | None, columns: Columns | None = None, splits: SplitNames | None = None
+) -> Source:
+    """The source at ``path`` (None: CIFAR-10 downloaded), read with ``splits`` as ppvit's train and test
+    (checked here: they exist); one line saying so when nothing is there or reads it."""
     if isinstance(path, Source):
         return path
     text = CIFAR10_NAME if path is None else str(path)
@@ -71,5 +87,7 @@ def open_source(path: str | os.PathLike | Source | None, columns: Columns | None
         raise FileNotFoundError(f"source {text}: not found")
     for kind in KINDS:
         if kind.claims(text):
-            return kind(text, columns)
+            source = kind(text, columns, splits)
+            source.check_splits()
+            return source
     raise ValueError(f"source {text}: not an image, a folder of images, a tar archive, a dataset or shards")

@@ -27,6 +27,7 @@ from ppvit.data.manifest import MANIFEST_NAME, PLAIN, Manifest, read_manifest
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".tif", ".tiff", ".webp", ".gif")
 SPLIT_NAMES = ("train", "test", "validation", "valid", "val", "dev")
+PPVIT_SPLITS = ("train", "test")  # the splits ppvit uses: train (validation is taken from it) and test
 UNLABELLED = "_unlabelled_"  # the class folder of an image whose label is missing (a failed image)
 
 Data = bytes | np.ndarray | OSError
@@ -56,6 +57,67 @@ def read_class_names(path: str | os.PathLike) -> tuple[str, ...]:
     if len(set(names)) != len(names):
         raise ValueError(f"classes file {path}: a class is named twice")
     return names
+
+
+@dataclass(frozen=True)
+class SplitNames:
+    """Which split of a source is ppvit's train split and which its test split (``--splits``), for a source
+    that names them otherwise (``training``/``holdout``) or holds several candidates (``validation`` and
+    ``test``). A source read with them shows these two splits alone, renamed to ``train``/``test``, so
+    every consumer (training, eval, ``ppvit encrypt``'s output) sees ppvit's own names; one not given is
+    the split of ppvit's name."""
+
+    train: str | None = None
+    test: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.given():
+            raise ValueError("--splits: name a split, e.g. train=training,test=holdout")
+        if self.source("train") == self.source("test"):
+            raise ValueError(f"--splits {self}: train and test name the same split")
+
+    @classmethod
+    def parse(cls, text: str) -> SplitNames:
+        """``train=training,test=holdout`` (either pair alone); anything else is one line saying what is expected."""
+        given: dict[str, str] = {}
+        for pair in text.split(","):
+            ours, sep, theirs = (part.strip() for part in pair.partition("="))
+            if ours not in PPVIT_SPLITS or not sep or not theirs or ours in given:
+                why = f"{ours!r} is not a ppvit split" if sep and ours not in PPVIT_SPLITS else f"bad pair {pair!r}"
+                raise ValueError(
+                    f"--splits {text!r}: {why}; expected train=SPLIT,test=SPLIT (ppvit's splits: "
+                    f"{', '.join(PPVIT_SPLITS)}), e.g. train=training,test=holdout"
+                )
+            given[ours] = theirs
+        return cls(**given)
+
+    @classmethod
+    def of(cls, value: SplitNames | str | dict[str, str] | None) -> SplitNames | None:
+        """From any spelling a setting arrives in: a flag's text, a ``config.yaml`` mapping, or the value."""
+        if value is None or isinstance(value, SplitNames):
+            return value
+        if isinstance(value, str):
+            return cls.parse(value)
+        if isinstance(value, dict) and set(value) <= set(PPVIT_SPLITS):
+            return cls(**value)
+        raise ValueError(f"splits: expected train=SPLIT,test=SPLIT or a mapping of train/test, got {value!r}")
+
+    def __str__(self) -> str:
+        return ",".join(f"{ours}={theirs}" for ours, theirs in self.given().items())
+
+    def given(self) -> dict[str, str]:
+        """ppvit split -> the source's split, for the names given."""
+        return {ours: theirs for ours in PPVIT_SPLITS if (theirs := getattr(self, ours)) is not None}
+
+    def source(self, split: str) -> str:
+        """The source's name of ppvit's ``split``."""
+        return getattr(self, split) or split
+
+    def view(self, relpath: str) -> str | None:
+        """``relpath`` as ppvit sees it: its split renamed to ppvit's, None when its split is neither chosen."""
+        split = split_of(relpath)
+        ours = next((s for s in PPVIT_SPLITS if split and split == self.source(s)), None)
+        return None if ours is None else ours + relpath[len(split) :]
 
 
 @dataclass
@@ -102,15 +164,16 @@ def has_images(folder: Path) -> bool:
     return any(is_image_path(p.relative_to(folder).as_posix()) for p in folder.rglob("*"))
 
 
-def split_from_path(path: Path, root: Path | None = None) -> str:
-    """The split a shard or parquet file belongs to: its folder's name, else its name's prefix, else ''."""
+def split_from_path(path: Path, root: Path | None = None, names: tuple[str, ...] = SPLIT_NAMES) -> str:
+    """The split a shard or parquet file belongs to: its folder's name, else its name's prefix, else '';
+    only ``names`` count as splits (a generic ``shard-000.tar`` is in none)."""
     for part in reversed(path.relative_to(root).parts[:-1] if root else path.parts[:-1][-1:]):
-        if part in SPLIT_NAMES:
+        if part in names:
             return part
     stem = path.name.split(".")[0]
     for sep in ("-", "_"):
         stem = stem.split(sep)[0]
-    return stem if stem in SPLIT_NAMES else ""
+    return stem if stem in names else ""
 
 
 def label_name(value: Any, names: list[str] | None) -> str | None:
@@ -143,17 +206,21 @@ def optional(module: str) -> Any:
 class Source(ABC):
     """A way of reading images; one subclass per kind, chosen from the path by :func:`ppvit.data.sources.open_source`.
 
-    A new kind is one module with a subclass (``kind``, :meth:`claims`, :meth:`items`,
-    :meth:`files`) and one entry in the registry's ``KINDS``.
+    A new kind is one module with a subclass (``kind``, :meth:`claims`, :meth:`_items`,
+    :meth:`files`) and one entry in the registry's ``KINDS``. Its paths name the splits as the source
+    does; :meth:`items` and :meth:`paths` apply ``splits`` (:class:`SplitNames`) to every kind alike.
     """
 
     kind: ClassVar[str]
     cache_decoded: ClassVar[bool] = True  # loading a split caches its decoded pixels (not for arrays already)
     manifest: Manifest | None = None  # an encrypted (or decrypted) dataset's: what it is and its classes
 
-    def __init__(self, path: str | os.PathLike, columns: Columns | None = None) -> None:
+    def __init__(
+        self, path: str | os.PathLike, columns: Columns | None = None, splits: SplitNames | None = None
+    ) -> None:
         self.path = path
         self.columns = columns or Columns()
+        self.splits = splits
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({str(self.path)!r})"
@@ -164,21 +231,63 @@ class Source(ABC):
         """Whether ``path`` (as given: a path, a brace pattern, a name) is this kind; cheap, never raises."""
 
     @abstractmethod
-    def items(self, select: Select = None) -> Iterator[Item]:
-        """(relative path in ImageFolder layout, data) of every image (that ``select`` accepts), in a stable order."""
+    def _items(self, select: Select = None) -> Iterator[Item]:
+        """(relative path in ImageFolder layout, data) of every image (that ``select`` accepts), in a stable order,
+        its split named as the source names it."""
 
     @abstractmethod
     def files(self) -> list[Path]:
         """What the source is on disk, for :meth:`identity` (sizes and times of these files)."""
 
-    def paths(self, select: Select = None) -> Iterator[str]:
+    def _paths(self, select: Select = None) -> Iterator[str]:
         """The relative paths alone; kinds that can list them without reading images do so."""
-        return (rel for rel, _ in self.items(select))
+        return (rel for rel, _ in self._items(select))
+
+    def items(self, select: Select = None) -> Iterator[Item]:
+        """(relative path in ImageFolder layout, data) of every image (that ``select`` accepts), in a stable order;
+        with ``splits``, the two chosen splits alone under ppvit's names."""
+        if self.splits is None:
+            return self._items(select)
+        view = self.splits.view
+        return ((ours, data) for rel, data in self._items(self._viewed(select)) if (ours := view(rel)) is not None)
+
+    def paths(self, select: Select = None) -> Iterator[str]:
+        """The relative paths of :meth:`items` alone."""
+        if self.splits is None:
+            return self._paths(select)
+        return (ours for rel in self._paths(self._viewed(select)) if (ours := self.splits.view(rel)) is not None)
+
+    def _viewed(self, select: Select) -> Select:
+        """``select`` for the kind's own paths: a path in a chosen split that ``select`` accepts as ppvit names it."""
+        view = self.splits.view  # type: ignore[union-attr]
+        return lambda rel: (ours := view(rel)) is not None and (select is None or select(ours))
+
+    def split_names(self) -> tuple[str, ...]:
+        """What a shard's or parquet file's folder or name prefix is read as a split by: the usual names and
+        those ``splits`` gives."""
+        return SPLIT_NAMES + (tuple(self.splits.given().values()) if self.splits else ())
+
+    def check_splits(self) -> None:
+        """The splits ``splits`` names exist: else one line naming those that do, before any work."""
+        if self.splits is None:
+            return
+        if self.manifest is not None:
+            raise ValueError(
+                f"{self.path}: written by ppvit (splits {', '.join(sorted(self.manifest.classes))}); --splits is for "
+                "the source it was encrypted from"
+            )
+        for ours, theirs in self.splits.given().items():
+            if next(iter(self._paths(lambda rel, s=theirs: split_of(rel) == s)), None) is None:
+                have = sorted({split_of(rel) for rel in self._paths()} - {""})
+                raise ValueError(
+                    f"source {self.path}: no split {theirs!r} (--splits {ours}={theirs}); its splits: "
+                    f"{', '.join(have) or 'none found'}"
+                )
 
     def count(self, select: Select = None) -> int | None:
         """How many images, where the kind lists them without reading image data (a progress bar's total);
         None: not known without reading them all."""
-        return None if type(self).paths is Source.paths else sum(1 for _ in self.paths(select))
+        return None if type(self)._paths is Source._paths else sum(1 for _ in self.paths(select))
 
     def images(self, select: Select = None) -> Iterator[ImageItem]:
         """Decoded images (see :func:`decode`), in the order of :meth:`items`."""
@@ -189,9 +298,11 @@ class Source(ABC):
         return self.manifest is not None and self.manifest.scheme != PLAIN
 
     def identity(self) -> str:
-        """A short hash of what the source is on disk (paths, sizes, times) and the columns read: a cache key."""
+        """A short hash of what the source is on disk (paths, sizes, times), the columns and the splits read:
+        a cache key."""
         parts = [f"{p.resolve()}|{p.stat().st_size}|{p.stat().st_mtime_ns}" for p in self.files()]
-        return hashlib.sha256("\n".join([*parts, repr(self.columns)]).encode()).hexdigest()[:16]
+        read = [repr(self.columns)] + ([repr(self.splits)] if self.splits else [])  # no mapping: keys as before
+        return hashlib.sha256("\n".join([*parts, *read]).encode()).hexdigest()[:16]
 
     def known_classes(self, split: str) -> list[str] | None:
         """The class list labels index, where the source records one (a manifest); None: the classes found."""

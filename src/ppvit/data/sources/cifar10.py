@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from ppvit.data.cache import cache_dir
-from ppvit.data.sources.base import Item, Select, Source
+from ppvit.data.sources.base import Item, Select, Source, SplitNames
 
 NAME = "cifar10"
 CIFAR10_ENV = "PPVIT_CIFAR10"
@@ -35,8 +35,8 @@ class Cifar10Download(Source):
     kind: ClassVar[str] = "cifar10"
     cache_decoded: ClassVar[bool] = False
 
-    def __init__(self, path: str | os.PathLike = NAME, columns: Any = None) -> None:
-        super().__init__(path, columns)
+    def __init__(self, path: str | os.PathLike = NAME, columns: Any = None, splits: SplitNames | None = None) -> None:
+        super().__init__(path, columns, splits)
         self._splits: dict[str, tuple[np.ndarray, list[int], list[str]]] | None = None
 
     @classmethod
@@ -49,7 +49,7 @@ class Cifar10Download(Source):
     def known_classes(self, split: str) -> list[str] | None:
         return self._data()[split][2]
 
-    def items(self, select: Select = None) -> Iterator[Item]:
+    def _items(self, select: Select = None) -> Iterator[Item]:
         for split, (images, labels, classes) in self._data().items():
             for i, (image, label) in enumerate(zip(images, labels, strict=True)):
                 rel = f"{split}/{classes[label]}/{i:05d}.png"

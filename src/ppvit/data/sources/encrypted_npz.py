@@ -19,7 +19,7 @@ import numpy as np
 
 from ppvit._io import atomic_write
 from ppvit.data.manifest import MANIFEST_NAME, read_manifest
-from ppvit.data.sources.base import Columns, Item, Select, Source, manifest_format
+from ppvit.data.sources.base import Columns, Item, Select, Source, SplitNames, manifest_format
 
 
 @dataclass
@@ -66,8 +66,10 @@ class EncryptedNpz(Source):
     kind: ClassVar[str] = "encrypted-npz"
     cache_decoded: ClassVar[bool] = False
 
-    def __init__(self, path: str | os.PathLike, columns: Columns | None = None) -> None:
-        super().__init__(path, columns)
+    def __init__(
+        self, path: str | os.PathLike, columns: Columns | None = None, splits: SplitNames | None = None
+    ) -> None:
+        super().__init__(path, columns, splits)
         self.manifest = read_manifest(path)
 
     @classmethod
@@ -80,7 +82,7 @@ class EncryptedNpz(Source):
     def shards(self) -> list[Path]:
         return sorted(Path(self.path).rglob("shard-*.npz"))
 
-    def items(self, select: Select = None) -> Iterator[Item]:
+    def _items(self, select: Select = None) -> Iterator[Item]:
         for shard in self.shards():
             got = read_npz(shard)
             for i, rel in enumerate(got.paths):

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from ppvit.data.manifest import MANIFEST_NAME, read_manifest
-from ppvit.data.sources.base import Columns, manifest_format
+from ppvit.data.sources.base import Columns, SplitNames, manifest_format
 from ppvit.data.sources.files import FilesSource
 
 
@@ -19,8 +19,10 @@ class EncryptedPng(FilesSource):
 
     kind: ClassVar[str] = "encrypted-png"
 
-    def __init__(self, path: str | os.PathLike, columns: Columns | None = None) -> None:
-        super().__init__(path, columns)
+    def __init__(
+        self, path: str | os.PathLike, columns: Columns | None = None, splits: SplitNames | None = None
+    ) -> None:
+        super().__init__(path, columns, splits)
         self.manifest = read_manifest(path)
 
     @classmethod

@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image
 
 from ppvit.data.manifest import MANIFEST_NAME, read_manifest
-from ppvit.data.sources.base import Columns, Item, Select, Source, class_of, manifest_format
+from ppvit.data.sources.base import Columns, Item, Select, Source, SplitNames, class_of, manifest_format
 from ppvit.data.sources.wds import read_samples
 
 
@@ -29,8 +29,10 @@ class EncryptedWds(Source):
 
     kind: ClassVar[str] = "encrypted-wds"
 
-    def __init__(self, path: str | os.PathLike, columns: Columns | None = None) -> None:
-        super().__init__(path, columns)
+    def __init__(
+        self, path: str | os.PathLike, columns: Columns | None = None, splits: SplitNames | None = None
+    ) -> None:
+        super().__init__(path, columns, splits)
         self.manifest = read_manifest(path)
 
     @classmethod
@@ -52,7 +54,7 @@ class EncryptedWds(Source):
             raise ValueError(f"encrypted dataset {self.path}: has no {split!r} split (it has {have})")
         return classes
 
-    def items(self, select: Select = None) -> Iterator[Item]:
+    def _items(self, select: Select = None) -> Iterator[Item]:
         for split in sorted(self.manifest.classes if self.manifest else {}):
             classes = self.split_classes(split)
             for shard, sample in read_samples(self.shard_files(split)):

@@ -32,7 +32,7 @@ class FilesSource(Source):
     def files(self) -> list[Path]:
         return [Path(self.path)]
 
-    def items(self, select: Select = None) -> Iterator[Item]:
+    def _items(self, select: Select = None) -> Iterator[Item]:
         src = Path(self.path)
         if src.is_dir():
             for path in _image_files(src):
@@ -44,7 +44,7 @@ class FilesSource(Source):
         else:
             yield from _archive_items(src, select)
 
-    def paths(self, select: Select = None) -> Iterator[str]:
+    def _paths(self, select: Select = None) -> Iterator[str]:
         src = Path(self.path)
         if src.is_dir():
             rels: Iterator[str] = (path.relative_to(src).as_posix() for path in _image_files(src))

@@ -45,15 +45,15 @@ class HFSource(Source):
         p = Path(self.path)
         return sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
 
-    def items(self, select: Select = None) -> Iterator[Item]:
+    def _items(self, select: Select = None) -> Iterator[Item]:
         yield from self._rows(select, read=True)  # type: ignore[misc]
 
-    def paths(self, select: Select = None) -> Iterator[str]:
+    def _paths(self, select: Select = None) -> Iterator[str]:
         return (rel for rel, _ in self._rows(select, read=False))
 
     def _rows(self, select: Select, read: bool) -> Iterator[tuple[str, Any]]:
         row_offset: dict[str, int] = {}  # parquet files of one split number their rows on from each other
-        for split, table, where in _splits(Path(self.path)):
+        for split, table, where in _splits(Path(self.path), self.split_names()):
             image, label, names = find_columns(_features(table, where), self.columns, where)
             names = names or (list(self.columns.classes) if self.columns.classes else None)
             for cell, value in _table_rows(table, image, label, read, where):
@@ -79,8 +79,9 @@ def parquet_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*.parquet") if not any(s.startswith(".") for s in p.parts))
 
 
-def _splits(path: Path) -> list[tuple[str, Any, str]]:
-    """(split, table-like, what to name in errors) per split: ``datasets`` Datasets or parquet files."""
+def _splits(path: Path, names: tuple[str, ...]) -> list[tuple[str, Any, str]]:
+    """(split, table-like, what to name in errors) per split: ``datasets`` Datasets, or parquet files (whose
+    folder or name prefix is a split when among ``names``)."""
     if path.is_dir() and _saved(path):
         datasets = optional("datasets")
         try:
@@ -91,7 +92,7 @@ def _splits(path: Path) -> list[tuple[str, Any, str]]:
             return [(name, loaded[name], str(path / name)) for name in sorted(loaded)]
         return [("", loaded, str(path))]
     files = parquet_files(path) if path.is_dir() else [path]
-    return [(split_from_path(f, path if path.is_dir() else None), f, str(f)) for f in files]
+    return [(split_from_path(f, path if path.is_dir() else None, names), f, str(f)) for f in files]
 
 
 def _features(table: Any, where: str) -> Any:

@@ -58,7 +58,7 @@ class WdsSource(Source):
     def files(self) -> list[Path]:
         return wds_shards(self.path)
 
-    def items(self, select: Select = None) -> Iterator[Item]:
+    def _items(self, select: Select = None) -> Iterator[Item]:
         text = str(self.path)
         root = Path(text) if not is_pattern(text) and Path(text).is_dir() else None
         for shard, sample in read_samples(wds_shards(text)):
@@ -75,7 +75,7 @@ class WdsSource(Source):
                     cls = label_name(value, list(self.columns.classes) if self.columns.classes else None)
                 except UnicodeDecodeError:
                     cls = None
-            split = split_from_path(shard, root)
+            split = split_from_path(shard, root, self.split_names())
             name = f"{shard.name.split('.')[0]}_{safe_name(key)}.{image_ext}"
             rel = "/".join(p for p in (split, cls or UNLABELLED, name) if p)
             if select is not None and not select(rel):
