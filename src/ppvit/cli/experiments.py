@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 import yaml
 
-from ppvit.cli.common import UserError, counts
+from ppvit.cli.common import UserError, add_splits_arg, counts
 from ppvit.crypto.keys import Key
 from ppvit.experiments import presets
 from ppvit.train.config import ALIASES, Setting, TrainConfig, settings
@@ -44,10 +44,16 @@ def _parse_sets(items: Sequence[str]) -> dict:
 
 
 def _reproduce(args: argparse.Namespace) -> int:
-    overrides = {k: getattr(args, k) for k in ("epochs", "train_subset", "test_subset", "img_size") if getattr(args, k)}
+    given = ("epochs", "train_subset", "test_subset", "img_size", "splits")
+    overrides = {k: getattr(args, k) for k in given if getattr(args, k)}
     overrides.update(_parse_sets(args.set))
     preset = _preset(args)
-    preset.base.replace(**overrides)  # a bad setting fails here, not in every cell
+    checked = preset.base.replace(**overrides)  # a bad setting fails here, not in every cell
+    if checked.data.splits is not None:  # and so does a split the source lacks
+        from ppvit.data.datasets import resolve_data
+        from ppvit.data.sources import open_source
+
+        open_source(resolve_data(args.data), splits=checked.data.splits)
     changes: dict = {"seeds": tuple(int(s) for s in args.seeds.split(","))} if args.seeds else {}
     if args.schemes:
         changes["schemes"] = tuple(args.schemes.split(","))
@@ -85,6 +91,7 @@ def add_reproduce(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--img-size", type=int, help="input side instead of the preset's (a multiple of the patch size)")
     p.add_argument("--methods", help="comma-separated methods instead of the preset's (e.g. lora-pe)")
     p.add_argument("--schemes", help="comma-separated schemes instead of the preset's (none = plain images)")
+    add_splits_arg(p)
     p.add_argument(
         "--set",
         action="append",
