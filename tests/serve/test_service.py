@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -23,6 +25,7 @@ import pytest
 import torch
 from conftest import SMALL, adapter_tensors, assert_no_key_material, free_port, train_config
 from safetensors.torch import save_file
+from serving import LiveServer
 
 import ppvit.serve.client as client_module
 from ppvit.cli.commands import main
@@ -30,7 +33,9 @@ from ppvit.crypto.ciphers import BlockCipher
 from ppvit.crypto.keys import Key
 from ppvit.data.encrypt import encrypt_collection
 from ppvit.models.backbones import create_backbone
+from ppvit.serve.app import ServeConfig
 from ppvit.serve.client import Client, ServerError
+from ppvit.serve.jobs import LocalRunner, ServiceLimits
 from ppvit.serve.tenants import TenantStore
 from ppvit.train.inference import iter_predictions
 from ppvit.train.loop import train
@@ -47,6 +52,7 @@ SETTINGS = {
     "precision": "no",
 }
 SHARD_SIZE = 40  # train: 3 shards of the 96 images, test: 1
+BODY_TIMEOUT = 3  # the server's --body-timeout, seconds
 
 
 class ServerProcess:
@@ -61,7 +67,7 @@ class ServerProcess:
     def start(self) -> ServerProcess:
         cmd = [sys.executable, "-m", "ppvit.cli", "serve", "--root", str(self.root), "--port", str(self.port)]
         cmd += ["--train-model", f"{SMALL}={self.weights}", "--max-epochs", "5", "--max-steps", "40"]
-        cmd += ["--quota-mb", "1", *self.extra]
+        cmd += ["--quota-mb", "1", "--max-job-processes", "2", "--body-timeout", str(BODY_TIMEOUT), *self.extra]
         with open(self.log, "ab") as fh:
             self.proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 60
@@ -95,7 +101,7 @@ def world(tmp_path_factory: pytest.TempPathFactory, toy_dataset: Path) -> Iterat
     keys = {name: tmp / f"{name}.key" for name in ("alice", "bob")}
     for path in keys.values():
         Key.generate().save(path)
-    first = tmp / "first"  # the adapter each tenant starts with
+    first = tmp / "first"  # the adapter each tenant starts with (and one added later)
     train(train_config(first, toy_dataset, keys["alice"], weights=str(weights), epochs=1, block_size=4))
     store = TenantStore(tmp / "root")
     tokens = {}
@@ -104,6 +110,7 @@ def world(tmp_path_factory: pytest.TempPathFactory, toy_dataset: Path) -> Iterat
         tokens[name].write_text(store.add(name, first))
     server = ServerProcess(tmp / "root", weights, tmp / "server.log").start()
     world = {"tmp": tmp, "weights": weights, "keys": keys, "tokens": tokens, "server": server, "toy": toy_dataset}
+    world["first"] = first
     yield world
     server.stop()
 
@@ -337,6 +344,103 @@ def test_cancel_and_a_dying_training_process(world: dict, capsys: pytest.Capture
     assert main(["client", "jobs", *flags]) == 0
     listed = capsys.readouterr().out.splitlines()
     assert [line.split("\t")[1] for line in listed][-2:] == ["failed", "cancelled"]
+
+
+def test_a_stalled_shard_upload_gets_408_and_leaves_no_partial_shard(world: dict) -> None:
+    """A client that sends a shard's headers and part of its body, then nothing: 408 within the body
+    timeout, and the shard is still missing with no temporary file left in the store."""
+    manifest = json.loads((encrypted_toy(world) / "ppvit-manifest.json").read_text())
+    shard = {"path": "train/shard-000000.tar", "bytes": 1000, "sha256": "0" * 64}
+    with client(world, "bob") as c:
+        c._call("PUT", "/v1/datasets/stall", json={"manifest": manifest, "shards": [shard]})
+    token = world["tokens"]["bob"].read_text().strip()
+    head = (
+        "PUT /v1/datasets/stall/shards/train/shard-000000.tar HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        f"Authorization: Bearer {token}\r\nContent-Length: 1000\r\n\r\n"
+    )
+    with socket.create_connection(("127.0.0.1", world["server"].port), timeout=BODY_TIMEOUT + 10) as s:
+        s.sendall(head.encode() + b"x" * 300)
+        t0 = time.monotonic()
+        answer = s.recv(4096)  # then nothing more is sent
+        waited = time.monotonic() - t0
+    assert answer == b"" or answer.startswith(b"HTTP/1.1 408"), answer[:200]
+    assert waited < BODY_TIMEOUT + 3
+    folder = next((world["tmp"] / "root" / "datasets").glob("*/stall"))
+    assert [p.name for p in folder.rglob("*") if p.is_file()] == ["ppvit-manifest.json"]
+    with client(world, "bob") as c:
+        assert c._call("GET", "/v1/datasets/stall")["missing"] == [shard["path"]]
+        c._call("DELETE", "/v1/datasets/stall")
+
+
+def _files(root: Path) -> set[Path]:
+    """Everything under a store root but the database's own files (its WAL changes with every request)."""
+    return {p.relative_to(root) for p in root.rglob("*") if not p.name.startswith("tenants.sqlite")}
+
+
+def test_remove_tenant_stops_its_job_and_deletes_its_datasets_and_jobs(world: dict) -> None:
+    """`serve remove-tenant` while the tenant's job runs: the job is stopped first, then every file of the
+    tenant goes (the store holds what it held before the tenant came) and the server goes on."""
+    root = world["tmp"] / "root"
+    before = _files(root)
+    token = TenantStore(root).add("carol", world["first"])
+    with Client(world["server"].url, token) as c:
+        c.upload(encrypted_toy(world), "toy")
+        job_id = c.submit("toy", SETTINGS)["id"]
+        _wait(c, job_id, lambda j: j["state"] == "running")
+    (tenant_id,) = _db(world, "SELECT id FROM tenants WHERE name = 'carol'")[0]
+    assert main(["serve", "remove-tenant", str(root), "carol"]) == 0
+    assert _files(root) - {Path("jobs")} == before - {Path("jobs")}  # its folder of all tenants' jobs may be new
+    for table in ("datasets", "shards", "jobs"):
+        assert _db(world, f"SELECT * FROM {table} WHERE tenant_id = ?", tenant_id) == []
+    assert httpx.get(f"{world['server'].url}/healthz", timeout=5).status_code == 200
+    with pytest.raises(ServerError) as err, Client(world["server"].url, token) as c:
+        c.datasets()
+    assert err.value.status == 401
+    with client(world, "alice") as c:
+        assert [d["name"] for d in c.datasets()] == ["toy"]  # another tenant's are untouched
+
+
+def test_a_job_of_two_processes_runs_under_torchrun(world: dict) -> None:
+    """processes=2: torchrun with two gloo processes on the cpu slot, the batch of 8 split in 4 + 4; more
+    than the server's --max-job-processes, or a batch that does not split, is refused in one line."""
+    with client(world, "alice") as c:
+        for processes, settings, word in ((3, SETTINGS, "1 to 2"), (2, {**SETTINGS, "batch_size": 7}, "equal")):
+            with pytest.raises(ServerError) as err:
+                c.submit("toy", settings, processes=processes)
+            assert err.value.status == 422 and word in str(err.value) and "\n" not in str(err.value)
+        job = c.submit("toy", {**SETTINGS, "epochs": 1}, processes=2)
+        assert job["processes"] == 2
+        job = _wait(c, job["id"], lambda j: j["state"] in ("succeeded", "failed", "cancelled"), timeout=180)
+    assert job["state"] == "succeeded", job
+    result = json.loads((world["tmp"] / "root" / "jobs" / job["id"] / "run" / "result.json").read_text())
+    assert result["processes"] == 2
+
+
+FILE_LIMIT = 16 << 10  # bytes a job's process may write to one file: its log fits, saved weights (~20 KB) do not
+
+
+def _file_size_limit() -> None:
+    resource.setrlimit(resource.RLIMIT_FSIZE, (FILE_LIMIT, FILE_LIMIT))
+
+
+def test_a_job_that_cannot_write_fails_and_the_server_goes_on(
+    world: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A job's process under a file-size limit (the kernel refuses its checkpoint's writes, EFBIG, as a
+    full disk would with ENOSPC) ends failed with the write error as its last log line; the server,
+    not under the limit, answers /healthz and the tenant's requests throughout."""
+    monkeypatch.setattr(ServiceLimits, "runner", lambda self: LocalRunner(preexec=_file_size_limit))
+    store = TenantStore(tmp_path / "root")
+    token = store.add("dora", world["first"])
+    limits = ServiceLimits({SMALL: str(world["weights"])}, max_epochs=5)
+    with LiveServer(ServeConfig(tmp_path / "root", training=limits)) as server, Client(server.url, token) as c:
+        c.upload(encrypted_toy(world), "toy")
+        job = _wait(c, c.submit("toy", SETTINGS)["id"], lambda j: j["state"] in ("succeeded", "failed"))
+        assert httpx.get(f"{server.url}/healthz", timeout=5).status_code == 200
+        assert [d["name"] for d in c.datasets()] == ["toy"] and c._call("GET", "/v1/adapter")["tenant"] == "dora"
+    assert job["state"] == "failed", job
+    assert "File too large" in job["error"] and "\n" not in job["error"], job["error"]
+    assert job["error"] == job["log"]
 
 
 def test_a_store_without_the_service_tables_gains_them_and_keeps_working(tmp_path: Path) -> None:

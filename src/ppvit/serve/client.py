@@ -262,9 +262,11 @@ class Client:
     def datasets(self) -> list[dict]:
         return self._call("GET", "/v1/datasets")
 
-    def submit(self, dataset: str, settings: dict[str, Any], activate: bool = False) -> dict:
-        """A training job: flat ``ppvit train`` settings on one of this tenant's datasets."""
-        return self._call("POST", "/v1/jobs", json={"dataset": dataset, "config": settings, "activate": activate})
+    def submit(self, dataset: str, settings: dict[str, Any], activate: bool = False, processes: int = 1) -> dict:
+        """A training job: flat ``ppvit train`` settings on one of this tenant's datasets, in ``processes``
+        data-parallel processes (the global batch split between them; the server caps the number)."""
+        doc = {"dataset": dataset, "config": settings, "activate": activate, "processes": processes}
+        return self._call("POST", "/v1/jobs", json=doc)
 
     def jobs(self) -> list[dict]:
         return self._call("GET", "/v1/jobs")

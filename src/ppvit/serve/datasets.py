@@ -65,6 +65,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     state TEXT NOT NULL,             -- queued, running, succeeded, failed, cancelled
     config TEXT NOT NULL,            -- the TrainConfig as config.yaml (the server's fields filled in)
     activate INTEGER NOT NULL,
+    processes INTEGER NOT NULL DEFAULT 1,  -- training processes (torchrun when more than one)
     handle TEXT,                     -- the runner's name for the running process
     error TEXT,
     version INTEGER,                 -- the adapter version registered on success
@@ -98,6 +99,10 @@ def service_db(root: Path) -> Iterator[sqlite3.Connection]:
     try:
         con.execute("PRAGMA foreign_keys=ON")
         con.executescript(SERVICE_SCHEMA)  # idempotent; runs in its own transaction
+        if "processes" not in {
+            r[1] for r in con.execute("PRAGMA table_info(jobs)")
+        }:  # a jobs table from before the column
+            con.execute("ALTER TABLE jobs ADD COLUMN processes INTEGER NOT NULL DEFAULT 1")
         with con:
             con.execute("BEGIN IMMEDIATE")
             yield con

@@ -9,12 +9,14 @@ the dataset's manifest) and records the result as the job's ``config.yaml``.
 
 States: queued -> running -> succeeded / failed / cancelled, kept in the store's SQLite. A
 :class:`Runner` runs ``ppvit train --config JOB.yaml --resume`` processes; the embedded one
-(:class:`LocalRunner`) runs them on this machine, one per device slot. :class:`Supervisor` (a
-thread of the server) starts queued jobs, watches running ones and, on success, registers the
-adapter as a new adapter version of the tenant (activated if asked). A process that dies fails
-its job with its last log line. The server's own death kills its processes (Linux
-``PR_SET_PDEATHSIG``); the next server finds their jobs still "running", queues them again and
-their ``--resume`` continues from the last checkpoint, bit-exact as ``ppvit train --resume`` is.
+(:class:`LocalRunner`) runs them on this machine, one job per device slot: a job of several
+processes runs them under ``torchrun`` on as many CUDA slots, or on one ``cpu`` slot (gloo).
+:class:`Supervisor` (a thread of the server) starts queued jobs, watches running ones and, on
+success, registers the adapter as a new adapter version of the tenant (activated if asked). A
+process that dies fails its job with its last log line. The server's own death kills its
+processes (Linux ``PR_SET_PDEATHSIG``); the next server finds their jobs still "running", queues
+them again and their ``--resume`` continues from the last checkpoint, bit-exact as ``ppvit train
+--resume`` is.
 :class:`RayRunner` submits the same command to a Ray cluster instead (its job submission API).
 """
 
@@ -28,11 +30,13 @@ import math
 import os
 import secrets
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -40,7 +44,7 @@ from typing import Any, Protocol
 import yaml
 
 from ppvit._io import atomic_write_text
-from ppvit.serve.datasets import Dataset, DatasetError, service_db
+from ppvit.serve.datasets import DATASETS_DIR, Dataset, DatasetError, service_db
 from ppvit.serve.tenants import TenantStore
 from ppvit.train.config import TrainConfig
 
@@ -65,12 +69,22 @@ class ServiceLimits:
     max_epochs: int = 50
     max_steps: int | None = None  # optimiser steps of a job (epochs x batches of the training images)
     tenant_jobs: int = 2  # queued or running jobs of one tenant
-    devices: list[str] = field(default_factory=lambda: ["cpu"])  # "cpu" or a CUDA index; len = jobs running at once
+    devices: list[str] = field(default_factory=lambda: ["cpu"])  # "cpu" or a CUDA index; one running job each
+    max_processes: int = 1  # training processes of one job (torchrun); on CUDA slots one device each
     quota_bytes: int = 10 << 30  # one tenant's uploaded datasets
     ray_address: str | None = None  # a Ray cluster's dashboard URL: jobs run there (RayRunner), not here
 
     def runner(self) -> Runner:
         return LocalRunner() if self.ray_address is None else RayRunner(self.ray_address)
+
+    def check_processes(self, processes: Any, batch_size: int) -> None:
+        """A job's process count: within the server's limit, its devices there, the batch split evenly (422)."""
+        cuda = [d for d in self.devices if d != "cpu"]
+        most = self.max_processes if "cpu" in self.devices else min(self.max_processes, len(cuda))
+        if not (type(processes) is int and 1 <= processes <= most):
+            raise JobError(422, f"processes {processes}: this server runs 1 to {most} processes for a job")
+        if batch_size % processes:
+            raise JobError(422, f"processes {processes}: batch size {batch_size} does not split into equal shares")
 
 
 class JobError(DatasetError):
@@ -128,10 +142,11 @@ def train_images(cfg: TrainConfig, dataset: Dataset) -> int:
 
 
 class Runner(Protocol):
-    """Where job processes run. ``start`` returns a handle; ``poll`` the exit code (None: running);
-    ``adopt`` takes over a handle of an earlier server (False: its process is gone, start again)."""
+    """Where job processes run. ``start`` runs one process per entry of ``devices`` (all "cpu", or
+    CUDA indices) and returns a handle; ``poll`` the exit code (None: running); ``adopt`` takes
+    over a handle of an earlier server (False: its process is gone, start again)."""
 
-    def start(self, job_id: str, config: Path, log_file: Path, device: str) -> str: ...
+    def start(self, job_id: str, config: Path, log_file: Path, devices: list[str]) -> str: ...
 
     def poll(self, handle: str) -> int | None: ...
 
@@ -142,26 +157,50 @@ class Runner(Protocol):
     def shutdown(self) -> None: ...
 
 
-def _die_with_parent() -> None:
-    """In the child: SIGKILL when the server's supervising thread dies (Linux); elsewhere nothing."""
+def die_with_parent() -> None:
+    """In the child: SIGKILL when the thread that started it dies (Linux); elsewhere nothing."""
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
+def train_command(python: str, config: Path, processes: int) -> list[str]:
+    """The job's ``ppvit train``; several processes under torchrun, each through :mod:`ppvit.serve.worker`
+    (torchrun's workers would not die with a killed launcher: PR_SET_PDEATHSIG is not inherited)."""
+    train = ["train", "--config", str(config), "--resume"]
+    if processes == 1:
+        return [python, "-m", "ppvit.cli", *train]
+    launch = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(processes)]
+    return [python, *launch, "-m", "ppvit.serve.worker", *train]
+
+
 class LocalRunner:
-    """``ppvit train`` processes on this machine (the embedded runner); call from one long-lived thread."""
+    """``ppvit train`` processes on this machine (the embedded runner); call from one long-lived thread.
 
-    def __init__(self) -> None:
+    ``preexec``: also run in each started process before it executes (a resource limit, in tests).
+    """
+
+    def __init__(self, preexec: Callable[[], None] | None = None) -> None:
         self.procs: dict[str, subprocess.Popen] = {}
+        self.preexec = preexec
 
-    def start(self, job_id: str, config: Path, log_file: Path, device: str) -> str:
+    def _child_setup(self) -> None:
+        die_with_parent()
+        if self.preexec is not None:
+            self.preexec()
+
+    def start(self, job_id: str, config: Path, log_file: Path, devices: list[str]) -> str:
         env = dict(os.environ)
-        if device != "cpu":
-            env["CUDA_VISIBLE_DEVICES"] = device
-        cmd = [sys.executable, "-m", "ppvit.cli", "train", "--config", str(config), "--resume"]
+        if devices[0] != "cpu":
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(devices)  # torchrun's ranks take cuda:0.. of these
+        cmd = train_command(sys.executable, config, len(devices))
         with open(log_file, "ab") as fh:
             proc = subprocess.Popen(
-                cmd, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, preexec_fn=_die_with_parent
+                cmd,
+                stdout=fh,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=env,
+                preexec_fn=self._child_setup,
             )
         handle = f"local:{proc.pid}"
         self.procs[handle] = proc
@@ -213,13 +252,13 @@ class RayRunner:
         self.http = httpx.Client(base_url=address.rstrip("/"), timeout=timeout)
         self.python = python
 
-    def start(self, job_id: str, config: Path, log_file: Path, device: str) -> str:
-        cmd = [self.python, "-m", "ppvit.cli", "train", "--config", str(config), "--resume"]
+    def start(self, job_id: str, config: Path, log_file: Path, devices: list[str]) -> str:
+        cmd = train_command(self.python, config, len(devices))
         entrypoint = f"{shlex.join(cmd)} >> {shlex.quote(str(log_file))} 2>&1"
         submission = f"ppvit-{job_id}-{secrets.token_hex(4)}"  # a resumed job is a new submission
         body = {"entrypoint": entrypoint, "submission_id": submission, "metadata": {"ppvit_job": job_id}}
-        if device != "cpu":
-            body["entrypoint_num_gpus"] = 1
+        if devices[0] != "cpu":
+            body["entrypoint_num_gpus"] = len(devices)  # Ray picks them and sets CUDA_VISIBLE_DEVICES
         response = self.http.post("/api/jobs/", json=body)
         if response.status_code != 200:
             raise RuntimeError(f"Ray refused job {job_id}: {response.status_code} {response.text[:200]}")
@@ -266,12 +305,15 @@ class Jobs:
     def folder(self, job_id: str) -> Path:
         return self.root / JOBS_DIR / job_id
 
-    def submit(self, tenant_id: int, dataset: Dataset, settings: Any, activate: bool) -> dict[str, Any]:
+    def submit(
+        self, tenant_id: int, dataset: Dataset, settings: Any, activate: bool, processes: Any = 1
+    ) -> dict[str, Any]:
         if not dataset.complete:
             raise JobError(409, f"dataset {dataset.name}: {len(dataset.missing)} shards not uploaded yet")
         job_id = "job-" + secrets.token_hex(6)
         folder = self.folder(job_id)
         cfg = job_config(settings, dataset, self.limits, folder / "run")
+        self.limits.check_processes(processes, cfg.optim.batch_size)
         with service_db(self.root) as con:
             busy = con.execute(
                 "SELECT COUNT(*) FROM jobs WHERE tenant_id = ? AND state IN (?, ?)", (tenant_id, *ACTIVE)
@@ -281,15 +323,15 @@ class Jobs:
             folder.mkdir(mode=0o700, parents=True)
             atomic_write_text(folder / "config.yaml", cfg.dump())
             con.execute(
-                "INSERT INTO jobs (id, tenant_id, dataset, state, config, activate, created) "
-                "VALUES (?, ?, ?, 'queued', ?, ?, ?)",
-                (job_id, tenant_id, dataset.name, cfg.dump(), int(activate), time.time()),
+                "INSERT INTO jobs (id, tenant_id, dataset, state, config, activate, processes, created) "
+                "VALUES (?, ?, ?, 'queued', ?, ?, ?, ?)",
+                (job_id, tenant_id, dataset.name, cfg.dump(), int(activate), processes, time.time()),
             )
         return self.get(tenant_id, job_id)
 
     def _row(self, con: Any, tenant_id: int, job_id: str) -> tuple:
         row = con.execute(
-            "SELECT id, dataset, state, config, activate, error, version, created, started, ended, cancel "
+            "SELECT id, dataset, state, config, activate, error, version, created, started, ended, processes "
             "FROM jobs WHERE id = ? AND tenant_id = ?",
             (job_id, tenant_id),
         ).fetchone()
@@ -301,7 +343,7 @@ class Jobs:
         """The job's state, progress (last epoch of metrics.jsonl) and last log line; 404 if not the tenant's."""
         with service_db(self.root) as con:
             row = self._row(con, tenant_id, job_id)
-        jid, dataset, state, config, activate, error, version, created, started, ended, _ = row
+        jid, dataset, state, config, activate, error, version, created, started, ended, processes = row
         cfg = TrainConfig.from_dict(yaml.safe_load(config))
         metrics = self.metrics(jid)
         last = metrics[-1] if metrics else {}
@@ -316,6 +358,7 @@ class Jobs:
             "method": cfg.method.name,
             "model": cfg.backbone.model,
             "activate": bool(activate),
+            "processes": processes,
             "epoch": last.get("epoch", 0),
             "epochs": epochs,
             "train_loss": last.get("train_loss"),
@@ -377,6 +420,56 @@ class Jobs:
             )
 
 
+def remove_tenant(root: str | os.PathLike, name: str, wait_s: float = 120.0) -> None:
+    """Remove a tenant with everything it has here: token, adapter versions, datasets and jobs.
+
+    Its jobs stop first: queued ones are cancelled, running ones asked to cancel, which the
+    server's supervisor does (SIGTERM, then it marks them); only then are rows and files
+    deleted, so no process writes into a folder being removed. A running job whose local
+    process is gone (no server up) is not waited for; one still alive after ``wait_s`` refuses
+    the removal in one line, with nothing deleted.
+    """
+    root = Path(root)
+    store = TenantStore(root, create=False)
+    with service_db(root) as con:
+        row = con.execute("SELECT id FROM tenants WHERE name = ?", (name,)).fetchone()
+        if row is None:
+            raise ValueError(f"no tenant {name}")
+        tenant_id = row[0]
+        con.execute(
+            "UPDATE jobs SET state = 'cancelled', ended = ? WHERE tenant_id = ? AND state = 'queued'",
+            (time.time(), tenant_id),
+        )
+        con.execute("UPDATE jobs SET cancel = 1 WHERE tenant_id = ? AND state = 'running'", (tenant_id,))
+    deadline = time.monotonic() + wait_s
+    while True:
+        with service_db(root) as con:
+            jobs = con.execute("SELECT id, state, handle FROM jobs WHERE tenant_id = ?", (tenant_id,)).fetchall()
+        running = [job_id for job_id, state, handle in jobs if state == "running" and _alive(handle)]
+        if not running:
+            break
+        if time.monotonic() > deadline:
+            raise ValueError(f"tenant {name}: job {running[0]} still running after {wait_s:g} s; is the server up?")
+        time.sleep(0.5)
+    store.remove(name)  # its rows of datasets, shards and jobs go with it (ON DELETE CASCADE)
+    for job_id, _, _ in jobs:
+        shutil.rmtree(root / JOBS_DIR / job_id, ignore_errors=True)
+    shutil.rmtree(root / DATASETS_DIR / str(tenant_id), ignore_errors=True)
+
+
+def _alive(handle: str | None) -> bool:
+    """Whether a job's process may still run: a local one by its pid, any other (a cluster's) as far as we know."""
+    if handle is None or not handle.startswith("local:"):
+        return handle is not None
+    try:
+        os.kill(int(handle.removeprefix("local:")), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 class Supervisor:
     """The server's job thread: starts queued jobs on free device slots, watches and finishes running ones.
 
@@ -388,7 +481,7 @@ class Supervisor:
         self.jobs, self.tenants = jobs, tenants
         self.runner = runner or jobs.limits.runner()
         self.interval = interval
-        self.slots: dict[str, str] = {}  # job id -> device
+        self.slots: dict[str, list[str]] = {}  # job id -> its devices ("cpu" once per process, or CUDA indices)
         self.handles: dict[str, str] = {}  # job id -> runner handle
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="ppvit-jobs", daemon=True)
@@ -397,12 +490,13 @@ class Supervisor:
         """Take over an earlier server's running jobs: adopted where the runner still has them, else
         queued again (``--resume`` continues them from their last checkpoint)."""
         with service_db(self.jobs.root) as con:
-            running = con.execute("SELECT id, handle FROM jobs WHERE state = 'running' ORDER BY created").fetchall()
-        devices = iter(self.jobs.limits.devices)
-        for job_id, handle in running:
-            device = next(devices, None)
-            if handle and device is not None and self.runner.adopt(handle):
-                self.handles[job_id], self.slots[job_id] = handle, device
+            running = con.execute(
+                "SELECT id, handle, processes FROM jobs WHERE state = 'running' ORDER BY created"
+            ).fetchall()
+        for job_id, handle, processes in running:
+            devices = self._free(processes)
+            if handle and devices is not None and self.runner.adopt(handle):
+                self.handles[job_id], self.slots[job_id] = handle, devices
             else:
                 with service_db(self.jobs.root) as con:
                     con.execute("UPDATE jobs SET state = 'queued', handle = NULL WHERE id = ?", (job_id,))
@@ -426,11 +520,11 @@ class Supervisor:
     def step(self) -> None:
         with service_db(self.jobs.root) as con:
             rows = con.execute(
-                "SELECT j.id, j.state, j.cancel, j.activate, t.name FROM jobs j JOIN tenants t ON t.id = j.tenant_id "
-                "WHERE j.state IN (?, ?) ORDER BY j.created",
+                "SELECT j.id, j.state, j.cancel, j.activate, j.processes, t.name FROM jobs j "
+                "JOIN tenants t ON t.id = j.tenant_id WHERE j.state IN (?, ?) ORDER BY j.created",
                 ACTIVE,
             ).fetchall()
-        for job_id, state, cancel, activate, tenant in rows:
+        for job_id, state, cancel, activate, processes, tenant in rows:
             if state == "running" and job_id in self.handles:
                 if cancel:
                     self.runner.cancel(self.handles[job_id])
@@ -438,14 +532,27 @@ class Supervisor:
                 if code is not None:
                     self._finish(job_id, code, bool(cancel), bool(activate), tenant)
             elif state == "queued":
-                free = [d for d in self.jobs.limits.devices if d not in self.slots.values()]
-                if free:
-                    self._launch(job_id, free[0])
+                devices = self._free(processes)
+                if devices is not None:
+                    self._launch(job_id, devices)
+        for job_id in set(self.handles) - {row[0] for row in rows}:  # its tenant removed: stop it, free its slot
+            self.runner.cancel(self.handles[job_id])
+            if self.runner.poll(self.handles[job_id]) is not None:
+                del self.handles[job_id], self.slots[job_id]
 
-    def _launch(self, job_id: str, device: str) -> None:
+    def _free(self, processes: int) -> list[str] | None:
+        """Devices for a job of ``processes``: as many free CUDA slots, else a free ``cpu`` slot (None: wait)."""
+        busy = {d for devices in self.slots.values() for d in devices}
+        free = [d for d in self.jobs.limits.devices if d not in busy]
+        cuda = [d for d in free if d != "cpu"]
+        if len(cuda) >= processes:
+            return cuda[:processes]
+        return ["cpu"] * processes if "cpu" in free else None
+
+    def _launch(self, job_id: str, devices: list[str]) -> None:
         folder = self.jobs.folder(job_id)
         try:
-            handle = self.runner.start(job_id, folder / "config.yaml", folder / "log.txt", device)
+            handle = self.runner.start(job_id, folder / "config.yaml", folder / "log.txt", devices)
         except (OSError, RuntimeError) as exc:  # no process (a full disk, a cluster that refuses): this job fails
             with service_db(self.jobs.root) as con:
                 con.execute(
@@ -453,7 +560,7 @@ class Supervisor:
                     (f"could not be started: {exc}", time.time(), job_id),
                 )
             return
-        self.handles[job_id], self.slots[job_id] = handle, device
+        self.handles[job_id], self.slots[job_id] = handle, devices
         with service_db(self.jobs.root) as con:
             con.execute(
                 "UPDATE jobs SET state = 'running', handle = ?, started = COALESCE(started, ?) WHERE id = ?",

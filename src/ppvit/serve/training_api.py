@@ -8,7 +8,7 @@ tenant's datasets and jobs (another tenant's answer 404, as a missing one does):
     GET    /v1/datasets/NAME                    its manifest fields and the shards still missing
     DELETE /v1/datasets/NAME
     PUT    /v1/datasets/NAME/shards/SPLIT/FILE  one shard's bytes (checked against the declared size and SHA-256)
-    POST   /v1/jobs                             {dataset, config: {flat TrainConfig settings}, activate}
+    POST   /v1/jobs                             {dataset, config: {flat TrainConfig settings}, activate, processes}
     GET    /v1/jobs, /v1/jobs/ID, /v1/jobs/ID/metrics
     POST   /v1/jobs/ID/cancel, /v1/jobs/ID/activate
 """
@@ -57,8 +57,9 @@ async def _json(request: Request) -> dict[str, Any]:
     return doc
 
 
-def training_router(root: Path, tenants: TenantStore, limits: ServiceLimits) -> APIRouter:
-    """The routes above over the store at ``root``, with a job supervisor living as long as the app."""
+def training_router(root: Path, tenants: TenantStore, limits: ServiceLimits, body_timeout: float) -> APIRouter:
+    """The routes above over the store at ``root``, with a job supervisor living as long as the app;
+    a shard's body must arrive within ``body_timeout`` seconds, as a predict body must."""
     datasets = DatasetStore(root, limits.quota_bytes)
     jobs = Jobs(root, limits)
 
@@ -108,7 +109,10 @@ def training_router(root: Path, tenants: TenantStore, limits: ServiceLimits) -> 
     async def shard(name: str, split: str, file: str, request: Request) -> dict[str, Any]:
         tid = await tenant(request)
         try:
-            await datasets.receive(tid, name, f"{split}/{file}", request.stream())
+            async with asyncio.timeout(body_timeout):  # a stalled client: its temporary file goes, 408
+                await datasets.receive(tid, name, f"{split}/{file}", request.stream())
+        except TimeoutError:
+            raise HTTPError(408, f"the shard did not arrive within {body_timeout:g} s; send it again") from None
         except DatasetError as exc:
             raise HTTPError(exc.status, str(exc)) from None
         except ClientDisconnect:
@@ -123,7 +127,8 @@ def training_router(root: Path, tenants: TenantStore, limits: ServiceLimits) -> 
         if not isinstance(name, str):
             raise HTTPError(422, "dataset: the name of one of your datasets")
         found = await _call(datasets.get, tid, name)
-        return await _call(jobs.submit, tid, found, doc.get("config"), bool(doc.get("activate", False)))
+        activate, processes = bool(doc.get("activate", False)), doc.get("processes", 1)
+        return await _call(jobs.submit, tid, found, doc.get("config"), activate, processes)
 
     @router.get("/jobs")
     async def list_jobs(request: Request) -> list[dict[str, Any]]:
