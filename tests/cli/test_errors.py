@@ -192,3 +192,8 @@ def test_client_with_no_server_is_one_line(tmp_path: Path, capsys: pytest.Captur
     )
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "127.0.0.1:9" in err[0]
+
+
+def test_a_negative_time_budget_is_one_line(tmp_path: Path, capsys) -> None:
+    one_line_error(["reproduce", "--out", tmp_path / "r", "--minutes", "-5"], capsys, "--minutes must be 0")
+    assert not (tmp_path / "r").exists()

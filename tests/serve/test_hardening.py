@@ -279,36 +279,91 @@ def test_tenants_on_different_weights_files_get_their_own_base(world: dict, tmp_
 # -- 5. fair share --------------------------------------------------------------------------------------
 
 
-def test_the_batcher_takes_tenants_in_turn() -> None:
-    """A tenant queueing five 24-image requests does not push a neighbour's request out of the next batch."""
-    batches: list[list[str]] = []
+class SlowBase:
+    """A stand-in base: each image costs ``per_image`` seconds and its logits are its first two pixels.
 
-    async def scenario() -> None:
-        batcher = Batcher(window=0.05, max_batch=64, metrics=Metrics())
+    ``passes`` lists the images of each finished pass."""
 
-        async def record(jobs: list) -> None:
-            batches.append([j.served.tenant.tenant for j in jobs])
-            await asyncio.sleep(0.01)  # a forward takes time: others may queue meanwhile
-            for j in jobs:
-                j.future.set_result([])
+    def __init__(self, per_image: float) -> None:
+        self.per_image, self.mean, self.passes = per_image, torch.zeros(1), []
 
-        batcher._forward = record
+    def routed(self, x: torch.Tensor, adapters: list, index: torch.Tensor) -> torch.Tensor:
+        time.sleep(self.per_image * len(x))
+        self.passes.append(len(x))
+        return list(x.flatten(1)[:, :2].clone())  # a row per image, as the routed model's padded heads give
+
+
+def served_as(tenant_id: int, base: SlowBase) -> SimpleNamespace:
+    tenant = SimpleNamespace(tenant_id=tenant_id, tenant=f"t{tenant_id}", cache_key=(tenant_id, 1))
+    return SimpleNamespace(tenant=tenant, base=base, adapter=None)
+
+
+def numbered(start: int, n: int) -> torch.Tensor:
+    """``n`` images whose first pixel counts from ``start``: every answer row says which image it is."""
+    return torch.arange(start, start + n, dtype=torch.float32).view(n, 1, 1, 1).expand(n, 3, 2, 2).contiguous()
+
+
+def run_batcher(scenario, **kw):
+    async def main():
+        batcher = Batcher(window=0.005, max_batch=64, metrics=Metrics(), **kw)
         batcher.start()
-        base = object()
+        try:
+            return await scenario(batcher)
+        finally:
+            await batcher.stop()
 
-        def served(tenant_id: int, name: str) -> SimpleNamespace:
-            return SimpleNamespace(
-                tenant=SimpleNamespace(tenant_id=tenant_id, tenant=name, cache_key=(tenant_id, 1)), base=base
-            )
+    return asyncio.run(main())
 
-        noisy = [asyncio.create_task(batcher.submit(served(1, "noisy"), torch.zeros(24, 3, 2, 2))) for _ in range(5)]
-        victim = asyncio.create_task(batcher.submit(served(2, "victim"), torch.zeros(1, 3, 2, 2)))
-        await asyncio.gather(*noisy, victim)
-        await batcher.stop()
 
-    asyncio.run(scenario())
-    assert batches[0] == ["noisy", "victim", "noisy"], batches
-    assert sum(len(b) for b in batches) == 6
+def test_a_neighbours_large_requests_do_not_hold_up_a_small_one() -> None:
+    """A victim's one-image requests, while a neighbour keeps eight 24-image requests queued, wait for
+    the pass under way and one short pass with its image, not for the neighbour's whole requests
+    (the batcher took whole requests in turn before: each victim image rode in a pass with 24 or
+    more of the neighbour's images, behind another such pass: 48 or more images)."""
+    base = SlowBase(per_image=0.002)
+    waits: list[int] = []
+
+    async def scenario(batcher: Batcher) -> None:
+        async def noisy() -> None:
+            while not stop.is_set():
+                await batcher.submit(served_as(1, base), numbered(0, 24))
+
+        stop = asyncio.Event()
+        loud = [asyncio.create_task(noisy()) for _ in range(8)]
+        for _ in range(8):
+            before = sum(base.passes)
+            await batcher.submit(served_as(2, base), numbered(0, 1))
+            waits.append(sum(base.passes) - before)
+        stop.set()
+        await asyncio.gather(*loud)
+
+    run_batcher(scenario, shared_pass=0.02)  # about 10 images a pass while both are active
+    assert max(waits[1:]) <= 22, waits  # the first pass ran before any time per image was measured
+
+
+def test_split_requests_are_answered_whole_and_in_order() -> None:
+    base = SlowBase(per_image=0.001)
+
+    async def scenario(batcher: Batcher) -> list:
+        jobs = [(1, numbered(100 * i, 24)) for i in range(3)] + [(2, numbered(1000, 1)), (3, numbered(2000, 5))]
+        return await asyncio.gather(*(batcher.submit(served_as(t, base), x) for t, x in jobs)), jobs
+
+    answers, jobs = run_batcher(scenario, shared_pass=0.004)
+    assert max(base.passes) < 24 and sum(base.passes) == 3 * 24 + 1 + 5, base.passes  # every request split
+    for got, (_, x) in zip(answers, jobs, strict=True):
+        torch.testing.assert_close(torch.stack(got), x.flatten(1)[:, :2], rtol=0, atol=0)
+
+
+def test_a_tenant_alone_gets_whole_passes() -> None:
+    """The pass limit is for sharing: one tenant's queue goes through in passes of ``max_batch``."""
+    base = SlowBase(per_image=0.001)
+
+    async def scenario(batcher: Batcher) -> None:
+        await batcher.submit(served_as(1, base), numbered(0, 4))  # time per image measured
+        await asyncio.gather(*(batcher.submit(served_as(1, base), numbered(0, 32)) for _ in range(4)))
+
+    run_batcher(scenario, shared_pass=0.004)
+    assert base.passes[1:] == [64, 64], base.passes
 
 
 def test_a_head_past_the_class_limit_is_refused_at_registration(world: dict, tmp_path: Path) -> None:

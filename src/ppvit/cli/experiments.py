@@ -47,6 +47,8 @@ def _reproduce(args: argparse.Namespace) -> int:
     given = ("epochs", "train_subset", "test_subset", "img_size", "splits")
     overrides = {k: getattr(args, k) for k in given if getattr(args, k)}
     overrides.update(_parse_sets(args.set))
+    if args.minutes is not None and args.minutes < 0:
+        raise UserError(f"--minutes must be 0 (no budget) or more, got {args.minutes:g}")
     preset = _preset(args)
     checked = preset.base.replace(**overrides)  # a bad setting fails here, not in every cell
     if checked.data.splits is not None:  # and so does a split the source lacks
@@ -62,7 +64,7 @@ def _reproduce(args: argparse.Namespace) -> int:
     from ppvit.experiments.reproduce import reproduce
 
     table = reproduce(
-        preset, out, args.data, args.key, args.weights, args.pretrained, overrides, progress=not args.quiet
+        preset, out, args.data, args.key, args.weights, args.pretrained, overrides, not args.quiet, args.minutes
     )
     print(table.markdown())
     print(f"written: {out}/results.md, results.csv, results.json, results.png")
@@ -89,6 +91,12 @@ def add_reproduce(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--train-subset", type=int, help="fine-tune on this many images (smoke runs)")
     p.add_argument("--test-subset", type=int, help="test on this many images (smoke runs)")
     p.add_argument("--img-size", type=int, help="input side instead of the preset's (a multiple of the patch size)")
+    p.add_argument(
+        "--minutes",
+        type=float,
+        help="time budget: a machine too slow for it trains on fewer images, said in the results "
+        "(default: the preset's, 15 for demo; 0 for none)",
+    )
     p.add_argument("--methods", help="comma-separated methods instead of the preset's (e.g. lora-pe)")
     p.add_argument("--schemes", help="comma-separated schemes instead of the preset's (none = plain images)")
     add_splits_arg(p)

@@ -28,6 +28,7 @@ def _serve(args: argparse.Namespace) -> None:
             Path(args.root),
             window_ms=args.window_ms,
             max_batch=args.max_batch,
+            shared_pass_ms=args.shared_pass_ms,
             max_images=args.max_images or min(64, args.max_batch),
             max_body_bytes=args.max_body_mb << 20,
             cache_bytes=args.cache_mb << 20,
@@ -55,8 +56,10 @@ def _serve(args: argparse.Namespace) -> None:
         token = TenantStore(args.dir, create=False).rotate_token(args.name)
         _hand_over(token, args.token_file, args.name, "has a new token (the old one no longer works)")
     elif args.action == "remove-tenant":
-        TenantStore(args.dir, create=False).remove(args.name)
-        print(f"tenant {args.name}: removed")
+        from ppvit.serve.jobs import remove_tenant
+
+        remove_tenant(args.dir, args.name)
+        print(f"tenant {args.name}: removed, with its adapters, datasets and jobs")
     else:
         for t in TenantStore(args.dir, create=False).list():
             print(f"{t.tenant}\tversion {t.version}\t{t.folder}")
@@ -76,7 +79,14 @@ def _service_limits(args: argparse.Namespace):
         models[name] = str(Path(weights).resolve()) if weights else None
     devices = [d.strip() for d in args.train_devices.split(",") if d.strip()]
     return ServiceLimits(
-        models, args.max_epochs, args.max_steps, args.tenant_jobs, devices, args.quota_mb << 20, args.ray_address
+        models,
+        args.max_epochs,
+        args.max_steps,
+        args.tenant_jobs,
+        devices,
+        args.max_job_processes,
+        args.quota_mb << 20,
+        args.ray_address,
     )
 
 
@@ -100,6 +110,13 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
         "--window-ms", type=float, default=5.0, help="how long a batch waits for more requests (default 5 ms)"
     )
     p.add_argument("--max-batch", type=int, default=64, help="images per routed forward (default 64)")
+    p.add_argument(
+        "--shared-pass-ms",
+        type=float,
+        default=25.0,
+        help="while several tenants are active, cut a forward pass at this much estimated compute, so that no "
+        "tenant's large requests delay another's for long (default 25 ms)",
+    )
     p.add_argument("--max-images", type=int, help="images per request (default: 64 or --max-batch if smaller)")
     p.add_argument("--max-body-mb", type=int, default=32, help="largest request body in MiB (default 32)")
     p.add_argument("--cache-mb", type=int, default=1024, help="adapter memory budget in MiB, LRU (default 1024)")
@@ -127,6 +144,12 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--tenant-jobs", type=int, default=2, help="a tenant's queued or running jobs (default 2)")
     t.add_argument(
         "--train-devices", default="cpu", help="comma-separated device slots, one running job each (default cpu)"
+    )
+    t.add_argument(
+        "--max-job-processes",
+        type=int,
+        default=1,
+        help="most training processes of a job (torchrun; one CUDA slot each, or gloo on a cpu slot; default 1)",
     )
     t.add_argument("--quota-mb", type=int, default=10240, help="a tenant's uploaded bytes in MiB (default 10240)")
     t.add_argument(
@@ -159,7 +182,9 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
     a.add_argument("dir")
     a.add_argument("name")
     a.add_argument("--token-file", help="write the token to this new file (0600) instead of printing it")
-    a = actions.add_parser("remove-tenant", help="remove a tenant, its token and every adapter version")
+    a = actions.add_parser(
+        "remove-tenant", help="remove a tenant: token, adapter versions, datasets and jobs (running ones stopped first)"
+    )
     a.add_argument("dir")
     a.add_argument("name")
     a = actions.add_parser("list-tenants", help="tenants and their adapter versions")
@@ -305,7 +330,7 @@ def _train_remote(client, args: argparse.Namespace) -> dict:
         raise ValueError(f"{src}: {len(summary.failed)} images could not be encrypted (first: {summary.failed[0]})")
     client.upload(work, name, lambda rel: print(f"sent {rel}", file=sys.stderr))
     settings = {"method": args.method, "model": args.model, "epochs": args.epochs, **_settings(args.set or [])}
-    job = client.submit(name, settings, activate=args.activate)
+    job = client.submit(name, settings, activate=args.activate, processes=args.processes)
     print(f"job {job['id']} submitted on dataset {name}", file=sys.stderr)
     return _follow(client, job)
 
@@ -330,6 +355,7 @@ def add_service_verbs(actions: argparse._SubParsersAction) -> None:
     a.add_argument("--epochs", type=int, default=10, help="training epochs (default 10)")
     a.add_argument("--set", action="append", metavar="NAME=VALUE", help="any other `ppvit train` setting")
     a.add_argument("--activate", action="store_true", help="serve the new adapter version as soon as it is trained")
+    a.add_argument("--processes", type=int, default=1, help="training processes on the server (default 1)")
     connection(a)
     a = actions.add_parser("upload", help="upload `ppvit encrypt --format wds` output (only missing shards)")
     a.add_argument("folder")

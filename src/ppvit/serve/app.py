@@ -15,8 +15,10 @@ with one-line JSON ``{"error": ...}``.
 
 Limits, so that no client holds more than its share: a connection cap and a deadline for a
 request's headers (:func:`guarded_protocol`) and for its body, a budget of body bytes held in
-memory at once, a cap on each tenant's requests in flight (429), and a batcher that takes the
-tenants' queues in turn (one tenant's deep queue does not delay another's one request).
+memory at once, a cap on each tenant's requests in flight (429), and a batcher that schedules
+images, not requests: the tenants' queues are taken in turn an image at a time, large requests
+split across forward passes, and passes kept short while several tenants are active (one
+tenant's large requests do not delay another's one image).
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ import time
 from collections import OrderedDict, deque
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +72,7 @@ class ServeConfig:
     root: Path
     window_ms: float = 5.0  # how long the first request of a batch waits for others
     max_batch: int = 64  # images per routed forward
+    shared_pass_ms: float = 25.0  # a forward pass's estimated compute while several tenants are active
     max_images: int = 64  # images per request
     max_body_bytes: int = 32 << 20
     cache_bytes: int = 1 << 30  # adapter tensors kept resident (LRU beyond it)
@@ -214,24 +217,51 @@ class AdapterCache:
 # -- batching -----------------------------------------------------------------------------------
 
 
-@dataclass
+@dataclass(eq=False)
 class Job:
+    """One request's images; a large one is computed in pieces across forward passes."""
+
     served: Served
     images: torch.Tensor  # (n, C, H, W) normalised
     future: asyncio.Future
+    taken: int = 0  # images handed to a forward pass so far
+    rows: list[torch.Tensor] = field(default_factory=list)  # their logits (one row per image, its own classes)
+
+    def deliver(self, rows: list[torch.Tensor]) -> None:
+        """The logits of this job's next piece; the request is answered when all its images have them."""
+        self.rows.extend(rows)
+        if len(self.rows) == len(self.images) and not self.future.done():
+            self.future.set_result(self.rows)
+
+
+@dataclass(frozen=True)
+class Piece:
+    job: Job
+    start: int
+    stop: int
+
+
+ACTIVE_S = 1.0  # a tenant counts as sharing the server for this long after its last request arrived
+EMA = 0.2  # weight of the newest forward pass in the per-image time estimate
 
 
 class Batcher:
-    """Collects jobs for ``window`` seconds (or ``max_batch`` images) and runs one routed forward per base.
+    """Collects requests for ``window`` seconds (or ``max_batch`` images) and runs one routed forward per base.
 
-    Each tenant has its own queue and a batch takes one job from each in turn (round-robin), the
-    tenants served last time going to the back: a tenant that queues many large requests gets
-    no more turns than one that queues a single request.
+    Scheduling is by images, not requests, so a tenant sending large requests cannot make a
+    neighbour's small one wait behind them. Each tenant has its own queue; a pass takes one image
+    from each waiting tenant in turn (the tenants served last going to the back), splitting large
+    requests across passes. While only one tenant is active a pass takes up to ``max_batch``
+    images (throughput); while several are (a request within the last second), a pass is cut at
+    ``shared_pass`` seconds of estimated compute, from the measured time per image of each base,
+    so that a request arriving during a pass waits at most about one such pass, and its own.
     """
 
-    def __init__(self, window: float, max_batch: int, metrics: Metrics) -> None:
-        self.window, self.max_batch, self.metrics = window, max_batch, metrics
+    def __init__(self, window: float, max_batch: int, metrics: Metrics, shared_pass: float = 0.025) -> None:
+        self.window, self.max_batch, self.metrics, self.shared_pass = window, max_batch, metrics, shared_pass
         self.queues: OrderedDict[int, deque[Job]] = OrderedDict()  # by tenant id
+        self.seen: dict[int, float] = {}  # tenant id -> when its last request arrived
+        self.per_image: dict[int, float] = {}  # id(base) -> seconds per image of its forward (EMA)
         self.queued = 0  # images waiting
         self.arrived = asyncio.Event()
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="ppvit-forward")
@@ -259,33 +289,62 @@ class Batcher:
         return self._task is not None and not self._task.done()
 
     async def submit(self, served: Served, images: torch.Tensor) -> list[torch.Tensor]:
+        """The logits of ``images`` (one row each), computed with ``served``'s adapter."""
         if self.closing or not self.alive:
             raise HTTPError(503, "the server is shutting down")
-        future = asyncio.get_running_loop().create_future()
-        self.queues.setdefault(served.tenant.tenant_id, deque()).append(Job(served, images, future))
+        loop = asyncio.get_running_loop()
+        tenant = served.tenant.tenant_id
+        future = loop.create_future()
+        self.queues.setdefault(tenant, deque()).append(Job(served, images, future))
+        self.seen[tenant] = loop.time()
         self.queued += len(images)
         self.arrived.set()
         return await future
 
-    def take(self) -> list[Job]:
-        """Up to ``max_batch`` images, one job per tenant per turn; jobs whose client left are dropped."""
-        batch, count, progress = [], 0, True
-        while progress and count < self.max_batch:
-            progress = False
+    def sharing(self) -> bool:
+        """Whether more than one tenant is active (forgetting tenants idle for ``ACTIVE_S``)."""
+        now = asyncio.get_running_loop().time()
+        self.seen = {t: when for t, when in self.seen.items() if now - when < ACTIVE_S or t in self.queues}
+        return len(self.seen) > 1
+
+    def take(self) -> list[Piece]:
+        """The next pass: images taken one per waiting tenant in turn, up to the pass's limits.
+
+        Requests whose client left are dropped. A pass always takes at least one image.
+        """
+        for tenant in list(self.queues):
+            queue = self.queues[tenant]
+            while queue and queue[0].future.done():  # cancelled: nobody to answer
+                job = queue.popleft()
+                self.queued -= len(job.images) - job.taken
+            if not queue:
+                del self.queues[tenant]
+        budget = self.shared_pass if self.sharing() else float("inf")
+        taken: dict[Job, int] = {}  # job -> images taken this pass (insertion order = pass order)
+        served: list[int] = []
+        count, cost, full = 0, 0.0, False
+        while self.queues and not full:
             for tenant in list(self.queues):
                 queue = self.queues[tenant]
-                while queue and queue[0].future.done():  # cancelled: nobody to answer
-                    self.queued -= len(queue.popleft().images)
-                if queue and count + len(queue[0].images) <= self.max_batch:
-                    job = queue.popleft()
-                    self.queued -= len(job.images)
-                    batch.append(job)
-                    count += len(job.images)
-                    progress = True
-                    self.queues.move_to_end(tenant)
-                if not queue:
-                    del self.queues[tenant]
-        return batch
+                job = queue[0]
+                image_cost = self.per_image.get(id(job.served.base), budget)  # unmeasured: one a pass
+                full = count == self.max_batch or (count > 0 and cost + image_cost > budget)
+                if full:
+                    break
+                taken[job] = taken.get(job, 0) + 1
+                job.taken += 1
+                count, cost = count + 1, cost + image_cost
+                self.queued -= 1
+                if tenant not in served:
+                    served.append(tenant)
+                if job.taken == len(job.images):
+                    queue.popleft()
+                    if not queue:
+                        del self.queues[tenant]
+        for tenant in served:  # served tenants go to the back, in the order they were served
+            if tenant in self.queues:
+                self.queues.move_to_end(tenant)
+        return [Piece(job, job.taken - n, job.taken) for job, n in taken.items()]
 
     async def _wait(self, timeout: float | None) -> bool:
         """Until a job arrives (True) or ``timeout`` passes (False)."""
@@ -307,37 +366,41 @@ class Batcher:
             while self.queued < self.max_batch and not self.closing and deadline > loop.time():
                 if not await self._wait(deadline - loop.time()):
                     break
-            batch = self.take()
-            by_base: dict[int, list[Job]] = {}
-            for job in batch:
-                by_base.setdefault(id(job.served.base), []).append(job)
-            for jobs in by_base.values():
+            by_base: dict[int, list[Piece]] = {}
+            for piece in self.take():
+                by_base.setdefault(id(piece.job.served.base), []).append(piece)
+            for pieces in by_base.values():
                 try:
-                    await self._forward(jobs)
+                    await self._forward(pieces)
                 except Exception:  # a failed forward fails its own requests, never the loop
                     log.exception("routed forward failed")
-                    for job in jobs:
-                        if not job.future.done():
-                            job.future.set_exception(HTTPError(500, "inference failed (see the server log)"))
+                    for piece in pieces:
+                        if not piece.job.future.done():
+                            piece.job.future.set_exception(HTTPError(500, "inference failed (see the server log)"))
 
-    async def _forward(self, jobs: list[Job]) -> None:
+    async def _forward(self, pieces: list[Piece]) -> None:
         adapters: dict[tuple[int, int], int] = {}
-        for job in jobs:
-            adapters.setdefault(job.served.tenant.cache_key, len(adapters))
-        unique = {job.served.tenant.cache_key: job.served.adapter for job in jobs}
-        index = torch.cat([torch.full((len(j.images),), adapters[j.served.tenant.cache_key]) for j in jobs])
-        x = torch.cat([j.images for j in jobs])
-        base = jobs[0].served.base
+        for p in pieces:
+            adapters.setdefault(p.job.served.tenant.cache_key, len(adapters))
+        unique = {p.job.served.tenant.cache_key: p.job.served.adapter for p in pieces}
+        index = torch.cat([torch.full((p.stop - p.start,), adapters[p.job.served.tenant.cache_key]) for p in pieces])
+        x = torch.cat([p.job.images[p.start : p.stop] for p in pieces])
+        base = pieces[0].job.served.base
         self.metrics.batch_size.observe(len(x))
         self.metrics.batch_tenants.observe(len(adapters))
+        t0 = time.perf_counter()
         logits = await asyncio.get_running_loop().run_in_executor(
             self.executor, base.routed, x.to(base.mean.device), list(unique.values()), index
         )
+        seconds = (time.perf_counter() - t0) / len(x)
+        old = self.per_image.get(id(base))
+        self.per_image[id(base)] = seconds if old is None else (1 - EMA) * old + EMA * seconds
         start = 0
-        for job in jobs:
-            if not job.future.done():  # a client that went away left a cancelled future
-                job.future.set_result(logits[start : start + len(job.images)])
-            start += len(job.images)
+        for p in pieces:
+            n = p.stop - p.start
+            if not p.job.future.done():  # a client that went away left a cancelled future
+                p.job.deliver(logits[start : start + n])
+            start += n
 
 
 # -- metrics ------------------------------------------------------------------------------------
@@ -554,7 +617,7 @@ def create_app(cfg: ServeConfig) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        batcher = Batcher(cfg.window_ms / 1000, cfg.max_batch, metrics)
+        batcher = Batcher(cfg.window_ms / 1000, cfg.max_batch, metrics, cfg.shared_pass_ms / 1000)
         batcher.start()
         state["batcher"] = batcher
         yield
@@ -636,7 +699,7 @@ def create_app(cfg: ServeConfig) -> FastAPI:
     if cfg.training is not None:
         from ppvit.serve.training_api import training_router  # it imports this module
 
-        app.include_router(training_router(cfg.root, store, cfg.training))
+        app.include_router(training_router(cfg.root, store, cfg.training, cfg.body_timeout_s))
     return app
 
 
