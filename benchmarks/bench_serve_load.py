@@ -52,9 +52,10 @@ def npy_body(path: Path, images: int, size: int, seed: int) -> str:
     return str(path)
 
 
-def start_server(root: Path, port: int, window_ms: float, tenant_requests: int) -> subprocess.Popen:
+def start_server(root: Path, port: int, window_ms: float, tenant_requests: int, shared_ms: float) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "ppvit.cli", "-q", "serve", "--root", str(root), "--port", str(port)]
     cmd += ["--window-ms", str(window_ms), "--tenant-requests", str(tenant_requests)]
+    cmd += ["--shared-pass-ms", str(shared_ms)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
     while True:
@@ -107,6 +108,7 @@ def main() -> None:
     ap.add_argument("--noisy-users", type=int, default=8)
     ap.add_argument("--noisy-images", type=int, default=24)
     ap.add_argument("--window-ms", type=float, default=5)
+    ap.add_argument("--shared-pass-ms", type=float, default=20, help="the server's --shared-pass-ms")
     args = ap.parse_args()
     model, weights, size, seconds = MODEL, args.weights, args.size, args.seconds
     if args.quick:
@@ -119,7 +121,7 @@ def main() -> None:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     # every user may have a request in flight: the runs measure scheduling, not the per-tenant cap's 429s
-    server = start_server(work / "root", port, args.window_ms, max(args.clients, args.noisy_users))
+    server = start_server(work / "root", port, args.window_ms, max(args.clients, args.noisy_users), args.shared_pass_ms)
     try:
         for token in [*tokens, victim, noisy]:  # every adapter loaded before anything is timed
             httpx.post(f"{url}/v1/predict", content=Path(one).read_bytes(), timeout=120,
@@ -140,7 +142,10 @@ def main() -> None:
     finally:
         server.terminate()
         server.wait(60)
-    print(f"\n## ppvit serve under locust: {model} at {size} px, window {args.window_ms} ms, {seconds:g} s a run")
+    print(
+        f"\n## ppvit serve under locust: {model} at {size} px, window {args.window_ms} ms, "
+        f"shared pass {args.shared_pass_ms} ms, {seconds:g} s a run"
+    )
     print("| run | role | users | requests/s | p50 ms | p99 ms | requests | failures |")
     print("|---|---|---:|---:|---:|---:|---:|---:|")
     for name, cfg in runs.items():

@@ -37,7 +37,7 @@ from serving import LiveServer, build_world, key_of, npy, png, reference_logits
 from ppvit.crypto.keys import Geometry, Key, KeyFileError
 from ppvit.models.adapters import CONFIG_NAME, WEIGHTS_NAME, load_adapter
 from ppvit.models.backbones import create_backbone
-from ppvit.serve.app import Batcher, Metrics, ServeConfig, exposure_warning
+from ppvit.serve.app import Batcher, Metrics, PassTimes, ServeConfig, exposure_warning, fair_shares
 from ppvit.serve.client import Client
 from ppvit.serve.routing import NotRoutable
 from ppvit.serve.tenants import TenantStore
@@ -337,7 +337,7 @@ def test_a_neighbours_large_requests_do_not_hold_up_a_small_one() -> None:
         stop.set()
         await asyncio.gather(*loud)
 
-    run_batcher(scenario, shared_pass=0.02)  # about 10 images a pass while both are active
+    run_batcher(scenario, shared_pass=0.02)  # 20 ms a pass: the victim's image and 9 of the neighbour's
     assert max(waits[1:]) <= 22, waits  # the first pass ran before any time per image was measured
 
 
@@ -352,6 +352,37 @@ def test_split_requests_are_answered_whole_and_in_order() -> None:
     assert max(base.passes) < 24 and sum(base.passes) == 3 * 24 + 1 + 5, base.passes  # every request split
     for got, (_, x) in zip(answers, jobs, strict=True):
         torch.testing.assert_close(torch.stack(got), x.flatten(1)[:, :2], rtol=0, atol=0)
+
+
+def test_many_tenants_with_one_image_each_share_one_pass() -> None:
+    """The turns are per tenant: sixteen one-image requests of sixteen tenants go through together
+    (a pass cut at a total would split them over several passes and lose throughput)."""
+    base = SlowBase(per_image=0.002)
+
+    async def scenario(batcher: Batcher) -> None:
+        await asyncio.gather(*(batcher.submit(served_as(t, base), numbered(0, 2)) for t in range(2)))  # measured
+        await asyncio.gather(*(batcher.submit(served_as(t, base), numbered(0, 1)) for t in range(16)))
+
+    run_batcher(scenario, shared_pass=0.004)
+    assert base.passes[-1] == 16, base.passes
+
+
+def test_fair_shares_give_what_a_small_demand_leaves_to_the_others() -> None:
+    assert fair_shares({1: 5.0, 2: 100.0}, 25.0) == {1: 5.0, 2: 20.0}
+    assert fair_shares({1: 30.0, 2: 100.0, 3: 2.0}, 25.0) == {3: 2.0, 1: 11.5, 2: 11.5}
+    assert fair_shares({1: 3.0}, float("inf")) == {1: 3.0}
+
+
+def test_pass_times_charge_only_the_per_image_part() -> None:
+    times = PassTimes()
+    times.add(4, 0.008 + 4 * 0.005)
+    assert times.per_image == pytest.approx(0.007)  # one size seen: the average per image stands in
+    for n in (1, 8, 2, 16, 4):
+        times.add(n, 0.008 + n * 0.005)
+    assert times.per_image == pytest.approx(0.005)
+    for _ in range(70):  # sizes stop varying: the slope read before stands
+        times.add(5, 0.008 + 5 * 0.005)
+    assert times.per_image == pytest.approx(0.005)
 
 
 def test_a_tenant_alone_gets_whole_passes() -> None:

@@ -113,9 +113,9 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--shared-pass-ms",
         type=float,
-        default=25.0,
-        help="while several tenants are active, cut a forward pass at this much estimated compute, so that no "
-        "tenant's large requests delay another's for long (default 25 ms)",
+        default=20.0,
+        help="while several tenants are active, a forward pass holds about this much per-image compute, shared "
+        "among the waiting tenants, so that one tenant's large requests delay another's little (default 20 ms)",
     )
     p.add_argument("--max-images", type=int, help="images per request (default: 64 or --max-batch if smaller)")
     p.add_argument("--max-body-mb", type=int, default=32, help="largest request body in MiB (default 32)")

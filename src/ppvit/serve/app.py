@@ -72,7 +72,7 @@ class ServeConfig:
     root: Path
     window_ms: float = 5.0  # how long the first request of a batch waits for others
     max_batch: int = 64  # images per routed forward
-    shared_pass_ms: float = 25.0  # a forward pass's estimated compute while several tenants are active
+    shared_pass_ms: float = 20.0  # per-image compute of a pass, shared fairly, while several tenants are active
     max_images: int = 64  # images per request
     max_body_bytes: int = 32 << 20
     cache_bytes: int = 1 << 30  # adapter tensors kept resident (LRU beyond it)
@@ -242,26 +242,64 @@ class Piece:
 
 
 ACTIVE_S = 1.0  # a tenant counts as sharing the server for this long after its last request arrived
-EMA = 0.2  # weight of the newest forward pass in the per-image time estimate
+
+
+class PassTimes:
+    """A base's forward time as ``fixed + per_image * n``, fitted on its recent passes.
+
+    Only the per-image part is charged to a tenant's share of a pass: charging the fixed part
+    (dispatch, gathering adapters) per image would make small passes look dear and shrink them
+    further. Until passes of different sizes have been seen, the average time per image stands in
+    (an overestimate: shares come out smaller, never larger).
+    """
+
+    def __init__(self, keep: int = 64) -> None:
+        self.samples: deque[tuple[int, float]] = deque(maxlen=keep)
+        self.slope: float | None = None
+
+    def add(self, images: int, seconds: float) -> None:
+        self.samples.append((images, seconds))
+        ns = np.array([n for n, _ in self.samples], dtype=float)
+        ts = np.array([t for _, t in self.samples])
+        if ns.var() >= 1.0:  # sizes vary enough to read a slope; else the last one stands
+            slope = float(((ns - ns.mean()) * (ts - ts.mean())).mean() / ns.var())
+            average = float(ts.sum() / ns.sum())
+            self.slope = min(max(slope, 0.2 * average), average)  # timing noise kept within sense
+
+    @property
+    def per_image(self) -> float:
+        if self.slope is not None:
+            return self.slope
+        return sum(t for _, t in self.samples) / sum(n for n, _ in self.samples) if self.samples else float("inf")
+
+
+def fair_shares(demand: dict[int, float], budget: float) -> dict[int, float]:
+    """Max-min fair division of ``budget`` (water filling): a tenant needing less than an equal
+    share gets what it needs, and what it leaves is divided among the others."""
+    shares, left = {}, budget
+    for i, tenant in enumerate(sorted(demand, key=demand.__getitem__)):
+        shares[tenant] = min(demand[tenant], left / (len(demand) - i))
+        left -= shares[tenant]
+    return shares
 
 
 class Batcher:
     """Collects requests for ``window`` seconds (or ``max_batch`` images) and runs one routed forward per base.
 
-    Scheduling is by images, not requests, so a tenant sending large requests cannot make a
-    neighbour's small one wait behind them. Each tenant has its own queue; a pass takes one image
-    from each waiting tenant in turn (the tenants served last going to the back), splitting large
-    requests across passes. While only one tenant is active a pass takes up to ``max_batch``
-    images (throughput); while several are (a request within the last second), a pass is cut at
-    ``shared_pass`` seconds of estimated compute, from the measured time per image of each base,
-    so that a request arriving during a pass waits at most about one such pass, and its own.
+    Scheduling is by images, not requests, so that a tenant sending large requests cannot make a
+    neighbour's small one wait behind them (deficit round robin over compute). Each tenant has its
+    own queue. While only one tenant is active a pass takes up to ``max_batch`` images; while
+    several are (a request within the last second), ``shared_pass`` seconds of per-image compute
+    (each base's measured time per image) are divided max-min fairly among the waiting tenants,
+    each getting at least one image a pass, large requests being split across passes and answered
+    whole. A request arriving during a pass thus waits for about one ``shared_pass``, and its own.
     """
 
-    def __init__(self, window: float, max_batch: int, metrics: Metrics, shared_pass: float = 0.025) -> None:
+    def __init__(self, window: float, max_batch: int, metrics: Metrics, shared_pass: float = 0.02) -> None:
         self.window, self.max_batch, self.metrics, self.shared_pass = window, max_batch, metrics, shared_pass
         self.queues: OrderedDict[int, deque[Job]] = OrderedDict()  # by tenant id
         self.seen: dict[int, float] = {}  # tenant id -> when its last request arrived
-        self.per_image: dict[int, float] = {}  # id(base) -> seconds per image of its forward (EMA)
+        self.times: dict[int, PassTimes] = {}  # by id(base)
         self.queued = 0  # images waiting
         self.arrived = asyncio.Event()
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="ppvit-forward")
@@ -308,7 +346,7 @@ class Batcher:
         return len(self.seen) > 1
 
     def take(self) -> list[Piece]:
-        """The next pass: images taken one per waiting tenant in turn, up to the pass's limits.
+        """The next pass: each waiting tenant's share, in turn, up to ``max_batch`` images in all.
 
         Requests whose client left are dropped. A pass always takes at least one image.
         """
@@ -320,27 +358,31 @@ class Batcher:
             if not queue:
                 del self.queues[tenant]
         budget = self.shared_pass if self.sharing() else float("inf")
+        cost = {  # seconds per image of each tenant's base; unmeasured: the whole budget (one image a pass)
+            t: self.times[id(q[0].served.base)].per_image if id(q[0].served.base) in self.times else budget
+            for t, q in self.queues.items()
+        }
+        demand = {t: cost[t] * sum(len(j.images) - j.taken for j in q) for t, q in self.queues.items()}
+        shares = fair_shares(demand, budget)
         taken: dict[Job, int] = {}  # job -> images taken this pass (insertion order = pass order)
         served: list[int] = []
-        count, cost, full = 0, 0.0, False
-        while self.queues and not full:
-            for tenant in list(self.queues):
-                queue = self.queues[tenant]
+        count = 0
+        for tenant in list(self.queues):
+            queue, spent, before = self.queues[tenant], 0.0, count
+            while queue and count < self.max_batch:
                 job = queue[0]
-                image_cost = self.per_image.get(id(job.served.base), budget)  # unmeasured: one a pass
-                full = count == self.max_batch or (count > 0 and cost + image_cost > budget)
-                if full:
+                if spent > 0 and spent + cost[tenant] > shares[tenant] * (1 + 1e-9):
                     break
+                spent, count = spent + cost[tenant], count + 1
                 taken[job] = taken.get(job, 0) + 1
                 job.taken += 1
-                count, cost = count + 1, cost + image_cost
                 self.queued -= 1
-                if tenant not in served:
-                    served.append(tenant)
                 if job.taken == len(job.images):
                     queue.popleft()
-                    if not queue:
-                        del self.queues[tenant]
+            if count > before:
+                served.append(tenant)
+            if not queue:
+                del self.queues[tenant]
         for tenant in served:  # served tenants go to the back, in the order they were served
             if tenant in self.queues:
                 self.queues.move_to_end(tenant)
@@ -392,9 +434,7 @@ class Batcher:
         logits = await asyncio.get_running_loop().run_in_executor(
             self.executor, base.routed, x.to(base.mean.device), list(unique.values()), index
         )
-        seconds = (time.perf_counter() - t0) / len(x)
-        old = self.per_image.get(id(base))
-        self.per_image[id(base)] = seconds if old is None else (1 - EMA) * old + EMA * seconds
+        self.times.setdefault(id(base), PassTimes()).add(len(x), time.perf_counter() - t0)
         start = 0
         for p in pieces:
             n = p.stop - p.start
