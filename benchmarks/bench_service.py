@@ -1,7 +1,7 @@
 """Fine-tuning as a service against doing it by hand, on one machine.
 
 1. ``ppvit train`` run directly on the encrypted shards (a process, wall time), then the same
-   settings as a service job (the job's running time, from the server's record): the ratio
+   settings as a service job (from its submission to its end, from the server's record): the ratio
    (target <= 1.05).
 2. Upload throughput (``Client.upload``: hash, declare, send, server-side hash and rename)
    against a plain copy of the same shard files (``shutil.copytree``), MB/s.
@@ -129,7 +129,7 @@ def main() -> None:
             c.upload(shards, "uploaded")
             upload_s = time.perf_counter() - t0
             job = c.follow(c.submit("uploaded", settings)["id"], interval=0.2)
-            service = job["ended"] - job["started"]
+            service = job["ended"] - job["created"]  # from submission: pick-up and process start included
             runs = {"direct": tmp / "direct", "service": root / "jobs" / job["id"] / "run"}
             results = {name: json.loads((run / "result.json").read_text()) for name, run in runs.items()}
 

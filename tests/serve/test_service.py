@@ -16,6 +16,7 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -460,3 +461,13 @@ def test_a_store_without_the_service_tables_gains_them_and_keeps_working(tmp_pat
 def _tables(root: Path) -> set[str]:
     with sqlite3.connect(root / "tenants.sqlite") as con:
         return {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+
+
+def test_the_runner_says_when_a_process_ends_so_the_job_ends_then(tmp_path: Path) -> None:
+    """A job's end is recorded when its process exits, not at the supervisor's next poll: the local
+    runner calls back from a watcher thread (here the process fails at once on a missing config)."""
+    runner, ended = LocalRunner(), threading.Event()
+    runner.on_exit(ended.set)
+    handle = runner.start("j", tmp_path / "missing.yaml", tmp_path / "log.txt", ["cpu"])
+    assert ended.wait(60), "no callback when the process ended"
+    assert runner.poll(handle) not in (None, 0)

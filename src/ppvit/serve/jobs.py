@@ -156,6 +156,10 @@ class Runner(Protocol):
 
     def shutdown(self) -> None: ...
 
+    def on_exit(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` (from any thread) when a job's process ends; a runner that cannot tell
+        does nothing, and the supervisor notices at its next poll."""
+
 
 def die_with_parent() -> None:
     """In the child: SIGKILL when the thread that started it dies (Linux); elsewhere nothing."""
@@ -182,6 +186,10 @@ class LocalRunner:
     def __init__(self, preexec: Callable[[], None] | None = None) -> None:
         self.procs: dict[str, subprocess.Popen] = {}
         self.preexec = preexec
+        self.exited: Callable[[], None] | None = None
+
+    def on_exit(self, callback: Callable[[], None]) -> None:
+        self.exited = callback
 
     def _child_setup(self) -> None:
         die_with_parent()
@@ -204,6 +212,8 @@ class LocalRunner:
             )
         handle = f"local:{proc.pid}"
         self.procs[handle] = proc
+        if self.exited is not None:  # the job ends when its process does, not at the next poll
+            threading.Thread(target=lambda: (proc.wait(), self.exited()), daemon=True).start()
         return handle
 
     def poll(self, handle: str) -> int | None:
@@ -279,6 +289,9 @@ class RayRunner:
 
     def cancel(self, handle: str) -> None:
         self.http.post(f"/api/jobs/{handle.removeprefix('ray:')}/stop")
+
+    def on_exit(self, callback: Callable[[], None]) -> None:
+        """Ray's jobs end on the cluster: the supervisor's poll notices."""
 
     def shutdown(self) -> None:
         self.http.close()  # the cluster's jobs go on; the next server adopts them
@@ -484,7 +497,13 @@ class Supervisor:
         self.slots: dict[str, list[str]] = {}  # job id -> its devices ("cpu" once per process, or CUDA indices)
         self.handles: dict[str, str] = {}  # job id -> runner handle
         self._stop = threading.Event()
+        self._wake = threading.Event()  # set by a submitted job or an ended process: step at once
+        self.runner.on_exit(self.wake)
         self._thread = threading.Thread(target=self._run, name="ppvit-jobs", daemon=True)
+
+    def wake(self) -> None:
+        """Step now rather than at the next poll (a job was submitted or cancelled, a process ended)."""
+        self._wake.set()
 
     def start(self) -> None:
         """Take over an earlier server's running jobs: adopted where the runner still has them, else
@@ -504,6 +523,7 @@ class Supervisor:
 
     def stop(self) -> None:
         self._stop.set()
+        self._wake.set()
         self._thread.join(60)
 
     def _run(self) -> None:
@@ -513,7 +533,8 @@ class Supervisor:
                     self.step()
                 except Exception:  # a bad row or a full disk: logged, the server keeps serving
                     log.exception("job supervisor")
-                self._stop.wait(self.interval)
+                self._wake.wait(self.interval)
+                self._wake.clear()
         finally:
             self.runner.shutdown()  # from this thread: the processes' parent
 

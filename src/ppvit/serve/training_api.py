@@ -63,9 +63,10 @@ def training_router(root: Path, tenants: TenantStore, limits: ServiceLimits, bod
     datasets = DatasetStore(root, limits.quota_bytes)
     jobs = Jobs(root, limits)
 
+    supervisor = Supervisor(jobs, tenants)
+
     @asynccontextmanager
     async def lifespan(app: Any) -> AsyncIterator[None]:
-        supervisor = Supervisor(jobs, tenants)
         supervisor.start()
         yield
         await asyncio.to_thread(supervisor.stop)
@@ -128,7 +129,9 @@ def training_router(root: Path, tenants: TenantStore, limits: ServiceLimits, bod
             raise HTTPError(422, "dataset: the name of one of your datasets")
         found = await _call(datasets.get, tid, name)
         activate, processes = bool(doc.get("activate", False)), doc.get("processes", 1)
-        return await _call(jobs.submit, tid, found, doc.get("config"), activate, processes)
+        submitted = await _call(jobs.submit, tid, found, doc.get("config"), activate, processes)
+        supervisor.wake()
+        return submitted
 
     @router.get("/jobs")
     async def list_jobs(request: Request) -> list[dict[str, Any]]:
@@ -146,7 +149,9 @@ def training_router(root: Path, tenants: TenantStore, limits: ServiceLimits, bod
 
     @router.post("/jobs/{job_id}/cancel")
     async def cancel(job_id: str, request: Request) -> dict[str, Any]:
-        return await _call(jobs.cancel, await tenant(request), job_id)
+        cancelled = await _call(jobs.cancel, await tenant(request), job_id)
+        supervisor.wake()
+        return cancelled
 
     @router.post("/jobs/{job_id}/activate")
     async def activate(job_id: str, request: Request) -> dict[str, Any]:
