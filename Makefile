@@ -19,8 +19,8 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev,serve,data,track]'
 	touch $@
 
-# The paper's comparison at CPU scale, reduced (8 minutes in fp32 on a 2-core EPYC; it prints its own
-# estimate first); rerun to continue an interrupted one.
+# The paper's comparison at CPU scale, reduced (12 min 28 s on one EPYC core in fp32; it prints its own
+# estimate first and trains on fewer images where it would exceed 12 minutes); rerun to continue.
 demo: venv
 	$(VENV)/bin/ppvit reproduce --preset demo --data "$(PPVIT_CIFAR10)" --out demo-out
 

@@ -233,9 +233,9 @@ def test_the_estimate_measures_each_method_and_counts_only_sized_cells(
     both = runner.estimate(cells[:2])
     # fixed 2 x 10 + 2 x 500 / 200 = 25 s; per image 1.8 / 200 + 0.2 / 200 + 1.8 / 50 + 0.2 / 200 = 0.047 s
     assert both.fixed == pytest.approx(25.0) and both.per_image == pytest.approx(0.047)
-    assert both.fit(100) is None  # 72 s is within 85% of 100 s
-    assert both.fit(80) == 910  # (0.85 x 80 - 25) / 0.047 = 914.9, to two digits
-    assert both.fit(40) == runner.MIN_TRAIN_SUBSET  # (34 - 25) / 0.047 = 191: the floor
+    assert both.fit(100) is None  # 72 s is within 80% of 100 s
+    assert both.fit(80) == 820  # (0.8 x 80 - 25) / 0.047 = 829.8, to two digits
+    assert both.fit(40) == runner.MIN_TRAIN_SUBSET  # (32 - 25) / 0.047 = 149: the floor
     assert runner.training_speed(sized.replace(method="linear", out=str(tmp_path / "x"))) > 0
     assert 0 < runner.cell_start_seconds() < 120
 
@@ -253,14 +253,14 @@ def test_a_slow_machine_trains_fewer_images_within_the_budget_and_says_so(
     table = reproduce(preset, out, toy_dataset, progress=False)
     budget = json.loads((out / runner.BUDGET_FILE).read_text())
     # per cell: 1 + 16 / 10 = 2.6 s fixed; per image 0.75 x 2 / 10 + 0.25 x 2 / 10 = 0.2 s; two cells:
-    # (0.85 x 12 - 5.2) / 0.4 = 12.5 -> 12
-    assert (budget["train_subset"], budget["preset_train_subset"]) == (12, 80), budget
+    # (0.8 x 12 - 5.2) / 0.4 = 11
+    assert (budget["train_subset"], budget["preset_train_subset"]) == (11, 80), budget
     for cell in ("linear-none-s0", "linear-shuffle-s0"):
-        assert TrainConfig.load(out / "cells" / cell / "config.yaml").data.train_subset == 12
-    assert "sized to the 0.2-minute budget: 12 training images instead of 80" in (out / "results.md").read_text()
-    assert table.settings["budget"]["train_subset"] == 12
+        assert TrainConfig.load(out / "cells" / cell / "config.yaml").data.train_subset == 11
+    assert "sized to the 0.2-minute budget: 11 training images instead of 80" in (out / "results.md").read_text()
+    assert table.settings["budget"]["train_subset"] == 11
     monkeypatch.setattr(runner, "training_speed", lambda cfg: 1e6)
-    assert reproduce(preset, out, toy_dataset, progress=False).settings["budget"]["train_subset"] == 12
+    assert reproduce(preset, out, toy_dataset, progress=False).settings["budget"]["train_subset"] == 11
     quick = reproduce(preset, tmp_path / "quick", toy_dataset, progress=False)  # fast enough: the preset's size
     assert "budget" not in quick.settings and not (tmp_path / "quick" / runner.BUDGET_FILE).exists()
     assert TrainConfig.load(tmp_path / "quick" / "cells" / "linear-none-s0" / "config.yaml").data.train_subset == 80

@@ -95,7 +95,7 @@ def add_reproduce(sub: argparse._SubParsersAction) -> None:
         "--minutes",
         type=float,
         help="time budget: a machine too slow for it trains on fewer images, said in the results "
-        "(default: the preset's, 15 for demo; 0 for none)",
+        "(default: the preset's, 12 for demo; 0 for none)",
     )
     p.add_argument("--methods", help="comma-separated methods instead of the preset's (e.g. lora-pe)")
     p.add_argument("--schemes", help="comma-separated schemes instead of the preset's (none = plain images)")

@@ -101,13 +101,13 @@ PRESETS: dict[str, Preset] = {
         Preset(
             "demo",
             "ImageNet ViT-Ti/16 at 112x112 on 2,000 CIFAR-10 images, 2 epochs, 1,000 test images, one seed: the "
-            "README's main job, 15 minutes at most (on a machine too slow for that, fewer training images, said so)",
+            "README's main job, 12 minutes at most (on a machine too slow for that, fewer training images, said so)",
             TI_TRAIN.replace(epochs=2, train_subset=2_000, test_subset=1_000),
             TI_METHODS,
             COMPARISON,
             (0,),
             weights_env=WEIGHTS_ENV,
-            minutes=15,
+            minutes=12,  # with a fresh venv (2-3 min), make demo within 15 minutes
         ),
         Preset(
             "cpu",
