@@ -222,7 +222,7 @@ def test_the_estimate_measures_each_method_and_counts_only_sized_cells(
 ) -> None:
     speeds = {"linear": 200.0, "melo": 50.0}
     monkeypatch.setattr(runner, "training_speed", lambda cfg: speeds[cfg.method.name])
-    monkeypatch.setattr(runner, "cell_start_seconds", lambda: 10.0)
+    monkeypatch.setattr(runner, "cell_overhead_seconds", lambda cfg: 10.0)
     sized = TOY.base.replace(train_subset=1_000, test_subset=500, epochs=2, val_fraction=0.1, precision="no")
     cells = [sized.replace(method="linear"), sized.replace(method="melo"), TOY.base.replace(method="melo")]
     est = runner.estimate(cells)
@@ -237,7 +237,14 @@ def test_the_estimate_measures_each_method_and_counts_only_sized_cells(
     assert both.fit(80) == 820  # (0.8 x 80 - 25) / 0.047 = 829.8, to two digits
     assert both.fit(40) == runner.MIN_TRAIN_SUBSET  # (32 - 25) / 0.047 = 149: the floor
     assert runner.training_speed(sized.replace(method="linear", out=str(tmp_path / "x"))) > 0
-    assert 0 < runner.cell_start_seconds() < 120
+
+
+def test_a_cells_overhead_is_measured_by_a_trial_cell_that_leaves_nothing(tmp_path: Path, toy_dataset: Path) -> None:
+    cfg = TOY.base.replace(method="linear", scheme="none", data=str(toy_dataset), out=str(tmp_path / "cell"))
+    seconds = runner.cell_overhead_seconds(cfg)
+    assert 0 < seconds < 300 and not (tmp_path / "cell").exists()
+    with pytest.raises(ValueError, match=r"a trial cell \(linear, a few images\) failed, so every cell would"):
+        runner.cell_overhead_seconds(cfg.replace(data=str(tmp_path / "nothing-here")))
 
 
 def test_a_slow_machine_trains_fewer_images_within_the_budget_and_says_so(
@@ -246,7 +253,7 @@ def test_a_slow_machine_trains_fewer_images_within_the_budget_and_says_so(
     """A budget the measured speed cannot meet shrinks every cell's training subset, once, before
     the first cell; the table states it, and a rerun (a faster measurement now) keeps the size."""
     monkeypatch.setattr(runner, "training_speed", lambda cfg: 10.0)
-    monkeypatch.setattr(runner, "cell_start_seconds", lambda: 1.0)
+    monkeypatch.setattr(runner, "cell_overhead_seconds", lambda cfg: 1.0)
     monkeypatch.setattr(runner, "MIN_TRAIN_SUBSET", 8)
     preset = TOY.select(seeds=(0,), minutes=0.2, base=TOY.base.replace(train_subset=80, test_subset=16))
     out = tmp_path / "out"

@@ -12,6 +12,7 @@ import logging
 import multiprocessing
 import os
 import sys
+import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, replace
@@ -246,11 +247,12 @@ def estimate(cells: list[TrainConfig]) -> Estimate:
     Each method's training speed is measured here on three steps of its model (after one to
     warm up) at the cells' batch size and input size, in the precision the cells will use;
     evaluation is taken as forward passes at the measured speed of ``linear`` training (whose
-    backward pass stops at the head), and each cell's process start is measured once.
+    backward pass stops at the head), and what a cell costs beyond its images by one real cell
+    of a few images.
     """
     speeds = {cfg.method.name: training_speed(cfg) for cfg in {c.method.name: c for c in cells}.values()}
     forward = max(speeds.values())
-    start = cell_start_seconds()
+    start = cell_overhead_seconds(cells[0])
     fixed = per_image = seconds = 0.0
     sized = [cfg for cfg in cells if cfg.data.train_subset is not None]
     for cfg in sized:
@@ -291,10 +293,11 @@ def fit_budget(
         "resized_estimate_min": round(resized / 60, 1),
         "speeds": {m: round(v, 1) for m, v in est.speeds.items()},
     }
+    speeds = ", ".join(f"{m} {v:.0f}" for m, v in est.speeds.items())
     log.warning(
         "this machine is too slow for %d training images within %g minutes (estimate %.0f min; training img/s %s): "
         "every cell trains on %d instead (estimate %.0f min), as the results say; --minutes 0 keeps %d",
-        est.train_subset, minutes, est.seconds / 60, budget["speeds"], chosen, resized / 60, est.train_subset,
+        est.train_subset, minutes, est.seconds / 60, speeds, chosen, resized / 60, est.train_subset,
     )  # fmt: skip
     if resized > minutes * 60:
         log.warning("even %d images would take about %.0f min here", chosen, resized / 60)
@@ -302,16 +305,22 @@ def fit_budget(
     return budget
 
 
-def cell_start_seconds() -> float:
-    """Seconds for a cell's spawned process to start and import the training stack, measured once here."""
-    t0 = time.perf_counter()
-    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        pool.submit(_import_training).result()
-    return time.perf_counter() - t0
-
-
-def _import_training() -> None:
-    import ppvit.train.loop  # noqa: F401  (what a cell imports before its first step)
+def cell_overhead_seconds(cfg: TrainConfig) -> float:
+    """Seconds a cell like ``cfg`` costs beyond its images, measured by running one on a few images:
+    its process start and imports, reading and encrypting its data, building the model, writing
+    checkpoints, results and plots (without it the estimate came 17-40% short of the cells)."""
+    with tempfile.TemporaryDirectory(prefix="ppvit-probe-") as tmp:
+        batch = cfg.optim.batch_size
+        probe = cfg.replace(out=str(Path(tmp) / "probe"), epochs=1, train_subset=2 * batch, test_subset=batch)
+        t0 = time.perf_counter()
+        try:
+            run_cell(probe)
+        except Exception as exc:
+            raise ValueError(
+                f"a trial cell ({cfg.method.name}, a few images) failed, so every cell would: "
+                f"{type(exc).__name__}: {str(exc)[:300]}"
+            ) from None
+        return time.perf_counter() - t0
 
 
 def training_speed(cfg: TrainConfig, steps: int = 3) -> float:

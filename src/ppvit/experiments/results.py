@@ -107,7 +107,7 @@ class ResultTable:
             lines.append(
                 f"**sized to the {budget['minutes']:g}-minute budget: {budget['train_subset']:,} training images "
                 f"instead of {budget['preset_train_subset']:,}** (estimated {budget['estimate_min']:g} min here at "
-                f"the preset's size; training img/s {budget['speeds']})"
+                f"the preset's size; training img/s {', '.join(f'{m} {v:.0f}' for m, v in budget['speeds'].items())})"
             )
         return lines
 
