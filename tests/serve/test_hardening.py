@@ -385,6 +385,16 @@ def test_pass_times_charge_only_the_per_image_part() -> None:
     assert times.per_image == pytest.approx(0.005)
 
 
+def test_a_request_of_no_images_is_answered_at_once_and_leaves_no_work() -> None:
+    """A job must give a pass at least one image: one of none would have stayed queued for ever."""
+    base = SlowBase(per_image=0.001)
+
+    async def scenario(batcher: Batcher) -> tuple:
+        return await batcher.submit(served_as(1, base), numbered(0, 0)), dict(batcher.queues), batcher.queued
+
+    assert run_batcher(scenario) == ([], {}, 0) and base.passes == []
+
+
 def test_a_tenant_alone_gets_whole_passes() -> None:
     """The pass limit is for sharing: one tenant's queue goes through in passes of ``max_batch``."""
     base = SlowBase(per_image=0.001)
@@ -553,6 +563,7 @@ DEEP = "[" * 100_000 + "]" * 100_000
     [
         ("npy shape of a bool", _npy_header("{'descr': '|u1', 'fortran_order': False, 'shape': (True, 32, 32, 3), }")
          + b"\0" * 3072, "application/x-npy", 422),
+        ("npy of no images", npy(np.zeros((0, 32, 32, 3), np.uint8)), "application/x-npy", 422),
         ("npy header 4,500 deep", _npy_header("{'descr': '|u1', 'fortran_order': False, 'shape': " + "-" * 4500 + "1}"),
          "application/x-npy", 400),
         ("zTXt inflating to 20 MiB", _png_with(ztxt=b"a" * BIG), "image/png", 400),

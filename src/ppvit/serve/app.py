@@ -330,6 +330,8 @@ class Batcher:
         """The logits of ``images`` (one row each), computed with ``served``'s adapter."""
         if self.closing or not self.alive:
             raise HTTPError(503, "the server is shutting down")
+        if not len(images):  # nothing to schedule (a job must give at least one image to a pass)
+            return []
         loop = asyncio.get_running_loop()
         tenant = served.tenant.tenant_id
         future = loop.create_future()
@@ -371,6 +373,9 @@ class Batcher:
             queue, spent, before = self.queues[tenant], 0.0, count
             while queue and count < self.max_batch:
                 job = queue[0]
+                if job.future.done():  # its client left while earlier pieces ran
+                    self.queued -= len(queue.popleft().images) - job.taken
+                    continue
                 if spent > 0 and spent + cost[tenant] > shares[tenant] * (1 + 1e-9):
                     break
                 spent, count = spent + cost[tenant], count + 1
@@ -480,6 +485,8 @@ class Expected:
     max_images: int
 
     def check(self, count: int, h: int, w: int, c: int) -> None:
+        if count < 1:
+            raise HTTPError(422, "no images in the request")
         if count > self.max_images:
             raise HTTPError(413, f"{count} images in one request; the limit is {self.max_images}")
         if c != self.channels:
