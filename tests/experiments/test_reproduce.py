@@ -268,6 +268,10 @@ def test_a_slow_machine_trains_fewer_images_within_the_budget_and_says_so(
     assert table.settings["budget"]["train_subset"] == 11
     monkeypatch.setattr(runner, "training_speed", lambda cfg: 1e6)
     assert reproduce(preset, out, toy_dataset, progress=False).settings["budget"]["train_subset"] == 11
+    (out / "cells" / "linear-shuffle-s0" / "result.json").unlink()  # as if interrupted before the last cell
+    again = reproduce(preset, out, toy_dataset, progress=False, minutes=0)  # the folder's size still stands
+    assert again.settings["budget"]["train_subset"] == 11
+    assert TrainConfig.load(out / "cells" / "linear-shuffle-s0" / "config.yaml").data.train_subset == 11
     quick = reproduce(preset, tmp_path / "quick", toy_dataset, progress=False)  # fast enough: the preset's size
     assert "budget" not in quick.settings and not (tmp_path / "quick" / runner.BUDGET_FILE).exists()
     assert TrainConfig.load(tmp_path / "quick" / "cells" / "linear-none-s0" / "config.yaml").data.train_subset == 80

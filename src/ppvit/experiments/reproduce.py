@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import multiprocessing
 import os
 import sys
@@ -163,7 +164,8 @@ def reproduce(
     configs = configs_with(common)
     left = [cfg for cfg in configs if not (Path(cfg.run.out) / RESULT_FILE).exists()]
     minutes = preset.minutes if minutes is None else minutes
-    budgeted = bool(minutes) and "train_subset" not in (overrides or {})
+    # a size a budget chose for this folder stands on every rerun, --minutes 0 included (no mixed sizes)
+    budgeted = "train_subset" not in (overrides or {}) and (bool(minutes) or (out / BUDGET_FILE).exists())
     est = estimate(left) if left and (progress or budgeted) else None
     budget = fit_budget(out, configs, left, minutes, est) if budgeted else None
     if budget is not None:
@@ -296,7 +298,7 @@ def fit_budget(
     speeds = ", ".join(f"{m} {v:.0f}" for m, v in est.speeds.items())
     log.warning(
         "this machine is too slow for %d training images within %g minutes (estimate %.0f min; training img/s %s): "
-        "every cell trains on %d instead (estimate %.0f min), as the results say; --minutes 0 keeps %d",
+        "every cell trains on %d instead (estimate %.0f min), as the results say; --minutes 0 in a new --out keeps %d",
         est.train_subset, minutes, est.seconds / 60, speeds, chosen, resized / 60, est.train_subset,
     )  # fmt: skip
     if resized > minutes * 60:
@@ -310,8 +312,9 @@ def cell_overhead_seconds(cfg: TrainConfig) -> float:
     its process start and imports, reading and encrypting its data, building the model, writing
     checkpoints, results and plots (without it the estimate came 17-40% short of the cells)."""
     with tempfile.TemporaryDirectory(prefix="ppvit-probe-") as tmp:
-        batch = cfg.optim.batch_size
-        probe = cfg.replace(out=str(Path(tmp) / "probe"), epochs=1, train_subset=2 * batch, test_subset=batch)
+        batch = cfg.optim.batch_size  # two batches to train on, whatever is held out for validation
+        subset = math.ceil(2 * batch / (1 - cfg.data.val_fraction))
+        probe = cfg.replace(out=str(Path(tmp) / "probe"), epochs=1, train_subset=subset, test_subset=batch)
         t0 = time.perf_counter()
         try:
             run_cell(probe)

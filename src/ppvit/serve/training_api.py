@@ -63,13 +63,19 @@ def training_router(root: Path, tenants: TenantStore, limits: ServiceLimits, bod
     datasets = DatasetStore(root, limits.quota_bytes)
     jobs = Jobs(root, limits)
 
-    supervisor = Supervisor(jobs, tenants)
+    running: dict[str, Supervisor] = {}  # the supervisor of the app's current lifespan
 
     @asynccontextmanager
     async def lifespan(app: Any) -> AsyncIterator[None]:
+        supervisor = running["supervisor"] = Supervisor(jobs, tenants)
         supervisor.start()
         yield
         await asyncio.to_thread(supervisor.stop)
+        del running["supervisor"]
+
+    def wake() -> None:
+        if "supervisor" in running:
+            running["supervisor"].wake()
 
     router = APIRouter(prefix="/v1", lifespan=lifespan)
 
@@ -130,7 +136,7 @@ def training_router(root: Path, tenants: TenantStore, limits: ServiceLimits, bod
         found = await _call(datasets.get, tid, name)
         activate, processes = bool(doc.get("activate", False)), doc.get("processes", 1)
         submitted = await _call(jobs.submit, tid, found, doc.get("config"), activate, processes)
-        supervisor.wake()
+        wake()
         return submitted
 
     @router.get("/jobs")
@@ -150,7 +156,7 @@ def training_router(root: Path, tenants: TenantStore, limits: ServiceLimits, bod
     @router.post("/jobs/{job_id}/cancel")
     async def cancel(job_id: str, request: Request) -> dict[str, Any]:
         cancelled = await _call(jobs.cancel, await tenant(request), job_id)
-        supervisor.wake()
+        wake()
         return cancelled
 
     @router.post("/jobs/{job_id}/activate")
