@@ -209,7 +209,7 @@ def reproduce(
 
 
 BUDGET_FILE = "budget.json"  # in the output folder: the training subset a budget chose (reruns keep it)
-BUDGET_MARGIN = 0.8  # aim this far under the budget: the estimate leaves out data preparation (17% short)
+BUDGET_MARGIN = 0.8  # aim this far under the budget: estimates were 18-25% off (RESULTS.md, the demo on one core)
 MIN_TRAIN_SUBSET = 500
 
 
@@ -310,7 +310,7 @@ def fit_budget(
 def cell_overhead_seconds(cfg: TrainConfig) -> float:
     """Seconds a cell like ``cfg`` costs beyond its images, measured by running one on a few images:
     its process start and imports, reading and encrypting its data, building the model, writing
-    checkpoints, results and plots (without it the estimate came 17-40% short of the cells)."""
+    checkpoints, results and plots (without it the estimate came 18-25% short of the cells)."""
     with tempfile.TemporaryDirectory(prefix="ppvit-probe-") as tmp:
         batch = cfg.optim.batch_size  # two batches to train on, whatever is held out for validation
         subset = math.ceil(2 * batch / (1 - cfg.data.val_fraction))
