@@ -29,7 +29,7 @@ from ppvit.data.datasets import load_test_split, resolve_data
 from ppvit.data.sources.cifar10 import CIFAR10_ENV
 from ppvit.data.sources.cifar10 import NAME as CIFAR10_NAME
 from ppvit.experiments.presets import Preset, Upstream
-from ppvit.experiments.results import Cell, ResultTable
+from ppvit.experiments.results import Cell, ResultTable, speeds_text
 from ppvit.models.adapters import merge_to_file
 from ppvit.models.weights import check_weights_file
 from ppvit.train.config import TrainConfig
@@ -171,11 +171,28 @@ def reproduce(
     if budget is not None:
         common["train_subset"] = budget["train_subset"]
         configs = configs_with(common)
-        left = [cfg for cfg in configs if not (Path(cfg.run.out) / RESULT_FILE).exists()]
         est = est and replace(est, seconds=est.fixed + est.per_image * budget["train_subset"])
     if est and progress:
         log.info(est.line())
-    bar = tqdm(todo, desc=f"reproduce {preset.name}", unit="cell", disable=not progress, dynamic_ncols=True)
+    run_cells(todo, configs, preset.name, progress)
+    table = ResultTable.from_cells(
+        preset.name, preset.model, todo, upstream_acc, dict(preset.paper), preset.base.backbone.img_size
+    )
+    table.settings = {
+        "data": common["data"],
+        "key_fingerprint": Key.load(key_path).fingerprint,
+        "weights": common.get("weights"),
+        "overrides": dict(overrides or {}),
+        **({"budget": budget} if budget else {}),
+    }
+    table.write(out)
+    return table
+
+
+def run_cells(todo: list[Cell], configs: list[TrainConfig], name: str, progress: bool) -> None:
+    """Train each cell (its result or error set on it), one line each; the first cell's failure
+    stops everything, since every cell shares its data, weights and key."""
+    bar = tqdm(todo, desc=f"reproduce {name}", unit="cell", disable=not progress, dynamic_ncols=True)
     with logging_redirect_tqdm():
         for i, (cell, cfg) in enumerate(zip(bar, configs, strict=True)):
             bar.set_postfix_str(f"{cell.method} {cell.scheme} seed {cell.seed}")
@@ -194,18 +211,6 @@ def reproduce(
             log.info(
                 "%s %s seed %d: %s (%.0f s)", cell.method, cell.scheme, cell.seed, status, time.perf_counter() - t0
             )
-    table = ResultTable.from_cells(
-        preset.name, preset.model, todo, upstream_acc, dict(preset.paper), preset.base.backbone.img_size
-    )
-    table.settings = {
-        "data": common["data"],
-        "key_fingerprint": Key.load(key_path).fingerprint,
-        "weights": common.get("weights"),
-        "overrides": dict(overrides or {}),
-        **({"budget": budget} if budget else {}),
-    }
-    table.write(out)
-    return table
 
 
 BUDGET_FILE = "budget.json"  # in the output folder: the training subset a budget chose (reruns keep it)
@@ -227,10 +232,9 @@ class Estimate:
     precision: str
 
     def line(self) -> str:
-        measured = ", ".join(f"{m} {v:.0f}" for m, v in self.speeds.items())
         return (
             f"estimate: about {self.seconds / 60:.0f} min for {self.sized} of {self.cells} cells on this machine "
-            f"(training img/s measured just now: {measured}; precision {self.precision})"
+            f"(training img/s measured just now: {speeds_text(self.speeds)}; precision {self.precision})"
         )
 
     def fit(self, budget_s: float) -> int | None:
@@ -295,11 +299,10 @@ def fit_budget(
         "resized_estimate_min": round(resized / 60, 1),
         "speeds": {m: round(v, 1) for m, v in est.speeds.items()},
     }
-    speeds = ", ".join(f"{m} {v:.0f}" for m, v in est.speeds.items())
     log.warning(
         "this machine is too slow for %d training images within %g minutes (estimate %.0f min; training img/s %s): "
         "every cell trains on %d instead (estimate %.0f min), as the results say; --minutes 0 in a new --out keeps %d",
-        est.train_subset, minutes, est.seconds / 60, speeds, chosen, resized / 60, est.train_subset,
+        est.train_subset, minutes, est.seconds / 60, speeds_text(est.speeds), chosen, resized / 60, est.train_subset,
     )  # fmt: skip
     if resized > minutes * 60:
         log.warning("even %d images would take about %.0f min here", chosen, resized / 60)

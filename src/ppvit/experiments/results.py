@@ -16,6 +16,11 @@ from ppvit.models.methods import param_report
 from ppvit.train.runs import RunResult
 
 
+def speeds_text(speeds: dict[str, float]) -> str:
+    """``full 44, linear 140``: measured training speeds (img/s) as the estimate and the table say them."""
+    return ", ".join(f"{method} {value:.0f}" for method, value in speeds.items())
+
+
 @dataclass
 class Cell:
     """One trained cell of a comparison: its result, or the error that stopped it."""
@@ -107,7 +112,7 @@ class ResultTable:
             lines.append(
                 f"**sized to the {budget['minutes']:g}-minute budget: {budget['train_subset']:,} training images "
                 f"instead of {budget['preset_train_subset']:,}** (estimated {budget['estimate_min']:g} min here at "
-                f"the preset's size; training img/s {', '.join(f'{m} {v:.0f}' for m, v in budget['speeds'].items())})"
+                f"the preset's size; training img/s {speeds_text(budget['speeds'])})"
             )
         return lines
 
