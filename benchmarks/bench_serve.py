@@ -37,9 +37,9 @@ import uvicorn
 from ppvit.models.adapters import AdapterMeta, file_sha256, save_adapter
 from ppvit.models.backbones import create_backbone
 from ppvit.models.methods import apply_method, count_params, merge_adapters, method_config
+from ppvit.models.routing import RoutedViT, routed_adapter
 from ppvit.models.weights import WEIGHTS_ENV
 from ppvit.serve.app import ServeConfig, uvicorn_config
-from ppvit.serve.routing import RoutedViT, routed_adapter
 from ppvit.serve.tenants import TenantStore
 
 MODEL = "vit_tiny_patch16_224"

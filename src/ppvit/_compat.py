@@ -48,9 +48,9 @@ MOVED: dict[str, str | tuple[str, ...]] = {
     "presets": ("experiments.reproduce", "experiments.presets"),
     "results": "experiments.results",
     "preview": "experiments.preview",
-    "routing": "serve.routing",
+    "routing": "models.routing",
     "tenants": "serve.tenants",
-    "server": "serve.app",
+    "server": ("serve.app", "serve.auth", "serve.cache", "serve.batcher", "serve.codec", "serve.metrics"),
     "client": "serve.client",
     "commands_serve": "cli.serve",
 }

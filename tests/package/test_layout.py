@@ -53,6 +53,64 @@ def test_no_module_imports_a_higher_layer() -> None:
     assert not wrong, "\n".join(wrong)
 
 
+def module_name(path: Path) -> str:
+    rel = path.relative_to(SRC.parent).with_suffix("")
+    parts = rel.parts[:-1] if rel.name == "__init__" else rel.parts
+    return ".".join(parts)
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Module -> the ppvit modules it imports, at module level or inside functions (``from ppvit.serve import
+    app`` counts as importing ``ppvit.serve.app``)."""
+    modules = {module_name(p): p for p in SRC.rglob("*.py")}
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        edges = graph.setdefault(name, set())
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                for alias in node.names:
+                    sub = f"{node.module}.{alias.name}"
+                    edges.add(sub if sub in modules else node.module)
+            elif isinstance(node, ast.Import):
+                edges.update(alias.name for alias in node.names)
+        edges &= set(modules)
+        edges.discard(name)
+    return graph
+
+
+def import_circles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """One circle through each module that lies on one (depth-first search; a circle is reported once per entry)."""
+    circles, done = [], set()
+
+    def visit(node: str, stack: list[str]) -> None:
+        for nxt in sorted(graph[node]):
+            if nxt in stack:
+                circles.append([*stack[stack.index(nxt) :], nxt])
+            elif nxt not in done:
+                visit(nxt, [*stack, nxt])
+        done.add(node)
+
+    for start in sorted(graph):
+        if start not in done:
+            visit(start, [start])
+    return circles
+
+
+def test_import_circles_are_found() -> None:
+    """The search itself: a two-module and a three-module circle, and none in a chain."""
+    assert import_circles({"a": {"b"}, "b": {"a"}}) == [["a", "b", "a"]]
+    assert import_circles({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == [["a", "b", "c", "a"]]
+    assert import_circles({"a": {"b"}, "b": {"c"}, "c": set()}) == []
+
+
+def test_no_import_circle() -> None:
+    """No module imports one that imports it back, directly or round a loop, even from inside a function
+    (a circle inside a package is a seam drawn in the wrong place: issue 31). A package's ``__init__``
+    forwarding its submodules' names is an edge like any other."""
+    circles = import_circles(import_graph())
+    assert not circles, "\n".join(" -> ".join(c) for c in circles)
+
+
 def test_no_relative_imports() -> None:
     """Absolute imports only, so that the layer check above sees every edge."""
     relative = [

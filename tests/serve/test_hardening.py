@@ -37,9 +37,12 @@ from serving import LiveServer, build_world, key_of, npy, png, reference_logits
 from ppvit.crypto.keys import Geometry, Key, KeyFileError
 from ppvit.models.adapters import CONFIG_NAME, WEIGHTS_NAME, load_adapter
 from ppvit.models.backbones import create_backbone
-from ppvit.serve.app import Batcher, Metrics, PassTimes, ServeConfig, exposure_warning, fair_shares
+from ppvit.models.routing import NotRoutable
+from ppvit.serve.app import ServeConfig, exposure_warning
+from ppvit.serve.batcher import Batcher, PassTimes, fair_shares
 from ppvit.serve.client import Client
-from ppvit.serve.routing import NotRoutable
+from ppvit.serve.jobs import ServiceLimits
+from ppvit.serve.metrics import Metrics
 from ppvit.serve.tenants import TenantStore
 from ppvit.train.inference import adapter_pipeline
 
@@ -580,11 +583,42 @@ def test_hostile_bodies_are_4xx_not_500(world: dict, name: str, body: bytes, con
         assert list(r.json()) == ["error"]
 
 
-def test_two_authorization_headers_are_refused(world: dict) -> None:
-    with LiveServer(ServeConfig(world["root"], window_ms=1)) as server:
-        headers = [("Authorization", f"Bearer {world['tokens']['carol']}"), ("Authorization", "Bearer other")]
-        r = httpx.get(f"{server.url}/v1/adapter", headers=headers)
-        assert r.status_code == 400 and "more than one" in r.json()["error"]
+def test_two_authorization_headers_are_refused_by_every_router(world: dict) -> None:
+    """One auth check for predict, the adapter route and the training routes (the training routes
+    used to take the first of two headers: issue 31)."""
+    cfg = ServeConfig(world["root"], window_ms=1, training=ServiceLimits({SMALL: None}))
+    routes = [
+        ("GET", "/v1/adapter"),
+        ("POST", "/v1/predict"),
+        ("GET", "/v1/datasets"),
+        ("GET", "/v1/datasets/pets"),
+        ("PUT", "/v1/datasets/pets"),
+        ("GET", "/v1/jobs"),
+        ("POST", "/v1/jobs"),
+    ]
+    with LiveServer(cfg) as server:
+        good = [("Authorization", f"Bearer {world['tokens']['carol']}")]
+        assert httpx.get(f"{server.url}/v1/datasets", headers=good).json() == []  # the token alone is accepted
+        for method, path in routes:
+            for second in ("Bearer other", f"Bearer {world['tokens']['carol']}"):
+                r = httpx.request(method, f"{server.url}{path}", headers=[*good, ("Authorization", second)])
+                assert r.status_code == 400 and "more than one" in r.json()["error"], (method, path, r.text)
+
+
+def test_a_registry_error_is_logged_by_every_router(
+    world: dict, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(self: TenantStore, token: str) -> None:
+        raise ValueError("tenants.sqlite: disk I/O error")
+
+    cfg = ServeConfig(world["root"], window_ms=1, training=ServiceLimits({SMALL: None}))
+    with LiveServer(cfg) as server, caplog.at_level(logging.ERROR, logger="ppvit.serve.auth"):
+        monkeypatch.setattr(TenantStore, "by_token", broken)
+        for path in ("/v1/adapter", "/v1/datasets", "/v1/jobs"):
+            caplog.clear()
+            r = httpx.get(f"{server.url}{path}", headers={"Authorization": "Bearer x"})
+            assert r.status_code == 503 and "registry" in r.json()["error"]
+            assert "disk I/O error" in caplog.text, path
 
 
 @pytest.mark.parametrize(

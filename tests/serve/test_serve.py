@@ -29,9 +29,9 @@ from ppvit.models.adapters import WEIGHTS_NAME, AdapterMeta, load_adapter, read_
 from ppvit.models.backbones import create_backbone
 from ppvit.models.configs import method_config
 from ppvit.models.methods import apply_method
+from ppvit.models.routing import NotRoutable, RoutedViT, routed_adapter
 from ppvit.serve.app import ServeConfig
 from ppvit.serve.client import Client, ServerError
-from ppvit.serve.routing import NotRoutable, RoutedViT, routed_adapter
 from ppvit.serve.tenants import TenantStore
 from ppvit.train.inference import adapter_pipeline
 from ppvit.train.loop import train

@@ -44,8 +44,8 @@ from ppvit.models.adapters import (
     file_sha256,
     read_adapter_meta,
 )
+from ppvit.models.routing import routed_adapter
 from ppvit.serve.defaults import KEEP_VERSIONS, MAX_CLASSES
-from ppvit.serve.routing import routed_adapter
 from ppvit.train.config import TrainConfig
 from ppvit.train.runs import adapter_dir
 

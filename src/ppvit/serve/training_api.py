@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 from fastapi import APIRouter, Request
 from starlette.requests import ClientDisconnect
 
-from ppvit.serve.app import HTTPError
+from ppvit.serve.auth import HTTPError, bearer_tenant
 from ppvit.serve.datasets import DatasetError, DatasetStore
 from ppvit.serve.jobs import Jobs, ServiceLimits, Supervisor
 from ppvit.serve.tenants import TenantStore
@@ -80,17 +80,7 @@ def training_router(root: Path, tenants: TenantStore, limits: ServiceLimits, bod
     router = APIRouter(prefix="/v1", lifespan=lifespan)
 
     async def tenant(request: Request) -> int:
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not token:
-            raise HTTPError(401, "missing bearer token")
-        try:
-            found = await asyncio.to_thread(tenants.by_token, token.strip())
-        except ValueError:
-            raise HTTPError(503, "the tenant registry cannot be read (see the server log)") from None
-        if found is None:
-            raise HTTPError(401, "unknown token")
-        request.state.tenant = found.tenant
-        return found.tenant_id
+        return (await bearer_tenant(request, tenants)).tenant_id
 
     @router.get("/datasets")
     async def list_datasets(request: Request) -> list[dict[str, Any]]:

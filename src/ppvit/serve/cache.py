@@ -1,0 +1,136 @@
+"""Adapters ready to serve: an LRU cache of each tenant's routed tensors over shared frozen bases.
+
+Adapters load lazily, one load per (tenant, version) at a time, and are dropped least recently
+used beyond a byte budget. Adapters with the same base identity (model, the actual weights file's
+hash, init seed, input size) share one backbone. An adapter that cannot be loaded fails its own
+tenant's requests with 503 and nobody else's.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from ppvit.models.adapters import AdapterMeta, adapter_files, build_base, file_sha256, read_adapter_meta
+from ppvit.models.backbones import normalization
+from ppvit.models.routing import RoutedAdapter, RoutedViT, routed_adapter
+from ppvit.serve.auth import HTTPError
+from ppvit.serve.tenants import TenantAdapter, check_meta
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Served:
+    """A tenant's adapter, ready: its base (shared), its routed tensors and input checks."""
+
+    tenant: TenantAdapter
+    adapter: RoutedAdapter
+    base: Base
+
+    @property
+    def meta(self) -> AdapterMeta:
+        return self.adapter.meta
+
+
+@dataclass
+class Base:
+    """One frozen backbone shared by every adapter trained on it."""
+
+    routed: RoutedViT
+    mean: torch.Tensor
+    std: torch.Tensor
+
+
+def base_identity(meta: AdapterMeta, weights_sha256: str | None) -> str:
+    """Adapters with the same identity share one backbone: the weights file's own hash (a file may
+    stand in for timm's download, which the adapter does not record), and for a random-init base
+    its head size too."""
+    weights = weights_sha256 or meta.weights_sha256
+    ident = [meta.model, weights, meta.pretrained, meta.init_seed, sorted(meta.model_kwargs.items())]
+    if meta.init_seed is not None:
+        ident.append(meta.num_classes)
+    return json.dumps(ident)
+
+
+class AdapterCache:
+    """Adapters by (tenant, version), least recently used dropped beyond ``budget`` bytes; bases built once.
+
+    The cache's lock guards only its dictionaries: a slow load (a base model built, a weights
+    file hashed) holds a lock of its own key, so other tenants' requests are not held up by it.
+    """
+
+    def __init__(self, budget: int, device: str) -> None:
+        self.budget, self.device = budget, torch.device(device)
+        self.adapters: OrderedDict[tuple[int, int], Served] = OrderedDict()
+        self.bases: dict[str, Base] = {}
+        self.resident_bytes = 0
+        self.lock = threading.Lock()  # the dictionaries and the byte count
+        self._loading: dict[tuple[int, int], threading.Lock] = {}
+        self._base_lock = threading.Lock()
+        self._digests: dict[tuple[str, int, int], str] = {}  # weights files hashed, by path, size and mtime
+
+    def get(self, tenant: TenantAdapter) -> Served:
+        key = tenant.cache_key
+        with self.lock:
+            if key in self.adapters:
+                self.adapters.move_to_end(key)
+                return self.adapters[key]
+            loading = self._loading.setdefault(key, threading.Lock())
+        with loading:  # one load per key; others wait here, not on the cache
+            with self.lock:
+                if key in self.adapters:
+                    return self.adapters[key]
+            served = self._load(tenant)
+            with self.lock:
+                self.adapters[key] = served
+                self.resident_bytes += served.adapter.nbytes
+                while self.resident_bytes > self.budget and len(self.adapters) > 1:
+                    self.resident_bytes -= self.adapters.popitem(last=False)[1].adapter.nbytes
+                self._loading.pop(key, None)
+            return served
+
+    def _load(self, tenant: TenantAdapter) -> Served:
+        try:
+            meta = read_adapter_meta(tenant.folder)
+            check_meta(meta, tenant.folder)
+            base = self._base(meta, tenant)
+            tensors = load_file(str(adapter_files(tenant.folder)[1]))  # a store of 0.3 or earlier: PEFT's names
+            adapter = routed_adapter(meta, tensors, base.routed.base).to(self.device)
+        except (OSError, ValueError, SafetensorError, RuntimeError) as exc:
+            log.warning("tenant %s, adapter version %d: %s", tenant.tenant, tenant.version, exc)
+            raise HTTPError(
+                503, f"the adapter of tenant {tenant.tenant} cannot be loaded (see the server log)"
+            ) from None
+        return Served(tenant, adapter, base)
+
+    def _digest(self, path: Path | None) -> str | None:
+        if path is None:
+            return None
+        st = path.stat()
+        key = (str(path), st.st_size, st.st_mtime_ns)
+        if key not in self._digests:
+            self._digests[key] = file_sha256(path)
+        return self._digests[key]
+
+    def _base(self, meta: AdapterMeta, tenant: TenantAdapter) -> Base:
+        with self._base_lock:
+            ident = base_identity(meta, self._digest(tenant.weights))
+            if ident not in self.bases:
+                model = build_base(meta, tenant.weights).to(self.device)
+                mean, std = normalization(model)
+                shape = (1, -1, 1, 1)
+                self.bases[ident] = Base(
+                    RoutedViT(model),
+                    torch.tensor(mean, device=self.device).view(shape),
+                    torch.tensor(std, device=self.device).view(shape),
+                )
+            return self.bases[ident]

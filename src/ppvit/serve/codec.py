@@ -1,0 +1,148 @@
+"""Request decoding and answer encoding of ``POST /v1/predict`` and ``GET /v1/adapter``.
+
+A body is one PNG, ``application/x-npy`` uint8 array(s) of shape (H, W, C) or (N, H, W, C), or
+JSON ``{"images": [base64 PNG, ...]}``. Sizes and counts are checked from the ``.npy`` header or
+each PNG's header before anything is decoded or allocated; anything else is a 4xx
+:class:`~ppvit.serve.auth.HTTPError`. Answers are JSON bytes built off the event loop.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from ppvit.models.adapters import AdapterMeta
+from ppvit.serve.auth import HTTPError
+from ppvit.serve.cache import Served
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+NPY_HEADER_LIMIT = 1024  # bytes of a .npy header; a real one is under 128
+
+
+@dataclass(frozen=True)
+class Expected:
+    """What the tenant's model takes: checked on headers, before anything is decoded or allocated."""
+
+    side: int
+    channels: int
+    max_images: int
+
+    def check(self, count: int, h: int, w: int, c: int) -> None:
+        if count < 1:
+            raise HTTPError(422, "no images in the request")
+        if count > self.max_images:
+            raise HTTPError(413, f"{count} images in one request; the limit is {self.max_images}")
+        if c != self.channels:
+            raise HTTPError(422, f"images have {c} channels; the model takes {self.channels}")
+        if (h, w) != (self.side, self.side):
+            raise HTTPError(422, f"images are {h}x{w}; the model takes {self.side}x{self.side} ciphertext")
+
+
+def decode_images(body: bytes, content_type: str, expected: Expected) -> np.ndarray:
+    """The request's images as (N, H, W, C) uint8; HTTPError 4xx for anything else.
+
+    Sizes and counts are checked from the ``.npy`` header or each PNG's header first, so a
+    small body that declares a huge image is refused without allocating it.
+    """
+    kind = content_type.split(";")[0].strip().lower()
+    if kind == "application/x-npy":
+        images = _npy(body, expected)
+    elif kind == "application/json":
+        try:  # ValueError: a number over Python's digit limit; RecursionError: nesting too deep
+            items = json.loads(body)["images"]
+            if not isinstance(items, list):
+                raise TypeError
+        except (ValueError, KeyError, TypeError, RecursionError):
+            raise HTTPError(400, 'JSON body must be {"images": [base64 PNG, ...]}') from None
+        if len(items) > expected.max_images:
+            raise HTTPError(413, f"{len(items)} images in one request; the limit is {expected.max_images}")
+        try:
+            blobs = [base64.b64decode(s, validate=True) for s in items]
+        except (binascii.Error, TypeError, ValueError):
+            raise HTTPError(400, "JSON images must be base64 strings") from None
+        images = np.stack([_png(b, i, expected) for i, b in enumerate(blobs)]) if blobs else None
+    elif kind == "image/png":
+        images = _png(body, 0, expected)[None]
+    else:
+        raise HTTPError(415, f"content type {kind or 'missing'}: send image/png, application/x-npy or application/json")
+    if images is None or len(images) == 0:
+        raise HTTPError(422, "no images in the request")
+    return images
+
+
+def _npy(body: bytes, expected: Expected) -> np.ndarray:
+    buf = io.BytesIO(body)
+    try:
+        version = np.lib.format.read_magic(buf)
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = read(buf, max_header_size=NPY_HEADER_LIMIT)
+    except (ValueError, OSError, EOFError, SyntaxError, RecursionError, MemoryError):
+        raise HTTPError(400, "body is not a .npy array") from None
+    if dtype != np.uint8:
+        raise HTTPError(422, f"array dtype is {dtype}; send uint8 ciphertext")
+    if len(shape) not in (3, 4) or any(type(n) is not int or n < 0 for n in shape):
+        raise HTTPError(422, f"array shape {shape}: expected (H, W, C) or (N, H, W, C)")
+    shape4 = shape if len(shape) == 4 else (1, *shape)
+    expected.check(*shape4)
+    if len(body) - buf.tell() != int(np.prod(shape)):
+        raise HTTPError(400, f"array of shape {shape} needs {int(np.prod(shape))} bytes, the body holds another number")
+    data = np.frombuffer(body, dtype=np.uint8, offset=buf.tell())
+    return data.reshape(shape4, order="F" if fortran else "C")
+
+
+def _png(data: bytes, i: int, expected: Expected) -> np.ndarray:
+    """One PNG, and only a PNG: no other PIL decoder is reached."""
+    if not data.startswith(PNG_SIGNATURE):
+        raise HTTPError(415, f"image {i} is not a PNG (the API takes PNG images only)")
+    try:  # ValueError: a text or ICC chunk that inflates past PIL's limits
+        with Image.open(io.BytesIO(data), formats=["PNG"]) as im:
+            expected.check(1, im.height, im.width, len(im.getbands()))
+            im.load()
+            arr = np.asarray(im)
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError, SyntaxError, ValueError):
+        raise HTTPError(400, f"image {i} is not a readable image") from None
+    return arr[..., None] if arr.ndim == 2 else arr
+
+
+def class_names(meta: AdapterMeta) -> list[str]:
+    return meta.classes or [str(i) for i in range(meta.num_classes)]
+
+
+def adapter_info(served: Served, max_images: int) -> dict[str, Any]:
+    """What a tenant may know about its own adapter (never another's, never a key)."""
+    meta = served.meta
+    return {
+        "tenant": served.tenant.tenant,
+        "version": served.tenant.version,
+        "model": meta.model,
+        "method": meta.method.get("method"),
+        "input_size": served.base.routed.side,
+        "scheme": meta.scheme,
+        "block_size": meta.block_size,
+        "key_fingerprint": meta.key_fingerprint,
+        "classes": class_names(meta),
+        "max_images": max_images,
+    }
+
+
+def answers_json(served: Served, rows: list[torch.Tensor], logits: bool) -> bytes:
+    """The predict answer as JSON bytes (built off the event loop: a large head makes it long)."""
+    classes = class_names(served.meta)
+    answers = []
+    for row in rows:
+        p = row.softmax(-1)
+        i = int(p.argmax())
+        answer = {"label": classes[i], "index": i, "probability": float(p[i]), "probabilities": p.tolist()}
+        if logits:
+            answer["logits"] = row.tolist()
+        answers.append(answer)
+    doc = {"tenant": served.tenant.tenant, "version": served.tenant.version, "predictions": answers}
+    return json.dumps(doc).encode()

@@ -1,0 +1,27 @@
+"""The server's Prometheus metrics (``GET /metrics`` when asked for)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+
+class Metrics:
+    """Prometheus metrics of one app (its own registry: several apps in one process do not collide)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "ppvit_requests", "HTTP requests by endpoint and status", ["endpoint", "status"], registry=r
+        )
+        self.latency = Histogram(
+            "ppvit_request_seconds",
+            "predict latency",
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+            registry=r,
+        )
+        sizes = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+        self.batch_size = Histogram("ppvit_batch_images", "images per routed forward", buckets=sizes, registry=r)
+        self.batch_tenants = Histogram("ppvit_batch_adapters", "adapters per routed forward", buckets=sizes, registry=r)
+        self.resident = Gauge("ppvit_adapters_resident", "adapters in memory", registry=r)
+        self.resident_bytes = Gauge("ppvit_adapter_bytes_resident", "bytes of adapter tensors in memory", registry=r)
