@@ -16,7 +16,7 @@ from ppvit import cli
 from ppvit.crypto.ciphers import BlockCipher
 from ppvit.crypto.keys import Key
 from ppvit.data.datasets import ArrayDataset, load_source_split, load_splits
-from ppvit.data.images import resize_array
+from ppvit.data.images import KERNEL, Preprocess, resize_array
 from ppvit.data.manifest import read_manifest
 
 
@@ -110,6 +110,8 @@ def test_tar_source_with_resize_and_workers(tmp_path: Path, key_file: Path) -> N
         resized = resize_array(arr, 32)  # the one resize (data.images) every path uses
         np.testing.assert_array_equal(read_png(tmp_path / "enc" / rel), cipher.encrypt(resized))
     assert_no_key_material(tmp_path / "enc", cipher.key)
+    # the recipe as data: resized to 32 with the one kernel; mean and std are the training model's
+    assert read_manifest(tmp_path / "enc").preprocess == Preprocess(32, KERNEL, None, None)
 
 
 def test_single_image(tmp_path: Path, key_file: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from conftest import KEY
@@ -33,3 +34,19 @@ def test_pipeline_refuses_resizing_ciphertext() -> None:
     pipe = BatchPipeline(32, (0.5,) * 3, (0.5,) * 3, data_encrypted=True)
     with pytest.raises(ValueError, match="resizing would destroy the ciphertext"):
         pipe(torch.zeros(1, 16, 16, 3, dtype=torch.uint8), train=False)
+
+
+def test_one_normalisation_against_independent_arithmetic() -> None:
+    """``normalize`` (training's pipeline and the server alike) is (v / 255 - mean_c) / std_c."""
+    from ppvit.data.images import normalize
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (2, 3, 5, 7), dtype=np.uint8)
+    mean, std = (0.4, 0.5, 0.6), (0.2, 0.25, 0.3)
+    want = (images / 255.0 - np.array(mean)[:, None, None]) / np.array(std)[:, None, None]
+    got = normalize(torch.from_numpy(images), mean, std)
+    assert got.dtype == torch.float32
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-5, atol=1e-6)
+    pipe = BatchPipeline(5, mean, std, data_encrypted=True)  # 5x5: no resize
+    square = torch.from_numpy(images[..., :5]).permute(0, 2, 3, 1).contiguous()
+    assert torch.equal(pipe(square, train=False), normalize(torch.from_numpy(images[..., :5]), mean, std))

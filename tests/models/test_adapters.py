@@ -227,3 +227,29 @@ def test_peft_does_not_take_a_ppvit_adapter_for_its_own(tmp_path: Path) -> None:
     save_adapter(model, meta, tmp_path / "a")
     with pytest.raises(ValueError, match=r"Can't find 'adapter_config\.json'"):
         peft.PeftConfig.from_pretrained(str(tmp_path / "a"))
+
+
+def test_the_input_recipe_is_recorded_and_an_adapter_without_one_takes_timms(tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    from ppvit.data.images import KERNEL, Preprocess
+    from ppvit.models.adapters import adapter_preprocess, read_adapter_meta
+
+    model, meta = trained("melo")
+    recipe = Preprocess(32, KERNEL, (0.25, 0.5, 0.75), (0.1, 0.2, 0.3))
+    save_adapter(model, replace(meta, preprocess=recipe), tmp_path / "a")
+    doc = json.loads((tmp_path / "a" / CONFIG_NAME).read_text())
+    assert doc["preprocess"] == {"size": 32, "kernel": KERNEL, "mean": [0.25, 0.5, 0.75], "std": [0.1, 0.2, 0.3]}
+    assert adapter_preprocess(read_adapter_meta(tmp_path / "a"), model) == recipe  # its own record, not timm's
+    del doc["preprocess"]  # an adapter of an earlier release: timm's config, as before
+    (tmp_path / "a" / CONFIG_NAME).write_text(json.dumps(doc))
+    timms = Preprocess(32, KERNEL, (0.5,) * 3, (0.5,) * 3)
+    assert adapter_preprocess(read_adapter_meta(tmp_path / "a"), model) == timms
+    for other, words in (({"kernel": "pil-bilinear"}, "kernel is pil-bilinear"), ({"size": 224}, "size is 224")):
+        bad = replace(meta, preprocess=replace(recipe, **other))
+        with pytest.raises(ValueError, match=words):
+            adapter_preprocess(bad, model)
+    doc["preprocess"] = {"size": 32, "kernel": KERNEL, "mean": [0.5] * 3, "std": [0.0] * 3}
+    (tmp_path / "a" / CONFIG_NAME).write_text(json.dumps(doc))
+    with pytest.raises(ValueError, match=f"adapter config {tmp_path / 'a' / CONFIG_NAME}: damaged .*std"):
+        read_adapter_meta(tmp_path / "a")

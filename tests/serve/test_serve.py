@@ -25,6 +25,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from serving import TENANTS, LiveServer, build_world, key_of, npy, png, reference_logits
 
+from ppvit.data.images import KERNEL, Preprocess
 from ppvit.models.adapters import WEIGHTS_NAME, AdapterMeta, load_adapter, read_adapter_meta
 from ppvit.models.backbones import create_backbone
 from ppvit.models.configs import method_config
@@ -119,6 +120,41 @@ def test_auth(world: dict, live: LiveServer) -> None:
         assert (info["scheme"], info["key_fingerprint"]) == (meta.scheme, meta.key_fingerprint)
         assert info["method"] == TENANTS[tenant][0]
         assert info["input_size"] == 32 and info["block_size"] == (None if meta.scheme is None else 4)
+        # the recipe as data: what training recorded, stated as the adapter's (SMALL: timm's 0.5 mean and std)
+        assert meta.preprocess == Preprocess(32, KERNEL, (0.5,) * 3, (0.5,) * 3)
+        assert info["preprocess"] == {"size": 32, "kernel": KERNEL, "mean": [0.5] * 3, "std": [0.5] * 3}
+
+
+def stated(info: dict) -> httpx.MockTransport:
+    """A server that states ``info`` for the tenant's adapter and records whether anything else was asked."""
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        assert request.url.path == "/v1/adapter", "the client sent something before refusing"
+        return httpx.Response(200, json=info)
+
+    return httpx.MockTransport(handle)
+
+
+@pytest.mark.parametrize(
+    ("recipe", "words"),
+    [
+        ({"size": 32, "kernel": "pil-bilinear", "mean": [0.5] * 3, "std": [0.5] * 3}, "kernel is pil-bilinear"),
+        ({"size": 64, "kernel": KERNEL, "mean": [0.5] * 3, "std": [0.5] * 3}, "size is 64, not 32"),
+        ({"size": 32, "kernel": KERNEL, "mean": "x", "std": [0.5] * 3}, "preprocess must be"),
+    ],
+)
+def test_the_client_refuses_an_adapter_whose_recipe_differs_from_what_it_sends(
+    world: dict, recipe: dict, words: str
+) -> None:
+    info = {"tenant": "carol", "version": 1, "scheme": None, "block_size": None, "key_fingerprint": None}
+    info |= {"input_size": 32, "max_images": 4, "preprocess": recipe}
+    with Client("http://server", "t", transport=stated(info)) as c, pytest.raises(ValueError, match=words) as err:
+        c.encrypt(list(world["images"][:1]), None, plain=True)
+    assert "refusing" in str(err.value) and "\n" not in str(err.value)
+    good = info | {"preprocess": {"size": 32, "kernel": KERNEL, "mean": [0.1] * 3, "std": [0.2] * 3}}
+    for agreeing in (good, {k: v for k, v in info.items() if k != "preprocess"}):  # mean/std: the server's; none: old
+        with Client("http://server", "t", transport=stated(agreeing)) as c:
+            assert c.encrypt(list(world["images"][:1]), None, plain=True).shape == (1, 32, 32, 3)
 
 
 @pytest.mark.parametrize(

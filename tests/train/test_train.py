@@ -22,6 +22,8 @@ from conftest import SMALL, adapter_tensors, assert_no_key_material, train_confi
 
 from ppvit import cli
 from ppvit.crypto.keys import Key
+from ppvit.data.images import Preprocess
+from ppvit.data.manifest import read_manifest, write_manifest
 from ppvit.models.backbones import create_backbone, normalization
 from ppvit.train import loop as ppvit_train
 from ppvit.train import runtime
@@ -180,6 +182,11 @@ def test_training_on_data_encrypted_on_disk(tmp_path: Path, toy_dataset: Path, k
         train(train_config(tmp_path / "run2", enc, None, augment="crop-flip"))
     with pytest.raises(ValueError, match="scheme is shuffle, not shuffle\\+scramble"):
         train(train_config(tmp_path / "run3", enc, None, scheme="shuffle+scramble"))
+    manifest = read_manifest(enc)
+    manifest.preprocess = Preprocess(32, "pil-bilinear", None, None)  # resized by another kernel than ppvit's
+    write_manifest(enc, manifest)
+    with pytest.raises(ValueError, match="preprocess kernel is pil-bilinear, not torch-bicubic"):
+        train(train_config(tmp_path / "run4", enc, None))
     assert_no_key_material([enc, tmp_path / "run"], Key.load(key_file))
 
 

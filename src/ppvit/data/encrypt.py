@@ -30,6 +30,7 @@ from ppvit import __version__
 from ppvit._io import remove_stale_temps
 from ppvit.crypto.ciphers import BlockCipher
 from ppvit.crypto.keys import Key
+from ppvit.data.images import KERNEL, Preprocess
 from ppvit.data.manifest import (
     FORMATS,
     MANIFEST_NAME,
@@ -225,6 +226,7 @@ def encrypt_collection(
         raise ValueError(f"shard size {shard_size}: only for --format wds, and at least 1")
     manifest = Manifest(str(cipher.scheme), cipher.block_size, size, cipher.key.fingerprint, fmt, __version__)
     manifest.shard_size = shard_size
+    manifest.preprocess = None if size is None else Preprocess(size, KERNEL, None, None)
     source = open_source(src, columns, splits)
     return transform_collection(source, dst, cipher, manifest, False, workers, progress, select)
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Literal
 
 from ppvit._io import atomic_write_json
+from ppvit.data.images import Preprocess
 
 MANIFEST_NAME = "ppvit-manifest.json"
 SHARD_SIZE = 1024  # images per npz shard
@@ -37,6 +38,11 @@ class Manifest:
     counts: dict[str, int] = field(default_factory=dict)  # split -> images written
     complete: bool = False
     shard_size: int | None = None  # wds: images per shard (dealt round-robin over up to 64 shards: data.sinks.WdsSink)
+    preprocess: Preprocess | None = None  # how the images were resized (mean/std None: the model's); None: not resized
+
+    def __post_init__(self) -> None:
+        if isinstance(self.preprocess, dict):  # read from JSON
+            self.preprocess = Preprocess.of(self.preprocess, "manifest")
 
     def check(
         self,
@@ -75,7 +81,7 @@ def read_manifest(folder: str | os.PathLike) -> Manifest:
         return Manifest(**doc)
     except FileNotFoundError:
         raise FileNotFoundError(f"{folder}: no {MANIFEST_NAME} (not written by `ppvit encrypt`?)") from None
-    except (OSError, json.JSONDecodeError, TypeError) as exc:
+    except (OSError, ValueError, TypeError) as exc:  # ValueError: JSON, or a malformed preprocess
         raise ValueError(f"manifest {path}: damaged ({exc})") from None
 
 

@@ -18,7 +18,7 @@ import torch
 from ppvit.crypto.ciphers import BlockCipher
 from ppvit.data.augment import PlainAugment, random_crop_flip
 from ppvit.data.datasets import ArrayDataset
-from ppvit.data.images import resize
+from ppvit.data.images import KERNEL, Preprocess, normalize, resize
 from ppvit.data.streaming import ShardStream
 
 
@@ -75,8 +75,7 @@ class BatchPipeline:
         if cipher is not None and data_encrypted:
             raise ValueError("the data are encrypted already; do not encrypt them again")
         self.size, self.cipher, self.augment, self.data_encrypted = size, cipher, augment, data_encrypted
-        self.mean = torch.tensor(mean).view(1, -1, 1, 1)
-        self.std = torch.tensor(std).view(1, -1, 1, 1)
+        self.recipe = Preprocess(size, KERNEL, tuple(mean), tuple(std))  # what the adapter records
 
     def __call__(self, images: torch.Tensor, train: bool, generator: torch.Generator | None = None) -> torch.Tensor:
         x = images.permute(0, 3, 1, 2)  # NHWC uint8 -> NCHW uint8 (a view)
@@ -91,5 +90,4 @@ class BatchPipeline:
             x = resize(x, self.size)
         if self.cipher is not None:
             x = self.cipher.encrypt(x.contiguous())
-        x = x.float().div_(255)
-        return (x - self.mean.to(x.device)) / self.std.to(x.device)
+        return normalize(x, self.recipe.mean, self.recipe.std)

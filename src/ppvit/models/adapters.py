@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ppvit._io import atomic_write, atomic_write_text
-from ppvit.models.backbones import create_backbone
+from ppvit.data.images import KERNEL, Preprocess
+from ppvit.models.backbones import create_backbone, input_size, normalization
 from ppvit.models.configs import MethodConfig, method_config
 from ppvit.models.methods import apply_method, merge_adapters
 
@@ -61,6 +62,11 @@ class AdapterMeta:
     block_size: int | None = None
     key_fingerprint: str | None = None
     key_init: bool = False  # the frozen backbone was transformed with the key: its changed tensors are saved
+    preprocess: Preprocess | None = None  # the input recipe it trained with (None: an earlier release's adapter)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.preprocess, dict):  # read from JSON
+            self.preprocess = Preprocess.of(self.preprocess, "adapter config")
 
     def method_config(self) -> MethodConfig:
         opts = {k: v for k, v in self.method.items() if k != "method"}
@@ -115,8 +121,22 @@ def read_adapter_meta(adapter_dir: str | os.PathLike) -> AdapterMeta:
     doc.pop("extra", None)  # an unused field of the first release: always empty
     try:
         return AdapterMeta(**doc)
-    except TypeError as exc:  # missing or unknown fields
+    except (TypeError, ValueError) as exc:  # missing or unknown fields, a malformed recipe
         raise ValueError(f"adapter config {path}: damaged ({exc})") from None
+
+
+def adapter_preprocess(meta: AdapterMeta, model: nn.Module) -> Preprocess:
+    """The input recipe of an adapter on ``model``: its own record, checked against the model, or for an
+    adapter without one (written by an earlier release) the model's size, ppvit's kernel and timm's mean and std."""
+    mean, std = normalization(model)
+    own = Preprocess(input_size(model), KERNEL, mean, std)
+    if meta.preprocess is None:
+        return own
+    meta.preprocess.check(replace(own, mean=None, std=None), f"adapter of {meta.model}")  # size and kernel
+    if meta.preprocess.mean is None or len(meta.preprocess.mean) != len(mean):
+        have = meta.preprocess.mean
+        raise ValueError(f"adapter of {meta.model}: preprocess mean {have} does not fit {len(mean)} channels")
+    return meta.preprocess
 
 
 def build_base(meta: AdapterMeta, weights: str | os.PathLike | None = None) -> nn.Module:

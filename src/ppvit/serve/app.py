@@ -44,6 +44,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
+from ppvit.data.images import normalize
 from ppvit.serve.auth import HTTPError, bearer_tenant
 from ppvit.serve.batcher import Batcher
 from ppvit.serve.cache import AdapterCache, Served
@@ -225,8 +226,8 @@ def create_app(cfg: ServeConfig) -> FastAPI:
             kind = request.headers.get("content-type", "")
             images = await asyncio.to_thread(decode_images, body, kind, expected)  # off the event loop
             del body
-            x = torch.from_numpy(np.array(images)).permute(0, 3, 1, 2).to(served.base.mean.device).float().div_(255)
-            x = (x - served.base.mean) / served.base.std
+            x = torch.from_numpy(np.array(images)).permute(0, 3, 1, 2).to(served.base.device)
+            x = normalize(x, served.preprocess.mean, served.preprocess.std)
             rows = await state["batcher"].submit(served, x)
             answer = await asyncio.to_thread(answers_json, served, rows, logits)
         finally:

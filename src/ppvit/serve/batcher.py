@@ -245,7 +245,7 @@ class Batcher:
         self.metrics.batch_tenants.observe(len(adapters))
         t0 = time.perf_counter()
         logits = await asyncio.get_running_loop().run_in_executor(
-            self.executor, base.routed, x.to(base.mean.device), list(unique.values()), index
+            self.executor, base.routed, x.to(base.device), list(unique.values()), index
         )
         self.times.setdefault(id(base), PassTimes()).add(len(x), time.perf_counter() - t0)
         start = 0

@@ -19,8 +19,15 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from ppvit.models.adapters import AdapterMeta, adapter_files, build_base, file_sha256, read_adapter_meta
-from ppvit.models.backbones import normalization
+from ppvit.data.images import Preprocess
+from ppvit.models.adapters import (
+    AdapterMeta,
+    adapter_files,
+    adapter_preprocess,
+    build_base,
+    file_sha256,
+    read_adapter_meta,
+)
 from ppvit.models.routing import RoutedAdapter, RoutedViT, routed_adapter
 from ppvit.serve.auth import HTTPError
 from ppvit.serve.tenants import TenantAdapter, check_meta
@@ -35,6 +42,7 @@ class Served:
     tenant: TenantAdapter
     adapter: RoutedAdapter
     base: Base
+    preprocess: Preprocess  # the adapter's input recipe (its own record, or timm's config for an old adapter)
 
     @property
     def meta(self) -> AdapterMeta:
@@ -46,8 +54,7 @@ class Base:
     """One frozen backbone shared by every adapter trained on it."""
 
     routed: RoutedViT
-    mean: torch.Tensor
-    std: torch.Tensor
+    device: torch.device
 
 
 def base_identity(meta: AdapterMeta, weights_sha256: str | None) -> str:
@@ -105,12 +112,13 @@ class AdapterCache:
             base = self._base(meta, tenant)
             tensors = load_file(str(adapter_files(tenant.folder)[1]))  # a store of 0.3 or earlier: PEFT's names
             adapter = routed_adapter(meta, tensors, base.routed.base).to(self.device)
+            preprocess = adapter_preprocess(meta, base.routed.base)
         except (OSError, ValueError, SafetensorError, RuntimeError) as exc:
             log.warning("tenant %s, adapter version %d: %s", tenant.tenant, tenant.version, exc)
             raise HTTPError(
                 503, f"the adapter of tenant {tenant.tenant} cannot be loaded (see the server log)"
             ) from None
-        return Served(tenant, adapter, base)
+        return Served(tenant, adapter, base, preprocess)
 
     def _digest(self, path: Path | None) -> str | None:
         if path is None:
@@ -126,11 +134,5 @@ class AdapterCache:
             ident = base_identity(meta, self._digest(tenant.weights))
             if ident not in self.bases:
                 model = build_base(meta, tenant.weights).to(self.device)
-                mean, std = normalization(model)
-                shape = (1, -1, 1, 1)
-                self.bases[ident] = Base(
-                    RoutedViT(model),
-                    torch.tensor(mean, device=self.device).view(shape),
-                    torch.tensor(std, device=self.device).view(shape),
-                )
+                self.bases[ident] = Base(RoutedViT(model), self.device)
             return self.bases[ident]

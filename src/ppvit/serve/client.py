@@ -1,7 +1,8 @@
 """The client side of ``ppvit serve``: encrypt locally, send ciphertext only, read the answers.
 
-The client asks the server which scheme, block size, input size and key fingerprint its
-adapter was trained with, refuses a key whose fingerprint differs, resizes and encrypts
+The client asks the server which scheme, block size, input size, key fingerprint and input
+recipe (resize kernel, mean, std) its adapter was trained with, refuses a key whose
+fingerprint differs or a recipe other than the one it follows, resizes and encrypts
 each image here (as ``ppvit predict`` does), and sends the uint8 ciphertext as a ``.npy``
 body. Neither the key nor a plain image leaves this process.
 
@@ -29,7 +30,7 @@ import torch
 
 from ppvit.crypto.ciphers import BlockCipher, Scheme
 from ppvit.crypto.keys import Key
-from ppvit.data.images import read_image
+from ppvit.data.images import KERNEL, Preprocess, read_image
 from ppvit.data.manifest import read_manifest
 
 MIN_BLOCK_SIZE = 4  # the smallest block size used without a pin
@@ -148,6 +149,7 @@ class Client:
                 "(pass no key and plain=True / --plain if that is what you want)"
             )
         size = info["input_size"]
+        self.check_preprocess(info)
         arrays = []
         for im in images:
             if isinstance(im, np.ndarray):
@@ -199,6 +201,19 @@ class Client:
                 f"the server says the adapter takes block size {block}; refusing to encrypt with blocks under "
                 f"{MIN_BLOCK_SIZE} pixels unless the key file or --block-size pins it"
             )
+
+    @staticmethod
+    def check_preprocess(info: dict[str, Any]) -> None:
+        """Refuse an adapter whose input recipe is not what this client sends: images resized to the
+        stated input size with ppvit's one kernel (mean and std are applied by the server). A server
+        that states no recipe (an earlier release) is taken at its input size."""
+        if info.get("preprocess") is None:
+            return
+        sent = Preprocess(info["input_size"], KERNEL, None, None)
+        try:
+            Preprocess.of(info["preprocess"], "the server's recipe").check(sent, "the adapter")
+        except ValueError as exc:
+            raise ValueError(f"{exc} (what this client sends): refusing") from None
 
     def predict_ciphertext(self, ciphertext: np.ndarray, logits: bool = False) -> list[Prediction]:
         """Send (N, S, S, 3) uint8 ciphertext; one prediction per image."""

@@ -125,6 +125,7 @@ def adapter_info(served: Served, max_images: int) -> dict[str, Any]:
         "model": meta.model,
         "method": meta.method.get("method"),
         "input_size": served.base.routed.side,
+        "preprocess": served.preprocess.to_json(),  # the client checks it resizes the same way
         "scheme": meta.scheme,
         "block_size": meta.block_size,
         "key_fingerprint": meta.key_fingerprint,

@@ -155,7 +155,7 @@ def parse_manifest(doc: Any) -> Manifest:
         raise DatasetError(422, "manifest: not a JSON object")
     try:
         m = Manifest(**doc)
-    except TypeError as exc:
+    except (TypeError, ValueError) as exc:
         raise DatasetError(422, f"manifest: {exc}") from None
     if m.format != "wds":
         raise DatasetError(422, f"manifest: format {m.format!r}; upload `ppvit encrypt --format wds` output")

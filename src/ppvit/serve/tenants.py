@@ -40,6 +40,7 @@ from ppvit.models.adapters import (
     WEIGHTS_NAME,
     AdapterMeta,
     adapter_files,
+    adapter_preprocess,
     build_base,
     file_sha256,
     read_adapter_meta,
@@ -345,7 +346,9 @@ def check_routable(adapter: Path, weights: str | os.PathLike | None) -> None:
         tensors = load_file(str(path))
     except (SafetensorError, OSError) as exc:
         raise ValueError(f"adapter weights {path}: cannot be read ({exc})") from None
-    routed_adapter(meta, tensors, build_base(meta, weights))
+    base = build_base(meta, weights)
+    adapter_preprocess(meta, base)  # a recipe the server would not follow
+    routed_adapter(meta, tensors, base)
 
 
 def _run_weights(run: Path) -> str | None:

@@ -21,8 +21,8 @@ from ppvit.data.images import image_files, read_image
 from ppvit.data.pipeline import BatchPipeline, eval_batches
 from ppvit.data.sources import SplitNames
 from ppvit.data.streaming import ShardStream
-from ppvit.models.adapters import AdapterMeta, load_adapter
-from ppvit.models.backbones import input_size, normalization
+from ppvit.models.adapters import AdapterMeta, adapter_preprocess, load_adapter
+from ppvit.models.backbones import input_size
 from ppvit.train.runtime import make_accelerator
 
 
@@ -62,8 +62,8 @@ def adapter_pipeline(meta: AdapterMeta, model: torch.nn.Module, key: Key | None,
         if key.fingerprint != meta.key_fingerprint:
             raise ValueError(f"key fingerprint {key.fingerprint} is not the adapter's ({meta.key_fingerprint})")
         cipher = BlockCipher(key, meta.scheme, meta.block_size)
-    mean, std = normalization(model)
-    return BatchPipeline(input_size(model), mean, std, cipher, data_encrypted)
+    recipe = adapter_preprocess(meta, model)
+    return BatchPipeline(recipe.size, recipe.mean, recipe.std, cipher, data_encrypted)
 
 
 def evaluate_adapter(

@@ -42,6 +42,7 @@ from ppvit.crypto.ciphers import BlockCipher, Scheme
 from ppvit.crypto.keys import Key
 from ppvit.data.augment import mix_batch
 from ppvit.data.datasets import DataSplits, load_splits
+from ppvit.data.images import Preprocess
 from ppvit.data.manifest import Manifest
 from ppvit.data.pipeline import BatchPipeline, epoch_order, get_batch
 from ppvit.data.sources import Columns
@@ -155,9 +156,14 @@ def make_cipher(cfg: TrainConfig, block_size: int) -> BlockCipher | None:
 
 
 def adapter_meta(
-    cfg: TrainConfig, classes: tuple[str, ...], cipher: BlockCipher | None, manifest: Manifest | None
+    cfg: TrainConfig,
+    classes: tuple[str, ...],
+    cipher: BlockCipher | None,
+    manifest: Manifest | None,
+    preprocess: Preprocess | None = None,
 ) -> AdapterMeta:
-    """What the adapter must remember: base model and input size, method, classes, the encryption (no key)."""
+    """What the adapter must remember: base model and input size, method, classes, the encryption (no key),
+    and the input recipe (resize kernel, mean and std) it trained with."""
     scheme = block = fingerprint = None
     if cipher is not None:
         scheme, block, fingerprint = str(cipher.scheme), cipher.block_size, cipher.key.fingerprint
@@ -177,6 +183,7 @@ def adapter_meta(
         block_size=block,
         key_fingerprint=fingerprint,
         key_init=cfg.crypto.key_init,
+        preprocess=preprocess,
     )
 
 
@@ -273,6 +280,8 @@ def setup(cfg: TrainConfig, resume: bool, hold: ExitStack | None = None) -> Sess
     model = build_model(cfg, len(splits.train.classes), cipher)
     mean, std = normalization(model)
     pipeline = BatchPipeline(input_size(model), mean, std, cipher, splits.encrypted, d.augment)
+    if splits.manifest is not None and splits.manifest.preprocess is not None:  # how the client resized
+        splits.manifest.preprocess.check(pipeline.recipe, f"encrypted dataset {d.data}")
 
     optimizer = torch.optim.AdamW(param_groups(model, cfg))
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -449,7 +458,7 @@ def finish(s: Session) -> RunResult:
     if cfg.run.report_to != "none":
         s.accelerator.log({"test_loss": test["loss"], "test_acc": test["acc"]}, step=len(history))
     if s.main:
-        meta = adapter_meta(cfg, s.splits.train.classes, s.cipher, s.splits.manifest)
+        meta = adapter_meta(cfg, s.splits.train.classes, s.cipher, s.splits.manifest, s.pipeline.recipe)
         save_adapter(s.unwrapped, meta, s.out / "adapter")
         result.write(s.out / RESULT_FILE)
     return result
