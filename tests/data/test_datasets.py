@@ -15,6 +15,7 @@ from PIL import Image
 from ppvit.crypto.ciphers import BlockCipher
 from ppvit.data.datasets import (
     ArrayDataset,
+    find_test_split,
     load_source_split,
     load_splits,
     load_test_split,
@@ -25,6 +26,7 @@ from ppvit.data.datasets import (
 from ppvit.data.datasets import test_images as audit_images
 from ppvit.data.encrypt import encrypt_collection
 from ppvit.data.images import resize_array
+from ppvit.data.sources import SplitNames, open_source
 
 
 def test_val_split_is_stratified_disjoint_and_seeded() -> None:
@@ -121,6 +123,26 @@ def test_audit_images_come_from_test_else_the_whole_source_exactly_n_resized(tmp
     assert len({int(np.median(im)) for im in got}) == 3  # three different photos
     with pytest.raises(ValueError, match="5 images, 6 needed"):
         audit_images(flat, 6, 8)
+
+
+@pytest.mark.parametrize(
+    ("names", "splits"),
+    [(("train", "validation"), None), (("training", "holdout"), SplitNames("training", "holdout"))],
+    ids=["validation", "--splits"],
+)
+def test_audit_images_come_from_the_test_split_training_would_use(
+    tmp_path: Path, names: tuple[str, str], splits: SplitNames | None
+) -> None:
+    """One rule for the test split (issue 31): the audit used to look for test/ alone and ignore --splits,
+    so it drew from every split, training images included."""
+    for split, value in zip(names, (0, 200), strict=True):  # train images black, test images bright
+        for c in "ab":
+            for i in range(3):
+                (tmp_path / split / c).mkdir(parents=True, exist_ok=True)
+                Image.fromarray(np.full((8, 8, 3), value + i, np.uint8)).save(tmp_path / split / c / f"{i}.png")
+    got = audit_images(tmp_path, 6, 8, splits)
+    assert sorted(int(im[0, 0, 0]) for im in got) == [200, 200, 201, 201, 202, 202]
+    assert find_test_split(open_source(tmp_path, splits=splits)) == ("test" if splits else "validation")
 
 
 def test_decoding_a_split_shows_a_bar_with_its_total_unless_quiet(tmp_path: Path, capsys, caplog) -> None:

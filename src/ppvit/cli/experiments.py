@@ -151,6 +151,7 @@ def _audit_ciphertext_only(args: argparse.Namespace) -> int:
     from ppvit.attacks.report import format_report
     from ppvit.crypto.ciphers import Scheme
     from ppvit.data.datasets import test_images
+    from ppvit.data.sources import SplitNames
 
     ns = counts(args.ciphertext_only, "--ciphertext-only")
     if args.keys < 1:
@@ -166,7 +167,8 @@ def _audit_ciphertext_only(args: argparse.Namespace) -> int:
         images=args.images,
         key_source="given" if args.key else "fresh (made for this audit, not saved)",
     )
-    images = test_images(args.data, max(ns) * len(keys) + cfg.images, args.size)  # own attack images per key
+    splits = SplitNames.of(args.splits)
+    images = test_images(args.data, max(ns) * len(keys) + cfg.images, args.size, splits)  # own attack images per key
     report = ciphertext_only_audit(images, schemes, ns, keys, cfg, args.out, progress=not args.quiet)
     print(format_report(report))
     print(f"written: {args.out}/audit.json, ciphertext-only.png")
@@ -181,6 +183,7 @@ def _audit(args: argparse.Namespace) -> int:
     from ppvit.attacks.weight_matching import weight_leakage_transformed
     from ppvit.crypto.ciphers import Scheme
     from ppvit.data.datasets import test_images
+    from ppvit.data.sources import SplitNames
 
     key = Key.load(args.key) if args.key else Key.generate()
     cfg = audit.AuditConfig(
@@ -194,7 +197,7 @@ def _audit(args: argparse.Namespace) -> int:
     )
     for scheme in cfg.schemes:
         Scheme.parse(scheme)  # a bad scheme fails before the slow part
-    images = test_images(args.data, max(cfg.pairs) + cfg.images, args.size)
+    images = test_images(args.data, max(cfg.pairs) + cfg.images, args.size, SplitNames.of(args.splits))
     weights = {}
     for scheme in cfg.schemes:
         if Scheme.parse(scheme).absorbable:
@@ -222,9 +225,11 @@ def add_audit(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--scheme", action="append", help="scheme to audit (repeat; default: four from weak to strong)")
     p.add_argument(
         "--data",
-        help="images to audit with (default $PPVIT_CIFAR10): any source `ppvit encrypt` reads; its test/ split "
-        "if it has one, else all of it, any sizes (resized to --size)",
+        help="images to audit with (default $PPVIT_CIFAR10): any source `ppvit encrypt` reads; its test split "
+        "as training finds it (--splits, test/, validation/...) if it has one, else all of it, any sizes "
+        "(resized to --size)",
     )
+    add_splits_arg(p)
     p.add_argument("--size", type=int, default=224, help="image side after resizing (default 224)")
     p.add_argument("--block-size", type=int, default=16, help="block size (default 16)")
     p.add_argument("--resize", choices=["bicubic", "nearest"], default="bicubic", help="nearest: flat regions")

@@ -184,21 +184,25 @@ def _cache_file(source: Source, split: str | None, size: int | None = None) -> P
     return folder / f"{name}-{split or 'all'}{resized}-{source.identity()}.npz"
 
 
-def test_images(data: str | os.PathLike | None, n: int, size: int | None = None) -> np.ndarray:
+def test_images(
+    data: str | os.PathLike | None, n: int, size: int | None = None, splits: SplitNames | None = None
+) -> np.ndarray:
     """``n`` images of ``data`` (CIFAR-10 by default) as NHWC uint8, class-balanced, a fixed choice: audit material.
 
-    From the test split where there is one, else from the whole source (every split, or a folder of
-    photos in any layout); exactly ``n`` whenever it holds ``n``. Plain images of several sizes are
-    resized to ``size`` as for training. They come in a fixed random order (not grouped by class),
-    so that any leading part of them (an attacker's images) and the rest (held-out ones) both mix
-    the classes.
+    From the test split as training and eval find it (:func:`find_test_split`: ``--splits``, else test/,
+    validation/, ...), else from the whole source (every split, or a folder of photos in any layout:
+    an audit trains nothing, so nothing is held out); exactly ``n`` whenever it holds ``n``. Plain
+    images of several sizes are resized to ``size`` as for training. They come in a fixed random
+    order (not grouped by class), so that any leading part of them (an attacker's images) and the
+    rest (held-out ones) both mix the classes.
     """
-    source = open_source(resolve_data(data))
+    source = open_source(resolve_data(data), splits=splits)
     where = source.path or "CIFAR-10"
-    if next(iter(source.paths(lambda rel: rel.startswith("test/"))), None) is not None:
-        ds = load_source_split(source, "test", size=size)
+    test = find_test_split(source, size)
+    if test is not None:
+        ds = load_source_split(source, test, size=size)
     else:
-        log.info("%s: no test/ split; the audit takes its images from the whole source", where)
+        log.info("%s: no test split; the audit takes its images from the whole source", where)
         images, names, _, _ = _decode_images(source, None, size, class_of, None)
         classes = tuple(sorted(set(names)))
         ds = ArrayDataset(images, np.array([classes.index(c) for c in names], dtype=np.int64), classes)
@@ -340,25 +344,35 @@ TEST_NAMES = ("test", "validation", "valid", "val", "dev")  # a test split's nam
 HELD_OUT = 0.2  # of each class: the test split of a source without train/ and test/ folders
 
 
+def has_split(source: Source, split: str, size: int | None = None) -> bool:
+    """Whether ``source`` holds ``split`` (after ``--splits`` renamed it): the manifest's word, a cached split,
+    else a scan that stops at the split's first image."""
+    if source.manifest is not None:
+        return split in source.manifest.classes
+    if any(c is not None and c.exists() for c in (_cache_file(source, split), _cache_file(source, split, size))):
+        return True
+    return next(iter(source.paths(lambda rel: rel.startswith(f"{split}/"))), None) is not None
+
+
+def find_test_split(source: Source, size: int | None = None) -> str | None:
+    """The one rule for which split is the test split, for training, eval and the audit alike: the split
+    ``--splits`` names (the source shows it as test/), else the first of ``TEST_NAMES`` the source holds;
+    None when it holds none (training then holds ``HELD_OUT`` of each class out, the audit takes everything)."""
+    test = next((n for n in TEST_NAMES if has_split(source, n, size)), None)
+    if test not in (None, "test"):
+        log.info("%s: no test/ split; %s/ is the test split", source.path or "CIFAR-10", test)
+    return test
+
+
 def _train_and_test(source: Source, size: int | None, train: bool = True) -> tuple[ArrayDataset | None, ArrayDataset]:
     """The train and test splits (train None when not wanted): the source's train/ and test/ (or validation/,
     val/...) splits, else the whole source as one split of class folders with ``HELD_OUT`` of each class
     held out as the test split (a fixed choice: train and eval hold out the same images)."""
     where = source.path or "CIFAR-10"
-
-    def has(split: str) -> bool:  # a cached split, else a scan that stops at the split's first image
-        if source.manifest is not None:
-            return split in source.manifest.classes
-        if any(c is not None and c.exists() for c in (_cache_file(source, split), _cache_file(source, split, size))):
-            return True
-        return next(iter(source.paths(lambda rel: rel.startswith(f"{split}/"))), None) is not None
-
-    test = next((n for n in TEST_NAMES if has(n)), None)
-    if test not in (None, "test"):
-        log.info("%s: no test/ split; %s/ is the test split", where, test)
+    test = find_test_split(source, size)
     if not train and test is not None:  # evaluating: a test split alone will do
         return None, load_source_split(source, test, size=size)
-    if has("train"):
+    if has_split(source, "train", size):
         if test is None:
             raise ValueError(f"{where}: a train/ split but no test/ (nor {', '.join(TEST_NAMES[1:])}) split")
         return (load_source_split(source, "train", size=size) if train else None), load_source_split(
