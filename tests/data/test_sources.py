@@ -19,6 +19,7 @@ from ppvit.data.encrypt import encrypt_collection
 from ppvit.data.manifest import MANIFEST_NAME
 from ppvit.data.sources import KINDS, open_source
 from ppvit.data.sources import cifar10 as cifar10_kind
+from ppvit.data.sources.base import EncryptedFolder
 
 CLASSES = ["class0", "class1", "class2", "class3"]
 CIPHER = BlockCipher(KEY, "shuffle", 4)
@@ -161,6 +162,10 @@ def test_every_kind_reads_the_same_content(
         assert got == expected(toy_dataset, split, is_encrypted), f"{kind} {split}"
     rels = list(source.paths())
     assert len(rels) == 128 and {r.split("/")[0] for r in rels} == {"train", "test"}
+    if is_encrypted:  # the three encrypted kinds: one base reads the manifest, claims and names the files
+        assert isinstance(source, EncryptedFolder) and source.manifest is not None
+        assert source.files() == [Path(src) / MANIFEST_NAME]
+        assert not {"__init__", "claims", "files"} & set(vars(type(source)))
 
 
 def test_the_registry_has_one_entry_per_kind_and_files_last() -> None:

@@ -318,6 +318,26 @@ class Source(ABC):
         return sorted({split_of(r) for r in rels}), sorted({class_of(r) for r in rels} - {UNLABELLED})
 
 
+class EncryptedFolder(Source):
+    """What the three kinds of ``ppvit encrypt`` output share: a folder with a manifest naming ``format``,
+    read once; the manifest is the folder's identity (rewritten at the end of every run that changes it)."""
+
+    format: ClassVar[str]
+
+    def __init__(
+        self, path: str | os.PathLike, columns: Columns | None = None, splits: SplitNames | None = None
+    ) -> None:
+        super().__init__(path, columns, splits)
+        self.manifest = read_manifest(path)
+
+    @classmethod
+    def claims(cls, path: str) -> bool:
+        return manifest_format(path) == cls.format
+
+    def files(self) -> list[Path]:
+        return [Path(self.path) / MANIFEST_NAME]
+
+
 def manifest_format(path: str) -> str | None:
     """The format a folder's ``ppvit encrypt`` manifest names (None: no manifest there); for the encrypted kinds."""
     p = Path(path)

@@ -9,7 +9,6 @@ files before 0.3 have no ``paths``; a manifest naming the format ``npy`` means n
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,8 +17,7 @@ from typing import ClassVar
 import numpy as np
 
 from ppvit._io import atomic_write
-from ppvit.data.manifest import MANIFEST_NAME, read_manifest
-from ppvit.data.sources.base import Columns, Item, Select, Source, SplitNames, manifest_format
+from ppvit.data.sources.base import EncryptedFolder, Item, Select
 
 
 @dataclass
@@ -60,24 +58,12 @@ def read_npz(path: Path) -> NpzArrays:
         return NpzArrays(z["images"], np.array([lookup[c] for c in classes], dtype=np.int64), names, paths)
 
 
-class EncryptedNpz(Source):
+class EncryptedNpz(EncryptedFolder):
     """uint8 shards per split with a manifest; items are the pixels, shard by shard."""
 
+    format: ClassVar[str] = "npz"
     kind: ClassVar[str] = "encrypted-npz"
     cache_decoded: ClassVar[bool] = False
-
-    def __init__(
-        self, path: str | os.PathLike, columns: Columns | None = None, splits: SplitNames | None = None
-    ) -> None:
-        super().__init__(path, columns, splits)
-        self.manifest = read_manifest(path)
-
-    @classmethod
-    def claims(cls, path: str) -> bool:
-        return manifest_format(path) == "npz"
-
-    def files(self) -> list[Path]:
-        return [Path(self.path) / MANIFEST_NAME]
 
     def shards(self) -> list[Path]:
         return sorted(Path(self.path).rglob("shard-*.npz"))

@@ -10,7 +10,6 @@ load them into memory or feed them to another encrypt. Both read them through
 from __future__ import annotations
 
 import io
-import os
 import posixpath
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,28 +18,15 @@ from typing import Any, ClassVar
 import numpy as np
 from PIL import Image
 
-from ppvit.data.manifest import MANIFEST_NAME, read_manifest
-from ppvit.data.sources.base import Columns, Item, Select, Source, SplitNames, class_of, manifest_format
+from ppvit.data.sources.base import EncryptedFolder, Item, Select, class_of
 from ppvit.data.sources.wds import read_samples
 
 
-class EncryptedWds(Source):
+class EncryptedWds(EncryptedFolder):
     """Encrypted WebDataset shards per split with a manifest."""
 
+    format: ClassVar[str] = "wds"
     kind: ClassVar[str] = "encrypted-wds"
-
-    def __init__(
-        self, path: str | os.PathLike, columns: Columns | None = None, splits: SplitNames | None = None
-    ) -> None:
-        super().__init__(path, columns, splits)
-        self.manifest = read_manifest(path)
-
-    @classmethod
-    def claims(cls, path: str) -> bool:
-        return manifest_format(path) == "wds"
-
-    def files(self) -> list[Path]:
-        return [Path(self.path) / MANIFEST_NAME]
 
     def shard_files(self, split: str) -> list[Path]:
         """The shards of one split, in order."""
