@@ -16,8 +16,9 @@ from ppvit import cli
 from ppvit.crypto.ciphers import BlockCipher
 from ppvit.crypto.keys import Key
 from ppvit.data.datasets import ArrayDataset, load_source_split, load_splits
-from ppvit.data.images import KERNEL, Preprocess, resize_array
+from ppvit.data.images import resize_array
 from ppvit.data.manifest import read_manifest
+from ppvit.data.preprocess import KERNEL, Preprocess
 
 
 def make_tree(root: Path, n: int = 3, size: int = 16, seed: int = 0) -> dict[str, np.ndarray]:

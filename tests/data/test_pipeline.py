@@ -38,7 +38,7 @@ def test_pipeline_refuses_resizing_ciphertext() -> None:
 
 def test_one_normalisation_against_independent_arithmetic() -> None:
     """``normalize`` (training's pipeline and the server alike) is (v / 255 - mean_c) / std_c."""
-    from ppvit.data.images import normalize
+    from ppvit.data.preprocess import normalize
 
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (2, 3, 5, 7), dtype=np.uint8)

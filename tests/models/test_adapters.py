@@ -232,7 +232,7 @@ def test_peft_does_not_take_a_ppvit_adapter_for_its_own(tmp_path: Path) -> None:
 def test_the_input_recipe_is_recorded_and_an_adapter_without_one_takes_timms(tmp_path: Path) -> None:
     from dataclasses import replace
 
-    from ppvit.data.images import KERNEL, Preprocess
+    from ppvit.data.preprocess import KERNEL, Preprocess
     from ppvit.models.adapters import adapter_preprocess, read_adapter_meta
 
     model, meta = trained("melo")

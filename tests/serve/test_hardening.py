@@ -12,6 +12,7 @@ import hmac
 import io
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -35,6 +36,7 @@ from safetensors.torch import load_file, save_file
 from serving import LiveServer, build_world, key_of, npy, png, reference_logits
 
 from ppvit.crypto.keys import Geometry, Key, KeyFileError
+from ppvit.models import routing
 from ppvit.models.adapters import CONFIG_NAME, WEIGHTS_NAME, load_adapter
 from ppvit.models.backbones import create_backbone
 from ppvit.models.routing import NotRoutable
@@ -136,6 +138,28 @@ def test_idle_and_slow_connections_are_capped_and_timed_out(world: dict) -> None
         finally:
             for s in [*idle, slow]:
                 s.close()
+
+
+def test_one_client_holding_every_slot_does_not_starve_healthz_or_others(world: dict) -> None:
+    """Issue 31: 1,000 idle connections from one address took every slot; a per-address cap keeps room."""
+    cfg = ServeConfig(world["root"], window_ms=1, max_connections=20, max_client_connections=8)
+    with LiveServer(cfg) as server:
+        hog = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(30)]
+        try:
+            time.sleep(0.2)
+            closed = sum(_closed_within(s, 0.05) for s in hog)
+            assert closed == 22, f"{30 - closed} connections of one address held; its cap is 8"
+            other = socket.socket()
+            other.bind(("127.0.0.2", 0))  # another client (all of 127/8 is loopback)
+            other.connect(("127.0.0.1", server.port))
+            other.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            assert _status(other, 5) == 200
+            other.close()
+        finally:
+            for s in hog:
+                s.close()
+        time.sleep(0.2)  # the hog's slots are given back when it closes them
+        assert httpx.get(f"{server.url}/healthz", timeout=5).status_code == 200
 
 
 def _start_upload(port: int, token: str, declared: int, sent: int) -> socket.socket:
@@ -288,7 +312,7 @@ class SlowBase:
     ``passes`` lists the images of each finished pass."""
 
     def __init__(self, per_image: float) -> None:
-        self.per_image, self.mean, self.passes = per_image, torch.zeros(1), []
+        self.per_image, self.device, self.passes = per_image, torch.device("cpu"), []
 
     def routed(self, x: torch.Tensor, adapters: list, index: torch.Tensor) -> torch.Tensor:
         time.sleep(self.per_image * len(x))
@@ -627,19 +651,75 @@ def test_a_registry_error_is_logged_by_every_router(
         ({"classes": ["only", "three", "names"]}, "names 3 classes, its head has 4"),
         ({"model_kwargs": {"pretrained_cfg_overlay": {"file": "/etc/passwd"}}}, "pretrained_cfg_overlay"),
         ("nan", "NaN"),
+        (1e38, "beyond ±1e\\+06"),  # finite: registered, and answered "probability": NaN (issue 31)
+        ("probe", "not finite on a probe image"),
     ],
 )
 def test_adapters_that_would_fail_every_request_are_refused_at_registration(
-    world: dict, tmp_path: Path, change: dict | str, words: str
+    world: dict, tmp_path: Path, change: dict | str | float, words: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    folder = adapter_copy(world, "carol", tmp_path / "a", **({} if change == "nan" else change))
-    if change == "nan":
+    folder = adapter_copy(world, "carol", tmp_path / "a", **(change if isinstance(change, dict) else {}))
+    if not isinstance(change, dict):
         tensors = load_file(str(folder / WEIGHTS_NAME))
         tensors["head.weight"][0, 0] = float("nan")
         save_file(tensors, str(folder / WEIGHTS_NAME))
+    if isinstance(change, float) or change == "probe":  # every head weight huge: logits overflow to inf
+        tensors["head.weight"].fill_(1e38)
+        save_file(tensors, str(folder / WEIGHTS_NAME))
+    if change == "probe":  # past the magnitude bound: the probe forward refuses it on its own
+        monkeypatch.setattr(routing, "MAX_ABS", float("inf"))
     with pytest.raises((ValueError, NotRoutable), match=words):
         TenantStore(tmp_path / "root").add("t", folder, weights=world["weights"])
     assert TenantStore(tmp_path / "root").list() == []
+
+
+def test_hard_links_to_another_tenants_private_files_are_refused(world: dict, tmp_path: Path) -> None:
+    """Issue 31: sources inside the store were refused by path only; a hard link has another path, the same inode."""
+    root = tmp_path / "root"
+    store = TenantStore(root)
+    store.add("alice", world["runs"]["alice"], weights=world["weights"])
+    private = store.list()[0].folder
+    stolen = tmp_path / "stolen"
+    stolen.mkdir()
+    for name in (CONFIG_NAME, WEIGHTS_NAME):
+        os.link(private / name, stolen / name)
+    with pytest.raises(ValueError, match="hard link to a file inside the server folder"):
+        store.add("mallory", stolen, weights=world["weights"])
+    assert [t.tenant for t in store.list()] == ["alice"]
+    shutil.copytree(world["runs"]["alice"] / "adapter", tmp_path / "copy")  # a copy of one's own run still registers
+    store.add("mallory", tmp_path / "copy", weights=world["weights"])
+
+
+def test_every_answer_is_strict_json_and_non_finite_logits_are_refused() -> None:
+    """Issue 31: an answer held "probability": NaN, which strict parsers reject; every route now answers through
+    ppvit's one JSON writer, and logits that are not finite are a 422, not an answer."""
+    from ppvit.serve.auth import HTTPError
+    from ppvit.serve.codec import StrictJSONResponse, answers_json
+
+    def strict(text: bytes) -> object:
+        return json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in an answer"))
+
+    body = StrictJSONResponse({"loss": float("nan"), "psnr": float("inf")}).body
+    assert strict(body) == {"loss": None, "psnr": "inf"}
+    meta = SimpleNamespace(classes=["a", "b"], num_classes=2)
+    served = SimpleNamespace(meta=meta, tenant=SimpleNamespace(tenant="t", version=1))
+    doc = strict(answers_json(served, [torch.tensor([0.0, 1.0])], logits=True))
+    p = 1 / (1 + math.exp(-1.0))  # softmax of (0, 1): independent arithmetic
+    assert doc["predictions"][0]["label"] == "b" and abs(doc["predictions"][0]["probability"] - p) < 1e-6
+    with pytest.raises(HTTPError, match="image 1: the adapter's outputs for it are not finite") as err:
+        answers_json(served, [torch.tensor([0.0, 1.0]), torch.tensor([float("inf"), 0.0])], logits=False)
+    assert err.value.status == 422
+
+
+def test_the_training_routes_answer_strict_json_too(world: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A job's metrics may hold a NaN loss: the training router answers through the same writer (it was a 500)."""
+    from ppvit.serve.jobs import Jobs
+
+    monkeypatch.setattr(Jobs, "list", lambda self, tenant_id: [{"id": "j", "loss": float("nan")}])
+    with LiveServer(ServeConfig(world["root"], window_ms=1, training=ServiceLimits({SMALL: None}))) as server:
+        r = httpx.get(f"{server.url}/v1/jobs", headers={"Authorization": f"Bearer {world['tokens']['carol']}"})
+    assert r.status_code == 200
+    assert json.loads(r.text, parse_constant=lambda c: pytest.fail(c)) == [{"id": "j", "loss": None}]
 
 
 def test_a_client_that_disconnects_mid_body_is_no_500(world: dict, caplog: pytest.LogCaptureFixture) -> None:

@@ -25,7 +25,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from serving import TENANTS, LiveServer, build_world, key_of, npy, png, reference_logits
 
-from ppvit.data.images import KERNEL, Preprocess
+from ppvit.data.preprocess import KERNEL, Preprocess
 from ppvit.models.adapters import WEIGHTS_NAME, AdapterMeta, load_adapter, read_adapter_meta
 from ppvit.models.backbones import create_backbone
 from ppvit.models.configs import method_config

@@ -22,8 +22,8 @@ from conftest import SMALL, adapter_tensors, assert_no_key_material, train_confi
 
 from ppvit import cli
 from ppvit.crypto.keys import Key
-from ppvit.data.images import Preprocess
 from ppvit.data.manifest import read_manifest, write_manifest
+from ppvit.data.preprocess import Preprocess
 from ppvit.models.backbones import create_backbone, normalization
 from ppvit.train import loop as ppvit_train
 from ppvit.train import runtime

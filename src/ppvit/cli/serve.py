@@ -34,6 +34,7 @@ def _serve(args: argparse.Namespace) -> None:
             cache_bytes=args.cache_mb << 20,
             device=args.device,
             max_connections=args.max_connections,
+            max_client_connections=args.max_client_connections,
             header_timeout_s=args.header_timeout,
             body_timeout_s=args.body_timeout,
             body_budget_bytes=max(args.body_budget_mb, args.max_body_mb) << 20,
@@ -122,6 +123,12 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cache-mb", type=int, default=1024, help="adapter memory budget in MiB, LRU (default 1024)")
     p.add_argument("--device", default="cpu", help="torch device of the backbones and adapters (default cpu)")
     p.add_argument("--max-connections", type=int, default=1000, help="open connections; more are closed (1000)")
+    p.add_argument(
+        "--max-client-connections",
+        type=int,
+        default=100,
+        help="open connections of one client address; more are closed (100): one client cannot take every slot",
+    )
     p.add_argument("--header-timeout", type=float, default=10.0, help="seconds to send a request's headers (10)")
     p.add_argument("--body-timeout", type=float, default=30.0, help="seconds to send a request's body (30)")
     p.add_argument(

@@ -30,7 +30,6 @@ from ppvit import __version__
 from ppvit._io import remove_stale_temps
 from ppvit.crypto.ciphers import BlockCipher
 from ppvit.crypto.keys import Key
-from ppvit.data.images import KERNEL, Preprocess
 from ppvit.data.manifest import (
     FORMATS,
     MANIFEST_NAME,
@@ -41,6 +40,7 @@ from ppvit.data.manifest import (
     read_manifest,
     write_manifest,
 )
+from ppvit.data.preprocess import KERNEL, Preprocess
 from ppvit.data.sinks import Sink, open_sink
 from ppvit.data.sources import Columns, Item, Select, Source, SplitNames, open_source
 from ppvit.data.sources.base import Data, split_of

@@ -12,81 +12,20 @@ whole batches on any device. Where a side shrinks it is antialiased (torch's
 ``antialias=True``, PIL-like), since bicubic without a low-pass filter aliases a large
 photo brought down to 112 or 224 pixels; CIFAR-10 at 32 pixels only grows, unaffected.
 
-What a model's input went through is recorded as data, a :class:`Preprocess` (size, kernel,
-mean, std), in the adapter's config and the encrypted dataset's manifest, and stated by the
-server, so a client resizing otherwise is refused instead of answered wrongly; the
-normalisation after it is :func:`normalize`, the one every path uses.
+Its name is :data:`ppvit.data.preprocess.KERNEL`, recorded with the rest of the input recipe.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 if TYPE_CHECKING:
     import torch
-
-
-KERNEL = "torch-bicubic-antialias"
-"""The name of :func:`resize`'s kernel, as recipes record it."""
-
-
-@dataclass(frozen=True)
-class Preprocess:
-    """The input recipe: images resized to ``size`` with ``kernel``, then ``(v / 255 - mean) / std``
-    per channel. ``mean``/``std`` None: not fixed yet (an encrypted dataset's manifest: the model
-    trained on it decides them)."""
-
-    size: int
-    kernel: str
-    mean: tuple[float, ...] | None
-    std: tuple[float, ...] | None
-
-    @classmethod
-    def of(cls, doc: Any, where: str) -> Preprocess:
-        """A recipe read from JSON; ValueError naming ``where`` for anything malformed."""
-        try:
-            size, kernel, mean, std = doc["size"], doc["kernel"], doc["mean"], doc["std"]
-            if type(size) is not int or size < 1 or not isinstance(kernel, str):
-                raise TypeError
-            stats = [None if v is None else tuple(float(x) for x in v) for v in (mean, std)]
-            if (stats[0] is None) != (stats[1] is None) or (stats[0] is not None and len(stats[0]) != len(stats[1])):
-                raise TypeError
-        except (KeyError, TypeError, ValueError):
-            raise ValueError(f"{where}: preprocess must be {{size, kernel, mean, std}}, not {str(doc)[:80]}") from None
-        if stats[1] is not None and not all(x > 0 for x in stats[1]):
-            raise ValueError(f"{where}: preprocess std {stats[1]} must be positive")
-        return cls(size, kernel, stats[0], stats[1])
-
-    def check(self, wanted: Preprocess, where: str) -> None:
-        """ValueError naming the first field in which this recipe differs from ``wanted`` (unset fields agree)."""
-        for name in ("size", "kernel", "mean", "std"):
-            have, want = getattr(self, name), getattr(wanted, name)
-            if have is not None and want is not None and have != want:
-                raise ValueError(f"{where}: preprocess {name} is {have}, not {want}")
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "size": self.size,
-            "kernel": self.kernel,
-            "mean": None if self.mean is None else list(self.mean),
-            "std": None if self.std is None else list(self.std),
-        }
-
-
-def normalize(images: torch.Tensor, mean: Sequence[float] | torch.Tensor, std: Sequence[float] | torch.Tensor):
-    """uint8 NCHW -> float32 ``(v / 255 - mean_c) / std_c``: training, eval, predict and the server alike."""
-    import torch
-
-    x = images.float().div_(255)
-    m = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-    s = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-    return (x - m) / s
 
 
 def resize(images: torch.Tensor, size: int) -> torch.Tensor:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Literal
 
 from ppvit._io import atomic_write_json
-from ppvit.data.images import Preprocess
+from ppvit.data.preprocess import Preprocess
 
 MANIFEST_NAME = "ppvit-manifest.json"
 SHARD_SIZE = 1024  # images per npz shard

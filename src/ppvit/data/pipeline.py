@@ -18,7 +18,8 @@ import torch
 from ppvit.crypto.ciphers import BlockCipher
 from ppvit.data.augment import PlainAugment, random_crop_flip
 from ppvit.data.datasets import ArrayDataset
-from ppvit.data.images import KERNEL, Preprocess, normalize, resize
+from ppvit.data.images import resize
+from ppvit.data.preprocess import KERNEL, Preprocess, normalize
 from ppvit.data.streaming import ShardStream
 
 

@@ -27,7 +27,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ppvit._io import atomic_write, atomic_write_text
-from ppvit.data.images import KERNEL, Preprocess
+from ppvit.data.preprocess import KERNEL, Preprocess
 from ppvit.models.backbones import create_backbone, input_size, normalization
 from ppvit.models.configs import MethodConfig, method_config
 from ppvit.models.methods import apply_method, merge_adapters

@@ -32,6 +32,10 @@ from ppvit.models.backbones import input_size, patch_size
 from ppvit.models.configs import FullConfig, MeloConfig
 from ppvit.models.methods import ADAPTER, qv_stacked
 
+MAX_ABS = 1e6
+"""The largest magnitude an adapter's tensor may hold (trained weights are a few units; beyond this the
+float32 forward overflows on ordinary inputs)."""
+
 
 class NotRoutable(ValueError):
     """An adapter that cannot be served through a shared backbone (and why)."""
@@ -127,6 +131,9 @@ def routed_adapter(meta: AdapterMeta, tensors: dict[str, torch.Tensor], base: nn
     bad = [name for name, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
     if bad:
         raise NotRoutable(f"the adapter's {', '.join(sorted(bad)[:3])} hold NaN or infinite values")
+    huge = [n for n, t in tensors.items() if t.is_floating_point() and t.numel() and float(t.abs().max()) > MAX_ABS]
+    if huge:  # finite, but an answer computed with them overflows (1e38: NaN probabilities)
+        raise NotRoutable(f"the adapter's {', '.join(sorted(huge)[:3])} hold values beyond ±{MAX_ABS:g}")
     return RoutedAdapter(
         meta,
         lora,

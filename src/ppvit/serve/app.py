@@ -39,16 +39,16 @@ import numpy as np
 import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from ppvit.data.images import normalize
+from ppvit.data.preprocess import normalize
 from ppvit.serve.auth import HTTPError, bearer_tenant
 from ppvit.serve.batcher import Batcher
 from ppvit.serve.cache import AdapterCache, Served
-from ppvit.serve.codec import Expected, adapter_info, answers_json, decode_images
+from ppvit.serve.codec import Expected, StrictJSONResponse, adapter_info, answers_json, decode_images
 from ppvit.serve.jobs import ServiceLimits
 from ppvit.serve.metrics import Metrics
 from ppvit.serve.tenants import TenantAdapter, TenantStore
@@ -71,6 +71,7 @@ class ServeConfig:
     cache_bytes: int = 1 << 30  # adapter tensors kept resident (LRU beyond it)
     device: str = "cpu"
     max_connections: int = 1000  # open connections; more are closed at once
+    max_client_connections: int = 100  # open connections of one client address; more are closed at once
     header_timeout_s: float = 10.0  # from a request's first byte (or the connection's opening) to its last header
     body_timeout_s: float = 30.0  # to receive a whole body
     body_budget_bytes: int = 256 << 20  # request bodies held in memory at once, all tenants (503 beyond)
@@ -86,6 +87,8 @@ class ServeConfig:
             raise ValueError(f"max images per request ({self.max_images}) exceeds the batch ({self.max_batch})")
         if self.body_budget_bytes < self.max_body_bytes:
             raise ValueError(f"the body budget ({self.body_budget_bytes}) is under one body ({self.max_body_bytes})")
+        if self.max_client_connections < 1:
+            raise ValueError(f"connections per client ({self.max_client_connections}): at least 1")
 
 
 # -- the application ----------------------------------------------------------------------------
@@ -96,19 +99,19 @@ def _one_line_errors(app: FastAPI, metrics: Metrics) -> None:
     by route and written to the access log (never the token)."""
 
     @app.exception_handler(HTTPError)
-    async def _error(request: Request, exc: HTTPError) -> JSONResponse:
+    async def _error(request: Request, exc: HTTPError) -> StrictJSONResponse:
         headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
-        return JSONResponse({"error": str(exc)}, status_code=exc.status, headers=headers)
+        return StrictJSONResponse({"error": str(exc)}, status_code=exc.status, headers=headers)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code)
+    async def _http(request: Request, exc: StarletteHTTPException) -> StrictJSONResponse:
+        return StrictJSONResponse({"error": str(exc.detail)}, status_code=exc.status_code)
 
     @app.exception_handler(RequestValidationError)
-    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _invalid(request: Request, exc: RequestValidationError) -> StrictJSONResponse:
         first = exc.errors()[0] if exc.errors() else {}
         where = ".".join(str(x) for x in first.get("loc", ()))
-        return JSONResponse({"error": f"{where}: {first.get('msg', 'invalid request')}"}, status_code=422)
+        return StrictJSONResponse({"error": f"{where}: {first.get('msg', 'invalid request')}"}, status_code=422)
 
     @app.middleware("http")
     async def _count(request: Request, call_next):
@@ -117,7 +120,7 @@ def _one_line_errors(app: FastAPI, metrics: Metrics) -> None:
             response = await call_next(request)
         except Exception:  # anything unforeseen: one line of JSON, the details in the server log
             log.exception("request failed")
-            response = JSONResponse({"error": "internal error (see the server log)"}, status_code=500)
+            response = StrictJSONResponse({"error": "internal error (see the server log)"}, status_code=500)
         route = request.scope.get("route")
         metrics.requests.labels(getattr(route, "path", "other"), str(response.status_code)).inc()
         client = request.client.host if request.client else "-"
@@ -178,7 +181,7 @@ def create_app(cfg: ServeConfig) -> FastAPI:
         store.close()
 
     docs = {} if cfg.docs else {"docs_url": None, "redoc_url": None, "openapi_url": None}
-    app = FastAPI(title="ppvit", lifespan=lifespan, **docs)
+    app = FastAPI(title="ppvit", lifespan=lifespan, default_response_class=StrictJSONResponse, **docs)
 
     _one_line_errors(app, metrics)
 
@@ -194,7 +197,7 @@ def create_app(cfg: ServeConfig) -> FastAPI:
     async def healthz() -> Any:
         batcher = state.get("batcher")
         if batcher is None or not batcher.alive:
-            return JSONResponse({"status": "batcher stopped"}, status_code=503)
+            return StrictJSONResponse({"status": "batcher stopped"}, status_code=503)
         free = shutil.disk_usage(cfg.root).free
         problems = [] if free >= cfg.min_free_bytes else [f"store disk: {free} bytes free, registration will fail"]
         return {
@@ -268,20 +271,31 @@ async def read_body(request: Request, limit: int, timeout: float, limits: Limits
     return bytes(body)
 
 
-def guarded_protocol(max_connections: int, header_timeout: float) -> type:
-    """uvicorn's h11 protocol with a cap on open connections (one past it is closed at once) and a
-    deadline for each request's headers, from the connection's opening or the request's first byte
-    (uvicorn's keep-alive timeout covers only the idle time after a response)."""
+def guarded_protocol(max_connections: int, header_timeout: float, max_per_client: int | None = None) -> type:
+    """uvicorn's h11 protocol with a cap on open connections, all clients together and per client
+    address (``max_per_client``: one client holding every slot would starve ``/healthz`` and
+    everyone else; one past either cap is closed at once), and a deadline for each request's
+    headers, from the connection's opening or the request's first byte (uvicorn's keep-alive
+    timeout covers only the idle time after a response)."""
     from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    per_client: dict[str, int] = {}  # open connections by client address (all protocol instances: one loop)
 
     class GuardedH11Protocol(H11Protocol):
         header_timer: asyncio.TimerHandle | None = None
+        address: str | None = None  # counted in per_client while open
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
-            if len(self.connections) > max_connections:
+            peer = transport.get_extra_info("peername")
+            address = str(peer[0]) if isinstance(peer, tuple) and peer else "-"
+            if len(self.connections) > max_connections or per_client.get(address, 0) >= (
+                max_per_client or max_connections
+            ):
                 transport.abort()
                 return
+            self.address = address
+            per_client[address] = per_client.get(address, 0) + 1
             self._arm()
 
         def data_received(self, data: bytes) -> None:
@@ -293,6 +307,11 @@ def guarded_protocol(max_connections: int, header_timeout: float) -> type:
 
         def connection_lost(self, exc: Exception | None) -> None:
             self._disarm()
+            if self.address is not None:
+                left = per_client.pop(self.address) - 1
+                if left:
+                    per_client[self.address] = left
+                self.address = None
             super().connection_lost(exc)
 
         def _arm(self) -> None:
@@ -326,7 +345,7 @@ def uvicorn_config(
         create_app(cfg),
         host=host,
         port=port,
-        http=guarded_protocol(cfg.max_connections, cfg.header_timeout_s),
+        http=guarded_protocol(cfg.max_connections, cfg.header_timeout_s, cfg.max_client_connections),
         log_level="warning",
         access_log=False,  # ours names the tenant (ppvit.serve.access)
         timeout_graceful_shutdown=30,

@@ -19,7 +19,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from ppvit.data.images import Preprocess
+from ppvit.data.preprocess import Preprocess
 from ppvit.models.adapters import (
     AdapterMeta,
     adapter_files,

@@ -30,8 +30,9 @@ import torch
 
 from ppvit.crypto.ciphers import BlockCipher, Scheme
 from ppvit.crypto.keys import Key
-from ppvit.data.images import KERNEL, Preprocess, read_image
+from ppvit.data.images import read_image
 from ppvit.data.manifest import read_manifest
+from ppvit.data.preprocess import KERNEL, Preprocess
 
 MIN_BLOCK_SIZE = 4  # the smallest block size used without a pin
 THREAT_WARNING = (

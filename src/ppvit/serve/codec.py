@@ -4,6 +4,9 @@ A body is one PNG, ``application/x-npy`` uint8 array(s) of shape (H, W, C) or (N
 JSON ``{"images": [base64 PNG, ...]}``. Sizes and counts are checked from the ``.npy`` header or
 each PNG's header before anything is decoded or allocated; anything else is a 4xx
 :class:`~ppvit.serve.auth.HTTPError`. Answers are JSON bytes built off the event loop.
+Every answer of the server, predict's and every other route's (training ones included), is
+strict JSON written by :func:`ppvit._io.json_text`: never Python's ``NaN`` or ``Infinity``,
+which other parsers reject.
 """
 
 from __future__ import annotations
@@ -17,8 +20,10 @@ from typing import Any
 
 import numpy as np
 import torch
+from fastapi.responses import JSONResponse
 from PIL import Image, UnidentifiedImageError
 
+from ppvit._io import json_text
 from ppvit.models.adapters import AdapterMeta
 from ppvit.serve.auth import HTTPError
 from ppvit.serve.cache import Served
@@ -134,16 +139,28 @@ def adapter_info(served: Served, max_images: int) -> dict[str, Any]:
     }
 
 
+class StrictJSONResponse(JSONResponse):
+    """FastAPI's JSON answer through the project's one JSON writer (a NaN is ``null``, an infinity ``"inf"``)."""
+
+    def render(self, content: Any) -> bytes:
+        return json_text(content, indent=None).encode()
+
+
 def answers_json(served: Served, rows: list[torch.Tensor], logits: bool) -> bytes:
-    """The predict answer as JSON bytes (built off the event loop: a large head makes it long)."""
+    """The predict answer as JSON bytes (built off the event loop: a large head makes it long).
+
+    Logits that are not finite (an adapter whose weights overflow on this input; registration
+    refuses those that do on a probe image) are refused (422) rather than answered with NaNs."""
     classes = class_names(served.meta)
     answers = []
-    for row in rows:
+    for i, row in enumerate(rows):
+        if not bool(torch.isfinite(row).all()):
+            raise HTTPError(422, f"image {i}: the adapter's outputs for it are not finite (its weights overflow)")
         p = row.softmax(-1)
-        i = int(p.argmax())
-        answer = {"label": classes[i], "index": i, "probability": float(p[i]), "probabilities": p.tolist()}
+        k = int(p.argmax())
+        answer = {"label": classes[k], "index": k, "probability": float(p[k]), "probabilities": p.tolist()}
         if logits:
             answer["logits"] = row.tolist()
         answers.append(answer)
     doc = {"tenant": served.tenant.tenant, "version": served.tenant.version, "predictions": answers}
-    return json.dumps(doc).encode()
+    return json_text(doc, indent=None).encode()

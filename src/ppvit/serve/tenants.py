@@ -11,7 +11,8 @@ Adapter folders are recorded relative to ROOT (``adapters/NAME/vK``), so a serve
 any directory, or a root moved elsewhere, finds them; rows written by earlier releases (relative
 to the directory registration ran in, or absolute) are read by their last three parts. The store
 is private to the server's user: folders 0700, files 0600. Sources are copied without following
-links and never from inside the store, so one tenant cannot register another's private copy.
+links and never from inside the store, by path or by inode (a hard link to a private copy), so one
+tenant cannot register another's private copy.
 """
 
 from __future__ import annotations
@@ -32,9 +33,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from ppvit.data.preprocess import Preprocess, normalize
 from ppvit.models.adapters import (
     CONFIG_NAME,
     WEIGHTS_NAME,
@@ -45,7 +49,7 @@ from ppvit.models.adapters import (
     file_sha256,
     read_adapter_meta,
 )
-from ppvit.models.routing import routed_adapter
+from ppvit.models.routing import RoutedAdapter, RoutedViT, routed_adapter
 from ppvit.serve.defaults import KEEP_VERSIONS, MAX_CLASSES
 from ppvit.train.config import TrainConfig
 from ppvit.train.runs import adapter_dir
@@ -233,8 +237,9 @@ class TenantStore:
         tmp = Path(tempfile.mkdtemp(prefix=f".v{version}.", dir=folder.parent))  # 0700
         try:
             config, weights_file = adapter_files(src)  # a folder of 0.3 or earlier: PEFT's names, copied as ppvit's
+            private = self._private_inodes()
             for file, name in ((weights_file, WEIGHTS_NAME), (config, CONFIG_NAME)):
-                _copy_private(file, tmp / name)
+                _copy_private(file, tmp / name, private)
             meta = read_adapter_meta(tmp)  # what was copied is what is checked and served
             if meta.method.get("method") == "full":
                 raise ValueError(f"adapter {src}: full fine-tuning replaces the whole backbone; it cannot be routed")
@@ -257,6 +262,17 @@ class TenantStore:
             raise
         w = str(Path(weights).resolve()) if weights else None
         con.execute("INSERT INTO adapters VALUES (?, ?, ?, ?, ?)", (tenant_id, version, rel.as_posix(), w, time.time()))
+
+    def _private_inodes(self) -> set[tuple[int, int]]:
+        """(device, inode) of every file of the tenants' private copies: a hard link to one, wherever it
+        lies, is that tenant's file (a path check alone lets ``ln`` hand it to another tenant)."""
+        found = set()
+        for path in (self.root / "adapters").rglob("*"):
+            with contextlib.suppress(OSError):  # removed meanwhile
+                st = path.lstat()
+                if stat.S_ISREG(st.st_mode):
+                    found.add((st.st_dev, st.st_ino))
+        return found
 
     def remove(self, name: str) -> None:
         """Remove ``name``, its token and every adapter version it has."""
@@ -315,8 +331,9 @@ def new_token() -> str:
     return TOKEN_PREFIX + secrets.token_urlsafe(32)
 
 
-def _copy_private(src: Path, dst: Path) -> None:
-    """Copy a regular file to a new 0600 file, refusing a symbolic link (never followed)."""
+def _copy_private(src: Path, dst: Path, private: set[tuple[int, int]]) -> None:
+    """Copy a regular file to a new 0600 file, refusing a symbolic link (never followed) and a file that is
+    one of ``private`` (device, inode): a hard link to a tenant's private copy."""
     try:
         fd = os.open(src, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
     except OSError as exc:
@@ -324,8 +341,11 @@ def _copy_private(src: Path, dst: Path) -> None:
             raise ValueError(f"adapter file {src}: a symbolic link; register real files") from None
         raise ValueError(f"adapter file {src}: cannot be read ({exc.strerror})") from None
     with os.fdopen(fd, "rb") as fin:
-        if not stat.S_ISREG(os.fstat(fin.fileno()).st_mode):
+        st = os.fstat(fin.fileno())
+        if not stat.S_ISREG(st.st_mode):
             raise ValueError(f"adapter file {src}: not a regular file")
+        if (st.st_dev, st.st_ino) in private:  # the file opened, not the path checked: no race
+            raise ValueError(f"adapter file {src}: a hard link to a file inside the server folder; register a run's")
         with open(os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as fout:
             shutil.copyfileobj(fin, fout, 1 << 20)
 
@@ -347,8 +367,26 @@ def check_routable(adapter: Path, weights: str | os.PathLike | None) -> None:
     except (SafetensorError, OSError) as exc:
         raise ValueError(f"adapter weights {path}: cannot be read ({exc})") from None
     base = build_base(meta, weights)
-    adapter_preprocess(meta, base)  # a recipe the server would not follow
-    routed_adapter(meta, tensors, base)
+    recipe = adapter_preprocess(meta, base)  # a recipe the server would not follow is refused here
+    probe_outputs(routed_adapter(meta, tensors, base), base, recipe, adapter)
+
+
+def probe_outputs(adapter: RoutedAdapter, base: nn.Module, recipe: Preprocess, where: Path) -> None:
+    """Refuse an adapter whose outputs are not finite on probe images (black, white, seeded noise): its every
+    answer would be NaN probabilities, which the server would have to refuse one request at a time."""
+    routed = RoutedViT(base)
+    images = torch.stack(
+        [
+            torch.zeros(routed.in_channels, routed.side, routed.side, dtype=torch.uint8),
+            torch.full((routed.in_channels, routed.side, routed.side), 255, dtype=torch.uint8),
+            torch.randint(0, 256, (routed.in_channels, routed.side, routed.side), dtype=torch.uint8,
+                          generator=torch.Generator().manual_seed(0)),
+        ]
+    )  # fmt: skip
+    with torch.no_grad():
+        rows = routed(normalize(images, recipe.mean, recipe.std), [adapter], torch.zeros(len(images), dtype=torch.long))
+    if not all(bool(torch.isfinite(row).all()) for row in rows):
+        raise ValueError(f"adapter {where}: its outputs are not finite on a probe image (weights that overflow)")
 
 
 def _run_weights(run: Path) -> str | None:

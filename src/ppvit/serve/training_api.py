@@ -26,6 +26,7 @@ from fastapi import APIRouter, Request
 from starlette.requests import ClientDisconnect
 
 from ppvit.serve.auth import HTTPError, bearer_tenant
+from ppvit.serve.codec import StrictJSONResponse
 from ppvit.serve.datasets import DatasetError, DatasetStore
 from ppvit.serve.jobs import Jobs, ServiceLimits, Supervisor
 from ppvit.serve.tenants import TenantStore
@@ -77,7 +78,7 @@ def training_router(root: Path, tenants: TenantStore, limits: ServiceLimits, bod
         if "supervisor" in running:
             running["supervisor"].wake()
 
-    router = APIRouter(prefix="/v1", lifespan=lifespan)
+    router = APIRouter(prefix="/v1", lifespan=lifespan, default_response_class=StrictJSONResponse)  # a NaN loss
 
     async def tenant(request: Request) -> int:
         return (await bearer_tenant(request, tenants)).tenant_id

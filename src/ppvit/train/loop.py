@@ -42,9 +42,9 @@ from ppvit.crypto.ciphers import BlockCipher, Scheme
 from ppvit.crypto.keys import Key
 from ppvit.data.augment import mix_batch
 from ppvit.data.datasets import DataSplits, load_splits
-from ppvit.data.images import Preprocess
 from ppvit.data.manifest import Manifest
 from ppvit.data.pipeline import BatchPipeline, epoch_order, get_batch
+from ppvit.data.preprocess import Preprocess
 from ppvit.data.sources import Columns
 from ppvit.data.streaming import ShardStream
 from ppvit.models.adapters import AdapterMeta, file_sha256, save_adapter
