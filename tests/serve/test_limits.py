@@ -26,7 +26,7 @@ import httpx
 import numpy as np
 import pytest
 from conftest import SMALL
-from serving import LiveServer, png
+from serving import LiveServer, NoTraining, png, tenant_root
 from test_hardening import small_disk  # noqa: F401  (a fixture: a 4 MiB tmpfs, as root)
 
 from ppvit.crypto.ciphers import BlockCipher
@@ -37,7 +37,7 @@ from ppvit.serve.app import ServeConfig
 from ppvit.serve.client import Client, ServerError
 from ppvit.serve.datasets import DatasetError, DatasetStore
 from ppvit.serve.jobs import JobError, Jobs, LocalRunner, ServiceLimits, job_config
-from ppvit.serve.tenants import TenantStore, hash_token, new_token
+from ppvit.serve.tenants import TenantStore
 
 MANIFEST = {  # a dataset as `ppvit encrypt --format wds --size 32` of 2 classes describes it
     "scheme": "shuffle",
@@ -51,18 +51,6 @@ MANIFEST = {  # a dataset as `ppvit encrypt --format wds --size 32` of 2 classes
 }
 SETTINGS = {"method": "lora-pe", "model": SMALL, "epochs": 2, "batch_size": 8, "val_fraction": 0.25}
 GiB = 1 << 30
-
-
-def tenant_root(root: Path, name: str = "eve") -> tuple[int, str]:
-    """A store with one tenant (id, token): its rows only, no adapter files (training routes read none)."""
-    TenantStore(root)
-    token = new_token()
-    with sqlite3.connect(root / "tenants.sqlite") as con:
-        cur = con.execute(
-            "INSERT INTO tenants (name, token_sha256, version, created) VALUES (?, ?, 1, 0)", (name, hash_token(token))
-        )
-        con.execute("INSERT INTO adapters VALUES (?, 1, ?, NULL, 0)", (cur.lastrowid, f"adapters/{name}/v1"))
-    return cur.lastrowid, token
 
 
 def spec(path: str, data: bytes) -> dict:
@@ -402,21 +390,6 @@ def test_training_folders_are_0700_and_their_files_0600(
 # -- 4. no 500 on POST /v1/jobs, 507 on a full disk ---------------------------------------------------
 
 
-class IdleRunner(LocalRunner):
-    """Starts nothing: a started job stays running until cancelled (no training here)."""
-
-    def start(self, job_id: str, config: Path, log_file: Path, devices: list[str]) -> str:
-        return f"idle:{job_id}"
-
-    def poll(self, handle: str) -> int | None:
-        return None
-
-
-class NoTraining(ServiceLimits):
-    def runner(self) -> LocalRunner:
-        return IdleRunner()
-
-
 @pytest.fixture(scope="module")
 def service(tmp_path_factory: pytest.TempPathFactory, toy_wds: Path) -> Iterator[dict]:
     """A live server with training on, a tenant and its uploaded toy dataset; no job ever starts."""
@@ -477,3 +450,35 @@ def test_declaring_a_dataset_on_a_full_disk_answers_507(small_disk: Path) -> Non
         )
     assert r.status_code == 507, r.text
     assert "root" not in r.json()["error"]
+
+
+def test_shards_stored_before_the_server_counted_are_counted_or_sent_again(
+    store: tuple[DatasetStore, int], toy_wds: Path
+) -> None:
+    """A store of an earlier release: its received shards have no count. The good ones are counted
+    when the dataset is next read; one that the check refuses (here made a gzip) is missing again."""
+    datasets, tenant = store
+    upload_folder(datasets, tenant, "old", toy_wds)
+    folder = datasets.folder(tenant, "old")
+    (folder / "test" / "shard-000000.tar").write_bytes(gzip_bomb(1 << 20))
+    with sqlite3.connect(datasets.root / "tenants.sqlite") as con:
+        con.execute("UPDATE shards SET images = NULL")
+    found = datasets.get(tenant, "old")
+    assert found.counts == {"train": 96} and found.missing == ["test/shard-000000.tar"]
+
+
+def test_the_job_list_answers_the_newest_jobs_only(store: tuple[DatasetStore, int], toy_wds: Path) -> None:
+    """GET /v1/jobs stays bounded however many jobs a tenant ran: its newest 100, oldest first."""
+    datasets, tenant = store
+    upload_folder(datasets, tenant, "toy", toy_wds)
+    jobs = Jobs(datasets.root, ServiceLimits({SMALL: None}))
+    config = jobs.get(tenant, jobs.submit(tenant, datasets.get(tenant, "toy"), SETTINGS, False)["id"])
+    with sqlite3.connect(datasets.root / "tenants.sqlite") as con:
+        yaml_text = con.execute("SELECT config FROM jobs").fetchone()[0]
+        con.executemany(
+            "INSERT INTO jobs (id, tenant_id, dataset, state, config, activate, created) "
+            "VALUES (?, ?, 'toy', 'succeeded', ?, 0, ?)",
+            [(f"job-{i:012d}", tenant, yaml_text, config["created"] + 1 + i) for i in range(150)],
+        )
+    listed = [j["id"] for j in jobs.list(tenant)]
+    assert listed == [f"job-{i:012d}" for i in range(50, 150)]

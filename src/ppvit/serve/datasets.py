@@ -337,14 +337,34 @@ class DatasetStore:
                 "SELECT path, done, images FROM shards WHERE tenant_id = ? AND dataset = ? ORDER BY path",
                 (tenant_id, name),
             ).fetchall()
+        manifest = Manifest(**json.loads(row[1]))
+        if any(done and images is None for _, done, images in shards):  # received before the server counted
+            shards = self._count(tenant_id, row[0], shards, manifest.size)
         counts: dict[str, int] = {}
         for path, done, images in shards:
             if done:
                 split = path.partition("/")[0]
                 counts[split] = counts.get(split, 0) + (images or 0)
         missing = [path for path, done, _ in shards if not done]
-        manifest = Manifest(**json.loads(row[1]))
         return Dataset(row[0], self.folder(tenant_id, row[0]), manifest, row[2], missing, counts)
+
+    def _count(self, tenant_id: int, name: str, shards: list[tuple], size: int) -> list[tuple]:
+        """Shards an earlier release stored without counting: counted now, or missing again when
+        :func:`check_shard` refuses them (the client sends them again and reads why)."""
+        out = []
+        for path, done, images in shards:
+            if done and images is None:
+                try:
+                    images = check_shard(self.folder(tenant_id, name) / path, size)
+                except (ValueError, OSError):
+                    done = 0
+                with service_db(self.root) as con:
+                    con.execute(
+                        "UPDATE shards SET done = ?, images = ? WHERE tenant_id = ? AND dataset = ? AND path = ?",
+                        (done, images, tenant_id, name, path),
+                    )
+            out.append((path, done, images))
+        return out
 
     def list(self, tenant_id: int) -> list[Dataset]:
         with service_db(self.root) as con:
