@@ -234,6 +234,8 @@ def parse_manifest(doc: Any, limits: DatasetLimits) -> Manifest:
         raise DatasetError(422, f"manifest: a train split and at most {MAX_SPLITS} splits named like shards' folders")
     if any(n < 0 for n in m.counts.values()) or (m.shard_size is not None and m.shard_size < 1):
         raise DatasetError(422, "manifest: counts and shard size cannot be negative")
+    if not set(m.counts) <= set(m.classes):
+        raise DatasetError(422, "manifest: counts of a split it has no classes for")
     try:
         check_classes([name for names in m.classes.values() for name in names], limits.classes * len(m.classes))
         for names in m.classes.values():

@@ -453,9 +453,8 @@ class Jobs:
         }
         out = {}
         for path, label in named.items():
-            if path:
-                out[path] = label
-                out[str(Path(path).resolve())] = label
+            if path:  # absolute only: a relative root ("srv") would replace that word anywhere
+                out[str(Path(path).absolute())] = out[str(Path(path).resolve())] = label
         return dict(sorted(out.items(), key=lambda kv: -len(kv[0])))
 
     def metrics(self, job_id: str) -> list[dict[str, Any]]:
