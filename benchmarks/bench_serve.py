@@ -46,12 +46,12 @@ MODEL = "vit_tiny_patch16_224"
 
 
 def make_adapter(
-    weights: str | None, size: int, seed: int, model_name: str = MODEL
+    weights: str | None, size: int, seed: int, model_name: str = MODEL, num_classes: int = 10
 ) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
     """A lora-pe model with random trained tensors (LoRA B non-zero, so the update costs what it costs)."""
     torch.manual_seed(seed)
     model = apply_method(
-        create_backbone(model_name, num_classes=10, weights=weights, img_size=size), method_config("lora-pe")
+        create_backbone(model_name, num_classes=num_classes, weights=weights, img_size=size), method_config("lora-pe")
     )
     with torch.no_grad():
         for p in model.parameters():
@@ -160,22 +160,32 @@ async def load_test(url: str, tokens: list[str], images: list[bytes], clients: i
 
 
 def register_tenants(
-    tmp: Path, count: int, weights: str | None, size: int, model_name: str = MODEL, prefix: str = "t"
+    tmp: Path,
+    count: int,
+    weights: str | None,
+    size: int,
+    model_name: str = MODEL,
+    prefix: str = "t",
+    num_classes: int = 10,
+    label_chars: int = 0,
 ) -> list[str]:
-    """``count`` lora-pe tenants with random adapters in the server folder ``tmp/root``; their tokens."""
+    """``count`` lora-pe tenants with random adapters of ``num_classes`` classes in the server folder
+    ``tmp/root``; their tokens. ``label_chars``: each class named by that many characters (0: unnamed)."""
     store = TenantStore(tmp / "root")
     tokens = []
     sha = file_sha256(weights) if weights else None
+    labels = [f"{c:0{label_chars}d}" for c in range(num_classes)] if label_chars else None
     for i in range(count):
-        model, _ = make_adapter(weights, size, 1000 + i, model_name)
+        model, _ = make_adapter(weights, size, 1000 + i, model_name, num_classes)
         meta = AdapterMeta(
             model_name,
-            10,
+            num_classes,
             method_config("lora-pe").to_dict(),
             model_kwargs={"img_size": size},
             weights_sha256=sha,
             pretrained=False,
             init_seed=None if sha else 0,
+            classes=labels,
         )
         save_adapter(model, meta, tmp / f"{prefix}{i}")
         tokens.append(store.add(f"{prefix}{i}", tmp / f"{prefix}{i}", weights))

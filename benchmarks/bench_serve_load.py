@@ -8,7 +8,12 @@ then locust runs, one after another, each for ``--seconds``:
 3. the victim beside a noisy neighbour: the same 2 users while ``--noisy-users`` users of another
    tenant send ``--noisy-images`` images a request. The server's per-tenant cap is set above the
    users, so fairness here is the batcher's turn-taking alone. The victim's noisy/quiet p99 ratio
-   is measured in this one run (target: at most 2).
+   is measured in this one run (target: at most 2);
+4. the victim beside a tenant of long labels: the same 2 users while ``--label-users`` users of a
+   tenant whose head has as many classes with names as long as the registry takes (``--label-classes``
+   names of ``MAX_CLASS_NAME`` characters, ``MAX_CLASS_BYTES`` together: its ``GET /v1/adapter``
+   answers about half a MB, each prediction carries a probability per class) alternate that and
+   one-image predictions (issue 31: a 10 MB label once tripled a neighbour's p99; target: at most 2).
 
 Usage (on a quiet machine; ``--quick`` is a smoke run of the micro ViT at 32 px, about a minute):
     python benchmarks/bench_serve_load.py [--weights $PPVIT_WEIGHTS] [--size 112] [--seconds 20]
@@ -34,6 +39,7 @@ import numpy as np
 from bench_serve import MODEL, register_tenants
 
 from ppvit.models.weights import WEIGHTS_ENV
+from ppvit.serve.defaults import MAX_CLASS_BYTES, MAX_CLASS_NAME
 
 HERE = Path(__file__).resolve().parent
 QUICK_MODEL = "vit_micro_d2_patch4_32"
@@ -75,7 +81,7 @@ def run_locust(url: str, config: dict, work: Path, name: str, seconds: float) ->
     """One headless locust run; per role: requests/s, p50 and p99 in ms, failures."""
     (work / f"{name}.json").write_text(json.dumps(config))
     users = sum(config["users"].values())
-    classes = {"tenant": "TenantUser", "victim": "VictimUser", "noisy": "NoisyUser"}
+    classes = {"tenant": "TenantUser", "victim": "VictimUser", "noisy": "NoisyUser", "labels": "LabelsUser"}
     cmd = [sys.executable, "-m", "locust", "-f", str(HERE / "locust_serve.py"), "--headless", "--only-summary"]
     cmd += ["--exit-code-on-error", "0"]  # failures are reported in the table
     cmd += ["-u", str(users), "-r", str(users), "-t", f"{seconds:g}s", "--host", url, "--csv", str(work / name)]
@@ -107,6 +113,13 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=16)
     ap.add_argument("--noisy-users", type=int, default=8)
     ap.add_argument("--noisy-images", type=int, default=24)
+    ap.add_argument("--label-users", type=int, default=8, help="users of the long-labels tenant (run 4)")
+    ap.add_argument(
+        "--label-classes",
+        type=int,
+        default=MAX_CLASS_BYTES // MAX_CLASS_NAME,
+        help=f"its classes, each named by {MAX_CLASS_NAME} characters (default: as many as the registry takes)",
+    )
     ap.add_argument("--window-ms", type=float, default=5)
     ap.add_argument("--shared-pass-ms", type=float, default=20, help="the server's --shared-pass-ms")
     args = ap.parse_args()
@@ -116,17 +129,19 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="bench-serve-load-"))
     tokens = register_tenants(work, 16, weights, size, model)
     victim, noisy = (register_tenants(work, 1, weights, size, model, prefix=p)[0] for p in ("victim", "noisy"))
+    (labels,) = register_tenants(work, 1, weights, size, model, "labels", args.label_classes, MAX_CLASS_NAME)
     one = npy_body(work / "one.npy", 1, size, 0)
     many = npy_body(work / "many.npy", args.noisy_images, size, 1)
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     # every user may have a request in flight: the runs measure scheduling, not the per-tenant cap's 429s
-    server = start_server(work / "root", port, args.window_ms, max(args.clients, args.noisy_users), args.shared_pass_ms)
+    most_users = max(args.clients, args.noisy_users, args.label_users)
+    server = start_server(work / "root", port, args.window_ms, most_users, args.shared_pass_ms)
     try:
-        for token in [*tokens, victim, noisy]:  # every adapter loaded before anything is timed
+        for token in [*tokens, victim, noisy, labels]:  # every adapter loaded before anything is timed
             httpx.post(f"{url}/v1/predict", content=Path(one).read_bytes(), timeout=120,
                        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/x-npy"})  # fmt: skip
-        bodies = {"tenant": one, "victim": one, "noisy": many}
+        bodies = {"tenant": one, "victim": one, "noisy": many, "labels": one}
         runs = {
             "1 tenant": {"tokens": {"tenant": tokens[:1]}, "users": {"tenant": args.clients}},
             "16 tenants": {"tokens": {"tenant": tokens}, "users": {"tenant": args.clients}},
@@ -134,6 +149,10 @@ def main() -> None:
             "victim + noisy": {
                 "tokens": {"victim": [victim], "noisy": [noisy]},
                 "users": {"victim": 2, "noisy": args.noisy_users},
+            },
+            "victim + long labels": {
+                "tokens": {"victim": [victim], "labels": [labels]},
+                "users": {"victim": 2, "labels": args.label_users},
             },
         }
         results = {}
@@ -154,10 +173,11 @@ def main() -> None:
                 f"| {name} | {role} | {cfg['users'][role]} | {r['rps']:.1f} | {r['p50']:.0f} | {r['p99']:.0f} | "
                 f"{r['requests']} | {r['failures']} |"
             )
-    quiet, loud = results["victim alone"]["victim"]["p99"], results["victim + noisy"]["victim"]["p99"]
-    print(
-        f"\nvictim p99 with a noisy neighbour / alone: {loud:.0f} / {quiet:.0f} ms = {loud / quiet:.2f} (target <= 2)"
-    )
+    quiet = results["victim alone"]["victim"]["p99"]
+    for name in ("victim + noisy", "victim + long labels"):
+        loud = results[name]["victim"]["p99"]
+        ratio = f"{loud:.0f} / {quiet:.0f} ms = {loud / quiet:.2f}"
+        print(f"\nvictim p99 {name.removeprefix('victim ')} / alone: {ratio} (target <= 2)")
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 
 ``PPVIT_LOAD_CONFIG`` names a JSON file: ``tokens`` and ``bodies`` (a ``.npy`` request body file)
 per role, and ``users`` per role. Roles: ``tenant`` (users spread over its tokens), ``victim``
-(a tenant sending one image a request) and ``noisy`` (one tenant sending many images a request).
+(a tenant sending one image a request), ``noisy`` (one tenant sending many images a request) and
+``labels`` (a tenant of many long class names alternating ``GET /v1/adapter`` and one-image requests).
 Every request is named by its role, so the CSV has one row per role.
 """
 
@@ -50,3 +51,13 @@ class NoisyUser(_Role):
     role = "noisy"
     counter = itertools.count()
     fixed_count = CONFIG["users"].get("noisy", 0)
+
+
+class LabelsUser(_Role):
+    role = "labels"
+    counter = itertools.count()
+    fixed_count = CONFIG["users"].get("labels", 0)
+
+    @task
+    def adapter(self) -> None:
+        self.client.get("/v1/adapter", headers=self.headers, name=self.role)

@@ -12,7 +12,7 @@ import pytest
 import ppvit
 
 SRC = Path(ppvit.__file__).parent
-LAYERS = ("_io", "_compat", "crypto", "data", "models", "train", "attacks", "experiments", "serve", "cli")
+LAYERS = ("_io", "_schema", "_compat", "crypto", "data", "models", "train", "attacks", "experiments", "serve", "cli")
 """Lowest first: a module may import from its own layer or a lower one, never a higher one."""
 HEAVY = ("torch", "timm", "peft", "accelerate", "matplotlib", "scipy", "skimage")
 

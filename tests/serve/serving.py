@@ -9,6 +9,7 @@ embeddings).
 from __future__ import annotations
 
 import io
+import sqlite3
 import threading
 import time
 from pathlib import Path
@@ -25,7 +26,8 @@ from ppvit.data.datasets import load_source_split
 from ppvit.models.adapters import load_adapter
 from ppvit.models.backbones import create_backbone
 from ppvit.serve.app import ServeConfig, uvicorn_config
-from ppvit.serve.tenants import TenantStore
+from ppvit.serve.jobs import LocalRunner, ServiceLimits
+from ppvit.serve.tenants import TenantStore, hash_token, new_token
 from ppvit.train.inference import adapter_pipeline
 from ppvit.train.loop import train
 
@@ -126,3 +128,32 @@ def png(a: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(a).save(buf, format="PNG")
     return buf.getvalue()
+
+
+def tenant_root(root: Path, name: str = "eve") -> tuple[int, str]:
+    """A store with one tenant (id, token): its rows only, no adapter files (training routes read none)."""
+    TenantStore(root)
+    token = new_token()
+    with sqlite3.connect(root / "tenants.sqlite") as con:
+        cur = con.execute(
+            "INSERT INTO tenants (name, token_sha256, version, created) VALUES (?, ?, 1, 0)", (name, hash_token(token))
+        )
+        con.execute("INSERT INTO adapters VALUES (?, 1, ?, NULL, 0)", (cur.lastrowid, f"adapters/{name}/v1"))
+    return cur.lastrowid, token
+
+
+class IdleRunner(LocalRunner):
+    """Starts nothing: a started job stays running until cancelled (no training here)."""
+
+    def start(self, job_id: str, config: Path, log_file: Path, devices: list[str]) -> str:
+        return f"idle:{job_id}"
+
+    def poll(self, handle: str) -> int | None:
+        return None
+
+
+class NoTraining(ServiceLimits):
+    """The training service's limits with a runner that starts no process: the API without the training."""
+
+    def runner(self) -> LocalRunner:
+        return IdleRunner()

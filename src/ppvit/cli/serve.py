@@ -88,6 +88,16 @@ def _service_limits(args: argparse.Namespace):
         args.max_job_processes,
         args.quota_mb << 20,
         args.ray_address,
+        max_batch_size=args.max_job_batch,
+        max_grad_accum=args.max_grad_accum,
+        max_rank=args.max_rank,
+        max_loader_workers=args.max_loader_workers,
+        min_save_every_steps=args.min_save_every,
+        max_dist_timeout_s=args.max_dist_timeout,
+        max_datasets=args.max_datasets,
+        max_shards=args.max_shards,
+        max_classes=args.max_classes,
+        max_img_size=args.max_img_size,
     )
 
 
@@ -159,6 +169,19 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
         help="most training processes of a job (torchrun; one CUDA slot each, or gloo on a cpu slot; default 1)",
     )
     t.add_argument("--quota-mb", type=int, default=10240, help="a tenant's uploaded bytes in MiB (default 10240)")
+    for flag, default, text in (  # each job setting a tenant chooses that sizes the work: README's limits table
+        ("--max-job-batch", 256, "largest batch_size of a job"),
+        ("--max-grad-accum", 16, "largest grad_accum of a job"),
+        ("--max-rank", 64, "largest LoRA rank of a job"),
+        ("--max-loader-workers", 4, "most loader_workers of a job"),
+        ("--min-save-every", 100, "smallest save_every_steps of a job"),
+        ("--max-dist-timeout", 600, "largest dist_timeout_s of a job (seconds)"),
+        ("--max-datasets", 20, "datasets of a tenant"),
+        ("--max-shards", 10_000, "shards of a dataset"),
+        ("--max-classes", MAX_CLASSES, "classes of a dataset's split"),
+        ("--max-img-size", 512, "a dataset's input size in pixels"),
+    ):
+        t.add_argument(flag, type=int, default=default, help=f"{text} (default {default})")
     t.add_argument(
         "--ray-address",
         help="run jobs on a Ray cluster (its dashboard URL, e.g. http://head:8265; shared file system) instead of here",

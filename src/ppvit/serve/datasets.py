@@ -3,9 +3,14 @@
 A client declares a dataset (``ppvit encrypt --format wds`` output: its manifest and every
 shard's size and SHA-256), then sends the shards one by one. Each shard is streamed to a
 temporary file, hashed as it arrives and renamed into place only when its size and hash are
-the declared ones; a declaration repeated with the same content answers with the shards
-still missing, so an interrupted upload resumes where it stopped. A tenant's declared bytes
-count against its quota at declaration (nothing is half-admitted).
+the declared ones, and only when its tar headers say it holds what ``ppvit encrypt`` writes
+(a plain tar of PNGs of the manifest's size and their labels: :func:`check_shard`, nothing
+decompressed, no member read whole), whose PNGs the server counts itself: a job's steps come
+from that count, never from the client's manifest. A declaration repeated with the same
+content answers with the shards still missing, so an interrupted upload resumes where it
+stopped. A tenant's declared bytes count against its quota at declaration (nothing is
+half-admitted); its datasets, the shards of one and its class names are bounded
+(:class:`DatasetLimits`).
 
 Records live in the tenant store's SQLite (``tenants.sqlite``), in tables added beside the
 tenants' (``CREATE TABLE IF NOT EXISTS``: a store of an earlier release gains them on first
@@ -17,6 +22,9 @@ later job and its adapter to the client's key, which the server never holds.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -27,18 +35,25 @@ import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from ppvit._io import atomic_write_json, commit_temp
+from ppvit._io import atomic_write_bytes, commit_temp, json_text
+from ppvit._schema import check_fields
+from ppvit.crypto.ciphers import Scheme
 from ppvit.data.manifest import MANIFEST_NAME, Manifest
-from ppvit.serve.tenants import DB_NAME, NAME
+from ppvit.data.sources.encrypted_wds import check_shard
+from ppvit.serve.defaults import MAX_CLASSES
+from ppvit.serve.tenants import DB_NAME, NAME, check_classes
 
 DATASETS_DIR = "datasets"
+SPLIT = re.compile(r"[a-z0-9_]{1,32}")
 SHARD_PATH = re.compile(r"[a-z0-9_]{1,32}/shard-[0-9]{6}\.tar")  # what `ppvit encrypt --format wds` writes
 SHA256 = re.compile(r"[0-9a-f]{64}")
-MAX_SHARDS = 100_000  # shards in one declaration (a bound on the request, not on data)
+MAX_SPLITS = 4  # splits of one manifest (ppvit encrypt writes train and test)
+MIN_BLOCK = 2  # a block of one pixel is no block
+TEXT_FIELD = 128  # characters of a manifest's free text (fingerprint, version)
 SERVICE_SCHEMA = """
 CREATE TABLE IF NOT EXISTS datasets (
     tenant_id INTEGER NOT NULL REFERENCES tenants(id) ON DELETE CASCADE,
@@ -55,6 +70,7 @@ CREATE TABLE IF NOT EXISTS shards (
     bytes INTEGER NOT NULL,
     sha256 TEXT NOT NULL,
     done INTEGER NOT NULL DEFAULT 0,
+    images INTEGER,                  -- PNGs the server counted in it on arrival
     PRIMARY KEY (tenant_id, dataset, path),
     FOREIGN KEY (tenant_id, dataset) REFERENCES datasets(tenant_id, name) ON DELETE CASCADE
 );
@@ -85,29 +101,47 @@ class DatasetError(ValueError):
         self.status = status
 
 
+@dataclass(frozen=True)
+class DatasetLimits:
+    """What one tenant's datasets may hold (the operator's, from ``ppvit serve``'s flags)."""
+
+    quota_bytes: int = 10 << 30  # declared shard bytes, all its datasets
+    datasets: int = 20  # datasets of one tenant
+    shards: int = 10_000  # shards of one declaration
+    classes: int = MAX_CLASSES  # classes of one split
+    img_size: int = 512  # the manifest's input size (the job builds its model at it)
+
+
+ADDED_COLUMNS = {  # columns later than their table: (table, column) -> its definition, added to older stores
+    ("jobs", "processes"): "INTEGER NOT NULL DEFAULT 1",
+    ("shards", "images"): "INTEGER",
+}
+
+
 @contextmanager
 def service_db(root: Path) -> Iterator[sqlite3.Connection]:
     """One transaction on the store's database, the service's tables created if missing.
 
     Taken with the write lock from its start (``BEGIN IMMEDIATE``): a count and the insert it
-    allows (a quota, a tenant's jobs) cannot interleave with another request's.
+    allows (a quota, a tenant's jobs) cannot interleave with another request's. A database
+    error is a :class:`DatasetError` naming the file, not its folder: 507 for a full disk, else 503.
     """
     try:
         con = sqlite3.connect(root / DB_NAME, timeout=30)
     except sqlite3.Error as exc:
-        raise ValueError(f"{root / DB_NAME}: cannot be opened ({exc})") from None
+        raise DatasetError(503, f"{DB_NAME}: cannot be opened ({exc})") from None
     try:
         con.execute("PRAGMA foreign_keys=ON")
         con.executescript(SERVICE_SCHEMA)  # idempotent; runs in its own transaction
-        if "processes" not in {
-            r[1] for r in con.execute("PRAGMA table_info(jobs)")
-        }:  # a jobs table from before the column
-            con.execute("ALTER TABLE jobs ADD COLUMN processes INTEGER NOT NULL DEFAULT 1")
+        for (table, column), definition in ADDED_COLUMNS.items():
+            if column not in {r[1] for r in con.execute(f"PRAGMA table_info({table})")}:
+                con.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
         with con:
             con.execute("BEGIN IMMEDIATE")
             yield con
     except sqlite3.DatabaseError as exc:
-        raise ValueError(f"{root / DB_NAME}: {exc}") from None
+        full = getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL or "full" in str(exc)
+        raise DatasetError(507 if full else 503, f"{DB_NAME}: {exc}") from None
     finally:
         con.close()
 
@@ -121,19 +155,22 @@ class ShardSpec:
 
 @dataclass(frozen=True)
 class Dataset:
-    """One tenant's dataset as recorded; ``missing``: shards not yet received."""
+    """One tenant's dataset as recorded; ``missing``: shards not yet received; ``counts``: the PNGs
+    per split the server counted in the shards received (not the manifest's word)."""
 
     name: str
     folder: Path
     manifest: Manifest
     bytes: int
     missing: list[str]
+    counts: dict[str, int]
 
     @property
     def complete(self) -> bool:
         return not self.missing
 
-    def summary(self) -> dict[str, Any]:
+    def summary(self, classes: bool = True) -> dict[str, Any]:
+        """What the tenant sees of it (``classes``: with the class lists; a listing leaves them out)."""
         m = self.manifest
         return {
             "name": self.name,
@@ -141,40 +178,79 @@ class Dataset:
             "block_size": m.block_size,
             "input_size": m.size,
             "key_fingerprint": m.key_fingerprint,
-            "classes": m.classes,
-            "counts": m.counts,
+            **({"classes": m.classes} if classes else {}),
+            "counts": self.counts,
             "bytes": self.bytes,
             "complete": self.complete,
             "missing": self.missing,
         }
 
+    def check_counts(self) -> None:
+        """A complete dataset's manifest counts are the server's count of its shards (422 otherwise)."""
+        for split in sorted({*self.manifest.counts, *self.counts}):
+            said, held = self.manifest.counts.get(split, 0), self.counts.get(split, 0)
+            if said != held:
+                raise DatasetError(
+                    422, f"dataset {self.name}: its manifest says {said} {split} images, its shards hold {held}"
+                )
 
-def parse_manifest(doc: Any) -> Manifest:
-    """A client's manifest: a finished WebDataset encryption with a scheme, a size and a fingerprint."""
+
+def parse_manifest(doc: Any, limits: DatasetLimits) -> Manifest:
+    """A client's manifest: a finished WebDataset encryption with a scheme, a size and a fingerprint,
+    checked against :class:`Manifest`'s own types (the one schema) and the server's limits."""
     if not isinstance(doc, dict):
         raise DatasetError(422, "manifest: not a JSON object")
+    known = {f.name for f in fields(Manifest)}
+    unknown = sorted(str(k)[:40] for k in doc if k not in known)
+    if unknown:
+        raise DatasetError(422, f"manifest: unknown fields {', '.join(unknown[:5])}")
+    needed = sorted(f.name for f in fields(Manifest) if f.name not in doc and f.default is MISSING is f.default_factory)
+    if needed:
+        raise DatasetError(422, f"manifest: needs {', '.join(needed)}")
     try:
         m = Manifest(**doc)
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError) as exc:  # a malformed preprocess
         raise DatasetError(422, f"manifest: {exc}") from None
+    try:
+        check_fields(m, "manifest: ")
+    except ValueError as exc:
+        raise DatasetError(422, str(exc)) from None
+    if max(len(m.scheme), len(m.key_fingerprint), len(m.ppvit_version)) > TEXT_FIELD or not m.key_fingerprint:
+        raise DatasetError(422, f"manifest: a scheme, key fingerprint and version of 1 to {TEXT_FIELD} characters")
     if m.format != "wds":
         raise DatasetError(422, f"manifest: format {m.format!r}; upload `ppvit encrypt --format wds` output")
     if not m.complete:
         raise DatasetError(422, "manifest: the encryption did not finish (complete is false); run it again first")
-    if m.scheme in (None, "", "none", "plain"):
+    if m.scheme in ("", "none", "plain"):
         raise DatasetError(422, "manifest: plain images; the service trains on encrypted images only")
-    if not (isinstance(m.size, int) and isinstance(m.block_size, int) and m.size > 0 and m.block_size > 0):
-        raise DatasetError(422, "manifest: needs an input size and a block size (encrypt with --size)")
-    if not (isinstance(m.key_fingerprint, str) and m.key_fingerprint):
-        raise DatasetError(422, "manifest: no key fingerprint")
-    if "train" not in m.classes:
-        raise DatasetError(422, "manifest: no train split")
+    try:
+        Scheme.parse(m.scheme)
+    except ValueError as exc:
+        raise DatasetError(422, f"manifest: scheme {m.scheme[:40]!r}: {exc}") from None
+    if m.size is None or not MIN_BLOCK <= m.block_size <= m.size <= limits.img_size or m.size % m.block_size:
+        raise DatasetError(
+            422,
+            f"manifest: input size {m.size}, block size {m.block_size}: this server takes a size of at most "
+            f"{limits.img_size} px in blocks of at least {MIN_BLOCK} that divide it (encrypt with --size)",
+        )
+    if "train" not in m.classes or len(m.classes) > MAX_SPLITS or not all(map(SPLIT.fullmatch, m.classes)):
+        raise DatasetError(422, f"manifest: a train split and at most {MAX_SPLITS} splits named like shards' folders")
+    if any(n < 0 for n in m.counts.values()) or (m.shard_size is not None and m.shard_size < 1):
+        raise DatasetError(422, "manifest: counts and shard size cannot be negative")
+    if not set(m.counts) <= set(m.classes):
+        raise DatasetError(422, "manifest: counts of a split it has no classes for")
+    try:
+        check_classes([name for names in m.classes.values() for name in names], limits.classes * len(m.classes))
+        for names in m.classes.values():
+            check_classes(names, limits.classes)
+    except ValueError as exc:
+        raise DatasetError(422, f"manifest: {exc}") from None
     return m
 
 
-def parse_shards(doc: Any) -> list[ShardSpec]:
-    if not isinstance(doc, list) or not doc or len(doc) > MAX_SHARDS:
-        raise DatasetError(422, f"shards: a list of 1 to {MAX_SHARDS} {{path, bytes, sha256}} objects")
+def parse_shards(doc: Any, most: int) -> list[ShardSpec]:
+    if not isinstance(doc, list) or not doc or len(doc) > most:
+        raise DatasetError(422, f"shards: a list of 1 to {most} {{path, bytes, sha256}} objects")
     out, seen = [], set()
     for item in doc:
         if not isinstance(item, dict) or set(item) != {"path", "bytes", "sha256"}:
@@ -194,9 +270,9 @@ def parse_shards(doc: Any) -> list[ShardSpec]:
 class DatasetStore:
     """The datasets of one server root, per tenant (a tenant's requests never name another's rows)."""
 
-    def __init__(self, root: str | os.PathLike, quota_bytes: int) -> None:
+    def __init__(self, root: str | os.PathLike, limits: DatasetLimits | None = None) -> None:
         self.root = Path(root)
-        self.quota_bytes = quota_bytes
+        self.limits = limits or DatasetLimits()
 
     def folder(self, tenant_id: int, name: str) -> Path:
         return self.root / DATASETS_DIR / str(tenant_id) / name.lower()
@@ -208,12 +284,15 @@ class DatasetStore:
         never changes under a job; delete it and declare again.
         """
         check_name(name)
-        manifest = parse_manifest(manifest_doc)
-        shards = parse_shards(shards_doc)
+        manifest = parse_manifest(manifest_doc, self.limits)
+        shards = parse_shards(shards_doc, self.limits.shards)
         if not any(s.path.startswith("train/") for s in shards):
             raise DatasetError(422, "shards: none of the train split")
+        if not {s.path.partition("/")[0] for s in shards} <= set(manifest.classes):
+            raise DatasetError(422, "shards: a split the manifest does not name")
         total = sum(s.bytes for s in shards)
         doc = json.dumps(asdict(manifest), sort_keys=True)
+        quota = self.limits.quota_bytes
         with service_db(self.root) as con:
             row = con.execute(
                 "SELECT manifest FROM datasets WHERE tenant_id = ? AND name = ?", (tenant_id, name)
@@ -228,21 +307,26 @@ class DatasetStore:
                 if row[0] != doc or have != {(s.path, s.bytes, s.sha256) for s in shards}:
                     raise DatasetError(409, f"dataset {name}: exists with other content; delete it or use a new name")
             else:
-                used = con.execute("SELECT COALESCE(SUM(bytes), 0) FROM datasets WHERE tenant_id = ?", (tenant_id,))
-                used = used.fetchone()[0]
-                if used + total > self.quota_bytes:
+                n, used = con.execute(
+                    "SELECT COUNT(*), COALESCE(SUM(bytes), 0) FROM datasets WHERE tenant_id = ?", (tenant_id,)
+                ).fetchone()
+                if n >= self.limits.datasets:
+                    raise DatasetError(429, f"dataset {name}: the tenant holds {n} datasets, this server's most")
+                if used + total > quota:
                     raise DatasetError(
-                        413,
-                        f"dataset {name}: {total} bytes; the tenant holds {used} of its {self.quota_bytes}-byte quota",
+                        413, f"dataset {name}: {total} bytes; the tenant holds {used} of its {quota}-byte quota"
                     )
                 con.execute("INSERT INTO datasets VALUES (?, ?, ?, ?, ?)", (tenant_id, name, doc, total, time.time()))
                 con.executemany(
-                    "INSERT INTO shards VALUES (?, ?, ?, ?, ?, 0)",
+                    "INSERT INTO shards (tenant_id, dataset, path, bytes, sha256) VALUES (?, ?, ?, ?, ?)",
                     [(tenant_id, name, s.path, s.bytes, s.sha256) for s in shards],
                 )
         folder = self.folder(tenant_id, name)
-        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-        atomic_write_json(folder / MANIFEST_NAME, asdict(manifest))
+        try:
+            private_dirs(folder)
+            atomic_write_bytes(folder / MANIFEST_NAME, json_text(asdict(manifest)).encode(), mode=0o600)
+        except OSError as exc:  # a full disk: this declaration fails (declared again, it is written then)
+            raise DatasetError(507, f"dataset {name}: cannot be stored ({exc.strerror or exc})") from None
         return self.get(tenant_id, name)
 
     def get(self, tenant_id: int, name: str) -> Dataset:
@@ -254,14 +338,38 @@ class DatasetStore:
             ).fetchone()
             if row is None:
                 raise DatasetError(404, f"no dataset {name}")
-            missing = [
-                r[0]
-                for r in con.execute(
-                    "SELECT path FROM shards WHERE tenant_id = ? AND dataset = ? AND done = 0 ORDER BY path",
-                    (tenant_id, name),
-                )
-            ]
-        return Dataset(row[0], self.folder(tenant_id, row[0]), Manifest(**json.loads(row[1])), row[2], missing)
+            shards = con.execute(
+                "SELECT path, done, images FROM shards WHERE tenant_id = ? AND dataset = ? ORDER BY path",
+                (tenant_id, name),
+            ).fetchall()
+        manifest = Manifest(**json.loads(row[1]))
+        if any(done and images is None for _, done, images in shards):  # received before the server counted
+            shards = self._count(tenant_id, row[0], shards, manifest.size)
+        counts: dict[str, int] = {}
+        for path, done, images in shards:
+            if done:
+                split = path.partition("/")[0]
+                counts[split] = counts.get(split, 0) + (images or 0)
+        missing = [path for path, done, _ in shards if not done]
+        return Dataset(row[0], self.folder(tenant_id, row[0]), manifest, row[2], missing, counts)
+
+    def _count(self, tenant_id: int, name: str, shards: list[tuple], size: int) -> list[tuple]:
+        """Shards an earlier release stored without counting: counted now, or missing again when
+        :func:`check_shard` refuses them (the client sends them again and reads why)."""
+        out = []
+        for path, done, images in shards:
+            if done and images is None:
+                try:
+                    images = check_shard(self.folder(tenant_id, name) / path, size)
+                except (ValueError, OSError):
+                    done = 0
+                with service_db(self.root) as con:
+                    con.execute(
+                        "UPDATE shards SET done = ?, images = ? WHERE tenant_id = ? AND dataset = ? AND path = ?",
+                        (done, images, tenant_id, name, path),
+                    )
+            out.append((path, done, images))
+        return out
 
     def list(self, tenant_id: int) -> list[Dataset]:
         with service_db(self.root) as con:
@@ -279,26 +387,32 @@ class DatasetStore:
         shutil.rmtree(dataset.folder, ignore_errors=True)
 
     async def receive(self, tenant_id: int, name: str, path: str, chunks: AsyncIterator[bytes]) -> None:
-        """Stream one declared shard to disk; kept only if its size and SHA-256 are the declared ones."""
+        """Stream one declared shard to disk; kept only if its size and SHA-256 are the declared ones
+        and :func:`check_shard` finds what ``ppvit encrypt`` writes (its PNGs counted then)."""
         check_name(name)
         if not SHARD_PATH.fullmatch(path):
             raise DatasetError(404, f"shard path {path[:80]!r}: not SPLIT/shard-NNNNNN.tar")
         with service_db(self.root) as con:
             row = con.execute(
-                "SELECT bytes, sha256, done FROM shards WHERE tenant_id = ? AND dataset = ? AND path = ?",
+                "SELECT s.bytes, s.sha256, s.done, d.manifest FROM shards s JOIN datasets d "
+                "ON d.tenant_id = s.tenant_id AND d.name = s.dataset "
+                "WHERE s.tenant_id = ? AND s.dataset = ? AND s.path = ?",
                 (tenant_id, name, path),
             ).fetchone()
         if row is None:
             self.get(tenant_id, name)  # 404 for the dataset first
             raise DatasetError(404, f"dataset {name}: no shard {path} was declared")
-        size, digest, done = row
+        size, digest, done, manifest = row
         if done:
             return  # a retry after an answer that was lost: already here
         target = self.folder(tenant_id, name) / path
-        target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-        tmp = Path(tmp_name)
         h, n = hashlib.sha256(), 0
+        try:
+            private_dirs(target.parent)
+            fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+        except OSError as exc:
+            raise DatasetError(507, f"shard {path}: cannot be stored ({exc.strerror or exc})") from None
+        tmp = Path(tmp_name)
         try:
             with os.fdopen(fd, "wb") as fh:
                 async for chunk in chunks:
@@ -311,6 +425,10 @@ class DatasetStore:
                 raise DatasetError(400, f"shard {path}: {n} bytes arrived, {size} were declared; send it again")
             if h.hexdigest() != digest:
                 raise DatasetError(400, f"shard {path}: SHA-256 differs from the declared one; send it again")
+            try:
+                images = await asyncio.to_thread(check_shard, tmp, json.loads(manifest)["size"])
+            except ValueError as exc:  # named by its path in the dataset, not the server's file
+                raise DatasetError(422, str(exc).replace(str(tmp), path).replace(tmp.name, path)) from None
             commit_temp(tmp, target, 0o600)
         except OSError as exc:  # a full disk fails this upload, not the server
             tmp.unlink(missing_ok=True)
@@ -320,8 +438,23 @@ class DatasetStore:
             raise
         with service_db(self.root) as con:
             con.execute(
-                "UPDATE shards SET done = 1 WHERE tenant_id = ? AND dataset = ? AND path = ?", (tenant_id, name, path)
+                "UPDATE shards SET done = 1, images = ? WHERE tenant_id = ? AND dataset = ? AND path = ?",
+                (images, tenant_id, name, path),
             )
+
+
+def private_dirs(folder: Path) -> None:
+    """``folder`` and every missing folder above it, each 0700 (``mkdir(parents=True)`` gives the
+    parents the umask's mode)."""
+    missing = []
+    while not folder.exists():
+        missing.append(folder)
+        folder = folder.parent
+    for path in reversed(missing):
+        with contextlib.suppress(FileExistsError):  # made by a request at the same moment
+            path.mkdir(mode=0o700)
+        if not path.is_dir():
+            raise OSError(errno.ENOTDIR, "not a folder", str(path))
 
 
 def check_name(name: str) -> None:

@@ -1,7 +1,10 @@
 """Training jobs of the service: a job is a ``TrainConfig`` on one of the tenant's uploaded datasets.
 
-A submission is checked against the server's limits (allowed base models and their weights,
-most epochs, jobs per tenant) and against what the server can do without the key: settings
+A submission is checked whole, at once: its settings against ``TrainConfig``'s types and
+ranges (the one schema ``ppvit train`` reads), against the server's limits (allowed base
+models and their weights, an operator's bound on every setting that sizes the machine's work:
+:data:`JOB_BOUNDS`, jobs per tenant, optimiser steps over the images the server counted) and
+against what the server can do without the key: settings
 that need plain images (plain augmentation, ``key_init``) or a key are refused in one line,
 as is ``full`` (it replaces the whole backbone and cannot be routed). The server fills in
 what is its own (data folder, run folder, weights, scheme, block size and input size from
@@ -43,8 +46,9 @@ from typing import Any, Protocol
 
 import yaml
 
-from ppvit._io import atomic_write_text
-from ppvit.serve.datasets import DATASETS_DIR, Dataset, DatasetError, service_db
+from ppvit._io import atomic_write_bytes
+from ppvit.serve.datasets import DATASETS_DIR, Dataset, DatasetError, DatasetLimits, private_dirs, service_db
+from ppvit.serve.defaults import MAX_CLASSES
 from ppvit.serve.tenants import TenantStore
 from ppvit.train.config import TrainConfig
 
@@ -57,6 +61,18 @@ SERVER_SETTINGS = frozenset({"data", "out", "key", "weights", "pretrained", "qui
 # Settings that need the key or plain images, which the server never has.
 PLAIN_ONLY = {"key_init": "key_init needs the key", "augment": "plain augmentation needs plain images"}
 LOG_TAIL_BYTES = 8192
+LINE_CHARS = 500  # of a job's last log line or error, as the tenant sees it
+JOBS_LISTED = 100  # GET /v1/jobs: the tenant's newest jobs
+# A job setting a tenant chooses that sizes the machine's work -> the ServiceLimits field bounding it
+# (at most; ``min_save_every_steps``: at least). README: "Fine-tuning as a service", its limits table.
+JOB_BOUNDS = {
+    "epochs": "max_epochs",
+    "batch_size": "max_batch_size",
+    "grad_accum": "max_grad_accum",
+    "rank": "max_rank",
+    "loader_workers": "max_loader_workers",
+    "dist_timeout_s": "max_dist_timeout_s",
+}
 RAY_EXIT = {"PENDING": None, "RUNNING": None, "SUCCEEDED": 0, "FAILED": 1, "STOPPED": 143}  # Ray status: exit code
 
 
@@ -73,9 +89,34 @@ class ServiceLimits:
     max_processes: int = 1  # training processes of one job (torchrun); on CUDA slots one device each
     quota_bytes: int = 10 << 30  # one tenant's uploaded datasets
     ray_address: str | None = None  # a Ray cluster's dashboard URL: jobs run there (RayRunner), not here
+    max_batch_size: int = 256  # a job's global batch (memory)
+    max_grad_accum: int = 16  # a job's gradient accumulation steps (memory of a step's batches, time)
+    max_rank: int = 64  # a job's LoRA rank (memory, time)
+    max_loader_workers: int = 4  # a job's shard-reading processes
+    min_save_every_steps: int = 100  # a job's checkpoint cadence in steps (disk writes)
+    max_dist_timeout_s: float = 600.0  # how long a job's processes wait for a hung peer, holding their slots
+    max_datasets: int = 20  # datasets of one tenant
+    max_shards: int = 10_000  # shards of one dataset
+    max_classes: int = MAX_CLASSES  # classes of a dataset's split (a job's head)
+    max_img_size: int = 512  # a dataset's input size (a job's model is built at it)
 
     def runner(self) -> Runner:
         return LocalRunner() if self.ray_address is None else RayRunner(self.ray_address)
+
+    @property
+    def datasets(self) -> DatasetLimits:
+        return DatasetLimits(self.quota_bytes, self.max_datasets, self.max_shards, self.max_classes, self.max_img_size)
+
+    def check_bounds(self, cfg: TrainConfig) -> None:
+        """Every setting of :data:`JOB_BOUNDS` within the operator's bound (422 naming the first over)."""
+        flat = {**cfg.flat(), "rank": getattr(cfg.method, "rank", None)}
+        for name, bound in JOB_BOUNDS.items():
+            if flat[name] is not None and flat[name] > getattr(self, bound):
+                raise JobError(422, f"config: {name} {flat[name]}; this server allows at most {getattr(self, bound):g}")
+        every = cfg.run.save_every_steps
+        if every is not None and every < self.min_save_every_steps:
+            least = self.min_save_every_steps
+            raise JobError(422, f"config: save_every_steps {every}; this server allows at least {least}")
 
     def check_processes(self, processes: Any, batch_size: int) -> None:
         """A job's process count: within the server's limit, its devices there, the batch split evenly (422)."""
@@ -92,8 +133,9 @@ class JobError(DatasetError):
 
 
 def job_config(settings: Any, dataset: Dataset, limits: ServiceLimits, out: Path) -> TrainConfig:
-    """The job's ``TrainConfig`` from the client's flat settings, or a one-line refusal (422)."""
-    if not isinstance(settings, dict):
+    """The job's ``TrainConfig`` from the client's flat settings, or a one-line refusal (422): every
+    setting checked now, so that nothing a client chose fails when the job runs."""
+    if not isinstance(settings, dict) or not all(isinstance(k, str) for k in settings):
         raise JobError(422, "config: a JSON object of `ppvit train` settings (flat names: epochs, lr, rank, ...)")
     given = sorted(SERVER_SETTINGS & set(settings))
     if given:
@@ -108,11 +150,11 @@ def job_config(settings: Any, dataset: Dataset, limits: ServiceLimits, out: Path
     fixed = {"scheme": m.scheme, "block_size": m.block_size, "img_size": m.size}
     for name, value in fixed.items():
         if settings.get(name) is not None and settings[name] != value:
-            raise JobError(422, f"config: {name} {settings[name]} differs from the dataset's {value}")
+            raise JobError(422, f"config: {name} {str(settings[name])[:40]} differs from the dataset's {value}")
     model = settings.get("model")
-    if model is None or model not in limits.models:
+    if not isinstance(model, str) or model not in limits.models:
         allowed = ", ".join(sorted(limits.models))
-        raise JobError(422, f"config: model {model!r} is not offered here (allowed: {allowed})")
+        raise JobError(422, f"config: model {str(model)[:40]!r} is not offered here (allowed: {allowed})")
     weights = limits.models[model]
     try:
         cfg = TrainConfig.from_flat(
@@ -125,8 +167,8 @@ def job_config(settings: Any, dataset: Dataset, limits: ServiceLimits, out: Path
         )
     except (TypeError, ValueError) as exc:
         raise JobError(422, f"config: {exc}") from None
-    if not 1 <= cfg.optim.epochs <= limits.max_epochs:
-        raise JobError(422, f"config: epochs {cfg.optim.epochs}; this server allows 1 to {limits.max_epochs}")
+    limits.check_bounds(cfg)
+    dataset.check_counts()
     steps = cfg.optim.epochs * math.ceil(train_images(cfg, dataset) / (cfg.optim.batch_size * cfg.optim.grad_accum))
     if limits.max_steps is not None and steps > limits.max_steps:
         raise JobError(422, f"config: about {steps} optimiser steps; this server allows {limits.max_steps}")
@@ -134,8 +176,9 @@ def job_config(settings: Any, dataset: Dataset, limits: ServiceLimits, out: Path
 
 
 def train_images(cfg: TrainConfig, dataset: Dataset) -> int:
-    """The training images a run of ``cfg`` steps over (the validation share held out)."""
-    n = dataset.manifest.counts.get("train", 0)
+    """The training images a run of ``cfg`` steps over (the validation share held out), as the server
+    counted them in the shards it received."""
+    n = dataset.counts.get("train", 0)
     if cfg.data.train_subset:
         n = min(n, cfg.data.train_subset)
     return max(1, round(n * (1 - cfg.data.val_fraction)))
@@ -193,6 +236,7 @@ class LocalRunner:
 
     def _child_setup(self) -> None:
         die_with_parent()
+        os.umask(0o077)  # the run folder is the tenant's: private, as the rest of the store
         if self.preexec is not None:
             self.preexec()
 
@@ -201,7 +245,7 @@ class LocalRunner:
         if devices[0] != "cpu":
             env["CUDA_VISIBLE_DEVICES"] = ",".join(devices)  # torchrun's ranks take cuda:0.. of these
         cmd = train_command(sys.executable, config, len(devices))
-        with open(log_file, "ab") as fh:
+        with open(os.open(log_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600), "ab") as fh:
             proc = subprocess.Popen(
                 cmd,
                 stdout=fh,
@@ -264,7 +308,7 @@ class RayRunner:
 
     def start(self, job_id: str, config: Path, log_file: Path, devices: list[str]) -> str:
         cmd = train_command(self.python, config, len(devices))
-        entrypoint = f"{shlex.join(cmd)} >> {shlex.quote(str(log_file))} 2>&1"
+        entrypoint = f"umask 077; {shlex.join(cmd)} >> {shlex.quote(str(log_file))} 2>&1"
         submission = f"ppvit-{job_id}-{secrets.token_hex(4)}"  # a resumed job is a new submission
         body = {"entrypoint": entrypoint, "submission_id": submission, "metadata": {"ppvit_job": job_id}}
         if devices[0] != "cpu":
@@ -297,6 +341,13 @@ class RayRunner:
         self.http.close()  # the cluster's jobs go on; the next server adopts them
 
 
+def redact(text: str, private: dict[str, str]) -> str:
+    """``text`` as a tenant may read it: the server's paths replaced (``private``), at most ``LINE_CHARS``."""
+    for path, label in private.items():
+        text = text.replace(path, label)
+    return text if len(text) <= LINE_CHARS else text[: LINE_CHARS - 3] + "..."
+
+
 def last_line(path: Path) -> str:
     """The last non-empty line of a log (a progress bar's last redraw counts as a line)."""
     try:
@@ -323,6 +374,8 @@ class Jobs:
     ) -> dict[str, Any]:
         if not dataset.complete:
             raise JobError(409, f"dataset {dataset.name}: {len(dataset.missing)} shards not uploaded yet")
+        if not isinstance(activate, bool):
+            raise JobError(422, "activate: true or false")
         job_id = "job-" + secrets.token_hex(6)
         folder = self.folder(job_id)
         cfg = job_config(settings, dataset, self.limits, folder / "run")
@@ -333,8 +386,11 @@ class Jobs:
             ).fetchone()[0]
             if busy >= self.limits.tenant_jobs:
                 raise JobError(429, f"{busy} jobs queued or running; this server takes {self.limits.tenant_jobs}")
-            folder.mkdir(mode=0o700, parents=True)
-            atomic_write_text(folder / "config.yaml", cfg.dump())
+            try:
+                private_dirs(folder)
+                atomic_write_bytes(folder / "config.yaml", cfg.dump().encode(), mode=0o600)
+            except OSError as exc:
+                raise JobError(507, f"job {job_id}: cannot be stored ({exc.strerror or exc})") from None
             con.execute(
                 "INSERT INTO jobs (id, tenant_id, dataset, state, config, activate, processes, created) "
                 "VALUES (?, ?, ?, 'queued', ?, ?, ?, ?)",
@@ -358,6 +414,7 @@ class Jobs:
             row = self._row(con, tenant_id, job_id)
         jid, dataset, state, config, activate, error, version, created, started, ended, processes = row
         cfg = TrainConfig.from_dict(yaml.safe_load(config))
+        private = self.private_paths(cfg, tenant_id, dataset)
         metrics = self.metrics(jid)
         last = metrics[-1] if metrics else {}
         epochs = cfg.optim.epochs
@@ -377,25 +434,45 @@ class Jobs:
             "train_loss": last.get("train_loss"),
             "val_acc": last.get("val_acc"),
             "eta_s": eta,
-            "log": last_line(self.folder(jid) / "log.txt"),
-            "error": error,
+            "log": redact(last_line(self.folder(jid) / "log.txt"), private),
+            "error": error and redact(error, private),
             "version": version,
             "created": created,
             "started": started,
             "ended": ended,
         }
 
+    def private_paths(self, cfg: TrainConfig, tenant_id: int, dataset: str) -> dict[str, str]:
+        """The server's paths a job's log may name -> what the tenant is shown instead (longest first)."""
+        named = {
+            cfg.data.data: f"<dataset {dataset}>",
+            cfg.run.out: "<run>",
+            cfg.backbone.weights: f"<weights of {cfg.backbone.model}>",
+            str(self.root / DATASETS_DIR / str(tenant_id)): "<datasets>",
+            str(self.root): "<server>",
+        }
+        out = {}
+        for path, label in named.items():
+            if path:  # absolute only: a relative root ("srv") would replace that word anywhere
+                out[str(Path(path).absolute())] = out[str(Path(path).resolve())] = label
+        return dict(sorted(out.items(), key=lambda kv: -len(kv[0])))
+
     def metrics(self, job_id: str) -> list[dict[str, Any]]:
         try:
             text = (self.folder(job_id) / "run" / "metrics.jsonl").read_text()
         except OSError:
             return []
-        return [json.loads(line) for line in text.splitlines() if line.strip()]
+        out = []
+        for line in text.splitlines():
+            with contextlib.suppress(ValueError):  # a line being written as we read
+                out.append(json.loads(line))
+        return out
 
     def list(self, tenant_id: int) -> list[dict[str, Any]]:
         with service_db(self.root) as con:
-            ids = [r[0] for r in con.execute("SELECT id FROM jobs WHERE tenant_id = ? ORDER BY created", (tenant_id,))]
-        return [self.get(tenant_id, j) for j in ids]
+            newest = "SELECT id FROM jobs WHERE tenant_id = ? ORDER BY created DESC LIMIT ?"
+            ids = [r[0] for r in con.execute(newest, (tenant_id, JOBS_LISTED))]
+        return [self.get(tenant_id, j) for j in reversed(ids)]
 
     def cancel(self, tenant_id: int, job_id: str) -> dict[str, Any]:
         """Ask for the job to stop: a queued one is cancelled at once, a running one at its next step."""

@@ -50,7 +50,7 @@ from ppvit.models.adapters import (
     read_adapter_meta,
 )
 from ppvit.models.routing import RoutedAdapter, RoutedViT, routed_adapter
-from ppvit.serve.defaults import KEEP_VERSIONS, MAX_CLASSES
+from ppvit.serve.defaults import KEEP_VERSIONS, MAX_CLASS_BYTES, MAX_CLASS_NAME, MAX_CLASSES
 from ppvit.train.config import TrainConfig
 from ppvit.train.runs import adapter_dir
 
@@ -243,8 +243,12 @@ class TenantStore:
             meta = read_adapter_meta(tmp)  # what was copied is what is checked and served
             if meta.method.get("method") == "full":
                 raise ValueError(f"adapter {src}: full fine-tuning replaces the whole backbone; it cannot be routed")
-            if meta.num_classes > max_classes or len(meta.classes or ()) > max_classes:
+            if meta.num_classes > max_classes:
                 raise ValueError(f"adapter {src}: {meta.num_classes} classes; this server takes at most {max_classes}")
+            try:
+                check_classes(meta.classes or [], max_classes)
+            except ValueError as exc:
+                raise ValueError(f"adapter {src}: {exc}") from None
             if meta.weights_sha256 is not None:
                 weights = weights or _run_weights(Path(adapter))
                 if weights is None:
@@ -348,6 +352,19 @@ def _copy_private(src: Path, dst: Path, private: set[tuple[int, int]]) -> None:
             raise ValueError(f"adapter file {src}: a hard link to a file inside the server folder; register a run's")
         with open(os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as fout:
             shutil.copyfileobj(fin, fout, 1 << 20)
+
+
+def check_classes(names: object, most: int) -> None:
+    """Class names as every answer carries them: a list of at most ``most`` texts, each of 1 to
+    ``MAX_CLASS_NAME`` characters, ``MAX_CLASS_BYTES`` together (ValueError naming the first problem)."""
+    if not isinstance(names, list) or len(names) > most:
+        raise ValueError(f"classes: a list of at most {most} names")
+    for name in names:
+        if not (isinstance(name, str) and 0 < len(name) <= MAX_CLASS_NAME):
+            shown = repr(name) if len(repr(name)) <= 40 else f"of {len(name)} characters"
+            raise ValueError(f"class name {shown}: must be text of 1 to {MAX_CLASS_NAME} characters")
+    if sum(len(n.encode("utf-8", "surrogatepass")) for n in names) > MAX_CLASS_BYTES:
+        raise ValueError(f"classes: their names take over {MAX_CLASS_BYTES} bytes together")
 
 
 def check_meta(meta: AdapterMeta, where: Path) -> None:

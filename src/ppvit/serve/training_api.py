@@ -31,7 +31,9 @@ from ppvit.serve.datasets import DatasetError, DatasetStore
 from ppvit.serve.jobs import Jobs, ServiceLimits, Supervisor
 from ppvit.serve.tenants import TenantStore
 
-JSON_LIMIT = 16 << 20  # a declaration of many shards; nothing else comes near
+SHARD_JSON = 200  # bytes of one shard's {path, bytes, sha256} in a declaration, generously
+MANIFEST_JSON = 1 << 20  # a manifest's bytes, its class names (at most 512 KiB) included
+JOB_JSON = 64 << 10  # a job submission: flat settings
 T = TypeVar("T")
 
 
@@ -43,14 +45,18 @@ async def _call(fn: Callable[..., T], *args: Any) -> T:
         raise HTTPError(exc.status, str(exc)) from None
 
 
-async def _json(request: Request) -> dict[str, Any]:
+async def _json(request: Request, limit: int) -> dict[str, Any]:
+    """The body as a JSON object: at most ``limit`` bytes (413), parsed off the event loop (a large
+    declaration does not hold up other requests), nested too deep or not JSON: 400."""
     body = bytearray()
     async for chunk in request.stream():
         body += chunk
-        if len(body) > JSON_LIMIT:
-            raise HTTPError(413, f"body over {JSON_LIMIT} bytes")
+        if len(body) > limit:
+            raise HTTPError(413, f"body over {limit} bytes")
     try:
-        doc = json.loads(body)
+        doc = await asyncio.to_thread(json.loads, body)
+    except RecursionError:
+        raise HTTPError(400, "body: JSON nested too deep") from None
     except (ValueError, UnicodeDecodeError):
         raise HTTPError(400, "body: not JSON") from None
     if not isinstance(doc, dict):
@@ -61,7 +67,8 @@ async def _json(request: Request) -> dict[str, Any]:
 def training_router(root: Path, tenants: TenantStore, limits: ServiceLimits, body_timeout: float) -> APIRouter:
     """The routes above over the store at ``root``, with a job supervisor living as long as the app;
     a shard's body must arrive within ``body_timeout`` seconds, as a predict body must."""
-    datasets = DatasetStore(root, limits.quota_bytes)
+    datasets = DatasetStore(root, limits.datasets)
+    declaration_json = MANIFEST_JSON + SHARD_JSON * limits.max_shards
     jobs = Jobs(root, limits)
 
     running: dict[str, Supervisor] = {}  # the supervisor of the app's current lifespan
@@ -85,12 +92,12 @@ def training_router(root: Path, tenants: TenantStore, limits: ServiceLimits, bod
 
     @router.get("/datasets")
     async def list_datasets(request: Request) -> list[dict[str, Any]]:
-        return [d.summary() for d in await _call(datasets.list, await tenant(request))]
+        return [d.summary(classes=False) for d in await _call(datasets.list, await tenant(request))]
 
     @router.put("/datasets/{name}")
     async def declare(name: str, request: Request) -> dict[str, Any]:
         tid = await tenant(request)
-        doc = await _json(request)
+        doc = await _json(request, declaration_json)
         return (await _call(datasets.declare, tid, name, doc.get("manifest"), doc.get("shards"))).summary()
 
     @router.get("/datasets/{name}")
@@ -120,12 +127,12 @@ def training_router(root: Path, tenants: TenantStore, limits: ServiceLimits, bod
     @router.post("/jobs")
     async def submit(request: Request) -> dict[str, Any]:
         tid = await tenant(request)
-        doc = await _json(request)
+        doc = await _json(request, JOB_JSON)
         name = doc.get("dataset")
         if not isinstance(name, str):
             raise HTTPError(422, "dataset: the name of one of your datasets")
         found = await _call(datasets.get, tid, name)
-        activate, processes = bool(doc.get("activate", False)), doc.get("processes", 1)
+        activate, processes = doc.get("activate", False), doc.get("processes", 1)
         submitted = await _call(jobs.submit, tid, found, doc.get("config"), activate, processes)
         wake()
         return submitted

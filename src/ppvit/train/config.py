@@ -21,6 +21,7 @@ from typing import Any, Literal
 
 import yaml
 
+from ppvit._schema import describe, matches
 from ppvit.data.augment import PlainAugment
 from ppvit.data.sources.base import SplitNames
 from ppvit.models.configs import METHODS, LoraPEConfig, MethodConfig, method_config
@@ -221,6 +222,49 @@ def _section_of() -> dict[str, str]:
 
 
 SECTION_OF = _section_of()
+# Numbers whose type allows what a run cannot do: each one's least value ("above": more than it)
+# or, for shares, [0, 1). Checked with the types by ``from_flat``, so a bad value is one line
+# before anything runs (a server's job is refused at submission, not when it starts).
+AT_LEAST = {
+    **dict.fromkeys(("img_size", "block_size", "epochs", "batch_size", "grad_accum", "save_every_steps"), 1),
+    **dict.fromkeys(("train_subset", "test_subset"), 1),
+    **dict.fromkeys(("loader_workers", "mixup", "cutmix", "patch_embed_lr_scale", "weight_decay", "warmup_epochs"), 0),
+}
+ABOVE_ZERO = ("lr", "clip_grad", "dist_timeout_s")
+SEEDS = ("seed", "data_seed")  # [0, 2**32): what numpy and torch both take
+SHARES = ("val_fraction", "label_smoothing")
+
+
+def _hints() -> dict[str, Any]:
+    """Flat name -> its type hint, sections' and methods' (a method's first declaration)."""
+    out: dict[str, Any] = {}
+    for cls in (*SECTIONS.values(), *METHODS.values()):
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            out.setdefault(f.name, hints[f.name])
+    return out
+
+
+HINTS = _hints()
+
+
+def check_setting(name: str, value: Any) -> None:
+    """Raise ValueError unless ``value`` is of setting ``name``'s type and in its range (None: the default)."""
+    hint = HINTS.get(name)
+    structured = any(dataclasses.is_dataclass(a) for a in (hint, *typing.get_args(hint)))  # splits: parsed by its own
+    if hint is not None and not structured and not matches(value, hint):
+        shown = repr(value) if len(repr(value)) <= 40 else f"a {type(value).__name__}"
+        raise ValueError(f"{name} {shown}: must be {describe(hint)}")
+    if value is None or isinstance(value, bool) or not isinstance(value, int | float):
+        return
+    if name in AT_LEAST and value < AT_LEAST[name]:
+        raise ValueError(f"{name} {value}: must be at least {AT_LEAST[name]}")
+    if name in ABOVE_ZERO and value <= 0:
+        raise ValueError(f"{name} {value}: must be above 0")
+    if name in SEEDS and not 0 <= value < 2**32:
+        raise ValueError(f"{name} {value}: must be at least 0 and below 2**32")
+    if name in SHARES and not 0 <= value < 1:
+        raise ValueError(f"{name} {value}: must be at least 0 and below 1")
 
 
 @dataclass
@@ -256,17 +300,23 @@ class TrainConfig:
             if value is None:
                 continue
             if name == "method":
+                if not (isinstance(value, str) and value in METHODS):
+                    raise ValueError(f"method {str(value)[:40]!r}: choose from {', '.join(METHODS)}")
                 method_name = value
             elif name in SECTION_OF:
                 sections[SECTION_OF[name]][name] = value
             elif name in method_fields:
                 method_opts[name] = value
             else:
-                raise ValueError(f"unknown setting {name!r}")
-        return cls(
+                raise ValueError(f"unknown setting {name[:40]!r}")
+            check_setting(name, value)
+        cfg = cls(
             **{s: SECTIONS[s](**v) for s, v in sections.items()},
             method=method_config(method_name, **method_opts),
         )
+        for name, value in cfg.flat().items():  # the recipe's values too
+            check_setting(name, value)
+        return cfg
 
     def flat(self) -> dict[str, Any]:
         """Flat names and values; method settings only where they differ from the method's defaults."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import posixpath
+import struct
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar
@@ -19,7 +20,10 @@ import numpy as np
 from PIL import Image
 
 from ppvit.data.sources.base import EncryptedFolder, Item, Select, class_of
-from ppvit.data.sources.wds import read_samples
+from ppvit.data.sources.wds import members, open_shard, read_samples
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+CLS_BYTES = 16  # a .cls member: a class index as text
 
 
 class EncryptedWds(EncryptedFolder):
@@ -74,3 +78,35 @@ def png_array(data: bytes, where: object) -> np.ndarray:
             return np.asarray(im.convert("RGB"))
     except Exception as exc:  # PIL raises many types for bad files
         raise ValueError(f"encrypted dataset {where}: an image cannot be decoded ({exc.__class__.__name__})") from None
+
+
+def png_bound(size: int) -> int:
+    """Bytes an encrypted PNG of ``size`` x ``size`` may take: twice its raw pixels plus 1 MiB
+    (PNG stored uncompressed is raw plus a byte a row and a few per chunk)."""
+    return 2 * (3 * size * size + size) + (1 << 20)
+
+
+def check_shard(shard: Path, size: int) -> int:
+    """The images of one ``ppvit encrypt --format wds`` shard, checked from its tar headers and each
+    PNG's first 24 bytes (never a whole member): a plain tar of ``KEY.png`` and ``KEY.cls`` members
+    only, each PNG at most ``size`` pixels a side and :func:`png_bound` bytes. What a shard may
+    expand to when read is then bounded by what it holds; a ValueError names the first problem."""
+    images = 0
+    with open_shard(shard, compressed=False) as tar:
+        for member in members(tar, shard):
+            name = member.name.removeprefix("./")
+            ext = name.rpartition(".")[2]
+            if not member.isreg() or ext not in ("png", "cls"):
+                raise ValueError(f"shard {shard.name}: member {name[:80]!r} is not a KEY.png or KEY.cls file")
+            bound = png_bound(size) if ext == "png" else CLS_BYTES
+            if member.size > bound:
+                raise ValueError(f"shard {shard.name}: {name[:80]} is {member.size} bytes, over {bound}")
+            if ext == "png":
+                head = tar.extractfile(member).read(24)
+                if head[:8] != PNG_SIGNATURE or head[12:16] != b"IHDR":
+                    raise ValueError(f"shard {shard.name}: {name[:80]} is not a PNG")
+                width, height = struct.unpack(">II", head[16:24])
+                if not (0 < width <= size and 0 < height <= size):
+                    raise ValueError(f"shard {shard.name}: {name[:80]} is {width}x{height}, over {size} px")
+                images += 1
+    return images

@@ -10,8 +10,11 @@ without a ``.cls``, or whose ``.cls`` is not a label, is a failed image.
 --format wds`` output in memory and streamed): the ``webdataset`` library groups members into
 samples (consecutive members sharing a key; the key is the name up to the first dot of its base
 name), fed by :func:`members`, the one scan of tar headers (also counting samples), which names
-a damaged or truncated shard and a duplicated key in one line. Needs the ``data`` extra
-(``webdataset``, which imports torch), imported when shards are read.
+a damaged or truncated shard and a duplicated key in one line. A member is read whole, so
+one over ``MAX_MEMBER_BYTES`` (its header says its size before anything is read) stops the
+read: memory is bounded per member, whatever a compressed shard would expand to; ppvit's own
+encrypted shards (``compressed=False``) are read as plain tar only, as written. Needs the
+``data`` extra (``webdataset``, which imports torch), imported when shards are read.
 """
 
 from __future__ import annotations
@@ -39,6 +42,8 @@ from ppvit.data.sources.base import (
 )
 
 WDS_IMAGE_EXTS = ("png", "jpg", "jpeg", "webp", "bmp", "ppm", "tif", "tiff")
+MAX_MEMBER_BYTES = 256 << 20  # one member read into memory (a 8192x8192 RGB image stored raw is 192 MiB)
+COMPRESSION_MAGIC = {b"\x1f\x8b": "gzip", b"BZh": "bzip2", b"\xfd7zXZ\x00": "xz", b"\x28\xb5\x2f\xfd": "zstd"}
 
 
 class WdsSource(Source):
@@ -61,7 +66,7 @@ class WdsSource(Source):
     def _items(self, select: Select = None) -> Iterator[Item]:
         text = str(self.path)
         root = Path(text) if not is_pattern(text) and Path(text).is_dir() else None
-        for shard, sample in read_samples(wds_shards(text)):
+        for shard, sample in read_samples(wds_shards(text), compressed=True):
             key = sample["__key__"]
             cls_data = sample.get("cls")
             image_ext = next((e for e in WDS_IMAGE_EXTS if e in sample), None)
@@ -109,11 +114,21 @@ def wds_shards(src: str | Path) -> list[Path]:
     return tar_files(path) if path.is_dir() else [path]
 
 
+def compression(shard: Path) -> str | None:
+    """The compression a shard's first bytes announce (gzip, bzip2, xz, zstd), None for a plain tar."""
+    with open(shard, "rb") as fh:
+        head = fh.read(6)
+    return next((name for magic, name in COMPRESSION_MAGIC.items() if head.startswith(magic)), None)
+
+
 @contextmanager
-def open_shard(shard: Path) -> Iterator[tarfile.TarFile]:
-    """An open shard; a damaged one (also found while reading it) is a one-line ValueError naming it."""
+def open_shard(shard: Path, compressed: bool = True) -> Iterator[tarfile.TarFile]:
+    """An open shard (``compressed``: also gzip, bzip2 or xz; else a plain tar only, a compressed one
+    refused by name); a damaged one (also found while reading it) is a one-line ValueError naming it."""
     try:
-        with tarfile.open(shard, "r:*") as tar:
+        if not compressed and (kind := compression(shard)) is not None:
+            raise ValueError(f"shard {shard}: {kind}-compressed; encrypted shards are plain tar files, as written")
+        with tarfile.open(shard, "r:*" if compressed else "r:") as tar:
             yield tar
     except (tarfile.TarError, EOFError, zlib.error, OSError) as exc:
         raise ValueError(f"shard {shard}: damaged ({exc.__class__.__name__}: {exc})") from None
@@ -134,15 +149,16 @@ def count_samples(shards: Iterable[Path], keep: Callable[[str], bool] | None = N
     """Samples with a ``.png`` member (whose key ``keep`` accepts) in ``shards``; reads tar headers only."""
     n = 0
     for shard in shards:
-        with open_shard(shard) as tar:
+        with open_shard(shard, compressed=False) as tar:
             for m in members(tar, shard):
                 name = m.name.removeprefix("./")
                 n += m.isreg() and name.endswith(".png") and (keep is None or keep(name[: -len(".png")]))
     return n
 
 
-def read_samples(shards: Iterable[Path]) -> Iterator[tuple[Path, dict[str, Any]]]:
-    """(shard, sample) per sample, a sample being ``{"__key__": KEY, EXT: bytes, ...}`` (extensions lower-cased).
+def read_samples(shards: Iterable[Path], compressed: bool = False) -> Iterator[tuple[Path, dict[str, Any]]]:
+    """(shard, sample) per sample, a sample being ``{"__key__": KEY, EXT: bytes, ...}`` (extensions lower-cased);
+    ``compressed``: compressed shards are read too (plain WebDataset sources), else refused.
 
     A member name, or a key, that appears twice in a shard (members of one sample not together)
     stops the read naming the shard: the samples would be ambiguous.
@@ -150,7 +166,7 @@ def read_samples(shards: Iterable[Path]) -> Iterator[tuple[Path, dict[str, Any]]
     group_by_keys = optional("webdataset.tariterators").group_by_keys
     for shard in shards:
         keys: set[str] = set()
-        for sample in group_by_keys(_files(shard)):
+        for sample in group_by_keys(_files(shard, compressed)):
             key = sample["__key__"]
             if key in keys:
                 raise ValueError(f"shard {shard}: sample {key} appears twice (its members are not together)")
@@ -158,16 +174,18 @@ def read_samples(shards: Iterable[Path]) -> Iterator[tuple[Path, dict[str, Any]]
             yield shard, sample
 
 
-def _files(shard: Path) -> Iterator[dict[str, Any]]:
+def _files(shard: Path, compressed: bool) -> Iterator[dict[str, Any]]:
     """The shard's regular files as webdataset's file records (``fname``, ``data``, ``__url__``)."""
     names: set[str] = set()
-    with open_shard(shard) as tar:
+    with open_shard(shard, compressed) as tar:
         for member in members(tar, shard):
             if not member.isreg():
                 continue
             name = member.name.removeprefix("./")
             if name in names:
                 raise ValueError(f"shard {shard}: {name} appears twice (a duplicated key)")
+            if member.size > MAX_MEMBER_BYTES:
+                raise ValueError(f"shard {shard}: {name[:80]} is {member.size} bytes, over {MAX_MEMBER_BYTES} a member")
             names.add(name)
             yield {"fname": name, "data": tar.extractfile(member).read(), "__url__": str(shard)}
 
