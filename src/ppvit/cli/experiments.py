@@ -196,7 +196,8 @@ def _audit_simulated(args: argparse.Namespace, ns: list[int]) -> dict:
     for scheme in schemes:
         Scheme.parse(scheme)  # a bad scheme fails before the slow part
     keys = [Key.load(args.key)] if args.key else [Key.generate() for _ in range(keys_made)]
-    log.info("%s: plain images (no manifest): encrypted here under keys made for the audit", args.data or "CIFAR-10")
+    under = "the given key" if args.key else f"{len(keys)} fresh keys"
+    log.info("%s: plain images (no manifest): encrypted here under %s, then attacked", args.data or "CIFAR-10", under)
     cfg = CiphertextOnlyConfig(
         size=args.size or AUDIT_SIZE,
         block_size=args.block_size or AUDIT_BLOCK,
