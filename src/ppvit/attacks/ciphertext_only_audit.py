@@ -2,9 +2,12 @@
 
 A recovered plan (:func:`ppvit.attacks.ciphertext_only.recover_plan`) is scored against the plan of
 the key that made the ciphertexts: exactly, and up to the symmetries no ciphertext can tell (a block's
-orientation, the mirror of a scrambled image), with held-out images decrypted by it. The audit runs the
-attack per scheme, number of ciphertexts and key and reports the scores, never the plans. Apart from
-the attack because it needs the key; numpy like it (the cipher module is imported where plans are made).
+orientation, the mirror of a scrambled image), with held-out images decrypted by it, and said in a
+user's words (:func:`verdict`: a mirror image is as readable as the original). The audit of plain
+images encrypts them under keys made for it and runs the attack per scheme, number of ciphertexts and
+key; a user's own ciphertexts are attacked as stored by :mod:`ppvit.attacks.uploaded_audit`. Both
+report the scores, never the plans. Apart from the attack because it needs the key; numpy like it
+(the cipher module is imported where plans are made).
 """
 
 from __future__ import annotations

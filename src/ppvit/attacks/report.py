@@ -1,11 +1,14 @@
 """The one writer of ``ppvit audit``'s reports: ``audit.json``, its figure and the printed summary.
 
-Two audits report (the attacks of :func:`ppvit.attacks.audit.run_audit`, and ciphertext-only key
-recovery of :func:`ppvit.attacks.ciphertext_only_audit.ciphertext_only_audit`, whose report sits under
-the key ``"ciphertext_only"``); both go through here, so both write strict JSON the same way
-(:func:`ppvit._io.json_safe`: an exact decryption's infinite PSNR as ``"inf"``, a missing value as
-null) and draw the same figure. The in-memory report keeps its floats; only the file maps them.
-Reports hold fractions, image metrics and key fingerprints, never a key or a recovered plan.
+Three audits report: the attacks of :func:`ppvit.attacks.audit.run_audit`, and ciphertext-only key
+recovery on simulated uploads (:func:`ppvit.attacks.ciphertext_only_audit.ciphertext_only_audit`) or
+on a user's stored ciphertexts (:func:`ppvit.attacks.uploaded_audit.audit_uploaded`), both under the
+key ``"ciphertext_only"`` (``"attacked"``: ``"simulated"`` or ``"stored"``). All go through here, so
+all write strict JSON the same way (:func:`ppvit._io.json_safe`: an exact decryption's infinite PSNR
+as ``"inf"``, a missing value as null) and draw the same figure; the images a stored attack decrypts
+are written as PNGs for the user to look at. The in-memory report keeps its floats; only the file
+maps them. Reports hold fractions, image metrics and key fingerprints, never a key or a recovered plan.
+Each printed figure is named by the attack that produced it.
 """
 
 from __future__ import annotations
@@ -169,6 +172,7 @@ def _format_stored(co: dict[str, Any]) -> str:
     ]
     if co["status"] != "attacked":
         return "\n".join([*lines, f"  {co['status']}"])
+    lines.append(f"  the attack guesses the key's whole plan: {'; '.join(co['plan_parts'])}")
     for r in co["runs"]:
         lines.append(
             f"  N={r['n']}: plan recovered in {r['seconds']:.1f} s; held-out ciphertexts decrypted with it are "
@@ -185,7 +189,10 @@ def _format_stored(co: dict[str, Any]) -> str:
             "image may be the mirror image, as readable as the original"
         )
     n = co["runs"][-1]["n"]
-    lines.append(f"  look at them: {RECOVERED}/ holds the held-out ciphertexts decrypted with the plan from N={n}")
+    lines.append(
+        f"  look at them: {RECOVERED}/ (beside audit.json) holds the held-out ciphertexts decrypted with the plan "
+        f"from N={n}"
+    )
     return "\n".join(lines)
 
 

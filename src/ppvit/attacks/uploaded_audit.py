@@ -61,7 +61,10 @@ def read_ciphertexts(source: Source, n: int, seed: int = 0) -> tuple[list[str], 
     never resized), with their relative paths and the number the source holds."""
     rels = sorted(source.paths())
     if len(rels) < n:
-        raise ValueError(f"encrypted dataset {source.path}: {len(rels)} ciphertexts, {n} needed")
+        raise ValueError(
+            f"encrypted dataset {source.path}: {len(rels)} ciphertexts, {n} needed (the largest N to attack plus "
+            "the held-out ones, --images)"
+        )
     chosen = [rels[i] for i in np.random.default_rng(seed).permutation(len(rels))[:n]]
     where = {rel: k for k, rel in enumerate(chosen)}
     images: list[np.ndarray | None] = [None] * n
@@ -132,6 +135,7 @@ def audit_uploaded(
         "held_out_images": len(held),
         "held_out": held_paths,
         "status": f"not attacked: {why}" if why else "attacked",
+        "plan_parts": plan_parts(m.scheme, shape, p),  # what a recovered plan consists of
         # what no ciphertext shows, so a recovered image may differ from the original by it
         "unresolved": [s for s in symmetries(m.scheme, shape, p) if not s.startswith("block ")],
         "stored_roughness": roughness(held),
@@ -173,3 +177,23 @@ def random_plan_roughness(ciphertexts: np.ndarray, scheme: str, p: int, draws: i
     rng = np.random.default_rng([seed, 1])
     plans = (compile_plan(Key(rng.bytes(32)), scheme, p, ciphertexts.shape[1:]) for _ in range(draws))
     return [roughness(plan.inverse().apply_numpy(ciphertexts)) for plan in plans]
+
+
+def plan_parts(scheme: str, shape: tuple[int, int, int], p: int) -> list[str]:
+    """What the plan of ``scheme`` is made of at ``shape``: what the attack guesses, in words."""
+    from ppvit.crypto.ciphers import Scheme
+
+    blocks, values = shape[0] * shape[1] // p**2, p * p * shape[2]
+    words = {
+        "shuffle": f"the permutation of the {values} values of a block (one for all blocks)",
+        "scramble": f"the order of the {blocks} blocks",
+        "rotate": "each block position's rotation or flip",
+        "negpos": "each block position's negation",
+        "channel": "each block position's colour order",
+    }
+    return [
+        f"{s}: a choice per value position inside a block, one for all blocks"
+        if s.mode == "pixel"
+        else words.get(s.name, str(s))
+        for s in Scheme.parse(scheme).steps
+    ]

@@ -212,12 +212,7 @@ def _audit_simulated(args: argparse.Namespace, ns: list[int]) -> dict:
 def _audit(args: argparse.Namespace) -> int:
     if args.ciphertext_only is not None:
         return _audit_ciphertext_only(args)
-    from ppvit.attacks import audit
-    from ppvit.attacks.report import format_report
     from ppvit.attacks.uploaded_audit import stored_ciphertexts
-    from ppvit.attacks.weight_matching import weight_leakage_transformed
-    from ppvit.crypto.ciphers import Scheme
-    from ppvit.data.datasets import test_images
 
     stored = stored_ciphertexts(args.data)
     if stored is not None:
@@ -227,6 +222,12 @@ def _audit(args: argparse.Namespace) -> int:
         )
     if args.keys is not None:
         raise UserError("--keys is for --ciphertext-only")
+    from ppvit.attacks import audit  # the training stack: after the checks
+    from ppvit.attacks.report import format_report
+    from ppvit.attacks.weight_matching import weight_leakage_transformed
+    from ppvit.crypto.ciphers import Scheme
+    from ppvit.data.datasets import test_images
+
     key = Key.load(args.key) if args.key else Key.generate()
     cfg = audit.AuditConfig(
         schemes=tuple(args.scheme or audit.AuditConfig.schemes),
