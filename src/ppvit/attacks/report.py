@@ -176,7 +176,7 @@ def _format_stored(co: dict[str, Any]) -> str:
     for r in co["runs"]:
         lines.append(
             f"  N={r['n']}: plan recovered in {r['seconds']:.1f} s; held-out ciphertexts decrypted with it are "
-            + _readability(r, co["random_plan_roughness"])
+            + _readability(r, co)
         )
         if "verdict" in r:
             lines.append(
@@ -196,10 +196,14 @@ def _format_stored(co: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _readability(run: dict[str, Any], random: Sequence[float]) -> str:
+def _readability(run: dict[str, Any], co: dict[str, Any]) -> str:
     """The readability proxy of one run in words: the decryptions' roughness against random plans'."""
+    random = co["random_plan_roughness"]
     r, lo, hi = run["roughness"], min(random), max(random)
-    figures = f"neighbouring values differ by {r:.1f} on average, {lo:.1f}-{hi:.1f} under {len(random)} random plans"
+    figures = (
+        f"neighbouring values differ by {r:.1f} on average, {lo:.1f}-{hi:.1f} under {len(random)} random plans, "
+        f"{co['stored_roughness']:.1f} as stored"
+    )
     if r < 0.5 * lo:
         return f"far smoother than every random plan of the scheme ({figures}): photograph-like, likely readable"
     if r < lo:

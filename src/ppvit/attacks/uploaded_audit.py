@@ -165,7 +165,7 @@ def audit_uploaded(
     if out is not None:
         write_report(report, figures, Path(out))
         if not why:
-            write_recovered(Path(out) / RECOVERED, held_paths, decrypted)
+            write_recovered(Path(out) / RECOVERED, held_paths, decrypted)  # the last N's: the largest
     return report
 
 
