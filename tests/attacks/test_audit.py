@@ -13,6 +13,7 @@ from conftest import SMALL, assert_no_key_material, train_config
 from ppvit import cli
 from ppvit.attacks import audit
 from ppvit.crypto.keys import Key
+from ppvit.train.loop import train
 
 
 def test_audit_cli_writes_report_and_figure_without_key_material(
@@ -30,7 +31,10 @@ def test_audit_cli_writes_report_and_figure_without_key_material(
     assert report["weights"]  # weight matching ran for both (absorbable) schemes
     assert all(w["pixel_permutation"] == 1.0 for w in report["weights"].values())
     assert report["schemes"][0]["ciphertext_only"]["thumbnail_psnr_db"] == "inf"  # shuffle keeps block means
-    assert "brightness thumbnail PSNR inf dB" in printed.out
+    assert "block brightness as a thumbnail: PSNR inf dB" in printed.out
+    # each figure named by its attack: the ciphertext's own statistics are no "ciphertext only" attack result
+    assert not [line for line in printed.out.splitlines() if line.strip().lower().startswith("ciphertext only")]
+    assert printed.out.count("ciphertext as stored, no attack") == 2 and "--ciphertext-only" in printed.out
     assert (out / "audit.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert_no_key_material([out, printed.out, printed.err], key)
     assert cli.main(["audit", "--scheme", "shuffle+bogus", "--data", str(toy_dataset)]) == 2
@@ -55,3 +59,36 @@ def test_training_outputs_carry_no_key_material_and_leakage_is_tracked(
     with pytest.raises(ValueError, match=f"^{re.escape(refusal)}$"):
         audit.weight_leakage_adapter(tmp_path / "run", other)  # another key: refused, both fingerprints named
     assert_no_key_material([tmp_path / "run", json.dumps(dataclasses.asdict(result)), json.dumps(curve)], key)
+
+
+def test_an_adapter_is_audited_with_its_own_model_and_the_weights_of_ppvit_weights(
+    tmp_path: Path, toy_dataset: Path, key_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`audit --adapter` asked for --weights although PPVIT_WEIGHTS named them, then for --model although
+    the adapter records it: an adapter folder alone (as a server stores it) needs neither."""
+    import shutil
+
+    import torch
+    from safetensors.torch import save_file
+
+    from ppvit.models.backbones import create_backbone
+
+    weights = tmp_path / "micro.safetensors"
+    torch.manual_seed(0)
+    save_file(create_backbone(SMALL, num_classes=4).state_dict(), str(weights))
+    train(train_config(tmp_path / "run", toy_dataset, key_file, scheme="shuffle", weights=str(weights), epochs=1))
+    alone = tmp_path / "served" / "adapter"
+    shutil.copytree(tmp_path / "run" / "adapter", alone)  # no run folder, no config.yaml recording the weights
+    monkeypatch.setenv("PPVIT_WEIGHTS", str(weights))
+    out = tmp_path / "audit"
+    args = ["audit", "--key", str(key_file), "--data", str(toy_dataset), "--size", "32", "--block-size", "4"]
+    args += ["--pairs", "1", "--images", "2", "--scheme", "shuffle", "--adapter", str(alone), "--out", str(out)]
+    assert cli.main(args) == 0
+    report = json.loads((out / "audit.json").read_text())
+    assert sorted(report["weights"]) == [f"adapter {alone}", f"shuffle, key-transformed {SMALL}"]
+    assert report["weights"][f"shuffle, key-transformed {SMALL}"]["pixel_permutation"] == 1.0
+    monkeypatch.setenv("PPVIT_WEIGHTS", str(tmp_path / "other.safetensors"))
+    save_file(create_backbone(SMALL, num_classes=4).state_dict(), str(tmp_path / "other.safetensors"))
+    refusal = "other.safetensors: not the base model this adapter was trained on"
+    with pytest.raises(ValueError, match=re.escape(refusal)):
+        audit.weight_leakage_adapter(alone, Key.load(key_file))  # another file: named, checked by its hash

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 
@@ -79,15 +80,20 @@ def key_path(tmp_path: Path) -> Path:
 
 
 def test_cli_recovers_shuffle_exactly_and_writes_no_key_material(
-    tmp_path: Path, key_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, key_path: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
 ) -> None:
     data = image_folder(tmp_path / "data", smooth_images(20, 64, seed=11))
     out = tmp_path / "out"
     args = ["audit", "--ciphertext-only", "2,16", "--key", str(key_path), "--data", str(data), "--size", "64"]
     args += ["--block-size", "8", "--images", "4", "--scheme", "shuffle", "--scheme", "rotate+shuffle"]
-    assert cli.main([*args, "--out", str(out)]) == 0
+    with caplog.at_level(logging.INFO):
+        assert cli.main([*args, "--out", str(out)]) == 0
     printed = capsys.readouterr()
+    assert [r.getMessage() for r in caplog.records if "no manifest" in r.getMessage()] == [
+        f"{data}: plain images (no manifest): encrypted here under the given key, then attacked"
+    ]
     report = json.loads((out / "audit.json").read_text())["ciphertext_only"]
+    assert report["attacked"] == "simulated"
     assert report["key_fingerprints"] == [KEY.fingerprint] and report["keys"] == "given"
     shuffle, hidden = report["schemes"]
     assert shuffle["status"] == "attacked"
@@ -131,3 +137,33 @@ def test_progress_is_shown_per_attack(capsys: pytest.CaptureFixture[str]) -> Non
     assert "ciphertext-only attacks" in err and "8/8" in err and "shuffle, N=4" in err
     ciphertext_only_audit(images, ["shuffle"], [2], [key(1)], cfg)
     assert capsys.readouterr().err == ""  # a library call is silent unless asked
+
+
+def test_the_table_says_a_mirrored_key_is_readable() -> None:
+    """`shuffle+scramble` at N=20, "0/1 exact, 1/1 up to sym.", read as worse than N=5's exact key: the table
+    says what a mirror costs the user (nothing: a mirror image is fully readable)."""
+    from ppvit.attacks.ciphertext_only_audit import _summary
+    from ppvit.attacks.report import format_report
+
+    def run(n: int, exact: float, symmetry: str, readable: str | None) -> dict:
+        return {"n": n, "exact": exact, "up_to_symmetry": 1.0 if readable else 0.4, "symmetry": symmetry}
+
+    runs = {
+        5: [run(5, 1.0, "block identity", "exact")],
+        20: [run(20, 0.02, "image flip", "mirrored"), run(20, 0.3, "block identity", None)],
+    }
+    for rs in runs.values():
+        for r in rs:
+            r.update(psnr_db=math.inf if r["exact"] == 1 else 11.0, ssim=0.5, seconds=1.0)
+            r["readable_as"] = {1.0: "exact", 0.02: "mirrored"}.get(r["exact"])
+    summaries = [_summary(n, rs) for n, rs in runs.items()]
+    assert summaries[1]["keys_readable"] == 1 and summaries[1]["readable_as"] == {"mirrored": 1}
+    co = {"size": 64, "block_size": 8, "resize": "bicubic", "key_fingerprints": ["a", "b"], "keys": "fresh"}
+    scheme = {"scheme": "shuffle+scramble", "status": "attacked", "summary": summaries}
+    co |= {"held_out_images": 4, "schemes": [scheme]}
+    lines = format_report({"ciphertext_only": co}).splitlines()
+    assert lines[1].split()[:6] == ["scheme", "N", "exact", "readable", "as", "what"]
+    assert lines[2].split()[:6] == ["shuffle+scramble", "5", "1/1", "1/1", "1", "exact"]
+    assert lines[3].split()[:6] == ["shuffle+scramble", "20", "0/2", "1/2", "1", "mirrored"]
+    legend = " ".join(lines[4:])
+    assert "mirrored" in legend and "as readable as the original" in legend and "chance" in legend

@@ -31,9 +31,10 @@ from ppvit.crypto.ciphers import BlockCipher
 from ppvit.crypto.keys import Key
 from ppvit.models.adapters import build_base, load_adapter, read_adapter_meta
 from ppvit.models.backbones import create_backbone, input_size, patch_size
+from ppvit.models.weights import WEIGHTS_ENV
 from ppvit.train.config import TrainConfig
 from ppvit.train.loop import train
-from ppvit.train.runs import RunResult, adapter_dir
+from ppvit.train.runs import RunResult, adapter_and_weights, adapter_dir
 
 
 @dataclass
@@ -82,9 +83,35 @@ def audit_scheme(key: Key, scheme: str, images: np.ndarray, cfg: AuditConfig) ->
     return report, figure
 
 
+PUBLIC_MODEL = "vit_base_patch16_224"  # weight matching's public model when neither --model nor an adapter names one
+
+
+def adapter_base_weights(run: str | os.PathLike, weights: str | os.PathLike | None = None) -> str | None:
+    """The base weights file an adapter was trained on: ``weights`` if given, else the one its run
+    recorded, else ``$PPVIT_WEIGHTS`` for an adapter trained on a local file (an adapter folder alone,
+    a server's copy); :func:`~ppvit.models.adapters.build_base` checks its hash either way."""
+    folder, found = adapter_and_weights(run, weights)
+    local = os.environ.get(WEIGHTS_ENV)
+    if found is None and local and read_adapter_meta(folder).weights_sha256 is not None:
+        return local
+    return found
+
+
+def public_model(
+    model: str | None, weights: str | os.PathLike | None, adapters: list[str]
+) -> tuple[str, str | os.PathLike | None]:
+    """The public model (and its weights) weight matching transforms with the key: ``model`` and
+    ``weights`` as given, else those of the first adapter audited, else :data:`PUBLIC_MODEL`."""
+    if model is None and adapters:
+        return read_adapter_meta(adapter_dir(adapters[0])).model, adapter_base_weights(adapters[0], weights)
+    return model or PUBLIC_MODEL, weights
+
+
 def weight_leakage_adapter(run: str | os.PathLike, key: Key, weights: str | os.PathLike | None = None) -> MapScore:
-    """Weight matching against the patch embedding of an adapter trained on encrypted images."""
+    """Weight matching against the patch embedding of an adapter trained on encrypted images
+    (``weights``: its base weights, found as :func:`adapter_base_weights` says when None)."""
     folder = adapter_dir(run)
+    weights = adapter_base_weights(run, weights)
     meta = read_adapter_meta(folder)
     if meta.scheme in (None, "plain"):
         raise ValueError(f"adapter {folder}: trained on plain images; there is no key to leak")

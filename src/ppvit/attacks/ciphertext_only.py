@@ -54,7 +54,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ppvit.attacks.metrics import assign, plan_from_maps, to_blocks
+from ppvit.attacks.metrics import assign, plan_from_maps, roughness, to_blocks
 
 if TYPE_CHECKING:
     from ppvit.crypto.ciphers import Plan, Scheme
@@ -185,8 +185,7 @@ def _roughness(flat: np.ndarray, triplets: np.ndarray, cells: np.ndarray, p: int
     c = triplets.shape[1]
     blocks = np.empty_like(flat)
     blocks[:, _pixel_map(triplets, cells, np.arange(c), p)] = flat
-    blocks = blocks.reshape(-1, p, p, c)
-    return float(np.abs(np.diff(blocks, axis=1)).mean() + np.abs(np.diff(blocks, axis=2)).mean())
+    return roughness(blocks.reshape(-1, p, p, c))
 
 
 def _pixel_map(triplets: np.ndarray, cells: np.ndarray, order: np.ndarray, p: int) -> np.ndarray:

@@ -2,9 +2,12 @@
 
 A recovered plan (:func:`ppvit.attacks.ciphertext_only.recover_plan`) is scored against the plan of
 the key that made the ciphertexts: exactly, and up to the symmetries no ciphertext can tell (a block's
-orientation, the mirror of a scrambled image), with held-out images decrypted by it. The audit runs the
-attack per scheme, number of ciphertexts and key and reports the scores, never the plans. Apart from
-the attack because it needs the key; numpy like it (the cipher module is imported where plans are made).
+orientation, the mirror of a scrambled image), with held-out images decrypted by it, and said in a
+user's words (:func:`verdict`: a mirror image is as readable as the original). The audit of plain
+images encrypts them under keys made for it and runs the attack per scheme, number of ciphertexts and
+key; a user's own ciphertexts are attacked as stored by :mod:`ppvit.attacks.uploaded_audit`. Both
+report the scores, never the plans. Apart from the attack because it needs the key; numpy like it
+(the cipher module is imported where plans are made).
 """
 
 from __future__ import annotations
@@ -88,6 +91,40 @@ def score_recovery(guess: Plan, truth: Plan, scheme: str | Scheme, p: int, held_
     )
 
 
+def readable_as(score: RecoveryScore) -> str | None:
+    """What the images decrypted with a recovered plan are, in a word or two; None: not readable.
+
+    "Up to a symmetry" is what no ciphertext can show: a left-right mirror of the whole image once
+    blocks are scrambled (the mirror image, as readable as the original), or every block turned the
+    same way in place; a user should read it as "readable", not as a partial failure.
+    """
+    if score.exact == 1.0:
+        return "exact"
+    if score.up_to_symmetry == 1.0:
+        return "mirrored" if score.symmetry == "image flip" else f"blocks {score.symmetry.removeprefix('block ')}"
+    return "colours swapped" if score.up_to_colours == 1.0 else None
+
+
+def verdict(score: RecoveryScore, p: int) -> str:
+    """A recovered plan against the true one, and what it costs the user, in one sentence."""
+    word = readable_as(score)
+    if word == "exact":
+        return "exact"
+    if word == "mirrored":
+        return (
+            "up to image flip: readable (mirrored): every image decrypts to its left-right mirror, which no "
+            "ciphertext can tell from the original and which is as readable"
+        )
+    if word is not None and score.up_to_symmetry == 1.0:
+        return (
+            f"up to {score.symmetry}: readable (every {p}x{p} block turned in place, the same way): the image's "
+            "layout, colours and coarse shapes show"
+        )
+    if word is not None:
+        return "up to the colour channels: readable (colours swapped)"
+    return f"not recovered: {score.exact:.0%} of the plan right ({score.up_to_symmetry:.0%} up to a symmetry)"
+
+
 # -- the audit: ppvit audit --ciphertext-only -----------------------------------------------------------
 
 
@@ -161,7 +198,13 @@ def ciphertext_only_audit(
                 bar.set_postfix_str(f"{scheme}, N={n}")
                 bar.update()
                 runs.append(
-                    {"n": n, "key_fingerprint": key.fingerprint, "seconds": seconds, **dataclasses.asdict(score)}
+                    {
+                        "n": n,
+                        "key_fingerprint": key.fingerprint,
+                        "seconds": seconds,
+                        **dataclasses.asdict(score),
+                        "readable_as": readable_as(score),
+                    }
                 )
                 if n == ns[-1] and k == 0:
                     shown = held[:2]
@@ -179,6 +222,7 @@ def ciphertext_only_audit(
             "size": cfg.size,
             "block_size": cfg.block_size,
             "resize": cfg.resize,
+            "attacked": "simulated",  # plain images encrypted under keys made here; "stored": a user's ciphertexts
             "attack_images": max(ns),
             "attack_images_per_key": "own" if own else "shared",
             "held_out_images": cfg.images,
@@ -194,11 +238,14 @@ def ciphertext_only_audit(
 
 def _summary(n: int, runs: list[dict[str, Any]]) -> dict[str, Any]:
     psnrs = [r["psnr_db"] for r in runs]
+    readable = [r["readable_as"] for r in runs if r["readable_as"] is not None]
     return {
         "n": n,
         "keys": len(runs),
         "keys_exact": sum(r["exact"] == 1.0 for r in runs),
         "keys_exact_up_to_symmetry": sum(r["up_to_symmetry"] == 1.0 for r in runs),
+        "keys_readable": len(readable),
+        "readable_as": {word: readable.count(word) for word in sorted(set(readable))},
         "mean_exact": float(np.mean([r["exact"] for r in runs])),
         "mean_up_to_symmetry": float(np.mean([r["up_to_symmetry"] for r in runs])),
         "median_psnr_db": float(np.median(psnrs)),

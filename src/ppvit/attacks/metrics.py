@@ -86,6 +86,14 @@ def ssim(a: np.ndarray, b: np.ndarray, max_value: float = 255.0) -> float:
     return float(np.mean(per_image))
 
 
+def roughness(images: np.ndarray) -> float:
+    """Mean absolute difference between side-by-side values of one channel (rows and columns) of NHWC
+    images: low for photographs, high for scrambled pixels. What a layout is judged by, and the
+    readability proxy of an attack scored without the key."""
+    x = np.asarray(images, np.float64)
+    return float((np.abs(np.diff(x, axis=1)).mean() + np.abs(np.diff(x, axis=2)).mean()) / 2)
+
+
 def upscale(images: np.ndarray, size: int, mode: str) -> np.ndarray:
     """NHWC uint8 to ``size x size``: ``bicubic`` as every ppvit path resizes (:func:`ppvit.data.images.resize`),
     ``nearest`` by replicating pixels (flat regions, the known-plaintext attack's hard case)."""

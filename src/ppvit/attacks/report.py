@@ -1,22 +1,28 @@
 """The one writer of ``ppvit audit``'s reports: ``audit.json``, its figure and the printed summary.
 
-Two audits report (the attacks of :func:`ppvit.attacks.audit.run_audit`, and ciphertext-only key
-recovery of :func:`ppvit.attacks.ciphertext_only_audit.ciphertext_only_audit`, whose report sits under
-the key ``"ciphertext_only"``); both go through here, so both write strict JSON the same way
-(:func:`ppvit._io.json_safe`: an exact decryption's infinite PSNR as ``"inf"``, a missing value as
-null) and draw the same figure. The in-memory report keeps its floats; only the file maps them.
-Reports hold fractions, image metrics and key fingerprints, never a key or a recovered plan.
+Three audits report: the attacks of :func:`ppvit.attacks.audit.run_audit`, and ciphertext-only key
+recovery on simulated uploads (:func:`ppvit.attacks.ciphertext_only_audit.ciphertext_only_audit`) or
+on a user's stored ciphertexts (:func:`ppvit.attacks.uploaded_audit.audit_uploaded`), both under the
+key ``"ciphertext_only"`` (``"attacked"``: ``"simulated"`` or ``"stored"``). All go through here, so
+all write strict JSON the same way (:func:`ppvit._io.json_safe`: an exact decryption's infinite PSNR
+as ``"inf"``, a missing value as null) and draw the same figure; the images a stored attack decrypts
+are written as PNGs for the user to look at. The in-memory report keeps its floats; only the file
+maps them. Reports hold fractions, image metrics and key fingerprints, never a key or a recovered plan.
+Each printed figure is named by the attack that produced it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 from ppvit._io import atomic_write, atomic_write_json
 
+RECOVERED = "recovered"  # OUT/recovered/: stored ciphertexts decrypted with a recovered plan, for the user to look at
 Figures = dict[str, dict[str, np.ndarray]]
 """The figure's rows: a row title (the scheme) -> {image title -> an HWC image, or NHWC images side by side}."""
 
@@ -33,6 +39,19 @@ def write_report(report: dict[str, Any], figures: Figures, out: str | Path) -> N
     atomic_write_json(out / "audit.json", report)
     fig = _draw(figures)
     atomic_write(out / figure_name(report), lambda tmp: fig.savefig(tmp, format="png", dpi=80))
+
+
+def write_recovered(folder: Path, paths: Sequence[str], images: np.ndarray) -> None:
+    """Each image as a PNG under its dataset path in ``folder``; PNGs of an earlier audit there are removed."""
+    written = set()
+    for rel, image in zip(paths, images, strict=True):
+        path = folder / Path(rel).with_suffix(".png")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, lambda tmp, im=image: Image.fromarray(im).save(tmp, format="PNG"))
+        written.add(path)
+    for old in folder.rglob("*.png"):
+        if old not in written:
+            old.unlink()
 
 
 def _draw(figures: Figures) -> Any:
@@ -76,23 +95,31 @@ def _format_audit(report: dict[str, Any]) -> str:
     """One block per scheme, then the weight-matching results."""
     lines = [
         f"audit at {report['size']}x{report['size']}, {report['block_size']}x{report['block_size']} blocks, "
-        f"{report['resize']} resize, key {report['key_fingerprint']}"
+        f"{report['resize']} resize, key {report['key_fingerprint']}",
+        "(key recovery from ciphertexts alone is a separate audit, not run here: `ppvit audit --ciphertext-only "
+        "5,20`, on your encrypted folder with --data)",
     ]
     for s in report["schemes"]:
-        co = s["ciphertext_only"]
+        co = s["ciphertext_only"]  # the statistics of ciphertext_stats, under the report's first name
         lines.append(f"\n{s['scheme']}")
         lines.append(
-            f"  ciphertext only: PSNR {co['psnr_db']:.1f} dB, SSIM {co['ssim']:.3f}; brightness thumbnail "
-            f"PSNR {co['thumbnail_psnr_db']:.1f} dB; block histograms kept {co['block_histograms_kept']:.0%}, "
-            f"blocks verbatim {co['blocks_verbatim']:.0%}; jigsaw (edge similarity over {report['images_seen']} "
-            f"ciphertexts) finds {co['jigsaw_neighbours']:.0%} of block neighbours"
+            f"  ciphertext as stored, no attack (against the plain image): PSNR {co['psnr_db']:.1f} dB, SSIM "
+            f"{co['ssim']:.3f}; its block brightness as a thumbnail: PSNR {co['thumbnail_psnr_db']:.1f} dB; block "
+            f"histograms kept {co['block_histograms_kept']:.0%}, blocks verbatim {co['blocks_verbatim']:.0%}"
+        )
+        lines.append(
+            f"  jigsaw (edge similarity over {report['images_seen']} ciphertexts, no key): finds "
+            f"{co['jigsaw_neighbours']:.0%} of block neighbours"
         )
         for k in s["kpa"]:
             lines.append(
                 f"  known plaintext, {k['pairs']} pair(s): {k['plan_recovered']:.1%} of the plan recovered, "
                 f"held-out images decrypted at {k['held_out_psnr_db']:.1f} dB"
             )
-        lines.append(f"  the same attack on a fresh key's images: {s['fresh_key_psnr_db']:.1f} dB")
+        lines.append(
+            f"  known plaintext, the plan from {s['kpa'][0]['pairs']} pair(s) on another key's images: "
+            f"{s['fresh_key_psnr_db']:.1f} dB (a key per dataset)"
+        )
     watched = report.get("leakage_during_training")
     if watched:
         steps = ", ".join(f"{c['step']}: {c['pixel_permutation']:.0%}" for c in watched["curve"])
@@ -107,12 +134,14 @@ def _format_audit(report: dict[str, Any]) -> str:
 
 
 def _format_ciphertext_only(co: dict[str, Any]) -> str:
-    """One line per scheme and N: keys exact, mean shares, PSNR, SSIM, time."""
+    """One line per scheme and N: keys exact, keys readable and as what, mean share, PSNR, SSIM, time."""
+    if co.get("attacked") == "stored":
+        return _format_stored(co)
     lines = [
         f"ciphertext-only key recovery at {co['size']}x{co['size']}, {co['block_size']}x{co['block_size']} blocks, "
         f"{co['resize']} resize, {len(co['key_fingerprints'])} key(s) ({co['keys']}), "
-        f"{co['held_out_images']} held-out images",
-        f"{'scheme':<40} {'N':>5} {'exact':>7} {'up to sym.':>10} {'mean exact':>10} {'mean sym.':>9} "
+        f"{co['held_out_images']} held-out images; plain images encrypted here (simulated uploads)",
+        f"{'scheme':<40} {'N':>5} {'exact':>7} {'readable':>8}  {'as what':<16} {'plan right':>10} "
         f"{'PSNR dB':>8} {'SSIM':>6} {'s/key':>6}",
     ]
     for s in co["schemes"]:
@@ -121,9 +150,62 @@ def _format_ciphertext_only(co: dict[str, Any]) -> str:
             continue
         for r in s["summary"]:
             k = r["keys"]
+            what = ", ".join(f"{count} {word}" for word, count in r["readable_as"].items()) or "-"
             lines.append(
-                f"{s['scheme']:<40} {r['n']:>5} {r['keys_exact']:>5}/{k} {r['keys_exact_up_to_symmetry']:>8}/{k} "
-                f"{r['mean_exact']:>10.3f} {r['mean_up_to_symmetry']:>9.3f} {r['median_psnr_db']:>8.1f} "
-                f"{r['mean_ssim']:>6.3f} {r['mean_seconds']:>6.1f}"
+                f"{s['scheme']:<40} {r['n']:>5} {r['keys_exact']:>5}/{k} {r['keys_readable']:>6}/{k}  {what:<16} "
+                f"{r['mean_exact']:>10.3f} {r['median_psnr_db']:>8.1f} {r['mean_ssim']:>6.3f} {r['mean_seconds']:>6.1f}"
             )
+    lines.append(
+        "readable: keys whose plan decrypts every image exactly, or up to what no ciphertext shows: mirrored (the "
+        "whole image left-right, as readable as the original, though its PSNR against the original is low) or "
+        "blocks turned (every block the same way in place). Exact or mirrored at one N is chance, not a trend."
+    )
     return "\n".join(lines)
+
+
+def _format_stored(co: dict[str, Any]) -> str:
+    """The attack on a user's stored ciphertexts: per N, the readability proxy, and with the key the verdict."""
+    lines = [
+        f"ciphertext-only attack on the ciphertexts as stored in {co['data']} ({co['format']}, {co['scheme']}, "
+        f"{co['size']}x{co['size']}, {co['block_size']}x{co['block_size']} blocks, key {co['key_fingerprint']}): "
+        f"{co['ciphertexts']} ciphertexts, {co['held_out_images']} held out; the attack used no key"
+    ]
+    if co["status"] != "attacked":
+        return "\n".join([*lines, f"  {co['status']}"])
+    lines.append(f"  the attack guesses the key's whole plan: {'; '.join(co['plan_parts'])}")
+    for r in co["runs"]:
+        lines.append(
+            f"  N={r['n']}: plan recovered in {r['seconds']:.1f} s; held-out ciphertexts decrypted with it are "
+            + _readability(r, co)
+        )
+        if "verdict" in r:
+            lines.append(
+                f"  N={r['n']}: {r['verdict']} (--key); against the true decryption PSNR {r['psnr_db']:.1f} dB, "
+                f"SSIM {r['ssim']:.3f}; {r['exact']:.1%} of the plan exact"
+            )
+    if "image flip" in co["unresolved"]:
+        lines.append(
+            "  no ciphertext shows a left-right mirror of the whole image once blocks are scrambled: a recovered "
+            "image may be the mirror image, as readable as the original"
+        )
+    n = co["runs"][-1]["n"]
+    lines.append(
+        f"  look at them: {RECOVERED}/ (beside audit.json) holds the held-out ciphertexts decrypted with the plan "
+        f"from N={n}"
+    )
+    return "\n".join(lines)
+
+
+def _readability(run: dict[str, Any], co: dict[str, Any]) -> str:
+    """The readability proxy of one run in words: the decryptions' roughness against random plans'."""
+    random = co["random_plan_roughness"]
+    r, lo, hi = run["roughness"], min(random), max(random)
+    figures = (
+        f"neighbouring values differ by {r:.1f} on average, {lo:.1f}-{hi:.1f} under {len(random)} random plans, "
+        f"{co['stored_roughness']:.1f} as stored"
+    )
+    if r < 0.5 * lo:
+        return f"far smoother than every random plan of the scheme ({figures}): photograph-like, likely readable"
+    if r < lo:
+        return f"smoother than every random plan of the scheme ({figures}): partly recovered"
+    return f"no smoother than random plans of the scheme ({figures}): nothing recovered"

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import yaml
 
@@ -12,6 +14,11 @@ from ppvit.cli.common import UserError, add_splits_arg, counts
 from ppvit.crypto.keys import Key
 from ppvit.experiments import presets
 from ppvit.train.config import ALIASES, Setting, TrainConfig, settings
+
+if TYPE_CHECKING:
+    from ppvit.data.sources import Source
+
+log = logging.getLogger(__name__)
 
 
 def _typed(setting: Setting, value: str, item: str) -> object:
@@ -145,40 +152,78 @@ def add_pretrain(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_pretrain)
 
 
+AUDIT_SIZE, AUDIT_BLOCK, AUDIT_RESIZE = 224, 16, "bicubic"  # for plain images (encrypted data has a manifest)
+
+
 def _audit_ciphertext_only(args: argparse.Namespace) -> int:
+    from ppvit.attacks.report import RECOVERED, format_report
+    from ppvit.attacks.uploaded_audit import stored_ciphertexts
+
+    ns = counts(args.ciphertext_only, "--ciphertext-only")
+    stored = stored_ciphertexts(args.data)
+    report = _audit_simulated(args, ns) if stored is None else _audit_stored(args, ns, stored)
+    print(format_report(report))
+    extra = f", {RECOVERED}/" if report["ciphertext_only"].get("runs") else ""
+    print(f"written: {args.out}/audit.json, ciphertext-only.png{extra}")
+    return 0
+
+
+def _audit_stored(args: argparse.Namespace, ns: list[int], source: Source) -> dict:
+    """A user's ciphertexts (``--data`` has a manifest): attacked as they are, settings from the manifest."""
+    from ppvit.attacks.uploaded_audit import UploadedConfig, audit_uploaded
+
+    m, where = source.manifest, f"encrypted dataset {source.path}"
+    for flag, value in (("--keys", args.keys), ("--resize", args.resize)):
+        if value is not None:
+            raise UserError(f"{where}: {flag} is for plain images; these ciphertexts are attacked as they are")
+    for scheme in args.scheme or [None]:
+        m.check(scheme=scheme, block_size=args.block_size, size=args.size, where=where)
+    key = Key.load(args.key) if args.key else None
+    return audit_uploaded(source, ns, UploadedConfig(images=args.images), key, args.out, progress=not args.quiet)
+
+
+def _audit_simulated(args: argparse.Namespace, ns: list[int]) -> dict:
+    """Plain images (no manifest): encrypted here under fresh (or the given) keys, then attacked."""
     from ppvit.attacks.ciphertext_only import CIPHERTEXT_ONLY_SCHEMES
     from ppvit.attacks.ciphertext_only_audit import CiphertextOnlyConfig, ciphertext_only_audit
-    from ppvit.attacks.report import format_report
     from ppvit.crypto.ciphers import Scheme
     from ppvit.data.datasets import test_images
     from ppvit.data.sources import SplitNames
 
-    ns = counts(args.ciphertext_only, "--ciphertext-only")
-    if args.keys < 1:
+    keys_made = args.keys or 3
+    if keys_made < 1:
         raise UserError(f"--keys: expected a positive number of keys, got {args.keys}")
     schemes = args.scheme or list(CIPHERTEXT_ONLY_SCHEMES)
     for scheme in schemes:
         Scheme.parse(scheme)  # a bad scheme fails before the slow part
-    keys = [Key.load(args.key)] if args.key else [Key.generate() for _ in range(args.keys)]
+    keys = [Key.load(args.key)] if args.key else [Key.generate() for _ in range(keys_made)]
+    under = "the given key" if args.key else f"{len(keys)} fresh keys"
+    log.info("%s: plain images (no manifest): encrypted here under %s, then attacked", args.data or "CIFAR-10", under)
     cfg = CiphertextOnlyConfig(
-        size=args.size,
-        block_size=args.block_size,
-        resize=args.resize,
+        size=args.size or AUDIT_SIZE,
+        block_size=args.block_size or AUDIT_BLOCK,
+        resize=args.resize or AUDIT_RESIZE,
         images=args.images,
         key_source="given" if args.key else "fresh (made for this audit, not saved)",
     )
-    splits = SplitNames.of(args.splits)
-    images = test_images(args.data, max(ns) * len(keys) + cfg.images, args.size, splits)  # own attack images per key
-    report = ciphertext_only_audit(images, schemes, ns, keys, cfg, args.out, progress=not args.quiet)
-    print(format_report(report))
-    print(f"written: {args.out}/audit.json, ciphertext-only.png")
-    return 0
+    images = test_images(args.data, max(ns) * len(keys) + cfg.images, cfg.size, SplitNames.of(args.splits))
+    return ciphertext_only_audit(images, schemes, ns, keys, cfg, args.out, progress=not args.quiet)
 
 
 def _audit(args: argparse.Namespace) -> int:
     if args.ciphertext_only is not None:
         return _audit_ciphertext_only(args)
-    from ppvit.attacks import audit
+    from ppvit.attacks.uploaded_audit import stored_ciphertexts
+
+    stored = stored_ciphertexts(args.data)
+    if stored is not None:
+        raise UserError(
+            f"encrypted dataset {stored.path}: ciphertexts, and this audit encrypts plain images itself; attack "
+            f"them as they are with --ciphertext-only 5,20"
+        )
+    if args.keys is not None:
+        raise UserError("--keys is for --ciphertext-only")
+    from ppvit.attacks import audit  # the training stack: after the checks
     from ppvit.attacks.report import format_report
     from ppvit.attacks.weight_matching import weight_leakage_transformed
     from ppvit.crypto.ciphers import Scheme
@@ -188,24 +233,25 @@ def _audit(args: argparse.Namespace) -> int:
     key = Key.load(args.key) if args.key else Key.generate()
     cfg = audit.AuditConfig(
         schemes=tuple(args.scheme or audit.AuditConfig.schemes),
-        size=args.size,
-        block_size=args.block_size,
+        size=args.size or AUDIT_SIZE,
+        block_size=args.block_size or AUDIT_BLOCK,
         pairs=tuple(int(n) for n in args.pairs.split(",")),
         images=args.images,
-        resize=args.resize,
+        resize=args.resize or AUDIT_RESIZE,
         key_source="given" if args.key else "fresh (made for this audit, not saved)",
     )
     for scheme in cfg.schemes:
         Scheme.parse(scheme)  # a bad scheme fails before the slow part
-    images = test_images(args.data, max(cfg.pairs) + cfg.images, args.size, SplitNames.of(args.splits))
-    weights = {}
+    model, weights = audit.public_model(args.model, args.weights, args.adapter or [])
+    images = test_images(args.data, max(cfg.pairs) + cfg.images, cfg.size, SplitNames.of(args.splits))
+    found = {}
     for scheme in cfg.schemes:
         if Scheme.parse(scheme).absorbable:
-            weights[f"{scheme}, key-transformed {args.model}"] = weight_leakage_transformed(
-                args.model, key, scheme, cfg.block_size, args.weights
+            found[f"{scheme}, key-transformed {model}"] = weight_leakage_transformed(
+                model, key, scheme, cfg.block_size, weights
             )
     for run in args.adapter or []:
-        weights[f"adapter {run}"] = audit.weight_leakage_adapter(run, key, args.weights)
+        found[f"adapter {run}"] = audit.weight_leakage_adapter(run, key, args.weights)
     leakage = None
     if args.watch:
         watched = TrainConfig.load(args.watch, quiet=args.quiet)
@@ -213,40 +259,58 @@ def _audit(args: argparse.Namespace) -> int:
             raise UserError(f"config {args.watch}: its run must encrypt with the audited key (--key)")
         curve, result = audit.leakage_during_training(watched, args.every)
         leakage = {"config": args.watch, "curve": curve, "test_acc": result.test_acc}
-    report = audit.run_audit(key, images, cfg, args.out, weights, leakage, progress=not args.quiet)
+    report = audit.run_audit(key, images, cfg, args.out, found, leakage, progress=not args.quiet)
     print(format_report(report))
     print(f"written: {args.out}/audit.json, audit.png")
     return 0
 
 
 def add_audit(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("audit", help="attack the encryption and models: what leaks, measured (JSON + PNG)")
-    p.add_argument("--key", help="key file to audit (default: a fresh key, never saved)")
+    p = sub.add_parser(
+        "audit",
+        help="attack the encryption and models: what leaks, measured (JSON + PNG)",
+        description="Audit what you uploaded: `ppvit audit --ciphertext-only 5,20 --data my-photos-enc` attacks the "
+        "ciphertexts of an encrypted folder (or a server's stored dataset) as they are, with no key, and writes "
+        "what it recovers; --key compares it with your key. Given plain images, the audit encrypts them itself.",
+    )
+    p.add_argument("--key", help="key file to audit (default: a fresh key, never saved); with encrypted --data: yours")
     p.add_argument("--scheme", action="append", help="scheme to audit (repeat; default: four from weak to strong)")
     p.add_argument(
         "--data",
         help="images to audit with (default $PPVIT_CIFAR10): any source `ppvit encrypt` reads; its test split "
         "as training finds it (--splits, test/, validation/...) if it has one, else all of it, any sizes "
-        "(resized to --size)",
+        "(resized to --size); `ppvit encrypt` output is ciphertext: attacked as it is by --ciphertext-only, "
+        "with scheme, block size and size from its manifest",
     )
     add_splits_arg(p)
-    p.add_argument("--size", type=int, default=224, help="image side after resizing (default 224)")
-    p.add_argument("--block-size", type=int, default=16, help="block size (default 16)")
-    p.add_argument("--resize", choices=["bicubic", "nearest"], default="bicubic", help="nearest: flat regions")
+    p.add_argument("--size", type=int, help=f"plain images: side after resizing (default {AUDIT_SIZE})")
+    p.add_argument("--block-size", type=int, help=f"plain images: block size (default {AUDIT_BLOCK})")
+    p.add_argument(
+        "--resize", choices=["bicubic", "nearest"], help=f"plain images: {AUDIT_RESIZE} (default) or nearest (flat)"
+    )
     p.add_argument("--pairs", default="1,2,4,8", help="known plain/encrypted pair counts to try (default 1,2,4,8)")
     p.add_argument("--images", type=int, default=8, help="held-out images decrypted with the recovered key")
-    p.add_argument("--model", default="vit_base_patch16_224", help="model for weight matching (default ViT-B/16)")
-    p.add_argument("--weights", help="the public pretrained weights (default: random initialisation)")
+    p.add_argument(
+        "--model", help="model for weight matching (default: the first --adapter's, else vit_base_patch16_224)"
+    )
+    p.add_argument(
+        "--weights",
+        help="the public pretrained weights (default: with --adapter, its base: the file its run recorded, "
+        "else $PPVIT_WEIGHTS; else random initialisation)",
+    )
     p.add_argument("--adapter", action="append", help="run folder of an adapter trained on encrypted images (repeat)")
     p.add_argument("--watch", metavar="CONFIG", help="train this run config and match weights as it trains")
     p.add_argument("--every", type=int, default=20, help="with --watch: match every N steps (default 20)")
     p.add_argument(
         "--ciphertext-only",
         metavar="N1,N2,...",
-        help="instead: recover keys from N ciphertexts alone, per scheme (default shuffle, shuffle+scramble) and N",
+        help="instead: recover the key from N ciphertexts alone, per N: those of encrypted --data as they are, or "
+        "plain images encrypted here per scheme (default shuffle, shuffle+scramble) and fresh key",
     )
+    p.add_argument("--keys", type=int, help="--ciphertext-only, plain images, no --key: fresh keys (default 3)")
     p.add_argument(
-        "--keys", type=int, default=3, help="with --ciphertext-only and no --key: fresh keys per N (default 3)"
+        "--out",
+        default="audit-out",
+        help="folder for audit.json, the figure and recovered/ (images decrypted without the key; default audit-out)",
     )
-    p.add_argument("--out", default="audit-out", help="folder for audit.json and audit.png (default audit-out)")
     p.set_defaults(func=_audit)

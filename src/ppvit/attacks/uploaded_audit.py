@@ -1,0 +1,199 @@
+"""``ppvit audit --ciphertext-only N --data ENCRYPTED``: the ciphertexts a user uploaded, attacked as they are.
+
+The question a user brings to the audit is what the server can do with what it holds. Encrypted
+data (``ppvit encrypt`` output in any format, or a server's stored dataset in the same layout: both
+carry a manifest) is attacked as stored and never encrypted again: scheme and block size from the
+manifest, the key's plan recovered from N ciphertexts with no key
+(:func:`~ppvit.attacks.ciphertext_only.recover_plan`), held-out ciphertexts decrypted with it and
+written for the user to look at. Without the key, a readability proxy says how photograph-like the
+decryptions are: their :func:`~ppvit.attacks.metrics.roughness` against that of random plans of the
+scheme. With the key, the recovered plan is scored against the true one
+(:func:`~ppvit.attacks.ciphertext_only_audit.score_recovery`): exact, up to a symmetry (and what
+that costs the user), or not. Plain images go to
+:func:`~ppvit.attacks.ciphertext_only_audit.ciphertext_only_audit` instead, which simulates keys.
+Reports hold scores, paths and fingerprints, never a key or a recovered plan.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from ppvit.attacks.ciphertext_only import recover_plan, unsupported
+from ppvit.attacks.ciphertext_only_audit import readable_as, score_recovery, symmetries, verdict
+from ppvit.attacks.metrics import roughness
+from ppvit.attacks.report import RECOVERED, write_recovered, write_report
+from ppvit.crypto.keys import Key
+from ppvit.data.datasets import resolve_data
+from ppvit.data.sources import Source, decode, open_source
+
+log = logging.getLogger(__name__)
+SHOWN = 4  # held-out images per row of the figure
+
+
+@dataclass
+class UploadedConfig:
+    """How ``ppvit audit --ciphertext-only`` attacks stored ciphertexts (beside the Ns)."""
+
+    images: int = 8  # held-out ciphertexts decrypted with the recovered plan and written out
+    seed: int = 0  # the choice of ciphertexts and the attack's generator
+    random_plans: int = 8  # random plans of the scheme the readability proxy compares with
+
+
+def stored_ciphertexts(data: str | os.PathLike | None) -> Source | None:
+    """The encrypted dataset ``data`` names (a manifest with a scheme), or None for plain images
+    (no manifest, or ``ppvit decrypt`` output): ciphertext is never taken for plain images."""
+    source = open_source(resolve_data(data))
+    return source if source.encrypted else None
+
+
+def read_ciphertexts(source: Source, n: int, seed: int = 0) -> tuple[list[str], np.ndarray, int]:
+    """``n`` ciphertexts of ``source`` in a fixed random choice over every split, as stored (NHWC uint8,
+    never resized), with their relative paths and the number the source holds."""
+    rels = sorted(source.paths())
+    if len(rels) < n:
+        raise ValueError(
+            f"encrypted dataset {source.path}: {len(rels)} ciphertexts, {n} needed (the largest N to attack plus "
+            "the held-out ones, --images)"
+        )
+    chosen = [rels[i] for i in np.random.default_rng(seed).permutation(len(rels))[:n]]
+    where = {rel: k for k, rel in enumerate(chosen)}
+    images: list[np.ndarray | None] = [None] * n
+    for rel, data in source.items(lambda r: r in where):
+        item = decode(rel, data)
+        if item.image is None:
+            raise ValueError(f"encrypted dataset {source.path}: {rel}: {item.error}")
+        images[where[rel]] = np.asarray(item.image)
+    shapes = sorted({im.shape for im in images if im is not None})
+    if len(shapes) != 1:
+        raise ValueError(f"encrypted dataset {source.path}: ciphertexts of shapes {shapes}; expected one size")
+    return chosen, np.stack(images), len(rels)  # type: ignore[arg-type]
+
+
+def audit_uploaded(
+    source: Source,
+    ns: Sequence[int],
+    cfg: UploadedConfig,
+    key: Key | None = None,
+    out: str | os.PathLike | None = None,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Recover the key's plan from N of ``source``'s ciphertexts per N, decrypt ``cfg.images`` others.
+
+    ``source``: an encrypted dataset (:func:`stored_ciphertexts`). The attackers' ciphertexts and the
+    held-out ones are disjoint, a fixed random choice over all splits. With ``key`` (checked against
+    the manifest's fingerprint) each recovered plan is scored against the true one. With ``out``,
+    writes ``audit.json`` (the report under ``"ciphertext_only"``), ``ciphertext-only.png`` and
+    ``recovered/``: the held-out ciphertexts decrypted with the plan from the largest N, as PNGs
+    under their paths in the dataset (nothing else is left there).
+    """
+    from ppvit.crypto.ciphers import compile_plan
+
+    m = source.manifest
+    assert m is not None, "stored_ciphertexts gives encrypted datasets only"
+    ns = sorted(set(ns))
+    if not ns or min(ns) < 1 or cfg.images < 1:
+        raise ValueError(f"need positive numbers of ciphertexts and held-out images, got {list(ns)} and {cfg.images}")
+    if key is not None and key.fingerprint != m.key_fingerprint:
+        raise ValueError(
+            f"key {key.fingerprint} did not encrypt {source.path} (its manifest names key {m.key_fingerprint})"
+        )
+    log.info(
+        "%s: ciphertexts as stored (`ppvit encrypt` output, %s: %s, %dx%d blocks, key %s): attacked as they are, "
+        "without the key",
+        source.path,
+        m.format,
+        m.scheme,
+        m.block_size,
+        m.block_size,
+        m.key_fingerprint,
+    )
+    paths, images, total = read_ciphertexts(source, max(ns) + cfg.images, cfg.seed)
+    attack, held, held_paths = images[: max(ns)], images[max(ns) :], paths[max(ns) :]
+    p, shape = m.block_size, images.shape[1:]
+    why = unsupported(m.scheme)
+    co: dict[str, Any] = {
+        "attacked": "stored",  # the ciphertexts as the user uploaded them; "simulated": plain images encrypted here
+        "data": str(source.path),
+        "format": m.format,
+        "scheme": m.scheme,
+        "block_size": p,
+        "size": shape[0],
+        "key_fingerprint": m.key_fingerprint,
+        "key_given": key is not None,
+        "ciphertexts": total,
+        "attack_images": max(ns),
+        "held_out_images": len(held),
+        "held_out": held_paths,
+        "status": f"not attacked: {why}" if why else "attacked",
+        "plan_parts": plan_parts(m.scheme, shape, p),  # what a recovered plan consists of
+        # what no ciphertext shows, so a recovered image may differ from the original by it
+        "unresolved": [s for s in symmetries(m.scheme, shape, p) if not s.startswith("block ")],
+        "stored_roughness": roughness(held),
+        "random_plan_roughness": [],
+        "runs": [],
+    }
+    figures: dict[str, dict[str, np.ndarray]] = {}
+    if not why:
+        co["random_plan_roughness"] = random_plan_roughness(held, m.scheme, p, cfg.random_plans, cfg.seed)
+        truth = compile_plan(key, m.scheme, p, shape) if key is not None else None
+        plain = None if truth is None else truth.inverse().apply_numpy(held)
+        for n in tqdm(ns, desc="ciphertext-only attack", unit="N", disable=not progress):
+            t0 = time.perf_counter()
+            guess = recover_plan(attack[:n], m.scheme, p, seed=np.random.default_rng(cfg.seed))
+            run: dict[str, Any] = {"n": n, "seconds": time.perf_counter() - t0}
+            decrypted = guess.inverse().apply_numpy(held)
+            run["roughness"] = roughness(decrypted)
+            row = {"stored ciphertexts": held[:SHOWN], f"decrypted, plan from {n}": decrypted[:SHOWN]}
+            if truth is not None:
+                score = score_recovery(guess, truth, m.scheme, p, plain)
+                run.update(dataclasses.asdict(score), readable_as=readable_as(score), verdict=verdict(score, p))
+                run["true_roughness"] = roughness(plain)
+                row["true decryption (--key)"] = plain[:SHOWN]
+            co["runs"].append(run)
+            figures[f"N={n}"] = row
+    report = {"ciphertext_only": co}
+    if out is not None:
+        write_report(report, figures, Path(out))
+        if not why:
+            write_recovered(Path(out) / RECOVERED, held_paths, decrypted)  # the last N's: the largest
+    return report
+
+
+def random_plan_roughness(ciphertexts: np.ndarray, scheme: str, p: int, draws: int, seed: int) -> list[float]:
+    """:func:`roughness` of ``ciphertexts`` decrypted with ``draws`` random plans of ``scheme``: what a
+    plan that recovered nothing gives, the yardstick of the readability proxy."""
+    from ppvit.crypto.ciphers import compile_plan
+
+    rng = np.random.default_rng([seed, 1])
+    plans = (compile_plan(Key(rng.bytes(32)), scheme, p, ciphertexts.shape[1:]) for _ in range(draws))
+    return [roughness(plan.inverse().apply_numpy(ciphertexts)) for plan in plans]
+
+
+def plan_parts(scheme: str, shape: tuple[int, int, int], p: int) -> list[str]:
+    """What the plan of ``scheme`` is made of at ``shape``: what the attack guesses, in words."""
+    from ppvit.crypto.ciphers import Scheme
+
+    blocks, values = shape[0] * shape[1] // p**2, p * p * shape[2]
+    words = {
+        "shuffle": f"the permutation of the {values} values of a block (one for all blocks)",
+        "scramble": f"the order of the {blocks} blocks",
+        "rotate": "each block position's rotation or flip",
+        "negpos": "each block position's negation",
+        "channel": "each block position's colour order",
+    }
+    return [
+        f"{s}: a choice per value position inside a block, one for all blocks"
+        if s.mode == "pixel"
+        else words.get(s.name, str(s))
+        for s in Scheme.parse(scheme).steps
+    ]
