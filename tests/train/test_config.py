@@ -161,7 +161,7 @@ def test_train_help_states_each_default_once_and_per_method_where_it_differs(cap
     with pytest.raises(SystemExit):
         cli.main(["train", "--help"])
     text = " ".join(capsys.readouterr().out.split())  # argparse's line wrapping undone
-    assert "default: None" not in text and "(default: the model's)" in text and "default: the model's) (" not in text
+    assert "default: None" not in text and "else the model's)" in text and "the model's) (default" not in text
     assert "--lr LR peak learning rate (AdamW) (default per method: full 0.0001, linear 0.01, melo 0.003" in text
     assert (
         "train the position embedding (default per method: full True, linear False, melo False, lora-pe False)" in text
