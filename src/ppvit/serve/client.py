@@ -161,9 +161,9 @@ class Client:
                 continue
             origin = ciphertext_origin(im)
             if origin is not None:
-                where = f"image {im} (ppvit ciphertext)"
                 if info["scheme"] is None:
-                    raise ValueError(f"{where}: the server says this adapter takes plain images")
+                    raise ValueError(f"image {im}: ppvit ciphertext, but the adapter takes plain images")
+                where = f"image {im}: ppvit ciphertext"
                 origin.check(info["scheme"], info["block_size"], size, info["key_fingerprint"], where=where)
             arrays.append(read_image(im, size, resize=origin is None))
             here.append(origin is None)

@@ -8,6 +8,7 @@ marker), never encrypted twice, and anything else is refused.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterable, Iterator
 
@@ -26,6 +27,8 @@ from ppvit.data.streaming import ShardStream
 from ppvit.models.adapters import AdapterMeta, load_adapter
 from ppvit.models.backbones import input_size, normalization
 from ppvit.train.runtime import make_accelerator
+
+log = logging.getLogger(__name__)
 
 
 @torch.no_grad()
@@ -118,6 +121,7 @@ def iter_predictions(
     mean, std = normalization(model)
     pipeline = BatchPipeline(size, mean, std, None, data_encrypted=meta.scheme is not None)
     cipher = None  # made at the first plain file: ciphertext alone needs no key
+    said = False  # the first ciphertext file is said in a log line
     classes = meta.classes or [str(i) for i in range(meta.num_classes)]
     model.eval()
     batch: list[tuple[str, np.ndarray, bool]] = []  # (file, pixels, whether to encrypt them here)
@@ -132,6 +136,9 @@ def iter_predictions(
                 continue
             if encrypt_here and cipher is None:
                 cipher = adapter_cipher(meta, size, key)
+            if not (encrypt_here or encrypted or said) and meta.scheme is not None:
+                log.info("%s: ppvit ciphertext under this model's key: taken as it is, not encrypted again", path)
+                said = True
             batch.append((path, pixels, encrypt_here))
         if batch and (path is None or len(batch) == batch_size):
             x = torch.stack([torch.from_numpy(p) for _, p, _ in batch]).permute(0, 3, 1, 2)
@@ -151,7 +158,7 @@ def _prediction_input(path: str, meta: AdapterMeta, size: int, encrypted: bool) 
     if origin is not None:
         if meta.scheme is None:
             raise ValueError(f"image {path}: ppvit ciphertext ({origin.scheme}), but this model takes plain images")
-        where = f"image {path} (ppvit ciphertext)"
+        where = f"image {path}: ppvit ciphertext"
         origin.check(meta.scheme, meta.block_size, size, meta.key_fingerprint, where=where)
     plain = origin is None and not encrypted
     return read_image(path, size, resize=plain), plain and meta.scheme is not None
