@@ -152,3 +152,25 @@ def assert_no_key_material(
             check(item.encode("latin-1", "replace"), "a text")  # raw bytes held one per character
         else:
             check(bytes(item), "bytes")
+
+
+# -- the command line ----------------------------------------------------------------------------
+
+
+def run_cli(argv: list, capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    """``ppvit -q ARGV`` in process: (exit status, stdout, stderr)."""
+    from ppvit import cli
+
+    code = cli.main(["-q", *map(str, argv)])
+    printed = capsys.readouterr()
+    return code, printed.out, printed.err
+
+
+def one_line_error(argv: list, capsys: pytest.CaptureFixture[str], *expected: str) -> str:
+    """Run ``argv``: exit 2 and exactly one stderr line holding every ``expected`` piece."""
+    code, _, err = run_cli(argv, capsys)
+    assert code == 2, err
+    assert len(err.splitlines()) == 1, err
+    for piece in expected:
+        assert piece in err, err
+    return err

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import SMALL, train_config
+from conftest import SMALL, one_line_error, run_cli, train_config
 from safetensors.torch import load_file, save_file
 
 from ppvit import cli
@@ -47,22 +47,6 @@ def run(tmp_path_factory: pytest.TempPathFactory, toy_dataset: Path) -> Path:
     save_adapter(model, meta, out / "adapter")
     (out / "config.yaml").write_text(train_config(out, toy_dataset, None, weights=str(base)).resolved().dump())
     return out
-
-
-def run_cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    code = cli.main(["-q", *map(str, argv)])
-    printed = capsys.readouterr()
-    return code, printed.out, printed.err
-
-
-def one_line_error(argv: list[str], capsys: pytest.CaptureFixture[str], *expected: str) -> str:
-    """Run ``argv``: exit 2 and exactly one stderr line holding every ``expected`` piece."""
-    code, _, err = run_cli(argv, capsys)
-    assert code == 2, err
-    assert len(err.splitlines()) == 1, err
-    for piece in expected:
-        assert piece in err, err
-    return err
 
 
 def test_a_file_that_is_no_key_is_called_so_whatever_its_mode(

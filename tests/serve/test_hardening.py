@@ -239,7 +239,7 @@ UNPINNED = Key(bytes(range(32)))
         (PINNED, {"block_size": 8}, {}, "block_size 8, not 4"),
         (PINNED, {"scheme": "shuffle+scramble"}, {}, "scheme shuffle+scramble, not shuffle"),
         (PINNED, {"input_size": 64}, {}, "input_size 64, not 32"),
-        (PINNED, {}, {"block_size": 8}, "differs from the 4"),
+        (PINNED, {}, {"block_size": 8}, "the key pins block size 4, not 8"),
         (PINNED, {}, {}, None),
         (UNPINNED, {"block_size": 4}, {"block_size": 4, "scheme": "shuffle"}, None),
     ],

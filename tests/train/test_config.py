@@ -161,7 +161,7 @@ def test_train_help_states_each_default_once_and_per_method_where_it_differs(cap
     with pytest.raises(SystemExit):
         cli.main(["train", "--help"])
     text = " ".join(capsys.readouterr().out.split())  # argparse's line wrapping undone
-    assert "default: None" not in text and "(default: the model's)" in text and "default: the model's) (" not in text
+    assert "default: None" not in text and "else the model's)" in text and "the model's) (default" not in text
     assert "--lr LR peak learning rate (AdamW) (default per method: full 0.0001, linear 0.01, melo 0.003" in text
     assert (
         "train the position embedding (default per method: full True, linear False, melo False, lora-pe False)" in text
@@ -182,12 +182,21 @@ def test_the_command_does_not_log_each_http_request(tmp_path: Path) -> None:
     assert not logging.getLogger("timm").isEnabledFor(logging.INFO)  # "Loading pretrained weights ..." per model
 
 
-@pytest.mark.parametrize("spelling", [None, "", "none", "plain"])
-def test_no_encryption_has_one_spelling(spelling: str | None) -> None:
+@pytest.mark.parametrize("spelling", ["", "none", "plain"])
+def test_no_encryption_has_one_spelling(spelling: str) -> None:
     from ppvit.train.config import CryptoConfig
 
-    crypto = CryptoConfig(scheme=spelling)  # (a flat None means "the default", shuffle, as every flat setting)
+    crypto = CryptoConfig(scheme=spelling)
     assert crypto.scheme == "none" and not crypto.encrypted
+
+
+def test_an_unset_scheme_is_settled_by_resolving_shuffle_without_a_pin_or_manifest() -> None:
+    """None is "not given", as every flat setting: a key's pin or a manifest may settle it (tests/cli/test_pins.py)."""
+    from ppvit.train.config import CryptoConfig
+
+    assert CryptoConfig(scheme=None).scheme is None and CryptoConfig().encrypted
+    assert TrainConfig.from_flat(scheme=None).resolved().crypto.scheme == "shuffle"
+    assert TrainConfig.from_flat(scheme="Shuffle+Scramble").resolved().crypto.scheme == "shuffle+scramble"
 
 
 def test_reproduce_set_reads_each_value_as_its_settings_type() -> None:

@@ -128,6 +128,7 @@ def weight_leakage_adapter(run: str | os.PathLike, key: Key, weights: str | os.P
 def leakage_during_training(cfg: TrainConfig, every: int = 10) -> tuple[list[dict[str, Any]], RunResult]:
     """Train ``cfg`` (on encrypted images, with a key) and run weight matching every ``every``
     steps against the public model: how fast the permutation appears in the weights."""
+    cfg = cfg.resolved()  # the scheme and block size as the run settles them (a key's pin, else the defaults)
     if not cfg.crypto.encrypted or cfg.crypto.key is None:
         raise ValueError("leakage_during_training needs an encrypting run: a scheme and --key")
     key = Key.load(cfg.crypto.key)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
@@ -72,19 +72,34 @@ def _default_text(item: Setting) -> str:
     return f" (default: {item.default})"
 
 
-def scheme_args(p: argparse.ArgumentParser, block_default: int | None = 16) -> None:
+def scheme_args(p: argparse.ArgumentParser) -> None:
+    """--key, --scheme, --block-size; a key file's pin is the default, and anything else is refused."""
     p.add_argument("--key", required=True, help="key file (see `ppvit keygen`)")
-    p.add_argument("--scheme", default="shuffle", help="steps joined by +, e.g. shuffle+scramble (default: shuffle)")
-    p.add_argument("--block-size", type=int, default=block_default, help="block size; the ViT patch size (default 16)")
+    p.add_argument("--scheme", help="steps joined by +, e.g. shuffle+scramble (default: the key's pin, else shuffle)")
+    p.add_argument("--block-size", type=int, help="block size; the ViT patch size (default: the key's pin, else 16)")
+
+
+def add_strict_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--strict",
+        action="store_true",
+        help="stop at the first unreadable image (default: skip it, name it, exit 1 at the end)",
+    )
+
+
+def report_failed(failed: Sequence[tuple[str, str]], rest: str) -> int:
+    """Name each image that could not be read (stderr), count them, say what became of the ``rest``;
+    the exit status: 1 when any failed. The one rule of every verb that reads many images."""
+    for rel, problem in failed:
+        print(f"  failed: {rel}: {problem}", file=sys.stderr)
+    if failed:
+        print(f"{len(failed)} image{'s' * (len(failed) != 1)} could not be read; {rest}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def report_summary(summary: Summary, verb: str, dst: str) -> int:
     print(f"{verb} {summary.written} images into {dst} ({summary.skipped} already there) in {summary.seconds:.1f} s")
-    for rel, problem in summary.failed:
-        print(f"  failed: {rel}: {problem}", file=sys.stderr)
-    if summary.failed:
-        print(f"{len(summary.failed)} images could not be read; the others were written", file=sys.stderr)
-    return 1 if summary.failed else 0
+    return report_failed(summary.failed, "the others were written")
 
 
 def counts(text: str, flag: str) -> list[int]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ppvit.cli.common import add_splits_arg, report_summary, scheme_args, stop_on_sigterm
+from ppvit.cli.common import add_splits_arg, add_strict_arg, report_summary, scheme_args, stop_on_sigterm
 from ppvit.crypto.keys import Key
 from ppvit.data.manifest import OLD_FORMATS, WDS_SHARD_SIZE
 from ppvit.experiments.preview import PREVIEW_SCHEMES
@@ -36,26 +36,27 @@ def add_keygen(sub: argparse._SubParsersAction) -> None:
 
 
 def _encrypt(args: argparse.Namespace) -> int:
-    from ppvit.crypto.ciphers import BlockCipher
+    from ppvit.crypto.ciphers import pinned_cipher
     from ppvit.data.encrypt import encrypt_collection
     from ppvit.data.sources import Columns, SplitNames
     from ppvit.data.sources.base import read_class_names
 
     splits = SplitNames.of(args.splits)
     classes = read_class_names(args.classes) if args.classes else None
-    cipher = BlockCipher(Key.load(args.key), args.scheme, args.block_size)
+    cipher, size = pinned_cipher(Key.load(args.key), args.scheme, args.block_size, args.size)
     with stop_on_sigterm():
         summary = encrypt_collection(
             args.src,
             args.dst,
             cipher,
-            size=args.size,
+            size=size,
             fmt=args.format,
             workers=args.workers,
             progress=not args.quiet,
             columns=Columns(args.image_column, args.label_column, classes),
             shard_size=args.shard_size,
             splits=splits,
+            strict=args.strict,
         )
     return report_summary(summary, "encrypted", args.dst)
 
@@ -70,7 +71,9 @@ def add_encrypt(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("dst", help="output folder (created); the source layout is kept")
     scheme_args(p)
-    p.add_argument("--size", type=int, help="resize to SIZE x SIZE first (the model input size)")
+    p.add_argument(
+        "--size", type=int, help="resize to SIZE x SIZE first (the model input size; default: the key's pin)"
+    )
     p.add_argument(
         "--format",
         default="png",
@@ -91,6 +94,7 @@ def add_encrypt(sub: argparse._SubParsersAction) -> None:
         "label column that is no ClassLabel); default: the numbers, 0000, 0001, ...",
     )
     add_splits_arg(p)
+    add_strict_arg(p)
     p.add_argument("--workers", type=int, default=1, help="processes to use")
     p.set_defaults(func=_encrypt)
 

@@ -261,7 +261,9 @@ def add_client(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("client", help="query a ppvit server: encrypt locally, send ciphertext only")
     actions = p.add_subparsers(dest="action", metavar="ACTION", required=True)
     a = actions.add_parser("predict", help="classify image files through the server")
-    a.add_argument("images", nargs="+", help="plain image files (resized and encrypted here)")
+    a.add_argument(
+        "images", nargs="+", help="image files: plain ones are resized and encrypted here, ppvit ciphertext sent as is"
+    )
     a.add_argument("--server", required=True, help="server URL, e.g. http://127.0.0.1:8000")
     a.add_argument("--token-file", required=True, help="file holding the tenant's API token")
     a.add_argument("--key", help="the key file the adapter was trained with (stays here)")
@@ -344,18 +346,15 @@ def _service_call(client, args: argparse.Namespace) -> None:
 
 def _train_remote(client, args: argparse.Namespace) -> dict:
     """encrypt here (resumable) -> upload (only missing shards) -> submit -> follow."""
-    from ppvit.crypto.ciphers import BlockCipher
+    from ppvit.crypto.ciphers import pinned_cipher
     from ppvit.data.encrypt import encrypt_collection
 
     key = Key.load(args.key)
     src = Path(args.src)
     name = args.name or src.name.split(".")[0]
     work = Path(args.work or f"{name}.ppvit-wds")
-    pin = key.pin
-    scheme = args.scheme or (pin.scheme if pin else "shuffle")
-    block = args.block_size or (pin.block_size if pin else 16)
-    size = args.img_size or (pin.input_size if pin else 224)
-    summary = encrypt_collection(src, work, BlockCipher(key, scheme, block), size, "wds", shard_size=args.shard_size)
+    cipher, size = pinned_cipher(key, args.scheme, args.block_size, args.img_size)
+    summary = encrypt_collection(src, work, cipher, size or 224, "wds", shard_size=args.shard_size)
     if summary.failed:
         raise ValueError(f"{src}: {len(summary.failed)} images could not be encrypted (first: {summary.failed[0]})")
     client.upload(work, name, lambda rel: print(f"sent {rel}", file=sys.stderr))

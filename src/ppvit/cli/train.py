@@ -7,7 +7,7 @@ import dataclasses
 import json
 from pathlib import Path
 
-from ppvit.cli.common import add_setting_args, add_splits_arg
+from ppvit.cli.common import add_setting_args, add_splits_arg, add_strict_arg, report_failed
 from ppvit.crypto.keys import Key
 from ppvit.train.config import TrainConfig, settings
 
@@ -28,11 +28,12 @@ def _train_config(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig.from_flat(**given)
 
 
-def _train(args: argparse.Namespace) -> None:
+def _train(args: argparse.Namespace) -> int:
     from ppvit.train.loop import train
 
     result = train(_train_config(args), resume=args.resume)
     print(json.dumps(dataclasses.asdict(result), indent=2))
+    return report_failed(list(result.unreadable.items()), "the run trained on the others")
 
 
 def add_train(sub: argparse._SubParsersAction) -> None:
@@ -72,15 +73,17 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_eval)
 
 
-def _predict(args: argparse.Namespace) -> None:
+def _predict(args: argparse.Namespace) -> int:
     from ppvit.train.inference import iter_predictions
     from ppvit.train.runs import adapter_and_weights
 
     key = Key.load(args.key) if args.key else None
     adapter, weights = adapter_and_weights(args.adapter, args.weights)
-    found = iter_predictions(adapter, args.images, key, args.encrypted, weights, args.batch_size)
+    failed: list[tuple[str, str]] | None = None if args.strict else []
+    found = iter_predictions(adapter, args.images, key, args.encrypted, weights, args.batch_size, failed)
     for f, cls, prob in found:
         print(f"{f}\t{cls}\t{prob:.3f}", flush=True)
+    return report_failed(failed or [], "the others were classified")
 
 
 def add_predict(sub: argparse._SubParsersAction) -> None:
@@ -88,7 +91,13 @@ def add_predict(sub: argparse._SubParsersAction) -> None:
     p.add_argument("adapter", help="run folder or adapter folder")
     p.add_argument("images", nargs="+", help="image files or folders (their image files, sorted)")
     p.add_argument("--key", help="key file: plain images are resized and encrypted with it first")
-    p.add_argument("--encrypted", action="store_true", help="the images are encrypted already (`ppvit encrypt`)")
+    p.add_argument(
+        "--encrypted",
+        action="store_true",
+        help="the images are encrypted already (needed only for unmarked ciphertext copied out of its folder: "
+        "ppvit ciphertext is known by its PNG marker or its folder's manifest)",
+    )
     p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (memory: one batch)")
     p.add_argument("--weights", help=WEIGHTS_HELP)
+    add_strict_arg(p)
     p.set_defaults(func=_predict)

@@ -239,6 +239,22 @@ class BlockCipher:
         return h, w
 
 
+def pinned_cipher(
+    key: Key,
+    scheme: str | Scheme | None = None,
+    block_size: int | None = None,
+    input_size: int | None = None,
+    default_block: int = 16,
+) -> tuple[BlockCipher, int | None]:
+    """The cipher and input size to encrypt with: what is asked, else the key's pin, else ``shuffle`` in blocks of
+    ``default_block`` (and no input size); anything the pin contradicts is one line naming the key file."""
+    asked = None if scheme is None else str(Scheme.parse(scheme))
+    cipher = BlockCipher(
+        key, key.settle("scheme", asked, "shuffle"), key.settle("block_size", block_size, default_block)
+    )
+    return cipher, key.settle("input_size", input_size)
+
+
 class EncryptTransform:
     """A torchvision-style transform: ``Compose([Resize(224), EncryptTransform(cipher), ToTensor()])``."""
 

@@ -20,7 +20,8 @@ A key may pin the geometry it encrypts with (:class:`Geometry`: scheme, block si
 side), written in its key file. The pin changes no derived permutation, only the fingerprint,
 which then binds the geometry too: a client holding the key refuses a server that states other
 settings (a block size of 1 would leave each pixel's colour in place). Keys without a pin
-keep the fingerprint they always had.
+keep the fingerprint they always had. A pin is also every verb's default, and its refusal of
+anything else: :func:`settle` is that one rule (an encrypted dataset's manifest is held to it too).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import stat
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 
@@ -42,8 +44,26 @@ KEY_VERSION = 1
 SECRET_BYTES = 32
 
 
+T = TypeVar("T")
+
+
 class KeyFileError(ValueError):
     """A key file that is missing, damaged, of another version or not private."""
+
+
+class PinError(ValueError):
+    """A setting asked for that differs from the one a key file pins (or an encrypted dataset records)."""
+
+
+def settle(name: str, asked: T | None, fixed: T | None, owner: str, default: T | None = None) -> T | None:
+    """The value of setting ``name``: ``fixed`` (a key's pin, a manifest's record) when nothing is asked,
+    what is asked when nothing is fixed, else ``default``; asked and fixed differing is a one-line refusal,
+    ``owner`` naming what fixes it ("key file k.key pins", "encrypted dataset D records").
+
+    Callers compare canonical values (a scheme as ``str(Scheme.parse(...))`` writes it)."""
+    if asked is not None and fixed is not None and asked != fixed:
+        raise PinError(f"{owner} {name} {fixed}, not {asked}")
+    return next((v for v in (asked, fixed) if v is not None), default)
 
 
 @dataclass(frozen=True)
@@ -71,6 +91,13 @@ class Key:
 
     secret: bytes = field(repr=False)
     pin: Geometry | None = None
+    source: str | None = field(default=None, repr=False, compare=False)  # the key file it was read from
+
+    def settle(self, name: str, asked: T | None, default: T | None = None) -> T | None:
+        """:func:`settle` against this key's pin; ``name`` is a :class:`Geometry` field (``block_size``)."""
+        fixed = None if self.pin is None else getattr(self.pin, name)
+        owner = f"key file {self.source} pins" if self.source else "the key pins"
+        return settle(name.replace("_", " "), asked, fixed, owner, default)
 
     def __post_init__(self) -> None:
         if not isinstance(self.secret, bytes) or len(self.secret) != SECRET_BYTES:
@@ -173,7 +200,7 @@ class Key:
             raise bad(f"damaged: the secret is not {SECRET_BYTES} bytes of hex")
         pin = doc.get("pin")
         try:
-            key = cls(secret, None if pin is None else Geometry(**pin))
+            key = cls(secret, None if pin is None else Geometry(**pin), str(path))
         except (TypeError, ValueError):
             raise bad("damaged: the pinned geometry is not a scheme, a block size and an input size") from None
         if doc.get("fingerprint") != key.fingerprint:

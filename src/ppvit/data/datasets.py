@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -71,6 +71,7 @@ def load_source_split(
     split: str | None = None,
     columns: Columns | None = None,
     size: int | None = None,
+    failed: list[tuple[str, str]] | None = None,
 ) -> ArrayDataset:
     """One split of any source (:func:`ppvit.data.sources.open_source`) decoded into memory, cached by identity.
 
@@ -80,6 +81,8 @@ def load_source_split(
     kept as they are (the pipeline resizes batches to the model input); plain images of several sizes
     (photos) are resized here to ``size``, the run's input size, by the one resize
     (:func:`ppvit.data.images.resize_array`). Ciphertext is never resized: one size or a refusal.
+    An image that does not decode is appended to ``failed`` as (path, problem) and left out (a split with
+    one is not cached, so every run names it); without a list the first one raises, naming it.
     """
     source = open_source(src, columns)
     where = source.path
@@ -102,9 +105,12 @@ def load_source_split(
             raise ValueError(f"{where}: {rel} is not inside a class folder (ImageFolder layout)")
         return parts[0]
 
-    images, names, rels, resized = _decode_images(source, select, size, folder_class, split)
+    before = len(failed or ())
+    images, names, rels, resized = _decode_images(source, select, size, folder_class, split, failed)
     if resized:
         cached = resized_cache
+    if len(failed or ()) > before:
+        cached = None
     classes = tuple(known or sorted(set(names)))
     lookup = {c: i for i, c in enumerate(classes)}
     unknown = sorted(set(names) - set(lookup))
@@ -117,7 +123,12 @@ def load_source_split(
 
 
 def _decode_images(
-    source: Source, select: Select, size: int | None, label: Callable[[str], str], split: str | None
+    source: Source,
+    select: Select,
+    size: int | None,
+    label: Callable[[str], str],
+    split: str | None,
+    failed: list[tuple[str, str]] | None = None,
 ) -> tuple[np.ndarray, list[str], list[str], bool]:
     """Every image ``select`` accepts as one uint8 NHWC array, with its ``label`` and path, and whether the
     images were resized: plain images of several sizes are brought to ``size`` (one log line saying so).
@@ -137,21 +148,33 @@ def _decode_images(
         unit="img",
         disable=not shown,
     )
+    skipped = 0
     for rel, data in items:
-        names.append(label(rel))
         if isinstance(data, np.ndarray):
             image = data
         else:
             item = decode(rel, data)
-            if item.error is not None:
+            if item.error is not None and failed is None:
                 raise ValueError(f"{where}: {rel}: {item.error}")
+            if item.error is not None:
+                failed.append((rel, item.error))
+                skipped += 1
+                continue
             image = np.asarray(item.image)
+        names.append(label(rel))
         if not resizing and images and image.shape != images[0].shape:
             _check_resizable(source, size, (images[0].shape, rels[0]), (image.shape, rel))
             resizing = True  # from here on every image is stored at size x size: memory stays one split's
             images = [resize_array(im, size) for im in images]  # type: ignore[arg-type]
         images.append(resize_array(image, size) if resizing else image)  # type: ignore[arg-type]
         rels.append(rel)
+    if skipped:
+        log.warning(
+            "%s%s: %d unreadable image(s) left out (named when the run ends)",
+            where,
+            f" {split}/" * bool(split),
+            skipped,
+        )
     if not images:
         raise ValueError(f"{where}: no images found" + (f" under {split}/" if split else ""))
     if resizing:
@@ -272,6 +295,7 @@ class DataSplits:
     val: ArrayDataset | ShardStream
     test: ArrayDataset | ShardStream
     manifest: Manifest | None = None  # set when the data arrive encrypted (``ppvit encrypt`` output)
+    unreadable: list[tuple[str, str]] = field(default_factory=list)  # (path, problem) of images left out
 
     @property
     def encrypted(self) -> bool:
@@ -289,6 +313,7 @@ def load_splits(
     loader_workers: int = 0,
     size: int | None = None,
     splits: SplitNames | None = None,
+    strict: bool = True,
 ) -> DataSplits:
     """The run's data: ``data`` (else $PPVIT_CIFAR10, else CIFAR-10 downloaded) with ``train`` and ``test`` splits.
 
@@ -297,7 +322,8 @@ def load_splits(
     WebDataset output of ``ppvit encrypt --format wds`` is streamed (:class:`ShardStream`,
     read by ``loader_workers`` processes), never loaded whole. ``size``: the run's input size, that plain
     images of several sizes are resized to at load (:func:`load_source_split`). ``splits``: which of the
-    source's splits are train and test, where it names them otherwise (:class:`SplitNames`).
+    source's splits are train and test, where it names them otherwise (:class:`SplitNames`). An image that
+    does not decode stops the load (``strict``), or is left out and listed in ``unreadable``.
     """
     source = open_source(resolve_data(data), columns, splits)
     if isinstance(source, EncryptedWds):
@@ -311,7 +337,8 @@ def load_splits(
         train = ShardStream(shards, classes, lambda k: not is_val(k, val_fraction), loader_workers, str(source.path))
         val = ShardStream(shards, classes, lambda k: is_val(k, val_fraction), loader_workers, str(source.path))
         return DataSplits(train, val, _stream_split(source, "test", loader_workers), source.manifest)
-    full, test = _train_and_test(source, size)
+    unreadable: list[tuple[str, str]] = []
+    full, test = _train_and_test(source, size, failed=None if strict else unreadable)
     if part:
         full = take_part(full, part)
     if train_subset:
@@ -319,7 +346,7 @@ def load_splits(
     if test_subset:
         test = stratified_subset(test, test_subset, 0)
     train, val = split_train_val(full, val_fraction, seed)
-    return DataSplits(train, val, test, source.manifest)
+    return DataSplits(train, val, test, source.manifest, unreadable)
 
 
 def load_test_split(
@@ -364,23 +391,26 @@ def find_test_split(source: Source, size: int | None = None) -> str | None:
     return test
 
 
-def _train_and_test(source: Source, size: int | None, train: bool = True) -> tuple[ArrayDataset | None, ArrayDataset]:
+def _train_and_test(
+    source: Source, size: int | None, train: bool = True, failed: list[tuple[str, str]] | None = None
+) -> tuple[ArrayDataset | None, ArrayDataset]:
     """The train and test splits (train None when not wanted): the source's train/ and test/ (or validation/,
     val/...) splits, else the whole source as one split of class folders with ``HELD_OUT`` of each class
-    held out as the test split (a fixed choice: train and eval hold out the same images)."""
+    held out as the test split (a fixed choice: train and eval hold out the same images). ``failed``: as for
+    :func:`load_source_split`."""
     where = source.path or "CIFAR-10"
     test = find_test_split(source, size)
     if not train and test is not None:  # evaluating: a test split alone will do
-        return None, load_source_split(source, test, size=size)
+        return None, load_source_split(source, test, size=size, failed=failed)
     if has_split(source, "train", size):
         if test is None:
             raise ValueError(f"{where}: a train/ split but no test/ (nor {', '.join(TEST_NAMES[1:])}) split")
-        return (load_source_split(source, "train", size=size) if train else None), load_source_split(
-            source, test, size=size
+        return (load_source_split(source, "train", size=size, failed=failed) if train else None), load_source_split(
+            source, test, size=size, failed=failed
         )
     if test is not None:
         raise ValueError(f"{where}: a {test}/ split but no train/ split")
-    whole = load_source_split(source, None, size=size)
+    whole = load_source_split(source, None, size=size, failed=failed)
     log.info(
         "%s: no train/ and test/ folders: one split of %d images in %d classes, %d%% of each class held out "
         "as the test split (a fixed choice)",

@@ -37,6 +37,7 @@ from ppvit.data.manifest import (
     WDS_SHARD_SIZE,
     Format,
     Manifest,
+    marker_text,
     read_manifest,
     write_manifest,
 )
@@ -84,9 +85,11 @@ def transform_collection(
     progress: bool = True,
     select: Select = None,
     columns: Columns | None = None,
+    strict: bool = False,
 ) -> Summary:
     """Encrypt (or decrypt) every image of ``src`` (any source: :func:`ppvit.data.sources.open_source`)
-    into ``dst``; the shared engine of both verbs."""
+    into ``dst``; the shared engine of both verbs. An image that cannot be read is counted in the summary,
+    or with ``strict`` stops the run (ValueError naming it; a rerun continues)."""
     source = open_source(src, columns)
     dst = Path(dst)
     check_output(dst, manifest.format)
@@ -112,7 +115,8 @@ def transform_collection(
 
     t0 = time.perf_counter()
     summary = Summary()
-    sink = open_sink(manifest.format, dst, manifest.shard_size, labels, counts)
+    marker = None if decrypting else marker_text(manifest)  # plain output is not marked
+    sink = open_sink(manifest.format, dst, manifest.shard_size, labels, counts, marker)
 
     def fresh(items: Iterator[Item]) -> Iterator[Item]:
         for rel, data in items:
@@ -129,7 +133,7 @@ def transform_collection(
     with bar:
 
         def consume(results: Iterator[Result]) -> None:
-            _consume(results, sink, summary, bar)
+            _consume(results, sink, summary, bar, strict, str(source.path))
 
         transform_all(fresh(source.items(select)), init, workers, consume)
         sink.close()
@@ -194,8 +198,11 @@ def _dims(data: Data) -> tuple[int, int] | None:
         return None
 
 
-def _consume(results: Iterator[Result], sink: Sink, summary: Summary, bar: tqdm) -> None:
+def _consume(results: Iterator[Result], sink: Sink, summary: Summary, bar: tqdm, strict: bool, where: str) -> None:
+    """Write each result; a failed one is counted, or with ``strict`` raised naming it (``where``: the source)."""
     for rel, arr, error in results:
+        if error is not None and strict:
+            raise ValueError(f"{where}: {rel}: {error} (--strict: stopped at the first unreadable image)")
         if error is not None:
             summary.failed.append((rel, error))
         else:
@@ -216,11 +223,13 @@ def encrypt_collection(
     columns: Columns | None = None,
     shard_size: int | None = None,
     splits: SplitNames | None = None,
+    strict: bool = False,
 ) -> Summary:
     """Encrypt any source of :mod:`ppvit.data.sources` into ``dst`` (resized to ``size`` first if given).
 
     ``shard_size``: images per WebDataset shard (``fmt="wds"`` only; default 1000). ``splits``: the
     source's splits written as ``train`` and ``test`` (the others left out), where it names them otherwise.
+    ``strict``: stop at the first unreadable image (else each is counted in the summary).
     """
     if shard_size is not None and (fmt != "wds" or shard_size < 1):
         raise ValueError(f"shard size {shard_size}: only for --format wds, and at least 1")
@@ -228,7 +237,7 @@ def encrypt_collection(
     manifest.shard_size = shard_size
     manifest.preprocess = None if size is None else Preprocess(size, KERNEL, None, None)
     source = open_source(src, columns, splits)
-    return transform_collection(source, dst, cipher, manifest, False, workers, progress, select)
+    return transform_collection(source, dst, cipher, manifest, False, workers, progress, select, strict=strict)
 
 
 def decrypt_collection(

@@ -23,6 +23,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+from PIL import Image
+
+from ppvit.data.manifest import MANIFEST_NAME, MARKER, PLAIN, Manifest, read_manifest, read_marker
 
 if TYPE_CHECKING:
     import torch
@@ -64,6 +67,26 @@ def read_image(path: str | os.PathLike, size: int, resize: bool = True) -> np.nd
     if image.shape[:2] != (size, size) and not resize:
         raise ValueError(f"image {path}: is {image.shape[1]}x{image.shape[0]}, the model takes {size}x{size}")
     return resize_array(image, size).copy()
+
+
+def ciphertext_origin(path: str | os.PathLike) -> Manifest | None:
+    """What says the file at ``path`` is ppvit ciphertext, and under which key and geometry: its
+    :data:`~ppvit.data.manifest.MARKER` text chunk, else the manifest of the encrypted folder it lies in
+    (``DST/``, ``DST/CLASS/`` or ``DST/SPLIT/CLASS/``; a decrypted folder's says plain). None: plain as far
+    as the file tells (ciphertext written before ppvit marked it, copied out of its folder, cannot be told)."""
+    path = Path(path)
+    try:
+        with Image.open(path) as im:
+            text = im.info.get(MARKER)  # text chunks before the pixels: read with the header
+    except Exception:  # PIL raises many types; an unreadable file is reported by whoever decodes it
+        text = None
+    if isinstance(text, str):
+        return read_marker(text, f"image {path}")
+    for folder in list(path.parents)[:3]:
+        if (folder / MANIFEST_NAME).is_file():
+            manifest = read_manifest(folder)
+            return None if manifest.scheme == PLAIN else manifest
+    return None
 
 
 def image_files(paths: Iterable[str | os.PathLike]) -> Iterator[str]:

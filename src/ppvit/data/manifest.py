@@ -1,7 +1,9 @@
 """The manifest of an encrypted dataset: what it is (scheme, block size, size, key fingerprint, format).
 
 Every encrypted folder carries one (``ppvit-manifest.json``); decrypt, train and eval check
-it before using the data. Torch-free, so the CLI's parser reads the format names cheaply.
+it before using the data. Each ciphertext PNG carries the same facts (never the key) in a PNG
+text chunk, :data:`MARKER`, so that a file copied out of its folder is still known for
+ciphertext and never encrypted twice. Torch-free, so the CLI's parser reads the format names cheaply.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ PLAIN = "plain"  # the scheme a decrypted folder's manifest names
 Format = Literal["png", "npz", "wds"]
 FORMATS = ("png", "npz", "wds")
 OLD_FORMATS = {"npy": "npz"}  # manifests of the first release named the .npz shard format "npy"
+MARKER = "ppvit-ciphertext"  # the PNG text chunk of a ciphertext file: key fingerprint, scheme, block size, size
 
 
 @dataclass
@@ -71,6 +74,22 @@ class Manifest:
         for name, value in wanted.items():
             if value is not None and have[name] is not None and value != have[name]:
                 raise ValueError(f"{where or 'encrypted dataset'}: {name} is {have[name]}, not {value}")
+
+
+def marker_text(manifest: Manifest) -> str:
+    """The :data:`MARKER` text of ciphertext written under ``manifest``: JSON, the fingerprint, never the key."""
+    m = manifest
+    doc = {"key_fingerprint": m.key_fingerprint, "scheme": m.scheme, "block_size": m.block_size, "size": m.size}
+    return json.dumps(doc)
+
+
+def read_marker(text: str, where: str) -> Manifest:
+    """The facts a :data:`MARKER` chunk states, as a manifest of one file (``where`` names it in errors)."""
+    try:
+        doc = json.loads(text)
+        return Manifest(doc["scheme"], doc["block_size"], doc["size"], doc["key_fingerprint"], "png")
+    except (ValueError, TypeError, KeyError):
+        raise ValueError(f"{where}: its {MARKER} text chunk is damaged") from None
 
 
 def read_manifest(folder: str | os.PathLike) -> Manifest:

@@ -16,9 +16,10 @@ from typing import Any, Protocol
 
 import numpy as np
 from PIL import Image
+from PIL.PngImagePlugin import PngInfo
 
 from ppvit._io import _naming, atomic_write_bytes, commit_temp
-from ppvit.data.manifest import SHARD_SIZE
+from ppvit.data.manifest import MARKER, SHARD_SIZE
 from ppvit.data.sources.base import class_of, optional, split_of
 from ppvit.data.sources.encrypted_npz import read_npz, write_npz
 from ppvit.data.sources.wds import count_samples
@@ -38,17 +39,25 @@ class Sink(Protocol):
         """What the output holds now, for the manifest."""
 
 
-def open_sink(fmt: str, dst: Path, shard_size: int | None, classes: list[str], counts: dict[str, int]) -> Sink:
+def open_sink(
+    fmt: str, dst: Path, shard_size: int | None, classes: list[str], counts: dict[str, int], marker: str | None = None
+) -> Sink:
     """The sink of output format ``fmt`` (``classes``: the label space of wds ``.cls`` members; ``counts``:
-    images per split, that wds spreads over its shards)."""
+    images per split, that wds spreads over its shards; ``marker``: the :data:`~ppvit.data.manifest.MARKER`
+    text every PNG carries, None for plain output)."""
     if fmt == "wds":
-        return WdsSink(dst, shard_size or 0, classes, counts)
-    return NpzSink(dst) if fmt == "npz" else PngSink(dst)
+        return WdsSink(dst, shard_size or 0, classes, counts, marker)
+    return NpzSink(dst) if fmt == "npz" else PngSink(dst, marker)
 
 
-def png_bytes(arr: np.ndarray) -> bytes:
+def png_bytes(arr: np.ndarray, marker: str | None = None) -> bytes:
+    """A PNG of ``arr``; with ``marker``, a text chunk saying it is ppvit ciphertext (and under which key)."""
+    info = None
+    if marker is not None:
+        info = PngInfo()
+        info.add_text(MARKER, marker)
     buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="PNG", compress_level=1)
+    Image.fromarray(arr).save(buf, format="PNG", compress_level=1, pnginfo=info)
     return buf.getvalue()
 
 
@@ -66,8 +75,8 @@ def _inventory(entries: Iterator[tuple[str, str]]) -> Inventory:
 class PngSink:
     """One PNG per image, at the source's relative path with a .png suffix."""
 
-    def __init__(self, dst: Path) -> None:
-        self.dst = dst
+    def __init__(self, dst: Path, marker: str | None = None) -> None:
+        self.dst, self.marker = dst, marker
 
     def _path(self, rel: str) -> Path:
         return self.dst / Path(rel).with_suffix(".png")
@@ -78,7 +87,7 @@ class PngSink:
     def add(self, rel: str, arr: np.ndarray) -> None:
         path = self._path(rel)
         path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(path, png_bytes(arr))
+        atomic_write_bytes(path, png_bytes(arr, self.marker))
 
     def close(self) -> None:
         pass
@@ -175,8 +184,11 @@ class WdsSink(_NumberedShards):
 
     PATTERN = "shard-*.tar"
 
-    def __init__(self, dst: Path, shard_size: int, classes: list[str], counts: dict[str, int]) -> None:
+    def __init__(
+        self, dst: Path, shard_size: int, classes: list[str], counts: dict[str, int], marker: str | None = None
+    ) -> None:
         super().__init__(dst, shard_size)
+        self.marker = marker
         self.lookup = {c: i for i, c in enumerate(classes)}
         self.counts = counts
         self.open: dict[tuple[str, int], tuple[Path, Path, Any, Any]] = {}  # (split, number) -> path, tmp, file, writer
@@ -215,7 +227,8 @@ class WdsSink(_NumberedShards):
         key = below.with_suffix("").as_posix().replace(".", "_")
         path, _, _, writer = self.open[split, number]
         try:
-            writer.write({"__key__": key, "png": png_bytes(arr), "cls": str(self.lookup[class_of(rel)]).encode()})
+            label = str(self.lookup[class_of(rel)]).encode()
+            writer.write({"__key__": key, "png": png_bytes(arr, self.marker), "cls": label})
         except OSError as exc:
             raise _naming(exc, path) from None
         self.left[split, number] -= 1

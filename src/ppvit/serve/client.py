@@ -30,7 +30,7 @@ import torch
 
 from ppvit.crypto.ciphers import BlockCipher, Scheme
 from ppvit.crypto.keys import Key
-from ppvit.data.images import read_image
+from ppvit.data.images import ciphertext_origin, read_image
 from ppvit.data.manifest import read_manifest
 from ppvit.data.preprocess import KERNEL, Preprocess
 
@@ -137,10 +137,13 @@ class Client:
         return self._info
 
     def encrypt(self, images: list[str | os.PathLike | np.ndarray], key: Key | None, plain: bool = False) -> np.ndarray:
-        """Plain images (files or HWC uint8 arrays) -> the (N, S, S, 3) uint8 ciphertext the adapter expects.
+        """Images (files or HWC uint8 arrays) -> the (N, S, S, 3) uint8 ciphertext the adapter expects.
 
-        The server says which scheme its adapter takes; a server that says "none" gets plain
-        images only when the caller asks for that (``plain=True``) and gave no key.
+        Plain images are encrypted here; a file that is ppvit ciphertext already (its marker, or its
+        folder's manifest: :func:`~ppvit.data.images.ciphertext_origin`) is sent as it is when it records
+        the adapter's key fingerprint and geometry, and refused (naming it) otherwise. The server says which
+        scheme its adapter takes; a server that says "none" gets plain images only when the caller asks
+        for that (``plain=True``) and gave no key.
         """
         info = self.info()
         self.check_geometry(info, key)
@@ -151,16 +154,25 @@ class Client:
             )
         size = info["input_size"]
         self.check_preprocess(info)
-        arrays = []
+        arrays, here = [], []  # here: encrypted by this client (plain images)
         for im in images:
             if isinstance(im, np.ndarray):
                 if im.shape != (size, size, 3) or im.dtype != np.uint8:
                     raise ValueError(f"array image of shape {im.shape} {im.dtype}: need ({size}, {size}, 3) uint8")
                 arrays.append(im)
-            else:
-                arrays.append(read_image(im, size))
+                here.append(True)
+                continue
+            origin = ciphertext_origin(im)
+            if origin is not None:
+                if info["scheme"] is None:
+                    raise ValueError(f"image {im}: ppvit ciphertext, but the adapter takes plain images")
+                where = f"image {im}: ppvit ciphertext"
+                origin.check(info["scheme"], info["block_size"], size, info["key_fingerprint"], where=where)
+            arrays.append(read_image(im, size, resize=origin is None))
+            here.append(origin is None)
         x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
-        if info["scheme"] is not None:
+        rows = torch.tensor(here)
+        if info["scheme"] is not None and rows.any():
             if key is None:
                 raise ValueError(f"the adapter expects images encrypted with scheme {info['scheme']}: pass the key")
             if key.fingerprint != info["key_fingerprint"]:
@@ -168,20 +180,14 @@ class Client:
                     f"key fingerprint {key.fingerprint} is not the one the adapter was trained with "
                     f"({info['key_fingerprint']})"
                 )
-            x = BlockCipher(key, info["scheme"], info["block_size"]).encrypt(x)
+            x[rows] = BlockCipher(key, info["scheme"], info["block_size"]).encrypt(x[rows])
         return x.permute(0, 2, 3, 1).contiguous().numpy()
 
     def pinned(self, key: Key | None) -> dict[str, Any]:
-        """The geometry to hold the server to: the key file's pin, and the caller's settings (which must agree)."""
-        wanted = {k: v for k, v in self.wanted.items() if v is not None}
-        if key is None or key.pin is None:
-            return wanted
-        pin = asdict(key.pin)
-        pin["scheme"] = str(Scheme.parse(pin["scheme"]))
-        for name, value in wanted.items():
-            if value != pin[name]:
-                raise ValueError(f"{name} {value} differs from the {pin[name]} that the key file pins")
-        return pin
+        """The geometry to hold the server to: the caller's settings, else the key file's pin (a setting the pin
+        contradicts is refused, naming the key file)."""
+        settled = {name: v if key is None else key.settle(name, v) for name, v in self.wanted.items()}
+        return {name: v for name, v in settled.items() if v is not None}
 
     def check_geometry(self, info: dict[str, Any], key: Key | None) -> None:
         """Refuse a server that states other settings than the pinned ones, or (unpinned) too small a block."""

@@ -17,7 +17,7 @@ import typing
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import yaml
 
@@ -54,7 +54,8 @@ class BackboneConfig:
     img_size: int | None = field(
         default=None,
         metadata=_help(
-            "input side in pixels (default: the model's); a multiple of the patch size, pos_embed resampled"
+            "input side in pixels (default: the key file's pin, else the encrypted data's manifest, else the "
+            "model's); a multiple of the patch size, pos_embed resampled"
         ),
     )
     head_init: Literal["random", "zero"] | None = field(
@@ -114,6 +115,12 @@ class DataConfig:
         default=None,
         metadata=_help("seed for the training subset, validation split, data order and augmentation (default: seed)"),
     )
+    strict: bool = field(
+        default=False,
+        metadata=_help(
+            "stop at the first image that does not decode (default: leave it out, name it at the end, exit 1)"
+        ),
+    )
 
     def __post_init__(self) -> None:
         self.splits = SplitNames.of(self.splits)  # a flag's text, config.yaml's mapping: one typed value
@@ -124,19 +131,27 @@ class CryptoConfig:
     """How the images are encrypted, and with which key (a file; only its fingerprint is recorded)."""
 
     scheme: str | None = field(
-        default="shuffle", metadata=_help("encryption scheme, e.g. shuffle+scramble; none for plain images")
+        default=None,
+        metadata=_help(
+            "encryption scheme, e.g. shuffle+scramble; none for plain images (default: the key file's pin, else "
+            "the encrypted data's manifest, else shuffle)"
+        ),
     )
     key: str | None = field(default=None, metadata=_help("key file (needed when this process encrypts)"))
     block_size: int | None = field(
-        default=None, metadata=_help("encryption block size (default: the model's patch size)")
+        default=None,
+        metadata=_help(
+            "encryption block size (default: the key file's pin, else the encrypted data's manifest, else the "
+            "model's patch size)"
+        ),
     )
     key_init: bool = field(
         default=False, metadata=_help("key holder only: start from the backbone transformed with the key")
     )
 
     def __post_init__(self) -> None:
-        if self.scheme in (None, "", "plain"):  # YAML null, an empty flag, a decrypted folder's word: one spelling
-            self.scheme = NO_ENCRYPTION
+        if self.scheme in ("", "plain"):  # an empty flag, a decrypted folder's word: one spelling
+            self.scheme = NO_ENCRYPTION  # (None: not given, settled by TrainConfig.resolved)
 
     @property
     def encrypted(self) -> bool:
@@ -193,7 +208,7 @@ SECTIONS: dict[str, type] = {
 }
 # Old flat names of method settings (config files and flags before the schema): new name.
 ALIASES = {"lora_targets": "targets", "lora_dropout": "dropout"}
-IGNORED_ON_RESUME = ("quiet", "dist_timeout_s", "report_to")
+IGNORED_ON_RESUME = ("quiet", "dist_timeout_s", "report_to", "strict")
 
 
 def _method_fields() -> dict[str, dataclasses.Field]:
@@ -265,6 +280,14 @@ def check_setting(name: str, value: Any) -> None:
         raise ValueError(f"{name} {value}: must be at least 0 and below 2**32")
     if name in SHARES and not 0 <= value < 1:
         raise ValueError(f"{name} {value}: must be at least 0 and below 1")
+
+
+class GeometrySource(NamedTuple):
+    """An input that fixes some of a run's geometry: a key file's pin, an encrypted dataset's manifest."""
+
+    owner: str  # as a refusal names it: "key file k.key pins"
+    said: str  # as the first log line names it: "the manifest of DATA"
+    fixed: dict[str, Any]  # flat name -> value (None: not fixed)
 
 
 @dataclass
@@ -371,7 +394,8 @@ class TrainConfig:
 
     def resolved(self) -> TrainConfig:
         """As the run will use it, recorded in ``config.yaml``: local paths absolute (a resume from any
-        folder finds them) and the pretrained weights chosen (see ``pretrained``'s help)."""
+        folder finds them), the pretrained weights chosen (see ``pretrained``'s help), and the scheme, block
+        size and input size settled (:meth:`settled_geometry`)."""
         from ppvit.models.backbones import SMALL_VITS  # timm: only when a run starts
 
         changes: dict[str, Any] = {
@@ -388,7 +412,48 @@ class TrainConfig:
                 changes["weights"], changes["pretrained"] = str(Path(local).resolve()), False
             else:
                 changes["pretrained"] = True
-        return self.replace(**changes)
+        cfg = self.replace(**changes)
+        return cfg.replace(**cfg.settled_geometry())
+
+    def geometry_sources(self) -> list[GeometrySource]:
+        """What the run's inputs fix of its scheme, block size and input size: the key file's pin (when this run
+        encrypts with it) and the encrypted data's manifest."""
+        from ppvit.crypto.keys import Key
+        from ppvit.data.manifest import MANIFEST_NAME, PLAIN, read_manifest
+
+        out = []
+        key, data = self.crypto.key, self.data.data
+        if self.crypto.scheme != NO_ENCRYPTION and key and Path(key).is_file():
+            pin = Key.load(key).pin
+            if pin is not None:
+                fixed = {"scheme": pin.scheme, "block_size": pin.block_size, "img_size": pin.input_size}
+                out.append(GeometrySource(f"key file {key} pins", f"the pin of key file {key}", fixed))
+        if data and (Path(data) / MANIFEST_NAME).is_file():
+            m = read_manifest(data)
+            if m.scheme != PLAIN:
+                fixed = {"scheme": m.scheme, "block_size": m.block_size, "img_size": m.size}
+                out.append(GeometrySource(f"encrypted dataset {data} records", f"the manifest of {data}", fixed))
+        return out
+
+    def settled_geometry(self) -> dict[str, Any]:
+        """Scheme, block size and input size (flat names) as the run will use them: each as given, else as the key
+        file's pin or the encrypted data's manifest fixes it (:func:`ppvit.crypto.keys.settle`: a value either
+        contradicts is refused in one line), the scheme else ``shuffle``; the others else the model's."""
+        from ppvit.crypto.ciphers import Scheme
+        from ppvit.crypto.keys import settle
+
+        scheme = self.crypto.scheme
+        values = {
+            "scheme": scheme if scheme in (None, NO_ENCRYPTION) else str(Scheme.parse(scheme)),
+            "block_size": self.crypto.block_size,
+            "img_size": self.backbone.img_size,
+        }
+        labels = {"scheme": "scheme", "block_size": "block size", "img_size": "input size"}
+        for source in self.geometry_sources():
+            for name, value in source.fixed.items():
+                values[name] = settle(labels[name], values[name], value, source.owner)
+        values["scheme"] = values["scheme"] or "shuffle"
+        return values
 
     def describe_start(self) -> str:
         """One line saying what will train, from which weights (a newcomer's first check)."""
@@ -401,7 +466,13 @@ class TrainConfig:
             else "random initialisation"
         )
         size = f"{b.img_size} px" if b.img_size else "its own input size"
-        return f"training {self.method.name} on {b.model} from {source} at {size}, lr {self.optim.lr:g}"
+        c = self.crypto
+        images = "plain images"
+        if c.encrypted:
+            images = f"{c.scheme} in blocks of {c.block_size or 'its patch size'}"
+            origins = " and ".join(source.said for source in self.geometry_sources())
+            images += f" (from {origins})" if origins else ""
+        return f"training {self.method.name} on {b.model} from {source} at {size}, {images}, lr {self.optim.lr:g}"
 
 
 @dataclass(frozen=True)

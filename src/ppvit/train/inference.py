@@ -1,29 +1,34 @@
 """Using a model: evaluation over a dataset (also during training) and prediction on files.
 
 An adapter brings its own input pipeline: plain inputs are encrypted here with the key it
-was trained with (checked by fingerprint), ciphertext from ``ppvit encrypt`` is taken as it
-is (checked against the manifest), and anything else is refused.
+was trained with (checked by fingerprint and against the key file's pin), ciphertext from
+``ppvit encrypt`` is taken as it is (checked against the manifest, or a file's ciphertext
+marker), never encrypted twice, and anything else is refused.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterable, Iterator
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 
-from ppvit.crypto.ciphers import BlockCipher
+from ppvit.crypto.ciphers import BlockCipher, pinned_cipher
 from ppvit.crypto.keys import Key
 from ppvit.data.datasets import ArrayDataset, load_test_split
-from ppvit.data.images import image_files, read_image
+from ppvit.data.images import ciphertext_origin, image_files, read_image
 from ppvit.data.pipeline import BatchPipeline, eval_batches
 from ppvit.data.sources import SplitNames
 from ppvit.data.streaming import ShardStream
 from ppvit.models.adapters import AdapterMeta, adapter_preprocess, load_adapter
 from ppvit.models.backbones import input_size
 from ppvit.train.runtime import make_accelerator
+
+log = logging.getLogger(__name__)
 
 
 @torch.no_grad()
@@ -50,18 +55,24 @@ def evaluate(
     return {"loss": float(totals[0] / totals[2]), "acc": float(totals[1] / totals[2]), "n": int(totals[2])}
 
 
+def adapter_cipher(meta: AdapterMeta, size: int, key: Key | None) -> BlockCipher:
+    """The cipher that makes plain inputs what the adapter was trained on: its scheme and block size, the key
+    it was trained with (checked by fingerprint), and nothing the key file's pin contradicts."""
+    if key is None:
+        raise ValueError(
+            f"this model was trained on images encrypted with scheme {meta.scheme}: pass --key to encrypt "
+            "plain inputs, or give inputs encrypted with `ppvit encrypt`"
+        )
+    if key.fingerprint != meta.key_fingerprint:
+        raise ValueError(f"key fingerprint {key.fingerprint} is not the adapter's ({meta.key_fingerprint})")
+    return pinned_cipher(key, meta.scheme, meta.block_size, size)[0]
+
+
 def adapter_pipeline(meta: AdapterMeta, model: torch.nn.Module, key: Key | None, data_encrypted: bool) -> BatchPipeline:
     """The input pipeline an adapter expects: encrypt here with the key, or take ciphertext as it is."""
     cipher = None
     if meta.scheme is not None and not data_encrypted:
-        if key is None:
-            raise ValueError(
-                f"this model was trained on images encrypted with scheme {meta.scheme}: pass --key to encrypt "
-                "plain inputs, or give inputs encrypted with `ppvit encrypt`"
-            )
-        if key.fingerprint != meta.key_fingerprint:
-            raise ValueError(f"key fingerprint {key.fingerprint} is not the adapter's ({meta.key_fingerprint})")
-        cipher = BlockCipher(key, meta.scheme, meta.block_size)
+        cipher = adapter_cipher(meta, input_size(model), key)
     recipe = adapter_preprocess(meta, model)
     return BatchPipeline(recipe.size, recipe.mean, recipe.std, cipher, data_encrypted)
 
@@ -92,30 +103,65 @@ def iter_predictions(
     encrypted: bool = False,
     weights: str | os.PathLike | None = None,
     batch_size: int = 64,
+    failed: list[tuple[str, str]] | None = None,
 ) -> Iterator[tuple[str, str, float]]:
     """(file, predicted class, probability) per image file, batch by batch: memory is one batch, not every file.
 
-    Plain files are resized (:func:`ppvit.data.images.resize`) then encrypted with ``key``;
-    ``encrypted`` files must be ciphertext of the model's input size already. A folder
-    stands for the image files under it.
+    Plain files are resized (:func:`ppvit.data.images.resize`) then encrypted with ``key``. ppvit
+    ciphertext (a file :func:`~ppvit.data.images.ciphertext_origin` knows, or any file when ``encrypted``)
+    is taken as it is: it must be of the model's input size, and what it records (key fingerprint, scheme,
+    block size) the adapter's, or the file is refused. A folder stands for the image files under it.
+    A file that cannot be used is appended to ``failed`` as (file, problem) and skipped; without a list,
+    the first one raises (ValueError naming it).
     """
     if batch_size < 1:
         raise ValueError(f"batch size must be at least 1, got {batch_size}")
     model, meta = load_adapter(adapter_dir, weights)
-    pipeline = adapter_pipeline(meta, model, key, encrypted)
-    size = input_size(model)
+    recipe = adapter_preprocess(meta, model)
+    size = recipe.size
+    pipeline = BatchPipeline(size, recipe.mean, recipe.std, None, data_encrypted=meta.scheme is not None)
+    cipher = None  # made at the first plain file: ciphertext alone needs no key
+    said = False  # the first ciphertext file is said in a log line
     classes = meta.classes or [str(i) for i in range(meta.num_classes)]
     model.eval()
-    batch: list[str] = []
+    batch: list[tuple[str, np.ndarray, bool]] = []  # (file, pixels, whether to encrypt them here)
     for path in [*image_files(files), None]:  # None: flush the last batch
         if path is not None:
-            batch.append(path)
+            try:
+                pixels, encrypt_here = _prediction_input(path, meta, size, encrypted)
+            except ValueError as exc:
+                if failed is None:
+                    raise
+                failed.append((path, str(exc).removeprefix(f"image {path}: ")))
+                continue
+            if encrypt_here and cipher is None:
+                cipher = adapter_cipher(meta, size, key)
+            if not (encrypt_here or encrypted or said) and meta.scheme is not None:
+                log.info("%s: ppvit ciphertext under this model's key: taken as it is, not encrypted again", path)
+                said = True
+            batch.append((path, pixels, encrypt_here))
         if batch and (path is None or len(batch) == batch_size):
-            x = torch.stack([torch.from_numpy(read_image(f, size, resize=not encrypted)) for f in batch])
+            x = torch.stack([torch.from_numpy(p) for _, p, _ in batch]).permute(0, 3, 1, 2)
+            rows = torch.tensor([e for _, _, e in batch])
+            if rows.any():
+                x[rows] = cipher.encrypt(x[rows].contiguous())
             with torch.inference_mode():
-                probs = model(pipeline(x, train=False)).softmax(-1)
-            yield from ((f, classes[int(p.argmax())], float(p.max())) for f, p in zip(batch, probs, strict=True))
+                probs = model(pipeline(x.permute(0, 2, 3, 1), train=False)).softmax(-1)
+            for (f, _, _), p in zip(batch, probs, strict=True):
+                yield f, classes[int(p.argmax())], float(p.max())
             batch = []
+
+
+def _prediction_input(path: str, meta: AdapterMeta, size: int, encrypted: bool) -> tuple[np.ndarray, bool]:
+    """A file's pixels at the model's input size, and whether to encrypt them here (plain, for an encrypted model)."""
+    origin = ciphertext_origin(path)
+    if origin is not None:
+        if meta.scheme is None:
+            raise ValueError(f"image {path}: ppvit ciphertext ({origin.scheme}), but this model takes plain images")
+        where = f"image {path}: ppvit ciphertext"
+        origin.check(meta.scheme, meta.block_size, size, meta.key_fingerprint, where=where)
+    plain = origin is None and not encrypted
+    return read_image(path, size, resize=plain), plain and meta.scheme is not None
 
 
 def predict_files(

@@ -270,6 +270,7 @@ def setup(cfg: TrainConfig, resume: bool, hold: ExitStack | None = None) -> Sess
         d.loader_workers,
         side,
         d.splits,
+        d.strict,
     )
     if splits.manifest is not None:  # the server's case: ciphertext on disk, checked against this run
         fingerprint = Key.load(cfg.crypto.key).fingerprint if cfg.crypto.key else None
@@ -454,6 +455,7 @@ def finish(s: Session) -> RunResult:
         peak_rss_mb=peak_rss_mb(),
         processes=s.accelerator.num_processes,
         precision=s.precision,
+        unreadable=dict(s.splits.unreadable),
     )
     if cfg.run.report_to != "none":
         s.accelerator.log({"test_loss": test["loss"], "test_acc": test["acc"]}, step=len(history))

@@ -63,6 +63,7 @@ class RunResult:
     peak_rss_mb: float
     processes: int
     precision: str
+    unreadable: dict[str, str] = field(default_factory=dict)  # images left out, each with why: path -> problem
 
     @classmethod
     def read(cls, path: str | os.PathLike) -> RunResult:

@@ -135,11 +135,13 @@ def decode(relpath: str, data: Data) -> ImageItem:
         return ImageItem(relpath, error=f"cannot read ({data.strerror or data})")
     if isinstance(data, np.ndarray):
         return ImageItem(relpath, Image.fromarray(data))
+    buf = io.BytesIO(data)
     try:
-        with Image.open(io.BytesIO(data)) as im:
+        with Image.open(buf) as im:
             return ImageItem(relpath, im.convert("RGB"))
     except Exception as exc:  # PIL raises many types for bad files
-        return ImageItem(relpath, error=f"cannot decode ({exc.__class__.__name__}: {exc})")
+        detail = str(exc).replace(repr(buf), repr(Path(relpath).name))  # PIL names its buffer, "<_io.BytesIO ...>"
+        return ImageItem(relpath, error=f"cannot decode ({exc.__class__.__name__}: {detail})")
 
 
 def class_of(relpath: str) -> str:
