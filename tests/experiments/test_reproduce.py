@@ -224,7 +224,7 @@ def test_the_estimate_measures_each_method_and_counts_every_cell(
     "about 0 min for 0 of 3 cells" on an H200 (issue 30)."""
     speeds = {"linear": 200.0, "melo": 50.0}
     monkeypatch.setattr(runner, "training_speed", lambda cfg: speeds[cfg.method.name])
-    monkeypatch.setattr(runner, "cell_overhead_seconds", lambda cfg: 10.0)
+    monkeypatch.setattr(runner, "cell_overhead_seconds", lambda cfg, spawn=True: 10.0)
     monkeypatch.setattr(runner, "training_images", lambda cfg: 2_000)
     sized = TOY.base.replace(train_subset=1_000, test_subset=500, epochs=2, val_fraction=0.1, precision="no")
     cells = [sized.replace(method="linear"), sized.replace(method="melo"), TOY.base.replace(method="melo")]
@@ -264,7 +264,7 @@ def test_a_slow_machine_trains_fewer_images_within_the_budget_and_says_so(
     """A budget the measured speed cannot meet shrinks every cell's training subset, once, before
     the first cell; the table states it, and a rerun (a faster measurement now) keeps the size."""
     monkeypatch.setattr(runner, "training_speed", lambda cfg: 10.0)
-    monkeypatch.setattr(runner, "cell_overhead_seconds", lambda cfg: 1.0)
+    monkeypatch.setattr(runner, "cell_overhead_seconds", lambda cfg, spawn=True: 1.0)
     monkeypatch.setattr(runner, "MIN_TRAIN_SUBSET", 8)
     preset = TOY.select(seeds=(0,), minutes=0.2, base=TOY.base.replace(train_subset=80, test_subset=16))
     out = tmp_path / "out"
@@ -295,7 +295,7 @@ def test_the_gpu_preset_fits_9_minutes_at_the_throughput_targets(monkeypatch: py
     gpu = PRESETS["gpu"]
     targets = {"full": 20_000.0, "lora-pe": 20_000 / 0.75, "melo": 20_000 / 0.75, "linear": 60_000.0}
     monkeypatch.setattr(runner, "training_speed", lambda cfg: targets[cfg.method.name])
-    monkeypatch.setattr(runner, "cell_overhead_seconds", lambda cfg: 3.0)
+    monkeypatch.setattr(runner, "cell_overhead_seconds", lambda cfg, spawn=True: 3.0)
     cells = [
         runner.cell_config(gpu, m, s, seed, Path("x"), Path("k"))
         for seed in gpu.seeds

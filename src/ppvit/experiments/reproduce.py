@@ -176,7 +176,7 @@ def reproduce(
     minutes = preset.minutes if minutes is None else minutes
     # a size a budget chose for this folder stands on every rerun, --minutes 0 included (no mixed sizes)
     budgeted = "train_subset" not in (overrides or {}) and (bool(minutes) or (out / BUDGET_FILE).exists())
-    est = estimate(left) if left and (progress or budgeted) else None
+    est = estimate(left, spawn=not one_process) if left and (progress or budgeted) else None
     budget = fit_budget(out, configs, left, minutes, est) if budgeted else None
     if budget is not None:
         common["train_subset"] = budget["train_subset"]
@@ -259,7 +259,7 @@ class Estimate:
         return min(self.train_subset, max(MIN_TRAIN_SUBSET, fitting // step * step))
 
 
-def estimate(cells: list[TrainConfig]) -> Estimate:
+def estimate(cells: list[TrainConfig], spawn: bool = True) -> Estimate:
     """How long ``cells`` should take on this machine, measured before they start.
 
     Each method's training speed is measured here on the device the cells train on, at their
@@ -271,7 +271,7 @@ def estimate(cells: list[TrainConfig]) -> Estimate:
     """
     speeds = {cfg.method.name: training_speed(cfg) for cfg in {c.method.name: c for c in cells}.values()}
     forward = max(speeds.values())
-    start = cell_overhead_seconds(cells[0])
+    start = cell_overhead_seconds(cells[0], spawn)
     whole: dict[tuple, int] = {}  # training images of the cells without a subset, by data, part and size
     fixed = per_image = seconds = 0.0
     for cfg in cells:
@@ -341,17 +341,18 @@ def fit_budget(
     return budget
 
 
-def cell_overhead_seconds(cfg: TrainConfig) -> float:
+def cell_overhead_seconds(cfg: TrainConfig, spawn: bool = True) -> float:
     """Seconds a cell like ``cfg`` costs beyond its images, measured by running one on a few images:
     its process start and imports, reading and encrypting its data, building the model, writing
-    checkpoints, results and plots (without it the estimate came 18-25% short of the cells)."""
+    checkpoints, results and plots (without it the estimate came 18-25% short of the cells); ``spawn`` as
+    the cells run (``--one-process``: no process start to pay)."""
     with tempfile.TemporaryDirectory(prefix="ppvit-probe-") as tmp:
         batch = cfg.optim.batch_size  # two batches to train on, whatever is held out for validation
         subset = math.ceil(2 * batch / (1 - cfg.data.val_fraction))
         probe = cfg.replace(out=str(Path(tmp) / "probe"), epochs=1, train_subset=subset, test_subset=batch)
         t0 = time.perf_counter()
         try:
-            run_cell(probe)
+            run_cell(probe, spawn)
         except Exception as exc:
             raise ValueError(
                 f"a trial cell ({cfg.method.name}, a few images) failed, so every cell would: "
