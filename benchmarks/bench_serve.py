@@ -1,7 +1,8 @@
 """Serving many tenants: the routed forward against a merged model and a per-adapter split, and a loopback load test.
 
-1. In process, fp32, ``--batch`` images from ``--batch`` different lora-pe tenants (ImageNet
-   ViT-Ti/16 at ``--size``; adapters with random tensors of the real shapes):
+1. In process on ``--device``, fp32, ``--batch`` images from each of ``--tenant-counts`` lora-pe
+   tenants (image i from tenant i mod k; ImageNet ViT-Ti/16 at ``--size``; adapters with random
+   tensors of the real shapes):
    routed (one forward, per-sample adapters) vs one merged model on the same batch (the
    ceiling: one client, no routing) vs the batch split per adapter (PEFT's ``adapter_names``
    way: one forward per tenant). Interleaved repeats, median seconds per batch.
@@ -12,6 +13,7 @@
 
 Usage:
     python benchmarks/bench_serve.py [--weights $PPVIT_WEIGHTS] [--size 112] [--batch 64] [--repeats 5]
+    python benchmarks/bench_serve.py --device cuda --size 224 --tenant-counts 1,16,64   # on a GPU
 """
 
 from __future__ import annotations
@@ -67,44 +69,58 @@ def seconds(fn: Callable[[], None]) -> float:
 
 
 def in_process(args: argparse.Namespace) -> None:
-    base = create_backbone(MODEL, num_classes=10, weights=args.weights, img_size=args.size)
+    device = torch.device(args.device)
+    base = create_backbone(MODEL, num_classes=10, weights=args.weights, img_size=args.size).to(device)
     meta = AdapterMeta(MODEL, 10, method_config("lora-pe").to_dict(), model_kwargs={"img_size": args.size})
     adapters = []
-    for i in range(args.batch):
+    for i in range(max(args.tenant_counts)):
         model, tensors = make_adapter(args.weights, args.size, i)
         if i == 0:
-            merged = merge_adapters(model).eval()  # tenant 0 alone: a plain timm model
-        adapters.append(routed_adapter(meta, tensors, base))
+            merged = merge_adapters(model).eval().to(device)  # tenant 0 alone: a plain timm model
+        adapters.append(routed_adapter(meta, {k: v.to(device) for k, v in tensors.items()}, base))
     routed = RoutedViT(base)
-    x = torch.randn(args.batch, 3, args.size, args.size)
-    index = torch.arange(args.batch)
-    one = torch.zeros(1, dtype=torch.long)
+    x = torch.randn(args.batch, 3, args.size, args.size, device=device)
 
-    def run_routed() -> None:
-        routed(x, adapters, index)
+    def drained(fn: Callable[[], None]) -> Callable[[], None]:
+        def run() -> None:
+            fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+
+        return run
 
     def run_merged() -> None:
         with torch.no_grad():
             merged(x)
 
-    def run_split() -> None:
-        for i in range(args.batch):
-            routed(x[i : i + 1], [adapters[i]], one)
+    print(f"\n## in-process on {device}, {args.batch} images a batch, lora-pe tenants, ViT-Ti/16 at {args.size}, fp32")
+    print("| tenants | routed img/s | merged img/s | split img/s | routed / merged | routed / split |")
+    print("|---:|---:|---:|---:|---:|---:|")
+    for k in args.tenant_counts:
+        index = torch.arange(args.batch, device=device) % k
+        groups = [torch.nonzero(index == t).flatten() for t in range(k)]
+        local = [torch.zeros(len(g), dtype=torch.long, device=device) for g in groups]
 
-    for fn in (run_routed, run_merged, run_split):  # warm-up
-        fn()
-    times: dict[str, list[float]] = {"routed": [], "merged": [], "split": []}
-    for _ in range(args.repeats):  # interleaved: drifts of a shared machine hit all three alike
-        times["routed"].append(seconds(run_routed))
-        times["merged"].append(seconds(run_merged))
-        times["split"].append(seconds(run_split))
-    med = {k: statistics.median(v) for k, v in times.items()}
-    print(f"\n## in-process, {args.batch} images from {args.batch} lora-pe tenants, ViT-Ti/16 at {args.size}, fp32")
-    print(f"| variant | s / batch (median of {args.repeats}) | images/s |\n|---|---:|---:|")
-    for k, v in med.items():
-        print(f"| {k} | {v:.4f} | {args.batch / v:.0f} |")
-    print(f"\nrouted / merged throughput: {med['merged'] / med['routed']:.3f}  (target >= 0.8)")
-    print(f"routed / split-per-adapter throughput: {med['split'] / med['routed']:.2f}  (target >= 3)")
+        def run_routed(k: int = k, index: torch.Tensor = index) -> None:
+            routed(x, adapters[:k], index)
+
+        def run_split(groups: list = groups, local: list = local) -> None:  # one forward per tenant's images
+            for t, g in enumerate(groups):
+                routed(x[g], [adapters[t]], local[t])
+
+        variants = {"routed": drained(run_routed), "merged": drained(run_merged), "split": drained(run_split)}
+        for fn in variants.values():  # warm-up
+            fn()
+        times: dict[str, list[float]] = {name: [] for name in variants}
+        for _ in range(args.repeats):  # interleaved: drifts of a shared machine hit all three alike
+            for name, fn in variants.items():
+                times[name].append(seconds(fn))
+        ips = {name: args.batch / statistics.median(v) for name, v in times.items()}
+        print(
+            f"| {k} | {ips['routed']:.0f} | {ips['merged']:.0f} | {ips['split']:.0f} | "
+            f"{ips['routed'] / ips['merged']:.3f} | {ips['routed'] / ips['split']:.2f} |"
+        )
+    print("\ntargets: routed / merged >= 0.8; routed / split-per-adapter >= 3")
     nbytes = adapters[0].nbytes
     print(f"\nresident lora-pe adapter, ViT-Ti/16 at {args.size}: {nbytes:,} bytes -> {2**30 // nbytes:,} per GiB")
     vitb = count_params(apply_method(_meta_vit_b(), method_config("lora-pe"))).trainable
@@ -119,9 +135,9 @@ def _meta_vit_b() -> torch.nn.Module:
 
 
 class LiveServer(threading.Thread):
-    def __init__(self, root: Path, port: int, window_ms: float) -> None:
+    def __init__(self, root: Path, port: int, window_ms: float, device: str = "cpu") -> None:
         super().__init__(daemon=True)
-        cfg = ServeConfig(root, window_ms=window_ms)
+        cfg = ServeConfig(root, window_ms=window_ms, device=device)
         self.server = uvicorn.Server(uvicorn_config(cfg, port=port))
 
     def run(self) -> None:
@@ -204,7 +220,7 @@ def loopback(args: argparse.Namespace) -> None:
     with socket.socket() as sock:  # a free port
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    server = LiveServer(tmp / "root", port, args.window_ms)
+    server = LiveServer(tmp / "root", port, args.window_ms, args.device)
     server.start()
     while not server.server.started:
         time.sleep(0.05)
@@ -214,7 +230,7 @@ def loopback(args: argparse.Namespace) -> None:
     server.server.should_exit = True
     server.join(30)
     print(
-        f"\n## loopback: {args.clients} clients over {args.tenants} tenants, one image a request, "
+        f"\n## loopback on {args.device}: {args.clients} clients over {args.tenants} tenants, one image a request, "
         f"window {args.window_ms} ms, {args.seconds:.0f} s"
     )
     print("| requests | requests/s | p50 ms | p99 ms | errors |\n|---:|---:|---:|---:|---:|")
@@ -230,14 +246,24 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=112)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--tenants", type=int, default=16)
+    ap.add_argument("--tenants", type=int, default=16, help="loopback: registered tenants")
+    ap.add_argument(
+        "--tenant-counts",
+        type=lambda t: [int(v) for v in t.split(",")],
+        default=None,
+        help="in process: tenants per batch, comma-separated (default: --batch, one image each)",
+    )
+    ap.add_argument("--device", default="cpu", help="torch device of the in-process pass and the server (cuda)")
+    ap.add_argument("--skip-loopback", action="store_true", help="the in-process part alone")
     ap.add_argument("--clients", type=int, default=32)
     ap.add_argument("--seconds", type=float, default=20)
     ap.add_argument("--window-ms", type=float, default=5)
     args = ap.parse_args()
+    args.tenant_counts = args.tenant_counts or [args.batch]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     in_process(args)
-    loopback(args)
+    if not args.skip_loopback:
+        loopback(args)
 
 
 if __name__ == "__main__":

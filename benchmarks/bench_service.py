@@ -87,6 +87,7 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--quick", action="store_true", help="micro ViT, 32 px synthetic images, no weights file")
+    p.add_argument("--train-device", default="cpu", help="the server's job slot (serve --train-devices), e.g. cuda:0")
     args = p.parse_args()
     if args.quick:
         args.model, args.size, args.block_size, args.batch_size = "vit_micro_d2_patch4_32", 32, 4, 16
@@ -114,7 +115,19 @@ def main() -> None:
     url = f"http://127.0.0.1:{port}"
     model_spec = f"{args.model}={args.weights}" if args.weights else args.model
     server = subprocess.Popen(
-        [*PPVIT, "-q", "serve", "--root", str(root), "--port", str(port), "--train-model", model_spec],
+        [
+            *PPVIT,
+            "-q",
+            "serve",
+            "--root",
+            str(root),
+            "--port",
+            str(port),
+            "--train-model",
+            model_spec,
+            "--train-devices",
+            args.train_device,
+        ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )

@@ -217,18 +217,24 @@ def test_paper_preset_wiring_on_a_tiny_subset(tmp_path: Path) -> None:
     assert result["trainable_params"] == 745_738 and result["test_images"] == 20
 
 
-def test_the_estimate_measures_each_method_and_counts_only_sized_cells(
+def test_the_estimate_measures_each_method_and_counts_every_cell(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """A cell without a training subset (the gpu preset's) counts with the whole training split: it printed
+    "about 0 min for 0 of 3 cells" on an H200 (issue 30)."""
     speeds = {"linear": 200.0, "melo": 50.0}
     monkeypatch.setattr(runner, "training_speed", lambda cfg: speeds[cfg.method.name])
-    monkeypatch.setattr(runner, "cell_overhead_seconds", lambda cfg: 10.0)
+    monkeypatch.setattr(runner, "cell_overhead_seconds", lambda cfg, spawn=True: 10.0)
+    monkeypatch.setattr(runner, "training_images", lambda cfg: 2_000)
     sized = TOY.base.replace(train_subset=1_000, test_subset=500, epochs=2, val_fraction=0.1, precision="no")
     cells = [sized.replace(method="linear"), sized.replace(method="melo"), TOY.base.replace(method="melo")]
     est = runner.estimate(cells)
-    # linear: 10 + 900 x 2 / 200 + (100 x 2 + 500) / 200 = 22.5 s; melo: 10 + 900 x 2 / 50 + 700 / 200 = 49.5 s
-    assert est.seconds == pytest.approx(72.0) and (est.sized, est.cells) == (2, 3)
-    assert est.line().startswith("estimate: about 1 min for 2 of 3 cells") and "linear 200, melo 50" in est.line()
+    # linear: 10 + 900 x 2 / 200 + (100 x 2 + 500) / 200 = 22.5 s; melo: 10 + 900 x 2 / 50 + 700 / 200 = 49.5 s;
+    # melo on the whole split (2,000 images, a quarter held out, 10,000 test images):
+    # 10 + 10,000 / 200 + 2,000 x (0.75 x 2 / 50 + 0.25 x 2 / 200) = 125 s
+    assert est.seconds == pytest.approx(197.0) and (est.sized, est.cells) == (2, 3)
+    assert est.line().startswith("estimate: about 3 min for 3 cells") and "linear 200, melo 50" in est.line()
+    assert "on cpu" in est.line()
     assert est.fit(60) is None  # an unsized cell (the whole dataset) cannot be shrunk
     both = runner.estimate(cells[:2])
     # fixed 2 x 10 + 2 x 500 / 200 = 25 s; per image 1.8 / 200 + 0.2 / 200 + 1.8 / 50 + 0.2 / 200 = 0.047 s
@@ -237,6 +243,11 @@ def test_the_estimate_measures_each_method_and_counts_only_sized_cells(
     assert both.fit(80) == 820  # (0.8 x 80 - 25) / 0.047 = 829.8, to two digits
     assert both.fit(40) == runner.MIN_TRAIN_SUBSET  # (32 - 25) / 0.047 = 149: the floor
     assert runner.training_speed(sized.replace(method="linear", out=str(tmp_path / "x"))) > 0
+
+
+def test_a_cell_without_a_subset_counts_its_part_of_the_training_split(toy_dataset: Path) -> None:
+    cfg = TOY.base.replace(data=str(toy_dataset))  # part 1/2 of 96 training images
+    assert runner.training_images(cfg) == 48
 
 
 def test_a_cells_overhead_is_measured_by_a_trial_cell_that_leaves_nothing(tmp_path: Path, toy_dataset: Path) -> None:
@@ -253,7 +264,7 @@ def test_a_slow_machine_trains_fewer_images_within_the_budget_and_says_so(
     """A budget the measured speed cannot meet shrinks every cell's training subset, once, before
     the first cell; the table states it, and a rerun (a faster measurement now) keeps the size."""
     monkeypatch.setattr(runner, "training_speed", lambda cfg: 10.0)
-    monkeypatch.setattr(runner, "cell_overhead_seconds", lambda cfg: 1.0)
+    monkeypatch.setattr(runner, "cell_overhead_seconds", lambda cfg, spawn=True: 1.0)
     monkeypatch.setattr(runner, "MIN_TRAIN_SUBSET", 8)
     preset = TOY.select(seeds=(0,), minutes=0.2, base=TOY.base.replace(train_subset=80, test_subset=16))
     out = tmp_path / "out"
@@ -275,3 +286,40 @@ def test_a_slow_machine_trains_fewer_images_within_the_budget_and_says_so(
     quick = reproduce(preset, tmp_path / "quick", toy_dataset, progress=False)  # fast enough: the preset's size
     assert "budget" not in quick.settings and not (tmp_path / "quick" / runner.BUDGET_FILE).exists()
     assert TrainConfig.load(tmp_path / "quick" / "cells" / "linear-none-s0" / "config.yaml").data.train_subset == 80
+
+
+def test_the_gpu_preset_fits_9_minutes_at_the_throughput_targets(monkeypatch: pytest.MonkeyPatch) -> None:
+    """presets.py's arithmetic, through the estimate reproduce prints: 24 cells at the issue-30 targets."""
+    from ppvit.experiments.presets import PRESETS
+
+    gpu = PRESETS["gpu"]
+    targets = {"full": 20_000.0, "lora-pe": 20_000 / 0.75, "melo": 20_000 / 0.75, "linear": 60_000.0}
+    monkeypatch.setattr(runner, "training_speed", lambda cfg: targets[cfg.method.name])
+    monkeypatch.setattr(runner, "cell_overhead_seconds", lambda cfg, spawn=True: 3.0)
+    cells = [
+        runner.cell_config(gpu, m, s, seed, Path("x"), Path("k"))
+        for seed in gpu.seeds
+        for m in gpu.methods
+        for s in gpu.schemes
+    ]
+    est = runner.estimate(cells)
+    # per seed and scheme: 4 cells x (3 s + 10,000 test + 10 x 5,000 validation images at 60,000/s) = 16 s, and
+    # 10 x 45,000 training images at 20,000 (full), 26,667 (lora-pe, melo) and 60,000 (linear) a second = 63.75 s
+    assert len(cells) == 24 and est.sized == 24
+    assert est.seconds == pytest.approx(6 * (16 + 63.75)) and est.seconds < gpu.minutes * 60  # 478.5 s
+    lrs = {m: runner.cell_config(gpu, m, "none", 0, Path("x"), Path("k")).optim.lr for m in gpu.methods}
+    assert lrs == pytest.approx({"full": 2e-4, "linear": 2e-2, "melo": 6e-3, "lora-pe": 6e-3})  # 2x the recipes
+
+
+def test_one_process_trains_the_cells_here_without_spawning(
+    tmp_path: Path, toy_dataset: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_spawn(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a cell was spawned")
+
+    monkeypatch.setattr(runner, "ProcessPoolExecutor", no_spawn)
+    one = TOY.select(seeds=(0,), schemes=("none",))
+    table = reproduce(one, tmp_path / "out", toy_dataset, progress=False, overrides={"epochs": 1}, one_process=True)
+    assert table.cells[0].error is None and table.cells[0].result.epochs == 1
+    with pytest.raises(ValueError, match="a cell was spawned"):  # the default spawns (and fails here)
+        reproduce(one, tmp_path / "other", toy_dataset, progress=False, overrides={"epochs": 1})

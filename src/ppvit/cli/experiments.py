@@ -71,7 +71,16 @@ def _reproduce(args: argparse.Namespace) -> int:
     from ppvit.experiments.reproduce import reproduce
 
     table = reproduce(
-        preset, out, args.data, args.key, args.weights, args.pretrained, overrides, not args.quiet, args.minutes
+        preset,
+        out,
+        args.data,
+        args.key,
+        args.weights,
+        args.pretrained,
+        overrides,
+        not args.quiet,
+        args.minutes,
+        args.one_process,
     )
     print(table.markdown())
     print(f"written: {out}/results.md, results.csv, results.json, results.png")
@@ -106,6 +115,12 @@ def add_reproduce(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--methods", help="comma-separated methods instead of the preset's (e.g. lora-pe)")
     p.add_argument("--schemes", help="comma-separated schemes instead of the preset's (none = plain images)")
+    p.add_argument(
+        "--one-process",
+        action="store_true",
+        help="train every cell in this process: saves a process start, imports and CUDA context per cell "
+        "(short GPU cells); a crash then ends the whole run",
+    )
     add_splits_arg(p)
     p.add_argument(
         "--set",

@@ -12,6 +12,7 @@ whatever device trains, so the loader costs one gather.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 
@@ -23,13 +24,31 @@ from ppvit.data.preprocess import KERNEL, Preprocess, normalize
 from ppvit.data.streaming import ShardStream
 
 
+@dataclass(frozen=True)
+class DeviceDataset:
+    """An :class:`ArrayDataset` resident on a device (uint8 NHWC images, int64 labels): a batch
+    is a gather there, with no host copy per step (a GPU run's splits; ``train.fast``)."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    classes: tuple[str, ...]
+
+    @classmethod
+    def of(cls, ds: ArrayDataset, device: torch.device) -> DeviceDataset:
+        images = torch.from_numpy(ds.images).to(device)
+        return cls(images, torch.from_numpy(ds.labels).long().to(device), ds.classes)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
 def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
     """The order of epoch ``epoch``: fixed by (seed, epoch), so a resumed run repeats it."""
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
 
 
 def eval_batches(
-    ds: ArrayDataset | ShardStream, batch_size: int, rank: int, world: int
+    ds: ArrayDataset | DeviceDataset | ShardStream, batch_size: int, rank: int, world: int
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """This process's share of every image of ``ds`` once, in order (streamed: in its shards' order)."""
     if isinstance(ds, ShardStream):
@@ -40,14 +59,20 @@ def eval_batches(
         yield get_batch(ds, order[start : start + batch_size], rank, world)
 
 
-def get_batch(ds: ArrayDataset, index: torch.Tensor, rank: int, world: int) -> tuple[torch.Tensor, torch.Tensor]:
+def get_batch(
+    ds: ArrayDataset | DeviceDataset, index: torch.Tensor, rank: int, world: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """This process's contiguous share of one global batch of indices.
 
     ``tensor_split`` always gives ``world`` shares (``chunk`` may give fewer: a last batch of
     one image over two processes had no share for rank 1). Shares differ in size by at most
     one; training refuses batch sizes that do not divide, evaluation sums over processes.
     """
-    share = torch.tensor_split(index, world)[rank].numpy()
+    share = torch.tensor_split(index, world)[rank]
+    if isinstance(ds, DeviceDataset):
+        share = share.to(ds.images.device, non_blocking=True)
+        return ds.images[share], ds.labels[share]
+    share = share.numpy()
     return torch.from_numpy(ds.images[share]), torch.from_numpy(ds.labels[share])
 
 

@@ -18,6 +18,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
@@ -25,7 +26,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from ppvit._io import atomic_write_json
 from ppvit.crypto.keys import Key
 from ppvit.data.cache import cache_dir
-from ppvit.data.datasets import load_test_split, resolve_data
+from ppvit.data.datasets import load_splits, load_test_split, resolve_data
 from ppvit.data.sources.cifar10 import CIFAR10_ENV
 from ppvit.data.sources.cifar10 import NAME as CIFAR10_NAME
 from ppvit.experiments.presets import Preset, Upstream
@@ -36,6 +37,9 @@ from ppvit.train.config import TrainConfig
 from ppvit.train.loop import train
 from ppvit.train.runs import RESULT_FILE, RunResult
 from ppvit.train.runtime import resolve_precision
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -91,8 +95,9 @@ def _cell_worker(cfg: TrainConfig, log_file: str) -> RunResult:
     return train(cfg, resume=True)
 
 
-def run_cell(cfg: TrainConfig) -> RunResult:
-    """Train one cell in a fresh spawned process; a finished cell is read back, not retrained.
+def run_cell(cfg: TrainConfig, spawn: bool = True) -> RunResult:
+    """Train one cell in a fresh spawned process (``spawn=False``: in this one); a finished cell is read
+    back, not retrained, and an interrupted one resumes from its checkpoint.
 
     Errors keep their type and message (a child killed by a signal raises BrokenProcessPool).
     """
@@ -100,6 +105,8 @@ def run_cell(cfg: TrainConfig) -> RunResult:
     if (out / RESULT_FILE).exists():
         return RunResult.read(out / RESULT_FILE)
     out.mkdir(parents=True, exist_ok=True)
+    if not spawn:
+        return train(cfg, resume=True)
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
         return pool.submit(_cell_worker, cfg, str(out / "stderr.log")).result()
 
@@ -131,11 +138,14 @@ def reproduce(
     overrides: dict | None = None,
     progress: bool = True,
     minutes: float | None = None,
+    one_process: bool = False,
 ) -> ResultTable:
     """Run every cell of ``preset`` (finished cells are skipped), then tabulate and plot.
 
     Fails fast, before any training, on data it cannot use; and when the first cell fails (every
-    cell shares its data, weights and key) nothing else runs and no table is written. With a time
+    cell shares its data, weights and key) nothing else runs and no table is written. ``one_process``
+    trains every cell in this process: no process start, imports and CUDA context per cell (seconds
+    each, a large share of a short GPU cell), but a crash ends the whole run. With a time
     budget (``minutes``, else the preset's; 0 for none) a machine too slow for it trains every cell
     on fewer images, chosen before the first cell from measured speeds and stated in the table.
     """
@@ -166,7 +176,7 @@ def reproduce(
     minutes = preset.minutes if minutes is None else minutes
     # a size a budget chose for this folder stands on every rerun, --minutes 0 included (no mixed sizes)
     budgeted = "train_subset" not in (overrides or {}) and (bool(minutes) or (out / BUDGET_FILE).exists())
-    est = estimate(left) if left and (progress or budgeted) else None
+    est = estimate(left, spawn=not one_process) if left and (progress or budgeted) else None
     budget = fit_budget(out, configs, left, minutes, est) if budgeted else None
     if budget is not None:
         common["train_subset"] = budget["train_subset"]
@@ -174,7 +184,7 @@ def reproduce(
         est = est and replace(est, seconds=est.fixed + est.per_image * budget["train_subset"])
     if est and progress:
         log.info(est.line())
-    run_cells(todo, configs, preset.name, progress)
+    run_cells(todo, configs, preset.name, progress, spawn=not one_process)
     table = ResultTable.from_cells(
         preset.name, preset.model, todo, upstream_acc, dict(preset.paper), preset.base.backbone.img_size
     )
@@ -189,7 +199,7 @@ def reproduce(
     return table
 
 
-def run_cells(todo: list[Cell], configs: list[TrainConfig], name: str, progress: bool) -> None:
+def run_cells(todo: list[Cell], configs: list[TrainConfig], name: str, progress: bool, spawn: bool = True) -> None:
     """Train each cell (its result or error set on it), one line each; the first cell's failure
     stops everything, since every cell shares its data, weights and key."""
     bar = tqdm(todo, desc=f"reproduce {name}", unit="cell", disable=not progress, dynamic_ncols=True)
@@ -199,7 +209,7 @@ def run_cells(todo: list[Cell], configs: list[TrainConfig], name: str, progress:
             run = Path(cfg.run.out)
             t0 = time.perf_counter()
             try:
-                cell.result = run_cell(cfg)
+                cell.result = run_cell(cfg, spawn)
             except Exception as exc:  # one failed cell is reported in the table; the others still run
                 if i == 0:
                     raise ValueError(
@@ -226,15 +236,17 @@ class Estimate:
     per_image: float  # per image of the training subset (training and validation, all cells)
     train_subset: int | None  # the cells' common training subset (None: they differ)
     seconds: float  # the cells as they are
-    sized: int  # cells with a training subset (the others, the whole dataset, are not estimated)
+    sized: int  # cells with a training subset (only those can be resized to a budget)
     cells: int
     speeds: dict[str, float]
     precision: str
+    device: str = "cpu"
 
     def line(self) -> str:
         return (
-            f"estimate: about {self.seconds / 60:.0f} min for {self.sized} of {self.cells} cells on this machine "
-            f"(training img/s measured just now: {speeds_text(self.speeds)}; precision {self.precision})"
+            f"estimate: about {self.seconds / 60:.0f} min for {self.cells} cells on this machine "
+            f"(training img/s measured just now on {self.device}: {speeds_text(self.speeds)}; precision "
+            f"{self.precision})"
         )
 
     def fit(self, budget_s: float) -> int | None:
@@ -247,30 +259,49 @@ class Estimate:
         return min(self.train_subset, max(MIN_TRAIN_SUBSET, fitting // step * step))
 
 
-def estimate(cells: list[TrainConfig]) -> Estimate:
+def estimate(cells: list[TrainConfig], spawn: bool = True) -> Estimate:
     """How long ``cells`` should take on this machine, measured before they start.
 
-    Each method's training speed is measured here on three steps of its model (after one to
-    warm up) at the cells' batch size and input size, in the precision the cells will use;
-    evaluation is taken as forward passes at the measured speed of ``linear`` training (whose
-    backward pass stops at the head), and what a cell costs beyond its images by one real cell
-    of a few images.
+    Each method's training speed is measured here on the device the cells train on, at their
+    batch size and input size, in their precision, after warm-up steps (compiling, autotuning);
+    evaluation is taken as forward passes at the measured speed of the fastest method, and
+    what a cell costs beyond its images (process start, data, compiling, testing) by one real
+    cell of a few images. A cell without a training subset trains on the whole training split,
+    counted once the trial cell has cached it.
     """
     speeds = {cfg.method.name: training_speed(cfg) for cfg in {c.method.name: c for c in cells}.values()}
     forward = max(speeds.values())
-    start = cell_overhead_seconds(cells[0])
+    start = cell_overhead_seconds(cells[0], spawn)
+    whole: dict[tuple, int] = {}  # training images of the cells without a subset, by data, part and size
     fixed = per_image = seconds = 0.0
-    sized = [cfg for cfg in cells if cfg.data.train_subset is not None]
-    for cfg in sized:
+    for cfg in cells:
         d, o = cfg.data, cfg.optim
+        where = (d.data, d.part, cfg.backbone.img_size)
+        if d.train_subset is None and where not in whole:
+            whole[where] = training_images(cfg)
         test = (d.test_subset or 10_000) / forward
         slope = (1 - d.val_fraction) * o.epochs / speeds[cfg.method.name] + d.val_fraction * o.epochs / forward
         fixed, per_image = fixed + start + test, per_image + slope
-        seconds += start + test + slope * d.train_subset
-    subsets = {cfg.data.train_subset for cfg in sized}
+        seconds += start + test + slope * (d.train_subset or whole[where])
+    subsets = {cfg.data.train_subset for cfg in cells}
     common = subsets.pop() if len(subsets) == 1 else None
+    sized = sum(cfg.data.train_subset is not None for cfg in cells)
     precision = resolve_precision(cells[0].optim.precision)
-    return Estimate(fixed, per_image, common, seconds, len(sized), len(cells), speeds, precision)
+    return Estimate(fixed, per_image, common, seconds, sized, len(cells), speeds, precision, str(train_device()))
+
+
+def training_images(cfg: TrainConfig) -> int:
+    """The images a cell without a training subset draws its training and validation sets from."""
+    d = cfg.data
+    splits = load_splits(d.data, d.val_fraction, 0, d.part, size=cfg.backbone.img_size, splits=d.splits)
+    return len(splits.train) + len(splits.val)
+
+
+def train_device() -> torch.device:
+    """Where the cells train: the GPU when there is one (Accelerate's choice in ``make_accelerator``)."""
+    import torch
+
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def fit_budget(
@@ -310,17 +341,18 @@ def fit_budget(
     return budget
 
 
-def cell_overhead_seconds(cfg: TrainConfig) -> float:
+def cell_overhead_seconds(cfg: TrainConfig, spawn: bool = True) -> float:
     """Seconds a cell like ``cfg`` costs beyond its images, measured by running one on a few images:
     its process start and imports, reading and encrypting its data, building the model, writing
-    checkpoints, results and plots (without it the estimate came 18-25% short of the cells)."""
+    checkpoints, results and plots (without it the estimate came 18-25% short of the cells); ``spawn`` as
+    the cells run (``--one-process``: no process start to pay)."""
     with tempfile.TemporaryDirectory(prefix="ppvit-probe-") as tmp:
         batch = cfg.optim.batch_size  # two batches to train on, whatever is held out for validation
         subset = math.ceil(2 * batch / (1 - cfg.data.val_fraction))
         probe = cfg.replace(out=str(Path(tmp) / "probe"), epochs=1, train_subset=subset, test_subset=batch)
         t0 = time.perf_counter()
         try:
-            run_cell(probe)
+            run_cell(probe, spawn)
         except Exception as exc:
             raise ValueError(
                 f"a trial cell ({cfg.method.name}, a few images) failed, so every cell would: "
@@ -329,30 +361,38 @@ def cell_overhead_seconds(cfg: TrainConfig) -> float:
         return time.perf_counter() - t0
 
 
-def training_speed(cfg: TrainConfig, steps: int = 3) -> float:
-    """Images per second of ``cfg``'s training step here (its model, batch, size and precision)."""
+def training_speed(cfg: TrainConfig, steps: int = 3, warmup: int = 1) -> float:
+    """Images per second of ``cfg``'s training step here, on the cells' device: its model, batch (on a CPU at most
+    64), input size and precision, compiled and with the optimiser as a run has them (``train.fast``), timed
+    after ``warmup`` steps (a compiled model: at least 3, which compile and autotune) with the device drained."""
     import torch
     import torch.nn.functional as F
 
     from ppvit.models.backbones import input_size
+    from ppvit.train.fast import make_optimizer, maybe_compile
     from ppvit.train.loop import build_model, param_groups
 
-    cfg = cfg.resolved()
-    model = build_model(cfg, 10).train()
-    opt = torch.optim.AdamW(param_groups(model, cfg))
-    side, batch = input_size(model), min(cfg.optim.batch_size, 64)
-    x, y = torch.rand(batch, 3, side, side), torch.randint(0, 10, (batch,))
+    cfg, device = cfg.resolved(), train_device()
+    model = build_model(cfg, 10).to(device).train()
+    net = maybe_compile(model, device, cfg.backbone.compile)
+    opt = make_optimizer(param_groups(model, cfg), device)
+    side, batch = input_size(model), cfg.optim.batch_size if device.type == "cuda" else min(cfg.optim.batch_size, 64)
+    x, y = torch.rand(batch, 3, side, side, device=device), torch.randint(0, 10, (batch,), device=device)
     bf16 = resolve_precision(cfg.optim.precision) == "bf16"
-    times = []
-    for _ in range(steps + 1):
-        t0 = time.perf_counter()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            loss = F.cross_entropy(model(x).float(), y)
+    warmup = max(warmup, 3) if net is not model else warmup
+    for i in range(warmup + steps):
+        if i == warmup:
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            t0 = time.perf_counter()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss = F.cross_entropy(net(x).float(), y)
         loss.backward()
         opt.step()
-        opt.zero_grad()
-        times.append(time.perf_counter() - t0)
-    return batch / (sum(times[1:]) / steps)
+        opt.zero_grad(set_to_none=True)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return batch * steps / (time.perf_counter() - t0)
 
 
 def check_data(data: str | os.PathLike | None, size: int | None = None) -> Path | None:

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +19,9 @@ import torch.nn as nn
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 
-from ppvit.models.weights import check_weights_file, head_classes, weights_mismatch
+from ppvit.models.weights import check_weights_file, read_state_dict, weights_mismatch
+
+log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "vit_base_patch16_224"
 
@@ -86,9 +87,9 @@ def create_backbone(
 
     ``pretrained=True`` downloads timm's default weights (needs the network);
     ``weights=PATH`` loads a local safetensors or PyTorch file with timm key names instead
-    (through timm's ``pretrained_cfg_overlay``, so timm adapts the head and resamples the
-    position embeddings to ``img_size`` exactly as for downloaded weights). ``None``
-    arguments mean "the model's own default", as in ``timm.create_model``.
+    (:func:`load_weights_file`: ppvit reads the file itself and only borrows timm's checkpoint
+    filter, which resamples the position embeddings to ``img_size``). ``None`` arguments mean
+    "the model's own default", as in ``timm.create_model``.
     """
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
     if num_classes is not None:
@@ -100,29 +101,40 @@ def create_backbone(
     if weights is not None or pretrained:  # the kind of model first: weights for a ResNet would fail obscurely
         with torch.device("meta"):
             _require_vit(name, timm.create_model(name, **kwargs))
-    if weights is not None:
-        path = Path(weights)
-        check_weights_file(path)
-        # Tell timm the file's own head size, so that it keeps a matching head and replaces
-        # only a mismatched one (it compares this with num_classes).
-        kwargs["pretrained_cfg_overlay"] = dict(file=str(path), num_classes=head_classes(path))
-        pretrained = True
     try:
-        with _quiet_new_head():
-            model = timm.create_model(name, pretrained=pretrained, **kwargs)
+        model = timm.create_model(name, pretrained=pretrained and weights is None, **kwargs)
     except (RuntimeError, KeyError) as exc:
-        if weights is None:
-            raise ValueError(f"model {name}: {str(exc).splitlines()[0]}") from exc
-        with torch.device("meta"):
-            wanted = timm.create_model(name, **{k: v for k, v in kwargs.items() if k != "pretrained_cfg_overlay"})
-        shapes = {k: tuple(v.shape) for k, v in wanted.state_dict().items()}
-        raise ValueError(
-            f"weights file {weights}: made for a different model ({weights_mismatch(Path(weights), shapes, name)})"
-        ) from exc
+        raise ValueError(f"model {name}: {str(exc).splitlines()[0]}") from exc
     _require_vit(name, model)
     if img_size is not None and img_size % patch_size(model):
         raise ValueError(f"--img-size {img_size}: not a multiple of {name}'s patch size {patch_size(model)}")
+    if weights is not None:
+        load_weights_file(model, Path(weights), name)
     return model
+
+
+def load_weights_file(model: VisionTransformer, path: Path, name: str) -> None:
+    """Load a local timm state dict into ``model``, keeping ``model``'s head where the file's differs.
+
+    Not through timm's ``pretrained_cfg_overlay=dict(file=...)``: how timm treats such a file
+    changed between releases (1.0.29 handed a safetensors file to ViT's JAX ``.npz`` reader when
+    the model's default weights were JAX ones), while its ``checkpoint_filter_fn`` (position
+    embeddings resampled to the model's grid, old key names mapped) is stable from 1.0.3 on.
+    """
+    check_weights_file(path)
+    state = checkpoint_filter_fn(read_state_dict(path), model)
+    own = model.state_dict()
+    for k in ("head.weight", "head.bias"):  # a new head for other classes (or none): the file's is dropped
+        if k in state and (k not in own or state[k].shape != own[k].shape):
+            del state[k]
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError:  # a shape differs
+        missing, unexpected = ["?"], []
+    if unexpected or set(missing) - {"head.weight", "head.bias"}:
+        shapes = {k: tuple(v.shape) for k, v in own.items()}
+        raise ValueError(f"weights file {path}: made for a different model ({weights_mismatch(path, shapes, name)})")
+    log.info("weights %s loaded into %s%s", path, name, " with a new head" if missing else "")
 
 
 def _require_vit(name: str, model: nn.Module) -> None:
@@ -130,25 +142,6 @@ def _require_vit(name: str, model: nn.Module) -> None:
         raise ValueError(
             f"model {name}: ppvit needs a timm VisionTransformer, got {type(model).__name__} ({LIST_MODELS})"
         )
-
-
-@contextmanager
-def _quiet_new_head() -> Iterator[None]:
-    """Drop timm's "Missing keys (head.weight, head.bias)" while a model loads.
-
-    timm logs it whenever it replaces a weights file's head by a new one of other classes,
-    which ppvit does knowingly on every run, eval and predict; any other missing key is still logged.
-    """
-    logger = logging.getLogger("timm.models._builder")
-
-    def keep(record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith("Missing keys (head.weight, head.bias) ")
-
-    logger.addFilter(keep)
-    try:
-        yield
-    finally:
-        logger.removeFilter(keep)
 
 
 def input_size(model: nn.Module) -> int:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 from safetensors import safe_open
 
@@ -21,13 +22,23 @@ def check_weights_file(path: str | os.PathLike) -> None:
             f"weights file {path}: not found (set {WEIGHTS_ENV} or --weights to a local copy, or pass --pretrained "
             "to download timm's weights where there is a network)"
         )
-    head_classes(path)
+    tensor_shapes(path)
 
 
-def head_classes(path: Path) -> int:
-    """The number of classes of the ``head.weight`` stored in a weights file (0 when headless)."""
-    head = tensor_shapes(path).get("head.weight")
-    return head[0] if head else 0
+def read_state_dict(path: Path) -> dict[str, Any]:
+    """The tensors of a weights file: safetensors, or a PyTorch file of tensors only (``weights_only``:
+    a pickle that would run code is refused), unwrapped from a ``state_dict``/``model`` entry."""
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    import torch
+
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    for wrapper in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
+            state = state[wrapper]
+    return state
 
 
 def tensor_shapes(path: Path) -> dict[str, tuple[int, ...]]:
@@ -36,9 +47,7 @@ def tensor_shapes(path: Path) -> dict[str, tuple[int, ...]]:
         if path.suffix == ".safetensors":
             with safe_open(str(path), framework="pt") as f:
                 return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
-        from timm.models import load_state_dict
-
-        return {k: tuple(v.shape) for k, v in load_state_dict(str(path)).items()}
+        return {k: tuple(v.shape) for k, v in read_state_dict(path).items()}
     except Exception as exc:  # any unreadable file: one clear line
         raise ValueError(
             f"weights file {path}: cannot be read ({exc.__class__.__name__}: {str(exc)[:200]}); get a good copy, or "

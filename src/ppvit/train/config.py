@@ -68,6 +68,10 @@ class BackboneConfig:
     fused_attn: bool | None = field(
         default=None, metadata=_help("torch's fused attention kernel (default: on GPUs only; slower to train on CPUs)")
     )
+    compile: bool | None = field(
+        default=None,
+        metadata=_help("torch.compile the model (default: on CUDA; off on CPUs, where it costs more than it wins)"),
+    )
 
 
 @dataclass
@@ -111,6 +115,10 @@ class DataConfig:
     )
     mixup: float = field(default=0.0, metadata=_help("mixup alpha (ciphertext-safe); 0 disables"))
     cutmix: float = field(default=0.0, metadata=_help("block-aligned cutmix alpha (ciphertext-safe); 0 disables"))
+    device_data: bool | None = field(
+        default=None,
+        metadata=_help("keep the uint8 images on the training device, a batch one gather there (default: on CUDA)"),
+    )
     data_seed: int | None = field(
         default=None,
         metadata=_help("seed for the training subset, validation split, data order and augmentation (default: seed)"),
@@ -197,6 +205,13 @@ class RunConfig:
         metadata=_help("also log each epoch's metrics to this tracker through Accelerate (its library installed)"),
     )
     quiet: bool = field(default=False, metadata=_help("no progress bar"))
+    log_every_steps: int | None = field(
+        default=None,
+        metadata=_help(
+            "steps between reading the loss to the host (and checking it is finite): a GPU waits at each read "
+            "(default: 1 on CPUs, 50 on CUDA)"
+        ),
+    )
 
 
 SECTIONS: dict[str, type] = {
@@ -208,7 +223,7 @@ SECTIONS: dict[str, type] = {
 }
 # Old flat names of method settings (config files and flags before the schema): new name.
 ALIASES = {"lora_targets": "targets", "lora_dropout": "dropout"}
-IGNORED_ON_RESUME = ("quiet", "dist_timeout_s", "report_to", "strict")
+IGNORED_ON_RESUME = ("quiet", "dist_timeout_s", "report_to", "strict", "log_every_steps", "device_data", "compile")
 
 
 def _method_fields() -> dict[str, dataclasses.Field]:

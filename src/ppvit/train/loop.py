@@ -43,7 +43,7 @@ from ppvit.crypto.keys import Key
 from ppvit.data.augment import mix_batch
 from ppvit.data.datasets import DataSplits, load_splits
 from ppvit.data.manifest import Manifest
-from ppvit.data.pipeline import BatchPipeline, epoch_order, get_batch
+from ppvit.data.pipeline import BatchPipeline, DeviceDataset, epoch_order, get_batch
 from ppvit.data.preprocess import Preprocess
 from ppvit.data.sources import Columns
 from ppvit.data.streaming import ShardStream
@@ -52,6 +52,7 @@ from ppvit.models.backbones import create_backbone, input_size, normalization, p
 from ppvit.models.methods import apply_method
 from ppvit.models.transform import transform_model
 from ppvit.train.config import TrainConfig
+from ppvit.train.fast import StepTotals, log_every, make_optimizer, maybe_compile, resident_splits
 from ppvit.train.inference import evaluate
 from ppvit.train.runs import (
     CHECKPOINT_FILE,
@@ -219,6 +220,11 @@ class Session:
     state: RunState
     stop_signal: int | None = None  # set by SIGTERM/SIGINT: checkpoint and stop at the next step
     lock: Any = None  # the run folder's lock (main process), held while this object lives
+    net: torch.nn.Module | None = None  # what runs forward: ``model``, or ``torch.compile(model)`` (train.fast)
+
+    @property
+    def forward(self) -> torch.nn.Module:
+        return self.net if self.net is not None else self.model
 
     @property
     def unwrapped(self) -> torch.nn.Module:
@@ -272,6 +278,7 @@ def setup(cfg: TrainConfig, resume: bool, hold: ExitStack | None = None) -> Sess
         d.splits,
         d.strict,
     )
+    splits = resident_splits(splits, accelerator.device, d.device_data)  # GPU: uint8 on the device (train.fast)
     if splits.manifest is not None:  # the server's case: ciphertext on disk, checked against this run
         fingerprint = Key.load(cfg.crypto.key).fingerprint if cfg.crypto.key else None
         splits.manifest.check(scheme=cfg.crypto.scheme, block_size=block, size=side, fingerprint=fingerprint)
@@ -284,7 +291,7 @@ def setup(cfg: TrainConfig, resume: bool, hold: ExitStack | None = None) -> Sess
     if splits.manifest is not None and splits.manifest.preprocess is not None:  # how the client resized
         splits.manifest.preprocess.check(pipeline.recipe, f"encrypted dataset {d.data}")
 
-    optimizer = torch.optim.AdamW(param_groups(model, cfg))
+    optimizer = make_optimizer(param_groups(model, cfg), accelerator.device)  # fused on CUDA
     model, optimizer = accelerator.prepare(model, optimizer)
     schedule = make_schedule(cfg, len(splits.train), [g["lr"] for g in optimizer.param_groups])
     state = RunState()
@@ -299,6 +306,7 @@ def setup(cfg: TrainConfig, resume: bool, hold: ExitStack | None = None) -> Sess
         cfg, out, accelerator, precision, splits, cipher, pipeline, block, data_seed, model, optimizer, schedule, state
     )
     session.lock = lock
+    session.net = maybe_compile(model, accelerator.device, cfg.backbone.compile)
     return session
 
 
@@ -338,6 +346,8 @@ def epoch_feed(s: Session, epoch: int, first: int) -> Iterator[tuple[torch.Tenso
         yield from ds.batches(b // world, rank, world, shuffle=True, seed=seed, skip=first, steps=steps - first)
         return
     order = epoch_order(len(ds), s.data_seed, epoch)
+    if isinstance(ds, DeviceDataset):  # one copy of the epoch's order, not one per batch
+        order = order.to(ds.images.device)
     for i in range(first, steps):
         yield get_batch(ds, order[i * b : (i + 1) * b], rank, world)
 
@@ -349,16 +359,34 @@ def train_epoch(s: Session, epoch: int, on_step: StepCallback | None) -> dict[st
     s.model.train()
     first = s.state.step - epoch * sched.steps_per_epoch  # > 0 only when resuming mid-epoch
     feed = epoch_feed(s, epoch, first)
-    sums = {"loss": 0.0, "correct": 0.0, "n": 0.0} | (s.state.partial or {})
+    totals = StepTotals(acc.device, s.state.partial)  # on the device: read every `every_sync` steps (train.fast)
+    every_sync = log_every(acc.device, cfg.run.log_every_steps)
     s.state.partial = None
     bar = tqdm(
         range(first, sched.steps_per_epoch), desc=f"epoch {epoch + 1}/{o.epochs}", disable=cfg.run.quiet or not s.main
     )
     t0 = time.perf_counter()
+
+    def synced(i: int, loss: torch.Tensor) -> dict[str, float]:
+        """The sums so far on the host; a loss that was not finite stops the run here."""
+        sums, finite = totals.read()
+        if not finite:
+            ckpt = s.out / CHECKPOINT_FILE
+            raise TrainingDiverged(
+                f"loss is {loss.item()} at epoch {epoch + 1}, step {i + 1}; stopped. Last good checkpoint: "
+                f"{ckpt if ckpt.exists() else 'none'}. Try a lower --lr or --patch-embed-lr-scale."
+            )
+        rate = sums["n"] * world / max(1e-9, time.perf_counter() - t0)
+        bar.set_postfix(
+            loss=f"{sums['loss'] / sums['n']:.3f}", acc=f"{sums['correct'] / sums['n']:.3f}", ips=f"{rate:.0f}"
+        )
+        return sums
+
     for i in bar:
         step = epoch * sched.steps_per_epoch + i
         if s.stop_signal is not None and step % o.grad_accum == 0:  # between optimiser steps
-            _stop(s, RunState(**{**vars(s.state), "epoch": epoch, "step": step, "partial": dict(sums)}))
+            partial = totals.read()[0]
+            _stop(s, RunState(**{**vars(s.state), "epoch": epoch, "step": step, "partial": partial}))
         gen = torch.Generator().manual_seed(s.data_seed * 1_000_003 + step * 97 + rank)
         images, labels = next(feed)
         images, labels = images.to(acc.device), labels.to(acc.device)
@@ -368,14 +396,11 @@ def train_epoch(s: Session, epoch: int, on_step: StepCallback | None) -> dict[st
             for g, lr in zip(s.optimizer.param_groups, sched.base_lrs, strict=True):
                 g["lr"] = lr * get_lr_scale(step // o.grad_accum, sched.total, sched.warmup)
             with acc.autocast():
-                logits = s.model(x)
+                logits = s.forward(x)
             loss = F.cross_entropy(logits.float(), target, label_smoothing=o.label_smoothing)
-            if not torch.isfinite(loss):
-                ckpt = s.out / CHECKPOINT_FILE
-                raise TrainingDiverged(
-                    f"loss is {loss.item()} at epoch {epoch + 1}, step {i + 1}; stopped. Last good checkpoint: "
-                    f"{ckpt if ckpt.exists() else 'none'}. Try a lower --lr or --patch-embed-lr-scale."
-                )
+            totals.add(loss, logits, labels)
+            if (i + 1 - first) % every_sync == 0:
+                synced(i, loss)
             acc.backward(loss)
             if o.clip_grad and acc.sync_gradients:
                 acc.clip_grad_norm_(s.model.parameters(), o.clip_grad)
@@ -383,17 +408,11 @@ def train_epoch(s: Session, epoch: int, on_step: StepCallback | None) -> dict[st
             s.optimizer.zero_grad(set_to_none=True)
             if on_step is not None and s.main and acc.sync_gradients:
                 on_step((step + 1) // o.grad_accum, s.unwrapped)
-        sums["loss"] += loss.item() * len(labels)
-        sums["correct"] += (logits.argmax(1) == labels).sum().item()
-        sums["n"] += len(labels)
-        rate = sums["n"] * world / max(1e-9, time.perf_counter() - t0)
-        bar.set_postfix(
-            loss=f"{sums['loss'] / sums['n']:.3f}", acc=f"{sums['correct'] / sums['n']:.3f}", ips=f"{rate:.0f}"
-        )
         every = cfg.run.save_every_steps
         if every and (step + 1) % every == 0 and i + 1 < sched.steps_per_epoch and s.main:
-            partial = RunState(**{**vars(s.state), "epoch": epoch, "step": step + 1, "partial": dict(sums)})
+            partial = RunState(**{**vars(s.state), "epoch": epoch, "step": step + 1, "partial": synced(i, loss)})
             save_checkpoint(s.out / CHECKPOINT_FILE, s.unwrapped, s.optimizer, partial)
+    sums = synced(sched.steps_per_epoch - 1, loss) if sched.steps_per_epoch > first else totals.read()[0]
     sums["seconds"] = time.perf_counter() - t0
     return sums
 
@@ -401,7 +420,7 @@ def train_epoch(s: Session, epoch: int, on_step: StepCallback | None) -> dict[st
 def end_epoch(s: Session, epoch: int, sums: dict[str, float]) -> None:
     """Validate, record the epoch, keep the best weights, checkpoint, write metrics."""
     acc = s.accelerator
-    val = evaluate(s.model, s.splits.val, s.pipeline, s.cfg.optim.batch_size, acc)
+    val = evaluate(s.forward, s.splits.val, s.pipeline, s.cfg.optim.batch_size, acc)
     train_stats = acc.reduce(
         torch.tensor([sums["loss"], sums["correct"], sums["n"]], dtype=torch.float64, device=acc.device),
         reduction="sum",
@@ -438,7 +457,7 @@ def finish(s: Session) -> RunResult:
     """Reload the best epoch, touch the test set once, write the adapter and the result."""
     cfg, history = s.cfg, s.state.history
     load_best(s.out, s.unwrapped)
-    test = evaluate(s.model, s.splits.test, s.pipeline, cfg.optim.batch_size, s.accelerator)
+    test = evaluate(s.forward, s.splits.test, s.pipeline, cfg.optim.batch_size, s.accelerator)
     result = RunResult(
         test_acc=test["acc"],
         test_loss=test["loss"],

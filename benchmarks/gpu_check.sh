@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# Issue 30's GPU checks in one run of at most 9 minutes, on a bare GPU machine that has only this checkout.
+#
+# Before (on a machine that has them): copy the assets into the ignored folder gpu-assets/ of the checkout
+#   mkdir -p gpu-assets && cp ../shared/weights/vit_tiny_patch16_224.safetensors \
+#     ../shared/datasets/cifar10-jpeg.tar.gz gpu-assets/ && PYTHONPATH=src python -m ppvit.cli keygen gpu-assets/gpu.key
+# (41 MB: carried by the device tool, carry=["gpu-assets"]). To continue the preset from an earlier run, unpack
+# its reproduce-gpu.tar.gz into gpu-assets/ first: finished cells are skipped.
+# Run:  OUT=/some/folder bash benchmarks/gpu_check.sh       (STAGES="bench preset" to run fewer stages)
+# It installs nothing (PYTHONPATH=src, the machine's own torch, timm, peft, accelerate), and prints the
+# versions first. Each stage runs under its own `timeout`; the preset gets what is left of TOTAL_S.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+start=$SECONDS
+OUT="${OUT:-gpu-check-out}"
+TOTAL_S="${TOTAL_S:-540}"
+STAGES="${STAGES:-versions bench serve service preset}"
+ASSETS="${ASSETS:-gpu-assets}"
+mkdir -p "$OUT"
+export PYTHONPATH="$PWD/src" PYTHONUNBUFFERED=1
+export PPVIT_WEIGHTS="$PWD/$ASSETS/vit_tiny_patch16_224.safetensors" PPVIT_CIFAR10="$PWD/$ASSETS/cifar10-jpeg.tar.gz"
+export PPVIT_CACHE="${PPVIT_CACHE:-/tmp/ppvit-cache}"
+PY="${PY:-python3}"
+for f in "$PPVIT_WEIGHTS" "$PPVIT_CIFAR10" "$ASSETS/gpu.key"; do
+  test -f "$f" || { echo "gpu_check: $f missing (see the top of $0)"; exit 2; }
+done
+
+stage() {  # stage NAME SECONDS COMMAND...: its output into $OUT/gpu_check.log (the device tool returns 8 files)
+  local name=$1 limit=$2
+  shift 2
+  case " $STAGES " in *" $name "*) ;; *) return 0 ;; esac
+  echo "== $name (at most ${limit} s, $((SECONDS - start)) s in)"
+  timeout --signal=TERM --kill-after=20 "$limit" "$@" 2>&1 | tee -a "$OUT/gpu_check.log"
+  local rc=${PIPESTATUS[0]}
+  echo "== $name: exit $rc$([ "$rc" = 124 ] && echo ' (its time ran out)')" | tee -a "$OUT/gpu_check.log"
+}
+
+stage versions 120 "$PY" - <<'PY'
+import importlib, platform, torch
+print("python", platform.python_version())
+for name in ("torch", "timm", "peft", "accelerate", "numpy", "safetensors", "fastapi", "uvicorn", "httpx"):
+    try:
+        print(name, importlib.import_module(name).__version__)
+    except ImportError:
+        print(name, "not installed")
+print("cuda", torch.version.cuda, "available", torch.cuda.is_available())
+if torch.cuda.is_available():
+    print("gpu", torch.cuda.get_device_name(0), f"{torch.cuda.get_device_properties(0).total_memory / 2**30:.0f} GiB")
+PY
+
+# (a)-(d): peak, ceiling, pipeline, lora-pe/full, ViT-Ti/16 at 224, batch 512, on 20,000 CIFAR-10 images
+stage bench 170 "$PY" benchmarks/bench_gpu.py --data "$PPVIT_CIFAR10" --json "$OUT/bench_gpu.json"
+
+# serving on CUDA: one routed pass for 1, 16 and 64 tenants vs the merged model vs one pass per adapter,
+# then ppvit serve on cuda under a loopback load (p50/p99); the server needs the extra `serve`
+stage serve 100 "$PY" benchmarks/bench_serve.py --device cuda --size 224 --batch 64 --tenant-counts 1,16,64 \
+  --repeats 5 --tenants 16 --clients 32 --seconds 10
+
+# a service job trained on a CUDA slot (the micro ViT: the slot's path, not its speed)
+stage service 100 "$PY" benchmarks/bench_service.py --quick --train-device cuda:0
+
+# the gpu preset, in one process, within what is left (its budget shrinks the cells where slower, and says so)
+# (the estimate and the trial cell take about a minute of it). PRESET_ARGS="--minutes 0" keeps all 50,000
+# images (in a fresh ASSETS/reproduce-gpu: a budget, once chosen, stands for its folder) over several runs.
+left=$((TOTAL_S - (SECONDS - start) - 30))
+if [ "$left" -gt 60 ]; then
+  # shellcheck disable=SC2086  # PRESET_ARGS: flags, one a word
+  stage preset "$left" "$PY" -m ppvit.cli reproduce --preset gpu --one-process --out "$ASSETS/reproduce-gpu" \
+    --key "$ASSETS/gpu.key" --minutes "$(awk "BEGIN {print ($left - 60) / 60}")" ${PRESET_ARGS:-}
+  for f in results.md results.json; do
+    test -f "$ASSETS/reproduce-gpu/$f" && cp "$ASSETS/reproduce-gpu/$f" "$OUT/preset-$f"
+  done
+  # finished cells (their configs and results, no key, no weights) to continue in a later run
+  test -d "$ASSETS/reproduce-gpu/cells" && tar -czf "$OUT/reproduce-gpu.tar.gz" -C "$ASSETS" \
+    --exclude='*.pt' --exclude='*.safetensors' --exclude='*.key' reproduce-gpu
+fi
+echo "gpu_check: $((SECONDS - start)) s in all; results in $OUT"
