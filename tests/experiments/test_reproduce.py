@@ -77,11 +77,11 @@ def test_failed_cells_are_reported_not_hidden(
 ) -> None:
     real, calls = runner.run_cell, []
 
-    def second_fails(cfg: TrainConfig) -> RunResult:
+    def second_fails(cfg: TrainConfig, spawn: bool = True) -> RunResult:
         calls.append(cfg.run.out)
         if len(calls) == 2:
             raise ValueError("batch size 10000 is larger than the training set")
-        return real(cfg)
+        return real(cfg, spawn)
 
     monkeypatch.setattr(runner, "run_cell", second_fails)
     preset = Preset("two", "", TOY.base, {"linear": MethodSettings(lr=5e-3)}, ("none", "shuffle"), (0,))
