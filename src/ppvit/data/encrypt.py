@@ -86,6 +86,11 @@ def transform_collection(
 ) -> Summary:
     """Encrypt (or decrypt) every image of ``src`` (any source: :func:`ppvit.data.sources.open_source`)
     into ``dst``; the shared engine of both verbs."""
+    if cipher.scheme.mixing:
+        raise ValueError(
+            f"scheme {cipher.scheme}: its ciphertext is float16 or integers, and ppvit writes and reads uint8 "
+            "datasets only so far; train with --key (the client simulated in the pipeline)"
+        )
     source = open_source(src, columns)
     dst = Path(dst)
     check_output(dst, manifest.format)

@@ -158,6 +158,8 @@ class Client:
                 arrays.append(read_image(im, size))
         x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
         if info["scheme"] is not None:
+            if Scheme.parse(info["scheme"]).mixing:
+                raise ValueError(f"scheme {info['scheme']}: the server takes uint8 ciphertext only so far")
             if key is None:
                 raise ValueError(f"the adapter expects images encrypted with scheme {info['scheme']}: pass the key")
             if key.fingerprint != info["key_fingerprint"]:
