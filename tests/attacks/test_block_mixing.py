@@ -67,3 +67,25 @@ def test_thumbnail_is_the_block_means_upscaled() -> None:
     x[:, :16] = 200  # block-aligned halves: the top blocks' mean is 200, the bottom ones' 77
     t = thumbnail(x, 16).astype(int)
     assert t[0, :16].mean() > 190 and t[0, 16:].mean() < 90
+
+
+def test_audit_attacks_mixings_as_matrices(tmp_path, toy_dataset, key_file, capsys) -> None:
+    """`ppvit audit --scheme mix --scheme lift`: least squares from 8 pairs (512 blocks > 48 unknowns
+    a row) decrypts both exactly once rounded; no weight matching (it finds plans, and a mixing is none)."""
+    import json
+
+    from conftest import SMALL, assert_no_key_material
+
+    from ppvit import cli
+
+    out = tmp_path / "audit"
+    args = ["audit", "--key", str(key_file), "--data", str(toy_dataset), "--size", "32", "--block-size", "4"]
+    args += ["--pairs", "1,8", "--images", "4", "--model", SMALL, "--scheme", "mix", "--scheme", "lift"]
+    assert cli.main([*args, "--out", str(out)]) == 0
+    printed = capsys.readouterr()
+    report = json.loads((out / "audit.json").read_text())
+    mix, lift = report["schemes"]
+    assert lift["kpa"][1] == mix["kpa"][1] == {"pairs": 8, "plan_recovered": 1.0, "held_out_psnr_db": "inf"}
+    assert not report["weights"]
+    assert "thumbnail_reference_psnr_db" in mix["ciphertext_only"] and "second_order_psnr_db" in lift["ciphertext_only"]
+    assert_no_key_material([out, printed.out, printed.err], Key.load(key_file))
