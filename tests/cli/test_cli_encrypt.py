@@ -221,8 +221,9 @@ def _empty(root: Path) -> None:
         (lambda r: make_tree(r, n=1, size=16), ["--size", "100"], "--size 100 is not a multiple of the block size 16"),
         (_mixed, ["--block-size", "4"], "train/dog/1.png is 16x24); pass --size"),
         (_empty, [], "no images found"),
+        (lambda r: make_tree(r, n=1, size=16), ["--scheme", "mix"], "uint8 datasets only so far"),
     ],
-    ids=["block-vs-image", "block-vs-size", "mixed-sizes", "empty"],
+    ids=["block-vs-image", "block-vs-size", "mixed-sizes", "empty", "dense-mixing"],
 )
 def test_parameter_mistakes_are_one_line_before_any_work(
     tmp_path: Path, key_file: Path, capsys, make, extra: list[str], says: str

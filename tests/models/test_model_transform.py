@@ -228,3 +228,47 @@ def test_cli_transform_model(tmp_path: Path, capsys: pytest.CaptureFixture[str])
         torch.testing.assert_close(restored[k], v, rtol=0, atol=1e-6, msg=k)
     printed = capsys.readouterr()
     assert_no_key_material([out, back, printed.out, printed.err], KEY)
+
+
+MIXED = ["mix", "lift", "scramble+mix", "negpos:pixel+shuffle+scramble+lift"]
+
+
+def exact_ciphertext(x: np.ndarray, scheme: str, p: int) -> np.ndarray:
+    """The real-valued ciphertext (no float16 rounding), from the mixing's matrix, outside BlockCipher."""
+    cipher = BlockCipher(KEY, scheme, p)
+    gathered = cipher.plan(*x.shape[1:]).apply_numpy(x).astype(np.float64)
+    mixing = cipher.mixing()
+    n, h, w, c = x.shape
+    blocks = gathered.reshape(n, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5).reshape(n, -1, p * p * c)
+    mixed = blocks @ mixing.matrix.T + 255 * mixing.offset  # u = A v + d, in pixel units
+    return mixed.reshape(n, h // p, w // p, p, p, c).transpose(0, 1, 3, 2, 4, 5).reshape(x.shape)
+
+
+@pytest.mark.parametrize("norm", [UNIFORM, IMAGENET], ids=["uniform", "imagenet"])
+@pytest.mark.parametrize("scheme", MIXED)
+def test_mixing_is_absorbed_exactly(case, scheme: str, norm) -> None:
+    """Exact on the real-valued ciphertext; on the stored one (float16 for mix) within its rounding."""
+    model, x, plain = case
+    p = model.patch_embed.patch_size[0]
+    transformed = transform_model(copy.deepcopy(model), KEY, scheme, mean=norm[0], std=norm[1])
+    stored = BlockCipher(KEY, scheme, p).encrypt(x)
+    big = p == 16  # ViT-B/16 geometry: 768 x 768 matrices, float32 logits of order 10
+    if big and (norm == UNIFORM or scheme in ("lift", "scramble+mix")):
+        pytest.skip("ViT-B/16 geometry: one float and one integer scheme suffice (seconds each)")
+    with torch.no_grad():
+        err = (transformed(normalise(exact_ciphertext(x, scheme, p).astype(np.float32), *norm)) - plain[norm]).abs()
+        err_stored = (transformed(normalise(stored, *norm)) - plain[norm]).abs().max().item()
+        untouched = (model(normalise(stored, *norm)) - plain[norm]).abs().max().item()
+    assert err.max().item() < (1e-3 if big else TOLERANCE)
+    assert err_stored < (1e-2 if scheme.endswith("mix") else 1e-3 if big else TOLERANCE)
+    assert untouched > 30 * err_stored
+
+
+def test_mixing_inverse_undoes_the_transform() -> None:
+    model = make_model(SMALL)
+    x = images(model)
+    scheme = "negpos:pixel+shuffle+scramble+lift"
+    enc = BlockCipher(KEY, scheme, 4).encrypt(x)
+    for_plain = transform_model(copy.deepcopy(model), KEY, scheme, inverse=True)
+    with torch.no_grad():
+        assert (for_plain(normalise(x, *UNIFORM)) - model(normalise(enc, *UNIFORM))).abs().max() < TOLERANCE

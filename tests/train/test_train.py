@@ -462,3 +462,25 @@ def test_run_records_are_strict_json_even_when_a_value_is_not_finite(tmp_path: P
     )
     result.write(tmp_path / "result.json")
     assert strict((tmp_path / "result.json").read_text())["test_loss"] is None
+
+
+@pytest.mark.parametrize("scheme", ["mix", "lift"])
+def test_dense_mixing_trains_through_the_simulated_client(
+    tmp_path: Path, toy_dataset: Path, key_file: Path, scheme: str, first_train_batch: dict[str, torch.Tensor]
+) -> None:
+    """`--scheme mix|lift` with --key-init: the model is given the mixed blocks (float16 / integers, the
+    documented map recomputed from the key's matrix) and the adapter reloads for `eval` with the key."""
+    from ppvit.crypto.mixing import block_mixing
+
+    result = train(train_config(tmp_path / "run", toy_dataset, key_file, scheme=scheme, key_init=True, epochs=2))
+    plain = first_train_batch["plain"].numpy().astype(np.float64)
+    mixing = block_mixing(Key.load(key_file), scheme, 4, 3)
+    n = len(plain)
+    blocks = plain.reshape(n, 8, 4, 8, 4, 3).transpose(0, 1, 3, 2, 4, 5).reshape(n, 64, 48)
+    mixed = blocks @ mixing.matrix.T + 255 * mixing.offset  # the real-valued ciphertext
+    expected = torch.from_numpy(mixed.reshape(n, 8, 8, 4, 4, 3).transpose(0, 5, 1, 3, 2, 4).reshape(n, 3, 32, 32))
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in normalization(create_backbone(SMALL, num_classes=4)))
+    seen = (first_train_batch["input"] * std + mean) * 255
+    torch.testing.assert_close(seen.double(), expected, rtol=0, atol=0.3 if scheme == "mix" else 1e-3)
+    assert cli.main(["eval", str(tmp_path / "run"), "--data", str(toy_dataset), "--key", str(key_file)]) == 0
+    assert result.test_acc >= 0

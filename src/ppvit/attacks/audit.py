@@ -22,12 +22,13 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ppvit.attacks.block_mixing import audit_mixing
 from ppvit.attacks.ciphertext_stats import block_mean_image, ciphertext_stats, jigsaw_neighbours, source_blocks
 from ppvit.attacks.known_plaintext import known_plaintext_attack
 from ppvit.attacks.metrics import plan_accuracy, psnr, upscale
 from ppvit.attacks.report import Figures, write_report
 from ppvit.attacks.weight_matching import MapScore, embedding, true_map, weight_matching_attack
-from ppvit.crypto.ciphers import BlockCipher
+from ppvit.crypto.ciphers import BlockCipher, Scheme
 from ppvit.crypto.keys import Key
 from ppvit.models.adapters import build_base, load_adapter, read_adapter_meta
 from ppvit.models.backbones import create_backbone, input_size, patch_size
@@ -59,6 +60,8 @@ def audit_scheme(key: Key, scheme: str, images: np.ndarray, cfg: AuditConfig) ->
     measures what a per-dataset key buys. Returns the report and the figure's row (titled images).
     """
     p = cfg.block_size
+    if Scheme.parse(scheme).mixing:  # a matrix, not a plan: attacks/block_mixing.py
+        return audit_mixing(key, scheme, images, cfg.pairs, cfg.images, p)
     cipher = BlockCipher(key, scheme, p)
     truth = cipher.plan(*images.shape[1:])
     need = max(cfg.pairs)

@@ -18,6 +18,11 @@ ordered combination of keyed steps, written ``shuffle+scramble`` on the command 
 ``channel``
     Colour-channel shuffling: one of the ``C!`` orders of the channels.
 
+``mix``, ``lift``
+    Keyed dense block mixings (a secret orthogonal or unimodular integer matrix applied to
+    every block, after the other steps): see :mod:`ppvit.crypto.mixing`. They end a scheme
+    and make the ciphertext float16 (``mix``) or int16/int32 (``lift``) instead of uint8.
+
 ``negpos`` and ``channel`` take a mode: ``:block`` (the default, the EtC family: each block
 gets its own keyed choice) or ``:pixel`` (one keyed choice per pixel position inside the
 block, the same for every block). Per-block choices tie the model to positions and cannot
@@ -33,8 +38,9 @@ in ``range(8)``, ``negpos`` in ``range(2)``, ``channel`` an index into
 ``itertools.permutations(range(C))`` (output channel ``k`` takes input channel
 ``order[k]``). Rotations are ``numpy.rot90`` over (row, column).
 
-Every scheme compiles, for one image size, to a :class:`Plan`: a gather index over the
-image flattened in (H, W, C) order and a mask of values to negate afterwards. One plan
+Every scheme's gather steps (all but ``mix``/``lift``) compile, for one image size, to a
+:class:`Plan`: a gather index over the image flattened in (H, W, C) order and a mask of
+values to negate afterwards. One plan
 serves numpy (HWC, NHWC) and torch (CHW, NCHW, any device), so both agree bit for bit,
 and its inverse is again a plan.
 """
@@ -51,8 +57,9 @@ import torch
 from PIL import Image
 
 from ppvit.crypto.keys import Key
+from ppvit.crypto.mixing import MIXING_STEPS, BlockMixing, block_mixing
 
-STEP_NAMES = ("shuffle", "scramble", "rotate", "negpos", "channel")
+STEP_NAMES = ("shuffle", "scramble", "rotate", "negpos", "channel", *MIXING_STEPS)
 _MODED = ("negpos", "channel")  # steps that accept ``:block`` / ``:pixel``
 Mode = Literal["block", "pixel"]
 
@@ -89,6 +96,8 @@ class Scheme:
                 raise ValueError(f"scheme step {part!r}: {name} takes {allowed}")
             if any(s.name == name for s in steps):
                 raise ValueError(f"scheme {text!r} names {name} twice")
+            if steps and steps[-1].name in MIXING_STEPS:
+                raise ValueError(f"scheme {text!r}: {steps[-1].name} mixes whole blocks and must be its last step")
             steps.append(Step(name, mode or "block"))  # type: ignore[arg-type]
         return cls(tuple(steps))
 
@@ -98,7 +107,17 @@ class Scheme:
     @property
     def absorbable(self) -> bool:
         """True when one fixed model change undoes the scheme (no per-block choices)."""
-        return all(s.name in ("shuffle", "scramble") or s.mode == "pixel" for s in self.steps)
+        return all(s.name in ("shuffle", "scramble", *MIXING_STEPS) or s.mode == "pixel" for s in self.steps)
+
+    @property
+    def mixing(self) -> str | None:
+        """The dense mixing step that ends the scheme (``mix``, ``lift``), if any."""
+        return self.steps[-1].name if self.steps and self.steps[-1].name in MIXING_STEPS else None
+
+    @property
+    def gather(self) -> Scheme:
+        """The steps a :class:`Plan` does: all but the mixing."""
+        return Scheme(tuple(s for s in self.steps if s.name not in MIXING_STEPS))
 
 
 @dataclass(frozen=True, eq=False)
@@ -181,7 +200,8 @@ class BlockCipher:
 
     numpy arrays are channels-last (HWC or NHWC), torch tensors channels-first (CHW or
     NCHW), PIL images are RGB; each comes back as the same kind. Plans are compiled once
-    per image size and cached.
+    per image size and cached. A scheme ending in ``mix``/``lift`` gives float16/int
+    ciphertext (no PIL image) and decrypts it back to uint8.
     """
 
     def __init__(self, key: Key, scheme: str | Scheme = "shuffle", block_size: int = 16) -> None:
@@ -196,13 +216,18 @@ class BlockCipher:
         return f"BlockCipher(scheme={str(self.scheme)!r}, block_size={self.block_size}, key={self.key.fingerprint})"
 
     def plan(self, height: int, width: int, channels: int = 3) -> Plan:
-        """The encryption plan for images of this size."""
+        """The encryption plan for images of this size (of the gather steps: a mixing follows it)."""
         return self._plans_for(height, width, channels)[0]
+
+    def mixing(self, channels: int = 3) -> BlockMixing | None:
+        """The block mixing applied after the plan, if the scheme has one."""
+        name = self.scheme.mixing
+        return None if name is None else block_mixing(self.key, name, self.block_size, channels)
 
     def _plans_for(self, height: int, width: int, channels: int) -> tuple[Plan, Plan]:
         shape = (height, width, channels)
         if shape not in self._plans:
-            enc = compile_plan(self.key, self.scheme, self.block_size, shape)
+            enc = compile_plan(self.key, self.scheme.gather, self.block_size, shape)
             self._plans[shape] = (enc, enc.inverse())
         return self._plans[shape]
 
@@ -216,18 +241,32 @@ class BlockCipher:
 
     def _run(self, x: Any, which: int, max_value: float | None) -> Any:
         if isinstance(x, Image.Image):
+            if self.scheme.mixing:
+                raise ValueError(f"scheme {self.scheme}: the ciphertext is not an 8-bit image; pass a numpy array")
             arr = np.asarray(x.convert("RGB"))
             return Image.fromarray(self._run(arr, which, max_value))
         if isinstance(x, torch.Tensor):
             if x.ndim not in (3, 4):
                 raise ValueError(f"expected a CHW or NCHW tensor, got shape {tuple(x.shape)}")
             c, h, w = x.shape[-3:]
-            return self._plans_for(*self._check(h, w), c)[which].apply_torch(x, max_value)
+            plan = self._plans_for(*self._check(h, w), c)[which]
+            mixing = self.mixing(c)
+            if mixing is None:
+                return plan.apply_torch(x, max_value)
+            if which == 0:
+                return _blockwise_chw(plan.apply_torch(x, max_value), self.block_size, mixing.encrypt)
+            return plan.apply_torch(_blockwise_chw(x, self.block_size, mixing.decrypt), max_value)
         if isinstance(x, np.ndarray):
             if x.ndim not in (3, 4):
                 raise ValueError(f"expected an HWC or NHWC array, got shape {x.shape}")
             h, w, c = x.shape[-3:]
-            return self._plans_for(*self._check(h, w), c)[which].apply_numpy(x, max_value)
+            plan = self._plans_for(*self._check(h, w), c)[which]
+            mixing = self.mixing(c)
+            if mixing is None:
+                return plan.apply_numpy(x, max_value)
+            if which == 0:
+                return _blockwise_hwc(plan.apply_numpy(x, max_value), self.block_size, mixing.encrypt)
+            return plan.apply_numpy(_blockwise_hwc(x, self.block_size, mixing.decrypt), max_value)
         raise TypeError(f"cannot encrypt a {type(x).__name__}; pass a numpy array, torch tensor or PIL image")
 
     def _check(self, h: int, w: int) -> tuple[int, int]:
@@ -255,6 +294,22 @@ def pinned_cipher(
     return cipher, key.settle("input_size", input_size)
 
 
+def _blockwise_hwc(x: np.ndarray, p: int, fn: Any) -> np.ndarray:
+    """Apply ``fn`` to the (..., blocks, p*p*C) view of a channels-last array, and back."""
+    *lead, h, w, c = x.shape
+    blocks = np.ascontiguousarray(x).reshape(-1, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
+    y = fn(torch.from_numpy(np.ascontiguousarray(blocks)).reshape(-1, (h // p) * (w // p), p * p * c)).numpy()
+    return y.reshape(-1, h // p, w // p, p, p, c).transpose(0, 1, 3, 2, 4, 5).reshape(*lead, h, w, c)
+
+
+def _blockwise_chw(x: torch.Tensor, p: int, fn: Any) -> torch.Tensor:
+    """Apply ``fn`` to the (..., blocks, p*p*C) view of a channels-first tensor, and back."""
+    *lead, c, h, w = x.shape
+    blocks = x.reshape(-1, c, h // p, p, w // p, p).permute(0, 2, 4, 3, 5, 1)
+    y = fn(blocks.reshape(-1, (h // p) * (w // p), p * p * c))
+    return y.reshape(-1, h // p, w // p, p, p, c).permute(0, 5, 1, 3, 2, 4).reshape(*lead, c, h, w)
+
+
 class EncryptTransform:
     """A torchvision-style transform: ``Compose([Resize(224), EncryptTransform(cipher), ToTensor()])``."""
 
@@ -275,6 +330,8 @@ class EncryptTransform:
 def compile_plan(key: Key, scheme: str | Scheme, block_size: int, shape: tuple[int, int, int]) -> Plan:
     """Trace every step on an image of indices to get one gather index and negate mask."""
     scheme = Scheme.parse(scheme)
+    if scheme.mixing:
+        raise ValueError(f"scheme {scheme}: {scheme.mixing} is no gather; compile scheme.gather and mix after it")
     h, w, c = shape
     p = block_size
     gh, gw = h // p, w // p

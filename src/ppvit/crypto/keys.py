@@ -224,10 +224,13 @@ class KeyStream:
             counter += 1
 
     def read(self, n: int) -> bytes:
-        """The next ``n`` bytes of the stream."""
-        while len(self._buf) < n:
-            self._buf += next(self._blocks)
-        out, self._buf = self._buf[:n], self._buf[n:]
+        """The next ``n`` bytes of the stream (blocks joined once: a keyed matrix reads megabytes)."""
+        parts, have = [self._buf], len(self._buf)
+        while have < n:
+            parts.append(next(self._blocks))
+            have += 32
+        buf = b"".join(parts)
+        out, self._buf = buf[:n], buf[n:]
         return out
 
     def randbelow(self, n: int) -> int:

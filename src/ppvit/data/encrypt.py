@@ -90,6 +90,11 @@ def transform_collection(
     """Encrypt (or decrypt) every image of ``src`` (any source: :func:`ppvit.data.sources.open_source`)
     into ``dst``; the shared engine of both verbs. An image that cannot be read is counted in the summary,
     or with ``strict`` stops the run (ValueError naming it; a rerun continues)."""
+    if cipher.scheme.mixing:
+        raise ValueError(
+            f"scheme {cipher.scheme}: its ciphertext is float16 or integers, and ppvit writes and reads uint8 "
+            "datasets only so far; train with --key (the client simulated in the pipeline)"
+        )
     source = open_source(src, columns)
     dst = Path(dst)
     check_output(dst, manifest.format)

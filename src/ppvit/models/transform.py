@@ -41,6 +41,19 @@ right after it; with uniform mean and std and no ``negpos`` it is zero anyway.
 The inverse (``inverse=True``) applies the same formula to the decryption plan: it turns a
 model that works on encrypted images (e.g. one the key holder trained on them) into one
 for plain images.
+
+A dense block mixing (``mix``, ``lift``: :mod:`ppvit.crypto.mixing`) after the gather steps
+makes the within-block map affine: in the pipeline's units (``v = x/255``), a block's values
+become ``u = T v + t`` with ``T = A G`` and ``t = A g + d``, where ``G`` is the signed
+permutation of the gather steps (``G[i, pi(i)] = -1`` where negated, else 1), ``g`` the
+negation indicator and ``u = A v + d`` the mixing's real form. With inputs ``a = D b + e``
+(the old input ``a`` from the new one ``b``: ``D = T^-1, e = -T^-1 t`` to absorb the key,
+``D = T, e = t`` for the inverse) and ``a = s n_a + m`` per position,
+
+    W' = W S^-1 D S,        b' = b + W S^-1 (D m + e - m)
+
+in float64 (``S = diag(s)``), exact up to float rounding and the ciphertext's own
+quantisation (float16 for ``mix``; ``lift`` is exact).
 """
 
 from __future__ import annotations
@@ -58,6 +71,7 @@ from timm.layers import PatchEmbed
 from ppvit._io import atomic_write
 from ppvit.crypto.ciphers import BlockCipher, Plan, Scheme
 from ppvit.crypto.keys import Key
+from ppvit.crypto.mixing import BlockMixing
 from ppvit.models.backbones import create_backbone, input_size, normalization, patch_size
 
 
@@ -159,8 +173,41 @@ def keyed_embedding(
     scheme = Scheme.parse(scheme)
     p = _check_model(model, scheme, block_size)
     side, channels = input_size(model), model.patch_embed.proj.in_channels
-    plan = BlockCipher(key, scheme, p).plan(side, side, channels)
-    return plan_embedding(model, plan.inverse() if inverse else plan, mean, std)
+    cipher = BlockCipher(key, scheme, p)
+    plan, mixing = cipher.plan(side, side, channels), cipher.mixing(channels)
+    if mixing is None:
+        return plan_embedding(model, plan.inverse() if inverse else plan, mean, std)
+    return mixed_embedding(model, plan, mixing, mean, std, inverse)
+
+
+def mixed_embedding(
+    model: nn.Module,
+    plan: Plan,
+    mixing: BlockMixing,
+    mean: tuple[float, ...] | None = None,
+    std: tuple[float, ...] | None = None,
+    inverse: bool = False,
+) -> KeyedEmbedding:
+    """:func:`keyed_embedding` for a gather plan followed by a block mixing (module docstring)."""
+    mean, std = _norm(model, plan, mean, std)
+    bmap = block_map(plan, patch_size(model))
+    n = bmap.pi.size
+    g = np.zeros((n, n))
+    g[np.arange(n), bmap.pi] = np.where(bmap.inv, -1.0, 1.0)
+    t_mat, t_vec = mixing.matrix @ g, mixing.matrix @ bmap.inv.astype(np.float64) + mixing.offset
+    if inverse:
+        d_mat, e_vec, sigma = t_mat, t_vec, np.argsort(bmap.sigma)
+    else:
+        d_mat = np.linalg.inv(t_mat)
+        e_vec, sigma = -d_mat @ t_vec, bmap.sigma
+    proj = model.patch_embed.proj
+    dim, c, p, _ = proj.weight.shape
+    w = proj.weight.detach().double().permute(0, 2, 3, 1).reshape(dim, -1)  # (row, col, channel) columns
+    m = np.asarray(mean, dtype=np.float64)[np.arange(n) % c]
+    s = np.asarray(std, dtype=np.float64)[np.arange(n) % c]
+    new_w = w @ torch.from_numpy(d_mat * s[None, :] / s[:, None])
+    shift = w @ torch.from_numpy((d_mat @ m + e_vec - m) / s)
+    return _embedding(model, new_w.reshape(dim, p, p, c).permute(0, 3, 1, 2), shift, sigma)
 
 
 def plan_embedding(
@@ -168,7 +215,16 @@ def plan_embedding(
 ) -> KeyedEmbedding:
     """:func:`keyed_embedding` for a compiled plan: also a plan recovered without the key
     (:mod:`ppvit.attacks.ciphertext_only`): how a server that broke the key starts where the key holder does."""
-    p = patch_size(model)
+    mean, std = _norm(model, plan, mean, std)
+    bmap = block_map(plan, patch_size(model))
+    new_w, shift = _fold(model.patch_embed.proj.weight, bmap, mean, std)
+    return _embedding(model, new_w, shift, bmap.sigma)
+
+
+def _norm(
+    model: nn.Module, plan: Plan, mean: tuple[float, ...] | None, std: tuple[float, ...] | None
+) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The normalisation to fold (the model's own by default), after checking the plan fits the model."""
     proj = model.patch_embed.proj
     side = input_size(model)
     if plan.shape != (side, side, proj.in_channels):
@@ -177,14 +233,18 @@ def plan_embedding(
     mean, std = mean or default_mean, std or default_std
     if len(mean) != proj.in_channels or len(std) != proj.in_channels:
         raise ValueError(f"mean and std need {proj.in_channels} values (one per channel), got {mean} and {std}")
-    bmap = block_map(plan, p)
+    return mean, std
 
-    new_w, shift = _fold(proj.weight, bmap, mean, std)
+
+def _embedding(model: nn.Module, new_w: torch.Tensor, shift: torch.Tensor, sigma: np.ndarray) -> KeyedEmbedding:
+    """The new weight (float64), the bias moved by ``shift`` and the patch tokens' position embeddings
+    taken from blocks ``sigma``, cast to the model's dtypes."""
+    proj = model.patch_embed.proj
     pos = model.pos_embed
     if pos is not None:
         start = 0 if getattr(model, "no_embed_class", False) else model.num_prefix_tokens
         pos = pos.detach().double().clone()
-        pos[:, start:] = pos[:, start:][:, torch.from_numpy(bmap.sigma)]
+        pos[:, start:] = pos[:, start:][:, torch.from_numpy(sigma)]
     bias = None
     if proj.bias is not None:
         bias = (proj.bias.detach().double() + shift).to(proj.bias.dtype)

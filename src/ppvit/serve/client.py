@@ -171,6 +171,8 @@ class Client:
             arrays.append(read_image(im, size, resize=origin is None))
             here.append(origin is None)
         x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+        if info["scheme"] is not None and Scheme.parse(info["scheme"]).mixing:
+            raise ValueError(f"scheme {info['scheme']}: the server takes uint8 ciphertext only so far")
         rows = torch.tensor(here)
         if info["scheme"] is not None and rows.any():
             if key is None:

@@ -1,0 +1,162 @@
+"""How much of an image the attacks on ``mix``/``lift`` recover, beside ``shuffle`` and the thumbnail.
+
+One fresh key (``Key.generate()``). The attacker's prior: ``--prior`` CIFAR-10 *train* images; the
+victim's images: CIFAR-10 *test* images, the first N encrypted and shown to the attacker, the last
+``--held`` decrypted with what it learnt and scored against the plain images (PSNR, SSIM). All
+images are upscaled from 32x32 to ``--size`` (bicubic, as ppvit resizes). Rows:
+
+* ``eigen-alignment k`` (``mix`` only: it uses that ``A`` is orthogonal) and ``whitened second-order k``:
+  :mod:`ppvit.attacks.block_mixing`'s ciphertext-only attacks of rank k from N ciphertexts;
+* ``known-plaintext``: least squares from N plain/encrypted pairs;
+* ``shuffle``: ppvit's ciphertext-only key recovery (:func:`ppvit.attacks.ciphertext_only.recover_plan`);
+* references: ``thumbnail`` (the block-mean image upscaled: what a block-mean leak shows),
+  ``prior mean`` (the prior's mean block everywhere: knowing nothing), ``top-k oracle`` (the plain
+  image projected on the prior's top-k components: the best a second-order attack of rank k can do).
+
+Usage:
+    python benchmarks/mixing_attack_study.py --data PATH --size 112 --n 10 100 1000 \\
+        --prior 5000 --held 32 --out docs/key-recovery/mixing_attacks.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ppvit._io import json_text
+from ppvit.attacks.block_mixing import (
+    BlockStats,
+    known_plaintext_decryptor,
+    orthogonal_attack,
+    second_order_attack,
+    thumbnail,
+)
+from ppvit.attacks.metrics import psnr, ssim, to_blocks, upscale
+from ppvit.crypto.ciphers import BlockCipher
+from ppvit.crypto.keys import Key
+from ppvit.data.datasets import load_source_split, stratified_subset, test_images
+
+CHUNK = 250
+
+
+def score(name: str, n: int | None, plain: np.ndarray, guess: np.ndarray, **extra: Any) -> dict[str, Any]:
+    row = {"attack": name, "n": n, "psnr_db": psnr(plain, guess), "ssim": ssim(plain, guess), **extra}
+    n_text = "" if n is None else f" N={n}"
+    print(f"  {name}{n_text}: PSNR {row['psnr_db']:.2f} dB, SSIM {row['ssim']:.3f}", flush=True)
+    return row
+
+
+def chunks(images: np.ndarray, size: int, cipher: BlockCipher | None = None):
+    for start in range(0, len(images), CHUNK):
+        x = upscale(images[start : start + CHUNK], size, "bicubic")
+        yield x if cipher is None else cipher.encrypt(x)
+
+
+def references(prior: BlockStats, held: np.ndarray, p: int, k: int) -> list[dict[str, Any]]:
+    """Thumbnail, prior mean and the top-k oracle on the held-out images."""
+    n, h, w, c = held.shape
+    back = lambda b: b.reshape(n, h // p, w // p, p, p, c).transpose(0, 1, 3, 2, 4, 5).reshape(held.shape)  # noqa: E731
+    x = to_blocks(held, p).astype(np.float64)
+    mean_img = np.broadcast_to(np.rint(prior.mean), x.shape).astype(np.uint8)
+    _, vec = np.linalg.eigh(prior.cov)
+    top = vec[:, ::-1][:, :k]
+    oracle = np.clip(np.rint(prior.mean + (x - prior.mean) @ top @ top.T), 0, 255).astype(np.uint8)
+    return [
+        score("thumbnail", None, held, thumbnail(held, p)),
+        score("prior mean", None, held, back(mean_img)),
+        score(f"top-{k} oracle", None, held, back(oracle)),
+    ]
+
+
+def mixing_rows(scheme: str, key: Key, victims: np.ndarray, held: np.ndarray, prior: BlockStats, args) -> list:
+    p, rows = args.block, []
+    cipher = BlockCipher(key, scheme, p)
+    enc_held = cipher.encrypt(held)
+    stats, seen = BlockStats(p), 0
+    for n in sorted(args.n):
+        for batch in chunks(victims[seen:n], args.size, cipher):
+            stats.add(batch)
+        seen = n
+        attacks = {"whitened second-order": second_order_attack}
+        if scheme == "mix":  # the attacker knows mix is orthogonal
+            attacks["eigen-alignment"] = orthogonal_attack
+        for name, attack in attacks.items():
+            for k in args.k:
+                dec = attack(stats, prior, scheme, k=k)
+                rows.append(score(f"{name} k={k}", n, held, dec.decrypt(enc_held, p), scheme=scheme, k=k))
+    plain_kp = upscale(victims[: max(args.kp)], args.size, "bicubic")
+    for n in args.kp:
+        dec = known_plaintext_decryptor(plain_kp[:n], cipher.encrypt(plain_kp[:n]), p)
+        rows.append(score("known-plaintext", n, held, dec.decrypt(enc_held, p), scheme=scheme))
+    return rows
+
+
+def shuffle_rows(key: Key, victims: np.ndarray, held: np.ndarray, args) -> list:
+    from ppvit.attacks.ciphertext_only import recover_plan
+    from ppvit.crypto.ciphers import compile_plan
+
+    truth = compile_plan(key, "shuffle", args.block, held.shape[1:])
+    rows = []
+    for n in args.shuffle_n:
+        seen = upscale(victims[:n], args.size, "bicubic")
+        guess = recover_plan(truth.apply_numpy(seen), "shuffle", args.block, seed=np.random.default_rng(0))
+        rows.append(
+            score(
+                "ciphertext-only key recovery",
+                n,
+                held,
+                guess.inverse().apply_numpy(truth.apply_numpy(held)),
+                scheme="shuffle",
+            )
+        )
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", default=os.environ.get("PPVIT_CIFAR10"), help="CIFAR-10 copy (or $PPVIT_CIFAR10)")
+    parser.add_argument("--size", type=int, default=112)
+    parser.add_argument("--block", type=int, default=16)
+    parser.add_argument("--schemes", nargs="+", default=["mix", "lift", "shuffle"])
+    parser.add_argument("--n", type=int, nargs="+", default=[10, 100, 1000], help="ciphertexts the attacker sees")
+    parser.add_argument("--kp", type=int, nargs="+", default=[1, 2, 4, 8, 16], help="known plain/encrypted pairs")
+    parser.add_argument("--shuffle-n", type=int, nargs="+", default=[10, 100], help="ciphertexts for shuffle")
+    parser.add_argument("--prior", type=int, default=5000, help="public CIFAR-10 train images (the prior)")
+    parser.add_argument("--held", type=int, default=32, help="held-out images scored")
+    parser.add_argument("--k", type=int, nargs="+", default=[3, 16, 48], help="ranks of the second-order attacks")
+    parser.add_argument("--out", type=Path, default=Path("docs/key-recovery/mixing_attacks.json"))
+    args = parser.parse_args()
+
+    t0 = time.perf_counter()
+    key = Key.generate()
+    pool = test_images(args.data, max(args.n) + args.held)
+    victims, held = pool[: max(args.n)], upscale(pool[-args.held :], args.size, "bicubic")
+    train = load_source_split(args.data, "train")
+    public = stratified_subset(train, args.prior, seed=0).images  # in class order: shuffled for the sample
+    public = public[np.random.default_rng(1).permutation(len(public))]
+    prior = BlockStats.of(chunks(public, args.size), args.block)
+    print(
+        f"{args.size}x{args.size}, {args.block}x{args.block} blocks, prior {args.prior} train images, "
+        f"{args.held} held-out test images, key {key.fingerprint}",
+        flush=True,
+    )
+    rows = references(prior, held, args.block, max(args.k))
+    for scheme in args.schemes:
+        print(scheme, flush=True)
+        if scheme == "shuffle":
+            rows += shuffle_rows(key, victims, held, args)
+        else:
+            rows += mixing_rows(scheme, key, victims, held, prior, args)
+    doc = {"setting": {k: str(v) for k, v in vars(args).items()}, "seconds": time.perf_counter() - t0, "rows": rows}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json_text(doc))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,91 @@
+"""Attacks on dense block mixings: statistics against numpy, exact recoveries where they must be exact."""
+
+from __future__ import annotations
+
+import numpy as np
+from attack_images import noise, smooth_images
+
+from ppvit.attacks.block_mixing import BlockStats, known_plaintext_decryptor, orthogonal_attack, thumbnail
+from ppvit.attacks.metrics import to_blocks
+from ppvit.crypto.ciphers import BlockCipher
+from ppvit.crypto.keys import Key
+from ppvit.crypto.mixing import block_mixing
+
+
+def test_block_stats_match_numpy() -> None:
+    x = noise(3, 8)
+    stats = BlockStats(4).add(x[:2]).add(x[2:])
+    b = to_blocks(x, 4).astype(np.float64).reshape(3, 2, 2, 48)
+    flat = b.reshape(-1, 48)
+    np.testing.assert_allclose(stats.cov, np.cov(flat.T, bias=True), atol=1e-8)
+    # E[x_b x_b'^T] - mean mean^T (one mean for every block: stationary images)
+    right = np.einsum("ngi,ngj->ij", b[:, :, 0], b[:, :, 1]) / 6 - np.outer(flat.mean(0), flat.mean(0))
+    np.testing.assert_allclose(stats.lag("right"), right, atol=1e-8)
+    assert sum(len(s) for s in stats.sample) == 12  # every block, fewer than the sample size
+
+
+def test_known_plaintext_recovers_lift_exactly_from_enough_blocks() -> None:
+    """12 values a block: 16 blocks of noise span them, and the inverse comes out in integers."""
+    key = Key.generate()
+    cipher = BlockCipher(key, "lift", 2)
+    pairs, held = noise(1, 8), noise(4, 8, seed=1)
+    dec = known_plaintext_decryptor(pairs, cipher.encrypt(pairs), 2)
+    inverse = np.linalg.inv(block_mixing(key, "lift", 2, 3).matrix)
+    np.testing.assert_allclose(dec.matrix, inverse, atol=1e-6)
+    np.testing.assert_array_equal(dec.decrypt(cipher.encrypt(held), 2), held)
+    few = known_plaintext_decryptor(pairs[:, :4, :4], cipher.encrypt(pairs[:, :4, :4]), 2)  # 4 blocks < 12
+    assert not np.array_equal(few.decrypt(cipher.encrypt(held), 2), held)
+
+
+def test_eigen_alignment_recovers_a_permutation_exactly() -> None:
+    """``shuffle`` is an orthogonal mixing about 127.5: with exact statistics the attack finds it."""
+    key = Key.generate()
+    images = smooth_images(200, 8, seed=0, grain=6.0)
+    cipher = BlockCipher(key, "shuffle", 2)
+    prior = BlockStats(2).add(images)
+    seen = BlockStats(2).add(cipher.encrypt(images))
+    dec = orthogonal_attack(seen, prior, "mix", k=12, iters=200)
+    perm = np.eye(12)[key.permutation("ppvit/v1/shuffle/p=2/c=3", 12)]  # y = P x
+    np.testing.assert_allclose(dec.matrix, perm.T, atol=1e-3)
+    held = smooth_images(3, 8, seed=1, grain=6.0)
+    np.testing.assert_array_equal(dec.decrypt(cipher.encrypt(held), 2), held)
+
+
+def test_eigen_alignment_is_no_better_than_its_rank() -> None:
+    """At rank 1 only the top component (the block's brightness) comes back: not the image."""
+    key = Key.generate()
+    images = smooth_images(200, 8, seed=0, grain=6.0)
+    cipher = BlockCipher(key, "shuffle", 2)
+    dec = orthogonal_attack(BlockStats(2).add(cipher.encrypt(images)), BlockStats(2).add(images), "mix", k=1)
+    held = smooth_images(3, 8, seed=1, grain=6.0)
+    assert not np.array_equal(dec.decrypt(cipher.encrypt(held), 2), held)
+
+
+def test_thumbnail_is_the_block_means_upscaled() -> None:
+    x = np.full((1, 32, 32, 3), 77, np.uint8)
+    np.testing.assert_array_equal(thumbnail(x, 16), x)
+    x[:, :16] = 200  # block-aligned halves: the top blocks' mean is 200, the bottom ones' 77
+    t = thumbnail(x, 16).astype(int)
+    assert t[0, :16].mean() > 190 and t[0, 16:].mean() < 90
+
+
+def test_audit_attacks_mixings_as_matrices(tmp_path, toy_dataset, key_file, capsys) -> None:
+    """`ppvit audit --scheme mix --scheme lift`: least squares from 8 pairs (512 blocks > 48 unknowns
+    a row) decrypts both exactly once rounded; no weight matching (it finds plans, and a mixing is none)."""
+    import json
+
+    from conftest import SMALL, assert_no_key_material
+
+    from ppvit import cli
+
+    out = tmp_path / "audit"
+    args = ["audit", "--key", str(key_file), "--data", str(toy_dataset), "--size", "32", "--block-size", "4"]
+    args += ["--pairs", "1,8", "--images", "4", "--model", SMALL, "--scheme", "mix", "--scheme", "lift"]
+    assert cli.main([*args, "--out", str(out)]) == 0
+    printed = capsys.readouterr()
+    report = json.loads((out / "audit.json").read_text())
+    mix, lift = report["schemes"]
+    assert lift["kpa"][1] == mix["kpa"][1] == {"pairs": 8, "plan_recovered": 1.0, "held_out_psnr_db": "inf"}
+    assert not report["weights"]
+    assert "thumbnail_reference_psnr_db" in mix["ciphertext_only"] and "second_order_psnr_db" in lift["ciphertext_only"]
+    assert_no_key_material([out, printed.out, printed.err], Key.load(key_file))
