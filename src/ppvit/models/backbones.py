@@ -19,7 +19,7 @@ import torch.nn as nn
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 
-from ppvit.models.weights import check_weights_file, read_state_dict, weights_mismatch
+from ppvit.models.weights import check_weights_file, read_state_dict, tensor_shapes, weights_mismatch
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +94,10 @@ def create_backbone(
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
     if num_classes is not None:
         kwargs["num_classes"] = num_classes
+    elif weights is not None:  # the file's own head, as timm.create_model keeps a downloaded one
+        check_weights_file(Path(weights))
+        head = tensor_shapes(Path(weights)).get("head.weight")
+        kwargs["num_classes"] = head[0] if head else 0
     if img_size is not None:
         kwargs["img_size"] = img_size
     if not timm.is_model(name):
