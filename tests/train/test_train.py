@@ -180,7 +180,7 @@ def test_training_on_data_encrypted_on_disk(tmp_path: Path, toy_dataset: Path, k
     assert result.test_acc > 0.5
     with pytest.raises(ValueError, match="does not commute"):
         train(train_config(tmp_path / "run2", enc, None, augment="crop-flip"))
-    with pytest.raises(ValueError, match="scheme is shuffle, not shuffle\\+scramble"):
+    with pytest.raises(ValueError, match="records scheme shuffle, not shuffle\\+scramble"):
         train(train_config(tmp_path / "run3", enc, None, scheme="shuffle+scramble"))
     manifest = read_manifest(enc)
     manifest.preprocess = Preprocess(32, "pil-bilinear", None, None)  # resized by another kernel than ppvit's
