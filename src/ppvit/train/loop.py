@@ -46,12 +46,12 @@ from ppvit.data.manifest import Manifest
 from ppvit.data.pipeline import BatchPipeline, epoch_order, get_batch
 from ppvit.data.sources import Columns
 from ppvit.data.streaming import ShardStream
-from ppvit.models.adapters import AdapterMeta, file_sha256, save_adapter
+from ppvit.models.adapters import AdapterMeta, file_sha256, load_adapter, save_adapter
 from ppvit.models.backbones import create_backbone, input_size, normalization, patch_size
 from ppvit.models.methods import apply_method
 from ppvit.models.transform import transform_model
 from ppvit.train.config import TrainConfig
-from ppvit.train.inference import evaluate
+from ppvit.train.inference import evaluate, score_test
 from ppvit.train.runs import (
     CHECKPOINT_FILE,
     CONFIG_FILE,
@@ -425,10 +425,17 @@ def end_epoch(s: Session, epoch: int, sums: dict[str, float]) -> None:
 
 
 def finish(s: Session) -> RunResult:
-    """Reload the best epoch, touch the test set once, write the adapter and the result."""
+    """Reload the best epoch, write the adapter, touch the test set once (the adapter as saved), write the result."""
     cfg, history = s.cfg, s.state.history
     load_best(s.out, s.unwrapped)
-    test = evaluate(s.model, s.splits.test, s.pipeline, cfg.optim.batch_size, s.accelerator)
+    meta = adapter_meta(cfg, s.splits.train.classes, s.cipher, s.splits.manifest)
+    if s.main:
+        save_adapter(s.unwrapped, meta, s.out / "adapter")
+    s.accelerator.wait_for_everyone()
+    # measured on the adapter as saved, as `ppvit eval` measures it: one run, one test accuracy
+    model, meta = load_adapter(s.out / "adapter", cfg.backbone.weights)
+    key = s.cipher.key if s.cipher is not None else None
+    test = score_test(model, meta, s.splits.test, s.splits.encrypted, key, s.accelerator)
     result = RunResult(
         test_acc=test["acc"],
         test_loss=test["loss"],
@@ -449,8 +456,6 @@ def finish(s: Session) -> RunResult:
     if cfg.run.report_to != "none":
         s.accelerator.log({"test_loss": test["loss"], "test_acc": test["acc"]}, step=len(history))
     if s.main:
-        meta = adapter_meta(cfg, s.splits.train.classes, s.cipher, s.splits.manifest)
-        save_adapter(s.unwrapped, meta, s.out / "adapter")
         result.write(s.out / RESULT_FILE)
     return result
 
