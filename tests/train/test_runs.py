@@ -4,9 +4,11 @@ more epochs, no validation split, and what a refused run leaves behind."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
+import yaml
 from conftest import train_config
 
 from ppvit import cli
@@ -34,3 +36,59 @@ def test_result_json_and_eval_report_the_same_test_figures_exactly(
         recorded["test_acc"],
         recorded["test_images"],
     )
+
+
+def lr_at(step: int, total: int, warmup: int, peak: float) -> float:
+    """Linear warm-up then cosine to 0, written out (not ppvit's function)."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    return peak * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / (total - warmup))))
+
+
+def test_resume_with_more_epochs_extends_a_finished_run_with_a_new_schedule(
+    tmp_path: Path, toy_dataset: Path, capsys
+) -> None:
+    """`ppvit train --resume --out RUN --epochs 4` on a finished 2-epoch run answered "--resume with
+    different settings (epochs)". It now trains epochs 3-4 from the last weights under a new warm-up +
+    cosine schedule, keeps the first two epochs' records, and records both schedules."""
+    run = tmp_path / "run"
+    train(train_config(run, toy_dataset, None, scheme="none", epochs=2))
+    before = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert cli.main(["-q", "train", "--resume", "--out", str(run), "--epochs", "4"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2, 3, 4] and rows[:2] == before
+    # 72 training images (96, a quarter held out), batch 8: 9 steps an epoch; warm-up 0.5 epoch: round(4.5) = 4
+    steps, warmup, peak = 9, 4, 3e-3
+    assert rows[1]["lr"] == pytest.approx(lr_at(17, 2 * steps, warmup, peak), abs=1e-12)  # the first schedule's end
+    for row, last in ((rows[2], steps - 1), (rows[3], 2 * steps - 1)):  # the new one: epochs 3-4 alone
+        assert row["lr"] == pytest.approx(lr_at(last, 2 * steps, warmup, peak), rel=1e-9)
+    result = json.loads((run / "result.json").read_text())
+    assert result == printed and result["epochs"] == 4
+    assert result["schedules"] == [
+        {"start_epoch": 0, "start_step": 0, "epochs": 2},
+        {"start_epoch": 2, "start_step": 2 * steps, "epochs": 4},
+    ]
+    val = [r["val_acc"] for r in rows]
+    assert result["best_epoch"] == 1 + val.index(max(val)) and result["best_val_acc"] == max(val)
+    assert yaml.safe_load((run / "config.yaml").read_text())["optim"]["epochs"] == 4
+
+
+def test_resume_refuses_shortening_and_other_settings_saying_what_to_do(
+    tmp_path: Path, toy_dataset: Path, capsys
+) -> None:
+    run = tmp_path / "run"
+    train(train_config(run, toy_dataset, None, scheme="none", epochs=2))
+    capsys.readouterr()
+    saved = (run / "checkpoint.pt").read_bytes()
+    for flags, expected in (
+        (["--epochs", "1"], "has trained 2 epochs; --epochs 1 would not extend it: give more than 2"),
+        (["--lr", "0.1"], "different settings (lr): a run keeps its settings"),
+        (["--lr", "0.1", "--epochs", "5"], "different settings (lr): a run keeps its settings"),
+    ):
+        assert cli.main(["-q", "train", "--resume", "--out", str(run), *flags]) == 2
+        err = capsys.readouterr().err
+        assert len(err.splitlines()) == 1 and expected in err, err
+        assert "--out" in err or "more than" in err
+    assert (run / "checkpoint.pt").read_bytes() == saved
+    assert yaml.safe_load((run / "config.yaml").read_text())["optim"]["epochs"] == 2

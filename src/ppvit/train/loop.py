@@ -62,6 +62,7 @@ from ppvit.train.runs import (
     load_best,
     load_checkpoint,
     lock_run_folder,
+    plan_schedules,
     remove_empty_run_folder,
     save_best,
     save_checkpoint,
@@ -191,6 +192,7 @@ class Schedule:
     total: int  # optimiser steps
     warmup: int
     base_lrs: list[float]
+    start: int = 0  # the micro-batch it starts at (> 0 once a resume with more epochs extended the run)
 
 
 @dataclass
@@ -229,6 +231,8 @@ def setup(cfg: TrainConfig, resume: bool, hold: ExitStack | None = None) -> Sess
     is released when ``hold`` closes (without one: with the session).
     """
     out = Path(cfg.run.out)
+    # read before this run rewrites it: a checkpoint older than RunState.schedules follows the run's own length
+    saved_epochs = TrainConfig.load(out / CONFIG_FILE).optim.epochs if resume and (out / CONFIG_FILE).exists() else None
     precision = resolve_precision(cfg.optim.precision)
     report = None if cfg.run.report_to == "none" else cfg.run.report_to
     accelerator = make_accelerator(
@@ -276,11 +280,19 @@ def setup(cfg: TrainConfig, resume: bool, hold: ExitStack | None = None) -> Sess
 
     optimizer = torch.optim.AdamW(param_groups(model, cfg))
     model, optimizer = accelerator.prepare(model, optimizer)
-    schedule = make_schedule(cfg, len(splits.train), [g["lr"] for g in optimizer.param_groups])
+    base_lrs = [g["lr"] for g in optimizer.param_groups]  # before a checkpoint's state replaces them
     state = RunState()
     if resume and (out / CHECKPOINT_FILE).exists():
         state = load_checkpoint(out / CHECKPOINT_FILE, accelerator.unwrap_model(model), optimizer)
         log.info("resumed %s at epoch %d, step %d", out, state.epoch, state.step)
+    if plan_schedules(state, cfg.optim.epochs, saved_epochs, out):
+        log.info(
+            "extending %s to %d epochs: a new warm-up and cosine schedule from epoch %d's last weights",
+            out,
+            cfg.optim.epochs,
+            state.epoch,
+        )
+    schedule = make_schedule(cfg, len(splits.train), base_lrs, state)
     if accelerator.is_main_process:  # written once the run's inputs have been checked: it marks the folder
         atomic_write_text(out / CONFIG_FILE, cfg.dump())
     if report:
@@ -306,13 +318,15 @@ def start_trackers(accelerator: Accelerator, cfg: TrainConfig, hold: ExitStack |
         hold.callback(accelerator.end_training)
 
 
-def make_schedule(cfg: TrainConfig, n_train: int, base_lrs: list[float]) -> Schedule:
+def make_schedule(cfg: TrainConfig, n_train: int, base_lrs: list[float], state: RunState | None = None) -> Schedule:
+    """The schedule in force: from the start of the run, or from where the last extension began it."""
     o = cfg.optim
     steps_per_epoch = n_train // o.batch_size
     if steps_per_epoch == 0:
         raise ValueError(f"batch size {o.batch_size} is larger than the training set ({n_train} images)")
     warmup = max(1, round(o.warmup_epochs * steps_per_epoch / o.grad_accum))
-    return Schedule(steps_per_epoch, steps_per_epoch * o.epochs // o.grad_accum, warmup, base_lrs)
+    start = state.schedules[-1]["start_step"] if state is not None and state.schedules else 0
+    return Schedule(steps_per_epoch, (steps_per_epoch * o.epochs - start) // o.grad_accum, warmup, base_lrs, start)
 
 
 def epoch_feed(s: Session, epoch: int, first: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -356,7 +370,7 @@ def train_epoch(s: Session, epoch: int, on_step: StepCallback | None) -> dict[st
         x, target = mix_batch(x, labels, len(s.splits.train.classes), cfg.data.mixup, cfg.data.cutmix, s.block, gen)
         with acc.accumulate(s.model):
             for g, lr in zip(s.optimizer.param_groups, sched.base_lrs, strict=True):
-                g["lr"] = lr * get_lr_scale(step // o.grad_accum, sched.total, sched.warmup)
+                g["lr"] = lr * get_lr_scale((step - sched.start) // o.grad_accum, sched.total, sched.warmup)
             with acc.autocast():
                 logits = s.model(x)
             loss = F.cross_entropy(logits.float(), target, label_smoothing=o.label_smoothing)
@@ -452,6 +466,7 @@ def finish(s: Session) -> RunResult:
         peak_rss_mb=peak_rss_mb(),
         processes=s.accelerator.num_processes,
         precision=s.precision,
+        schedules=s.state.schedules,
     )
     if cfg.run.report_to != "none":
         s.accelerator.log({"test_loss": test["loss"], "test_acc": test["acc"]}, step=len(history))
