@@ -8,8 +8,9 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
-from conftest import train_config
+from conftest import adapter_tensors, train_config
 
 from ppvit import cli
 from ppvit.train.loop import train
@@ -92,3 +93,23 @@ def test_resume_refuses_shortening_and_other_settings_saying_what_to_do(
         assert "--out" in err or "more than" in err
     assert (run / "checkpoint.pt").read_bytes() == saved
     assert yaml.safe_load((run / "config.yaml").read_text())["optim"]["epochs"] == 2
+
+
+def test_no_validation_split_keeps_the_last_epoch_and_says_so(
+    tmp_path: Path, toy_dataset: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`--train-subset 16` left no validation image (10% of 4 a class rounds to 0) and the run ended
+    in `[Errno 2] No such file or directory: '.../best.pt'`."""
+    run = tmp_path / "run"
+    cfg = train_config(run, toy_dataset, None, scheme="none", epochs=2, train_subset=16, val_fraction=0.1)
+    with caplog.at_level("INFO", logger="ppvit.train.loop"):
+        result = train(cfg)
+    said = [m for r in caplog.records if "validation" in (m := r.getMessage()) and not m.startswith("epoch ")]
+    assert len(said) == 1 and "no validation images" in said[0] and "last epoch" in said[0], said
+    assert result.best_epoch == 2
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["val_acc"], r["val_loss"]) for r in rows] == [(None, None)] * 2
+    last = torch.load(run / "checkpoint.pt", weights_only=False)["model"]  # the last epoch's weights
+    saved = adapter_tensors(run)
+    assert set(saved) == set(last) and all(torch.equal(saved[n], last[n]) for n in last)
+    assert json.loads((run / "result.json").read_text())["best_val_acc"] is None

@@ -268,6 +268,13 @@ def setup(cfg: TrainConfig, resume: bool, hold: ExitStack | None = None) -> Sess
         side,
         d.splits,
     )
+    if len(splits.val) == 0 and accelerator.is_main_process:
+        log.info(
+            "no validation images (--val-fraction %g of %d training images rounds to none a class): "
+            "no epoch is chosen, the last epoch is the one kept and tested",
+            d.val_fraction,
+            len(splits.train),
+        )
     if splits.manifest is not None:  # the server's case: ciphertext on disk, checked against this run
         fingerprint = Key.load(cfg.crypto.key).fingerprint if cfg.crypto.key else None
         splits.manifest.check(scheme=cfg.crypto.scheme, block_size=block, size=side, fingerprint=fingerprint)
@@ -406,6 +413,8 @@ def end_epoch(s: Session, epoch: int, sums: dict[str, float]) -> None:
     """Validate, record the epoch, keep the best weights, checkpoint, write metrics."""
     acc = s.accelerator
     val = evaluate(s.model, s.splits.val, s.pipeline, s.cfg.optim.batch_size, acc)
+    if val["n"] == 0:  # no validation split: each epoch replaces the last as the one kept (said in setup)
+        val.update(loss=None, acc=None)
     train_stats = acc.reduce(
         torch.tensor([sums["loss"], sums["correct"], sums["n"]], dtype=torch.float64, device=acc.device),
         reduction="sum",
@@ -423,17 +432,21 @@ def end_epoch(s: Session, epoch: int, sums: dict[str, float]) -> None:
     s.state.history.append(row)
     s.state.epoch, s.state.step = epoch + 1, (epoch + 1) * s.schedule.steps_per_epoch
     if s.main:
-        if val["acc"] > s.state.best_val_acc:
-            s.state.best_val_acc, s.state.best_epoch = val["acc"], epoch + 1
+        if val["acc"] is None or val["acc"] > s.state.best_val_acc:
+            s.state.best_epoch = epoch + 1
+            s.state.best_val_acc = s.state.best_val_acc if val["acc"] is None else val["acc"]
             save_best(s.out, s.unwrapped)
         save_checkpoint(s.out / CHECKPOINT_FILE, s.unwrapped, s.optimizer, s.state)
         write_metrics(s.out, s.state.history)
     if s.cfg.run.report_to != "none":
-        acc.log({k: v for k, v in row.items() if k != "epoch"}, step=epoch + 1)
+        acc.log({k: v for k, v in row.items() if k != "epoch" and v is not None}, step=epoch + 1)
     if s.main:  # every run, tracker or not
+        val_text = "no validation" if val["n"] == 0 else f"val loss {val['loss']:.4f} acc {val['acc']:.4f}"
         log.info(
-            "epoch %d: train loss %.4f acc %.4f | val loss %.4f acc %.4f | %.0f img/s",
-            *(row[k] for k in ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "images_per_s")),
+            "epoch %d: train loss %.4f acc %.4f | %s | %.0f img/s",
+            *(row[k] for k in ("epoch", "train_loss", "train_acc")),
+            val_text,
+            row["images_per_s"],
         )
     acc.wait_for_everyone()
 
@@ -455,7 +468,7 @@ def finish(s: Session) -> RunResult:
         test_loss=test["loss"],
         test_images=test["n"],
         best_epoch=s.state.best_epoch,
-        best_val_acc=s.state.best_val_acc,
+        best_val_acc=s.state.best_val_acc if s.state.best_val_acc >= 0 else None,  # None: no validation split
         epochs=cfg.optim.epochs,
         method=cfg.method.name,
         scheme=str(Scheme.parse(cfg.crypto.scheme)) if cfg.crypto.encrypted else "plain",

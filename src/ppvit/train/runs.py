@@ -57,7 +57,7 @@ class RunResult:
     test_loss: float
     test_images: int
     best_epoch: int | None
-    best_val_acc: float
+    best_val_acc: float | None  # None: no validation split (the last epoch is the one kept)
     epochs: int
     method: str
     scheme: str
