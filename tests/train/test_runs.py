@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from conftest import adapter_tensors, train_config
+from conftest import adapter_tensors, train_config, train_flags
 
 from ppvit import cli
 from ppvit.train.loop import train
@@ -113,3 +116,16 @@ def test_no_validation_split_keeps_the_last_epoch_and_says_so(
     saved = adapter_tensors(run)
     assert set(saved) == set(last) and all(torch.equal(saved[n], last[n]) for n in last)
     assert json.loads((run / "result.json").read_text())["best_val_acc"] is None
+
+
+def test_training_output_has_no_matplotlib_font_cache_line(tmp_path: Path, toy_dataset: Path) -> None:
+    """matplotlib builds its font cache on first use and said "generated new fontManager" between two
+    epochs' lines of a first `ppvit train`."""
+    cfg = train_config(tmp_path / "run", toy_dataset, None, scheme="none", epochs=1)
+    env = {**os.environ, "MPLCONFIGDIR": str(tmp_path / "fresh-matplotlib")}  # no font cache yet
+    done = subprocess.run(
+        [sys.executable, "-m", "ppvit.cli", "train", *train_flags(cfg)], env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (tmp_path / "run" / "curves.png").exists() and any((tmp_path / "fresh-matplotlib").iterdir())
+    assert "epoch 1: train loss" in done.stderr and "fontManager" not in done.stderr + done.stdout, done.stderr

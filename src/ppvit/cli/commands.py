@@ -95,7 +95,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if extra:  # named by the verb it was given to: `ppvit train: error: unrecognized arguments: --epcohs 3`
         _verb_parser(parser, args).error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
-    for chatty in ("httpx", "timm"):  # not a line per request of `ppvit client`, nor per model timm builds
+    # not a line per request of `ppvit client`, nor per model timm builds, nor matplotlib's "generated new
+    # fontManager" (its font cache built on first use) between two epochs' lines of a first `ppvit train`
+    for chatty in ("httpx", "timm", "matplotlib"):
         logging.getLogger(chatty).setLevel(logging.WARNING)
     try:
         code = args.func(args)
