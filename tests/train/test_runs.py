@@ -129,3 +129,15 @@ def test_training_output_has_no_matplotlib_font_cache_line(tmp_path: Path, toy_d
     assert done.returncode == 0, done.stderr[-2000:]
     assert (tmp_path / "run" / "curves.png").exists() and any((tmp_path / "fresh-matplotlib").iterdir())
     assert "epoch 1: train loss" in done.stderr and "fontManager" not in done.stderr + done.stdout, done.stderr
+
+
+def test_a_refused_run_leaves_no_empty_parent_folders_but_keeps_the_users(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    """A failed `ppvit train` (default --out runs/run) left an empty runs/ behind."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mine").mkdir()  # a user's empty folder: never removed
+    for out in ("runs/run", "a/b/run", "mine/run"):
+        code = cli.main(["-q", "train", "--out", out, "--data", "missing", "--scheme", "none", "--precision", "no"])
+        assert code == 2 and "missing" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"] and not any((tmp_path / "mine").iterdir())

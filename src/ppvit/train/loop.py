@@ -499,15 +499,16 @@ def train(cfg: TrainConfig, resume: bool = False, on_step: StepCallback | None =
     within ``cfg.run.dist_timeout_s`` (at once when its connections close) instead of waiting for ever.
     """
     cfg = cfg.resolved()
-    new_folder = not Path(cfg.run.out).exists()
+    out = Path(cfg.run.out)
+    created = next((p for p in reversed([out, *out.parents]) if not p.exists()), None)  # the first folder made
     try:
         with ExitStack() as hold:
             try:
                 session = setup(cfg, resume, hold)
             except BaseException:
-                if new_folder:  # refused before anything was written: leave no empty run folder behind
+                if created is not None:  # refused before anything was written: leave no empty folder behind
                     hold.close()
-                    remove_empty_run_folder(Path(cfg.run.out))
+                    remove_empty_run_folder(out, created)
                 raise
             hold.enter_context(_stop_on_signals(session))
             for epoch in range(session.state.epoch, cfg.optim.epochs):

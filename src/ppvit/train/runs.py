@@ -133,11 +133,18 @@ def lock_run_folder(out: Path) -> IO[str]:
     return fh
 
 
-def remove_empty_run_folder(out: Path) -> None:
-    """Remove ``out`` if it holds nothing but the lock file (a run refused before it wrote anything)."""
-    if out.is_dir() and {p.name for p in out.iterdir()} <= {LOCK_FILE}:
-        (out / LOCK_FILE).unlink(missing_ok=True)
-        out.rmdir()
+def remove_empty_run_folder(out: Path, created: Path) -> None:
+    """Remove ``out`` if it holds nothing but the lock file (a run refused before it wrote anything), and
+    its parents up to ``created`` (the first folder this run made: ``runs/`` of ``runs/run``) left empty."""
+    if not (out.is_dir() and {p.name for p in out.iterdir()} <= {LOCK_FILE}):
+        return
+    (out / LOCK_FILE).unlink(missing_ok=True)
+    for folder in [out, *out.parents]:
+        if folder != out and any(folder.iterdir()):
+            return
+        folder.rmdir()
+        if folder == created:
+            return
 
 
 def check_run_folder(out: Path, cfg: TrainConfig, resume: bool) -> None:
