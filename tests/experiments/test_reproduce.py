@@ -275,3 +275,25 @@ def test_a_slow_machine_trains_fewer_images_within_the_budget_and_says_so(
     quick = reproduce(preset, tmp_path / "quick", toy_dataset, progress=False)  # fast enough: the preset's size
     assert "budget" not in quick.settings and not (tmp_path / "quick" / runner.BUDGET_FILE).exists()
     assert TrainConfig.load(tmp_path / "quick" / "cells" / "linear-none-s0" / "config.yaml").data.train_subset == 80
+
+
+def test_a_failed_reproduce_removes_the_key_and_folders_it_made_only(tmp_path: Path, toy_dataset: Path) -> None:
+    """A reproduce that failed left OUT/reproduce.key (and OUT) behind; a user's own key stays."""
+    broken = Preset(
+        "broken", "", TOY.base.replace(batch_size=10_000), {"linear": MethodSettings(lr=1e-3)}, ("shuffle",), (0,)
+    )
+    out = tmp_path / "new" / "out"
+    with pytest.raises(ValueError, match="the first cell"):
+        reproduce(broken, out, toy_dataset, weights=None, pretrained=False, progress=False)
+    assert not (out / "reproduce.key").exists()
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == [
+        "cells",
+        "cells/linear-shuffle-s0",
+        "cells/linear-shuffle-s0/.lock",  # any run folder's
+        "cells/linear-shuffle-s0/stderr.log",  # named by the error: kept
+    ]
+    mine = tmp_path / "mine.key"
+    Key.generate().save(mine)
+    with pytest.raises(ValueError, match="the first cell"):
+        reproduce(broken, tmp_path / "other", toy_dataset, key=mine, weights=None, pretrained=False, progress=False)
+    assert mine.exists()

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
-from ppvit._io import atomic_write_text
+from ppvit._io import atomic_write_text, first_missing
 from ppvit.crypto.ciphers import BlockCipher, Scheme
 from ppvit.crypto.keys import Key
 from ppvit.data.augment import mix_batch
@@ -500,7 +500,7 @@ def train(cfg: TrainConfig, resume: bool = False, on_step: StepCallback | None =
     """
     cfg = cfg.resolved()
     out = Path(cfg.run.out)
-    created = next((p for p in reversed([out, *out.parents]) if not p.exists()), None)  # the first folder made
+    created = first_missing(out)
     try:
         with ExitStack() as hold:
             try:

@@ -20,7 +20,7 @@ from typing import IO, Any
 
 import torch
 
-from ppvit._io import atomic_write, atomic_write_json, atomic_write_text, json_text
+from ppvit._io import atomic_write, atomic_write_json, atomic_write_text, json_text, remove_empty_folders
 from ppvit.models.adapters import adapter_files, trainable_tensors
 from ppvit.train.config import IGNORED_ON_RESUME, TrainConfig
 
@@ -133,18 +133,12 @@ def lock_run_folder(out: Path) -> IO[str]:
     return fh
 
 
-def remove_empty_run_folder(out: Path, created: Path) -> None:
+def remove_empty_run_folder(out: Path, created: Path | None) -> None:
     """Remove ``out`` if it holds nothing but the lock file (a run refused before it wrote anything), and
     its parents up to ``created`` (the first folder this run made: ``runs/`` of ``runs/run``) left empty."""
-    if not (out.is_dir() and {p.name for p in out.iterdir()} <= {LOCK_FILE}):
-        return
-    (out / LOCK_FILE).unlink(missing_ok=True)
-    for folder in [out, *out.parents]:
-        if folder != out and any(folder.iterdir()):
-            return
-        folder.rmdir()
-        if folder == created:
-            return
+    if out.is_dir() and {p.name for p in out.iterdir()} <= {LOCK_FILE}:
+        (out / LOCK_FILE).unlink(missing_ok=True)
+        remove_empty_folders(out, created)
 
 
 def check_run_folder(out: Path, cfg: TrainConfig, resume: bool) -> None:
