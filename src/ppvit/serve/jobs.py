@@ -110,13 +110,17 @@ def job_config(settings: Any, dataset: Dataset, limits: ServiceLimits, out: Path
         if settings.get(name) is not None and settings[name] != value:
             raise JobError(422, f"config: {name} {settings[name]} differs from the dataset's {value}")
     model = settings.get("model")
-    if model is None or model not in limits.models:
-        allowed = ", ".join(sorted(limits.models))
+    allowed = ", ".join(sorted(limits.models))
+    if model is None and len(limits.models) == 1:  # the one model offered needs no naming
+        model = next(iter(limits.models))
+    elif model is None:
+        raise JobError(422, f"config: no model given; this server offers {allowed}: choose one with --model")
+    if model not in limits.models:
         raise JobError(422, f"config: model {model!r} is not offered here (allowed: {allowed})")
     weights = limits.models[model]
     try:
         cfg = TrainConfig.from_flat(
-            **{**settings, **fixed},
+            **{**settings, **fixed, "model": model},
             data=str(dataset.folder),
             out=str(out),
             weights=weights,
@@ -360,6 +364,7 @@ class Jobs:
         cfg = TrainConfig.from_dict(yaml.safe_load(config))
         metrics = self.metrics(jid)
         last = metrics[-1] if metrics else {}
+        result = self.result(jid) if state == "succeeded" else {}
         epochs = cfg.optim.epochs
         eta = None
         if state == "running" and last and started:
@@ -376,6 +381,8 @@ class Jobs:
             "epochs": epochs,
             "train_loss": last.get("train_loss"),
             "val_acc": last.get("val_acc"),
+            "test_acc": result.get("test_acc"),  # the run's result.json: its test split, on the server
+            "test_images": result.get("test_images"),
             "eta_s": eta,
             "log": last_line(self.folder(jid) / "log.txt"),
             "error": error,
@@ -391,6 +398,13 @@ class Jobs:
         except OSError:
             return []
         return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+    def result(self, job_id: str) -> dict[str, Any]:
+        """The finished run's result.json ({} if unreadable: the job's state says why)."""
+        try:
+            return json.loads((self.folder(job_id) / "run" / "result.json").read_text())
+        except (OSError, ValueError):
+            return {}
 
     def list(self, tenant_id: int) -> list[dict[str, Any]]:
         with service_db(self.root) as con:
