@@ -132,3 +132,22 @@ def json_text(doc: Any, indent: int | None = 2) -> str:
 def atomic_write_json(path: str | os.PathLike, doc: Any) -> None:
     """Write ``doc`` to ``path`` as strict JSON (:func:`json_text`), atomically."""
     atomic_write_text(path, json_text(doc))
+
+
+def first_missing(path: str | os.PathLike) -> Path | None:
+    """The first folder of ``path`` (itself or an ancestor) that does not exist yet: what creating it makes."""
+    path = Path(path).absolute()
+    return next((p for p in reversed([path, *path.parents]) if not p.exists()), None)
+
+
+def remove_empty_folders(path: str | os.PathLike, created: Path | None) -> None:
+    """Remove ``path`` and its parents while they are empty, up to ``created`` (from :func:`first_missing`,
+    before the folders were made): a failed command leaves no empty folder it made, and none of a user's."""
+    if created is None:
+        return
+    for folder in [Path(path).absolute(), *Path(path).absolute().parents]:
+        if not folder.is_dir() or any(folder.iterdir()):
+            return
+        folder.rmdir()
+        if folder == created:
+            return

@@ -323,3 +323,25 @@ def test_one_process_trains_the_cells_here_without_spawning(
     assert table.cells[0].error is None and table.cells[0].result.epochs == 1
     with pytest.raises(ValueError, match="a cell was spawned"):  # the default spawns (and fails here)
         reproduce(one, tmp_path / "other", toy_dataset, progress=False, overrides={"epochs": 1})
+
+
+def test_a_failed_reproduce_removes_the_key_and_folders_it_made_only(tmp_path: Path, toy_dataset: Path) -> None:
+    """A reproduce that failed left OUT/reproduce.key (and OUT) behind; a user's own key stays."""
+    broken = Preset(
+        "broken", "", TOY.base.replace(batch_size=10_000), {"linear": MethodSettings(lr=1e-3)}, ("shuffle",), (0,)
+    )
+    out = tmp_path / "new" / "out"
+    with pytest.raises(ValueError, match="the first cell"):
+        reproduce(broken, out, toy_dataset, weights=None, pretrained=False, progress=False)
+    assert not (out / "reproduce.key").exists()
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == [
+        "cells",
+        "cells/linear-shuffle-s0",
+        "cells/linear-shuffle-s0/.lock",  # any run folder's
+        "cells/linear-shuffle-s0/stderr.log",  # named by the error: kept
+    ]
+    mine = tmp_path / "mine.key"
+    Key.generate().save(mine)
+    with pytest.raises(ValueError, match="the first cell"):
+        reproduce(broken, tmp_path / "other", toy_dataset, key=mine, weights=None, pretrained=False, progress=False)
+    assert mine.exists()

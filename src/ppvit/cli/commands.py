@@ -14,6 +14,7 @@ import logging
 import signal
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from ppvit import __version__
 from ppvit.cli import data, experiments, models, train
@@ -55,8 +56,16 @@ PARSERS = [  # in the order of `ppvit --help`
 QUIET = "no progress bars or info logs"
 
 
+class _Parser(argparse.ArgumentParser):
+    """A mistyped command line is one error line and where to look, not the whole usage (30 lines for
+    ``train``); the sub-parsers of every verb are of this class too."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\nsee `{self.prog} --help` for its options\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ppvit", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="ppvit", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"ppvit {__version__}")
     parser.add_argument("-q", "--quiet", action="store_true", help=QUIET)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -70,10 +79,25 @@ def build_parser() -> argparse.ArgumentParser:
 RERUN = ("encrypt", "decrypt")  # verbs that continue where an interrupted run stopped
 
 
+def _verb_parser(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.ArgumentParser:
+    """The parser of the verb (and action: ``client train``) that ``args`` ran, to name it in an error."""
+    for dest in ("command", "action"):
+        subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        if not subs or getattr(args, dest, None) not in subs[0].choices:
+            break
+        parser = subs[0].choices[getattr(args, dest)]
+    return parser
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # named by the verb it was given to: `ppvit train: error: unrecognized arguments: --epcohs 3`
+        _verb_parser(parser, args).error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
-    for chatty in ("httpx", "timm"):  # not a line per request of `ppvit client`, nor per model timm builds
+    # not a line per request of `ppvit client`, nor per model timm builds, nor matplotlib's "generated new
+    # fontManager" (its font cache built on first use) between two epochs' lines of a first `ppvit train`
+    for chatty in ("httpx", "timm", "matplotlib"):
         logging.getLogger(chatty).setLevel(logging.WARNING)
     try:
         code = args.func(args)

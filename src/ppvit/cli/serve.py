@@ -302,6 +302,16 @@ def _settings(pairs: list[str]) -> dict:
     return out
 
 
+def _progress(job: dict) -> str:
+    """The job's state, with its figures once it has some (none while queued or in its first epoch)."""
+    figures = []
+    if job["train_loss"] is not None:
+        figures.append(f"loss {job['train_loss']:.3f}")
+    if job["val_acc"] is not None:
+        figures.append(f"val acc {job['val_acc']:.3f}")
+    return " ".join([job["state"], *figures])
+
+
 def _follow(client, job: dict) -> dict:
     """A progress bar over the job's epochs until it ends (loss, val acc, ETA; the log's last line)."""
     from tqdm.auto import tqdm
@@ -310,7 +320,7 @@ def _follow(client, job: dict) -> dict:
 
         def update(j: dict) -> None:
             bar.update(j["epoch"] - bar.n)
-            bar.set_postfix_str(f"{j['state']} loss {j['train_loss'] or 0:.3f} val acc {j['val_acc'] or 0:.3f}")
+            bar.set_postfix_str(_progress(j))
 
         return client.follow(job["id"], update)
 
@@ -339,9 +349,27 @@ def _service_call(client, args: argparse.Namespace) -> None:
         print(f"dataset {found['name']}: {found['bytes']} bytes, key fingerprint {found['key_fingerprint']}")
         return
     job = _train_remote(client, args)
-    print(_job_line(job))
     if job["state"] != "succeeded":
+        print(_job_line(job))
         raise ValueError(f"job {job['id']} {job['state']}: {job['error'] or 'see ppvit client job'}")
+    print(_trained(client, job, args))
+
+
+def _trained(client, job: dict, args: argparse.Namespace) -> str:
+    """What a finished job gave: the server's test accuracy, and whether its version is served (if not,
+    the command that serves it)."""
+    lines = [f"{job['id']}\tsucceeded\t{job['dataset']}\tepoch {job['epoch']}/{job['epochs']}"]
+    if job.get("test_acc") is not None:
+        lines.append(f"test accuracy {job['test_acc']:.3f} on {job['test_images']} images (the server's test split)")
+    served = client.info()["version"]
+    if served == job["version"]:
+        lines.append(f"adapter version {job['version']} is served")
+    else:
+        lines.append(
+            f"adapter version {job['version']} is trained but not served (version {served} still is); serve it with: "
+            f"ppvit client activate {job['id']} --server {args.server} --token-file {args.token_file}"
+        )
+    return "\n".join(lines)
 
 
 def _train_remote(client, args: argparse.Namespace) -> dict:
@@ -376,7 +404,7 @@ def add_service_verbs(actions: argparse._SubParsersAction) -> None:
     a.add_argument("--name", help="dataset name on the server (default: SRC's name)")
     a.add_argument("--work", help="local folder of the encrypted shards (default NAME.ppvit-wds; resumable)")
     a.add_argument("--method", default="lora-pe", help="lora-pe, melo or linear (default lora-pe)")
-    a.add_argument("--model", required=True, help="base model, one the server offers")
+    a.add_argument("--model", help="base model, one the server offers (default: its only one, if it offers one)")
     a.add_argument("--img-size", type=int, help="input size (default: the key's pin, else 224)")
     a.add_argument("--scheme", help="encryption scheme (default: the key's pin, else shuffle)")
     a.add_argument("--block-size", type=int, help="block size (default: the key's pin, else 16)")

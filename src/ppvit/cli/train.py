@@ -42,7 +42,8 @@ def add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--resume",
         action="store_true",
-        help="continue the run in --out from its last checkpoint (its config.yaml gives every setting not flagged)",
+        help="continue the run in --out from its last checkpoint (its config.yaml gives every setting not flagged); "
+        "with a larger --epochs, extend it (finished or not): a new warm-up + cosine schedule from the last weights",
     )
     add_setting_args(p, (s for s in settings() if s.name != "quiet"))
     p.set_defaults(func=_train)

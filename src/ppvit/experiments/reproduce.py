@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from ppvit._io import atomic_write_json
+from ppvit._io import atomic_write_json, first_missing, remove_empty_folders
 from ppvit.crypto.keys import Key
 from ppvit.data.cache import cache_dir
 from ppvit.data.datasets import load_splits, load_test_split, resolve_data
@@ -35,7 +35,7 @@ from ppvit.models.adapters import merge_to_file
 from ppvit.models.weights import check_weights_file
 from ppvit.train.config import TrainConfig
 from ppvit.train.loop import train
-from ppvit.train.runs import RESULT_FILE, RunResult
+from ppvit.train.runs import CONFIG_FILE, RESULT_FILE, RunResult
 from ppvit.train.runtime import resolve_precision
 
 if TYPE_CHECKING:
@@ -148,8 +148,33 @@ def reproduce(
     each, a large share of a short GPU cell), but a crash ends the whole run. With a time
     budget (``minutes``, else the preset's; 0 for none) a machine too slow for it trains every cell
     on fewer images, chosen before the first cell from measured speeds and stated in the table.
+    A failure removes what this call made and nothing needs: the key it generated (unless a cell
+    started training with it) and folders left empty; never a key or folder that was there before.
     """
     out = Path(out)
+    created, key_path = first_missing(out), Path(key) if key else out / KEY_FILE
+    new_key = not key_path.exists()
+    try:
+        return _reproduce(preset, out, data, key, weights, pretrained, overrides, progress, minutes, one_process)
+    except BaseException:
+        if new_key and not any(out.glob(f"cells/*/{CONFIG_FILE}")):  # no cell has trained with it
+            key_path.unlink(missing_ok=True)
+        remove_empty_folders(out, created)
+        raise
+
+
+def _reproduce(
+    preset: Preset,
+    out: Path,
+    data: str | os.PathLike | None,
+    key: str | os.PathLike | None,
+    weights: str | os.PathLike | None,
+    pretrained: bool | None,
+    overrides: dict | None,
+    progress: bool,
+    minutes: float | None,
+    one_process: bool,
+) -> ResultTable:
     if preset.upstream is None:  # the weights first: a missing file is named before any data is read
         weights, pretrained = resolve_weights(preset, weights, pretrained)
     source = check_data(data, preset.base.backbone.img_size)
@@ -161,7 +186,7 @@ def reproduce(
         upstream_acc = upstream.test_acc
     common.update(weights=str(weights) if weights else None, pretrained=bool(pretrained) and weights is None)
     out.mkdir(parents=True, exist_ok=True)
-    key_path = Path(key) if key else out / "reproduce.key"
+    key_path = Path(key) if key else out / KEY_FILE
     if not key_path.exists():
         Key.generate().save(key_path)
     # seed by seed: an interrupted run leaves whole tables of the first seeds
@@ -223,6 +248,7 @@ def run_cells(todo: list[Cell], configs: list[TrainConfig], name: str, progress:
             )
 
 
+KEY_FILE = "reproduce.key"  # in the output folder: the key a run without --key generates
 BUDGET_FILE = "budget.json"  # in the output folder: the training subset a budget chose (reruns keep it)
 BUDGET_MARGIN = 0.8  # aim this far under the budget: estimates were 18-25% off (RESULTS.md, the demo on one core)
 MIN_TRAIN_SUBSET = 500

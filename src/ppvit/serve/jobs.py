@@ -152,13 +152,17 @@ def job_config(settings: Any, dataset: Dataset, limits: ServiceLimits, out: Path
         if settings.get(name) is not None and settings[name] != value:
             raise JobError(422, f"config: {name} {str(settings[name])[:40]} differs from the dataset's {value}")
     model = settings.get("model")
+    allowed = ", ".join(sorted(limits.models))
+    if model is None and len(limits.models) == 1:  # the one model offered needs no naming
+        model = next(iter(limits.models))
+    elif model is None:
+        raise JobError(422, f"config: no model given; this server offers {allowed}: choose one with --model")
     if not isinstance(model, str) or model not in limits.models:
-        allowed = ", ".join(sorted(limits.models))
         raise JobError(422, f"config: model {str(model)[:40]!r} is not offered here (allowed: {allowed})")
     weights = limits.models[model]
     try:
         cfg = TrainConfig.from_flat(
-            **{**settings, **fixed},
+            **{**settings, **fixed, "model": model},
             data=str(dataset.folder),
             out=str(out),
             weights=weights,
@@ -417,6 +421,7 @@ class Jobs:
         private = self.private_paths(cfg, tenant_id, dataset)
         metrics = self.metrics(jid)
         last = metrics[-1] if metrics else {}
+        result = self.result(jid) if state == "succeeded" else {}
         epochs = cfg.optim.epochs
         eta = None
         if state == "running" and last and started:
@@ -433,6 +438,8 @@ class Jobs:
             "epochs": epochs,
             "train_loss": last.get("train_loss"),
             "val_acc": last.get("val_acc"),
+            "test_acc": result.get("test_acc"),  # the run's result.json: its test split, on the server
+            "test_images": result.get("test_images"),
             "eta_s": eta,
             "log": redact(last_line(self.folder(jid) / "log.txt"), private),
             "error": error and redact(error, private),
@@ -467,6 +474,13 @@ class Jobs:
             with contextlib.suppress(ValueError):  # a line being written as we read
                 out.append(json.loads(line))
         return out
+
+    def result(self, job_id: str) -> dict[str, Any]:
+        """The finished run's result.json ({} if unreadable: the job's state says why)."""
+        try:
+            return json.loads((self.folder(job_id) / "run" / "result.json").read_text())
+        except (OSError, ValueError):
+            return {}
 
     def list(self, tenant_id: int) -> list[dict[str, Any]]:
         with service_db(self.root) as con:

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
-from ppvit._io import atomic_write_text
+from ppvit._io import atomic_write_text, first_missing
 from ppvit.crypto.ciphers import BlockCipher, Scheme
 from ppvit.crypto.keys import Key
 from ppvit.data.augment import mix_batch
@@ -47,13 +47,13 @@ from ppvit.data.pipeline import BatchPipeline, DeviceDataset, epoch_order, get_b
 from ppvit.data.preprocess import Preprocess
 from ppvit.data.sources import Columns
 from ppvit.data.streaming import ShardStream
-from ppvit.models.adapters import AdapterMeta, file_sha256, save_adapter
+from ppvit.models.adapters import AdapterMeta, file_sha256, load_adapter, save_adapter
 from ppvit.models.backbones import create_backbone, input_size, normalization, patch_size
 from ppvit.models.methods import apply_method
 from ppvit.models.transform import transform_model
 from ppvit.train.config import TrainConfig
 from ppvit.train.fast import StepTotals, log_every, make_optimizer, maybe_compile, resident_splits
-from ppvit.train.inference import evaluate
+from ppvit.train.inference import evaluate, score_test
 from ppvit.train.runs import (
     CHECKPOINT_FILE,
     CONFIG_FILE,
@@ -64,6 +64,7 @@ from ppvit.train.runs import (
     load_best,
     load_checkpoint,
     lock_run_folder,
+    plan_schedules,
     remove_empty_run_folder,
     save_best,
     save_checkpoint,
@@ -199,6 +200,7 @@ class Schedule:
     total: int  # optimiser steps
     warmup: int
     base_lrs: list[float]
+    start: int = 0  # the micro-batch it starts at (> 0 once a resume with more epochs extended the run)
 
 
 @dataclass
@@ -242,6 +244,8 @@ def setup(cfg: TrainConfig, resume: bool, hold: ExitStack | None = None) -> Sess
     is released when ``hold`` closes (without one: with the session).
     """
     out = Path(cfg.run.out)
+    # read before this run rewrites it: a checkpoint older than RunState.schedules follows the run's own length
+    saved_epochs = TrainConfig.load(out / CONFIG_FILE).optim.epochs if resume and (out / CONFIG_FILE).exists() else None
     precision = resolve_precision(cfg.optim.precision)
     report = None if cfg.run.report_to == "none" else cfg.run.report_to
     accelerator = make_accelerator(
@@ -278,6 +282,13 @@ def setup(cfg: TrainConfig, resume: bool, hold: ExitStack | None = None) -> Sess
         d.splits,
         d.strict,
     )
+    if len(splits.val) == 0 and accelerator.is_main_process:
+        log.info(
+            "no validation images (--val-fraction %g of %d training images rounds to none a class): "
+            "no epoch is chosen, the last epoch is the one kept and tested",
+            d.val_fraction,
+            len(splits.train),
+        )
     splits = resident_splits(splits, accelerator.device, d.device_data)  # GPU: uint8 on the device (train.fast)
     if splits.manifest is not None:  # the server's case: ciphertext on disk, checked against this run
         fingerprint = Key.load(cfg.crypto.key).fingerprint if cfg.crypto.key else None
@@ -293,11 +304,19 @@ def setup(cfg: TrainConfig, resume: bool, hold: ExitStack | None = None) -> Sess
 
     optimizer = make_optimizer(param_groups(model, cfg), accelerator.device)  # fused on CUDA
     model, optimizer = accelerator.prepare(model, optimizer)
-    schedule = make_schedule(cfg, len(splits.train), [g["lr"] for g in optimizer.param_groups])
+    base_lrs = [g["lr"] for g in optimizer.param_groups]  # before a checkpoint's state replaces them
     state = RunState()
     if resume and (out / CHECKPOINT_FILE).exists():
         state = load_checkpoint(out / CHECKPOINT_FILE, accelerator.unwrap_model(model), optimizer)
         log.info("resumed %s at epoch %d, step %d", out, state.epoch, state.step)
+    if plan_schedules(state, cfg.optim.epochs, saved_epochs, out):
+        log.info(
+            "extending %s to %d epochs: a new warm-up and cosine schedule from epoch %d's last weights",
+            out,
+            cfg.optim.epochs,
+            state.epoch,
+        )
+    schedule = make_schedule(cfg, len(splits.train), base_lrs, state)
     if accelerator.is_main_process:  # written once the run's inputs have been checked: it marks the folder
         atomic_write_text(out / CONFIG_FILE, cfg.dump())
     if report:
@@ -324,13 +343,15 @@ def start_trackers(accelerator: Accelerator, cfg: TrainConfig, hold: ExitStack |
         hold.callback(accelerator.end_training)
 
 
-def make_schedule(cfg: TrainConfig, n_train: int, base_lrs: list[float]) -> Schedule:
+def make_schedule(cfg: TrainConfig, n_train: int, base_lrs: list[float], state: RunState | None = None) -> Schedule:
+    """The schedule in force: from the start of the run, or from where the last extension began it."""
     o = cfg.optim
     steps_per_epoch = n_train // o.batch_size
     if steps_per_epoch == 0:
         raise ValueError(f"batch size {o.batch_size} is larger than the training set ({n_train} images)")
     warmup = max(1, round(o.warmup_epochs * steps_per_epoch / o.grad_accum))
-    return Schedule(steps_per_epoch, steps_per_epoch * o.epochs // o.grad_accum, warmup, base_lrs)
+    start = state.schedules[-1]["start_step"] if state is not None and state.schedules else 0
+    return Schedule(steps_per_epoch, (steps_per_epoch * o.epochs - start) // o.grad_accum, warmup, base_lrs, start)
 
 
 def epoch_feed(s: Session, epoch: int, first: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -394,7 +415,7 @@ def train_epoch(s: Session, epoch: int, on_step: StepCallback | None) -> dict[st
         x, target = mix_batch(x, labels, len(s.splits.train.classes), cfg.data.mixup, cfg.data.cutmix, s.block, gen)
         with acc.accumulate(s.model):
             for g, lr in zip(s.optimizer.param_groups, sched.base_lrs, strict=True):
-                g["lr"] = lr * get_lr_scale(step // o.grad_accum, sched.total, sched.warmup)
+                g["lr"] = lr * get_lr_scale((step - sched.start) // o.grad_accum, sched.total, sched.warmup)
             with acc.autocast():
                 logits = s.forward(x)
             loss = F.cross_entropy(logits.float(), target, label_smoothing=o.label_smoothing)
@@ -421,6 +442,8 @@ def end_epoch(s: Session, epoch: int, sums: dict[str, float]) -> None:
     """Validate, record the epoch, keep the best weights, checkpoint, write metrics."""
     acc = s.accelerator
     val = evaluate(s.forward, s.splits.val, s.pipeline, s.cfg.optim.batch_size, acc)
+    if val["n"] == 0:  # no validation split: each epoch replaces the last as the one kept (said in setup)
+        val.update(loss=None, acc=None)
     train_stats = acc.reduce(
         torch.tensor([sums["loss"], sums["correct"], sums["n"]], dtype=torch.float64, device=acc.device),
         reduction="sum",
@@ -438,32 +461,43 @@ def end_epoch(s: Session, epoch: int, sums: dict[str, float]) -> None:
     s.state.history.append(row)
     s.state.epoch, s.state.step = epoch + 1, (epoch + 1) * s.schedule.steps_per_epoch
     if s.main:
-        if val["acc"] > s.state.best_val_acc:
-            s.state.best_val_acc, s.state.best_epoch = val["acc"], epoch + 1
+        if val["acc"] is None or val["acc"] > s.state.best_val_acc:
+            s.state.best_epoch = epoch + 1
+            s.state.best_val_acc = s.state.best_val_acc if val["acc"] is None else val["acc"]
             save_best(s.out, s.unwrapped)
         save_checkpoint(s.out / CHECKPOINT_FILE, s.unwrapped, s.optimizer, s.state)
         write_metrics(s.out, s.state.history)
     if s.cfg.run.report_to != "none":
-        acc.log({k: v for k, v in row.items() if k != "epoch"}, step=epoch + 1)
+        acc.log({k: v for k, v in row.items() if k != "epoch" and v is not None}, step=epoch + 1)
     if s.main:  # every run, tracker or not
+        val_text = "no validation" if val["n"] == 0 else f"val loss {val['loss']:.4f} acc {val['acc']:.4f}"
         log.info(
-            "epoch %d: train loss %.4f acc %.4f | val loss %.4f acc %.4f | %.0f img/s",
-            *(row[k] for k in ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "images_per_s")),
+            "epoch %d: train loss %.4f acc %.4f | %s | %.0f img/s",
+            *(row[k] for k in ("epoch", "train_loss", "train_acc")),
+            val_text,
+            row["images_per_s"],
         )
     acc.wait_for_everyone()
 
 
 def finish(s: Session) -> RunResult:
-    """Reload the best epoch, touch the test set once, write the adapter and the result."""
+    """Reload the best epoch, write the adapter, touch the test set once (the adapter as saved), write the result."""
     cfg, history = s.cfg, s.state.history
     load_best(s.out, s.unwrapped)
-    test = evaluate(s.forward, s.splits.test, s.pipeline, cfg.optim.batch_size, s.accelerator)
+    meta = adapter_meta(cfg, s.splits.train.classes, s.cipher, s.splits.manifest, s.pipeline.recipe)
+    if s.main:
+        save_adapter(s.unwrapped, meta, s.out / "adapter")
+    s.accelerator.wait_for_everyone()
+    # measured on the adapter as saved, as `ppvit eval` measures it: one run, one test accuracy
+    model, meta = load_adapter(s.out / "adapter", cfg.backbone.weights)
+    key = s.cipher.key if s.cipher is not None else None
+    test = score_test(model, meta, s.splits.test, s.splits.encrypted, key, s.accelerator)
     result = RunResult(
         test_acc=test["acc"],
         test_loss=test["loss"],
         test_images=test["n"],
         best_epoch=s.state.best_epoch,
-        best_val_acc=s.state.best_val_acc,
+        best_val_acc=s.state.best_val_acc if s.state.best_val_acc >= 0 else None,  # None: no validation split
         epochs=cfg.optim.epochs,
         method=cfg.method.name,
         scheme=str(Scheme.parse(cfg.crypto.scheme)) if cfg.crypto.encrypted else "plain",
@@ -475,12 +509,11 @@ def finish(s: Session) -> RunResult:
         processes=s.accelerator.num_processes,
         precision=s.precision,
         unreadable=dict(s.splits.unreadable),
+        schedules=s.state.schedules,
     )
     if cfg.run.report_to != "none":
         s.accelerator.log({"test_loss": test["loss"], "test_acc": test["acc"]}, step=len(history))
     if s.main:
-        meta = adapter_meta(cfg, s.splits.train.classes, s.cipher, s.splits.manifest, s.pipeline.recipe)
-        save_adapter(s.unwrapped, meta, s.out / "adapter")
         result.write(s.out / RESULT_FILE)
     return result
 
@@ -496,15 +529,16 @@ def train(cfg: TrainConfig, resume: bool = False, on_step: StepCallback | None =
     within ``cfg.run.dist_timeout_s`` (at once when its connections close) instead of waiting for ever.
     """
     cfg = cfg.resolved()
-    new_folder = not Path(cfg.run.out).exists()
+    out = Path(cfg.run.out)
+    created = first_missing(out)
     try:
         with ExitStack() as hold:
             try:
                 session = setup(cfg, resume, hold)
             except BaseException:
-                if new_folder:  # refused before anything was written: leave no empty run folder behind
+                if created is not None:  # refused before anything was written: leave no empty folder behind
                     hold.close()
-                    remove_empty_run_folder(Path(cfg.run.out))
+                    remove_empty_run_folder(out, created)
                 raise
             hold.enter_context(_stop_on_signals(session))
             for epoch in range(session.state.epoch, cfg.optim.epochs):

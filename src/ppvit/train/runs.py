@@ -20,9 +20,11 @@ from typing import IO, Any
 
 import torch
 
-from ppvit._io import atomic_write, atomic_write_json, atomic_write_text, json_text
+from ppvit._io import atomic_write, atomic_write_json, atomic_write_text, json_text, remove_empty_folders
 from ppvit.models.adapters import adapter_files, trainable_tensors
 from ppvit.train.config import IGNORED_ON_RESUME, TrainConfig
+
+EXTENDABLE = (*IGNORED_ON_RESUME, "epochs")  # settings a resume may change (epochs: see plan_schedules)
 
 CONFIG_FILE, CHECKPOINT_FILE, BEST_FILE, RESULT_FILE = "config.yaml", "checkpoint.pt", "best.pt", "result.json"
 LOCK_FILE = ".lock"
@@ -42,6 +44,9 @@ class RunState:
     best_epoch: int | None = None
     history: list[dict[str, float]] = field(default_factory=list)
     partial: dict[str, float] | None = None  # running sums of an epoch checkpointed part-way
+    # the learning-rate schedules, oldest first: {start_epoch, start_step, epochs (the run's length under it)};
+    # a resume with a larger --epochs adds one (see :func:`plan_schedules`)
+    schedules: list[dict[str, int]] = field(default_factory=list)
 
 
 @dataclass
@@ -52,7 +57,7 @@ class RunResult:
     test_loss: float
     test_images: int
     best_epoch: int | None
-    best_val_acc: float
+    best_val_acc: float | None  # None: no validation split (the last epoch is the one kept)
     epochs: int
     method: str
     scheme: str
@@ -64,6 +69,7 @@ class RunResult:
     processes: int
     precision: str
     unreadable: dict[str, str] = field(default_factory=dict)  # images left out, each with why: path -> problem
+    schedules: list[dict[str, int]] = field(default_factory=list)  # RunState.schedules: more than one if extended
 
     @classmethod
     def read(cls, path: str | os.PathLike) -> RunResult:
@@ -128,11 +134,12 @@ def lock_run_folder(out: Path) -> IO[str]:
     return fh
 
 
-def remove_empty_run_folder(out: Path) -> None:
-    """Remove ``out`` if it holds nothing but the lock file (a run refused before it wrote anything)."""
+def remove_empty_run_folder(out: Path, created: Path | None) -> None:
+    """Remove ``out`` if it holds nothing but the lock file (a run refused before it wrote anything), and
+    its parents up to ``created`` (the first folder this run made: ``runs/`` of ``runs/run``) left empty."""
     if out.is_dir() and {p.name for p in out.iterdir()} <= {LOCK_FILE}:
         (out / LOCK_FILE).unlink(missing_ok=True)
-        out.rmdir()
+        remove_empty_folders(out, created)
 
 
 def check_run_folder(out: Path, cfg: TrainConfig, resume: bool) -> None:
@@ -143,9 +150,36 @@ def check_run_folder(out: Path, cfg: TrainConfig, resume: bool) -> None:
     if not resume:
         raise ValueError(f"run folder {out}: already holds a run; pass --resume to continue it or choose another --out")
     old, new = TrainConfig.load(saved).resolved().flat(), cfg.flat()  # resolved: runs saved before 0.3
-    changed = [k for k in sorted(set(old) | set(new)) if k not in IGNORED_ON_RESUME and old.get(k) != new.get(k)]
+    changed = [k for k in sorted(set(old) | set(new)) if k not in EXTENDABLE and old.get(k) != new.get(k)]
     if changed:
-        raise ValueError(f"run folder {out}: --resume with different settings ({', '.join(changed)})")
+        raise ValueError(
+            f"run folder {out}: --resume with different settings ({', '.join(changed)}): a run keeps its settings "
+            "(only a larger --epochs, which extends it); drop those flags, or start a new run with another --out"
+        )
+
+
+def plan_schedules(state: RunState, epochs: int, saved_epochs: int | None, out: Path) -> bool:
+    """Set ``state.schedules`` for a run of ``epochs``; True when this resume extends the run.
+
+    A run starts with one schedule (warm-up, then cosine to 0 at its last epoch). A resume with
+    another ``--epochs`` than the schedule in force ends at starts a new one at the checkpoint (the
+    last weights and optimiser state, not the best epoch's): warm-up and cosine again, from the
+    checkpoint's step to epoch ``epochs``, so a finished run whose rate had decayed to 0 learns again.
+    ``saved_epochs``: the run's own length, for a checkpoint written before schedules were recorded.
+    """
+    if state.step == 0:  # nothing trained yet: the run simply has its new length
+        state.schedules = [{"start_epoch": 0, "start_step": 0, "epochs": epochs}]
+    elif not state.schedules:  # a checkpoint written before schedules were recorded
+        state.schedules = [{"start_epoch": 0, "start_step": 0, "epochs": saved_epochs or epochs}]
+    if state.schedules[-1]["epochs"] == epochs:
+        return False
+    if epochs <= state.epoch:
+        raise ValueError(
+            f"run folder {out}: has trained {state.epoch} epochs; --epochs {epochs} would not extend it: give "
+            f"more than {state.epoch} to train on, or leave --epochs out"
+        )
+    state.schedules.append({"start_epoch": state.epoch, "start_step": state.step, "epochs": epochs})
+    return True
 
 
 def save_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: RunState) -> None:

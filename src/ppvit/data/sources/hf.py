@@ -76,7 +76,10 @@ def _saved(folder: Path) -> bool:
 
 
 def parquet_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*.parquet") if not any(s.startswith(".") for s in p.parts))
+    # hidden parts below the folder only: `../hf-parquet`'s ".." is no hidden folder
+    return sorted(
+        p for p in folder.rglob("*.parquet") if not any(s.startswith(".") for s in p.relative_to(folder).parts)
+    )
 
 
 def _splits(path: Path, names: tuple[str, ...]) -> list[tuple[str, Any, str]]:

@@ -1,0 +1,89 @@
+"""`ppvit client train` as a user reads it: the model the server offers, progress, what is served at the end."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pytest
+from conftest import SMALL
+
+from ppvit.cli import serve as serve_cli
+from ppvit.data.manifest import Manifest
+from ppvit.serve.datasets import Dataset
+from ppvit.serve.jobs import JobError, ServiceLimits, job_config
+
+DATASET = Dataset(
+    "toy",
+    Path("/srv/toy"),
+    Manifest("shuffle", 4, 32, "f" * 16, "wds", counts={"train": 96, "test": 32}, complete=True),
+    0,
+    [],
+)
+
+
+def test_the_model_may_be_left_out_when_the_server_offers_one(tmp_path: Path) -> None:
+    cfg = job_config({"epochs": 1}, DATASET, ServiceLimits({SMALL: None}), tmp_path / "run")
+    assert cfg.backbone.model == SMALL
+    with pytest.raises(JobError) as refused:
+        job_config({"epochs": 1}, DATASET, ServiceLimits({SMALL: None, "vit_tiny_patch16_224": None}), tmp_path)
+    assert refused.value.status == 422
+    assert f"this server offers {SMALL}, vit_tiny_patch16_224: choose one with --model" in str(refused.value)
+
+
+def job(state: str, epoch: int = 0, loss: float | None = None, acc: float | None = None, **more: object) -> dict:
+    return {
+        "id": "job-1",
+        "state": state,
+        "dataset": "toy",
+        "epoch": epoch,
+        "epochs": 2,
+        "train_loss": loss,
+        "val_acc": acc,
+        "version": None,
+        "error": None,
+        "activate": False,
+        **more,
+    }
+
+
+class FakeClient:
+    """What `client train` asks of the server, answered from a script of job states."""
+
+    def __init__(self, states: list[dict], served: int = 2) -> None:
+        self.states, self.served = states, served
+
+    def follow(self, job_id: str, on_update) -> dict:
+        for state in self.states:
+            on_update(state)
+        return self.states[-1]
+
+    def info(self) -> dict:
+        return {"version": self.served}
+
+
+def test_progress_says_queued_then_real_figures_never_zeros(capsys) -> None:
+    states = [job("queued"), job("running"), job("running", 1, 1.2345, 0.5), job("succeeded", 2, 0.9, 0.75)]
+    serve_cli._follow(FakeClient(states), states[0])
+    err = capsys.readouterr().err
+    assert "0.000" not in err and "queued" in err and "loss 1.234 val acc 0.500" in err, err
+
+
+def test_a_job_trained_without_activate_says_what_is_served_and_how_to_serve_it(
+    monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    """It ended with "version 3" as if served while version 2 still was, and never said `client activate`."""
+    done = job("succeeded", 2, 0.9, 0.75, version=3, test_acc=0.8125, test_images=32)
+    monkeypatch.setattr(serve_cli, "_train_remote", lambda client, args: done)
+    args = argparse.Namespace(action="train", server="http://127.0.0.1:9", token_file="alice.token", activate=False)
+    monkeypatch.setattr(serve_cli, "warn_threat_model", lambda: None, raising=False)
+    serve_cli._service_call(FakeClient([done]), args)
+    out = capsys.readouterr().out
+    assert "test accuracy 0.812 on 32 images" in out
+    assert "version 3 is trained but not served (version 2 still is)" in out
+    assert "ppvit client activate job-1 --server http://127.0.0.1:9 --token-file alice.token" in out
+    served = job("succeeded", 2, 0.9, 0.75, version=3, activate=True, test_acc=0.8125, test_images=32)
+    monkeypatch.setattr(serve_cli, "_train_remote", lambda client, args: served)
+    serve_cli._service_call(FakeClient([served], served=3), argparse.Namespace(**{**vars(args), "activate": True}))
+    out = capsys.readouterr().out
+    assert "version 3 is served" in out and "client activate" not in out
