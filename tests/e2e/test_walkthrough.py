@@ -1,6 +1,6 @@
 """A newcomer's second hour, through the real CLI, on photos of mixed sizes (issue 29):
 
-    encrypt -> [audit the ciphertexts] -> train -> predict -> serve -> client predict -> client train -> activate
+    encrypt -> audit the ciphertexts -> train -> predict -> serve -> client predict -> client train -> activate
 
 The photos are scikit-image's sample photos, cropped at random places to random sizes (no two
 alike), in two classes; the model is ppvit's micro ViT at 32 px, so the whole walk takes seconds.
@@ -85,8 +85,18 @@ def test_encrypt_train_predict_serve_and_train_on_the_server(tmp_path: Path, cap
     ppvit("-q", "encrypt", tmp_path / "photos", enc, "--key", key, "--size", 32, "--block-size", 4, capsys=capsys)
     assert len(list(enc.rglob("*.png"))) == 2 * (TRAIN + TEST)
 
-    # -- the audit of the ciphertexts as uploaded goes here (`ppvit audit --ciphertext-only ... --data enc`,
-    #    without the key, then with --key): added with the audit branch (issue 29, item 1) --
+    # audit what would be uploaded: the ciphertexts as they are (no key), then with the key to compare
+    audit = tmp_path / "audit"
+    ppvit("-q", "audit", "--ciphertext-only", 24, "--data", enc, "--images", 4, "--out", audit, capsys=capsys)
+    (unkeyed,) = json.loads((audit / "audit.json").read_text())["ciphertext_only"]["runs"]
+    out = ppvit(
+        "-q", "audit", "--ciphertext-only", 24, "--data", enc, "--images", 4, "--key", key, "--out", audit,
+        capsys=capsys,
+    )  # fmt: skip
+    report = json.loads((audit / "audit.json").read_text())["ciphertext_only"]
+    (keyed,) = report["runs"]
+    assert report["attacked"] == "stored" and (keyed["verdict"], keyed["psnr_db"]) == ("exact", "inf"), out
+    assert unkeyed["roughness"] == pytest.approx(keyed["true_roughness"])  # without the key: the plain images
 
     # train on the ciphertexts alone (no key), from a base weights file the server will offer too
     weights = tmp_path / "base.safetensors"
