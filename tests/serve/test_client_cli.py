@@ -19,6 +19,7 @@ DATASET = Dataset(
     Manifest("shuffle", 4, 32, "f" * 16, "wds", counts={"train": 96, "test": 32}, complete=True),
     0,
     [],
+    {"train": 96, "test": 32},
 )
 
 
