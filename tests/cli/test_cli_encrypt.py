@@ -268,6 +268,7 @@ def test_keygen_refuses_overwrite(tmp_path: Path, capsys) -> None:
     assert_no_key_material([out.out, out.err], Key.load(path))
 
 
+@pytest.mark.slow  # (minutes in all with the others: make test-slow)
 @pytest.mark.data
 def test_cifar10_copy_encrypts_at_224(tmp_path: Path, key_file: Path) -> None:
     data = os.environ.get("PPVIT_CIFAR10")

@@ -130,6 +130,7 @@ def test_a_run_at_another_size_is_rebuilt_at_that_size_by_later_commands(
     assert json.loads(capsys.readouterr().out)["acc"] == pytest.approx(result["test_acc"])
 
 
+@pytest.mark.slow  # (minutes in all with the others: make test-slow)
 @pytest.mark.data
 @pytest.mark.parametrize(("preset", "side"), [("demo", 112), ("gpu", 224)])
 def test_imagenet_presets_train_on_a_tiny_subset(

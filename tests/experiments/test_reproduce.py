@@ -40,6 +40,7 @@ TOY = Preset(
 )
 
 
+@pytest.mark.slow  # (minutes in all with the others: make test-slow)
 def test_toy_reproduction_end_to_end(tmp_path: Path, toy_dataset: Path) -> None:
     table = reproduce(TOY, tmp_path / "out", toy_dataset, progress=False)
     assert table.upstream_acc is not None and 0 <= table.upstream_acc <= 1
@@ -250,6 +251,7 @@ def test_a_cell_without_a_subset_counts_its_part_of_the_training_split(toy_datas
     assert runner.training_images(cfg) == 48
 
 
+@pytest.mark.slow  # (minutes in all with the others: make test-slow)
 def test_a_cells_overhead_is_measured_by_a_trial_cell_that_leaves_nothing(tmp_path: Path, toy_dataset: Path) -> None:
     cfg = TOY.base.replace(method="linear", scheme="none", data=str(toy_dataset), out=str(tmp_path / "cell"))
     seconds = runner.cell_overhead_seconds(cfg)
@@ -258,6 +260,7 @@ def test_a_cells_overhead_is_measured_by_a_trial_cell_that_leaves_nothing(tmp_pa
         runner.cell_overhead_seconds(cfg.replace(data=str(tmp_path / "nothing-here")))
 
 
+@pytest.mark.slow  # (minutes in all with the others: make test-slow)
 def test_a_slow_machine_trains_fewer_images_within_the_budget_and_says_so(
     tmp_path: Path, toy_dataset: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

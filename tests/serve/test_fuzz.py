@@ -10,6 +10,7 @@ by several test runs). No job runs: the server's runner starts no process."""
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,7 +31,7 @@ from ppvit.serve.app import ServeConfig
 from ppvit.serve.client import Client
 from ppvit.train.config import HINTS
 
-EXAMPLES = 300
+EXAMPLES = int(os.environ.get("PPVIT_FUZZ_EXAMPLES", "150"))  # 300+ on purpose: PPVIT_FUZZ_EXAMPLES
 
 
 @pytest.fixture(scope="module")
@@ -228,5 +229,5 @@ def test_no_request_drawn_from_the_schema_gets_a_5xx(world: dict, server: LiveSe
 
     t0 = time.monotonic()
     request()
-    assert time.monotonic() - t0 < 150, "the fuzzer's budget: 300 requests in 150 s on a busy machine"
+    assert time.monotonic() - t0 < 150, f"the fuzzer's budget: {EXAMPLES} requests in 150 s on a busy machine"
     assert seen.get(200, 0) > 0 and len(seen) >= 4, f"the requests drawn reach too few answers: {seen}"

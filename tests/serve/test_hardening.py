@@ -494,6 +494,7 @@ def test_only_png_is_decoded(world: dict, fmt: str) -> None:
 # -- 8. tenant folders by the registered name, removal of every version, retention --------------------
 
 
+@pytest.mark.slow  # (minutes in all with the others: make test-slow)
 def test_versions_live_under_the_registered_name_are_kept_n_and_all_removed(world: dict, tmp_path: Path) -> None:
     root = tmp_path / "root"
     store = TenantStore(root)

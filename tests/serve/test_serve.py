@@ -286,6 +286,7 @@ def test_only_the_token_hash_is_stored(world: dict) -> None:
         assert token.encode() not in db and token.removeprefix("ppvit_").encode() not in db
 
 
+@pytest.mark.slow  # (minutes in all with the others: make test-slow)
 def test_cli_add_list_and_client_predict(world: dict, tmp_path: Path) -> None:
     def ppvit(*args: str) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, "-m", "ppvit.cli", *args], capture_output=True, text=True, timeout=120)
@@ -378,6 +379,7 @@ def _serve_process(root: Path, port: int) -> subprocess.Popen:
         time.sleep(0.2)
 
 
+@pytest.mark.slow  # (minutes in all with the others: make test-slow)
 def test_server_killed_under_load_then_restarted_never_answers_with_another_tenants_model(
     world: dict, tmp_path: Path
 ) -> None:

@@ -174,6 +174,7 @@ def sigterm_guard() -> Iterator[None]:
 # -- 1, 2: a killed encrypt: its workers, its temporary files -------------------------------------
 
 
+@pytest.mark.slow  # (minutes in all with the others: make test-slow)
 def test_sigkilled_encrypt_leaves_no_workers_and_a_rerun_matches_an_uninterrupted_run(
     tmp_path: Path, big_source: Path, key_file: Path
 ) -> None:
@@ -569,6 +570,7 @@ def faulted(proc: subprocess.Popen, fault: str) -> bool:
     ("fault", "victim"),
     [pytest.param("SIGKILL", 1, marks=pytest.mark.slow), ("SIGSTOP", 0)],  # slow: 35 s
 )
+@pytest.mark.slow  # (minutes in all with the others: make test-slow)
 def test_a_dead_or_hung_peer_process_ends_the_other_within_the_timeout_and_resume_continues(
     tmp_path: Path, toy_dataset: Path, key_file: Path, fault: str, victim: int
 ) -> None:
