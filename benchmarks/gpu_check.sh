@@ -4,20 +4,25 @@
 # Before (on a machine that has them): copy the assets into the ignored folder gpu-assets/ of the checkout
 #   mkdir -p gpu-assets && cp ../shared/weights/vit_tiny_patch16_224.safetensors \
 #     ../shared/datasets/cifar10-jpeg.tar.gz gpu-assets/ && PYTHONPATH=src python -m ppvit.cli keygen gpu-assets/gpu.key
-# (41 MB: carried by the device tool, carry=["gpu-assets"]). To continue the preset from an earlier run, unpack
+# (41 MB: carried by the device tool, carry=["gpu-assets"]). The machine's image lacks the `serve` extra: carry its
+# wheels in .whl/ (README "On a GPU" names them; installed into /tmp/site). To continue the preset from an earlier run, unpack
 # its reproduce-gpu.tar.gz into gpu-assets/ first: finished cells are skipped.
 # Run:  OUT=/some/folder bash benchmarks/gpu_check.sh       (STAGES="bench preset" to run fewer stages)
-# It installs nothing (PYTHONPATH=src, the machine's own torch, timm, peft, accelerate), and prints the
+# It installs only those wheels (PYTHONPATH=src, the machine's own torch, timm, peft, accelerate), and prints the
 # versions first. Each stage runs under its own `timeout`; the preset gets what is left of TOTAL_S.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 start=$SECONDS
 OUT="${OUT:-gpu-check-out}"
-TOTAL_S="${TOTAL_S:-540}"
+TOTAL_S="${TOTAL_S:-570}"
 STAGES="${STAGES:-versions bench serve service preset}"
 ASSETS="${ASSETS:-gpu-assets}"
 mkdir -p "$OUT"
-export PYTHONPATH="$PWD/src" PYTHONUNBUFFERED=1
+if compgen -G ".whl/*.whl" >/dev/null; then  # the serve extra the image lacks, carried as wheels
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 export PPVIT_WEIGHTS="$PWD/$ASSETS/vit_tiny_patch16_224.safetensors" PPVIT_CIFAR10="$PWD/$ASSETS/cifar10-jpeg.tar.gz"
 export PPVIT_CACHE="${PPVIT_CACHE:-/tmp/ppvit-cache}"
 PY="${PY:-python3}"
@@ -38,7 +43,7 @@ stage() {  # stage NAME SECONDS COMMAND...: its output into $OUT/gpu_check.log (
 stage versions 120 "$PY" - <<'PY'
 import importlib, platform, torch
 print("python", platform.python_version())
-for name in ("torch", "timm", "peft", "accelerate", "numpy", "safetensors", "fastapi", "uvicorn", "httpx"):
+for name in ("torch", "timm", "peft", "accelerate", "numpy", "safetensors", "fastapi", "uvicorn", "httpx", "pydantic"):
     try:
         print(name, importlib.import_module(name).__version__)
     except ImportError:
@@ -48,8 +53,9 @@ if torch.cuda.is_available():
     print("gpu", torch.cuda.get_device_name(0), f"{torch.cuda.get_device_properties(0).total_memory / 2**30:.0f} GiB")
 PY
 
-# (a)-(d): peak, ceiling, pipeline, lora-pe/full, ViT-Ti/16 at 224, batch 512, on 20,000 CIFAR-10 images
-stage bench 170 "$PY" benchmarks/bench_gpu.py --data "$PPVIT_CIFAR10" --json "$OUT/bench_gpu.json"
+# (a)-(d): peak, ceiling, pipeline, lora-pe/full, ViT-Ti/16 at 224, batch 512, on 20,000 CIFAR-10 images,
+# eager then compiled (each figure printed and saved as it lands)
+stage bench 240 "$PY" benchmarks/bench_gpu.py --data "$PPVIT_CIFAR10" --json "$OUT/bench_gpu.json"
 
 # serving on CUDA: one routed pass for 1, 16 and 64 tenants vs the merged model vs one pass per adapter,
 # then ppvit serve on cuda under a loopback load (p50/p99); the server needs the extra `serve`
@@ -57,7 +63,7 @@ stage serve 100 "$PY" benchmarks/bench_serve.py --device cuda --size 224 --batch
   --repeats 5 --tenants 16 --clients 32 --seconds 10
 
 # a service job trained on a CUDA slot (the micro ViT: the slot's path, not its speed)
-stage service 100 "$PY" benchmarks/bench_service.py --quick --train-device cuda:0
+stage service 90 "$PY" benchmarks/bench_service.py --quick --train-device cuda:0
 
 # the gpu preset, in one process, within what is left (its budget shrinks the cells where slower, and says so)
 # (the estimate and the trial cell take about a minute of it). PRESET_ARGS="--minutes 0" keeps all 50,000
