@@ -348,3 +348,32 @@ def test_a_failed_reproduce_removes_the_key_and_folders_it_made_only(tmp_path: P
     with pytest.raises(ValueError, match="the first cell"):
         reproduce(broken, tmp_path / "other", toy_dataset, key=mine, weights=None, pretrained=False, progress=False)
     assert mine.exists()
+
+
+
+def test_a_stop_signal_in_a_cell_stops_the_run_not_just_that_cell(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On the GPU (gpu_check.sh's timeout) a SIGTERM stopped one cell and reproduce went on to the next."""
+    import pickle
+    from types import SimpleNamespace
+
+    from ppvit.experiments.results import Cell
+    from ppvit.train.loop import TrainingStopped
+
+    ran: list[str] = []
+
+    def fake_run_cell(cfg: TrainConfig, spawn: bool = True) -> SimpleNamespace:
+        ran.append(cfg.run.out)
+        if len(ran) == 2:
+            raise TrainingStopped("stopped by SIGTERM at epoch 3, step 17", 15)
+        return SimpleNamespace(test_acc=0.5)
+
+    monkeypatch.setattr(runner, "run_cell", fake_run_cell)
+    todo = [Cell("linear", "none", seed) for seed in range(4)]
+    configs = [TOY.base.replace(out=str(tmp_path / str(i))) for i in range(4)]
+    with pytest.raises(TrainingStopped) as caught:
+        runner.run_cells(todo, configs, "toy", progress=False, spawn=False)
+    assert len(ran) == 2 and caught.value.signum == 15  # the third and fourth cells never started
+    again = pickle.loads(pickle.dumps(caught.value))  # as it comes back from a spawned cell
+    assert type(again) is TrainingStopped and again.signum == 15 and str(again) == str(caught.value)

@@ -34,7 +34,7 @@ from ppvit.experiments.results import Cell, ResultTable, speeds_text
 from ppvit.models.adapters import merge_to_file
 from ppvit.models.weights import check_weights_file
 from ppvit.train.config import TrainConfig
-from ppvit.train.loop import train
+from ppvit.train.loop import TrainingStopped, train
 from ppvit.train.runs import CONFIG_FILE, RESULT_FILE, RunResult
 from ppvit.train.runtime import resolve_precision
 
@@ -226,7 +226,8 @@ def _reproduce(
 
 def run_cells(todo: list[Cell], configs: list[TrainConfig], name: str, progress: bool, spawn: bool = True) -> None:
     """Train each cell (its result or error set on it), one line each; the first cell's failure
-    stops everything, since every cell shares its data, weights and key."""
+    stops everything, since every cell shares its data, weights and key, and so does a stop signal
+    (its cell keeps a checkpoint; a rerun resumes it)."""
     bar = tqdm(todo, desc=f"reproduce {name}", unit="cell", disable=not progress, dynamic_ncols=True)
     with logging_redirect_tqdm():
         for i, (cell, cfg) in enumerate(zip(bar, configs, strict=True)):
@@ -235,6 +236,8 @@ def run_cells(todo: list[Cell], configs: list[TrainConfig], name: str, progress:
             t0 = time.perf_counter()
             try:
                 cell.result = run_cell(cfg, spawn)
+            except TrainingStopped:  # SIGTERM/SIGINT asked the whole run to stop, not this cell alone
+                raise
             except Exception as exc:  # one failed cell is reported in the table; the others still run
                 if i == 0:
                     raise ValueError(

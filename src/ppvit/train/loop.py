@@ -93,6 +93,9 @@ class TrainingStopped(RuntimeError):
         super().__init__(message)
         self.signum = signum
 
+    def __reduce__(self) -> tuple:  # pickled back from a cell's spawned process with its signal
+        return type(self), (str(self), self.signum)
+
 
 # -- building blocks --------------------------------------------------------------------------
 
