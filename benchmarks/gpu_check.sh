@@ -4,9 +4,11 @@
 # Before (on a machine that has them): copy the assets into the ignored folder gpu-assets/ of the checkout
 #   mkdir -p gpu-assets && cp ../shared/weights/vit_tiny_patch16_224.safetensors \
 #     ../shared/datasets/cifar10-jpeg.tar.gz gpu-assets/ && PYTHONPATH=src python -m ppvit.cli keygen gpu-assets/gpu.key
-# (41 MB: carried by the device tool, carry=["gpu-assets"]). The machine's image lacks the `serve` extra: carry its
-# wheels in .whl/ (README "On a GPU" names them; installed into /tmp/site). To continue the preset from an earlier run, unpack
-# its reproduce-gpu.tar.gz into gpu-assets/ first: finished cells are skipped.
+# (41 MB: carried by the device tool, carry=["gpu-assets", ".whl"]). The machine's image lacks the `serve` and
+# `data` extras: benchmarks/gpu_wheels.sh downloads their wheels into .whl/ (installed there into /tmp/site).
+# To continue the preset from an earlier run, unpack its reproduce-gpu.tar.gz into gpu-assets/ first, with the
+# key that run used: finished cells are skipped, an interrupted one resumes from its checkpoint.
+# Seen on an H200 (2026-12-04, BENCHMARKS.md): versions, bench and serve took about 4.5 minutes together.
 # Run:  OUT=/some/folder bash benchmarks/gpu_check.sh       (STAGES="bench preset" to run fewer stages)
 # It installs only those wheels (PYTHONPATH=src, the machine's own torch, timm, peft, accelerate), and prints the
 # versions first. Each stage runs under its own `timeout`; the preset gets what is left of TOTAL_S.

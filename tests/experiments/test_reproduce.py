@@ -350,7 +350,6 @@ def test_a_failed_reproduce_removes_the_key_and_folders_it_made_only(tmp_path: P
     assert mine.exists()
 
 
-
 def test_a_stop_signal_in_a_cell_stops_the_run_not_just_that_cell(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

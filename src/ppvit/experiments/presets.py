@@ -111,7 +111,9 @@ def scaled_lr(lr: float, batch: int, base_batch: int) -> float:
 # (minutes=9) trains every cell on fewer images, and says so, where the measured speeds fall short; --minutes 0
 # keeps all 50,000 over several runs, each skipping the cells already finished. train_subset 50,000 is all of
 # CIFAR-10's training images (what makes the cells resizable); compile off: 24 compiles of tens of seconds would
-# cost more than they save in cells of about 20 s (benchmarks/bench_gpu.py measures both).
+# cost more than they save in cells of about 20 s (benchmarks/bench_gpu.py measures both). Measured on an H200
+# (2026-12-04, RESULTS.md): eager full 10,700-11,200 img/s, cells of 19-49 s, about 15.5 minutes for all 24; compiled
+# 17,017 img/s but 20-50 s of compiling per model, so the targets' 9 minutes were not reached either way.
 GPU_BATCH = 512
 GPU_METHODS = {
     name: MethodSettings(**{**METHODS[name].recipe, "lr": scaled_lr(METHODS[name].recipe["lr"], GPU_BATCH, 128)})
