@@ -26,7 +26,8 @@ from ppvit.data.datasets import load_source_split
 from ppvit.models.adapters import load_adapter
 from ppvit.models.backbones import create_backbone
 from ppvit.serve.app import ServeConfig, uvicorn_config
-from ppvit.serve.jobs import LocalRunner, ServiceLimits
+from ppvit.serve.jobs import ServiceLimits
+from ppvit.serve.runners import LocalRunner
 from ppvit.serve.tenants import TenantStore, hash_token, new_token
 from ppvit.train.inference import adapter_pipeline
 from ppvit.train.loop import train

@@ -36,7 +36,8 @@ from ppvit.data.sources.wds import read_samples
 from ppvit.serve.app import ServeConfig
 from ppvit.serve.client import Client, ServerError
 from ppvit.serve.datasets import DatasetError, DatasetStore
-from ppvit.serve.jobs import JobError, Jobs, LocalRunner, ServiceLimits, job_config
+from ppvit.serve.jobs import JobError, Jobs, ServiceLimits, job_config
+from ppvit.serve.runners import LocalRunner
 from ppvit.serve.tenants import TenantStore
 
 MANIFEST = {  # a dataset as `ppvit encrypt --format wds --size 32` of 2 classes describes it
@@ -375,7 +376,7 @@ def test_training_folders_are_0700_and_their_files_0600(
         job = jobs.submit(tenant, datasets.get(tenant, "toy"), SETTINGS, False)
         folder = jobs.folder(job["id"])
         writes = "import os; os.makedirs('run/sub'); open('run/sub/out', 'w').write('x')"
-        monkeypatch.setattr("ppvit.serve.jobs.train_command", lambda *a: [sys.executable, "-c", writes])
+        monkeypatch.setattr("ppvit.serve.runners.train_command", lambda *a: [sys.executable, "-c", writes])
         runner = LocalRunner()
         monkeypatch.chdir(folder)
         handle = runner.start(job["id"], folder / "config.yaml", folder / "log.txt", ["cpu"])

@@ -36,7 +36,8 @@ from ppvit.data.encrypt import encrypt_collection
 from ppvit.models.backbones import create_backbone
 from ppvit.serve.app import ServeConfig
 from ppvit.serve.client import Client, ServerError
-from ppvit.serve.jobs import LocalRunner, ServiceLimits
+from ppvit.serve.jobs import ServiceLimits
+from ppvit.serve.runners import LocalRunner
 from ppvit.serve.tenants import TenantStore
 from ppvit.train.inference import iter_predictions
 from ppvit.train.loop import train

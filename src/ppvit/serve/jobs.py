@@ -20,35 +20,31 @@ process that dies fails its job with its last log line. The server's own death k
 processes (Linux ``PR_SET_PDEATHSIG``); the next server finds their jobs still "running", queues
 them again and their ``--resume`` continues from the last checkpoint, bit-exact as ``ppvit train
 --resume`` is.
-:class:`RayRunner` submits the same command to a Ray cluster instead (its job submission API).
+:class:`RayRunner` submits the same command to a Ray cluster instead (its job submission API); both in
+:mod:`ppvit.serve.runners`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import logging
 import math
 import os
 import secrets
-import shlex
 import shutil
-import signal
-import subprocess
-import sys
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import yaml
 
 from ppvit._io import atomic_write_bytes
 from ppvit.serve.datasets import DATASETS_DIR, Dataset, DatasetError, DatasetLimits, private_dirs, service_db
 from ppvit.serve.defaults import MAX_CLASSES
+from ppvit.serve.runners import LocalRunner, RayRunner, Runner
 from ppvit.serve.tenants import TenantStore
 from ppvit.train.config import TrainConfig
 
@@ -73,7 +69,6 @@ JOB_BOUNDS = {
     "loader_workers": "max_loader_workers",
     "dist_timeout_s": "max_dist_timeout_s",
 }
-RAY_EXIT = {"PENDING": None, "RUNNING": None, "SUCCEEDED": 0, "FAILED": 1, "STOPPED": 143}  # Ray status: exit code
 
 
 @dataclass
@@ -186,163 +181,6 @@ def train_images(cfg: TrainConfig, dataset: Dataset) -> int:
     if cfg.data.train_subset:
         n = min(n, cfg.data.train_subset)
     return max(1, round(n * (1 - cfg.data.val_fraction)))
-
-
-class Runner(Protocol):
-    """Where job processes run. ``start`` runs one process per entry of ``devices`` (all "cpu", or
-    CUDA indices) and returns a handle; ``poll`` the exit code (None: running); ``adopt`` takes
-    over a handle of an earlier server (False: its process is gone, start again)."""
-
-    def start(self, job_id: str, config: Path, log_file: Path, devices: list[str]) -> str: ...
-
-    def poll(self, handle: str) -> int | None: ...
-
-    def adopt(self, handle: str) -> bool: ...
-
-    def cancel(self, handle: str) -> None: ...
-
-    def shutdown(self) -> None: ...
-
-    def on_exit(self, callback: Callable[[], None]) -> None:
-        """Call ``callback`` (from any thread) when a job's process ends; a runner that cannot tell
-        does nothing, and the supervisor notices at its next poll."""
-
-
-def die_with_parent() -> None:
-    """In the child: SIGKILL when the thread that started it dies (Linux); elsewhere nothing."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-
-
-def train_command(python: str, config: Path, processes: int) -> list[str]:
-    """The job's ``ppvit train``; several processes under torchrun, each through :mod:`ppvit.serve.worker`
-    (torchrun's workers would not die with a killed launcher: PR_SET_PDEATHSIG is not inherited)."""
-    train = ["train", "--config", str(config), "--resume"]
-    if processes == 1:
-        return [python, "-m", "ppvit.cli", *train]
-    launch = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(processes)]
-    return [python, *launch, "-m", "ppvit.serve.worker", *train]
-
-
-class LocalRunner:
-    """``ppvit train`` processes on this machine (the embedded runner); call from one long-lived thread.
-
-    ``preexec``: also run in each started process before it executes (a resource limit, in tests).
-    """
-
-    def __init__(self, preexec: Callable[[], None] | None = None) -> None:
-        self.procs: dict[str, subprocess.Popen] = {}
-        self.preexec = preexec
-        self.exited: Callable[[], None] | None = None
-
-    def on_exit(self, callback: Callable[[], None]) -> None:
-        self.exited = callback
-
-    def _child_setup(self) -> None:
-        die_with_parent()
-        os.umask(0o077)  # the run folder is the tenant's: private, as the rest of the store
-        if self.preexec is not None:
-            self.preexec()
-
-    def start(self, job_id: str, config: Path, log_file: Path, devices: list[str]) -> str:
-        env = dict(os.environ)
-        if devices[0] != "cpu":
-            env["CUDA_VISIBLE_DEVICES"] = ",".join(devices)  # torchrun's ranks take cuda:0.. of these
-        cmd = train_command(sys.executable, config, len(devices))
-        with open(os.open(log_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600), "ab") as fh:
-            proc = subprocess.Popen(
-                cmd,
-                stdout=fh,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                env=env,
-                preexec_fn=self._child_setup,
-            )
-        handle = f"local:{proc.pid}"
-        self.procs[handle] = proc
-        if self.exited is not None:  # the job ends when its process does, not at the next poll
-            threading.Thread(target=lambda: (proc.wait(), self.exited()), daemon=True).start()
-        return handle
-
-    def poll(self, handle: str) -> int | None:
-        proc = self.procs.get(handle)
-        if proc is None:
-            return -1  # not ours: a process of an earlier server
-        code = proc.poll()
-        if code is not None:
-            del self.procs[handle]
-        return code
-
-    def adopt(self, handle: str) -> bool:
-        return False  # an earlier server's processes died with it (PR_SET_PDEATHSIG)
-
-    def cancel(self, handle: str) -> None:
-        proc = self.procs.get(handle)
-        if proc is not None and proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)  # training checkpoints and stops at its next step
-
-    def shutdown(self) -> None:
-        """Stop every process (checkpointed: the next server resumes them)."""
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in self.procs.values():
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-        self.procs.clear()
-
-
-class RayRunner:
-    """Jobs submitted to a Ray cluster through its job submission REST API (the dashboard's ``/api/jobs/``).
-
-    The entrypoint is the same ``ppvit train --config JOB.yaml --resume``, run by Ray on a node
-    with ppvit installed at the same ``python`` path and the server root on a shared file
-    system (the job's folder holds its config, checkpoints, log and adapter). Ray schedules;
-    ppvit only submits, polls and stops. Jobs keep running while the server is down: a new
-    server adopts them by their submission id.
-    """
-
-    def __init__(self, address: str, python: str = sys.executable, timeout: float = 30.0) -> None:
-        import httpx
-
-        self.http = httpx.Client(base_url=address.rstrip("/"), timeout=timeout)
-        self.python = python
-
-    def start(self, job_id: str, config: Path, log_file: Path, devices: list[str]) -> str:
-        cmd = train_command(self.python, config, len(devices))
-        entrypoint = f"umask 077; {shlex.join(cmd)} >> {shlex.quote(str(log_file))} 2>&1"
-        submission = f"ppvit-{job_id}-{secrets.token_hex(4)}"  # a resumed job is a new submission
-        body = {"entrypoint": entrypoint, "submission_id": submission, "metadata": {"ppvit_job": job_id}}
-        if devices[0] != "cpu":
-            body["entrypoint_num_gpus"] = len(devices)  # Ray picks them and sets CUDA_VISIBLE_DEVICES
-        response = self.http.post("/api/jobs/", json=body)
-        if response.status_code != 200:
-            raise RuntimeError(f"Ray refused job {job_id}: {response.status_code} {response.text[:200]}")
-        return f"ray:{submission}"
-
-    def poll(self, handle: str) -> int | None:
-        try:
-            response = self.http.get(f"/api/jobs/{handle.removeprefix('ray:')}")
-        except Exception as exc:  # the cluster unreachable for a moment: still running, as far as we know
-            log.warning("Ray job %s: %s", handle, exc)
-            return None
-        if response.status_code == 404:
-            return -1
-        return RAY_EXIT.get(response.json().get("status")) if response.status_code == 200 else None
-
-    def adopt(self, handle: str) -> bool:
-        return handle.startswith("ray:") and self.poll(handle) != -1
-
-    def cancel(self, handle: str) -> None:
-        self.http.post(f"/api/jobs/{handle.removeprefix('ray:')}/stop")
-
-    def on_exit(self, callback: Callable[[], None]) -> None:
-        """Ray's jobs end on the cluster: the supervisor's poll notices."""
-
-    def shutdown(self) -> None:
-        self.http.close()  # the cluster's jobs go on; the next server adopts them
 
 
 def redact(text: str, private: dict[str, str]) -> str:

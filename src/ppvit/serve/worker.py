@@ -12,7 +12,7 @@ import os
 import runpy
 import sys
 
-from ppvit.serve.jobs import die_with_parent
+from ppvit.serve.runners import die_with_parent
 
 
 def main() -> None:
