@@ -120,6 +120,8 @@ def in_process(args: argparse.Namespace) -> None:
             f"| {k} | {ips['routed']:.0f} | {ips['merged']:.0f} | {ips['split']:.0f} | "
             f"{ips['routed'] / ips['merged']:.3f} | {ips['routed'] / ips['split']:.2f} |"
         )
+        if args.profile and k == max(args.tenant_counts):
+            profile({"routed": variants["routed"], "merged": variants["merged"]}, device, k)
     print("\ntargets: routed / merged >= 0.8; routed / split-per-adapter >= 3")
     nbytes = adapters[0].nbytes
     print(f"\nresident lora-pe adapter, ViT-Ti/16 at {args.size}: {nbytes:,} bytes -> {2**30 // nbytes:,} per GiB")
@@ -127,6 +129,21 @@ def in_process(args: argparse.Namespace) -> None:
     print(
         f"ViT-B/16 lora-pe (10 classes): {vitb:,} values = {4 * vitb:,} bytes fp32 -> {2**32 // (4 * vitb):,} in 4 GiB"
     )
+
+
+def profile(variants: dict[str, Callable[[], None]], device: torch.device, tenants: int) -> None:
+    """Where a forward's time goes (torch.profiler, one forward each after the timed ones): the operators
+    that take the most device time (self time, so nothing counts twice), to say why routed trails merged."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    for name, fn in variants.items():
+        with torch_profile(activities=activities) as prof:
+            fn()
+        print(f"\n### {name}, {tenants} tenants: the operators with the most {key.removesuffix('_total')}")
+        print(prof.key_averages().table(sort_by=key, row_limit=12, max_name_column_width=40))
 
 
 def _meta_vit_b() -> torch.nn.Module:
@@ -255,6 +272,7 @@ def main() -> None:
     )
     ap.add_argument("--device", default="cpu", help="torch device of the in-process pass and the server (cuda)")
     ap.add_argument("--skip-loopback", action="store_true", help="the in-process part alone")
+    ap.add_argument("--profile", action="store_true", help="profile routed and merged at the largest tenant count")
     ap.add_argument("--clients", type=int, default=32)
     ap.add_argument("--seconds", type=float, default=20)
     ap.add_argument("--window-ms", type=float, default=5)

@@ -59,10 +59,11 @@ PY
 # eager then compiled (each figure printed and saved as it lands)
 stage bench 240 "$PY" benchmarks/bench_gpu.py --data "$PPVIT_CIFAR10" --json "$OUT/bench_gpu.json"
 
-# serving on CUDA: one routed pass for 1, 16 and 64 tenants vs the merged model vs one pass per adapter,
+# serving on CUDA: one routed pass for 1, 16 and 64 tenants vs the merged model vs one pass per adapter (and
+# where routed's device time goes, --profile: it was 0.48-0.64x merged on 2026-12-04),
 # then ppvit serve on cuda under a loopback load (p50/p99); the server needs the extra `serve`
 stage serve 100 "$PY" benchmarks/bench_serve.py --device cuda --size 224 --batch 64 --tenant-counts 1,16,64 \
-  --repeats 5 --tenants 16 --clients 32 --seconds 10
+  --repeats 5 --tenants 16 --clients 32 --seconds 10 --profile
 
 # a service job trained on a CUDA slot (the micro ViT: the slot's path, not its speed)
 stage service 90 "$PY" benchmarks/bench_service.py --quick --train-device cuda:0
