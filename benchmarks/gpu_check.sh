@@ -68,6 +68,14 @@ stage serve 100 "$PY" benchmarks/bench_serve.py --device cuda --size 224 --batch
 # a service job trained on a CUDA slot (the micro ViT: the slot's path, not its speed)
 stage service 90 "$PY" benchmarks/bench_service.py --quick --train-device cuda:0
 
+# issue 28 (opt-in: STAGES="versions mixing"): lora-pe on the dense mixings beside shuffle, the gpu preset's cells
+# (224, all of CIFAR-10, 10 epochs), 3 seeds, one key: 9 cells of about 45 s
+stage mixing "${MIXING_S:-480}" "$PY" -m ppvit.cli reproduce --preset gpu --one-process --minutes 0 \
+  --methods lora-pe --schemes shuffle,mix,lift --out "$ASSETS/reproduce-gpu-mixing" --key "$ASSETS/gpu.key"
+for f in results.md results.json; do
+  test -f "$ASSETS/reproduce-gpu-mixing/$f" && cp "$ASSETS/reproduce-gpu-mixing/$f" "$OUT/mixing-$f"
+done
+
 # the gpu preset, in one process, within what is left (its budget shrinks the cells where slower, and says so)
 # (the estimate and the trial cell take about a minute of it). PRESET_ARGS="--minutes 0" keeps all 50,000
 # images (in a fresh ASSETS/reproduce-gpu: a budget, once chosen, stands for its folder) over several runs.
