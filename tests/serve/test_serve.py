@@ -555,6 +555,10 @@ def test_routing_matches_each_adapter_across_class_counts_ranks_and_targets(tmp_
     for j, i in enumerate(index.tolist()):
         with torch.no_grad():
             torch.testing.assert_close(out[j], models[i](x[j : j + 1])[0], rtol=0, atol=1e-5)
+    for adapter, model in zip(adapters, models, strict=True):  # a batch of one client: the shared-matrix path
+        alone = torch.stack(routed(x, [adapter], torch.zeros(len(x), dtype=torch.long)))
+        with torch.no_grad():
+            torch.testing.assert_close(alone, model(x), rtol=0, atol=1e-5)
     with pytest.raises(NotRoutable, match="transformer blocks"):
         routed_adapter(adapters[1].meta, {"attn_pool.mlp.fc1.lora_A.default.weight": torch.zeros(2, 48)}, base)
 

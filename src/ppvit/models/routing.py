@@ -14,6 +14,8 @@ per-client parts differ, gathered per sample (the BGMV idea of Punica and S-LoRA
 * position embeddings per sample where a client has its own (key-init), the backbone's otherwise;
 * heads: ``(classes x D)`` per client, padded to the largest class count, one ``bmm``.
 
+A batch of one client (one adapter) skips the gathering: its patch embedding runs as the
+convolution, its LoRA factors and head as shared matrices, the layers a merged model runs.
 The backbone's weights are never copied or changed. ``full`` adapters change every weight and
 cannot share a backbone: :class:`NotRoutable` (serve them with ``ppvit predict``).
 """
@@ -177,13 +179,15 @@ class RoutedLinear(nn.Module):
         factors = self._deltas.by_path.get(self.path)
         if factors is None:
             return y
-        h = torch.bmm(x, factors[0].transpose(1, 2))
+        # factors are per sample (batch, ., .) or one adapter's for the whole batch (., .): matmul
+        # batches the first and broadcasts the second (one GEMM, no per-sample copies)
+        h = torch.matmul(x, factors[0].mT)
         if len(factors) == 2:
-            return y + torch.bmm(h, factors[1].transpose(1, 2))
+            return y + torch.matmul(h, factors[1].mT)
         b_q, b_v = factors[1], factors[2]
-        d, r = b_q.shape[1], b_q.shape[2]
-        y[..., :d] += torch.bmm(h[..., :r], b_q.transpose(1, 2))
-        y[..., 2 * d :] += torch.bmm(h[..., r:], b_v.transpose(1, 2))
+        d, r = b_q.shape[-2], b_q.shape[-1]
+        y[..., :d] += torch.matmul(h[..., :r], b_q.mT)
+        y[..., 2 * d :] += torch.matmul(h[..., r:], b_v.mT)
         return y
 
 
@@ -236,6 +240,10 @@ class RoutedViT(nn.Module):
             features = m.forward_head(m.norm(m.blocks(tokens)), pre_logits=True)
         finally:
             self._deltas.by_path = {}
+        if len(adapters) == 1:  # one adapter for the whole batch: the plain layers, as a merged model runs them
+            head = adapters[0]
+            logits = F.linear(features, head.head_weight.to(x.device), head.head_bias.to(x.device))
+            return list(logits)
         classes = max(a.num_classes for a in adapters)
         heads = torch.stack([F.pad(a.head_weight, (0, 0, 0, classes - a.num_classes)) for a in adapters])
         biases = torch.stack([F.pad(a.head_bias, (0, classes - a.num_classes)) for a in adapters])
@@ -247,6 +255,11 @@ class RoutedViT(nn.Module):
         proj = self.base.patch_embed.proj
         if all(a.patch_weight is None for a in adapters):
             return proj(x).flatten(2).transpose(1, 2)
+        if len(adapters) == 1:  # the adapter's embedding as the convolution it is (no unfold, no bmm)
+            a = adapters[0]
+            weight = a.patch_weight.to(x.device).view_as(proj.weight)
+            bias = proj.bias if a.patch_bias is None else a.patch_bias.to(x.device)
+            return F.conv2d(x, weight, bias, stride=self.patch).flatten(2).transpose(1, 2)
         own = proj.weight.reshape(proj.weight.shape[0], -1)
         weights = torch.stack([own if a.patch_weight is None else a.patch_weight.to(x.device) for a in adapters])
         patches = F.unfold(x, self.patch, stride=self.patch).transpose(1, 2)  # (B, N, C p p), the conv's order
@@ -270,7 +283,13 @@ class RoutedViT(nn.Module):
         adapters: list[RoutedAdapter], index: torch.Tensor, device: torch.device
     ) -> dict[str, tuple[torch.Tensor, ...]]:
         """Per layer: A and B of every sample's adapter. Adapters without LoRA there get zeros,
-        and lower ranks are padded with zeros: both add nothing."""
+        and lower ranks are padded with zeros: both add nothing. One adapter: its own A and B,
+        shared by the batch."""
+        if len(adapters) == 1:
+            return {
+                path: (a.to(device), *(b.to(device).unbind(0) if b.ndim == 3 else (b.to(device),)))
+                for path, (a, b) in adapters[0].lora.items()
+            }
         factors = {}
         for path in sorted({p for a in adapters for p in a.lora}):
             pairs = [a.lora.get(path) for a in adapters]
