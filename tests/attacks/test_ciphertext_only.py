@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from attack_images import blocky_photos, key, smooth_images
 
+from ppvit.attacks import block_alignment, jigsaw, orientation, pixel_layout
 from ppvit.attacks import ciphertext_only as co
 from ppvit.attacks.ciphertext_only_audit import score_recovery
 from ppvit.attacks.metrics import plan_accuracy, to_blocks, upscale
@@ -28,13 +29,13 @@ def test_symmetry_indexes_match_numpy() -> None:
     for k in range(8):
         want = np.rot90(x, k % 4, axes=(1, 2))
         want = want[:, :, ::-1] if k >= 4 else want
-        got = x.reshape(2, -1)[:, co.image_symmetry_index((8, 8, 3), k)].reshape(x.shape)
+        got = x.reshape(2, -1)[:, orientation.image_symmetry_index((8, 8, 3), k)].reshape(x.shape)
         np.testing.assert_array_equal(got, want)
         blocks = x.reshape(2, 2, 4, 2, 4, 3).transpose(0, 1, 3, 2, 4, 5)
         turned = np.rot90(blocks, k % 4, axes=(3, 4))
         turned = turned[:, :, :, :, ::-1] if k >= 4 else turned
         want = turned.transpose(0, 1, 3, 2, 4, 5).reshape(x.shape)
-        got = x.reshape(2, -1)[:, co.block_symmetry_index((8, 8, 3), 4, k)].reshape(x.shape)
+        got = x.reshape(2, -1)[:, orientation.block_symmetry_index((8, 8, 3), 4, k)].reshape(x.shape)
         np.testing.assert_array_equal(got, want)
 
 
@@ -45,19 +46,19 @@ def test_swap_gains_are_the_objective_change() -> None:
     np.fill_diagonal(a, 0)
     cells = rng.permutation(9)
     template = rng.normal(size=(3, 3))
-    b = co._template_matrix(template, cells, 3)
-    gains = co._swap_gains(a, b)
+    b = pixel_layout._template_matrix(template, cells, 3)
+    gains = pixel_layout._swap_gains(a, b)
     for i, j in [(0, 1), (2, 7), (8, 3)]:
         moved = cells.copy()
         moved[[i, j]] = moved[[j, i]]
-        change = (a * co._template_matrix(template, moved, 3)).sum() - (a * b).sum()
+        change = (a * pixel_layout._template_matrix(template, moved, 3)).sum() - (a * b).sum()
         assert gains[i, j] == pytest.approx(change)
 
 
 def test_jigsaw_puts_scrambled_blocks_back() -> None:
     images = smooth_images(12, 48, seed=3)
     truth = compile_plan(key(3), "scramble", 8, images.shape[1:])
-    sigma = co.solve_jigsaw(truth.apply_numpy(images), 8)
+    sigma = jigsaw.solve_jigsaw(truth.apply_numpy(images), 8)
     guess = co.recover_plan(truth.apply_numpy(images), "scramble", 8)
     assert len(np.unique(sigma)) == 36
     assert plan_accuracy(guess, truth) == 1.0
@@ -137,12 +138,11 @@ def test_negation_per_block_is_found_from_neighbouring_blocks() -> None:
     enc = truth.apply_numpy(images[:32])
     negated = truth.invert.reshape(8, p, 8, p, 3).all((1, 3, 4)).ravel()
     assert 0 < negated.sum() < len(negated)
-    found = co.negated_blocks(to_blocks(enc, p))
+    found = block_alignment.negated_blocks(to_blocks(enc, p))
     assert np.array_equal(found, negated) or np.array_equal(found, ~negated)  # relative to block 0
     noise = np.random.default_rng(1).integers(0, 256, enc.shape, dtype=np.uint8)
-    assert (
-        0.25 < (co.negated_blocks(to_blocks(noise ^ truth.invert.reshape(64, 64, 3) * 255, p)) == negated).mean() < 0.75
-    )
+    found_in_noise = block_alignment.negated_blocks(to_blocks(noise ^ truth.invert.reshape(64, 64, 3) * 255, p))
+    assert 0.25 < (found_in_noise == negated).mean() < 0.75
 
 
 @pytest.mark.parametrize(

@@ -14,8 +14,8 @@ from conftest import KEY, assert_no_key_material
 from PIL import Image
 
 from ppvit import cli
-from ppvit.attacks.ciphertext_only import block_symmetry_index, image_symmetry_index, then
 from ppvit.attacks.ciphertext_only_audit import CiphertextOnlyConfig, ciphertext_only_audit, score_recovery
+from ppvit.attacks.orientation import block_symmetry_index, image_symmetry_index, then
 from ppvit.crypto.ciphers import Plan, compile_plan
 
 # -- the score --------------------------------------------------------------------------------------

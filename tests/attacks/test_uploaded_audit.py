@@ -19,9 +19,9 @@ from conftest import KEY, assert_no_key_material
 from PIL import Image
 
 from ppvit import cli
-from ppvit.attacks.ciphertext_only import image_symmetry_index, then
 from ppvit.attacks.ciphertext_only_audit import score_recovery, verdict
 from ppvit.attacks.metrics import roughness
+from ppvit.attacks.orientation import image_symmetry_index, then
 from ppvit.crypto.ciphers import BlockCipher, compile_plan
 from ppvit.crypto.keys import Key
 

@@ -25,15 +25,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from ppvit.attacks.ciphertext_only import (
-    DIHEDRAL_NAMES,
-    block_symmetry_index,
-    image_symmetry_index,
-    recover_plan,
-    then,
-    unsupported,
-)
+from ppvit.attacks.ciphertext_only import recover_plan, unsupported
 from ppvit.attacks.metrics import plan_accuracy, psnr, ssim, upscale
+from ppvit.attacks.orientation import DIHEDRAL_NAMES, block_symmetry_index, image_symmetry_index, then
 from ppvit.attacks.report import write_report
 from ppvit.crypto.keys import Key
 
