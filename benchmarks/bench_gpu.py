@@ -36,9 +36,10 @@ from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
 from ppvit.crypto.keys import Key
+from ppvit.train.build import build_model
 from ppvit.train.config import TrainConfig
 from ppvit.train.fast import maybe_compile
-from ppvit.train.loop import build_model, end_epoch, setup, train_epoch
+from ppvit.train.loop import end_epoch, setup, train_epoch
 from ppvit.train.runtime import resolve_precision
 
 METHODS = ("full", "lora-pe")

@@ -398,8 +398,8 @@ def training_speed(cfg: TrainConfig, steps: int = 3, warmup: int = 1) -> float:
     import torch.nn.functional as F
 
     from ppvit.models.backbones import input_size
+    from ppvit.train.build import build_model, param_groups
     from ppvit.train.fast import make_optimizer, maybe_compile
-    from ppvit.train.loop import build_model, param_groups
 
     cfg, device = cfg.resolved(), train_device()
     model = build_model(cfg, 10).to(device).train()
