@@ -366,3 +366,22 @@ def test_dense_mixing_writes_npz_of_its_dtype_and_decrypts(tmp_path: Path, schem
     assert cli.main(["-q", "decrypt", str(enc), str(dec), "--key", str(key_path)]) == 0
     for rel, arr in images.items():
         np.testing.assert_array_equal(read_png(dec / rel), arr)
+
+
+def test_a_shard_whose_dtype_is_not_the_manifests_is_refused_naming_it(tmp_path: Path) -> None:
+    """The manifest's dtype is checked against every shard read: a shard of another dtype is damage, one line."""
+    import json
+
+    key_path = tmp_path / "k.key"
+    KEY.save(key_path)
+    make_tree(tmp_path / "src", n=1, size=8)
+    flags = ["--key", str(key_path), "--scheme", "lift", "--block-size", "4", "--format", "npz"]
+    assert cli.main(["-q", "encrypt", str(tmp_path / "src"), str(tmp_path / "enc"), *flags]) == 0
+    assert load_source_split(tmp_path / "enc", "train").images.dtype == np.int16
+    manifest = tmp_path / "enc" / "ppvit-manifest.json"
+    manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "dtype": "int32"}))
+    with pytest.raises(ValueError, match=r"shard-00000.npz: holds int16, its manifest says int32"):
+        load_source_split(tmp_path / "enc", "train")
+    manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "dtype": "float64"}))
+    with pytest.raises(ValueError, match=r"damaged \(dtype 'float64' is none of uint8, float16, int16, int32\)"):
+        load_source_split(tmp_path / "enc", "train")
