@@ -466,6 +466,30 @@ def test_run_records_are_strict_json_even_when_a_value_is_not_finite(tmp_path: P
 
 
 @pytest.mark.parametrize("scheme", ["mix", "lift"])
+def test_dense_mixing_trains_on_its_stored_ciphertext_without_the_key(
+    tmp_path: Path, toy_dataset: Path, key_file: Path, scheme: str, first_train_batch: dict[str, torch.Tensor]
+) -> None:
+    """The server's case: `ppvit encrypt --scheme mix|lift --format npz` output trains with no key, and the first
+    batch the model is given is the one the simulated client gives it for the same images and key (the stored
+    float16 / integer values through the one normalisation); `eval` on that ciphertext needs no key either."""
+    enc = tmp_path / "enc"
+    flags = ["--key", str(key_file), "--scheme", scheme, "--block-size", "4", "--format", "npz"]
+    assert cli.main(["-q", "encrypt", str(toy_dataset), str(enc), *flags]) == 0
+    result = train(train_config(tmp_path / "server", enc, None, epochs=1))
+    served = first_train_batch.pop("input")
+    first_train_batch.clear()
+    train(train_config(tmp_path / "client", toy_dataset, key_file, scheme=scheme, block_size=4, epochs=1))
+    simulated = first_train_batch["input"]
+    std = torch.tensor(normalization(create_backbone(SMALL, num_classes=4))[1]).view(1, 3, 1, 1)
+    ulp = 0.25 if scheme == "mix" else 0.0  # float16's unit at 256-512: a BLAS may round the last bit otherwise
+    torch.testing.assert_close(served, simulated, rtol=0, atol=ulp / 255 / float(std.min()) + 1e-6)
+    meta = json.loads((tmp_path / "server" / "adapter" / "ppvit_adapter.json").read_text())
+    assert (meta["scheme"], meta["block_size"], meta["key_fingerprint"]) == (scheme, 4, Key.load(key_file).fingerprint)
+    assert 0 <= result.test_acc <= 1 and result.test_images == 32
+    assert cli.main(["-q", "eval", str(tmp_path / "server"), "--data", str(enc)]) == 0
+
+
+@pytest.mark.parametrize("scheme", ["mix", "lift"])
 def test_dense_mixing_trains_through_the_simulated_client(
     tmp_path: Path, toy_dataset: Path, key_file: Path, scheme: str, first_train_batch: dict[str, torch.Tensor]
 ) -> None:

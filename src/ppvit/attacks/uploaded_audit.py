@@ -96,7 +96,7 @@ def audit_uploaded(
     ``recovered/``: the held-out ciphertexts decrypted with the plan from the largest N, as PNGs
     under their paths in the dataset (nothing else is left there).
     """
-    from ppvit.crypto.ciphers import compile_plan
+    from ppvit.crypto.ciphers import Scheme, compile_plan
 
     m = source.manifest
     assert m is not None, "stored_ciphertexts gives encrypted datasets only"
@@ -106,6 +106,11 @@ def audit_uploaded(
     if key is not None and key.fingerprint != m.key_fingerprint:
         raise ValueError(
             f"key {key.fingerprint} did not encrypt {source.path} (its manifest names key {m.key_fingerprint})"
+        )
+    if Scheme.parse(m.scheme).mixing:  # a matrix, not a plan: attacks/block_mixing.py, on simulated ciphertext
+        raise ValueError(
+            f"encrypted dataset {source.path}: {m.dtype} ciphertext of scheme {m.scheme}; this attack recovers "
+            f"permutations, the mixings' attacks run on plain images: ppvit audit --scheme {m.scheme} --data PLAIN"
         )
     log.info(
         "%s: ciphertexts as stored (`ppvit encrypt` output, %s: %s, %dx%d blocks, key %s): attacked as they are, "

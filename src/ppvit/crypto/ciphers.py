@@ -57,7 +57,7 @@ import torch
 from PIL import Image
 
 from ppvit.crypto.keys import Key
-from ppvit.crypto.mixing import MIXING_STEPS, BlockMixing, block_mixing
+from ppvit.crypto.mixing import CIPHERTEXT_DTYPES, MIXING_STEPS, BlockMixing, block_mixing
 
 STEP_NAMES = ("shuffle", "scramble", "rotate", "negpos", "channel", *MIXING_STEPS)
 _MODED = ("negpos", "channel")  # steps that accept ``:block`` / ``:pixel``
@@ -113,6 +113,11 @@ class Scheme:
     def mixing(self) -> str | None:
         """The dense mixing step that ends the scheme (``mix``, ``lift``), if any."""
         return self.steps[-1].name if self.steps and self.steps[-1].name in MIXING_STEPS else None
+
+    @property
+    def ciphertext_dtypes(self) -> tuple[str, ...]:
+        """What its ciphertext may be, whatever the key (lift's is int32 for the few keys whose bound needs it)."""
+        return CIPHERTEXT_DTYPES[self.mixing]
 
     @property
     def gather(self) -> Scheme:
@@ -223,6 +228,11 @@ class BlockCipher:
         """The block mixing applied after the plan, if the scheme has one."""
         name = self.scheme.mixing
         return None if name is None else block_mixing(self.key, name, self.block_size, channels)
+
+    def ciphertext_dtype(self, channels: int = 3) -> str:
+        """The dtype name of this key's ciphertext: uint8, or its mixing's (float16; int16 or int32)."""
+        mixing = self.mixing(channels)
+        return "uint8" if mixing is None else str(mixing.dtype).removeprefix("torch.")
 
     def _plans_for(self, height: int, width: int, channels: int) -> tuple[Plan, Plan]:
         shape = (height, width, channels)

@@ -51,6 +51,12 @@ from ppvit.crypto.keys import Key
 
 MIXING_STEPS = ("mix", "lift")
 LIFT_LAYERS = 10
+CIPHERTEXT_DTYPES: dict[str | None, tuple[str, ...]] = {
+    None: ("uint8",),
+    "mix": ("float16",),
+    "lift": ("int16", "int32"),
+}
+"""The dtypes a scheme's ciphertext may have, by its mixing step (None: none), whatever the key."""
 
 
 @dataclass(frozen=True, eq=False)

@@ -20,7 +20,7 @@ import numpy as np
 
 from ppvit.data.cache import decoded_cache
 from ppvit.data.images import resize_array
-from ppvit.data.manifest import Manifest
+from ppvit.data.manifest import DTYPES, Manifest
 from ppvit.data.sources import Columns, Select, Source, SplitNames, class_of, decode, open_source
 from ppvit.data.sources.cifar10 import CIFAR10_ENV
 from ppvit.data.sources.cifar10 import NAME as CIFAR10_NAME
@@ -36,15 +36,17 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class ArrayDataset:
-    """Images as one uint8 NHWC array with integer labels (batches are gathered by index)."""
+    """Images as one NHWC array with integer labels (batches are gathered by index): uint8 pixels, or a dense
+    mixing's ciphertext as stored (float16, int16, int32), which the pipeline normalises alike."""
 
     images: np.ndarray
     labels: np.ndarray
     classes: tuple[str, ...]
 
     def __post_init__(self) -> None:
-        if self.images.dtype != np.uint8 or self.images.ndim != 4 or self.images.shape[-1] != 3:
-            raise ValueError(f"images must be uint8 NHWC RGB, got {self.images.dtype} {self.images.shape}")
+        if self.images.dtype.name not in DTYPES or self.images.ndim != 4 or self.images.shape[-1] != 3:
+            got = f"{self.images.dtype} {self.images.shape}"
+            raise ValueError(f"images must be NHWC RGB ({', '.join(DTYPES)}), got {got}")
         if len(self.images) != len(self.labels):
             raise ValueError(f"{len(self.images)} images but {len(self.labels)} labels")
 

@@ -1,9 +1,11 @@
 """Encrypting and decrypting collections: ``ppvit encrypt`` and ``ppvit decrypt``.
 
 Any source of :mod:`ppvit.data.sources` goes in; outputs are lossless (:mod:`ppvit.data.sinks`):
-PNG files mirroring the source tree, uint8 npz shards per split for fast loading, or
+PNG files mirroring the source tree, npz shards per split for fast loading, or
 WebDataset tar shards of PNGs (``.png`` + ``.cls``) per split for streaming. A JPEG or WebP
-output is refused, since lossy compression destroys the pixel shuffling.
+output is refused, since lossy compression destroys the pixel shuffling. The dense mixings'
+ciphertext (``mix``: float16, ``lift``: int16 or int32, 2 or 4 bytes a value) is written as npz
+only: PNG holds 8 bits a value.
 
 A manifest (``ppvit-manifest.json``) beside the output records the scheme, block size, input
 size, format, classes and the key fingerprint, never the key. It is written before the first
@@ -90,11 +92,6 @@ def transform_collection(
     """Encrypt (or decrypt) every image of ``src`` (any source: :func:`ppvit.data.sources.open_source`)
     into ``dst``; the shared engine of both verbs. An image that cannot be read is counted in the summary,
     or with ``strict`` stops the run (ValueError naming it; a rerun continues)."""
-    if cipher.scheme.mixing:
-        raise ValueError(
-            f"scheme {cipher.scheme}: its ciphertext is float16 or integers, and ppvit writes and reads uint8 "
-            "datasets only so far; train with --key (the client simulated in the pipeline)"
-        )
     source = open_source(src, columns)
     dst = Path(dst)
     check_output(dst, manifest.format)
@@ -238,7 +235,8 @@ def encrypt_collection(
     """
     if shard_size is not None and (fmt != "wds" or shard_size < 1):
         raise ValueError(f"shard size {shard_size}: only for --format wds, and at least 1")
-    manifest = Manifest(str(cipher.scheme), cipher.block_size, size, cipher.key.fingerprint, fmt, __version__)
+    fingerprint, dtype = cipher.key.fingerprint, cipher.ciphertext_dtype()  # not uint8 (mix, lift): npz only
+    manifest = Manifest(str(cipher.scheme), cipher.block_size, size, fingerprint, fmt, __version__, dtype=dtype)
     manifest.shard_size = shard_size
     manifest.preprocess = None if size is None else Preprocess(size, KERNEL, None, None)
     source = open_source(src, columns, splits)

@@ -69,6 +69,22 @@ def read_image(path: str | os.PathLike, size: int, resize: bool = True) -> np.nd
     return resize_array(image, size).copy()
 
 
+def read_ciphertext_array(path: str | os.PathLike, size: int, dtypes: tuple[str, ...]) -> np.ndarray:
+    """A ``.npy`` file of one image's ciphertext as the server takes it: (size, size, 3) of one of ``dtypes``
+    (the scheme's: a ``mix``/``lift`` ciphertext is no image file); anything else is one line naming the file."""
+    try:
+        arr = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as exc:
+        raise ValueError(f"image {path}: not a readable .npy array ({exc})") from None
+    if arr.dtype.name not in dtypes:
+        raise ValueError(f"image {path}: a {arr.dtype.name} array; this model's ciphertext is {' or '.join(dtypes)}")
+    if arr.shape != (size, size, 3):
+        raise ValueError(f"image {path}: an array of shape {arr.shape}; the model takes ({size}, {size}, 3)")
+    if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+        raise ValueError(f"image {path}: holds values that are not finite")
+    return arr
+
+
 def ciphertext_origin(path: str | os.PathLike) -> Manifest | None:
     """What says the file at ``path`` is ppvit ciphertext, and under which key and geometry: its
     :data:`~ppvit.data.manifest.MARKER` text chunk, else the manifest of the encrypted folder it lies in

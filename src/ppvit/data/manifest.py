@@ -1,4 +1,4 @@
-"""The manifest of an encrypted dataset: what it is (scheme, block size, size, key fingerprint, format).
+"""The manifest of an encrypted dataset: what it is (scheme, block size, size, key fingerprint, format, dtype).
 
 Every encrypted folder carries one (``ppvit-manifest.json``); decrypt, train and eval check
 it before using the data. Each ciphertext PNG carries the same facts (never the key) in a PNG
@@ -24,6 +24,7 @@ PLAIN = "plain"  # the scheme a decrypted folder's manifest names
 Format = Literal["png", "npz", "wds"]
 FORMATS = ("png", "npz", "wds")
 OLD_FORMATS = {"npy": "npz"}  # manifests of the first release named the .npz shard format "npy"
+DTYPES = ("uint8", "float16", "int16", "int32")  # of ciphertext: uint8, mix's float16, lift's integers
 MARKER = "ppvit-ciphertext"  # the PNG text chunk of a ciphertext file: key fingerprint, scheme, block size, size
 
 
@@ -42,10 +43,18 @@ class Manifest:
     complete: bool = False
     shard_size: int | None = None  # wds: images per shard (dealt round-robin over up to 64 shards: data.sinks.WdsSink)
     preprocess: Preprocess | None = None  # how the images were resized (mean/std None: the model's); None: not resized
+    dtype: str = "uint8"  # of the stored values: uint8, float16 (mix) or int16/int32 (lift: the key's bound decides)
 
     def __post_init__(self) -> None:
         if isinstance(self.preprocess, dict):  # read from JSON
             self.preprocess = Preprocess.of(self.preprocess, "manifest")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype {self.dtype!r} is none of {', '.join(DTYPES)}")
+        if self.dtype != "uint8" and self.format != "npz":
+            raise ValueError(
+                f"scheme {self.scheme}: {self.dtype} ciphertext; {self.format} holds uint8 (8-bit PNG images): "
+                "use --format npz"
+            )
 
     def check(
         self,

@@ -101,16 +101,22 @@ def _die_with_parent() -> None:
 
 
 def _transform_one(item: Item) -> Result:
-    """Decode, resize, encrypt (or decrypt) one image: the work a worker does."""
-    got = decode(*item)
-    if got.error is not None:
-        return got.relpath, None, got.error
-    arr, size = np.asarray(got.image), _worker["size"]
+    """Decode, resize, encrypt (or decrypt) one image: the work a worker does. Arrays (npz shards) are taken
+    as they are: a mixing's ciphertext is float16 or integers, no image."""
+    rel, data = item
+    if isinstance(data, np.ndarray):
+        arr = data
+    else:
+        got = decode(rel, data)
+        if got.error is not None:
+            return rel, None, got.error
+        arr = np.asarray(got.image)
+    size = _worker["size"]
     if size is not None:
         arr = resize_array(arr, size)  # type: ignore[arg-type]
     cipher: BlockCipher = _worker["cipher"]  # type: ignore[assignment]
     try:
         out = cipher.decrypt(arr) if _worker["decrypting"] else cipher.encrypt(arr)
     except ValueError as exc:  # e.g. a side that is not a multiple of the block size
-        return got.relpath, None, str(exc)
-    return got.relpath, out, None
+        return rel, None, str(exc)
+    return rel, out, None

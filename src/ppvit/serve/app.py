@@ -225,7 +225,7 @@ def create_app(cfg: ServeConfig) -> FastAPI:
         held = [0]  # body bytes reserved by this request
         try:
             body = await read_body(request, cfg.max_body_bytes, cfg.body_timeout_s, limits, held)
-            expected = Expected(served.base.routed.side, served.base.routed.in_channels, cfg.max_images)
+            expected = Expected.of(served, cfg.max_images)
             kind = request.headers.get("content-type", "")
             images = await asyncio.to_thread(decode_images, body, kind, expected)  # off the event loop
             del body

@@ -3,8 +3,9 @@
 The client asks the server which scheme, block size, input size, key fingerprint and input
 recipe (resize kernel, mean, std) its adapter was trained with, refuses a key whose
 fingerprint differs or a recipe other than the one it follows, resizes and encrypts
-each image here (as ``ppvit predict`` does), and sends the uint8 ciphertext as a ``.npy``
-body. Neither the key nor a plain image leaves this process.
+each image here (as ``ppvit predict`` does), and sends the ciphertext as a ``.npy`` body: uint8,
+or a ``mix``/``lift`` adapter's float16 / int16 (2 bytes a value; int32 for the few ``lift`` keys
+whose bound needs it). Neither the key nor a plain image leaves this process.
 
 The server's word on the geometry is checked, not trusted: a key file that pins one
 (``ppvit keygen --scheme --block-size --size``), or the caller's ``scheme``, ``block_size``
@@ -26,11 +27,10 @@ from typing import Any
 
 import httpx
 import numpy as np
-import torch
 
 from ppvit.crypto.ciphers import BlockCipher, Scheme
 from ppvit.crypto.keys import Key
-from ppvit.data.images import ciphertext_origin, read_image
+from ppvit.data.images import ciphertext_origin, read_ciphertext_array, read_image
 from ppvit.data.manifest import read_manifest
 from ppvit.data.preprocess import KERNEL, Preprocess
 
@@ -137,11 +137,13 @@ class Client:
         return self._info
 
     def encrypt(self, images: list[str | os.PathLike | np.ndarray], key: Key | None, plain: bool = False) -> np.ndarray:
-        """Images (files or HWC uint8 arrays) -> the (N, S, S, 3) uint8 ciphertext the adapter expects.
+        """Images (files or HWC uint8 arrays) -> the (N, S, S, 3) ciphertext the adapter expects (uint8, or the
+        float16 / integers of a ``mix``/``lift`` adapter).
 
         Plain images are encrypted here; a file that is ppvit ciphertext already (its marker, or its
-        folder's manifest: :func:`~ppvit.data.images.ciphertext_origin`) is sent as it is when it records
-        the adapter's key fingerprint and geometry, and refused (naming it) otherwise. The server says which
+        folder's manifest: :func:`~ppvit.data.images.ciphertext_origin`; a ``.npy`` array of the scheme's
+        ciphertext dtype) is sent as it is when it records the adapter's key fingerprint and geometry (a
+        ``.npy`` records none), and refused (naming it) otherwise. The server says which
         scheme its adapter takes; a server that says "none" gets plain images only when the caller asks
         for that (``plain=True``) and gave no key.
         """
@@ -155,12 +157,21 @@ class Client:
         size = info["input_size"]
         self.check_preprocess(info)
         arrays, here = [], []  # here: encrypted by this client (plain images)
+        dtypes = Scheme.parse(info["scheme"]).ciphertext_dtypes if info["scheme"] is not None else ("uint8",)
         for im in images:
             if isinstance(im, np.ndarray):
                 if im.shape != (size, size, 3) or im.dtype != np.uint8:
                     raise ValueError(f"array image of shape {im.shape} {im.dtype}: need ({size}, {size}, 3) uint8")
                 arrays.append(im)
                 here.append(True)
+                continue
+            if str(im).lower().endswith(".npy"):
+                if info["scheme"] is None:
+                    raise ValueError(
+                        f"image {im}: a .npy file is taken as ciphertext, but the adapter takes plain images"
+                    )
+                arrays.append(read_ciphertext_array(im, size, dtypes))
+                here.append(False)
                 continue
             origin = ciphertext_origin(im)
             if origin is not None:
@@ -170,11 +181,7 @@ class Client:
                 origin.check(info["scheme"], info["block_size"], size, info["key_fingerprint"], where=where)
             arrays.append(read_image(im, size, resize=origin is None))
             here.append(origin is None)
-        x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
-        if info["scheme"] is not None and Scheme.parse(info["scheme"]).mixing:
-            raise ValueError(f"scheme {info['scheme']}: the server takes uint8 ciphertext only so far")
-        rows = torch.tensor(here)
-        if info["scheme"] is not None and rows.any():
+        if info["scheme"] is not None and any(here):
             if key is None:
                 raise ValueError(f"the adapter expects images encrypted with scheme {info['scheme']}: pass the key")
             if key.fingerprint != info["key_fingerprint"]:
@@ -182,8 +189,13 @@ class Client:
                     f"key fingerprint {key.fingerprint} is not the one the adapter was trained with "
                     f"({info['key_fingerprint']})"
                 )
-            x[rows] = BlockCipher(key, info["scheme"], info["block_size"]).encrypt(x[rows])
-        return x.permute(0, 2, 3, 1).contiguous().numpy()
+            rows = [i for i, h in enumerate(here) if h]
+            cipher = BlockCipher(key, info["scheme"], info["block_size"])
+            for i, c in zip(rows, cipher.encrypt(np.stack([arrays[i] for i in rows])), strict=True):
+                arrays[i] = c
+        if len({a.dtype for a in arrays}) > 1:
+            raise ValueError(f"ciphertext of several dtypes ({', '.join(sorted({a.dtype.name for a in arrays}))})")
+        return np.stack(arrays)
 
     def pinned(self, key: Key | None) -> dict[str, Any]:
         """The geometry to hold the server to: the caller's settings, else the key file's pin (a setting the pin
@@ -225,9 +237,9 @@ class Client:
             raise ValueError(f"{exc} (what this client sends): refusing") from None
 
     def predict_ciphertext(self, ciphertext: np.ndarray, logits: bool = False) -> list[Prediction]:
-        """Send (N, S, S, 3) uint8 ciphertext; one prediction per image."""
+        """Send (N, S, S, 3) ciphertext (uint8, or a ``mix``/``lift`` adapter's dtype); one prediction per image."""
         buf = io.BytesIO()
-        np.save(buf, np.ascontiguousarray(ciphertext, dtype=np.uint8), allow_pickle=False)
+        np.save(buf, np.ascontiguousarray(ciphertext), allow_pickle=False)
         answer = self._call(
             "POST",
             "/v1/predict",

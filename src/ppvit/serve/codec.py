@@ -1,8 +1,10 @@
 """Request decoding and answer encoding of ``POST /v1/predict`` and ``GET /v1/adapter``.
 
-A body is one PNG, ``application/x-npy`` uint8 array(s) of shape (H, W, C) or (N, H, W, C), or
-JSON ``{"images": [base64 PNG, ...]}``. Sizes and counts are checked from the ``.npy`` header or
-each PNG's header before anything is decoded or allocated; anything else is a 4xx
+A body is one PNG, ``application/x-npy`` array(s) of shape (H, W, C) or (N, H, W, C), or
+JSON ``{"images": [base64 PNG, ...]}``. The array's dtype is the adapter's ciphertext's (uint8; a
+``mix`` adapter's float16, a ``lift`` adapter's int16 or int32, which PNG cannot carry). Dtype,
+sizes and counts are checked from the ``.npy`` header or each PNG's header before anything is
+decoded or allocated, a float array's values are finite; anything else is a 4xx
 :class:`~ppvit.serve.auth.HTTPError`. Answers are JSON bytes built off the event loop.
 Every answer of the server, predict's and every other route's (training ones included), is
 strict JSON written by :func:`ppvit._io.json_text`: never Python's ``NaN`` or ``Infinity``,
@@ -24,6 +26,7 @@ from fastapi.responses import JSONResponse
 from PIL import Image, UnidentifiedImageError
 
 from ppvit._io import json_text
+from ppvit.crypto.ciphers import Scheme
 from ppvit.models.adapters import AdapterMeta
 from ppvit.serve.auth import HTTPError
 from ppvit.serve.cache import Served
@@ -39,6 +42,14 @@ class Expected:
     side: int
     channels: int
     max_images: int
+    dtypes: tuple[str, ...] = ("uint8",)  # of the ciphertext (:attr:`ppvit.crypto.ciphers.Scheme.ciphertext_dtypes`)
+
+    @classmethod
+    def of(cls, served: Served, max_images: int) -> Expected:
+        """What ``served`` takes: its input size and channels, and its scheme's ciphertext dtypes."""
+        scheme = served.meta.scheme
+        dtypes = Scheme.parse(scheme).ciphertext_dtypes if scheme is not None else ("uint8",)
+        return cls(served.base.routed.side, served.base.routed.in_channels, max_images, dtypes)
 
     def check(self, count: int, h: int, w: int, c: int) -> None:
         if count < 1:
@@ -52,12 +63,14 @@ class Expected:
 
 
 def decode_images(body: bytes, content_type: str, expected: Expected) -> np.ndarray:
-    """The request's images as (N, H, W, C) uint8; HTTPError 4xx for anything else.
+    """The request's images as (N, H, W, C) of the adapter's ciphertext dtype; HTTPError 4xx for anything else.
 
     Sizes and counts are checked from the ``.npy`` header or each PNG's header first, so a
     small body that declares a huge image is refused without allocating it.
     """
     kind = content_type.split(";")[0].strip().lower()
+    if kind in ("application/json", "image/png") and "uint8" not in expected.dtypes:
+        raise HTTPError(415, f"this adapter takes {' or '.join(expected.dtypes)} ciphertext: send application/x-npy")
     if kind == "application/x-npy":
         images = _npy(body, expected)
     elif kind == "application/json":
@@ -91,15 +104,18 @@ def _npy(body: bytes, expected: Expected) -> np.ndarray:
         shape, fortran, dtype = read(buf, max_header_size=NPY_HEADER_LIMIT)
     except (ValueError, OSError, EOFError, SyntaxError, RecursionError, MemoryError):
         raise HTTPError(400, "body is not a .npy array") from None
-    if dtype != np.uint8:
-        raise HTTPError(422, f"array dtype is {dtype}; send uint8 ciphertext")
+    if dtype.name not in expected.dtypes:
+        raise HTTPError(422, f"array dtype is {dtype.name}; send {' or '.join(expected.dtypes)} ciphertext")
     if len(shape) not in (3, 4) or any(type(n) is not int or n < 0 for n in shape):
         raise HTTPError(422, f"array shape {shape}: expected (H, W, C) or (N, H, W, C)")
     shape4 = shape if len(shape) == 4 else (1, *shape)
     expected.check(*shape4)
-    if len(body) - buf.tell() != int(np.prod(shape)):
-        raise HTTPError(400, f"array of shape {shape} needs {int(np.prod(shape))} bytes, the body holds another number")
-    data = np.frombuffer(body, dtype=np.uint8, offset=buf.tell())
+    size = int(np.prod(shape)) * dtype.itemsize
+    if len(body) - buf.tell() != size:
+        raise HTTPError(400, f"array of shape {shape} {dtype.name} needs {size} bytes, the body holds another number")
+    data = np.frombuffer(body, dtype=dtype, offset=buf.tell()).astype(dtype.name, copy=False)  # native byte order
+    if data.dtype.kind == "f" and not np.isfinite(data).all():
+        raise HTTPError(422, "array holds values that are not finite")
     return data.reshape(shape4, order="F" if fortran else "C")
 
 

@@ -18,10 +18,10 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 
-from ppvit.crypto.ciphers import BlockCipher, pinned_cipher
+from ppvit.crypto.ciphers import BlockCipher, Scheme, pinned_cipher
 from ppvit.crypto.keys import Key
 from ppvit.data.datasets import ArrayDataset, load_test_split
-from ppvit.data.images import ciphertext_origin, image_files, read_image
+from ppvit.data.images import ciphertext_origin, image_files, read_ciphertext_array, read_image
 from ppvit.data.pipeline import BatchPipeline, eval_batches
 from ppvit.data.sources import SplitNames
 from ppvit.data.streaming import ShardStream
@@ -132,7 +132,8 @@ def iter_predictions(
     """(file, predicted class, probability) per image file, batch by batch: memory is one batch, not every file.
 
     Plain files are resized (:func:`ppvit.data.images.resize`) then encrypted with ``key``. ppvit
-    ciphertext (a file :func:`~ppvit.data.images.ciphertext_origin` knows, or any file when ``encrypted``)
+    ciphertext (a file :func:`~ppvit.data.images.ciphertext_origin` knows, any file when ``encrypted``, or a
+    ``.npy`` array of the scheme's ciphertext dtype: a ``mix``/``lift`` ciphertext, as the client sends it)
     is taken as it is: it must be of the model's input size, and what it records (key fingerprint, scheme,
     block size) the adapter's, or the file is refused. A folder stands for the image files under it.
     A file that cannot be used is appended to ``failed`` as (file, problem) and skipped; without a list,
@@ -165,10 +166,11 @@ def iter_predictions(
                 said = True
             batch.append((path, pixels, encrypt_here))
         if batch and (path is None or len(batch) == batch_size):
-            x = torch.stack([torch.from_numpy(p) for _, p, _ in batch]).permute(0, 3, 1, 2)
+            # float32 holds uint8 pixels and every ciphertext dtype exactly (lift's values stay under 2**24)
+            x = torch.stack([torch.from_numpy(p).float() for _, p, _ in batch]).permute(0, 3, 1, 2)
             rows = torch.tensor([e for _, _, e in batch])
             if rows.any():
-                x[rows] = cipher.encrypt(x[rows].contiguous())
+                x[rows] = cipher.encrypt(x[rows].to(torch.uint8).contiguous()).float()
             with torch.inference_mode():
                 probs = model(pipeline(x.permute(0, 2, 3, 1), train=False)).softmax(-1)
             for (f, _, _), p in zip(batch, probs, strict=True):
@@ -178,6 +180,10 @@ def iter_predictions(
 
 def _prediction_input(path: str, meta: AdapterMeta, size: int, encrypted: bool) -> tuple[np.ndarray, bool]:
     """A file's pixels at the model's input size, and whether to encrypt them here (plain, for an encrypted model)."""
+    if path.lower().endswith(".npy"):
+        if meta.scheme is None:
+            raise ValueError(f"image {path}: a .npy file is taken as ciphertext, but this model takes plain images")
+        return read_ciphertext_array(path, size, Scheme.parse(meta.scheme).ciphertext_dtypes), False
     origin = ciphertext_origin(path)
     if origin is not None:
         if meta.scheme is None:

@@ -1,7 +1,8 @@
 """``ppvit encrypt --format npz`` output as a source, and ppvit's one npz layout.
 
 The layout written (since 0.3), by the shards (``<split>/shard-00000.npz``, 1024 images each)
-and by the decoded-image cache alike: ``images`` uint8 NHWC, ``labels`` int64 indices into
+and by the decoded-image cache alike: ``images`` NHWC (uint8; a ``mix``/``lift`` dataset's ciphertext
+float16 or int16/int32, the manifest's ``dtype``), ``labels`` int64 indices into
 ``classes`` (the class names), ``paths`` each image's relative path. Older files still read:
 shards before 0.3 hold the class name of each image in ``classes`` and no ``labels``; cache
 files before 0.3 have no ``paths``; a manifest naming the format ``npy`` means npz.
@@ -59,7 +60,8 @@ def read_npz(path: Path) -> NpzArrays:
 
 
 class EncryptedNpz(EncryptedFolder):
-    """uint8 shards per split with a manifest; items are the pixels, shard by shard."""
+    """Shards per split with a manifest; items are the stored values (uint8 pixels, or a mixing's float16 or
+    integer ciphertext: the manifest's dtype, checked per shard), shard by shard."""
 
     format: ClassVar[str] = "npz"
     kind: ClassVar[str] = "encrypted-npz"
@@ -71,6 +73,8 @@ class EncryptedNpz(EncryptedFolder):
     def _items(self, select: Select = None) -> Iterator[Item]:
         for shard in self.shards():
             got = read_npz(shard)
+            if self.manifest is not None and got.images.dtype != self.manifest.dtype:
+                raise ValueError(f"shard {shard}: holds {got.images.dtype}, its manifest says {self.manifest.dtype}")
             for i, rel in enumerate(got.paths):
                 if select is None or select(rel):
                     yield rel, got.images[i]
