@@ -88,3 +88,25 @@ def test_a_job_trained_without_activate_says_what_is_served_and_how_to_serve_it(
     serve_cli._service_call(FakeClient([served], served=3), argparse.Namespace(**{**vars(args), "activate": True}))
     out = capsys.readouterr().out
     assert "version 3 is served" in out and "client activate" not in out
+
+
+@pytest.mark.parametrize("scheme", ["mix", "lift"])
+def test_client_train_refuses_a_dense_mixing_saying_where_it_trains(tmp_path: Path, scheme: str) -> None:
+    """The service's datasets are uint8 wds shards: a mixing's float/int ciphertext cannot go there (it
+    said "use --format npz", a flag `client train` does not have), and nothing is encrypted or sent."""
+    from ppvit.crypto.keys import Key
+
+    Key.generate().save(tmp_path / "k.key")
+    (tmp_path / "src").mkdir()
+
+    class Unreachable:
+        def upload(self, *a: object) -> None:
+            raise AssertionError("nothing is sent")
+
+    args = argparse.Namespace(
+        key=str(tmp_path / "k.key"), src=str(tmp_path / "src"), name="toy", work=str(tmp_path / "work"),
+        scheme=scheme, block_size=4, img_size=32, shard_size=None,
+    )  # fmt: skip
+    with pytest.raises(ValueError, match=rf"scheme {scheme}: the service trains on uint8 shards.*ppvit train --data"):
+        serve_cli._train_remote(Unreachable(), args)
+    assert not (tmp_path / "work").exists()

@@ -382,6 +382,11 @@ def _train_remote(client, args: argparse.Namespace) -> dict:
     name = args.name or src.name.split(".")[0]
     work = Path(args.work or f"{name}.ppvit-wds")
     cipher, size = pinned_cipher(key, args.scheme, args.block_size, args.img_size)
+    if cipher.scheme.mixing:  # the service's datasets are wds shards of 8-bit images
+        raise ValueError(
+            f"scheme {cipher.scheme}: the service trains on uint8 shards and {cipher.scheme}'s ciphertext is not "
+            "uint8; train it where the data are: ppvit encrypt --format npz, then ppvit train --data ENCRYPTED"
+        )
     summary = encrypt_collection(src, work, cipher, size or 224, "wds", shard_size=args.shard_size)
     if summary.failed:
         raise ValueError(f"{src}: {len(summary.failed)} images could not be encrypted (first: {summary.failed[0]})")
