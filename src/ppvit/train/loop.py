@@ -184,6 +184,39 @@ def setup(cfg: TrainConfig, resume: bool, hold: ExitStack | None = None) -> Sess
     block, side = cfg.crypto.block_size or patch_size(probe), input_size(probe)
     d = cfg.data
     data_seed = cfg.run.seed if d.data_seed is None else d.data_seed
+    splits = load_run_data(cfg, data_seed, side, accelerator)
+    if splits.manifest is not None:  # the server's case: ciphertext on disk, checked against this run
+        fingerprint = Key.load(cfg.crypto.key).fingerprint if cfg.crypto.key else None
+        splits.manifest.check(scheme=cfg.crypto.scheme, block_size=block, size=side, fingerprint=fingerprint)
+        cipher = None
+    else:
+        cipher = make_cipher(cfg, block)
+    model = build_model(cfg, len(splits.train.classes), cipher)
+    mean, std = normalization(model)
+    pipeline = BatchPipeline(input_size(model), mean, std, cipher, splits.encrypted, d.augment)
+    if splits.manifest is not None and splits.manifest.preprocess is not None:  # how the client resized
+        splits.manifest.preprocess.check(pipeline.recipe, f"encrypted dataset {d.data}")
+
+    optimizer = make_optimizer(param_groups(model, cfg), accelerator.device)  # fused on CUDA
+    model, optimizer = accelerator.prepare(model, optimizer)
+    base_lrs = [g["lr"] for g in optimizer.param_groups]  # before a checkpoint's state replaces them
+    state = run_state(cfg, out, accelerator.unwrap_model(model), optimizer, resume, saved_epochs)
+    schedule = make_schedule(cfg, len(splits.train), base_lrs, state)
+    if accelerator.is_main_process:  # written once the run's inputs have been checked: it marks the folder
+        atomic_write_text(out / CONFIG_FILE, cfg.dump())
+    if report:
+        start_trackers(accelerator, cfg, hold)
+    session = Session(
+        cfg, out, accelerator, precision, splits, cipher, pipeline, block, data_seed, model, optimizer, schedule, state
+    )
+    session.lock = lock
+    session.net = maybe_compile(model, accelerator.device, cfg.backbone.compile)
+    return session
+
+
+def load_run_data(cfg: TrainConfig, data_seed: int, side: int, accelerator: Accelerator) -> DataSplits:
+    """The run's train/validation/test splits at the model's input side; on a GPU resident there as uint8."""
+    d = cfg.data
     columns = Columns(d.image_column, d.label_column)
     splits = load_splits(
         d.data,
@@ -205,25 +238,23 @@ def setup(cfg: TrainConfig, resume: bool, hold: ExitStack | None = None) -> Sess
             d.val_fraction,
             len(splits.train),
         )
-    splits = resident_splits(splits, accelerator.device, d.device_data)  # GPU: uint8 on the device (train.fast)
-    if splits.manifest is not None:  # the server's case: ciphertext on disk, checked against this run
-        fingerprint = Key.load(cfg.crypto.key).fingerprint if cfg.crypto.key else None
-        splits.manifest.check(scheme=cfg.crypto.scheme, block_size=block, size=side, fingerprint=fingerprint)
-        cipher = None
-    else:
-        cipher = make_cipher(cfg, block)
-    model = build_model(cfg, len(splits.train.classes), cipher)
-    mean, std = normalization(model)
-    pipeline = BatchPipeline(input_size(model), mean, std, cipher, splits.encrypted, d.augment)
-    if splits.manifest is not None and splits.manifest.preprocess is not None:  # how the client resized
-        splits.manifest.preprocess.check(pipeline.recipe, f"encrypted dataset {d.data}")
+    return resident_splits(splits, accelerator.device, d.device_data)  # GPU: uint8 on the device (train.fast)
 
-    optimizer = make_optimizer(param_groups(model, cfg), accelerator.device)  # fused on CUDA
-    model, optimizer = accelerator.prepare(model, optimizer)
-    base_lrs = [g["lr"] for g in optimizer.param_groups]  # before a checkpoint's state replaces them
+
+def run_state(
+    cfg: TrainConfig,
+    out: Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    resume: bool,
+    saved_epochs: int | None,
+) -> RunState:
+    """Where the run starts: the interrupted run's checkpoint when resuming (a fresh state without one),
+    with its schedules planned for ``cfg``'s epochs (``--resume --epochs N`` extends the run under a new
+    warm-up and cosine)."""
     state = RunState()
     if resume and (out / CHECKPOINT_FILE).exists():
-        state = load_checkpoint(out / CHECKPOINT_FILE, accelerator.unwrap_model(model), optimizer)
+        state = load_checkpoint(out / CHECKPOINT_FILE, model, optimizer)
         log.info("resumed %s at epoch %d, step %d", out, state.epoch, state.step)
     if plan_schedules(state, cfg.optim.epochs, saved_epochs, out):
         log.info(
@@ -232,17 +263,7 @@ def setup(cfg: TrainConfig, resume: bool, hold: ExitStack | None = None) -> Sess
             cfg.optim.epochs,
             state.epoch,
         )
-    schedule = make_schedule(cfg, len(splits.train), base_lrs, state)
-    if accelerator.is_main_process:  # written once the run's inputs have been checked: it marks the folder
-        atomic_write_text(out / CONFIG_FILE, cfg.dump())
-    if report:
-        start_trackers(accelerator, cfg, hold)
-    session = Session(
-        cfg, out, accelerator, precision, splits, cipher, pipeline, block, data_seed, model, optimizer, schedule, state
-    )
-    session.lock = lock
-    session.net = maybe_compile(model, accelerator.device, cfg.backbone.compile)
-    return session
+    return state
 
 
 def start_trackers(accelerator: Accelerator, cfg: TrainConfig, hold: ExitStack | None) -> None:
