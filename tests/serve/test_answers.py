@@ -113,6 +113,14 @@ def test_the_top_classes_are_the_most_probable_in_order(server: tuple[TestClient
     assert [t["index"] for t in three] == [t["index"] for t in top[:3]] and "logit" not in three[0]
 
 
+def test_top_classes_are_ordered_by_value_then_index() -> None:
+    p = torch.tensor([0.1, 0.3, 0.3, 0.0, 0.3])
+    assert codec.top_classes(p, 2) == [1, 2]  # three tied at the top: the lower indices first
+    assert codec.top_classes(p, 4) == [1, 2, 4, 0]
+    assert codec.top_classes(p, 9) == [1, 2, 4, 0, 3]
+    assert codec.top_classes(torch.full((4096,), 1 / 4096), 3) == [0, 1, 2]
+
+
 @pytest.mark.parametrize("value", ["0", "-1", "21", "99999999999999999999999", "abc", "1.5", ""])
 def test_top_k_out_of_bounds_or_not_an_integer_is_a_one_line_422(
     server: tuple[TestClient, dict[str, str]], value: str

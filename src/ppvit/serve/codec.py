@@ -181,6 +181,18 @@ class StrictJSONResponse(JSONResponse):
         return json_text(content, indent=None).encode()
 
 
+def top_classes(p: torch.Tensor, k: int) -> list[int]:
+    """The indices of the ``k`` largest values of ``p``, largest first, ties by the lower index.
+
+    ``topk`` finds the k-th value without sorting the whole row (a head of thousands of classes),
+    then only the candidates at or above it are ordered (``topk`` alone leaves ties in no set order)."""
+    kth = torch.topk(p, min(k, len(p))).values[-1]
+    candidates = torch.nonzero(p >= kth).flatten()
+    indices, values = candidates.tolist(), p[candidates].tolist()
+    order = sorted(range(len(indices)), key=lambda j: -values[j])  # stable: equal values keep index order
+    return [indices[j] for j in order[:k]]
+
+
 def answers_json(served: Served, rows: list[torch.Tensor], logits: bool, top_k: int) -> bytes:
     """The predict answer as JSON bytes: per image its label (the top class), index and probability,
     and its ``top_k`` most probable classes in descending order (ties by index), each with its logit
@@ -194,9 +206,8 @@ def answers_json(served: Served, rows: list[torch.Tensor], logits: bool, top_k: 
         if not bool(torch.isfinite(row).all()):
             raise HTTPError(422, f"image {i}: the adapter's outputs for it are not finite (its weights overflow)")
         p = row.softmax(-1)
-        order = torch.sort(p, descending=True, stable=True).indices[:top_k].tolist()
         top = []
-        for k in order:
+        for k in top_classes(p, top_k):
             ranked = {"label": classes[k], "index": k, "probability": float(p[k])}
             if logits:
                 ranked["logit"] = float(row[k])
