@@ -12,8 +12,9 @@ then locust runs, one after another, each for ``--seconds``:
 4. the victim beside a tenant of long labels: the same 2 users while ``--label-users`` users of a
    tenant whose head has as many classes with names as long as the registry takes (``--label-classes``
    names of ``MAX_CLASS_NAME`` characters, ``MAX_CLASS_BYTES`` together: its ``GET /v1/adapter``
-   answers about half a MB, each prediction carries a probability per class) alternate that and
-   one-image predictions (issue 31: a 10 MB label once tripled a neighbour's p99; target: at most 2).
+   answers about half a MB, sent without ``If-None-Match``; a prediction names the server's default
+   top-k classes) alternate that and one-image predictions (issue 31: a 10 MB label once tripled a
+   neighbour's p99; target: at most 2).
 
 Usage (on a quiet machine; ``--quick`` is a smoke run of the micro ViT at 32 px, about a minute):
     python benchmarks/bench_serve_load.py [--weights $PPVIT_WEIGHTS] [--size 112] [--seconds 20]

@@ -113,7 +113,7 @@ def test_the_client_sends_marked_ciphertext_as_it_is(world: dict, key_file: Path
             info = {"scheme": "shuffle", "block_size": 4, "input_size": 32, "key_fingerprint": key.fingerprint}
             return httpx.Response(200, json={**info, "version": 1, "max_images": 8})
         posted.append(np.load(io.BytesIO(request.read())))
-        answer = {"label": "x", "index": 0, "probability": 1.0, "probabilities": [1.0]}
+        answer = {"label": "x", "index": 0, "probability": 1.0, "top": [{"label": "x", "index": 0, "probability": 1.0}]}
         return httpx.Response(200, json={"version": 1, "predictions": [answer] * len(posted[-1])})
 
     enc = world["enc"] / world["rels"][0]

@@ -119,6 +119,20 @@ def reference_logits(world: dict, tenant: str, images: np.ndarray, weights: Path
         return model.eval()(pipeline(torch.from_numpy(images), train=False))
 
 
+EVERY_CLASS = 20  # top_k that names every class of these heads (the server's max_top_k by default)
+
+
+def dense(top: list, what: str = "probability") -> list[float]:
+    """An answer's ranked classes (``Ranked`` or the JSON dicts), asked with ``top_k=EVERY_CLASS``, as one
+    value per class index: what a reference model's output is compared with."""
+    values = {
+        (r["index"] if isinstance(r, dict) else r.index): (r[what] if isinstance(r, dict) else getattr(r, what))
+        for r in top
+    }
+    assert sorted(values) == list(range(len(values))), "the answer does not name every class"
+    return [values[i] for i in range(len(values))]
+
+
 def npy(a: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.save(buf, a)

@@ -33,7 +33,7 @@ import torch
 from conftest import SMALL
 from PIL import Image, PngImagePlugin
 from safetensors.torch import load_file, save_file
-from serving import LiveServer, build_world, key_of, npy, png, reference_logits
+from serving import EVERY_CLASS, LiveServer, build_world, dense, key_of, npy, png, reference_logits
 
 from ppvit.crypto.keys import Geometry, Key, KeyFileError
 from ppvit.models import routing
@@ -90,7 +90,8 @@ def test_a_server_started_elsewhere_serves_each_tenant_its_own_adapter(
     with LiveServer(ServeConfig(tmp_path / "ops" / "srv", window_ms=1)) as server:
         c = Client(server.url, token)
         assert c.info()["key_fingerprint"] == key_of(world, "alice").fingerprint
-        got = torch.tensor([p.probabilities for p in c.predict(list(images), key_of(world, "alice"))])
+        answers = c.predict(list(images), key_of(world, "alice"), top_k=EVERY_CLASS)
+        got = torch.tensor([dense(p.top) for p in answers])
     torch.testing.assert_close(got, reference_logits(world, "alice", images).softmax(-1), rtol=0, atol=1e-4)
 
 
@@ -218,7 +219,7 @@ def _fake_server(info: dict, posted: list[bytes]) -> httpx.MockTransport:
             return httpx.Response(200, json=info)
         posted.append(request.read())
         n = len(np.load(io.BytesIO(posted[-1])))
-        answer = {"label": "x", "index": 0, "probability": 1.0, "probabilities": [1.0]}
+        answer = {"label": "x", "index": 0, "probability": 1.0, "top": [{"label": "x", "index": 0, "probability": 1.0}]}
         return httpx.Response(200, json={"version": 1, "predictions": [answer] * n})
 
     return httpx.MockTransport(handle)
@@ -294,12 +295,15 @@ def test_tenants_on_different_weights_files_get_their_own_base(world: dict, tmp_
         tokens[name] = store.add(name, folders[name], weights=weights)
     images = world["images"][:2]
     with LiveServer(ServeConfig(tmp_path / "root", window_ms=1)) as server:
-        got = {n: Client(server.url, t).predict(list(images), None, plain=True) for n, t in tokens.items()}
+        got = {
+            n: Client(server.url, t).predict(list(images), None, plain=True, top_k=EVERY_CLASS)
+            for n, t in tokens.items()
+        }
     for name, weights in (("x", world["weights"]), ("y", other)):
         model, meta = load_adapter(folders[name], weights)
         with torch.no_grad():
             expected = model.eval()(adapter_pipeline(meta, model, None, False)(torch.from_numpy(images), train=False))
-        served = torch.tensor([p.probabilities for p in got[name]])
+        served = torch.tensor([dense(p.top) for p in got[name]])
         torch.testing.assert_close(served, expected.softmax(-1), rtol=0, atol=1e-4, msg=f"tenant {name}")
 
 
@@ -704,11 +708,11 @@ def test_every_answer_is_strict_json_and_non_finite_logits_are_refused() -> None
     assert strict(body) == {"loss": None, "psnr": "inf"}
     meta = SimpleNamespace(classes=["a", "b"], num_classes=2)
     served = SimpleNamespace(meta=meta, tenant=SimpleNamespace(tenant="t", version=1))
-    doc = strict(answers_json(served, [torch.tensor([0.0, 1.0])], logits=True))
+    doc = strict(answers_json(served, [torch.tensor([0.0, 1.0])], logits=True, top_k=5))
     p = 1 / (1 + math.exp(-1.0))  # softmax of (0, 1): independent arithmetic
     assert doc["predictions"][0]["label"] == "b" and abs(doc["predictions"][0]["probability"] - p) < 1e-6
     with pytest.raises(HTTPError, match="image 1: the adapter's outputs for it are not finite") as err:
-        answers_json(served, [torch.tensor([0.0, 1.0]), torch.tensor([float("inf"), 0.0])], logits=False)
+        answers_json(served, [torch.tensor([0.0, 1.0]), torch.tensor([float("inf"), 0.0])], logits=False, top_k=5)
     assert err.value.status == 422
 
 

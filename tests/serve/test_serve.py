@@ -23,7 +23,7 @@ import torch
 from conftest import SMALL, assert_no_key_material, free_port, train_config
 from PIL import Image
 from safetensors.torch import load_file, save_file
-from serving import TENANTS, LiveServer, build_world, key_of, npy, png, reference_logits
+from serving import EVERY_CLASS, TENANTS, LiveServer, build_world, dense, key_of, npy, png, reference_logits
 
 from ppvit.data.preprocess import KERNEL, Preprocess
 from ppvit.models.adapters import WEIGHTS_NAME, AdapterMeta, load_adapter, read_adapter_meta
@@ -56,12 +56,13 @@ def test_mixed_batch_logits_equal_each_adapters_own_model(world: dict, live: Liv
 
     def ask(tenant: str) -> list:
         with Client(live.url, world["tokens"][tenant]) as c:
-            return c.predict(list(images), key_of(world, tenant), logits=True, plain=key_of(world, tenant) is None)
+            key = key_of(world, tenant)
+            return c.predict(list(images), key, logits=True, plain=key is None, top_k=EVERY_CLASS)
 
     with ThreadPoolExecutor(len(TENANTS)) as pool:  # within the 300 ms window: one routed forward
         answers = dict(zip(TENANTS, pool.map(ask, TENANTS), strict=True))
     for tenant, preds in answers.items():
-        served = torch.tensor([p.logits for p in preds])
+        served = torch.tensor([dense(p.top, "logit") for p in preds])
         torch.testing.assert_close(served, reference_logits(world, tenant, images), rtol=0, atol=1e-4)
     metrics = httpx.get(f"{live.url}/metrics").text
     one_adapter = _metric(metrics, 'ppvit_batch_adapters_bucket{le="1.0"}')
@@ -189,14 +190,13 @@ def test_png_and_json_bodies_answer_likenpy(world: dict, live: LiveServer) -> No
 
     c = Client(live.url, world["tokens"]["alice"])
     ct = c.encrypt(list(world["images"][:3]), key_of(world, "alice"))
-    via_npy = [p.probabilities for p in c.predict_ciphertext(ct)]
+    via_npy = [dense(p.top) for p in c.predict_ciphertext(ct, top_k=EVERY_CLASS)]
     headers = {"Authorization": f"Bearer {world['tokens']['alice']}"}
-    r = httpx.post(
-        f"{live.url}/v1/predict", json={"images": [base64.b64encode(png(a)).decode() for a in ct]}, headers=headers
-    )
-    np.testing.assert_allclose([p["probabilities"] for p in r.json()["predictions"]], via_npy, atol=1e-6)
-    r = httpx.post(f"{live.url}/v1/predict", content=png(ct[0]), headers={**headers, "Content-Type": "image/png"})
-    np.testing.assert_allclose(r.json()["predictions"][0]["probabilities"], via_npy[0], atol=1e-6)
+    url = f"{live.url}/v1/predict?top_k={EVERY_CLASS}"
+    r = httpx.post(url, json={"images": [base64.b64encode(png(a)).decode() for a in ct]}, headers=headers)
+    np.testing.assert_allclose([dense(p["top"]) for p in r.json()["predictions"]], via_npy, atol=1e-6)
+    r = httpx.post(url, content=png(ct[0]), headers={**headers, "Content-Type": "image/png"})
+    np.testing.assert_allclose(dense(r.json()["predictions"][0]["top"]), via_npy[0], atol=1e-6)
 
 
 def test_the_client_sends_ciphertext_only(world: dict, live: LiveServer) -> None:
@@ -399,7 +399,7 @@ def test_server_killed_under_load_then_restarted_never_answers_with_another_tena
         ct = c.encrypt(list(images), key_of(world, t), plain=t == "carol")
         while not stop.is_set():
             try:
-                answers.append((t, {"p": [p.probabilities for p in c.predict_ciphertext(ct)]}))
+                answers.append((t, {"p": [dense(p.top) for p in c.predict_ciphertext(ct, top_k=EVERY_CLASS)]}))
             except ServerError:
                 time.sleep(0.05)  # refused or cut off by the kill: allowed; a wrong answer is not
 
@@ -441,14 +441,15 @@ def test_a_request_in_flight_finishes_on_the_version_it_started_with(world: dict
     body = npy(world["images"][:1])
     headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/x-npy"}
     with LiveServer(ServeConfig(tmp_path / "root", window_ms=500)) as server, ThreadPoolExecutor(1) as pool:
-        first = pool.submit(httpx.post, f"{server.url}/v1/predict", content=body, headers=headers, timeout=30)
+        url = f"{server.url}/v1/predict?top_k={EVERY_CLASS}"
+        first = pool.submit(httpx.post, url, content=body, headers=headers, timeout=30)
         time.sleep(0.25)  # resolved to version 1, waiting in the batching window
         assert store.set_adapter("carol", world["runs"]["bob"]) == 2
         old = first.result()
         new = httpx.post(f"{server.url}/v1/predict", content=body, headers=headers, timeout=30)
     assert (old.json()["version"], new.json()["version"]) == (1, 2)
     expected_old = reference_logits(world, "carol", world["images"][:1]).softmax(-1)
-    np.testing.assert_allclose(old.json()["predictions"][0]["probabilities"], expected_old[0].numpy(), atol=1e-5)
+    np.testing.assert_allclose(dense(old.json()["predictions"][0]["top"]), expected_old[0].numpy(), atol=1e-5)
 
 
 # -- review findings: a reused tenant id, bodies that declare more than they hold, plaintext, errors ----------

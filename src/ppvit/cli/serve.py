@@ -30,6 +30,8 @@ def _serve(args: argparse.Namespace) -> None:
             max_batch=args.max_batch,
             shared_pass_ms=args.shared_pass_ms,
             max_images=args.max_images or min(64, args.max_batch),
+            top_k=args.top_k,
+            max_top_k=args.max_top_k,
             max_body_bytes=args.max_body_mb << 20,
             cache_bytes=args.cache_mb << 20,
             device=args.device,
@@ -129,6 +131,13 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
         "among the waiting tenants, so that one tenant's large requests delay another's little (default 20 ms)",
     )
     p.add_argument("--max-images", type=int, help="images per request (default: 64 or --max-batch if smaller)")
+    p.add_argument("--top-k", type=int, default=5, help="classes a prediction names unless it asks (default 5)")
+    p.add_argument(
+        "--max-top-k",
+        type=int,
+        default=20,
+        help="the most classes a request may ask for (?top_k=, default 20): bounds an answer whatever the head",
+    )
     p.add_argument("--max-body-mb", type=int, default=32, help="largest request body in MiB (default 32)")
     p.add_argument("--cache-mb", type=int, default=1024, help="adapter memory budget in MiB, LRU (default 1024)")
     p.add_argument("--device", default="cpu", help="torch device of the backbones and adapters (default cpu)")
@@ -253,7 +262,7 @@ def _client(args: argparse.Namespace) -> None:
         _server_errors(args.server),
         Client(args.server, token, scheme=args.scheme, block_size=args.block_size, input_size=args.size) as client,
     ):
-        for f, p in zip(args.images, client.predict(args.images, key, plain=args.plain), strict=True):
+        for f, p in zip(args.images, client.predict(args.images, key, plain=args.plain, top_k=1), strict=True):
             print(f"{f}\t{p.label}\t{p.probability:.3f}")
 
 

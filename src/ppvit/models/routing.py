@@ -12,7 +12,8 @@ per-client parts differ, gathered per sample (the BGMV idea of Punica and S-LoRA
 * LoRA: for a routed Linear, ``y = W x + b + B_s (A_s x)`` with ``A_s``, ``B_s`` gathered per
   sample (ranks padded with zeros, the LoRA scale folded into ``B``): two ``bmm`` per layer;
 * position embeddings per sample where a client has its own (key-init), the backbone's otherwise;
-* heads: ``(classes x D)`` per client, padded to the largest class count, one ``bmm``.
+* heads: ``(classes x D)`` per client, one matrix product per client over its samples (not padded
+  to the widest head: a neighbour's head of thousands of classes costs a sample nothing).
 
 A batch of one client (one adapter) skips the gathering: its patch embedding runs as the
 convolution, its LoRA factors and head as shared matrices, the layers a merged model runs.
@@ -240,16 +241,21 @@ class RoutedViT(nn.Module):
             features = m.forward_head(m.norm(m.blocks(tokens)), pre_logits=True)
         finally:
             self._deltas.by_path = {}
-        if len(adapters) == 1:  # one adapter for the whole batch: the plain layers, as a merged model runs them
-            head = adapters[0]
-            logits = F.linear(features, head.head_weight.to(x.device), head.head_bias.to(x.device))
-            return list(logits)
-        classes = max(a.num_classes for a in adapters)
-        heads = torch.stack([F.pad(a.head_weight, (0, 0, 0, classes - a.num_classes)) for a in adapters])
-        biases = torch.stack([F.pad(a.head_bias, (0, classes - a.num_classes)) for a in adapters])
-        heads, biases = heads.to(x.device), biases.to(x.device)
-        logits = torch.bmm(per_sample(heads, index), features.unsqueeze(-1)).squeeze(-1) + per_sample(biases, index)
-        return [row[: adapters[i].num_classes] for row, i in zip(logits, index.tolist(), strict=True)]
+        return self._heads(features, adapters, index.tolist())
+
+    @staticmethod
+    def _heads(features: torch.Tensor, adapters: list[RoutedAdapter], index: list[int]) -> list[torch.Tensor]:
+        """Each sample's logits through its own adapter's head: one matrix product per adapter over its
+        rows, so a sample pays its own head's classes only (heads padded to the widest made every
+        neighbour of a head of thousands of classes compute, and copy, thousands per image)."""
+        rows: dict[int, list[int]] = {}
+        for j, i in enumerate(index):
+            rows.setdefault(i, []).append(j)
+        logits: dict[int, torch.Tensor] = {}
+        for i, js in rows.items():
+            weight, bias = adapters[i].head_weight.to(features.device), adapters[i].head_bias.to(features.device)
+            logits.update(zip(js, torch.addmm(bias, features[js], weight.t()), strict=True))
+        return [logits[j] for j in range(len(index))]
 
     def _patch_embed(self, x: torch.Tensor, adapters: list[RoutedAdapter], index: torch.Tensor) -> torch.Tensor:
         proj = self.base.patch_embed.proj

@@ -9,9 +9,10 @@ through their base model in one routed forward (:mod:`ppvit.serve.batcher`,
 This module holds the routes, the limits and the HTTP server around them.
 
 HTTP API: ``POST /v1/predict`` (body: one PNG, ``application/x-npy`` uint8 array(s) of
-shape (H, W, 3) or (N, H, W, 3), or JSON ``{"images": [base64 PNG, ...]}``), ``GET /v1/adapter``
-(the tenant's own settings), ``GET /healthz``; ``GET /metrics`` (Prometheus) and ``/docs``,
-``/openapi.json`` only when asked for (``metrics``, ``docs``). Every error is a status code
+shape (H, W, 3) or (N, H, W, 3), or JSON ``{"images": [base64 PNG, ...]}``; ``?top_k=``: classes
+named per image, ``top_k`` by default, ``max_top_k`` at most), ``GET /v1/adapter`` (the tenant's
+own settings; ETag, 304 on ``If-None-Match``), ``GET /healthz``; ``GET /metrics`` (Prometheus) and
+``/docs``, ``/openapi.json`` only when asked for (``metrics``, ``docs``). Every error is a status code
 with one-line JSON ``{"error": ...}``.
 
 Limits, so that no client holds more than its share: a connection cap and a deadline for a
@@ -48,7 +49,7 @@ from ppvit.data.preprocess import normalize
 from ppvit.serve.auth import HTTPError, bearer_tenant
 from ppvit.serve.batcher import Batcher
 from ppvit.serve.cache import AdapterCache, Served
-from ppvit.serve.codec import Expected, StrictJSONResponse, adapter_info, answers_json, decode_images
+from ppvit.serve.codec import Expected, StrictJSONResponse, adapter_answer, answers_json, decode_images
 from ppvit.serve.jobs import ServiceLimits
 from ppvit.serve.metrics import Metrics
 from ppvit.serve.tenants import TenantAdapter, TenantStore
@@ -67,6 +68,8 @@ class ServeConfig:
     max_batch: int = 64  # images per routed forward
     shared_pass_ms: float = 20.0  # per-image compute of a pass, shared fairly, while several tenants are active
     max_images: int = 64  # images per request
+    top_k: int = 5  # classes a prediction names when the request does not say (TorchServe's default)
+    max_top_k: int = 20  # the most a request may ask for: bounds an answer whatever the head's class count
     max_body_bytes: int = 32 << 20
     cache_bytes: int = 1 << 30  # adapter tensors kept resident (LRU beyond it)
     device: str = "cpu"
@@ -87,6 +90,8 @@ class ServeConfig:
             raise ValueError(f"max images per request ({self.max_images}) exceeds the batch ({self.max_batch})")
         if self.body_budget_bytes < self.max_body_bytes:
             raise ValueError(f"the body budget ({self.body_budget_bytes}) is under one body ({self.max_body_bytes})")
+        if not 1 <= self.top_k <= self.max_top_k:
+            raise ValueError(f"top-k ({self.top_k}): between 1 and the max top-k ({self.max_top_k})")
         if self.max_client_connections < 1:
             raise ValueError(f"connections per client ({self.max_client_connections}): at least 1")
 
@@ -214,12 +219,21 @@ def create_app(cfg: ServeConfig) -> FastAPI:
             return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/adapter")
-    async def adapter(request: Request) -> dict[str, Any]:
-        return adapter_info(await resolve(request), cfg.max_images)
+    async def adapter(request: Request) -> Response:
+        served = await resolve(request)
+        # encoded already (every request but this version's first): no thread hop
+        answer = served.encoded.get("adapter") or await asyncio.to_thread(adapter_answer, served, cfg.max_images)
+        headers = {"ETag": answer.etag, "Cache-Control": "private, no-cache"}  # per token; revalidate each time
+        if answer.matches(request.headers.get("if-none-match")):
+            return Response(status_code=304, headers=headers)
+        return Response(answer.body, media_type="application/json", headers=headers)
 
     @app.post("/v1/predict")
-    async def predict(request: Request, logits: bool = False) -> Response:
+    async def predict(request: Request, logits: bool = False, top_k: int | None = None) -> Response:
         t0 = time.perf_counter()
+        top_k = cfg.top_k if top_k is None else top_k
+        if not 1 <= top_k <= cfg.max_top_k:
+            raise HTTPError(422, f"top_k: ask for 1 to {cfg.max_top_k} classes")
         served = await resolve(request)
         limits.enter(served.tenant)
         held = [0]  # body bytes reserved by this request
@@ -232,7 +246,7 @@ def create_app(cfg: ServeConfig) -> FastAPI:
             x = torch.from_numpy(np.array(images)).permute(0, 3, 1, 2).to(served.base.device)
             x = normalize(x, served.preprocess.mean, served.preprocess.std)
             rows = await state["batcher"].submit(served, x)
-            answer = await asyncio.to_thread(answers_json, served, rows, logits)
+            answer = await asyncio.to_thread(answers_json, served, rows, logits, top_k)
         finally:
             limits.leave(served.tenant)
             limits.body_bytes -= held[0]

@@ -12,8 +12,9 @@ import json
 import logging
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -43,6 +44,8 @@ class Served:
     adapter: RoutedAdapter
     base: Base
     preprocess: Preprocess  # the adapter's input recipe (its own record, or timm's config for an old adapter)
+    # answers that depend on the adapter version only, encoded once and kept as long as it is (codec.adapter_answer)
+    encoded: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property
     def meta(self) -> AdapterMeta:

@@ -67,11 +67,20 @@ def _chunks(path: Path) -> Iterator[bytes]:
 
 
 @dataclass(frozen=True)
-class Prediction:
+class Ranked:
+    """One of an answer's most probable classes (``logit`` only when asked for)."""
+
     label: str
+    index: int
     probability: float
-    probabilities: list[float]
-    logits: list[float] | None = None
+    logit: float | None = None
+
+
+@dataclass(frozen=True)
+class Prediction:
+    label: str  # the most probable class
+    probability: float
+    top: list[Ranked]  # the server's top_k classes, most probable first
     version: int | None = None  # the adapter version that answered
 
 
@@ -236,24 +245,40 @@ class Client:
         except ValueError as exc:
             raise ValueError(f"{exc} (what this client sends): refusing") from None
 
-    def predict_ciphertext(self, ciphertext: np.ndarray, logits: bool = False) -> list[Prediction]:
-        """Send (N, S, S, 3) ciphertext (uint8, or a ``mix``/``lift`` adapter's dtype); one prediction per image."""
+    def predict_ciphertext(
+        self, ciphertext: np.ndarray, logits: bool = False, top_k: int | None = None
+    ) -> list[Prediction]:
+        """Send (N, S, S, 3) ciphertext (uint8, or a ``mix``/``lift`` adapter's dtype); one prediction per
+        image, naming its ``top_k`` classes (None: the server's default)."""
         buf = io.BytesIO()
         np.save(buf, np.ascontiguousarray(ciphertext), allow_pickle=False)
+        params = {"logits": "true"} if logits else {}
+        if top_k is not None:
+            params["top_k"] = str(top_k)
         answer = self._call(
             "POST",
             "/v1/predict",
             content=buf.getvalue(),
             headers={"Content-Type": "application/x-npy"},
-            params={"logits": "true"} if logits else None,
+            params=params,
         )
         return [
-            Prediction(p["label"], p["probability"], p["probabilities"], p.get("logits"), answer.get("version"))
+            Prediction(
+                p["label"],
+                p["probability"],
+                [Ranked(r["label"], r["index"], r["probability"], r.get("logit")) for r in p["top"]],
+                answer.get("version"),
+            )
             for p in answer["predictions"]
         ]
 
     def predict(
-        self, images: list[str | os.PathLike | np.ndarray], key: Key | None, logits: bool = False, plain: bool = False
+        self,
+        images: list[str | os.PathLike | np.ndarray],
+        key: Key | None,
+        logits: bool = False,
+        plain: bool = False,
+        top_k: int | None = None,
     ) -> list[Prediction]:
         """Encrypt here, send ciphertext (in requests of at most the server's limit), return the answers in order.
 
@@ -266,7 +291,7 @@ class Client:
             step = info.get("max_images") or len(ciphertext)
             answers: list[Prediction] = []
             for start in range(0, len(ciphertext), step):
-                answers += self.predict_ciphertext(ciphertext[start : start + step], logits)
+                answers += self.predict_ciphertext(ciphertext[start : start + step], logits, top_k)
             if all(a.version == info["version"] for a in answers):
                 return answers
             self._info = None

@@ -5,7 +5,11 @@ JSON ``{"images": [base64 PNG, ...]}``. The array's dtype is the adapter's ciphe
 ``mix`` adapter's float16, a ``lift`` adapter's int16 or int32, which PNG cannot carry). Dtype,
 sizes and counts are checked from the ``.npy`` header or each PNG's header before anything is
 decoded or allocated, a float array's values are finite; anything else is a 4xx
-:class:`~ppvit.serve.auth.HTTPError`. Answers are JSON bytes built off the event loop.
+:class:`~ppvit.serve.auth.HTTPError`. Answers are JSON bytes built off the event loop, and bounded
+whatever the head: a prediction names its ``top_k`` classes (not a probability per class: a head of
+thousands of long names made every answer hundreds of KB, and encoding it stalled the neighbours), and
+``GET /v1/adapter``'s answer (every class name, up to ``MAX_CLASS_BYTES``) is encoded once per adapter
+version and then served as those bytes, with an ETag.
 Every answer of the server, predict's and every other route's (training ones included), is
 strict JSON written by :func:`ppvit._io.json_text`: never Python's ``NaN`` or ``Infinity``,
 which other parsers reject.
@@ -15,6 +19,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import io
 import json
 from dataclasses import dataclass
@@ -155,6 +160,36 @@ def adapter_info(served: Served, max_images: int) -> dict[str, Any]:
     }
 
 
+@dataclass(frozen=True)
+class Encoded:
+    """An answer encoded once: its JSON bytes and their strong ETag."""
+
+    body: bytes
+    etag: str
+
+    @classmethod
+    def of(cls, doc: Any) -> Encoded:
+        body = json_text(doc, indent=None).encode()
+        return cls(body, f'"{hashlib.sha256(body).hexdigest()[:32]}"')
+
+    def matches(self, if_none_match: str | None) -> bool:
+        """Whether a request's ``If-None-Match`` names this answer (then 304, no body)."""
+        if not if_none_match:
+            return False
+        tags = {t.strip().removeprefix("W/") for t in if_none_match.split(",")}
+        return "*" in tags or self.etag in tags
+
+
+def adapter_answer(served: Served, max_images: int) -> Encoded:
+    """``GET /v1/adapter``'s answer, encoded on the first request for this adapter version and kept
+    with it (an adapter of many long class names answers about half a MB: re-encoding it per
+    request held the event loop for each). Call it off the event loop when not yet encoded."""
+    answer = served.encoded.get("adapter")
+    if answer is None:  # two threads may both encode it once: the same bytes
+        answer = served.encoded["adapter"] = Encoded.of(adapter_info(served, max_images))
+    return answer
+
+
 class StrictJSONResponse(JSONResponse):
     """FastAPI's JSON answer through the project's one JSON writer (a NaN is ``null``, an infinity ``"inf"``)."""
 
@@ -162,8 +197,22 @@ class StrictJSONResponse(JSONResponse):
         return json_text(content, indent=None).encode()
 
 
-def answers_json(served: Served, rows: list[torch.Tensor], logits: bool) -> bytes:
-    """The predict answer as JSON bytes (built off the event loop: a large head makes it long).
+def top_classes(p: torch.Tensor, k: int) -> list[int]:
+    """The indices of the ``k`` largest values of ``p``, largest first, ties by the lower index.
+
+    ``topk`` finds the k-th value without sorting the whole row (a head of thousands of classes),
+    then only the candidates at or above it are ordered (``topk`` alone leaves ties in no set order)."""
+    kth = torch.topk(p, min(k, len(p))).values[-1]
+    candidates = torch.nonzero(p >= kth).flatten()
+    indices, values = candidates.tolist(), p[candidates].tolist()
+    order = sorted(range(len(indices)), key=lambda j: -values[j])  # stable: equal values keep index order
+    return [indices[j] for j in order[:k]]
+
+
+def answers_json(served: Served, rows: list[torch.Tensor], logits: bool, top_k: int) -> bytes:
+    """The predict answer as JSON bytes: per image its label (the top class), index and probability,
+    and its ``top_k`` most probable classes in descending order (ties by index), each with its logit
+    when asked. Its size depends on ``top_k`` and the images, not on the head's class count.
 
     Logits that are not finite (an adapter whose weights overflow on this input; registration
     refuses those that do on a probe image) are refused (422) rather than answered with NaNs."""
@@ -173,10 +222,12 @@ def answers_json(served: Served, rows: list[torch.Tensor], logits: bool) -> byte
         if not bool(torch.isfinite(row).all()):
             raise HTTPError(422, f"image {i}: the adapter's outputs for it are not finite (its weights overflow)")
         p = row.softmax(-1)
-        k = int(p.argmax())
-        answer = {"label": classes[k], "index": k, "probability": float(p[k]), "probabilities": p.tolist()}
-        if logits:
-            answer["logits"] = row.tolist()
-        answers.append(answer)
+        top = []
+        for k in top_classes(p, top_k):
+            ranked = {"label": classes[k], "index": k, "probability": float(p[k])}
+            if logits:
+                ranked["logit"] = float(row[k])
+            top.append(ranked)
+        answers.append({**{n: top[0][n] for n in ("label", "index", "probability")}, "top": top})
     doc = {"tenant": served.tenant.tenant, "version": served.tenant.version, "predictions": answers}
     return json_text(doc, indent=None).encode()

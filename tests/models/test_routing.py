@@ -1,0 +1,47 @@
+"""Routed forwards: what one tenant's head costs its neighbours in the same pass (issue 31, item 3)."""
+
+from __future__ import annotations
+
+import torch
+from conftest import SMALL
+from torch.utils.flop_counter import FlopCounterMode
+
+from ppvit.models.adapters import AdapterMeta
+from ppvit.models.backbones import create_backbone
+from ppvit.models.methods import apply_method, method_config
+from ppvit.models.routing import RoutedViT, routed_adapter
+
+
+def routed(base: torch.nn.Module, classes: int, seed: int):
+    torch.manual_seed(seed)
+    model = apply_method(create_backbone(SMALL, num_classes=classes), method_config("lora-pe"))
+    tensors = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    meta = AdapterMeta(SMALL, classes, method_config("lora-pe").to_dict(), weights_sha256="x")
+    return routed_adapter(meta, tensors, base)
+
+
+def flops(fn) -> int:
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def test_a_wide_head_in_the_pass_costs_its_neighbours_nothing() -> None:
+    """A 10-class tenant's image beside a 4,000-class tenant's: the pass costs what each image costs in a
+    pass of its own (the heads were padded to the widest, so the small tenant's row paid 4,000 classes),
+    and each row is its own adapter's answer."""
+    base = create_backbone(SMALL)
+    net = RoutedViT(base)
+    small, wide = routed(base, 10, 0), routed(base, 4000, 1)
+    x = torch.randn(3, 3, 32, 32)
+    mixed = flops(lambda: net(x, [small, wide], torch.tensor([0, 1, 0])))
+    alone = flops(lambda: net(x[[0, 2]], [small], torch.tensor([0, 0]))) + flops(
+        lambda: net(x[1:2], [wide], torch.tensor([0]))
+    )
+    assert mixed == alone
+    rows = net(x, [small, wide], torch.tensor([0, 1, 0]))
+    assert [len(r) for r in rows] == [10, 4000, 10]
+    torch.testing.assert_close(rows[1], net(x[1:2], [wide], torch.tensor([0]))[0], rtol=0, atol=1e-5)
+    torch.testing.assert_close(
+        torch.stack([rows[0], rows[2]]), torch.stack(net(x[[0, 2]], [small], torch.tensor([0, 0])))
+    )
