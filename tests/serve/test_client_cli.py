@@ -110,3 +110,35 @@ def test_client_train_refuses_a_dense_mixing_saying_where_it_trains(tmp_path: Pa
     with pytest.raises(ValueError, match=rf"scheme {scheme}: the service trains on uint8 shards.*ppvit train --data"):
         serve_cli._train_remote(Unreachable(), args)
     assert not (tmp_path / "work").exists()
+
+
+def test_the_client_skips_an_unreadable_file_when_asked_to_and_names_it(tmp_path: Path) -> None:
+    """`client predict` stopped at the first unreadable file (issue 29); with a list it leaves it out."""
+    import numpy as np
+    from PIL import Image
+
+    from ppvit.crypto.ciphers import BlockCipher
+    from ppvit.crypto.keys import Key
+    from ppvit.serve.client import Client
+
+    key = Key.generate()
+
+    class Offline(Client):
+        def info(self) -> dict:
+            return {"scheme": "shuffle", "block_size": 4, "input_size": 8, "key_fingerprint": key.fingerprint}
+
+    rng = np.random.default_rng(0)
+    good = [rng.integers(0, 256, (8, 8, 3), dtype=np.uint8) for _ in range(2)]
+    files = [tmp_path / "a.png", tmp_path / "broken.png", tmp_path / "b.png"]
+    Image.fromarray(good[0]).save(files[0])
+    files[1].write_bytes(b"not a png")
+    Image.fromarray(good[1]).save(files[2])
+    client = Offline("http://127.0.0.1:9", "t")
+    failed: list[tuple[str, str]] = []
+    sent = client.encrypt(files, key, failed=failed)
+    assert [f for f, _ in failed] == [str(files[1])]
+    np.testing.assert_array_equal(sent, BlockCipher(key, "shuffle", 4).encrypt(np.stack(good)))
+    with pytest.raises(ValueError, match=r"broken\.png"):
+        client.encrypt(files, key)  # no list: the first unreadable file stops it, named
+    with pytest.raises(ValueError, match="none of the 1 images could be read"):
+        client.encrypt([files[1]], key, failed=[])

@@ -311,21 +311,21 @@ def test_cli_add_list_and_client_predict(world: dict, tmp_path: Path) -> None:
     for i, a in enumerate(world["images"][:3]):
         files.append(tmp_path / f"{i}.png")
         Image.fromarray(a).save(files[-1])
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not a png")
     with LiveServer(ServeConfig(root, window_ms=1)) as server:
-        r = ppvit(
-            "client",
-            "predict",
-            *map(str, files),
-            "--server",
-            server.url,
-            "--token-file",
-            str(token_file),
-            "--key",
-            str(world["keys"]["A"]),
-        )
+        where = ["--server", server.url, "--token-file", str(token_file), "--key", str(world["keys"]["A"])]
+        r = ppvit("client", "predict", *map(str, files), *where)
+        # an unreadable file among them (issue 29: the client stopped at it): skipped, named, exit 1
+        skipped = ppvit("client", "predict", str(files[0]), str(broken), *map(str, files[1:]), *where)
+        strict = ppvit("client", "predict", str(files[0]), str(broken), "--strict", *where)
     assert r.returncode == 0, r.stderr
     labels = [line.split("\t")[1] for line in r.stdout.splitlines()]
     assert len(labels) == 3 and all(label.startswith("class") for label in labels)
+    assert skipped.returncode == 1, skipped.stderr
+    assert skipped.stdout == r.stdout  # the same answers for the readable files, in order
+    assert f"failed: {broken}:" in skipped.stderr and "1 image could not be read" in skipped.stderr
+    assert strict.returncode == 2 and strict.stdout == "" and str(broken) in strict.stderr
 
 
 def test_shutdown_answers_requests_in_flight(world: dict, tmp_path: Path) -> None:

@@ -10,6 +10,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from ppvit._io import atomic_write_bytes
+from ppvit.cli.common import add_strict_arg, report_failed
 from ppvit.crypto.keys import Key
 from ppvit.serve.defaults import KEEP_VERSIONS, MAX_CLASSES
 
@@ -253,17 +254,21 @@ def _server_errors(url: str) -> Iterator[None]:
         raise ValueError(f"server {url}: {exc or type(exc).__name__}") from None
 
 
-def _client(args: argparse.Namespace) -> None:
+def _client(args: argparse.Namespace) -> int:
     from ppvit.serve.client import Client
 
     token = _token(args.token_file)
     key = Key.load(args.key) if args.key else None
+    failed: list[tuple[str, str]] | None = None if args.strict else []
     with (
         _server_errors(args.server),
         Client(args.server, token, scheme=args.scheme, block_size=args.block_size, input_size=args.size) as client,
     ):
-        for f, p in zip(args.images, client.predict(args.images, key, plain=args.plain, top_k=1), strict=True):
-            print(f"{f}\t{p.label}\t{p.probability:.3f}")
+        answers = client.predict(args.images, key, plain=args.plain, top_k=1, failed=failed)
+    bad = {f for f, _ in failed or []}
+    for f, p in zip([f for f in args.images if f not in bad], answers, strict=True):
+        print(f"{f}\t{p.label}\t{p.probability:.3f}")
+    return report_failed(failed or [], "the others were classified")
 
 
 def add_client(sub: argparse._SubParsersAction) -> None:
@@ -280,6 +285,7 @@ def add_client(sub: argparse._SubParsersAction) -> None:
     a.add_argument("--scheme", help="the scheme you trained with: refuse a server that reports another")
     a.add_argument("--block-size", type=int, help="the block size you trained with: refuse a server reporting another")
     a.add_argument("--size", type=int, help="the input size you trained with: refuse a server reporting another")
+    add_strict_arg(a)
     p.set_defaults(func=_client)
     add_service_verbs(actions)
 

@@ -145,7 +145,13 @@ class Client:
             self._info = self._call("GET", "/v1/adapter")
         return self._info
 
-    def encrypt(self, images: list[str | os.PathLike | np.ndarray], key: Key | None, plain: bool = False) -> np.ndarray:
+    def encrypt(
+        self,
+        images: list[str | os.PathLike | np.ndarray],
+        key: Key | None,
+        plain: bool = False,
+        failed: list[tuple[str, str]] | None = None,
+    ) -> np.ndarray:
         """Images (files or HWC uint8 arrays) -> the (N, S, S, 3) ciphertext the adapter expects (uint8, or the
         float16 / integers of a ``mix``/``lift`` adapter).
 
@@ -154,7 +160,9 @@ class Client:
         ciphertext dtype) is sent as it is when it records the adapter's key fingerprint and geometry (a
         ``.npy`` records none), and refused (naming it) otherwise. The server says which
         scheme its adapter takes; a server that says "none" gets plain images only when the caller asks
-        for that (``plain=True``) and gave no key.
+        for that (``plain=True``) and gave no key. ``failed``: a file that cannot be used is appended
+        as (file, problem) and left out (the answers are then for the others, in order); without a
+        list the first one raises.
         """
         info = self.info()
         self.check_geometry(info, key)
@@ -174,22 +182,17 @@ class Client:
                 arrays.append(im)
                 here.append(True)
                 continue
-            if str(im).lower().endswith(".npy"):
-                if info["scheme"] is None:
-                    raise ValueError(
-                        f"image {im}: a .npy file is taken as ciphertext, but the adapter takes plain images"
-                    )
-                arrays.append(read_ciphertext_array(im, size, dtypes))
-                here.append(False)
+            try:
+                array, encrypt_here = self._read_file(im, info, dtypes)
+            except ValueError as exc:
+                if failed is None:
+                    raise
+                failed.append((str(im), str(exc).removeprefix(f"image {im}: ")))
                 continue
-            origin = ciphertext_origin(im)
-            if origin is not None:
-                if info["scheme"] is None:
-                    raise ValueError(f"image {im}: ppvit ciphertext, but the adapter takes plain images")
-                where = f"image {im}: ppvit ciphertext"
-                origin.check(info["scheme"], info["block_size"], size, info["key_fingerprint"], where=where)
-            arrays.append(read_image(im, size, resize=origin is None))
-            here.append(origin is None)
+            arrays.append(array)
+            here.append(encrypt_here)
+        if not arrays:
+            raise ValueError(f"none of the {len(images)} images could be read")
         if info["scheme"] is not None and any(here):
             if key is None:
                 raise ValueError(f"the adapter expects images encrypted with scheme {info['scheme']}: pass the key")
@@ -205,6 +208,22 @@ class Client:
         if len({a.dtype for a in arrays}) > 1:
             raise ValueError(f"ciphertext of several dtypes ({', '.join(sorted({a.dtype.name for a in arrays}))})")
         return np.stack(arrays)
+
+    @staticmethod
+    def _read_file(im: str | os.PathLike, info: dict[str, Any], dtypes: tuple[str, ...]) -> tuple[np.ndarray, bool]:
+        """One image file as the array to send, and whether this client encrypts it (a plain image)."""
+        size = info["input_size"]
+        if str(im).lower().endswith(".npy"):
+            if info["scheme"] is None:
+                raise ValueError(f"image {im}: a .npy file is taken as ciphertext, but the adapter takes plain images")
+            return read_ciphertext_array(im, size, dtypes), False
+        origin = ciphertext_origin(im)
+        if origin is not None:
+            if info["scheme"] is None:
+                raise ValueError(f"image {im}: ppvit ciphertext, but the adapter takes plain images")
+            where = f"image {im}: ppvit ciphertext"
+            origin.check(info["scheme"], info["block_size"], size, info["key_fingerprint"], where=where)
+        return read_image(im, size, resize=origin is None), origin is None
 
     def pinned(self, key: Key | None) -> dict[str, Any]:
         """The geometry to hold the server to: the caller's settings, else the key file's pin (a setting the pin
@@ -279,15 +298,19 @@ class Client:
         logits: bool = False,
         plain: bool = False,
         top_k: int | None = None,
+        failed: list[tuple[str, str]] | None = None,
     ) -> list[Prediction]:
-        """Encrypt here, send ciphertext (in requests of at most the server's limit), return the answers in order.
+        """Encrypt here, send ciphertext (in requests of at most the server's limit), return the answers in order
+        (``failed``: as :meth:`encrypt`).
 
         An answer from a newer adapter version than the settings used to encrypt (the tenant's
         adapter was replaced meanwhile) is not returned: settings are read again and the images resent.
         """
         for _ in range(2):
             info = self.info()
-            ciphertext = self.encrypt(images, key, plain)
+            if failed is not None:
+                failed.clear()  # a second round reads the files again
+            ciphertext = self.encrypt(images, key, plain, failed)
             step = info.get("max_images") or len(ciphertext)
             answers: list[Prediction] = []
             for start in range(0, len(ciphertext), step):
