@@ -125,14 +125,14 @@ def _gamma_blocks(n: int, seed: int) -> np.ndarray:
 
 def test_ica_attack_inverts_a_mixing_of_independent_skewed_sources() -> None:
     """Where blocks are independent skewed sources, ICA matched by skew and kurtosis finds most of ``mix``'s
-    inverse (the sources of close skew may swap: measured 30.5-32.2 dB over keys); rank 1, which
+    inverse (sources of close skew may swap: 29.2-32.2 dB over random keys); rank 1, which
     sees only the strongest component, stays at 26.4 dB."""
     from ppvit.attacks.metrics import psnr
 
-    cipher = BlockCipher(Key.generate(), "mix", 2)
+    cipher = BlockCipher(Key(bytes(range(32))), "mix", 2)  # one fixed key: the figures below are its
     prior, seen, held = _gamma_blocks(2000, 0), _gamma_blocks(2000, 1), _gamma_blocks(4, 2)
     stats = BlockStats(2).add(cipher.encrypt(seen))
     dec = ica_attack(stats, BlockStats(2).add(prior), "mix", k=12, refine=False)
-    assert psnr(held, dec.decrypt(cipher.encrypt(held), 2)) > 29.5
+    assert psnr(held, dec.decrypt(cipher.encrypt(held), 2)) > 31  # measured 32.2 with this key
     low = ica_attack(stats, BlockStats(2).add(prior), "mix", k=1, refine=False)
-    assert psnr(held, low.decrypt(cipher.encrypt(held), 2)) < 27.5
+    assert psnr(held, low.decrypt(cipher.encrypt(held), 2)) < 27.5  # measured 26.5
