@@ -1,12 +1,15 @@
 """How much of an image the attacks on ``mix``/``lift`` recover, beside ``shuffle`` and the thumbnail.
 
-One fresh key (``Key.generate()``). The attacker's prior: ``--prior`` CIFAR-10 *train* images; the
+``--keys K`` fresh keys (``Key.generate()``), each attacking the same images; the summary gives
+each row's mean, min and max over keys. The attacker's prior: ``--prior`` CIFAR-10 *train* images; the
 victim's images: CIFAR-10 *test* images, the first N encrypted and shown to the attacker, the last
 ``--held`` decrypted with what it learnt and scored against the plain images (PSNR, SSIM). All
 images are upscaled from 32x32 to ``--size`` (bicubic, as ppvit resizes). Rows:
 
 * ``eigen-alignment k`` (``mix`` only: it uses that ``A`` is orthogonal) and ``whitened second-order k``:
   :mod:`ppvit.attacks.block_mixing`'s ciphertext-only attacks of rank k from N ciphertexts;
+* ``ica k`` / ``ica+lags k``: FastICA of both sides matched by their signatures
+  (:func:`ppvit.attacks.block_mixing.ica_attack`), without and with the lag/mean refinement;
 * ``known-plaintext``: least squares from N plain/encrypted pairs;
 * ``shuffle``: ppvit's ciphertext-only key recovery (:func:`ppvit.attacks.ciphertext_only.recover_plan`);
 * references: ``thumbnail`` (the block-mean image upscaled: what a block-mean leak shows),
@@ -15,7 +18,7 @@ images are upscaled from 32x32 to ``--size`` (bicubic, as ppvit resizes). Rows:
 
 Usage:
     python benchmarks/mixing_attack_study.py --data PATH --size 112 --n 10 100 1000 \\
-        --prior 5000 --held 32 --out docs/key-recovery/mixing_attacks.json
+        --prior 5000 --held 32 --keys 1 --out docs/key-recovery/mixing_attacks.json
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from __future__ import annotations
 import argparse
 import os
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +35,7 @@ import numpy as np
 from ppvit._io import json_text
 from ppvit.attacks.block_mixing import (
     BlockStats,
+    ica_attack,
     known_plaintext_decryptor,
     orthogonal_attack,
     second_order_attack,
@@ -85,10 +90,13 @@ def mixing_rows(scheme: str, key: Key, victims: np.ndarray, held: np.ndarray, pr
         attacks = {"whitened second-order": second_order_attack}
         if scheme == "mix":  # the attacker knows mix is orthogonal
             attacks["eigen-alignment"] = orthogonal_attack
-        for name, attack in attacks.items():
-            for k in args.k:
-                dec = attack(stats, prior, scheme, k=k)
-                rows.append(score(f"{name} k={k}", n, held, dec.decrypt(enc_held, p), scheme=scheme, k=k))
+        runs = [(f"{name} k={k}", k, partial(attack, k=k)) for name, attack in attacks.items() for k in args.k]
+        for k in args.ica_k:
+            runs += [(f"ica k={k}", k, partial(ica_attack, k=k, refine=False))]
+            runs += [(f"ica+lags k={k}", k, partial(ica_attack, k=k))]
+        for name, k, attack in runs:
+            dec = attack(stats, prior, scheme)
+            rows.append(score(name, n, held, dec.decrypt(enc_held, p), scheme=scheme, k=k))
     plain_kp = upscale(victims[: max(args.kp)], args.size, "bicubic")
     for n in args.kp:
         dec = known_plaintext_decryptor(plain_kp[:n], cipher.encrypt(plain_kp[:n]), p)
@@ -117,6 +125,26 @@ def shuffle_rows(key: Key, victims: np.ndarray, held: np.ndarray, args) -> list:
     return rows
 
 
+def summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Mean, min and max PSNR/SSIM over keys of each (scheme, attack, N); printed as a table."""
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for row in rows:
+        if "key" in row:
+            groups.setdefault((row["scheme"], row["attack"], row["n"]), []).append(row)
+    out = []
+    for (scheme, attack, n), group in groups.items():
+        psnrs, ssims = np.array([r["psnr_db"] for r in group]), np.array([r["ssim"] for r in group])
+        out.append(
+            {"scheme": scheme, "attack": attack, "n": n, "keys": len(group), "psnr_db_mean": float(psnrs.mean())}
+            | {"psnr_db_min": float(psnrs.min()), "psnr_db_max": float(psnrs.max()), "ssim_mean": float(ssims.mean())}
+        )
+        print(
+            f"  {scheme} {attack} N={n}: PSNR {psnrs.mean():.2f} dB ({psnrs.min():.2f}-{psnrs.max():.2f}, "
+            f"{len(group)} keys), SSIM {ssims.mean():.3f}"
+        )
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default=os.environ.get("PPVIT_CIFAR10"), help="CIFAR-10 copy (or $PPVIT_CIFAR10)")
@@ -129,11 +157,12 @@ def main() -> None:
     parser.add_argument("--prior", type=int, default=5000, help="public CIFAR-10 train images (the prior)")
     parser.add_argument("--held", type=int, default=32, help="held-out images scored")
     parser.add_argument("--k", type=int, nargs="+", default=[3, 16, 48], help="ranks of the second-order attacks")
+    parser.add_argument("--ica-k", type=int, nargs="+", default=[8, 24], help="ranks of the ICA attack")
+    parser.add_argument("--keys", type=int, default=1, help="fresh keys, each attacking the same images")
     parser.add_argument("--out", type=Path, default=Path("docs/key-recovery/mixing_attacks.json"))
     args = parser.parse_args()
 
     t0 = time.perf_counter()
-    key = Key.generate()
     pool = test_images(args.data, max(args.n) + args.held)
     victims, held = pool[: max(args.n)], upscale(pool[-args.held :], args.size, "bicubic")
     train = load_source_split(args.data, "train")
@@ -142,17 +171,21 @@ def main() -> None:
     prior = BlockStats.of(chunks(public, args.size), args.block)
     print(
         f"{args.size}x{args.size}, {args.block}x{args.block} blocks, prior {args.prior} train images, "
-        f"{args.held} held-out test images, key {key.fingerprint}",
+        f"{args.held} held-out test images, {args.keys} key(s)",
         flush=True,
     )
     rows = references(prior, held, args.block, max(args.k))
-    for scheme in args.schemes:
-        print(scheme, flush=True)
-        if scheme == "shuffle":
-            rows += shuffle_rows(key, victims, held, args)
-        else:
-            rows += mixing_rows(scheme, key, victims, held, prior, args)
-    doc = {"setting": {k: str(v) for k, v in vars(args).items()}, "seconds": time.perf_counter() - t0, "rows": rows}
+    for index in range(args.keys):
+        key = Key.generate()
+        print(f"key {index} ({key.fingerprint})", flush=True)
+        for scheme in args.schemes:
+            print(scheme, flush=True)
+            new = shuffle_rows(key, victims, held, args) if scheme == "shuffle" else []
+            if scheme != "shuffle":
+                new = mixing_rows(scheme, key, victims, held, prior, args)
+            rows += [{**row, "key": index} for row in new]
+    doc = {"setting": {k: str(v) for k, v in vars(args).items()}, "seconds": time.perf_counter() - t0}
+    doc |= {"summary": summary(rows), "rows": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json_text(doc))
     print(f"wrote {args.out}")
