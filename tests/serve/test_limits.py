@@ -259,11 +259,17 @@ BOUNDED = [  # a setting past its operator's bound (ServiceLimits' defaults)
 def test_every_job_setting_that_sizes_the_work_has_an_operator_bound(
     store: tuple[DatasetStore, int], toy_wds: Path, tmp_path: Path, change: dict
 ) -> None:
+    err = refused_job(store, toy_wds, tmp_path, change)
+    assert err.status == 422 and next(iter(change)) in str(err) and "this server" in str(err)
+
+
+def refused_job(store: tuple[DatasetStore, int], toy_wds: Path, tmp_path: Path, change: dict) -> JobError:
+    """The JobError that submitting the toy dataset's job with ``change`` raises (it must raise)."""
     datasets, tenant = store
     upload_folder(datasets, tenant, "toy", toy_wds)
     with pytest.raises(JobError) as err:
         job_config({**SETTINGS, **change}, datasets.get(tenant, "toy"), ServiceLimits({SMALL: None}), tmp_path)
-    assert err.value.status == 422 and next(iter(change)) in str(err.value) and "this server" in str(err.value)
+    return err.value
 
 
 # -- 5. one schema, at submission ------------------------------------------------------------------
@@ -309,13 +315,10 @@ BAD_JOBS = [
 def test_a_bad_job_is_refused_at_submission_in_one_line(
     store: tuple[DatasetStore, int], toy_wds: Path, tmp_path: Path, change: dict
 ) -> None:
-    datasets, tenant = store
-    upload_folder(datasets, tenant, "toy", toy_wds)
-    with pytest.raises(JobError) as err:
-        job_config({**SETTINGS, **change}, datasets.get(tenant, "toy"), ServiceLimits({SMALL: None}), tmp_path)
-    text = str(err.value)
-    assert err.value.status == 422 and list(change)[-1] in text and "\n" not in text, text
-    assert "__init__" not in text and "Error" not in text and str(datasets.root) not in text
+    err = refused_job(store, toy_wds, tmp_path, change)
+    text = str(err)
+    assert err.status == 422 and list(change)[-1] in text and "\n" not in text, text
+    assert "__init__" not in text and "Error" not in text and str(store[0].root) not in text
 
 
 def test_datasets_per_tenant_and_shards_per_declaration_are_bounded(tmp_path: Path) -> None:
