@@ -113,8 +113,8 @@ def scaled_lr(lr: float, batch: int, base_batch: int) -> float:
 # CIFAR-10's training images (what makes the cells resizable); compile off: 24 compiles of tens of seconds would
 # cost more than they save in cells of about 20 s (benchmarks/bench_gpu.py measures both). Measured on an H200
 # (2026-12-04, RESULTS.md): eager full 10,700-11,200 img/s, cells of 19-49 s, so about 15.5 minutes for all 24
-# (extrapolated from seed 0's 8 cells); compiled 17,017 img/s but its first steps took 20-30 s more (BENCHMARKS.md), so the
-# targets' 9 minutes were not reached either way.
+# (extrapolated from seed 0's 8 cells); compiled 17,017 img/s but its first steps took 20-30 s more
+# (BENCHMARKS.md), so the targets' 9 minutes were not reached either way.
 GPU_BATCH = 512
 GPU_METHODS = {
     name: MethodSettings(**{**METHODS[name].recipe, "lr": scaled_lr(METHODS[name].recipe["lr"], GPU_BATCH, 128)})
