@@ -254,7 +254,8 @@ class RoutedViT(nn.Module):
         logits: dict[int, torch.Tensor] = {}
         for i, js in rows.items():
             weight, bias = adapters[i].head_weight.to(features.device), adapters[i].head_bias.to(features.device)
-            logits.update(zip(js, torch.addmm(bias, features[js], weight.t()), strict=True))
+            mine = features if len(js) == len(index) else features[js]  # one client's batch: no gathered copy
+            logits.update(zip(js, torch.addmm(bias, mine, weight.t()), strict=True))
         return [logits[j] for j in range(len(index))]
 
     def _patch_embed(self, x: torch.Tensor, adapters: list[RoutedAdapter], index: torch.Tensor) -> torch.Tensor:
