@@ -36,6 +36,7 @@ from ppvit._io import json_text
 from ppvit.attacks.block_mixing import (
     BlockStats,
     ica_attack,
+    ica_search_attack,
     known_plaintext_decryptor,
     orthogonal_attack,
     second_order_attack,
@@ -44,7 +45,7 @@ from ppvit.attacks.block_mixing import (
 from ppvit.attacks.metrics import psnr, ssim, to_blocks, upscale
 from ppvit.crypto.ciphers import BlockCipher
 from ppvit.crypto.keys import Key
-from ppvit.data.datasets import load_source_split, stratified_subset, test_images
+from ppvit.data.datasets import load_source_split, stratified_subset, take_part, test_images
 
 CHUNK = 250
 
@@ -94,6 +95,7 @@ def mixing_rows(scheme: str, key: Key, victims: np.ndarray, held: np.ndarray, pr
         for k in args.ica_k:
             runs += [(f"ica k={k}", k, partial(ica_attack, k=k, refine=False))]
             runs += [(f"ica+lags k={k}", k, partial(ica_attack, k=k))]
+        runs += [(f"ica search k={k}", k, partial(ica_search_attack, k=k)) for k in args.search_k]
         for name, k, attack in runs:
             dec = attack(stats, prior, scheme)
             rows.append(score(name, n, held, dec.decrypt(enc_held, p), scheme=scheme, k=k))
@@ -156,16 +158,28 @@ def main() -> None:
     parser.add_argument("--shuffle-n", type=int, nargs="+", default=[10, 100], help="ciphertexts for shuffle")
     parser.add_argument("--prior", type=int, default=5000, help="public CIFAR-10 train images (the prior)")
     parser.add_argument("--held", type=int, default=32, help="held-out images scored")
-    parser.add_argument("--k", type=int, nargs="+", default=[3, 16, 48], help="ranks of the second-order attacks")
-    parser.add_argument("--ica-k", type=int, nargs="+", default=[8, 24], help="ranks of the ICA attack")
+    parser.add_argument("--k", type=int, nargs="*", default=[3, 16, 48], help="ranks of the second-order attacks")
+    parser.add_argument("--ica-k", type=int, nargs="*", default=[8, 24], help="ranks of the ICA attack")
+    parser.add_argument("--search-k", type=int, nargs="*", default=[8, 32], help="ranks of the ICA search attack")
+    parser.add_argument(
+        "--victims",
+        choices=("test", "train"),
+        default="test",
+        help="where the N ciphertexts come from: train (for N past the test split) excludes the prior's images",
+    )
     parser.add_argument("--keys", type=int, default=1, help="fresh keys, each attacking the same images")
     parser.add_argument("--out", type=Path, default=Path("docs/key-recovery/mixing_attacks.json"))
     args = parser.parse_args()
 
     t0 = time.perf_counter()
-    pool = test_images(args.data, max(args.n) + args.held)
-    victims, held = pool[: max(args.n)], upscale(pool[-args.held :], args.size, "bicubic")
     train = load_source_split(args.data, "train")
+    if args.victims == "test":
+        pool = test_images(args.data, max(args.n) + args.held)
+        victims, held = pool[: max(args.n)], upscale(pool[-args.held :], args.size, "bicubic")
+    else:  # train's two disjoint halves: the prior from one, the ciphertexts from the other; held-out: test
+        train, other = take_part(train, "0/2"), take_part(train, "1/2")
+        victims = other.images[np.random.default_rng(2).permutation(len(other))[: max(args.n)]]
+        held = upscale(test_images(args.data, args.held), args.size, "bicubic")
     public = stratified_subset(train, args.prior, seed=0).images  # in class order: shuffled for the sample
     public = public[np.random.default_rng(1).permutation(len(public))]
     prior = BlockStats.of(chunks(public, args.size), args.block)

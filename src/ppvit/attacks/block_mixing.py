@@ -46,6 +46,7 @@ SAMPLE = 20_000  # blocks kept per side for the sign choice
 # a whitened lag or mean of one ICA component differs between two samples of the same source by
 # up to ~0.1 (measured on synthetic blocks), far above 1/sqrt(blocks): its noise in the matching
 LAG_FLOOR = 0.1
+LAGS = ("right", "down", "diag")  # the neighbour blocks whose correlations the attacks match
 
 
 @dataclass
@@ -173,7 +174,7 @@ def _whitened_problem(cipher: BlockStats, prior: BlockStats, scheme: str, k: int
     c_in, c_out = CENTRES[scheme]
     wx, wx_pinv = _whitener(prior, k)
     wy, _ = _whitener(cipher, k)
-    lags = [(wx @ prior.lag(n) @ wx.T, wy @ cipher.lag(n) @ wy.T) for n in ("right", "down", "diag")]
+    lags = [(wx @ prior.lag(n) @ wx.T, wy @ cipher.lag(n) @ wy.T) for n in LAGS]
     lags = [(mx / np.linalg.norm(mx), my / np.linalg.norm(mx)) for mx, my in lags]
     # mean of the centred values, whitened: Q m_x = m_y
     return wx, wx_pinv, wy, lags, wx @ (c_in - prior.mean), wy @ (c_out - cipher.mean)
@@ -241,7 +242,7 @@ def ica_attack(
         s = z @ u.T
         sign = np.where((s**3).mean(0) < 0, -1.0, 1.0)
         u, s = u * sign[:, None], s * sign
-        corr = [w @ stats.lag(n) @ w.T for n in ("right", "down", "diag")]  # correlations: not rescaled
+        corr = [w @ stats.lag(n) @ w.T for n in LAGS]  # correlations: not rescaled
         sides.append((u, *_signatures(s, u, corr, m, stats.count)))
     (ux, fx, vx), (uy, fy, vy) = sides
     # a difference weighed by what sampling noise alone would make it: (y component, x component)
@@ -250,6 +251,61 @@ def ica_attack(
     q = uy[rows].T @ ux[cols]
     if refine:
         q = _refine(q, lags, mx, my, iters)
+    matrix = wx_pinv @ q.T @ wy
+    return LinearDecryptor(matrix, prior.mean - matrix @ cipher.mean)
+
+
+def _signed_assignment(lx: list[np.ndarray], ly: list[np.ndarray], lin: np.ndarray) -> np.ndarray:
+    """The signed permutation ``P`` (``P[pi_j, j] = sigma_j``) maximising
+    ``sum_t tr(lx_t^T P^T ly_t P) + tr(lin^T P)``, by trying all ``g! 2^g`` of them (``g = len(lin)``)."""
+    import itertools
+
+    g = len(lin)
+    signs = np.array(list(itertools.product((1.0, -1.0), repeat=g)))
+    best, arg = -np.inf, None
+    perms = np.array(list(itertools.permutations(range(g))))
+    for start in range(0, len(perms), 2520):
+        pi = perms[start : start + 2520]
+        pair = sum(x[None] * y[pi[:, :, None], pi[:, None, :]] for x, y in zip(lx, ly, strict=True))
+        score = (np.matmul(signs[None], pair) * signs[None]).sum(-1) + lin[pi, np.arange(g)] @ signs.T
+        b, s = np.unravel_index(score.argmax(), score.shape)
+        if score[b, s] > best:
+            best, arg = score[b, s], (pi[b], signs[s])
+    out = np.zeros((g, g))
+    out[arg[0], np.arange(g)] = arg[1]
+    return out
+
+
+def ica_search_attack(
+    cipher: BlockStats, prior: BlockStats, scheme: str, k: int = 32, group: int = 8
+) -> LinearDecryptor:
+    """ICA components matched by an exhaustive search, ``group`` whitened components at a time.
+
+    Both sides whitened on their top ``k`` components (``z_y = Q z_x``). The components are taken
+    ``group`` at a time in the order of their variance (8 + 8 + ...); in each group FastICA gives
+    ``s_x = U_x z_x``, ``s_y = U_y z_y`` up to order and sign, and the group's block of ``Q`` is
+    ``U_y^T P U_x`` for the signed permutation ``P`` that maximises the same objective as
+    :func:`_refine` (the neighbour-block correlations, the centre's position, and their cross terms
+    with the groups already solved), over all ``group! 2^group`` of them (10^7 at 8, some seconds).
+    A continuous refinement from this start loses more than it gains (RESULTS.md), so there is none.
+    """
+    k = min(k, cipher.count // 2)
+    wx, wx_pinv, wy, _, mx, my = _whitened_problem(cipher, prior, scheme, k)
+    zx = (np.concatenate(prior.sample) - prior.mean) @ wx.T
+    zy = (np.concatenate(cipher.sample) - cipher.mean) @ wy.T
+    corr_x = [wx @ prior.lag(n) @ wx.T for n in LAGS]  # correlations, as the matching noise is judged
+    corr_y = [wy @ cipher.lag(n) @ wy.T for n in LAGS]
+    q = np.zeros((k, k))
+    for start in range(0, k, group):
+        g, done = slice(start, min(start + group, k)), slice(0, start)
+        ux, uy = fastica(zx[:, g]), fastica(zy[:, g])
+        lin = np.outer(my[g], mx[g])  # tr(lin^T Q_g): the mean, and each lag's cross terms with the solved groups
+        for cx, cy in zip(corr_x, corr_y, strict=True):
+            lin += cy[done, g].T @ q[done, done] @ cx[done, g] + cy[g, done] @ q[done, done] @ cx[g, done].T
+        p = _signed_assignment(
+            [ux @ c[g, g] @ ux.T for c in corr_x], [uy @ c[g, g] @ uy.T for c in corr_y], uy @ lin @ ux.T
+        )
+        q[g, g] = uy.T @ p @ ux
     matrix = wx_pinv @ q.T @ wy
     return LinearDecryptor(matrix, prior.mean - matrix @ cipher.mean)
 
@@ -269,7 +325,7 @@ def orthogonal_attack(
     _, vx = np.linalg.eigh(prior.cov)
     _, vy = np.linalg.eigh(cipher.cov)
     vx, vy = vx[:, ::-1][:, :k], vy[:, ::-1][:, :k]
-    mats = [(prior.cov, cipher.cov)] + [(prior.lag(n), cipher.lag(n)) for n in ("right", "down", "diag")]
+    mats = [(prior.cov, cipher.cov)] + [(prior.lag(n), cipher.lag(n)) for n in LAGS]
     mats = [(vx.T @ mx @ vx, vy.T @ my @ vy) for mx, my in mats]
     scale = [np.linalg.norm(mx) for mx, _ in mats]
     mats = [(mx / s, my / s) for (mx, my), s in zip(mats, scale, strict=True)]
