@@ -8,8 +8,8 @@ from attack_images import noise, smooth_images
 
 from ppvit.attacks.block_mixing import (
     BlockStats,
-    fastica,
     _signed_assignment,
+    fastica,
     ica_attack,
     ica_search_attack,
     known_plaintext_decryptor,
