@@ -43,11 +43,13 @@ from ppvit.attacks.block_mixing import (
     thumbnail,
 )
 from ppvit.attacks.metrics import psnr, ssim, to_blocks, upscale
+from ppvit.attacks.report import write_figure
 from ppvit.crypto.ciphers import BlockCipher
 from ppvit.crypto.keys import Key
 from ppvit.data.datasets import load_source_split, stratified_subset, take_part, test_images
 
 CHUNK = 250
+SHOWN = 4  # held-out images in --figure's rows
 
 
 def score(name: str, n: int | None, plain: np.ndarray, guess: np.ndarray, **extra: Any) -> dict[str, Any]:
@@ -79,7 +81,11 @@ def references(prior: BlockStats, held: np.ndarray, p: int, k: int) -> list[dict
     ]
 
 
-def mixing_rows(scheme: str, key: Key, victims: np.ndarray, held: np.ndarray, prior: BlockStats, args) -> list:
+def mixing_rows(
+    scheme: str, key: Key, victims: np.ndarray, held: np.ndarray, prior: BlockStats, args, shown: dict | None = None
+) -> list:
+    """The attacks' rows; ``shown`` (if given) gets the first held-out images as the ICA search of the
+    largest rank decrypts them, per N."""
     p, rows = args.block, []
     cipher = BlockCipher(key, scheme, p)
     enc_held = cipher.encrypt(held)
@@ -97,8 +103,10 @@ def mixing_rows(scheme: str, key: Key, victims: np.ndarray, held: np.ndarray, pr
             runs += [(f"ica+lags k={k}", k, partial(ica_attack, k=k))]
         runs += [(f"ica search k={k}", k, partial(ica_search_attack, k=k)) for k in args.search_k]
         for name, k, attack in runs:
-            dec = attack(stats, prior, scheme)
-            rows.append(score(name, n, held, dec.decrypt(enc_held, p), scheme=scheme, k=k))
+            guess = attack(stats, prior, scheme).decrypt(enc_held, p)
+            rows.append(score(name, n, held, guess, scheme=scheme, k=k))
+            if shown is not None and args.search_k and name == f"ica search k={max(args.search_k)}":
+                shown[f"ICA search k={k}, N={n}"] = guess[:SHOWN]
     plain_kp = upscale(victims[: max(args.kp)], args.size, "bicubic")
     for n in args.kp:
         dec = known_plaintext_decryptor(plain_kp[:n], cipher.encrypt(plain_kp[:n]), p)
@@ -169,6 +177,7 @@ def main() -> None:
     )
     parser.add_argument("--keys", type=int, default=1, help="fresh keys, each attacking the same images")
     parser.add_argument("--out", type=Path, default=Path("docs/key-recovery/mixing_attacks.json"))
+    parser.add_argument("--figure", type=Path, help="PNG: the first key's ICA search reconstructions per scheme and N")
     args = parser.parse_args()
 
     t0 = time.perf_counter()
@@ -189,6 +198,7 @@ def main() -> None:
         flush=True,
     )
     rows = references(prior, held, args.block, max(args.k))
+    figures: dict[str, dict[str, np.ndarray]] = {}
     for index in range(args.keys):
         key = Key.generate()
         print(f"key {index} ({key.fingerprint})", flush=True)
@@ -196,13 +206,18 @@ def main() -> None:
             print(scheme, flush=True)
             new = shuffle_rows(key, victims, held, args) if scheme == "shuffle" else []
             if scheme != "shuffle":
-                new = mixing_rows(scheme, key, victims, held, prior, args)
+                reference = {"plain": held[:SHOWN], "thumbnail": thumbnail(held[:SHOWN], args.block)}
+                shown = figures.setdefault(scheme, reference)
+                new = mixing_rows(scheme, key, victims, held, prior, args, shown if index == 0 else None)
             rows += [{**row, "key": index} for row in new]
     doc = {"setting": {k: str(v) for k, v in vars(args).items()}, "seconds": time.perf_counter() - t0}
     doc |= {"summary": summary(rows), "rows": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json_text(doc))
     print(f"wrote {args.out}")
+    if args.figure:
+        write_figure(figures, args.figure)
+        print(f"wrote {args.figure}")
 
 
 if __name__ == "__main__":

@@ -37,8 +37,13 @@ def write_report(report: dict[str, Any], figures: Figures, out: str | Path) -> N
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "audit.json", report)
+    write_figure(figures, out / figure_name(report))
+
+
+def write_figure(figures: Figures, path: Path) -> None:
+    """The grid of titled images (one row per scheme), written atomically as a PNG."""
     fig = _draw(figures)
-    atomic_write(out / figure_name(report), lambda tmp: fig.savefig(tmp, format="png", dpi=80))
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=80))
 
 
 def write_recovered(folder: Path, paths: Sequence[str], images: np.ndarray) -> None:
