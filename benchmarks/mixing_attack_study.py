@@ -3,13 +3,17 @@
 ``--keys K`` fresh keys (``Key.generate()``), each attacking the same images; the summary gives
 each row's mean, min and max over keys. The attacker's prior: ``--prior`` CIFAR-10 *train* images; the
 victim's images: CIFAR-10 *test* images, the first N encrypted and shown to the attacker, the last
-``--held`` decrypted with what it learnt and scored against the plain images (PSNR, SSIM). All
+``--held`` decrypted with what it learnt and scored against the plain images (PSNR, SSIM). With
+``--victims train`` (N past the test split's 10,000) the prior comes from one half of the train
+split, the N ciphertexts from the other, and the first ``--held`` test images are held out. All
 images are upscaled from 32x32 to ``--size`` (bicubic, as ppvit resizes). Rows:
 
 * ``eigen-alignment k`` (``mix`` only: it uses that ``A`` is orthogonal) and ``whitened second-order k``:
   :mod:`ppvit.attacks.block_mixing`'s ciphertext-only attacks of rank k from N ciphertexts;
 * ``ica k`` / ``ica+lags k``: FastICA of both sides matched by their signatures
   (:func:`ppvit.attacks.block_mixing.ica_attack`), without and with the lag/mean refinement;
+* ``ica search k``: the same components matched by an exhaustive search over signed permutations,
+  8 at a time (:func:`ppvit.attacks.block_mixing.ica_search_attack`);
 * ``known-plaintext``: least squares from N plain/encrypted pairs;
 * ``shuffle``: ppvit's ciphertext-only key recovery (:func:`ppvit.attacks.ciphertext_only.recover_plan`);
 * references: ``thumbnail`` (the block-mean image upscaled: what a block-mean leak shows),

@@ -23,8 +23,10 @@ matrices (minorise-maximise: ``Q <- polar(gradient + tau Q)``). The decryptor is
 
 :func:`ica_attack` adds higher-order statistics: FastICA on both whitened sides, components matched by
 kurtosis, skew and neighbour correlations. Measured on CIFAR-10 (RESULTS.md) the components of the
-two sides correspond, but the matching fails: below the thumbnail, so ``ppvit audit`` keeps the
-second-order attacks.
+two sides correspond, but that matching fails (below the thumbnail). :func:`ica_search_attack`
+matches them instead by an exhaustive search over signed permutations, 8 components at a time,
+scored by the neighbour correlations and the centre's position: above the thumbnail from 100
+ciphertexts, the strongest attack here, and the one ``ppvit audit`` reports beside the second-order one.
 
 :func:`thumbnail` is the reference: the block-mean image (one colour per block) upscaled, what a
 scheme that leaks only block means (e.g. ``shuffle``) shows for free.
