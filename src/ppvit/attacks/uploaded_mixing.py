@@ -13,9 +13,10 @@ the prior's; with it, PSNR/SSIM against the true decryption, beside the block-me
 
 from __future__ import annotations
 
+import itertools
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,7 +24,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ppvit.attacks.block_mixing import BlockStats, eight_bit, ica_search_attack, thumbnail
-from ppvit.attacks.metrics import psnr, roughness, ssim, upscale
+from ppvit.attacks.metrics import psnr, roughness, ssim
 from ppvit.attacks.report import SHOWN, Figures
 from ppvit.crypto.keys import Key
 
@@ -49,18 +50,36 @@ def check_prior(data: str | os.PathLike) -> None:
         raise ValueError(f"--prior {data}: ciphertext (`ppvit encrypt` output); the prior is plain public images")
 
 
-def read_prior(data: str | os.PathLike, n: int, size: int, p: int) -> Prior:
-    """At most ``n`` plain images of ``data`` (its test split if it has one: :func:`test_images`), resized
-    to ``size`` by ppvit's one resize a batch at a time, as block statistics of ``p x p`` blocks."""
-    from ppvit.data.datasets import test_images
+def read_prior(data: str | os.PathLike, n: int, size: int, p: int, seed: int = 0) -> Prior:
+    """At most ``n`` plain images of ``data``, a random choice from its test split if it has one (the one
+    rule, :func:`~ppvit.data.datasets.find_test_split`) else from all of it, as block statistics of
+    ``p x p`` blocks. Only the chosen images are decoded, each resized to ``size`` by the one resize and
+    added ``BATCH`` at a time: memory holds a batch, however large the source."""
+    from ppvit.data.datasets import find_test_split, resolve_data
+    from ppvit.data.images import resize_array
+    from ppvit.data.sources import decode, open_source
 
-    images = test_images(data, n, size, at_most=True)
-    stats, rough = BlockStats(p), 0.0
-    for start in range(0, len(images), BATCH):
-        batch = upscale(images[start : start + BATCH], size, "bicubic")
-        stats.add(batch, seed=start)
-        rough += roughness(batch) * len(batch)  # every batch one shape: the weighted mean is the whole set's
-    return Prior(str(data), len(images), stats, rough / len(images))
+    source = open_source(resolve_data(data))
+    test = find_test_split(source, size)
+    rels = sorted(source.paths(None if test is None else lambda rel: rel.startswith(f"{test}/")))
+    chosen = {rels[i] for i in np.random.default_rng(seed).permutation(len(rels))[:n]}
+
+    def resized() -> Iterator[np.ndarray]:
+        for rel, raw in source.items(lambda rel: rel in chosen):
+            item = decode(rel, raw)
+            if item.image is None:
+                raise ValueError(f"--prior {data}: {rel}: {item.error}")
+            yield resize_array(np.asarray(item.image), size)
+
+    stats, rough, count, images = BlockStats(p), 0.0, 0, resized()
+    while batch := list(itertools.islice(images, BATCH)):
+        stacked = np.stack(batch)
+        stats.add(stacked, seed=count)
+        rough += roughness(stacked) * len(stacked)  # every image one shape: the weighted mean is the whole set's
+        count += len(stacked)
+    if count == 0:
+        raise ValueError(f"--prior {data}: no images")
+    return Prior(str(data), count, stats, rough / count)
 
 
 def attack_stored_mixing(

@@ -210,18 +210,13 @@ def _cache_file(source: Source, split: str | None, size: int | None = None) -> P
 
 
 def test_images(
-    data: str | os.PathLike | None,
-    n: int,
-    size: int | None = None,
-    splits: SplitNames | None = None,
-    at_most: bool = False,
+    data: str | os.PathLike | None, n: int, size: int | None = None, splits: SplitNames | None = None
 ) -> np.ndarray:
     """``n`` images of ``data`` (CIFAR-10 by default) as NHWC uint8, class-balanced, a fixed choice: audit material.
 
     From the test split as training and eval find it (:func:`find_test_split`: ``--splits``, else test/,
     validation/, ...), else from the whole source (every split, or a folder of photos in any layout:
-    an audit trains nothing, so nothing is held out); exactly ``n`` whenever it holds ``n`` (``at_most``:
-    all it holds when fewer, for an attacker's prior, where more is better but any will do). Plain
+    an audit trains nothing, so nothing is held out); exactly ``n`` whenever it holds ``n``. Plain
     images of several sizes are resized to ``size`` as for training. They come in a fixed random
     order (not grouped by class), so that any leading part of them (an attacker's images) and the
     rest (held-out ones) both mix the classes.
@@ -236,9 +231,9 @@ def test_images(
         images, names, _, _ = _decode_images(source, None, size, class_of, None)
         classes = tuple(sorted(set(names)))
         ds = ArrayDataset(images, np.array([classes.index(c) for c in names], dtype=np.int64), classes)
-    if n > len(ds) and not at_most:
+    if n > len(ds):
         raise ValueError(f"{where}: {len(ds)} images, {n} needed")
-    images = stratified_subset(ds, min(n, len(ds)), seed=0).images
+    images = stratified_subset(ds, n, seed=0).images
     return images[np.random.default_rng(0).permutation(len(images))]
 
 
