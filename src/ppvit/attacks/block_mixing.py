@@ -291,8 +291,9 @@ def ica_search_attack(
     :func:`_refine` (the neighbour-block correlations, the centre's position, and their cross terms
     with the groups already solved), over all ``group! 2^group`` of them (10^7 at 8, some seconds).
     A continuous refinement from this start loses more than it gains (RESULTS.md), so there is none.
+    ``k`` is at most the block's number of values (small blocks have fewer than 32).
     """
-    k = min(k, cipher.count // 2)
+    k = min(k, cipher.count // 2, len(cipher.mean))
     wx, wx_pinv, wy, _, mx, my = _whitened_problem(cipher, prior, scheme, k)
     zx = (np.concatenate(prior.sample) - prior.mean) @ wx.T
     zy = (np.concatenate(cipher.sample) - cipher.mean) @ wy.T
@@ -353,6 +354,11 @@ def thumbnail(images: np.ndarray, p: int) -> np.ndarray:
     return upscale(np.clip(np.rint(means), 0, 255).astype(np.uint8), h, "bicubic")
 
 
+def eight_bit(cipher: np.ndarray) -> np.ndarray:
+    """A mixing's ciphertext rounded and clipped to uint8: what the 8-bit statistics and figures see of it."""
+    return np.clip(np.rint(cipher.astype(np.float64)), 0, 255).astype(np.uint8)
+
+
 def audit_mixing(
     key: Key, scheme: str, images: np.ndarray, pairs: tuple[int, ...], held_count: int, p: int
 ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
@@ -375,12 +381,9 @@ def audit_mixing(
         raise ValueError(f"need more than {need} images (pairs plus held-out ones), got {len(images)}")
     enc_pairs, enc_held = cipher.encrypt(plain), cipher.encrypt(held)
 
-    def view(y: np.ndarray) -> np.ndarray:
-        return np.clip(np.rint(y.astype(np.float64)), 0, 255).astype(np.uint8)
-
-    stats: dict[str, Any] = ciphertext_stats(held, view(enc_held), p)
+    stats: dict[str, Any] = ciphertext_stats(held, eight_bit(enc_held), p)
     truth = source_blocks(cipher.plan(*images.shape[1:]), p)
-    stats["jigsaw_neighbours"] = jigsaw_neighbours(view(cipher.encrypt(images)), p, truth)
+    stats["jigsaw_neighbours"] = jigsaw_neighbours(eight_bit(cipher.encrypt(images)), p, truth)
     attack = orthogonal_attack if mixing == "mix" else second_order_attack
     seen, prior = BlockStats(p).add(enc_held), BlockStats(p).add(plain)
     guess = attack(seen, prior, mixing, k=3).decrypt(enc_held, p)
@@ -390,8 +393,8 @@ def audit_mixing(
     report: dict[str, Any] = {"scheme": scheme, "ciphertext_only": stats, "kpa": []}
     figure = {
         "plain": held[0],
-        "encrypted": view(enc_held[:1])[0],
-        "block means": block_mean_image(view(enc_held[:1]), p)[0],
+        "encrypted": eight_bit(enc_held[:1])[0],
+        "block means": block_mean_image(eight_bit(enc_held[:1]), p)[0],
     }
     figure["second-order, ciphertexts only"], figure["ICA search, ciphertexts only"] = guess[0], searched[0]
     for n in pairs:

@@ -22,6 +22,7 @@ from PIL import Image
 
 from ppvit._io import atomic_write, atomic_write_json
 
+SHOWN = 4  # held-out images per row of a stored-ciphertext audit's figure
 RECOVERED = "recovered"  # OUT/recovered/: stored ciphertexts decrypted with a recovered plan, for the user to look at
 Figures = dict[str, dict[str, np.ndarray]]
 """The figure's rows: a row title (the scheme) -> {image title -> an HWC image, or NHWC images side by side}."""
@@ -177,6 +178,8 @@ def _format_stored(co: dict[str, Any]) -> str:
     ]
     if co["status"] != "attacked":
         return "\n".join([*lines, f"  {co['status']}"])
+    if "mixing" in co:
+        return "\n".join([*lines, *_stored_mixing(co)])
     lines.append(f"  the attack guesses the key's whole plan: {'; '.join(co['plan_parts'])}")
     for r in co["runs"]:
         lines.append(
@@ -199,6 +202,46 @@ def _format_stored(co: dict[str, Any]) -> str:
         f"from N={n}"
     )
     return "\n".join(lines)
+
+
+def _stored_mixing(co: dict[str, Any]) -> list[str]:
+    """A mixing's lines: per N, the decryptions' roughness against the prior's, and with the key PSNR/SSIM
+    beside the block-mean thumbnail's."""
+    lines = [
+        f"  the attack estimates {co['plan_parts'][0]}, from the ciphertexts and {co['prior_images']} plain public "
+        f"images of {co['prior']} (the prior)"
+    ]
+    for r in co["runs"]:
+        rough, prior = r["roughness"], co["prior_roughness"]
+        # measured (uploaded_mixing): decryptions fitted to the prior at 0.97-1.1x its roughness, a random matching 1.6x
+        if rough > 1.3 * prior:
+            words = "rougher than the prior's images: not photograph-like"
+        elif rough < 0.5 * prior:
+            words = "far smoother than the prior's images: blurred, block means at most"
+        else:
+            words = "as smooth as the prior's images: photograph-like, possibly readable"
+        lines.append(
+            f"  N={r['n']}: decryptor in {r['seconds']:.1f} s; held-out ciphertexts decrypted with it are {words} "
+            f"(neighbouring values differ by {rough:.1f} on average, {prior:.1f} in the prior, "
+            f"{co['stored_roughness']:.1f} as stored; roughness cannot tell a right decryption from a plausible "
+            "wrong one)"
+        )
+        if "psnr_db" in r:
+            side = "above" if r["psnr_db"] > co["thumbnail_psnr_db"] else "not above"
+            lines.append(
+                f"  N={r['n']}: against the true decryption (--key) PSNR {r['psnr_db']:.1f} dB, SSIM {r['ssim']:.3f}; "
+                f"{side} what a leak of block means shows (the thumbnail: {co['thumbnail_psnr_db']:.1f} dB, SSIM "
+                f"{co['thumbnail_ssim']:.3f})"
+            )
+    if co["unresolved"]:
+        lines.append(
+            f"  left as they are (one matrix for every block does not undo them): {', '.join(co['unresolved'])}"
+        )
+    lines.append(
+        f"  look at them: {RECOVERED}/ (beside audit.json) holds the held-out ciphertexts decrypted from "
+        f"N={co['runs'][-1]['n']}"
+    )
+    return lines
 
 
 def _readability(run: dict[str, Any], co: dict[str, Any]) -> str:

@@ -5,7 +5,9 @@ data (``ppvit encrypt`` output in any format, or a server's stored dataset in th
 carry a manifest) is attacked as stored and never encrypted again: scheme and block size from the
 manifest, the key's plan recovered from N ciphertexts with no key
 (:func:`~ppvit.attacks.ciphertext_only.recover_plan`), held-out ciphertexts decrypted with it and
-written for the user to look at. Without the key, a readability proxy says how photograph-like the
+written for the user to look at. A dense mixing's (``mix``, ``lift``) key is a matrix, found from the
+ciphertexts and plain public images of the same kind (``prior``) by
+:mod:`~ppvit.attacks.uploaded_mixing`. Without the key, a readability proxy says how photograph-like the
 decryptions are: their :func:`~ppvit.attacks.metrics.roughness` against that of random plans of the
 scheme. With the key, the recovered plan is scored against the true one
 (:func:`~ppvit.attacks.ciphertext_only_audit.score_recovery`): exact, up to a symmetry (and what
@@ -31,13 +33,13 @@ from tqdm.auto import tqdm
 from ppvit.attacks.ciphertext_only import recover_plan, unsupported
 from ppvit.attacks.ciphertext_only_audit import readable_as, score_recovery, symmetries, verdict
 from ppvit.attacks.metrics import roughness
-from ppvit.attacks.report import RECOVERED, write_recovered, write_report
+from ppvit.attacks.report import RECOVERED, SHOWN, write_recovered, write_report
+from ppvit.attacks.uploaded_mixing import attack_stored_mixing, check_prior, read_prior
 from ppvit.crypto.keys import Key
 from ppvit.data.datasets import resolve_data
 from ppvit.data.sources import Source, decode, open_source
 
 log = logging.getLogger(__name__)
-SHOWN = 4  # held-out images per row of the figure
 
 
 @dataclass
@@ -47,6 +49,12 @@ class UploadedConfig:
     images: int = 8  # held-out ciphertexts decrypted with the recovered plan and written out
     seed: int = 0  # the choice of ciphertexts and the attack's generator
     random_plans: int = 8  # random plans of the scheme the readability proxy compares with
+    prior: str | None = None  # mix/lift: plain public images of the same kind (any source ppvit reads)
+    prior_images: int = 2000  # at most this many prior images are read: memory stays bounded
+
+    def __post_init__(self) -> None:
+        if self.prior_images < 1:
+            raise ValueError(f"--prior-images: expected a positive number of images, got {self.prior_images}")
 
 
 def stored_ciphertexts(data: str | os.PathLike | None) -> Source | None:
@@ -69,6 +77,9 @@ def read_ciphertexts(source: Source, n: int, seed: int = 0) -> tuple[list[str], 
     where = {rel: k for k, rel in enumerate(chosen)}
     images: list[np.ndarray | None] = [None] * n
     for rel, data in source.items(lambda r: r in where):
+        if isinstance(data, np.ndarray):  # npz shards: the stored values (a mixing's float16 or integers)
+            images[where[rel]] = data
+            continue
         item = decode(rel, data)
         if item.image is None:
             raise ValueError(f"encrypted dataset {source.path}: {rel}: {item.error}")
@@ -94,9 +105,10 @@ def audit_uploaded(
     the manifest's fingerprint) each recovered plan is scored against the true one. With ``out``,
     writes ``audit.json`` (the report under ``"ciphertext_only"``), ``ciphertext-only.png`` and
     ``recovered/``: the held-out ciphertexts decrypted with the plan from the largest N, as PNGs
-    under their paths in the dataset (nothing else is left there).
+    under their paths in the dataset (nothing else is left there). A ``mix``/``lift`` dataset needs
+    ``cfg.prior`` (:func:`~ppvit.attacks.uploaded_mixing.attack_stored_mixing`).
     """
-    from ppvit.crypto.ciphers import Scheme, compile_plan
+    from ppvit.crypto.ciphers import Scheme
 
     m = source.manifest
     assert m is not None, "stored_ciphertexts gives encrypted datasets only"
@@ -107,11 +119,16 @@ def audit_uploaded(
         raise ValueError(
             f"key {key.fingerprint} did not encrypt {source.path} (its manifest names key {m.key_fingerprint})"
         )
-    if Scheme.parse(m.scheme).mixing:  # a matrix, not a plan: attacks/block_mixing.py, on simulated ciphertext
+    mixing = Scheme.parse(m.scheme).mixing
+    if mixing and cfg.prior is None:
         raise ValueError(
-            f"encrypted dataset {source.path}: {m.dtype} ciphertext of scheme {m.scheme}; this attack recovers "
-            f"permutations, the mixings' attacks run on plain images: ppvit audit --scheme {m.scheme} --data PLAIN"
+            f"encrypted dataset {source.path}: {m.dtype} ciphertext of scheme {m.scheme}; a mixing's attack needs "
+            "plain public images of the same kind: --prior PLAIN"
         )
+    if not mixing and cfg.prior is not None:
+        raise ValueError(f"encrypted dataset {source.path}: scheme {m.scheme}; --prior is for mix/lift ciphertext")
+    if mixing:
+        check_prior(cfg.prior)  # type: ignore[arg-type]
     log.info(
         "%s: ciphertexts as stored (`ppvit encrypt` output, %s: %s, %dx%d blocks, key %s): attacked as they are, "
         "without the key",
@@ -125,7 +142,9 @@ def audit_uploaded(
     paths, images, total = read_ciphertexts(source, max(ns) + cfg.images, cfg.seed)
     attack, held, held_paths = images[: max(ns)], images[max(ns) :], paths[max(ns) :]
     p, shape = m.block_size, images.shape[1:]
-    why = unsupported(m.scheme)
+    if mixing and shape[0] != shape[1]:
+        raise ValueError(f"encrypted dataset {source.path}: {shape[1]}x{shape[0]} ciphertexts; a prior is square")
+    why = None if mixing else unsupported(m.scheme)
     co: dict[str, Any] = {
         "attacked": "stored",  # the ciphertexts as the user uploaded them; "simulated": plain images encrypted here
         "data": str(source.path),
@@ -140,38 +159,65 @@ def audit_uploaded(
         "held_out_images": len(held),
         "held_out": held_paths,
         "status": f"not attacked: {why}" if why else "attacked",
-        "plan_parts": plan_parts(m.scheme, shape, p),  # what a recovered plan consists of
-        # what no ciphertext shows, so a recovered image may differ from the original by it
-        "unresolved": [s for s in symmetries(m.scheme, shape, p) if not s.startswith("block ")],
         "stored_roughness": roughness(held),
+    }
+    if mixing:
+        prior = read_prior(cfg.prior, cfg.prior_images, shape[0], p)  # type: ignore[arg-type]
+        found, figures, decrypted = attack_stored_mixing(attack, held, m.scheme, p, ns, prior, key, progress)
+    else:
+        found, figures, decrypted = attack_stored_plans(attack, held, m.scheme, p, ns, cfg, key, progress)
+    co.update(found)
+    report = {"ciphertext_only": co}
+    if out is not None:
+        write_report(report, figures, Path(out))
+        if decrypted is not None:
+            write_recovered(Path(out) / RECOVERED, held_paths, decrypted)  # the last N's: the largest
+    return report
+
+
+def attack_stored_plans(
+    attack: np.ndarray,
+    held: np.ndarray,
+    scheme: str,
+    p: int,
+    ns: Sequence[int],
+    cfg: UploadedConfig,
+    key: Key | None = None,
+    progress: bool = False,
+) -> tuple[dict[str, Any], dict[str, dict[str, np.ndarray]], np.ndarray | None]:
+    """Per N, the plan recovered from ``attack[:N]`` and ``held`` decrypted with it (scored with ``key``):
+    the report's fields, the figure's rows, and the decryptions of the largest N (None: not attacked)."""
+    from ppvit.crypto.ciphers import compile_plan
+
+    shape = held.shape[1:]
+    co: dict[str, Any] = {
+        "plan_parts": plan_parts(scheme, shape, p),  # what a recovered plan consists of
+        # what no ciphertext shows, so a recovered image may differ from the original by it
+        "unresolved": [s for s in symmetries(scheme, shape, p) if not s.startswith("block ")],
         "random_plan_roughness": [],
         "runs": [],
     }
     figures: dict[str, dict[str, np.ndarray]] = {}
-    if not why:
-        co["random_plan_roughness"] = random_plan_roughness(held, m.scheme, p, cfg.random_plans, cfg.seed)
-        truth = compile_plan(key, m.scheme, p, shape) if key is not None else None
-        plain = None if truth is None else truth.inverse().apply_numpy(held)
-        for n in tqdm(ns, desc="ciphertext-only attack", unit="N", disable=not progress):
-            t0 = time.perf_counter()
-            guess = recover_plan(attack[:n], m.scheme, p, seed=np.random.default_rng(cfg.seed))
-            run: dict[str, Any] = {"n": n, "seconds": time.perf_counter() - t0}
-            decrypted = guess.inverse().apply_numpy(held)
-            run["roughness"] = roughness(decrypted)
-            row = {"stored ciphertexts": held[:SHOWN], f"decrypted, plan from {n}": decrypted[:SHOWN]}
-            if truth is not None:
-                score = score_recovery(guess, truth, m.scheme, p, plain)
-                run.update(dataclasses.asdict(score), readable_as=readable_as(score), verdict=verdict(score, p))
-                run["true_roughness"] = roughness(plain)
-                row["true decryption (--key)"] = plain[:SHOWN]
-            co["runs"].append(run)
-            figures[f"N={n}"] = row
-    report = {"ciphertext_only": co}
-    if out is not None:
-        write_report(report, figures, Path(out))
-        if not why:
-            write_recovered(Path(out) / RECOVERED, held_paths, decrypted)  # the last N's: the largest
-    return report
+    if unsupported(scheme):
+        return co, figures, None
+    co["random_plan_roughness"] = random_plan_roughness(held, scheme, p, cfg.random_plans, cfg.seed)
+    truth = compile_plan(key, scheme, p, shape) if key is not None else None
+    plain = None if truth is None else truth.inverse().apply_numpy(held)
+    for n in tqdm(ns, desc="ciphertext-only attack", unit="N", disable=not progress):
+        t0 = time.perf_counter()
+        guess = recover_plan(attack[:n], scheme, p, seed=np.random.default_rng(cfg.seed))
+        run: dict[str, Any] = {"n": n, "seconds": time.perf_counter() - t0}
+        decrypted = guess.inverse().apply_numpy(held)
+        run["roughness"] = roughness(decrypted)
+        row = {"stored ciphertexts": held[:SHOWN], f"decrypted, plan from {n}": decrypted[:SHOWN]}
+        if truth is not None:
+            score = score_recovery(guess, truth, scheme, p, plain)
+            run.update(dataclasses.asdict(score), readable_as=readable_as(score), verdict=verdict(score, p))
+            run["true_roughness"] = roughness(plain)
+            row["true decryption (--key)"] = plain[:SHOWN]
+        co["runs"].append(run)
+        figures[f"N={n}"] = row
+    return co, figures, decrypted
 
 
 def random_plan_roughness(ciphertexts: np.ndarray, scheme: str, p: int, draws: int, seed: int) -> list[float]:

@@ -194,7 +194,8 @@ def _audit_stored(args: argparse.Namespace, ns: list[int], source: Source) -> di
     for scheme in args.scheme or [None]:
         m.check(scheme=scheme, block_size=args.block_size, size=args.size, where=where)
     key = Key.load(args.key) if args.key else None
-    return audit_uploaded(source, ns, UploadedConfig(images=args.images), key, args.out, progress=not args.quiet)
+    cfg = UploadedConfig(images=args.images, prior=args.prior, prior_images=args.prior_images)
+    return audit_uploaded(source, ns, cfg, key, args.out, progress=not args.quiet)
 
 
 def _audit_simulated(args: argparse.Namespace, ns: list[int]) -> dict:
@@ -206,6 +207,8 @@ def _audit_simulated(args: argparse.Namespace, ns: list[int]) -> dict:
     from ppvit.data.sources import SplitNames
 
     keys_made = args.keys or 3
+    if args.prior is not None:
+        raise UserError(f"--prior is for encrypted --data (mix/lift ciphertext); {args.data or 'CIFAR-10'} is plain")
     if keys_made < 1:
         raise UserError(f"--keys: expected a positive number of keys, got {args.keys}")
     schemes = args.scheme or list(CIPHERTEXT_ONLY_SCHEMES)
@@ -236,8 +239,9 @@ def _audit(args: argparse.Namespace) -> int:
             f"encrypted dataset {stored.path}: ciphertexts, and this audit encrypts plain images itself; attack "
             f"them as they are with --ciphertext-only 5,20"
         )
-    if args.keys is not None:
-        raise UserError("--keys is for --ciphertext-only")
+    for flag, value in (("--keys", args.keys), ("--prior", args.prior)):
+        if value is not None:
+            raise UserError(f"{flag} is for --ciphertext-only")
     from ppvit.attacks import audit  # the training stack: after the checks
     from ppvit.attacks.report import format_report
     from ppvit.attacks.weight_matching import weight_leakage_transformed
@@ -323,6 +327,15 @@ def add_audit(sub: argparse._SubParsersAction) -> None:
         "plain images encrypted here per scheme (default shuffle, shuffle+scramble) and fresh key",
     )
     p.add_argument("--keys", type=int, help="--ciphertext-only, plain images, no --key: fresh keys (default 3)")
+    p.add_argument(
+        "--prior",
+        metavar="PLAIN",
+        help="--ciphertext-only on mix/lift ciphertext: plain public images of the same kind (any source ppvit "
+        "reads; its test split if it has one), whose block statistics the attack matches",
+    )
+    p.add_argument(
+        "--prior-images", type=int, default=2000, help="at most this many --prior images are read (default 2000)"
+    )
     p.add_argument(
         "--out",
         default="audit-out",
