@@ -12,7 +12,9 @@ import io
 import sqlite3
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -83,12 +85,15 @@ def build_world(tmp: Path, toy_dataset: Path) -> dict:
 
 
 class LiveServer:
-    """uvicorn serving ``create_app(cfg)`` in a thread on a free port, with ``ppvit serve``'s settings."""
+    """uvicorn serving ``create_app(cfg)`` in a thread on a free port, with ``ppvit serve``'s settings
+    (``wrap``: an ASGI middleware around the app, to watch what the server receives)."""
 
-    def __init__(self, cfg: ServeConfig, **ssl: str) -> None:
+    def __init__(self, cfg: ServeConfig, wrap: Callable[[Any], Any] | None = None, **ssl: str) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         config = uvicorn_config(cfg, "127.0.0.1", self.port, **ssl)
+        if wrap is not None:
+            config.app = wrap(config.app)
         config.timeout_graceful_shutdown = 10
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)

@@ -11,7 +11,8 @@ This module holds the routes, the limits and the HTTP server around them.
 HTTP API: ``POST /v1/predict`` (body: one PNG, ``application/x-npy`` uint8 array(s) of
 shape (H, W, 3) or (N, H, W, 3), or JSON ``{"images": [base64 PNG, ...]}``; ``?top_k=``: classes
 named per image, ``top_k`` by default, ``max_top_k`` at most), ``GET /v1/adapter`` (the tenant's
-own settings; ETag, 304 on ``If-None-Match``), ``GET /healthz``; ``GET /metrics`` (Prometheus) and
+own settings and a predict request's limits, ``max_images`` and ``max_body_bytes``; ETag, 304 on
+``If-None-Match``), ``GET /healthz``; ``GET /metrics`` (Prometheus) and
 ``/docs``, ``/openapi.json`` only when asked for (``metrics``, ``docs``). Every error is a status code
 with one-line JSON ``{"error": ...}``.
 
@@ -222,7 +223,9 @@ def create_app(cfg: ServeConfig) -> FastAPI:
     async def adapter(request: Request) -> Response:
         served = await resolve(request)
         # encoded already (every request but this version's first): no thread hop
-        answer = served.encoded.get("adapter") or await asyncio.to_thread(adapter_answer, served, cfg.max_images)
+        answer = served.encoded.get("adapter") or await asyncio.to_thread(
+            adapter_answer, served, cfg.max_images, cfg.max_body_bytes
+        )
         headers = {"ETag": answer.etag, "Cache-Control": "private, no-cache"}  # per token; revalidate each time
         if answer.matches(request.headers.get("if-none-match")):
             return Response(status_code=304, headers=headers)

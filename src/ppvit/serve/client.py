@@ -5,7 +5,9 @@ recipe (resize kernel, mean, std) its adapter was trained with, refuses a key wh
 fingerprint differs or a recipe other than the one it follows, resizes and encrypts
 each image here (as ``ppvit predict`` does), and sends the ciphertext as a ``.npy`` body: uint8,
 or a ``mix``/``lift`` adapter's float16 / int16 (2 bytes a value; int32 for the few ``lift`` keys
-whose bound needs it). Neither the key nor a plain image leaves this process.
+whose bound needs it). Neither the key nor a plain image leaves this process. Requests are packed within
+the limits the server publishes with its settings (images, and body bytes as encoded: int32 ciphertext
+of the server's image count can be over its body limit).
 
 The server's word on the geometry is checked, not trusted: a key file that pins one
 (``ppvit keygen --scheme --block-size --size``), or the caller's ``scheme``, ``block_size``
@@ -64,6 +66,33 @@ def _chunks(path: Path) -> Iterator[bytes]:
     with open(path, "rb") as fh:
         while chunk := fh.read(CHUNK):
             yield chunk
+
+
+def npy_body(ciphertext: np.ndarray) -> bytes:
+    """The ``.npy`` body of a predict request: what the server's ``max_body_bytes`` counts."""
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(ciphertext), allow_pickle=False)
+    return buf.getvalue()
+
+
+def request_bodies(ciphertext: np.ndarray, max_images: int | None, max_body_bytes: int | None) -> Iterator[bytes]:
+    """(N, S, S, 3) ciphertext as the bodies of consecutive requests, in order, each of as many images as
+    both limits allow (None: no limit). A body is measured as encoded, never estimated: a ``lift``
+    ciphertext (int32 at worst) of the server's image count can be over its body limit."""
+    start, total = 0, len(ciphertext)
+    while start < total:
+        n = min(max_images or total, total - start)
+        body = npy_body(ciphertext[start : start + n])
+        while max_body_bytes is not None and len(body) > max_body_bytes:
+            if n == 1:
+                raise ValueError(
+                    f"one image's body is {len(body):,} bytes; the server takes at most {max_body_bytes:,}"
+                )
+            excess = -(-(len(body) - max_body_bytes) // ciphertext[0].nbytes)  # images to leave for the next
+            n = max(1, n - excess)
+            body = npy_body(ciphertext[start : start + n])
+        yield body
+        start += n
 
 
 @dataclass(frozen=True)
@@ -265,19 +294,18 @@ class Client:
             raise ValueError(f"{exc} (what this client sends): refusing") from None
 
     def predict_ciphertext(
-        self, ciphertext: np.ndarray, logits: bool = False, top_k: int | None = None
+        self, ciphertext: np.ndarray | bytes, logits: bool = False, top_k: int | None = None
     ) -> list[Prediction]:
-        """Send (N, S, S, 3) ciphertext (uint8, or a ``mix``/``lift`` adapter's dtype); one prediction per
-        image, naming its ``top_k`` classes (None: the server's default)."""
-        buf = io.BytesIO()
-        np.save(buf, np.ascontiguousarray(ciphertext), allow_pickle=False)
+        """Send (N, S, S, 3) ciphertext (uint8, or a ``mix``/``lift`` adapter's dtype; or its :func:`npy_body`)
+        in one request; one prediction per image, naming its ``top_k`` classes (None: the server's default)."""
+        body = ciphertext if isinstance(ciphertext, bytes) else npy_body(ciphertext)
         params = {"logits": "true"} if logits else {}
         if top_k is not None:
             params["top_k"] = str(top_k)
         answer = self._call(
             "POST",
             "/v1/predict",
-            content=buf.getvalue(),
+            content=body,
             headers={"Content-Type": "application/x-npy"},
             params=params,
         )
@@ -300,8 +328,9 @@ class Client:
         top_k: int | None = None,
         failed: list[tuple[str, str]] | None = None,
     ) -> list[Prediction]:
-        """Encrypt here, send ciphertext (in requests of at most the server's limit), return the answers in order
-        (``failed``: as :meth:`encrypt`).
+        """Encrypt here, send ciphertext (in requests within the server's limits: images and body bytes),
+        return the answers in order (``failed``: as :meth:`encrypt`; an image whose body alone is over the
+        server's limit is one of them).
 
         An answer from a newer adapter version than the settings used to encrypt (the tenant's
         adapter was replaced meanwhile) is not returned: settings are read again and the images resent.
@@ -311,14 +340,38 @@ class Client:
             if failed is not None:
                 failed.clear()  # a second round reads the files again
             ciphertext = self.encrypt(images, key, plain, failed)
-            step = info.get("max_images") or len(ciphertext)
+            limit = info.get("max_body_bytes")  # None: a server that does not publish it (an earlier release)
+            alone = len(npy_body(ciphertext[:1]))
+            if limit is not None and alone > limit:
+                return self._too_large(images, failed, alone, ciphertext.dtype.name, limit)
             answers: list[Prediction] = []
-            for start in range(0, len(ciphertext), step):
-                answers += self.predict_ciphertext(ciphertext[start : start + step], logits, top_k)
+            for body in request_bodies(ciphertext, info.get("max_images"), limit):
+                answers += self.predict_ciphertext(body, logits, top_k)
             if all(a.version == info["version"] for a in answers):
                 return answers
             self._info = None
         raise ServerError(409, "the tenant's adapter changed twice while predicting; try again")
+
+    @staticmethod
+    def _too_large(
+        images: list[str | os.PathLike | np.ndarray],
+        failed: list[tuple[str, str]] | None,
+        alone: int,
+        dtype: str,
+        limit: int,
+    ) -> list[Prediction]:
+        """Every image whose ciphertext alone is a body over the server's ``limit`` named in ``failed`` (none
+        is sent: all of one adapter's ciphertexts have one shape and dtype); without a list the first raises."""
+        problem = (
+            f"its ciphertext is a body of {alone:,} bytes ({dtype} .npy); the server takes at most {limit:,} bytes"
+        )
+        bad = {name for name, _ in failed or []}  # unreadable: named already
+        names = [f"array image {i}" if isinstance(im, np.ndarray) else str(im) for i, im in enumerate(images)]
+        for name in [n for n in names if n not in bad]:
+            if failed is None:
+                raise ValueError(f"image {name}: {problem}")
+            failed.append((name, problem))
+        return []
 
     # -- fine-tuning as a service (the server's ppvit.serve.training_api) ----------------------------
 

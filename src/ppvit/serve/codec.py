@@ -142,8 +142,9 @@ def class_names(meta: AdapterMeta) -> list[str]:
     return meta.classes or [str(i) for i in range(meta.num_classes)]
 
 
-def adapter_info(served: Served, max_images: int) -> dict[str, Any]:
-    """What a tenant may know about its own adapter (never another's, never a key)."""
+def adapter_info(served: Served, max_images: int, max_body_bytes: int) -> dict[str, Any]:
+    """What a tenant may know about its own adapter (never another's, never a key), and the limits of a
+    predict request (images, body bytes) that its client packs requests within."""
     meta = served.meta
     return {
         "tenant": served.tenant.tenant,
@@ -157,6 +158,7 @@ def adapter_info(served: Served, max_images: int) -> dict[str, Any]:
         "key_fingerprint": meta.key_fingerprint,
         "classes": class_names(meta),
         "max_images": max_images,
+        "max_body_bytes": max_body_bytes,
     }
 
 
@@ -180,13 +182,13 @@ class Encoded:
         return "*" in tags or self.etag in tags
 
 
-def adapter_answer(served: Served, max_images: int) -> Encoded:
+def adapter_answer(served: Served, max_images: int, max_body_bytes: int) -> Encoded:
     """``GET /v1/adapter``'s answer, encoded on the first request for this adapter version and kept
     with it (an adapter of many long class names answers about half a MB: re-encoding it per
     request held the event loop for each). Call it off the event loop when not yet encoded."""
     answer = served.encoded.get("adapter")
     if answer is None:  # two threads may both encode it once: the same bytes
-        answer = served.encoded["adapter"] = Encoded.of(adapter_info(served, max_images))
+        answer = served.encoded["adapter"] = Encoded.of(adapter_info(served, max_images, max_body_bytes))
     return answer
 
 
