@@ -25,7 +25,7 @@ demo: venv
 	$(VENV)/bin/ppvit reproduce --preset demo --data "$(PPVIT_CIFAR10)" --out demo-out
 
 test: venv
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 test-slow: venv
 	$(PY) -m pytest -q -m slow

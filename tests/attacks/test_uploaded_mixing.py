@@ -96,7 +96,7 @@ def test_a_mixing_without_a_prior_and_a_wrong_prior_are_refused_in_one_line(
 
 def test_the_prior_is_capped_and_resized_to_the_ciphertexts(tmp_path: Path, folders: dict[str, Path]) -> None:
     """At most --prior-images of them (all, when fewer), each resized to the ciphertexts' side by the one resize,
-    from the test split where there is one."""
+    from outside the test split where there is one."""
     capped = read_prior(folders["prior"], 25, SIZE, BLOCK)
     assert capped.images == 25 and capped.stats.count == 25 * (SIZE // BLOCK) ** 2
     whole = read_prior(folders["prior"], 2000, SIZE, BLOCK)
@@ -109,13 +109,13 @@ def test_the_prior_is_capped_and_resized_to_the_ciphertexts(tmp_path: Path, fold
     blocks = resized.reshape(PRIOR, g, BLOCK, g, BLOCK, 3).transpose(0, 1, 3, 2, 4, 5).reshape(-1, BLOCK * BLOCK * 3)
     np.testing.assert_allclose(whole.stats.mean, blocks.mean(0), atol=1e-9)
     split = tmp_path / "split"
-    for name, value in (("train", 0), ("test", 200)):  # black training images: never read
+    for name, value in (("train", 200), ("test", 0)):  # black test images: never read
         (split / name / "c").mkdir(parents=True)
         for i in range(3):
             Image.fromarray(np.full((8, 8, 3), value, np.uint8)).save(split / name / "c" / f"{i}.png")
-    only_test = read_prior(split, 100, SIZE, BLOCK)
-    assert only_test.images == 3 and only_test.roughness == 0.0
-    np.testing.assert_allclose(only_test.stats.mean, 200.0)
+    only_train = read_prior(split, 100, SIZE, BLOCK)
+    assert only_train.images == 3 and only_train.roughness == 0.0
+    np.testing.assert_allclose(only_train.stats.mean, 200.0)
 
 
 @pytest.mark.parametrize("scheme", ["mix", "lift"])

@@ -51,8 +51,9 @@ def check_prior(data: str | os.PathLike) -> None:
 
 
 def read_prior(data: str | os.PathLike, n: int, size: int, p: int, seed: int = 0) -> Prior:
-    """At most ``n`` plain images of ``data``, a random choice from its test split if it has one (the one
-    rule, :func:`~ppvit.data.datasets.find_test_split`) else from all of it, as block statistics of
+    """At most ``n`` plain images of ``data``, a random choice from outside its test split if it has one
+    (the one rule, :func:`~ppvit.data.datasets.find_test_split`: audits encrypt test images, so a prior
+    of the same dataset does not hold them) else from all of it, as block statistics of
     ``p x p`` blocks. Only the chosen images are decoded, each resized to ``size`` by the one resize and
     added ``BATCH`` at a time: memory holds a batch, however large the source."""
     from ppvit.data.datasets import find_test_split, resolve_data
@@ -61,7 +62,7 @@ def read_prior(data: str | os.PathLike, n: int, size: int, p: int, seed: int = 0
 
     source = open_source(resolve_data(data))
     test = find_test_split(source, size)
-    rels = sorted(source.paths(None if test is None else lambda rel: rel.startswith(f"{test}/")))
+    rels = sorted(source.paths(None if test is None else lambda rel: not rel.startswith(f"{test}/")))
     chosen = {rels[i] for i in np.random.default_rng(seed).permutation(len(rels))[:n]}
 
     def resized() -> Iterator[np.ndarray]:
