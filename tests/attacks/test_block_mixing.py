@@ -8,6 +8,7 @@ from attack_images import noise, smooth_images
 
 from ppvit.attacks.block_mixing import (
     BlockStats,
+    _cross_terms,
     _signed_assignment,
     fastica,
     ica_attack,
@@ -164,6 +165,7 @@ def test_signed_assignment_is_the_brute_force_optimum() -> None:
 
     lin = rng.standard_normal((g, g))  # no planted answer: the optimum must still be found
     found = _signed_assignment(lx, ly, lin)
+    np.testing.assert_array_equal(_signed_assignment(lx, ly, lin, chunk=5), found)  # 24 permutations, 5 chunks
     best = -np.inf
     for perm in itertools.permutations(range(g)):
         for sign in itertools.product((1, -1), repeat=g):
@@ -202,3 +204,24 @@ def test_ica_search_finds_what_the_signature_matching_misses() -> None:
     searched = psnr(held, ica_search_attack(stats, public, "mix", k=sources, group=4).decrypt(enc, 2))
     matched = psnr(held, ica_attack(stats, public, "mix", k=sources).decrypt(enc, 2))
     assert searched > 45 and matched < 30, (searched, matched)
+
+
+def test_cross_terms_are_what_the_full_objective_adds_for_both_blocks() -> None:
+    """For ``Q = Q_done (+) Q_g``: the whole objective minus its two blocks' own terms is ``tr(C^T Q_g)``."""
+    rng = np.random.default_rng(5)
+    k, split = 7, 4
+    xs, ys = [rng.standard_normal((k, k)) for _ in range(3)], [rng.standard_normal((k, k)) for _ in range(3)]
+    solved = np.linalg.qr(rng.standard_normal((split, split)))[0]
+    q_g = np.linalg.qr(rng.standard_normal((k - split, k - split)))[0]
+    q = np.zeros((k, k))
+    q[:split, :split], q[split:, split:] = solved, q_g
+
+    def objective(q: np.ndarray, a: slice, b: slice) -> float:
+        return sum(np.trace(x[a, b].T @ q[a, a].T @ y[a, b] @ q[b, b]) for x, y in zip(xs, ys, strict=True))
+
+    done, g, whole = slice(0, split), slice(split, k), slice(0, k)
+    both = sum(np.trace(x.T @ q.T @ y @ q) for x, y in zip(xs, ys, strict=True))
+    own = objective(q, done, done) + objective(q, g, g)
+    c = _cross_terms(xs, ys, solved, done, g)
+    assert both - own == pytest.approx(np.trace(c.T @ q_g)) and abs(both - own) > 1e-3
+    assert objective(q, whole, whole) == pytest.approx(both)

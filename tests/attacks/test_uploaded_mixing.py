@@ -115,6 +115,7 @@ def test_the_prior_is_capped_and_resized_to_the_ciphertexts(tmp_path: Path, fold
             Image.fromarray(np.full((8, 8, 3), value, np.uint8)).save(split / name / "c" / f"{i}.png")
     only_train = read_prior(split, 100, SIZE, BLOCK)
     assert only_train.images == 3 and only_train.roughness == 0.0
+    assert only_train.read_from == "outside its test split (test/)"
     np.testing.assert_allclose(only_train.stats.mean, 200.0)
 
 
@@ -132,6 +133,7 @@ def test_stored_mixing_ciphertext_is_attacked_and_scored_against_the_key(
     co = json.loads((out / "audit.json").read_text())["ciphertext_only"]
     assert (co["scheme"], co["mixing"], co["block_size"], co["size"]) == (scheme, scheme, BLOCK, SIZE)
     assert co["prior_images"] == PRIOR and co["key_given"] is True and co["attack_images"] == N
+    assert co["prior_read_from"] == "all of it"  # the prior folder has no test split
     (run,) = co["runs"]
     assert run["n"] == N
     cipher, ciphertexts = BlockCipher(KEY, scheme, BLOCK), stored(enc)

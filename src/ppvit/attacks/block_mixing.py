@@ -257,9 +257,10 @@ def ica_attack(
     return LinearDecryptor(matrix, prior.mean - matrix @ cipher.mean)
 
 
-def _signed_assignment(lx: list[np.ndarray], ly: list[np.ndarray], lin: np.ndarray) -> np.ndarray:
+def _signed_assignment(lx: list[np.ndarray], ly: list[np.ndarray], lin: np.ndarray, chunk: int = 5040) -> np.ndarray:
     """The signed permutation ``P`` (``P[pi_j, j] = sigma_j``) maximising
-    ``sum_t tr(lx_t^T P^T ly_t P) + tr(lin^T P)``, by trying all ``g! 2^g`` of them (``g = len(lin)``)."""
+    ``sum_t tr(lx_t^T P^T ly_t P) + tr(lin^T P)``, by trying all ``g! 2^g`` of them (``g = len(lin)``),
+    ``chunk`` permutations (times every sign) per matrix product."""
     import itertools
 
     g = len(lin)
@@ -267,8 +268,8 @@ def _signed_assignment(lx: list[np.ndarray], ly: list[np.ndarray], lin: np.ndarr
     outer = (signs[:, :, None] * signs[:, None, :]).reshape(len(signs), -1).T  # (g*g, signs): s_j s_l
     best, arg = -np.inf, None
     perms = np.array(list(itertools.permutations(range(g))))
-    for start in range(0, len(perms), 5040):
-        pi = perms[start : start + 5040]
+    for start in range(0, len(perms), chunk):
+        pi = perms[start : start + chunk]
         pair = sum(x[None] * y[pi[:, :, None], pi[:, None, :]] for x, y in zip(lx, ly, strict=True))
         score = pair.reshape(len(pi), -1) @ outer + lin[pi, np.arange(g)] @ signs.T  # one product per chunk
         b, s = np.unravel_index(score.argmax(), score.shape)
@@ -276,6 +277,17 @@ def _signed_assignment(lx: list[np.ndarray], ly: list[np.ndarray], lin: np.ndarr
             best, arg = score[b, s], (pi[b], signs[s])
     out = np.zeros((g, g))
     out[arg[0], np.arange(g)] = arg[1]
+    return out
+
+
+def _cross_terms(
+    corr_x: list[np.ndarray], corr_y: list[np.ndarray], solved: np.ndarray, done: slice, g: slice
+) -> np.ndarray:
+    """``C`` such that, for ``Q = solved (+) Q_g`` block diagonal, the terms of
+    ``sum_t tr(X_t^T Q^T Y_t Q)`` that hold both blocks are ``tr(C^T Q_g)``."""
+    out = np.zeros((g.stop - g.start,) * 2)
+    for cx, cy in zip(corr_x, corr_y, strict=True):
+        out += cy[done, g].T @ solved @ cx[done, g] + cy[g, done] @ solved @ cx[g, done].T
     return out
 
 
@@ -287,13 +299,16 @@ def ica_search_attack(
     Both sides whitened on their top ``k`` components (``z_y = Q z_x``). The components are taken
     ``group`` at a time in the order of their variance (8 + 8 + ...); in each group FastICA gives
     ``s_x = U_x z_x``, ``s_y = U_y z_y`` up to order and sign, and the group's block of ``Q`` is
-    ``U_y^T P U_x`` for the signed permutation ``P`` that maximises the same objective as
-    :func:`_refine` (the neighbour-block correlations, the centre's position, and their cross terms
-    with the groups already solved), over all ``group! 2^group`` of them (10^7 at 8, some seconds).
-    A continuous refinement from this start loses more than it gains (RESULTS.md), so there is none.
-    ``k`` is at most the block's number of values (small blocks have fewer than 32).
+    ``U_y^T P U_x`` for the signed permutation ``P`` that maximises the terms :func:`_refine` maximises,
+    weighted differently (the neighbour-block correlations unnormalised, the centre's position at
+    weight 1, and their cross terms with the groups already solved: :func:`_cross_terms`), over all
+    ``group! 2^group`` of them (10^7 at 8, under a second). A continuous refinement from this start
+    loses more than it gains (RESULTS.md), so there is none. The groups assume ``Q`` block diagonal:
+    true up to near-equal eigenvalues for an orthogonal ``A`` (``mix``, whose spectrum the
+    whitening keeps), an approximation for ``lift``'s unimodular one. ``k`` is at most the block's
+    number of values and half the blocks of either side.
     """
-    k = min(k, cipher.count // 2, len(cipher.mean))
+    k = min(k, cipher.count // 2, prior.count // 2, len(cipher.mean))
     wx, wx_pinv, wy, _, mx, my = _whitened_problem(cipher, prior, scheme, k)
     zx = (np.concatenate(prior.sample) - prior.mean) @ wx.T
     zy = (np.concatenate(cipher.sample) - cipher.mean) @ wy.T
@@ -303,9 +318,7 @@ def ica_search_attack(
     for start in range(0, k, group):
         g, done = slice(start, min(start + group, k)), slice(0, start)
         ux, uy = fastica(zx[:, g]), fastica(zy[:, g])
-        lin = np.outer(my[g], mx[g])  # tr(lin^T Q_g): the mean, and each lag's cross terms with the solved groups
-        for cx, cy in zip(corr_x, corr_y, strict=True):
-            lin += cy[done, g].T @ q[done, done] @ cx[done, g] + cy[g, done] @ q[done, done] @ cx[g, done].T
+        lin = _cross_terms(corr_x, corr_y, q[done, done], done, g) + np.outer(my[g], mx[g])
         p = _signed_assignment(
             [ux @ c[g, g] @ ux.T for c in corr_x], [uy @ c[g, g] @ uy.T for c in corr_y], uy @ lin @ ux.T
         )

@@ -209,7 +209,7 @@ def _stored_mixing(co: dict[str, Any]) -> list[str]:
     beside the block-mean thumbnail's."""
     lines = [
         f"  the attack estimates {co['plan_parts'][0]}, from the ciphertexts and {co['prior_images']} plain public "
-        f"images of {co['prior']} (the prior)"
+        f"images of {co['prior']}, {co['prior_read_from']} (the prior)"
     ]
     for r in co["runs"]:
         rough, prior = r["roughness"], co["prior_roughness"]

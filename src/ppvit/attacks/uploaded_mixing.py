@@ -39,6 +39,7 @@ class Prior:
     images: int
     stats: BlockStats
     roughness: float
+    read_from: str  # which part of ``data`` (the report says it: a prior holding the uploads flatters the attack)
 
 
 def check_prior(data: str | os.PathLike) -> None:
@@ -80,7 +81,8 @@ def read_prior(data: str | os.PathLike, n: int, size: int, p: int, seed: int = 0
         count += len(stacked)
     if count == 0:
         raise ValueError(f"--prior {data}: no images")
-    return Prior(str(data), count, stats, rough / count)
+    part = "all of it" if test is None else f"outside its test split ({test}/)"
+    return Prior(str(data), count, stats, rough / count, part)
 
 
 def attack_stored_mixing(
@@ -109,6 +111,7 @@ def attack_stored_mixing(
         "unresolved": [str(s) for s in parsed.gather.steps if s.name != "shuffle" and s.mode != "pixel"],
         "prior": prior.data,
         "prior_images": prior.images,
+        "prior_read_from": prior.read_from,
         # The readability proxy's yardstick is the prior's roughness, not a random key's decryption:
         # measured on CIFAR-10 (32x32, 4x4 blocks, 392 ciphertexts, 1000 prior images) the plain images
         # have 14.3, the prior 15.1, the attack's decryptions 14.6 (mix) and 16.8 (lift), a random

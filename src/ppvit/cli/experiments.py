@@ -331,7 +331,7 @@ def add_audit(sub: argparse._SubParsersAction) -> None:
         "--prior",
         metavar="PLAIN",
         help="--ciphertext-only on mix/lift ciphertext: plain public images of the same kind (any source ppvit "
-        "reads; its test split if it has one), whose block statistics the attack matches",
+        "reads; outside its test split if it has one), whose block statistics the attack matches",
     )
     p.add_argument(
         "--prior-images", type=int, default=2000, help="at most this many --prior images are read (default 2000)"
