@@ -178,8 +178,8 @@ def test_signed_assignment_is_the_brute_force_optimum() -> None:
 def test_ica_search_finds_what_the_signature_matching_misses() -> None:
     """Symmetric sources (no skew to set a sign) in three bands of variance, told apart only by how they
     carry over into the neighbour blocks (a field of cross-correlated sources): the search over signed
-    permutations decrypts exactly up to rounding (measured 51.8 dB on 3 keys), the signature matching
-    of :func:`ica_attack` does not (20.8-23.0 dB; 23.8-24.9 with its lag refinement)."""
+    permutations decrypts exactly up to rounding (this key: 51.8 dB), the signature matching of
+    :func:`ica_attack` does not (this key: 21.7 dB, 20.4 with its lag refinement)."""
     from ppvit.attacks.metrics import psnr
 
     g, sources = 8, 12  # images of 8x8 blocks of 2x2x3 values
