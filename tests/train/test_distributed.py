@@ -116,8 +116,14 @@ def test_two_processes_match_one_with_the_same_global_batch(runs: dict, key_file
     assert double.processes == 2 and single.processes == 1
     assert double.test_acc == pytest.approx(single.test_acc, abs=1 / TEST_IMAGES)
     one, two = adapter_tensors(out / "one"), adapter_tensors(out / "two")
-    for name in one:
-        torch.testing.assert_close(two[name], one[name], rtol=1e-3, atol=1e-4)
+    assert one.keys() == two.keys()
+    a, b = (torch.cat([t[name].flatten().float() for name in sorted(one)]) for t in (one, two))
+    # The all-reduce sums the two shares' gradients in another order than one batch does, and Adam
+    # turns a rounding difference in a near-zero gradient into up to lr per step in that element
+    # (seen: 1 of 384 elements of a tensor 3e-4 apart). A lost or doubled share moves nearly all.
+    off = (b - a).abs() > 1e-4 + 1e-3 * a.abs()
+    assert off.float().mean() <= 0.01, f"{int(off.sum())} of {off.numel()} elements differ"
+    assert (b - a).abs().max() <= 10 * 3e-3  # a few Adam steps of lr 3e-3 at most, where they differ
     assert_no_key_material([out / "one", out / "two", runs["done"].stdout, runs["done"].stderr], Key.load(key_file))
 
 
