@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import json
@@ -376,3 +377,56 @@ def test_a_stop_signal_in_a_cell_stops_the_run_not_just_that_cell(
     assert len(ran) == 2 and caught.value.signum == 15  # the third and fourth cells never started
     again = pickle.loads(pickle.dumps(caught.value))  # as it comes back from a spawned cell
     assert type(again) is TrainingStopped and again.signum == 15 and str(again) == str(caught.value)
+
+
+STOPPED_CELL = """
+import pickle, sys
+from ppvit.experiments.reproduce import run_cell
+from ppvit.train.loop import TrainingStopped
+try:
+    run_cell(pickle.loads(open(sys.argv[1], "rb").read()))
+except TrainingStopped as exc:
+    print("stopped", exc.signum, flush=True)
+    sys.exit(3)
+"""
+
+
+def test_a_sigterm_to_reproduce_alone_stops_its_cell_with_a_checkpoint(
+    tmp_path: Path, toy_dataset: Path, key_file: Path
+) -> None:
+    """`kill PID` of a reproduce run once left the cell's spawned process training, orphaned, holding the lock."""
+    import pickle
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import train_config
+
+    from ppvit.train.runs import CHECKPOINT_FILE, LOCK_FILE
+
+    out = tmp_path / "cell"
+    (tmp_path / "cfg.pkl").write_bytes(pickle.dumps(train_config(out, toy_dataset, key_file, epochs=10_000)))
+    parent = subprocess.Popen(
+        [sys.executable, "-c", STOPPED_CELL, str(tmp_path / "cfg.pkl")], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    child = None
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / CHECKPOINT_FILE).exists():  # the cell's process trains, its handler installed
+            assert parent.poll() is None and time.monotonic() < deadline, parent.communicate()[1][-3000:]
+            time.sleep(0.2)
+        child = int((out / LOCK_FILE).read_text())
+        assert child != parent.pid
+        parent.send_signal(signal.SIGTERM)  # to the parent only, as `kill PID` does
+        stdout, stderr = parent.communicate(timeout=120)
+        assert parent.returncode == 3 and stdout.split() == [b"stopped", b"15"], stderr[-3000:]
+        with pytest.raises(ProcessLookupError):  # the cell's process is gone, not training on
+            for _ in range(100):
+                os.kill(child, 0)
+                time.sleep(0.1)
+    finally:
+        parent.kill()
+        with contextlib.suppress(ProcessLookupError, TypeError):
+            os.kill(child, signal.SIGKILL)  # an orphan of a failed run must not outlive the test
+    assert torch.load(out / CHECKPOINT_FILE, weights_only=False)  # what a rerun resumes from

@@ -12,10 +12,14 @@ import logging
 import math
 import multiprocessing
 import os
+import signal
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -108,7 +112,24 @@ def run_cell(cfg: TrainConfig, spawn: bool = True) -> RunResult:
     if not spawn:
         return train(cfg, resume=True)
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return pool.submit(_cell_worker, cfg, str(out / "stderr.log")).result()
+        child = pool.submit(os.getpid).result()  # the pool's one process, which then trains the cell
+        with _sigterm_forwarded_to(child):
+            return pool.submit(_cell_worker, cfg, str(out / "stderr.log")).result()
+
+
+@contextmanager
+def _sigterm_forwarded_to(pid: int) -> Iterator[None]:
+    """A SIGTERM sent to this process alone (``kill PID``, a job runner) goes on to the cell's process,
+    which checkpoints and comes back with :class:`TrainingStopped`; without it, this process died and
+    the cell trained on, orphaned, holding its folder's lock. (Ctrl-C reaches the whole process group.)"""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.signal(signal.SIGTERM, lambda signum, frame: os.kill(pid, signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
 
 
 def resolve_weights(
