@@ -4,8 +4,10 @@ Reads one hand-written data file (``docs/frontier.json``: each figure names the 
 RESULTS.md or docs/THREAT_MODEL.md that measured it), writes the plot and prints the markdown
 table. x: the best ciphertext-only attack's PSNR (dB) on held-out images; a recovered key decrypts
 every image exactly and sits at the right edge, "whole key", with the plain images. y: test
-accuracy (%) of ``full`` and ``lora-pe`` at the ``cpu`` preset; a scheme whose accuracy is not
-measured is drawn on the x axis only, hollow, "accuracy pending": no number is made up.
+accuracy (%) of ``full``, ``melo`` and ``lora-pe`` at the ``cpu`` preset; a method not measured on a
+scheme is left out (``-`` in the table), a scheme with no accuracy at all is drawn on the x axis
+only, hollow, "accuracy pending": no number is made up. ``lora-pe`` measured before the preset
+trained its patch embedding at 0.1x (``"lora_pe_at": "1x"``) is drawn hollow and marked "(1x)".
 
 Usage:
     python benchmarks/frontier.py --data docs/frontier.json --out docs/frontier.png
@@ -20,17 +22,25 @@ from typing import Any
 
 from matplotlib.figure import Figure  # not pyplot: no global backend touched
 
-METHODS = {"full": "o", "lora-pe": "s"}  # marker per method
+METHODS = {"full": "o", "melo": "^", "lora-pe": "s"}  # marker per method
 WHOLE_KEY_GAP = 12.0  # dB right of the largest finite PSNR where "whole key" is drawn
 
 
 def load(path: Path) -> dict[str, Any]:
-    """The data file, checked: every scheme has an attack; an accuracy is null or {method: [mean, sd]}."""
-    doc = json.loads(path.read_text())
+    """The data file, checked by :func:`check`."""
+    return check(json.loads(path.read_text()), path)
+
+
+def check(doc: dict[str, Any], path: Path) -> dict[str, Any]:
+    """Every scheme has an attack; an accuracy is null or {method: [mean, sd] or null}; errors name ``path``."""
     for entry in doc["schemes"]:
         name, acc = entry["scheme"], entry["accuracy"]
         if acc is not None and set(acc) != set(METHODS):
             raise ValueError(f"{path}: {name}: accuracy needs {sorted(METHODS)}, got {sorted(acc)}")
+        if acc is not None and acc["full"] is None:
+            raise ValueError(f"{path}: {name}: a measured scheme needs full's accuracy (its label's place)")
+        if entry.get("lora_pe_at", "0.1x") not in ("0.1x", "1x"):
+            raise ValueError(f"{path}: {name}: lora_pe_at must be '0.1x' or '1x', got {entry['lora_pe_at']!r}")
         x = entry["attack"]["psnr_db"]
         if not (x in ("inf", "plain") or isinstance(x, int | float)):
             raise ValueError(f"{path}: {name}: attack psnr_db must be a number, 'inf' or 'plain', got {x!r}")
@@ -50,20 +60,28 @@ def attack_x(doc: dict[str, Any]) -> dict[str, float]:
 def table(doc: dict[str, Any]) -> str:
     """The markdown table: one row per scheme, accuracy as measured or 'pending'."""
     lines = [
-        "| scheme | `full` (%) | `lora-pe` (%) | best ciphertext-only attack | ciphertexts | what it gets |",
-        "|---|---:|---:|---|---:|---|",
+        "| scheme | `full` (%) | `melo` (%) | `lora-pe` (%) | best ciphertext-only attack | ciphertexts "
+        "| what it gets |",
+        "|---|---:|---:|---:|---|---:|---|",
     ]
     for e in doc["schemes"]:
         acc = e["accuracy"]
-        cells = [f"{acc[m][0]:.2f} ± {acc[m][1]:.2f}" if acc else "pending" for m in METHODS]
+        cells = ["pending" if acc is None else _cell(acc[m], m == "lora-pe" and _old(e)) for m in METHODS]
         x = e["attack"]["psnr_db"]
         named = {"inf": "whole key", "plain": "plain (no attack needed)"}
         shown = named[x] if isinstance(x, str) else f"{x:.1f} dB"
         n = e["attack"]["n"]
-        lines.append(
-            f"| {e['scheme']} | {cells[0]} | {cells[1]} | {shown} | {n if n else '-'} | {e['attack']['what']} |"
-        )
+        lines.append(f"| {e['scheme']} | {' | '.join(cells)} | {shown} | {n if n else '-'} | {e['attack']['what']} |")
     return "\n".join(lines)
+
+
+def _old(entry: dict[str, Any]) -> bool:
+    """lora-pe measured at the patch embedding's old rate (1x), before the preset's 0.1x."""
+    return entry.get("lora_pe_at") == "1x"
+
+
+def _cell(acc: list[float] | None, old: bool) -> str:
+    return "-" if acc is None else f"{acc[0]:.2f} ± {acc[1]:.2f}" + (" (1x)" if old else "")
 
 
 def plot(doc: dict[str, Any]) -> Figure:
@@ -87,8 +105,11 @@ def plot(doc: dict[str, Any]) -> Figure:
             )
             continue
         for method, marker in METHODS.items():
+            if e["accuracy"][method] is None:
+                continue
             mean, sd = e["accuracy"][method]
-            ax.errorbar([x], [mean], yerr=[sd], fmt=marker, color=colour, capsize=3)
+            face = "none" if method == "lora-pe" and _old(e) else colour
+            ax.errorbar([x], [mean], yerr=[sd], fmt=marker, color=colour, mfc=face, capsize=3)
         ax.annotate(
             e["scheme"], (x, e["accuracy"]["full"][0]), (6, 2), textcoords="offset points", color=colour, fontsize=8
         )
@@ -103,8 +124,9 @@ def plot(doc: dict[str, Any]) -> Figure:
     ax.set_ylim(bottom, 100)
     ax.set_xlabel("attacker's best reconstruction of held-out images, PSNR (dB), ciphertexts only")
     ax.set_ylabel("test accuracy (%), cpu preset, 3 seeds")
-    ax.scatter([], [], marker="o", color="k", label="full")
-    ax.scatter([], [], marker="s", color="k", label="lora-pe")
+    for method, marker in METHODS.items():
+        ax.scatter([], [], marker=marker, color="k", label=method)
+    ax.scatter([], [], marker="s", facecolors="none", edgecolors="k", label="lora-pe, patch embedding at 1x")
     ax.legend(loc="upper left", fontsize=8)
     ax.set_title("ppvit's schemes: accuracy against what ciphertexts give away", fontsize=10)
     fig.tight_layout()
