@@ -24,8 +24,10 @@ $(VENV)/.installed: pyproject.toml
 demo: venv
 	$(VENV)/bin/ppvit reproduce --preset demo --data "$(PPVIT_CIFAR10)" --out demo-out
 
+# Two pytest workers with one torch thread each (pytest-xdist; a module's tests stay in one worker, which
+# keeps its fixtures): 8m34s against 12m01s in one process with two threads (2 vCPU EPYC, BENCHMARKS.md).
 test: venv
-	$(PY) -m pytest -q --durations=15
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n auto --dist loadfile --durations=15
 
 test-slow: venv
 	$(PY) -m pytest -q -m slow

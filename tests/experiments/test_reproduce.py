@@ -87,7 +87,9 @@ def test_failed_cells_are_reported_not_hidden(
 
     monkeypatch.setattr(runner, "run_cell", second_fails)
     preset = Preset("two", "", TOY.base, {"linear": MethodSettings(lr=5e-3)}, ("none", "shuffle"), (0,))
-    table = reproduce(preset, tmp_path / "out", toy_dataset, weights=None, pretrained=False, progress=False)
+    table = reproduce(
+        preset, tmp_path / "out", toy_dataset, weights=None, pretrained=False, progress=False, one_process=True
+    )  # the cells' spawned processes are another test's
     assert table.rows[0].acc_mean is not None and table.rows[1].acc_mean is None
     assert table.rows[1].errors[0].startswith("ValueError: batch size 10000 is larger than the training set")
     assert "Failed cells:" in table.markdown()
@@ -100,7 +102,9 @@ def test_a_failing_first_cell_stops_the_run_before_the_others(tmp_path: Path, to
         "broken", "", TOY.base.replace(batch_size=10_000), {"melo": MethodSettings(lr=1e-3)}, ("shuffle", "none"), (0,)
     )  # larger than the training set: every cell would fail the same way
     with pytest.raises(ValueError, match=r"the first cell \(melo, shuffle, seed 0\) failed, so every cell would"):
-        reproduce(broken, tmp_path / "out", toy_dataset, weights=None, pretrained=False, progress=False)
+        reproduce(
+            broken, tmp_path / "out", toy_dataset, weights=None, pretrained=False, progress=False, one_process=True
+        )
     assert not (tmp_path / "out" / "results.md").exists() and not (tmp_path / "out" / "cells" / "melo-none-s0").exists()
 
 
@@ -136,7 +140,14 @@ def test_data_it_cannot_use_is_refused_before_any_cell(
 def test_results_say_what_they_ran_on(tmp_path: Path, toy_dataset: Path) -> None:
     one = Preset("one", "", TOY.base, {"linear": MethodSettings(lr=5e-3)}, ("none",), (0,))
     table = reproduce(
-        one, tmp_path / "out", toy_dataset, weights=None, pretrained=False, overrides={"epochs": 1}, progress=False
+        one,
+        tmp_path / "out",
+        toy_dataset,
+        weights=None,
+        pretrained=False,
+        overrides={"epochs": 1},
+        progress=False,
+        one_process=True,
     )
     saved = json.loads((tmp_path / "out" / "results.json").read_text())["settings"]
     assert saved["data"] == str(toy_dataset) and saved["overrides"] == {"epochs": 1}
@@ -347,7 +358,16 @@ def test_a_failed_reproduce_removes_the_key_and_folders_it_made_only(tmp_path: P
     mine = tmp_path / "mine.key"
     Key.generate().save(mine)
     with pytest.raises(ValueError, match="the first cell"):
-        reproduce(broken, tmp_path / "other", toy_dataset, key=mine, weights=None, pretrained=False, progress=False)
+        reproduce(
+            broken,
+            tmp_path / "other",
+            toy_dataset,
+            key=mine,
+            weights=None,
+            pretrained=False,
+            progress=False,
+            one_process=True,
+        )
     assert mine.exists()
 
 
