@@ -174,7 +174,7 @@ def test_corrupt_images_are_listed_others_written(tmp_path: Path, key_file: Path
     code = cli.main(["-q", "encrypt", str(src), str(tmp_path / "enc"), "--key", str(key_file), "--block-size", "4"])
     assert code == 1
     err = capsys.readouterr().err
-    assert "train/cat/broken.png" in err and "1 image could not be read" in err
+    assert "train/cat/broken.png" in err and "1 image failed (named above)" in err
     assert len(list((tmp_path / "enc").rglob("*.png"))) == 12
     assert not read_manifest(tmp_path / "enc").complete
     assert_no_key_material([tmp_path / "enc", err], Key.load(key_file))

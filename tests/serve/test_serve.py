@@ -324,7 +324,7 @@ def test_cli_add_list_and_client_predict(world: dict, tmp_path: Path) -> None:
     assert len(labels) == 3 and all(label.startswith("class") for label in labels)
     assert skipped.returncode == 1, skipped.stderr
     assert skipped.stdout == r.stdout  # the same answers for the readable files, in order
-    assert f"failed: {broken}:" in skipped.stderr and "1 image could not be read" in skipped.stderr
+    assert f"failed: {broken}:" in skipped.stderr and "1 image failed (named above)" in skipped.stderr
     assert strict.returncode == 2 and strict.stdout == "" and str(broken) in strict.stderr
 
 

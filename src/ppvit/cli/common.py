@@ -88,12 +88,12 @@ def add_strict_arg(p: argparse.ArgumentParser) -> None:
 
 
 def report_failed(failed: Sequence[tuple[str, str]], rest: str) -> int:
-    """Name each image that could not be read (stderr), count them, say what became of the ``rest``;
-    the exit status: 1 when any failed. The one rule of every verb that reads many images."""
+    """Name each image that failed (unreadable, or refused as too large) on stderr, count them, say what
+    became of the ``rest``; the exit status: 1 when any failed. The one rule of every verb that reads many images."""
     for rel, problem in failed:
         print(f"  failed: {rel}: {problem}", file=sys.stderr)
     if failed:
-        print(f"{len(failed)} image{'s' * (len(failed) != 1)} could not be read; {rest}", file=sys.stderr)
+        print(f"{len(failed)} image{'s' * (len(failed) != 1)} failed (named above); {rest}", file=sys.stderr)
     return 1 if failed else 0
 
 
