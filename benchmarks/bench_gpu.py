@@ -4,7 +4,7 @@
 (b) the bare model's forward+backward (images/s on synthetic input already on the device, at the
     run's batch: the model's own ceiling), and that ceiling as a fraction of (a), from the FLOPs
     torch's FlopCounterMode counts in one step;
-(c) the whole training pipeline (``train.loop``'s own ``setup`` and ``train_epoch``: uint8 images
+(c) the whole training pipeline (``train.session``'s own ``setup`` and ``train.loop``'s ``train_epoch``: uint8 images
     on the device, resize, encrypt, normalise, forward, backward, AdamW), its images/s and its
     ratio to (b) (target >= 0.8);
 (d) lora-pe's step time over full fine-tuning's (target <= 0.75).
@@ -39,8 +39,9 @@ from ppvit.crypto.keys import Key
 from ppvit.train.build import build_model
 from ppvit.train.config import TrainConfig
 from ppvit.train.fast import maybe_compile
-from ppvit.train.loop import end_epoch, setup, train_epoch
+from ppvit.train.loop import end_epoch, train_epoch
 from ppvit.train.runtime import resolve_precision
+from ppvit.train.session import setup
 
 METHODS = ("full", "lora-pe")
 

@@ -34,7 +34,7 @@ MOVED: dict[str, str | tuple[str, ...]] = {
     "config": "train.config",
     "runtime": "train.runtime",
     "runs": "train.runs",
-    "training": ("train.loop", "train.build"),
+    "training": ("train.loop", "train.session", "train.build"),
     "inference": ("train.inference", "data.images"),
     "audit": (
         "attacks.audit",

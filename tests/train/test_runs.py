@@ -105,7 +105,7 @@ def test_no_validation_split_keeps_the_last_epoch_and_says_so(
     in `[Errno 2] No such file or directory: '.../best.pt'`."""
     run = tmp_path / "run"
     cfg = train_config(run, toy_dataset, None, scheme="none", epochs=2, train_subset=16, val_fraction=0.1)
-    with caplog.at_level("INFO", logger="ppvit.train.loop"):
+    with caplog.at_level("INFO", logger="ppvit.train"):
         result = train(cfg)
     said = [m for r in caplog.records if "validation" in (m := r.getMessage()) and not m.startswith("epoch ")]
     assert len(said) == 1 and "no validation images" in said[0] and "last epoch" in said[0], said

@@ -389,7 +389,7 @@ def test_peak_memory_of_a_child_is_its_own_not_its_parents() -> None:
 
 def test_every_run_logs_each_epoch(tmp_path: Path, toy_dataset: Path, caplog: pytest.LogCaptureFixture) -> None:
     """The per-epoch line is logged with or without a tracker (it had moved under ``report_to``)."""
-    with caplog.at_level("INFO", logger="ppvit.train.loop"):
+    with caplog.at_level("INFO", logger="ppvit.train"):
         train(train_config(tmp_path / "run", toy_dataset, None, scheme="none", epochs=2, report_to="none"))
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("epoch ")]
     assert [line.split(":")[0] for line in lines] == ["epoch 1", "epoch 2"] and all("| val loss" in x for x in lines)

@@ -60,7 +60,7 @@ def _serve(args: argparse.Namespace) -> None:
         token = TenantStore(args.dir, create=False).rotate_token(args.name)
         _hand_over(token, args.token_file, args.name, "has a new token (the old one no longer works)")
     elif args.action == "remove-tenant":
-        from ppvit.serve.jobs import remove_tenant
+        from ppvit.serve.supervisor import remove_tenant
 
         remove_tenant(args.dir, args.name)
         print(f"tenant {args.name}: removed, with its adapters, datasets and jobs")

@@ -14,12 +14,9 @@ States: queued -> running -> succeeded / failed / cancelled, kept in the store's
 :class:`Runner` runs ``ppvit train --config JOB.yaml --resume`` processes; the embedded one
 (:class:`LocalRunner`) runs them on this machine, one job per device slot: a job of several
 processes runs them under ``torchrun`` on as many CUDA slots, or on one ``cpu`` slot (gloo).
-:class:`Supervisor` (a thread of the server) starts queued jobs, watches running ones and, on
-success, registers the adapter as a new adapter version of the tenant (activated if asked). A
-process that dies fails its job with its last log line. The server's own death kills its
-processes (Linux ``PR_SET_PDEATHSIG``); the next server finds their jobs still "running", queues
-them again and their ``--resume`` continues from the last checkpoint, bit-exact as ``ppvit train
---resume`` is.
+:class:`~ppvit.serve.supervisor.Supervisor` (a thread of the server, :mod:`ppvit.serve.supervisor`)
+starts queued jobs, watches running ones and registers a succeeded job's adapter; a dead
+server's running jobs are queued again by the next one and ``--resume`` continues them.
 :class:`RayRunner` submits the same command to a Ray cluster instead (its job submission API); both in
 :mod:`ppvit.serve.runners`.
 """
@@ -28,12 +25,9 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import math
 import os
 import secrets
-import shutil
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,8 +41,6 @@ from ppvit.serve.defaults import MAX_CLASSES
 from ppvit.serve.runners import LocalRunner, RayRunner, Runner
 from ppvit.serve.tenants import TenantStore
 from ppvit.train.config import TrainConfig
-
-log = logging.getLogger(__name__)
 
 JOBS_DIR = "jobs"
 ACTIVE = ("queued", "running")
@@ -360,179 +352,3 @@ class Jobs:
                 ).fetchone()
                 is not None
             )
-
-
-def remove_tenant(root: str | os.PathLike, name: str, wait_s: float = 120.0) -> None:
-    """Remove a tenant with everything it has here: token, adapter versions, datasets and jobs.
-
-    Its jobs stop first: queued ones are cancelled, running ones asked to cancel, which the
-    server's supervisor does (SIGTERM, then it marks them); only then are rows and files
-    deleted, so no process writes into a folder being removed. A running job whose local
-    process is gone (no server up) is not waited for; one still alive after ``wait_s`` refuses
-    the removal in one line, with nothing deleted.
-    """
-    root = Path(root)
-    store = TenantStore(root, create=False)
-    with service_db(root) as con:
-        row = con.execute("SELECT id FROM tenants WHERE name = ?", (name,)).fetchone()
-        if row is None:
-            raise ValueError(f"no tenant {name}")
-        tenant_id = row[0]
-        con.execute(
-            "UPDATE jobs SET state = 'cancelled', ended = ? WHERE tenant_id = ? AND state = 'queued'",
-            (time.time(), tenant_id),
-        )
-        con.execute("UPDATE jobs SET cancel = 1 WHERE tenant_id = ? AND state = 'running'", (tenant_id,))
-    deadline = time.monotonic() + wait_s
-    while True:
-        with service_db(root) as con:
-            jobs = con.execute("SELECT id, state, handle FROM jobs WHERE tenant_id = ?", (tenant_id,)).fetchall()
-        running = [job_id for job_id, state, handle in jobs if state == "running" and _alive(handle)]
-        if not running:
-            break
-        if time.monotonic() > deadline:
-            raise ValueError(f"tenant {name}: job {running[0]} still running after {wait_s:g} s; is the server up?")
-        time.sleep(0.5)
-    store.remove(name)  # its rows of datasets, shards and jobs go with it (ON DELETE CASCADE)
-    for job_id, _, _ in jobs:
-        shutil.rmtree(root / JOBS_DIR / job_id, ignore_errors=True)
-    shutil.rmtree(root / DATASETS_DIR / str(tenant_id), ignore_errors=True)
-
-
-def _alive(handle: str | None) -> bool:
-    """Whether a job's process may still run: a local one by its pid, any other (a cluster's) as far as we know."""
-    if handle is None or not handle.startswith("local:"):
-        return handle is not None
-    try:
-        os.kill(int(handle.removeprefix("local:")), 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-class Supervisor:
-    """The server's job thread: starts queued jobs on free device slots, watches and finishes running ones.
-
-    Processes are started from this one thread, which lives as long as the server: a process
-    started with ``PR_SET_PDEATHSIG`` dies with the thread that started it.
-    """
-
-    def __init__(self, jobs: Jobs, tenants: TenantStore, runner: Runner | None = None, interval: float = 0.5) -> None:
-        self.jobs, self.tenants = jobs, tenants
-        self.runner = runner or jobs.limits.runner()
-        self.interval = interval
-        self.slots: dict[str, list[str]] = {}  # job id -> its devices ("cpu" once per process, or CUDA indices)
-        self.handles: dict[str, str] = {}  # job id -> runner handle
-        self._stop = threading.Event()
-        self._wake = threading.Event()  # set by a submitted job or an ended process: step at once
-        self.runner.on_exit(self.wake)
-        self._thread = threading.Thread(target=self._run, name="ppvit-jobs", daemon=True)
-
-    def wake(self) -> None:
-        """Step now rather than at the next poll (a job was submitted or cancelled, a process ended)."""
-        self._wake.set()
-
-    def start(self) -> None:
-        """Take over an earlier server's running jobs: adopted where the runner still has them, else
-        queued again (``--resume`` continues them from their last checkpoint)."""
-        with service_db(self.jobs.root) as con:
-            running = con.execute(
-                "SELECT id, handle, processes FROM jobs WHERE state = 'running' ORDER BY created"
-            ).fetchall()
-        for job_id, handle, processes in running:
-            devices = self._free(processes)
-            if handle and devices is not None and self.runner.adopt(handle):
-                self.handles[job_id], self.slots[job_id] = handle, devices
-            else:
-                with service_db(self.jobs.root) as con:
-                    con.execute("UPDATE jobs SET state = 'queued', handle = NULL WHERE id = ?", (job_id,))
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._wake.set()
-        self._thread.join(60)
-
-    def _run(self) -> None:
-        try:
-            while not self._stop.is_set():
-                try:
-                    self.step()
-                except Exception:  # a bad row or a full disk: logged, the server keeps serving
-                    log.exception("job supervisor")
-                self._wake.wait(self.interval)
-                self._wake.clear()
-        finally:
-            self.runner.shutdown()  # from this thread: the processes' parent
-
-    def step(self) -> None:
-        with service_db(self.jobs.root) as con:
-            rows = con.execute(
-                "SELECT j.id, j.state, j.cancel, j.activate, j.processes, t.name FROM jobs j "
-                "JOIN tenants t ON t.id = j.tenant_id WHERE j.state IN (?, ?) ORDER BY j.created",
-                ACTIVE,
-            ).fetchall()
-        for job_id, state, cancel, activate, processes, tenant in rows:
-            if state == "running" and job_id in self.handles:
-                if cancel:
-                    self.runner.cancel(self.handles[job_id])
-                code = self.runner.poll(self.handles[job_id])
-                if code is not None:
-                    self._finish(job_id, code, bool(cancel), bool(activate), tenant)
-            elif state == "queued":
-                devices = self._free(processes)
-                if devices is not None:
-                    self._launch(job_id, devices)
-        for job_id in set(self.handles) - {row[0] for row in rows}:  # its tenant removed: stop it, free its slot
-            self.runner.cancel(self.handles[job_id])
-            if self.runner.poll(self.handles[job_id]) is not None:
-                del self.handles[job_id], self.slots[job_id]
-
-    def _free(self, processes: int) -> list[str] | None:
-        """Devices for a job of ``processes``: as many free CUDA slots, else a free ``cpu`` slot (None: wait)."""
-        busy = {d for devices in self.slots.values() for d in devices}
-        free = [d for d in self.jobs.limits.devices if d not in busy]
-        cuda = [d for d in free if d != "cpu"]
-        if len(cuda) >= processes:
-            return cuda[:processes]
-        return ["cpu"] * processes if "cpu" in free else None
-
-    def _launch(self, job_id: str, devices: list[str]) -> None:
-        folder = self.jobs.folder(job_id)
-        try:
-            handle = self.runner.start(job_id, folder / "config.yaml", folder / "log.txt", devices)
-        except (OSError, RuntimeError) as exc:  # no process (a full disk, a cluster that refuses): this job fails
-            with service_db(self.jobs.root) as con:
-                con.execute(
-                    "UPDATE jobs SET state = 'failed', error = ?, ended = ? WHERE id = ?",
-                    (f"could not be started: {exc}", time.time(), job_id),
-                )
-            return
-        self.handles[job_id], self.slots[job_id] = handle, devices
-        with service_db(self.jobs.root) as con:
-            con.execute(
-                "UPDATE jobs SET state = 'running', handle = ?, started = COALESCE(started, ?) WHERE id = ?",
-                (handle, time.time(), job_id),
-            )
-
-    def _finish(self, job_id: str, code: int, cancelled: bool, activate: bool, tenant: str) -> None:
-        del self.handles[job_id], self.slots[job_id]
-        folder = self.jobs.folder(job_id)
-        state, error, version = "succeeded", None, None
-        if cancelled:
-            state = "cancelled"
-        elif code != 0:
-            state, error = "failed", last_line(folder / "log.txt") or f"the training process exited with {code}"
-        else:
-            try:
-                version = self.tenants.set_adapter(tenant, folder / "run", activate=activate)
-            except (ValueError, OSError) as exc:
-                state, error = "failed", f"the adapter could not be registered: {exc}"
-        with service_db(self.jobs.root) as con:
-            con.execute(
-                "UPDATE jobs SET state = ?, error = ?, version = ?, ended = ?, handle = NULL WHERE id = ?",
-                (state, error, version, time.time(), job_id),
-            )
-        log.info("job %s of %s: %s%s", job_id, tenant, state, f" ({error})" if error else "")

@@ -1,6 +1,6 @@
 """Where a service job's processes run: on this machine (:class:`LocalRunner`) or on a Ray cluster
 (:class:`RayRunner`). Both run the same ``ppvit train --config JOB.yaml --resume`` (:func:`train_command`);
-:class:`ppvit.serve.jobs.Supervisor` decides when, a runner only starts, polls, adopts and stops."""
+:class:`ppvit.serve.supervisor.Supervisor` decides when, a runner only starts, polls, adopts and stops."""
 
 from __future__ import annotations
 

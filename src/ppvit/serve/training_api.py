@@ -28,7 +28,8 @@ from starlette.requests import ClientDisconnect
 from ppvit.serve.auth import HTTPError, bearer_tenant
 from ppvit.serve.codec import StrictJSONResponse
 from ppvit.serve.datasets import DatasetError, DatasetStore
-from ppvit.serve.jobs import Jobs, ServiceLimits, Supervisor
+from ppvit.serve.jobs import Jobs, ServiceLimits
+from ppvit.serve.supervisor import Supervisor
 from ppvit.serve.tenants import TenantStore
 
 SHARD_JSON = 200  # bytes of one shard's {path, bytes, sha256} in a declaration, generously
