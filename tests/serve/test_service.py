@@ -75,7 +75,9 @@ class ServerProcess:
         deadline = time.monotonic() + 60
         while True:
             assert self.proc.poll() is None, f"server exited: {self.log.read_text()[-2000:]}"
-            assert time.monotonic() < deadline, "server did not start"
+            if time.monotonic() > deadline:  # not left running after the test (seen: one outlived its run)
+                self.kill()
+                raise AssertionError(f"server did not start in 60 s: {self.log.read_text()[-2000:]}")
             try:
                 if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
                     return self

@@ -27,6 +27,7 @@ from ppvit.data.preprocess import Preprocess
 from ppvit.models.backbones import create_backbone, normalization
 from ppvit.train import loop as ppvit_train
 from ppvit.train import runtime
+from ppvit.train import session as ppvit_session
 from ppvit.train.config import TrainConfig
 from ppvit.train.loop import TrainingDiverged, train
 from ppvit.train.runtime import resolve_precision
@@ -45,7 +46,7 @@ def shuffle_reference(images: np.ndarray, key: Key, p: int) -> np.ndarray:
 def first_train_batch(monkeypatch: pytest.MonkeyPatch) -> dict[str, torch.Tensor]:
     """Records the first training batch: the plain uint8 images drawn, and the tensor the model is given."""
     seen: dict[str, torch.Tensor] = {}
-    real_get_batch, real_build_model = ppvit_train.get_batch, ppvit_train.build_model
+    real_get_batch, real_build_model = ppvit_train.get_batch, ppvit_session.build_model
 
     def get_batch(*args, **kwargs):
         images, labels = real_get_batch(*args, **kwargs)
@@ -63,7 +64,7 @@ def first_train_batch(monkeypatch: pytest.MonkeyPatch) -> dict[str, torch.Tensor
         return model
 
     monkeypatch.setattr(ppvit_train, "get_batch", get_batch)
-    monkeypatch.setattr(ppvit_train, "build_model", build_model)
+    monkeypatch.setattr(ppvit_session, "build_model", build_model)
     return seen
 
 
@@ -264,7 +265,7 @@ def test_gradient_accumulation_equals_the_larger_batch(tmp_path: Path, toy_datas
 @pytest.mark.parametrize("head_init", ["random", "zero"])
 def test_a_zero_head_sends_no_gradient_to_the_backbone_at_first(tmp_path: Path, head_init: str) -> None:
     cfg = TrainConfig.from_flat(out=str(tmp_path), model=SMALL, method="lora-pe", head_init=head_init, scheme="none")
-    model = ppvit_train.build_model(cfg, num_classes=10)
+    model = ppvit_session.build_model(cfg, num_classes=10)
     torch.nn.functional.cross_entropy(model(torch.randn(4, 3, 32, 32)), torch.arange(4)).backward()
     head = model.head.weight
     assert torch.count_nonzero(head.grad) > 0
@@ -281,8 +282,8 @@ def test_data_seed_picks_the_data_and_seed_the_rest(
     tmp_path: Path, toy_dataset: Path, key_file: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     seen = []
-    real = ppvit_train.load_splits
-    monkeypatch.setattr(ppvit_train, "load_splits", lambda *a, **kw: seen.append(a[2]) or real(*a, **kw))
+    real = ppvit_session.load_splits
+    monkeypatch.setattr(ppvit_session, "load_splits", lambda *a, **kw: seen.append(a[2]) or real(*a, **kw))
     default = train(train_config(tmp_path / "default", toy_dataset, key_file, seed=1, epochs=1))
     same = train(train_config(tmp_path / "same", toy_dataset, key_file, seed=1, data_seed=1, epochs=1))
     train(train_config(tmp_path / "mixed", toy_dataset, key_file, seed=0, data_seed=1, epochs=1))

@@ -3,9 +3,10 @@
     train(cfg)  =  setup  ->  for each epoch: train_epoch, end_epoch  ->  finish
 
 ``setup`` (:mod:`ppvit.train.session`) builds everything a run needs (accelerator, data, model,
-optimiser, schedule, resumed state) into a :class:`~ppvit.train.session.Session`; ``train_epoch`` is the step loop; ``end_epoch``
-validates, keeps the best epoch and checkpoints; ``finish`` reloads the best epoch, touches
-the test set once, writes the adapter and returns the :class:`~ppvit.train.runs.RunResult`.
+optimiser, schedule, resumed state) into a :class:`~ppvit.train.session.Session`;
+``train_epoch`` is the step loop; ``end_epoch`` validates, keeps the best epoch and checkpoints;
+``finish`` reloads the best epoch, touches the test set once, writes the adapter and returns the
+:class:`~ppvit.train.runs.RunResult`.
 
 Accelerate places the model, runs bf16 autocast on the CPU (AMP on a GPU), accumulates
 gradients and wraps the model for multi-process data-parallel training (``accelerate
