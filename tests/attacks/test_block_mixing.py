@@ -82,7 +82,8 @@ def test_thumbnail_is_the_block_means_upscaled() -> None:
 
 def test_audit_attacks_mixings_as_matrices(tmp_path, toy_dataset, key_file, capsys) -> None:
     """`ppvit audit --scheme mix --scheme lift`: least squares from 8 pairs (512 blocks > 48 unknowns
-    a row) decrypts both exactly once rounded; no weight matching (it finds plans, and a mixing is none)."""
+    a row) decrypts both exactly once rounded; no weight matching (it finds plans, and a mixing is none),
+    but the key holder's model (SMALL: 48 rows for 48 values) decrypts by its patch embedding."""
     import json
 
     from conftest import SMALL, assert_no_key_material
@@ -102,6 +103,11 @@ def test_audit_attacks_mixings_as_matrices(tmp_path, toy_dataset, key_file, caps
         found = scheme["ciphertext_only"]
         keys = ("thumbnail_reference_psnr_db", "second_order_psnr_db", "ica_search_psnr_db")
         assert all(0 < found[k] < 99 for k in keys), found
+        model = scheme["key_transformed_model"]
+        assert model["model"] == SMALL and model["held_out_psnr_db"] > 40 and model["held_out_ssim"] > 0.99
+        printed_model = f"decrypted from its patch embedding at {model['held_out_psnr_db']:.1f} dB"
+        assert printed_model in printed.out
+        assert f"ICA search {found['ica_search_psnr_db']:.1f} dB" in printed.out
     assert_no_key_material([out, printed.out, printed.err], Key.load(key_file))
 
 

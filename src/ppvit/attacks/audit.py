@@ -5,7 +5,8 @@ The audit mounts what a server (or anyone holding ciphertexts, a few plain/encry
 weights) can, so that the threat model (``docs/THREAT_MODEL.md``) states measured facts: per scheme,
 the ciphertext statistics (:mod:`ppvit.attacks.ciphertext_stats`) and the known-plaintext attack
 (:mod:`ppvit.attacks.known_plaintext`) on held-out images; weight matching
-(:mod:`ppvit.attacks.weight_matching`) against trained adapters and while a run trains. The one module
+(:mod:`ppvit.attacks.weight_matching`) against trained adapters and while a run trains, and for a mixing
+its embedding attack on the key holder's model. The one module
 of the attacks that imports the training stack; ciphertext-only key recovery has its own audit
 (:mod:`ppvit.attacks.ciphertext_only_audit`). Reports hold fractions and image metrics, never a key.
 """
@@ -22,12 +23,18 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ppvit.attacks.block_mixing import audit_mixing
+from ppvit.attacks.block_mixing import BlockStats, audit_mixing
 from ppvit.attacks.ciphertext_stats import block_mean_image, ciphertext_stats, jigsaw_neighbours, source_blocks
 from ppvit.attacks.known_plaintext import known_plaintext_attack
 from ppvit.attacks.metrics import plan_accuracy, psnr, upscale
 from ppvit.attacks.report import Figures, write_report
-from ppvit.attacks.weight_matching import MapScore, embedding, true_map, weight_matching_attack
+from ppvit.attacks.weight_matching import (
+    MapScore,
+    embedding,
+    embedding_leakage_transformed,
+    true_map,
+    weight_matching_attack,
+)
 from ppvit.crypto.ciphers import BlockCipher, Scheme
 from ppvit.crypto.keys import Key
 from ppvit.models.adapters import build_base, load_adapter, read_adapter_meta
@@ -51,17 +58,28 @@ class AuditConfig:
     key_source: str = "given"  # recorded in the report: "given", or a fresh key made for the audit
 
 
-def audit_scheme(key: Key, scheme: str, images: np.ndarray, cfg: AuditConfig) -> tuple[dict[str, Any], dict]:
+def audit_scheme(
+    key: Key, scheme: str, images: np.ndarray, cfg: AuditConfig, public: torch.nn.Module | None = None
+) -> tuple[dict[str, Any], dict]:
     """Known-plaintext and ciphertext-only results for one scheme; images: NHWC uint8 at cfg.size.
 
     The first ``max(cfg.pairs)`` images are the attacker's pairs, the next ``cfg.images`` are
     held out: the recovered plan decrypts them and the PSNR says how well. A second, fresh key
     encrypts the held-out images too: the plan recovered for the first key, used on them,
-    measures what a per-dataset key buys. Returns the report and the figure's row (titled images).
+    measures what a per-dataset key buys. For a mixing, with the ``public`` model, the key holder's
+    model (``public`` made exact for the key) is attacked too, the pairs' plain images its prior.
+    Returns the report and the figure's row (titled images).
     """
     p = cfg.block_size
     if Scheme.parse(scheme).mixing:  # a matrix, not a plan: attacks/block_mixing.py
-        return audit_mixing(key, scheme, images, cfg.pairs, cfg.images, p)
+        report, figure = audit_mixing(key, scheme, images, cfg.pairs, cfg.images, p)
+        if public is not None:
+            need = max(cfg.pairs)
+            prior, held = BlockStats(p).add(images[:need]), images[need : need + cfg.images]
+            score, guess = embedding_leakage_transformed(public, key, scheme, prior, held)
+            report["key_transformed_model"] = {"model": public.pretrained_cfg.get("architecture"), **score}
+            figure["the key holder's model"] = guess[0]
+        return report, figure
     cipher = BlockCipher(key, scheme, p)
     truth = cipher.plan(*images.shape[1:])
     need = max(cfg.pairs)
@@ -168,10 +186,12 @@ def run_audit(
     weights: dict[str, MapScore] | None = None,
     leakage_during_training: dict[str, Any] | None = None,
     progress: bool = False,
+    public: torch.nn.Module | None = None,
 ) -> dict[str, Any]:
     """Audit every scheme of ``cfg`` on ``images`` (NHWC uint8, any size; resized to cfg.size).
 
     ``weights`` and ``leakage_during_training`` are model attacks already run; they join the report.
+    ``public`` (the public model at ``cfg.size``): the key holder's model is attacked for each mixing.
     With ``out``, writes ``audit.json`` and ``audit.png`` there (:func:`ppvit.attacks.report.write_report`).
     """
     images = upscale(images, cfg.size, cfg.resize)
@@ -189,7 +209,7 @@ def run_audit(
         report["leakage_during_training"] = leakage_during_training
     figures: Figures = {}
     for scheme in tqdm(cfg.schemes, desc="audit", unit="scheme", disable=not progress):
-        rep, figures[scheme] = audit_scheme(key, scheme, images, cfg)
+        rep, figures[scheme] = audit_scheme(key, scheme, images, cfg, public)
         report["schemes"].append(rep)
     if out is not None:
         write_report(report, figures, Path(out))

@@ -117,6 +117,19 @@ def _format_audit(report: dict[str, Any]) -> str:
             f"  jigsaw (edge similarity over {report['images_seen']} ciphertexts, no key): finds "
             f"{co['jigsaw_neighbours']:.0%} of block neighbours"
         )
+        if "ica_search_psnr_db" in co:  # a mixing: attacks/block_mixing.py
+            prior = max(k["pairs"] for k in s["kpa"])
+            lines.append(
+                f"  ciphertexts only, the {prior} pairs' plain images as the prior: second-order attack "
+                f"{co['second_order_psnr_db']:.1f} dB, ICA search {co['ica_search_psnr_db']:.1f} dB (the block-mean "
+                f"thumbnail: {co['thumbnail_reference_psnr_db']:.1f} dB)"
+            )
+        if "key_transformed_model" in s:
+            m = s["key_transformed_model"]
+            lines.append(
+                f"  the key holder's model ({m['model']} made exact for the key) and the public one: held-out images "
+                f"decrypted from its patch embedding at {m['held_out_psnr_db']:.1f} dB, SSIM {m['held_out_ssim']:.3f}"
+            )
         for k in s["kpa"]:
             lines.append(
                 f"  known plaintext, {k['pairs']} pair(s): {k['plan_recovered']:.1%} of the plan recovered, "

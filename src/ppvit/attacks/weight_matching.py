@@ -5,10 +5,16 @@ images); everyone holds the public pretrained model it started from. The server'
 the public one with its input columns permuted (and scaled, signed), its position embeddings with
 their rows permuted: matching columns and rows recovers the pixel and block permutations. Measured
 for a key-transformed model here; for trained adapters and during training by :mod:`ppvit.attacks.audit`.
+
+A dense mixing (``mix``, ``lift``) has no columns to match, but the same fact decrypts it: a
+key-transformed patch embedding computes on a ciphertext block what the public one computes on the
+plain block (:func:`embedding_decryptor`), so a model made exact for a key is as good as the key on
+the part of a block its rows see, and public images fill in the rest.
 """
 
 from __future__ import annotations
 
+import copy
 import os
 from dataclasses import dataclass
 
@@ -16,10 +22,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ppvit.attacks.metrics import assign
+from ppvit.attacks.block_mixing import BlockStats, LinearDecryptor
+from ppvit.attacks.metrics import assign, psnr, ssim, to_blocks
 from ppvit.crypto.ciphers import BlockCipher
 from ppvit.crypto.keys import Key
-from ppvit.models.backbones import create_backbone, input_size, patch_size
+from ppvit.models.backbones import create_backbone, input_size, normalization, patch_size
 from ppvit.models.transform import BlockMap, block_map, transform_model
 
 
@@ -86,16 +93,85 @@ def embedding(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+def public_backbone(
+    model_name: str, weights: str | os.PathLike | None = None, img_size: int | None = None
+) -> torch.nn.Module:
+    """The public model an attacker holds: ``weights``, or a random initialisation of a fixed seed (what
+    matters is that attacker and server hold the same one), without touching the global generator."""
+    with torch.random.fork_rng(devices=range(torch.cuda.device_count())):
+        torch.manual_seed(0)
+        return create_backbone(model_name, num_classes=0, weights=weights, img_size=img_size)
+
+
 def weight_leakage_transformed(
     model_name: str, key: Key, scheme: str, block_size: int | None = None, weights: str | os.PathLike | None = None
 ) -> MapScore:
     """Weight matching against a key-transformed copy of the public model (``weights``, or
     a random initialisation: what matters is that the attacker has the same public model)."""
-    with torch.random.fork_rng(devices=range(torch.cuda.device_count())):
-        torch.manual_seed(0)
-        public = create_backbone(model_name, num_classes=0, weights=weights)
+    public = public_backbone(model_name, weights)
     p = block_size or patch_size(public)
     ref = embedding(public)
     transform_model(public, key, scheme, p)
     guess = weight_matching_attack(ref, embedding(public), public.num_prefix_tokens)
     return MapScore.of(guess, true_map(key, scheme, p, input_size(public)))
+
+
+def _affine_embedding(model: torch.nn.Module) -> tuple[np.ndarray, np.ndarray]:
+    """The patch embedding as ``z = P x + p0`` on a raw block ``x`` (0-255, row, column, channel order),
+    the model's normalisation folded in: what it computes on one block, in float64."""
+    proj = model.patch_embed.proj
+    dim, c, p, _ = proj.weight.shape
+    w = proj.weight.detach().double().permute(0, 2, 3, 1).reshape(dim, -1).numpy()
+    mean, std = (np.asarray(v, dtype=np.float64)[np.arange(p * p * c) % c] for v in normalization(model))
+    bias = np.zeros(dim) if proj.bias is None else proj.bias.detach().double().numpy()
+    return w / (255.0 * std)[None, :], bias - w @ (mean / std)
+
+
+def embedding_decryptor(
+    public: torch.nn.Module, server: torch.nn.Module, prior: BlockStats, ridge: float = 1e-6
+) -> LinearDecryptor:
+    """Decrypt a within-block affine scheme (``shuffle``, ``mix``, ``lift`` ...) with a server's patch embedding.
+
+    A key-transformed embedding computes on ciphertext ``y`` exactly what the public one computes on the
+    plain block ``x``: ``K y + k0 = P x + p0 = z``. From ``z`` the attacker estimates ``x`` by linear least
+    squares under the prior's block mean ``mu`` and covariance ``C`` (public images of the same kind):
+    ``x = mu + C P^T (P C P^T + r I)^-1 (z - P mu - p0)``, ``r`` a ``ridge`` share of the mean eigenvalue.
+    A model as wide as a block (ViT-B: 768 rows for 768 values) gives ``x`` exactly; a narrower one
+    (ViT-Ti: 192) the part its rows see, the prior the rest. Blocks stay where the ciphertext has them.
+    """
+    p_mat, p0 = _affine_embedding(public)
+    k_mat, k0 = _affine_embedding(server)
+    if p_mat.shape != k_mat.shape or p_mat.shape[1] != prior.mean.size:
+        raise ValueError(f"patch embeddings {p_mat.shape} and {k_mat.shape} and prior blocks of {prior.mean.size}")
+    mu, cov = prior.mean, prior.cov
+    seen = p_mat @ cov @ p_mat.T
+    gain = cov @ p_mat.T @ np.linalg.inv(seen + ridge * np.trace(seen) / len(seen) * np.eye(len(seen)))
+    return LinearDecryptor(gain @ k_mat, mu + gain @ (k0 - p_mat @ mu - p0))
+
+
+def put_blocks_back(images: np.ndarray, sigma: np.ndarray, p: int) -> np.ndarray:
+    """Undo a block permutation: block ``b`` of ``images`` goes to ``sigma[b]`` (a :class:`BlockMap`'s blocks)."""
+    n, h, w, c = images.shape
+    blocks = to_blocks(images, p)
+    out = np.empty_like(blocks)
+    out[:, sigma] = blocks
+    return out.reshape(n, h // p, w // p, p, p, c).transpose(0, 1, 3, 2, 4, 5).reshape(images.shape)
+
+
+def embedding_leakage_transformed(
+    public: torch.nn.Module, key: Key, scheme: str, prior: BlockStats, held: np.ndarray
+) -> tuple[dict[str, float], np.ndarray]:
+    """The key holder's model against a mixing: ``public`` made exact for ``key`` (a copy), attacked with
+    :func:`embedding_decryptor` and the ``prior``'s block statistics (public images), blocks put back by
+    weight matching's position rows; returns the PSNR/SSIM of ``held`` (NHWC uint8, the model's input
+    size when the scheme moves blocks) decrypted so, and the decrypted images."""
+    p = prior.p
+    server = transform_model(copy.deepcopy(public), key, scheme, p)
+    decryptor = embedding_decryptor(public, server, prior)
+    guess = decryptor.decrypt(BlockCipher(key, scheme, p).encrypt(held), p)
+    sigma = weight_matching_attack(embedding(public), embedding(server), public.num_prefix_tokens).sigma
+    if not np.array_equal(sigma, np.arange(len(sigma))):
+        if held.shape[1:3] != (input_size(public),) * 2:
+            raise ValueError(f"the scheme moves blocks: images must be {input_size(public)} pixels, the model's size")
+        guess = put_blocks_back(guess, sigma, p)
+    return {"held_out_psnr_db": psnr(held, guess), "held_out_ssim": ssim(held, guess)}, guess

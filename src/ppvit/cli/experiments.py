@@ -244,7 +244,7 @@ def _audit(args: argparse.Namespace) -> int:
             raise UserError(f"{flag} is for --ciphertext-only")
     from ppvit.attacks import audit  # the training stack: after the checks
     from ppvit.attacks.report import format_report
-    from ppvit.attacks.weight_matching import weight_leakage_transformed
+    from ppvit.attacks.weight_matching import public_backbone, weight_leakage_transformed
     from ppvit.crypto.ciphers import Scheme
     from ppvit.data.datasets import test_images
     from ppvit.data.sources import SplitNames
@@ -263,9 +263,11 @@ def _audit(args: argparse.Namespace) -> int:
         Scheme.parse(scheme)  # a bad scheme fails before the slow part
     model, weights = audit.public_model(args.model, args.weights, args.adapter or [])
     images = test_images(args.data, max(cfg.pairs) + cfg.images, cfg.size, SplitNames.of(args.splits))
-    found = {}
+    found, public = {}, None
     for scheme in cfg.schemes:
-        if Scheme.parse(scheme).absorbable and not Scheme.parse(scheme).mixing:  # weight matching finds plans
+        if Scheme.parse(scheme).mixing and public is None:  # its key holder's model: the embedding attack
+            public = public_backbone(model, weights, cfg.size)
+        elif Scheme.parse(scheme).absorbable and not Scheme.parse(scheme).mixing:  # weight matching finds plans
             found[f"{scheme}, key-transformed {model}"] = weight_leakage_transformed(
                 model, key, scheme, cfg.block_size, weights
             )
@@ -278,7 +280,7 @@ def _audit(args: argparse.Namespace) -> int:
             raise UserError(f"config {args.watch}: its run must encrypt with the audited key (--key)")
         curve, result = audit.leakage_during_training(watched, args.every)
         leakage = {"config": args.watch, "curve": curve, "test_acc": result.test_acc}
-    report = audit.run_audit(key, images, cfg, args.out, found, leakage, progress=not args.quiet)
+    report = audit.run_audit(key, images, cfg, args.out, found, leakage, not args.quiet, public)
     print(format_report(report))
     print(f"written: {args.out}/audit.json, audit.png")
     return 0
