@@ -9,7 +9,10 @@ the test split), and held-out CIFAR-10 *test* images encrypted under fresh keys,
 transformed model's embedding alone. PSNR (dB) / SSIM against the plain images, beside the block-mean
 thumbnail (what every scheme leaks). ViT-Ti/16 from ``--weights`` (192 rows for a block's 768 values);
 ``--wide`` adds ViT-B/16 (768 rows) at a random initialisation (no weights offline; its width is what
-matters, the attack is exact for any full-rank square embedding).
+matters, the attack is exact for any full-rank square embedding). ``--adapters RUN ... --key KEY``: the
+same attack on models the server trained on the key's ciphertexts from the public weights (no
+``--key-init``), e.g. the ``full`` cells of ``reproduce --schemes mix,lift``: does training teach the
+patch embedding the key?
 
 Usage: PYTHONPATH=src python benchmarks/mixing_model_leak.py --data ../shared/datasets/cifar10-jpeg.tar.gz \\
            --weights ../shared/weights/vit_tiny_patch16_224.safetensors --sizes 112 224 --keys 3 --wide
@@ -25,9 +28,12 @@ import numpy as np
 from ppvit.attacks.block_mixing import thumbnail
 from ppvit.attacks.metrics import psnr, ssim, upscale
 from ppvit.attacks.uploaded_mixing import read_prior
-from ppvit.attacks.weight_matching import embedding_leakage_transformed, public_backbone
+from ppvit.attacks.weight_matching import embedding_leakage, embedding_leakage_transformed, public_backbone
 from ppvit.crypto.keys import Key
 from ppvit.data.datasets import test_images
+from ppvit.models.adapters import build_base, load_adapter, read_adapter_meta
+from ppvit.models.backbones import input_size
+from ppvit.train.runs import adapter_dir
 
 SCHEMES = ("mix", "lift")
 
@@ -41,6 +47,8 @@ def main() -> None:
     ap.add_argument("--prior", type=int, default=2000, help="public train images the attacker holds")
     ap.add_argument("--held", type=int, default=32, help="test images encrypted and attacked")
     ap.add_argument("--wide", action="store_true", help="also ViT-B/16 (768 rows), randomly initialised")
+    ap.add_argument("--adapters", nargs="*", default=[], help="trained runs (full or lora-pe) on mix/lift ciphertext")
+    ap.add_argument("--key", help="the key the --adapters trained with")
     args = ap.parse_args()
     keys = [Key.generate() for _ in range(args.keys)]
     models = [("vit_tiny_patch16_224", args.weights)] + ([("vit_base_patch16_224", None)] if args.wide else [])
@@ -63,6 +71,25 @@ def main() -> None:
                     f"({db.min():.1f}-{db.max():.1f}) | {sim:.3f} | {psnr(held, thumb):.1f} / {ssim(held, thumb):.2f} |"
                 )
         print(f"  ({size}x{size}: {time.perf_counter() - t0:.0f} s)")
+    for run in args.adapters:
+        trained(run, Key.load(args.key), args)
+
+
+def trained(run: str, key: Key, args: argparse.Namespace) -> None:
+    """One row: the embedding attack on a model trained on ``key``'s ciphertexts, and on its public start."""
+    meta = read_adapter_meta(adapter_dir(run))
+    server, _ = load_adapter(adapter_dir(run), args.weights)
+    public = build_base(meta, args.weights)
+    size = input_size(public)
+    prior = read_prior(args.data, args.prior, size, 16).stats
+    held = upscale(test_images(args.data, args.held), size, "bicubic")
+    score, _ = embedding_leakage(public, server, key, meta.scheme, prior, held)
+    start, _ = embedding_leakage(public, public, key, meta.scheme, prior, held)
+    print(
+        f"| {run} ({meta.method['method']}, trained) | {size} | {meta.scheme} | {score['held_out_psnr_db']:.1f} | "
+        f"{score['held_out_ssim']:.3f} | the public model itself: {start['held_out_psnr_db']:.1f} / "
+        f"{start['held_out_ssim']:.3f} |"
+    )
 
 
 if __name__ == "__main__":

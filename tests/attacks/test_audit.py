@@ -7,6 +7,7 @@ import json
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import SMALL, assert_no_key_material, train_config
 
@@ -92,3 +93,26 @@ def test_an_adapter_is_audited_with_its_own_model_and_the_weights_of_ppvit_weigh
     refusal = "other.safetensors: not the base model this adapter was trained on"
     with pytest.raises(ValueError, match=re.escape(refusal)):
         audit.weight_leakage_adapter(alone, Key.load(key_file))  # another file: named, checked by its hash
+
+
+@pytest.mark.parametrize(("key_init", "low", "high"), [(True, 20.0, 99.0), (False, 0.0, 12.0)])
+def test_a_mixing_adapter_is_attacked_by_its_patch_embedding(
+    tmp_path: Path, toy_dataset: Path, key_file: Path, key_init: bool, low: float, high: float
+) -> None:
+    """`audit --adapter` on a `mix` run: weight matching has no permutation to find (refused in one line);
+    the embedding attack decrypts by the key holder's start (exact, then one epoch of drift: 25 dB
+    measured) and not by a patch embedding trained from the public one (6 dB, below the prior's mean
+    colour's 8 dB on these noisy images)."""
+    from ppvit.attacks.metrics import psnr
+    from ppvit.data.datasets import test_images as audit_images  # not collected as a test
+
+    key = Key.load(key_file)
+    train(train_config(tmp_path / "run", toy_dataset, key_file, scheme="mix", key_init=key_init, epochs=1))
+    with pytest.raises(ValueError, match="a matrix with no permutation to match"):
+        audit.weight_leakage_adapter(tmp_path / "run", key)
+    images = audit_images(toy_dataset, 12, 32)
+    cfg = audit.AuditConfig(size=32, block_size=4, pairs=(8,), images=4)
+    found = audit.adapter_leakage(tmp_path / "run", key, images, cfg)
+    mean_colour = np.broadcast_to(images[:8].mean((0, 1, 2)).round().astype(np.uint8), images[8:].shape)
+    assert low < found["held_out_psnr_db"] < high
+    assert (found["held_out_psnr_db"] > psnr(images[8:], mean_colour) + 10) == key_init

@@ -31,13 +31,14 @@ from ppvit.attacks.report import Figures, write_report
 from ppvit.attacks.weight_matching import (
     MapScore,
     embedding,
+    embedding_leakage,
     embedding_leakage_transformed,
     true_map,
     weight_matching_attack,
 )
 from ppvit.crypto.ciphers import BlockCipher, Scheme
 from ppvit.crypto.keys import Key
-from ppvit.models.adapters import build_base, load_adapter, read_adapter_meta
+from ppvit.models.adapters import AdapterMeta, build_base, load_adapter, read_adapter_meta
 from ppvit.models.backbones import create_backbone, input_size, patch_size
 from ppvit.models.weights import WEIGHTS_ENV
 from ppvit.train.config import TrainConfig
@@ -128,9 +129,11 @@ def public_model(
     return model or PUBLIC_MODEL, weights
 
 
-def weight_leakage_adapter(run: str | os.PathLike, key: Key, weights: str | os.PathLike | None = None) -> MapScore:
-    """Weight matching against the patch embedding of an adapter trained on encrypted images
-    (``weights``: its base weights, found as :func:`adapter_base_weights` says when None)."""
+def _trained_adapter(
+    run: str | os.PathLike, key: Key, weights: str | os.PathLike | None
+) -> tuple[AdapterMeta, torch.nn.Module, torch.nn.Module]:
+    """An adapter trained on ``key``'s ciphertexts with its patch embedding trained: its record, the public
+    model it started from and the trained model; refused in one line otherwise."""
     folder = adapter_dir(run)
     weights = adapter_base_weights(run, weights)
     meta = read_adapter_meta(folder)
@@ -138,12 +141,41 @@ def weight_leakage_adapter(run: str | os.PathLike, key: Key, weights: str | os.P
         raise ValueError(f"adapter {folder}: trained on plain images; there is no key to leak")
     if meta.key_fingerprint is not None and meta.key_fingerprint != key.fingerprint:
         raise ValueError(f"adapter {folder}: trained with key {meta.key_fingerprint}, not {key.fingerprint}")
-    public = embedding(build_base(meta, weights))
+    public = build_base(meta, weights)
     model, _ = load_adapter(folder, weights)
-    if torch.equal(public["patch_embed.proj.weight"], model.patch_embed.proj.weight):
+    if torch.equal(public.patch_embed.proj.weight, model.patch_embed.proj.weight):
         raise ValueError(f"adapter {folder}: the patch embedding was not trained; nothing to match")
-    guess = weight_matching_attack(public, embedding(model), model.num_prefix_tokens)
+    return meta, public, model
+
+
+def weight_leakage_adapter(run: str | os.PathLike, key: Key, weights: str | os.PathLike | None = None) -> MapScore:
+    """Weight matching against the patch embedding of an adapter trained on encrypted images
+    (``weights``: its base weights, found as :func:`adapter_base_weights` says when None)."""
+    meta, public, model = _trained_adapter(run, key, weights)
+    if Scheme.parse(meta.scheme).mixing:
+        raise ValueError(
+            f"adapter {adapter_dir(run)}: trained on {meta.scheme} ciphertext, a matrix with no permutation to "
+            "match; adapter_leakage attacks it by its patch embedding"
+        )
+    guess = weight_matching_attack(embedding(public), embedding(model), model.num_prefix_tokens)
     return MapScore.of(guess, true_map(key, meta.scheme, meta.block_size, input_size(model)))
+
+
+def adapter_leakage(
+    run: str | os.PathLike, key: Key, images: np.ndarray, cfg: AuditConfig, weights: str | os.PathLike | None = None
+) -> dict[str, Any]:
+    """What a trained adapter's weights give away, as the report holds it: weight matching's shares for a
+    plan's scheme; for a mixing's, the embedding attack (its trained patch embedding against the public
+    one) on the audit's held-out ``images`` at the adapter's size, the pairs' plain images its prior."""
+    scheme = read_adapter_meta(adapter_dir(run)).scheme
+    if scheme in (None, "plain") or not Scheme.parse(scheme).mixing:
+        return dataclasses.asdict(weight_leakage_adapter(run, key, weights))
+    meta, public, model = _trained_adapter(run, key, weights)
+    images = upscale(images, input_size(model), cfg.resize)
+    need = max(cfg.pairs)
+    prior, held = BlockStats(meta.block_size).add(images[:need]), images[need : need + cfg.images]
+    score, _ = embedding_leakage(public, model, key, meta.scheme, prior, held)
+    return score
 
 
 def leakage_during_training(cfg: TrainConfig, every: int = 10) -> tuple[list[dict[str, Any]], RunResult]:
@@ -183,14 +215,15 @@ def run_audit(
     images: np.ndarray,
     cfg: AuditConfig,
     out: str | os.PathLike | None = None,
-    weights: dict[str, MapScore] | None = None,
+    weights: dict[str, MapScore | dict[str, Any]] | None = None,
     leakage_during_training: dict[str, Any] | None = None,
     progress: bool = False,
     public: torch.nn.Module | None = None,
 ) -> dict[str, Any]:
     """Audit every scheme of ``cfg`` on ``images`` (NHWC uint8, any size; resized to cfg.size).
 
-    ``weights`` and ``leakage_during_training`` are model attacks already run; they join the report.
+    ``weights`` and ``leakage_during_training`` are model attacks already run (weight matching's
+    :class:`MapScore`, or :func:`adapter_leakage`'s dict); they join the report.
     ``public`` (the public model at ``cfg.size``): the key holder's model is attacked for each mixing.
     With ``out``, writes ``audit.json`` and ``audit.png`` there (:func:`ppvit.attacks.report.write_report`).
     """
@@ -203,7 +236,7 @@ def run_audit(
         "key_fingerprint": key.fingerprint,
         "key": cfg.key_source,
         "schemes": [],
-        "weights": {k: dataclasses.asdict(v) for k, v in (weights or {}).items()},
+        "weights": {k: dataclasses.asdict(v) if isinstance(v, MapScore) else v for k, v in (weights or {}).items()},
     }
     if leakage_during_training:
         report["leakage_during_training"] = leakage_during_training

@@ -144,6 +144,12 @@ def _format_audit(report: dict[str, Any]) -> str:
         steps = ", ".join(f"{c['step']}: {c['pixel_permutation']:.0%}" for c in watched["curve"])
         lines.append(f"\nweight matching while training {watched['config']} (step: pixels recovered): {steps}")
     for name, score in report.get("weights", {}).items():
+        if "pixel_permutation" not in score:  # a mixing's adapter: the embedding attack (attacks/audit.py)
+            lines.append(
+                f"\nembedding attack, {name} (its trained patch embedding against the public one): held-out images "
+                f"decrypted at {score['held_out_psnr_db']:.1f} dB, SSIM {score['held_out_ssim']:.3f}"
+            )
+            continue
         b = score["block_permutation"]
         lines.append(
             f"\nweight matching, {name}: pixel permutation {score['pixel_permutation']:.1%}"

@@ -158,20 +158,27 @@ def put_blocks_back(images: np.ndarray, sigma: np.ndarray, p: int) -> np.ndarray
     return out.reshape(n, h // p, w // p, p, p, c).transpose(0, 1, 3, 2, 4, 5).reshape(images.shape)
 
 
-def embedding_leakage_transformed(
-    public: torch.nn.Module, key: Key, scheme: str, prior: BlockStats, held: np.ndarray
+def embedding_leakage(
+    public: torch.nn.Module, server: torch.nn.Module, key: Key, scheme: str, prior: BlockStats, held: np.ndarray
 ) -> tuple[dict[str, float], np.ndarray]:
-    """The key holder's model against a mixing: ``public`` made exact for ``key`` (a copy), attacked with
-    :func:`embedding_decryptor` and the ``prior``'s block statistics (public images), blocks put back by
-    weight matching's position rows; returns the PSNR/SSIM of ``held`` (NHWC uint8, the model's input
-    size when the scheme moves blocks) decrypted so, and the decrypted images."""
+    """A server's model against a within-block scheme: ``held`` (NHWC uint8 plain images, the model's
+    input size when the scheme moves blocks) encrypted with ``key``, decrypted by
+    :func:`embedding_decryptor` from the two patch embeddings and the ``prior``'s block statistics
+    (public images), blocks put back by weight matching's position rows. Returns their PSNR/SSIM
+    against ``held`` and the decrypted images."""
     p = prior.p
-    server = transform_model(copy.deepcopy(public), key, scheme, p)
-    decryptor = embedding_decryptor(public, server, prior)
-    guess = decryptor.decrypt(BlockCipher(key, scheme, p).encrypt(held), p)
+    guess = embedding_decryptor(public, server, prior).decrypt(BlockCipher(key, scheme, p).encrypt(held), p)
     sigma = weight_matching_attack(embedding(public), embedding(server), public.num_prefix_tokens).sigma
     if not np.array_equal(sigma, np.arange(len(sigma))):
         if held.shape[1:3] != (input_size(public),) * 2:
             raise ValueError(f"the scheme moves blocks: images must be {input_size(public)} pixels, the model's size")
         guess = put_blocks_back(guess, sigma, p)
     return {"held_out_psnr_db": psnr(held, guess), "held_out_ssim": ssim(held, guess)}, guess
+
+
+def embedding_leakage_transformed(
+    public: torch.nn.Module, key: Key, scheme: str, prior: BlockStats, held: np.ndarray
+) -> tuple[dict[str, float], np.ndarray]:
+    """The key holder's model: :func:`embedding_leakage` of ``public`` made exact for ``key`` (a copy)."""
+    server = transform_model(copy.deepcopy(public), key, scheme, prior.p)
+    return embedding_leakage(public, server, key, scheme, prior, held)

@@ -272,7 +272,7 @@ def _audit(args: argparse.Namespace) -> int:
                 model, key, scheme, cfg.block_size, weights
             )
     for run in args.adapter or []:
-        found[f"adapter {run}"] = audit.weight_leakage_adapter(run, key, args.weights)
+        found[f"adapter {run}"] = audit.adapter_leakage(run, key, images, cfg, args.weights)
     leakage = None
     if args.watch:
         watched = TrainConfig.load(args.watch, quiet=args.quiet)
