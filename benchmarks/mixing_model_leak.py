@@ -42,7 +42,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", required=True, help="CIFAR-10 copy (tar.gz or folder): prior and victims")
     ap.add_argument("--weights", required=True, help="ViT-Ti/16 weights (safetensors)")
-    ap.add_argument("--sizes", type=int, nargs="+", default=[112, 224])
+    ap.add_argument("--sizes", type=int, nargs="*", default=[112, 224])
     ap.add_argument("--keys", type=int, default=3)
     ap.add_argument("--prior", type=int, default=2000, help="public train images the attacker holds")
     ap.add_argument("--held", type=int, default=32, help="test images encrypted and attacked")

@@ -153,7 +153,7 @@ def ciphertext_only_audit(
     only by fingerprint. With ``out``, writes ``audit.json`` (the report under ``"ciphertext_only"``)
     and ``ciphertext-only.png``.
     """
-    from ppvit.crypto.ciphers import Scheme, compile_plan
+    from ppvit.crypto.ciphers import Scheme
 
     ns = sorted(set(ns))
     if not ns or min(ns) < 1:
@@ -166,7 +166,6 @@ def ciphertext_only_audit(
     own = (len(images) - cfg.images) // (max(ns) * len(keys)) > 0
     images = upscale(images, cfg.size, cfg.resize)
     held = images[len(images) - cfg.images :]
-    p = cfg.block_size
     results: list[dict[str, Any]] = []
     figures: dict[str, dict[str, np.ndarray]] = {}  # per scheme: two held-out images, side by side
     bar = tqdm(total=len(schemes) * len(ns) * len(keys), desc="ciphertext-only attacks", disable=not progress)
@@ -183,31 +182,12 @@ def ciphertext_only_audit(
             runs = []
             for k, key in enumerate(keys):
                 start = k * max(ns) if own else 0
-                attack = images[start : start + max(ns)]
-                truth = compile_plan(key, scheme, p, images.shape[1:])
-                t0 = time.perf_counter()
-                guess = recover_plan(truth.apply_numpy(attack[:n]), scheme, p, seed=np.random.default_rng(cfg.seed))
-                seconds = time.perf_counter() - t0
-                score = score_recovery(guess, truth, scheme, p, held)
+                run, figure = _attack(key, scheme, images[start : start + n], held, cfg, show=n == ns[-1] and k == 0)
+                runs.append(run)
+                if figure:
+                    figures[scheme] = figure
                 bar.set_postfix_str(f"{scheme}, N={n}")
                 bar.update()
-                runs.append(
-                    {
-                        "n": n,
-                        "key_fingerprint": key.fingerprint,
-                        "seconds": seconds,
-                        **dataclasses.asdict(score),
-                        "readable_as": readable_as(score),
-                    }
-                )
-                if n == ns[-1] and k == 0:
-                    shown = held[:2]
-                    enc = truth.apply_numpy(shown)
-                    figures[scheme] = {
-                        "plain": shown,
-                        "encrypted": enc,
-                        f"recovered from {n}": guess.inverse().apply_numpy(enc),
-                    }
             entry["runs"] += runs
             entry["summary"].append(_summary(n, runs))
     bar.close()
@@ -228,6 +208,32 @@ def ciphertext_only_audit(
     if out is not None:
         write_report(report, figures, Path(out))
     return report
+
+
+def _attack(
+    key: Key, scheme: str, attack: np.ndarray, held: np.ndarray, cfg: CiphertextOnlyConfig, show: bool
+) -> tuple[dict[str, Any], dict[str, np.ndarray] | None]:
+    """One run: ``attack`` (plain images at ``cfg.size``) encrypted under ``key``, the plan recovered from
+    them alone and scored on ``held``; with ``show``, the figure's row (two held-out images)."""
+    from ppvit.crypto.ciphers import compile_plan
+
+    p = cfg.block_size
+    truth = compile_plan(key, scheme, p, attack.shape[1:])
+    t0 = time.perf_counter()
+    guess = recover_plan(truth.apply_numpy(attack), scheme, p, seed=np.random.default_rng(cfg.seed))
+    seconds = time.perf_counter() - t0
+    score = score_recovery(guess, truth, scheme, p, held)
+    run = {
+        "n": len(attack),
+        "key_fingerprint": key.fingerprint,
+        "seconds": seconds,
+        **dataclasses.asdict(score),
+        "readable_as": readable_as(score),
+    }
+    if not show:
+        return run, None
+    enc = truth.apply_numpy(held[:2])
+    return run, {"plain": held[:2], "encrypted": enc, f"recovered from {len(attack)}": guess.inverse().apply_numpy(enc)}
 
 
 def _summary(n: int, runs: list[dict[str, Any]]) -> dict[str, Any]:

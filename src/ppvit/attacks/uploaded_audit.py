@@ -108,27 +108,10 @@ def audit_uploaded(
     under their paths in the dataset (nothing else is left there). A ``mix``/``lift`` dataset needs
     ``cfg.prior`` (:func:`~ppvit.attacks.uploaded_mixing.attack_stored_mixing`).
     """
-    from ppvit.crypto.ciphers import Scheme
-
     m = source.manifest
     assert m is not None, "stored_ciphertexts gives encrypted datasets only"
     ns = sorted(set(ns))
-    if not ns or min(ns) < 1 or cfg.images < 1:
-        raise ValueError(f"need positive numbers of ciphertexts and held-out images, got {list(ns)} and {cfg.images}")
-    if key is not None and key.fingerprint != m.key_fingerprint:
-        raise ValueError(
-            f"key {key.fingerprint} did not encrypt {source.path} (its manifest names key {m.key_fingerprint})"
-        )
-    mixing = Scheme.parse(m.scheme).mixing
-    if mixing and cfg.prior is None:
-        raise ValueError(
-            f"encrypted dataset {source.path}: {m.dtype} ciphertext of scheme {m.scheme}; a mixing's attack needs "
-            "plain public images of the same kind: --prior PLAIN"
-        )
-    if not mixing and cfg.prior is not None:
-        raise ValueError(f"encrypted dataset {source.path}: scheme {m.scheme}; --prior is for mix/lift ciphertext")
-    if mixing:
-        check_prior(cfg.prior)  # type: ignore[arg-type]
+    mixing = _check_request(source, ns, cfg, key)
     log.info(
         "%s: ciphertexts as stored (`ppvit encrypt` output, %s: %s, %dx%d blocks, key %s): attacked as they are, "
         "without the key",
@@ -173,6 +156,30 @@ def audit_uploaded(
         if decrypted is not None:
             write_recovered(Path(out) / RECOVERED, held_paths, decrypted)  # the last N's: the largest
     return report
+
+
+def _check_request(source: Source, ns: list[int], cfg: UploadedConfig, key: Key | None) -> str | None:
+    """Refuse, before anything slow, what cannot be attacked as asked; returns the scheme's mixing, if any."""
+    from ppvit.crypto.ciphers import Scheme
+
+    m = source.manifest
+    if not ns or min(ns) < 1 or cfg.images < 1:
+        raise ValueError(f"need positive numbers of ciphertexts and held-out images, got {list(ns)} and {cfg.images}")
+    if key is not None and key.fingerprint != m.key_fingerprint:
+        raise ValueError(
+            f"key {key.fingerprint} did not encrypt {source.path} (its manifest names key {m.key_fingerprint})"
+        )
+    mixing = Scheme.parse(m.scheme).mixing
+    if mixing and cfg.prior is None:
+        raise ValueError(
+            f"encrypted dataset {source.path}: {m.dtype} ciphertext of scheme {m.scheme}; a mixing's attack needs "
+            "plain public images of the same kind: --prior PLAIN"
+        )
+    if not mixing and cfg.prior is not None:
+        raise ValueError(f"encrypted dataset {source.path}: scheme {m.scheme}; --prior is for mix/lift ciphertext")
+    if mixing:
+        check_prior(cfg.prior)  # type: ignore[arg-type]
+    return mixing
 
 
 def attack_stored_plans(
