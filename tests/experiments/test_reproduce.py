@@ -230,9 +230,7 @@ def test_paper_preset_wiring_on_a_tiny_subset(tmp_path: Path) -> None:
     assert result["trainable_params"] == 745_738 and result["test_images"] == 20
 
 
-def test_the_estimate_measures_each_method_and_counts_every_cell(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_the_estimate_measures_each_method_and_counts_every_cell(monkeypatch: pytest.MonkeyPatch) -> None:
     """A cell without a training subset (the gpu preset's) counts with the whole training split: it printed
     "about 0 min for 0 of 3 cells" on an H200 (issue 30)."""
     speeds = {"linear": 200.0, "melo": 50.0}
@@ -255,7 +253,14 @@ def test_the_estimate_measures_each_method_and_counts_every_cell(
     assert both.fit(100) is None  # 72 s is within 80% of 100 s
     assert both.fit(80) == 820  # (0.8 x 80 - 25) / 0.047 = 829.8, to two digits
     assert both.fit(40) == runner.MIN_TRAIN_SUBSET  # (32 - 25) / 0.047 = 149: the floor
-    assert runner.training_speed(sized.replace(method="linear", out=str(tmp_path / "x"))) > 0
+
+
+@pytest.mark.parametrize("key_init", [False, True])
+def test_training_speed_times_a_step_of_every_cell(key_init: bool) -> None:
+    """Measured, not monkeypatched: a key holder's cell (`reproduce --set key_init=true`) failed here before any
+    cell ran ("--key-init needs the key"): the speed probe builds its model without a cipher."""
+    cfg = TOY.base.replace(method="lora-pe", key_init=key_init, precision="no", batch_size=4)
+    assert 0 < runner.training_speed(cfg, steps=1) < 1e6
 
 
 def test_a_cell_without_a_subset_counts_its_part_of_the_training_split(toy_dataset: Path) -> None:
