@@ -52,9 +52,11 @@ def main() -> None:
     args = ap.parse_args()
     keys = [Key.generate() for _ in range(args.keys)]
     models = [("vit_tiny_patch16_224", args.weights)] + ([("vit_base_patch16_224", None)] if args.wide else [])
-    print(f"prior {args.prior} CIFAR-10 train images, {args.held} test images held out, 16x16 blocks, {args.keys} keys")
-    print("| model | size | scheme | PSNR dB (mean, min-max over keys) | SSIM | thumbnail PSNR / SSIM |")
-    print("|---|---:|---|---|---:|---|")
+    print(f"prior {args.prior} CIFAR-10 train images, {args.held} test images held out, 16x16 blocks")
+    if args.sizes:
+        print(f"\nthe key holder's model (made exact for each of {args.keys} fresh keys):")
+        print("| model | size | scheme | PSNR dB (mean, min-max over keys) | SSIM | thumbnail PSNR / SSIM |")
+        print("|---|---:|---|---|---:|---|")
     for size in args.sizes:
         t0 = time.perf_counter()
         prior = read_prior(args.data, args.prior, size, 16).stats
@@ -71,12 +73,17 @@ def main() -> None:
                     f"({db.min():.1f}-{db.max():.1f}) | {sim:.3f} | {psnr(held, thumb):.1f} / {ssim(held, thumb):.2f} |"
                 )
         print(f"  ({size}x{size}: {time.perf_counter() - t0:.0f} s)")
+    if args.adapters:
+        print(f"\ntrained models (key {Key.load(args.key).fingerprint}):")
+        print("| run | size | scheme | PSNR dB | SSIM | the public model it started from: PSNR / SSIM |")
+        print("|---|---:|---|---:|---:|---|")
     for run in args.adapters:
         trained(run, Key.load(args.key), args)
 
 
 def trained(run: str, key: Key, args: argparse.Namespace) -> None:
-    """One row: the embedding attack on a model trained on ``key``'s ciphertexts, and on its public start."""
+    """One row: the embedding attack on a model trained on ``key``'s ciphertexts, and on the public model (the
+    start of a run without ``--key-init``; a ``--key-init`` run started from the key holder's model, above)."""
     meta = read_adapter_meta(adapter_dir(run))
     server, _ = load_adapter(adapter_dir(run), args.weights)
     public = build_base(meta, args.weights)
@@ -86,8 +93,9 @@ def trained(run: str, key: Key, args: argparse.Namespace) -> None:
     score, _ = embedding_leakage(public, server, key, meta.scheme, prior, held)
     start, _ = embedding_leakage(public, public, key, meta.scheme, prior, held)
     print(
-        f"| {run} ({meta.method['method']}, trained) | {size} | {meta.scheme} | {score['held_out_psnr_db']:.1f} | "
-        f"{score['held_out_ssim']:.3f} | the public model itself: {start['held_out_psnr_db']:.1f} / "
+        f"| {run} ({meta.method['method']}{', key-init' if meta.key_init else ''}) | {size} | {meta.scheme} | "
+        f"{score['held_out_psnr_db']:.1f} | "
+        f"{score['held_out_ssim']:.3f} | {start['held_out_psnr_db']:.1f} / "
         f"{start['held_out_ssim']:.3f} |"
     )
 
