@@ -36,6 +36,8 @@ from ppvit.models.backbones import input_size
 from ppvit.train.runs import adapter_dir
 
 SCHEMES = ("mix", "lift")
+HOLDER_COLUMNS = ["model", "size", "scheme", "PSNR dB (mean, min-max over keys)", "SSIM", "thumbnail PSNR / SSIM"]
+TRAINED_COLUMNS = ["run", "size", "scheme", "PSNR dB", "SSIM", "the public model: PSNR / SSIM"]
 
 
 def main() -> None:
@@ -54,9 +56,7 @@ def main() -> None:
     models = [("vit_tiny_patch16_224", args.weights)] + ([("vit_base_patch16_224", None)] if args.wide else [])
     print(f"prior {args.prior} CIFAR-10 train images, {args.held} test images held out, 16x16 blocks")
     if args.sizes:
-        print(f"\nthe key holder's model (made exact for each of {args.keys} fresh keys):")
-        print("| model | size | scheme | PSNR dB (mean, min-max over keys) | SSIM | thumbnail PSNR / SSIM |")
-        print("|---|---:|---|---|---:|---|")
+        table(f"the key holder's model (made exact for each of {args.keys} fresh keys)", HOLDER_COLUMNS)
     for size in args.sizes:
         t0 = time.perf_counter()
         prior = read_prior(args.data, args.prior, size, 16).stats
@@ -74,11 +74,14 @@ def main() -> None:
                 )
         print(f"  ({size}x{size}: {time.perf_counter() - t0:.0f} s)")
     if args.adapters:
-        print(f"\ntrained models (key {Key.load(args.key).fingerprint}):")
-        print("| run | size | scheme | PSNR dB | SSIM | the public model it started from: PSNR / SSIM |")
-        print("|---|---:|---|---:|---:|---|")
+        table(f"trained models (key {Key.load(args.key).fingerprint})", TRAINED_COLUMNS)
     for run in args.adapters:
         trained(run, Key.load(args.key), args)
+
+
+def table(title: str, columns: list[str]) -> None:
+    """A markdown table's title and head."""
+    print(f"\n{title}:\n| " + " | ".join(columns) + " |\n" + "|---" * len(columns) + "|")
 
 
 def trained(run: str, key: Key, args: argparse.Namespace) -> None:
