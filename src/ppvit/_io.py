@@ -125,8 +125,14 @@ def json_safe(value: Any) -> Any:
 
 
 def json_text(doc: Any, indent: int | None = 2) -> str:
-    """``doc`` as strict JSON (:func:`json_safe`, then ``allow_nan=False``) ending in a newline."""
-    return json.dumps(json_safe(doc), indent=indent, allow_nan=False) + "\n"
+    """``doc`` as strict JSON (:func:`json_safe`, then ``allow_nan=False``) ending in a newline.
+
+    A document with no infinity or NaN (a server's every answer but a rare one) is written as it is:
+    walking it first cost more than writing it."""
+    try:
+        return json.dumps(doc, indent=indent, allow_nan=False) + "\n"
+    except ValueError:  # a float that is not finite somewhere in it
+        return json.dumps(json_safe(doc), indent=indent, allow_nan=False) + "\n"
 
 
 def atomic_write_json(path: str | os.PathLike, doc: Any) -> None:

@@ -34,6 +34,7 @@ def strict_load(text: str) -> Any:
         (np.float64("inf"), "inf"),  # numpy's floats are floats
         (1.5, 1.5),
         ({"a": [1, (math.inf, 2.0)], "b": {"c": math.nan}}, {"a": [1, ["inf", 2.0]], "b": {"c": None}}),
+        ({"a": [1, (0.5, "s")], "b": {"c": None}}, {"a": [1, [0.5, "s"]], "b": {"c": None}}),  # written as it is
     ],
 )
 def test_non_finite_floats_follow_one_convention(value: Any, written: Any) -> None:

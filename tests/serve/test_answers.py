@@ -113,12 +113,34 @@ def test_the_top_classes_are_the_most_probable_in_order(server: tuple[TestClient
     assert [t["index"] for t in three] == [t["index"] for t in top[:3]] and "logit" not in three[0]
 
 
+@pytest.mark.parametrize("top_k", [1, 3, 5, 12])
+def test_a_requests_answers_rank_every_row_by_value_then_index(top_k: int) -> None:
+    """Rows of integer logits (ties everywhere, at the k-th value and inside the top) ranked as one matrix:
+    each row's classes are those of a plain sort by (-logit, index), with the float64 softmax's probabilities."""
+    from types import SimpleNamespace
+
+    rng = np.random.default_rng(top_k)
+    logits = rng.integers(-3, 4, (40, 12)).astype(np.float64)
+    logits[0] = 1.0  # a row of one value: every class tied
+    served = SimpleNamespace(
+        meta=SimpleNamespace(classes=None, num_classes=12), tenant=SimpleNamespace(tenant="t", version=1)
+    )
+    doc = json.loads(codec.answers_json(served, list(torch.from_numpy(logits).float()), logits=True, top_k=top_k))
+    for row, answer in zip(logits, doc["predictions"], strict=True):
+        expected = sorted(range(12), key=lambda c: (-row[c], c))[:top_k]
+        assert [t["index"] for t in answer["top"]] == expected
+        p = np.exp(row) / np.exp(row).sum()
+        assert [t["probability"] for t in answer["top"]] == pytest.approx(p[expected].tolist(), abs=1e-6)
+        assert [t["logit"] for t in answer["top"]] == row[expected].tolist()
+        assert (answer["index"], answer["label"]) == (expected[0], str(expected[0]))
+
+
 def test_top_classes_are_ordered_by_value_then_index() -> None:
-    p = torch.tensor([0.1, 0.3, 0.3, 0.0, 0.3])
+    p = np.array([0.1, 0.3, 0.3, 0.0, 0.3])
     assert codec.top_classes(p, 2) == [1, 2]  # three tied at the top: the lower indices first
     assert codec.top_classes(p, 4) == [1, 2, 4, 0]
     assert codec.top_classes(p, 9) == [1, 2, 4, 0, 3]
-    assert codec.top_classes(torch.full((4096,), 1 / 4096), 3) == [0, 1, 2]
+    assert codec.top_classes(np.full(4096, 1 / 4096), 3) == [0, 1, 2]
 
 
 @pytest.mark.parametrize("value", ["0", "-1", "21", "99999999999999999999999", "abc", "1.5", ""])

@@ -318,20 +318,23 @@ class SlowBase:
     def __init__(self, per_image: float) -> None:
         self.per_image, self.device, self.passes = per_image, torch.device("cpu"), []
 
-    def routed(self, x: torch.Tensor, adapters: list, index: torch.Tensor) -> torch.Tensor:
+    def forward(self, images: list, mean: torch.Tensor, std: torch.Tensor, adapters: list, index: torch.Tensor) -> list:
+        x = torch.cat(images)
         time.sleep(self.per_image * len(x))
         self.passes.append(len(x))
-        return list(x.flatten(1)[:, :2].clone())  # a row per image, as the routed model's padded heads give
+        return list(x.flatten(1)[:, :2].clone())  # a row per image: its first two values
 
 
 def served_as(tenant_id: int, base: SlowBase) -> SimpleNamespace:
     tenant = SimpleNamespace(tenant_id=tenant_id, tenant=f"t{tenant_id}", cache_key=(tenant_id, 1))
-    return SimpleNamespace(tenant=tenant, base=base, adapter=None)
+    return SimpleNamespace(
+        tenant=tenant, base=base, adapter=None, preprocess=SimpleNamespace(mean=(0.5,) * 3, std=(0.5,) * 3)
+    )
 
 
 def numbered(start: int, n: int) -> torch.Tensor:
     """``n`` images whose first pixel counts from ``start``: every answer row says which image it is."""
-    return torch.arange(start, start + n, dtype=torch.float32).view(n, 1, 1, 1).expand(n, 3, 2, 2).contiguous()
+    return torch.arange(start, start + n, dtype=torch.float32).view(n, 1, 1, 1).expand(n, 2, 2, 3).contiguous()
 
 
 def run_batcher(scenario, **kw):
@@ -768,6 +771,28 @@ def test_requests_are_access_logged_by_tenant_without_the_token(world: dict, cap
     assert any("POST /v1/predict 200" in line and "tenant=carol" in line for line in lines), lines
     assert any("GET /v1/adapter 401" in line for line in lines), lines
     assert not any(token in line or token.removeprefix("ppvit_") in line for line in lines)
+
+
+def test_an_unforeseen_failure_is_one_line_of_json_counted_and_logged(
+    world: dict, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A bug in a route (here the decoder raising what no handler knows) answers 500 as one line of JSON, is
+    counted under its route and status and access-logged with its tenant; the server goes on answering."""
+
+    def broken(*args: object) -> None:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr("ppvit.serve.app.decode_images", broken)
+    token = world["tokens"]["carol"]
+    with LiveServer(ServeConfig(world["root"], window_ms=1, metrics=True)) as server, caplog.at_level(logging.INFO):
+        r = predict_raw(server.url, token, npy(world["images"][:1]))
+        assert (r.status_code, r.json()) == (500, {"error": "internal error (see the server log)"})
+        assert httpx.get(f"{server.url}/healthz").status_code == 200
+        metrics = httpx.get(f"{server.url}/metrics").text
+    assert 'ppvit_requests_total{endpoint="/v1/predict",status="500"} 1.0' in metrics, metrics
+    assert 'ppvit_requests_total{endpoint="/healthz",status="200"} 1.0' in metrics, metrics
+    lines = [r.getMessage() for r in caplog.records if r.name == "ppvit.serve.access"]
+    assert any("POST /v1/predict 500" in line and "tenant=carol" in line for line in lines), lines
 
 
 def test_a_token_can_be_rotated(world: dict, tmp_path: Path) -> None:

@@ -65,10 +65,16 @@ class Preprocess:
 
 
 def normalize(images: torch.Tensor, mean: Sequence[float] | torch.Tensor, std: Sequence[float] | torch.Tensor):
-    """uint8 NCHW -> float32 ``(v / 255 - mean_c) / std_c``: training, eval, predict and the server alike."""
+    """uint8 NCHW -> float32 ``(v / 255 - mean_c) / std_c``: training, eval, predict and the server alike.
+
+    ``mean`` and ``std`` are per channel, (C,), or per image and channel, (N, C): a server's pass holds
+    images of adapters with different recipes."""
     import torch
 
     x = images.float().div_(255)
-    m = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-    s = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-    return (x - m) / s
+
+    def per_channel(v: Sequence[float] | torch.Tensor) -> torch.Tensor:
+        t = torch.as_tensor(v, dtype=x.dtype, device=x.device)
+        return t.view(-1 if t.ndim > 1 else 1, t.shape[-1], 1, 1)
+
+    return (x - per_channel(mean)) / per_channel(std)

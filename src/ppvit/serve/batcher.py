@@ -30,7 +30,7 @@ class Job:
     """One request's images; a large one is computed in pieces across forward passes."""
 
     served: Served
-    images: torch.Tensor  # (n, C, H, W) normalised
+    images: torch.Tensor  # (n, H, W, C) as the request carried them (uint8, or a mixing's float16/int), on the host
     future: asyncio.Future
     taken: int = 0  # images handed to a forward pass so far
     rows: list[torch.Tensor] = field(default_factory=list)  # their logits (one row per image, its own classes)
@@ -135,7 +135,8 @@ class Batcher:
         return self._task is not None and not self._task.done()
 
     async def submit(self, served: Served, images: torch.Tensor) -> list[torch.Tensor]:
-        """The logits of ``images`` (one row each), computed with ``served``'s adapter."""
+        """The logits of ``images`` ((N, H, W, C) as the request carried them; one row each, in the host's
+        memory), computed with ``served``'s adapter after its recipe's normalisation."""
         if self.closing or not self.alive:
             raise HTTPError(503, "the server is shutting down")
         if not len(images):  # nothing to schedule (a job must give at least one image to a pass)
@@ -238,16 +239,22 @@ class Batcher:
         for p in pieces:
             adapters.setdefault(p.job.served.tenant.cache_key, len(adapters))
         unique = {p.job.served.tenant.cache_key: p.job.served.adapter for p in pieces}
-        index = torch.cat([torch.full((p.stop - p.start,), adapters[p.job.served.tenant.cache_key]) for p in pieces])
-        x = torch.cat([p.job.images[p.start : p.stop] for p in pieces])
+        counts = torch.tensor([p.stop - p.start for p in pieces])
+        index = torch.tensor([adapters[p.job.served.tenant.cache_key] for p in pieces]).repeat_interleave(counts)
+        recipes = [(p.job.served.preprocess.mean, p.job.served.preprocess.std) for p in pieces]
+        if len(set(recipes)) == 1:  # one recipe for the pass: per channel
+            mean, std = (torch.tensor(v) for v in recipes[0])
+        else:  # per image
+            mean, std = (torch.tensor([r[i] for r in recipes]).repeat_interleave(counts, 0) for i in (0, 1))
+        images = [p.job.images[p.start : p.stop] for p in pieces]
         base = pieces[0].job.served.base
-        self.metrics.batch_size.observe(len(x))
+        self.metrics.batch_size.observe(len(index))
         self.metrics.batch_tenants.observe(len(adapters))
         t0 = time.perf_counter()
         logits = await asyncio.get_running_loop().run_in_executor(
-            self.executor, base.routed, x.to(base.device), list(unique.values()), index
+            self.executor, base.forward, images, mean, std, list(unique.values()), index
         )
-        self.times.setdefault(id(base), PassTimes()).add(len(x), time.perf_counter() - t0)
+        self.times.setdefault(id(base), PassTimes()).add(len(index), time.perf_counter() - t0)
         start = 0
         for p in pieces:
             n = p.stop - p.start

@@ -199,16 +199,15 @@ class StrictJSONResponse(JSONResponse):
         return json_text(content, indent=None).encode()
 
 
-def top_classes(p: torch.Tensor, k: int) -> list[int]:
-    """The indices of the ``k`` largest values of ``p``, largest first, ties by the lower index.
+def top_classes(p: np.ndarray, k: int) -> list[int]:
+    """The indices of the ``k`` largest values of the row ``p``, largest first, ties by the lower index.
 
-    ``topk`` finds the k-th value without sorting the whole row (a head of thousands of classes),
-    then only the candidates at or above it are ordered (``topk`` alone leaves ties in no set order)."""
-    kth = torch.topk(p, min(k, len(p))).values[-1]
-    candidates = torch.nonzero(p >= kth).flatten()
-    indices, values = candidates.tolist(), p[candidates].tolist()
-    order = sorted(range(len(indices)), key=lambda j: -values[j])  # stable: equal values keep index order
-    return [indices[j] for j in order[:k]]
+    ``partition`` finds the k-th value without sorting the whole row (a head of thousands of classes),
+    then only the candidates at or above it are ordered (``argpartition`` alone leaves ties in no set order)."""
+    k = min(k, len(p))
+    kth = -np.partition(-p, k - 1)[k - 1]
+    candidates = np.flatnonzero(p >= kth)
+    return candidates[np.lexsort((candidates, -p[candidates]))[:k]].tolist()
 
 
 def answers_json(served: Served, rows: list[torch.Tensor], logits: bool, top_k: int) -> bytes:
@@ -216,20 +215,33 @@ def answers_json(served: Served, rows: list[torch.Tensor], logits: bool, top_k: 
     and its ``top_k`` most probable classes in descending order (ties by index), each with its logit
     when asked. Its size depends on ``top_k`` and the images, not on the head's class count.
 
-    Logits that are not finite (an adapter whose weights overflow on this input; registration
-    refuses those that do on a probe image) are refused (422) rather than answered with NaNs."""
+    The rows (one adapter's: one width) are read as one NumPy matrix: a few operations for the whole
+    request (a dozen tensor operations per image cost 10 us each). Logits that are not finite (an adapter
+    whose weights overflow on this input; registration refuses those that do on a probe image) are
+    refused (422) rather than answered with NaNs."""
     classes = class_names(served.meta)
+    table = torch.stack(rows).float().cpu().numpy()
+    finite = np.isfinite(table).all(1)
+    if not finite.all():
+        first = int(np.flatnonzero(~finite)[0])
+        raise HTTPError(422, f"image {first}: the adapter's outputs for it are not finite (its weights overflow)")
+    e = np.exp(table - table.max(1, keepdims=True))
+    p = e / e.sum(1, keepdims=True)
+    k = min(top_k, p.shape[1])
+    part = np.argpartition(-p, k - 1, axis=1)[:, :k]  # each row's k largest, in no set order
+    values = np.take_along_axis(p, part, 1)
+    ranked = np.take_along_axis(part, np.lexsort((part, -values), axis=-1), 1)
+    for i in np.flatnonzero((p >= values.min(1, keepdims=True)).sum(1) > k):  # tied at the k-th value: exactly
+        ranked[i] = top_classes(p[i], k)
+    columns = {"index": ranked.tolist(), "probability": np.take_along_axis(p, ranked, 1).tolist()}
+    if logits:
+        columns["logit"] = np.take_along_axis(table, ranked, 1).tolist()
     answers = []
-    for i, row in enumerate(rows):
-        if not bool(torch.isfinite(row).all()):
-            raise HTTPError(422, f"image {i}: the adapter's outputs for it are not finite (its weights overflow)")
-        p = row.softmax(-1)
-        top = []
-        for k in top_classes(p, top_k):
-            ranked = {"label": classes[k], "index": k, "probability": float(p[k])}
-            if logits:
-                ranked["logit"] = float(row[k])
-            top.append(ranked)
+    for i in range(len(rows)):
+        top = [
+            {"label": classes[c], **{name: col[i][j] for name, col in columns.items()}}
+            for j, c in enumerate(columns["index"][i])
+        ]
         answers.append({**{n: top[0][n] for n in ("label", "index", "probability")}, "top": top})
     doc = {"tenant": served.tenant.tenant, "version": served.tenant.version, "predictions": answers}
     return json_text(doc, indent=None).encode()
