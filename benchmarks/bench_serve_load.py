@@ -59,10 +59,12 @@ def npy_body(path: Path, images: int, size: int, seed: int) -> str:
     return str(path)
 
 
-def start_server(root: Path, port: int, window_ms: float, tenant_requests: int, shared_ms: float) -> subprocess.Popen:
+def start_server(
+    root: Path, port: int, window_ms: float, tenant_requests: int, shared_ms: float, *flags: str
+) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "ppvit.cli", "-q", "serve", "--root", str(root), "--port", str(port)]
     cmd += ["--window-ms", str(window_ms), "--tenant-requests", str(tenant_requests)]
-    cmd += ["--shared-pass-ms", str(shared_ms)]
+    cmd += ["--shared-pass-ms", str(shared_ms), *flags]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
     while True:

@@ -378,6 +378,37 @@ def test_a_neighbours_large_requests_do_not_hold_up_a_small_one() -> None:
     assert max(waits[4:]) <= 22, waits
 
 
+def test_a_pass_normalises_each_image_by_its_own_adapters_recipe() -> None:
+    """Images of two tenants with different recipes in one pass (uint8 as the requests carried them): each
+    reaches the model as (v / 255 - its mean) / its std, and its logits come back in the host's memory,
+    each row its own head's width."""
+    from ppvit.serve.cache import Base
+
+    class Echo:  # a stand-in routed model: a sample's logits are its first pixel's channels (3 or 5 of them)
+        def __call__(self, x: torch.Tensor, adapters: list, index: torch.Tensor) -> list:
+            return [x[j, :, 0, 0].repeat(1 + int(i))[: 3 + 2 * int(i)] for j, i in enumerate(index)]
+
+    base = Base(Echo(), torch.device("cpu"))
+    recipes = {1: ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)), 2: ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))}
+
+    def served(t: int) -> SimpleNamespace:
+        mean, std = recipes[t]
+        tenant = SimpleNamespace(tenant_id=t, tenant=f"t{t}", cache_key=(t, 1))
+        return SimpleNamespace(tenant=tenant, base=base, adapter=t, preprocess=SimpleNamespace(mean=mean, std=std))
+
+    images = {t: torch.randint(0, 256, (3, 2, 2, 3), dtype=torch.uint8) for t in recipes}
+
+    async def scenario(batcher: Batcher) -> list:
+        return await asyncio.gather(*(batcher.submit(served(t), images[t]) for t in recipes))
+
+    answers = run_batcher(scenario, shared_pass=1.0)
+    for (t, (mean, std)), rows in zip(recipes.items(), answers, strict=True):
+        for image, row in zip(images[t], rows, strict=True):
+            want = [(float(v) / 255 - m) / s for v, m, s in zip(image[0, 0], mean, std, strict=True)]
+            assert row.device.type == "cpu" and len(row) == 3 + 2 * (t - 1)
+            assert row[:3].tolist() == pytest.approx(want, abs=1e-6)
+
+
 def test_split_requests_are_answered_whole_and_in_order() -> None:
     base = SlowBase(per_image=0.001)
 

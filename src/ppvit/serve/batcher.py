@@ -254,7 +254,9 @@ class Batcher:
         logits = await asyncio.get_running_loop().run_in_executor(
             self.executor, base.forward, images, mean, std, list(unique.values()), index
         )
-        self.times.setdefault(id(base), PassTimes()).add(len(index), time.perf_counter() - t0)
+        seconds = time.perf_counter() - t0
+        self.metrics.pass_seconds.observe(seconds)
+        self.times.setdefault(id(base), PassTimes()).add(len(index), seconds)
         start = 0
         for p in pieces:
             n = p.stop - p.start

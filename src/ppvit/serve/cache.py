@@ -79,9 +79,8 @@ class Base:
 
 
 def to_host(rows: list[torch.Tensor]) -> list[torch.Tensor]:
-    """``rows`` (one per image, each its head's width) in the host's memory: one copy per width."""
-    if not rows or all(r.device.type == "cpu" for r in rows):
-        return rows
+    """``rows`` (one per image, each its head's width) in the host's memory: one copy per width (on the
+    host too, where it costs a copy of the logits: one path on every device)."""
     by_width: dict[int, list[int]] = {}
     for j, r in enumerate(rows):
         by_width.setdefault(r.shape[-1], []).append(j)

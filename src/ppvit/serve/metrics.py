@@ -23,5 +23,11 @@ class Metrics:
         sizes = (1, 2, 4, 8, 16, 32, 64, 128, 256)
         self.batch_size = Histogram("ppvit_batch_images", "images per routed forward", buckets=sizes, registry=r)
         self.batch_tenants = Histogram("ppvit_batch_adapters", "adapters per routed forward", buckets=sizes, registry=r)
+        self.pass_seconds = Histogram(
+            "ppvit_pass_seconds",
+            "seconds of a routed forward pass, the host-device copies included",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+            registry=r,
+        )
         self.resident = Gauge("ppvit_adapters_resident", "adapters in memory", registry=r)
         self.resident_bytes = Gauge("ppvit_adapter_bytes_resident", "bytes of adapter tensors in memory", registry=r)
