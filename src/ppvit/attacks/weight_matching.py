@@ -53,15 +53,20 @@ def weight_matching_attack(
     """
     w0, w1 = public["patch_embed.proj.weight"], server["patch_embed.proj.weight"]
     pi = _match_by_cosine(_columns(w0), _columns(w1))
-    sigma = None
-    if "pos_embed" in public and "pos_embed" in server:
-        p0 = public["pos_embed"][0, num_prefix_tokens:].double().T
-        p1 = server["pos_embed"][0, num_prefix_tokens:].double().T
-        if not torch.equal(p0, p1):
-            sigma = _match_by_cosine(p0 - p0.mean(1, keepdim=True), p1 - p1.mean(1, keepdim=True))
-    if sigma is None:
-        sigma = np.arange(public["pos_embed"].shape[1] - num_prefix_tokens if "pos_embed" in public else 0)
-    return BlockMap(sigma, pi, np.zeros(len(pi), dtype=bool))
+    return BlockMap(block_moves(public, server, num_prefix_tokens), pi, np.zeros(len(pi), dtype=bool))
+
+
+def block_moves(
+    public: dict[str, torch.Tensor], server: dict[str, torch.Tensor], num_prefix_tokens: int = 1
+) -> np.ndarray:
+    """The block permutation ``sigma`` read from the position embeddings' rows alone (identity when they are
+    equal or absent): a key-transformed model's ``pos'[b] = pos[sigma(b)]``, matched by centred cosine."""
+    if "pos_embed" not in public:
+        return np.arange(0)
+    p0 = public["pos_embed"][0, num_prefix_tokens:].double().T
+    if "pos_embed" not in server or torch.equal(p0, p1 := server["pos_embed"][0, num_prefix_tokens:].double().T):
+        return np.arange(p0.shape[1])
+    return _match_by_cosine(p0 - p0.mean(1, keepdim=True), p1 - p1.mean(1, keepdim=True))
 
 
 @dataclass(frozen=True)
@@ -139,14 +144,26 @@ def embedding_decryptor(
     A model as wide as a block (ViT-B: 768 rows for 768 values) gives ``x`` exactly; a narrower one
     (ViT-Ti: 192) the part its rows see, the prior the rest. Blocks stay where the ciphertext has them.
     """
+    return _decryptors(public, server, prior, (ridge,))[0]
+
+
+def _decryptors(
+    public: torch.nn.Module, server: torch.nn.Module, prior: BlockStats, ridges: tuple[float, ...]
+) -> list[LinearDecryptor]:
+    """:func:`embedding_decryptor` for each of ``ridges``, the embeddings and ``P C P^T`` computed once."""
     p_mat, p0 = _affine_embedding(public)
     k_mat, k0 = _affine_embedding(server)
     if p_mat.shape != k_mat.shape or p_mat.shape[1] != prior.mean.size:
         raise ValueError(f"patch embeddings {p_mat.shape} and {k_mat.shape} and prior blocks of {prior.mean.size}")
     mu, cov = prior.mean, prior.cov
-    seen = p_mat @ cov @ p_mat.T
-    gain = cov @ p_mat.T @ np.linalg.inv(seen + ridge * np.trace(seen) / len(seen) * np.eye(len(seen)))
-    return LinearDecryptor(gain @ k_mat, mu + gain @ (k0 - p_mat @ mu - p0))
+    seen_by = cov @ p_mat.T
+    seen = p_mat @ seen_by
+    scale = np.trace(seen) / len(seen)
+    out = []
+    for ridge in ridges:
+        gain = seen_by @ np.linalg.inv(seen + ridge * scale * np.eye(len(seen)))
+        out.append(LinearDecryptor(gain @ k_mat, mu + gain @ (k0 - p_mat @ mu - p0)))
+    return out
 
 
 RIDGES = (1e-6, 1e-4, 1e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0)  # what choose_ridge tries: exact model ... far drifted
@@ -169,12 +186,12 @@ def choose_ridge(public: torch.nn.Module, server: torch.nn.Module, prior: BlockS
     target = _block_roughness(np.concatenate(prior.sample), p)
     blocks = to_blocks(cipher, p).astype(np.float64)
 
-    def gap(ridge: float) -> float:
-        decryptor = embedding_decryptor(public, server, prior, ridge)
+    def gap(decryptor: LinearDecryptor) -> float:
         plain = np.clip(np.rint(blocks @ decryptor.matrix.T + decryptor.offset), 0, 255)
         return abs(_block_roughness(plain, p) - target)
 
-    return min(RIDGES, key=gap)
+    gaps = [gap(d) for d in _decryptors(public, server, prior, RIDGES)]
+    return RIDGES[int(np.argmin(gaps))]
 
 
 def put_blocks_back(images: np.ndarray, sigma: np.ndarray, p: int) -> np.ndarray:
@@ -193,12 +210,12 @@ def embedding_leakage(
     input size when the scheme moves blocks) encrypted with ``key``, decrypted by
     :func:`embedding_decryptor` from the two patch embeddings and the ``prior``'s block statistics
     (public images) with the ridge :func:`choose_ridge` picks, blocks put back by weight matching's position
-    rows. Returns their PSNR/SSIM against ``held`` (and the ridge), and the decrypted images."""
+    rows (:func:`block_moves`). Returns their PSNR/SSIM against ``held`` (and the ridge), and the decrypted images."""
     p = prior.p
     cipher = BlockCipher(key, scheme, p).encrypt(held)
     ridge = choose_ridge(public, server, prior, cipher)
     guess = embedding_decryptor(public, server, prior, ridge).decrypt(cipher, p)
-    sigma = weight_matching_attack(embedding(public), embedding(server), public.num_prefix_tokens).sigma
+    sigma = block_moves(embedding(public), embedding(server), public.num_prefix_tokens)
     if not np.array_equal(sigma, np.arange(len(sigma))):
         if held.shape[1:3] != (input_size(public),) * 2:
             raise ValueError(f"the scheme moves blocks: images must be {input_size(public)} pixels, the model's size")
