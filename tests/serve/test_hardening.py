@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import gc
 import hmac
 import io
 import json
@@ -824,6 +825,17 @@ def test_an_unforeseen_failure_is_one_line_of_json_counted_and_logged(
     assert 'ppvit_requests_total{endpoint="/healthz",status="200"} 1.0' in metrics, metrics
     lines = [r.getMessage() for r in caplog.records if r.name == "ppvit.serve.access"]
     assert any("POST /v1/predict 500" in line and "tenant=carol" in line for line in lines), lines
+
+
+def test_the_server_leaves_what_it_started_with_out_of_garbage_collection(world: dict) -> None:
+    """A full collection walked the ~490,000 objects of torch, timm and FastAPI: 200+ ms pauses under load,
+    the p99 of every request in flight (BENCHMARKS.md). The server freezes them once it has started."""
+    gc.unfreeze()
+    with LiveServer(ServeConfig(world["root"], window_ms=1)) as server:
+        assert httpx.get(f"{server.url}/healthz").status_code == 200
+        frozen = gc.get_freeze_count()
+    gc.unfreeze()
+    assert frozen > 100_000, frozen
 
 
 def test_a_token_can_be_rotated(world: dict, tmp_path: Path) -> None:

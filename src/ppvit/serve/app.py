@@ -27,6 +27,7 @@ tenant's large requests do not delay another's one image).
 from __future__ import annotations
 
 import asyncio
+import gc
 import ipaddress
 import logging
 import os
@@ -206,6 +207,10 @@ def create_app(cfg: ServeConfig) -> FastAPI:
         batcher = Batcher(cfg.window_ms / 1000, cfg.max_batch, metrics, cfg.shared_pass_ms / 1000)
         batcher.start()
         state["batcher"] = batcher
+        # torch, timm, FastAPI and the rest are about 490,000 objects that live as long as the process: a full
+        # collection walked them all (220 ms, measured under load: the p99 of every request in flight), now
+        # only what was made since
+        gc.freeze()
         yield
         await batcher.stop()
         store.close()
