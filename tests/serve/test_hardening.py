@@ -380,9 +380,9 @@ def test_a_neighbours_large_requests_do_not_hold_up_a_small_one() -> None:
 
 
 def test_a_pass_normalises_each_image_by_its_own_adapters_recipe() -> None:
-    """Images of two tenants with different recipes in one pass (uint8 as the requests carried them): each
-    reaches the model as (v / 255 - its mean) / its std, and its logits come back in the host's memory,
-    each row its own head's width."""
+    """Images of two tenants with different recipes and ciphertext dtypes in one pass, as the requests carried
+    them: each reaches the model as (v / 255 - its mean) / its std, and its logits come back in the host's
+    memory, each row its own head's width."""
     from ppvit.serve.cache import Base
 
     class Echo:  # a stand-in routed model: a sample's logits are its first pixel's channels (3 or 5 of them)
@@ -397,7 +397,8 @@ def test_a_pass_normalises_each_image_by_its_own_adapters_recipe() -> None:
         tenant = SimpleNamespace(tenant_id=t, tenant=f"t{t}", cache_key=(t, 1))
         return SimpleNamespace(tenant=tenant, base=base, adapter=t, preprocess=SimpleNamespace(mean=mean, std=std))
 
-    images = {t: torch.randint(0, 256, (3, 2, 2, 3), dtype=torch.uint8) for t in recipes}
+    # tenant 1 a lift adapter's int32 ciphertext (beyond float16's exact integers), tenant 2 a mix adapter's float16
+    images = {1: torch.randint(-70_000, 70_000, (3, 2, 2, 3), dtype=torch.int32), 2: torch.rand(3, 2, 2, 3).half()}
 
     async def scenario(batcher: Batcher) -> list:
         return await asyncio.gather(*(batcher.submit(served(t), images[t]) for t in recipes))
@@ -405,9 +406,9 @@ def test_a_pass_normalises_each_image_by_its_own_adapters_recipe() -> None:
     answers = run_batcher(scenario, shared_pass=1.0)
     for (t, (mean, std)), rows in zip(recipes.items(), answers, strict=True):
         for image, row in zip(images[t], rows, strict=True):
-            want = [(float(v) / 255 - m) / s for v, m, s in zip(image[0, 0], mean, std, strict=True)]
+            want = [(float(v) / 255 - m) / s for v, m, s in zip(image[0, 0].double(), mean, std, strict=True)]
             assert row.device.type == "cpu" and len(row) == 3 + 2 * (t - 1)
-            assert row[:3].tolist() == pytest.approx(want, abs=1e-6)
+            assert row[:3].tolist() == pytest.approx(want, rel=1e-6, abs=1e-6)
 
 
 def test_split_requests_are_answered_whole_and_in_order() -> None:
