@@ -61,7 +61,9 @@ stage bench 240 "$PY" benchmarks/bench_gpu.py --data "$PPVIT_CIFAR10" --json "$O
 
 # serving on CUDA: one routed pass for 1, 16 and 64 tenants vs the merged model vs one pass per adapter (and
 # where routed's device time goes, --profile: it was 0.48-0.64x merged on 2026-12-04),
-# then ppvit serve on cuda under a loopback load (p50/p99); the server needs the extra `serve`
+# then ppvit serve on cuda under a loopback load (p50/p99; 148.5 requests/s, p50 175 ms, p99 799 ms on 2026-12-04,
+# before a pass's images went to the device as uint8, its logits came back in one copy and the server's per-request
+# CPU fell 0.52-0.68x with gc frozen: BENCHMARKS.md); the server needs the extra `serve`
 stage serve 100 "$PY" benchmarks/bench_serve.py --device cuda --size 224 --batch 64 --tenant-counts 1,16,64 \
   --repeats 5 --tenants 16 --clients 32 --seconds 10 --profile
 
