@@ -50,3 +50,10 @@ def test_one_normalisation_against_independent_arithmetic() -> None:
     pipe = BatchPipeline(5, mean, std, data_encrypted=True)  # 5x5: no resize
     square = torch.from_numpy(images[..., :5]).permute(0, 2, 3, 1).contiguous()
     assert torch.equal(pipe(square, train=False), normalize(torch.from_numpy(images[..., :5]), mean, std))
+    # per image and channel, (N, C): a server's pass of adapters with different recipes; one value: every channel
+    means, stds = np.array([mean, (0.5, 0.5, 0.5)]), np.array([std, (0.5, 0.5, 0.5)])
+    want = (images / 255.0 - means[:, :, None, None]) / stds[:, :, None, None]
+    np.testing.assert_allclose(normalize(torch.from_numpy(images), means, stds).numpy(), want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        normalize(torch.from_numpy(images), 0.5, 0.25).numpy(), (images / 255.0 - 0.5) / 0.25, rtol=1e-5, atol=1e-6
+    )

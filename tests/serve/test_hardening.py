@@ -828,6 +828,27 @@ def test_an_unforeseen_failure_is_one_line_of_json_counted_and_logged(
     assert any("POST /v1/predict 500" in line and "tenant=carol" in line for line in lines), lines
 
 
+def test_an_answer_broken_off_midway_is_still_counted_and_logged(caplog: pytest.LogCaptureFixture) -> None:
+    """The access log's middleware counts and logs a request that fails after its answer began (with the status
+    it began with) and lets the failure go on to the server, which closes the connection."""
+    from ppvit.serve.app import AccessLog
+
+    async def app(scope: dict, receive: object, send: object) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        raise RuntimeError("midway")
+
+    async def send(message: dict) -> None:
+        pass
+
+    metrics = Metrics()
+    scope = {"type": "http", "method": "GET", "path": "/s", "client": ("10.0.0.1", 5), "state": {"tenant": "carol"}}
+    with caplog.at_level(logging.INFO), pytest.raises(RuntimeError, match="midway"):
+        asyncio.run(AccessLog(app, metrics)(scope, None, send))
+    assert metrics.requests.labels("other", "200")._value.get() == 1
+    lines = [r.getMessage() for r in caplog.records if r.name == "ppvit.serve.access"]
+    assert len(lines) == 1 and lines[0].startswith("10.0.0.1 GET /s 200") and "tenant=carol" in lines[0], lines
+
+
 def test_the_server_leaves_what_it_started_with_out_of_garbage_collection(world: dict) -> None:
     """A full collection walked the ~490,000 objects of torch, timm and FastAPI: 200+ ms pauses under load,
     the p99 of every request in flight (BENCHMARKS.md). The server freezes them once it has started."""

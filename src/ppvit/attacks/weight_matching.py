@@ -157,11 +157,10 @@ def _decryptors(
         raise ValueError(f"patch embeddings {p_mat.shape} and {k_mat.shape} and prior blocks of {prior.mean.size}")
     mu, cov = prior.mean, prior.cov
     seen_by = cov @ p_mat.T
-    seen = p_mat @ seen_by
-    scale = np.trace(seen) / len(seen)
+    seen = p_mat @ cov @ p_mat.T  # as embedding_decryptor always grouped it: the same bits
     out = []
     for ridge in ridges:
-        gain = seen_by @ np.linalg.inv(seen + ridge * scale * np.eye(len(seen)))
+        gain = seen_by @ np.linalg.inv(seen + ridge * np.trace(seen) / len(seen) * np.eye(len(seen)))
         out.append(LinearDecryptor(gain @ k_mat, mu + gain @ (k0 - p_mat @ mu - p0)))
     return out
 
@@ -190,8 +189,8 @@ def choose_ridge(public: torch.nn.Module, server: torch.nn.Module, prior: BlockS
         plain = np.clip(np.rint(blocks @ decryptor.matrix.T + decryptor.offset), 0, 255)
         return abs(_block_roughness(plain, p) - target)
 
-    gaps = [gap(d) for d in _decryptors(public, server, prior, RIDGES)]
-    return RIDGES[int(np.argmin(gaps))]
+    gaps = dict(zip(RIDGES, (gap(d) for d in _decryptors(public, server, prior, RIDGES)), strict=True))
+    return min(RIDGES, key=gaps.__getitem__)
 
 
 def put_blocks_back(images: np.ndarray, sigma: np.ndarray, p: int) -> np.ndarray:

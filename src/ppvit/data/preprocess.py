@@ -75,6 +75,6 @@ def normalize(images: torch.Tensor, mean: Sequence[float] | torch.Tensor, std: S
 
     def per_channel(v: Sequence[float] | torch.Tensor) -> torch.Tensor:
         t = torch.as_tensor(v, dtype=x.dtype, device=x.device)
-        return t.view(-1 if t.ndim > 1 else 1, t.shape[-1], 1, 1)
+        return t.view(-1, t.shape[-1], 1, 1) if t.ndim == 2 else t.view(1, -1, 1, 1)
 
     return (x - per_channel(mean)) / per_channel(std)

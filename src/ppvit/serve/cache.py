@@ -71,9 +71,10 @@ class Base:
         memory, B images in all) to each image's logits in the host's memory; ``mean``/``std`` per channel,
         (C,), or per image, (B, C). Run in the batcher's forward thread, copies and all.
 
-        The images cross to the device as they are (uint8: a quarter of float32's bytes) and are normalised
-        there, and the logits come back in one copy per head width: the answers then read them without
-        a device sync each (on a GPU, every ``.tolist()`` of a row on the device waited for the pass after it)."""
+        The images cross to the device as they are (uint8: a quarter of float32's bytes; a pass mixing
+        ciphertext dtypes as float32) and are normalised there, and the logits come back in one copy per head
+        width: the answers then read them without a device sync each (on a GPU, every ``.tolist()`` of a row
+        on the device waited for the pass after it)."""
         if len({t.dtype for t in images}) > 1:  # e.g. a lift tenant's int32 beside a mix tenant's float16
             images = [t.float() for t in images]  # not cat's promotion (float16: int32 values rounded)
         x = normalize(torch.cat(images).to(self.device).permute(0, 3, 1, 2), mean, std)

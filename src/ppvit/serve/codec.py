@@ -5,7 +5,8 @@ JSON ``{"images": [base64 PNG, ...]}``. The array's dtype is the adapter's ciphe
 ``mix`` adapter's float16, a ``lift`` adapter's int16 or int32, which PNG cannot carry). Dtype,
 sizes and counts are checked from the ``.npy`` header or each PNG's header before anything is
 decoded or allocated, a float array's values are finite; anything else is a 4xx
-:class:`~ppvit.serve.auth.HTTPError`. Answers are JSON bytes built off the event loop, and bounded
+:class:`~ppvit.serve.auth.HTTPError`. Answers are JSON bytes (a request of several images' built off the
+event loop, one image's on it: cheaper than the thread hop), and bounded
 whatever the head: a prediction names its ``top_k`` classes (not a probability per class: a head of
 thousands of long names made every answer hundreds of KB, and encoding it stalled the neighbours), and
 ``GET /v1/adapter``'s answer (every class name, up to ``MAX_CLASS_BYTES``) is encoded once per adapter
@@ -219,13 +220,14 @@ def answers_json(served: Served, rows: list[torch.Tensor], logits: bool, top_k: 
     request (a dozen tensor operations per image cost 10 us each). Logits that are not finite (an adapter
     whose weights overflow on this input; registration refuses those that do on a probe image) are
     refused (422) rather than answered with NaNs."""
-    classes = class_names(served.meta)
+    names = served.meta.classes  # None: a class is named by its index (not a list built per answer)
     table = torch.stack(rows).float().cpu().numpy()
     finite = np.isfinite(table).all(1)
     if not finite.all():
         first = int(np.flatnonzero(~finite)[0])
         raise HTTPError(422, f"image {first}: the adapter's outputs for it are not finite (its weights overflow)")
-    e = np.exp(table - table.max(1, keepdims=True))
+    with np.errstate(over="ignore"):  # logits near float32's limit: their differences overflow to -inf, exp 0
+        e = np.exp(table - table.max(1, keepdims=True))
     p = e / e.sum(1, keepdims=True)
     k = min(top_k, p.shape[1])
     part = np.argpartition(-p, k - 1, axis=1)[:, :k]  # each row's k largest, in no set order
@@ -239,7 +241,7 @@ def answers_json(served: Served, rows: list[torch.Tensor], logits: bool, top_k: 
     answers = []
     for i in range(len(rows)):
         top = [
-            {"label": classes[c], **{name: col[i][j] for name, col in columns.items()}}
+            {"label": names[c] if names else str(c), **{name: col[i][j] for name, col in columns.items()}}
             for j, c in enumerate(columns["index"][i])
         ]
         answers.append({**{n: top[0][n] for n in ("label", "index", "probability")}, "top": top})
