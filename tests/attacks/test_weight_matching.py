@@ -101,8 +101,13 @@ def test_the_model_of_another_key_decrypts_nothing() -> None:
 
 def test_the_ridge_chosen_without_the_images_copes_with_a_drifted_model() -> None:
     """A key holder's model that training moved (here: noise on its patch embedding) decrypts to noise under
-    the smallest ridge; the one choose_ridge picks by the prior's roughness, blind, does far better."""
-    key, public = Key.generate(), _public()
+    the smallest ridge; the one choose_ridge picks by the prior's roughness, blind, does far better.
+
+    Over 30 random keys the blind choice gained 5.7-13 dB over the smallest ridge and came within 1 dB of the
+    best ridge chosen with the images in 27, 3.0 dB short at worst (this test asserted 1 dB with a random key and
+    failed about 1 run in 10). One fixed key here, one of the three: 34.7 dB chosen (1e-3), 26.9 at the smallest
+    ridge, 37.2 at the best (3e-2)."""
+    key, public = Key(bytes(range(32))), _public()
     server = transform_model(_public(), key, "mix", 4)
     with torch.no_grad():
         torch.manual_seed(3)
@@ -111,5 +116,5 @@ def test_the_ridge_chosen_without_the_images_copes_with_a_drifted_model() -> Non
     cipher = BlockCipher(key, "mix", 4).encrypt(HELD)
     ridge = choose_ridge(public, server, PRIOR, cipher)
     by_ridge = {r: psnr(HELD, embedding_decryptor(public, server, PRIOR, r).decrypt(cipher, 4)) for r in RIDGES}
-    assert by_ridge[ridge] > by_ridge[RIDGES[0]] + 5.0  # measured: 35.6 against 28.0 dB
-    assert by_ridge[ridge] > max(by_ridge.values()) - 1.0  # as good as the best ridge chosen with the images
+    assert by_ridge[ridge] > by_ridge[RIDGES[0]] + 5.0
+    assert by_ridge[ridge] > max(by_ridge.values()) - 3.5  # near the best ridge chosen with the images
