@@ -51,9 +51,9 @@ def build_world(tmp: Path, toy_dataset: Path) -> dict:
     torch.manual_seed(0)
     save_file(create_backbone(SMALL, num_classes=4).state_dict(), str(weights))
     keys = {}
-    for name in ("A", "B"):
+    for i, name in enumerate(("A", "B")):  # fixed keys: a misrouted tenant's accuracy depends on the pair
         keys[name] = tmp / f"{name}.key"
-        Key.generate().save(keys[name])
+        Key(bytes(range(32 * i, 32 * i + 32))).save(keys[name])
     runs, tokens = {}, {}
     store = TenantStore(tmp / "root")
     for tenant, (method, scheme, key, extra) in TENANTS.items():
