@@ -64,7 +64,10 @@ def block_moves(
     if "pos_embed" not in public:
         return np.arange(0)
     p0 = public["pos_embed"][0, num_prefix_tokens:].double().T
-    if "pos_embed" not in server or torch.equal(p0, p1 := server["pos_embed"][0, num_prefix_tokens:].double().T):
+    if "pos_embed" not in server:
+        return np.arange(p0.shape[1])
+    p1 = server["pos_embed"][0, num_prefix_tokens:].double().T
+    if torch.equal(p0, p1):
         return np.arange(p0.shape[1])
     return _match_by_cosine(p0 - p0.mean(1, keepdim=True), p1 - p1.mean(1, keepdim=True))
 
@@ -157,11 +160,12 @@ def _decryptors(
         raise ValueError(f"patch embeddings {p_mat.shape} and {k_mat.shape} and prior blocks of {prior.mean.size}")
     mu, cov = prior.mean, prior.cov
     seen_by = cov @ p_mat.T
-    seen = p_mat @ cov @ p_mat.T  # as embedding_decryptor always grouped it: the same bits
+    seen = p_mat @ cov @ p_mat.T  # grouped as before the ridges were batched: the same bits
+    trace, eye, residual = np.trace(seen), np.eye(len(seen)), k0 - p_mat @ mu - p0
     out = []
     for ridge in ridges:
-        gain = seen_by @ np.linalg.inv(seen + ridge * np.trace(seen) / len(seen) * np.eye(len(seen)))
-        out.append(LinearDecryptor(gain @ k_mat, mu + gain @ (k0 - p_mat @ mu - p0)))
+        gain = seen_by @ np.linalg.inv(seen + ridge * trace / len(seen) * eye)
+        out.append(LinearDecryptor(gain @ k_mat, mu + gain @ residual))
     return out
 
 
@@ -189,8 +193,8 @@ def choose_ridge(public: torch.nn.Module, server: torch.nn.Module, prior: BlockS
         plain = np.clip(np.rint(blocks @ decryptor.matrix.T + decryptor.offset), 0, 255)
         return abs(_block_roughness(plain, p) - target)
 
-    gaps = dict(zip(RIDGES, (gap(d) for d in _decryptors(public, server, prior, RIDGES)), strict=True))
-    return min(RIDGES, key=gaps.__getitem__)
+    decryptors = dict(zip(RIDGES, _decryptors(public, server, prior, RIDGES), strict=True))
+    return min(RIDGES, key=lambda ridge: gap(decryptors[ridge]))
 
 
 def put_blocks_back(images: np.ndarray, sigma: np.ndarray, p: int) -> np.ndarray:
