@@ -850,8 +850,8 @@ def test_an_answer_broken_off_midway_is_still_counted_and_logged(caplog: pytest.
 
 
 def test_the_server_leaves_what_it_started_with_out_of_garbage_collection(world: dict) -> None:
-    """A full collection walked the ~490,000 objects of torch, timm and FastAPI: 200+ ms pauses under load,
-    the p99 of every request in flight (BENCHMARKS.md). The server freezes them once it has started."""
+    """A full collection walked the ~490,000 objects of torch, timm and FastAPI: three pauses of 723 ms together
+    in 15 s of load, the p99 of every request in flight (BENCHMARKS.md). The server freezes them once started."""
     gc.unfreeze()
     with LiveServer(ServeConfig(world["root"], window_ms=1)) as server:
         assert httpx.get(f"{server.url}/healthz").status_code == 200
