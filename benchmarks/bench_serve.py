@@ -97,9 +97,9 @@ def in_process(args: argparse.Namespace) -> None:
     print("| tenants | routed img/s | merged img/s | split img/s | routed / merged | routed / split |")
     print("|---:|---:|---:|---:|---:|---:|")
     for k in args.tenant_counts:
-        index = torch.arange(args.batch, device=device) % k
-        groups = [torch.nonzero(index == t).flatten() for t in range(k)]
-        local = [torch.zeros(len(g), dtype=torch.long, device=device) for g in groups]
+        index = torch.arange(args.batch) % k  # in the host's memory, as the server's batcher builds it
+        groups = [torch.nonzero(index == t).flatten().to(device) for t in range(k)]
+        local = [torch.zeros(len(g), dtype=torch.long) for g in groups]
 
         def run_routed(k: int = k, index: torch.Tensor = index) -> None:
             routed(x, adapters[:k], index)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from conftest import SMALL
 from torch.utils.flop_counter import FlopCounterMode
@@ -12,11 +13,12 @@ from ppvit.models.methods import apply_method, method_config
 from ppvit.models.routing import RoutedViT, routed_adapter
 
 
-def routed(base: torch.nn.Module, classes: int, seed: int):
+def routed(base: torch.nn.Module, classes: int, seed: int, method: str = "lora-pe", **opts):
+    """A routed adapter of ``method`` with random trained tensors (LoRA B non-zero)."""
     torch.manual_seed(seed)
-    model = apply_method(create_backbone(SMALL, num_classes=classes), method_config("lora-pe"))
-    tensors = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    meta = AdapterMeta(SMALL, classes, method_config("lora-pe").to_dict(), weights_sha256="x")
+    model = apply_method(create_backbone(SMALL, num_classes=classes), method_config(method, **opts))
+    tensors = {n: p.detach() + 0.1 * torch.randn_like(p) for n, p in model.named_parameters() if p.requires_grad}
+    meta = AdapterMeta(SMALL, classes, method_config(method, **opts).to_dict(), weights_sha256="x")
     return routed_adapter(meta, tensors, base)
 
 
@@ -45,3 +47,36 @@ def test_a_wide_head_in_the_pass_costs_its_neighbours_nothing() -> None:
     torch.testing.assert_close(
         torch.stack([rows[0], rows[2]]), torch.stack(net(x[[0, 2]], [small], torch.tensor([0, 0])))
     )
+
+
+KINDS = [  # every kind routing gathers: patch and position embeddings, q/v LoRA of two ranks, LoRA on every Linear
+    (10, "lora-pe", {"rank": 4}),
+    (7, "melo", {"rank": 2, "alpha": 8.0, "targets": "all"}),
+    (3, "linear", {}),
+    (5, "lora-pe", {"rank": 8, "targets": "qkv", "train_pos_embed": True}),
+]
+
+
+@pytest.mark.parametrize(
+    ("kinds", "index"),
+    [
+        ([0], [0, 0, 0]),  # one client: the shared-matrix path
+        ([0, 3], [0, 1]),  # distinct tenants in order: no gather
+        ([0, 3], [1, 0, 1, 1]),  # q/v LoRA of two ranks, interleaved
+        ([0, 1, 2, 3], [3, 0, 2, 1, 1, 0, 2, 3]),  # every kind, mixed
+        ([2, 2], [1, 0]),  # heads only
+    ],
+)
+def test_a_pass_never_waits_for_the_device(kinds: list[int], index: list[int]) -> None:
+    """The whole routed forward runs on the meta device (shapes, no values): any step that reads a value
+    back from the device (``bool()``, ``.item()``, ``.tolist()`` of a device tensor) raises there. On a GPU
+    each such read made the host wait for every kernel queued before it, once a layer and once a head."""
+    base = create_backbone(SMALL)
+    adapters = []
+    for seed, k in enumerate(kinds):
+        classes, method, opts = KINDS[k]
+        adapters.append(routed(base, classes, seed, method, **opts).to("meta"))
+    net = RoutedViT(base.to("meta"))
+    rows = net(torch.empty(len(index), 3, 32, 32, device="meta"), adapters, torch.tensor(index))
+    assert [tuple(r.shape) for r in rows] == [(KINDS[kinds[i]][0],) for i in index]
+    assert all(r.device.type == "meta" for r in rows)

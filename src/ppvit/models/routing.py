@@ -23,6 +23,7 @@ cannot share a backbone: :class:`NotRoutable` (serve them with ``ppvit predict``
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -192,14 +193,39 @@ class RoutedLinear(nn.Module):
         return y
 
 
-def per_sample(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+@dataclass(frozen=True)
+class SampleIndex:
+    """Which adapter each sample of a pass uses, held on the host, where routing decides, and on the device,
+    where it gathers. No decision of a forward reads the device: on a GPU, each ``bool()`` of a device tensor
+    (one a layer, to see whether a gather was needed) and each list index copied to it (one a head) made the
+    host wait for every kernel queued before, so the host's Python and the GPU's work ran one after the other."""
+
+    host: tuple[int, ...]
+    device: torch.Tensor
+
+    @classmethod
+    def of(cls, index: torch.Tensor | Sequence[int], device: torch.device) -> SampleIndex:
+        """From the host's index (a device tensor works too, at the cost of one wait for it)."""
+        host = tuple(index.tolist() if isinstance(index, torch.Tensor) else index)
+        # non_blocking: the host's copy is staged at once and the device's queue is not waited for
+        return cls(host, torch.tensor(host, dtype=torch.long).to(device, non_blocking=True))
+
+    @property
+    def identity(self) -> bool:
+        """Sample i uses entry i (a batch of distinct tenants, in order)."""
+        return self.host == tuple(range(len(self.host)))
+
+
+def per_sample(table: torch.Tensor, index: SampleIndex | torch.Tensor) -> torch.Tensor:
     """``table[index]`` (one row per sample) without a copy where none is needed: the table
-    itself when sample i uses entry i (a batch of distinct tenants), a view for one entry."""
+    itself when sample i uses entry i, a view for one entry."""
+    if not isinstance(index, SampleIndex):
+        index = SampleIndex.of(index, table.device)
     if len(table) == 1:
-        return table.expand(len(index), *table.shape[1:])
-    if len(table) == len(index) and bool((index == torch.arange(len(index), device=index.device)).all()):
+        return table.expand(len(index.host), *table.shape[1:])
+    if len(table) == len(index.host) and index.identity:
         return table
-    return table[index]
+    return table.index_select(0, index.device)
 
 
 class RoutedViT(nn.Module):
@@ -223,10 +249,13 @@ class RoutedViT(nn.Module):
                 setattr(owner, child, RoutedLinear(module, f"blocks.{name}", self._deltas))
 
     @torch.no_grad()
-    def forward(self, x: torch.Tensor, adapters: list[RoutedAdapter], index: torch.Tensor) -> list[torch.Tensor]:
+    def forward(
+        self, x: torch.Tensor, adapters: list[RoutedAdapter], index: torch.Tensor | Sequence[int]
+    ) -> list[torch.Tensor]:
         """Logits per sample (each of its adapter's class count): ``x`` (B, C, H, W) normalised,
-        sample ``i`` through ``adapters[index[i]]``."""
-        index = index.to(x.device)
+        sample ``i`` through ``adapters[index[i]]`` (``index`` in the host's memory: the pass then never
+        waits for the device, which only the caller's copy of the logits does)."""
+        index = SampleIndex.of(index, x.device)
         m = self.base
         tokens = m.patch_embed.norm(self._patch_embed(x, adapters, index))
         prefix = [t.expand(len(x), -1, -1) for t in (m.cls_token, m.reg_token) if t is not None]
@@ -241,24 +270,27 @@ class RoutedViT(nn.Module):
             features = m.forward_head(m.norm(m.blocks(tokens)), pre_logits=True)
         finally:
             self._deltas.by_path = {}
-        return self._heads(features, adapters, index.tolist())
+        return self._heads(features, adapters, index)
 
     @staticmethod
-    def _heads(features: torch.Tensor, adapters: list[RoutedAdapter], index: list[int]) -> list[torch.Tensor]:
+    def _heads(features: torch.Tensor, adapters: list[RoutedAdapter], index: SampleIndex) -> list[torch.Tensor]:
         """Each sample's logits through its own adapter's head: one matrix product per adapter over its
         rows, so a sample pays its own head's classes only (heads padded to the widest made every
-        neighbour of a head of thousands of classes compute, and copy, thousands per image)."""
+        neighbour of a head of thousands of classes compute, and copy, thousands per image). The rows are
+        gathered once, grouped by adapter, with an index copied to the device without waiting for it."""
         rows: dict[int, list[int]] = {}
-        for j, i in enumerate(index):
+        for j, i in enumerate(index.host):
             rows.setdefault(i, []).append(j)
+        order = [j for js in rows.values() for j in js]
+        if order != list(range(len(order))):
+            features = features.index_select(0, SampleIndex.of(order, features.device).device)
         logits: dict[int, torch.Tensor] = {}
-        for i, js in rows.items():
-            weight, bias = adapters[i].head_weight.to(features.device), adapters[i].head_bias.to(features.device)
-            mine = features if len(js) == len(index) else features[js]  # one client's batch: no gathered copy
+        for (i, js), mine in zip(rows.items(), features.split([len(js) for js in rows.values()]), strict=True):
+            weight, bias = adapters[i].head_weight.to(mine.device), adapters[i].head_bias.to(mine.device)
             logits.update(zip(js, torch.addmm(bias, mine, weight.t()), strict=True))
-        return [logits[j] for j in range(len(index))]
+        return [logits[j] for j in range(len(order))]
 
-    def _patch_embed(self, x: torch.Tensor, adapters: list[RoutedAdapter], index: torch.Tensor) -> torch.Tensor:
+    def _patch_embed(self, x: torch.Tensor, adapters: list[RoutedAdapter], index: SampleIndex) -> torch.Tensor:
         proj = self.base.patch_embed.proj
         if all(a.patch_weight is None for a in adapters):
             return proj(x).flatten(2).transpose(1, 2)
@@ -279,7 +311,7 @@ class RoutedViT(nn.Module):
         return out
 
     @staticmethod
-    def _gather(own: torch.Tensor, theirs: list[torch.Tensor | None], index: torch.Tensor) -> torch.Tensor:
+    def _gather(own: torch.Tensor, theirs: list[torch.Tensor | None], index: SampleIndex) -> torch.Tensor:
         """The backbone's tensor when no adapter has its own, else one row per sample."""
         if all(t is None for t in theirs):
             return own
@@ -287,7 +319,7 @@ class RoutedViT(nn.Module):
 
     @staticmethod
     def _lora_factors(
-        adapters: list[RoutedAdapter], index: torch.Tensor, device: torch.device
+        adapters: list[RoutedAdapter], index: SampleIndex, device: torch.device
     ) -> dict[str, tuple[torch.Tensor, ...]]:
         """Per layer: A and B of every sample's adapter. Adapters without LoRA there get zeros,
         and lower ranks are padded with zeros: both add nothing. One adapter: its own A and B,
