@@ -1,11 +1,9 @@
 #!/usr/bin/env bash
 # Issue 30's GPU checks in one run of at most 9 minutes, on a bare GPU machine that has only this checkout.
 #
-# Before (on a machine that has them): copy the assets into the ignored folder gpu-assets/ of the checkout
-#   mkdir -p gpu-assets && cp ../shared/weights/vit_tiny_patch16_224.safetensors \
-#     ../shared/datasets/cifar10-jpeg.tar.gz gpu-assets/ && PYTHONPATH=src python -m ppvit.cli keygen gpu-assets/gpu.key
-# (41 MB: carried by the device tool, carry=["gpu-assets", ".whl"]). The machine's image lacks the `serve` and
-# `data` extras: benchmarks/gpu_wheels.sh downloads their wheels into .whl/ (installed there into /tmp/site).
+# Before, on a machine with ../shared and a venv: `bash benchmarks/gpu_assets.sh` copies the weights, CIFAR-10,
+# a key, Debian's wrk and the wheels of the extras the machine's image lacks into the ignored gpu-assets/ and .whl/
+# (about 42 MB: carried by the device tool, carry=["gpu-assets", ".whl"]; the wheels install into /tmp/site there).
 # To continue the preset from an earlier run, unpack its reproduce-gpu.tar.gz into gpu-assets/ first, with the
 # key that run used: finished cells are skipped, an interrupted one resumes from its checkpoint.
 # Seen on an H200 (2026-12-04, BENCHMARKS.md): versions, bench and serve took about 4.5 minutes together.
@@ -17,8 +15,9 @@ cd "$(dirname "$0")/.."
 start=$SECONDS
 OUT="${OUT:-gpu-check-out}"
 TOTAL_S="${TOTAL_S:-570}"
-STAGES="${STAGES:-versions bench serve service preset}"
+STAGES="${STAGES:-versions bench serve serve-load service preset}"
 ASSETS="${ASSETS:-gpu-assets}"
+DEVICE="${DEVICE:-cuda}"  # the serving stages' device (DEVICE=cpu: the script's plumbing on a CPU)
 mkdir -p "$OUT"
 if compgen -G ".whl/*.whl" >/dev/null; then  # the serve extra the image lacks, carried as wheels
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -27,6 +26,7 @@ fi
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 export PPVIT_WEIGHTS="$PWD/$ASSETS/vit_tiny_patch16_224.safetensors" PPVIT_CIFAR10="$PWD/$ASSETS/cifar10-jpeg.tar.gz"
 export PPVIT_CACHE="${PPVIT_CACHE:-/tmp/ppvit-cache}"
+export PATH="$PWD/$ASSETS/bin:$PATH" LD_LIBRARY_PATH="$PWD/$ASSETS/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"  # wrk
 PY="${PY:-python3}"
 for f in "$PPVIT_WEIGHTS" "$PPVIT_CIFAR10" "$ASSETS/gpu.key"; do
   test -f "$f" || { echo "gpu_check: $f missing (see the top of $0)"; exit 2; }
@@ -60,12 +60,20 @@ PY
 stage bench 240 "$PY" benchmarks/bench_gpu.py --data "$PPVIT_CIFAR10" --json "$OUT/bench_gpu.json"
 
 # serving on CUDA: one routed pass for 1, 16 and 64 tenants vs the merged model vs one pass per adapter (and
-# where routed's device time goes, --profile: it was 0.48-0.64x merged on 2026-12-04),
-# then ppvit serve on cuda under a loopback load (p50/p99; 148.5 requests/s, p50 175 ms, p99 799 ms on 2026-12-04,
-# before a pass's images went to the device as uint8, its logits came back in one copy and the server's per-request
-# CPU fell 0.52-0.68x with gc frozen: BENCHMARKS.md); the server needs the extra `serve`
-stage serve 100 "$PY" benchmarks/bench_serve.py --device cuda --size 224 --batch 64 --tenant-counts 1,16,64 \
-  --repeats 5 --tenants 16 --clients 32 --seconds 10 --profile
+# where routed's device time goes, --profile: it was 0.48-0.64x merged on 2026-12-04, before a pass stopped
+# reading the device: a bool() a layer with one image a tenant, an index copied a head);
+# the server needs the extra `serve`
+stage serve 80 "$PY" benchmarks/bench_serve.py --device "$DEVICE" --size 224 --batch 64 --tenant-counts 1,16,64 \
+  --repeats 5 --skip-loopback --profile
+# then `ppvit serve --device cuda` under wrk (a C client in its own process; bench_serve's loopback clients shared
+# the server's interpreter: 148.5 requests/s, p50 175 ms, p99 799 ms on 2026-12-04), 16 tenants of ViT-Ti/16 at
+# 224, one image a request, then 8: requests/s, p50/p99, the server's CPU per request (BENCHMARKS.md: on 2 CPU
+# cores the server's CPU per request fell 0.52-0.68x since, a pass's images go to the device as uint8, its logits
+# come back in one copy, gc is frozen)
+for images in 1 8; do
+  stage serve-load 75 "$PY" benchmarks/bench_serve_overhead.py --device "$DEVICE" --model vit_tiny_patch16_224 \
+    --size 224 --weights "$PPVIT_WEIGHTS" --tenants 16 --connections 32 --images "$images" --seconds 10
+done
 
 # a service job trained on a CUDA slot (the micro ViT: the slot's path, not its speed)
 stage service 90 "$PY" benchmarks/bench_service.py --quick --train-device cuda:0

@@ -2,8 +2,8 @@
 # The wheels gpu_check.sh needs on the GPU machine's image (Python 3.12; it has torch, timm, peft, accelerate,
 # httpx, prometheus-client, pyyaml, but not the `serve` extra's fastapi/uvicorn/pydantic nor the `data` extra's
 # webdataset: seen 2026-12-04, bench_service failed without webdataset). Run here, where pip reaches an index;
-# the versions are the ones this checkout's venv has (tested), downloaded for that machine into .whl/ (ignored:
-# add `/.whl/` to .git/info/exclude), then carried: run(carry=["gpu-assets", ".whl"]).
+# the versions are the ones this checkout's venv has (tested), downloaded for that machine into the ignored .whl/, then carried: run(carry=["gpu-assets", ".whl"])
+# (gpu_assets.sh runs this with the rest).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PY:-.venv/bin/python}"

@@ -1,10 +1,11 @@
-"""benchmarks/bench_serve.py's profile (gpu_check.sh's serve stage runs it on CUDA; here its CPU path)."""
+"""bench_serve.py's profile and bench_serve_overhead.py's reading of wrk (gpu_check.sh runs both on CUDA)."""
 
 from __future__ import annotations
 
 import importlib.util
 import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
@@ -12,14 +13,20 @@ import torch
 BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 
 
-def test_profile_names_the_operator_that_took_the_time(capsys: pytest.CaptureFixture[str]) -> None:
-    sys.path.insert(0, str(BENCHMARKS))  # bench_serve's own imports are siblings
+def load(name: str) -> ModuleType:
+    """A benchmark script as a module (its own imports are siblings under benchmarks/)."""
+    sys.path.insert(0, str(BENCHMARKS))
     try:
-        spec = importlib.util.spec_from_file_location("bench_serve", BENCHMARKS / "bench_serve.py")
+        spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
         bench = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(bench)
     finally:
         sys.path.remove(str(BENCHMARKS))
+    return bench
+
+
+def test_profile_names_the_operator_that_took_the_time(capsys: pytest.CaptureFixture[str]) -> None:
+    bench = load("bench_serve")
     a, b = torch.randn(256, 256), torch.randn(256, 256)
     bench.profile({"matmuls": lambda: [a @ b for _ in range(20)], "adds": lambda: a + b}, torch.device("cpu"), 3)
     out = capsys.readouterr().out
@@ -29,3 +36,30 @@ def test_profile_names_the_operator_that_took_the_time(capsys: pytest.CaptureFix
     first_row = next(line for line in matmuls.splitlines() if line.strip().startswith("aten::"))
     assert first_row.strip().startswith(("aten::mm", "aten::matmul")), first_row
     assert "aten::add" in adds and "aten::mm" not in adds
+
+
+WRK_REPORT = """Running 3s test @ http://127.0.0.1:8766/
+  1 threads and 4 connections
+  Thread Stats   Avg      Stdev     Max   +/- Stdev
+    Latency    37.58ms   15.35ms  45.86ms   85.71%
+    Req/Sec    24.29     19.88    50.00     57.14%
+  Latency Distribution
+     50%   43.93ms
+     75%   43.97ms
+     90%   43.98ms
+     99%    1.20s
+  18 requests in 3.00s, 2.03KB read
+  Socket errors: connect 0, read 0, write 0, timeout 4
+  Non-2xx or 3xx responses: 7
+Requests/sec:      5.99
+Transfer/sec:     693.39B
+"""  # Debian's wrk 4.1.0, a server answering 404 to a third and sleeping past the timeout on a third (p99 edited)
+
+
+def test_a_wrk_report_counts_timeouts_as_errors() -> None:
+    """bench_serve_overhead reads wrk's report: latencies in their units, and requests wrk gave up on (socket
+    timeouts; without them a run whose every request timed out read as p50 0 ms and no error) beside non-2xx."""
+    bench = load("bench_serve_overhead")
+    assert bench.parse_wrk(WRK_REPORT) == {"requests": 18, "rps": 5.99, "p50": 43.93, "p99": 1200.0, "bad": 11}
+    clean = WRK_REPORT.replace("  Socket errors: connect 0, read 0, write 0, timeout 4\n", "")
+    assert bench.parse_wrk(clean.replace("  Non-2xx or 3xx responses: 7\n", ""))["bad"] == 0
