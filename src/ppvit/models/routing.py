@@ -177,7 +177,7 @@ class RoutedLinear(nn.Module):
         self.base, self.path, self._deltas = base, path, deltas
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)
+        y = F.linear(x, self.base.weight, self.base.bias)  # not self.base(x): a module call a layer, on the host
         factors = self._deltas.by_path.get(self.path)
         if factors is None:
             return y
