@@ -6,6 +6,10 @@
    routed (one forward, per-sample adapters) vs one merged model on the same batch (the
    ceiling: one client, no routing) vs the batch split per adapter (PEFT's ``adapter_names``
    way: one forward per tenant). Interleaved repeats, median seconds per batch.
+   ``--host-cost``: routed against merged again through ViT-Ti's 12 blocks at width 8 on one 16x16
+   patch: every operator is dispatched (on a GPU, launched) as at full size, with next to no
+   arithmetic, so a pass's time is the host's. On a GPU, a serving pass of a few images is bound by
+   this rather than by the device; on a CPU it is what routing adds in Python and dispatch.
 2. Loopback: ``ppvit serve`` on 127.0.0.1 with ``--tenants`` registered lora-pe adapters,
    ``--clients`` concurrent asyncio clients sending one-image requests for ``--seconds``:
    requests/s, p50/p99 latency, errors.
@@ -48,13 +52,13 @@ MODEL = "vit_tiny_patch16_224"
 
 
 def make_adapter(
-    weights: str | None, size: int, seed: int, model_name: str = MODEL, num_classes: int = 10
+    weights: str | None, size: int, seed: int, model_name: str = MODEL, num_classes: int = 10, **kwargs: int
 ) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
-    """A lora-pe model with random trained tensors (LoRA B non-zero, so the update costs what it costs)."""
+    """A lora-pe model with random trained tensors (LoRA B non-zero, so the update costs what it costs);
+    ``kwargs``: timm's model arguments beside the input size."""
     torch.manual_seed(seed)
-    model = apply_method(
-        create_backbone(model_name, num_classes=num_classes, weights=weights, img_size=size), method_config("lora-pe")
-    )
+    backbone = create_backbone(model_name, num_classes=num_classes, weights=weights, img_size=size, **kwargs)
+    model = apply_method(backbone, method_config("lora-pe"))
     with torch.no_grad():
         for p in model.parameters():
             if p.requires_grad:
@@ -69,17 +73,39 @@ def seconds(fn: Callable[[], None]) -> float:
 
 
 def in_process(args: argparse.Namespace) -> None:
+    print(f"\n## in-process on {args.device}, {args.batch} images a batch, lora-pe tenants, ViT-Ti/16 at {args.size}")
+    compare(args, args.weights, args.size, split=True)
+    print("\ntargets: routed / merged >= 0.8; routed / split-per-adapter >= 3")
+    if args.host_cost:
+        print(
+            f"\n## the host's share: the same passes through ViT-Ti's layers at width {HOST_WIDTH} on 1 patch, on "
+            f"{args.device} (every operator dispatched and launched, next to no arithmetic): the time a pass cannot go "
+            "below however fast the device, where a serving pass of a few images is bound"
+        )
+        compare(args, None, HOST_SIZE, split=False, embed_dim=HOST_WIDTH, num_heads=1)
+    vitb = count_params(apply_method(_meta_vit_b(), method_config("lora-pe"))).trainable
+    print(
+        f"ViT-B/16 lora-pe (10 classes): {vitb:,} values = {4 * vitb:,} bytes fp32 -> {2**32 // (4 * vitb):,} in 4 GiB"
+    )
+
+
+HOST_WIDTH, HOST_SIZE = 8, 16
+
+
+def compare(args: argparse.Namespace, weights: str | None, size: int, split: bool, **kwargs: int) -> None:
+    """Routed against merged (and against one pass per adapter, ``split``) for each of ``--tenant-counts``:
+    a table of images/s (seconds per pass for the compute-free model, ``kwargs`` given)."""
     device = torch.device(args.device)
-    base = create_backbone(MODEL, num_classes=10, weights=args.weights, img_size=args.size).to(device)
-    meta = AdapterMeta(MODEL, 10, method_config("lora-pe").to_dict(), model_kwargs={"img_size": args.size})
+    base = create_backbone(MODEL, num_classes=10, weights=weights, img_size=size, **kwargs).to(device)
+    meta = AdapterMeta(MODEL, 10, method_config("lora-pe").to_dict(), model_kwargs={"img_size": size, **kwargs})
     adapters = []
     for i in range(max(args.tenant_counts)):
-        model, tensors = make_adapter(args.weights, args.size, i)
+        model, tensors = make_adapter(weights, size, i, **kwargs)
         if i == 0:
             merged = merge_adapters(model).eval().to(device)  # tenant 0 alone: a plain timm model
         adapters.append(routed_adapter(meta, {k: v.to(device) for k, v in tensors.items()}, base))
     routed = RoutedViT(base)
-    x = torch.randn(args.batch, 3, args.size, args.size, device=device)
+    x = torch.randn(args.batch, 3, size, size, device=device)
 
     def drained(fn: Callable[[], None]) -> Callable[[], None]:
         def run() -> None:
@@ -93,9 +119,11 @@ def in_process(args: argparse.Namespace) -> None:
         with torch.no_grad():
             merged(x)
 
-    print(f"\n## in-process on {device}, {args.batch} images a batch, lora-pe tenants, ViT-Ti/16 at {args.size}, fp32")
-    print("| tenants | routed img/s | merged img/s | split img/s | routed / merged | routed / split |")
-    print("|---:|---:|---:|---:|---:|---:|")
+    if split:
+        print("| tenants | routed img/s | merged img/s | split img/s | routed / merged | routed / split |")
+        print("|---:|---:|---:|---:|---:|---:|")
+    else:
+        print("| tenants | routed ms a pass | merged ms a pass | routed / merged |\n|---:|---:|---:|---:|")
     for k in args.tenant_counts:
         index = torch.arange(args.batch) % k  # in the host's memory, as the server's batcher builds it
         groups = [torch.nonzero(index == t).flatten().to(device) for t in range(k)]
@@ -108,27 +136,30 @@ def in_process(args: argparse.Namespace) -> None:
             for t, g in enumerate(groups):
                 routed(x[g], [adapters[t]], local[t])
 
-        variants = {"routed": drained(run_routed), "merged": drained(run_merged), "split": drained(run_split)}
-        for fn in variants.values():  # warm-up
+        variants = {"routed": drained(run_routed), "merged": drained(run_merged)}
+        if split:
+            variants["split"] = drained(run_split)
+        for fn in 3 * list(variants.values()):  # warm-up
             fn()
         times: dict[str, list[float]] = {name: [] for name in variants}
-        for _ in range(args.repeats):  # interleaved: drifts of a shared machine hit all three alike
+        for _ in range(args.repeats if split else 10 * args.repeats):  # interleaved: drifts hit all alike
             for name, fn in variants.items():
                 times[name].append(seconds(fn))
-        ips = {name: args.batch / statistics.median(v) for name, v in times.items()}
-        print(
-            f"| {k} | {ips['routed']:.0f} | {ips['merged']:.0f} | {ips['split']:.0f} | "
-            f"{ips['routed'] / ips['merged']:.3f} | {ips['routed'] / ips['split']:.2f} |"
-        )
-        if args.profile and k == max(args.tenant_counts):
+        sec = {name: statistics.median(v) for name, v in times.items()}
+        if split:
+            ips = {name: args.batch / v for name, v in sec.items()}
+            print(
+                f"| {k} | {ips['routed']:.0f} | {ips['merged']:.0f} | {ips['split']:.0f} | "
+                f"{ips['routed'] / ips['merged']:.3f} | {ips['routed'] / ips['split']:.2f} |"
+            )
+        else:
+            ms = {name: 1e3 * v for name, v in sec.items()}
+            print(f"| {k} | {ms['routed']:.2f} | {ms['merged']:.2f} | {ms['routed'] / ms['merged']:.2f} |")
+        if args.profile and split and k == max(args.tenant_counts):
             profile({"routed": variants["routed"], "merged": variants["merged"]}, device, k)
-    print("\ntargets: routed / merged >= 0.8; routed / split-per-adapter >= 3")
-    nbytes = adapters[0].nbytes
-    print(f"\nresident lora-pe adapter, ViT-Ti/16 at {args.size}: {nbytes:,} bytes -> {2**30 // nbytes:,} per GiB")
-    vitb = count_params(apply_method(_meta_vit_b(), method_config("lora-pe"))).trainable
-    print(
-        f"ViT-B/16 lora-pe (10 classes): {vitb:,} values = {4 * vitb:,} bytes fp32 -> {2**32 // (4 * vitb):,} in 4 GiB"
-    )
+    if split:
+        nbytes = adapters[0].nbytes
+        print(f"\nresident lora-pe adapter, ViT-Ti/16 at {size}: {nbytes:,} bytes -> {2**30 // nbytes:,} per GiB")
 
 
 def profile(variants: dict[str, Callable[[], None]], device: torch.device, tenants: int) -> None:
@@ -273,6 +304,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", help="torch device of the in-process pass and the server (cuda)")
     ap.add_argument("--skip-loopback", action="store_true", help="the in-process part alone")
     ap.add_argument("--profile", action="store_true", help="profile routed and merged at the largest tenant count")
+    ap.add_argument("--host-cost", action="store_true", help="also the passes' host time, at next to no arithmetic")
     ap.add_argument("--clients", type=int, default=32)
     ap.add_argument("--seconds", type=float, default=20)
     ap.add_argument("--window-ms", type=float, default=5)

@@ -9,15 +9,25 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ppvit.models.adapters import AdapterMeta
 from ppvit.models.backbones import create_backbone
-from ppvit.models.methods import apply_method, method_config
+from ppvit.models.methods import apply_method, merge_adapters, method_config
 from ppvit.models.routing import RoutedViT, routed_adapter
 
 
-def routed(base: torch.nn.Module, classes: int, seed: int, method: str = "lora-pe", **opts):
-    """A routed adapter of ``method`` with random trained tensors (LoRA B non-zero)."""
+def trained(classes: int, seed: int, method: str = "lora-pe", **opts) -> torch.nn.Module:
+    """A model of ``method`` with random trained tensors (LoRA B non-zero)."""
     torch.manual_seed(seed)
     model = apply_method(create_backbone(SMALL, num_classes=classes), method_config(method, **opts))
-    tensors = {n: p.detach() + 0.1 * torch.randn_like(p) for n, p in model.named_parameters() if p.requires_grad}
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.1 * torch.randn_like(p))
+    return model.eval()
+
+
+def routed(base: torch.nn.Module, classes: int, seed: int, method: str = "lora-pe", **opts):
+    """That model's adapter, laid out for routing over ``base``."""
+    model = trained(classes, seed, method, **opts)
+    tensors = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     meta = AdapterMeta(SMALL, classes, method_config(method, **opts).to_dict(), weights_sha256="x")
     return routed_adapter(meta, tensors, base)
 
@@ -29,24 +39,36 @@ def flops(fn) -> int:
 
 
 def test_a_wide_head_in_the_pass_costs_its_neighbours_nothing() -> None:
-    """A 10-class tenant's image beside a 4,000-class tenant's: the pass costs what each image costs in a
-    pass of its own (the heads were padded to the widest, so the small tenant's row paid 4,000 classes),
-    and each row is its own adapter's answer."""
+    """A 10-class tenant's images beside a 4,000-class tenant's image: the pass costs what the same pass
+    with a 10-class neighbour costs, plus the wide head's own row (the heads were padded to the widest, so
+    the small tenant's rows paid 4,000 classes), and each row is its own adapter's answer."""
     base = create_backbone(SMALL)
     net = RoutedViT(base)
-    small, wide = routed(base, 10, 0), routed(base, 4000, 1)
-    x = torch.randn(3, 3, 32, 32)
-    mixed = flops(lambda: net(x, [small, wide], torch.tensor([0, 1, 0])))
-    alone = flops(lambda: net(x[[0, 2]], [small], torch.tensor([0, 0]))) + flops(
-        lambda: net(x[1:2], [wide], torch.tensor([0]))
-    )
-    assert mixed == alone
-    rows = net(x, [small, wide], torch.tensor([0, 1, 0]))
+    small, wide, narrow = routed(base, 10, 0), routed(base, 4000, 1), routed(base, 10, 2)
+    x, index = torch.randn(3, 3, 32, 32), torch.tensor([0, 1, 0])
+    mixed = flops(lambda: net(x, [small, wide], index))
+    assert mixed == flops(lambda: net(x, [small, narrow], index)) + 2 * base.embed_dim * (4000 - 10)
+    rows = net(x, [small, wide], index)
     assert [len(r) for r in rows] == [10, 4000, 10]
     torch.testing.assert_close(rows[1], net(x[1:2], [wide], torch.tensor([0]))[0], rtol=0, atol=1e-5)
     torch.testing.assert_close(
-        torch.stack([rows[0], rows[2]]), torch.stack(net(x[[0, 2]], [small], torch.tensor([0, 0])))
+        torch.stack([rows[0], rows[2]]), torch.stack(net(x[[0, 2]], [small], torch.tensor([0, 0]))), rtol=0, atol=1e-5
     )
+
+
+def test_one_clients_pass_runs_the_merged_models_layers() -> None:
+    """A pass of one client's images costs what a merged model's pass costs, plus merging each LoRA layer's
+    update into its weight (B A: out x rank x in multiply-adds a layer), not a LoRA product over every token."""
+    torch.manual_seed(0)
+    base = create_backbone(SMALL, num_classes=10)  # the frozen weights trained() starts from with seed 0
+    net, adapter = RoutedViT(base), routed(base, 10, 0, "melo", rank=2, targets="all")
+    x = torch.randn(5, 3, 32, 32)
+    plain = merge_adapters(trained(10, 0, "melo", rank=2, targets="all"))  # the same tensors, merged by PEFT
+    linears = [m for m in base.blocks.modules() if isinstance(m, torch.nn.Linear)]
+    merging = sum(2 * m.out_features * 2 * m.in_features for m in linears)  # rank 2
+    with torch.no_grad():
+        assert flops(lambda: net(x, [adapter], [0] * 5)) == flops(lambda: plain(x)) + merging
+        torch.testing.assert_close(torch.stack(net(x, [adapter], [0] * 5)), plain(x), rtol=0, atol=1e-5)
 
 
 KINDS = [  # every kind routing gathers: patch and position embeddings, q/v LoRA of two ranks, LoRA on every Linear

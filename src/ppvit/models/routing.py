@@ -16,7 +16,8 @@ per-client parts differ, gathered per sample (the BGMV idea of Punica and S-LoRA
   to the widest head: a neighbour's head of thousands of classes costs a sample nothing).
 
 A batch of one client (one adapter) skips the gathering: its patch embedding runs as the
-convolution, its LoRA factors and head as shared matrices, the layers a merged model runs.
+convolution, each LoRA layer as one product with ``W + B A`` merged for the pass, its head as a
+shared matrix: the layers a merged model runs.
 The backbone's weights are never copied or changed. ``full`` adapters change every weight and
 cannot share a backbone: :class:`NotRoutable` (serve them with ``ppvit predict``).
 """
@@ -177,19 +178,20 @@ class RoutedLinear(nn.Module):
         self.base, self.path, self._deltas = base, path, deltas
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.base.weight, self.base.bias)  # not self.base(x): a module call a layer, on the host
         factors = self._deltas.by_path.get(self.path)
+        weight, bias = self.base.weight, self.base.bias  # F.linear, not self.base(x): a module call fewer a layer
+        if factors is not None and factors[0].ndim == 2:  # one adapter's, for the whole batch: W + B A, as merged
+            return F.linear(x, merged_weight(weight, factors), bias)
+        y = F.linear(x, weight, bias)
         if factors is None:
             return y
-        # factors are per sample (batch, ., .) or one adapter's for the whole batch (., .): matmul
-        # batches the first and broadcasts the second (one GEMM, no per-sample copies)
-        h = torch.matmul(x, factors[0].mT)
+        h = torch.bmm(x, factors[0].mT)  # per sample: (batch, ., .) factors; the products added in place
         if len(factors) == 2:
-            return y + torch.matmul(h, factors[1].mT)
+            return y.baddbmm_(h, factors[1].mT)
         b_q, b_v = factors[1], factors[2]
         d, r = b_q.shape[-2], b_q.shape[-1]
-        y[..., :d] += torch.matmul(h[..., :r], b_q.mT)
-        y[..., 2 * d :] += torch.matmul(h[..., r:], b_v.mT)
+        y[..., :d].baddbmm_(h[..., :r], b_q.mT)
+        y[..., 2 * d :].baddbmm_(h[..., r:], b_v.mT)
         return y
 
 
@@ -214,6 +216,20 @@ class SampleIndex:
     def identity(self) -> bool:
         """Sample i uses entry i (a batch of distinct tenants, in order)."""
         return self.host == tuple(range(len(self.host)))
+
+
+def merged_weight(weight: torch.Tensor, factors: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """``W + B A`` for one adapter's ``(A, B)`` or q/v ``(A, B_q, B_v)`` (B_q A_q into the q rows, B_v A_v into
+    the v rows): a pass of one client runs each layer as one matrix product, the way a merged model does,
+    where the update kept apart took five operators a layer (three GEMMs over every token, two adds)."""
+    if len(factors) == 2:
+        return torch.addmm(weight, factors[1], factors[0])
+    a, b_q, b_v = factors
+    d, r = b_q.shape
+    out = weight.clone()
+    out[:d].addmm_(b_q, a[:r])
+    out[2 * d :].addmm_(b_v, a[r:])
+    return out
 
 
 def per_sample(table: torch.Tensor, index: SampleIndex | torch.Tensor) -> torch.Tensor:
