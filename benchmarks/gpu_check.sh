@@ -61,15 +61,16 @@ stage bench 240 "$PY" benchmarks/bench_gpu.py --data "$PPVIT_CIFAR10" --json "$O
 
 # serving on CUDA: one routed pass for 1, 16 and 64 tenants vs the merged model vs one pass per adapter (and
 # where routed's device time goes, --profile: it was 0.48-0.64x merged on 2026-12-04, before a pass stopped
-# reading the device: a bool() a layer with one image a tenant, an index copied a head);
-# the server needs the extra `serve`
-stage serve 80 "$PY" benchmarks/bench_serve.py --device "$DEVICE" --size 224 --batch 64 --tenant-counts 1,16,64 \
-  --repeats 5 --skip-loopback --profile
+# reading the device: a bool() a layer with one image a tenant, an index copied a head),
+# and the passes' host time (--host-cost: ViT-Ti's layers at width 8, next to no arithmetic; on the GPU, what
+# launching a pass's kernels costs, which bounds a pass of a few images)
+stage serve 90 "$PY" benchmarks/bench_serve.py --device "$DEVICE" --size 224 --batch 64 --tenant-counts 1,16,64 \
+  --repeats 5 --skip-loopback --profile --host-cost
 # then `ppvit serve --device cuda` under wrk (a C client in its own process; bench_serve's loopback clients shared
 # the server's interpreter: 148.5 requests/s, p50 175 ms, p99 799 ms on 2026-12-04), 16 tenants of ViT-Ti/16 at
 # 224, one image a request, then 8: requests/s, p50/p99, the server's CPU per request (BENCHMARKS.md: on 2 CPU
 # cores the server's CPU per request fell 0.52-0.68x since, a pass's images go to the device as uint8, its logits
-# come back in one copy, gc is frozen)
+# come back in one copy, gc is frozen); the server needs the extra `serve`, wrk comes from gpu-assets/
 for images in 1 8; do
   stage serve-load 75 "$PY" benchmarks/bench_serve_overhead.py --device "$DEVICE" --model vit_tiny_patch16_224 \
     --size 224 --weights "$PPVIT_WEIGHTS" --tenants 16 --connections 32 --images "$images" --seconds 10
