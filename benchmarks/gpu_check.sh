@@ -72,12 +72,12 @@ stage serve 90 "$PY" benchmarks/bench_serve.py --device "$DEVICE" --size 224 --b
 # cores the server's CPU per request fell 0.52-0.68x since, a pass's images go to the device as uint8, its logits
 # come back in one copy, gc is frozen); the server needs the extra `serve`, wrk comes from gpu-assets/
 for images in 1 8; do
-  stage serve-load 75 "$PY" benchmarks/bench_serve_overhead.py --device "$DEVICE" --model vit_tiny_patch16_224 \
+  stage serve-load 70 "$PY" benchmarks/bench_serve_overhead.py --device "$DEVICE" --model vit_tiny_patch16_224 \
     --size 224 --weights "$PPVIT_WEIGHTS" --tenants 16 --connections 32 --images "$images" --seconds 10
 done
 
 # a service job trained on a CUDA slot (the micro ViT: the slot's path, not its speed)
-stage service 90 "$PY" benchmarks/bench_service.py --quick --train-device cuda:0
+stage service 80 "$PY" benchmarks/bench_service.py --quick --train-device cuda:0
 
 # issue 28 (opt-in: STAGES="versions mixing"): lora-pe on the dense mixings beside shuffle, the gpu preset's cells
 # (224, all of CIFAR-10, 10 epochs), 3 seeds, one key: 9 cells of about 45 s
