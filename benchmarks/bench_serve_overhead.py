@@ -33,7 +33,6 @@ import re
 import shutil
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 
 import httpx
@@ -136,27 +135,25 @@ def main() -> None:
         predict = lua_script(work / "predict.lua", tokens, body)
         floor = lua_script(work / "healthz.lua", tokens, None)
         wrk(binary, url, predict, args.connections, 3, server.pid)  # warm-up
-        t0 = time.perf_counter()
-        results = {
-            "POST /v1/predict": wrk(binary, url, predict, args.connections, args.seconds, server.pid),
-            "GET /healthz": wrk(binary, url, floor, args.connections, args.seconds, server.pid),
-        }
+        print(
+            f"\n## ppvit serve's cost per request: {args.model} at {args.size} px on {args.device}, "
+            f"{args.tenants} tenants, {args.connections} wrk connections, {args.images} image(s) a request, "
+            f"{args.seconds:g} s a run"
+        )
+        print("| route | requests/s | p50 ms | p99 ms | errors | server CPU ms / request | of which passes |")
+        print("|---|---:|---:|---:|---:|---:|---:|", flush=True)
+        results = {}
+        for name, script in (("POST /v1/predict", predict), ("GET /healthz", floor)):  # each row as it lands
+            r = results[name] = wrk(binary, url, script, args.connections, args.seconds, server.pid)
+            print(
+                f"| {name} | {r['rps']:.1f} | {r['p50']:.1f} | {r['p99']:.1f} | {r['bad']} | {r['cpu_ms']:.2f} | "
+                f"{r['pass_ms']:.2f} |",
+                flush=True,
+            )
     finally:
         server.terminate()
         server.wait(60)
         shutil.rmtree(work, ignore_errors=True)
-    print(
-        f"\n## ppvit serve's cost per request: {args.model} at {args.size} px on {args.device}, "
-        f"{args.tenants} tenants, {args.connections} wrk connections, {args.images} image(s) a request, "
-        f"{args.seconds:g} s a run ({time.perf_counter() - t0:.0f} s)"
-    )
-    print("| route | requests/s | p50 ms | p99 ms | errors | server CPU ms / request | of which passes |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
-    for name, r in results.items():
-        print(
-            f"| {name} | {r['rps']:.1f} | {r['p50']:.1f} | {r['p99']:.1f} | {r['bad']} | {r['cpu_ms']:.2f} | "
-            f"{r['pass_ms']:.2f} |"
-        )
     predict, floor = results["POST /v1/predict"], results["GET /healthz"]
     print(f"\nimages/s answered: {predict['rps'] * args.images:.0f}")
     if args.device == "cpu" and args.model == QUICK_MODEL:  # see the module's docstring

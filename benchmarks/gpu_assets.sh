@@ -13,6 +13,8 @@ cp "$SHARED/weights/vit_tiny_patch16_224.safetensors" "$SHARED/datasets/cifar10-
 test -f "$ASSETS/gpu.key" || PYTHONPATH=src .venv/bin/python -m ppvit.cli keygen "$ASSETS/gpu.key"
 wrk=$(command -v wrk) || { echo "gpu_assets: wrk not found (Debian: apt-get install wrk)"; exit 2; }
 cp "$wrk" "$ASSETS/bin/"
-cp -L "$(ldd "$wrk" | awk '/libluajit/ {print $3}')" "$ASSETS/lib/"
+luajit=$(ldd "$wrk" | awk '/libluajit/ {print $3}')
+test -f "$luajit" || { echo "gpu_assets: $wrk links no libluajit that ldd can find"; exit 2; }
+cp -L "$luajit" "$ASSETS/lib/"
 bash benchmarks/gpu_wheels.sh >/dev/null
 du -sh "$ASSETS" .whl

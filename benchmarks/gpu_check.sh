@@ -17,7 +17,7 @@ OUT="${OUT:-gpu-check-out}"
 TOTAL_S="${TOTAL_S:-570}"
 STAGES="${STAGES:-versions bench serve serve-load service preset}"
 ASSETS="${ASSETS:-gpu-assets}"
-DEVICE="${DEVICE:-cuda}"  # the serving stages' device (DEVICE=cpu: the script's plumbing on a CPU)
+DEVICE="${DEVICE:-cuda}"  # the serve and serve-load stages' device (DEVICE=cpu: their plumbing on a CPU)
 mkdir -p "$OUT"
 if compgen -G ".whl/*.whl" >/dev/null; then  # the serve extra the image lacks, carried as wheels
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -42,7 +42,7 @@ stage() {  # stage NAME SECONDS COMMAND...: its output into $OUT/gpu_check.log (
   echo "== $name: exit $rc$([ "$rc" = 124 ] && echo ' (its time ran out)')" | tee -a "$OUT/gpu_check.log"
 }
 
-stage versions 120 "$PY" - <<'PY'
+stage versions 30 "$PY" - <<'PY'
 import importlib, platform, torch
 print("python", platform.python_version())
 for name in ("torch", "timm", "peft", "accelerate", "numpy", "safetensors", "fastapi", "uvicorn", "httpx", "pydantic"):
@@ -66,18 +66,18 @@ stage bench 240 "$PY" benchmarks/bench_gpu.py --data "$PPVIT_CIFAR10" --json "$O
 # launching a pass's kernels costs, which bounds a pass of a few images)
 stage serve 90 "$PY" benchmarks/bench_serve.py --device "$DEVICE" --size 224 --batch 64 --tenant-counts 1,16,64 \
   --repeats 5 --skip-loopback --profile --host-cost
-# then `ppvit serve --device cuda` under wrk (a C client in its own process; bench_serve's loopback clients shared
+# then `ppvit serve --device $DEVICE` under wrk (a C client in its own process; bench_serve's loopback clients shared
 # the server's interpreter: 148.5 requests/s, p50 175 ms, p99 799 ms on 2026-12-04), 16 tenants of ViT-Ti/16 at
 # 224, one image a request, then 8: requests/s, p50/p99, the server's CPU per request (BENCHMARKS.md: on 2 CPU
 # cores the server's CPU per request fell 0.52-0.68x since, a pass's images go to the device as uint8, its logits
 # come back in one copy, gc is frozen); the server needs the extra `serve`, wrk comes from gpu-assets/
 for images in 1 8; do
   stage serve-load 70 "$PY" benchmarks/bench_serve_overhead.py --device "$DEVICE" --model vit_tiny_patch16_224 \
-    --size 224 --weights "$PPVIT_WEIGHTS" --tenants 16 --connections 32 --images "$images" --seconds 10
+    --size 224 --weights "$PPVIT_WEIGHTS" --tenants 16 --connections 32 --images "$images" --seconds 8
 done
 
 # a service job trained on a CUDA slot (the micro ViT: the slot's path, not its speed)
-stage service 80 "$PY" benchmarks/bench_service.py --quick --train-device cuda:0
+stage service 70 "$PY" benchmarks/bench_service.py --quick --train-device cuda:0
 
 # issue 28 (opt-in: STAGES="versions mixing"): lora-pe on the dense mixings beside shuffle, the gpu preset's cells
 # (224, all of CIFAR-10, 10 epochs), 3 seeds, one key: 9 cells of about 45 s

@@ -9,6 +9,7 @@ cd "$(dirname "$0")/.."
 PY="${PY:-.venv/bin/python}"
 PKGS="fastapi starlette pydantic pydantic_core annotated-types typing-inspection typing_extensions opentelemetry-api
   uvicorn webdataset braceexpand"
+rm -rf .whl  # one version of each: two of a package make gpu_check.sh's install fail
 for p in $PKGS; do
   v=$("$PY" -m pip show "$p" 2>/dev/null | awk '/^Version:/ {print $2}')
   test -n "$v" || { echo "gpu_wheels: $p is not installed in $PY's environment (make venv first)"; exit 2; }

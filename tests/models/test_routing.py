@@ -10,7 +10,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from ppvit.models.adapters import AdapterMeta
 from ppvit.models.backbones import create_backbone
 from ppvit.models.methods import apply_method, merge_adapters, method_config
-from ppvit.models.routing import RoutedViT, routed_adapter
+from ppvit.models.routing import RoutedLinear, RoutedViT, _Deltas, merges, routed_adapter
 
 
 def trained(classes: int, seed: int, method: str = "lora-pe", **opts) -> torch.nn.Module:
@@ -102,3 +102,40 @@ def test_a_pass_never_waits_for_the_device(kinds: list[int], index: list[int]) -
     rows = net(torch.empty(len(index), 3, 32, 32, device="meta"), adapters, torch.tensor(index))
     assert [tuple(r.shape) for r in rows] == [(KINDS[kinds[i]][0],) for i in index]
     assert all(r.device.type == "meta" for r in rows)
+
+
+@pytest.mark.parametrize("tokens", [2, 4096])  # 2 x (512 + 1536) < 1536 x 512: the update kept apart; 4096: merged
+@pytest.mark.parametrize("qv", [False, True])
+def test_one_adapters_layer_is_w_x_plus_b_a_x_merged_where_cheaper(tokens: int, qv: bool) -> None:
+    """A routed Linear with one adapter's factors computes W x + b + B A x whichever way it goes, and merges
+    B A into W only where that costs fewer multiply-adds than the update over the pass's tokens."""
+    torch.manual_seed(0)
+    base, d, r = torch.nn.Linear(512, 1536), 512, 4
+    deltas = _Deltas()
+    layer = RoutedLinear(base, "qkv", deltas)
+    x, a = torch.randn(1, tokens, 512), torch.randn(2 * r, 512) / 20
+    zero = torch.zeros(d, r)
+    if qv:  # B_q into the q rows, B_v into the v rows: the stacked B is block-diagonal with zero k rows
+        b_q, b_v = torch.randn(d, r) / 20, torch.randn(d, r) / 20
+        deltas.by_path = {"qkv": (a, b_q, b_v)}
+        b = torch.cat([torch.cat([b_q, zero], 1), torch.zeros(d, 2 * r), torch.cat([zero, b_v], 1)])
+        merge, apart = 2 * (2 * d * r * 512), 2 * tokens * 512 * 2 * r + 2 * (2 * tokens * r * d)
+    else:
+        b = torch.randn(1536, 2 * r) / 20
+        deltas.by_path = {"qkv": (a, b)}
+        merge, apart = 2 * 1536 * 2 * r * 512, 2 * tokens * 512 * 2 * r + 2 * tokens * 2 * r * 1536
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), base(x) + x @ a.T @ b.T, rtol=1e-4, atol=1e-4)
+        assert merges(x, base.weight) is (tokens == 4096)
+        assert flops(lambda: layer(x)) == flops(lambda: base(x)) + (merge if tokens == 4096 else apart)
+
+
+def test_an_index_out_of_range_is_refused_on_the_host() -> None:
+    """Checked before any gather (on a GPU an out-of-range index_select is a device assert that breaks the
+    process's CUDA context)."""
+    base = create_backbone(SMALL)
+    net, adapters = RoutedViT(base), [routed(base, 10, 0), routed(base, 10, 1)]
+    x = torch.randn(2, 3, 32, 32)
+    for index in ([0, 2], [-1, 0], [0]):
+        with pytest.raises(IndexError, match="adapter indices"):
+            net(x, adapters, index)

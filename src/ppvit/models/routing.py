@@ -52,7 +52,8 @@ class RoutedAdapter:
 
     ``lora`` maps a Linear's path (``blocks.0.attn.qkv``) to ``(A, B)``: ``A`` is ``R x in``,
     ``B`` is ``out x R`` with the LoRA scale folded in; q/v LoRA keeps its ``(2, d, r)`` B
-    (:class:`~ppvit.models.methods.QVLoraB`), stacked to ``3d x 2r`` only when a batch gathers it.
+    (:class:`~ppvit.models.methods.QVLoraB`), stacked to ``3d x 2r`` only when a batch gathers it with
+    adapters of other ranks or layouts.
     """
 
     meta: AdapterMeta
@@ -163,7 +164,8 @@ class _Deltas:
 
     A value is ``(A, B)`` with ``A`` (batch, R, in) and ``B`` (batch, out, R), or for q/v LoRA
     ``(A, B_q, B_v)`` with ``B_q``, ``B_v`` (batch, d, r): the update goes into the q and v
-    slices only, with no multiplication by the zero k rows.
+    slices only, with no multiplication by the zero k rows. A pass of one adapter holds its own
+    factors without the batch dimension (merged into the weight where that is cheaper).
     """
 
     def __init__(self) -> None:
@@ -180,14 +182,14 @@ class RoutedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         factors = self._deltas.by_path.get(self.path)
         weight, bias = self.base.weight, self.base.bias  # F.linear, not self.base(x): a module call fewer a layer
-        if factors is not None and factors[0].ndim == 2:  # one adapter's, for the whole batch: W + B A, as merged
+        if factors is not None and factors[0].ndim == 2 and merges(x, weight):  # one adapter's: W + B A, merged
             return F.linear(x, merged_weight(weight, factors), bias)
         y = F.linear(x, weight, bias)
         if factors is None:
             return y
-        h = torch.bmm(x, factors[0].mT)  # per sample: (batch, ., .) factors
+        h = torch.matmul(x, factors[0].mT)  # per sample, (batch, ., .): batched; one adapter's, (., .): broadcast
         if len(factors) == 2:
-            return y.baddbmm_(h, factors[1].mT)
+            return y.baddbmm_(h, factors[1].mT) if factors[1].ndim == 3 else y + torch.matmul(h, factors[1].mT)
         b_q, b_v = factors[1], factors[2]
         d, r = b_q.shape[-2], b_q.shape[-1]
         y[..., :d] += torch.matmul(h[..., :r], b_q.mT)  # (baddbmm_ into these column slices: 2x slower on a CPU)
@@ -218,6 +220,13 @@ class SampleIndex:
         return self.host == tuple(range(len(self.host)))
 
 
+def merges(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether merging ``B A`` into ``weight`` for this pass costs less than applying it to every token:
+    out x R x in multiply-adds against tokens x R x (in + out) (a one-image ViT-B/16 pass keeps fc1's
+    update apart: 197 x 3,840 is under 3,072 x 768)."""
+    return x.shape[:-1].numel() * sum(weight.shape) >= weight.numel()
+
+
 def merged_weight(weight: torch.Tensor, factors: tuple[torch.Tensor, ...]) -> torch.Tensor:
     """``W + B A`` for one adapter's ``(A, B)`` or q/v ``(A, B_q, B_v)`` (B_q A_q into the q rows, B_v A_v into
     the v rows): a pass of one client runs each layer as one matrix product, the way a merged model does,
@@ -226,10 +235,7 @@ def merged_weight(weight: torch.Tensor, factors: tuple[torch.Tensor, ...]) -> to
         return torch.addmm(weight, factors[1], factors[0])
     a, b_q, b_v = factors
     d, r = b_q.shape
-    out = weight.clone()
-    out[:d].addmm_(b_q, a[:r])
-    out[2 * d :].addmm_(b_v, a[r:])
-    return out
+    return torch.cat([torch.addmm(weight[:d], b_q, a[:r]), weight[d : 2 * d], torch.addmm(weight[2 * d :], b_v, a[r:])])
 
 
 def per_sample(table: torch.Tensor, index: SampleIndex | torch.Tensor) -> torch.Tensor:
@@ -272,6 +278,8 @@ class RoutedViT(nn.Module):
         sample ``i`` through ``adapters[index[i]]`` (``index`` in the host's memory: the pass then never
         waits for the device, which only the caller's copy of the logits does)."""
         index = SampleIndex.of(index, x.device)
+        if len(index.host) != len(x) or not all(0 <= i < len(adapters) for i in index.host):
+            raise IndexError(f"routing: {len(x)} images need as many adapter indices in 0..{len(adapters) - 1}")
         m = self.base
         tokens = m.patch_embed.norm(self._patch_embed(x, adapters, index))
         prefix = [t.expand(len(x), -1, -1) for t in (m.cls_token, m.reg_token) if t is not None]
