@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 import torch.nn as nn
@@ -205,14 +206,18 @@ class SampleIndex:
     host wait for every kernel queued before, so the host's Python and the GPU's work ran one after the other."""
 
     host: tuple[int, ...]
-    device: torch.Tensor
+    on: torch.device
 
     @classmethod
     def of(cls, index: torch.Tensor | Sequence[int], device: torch.device) -> SampleIndex:
         """From the host's index (a device tensor works too, at the cost of one wait for it)."""
-        host = tuple(index.tolist() if isinstance(index, torch.Tensor) else index)
-        # non_blocking: the host's copy is staged at once and the device's queue is not waited for
-        return cls(host, torch.tensor(host, dtype=torch.long).to(device, non_blocking=True))
+        return cls(tuple(index.tolist() if isinstance(index, torch.Tensor) else index), device)
+
+    @cached_property
+    def device(self) -> torch.Tensor:
+        """The index on the device, copied once and only by a pass that gathers (one tenant's or distinct
+        tenants' in order do not); non_blocking: the host's copy is staged at once, the device not waited for."""
+        return torch.tensor(self.host, dtype=torch.long).to(self.on, non_blocking=True)
 
     @property
     def identity(self) -> bool:
