@@ -123,7 +123,8 @@ def compare(args: argparse.Namespace, weights: str | None, size: int, split: boo
         print("| tenants | routed img/s | merged img/s | split img/s | routed / merged | routed / split |")
         print("|---:|---:|---:|---:|---:|---:|")
     else:
-        print("| tenants | routed ms a pass | merged ms a pass | routed / merged |\n|---:|---:|---:|---:|")
+        print("| tenants | routed ms a pass | merged ms a pass | routed / merged | operators a pass, routed / merged |")
+        print("|---:|---:|---:|---:|---:|")
     for k in args.tenant_counts:
         index = torch.arange(args.batch) % k  # in the host's memory, as the server's batcher builds it
         groups = [torch.nonzero(index == t).flatten().to(device) for t in range(k)]
@@ -154,12 +155,26 @@ def compare(args: argparse.Namespace, weights: str | None, size: int, split: boo
             )
         else:
             ms = {name: 1e3 * v for name, v in sec.items()}
-            print(f"| {k} | {ms['routed']:.2f} | {ms['merged']:.2f} | {ms['routed'] / ms['merged']:.2f} |")
+            ops = {name: operators(fn) for name, fn in variants.items()}
+            print(
+                f"| {k} | {ms['routed']:.2f} | {ms['merged']:.2f} | {ms['routed'] / ms['merged']:.2f} | "
+                f"{ops['routed']} / {ops['merged']} |"
+            )
         if args.profile and split and k == max(args.tenant_counts):
             profile({"routed": variants["routed"], "merged": variants["merged"]}, device, k)
     if split:
         nbytes = adapters[0].nbytes
         print(f"\nresident lora-pe adapter, ViT-Ti/16 at {size}: {nbytes:,} bytes -> {2**30 // nbytes:,} per GiB")
+
+
+def operators(fn: Callable[[], None]) -> int:
+    """The aten operators one call dispatches (those called by others included): what the host does per pass
+    whatever the device, and on a GPU, an upper bound on the kernels it launches."""
+    from torch.profiler import profile as torch_profile
+
+    with torch_profile() as prof:
+        fn()
+    return sum(e.name.startswith("aten::") for e in prof.events())
 
 
 def profile(variants: dict[str, Callable[[], None]], device: torch.device, tenants: int) -> None:

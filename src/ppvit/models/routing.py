@@ -26,7 +26,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import cached_property
 
 import torch
 import torch.nn as nn
@@ -37,6 +36,9 @@ from ppvit.models.adapters import AdapterMeta
 from ppvit.models.backbones import input_size, patch_size
 from ppvit.models.configs import FullConfig, MeloConfig
 from ppvit.models.methods import ADAPTER, qv_stacked
+from ppvit.models.slots import SampleIndex, SlotTables, per_sample
+
+__all__ = ["NotRoutable", "RoutedAdapter", "RoutedLinear", "RoutedViT", "per_sample", "routed_adapter"]
 
 MAX_ABS = 1e6
 """The largest magnitude an adapter's tensor may hold (trained weights are a few units; beyond this the
@@ -198,33 +200,6 @@ class RoutedLinear(nn.Module):
         return y
 
 
-@dataclass(frozen=True)
-class SampleIndex:
-    """Which adapter each sample of a pass uses, held on the host, where routing decides, and on the device,
-    where it gathers. No decision of a forward reads the device: on a GPU, each ``bool()`` of a device tensor
-    (one a layer, to see whether a gather was needed) and each list index copied to it (one a head) made the
-    host wait for every kernel queued before, so the host's Python and the GPU's work ran one after the other."""
-
-    host: tuple[int, ...]
-    on: torch.device
-
-    @classmethod
-    def of(cls, index: torch.Tensor | Sequence[int], device: torch.device) -> SampleIndex:
-        """From the host's index (a device tensor works too, at the cost of one wait for it)."""
-        return cls(tuple(index.tolist() if isinstance(index, torch.Tensor) else index), device)
-
-    @cached_property
-    def device(self) -> torch.Tensor:
-        """The index on the device, copied once and only by a pass that gathers (one tenant's or distinct
-        tenants' in order do not); non_blocking: the host's copy is staged at once, the device not waited for."""
-        return torch.tensor(self.host, dtype=torch.long).to(self.on, non_blocking=True)
-
-    @property
-    def identity(self) -> bool:
-        """Sample i uses entry i (a batch of distinct tenants, in order)."""
-        return self.host == tuple(range(len(self.host)))
-
-
 def merges(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether merging ``B A`` into ``weight`` for this pass costs less than applying it to every token:
     out x R x in multiply-adds against tokens x R x (in + out) (a one-image ViT-B/16 pass keeps fc1's
@@ -243,31 +218,21 @@ def merged_weight(weight: torch.Tensor, factors: tuple[torch.Tensor, ...]) -> to
     return torch.cat([torch.addmm(weight[:d], b_q, a[:r]), weight[d : 2 * d], torch.addmm(weight[2 * d :], b_v, a[r:])])
 
 
-def per_sample(table: torch.Tensor, index: SampleIndex | torch.Tensor) -> torch.Tensor:
-    """``table[index]`` (one row per sample) without a copy where none is needed: the table
-    itself when sample i uses entry i, a view for one entry."""
-    if not isinstance(index, SampleIndex):
-        index = SampleIndex.of(index, table.device)
-    if len(table) == 1:
-        return table.expand(len(index.host), *table.shape[1:])
-    if len(table) == len(index.host) and index.identity:
-        return table
-    return table.index_select(0, index.device)
-
-
 class RoutedViT(nn.Module):
     """A frozen timm ViT that computes each sample of a batch with that sample's adapter.
 
-    One forward at a time: the batch's LoRA factors are held on the module while it runs
-    (the server calls it from a single worker thread).
+    One forward at a time: the batch's LoRA factors are held on the module while it runs, and the adapters
+    of passes that mix tenants are kept in its :class:`~ppvit.models.slots.SlotTables` (``slots``: how many
+    before the least recently used is overwritten; the server calls it from a single worker thread).
     """
 
-    def __init__(self, base: nn.Module) -> None:
+    def __init__(self, base: nn.Module, slots: int = 64) -> None:
         super().__init__()
         _check_routable(base)
         self.base = base.eval().requires_grad_(False)
         self.patch, self.side = patch_size(base), input_size(base)
         self.in_channels = base.patch_embed.proj.in_channels
+        self.slots = SlotTables(slots)
         self._deltas = _Deltas()
         for name, module in list(base.blocks.named_modules()):
             if isinstance(module, nn.Linear):
@@ -286,15 +251,23 @@ class RoutedViT(nn.Module):
         if len(index.host) != len(x) or not all(0 <= i < len(adapters) for i in index.host):
             raise IndexError(f"routing: {len(x)} images need as many adapter indices in 0..{len(adapters) - 1}")
         m = self.base
-        tokens = m.patch_embed.norm(self._patch_embed(x, adapters, index))
+        one = adapters[0] if len(adapters) == 1 else None  # one client: its tensors as they are, shared
+        at = None
+        if one is None:
+            slots = self.slots.place(adapters, m)
+            at = SampleIndex(tuple(slots[i] for i in index.host), x.device)  # each sample's row of the tables
+        tokens = m.patch_embed.norm(self._patch_embed(x, adapters, one, at))
         prefix = [t.expand(len(x), -1, -1) for t in (m.cls_token, m.reg_token) if t is not None]
-        pos = self._gather(m.pos_embed, [a.pos_embed for a in adapters], index)
+        if all(a.pos_embed is None for a in adapters):
+            pos = m.pos_embed
+        else:
+            pos = one.pos_embed if one is not None else self.slots.positions(at)
         if m.no_embed_class:
             tokens = torch.cat([*prefix, tokens + pos], dim=1)
         else:
             tokens = torch.cat([*prefix, tokens], dim=1) + pos
         tokens = m.norm_pre(m.patch_drop(m.pos_drop(tokens)))
-        self._deltas.by_path = self._lora_factors(adapters, index, x.device)
+        self._deltas.by_path = self.slots.lora_factors(adapters, at) if one is None else _factors(one, x.device)
         try:
             features = m.forward_head(m.norm(m.blocks(tokens)), pre_logits=True)
         finally:
@@ -319,67 +292,27 @@ class RoutedViT(nn.Module):
             logits.update(zip(js, torch.addmm(bias, mine, weight.t()), strict=True))
         return [logits[j] for j in range(len(order))]
 
-    def _patch_embed(self, x: torch.Tensor, adapters: list[RoutedAdapter], index: SampleIndex) -> torch.Tensor:
+    def _patch_embed(
+        self, x: torch.Tensor, adapters: list[RoutedAdapter], one: RoutedAdapter | None, at: SampleIndex | None
+    ) -> torch.Tensor:
         proj = self.base.patch_embed.proj
         if all(a.patch_weight is None for a in adapters):
             return proj(x).flatten(2).transpose(1, 2)
-        if len(adapters) == 1:  # the adapter's embedding as the convolution it is (no unfold, no bmm)
-            a = adapters[0]
-            weight = a.patch_weight.to(x.device).view_as(proj.weight)
-            bias = proj.bias if a.patch_bias is None else a.patch_bias.to(x.device)
+        if one is not None:  # the adapter's embedding as the convolution it is (no unfold, no bmm)
+            weight = one.patch_weight.to(x.device).view_as(proj.weight)
+            bias = proj.bias if one.patch_bias is None else one.patch_bias.to(x.device)
             return F.conv2d(x, weight, bias, stride=self.patch).flatten(2).transpose(1, 2)
-        own = proj.weight.reshape(proj.weight.shape[0], -1)
-        weights = torch.stack([own if a.patch_weight is None else a.patch_weight.to(x.device) for a in adapters])
+        weight, bias = self.slots.patch(at)
         patches = F.unfold(x, self.patch, stride=self.patch).transpose(1, 2)  # (B, N, C p p), the conv's order
-        out = torch.bmm(patches, per_sample(weights, index).transpose(1, 2))
-        if proj.bias is not None or any(a.patch_bias is not None for a in adapters):
-            zero = torch.zeros_like(own[:, 0])
-            base_bias = zero if proj.bias is None else proj.bias
-            bias = torch.stack([base_bias if a.patch_bias is None else a.patch_bias.to(x.device) for a in adapters])
-            out = out + per_sample(bias, index).unsqueeze(1)
-        return out
+        return torch.baddbmm(bias.unsqueeze(1), patches, weight.transpose(1, 2))
 
-    @staticmethod
-    def _gather(own: torch.Tensor, theirs: list[torch.Tensor | None], index: SampleIndex) -> torch.Tensor:
-        """The backbone's tensor when no adapter has its own, else one row per sample."""
-        if all(t is None for t in theirs):
-            return own
-        return per_sample(torch.cat([own if t is None else t.to(own.device) for t in theirs]), index)
 
-    @staticmethod
-    def _lora_factors(
-        adapters: list[RoutedAdapter], index: SampleIndex, device: torch.device
-    ) -> dict[str, tuple[torch.Tensor, ...]]:
-        """Per layer: A and B of every sample's adapter. Adapters without LoRA there get zeros,
-        and lower ranks are padded with zeros: both add nothing. One adapter: its own A and B,
-        shared by the batch."""
-        if len(adapters) == 1:
-            return {
-                path: (a.to(device), *(b.to(device).unbind(0) if b.ndim == 3 else (b.to(device),)))
-                for path, (a, b) in adapters[0].lora.items()
-            }
-        factors = {}
-        for path in sorted({p for a in adapters for p in a.lora}):
-            pairs = [a.lora.get(path) for a in adapters]
-            present = [p for p in pairs if p is not None]
-            ranks = {p[0].shape[0] for p in present}
-            if all(p[1].ndim == 3 for p in present) and len(ranks) == 1:  # q/v LoRA of one rank: stay compact
-                a0, b0 = present[0]
-                a = torch.stack([torch.zeros_like(a0) if q is None else q[0] for q in pairs])
-                b = torch.stack([torch.zeros_like(b0) if q is None else q[1] for q in pairs])
-                factors[path] = (per_sample(a.to(device), index), *per_sample(b.to(device), index).unbind(1))
-                continue
-            full = [None if q is None else (q[0], qv_stacked(q[1]) if q[1].ndim == 3 else q[1]) for q in pairs]
-            rank = max(ranks)
-            some = next(q for q in full if q is not None)
-            a_all = torch.zeros(len(adapters), rank, some[0].shape[1], device=device)
-            b_all = torch.zeros(len(adapters), some[1].shape[0], rank, device=device)
-            for i, pair in enumerate(full):
-                if pair is not None:
-                    a_all[i, : pair[0].shape[0]] = pair[0]
-                    b_all[i, :, : pair[1].shape[1]] = pair[1]
-            factors[path] = (per_sample(a_all, index), per_sample(b_all, index))
-        return factors
+def _factors(adapter: RoutedAdapter, device: torch.device) -> dict[str, tuple[torch.Tensor, ...]]:
+    """One adapter's A and B per layer, shared by the pass (q/v LoRA's B as its B_q and B_v)."""
+    return {
+        path: (a.to(device), *(b.to(device).unbind(0) if b.ndim == 3 else (b.to(device),)))
+        for path, (a, b) in adapter.lora.items()
+    }
 
 
 def _check_routable(model: nn.Module) -> None:

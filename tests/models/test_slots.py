@@ -1,0 +1,127 @@
+"""Slot tables: a mixed pass gathers each sample's adapter rows from tables written once per adapter."""
+
+from __future__ import annotations
+
+import gc
+import weakref
+
+import pytest
+import torch
+from conftest import SMALL
+from test_routing import KINDS, routed
+from torch.profiler import profile
+
+from ppvit.models.backbones import create_backbone
+from ppvit.models.routing import RoutedViT
+
+# adapters by kind (KINDS: lora-pe rank 4 with its patch embedding; melo on every Linear, rank 2; a head only;
+# q/v LoRA rank 8 with position embeddings), then a second lora-pe rank 4 and a second head only
+ADAPTERS = [0, 1, 2, 3, 0, 2]
+
+
+def kind(base: torch.nn.Module, k: int, seed: int):
+    classes, method, opts = KINDS[k]
+    return routed(base, classes, seed, method, **opts)
+
+
+def alone(net: RoutedViT, adapter, x: torch.Tensor) -> torch.Tensor:
+    """The rows of ``x`` through ``adapter`` by itself (one client's pass: no tables)."""
+    return torch.stack(net(x, [adapter], [0] * len(x)))
+
+
+@pytest.mark.parametrize(
+    ("capacity", "passes"),
+    [
+        (2, [[0, 1], [2, 3], [0, 2], [1, 3], [4, 5]]),  # evictions: a patch-embedding adapter's slot to a head only
+        (8, [[0, 4], [0, 3], [0, 1], [3, 4]]),  # q/v rank 4, then rank 8, then LoRA everywhere: the layout widens
+        (2, [[0, 1, 2, 3, 4, 5], [5, 0]]),  # more tenants in a pass than slots: the tables grow
+        (64, [[2, 5], [5, 2]]),  # no LoRA, no embedding of their own: heads only
+    ],
+)
+def test_every_row_of_every_pass_is_its_own_adapters(capacity: int, passes: list[list[int]]) -> None:
+    """Pass after pass, with slots taken over, tables widened or grown, each sample's logits equal its
+    adapter's computed alone: no row keeps what an earlier holder of its slot wrote."""
+    torch.manual_seed(0)
+    base = create_backbone(SMALL)
+    adapters = [kind(base, k, seed) for seed, k in enumerate(ADAPTERS)]
+    net = RoutedViT(base, slots=capacity)
+    for tenants in passes:
+        x = torch.randn(2 * len(tenants), 3, 32, 32)
+        index = [i % len(tenants) for i in range(len(x))]
+        rows = net(x, [adapters[t] for t in tenants], index)
+        for j, i in enumerate(index):
+            torch.testing.assert_close(rows[j], alone(net, adapters[tenants[i]], x[j : j + 1])[0], rtol=0, atol=1e-5)
+    assert net.slots.rows == max(capacity if capacity < 8 else min(8, capacity), *map(len, passes))
+
+
+def test_slots_are_bounded_and_hold_no_adapter_alive() -> None:
+    """Beyond ``capacity`` the least recently used adapter's slot is overwritten (the tables stay that size),
+    and an adapter the server's cache dropped is freed (the tables hold no reference to it)."""
+    base = create_backbone(SMALL)
+    net = RoutedViT(base, slots=3)
+    x = torch.randn(2, 3, 32, 32)
+    adapters = [routed(base, 10, seed) for seed in range(6)]
+    for i in range(1, 6):
+        net(x, [adapters[0], adapters[i]], [0, 1])
+    size = net.slots.nbytes
+    assert net.slots.rows == 3 and size > 0
+    refs = [weakref.ref(a) for a in adapters[1:]]
+    del adapters[1:]
+    gc.collect()
+    assert [r() for r in refs] == [None] * 5
+    net(x, [adapters[0], routed(base, 10, 6)], [0, 1])
+    assert net.slots.rows == 3 and net.slots.nbytes == size
+
+
+def test_slots_grow_to_capacity_then_go_to_a_dead_adapter_or_the_least_recently_used() -> None:
+    """Below ``capacity`` every adapter keeps its slot (the tables grow); at capacity a newcomer takes a
+    dropped adapter's slot before any live one's, else the least recently used one's."""
+    base = create_backbone(SMALL)
+    x = torch.randn(2, 3, 32, 32)
+    net = RoutedViT(base, slots=64)
+    heads = [routed(base, 3, seed, "linear") for seed in range(10)]
+    for i in range(0, 10, 2):
+        net(x, heads[i : i + 2], [0, 1])
+    assert net.slots.rows == 16 and all(net.slots.slot_of(h) is not None for h in heads)
+    base = create_backbone(SMALL)
+    net = RoutedViT(base, slots=3)
+    a = [routed(base, 3, seed, "linear") for seed in range(5)]
+    net(x, [a[0], a[1]], [0, 1])
+    net(x, [a[2], a[0]], [0, 1])
+    net(x, [a[3], a[2]], [0, 1])  # a[1], the least recently used, goes
+    assert [net.slots.slot_of(h) is not None for h in a[:4]] == [True, False, True, True]
+    del a[3]
+    gc.collect()
+    net(x, [a[2], a[3]], [0, 1])  # a[0] is used less recently than a[3] was, but a[3]'s slot is free
+    assert net.slots.slot_of(a[0]) is not None
+
+
+def test_a_pass_of_held_adapters_stacks_and_writes_nothing() -> None:
+    """The second pass of the same tenants gathers from the tables: no stack of adapters' tensors, no row
+    written (a row write zeroes it first); the first pass wrote them."""
+    base = create_backbone(SMALL)
+    adapters = [kind(base, k, k) for k in range(4)]
+    net = RoutedViT(base)
+    x, index = torch.randn(8, 3, 32, 32), [3, 0, 2, 1, 1, 0, 2, 3]
+    ops = []
+    for _ in range(2):
+        with profile() as prof:
+            net(x, adapters, index)
+        ops.append({e.name for e in prof.events()})
+    assert "aten::zero_" in ops[0]
+    assert not {"aten::stack", "aten::zero_", "aten::zeros"} & ops[1]
+
+
+def test_q_v_lora_of_one_rank_stays_compact_until_another_layout_joins() -> None:
+    """Tables of q/v LoRA of one rank r hold B as (2, d, r) (no zero k rows multiplied); a general or
+    other-rank adapter widens the table to (3d, R) with R the widest rank, q/v as 2r."""
+    base = create_backbone(SMALL)
+    net, x = RoutedViT(base), torch.randn(2, 3, 32, 32)
+    qv4, qv4b, general = kind(base, 0, 0), kind(base, 0, 1), kind(base, 1, 2)
+    net(x, [qv4, qv4b], [0, 1])
+    table = net.slots.lora["blocks.0.attn.qkv"]
+    d = base.embed_dim
+    assert table.layout.qv and tuple(table.b.shape[1:]) == (2, d, 4) and tuple(table.a.shape[1:]) == (8, d)
+    net(x, [qv4, general], [0, 1])
+    table = net.slots.lora["blocks.0.attn.qkv"]
+    assert not table.layout.qv and tuple(table.b.shape[1:]) == (3 * d, 8) and tuple(table.a.shape[1:]) == (8, d)
