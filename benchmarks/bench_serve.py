@@ -9,7 +9,10 @@
    ``--host-cost``: routed against merged again through ViT-Ti's 12 blocks at width 8 on one 16x16
    patch: every operator is dispatched (on a GPU, launched) as at full size, with next to no
    arithmetic, so a pass's time is the host's. On a GPU, a serving pass of a few images is bound by
-   this rather than by the device; on a CPU it is what routing adds in Python and dispatch.
+   this rather than by the device; on a CPU it is what routing adds in Python and dispatch. Beside the
+   times, the aten operators a pass dispatches (profiler events, nested ones included): the same on any
+   device, and on a GPU a bound on its kernel launches. On CUDA, also whether a routed pass made the host
+   wait for the GPU (sync debug mode).
 2. Loopback: ``ppvit serve`` on 127.0.0.1 with ``--tenants`` registered lora-pe adapters,
    ``--clients`` concurrent asyncio clients sending one-image requests for ``--seconds``:
    requests/s, p50/p99 latency, errors.
@@ -125,6 +128,7 @@ def compare(args: argparse.Namespace, weights: str | None, size: int, split: boo
     else:
         print("| tenants | routed ms a pass | merged ms a pass | routed / merged | operators a pass, routed / merged |")
         print("|---:|---:|---:|---:|---:|")
+    waits = {}
     for k in args.tenant_counts:
         index = torch.arange(args.batch) % k  # in the host's memory, as the server's batcher builds it
         groups = [torch.nonzero(index == t).flatten().to(device) for t in range(k)]
@@ -160,11 +164,33 @@ def compare(args: argparse.Namespace, weights: str | None, size: int, split: boo
                 f"| {k} | {ms['routed']:.2f} | {ms['merged']:.2f} | {ms['routed'] / ms['merged']:.2f} | "
                 f"{ops['routed']} / {ops['merged']} |"
             )
+        if device.type == "cuda" and split:
+            waits[k] = host_waits(run_routed)
         if args.profile and split and k == max(args.tenant_counts):
             profile({"routed": variants["routed"], "merged": variants["merged"]}, device, k)
+    for k, wait in waits.items():
+        print(f"the host waited for the GPU in a routed pass of {k} tenants: {wait}")
     if split:
         nbytes = adapters[0].nbytes
         print(f"\nresident lora-pe adapter, ViT-Ti/16 at {size}: {nbytes:,} bytes -> {2**30 // nbytes:,} per GiB")
+        print(
+            f"slot tables after the passes ({routed.slots.rows} slots, mixed passes' copies of adapters): "
+            f"{routed.slots.nbytes:,} bytes"
+        )
+
+
+def host_waits(fn: Callable[[], None]) -> str:
+    """ "never", or the first operation of ``fn`` that made the host wait for the GPU (CUDA's sync debug
+    mode raises there): what the meta-device test cannot see (a blocking copy, a list index of a device tensor)."""
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        fn()
+        return "never"
+    except RuntimeError as exc:
+        return str(exc).splitlines()[0]
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
 
 
 def operators(fn: Callable[[], None]) -> int:

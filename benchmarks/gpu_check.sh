@@ -63,7 +63,9 @@ stage bench 240 "$PY" benchmarks/bench_gpu.py --data "$PPVIT_CIFAR10" --json "$O
 # where routed's device time goes, --profile: it was 0.48-0.64x merged on 2026-12-04, before a pass stopped
 # reading the device: a bool() a layer with one image a tenant, an index copied a head),
 # and the passes' host time (--host-cost: ViT-Ti's layers at width 8, next to no arithmetic; on the GPU, what
-# launching a pass's kernels costs, which bounds a pass of a few images)
+# launching a pass's kernels costs, which bounds a pass of a few images), and whether a routed pass ever makes the
+# host wait for the GPU (CUDA's sync debug mode: a blocking copy or a device value read, which the CPU tests' meta
+# device cannot see); mixed passes gather from slot tables since 2026-12-05 (fifteenth session)
 stage serve 90 "$PY" benchmarks/bench_serve.py --device "$DEVICE" --size 224 --batch 64 --tenant-counts 1,16,64 \
   --repeats 5 --skip-loopback --profile --host-cost
 # then `ppvit serve --device $DEVICE` under wrk (a C client in its own process; bench_serve's loopback clients shared

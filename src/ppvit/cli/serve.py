@@ -35,6 +35,7 @@ def _serve(args: argparse.Namespace) -> None:
             max_top_k=args.max_top_k,
             max_body_bytes=args.max_body_mb << 20,
             cache_bytes=args.cache_mb << 20,
+            slots=args.slots,
             device=args.device,
             max_connections=args.max_connections,
             max_client_connections=args.max_client_connections,
@@ -141,6 +142,12 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--max-body-mb", type=int, default=32, help="largest request body in MiB (default 32)")
     p.add_argument("--cache-mb", type=int, default=1024, help="adapter memory budget in MiB, LRU (default 1024)")
+    p.add_argument(
+        "--slots",
+        type=int,
+        default=64,
+        help="adapters each base keeps copied in its slot tables, which passes mixing tenants gather from (64)",
+    )
     p.add_argument("--device", default="cpu", help="torch device of the backbones and adapters (default cpu)")
     p.add_argument("--max-connections", type=int, default=1000, help="open connections; more are closed (1000)")
     p.add_argument(

@@ -73,6 +73,7 @@ class ServeConfig:
     max_top_k: int = 20  # the most a request may ask for: bounds an answer whatever the head's class count
     max_body_bytes: int = 32 << 20
     cache_bytes: int = 1 << 30  # adapter tensors kept resident (LRU beyond it)
+    slots: int = 64  # adapters a base keeps in its slot tables for mixed passes (their copies: LRU beyond it)
     device: str = "cpu"
     max_connections: int = 1000  # open connections; more are closed at once
     max_client_connections: int = 100  # open connections of one client address; more are closed at once
@@ -93,6 +94,8 @@ class ServeConfig:
             raise ValueError(f"the body budget ({self.body_budget_bytes}) is under one body ({self.max_body_bytes})")
         if not 1 <= self.top_k <= self.max_top_k:
             raise ValueError(f"top-k ({self.top_k}): between 1 and the max top-k ({self.max_top_k})")
+        if self.slots < 1:
+            raise ValueError(f"slots ({self.slots}): at least 1")
         if self.max_client_connections < 1:
             raise ValueError(f"connections per client ({self.max_client_connections}): at least 1")
 
@@ -198,7 +201,7 @@ class Limits:
 def create_app(cfg: ServeConfig) -> FastAPI:
     """The FastAPI application over ``cfg.root`` (created on first start)."""
     store = TenantStore(cfg.root, hold_reader=True)
-    cache = AdapterCache(cfg.cache_bytes, cfg.device)
+    cache = AdapterCache(cfg.cache_bytes, cfg.device, cfg.slots)
     metrics = Metrics()
     limits = Limits(cfg.body_budget_bytes, cfg.tenant_requests)
     state: dict[str, Batcher] = {}
@@ -221,6 +224,7 @@ def create_app(cfg: ServeConfig) -> FastAPI:
     app = FastAPI(title="ppvit", lifespan=lifespan, default_response_class=StrictJSONResponse, **docs)
 
     _one_line_errors(app, metrics)
+    metrics.slot_bytes.set_function(lambda: sum(base.routed.slots.nbytes for base in list(cache.bases.values())))
 
     async def resolve(request: Request) -> Served:
         tenant = await bearer_tenant(request, store)

@@ -106,14 +106,15 @@ def base_identity(meta: AdapterMeta, weights_sha256: str | None) -> str:
 
 
 class AdapterCache:
-    """Adapters by (tenant, version), least recently used dropped beyond ``budget`` bytes; bases built once.
+    """Adapters by (tenant, version), least recently used dropped beyond ``budget`` bytes; bases built once,
+    each with ``slots`` rows of slot tables (copies of adapters for mixed passes, not in ``budget``).
 
     The cache's lock guards only its dictionaries: a slow load (a base model built, a weights
     file hashed) holds a lock of its own key, so other tenants' requests are not held up by it.
     """
 
-    def __init__(self, budget: int, device: str) -> None:
-        self.budget, self.device = budget, torch.device(device)
+    def __init__(self, budget: int, device: str, slots: int = 64) -> None:
+        self.budget, self.device, self.slots = budget, torch.device(device), slots
         self.adapters: OrderedDict[tuple[int, int], Served] = OrderedDict()
         self.bases: dict[str, Base] = {}
         self.resident_bytes = 0
@@ -180,5 +181,5 @@ class AdapterCache:
             ident = base_identity(meta, self._digest(tenant.weights))
             if ident not in self.bases:
                 model = build_base(meta, tenant.weights).to(self.device)
-                self.bases[ident] = Base(RoutedViT(model), self.device)
+                self.bases[ident] = Base(RoutedViT(model, self.slots), self.device)
             return self.bases[ident]
