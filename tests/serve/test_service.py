@@ -133,6 +133,16 @@ def encrypted_toy(world: dict) -> Path:
 
 
 @pytest.fixture
+def toy(world: dict) -> str:
+    """alice's dataset ``toy`` on the server: uploaded here unless an earlier test of the module did (a test
+    that submits jobs runs alone too, e.g. under plain ``-n 2``)."""
+    with client(world, "alice") as c:
+        if not any(d["name"] == "toy" and d["complete"] for d in c.datasets()):
+            c.upload(encrypted_toy(world), "toy")
+    return "toy"
+
+
+@pytest.fixture
 def sent(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
     """Every request body the client sends (JSON and shard bytes), recorded as sent."""
     bodies: list[bytes] = []
@@ -224,7 +234,7 @@ def _wait(c: Client, job_id: str, until, timeout: float = 120) -> dict:
     return job
 
 
-def test_a_server_killed_mid_job_resumes_it_to_the_same_weights(world: dict) -> None:
+def test_a_server_killed_mid_job_resumes_it_to_the_same_weights(world: dict, toy: str) -> None:
     server = world["server"]
     with client(world, "alice") as c:
         job_id = c.submit("toy", SETTINGS)["id"]
@@ -258,7 +268,12 @@ def test_a_server_killed_mid_job_resumes_it_to_the_same_weights(world: dict) -> 
     world["alice_job"] = job_id
 
 
-def test_a_tenant_cannot_see_train_on_cancel_or_activate_anothers(world: dict) -> None:
+def test_a_tenant_cannot_see_train_on_cancel_or_activate_anothers(world: dict, toy: str) -> None:
+    if "alice_job" not in world:  # run alone: a job of alice's of its own, cancelled at once (no slot kept busy)
+        with client(world, "alice") as c:
+            world["alice_job"] = c.submit(toy, SETTINGS)["id"]
+            c.cancel(world["alice_job"])
+            _wait(c, world["alice_job"], lambda j: j["state"] == "cancelled")
     job_id = world["alice_job"]
     with client(world, "bob") as c:
         assert c.datasets() == [] and c.jobs() == []
@@ -294,9 +309,9 @@ BAD_CONFIGS = [  # settings on top of SETTINGS, the status, and a word of the on
 
 
 @pytest.mark.parametrize(("change", "status", "word"), BAD_CONFIGS, ids=[next(iter(c[0])) for c in BAD_CONFIGS])
-def test_bad_job_configs_are_refused_in_one_line(world: dict, change: dict, status: int, word: str) -> None:
+def test_bad_job_configs_are_refused_in_one_line(world: dict, toy: str, change: dict, status: int, word: str) -> None:
     with client(world, "alice") as c, pytest.raises(ServerError) as err:
-        c.submit("toy", {**SETTINGS, **change})
+        c.submit(toy, {**SETTINGS, **change})
     assert err.value.status == status and word in str(err.value) and "\n" not in str(err.value)
 
 
@@ -327,7 +342,7 @@ def test_over_quota_and_damaged_uploads_are_refused_in_one_line(world: dict, tmp
         assert c.datasets() == []
 
 
-def test_cancel_and_a_dying_training_process(world: dict, capsys: pytest.CaptureFixture) -> None:
+def test_cancel_and_a_dying_training_process(world: dict, toy: str, capsys: pytest.CaptureFixture) -> None:
     """With one device slot, a second job waits queued and is cancelled at once; the running job whose
     process is killed ends failed with its log's last line."""
     with client(world, "alice") as c:

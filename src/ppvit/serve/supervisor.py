@@ -164,6 +164,16 @@ class Supervisor:
         return ["cpu"] * processes if "cpu" in free else None
 
     def _launch(self, job_id: str, devices: list[str]) -> None:
+        """Claim the job (queued -> running) before its process starts, so a cancel that lands meanwhile finds
+        it running and asks its process to stop: writing 'running' after the start overwrote such a cancel's
+        'cancelled', and the job trained to its end. A job cancelled before the claim is not started."""
+        with service_db(self.jobs.root) as con:
+            claimed = con.execute(
+                "UPDATE jobs SET state = 'running', started = COALESCE(started, ?) WHERE id = ? AND state = 'queued'",
+                (time.time(), job_id),
+            ).rowcount
+        if not claimed:
+            return
         folder = self.jobs.folder(job_id)
         try:
             handle = self.runner.start(job_id, folder / "config.yaml", folder / "log.txt", devices)
@@ -175,11 +185,8 @@ class Supervisor:
                 )
             return
         self.handles[job_id], self.slots[job_id] = handle, devices
-        with service_db(self.jobs.root) as con:
-            con.execute(
-                "UPDATE jobs SET state = 'running', handle = ?, started = COALESCE(started, ?) WHERE id = ?",
-                (handle, time.time(), job_id),
-            )
+        with service_db(self.jobs.root) as con:  # (a server stopped before this line queues the job again)
+            con.execute("UPDATE jobs SET handle = ? WHERE id = ?", (handle, job_id))
 
     def _finish(self, job_id: str, code: int, cancelled: bool, activate: bool, tenant: str) -> None:
         del self.handles[job_id], self.slots[job_id]
