@@ -139,3 +139,30 @@ def test_an_index_out_of_range_is_refused_on_the_host() -> None:
     for index in ([0, 2], [-1, 0], [0]):
         with pytest.raises(IndexError, match="adapter indices"):
             net(x, adapters, index)
+
+
+@pytest.mark.parametrize("merged_bytes", [256 << 20, 0])
+def test_a_run_of_one_clients_passes_merges_once(merged_bytes: int) -> None:
+    """One client's second pass runs exactly the merged model's FLOPs (its W + B A kept from the first),
+    unless the merged weights exceed ``merged_bytes``; a pass of another client in between merges its own,
+    and every pass answers what PEFT's merged model answers."""
+    torch.manual_seed(0)
+    base = create_backbone(SMALL, num_classes=10)
+    net = RoutedViT(base, merged_bytes=merged_bytes)
+    first, other = routed(base, 10, 0, "melo", rank=2, targets="all"), routed(base, 10, 0, "melo", rank=2)
+    plain = {
+        0: merge_adapters(trained(10, 0, "melo", rank=2, targets="all")),
+        1: merge_adapters(trained(10, 0, "melo", rank=2)),
+    }
+    x = torch.randn(5, 3, 32, 32)
+    linears = [m for m in base.blocks.modules() if isinstance(m, torch.nn.Linear)]
+    merging = {0: sum(2 * m.out_features * 2 * m.in_features for m in linears), 1: 0}
+    merging[1] = sum(
+        2 * 2 * (base.embed_dim * 2 * base.embed_dim) for m in linears if m.out_features == 3 * base.embed_dim
+    )
+    for seed, adapter, again in [(0, first, False), (0, first, True), (1, other, False), (0, first, False)]:
+        with torch.no_grad():
+            spent = flops(lambda adapter=adapter: net(x, [adapter], [0] * 5))
+            expected = flops(lambda seed=seed: plain[seed](x)) + (0 if again and merged_bytes else merging[seed])
+            assert spent == expected, (seed, again)
+            torch.testing.assert_close(torch.stack(net(x, [adapter], [0] * 5)), plain[seed](x), rtol=0, atol=1e-5)

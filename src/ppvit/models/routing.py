@@ -24,6 +24,7 @@ cannot share a backbone: :class:`NotRoutable` (serve them with ``ppvit predict``
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -168,7 +169,8 @@ class _Deltas:
     A value is ``(A, B)`` with ``A`` (batch, R, in) and ``B`` (batch, out, R), or for q/v LoRA
     ``(A, B_q, B_v)`` with ``B_q``, ``B_v`` (batch, d, r): the update goes into the q and v
     slices only, with no multiplication by the zero k rows. A pass of one adapter holds its own
-    factors without the batch dimension (merged into the weight where that is cheaper).
+    factors without the batch dimension (merged into the weight where that is cheaper), or ``(W + B A,)``,
+    the weight merged by an earlier pass of the same adapter.
     """
 
     def __init__(self) -> None:
@@ -185,6 +187,8 @@ class RoutedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         factors = self._deltas.by_path.get(self.path)
         weight, bias = self.base.weight, self.base.bias  # F.linear, not self.base(x): a module call fewer a layer
+        if factors is not None and len(factors) == 1:  # merged by an earlier pass of this adapter
+            return F.linear(x, factors[0], bias)
         if factors is not None and factors[0].ndim == 2 and merges(x, weight):  # one adapter's: W + B A, merged
             return F.linear(x, merged_weight(weight, factors), bias)
         y = F.linear(x, weight, bias)
@@ -226,18 +230,22 @@ class RoutedViT(nn.Module):
     before the least recently used is overwritten; the server calls it from a single worker thread).
     """
 
-    def __init__(self, base: nn.Module, slots: int = 64) -> None:
+    def __init__(self, base: nn.Module, slots: int = 64, merged_bytes: int = 256 << 20) -> None:
         super().__init__()
         _check_routable(base)
         self.base = base.eval().requires_grad_(False)
         self.patch, self.side = patch_size(base), input_size(base)
         self.in_channels = base.patch_embed.proj.in_channels
         self.slots = SlotTables(slots)
+        self.merged_bytes = merged_bytes
+        self._merged: tuple[weakref.ref[RoutedAdapter], dict[str, tuple[torch.Tensor]]] | None = None
         self._deltas = _Deltas()
+        self._linears: dict[str, nn.Linear] = {}
         for name, module in list(base.blocks.named_modules()):
             if isinstance(module, nn.Linear):
                 parent, _, child = name.rpartition(".")
                 owner = base.blocks.get_submodule(parent) if parent else base.blocks
+                self._linears[f"blocks.{name}"] = module
                 setattr(owner, child, RoutedLinear(module, f"blocks.{name}", self._deltas))
 
     @torch.no_grad()
@@ -267,12 +275,29 @@ class RoutedViT(nn.Module):
         else:
             tokens = torch.cat([*prefix, tokens], dim=1) + pos
         tokens = m.norm_pre(m.patch_drop(m.pos_drop(tokens)))
-        self._deltas.by_path = self.slots.lora_factors(adapters, at) if one is None else _factors(one, x.device)
+        self._deltas.by_path = self.slots.lora_factors(adapters, at) if one is None else self._one(one, x.device)
         try:
             features = m.forward_head(m.norm(m.blocks(tokens)), pre_logits=True)
         finally:
             self._deltas.by_path = {}
         return self._heads(features, adapters, index)
+
+    def _one(self, adapter: RoutedAdapter, device: torch.device) -> dict[str, tuple[torch.Tensor, ...]]:
+        """One adapter's layers for a pass of its images alone: each LoRA'd weight merged (W + B A), kept for
+        the adapter's next such pass (one adapter's, while their bytes are within ``merged_bytes``): a run of
+        one tenant's passes then runs the merged model's operators, without merging again each pass (36
+        operators a pass for q/v LoRA on ViT-Ti's 12 blocks). Beyond the bytes, its factors, as they are."""
+        held = self._merged
+        if held is not None and held[0]() is adapter:
+            return held[1]
+        self._merged = None  # the last adapter's merged weights go (a pass of another adapter)
+        factors = _factors(adapter, device)
+        size = sum(self._linears[p].weight.numel() * self._linears[p].weight.element_size() for p in factors)
+        if size > self.merged_bytes:
+            return factors
+        merged = {p: (merged_weight(self._linears[p].weight, f),) for p, f in factors.items()}
+        self._merged = (weakref.ref(adapter), merged)
+        return merged
 
     @staticmethod
     def _heads(features: torch.Tensor, adapters: list[RoutedAdapter], index: SampleIndex) -> list[torch.Tensor]:
