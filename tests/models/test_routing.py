@@ -166,3 +166,4 @@ def test_a_run_of_one_clients_passes_merges_once(merged_bytes: int) -> None:
             expected = flops(lambda seed=seed: plain[seed](x)) + (0 if again and merged_bytes else merging[seed])
             assert spent == expected, (seed, again)
             torch.testing.assert_close(torch.stack(net(x, [adapter], [0] * 5)), plain[seed](x), rtol=0, atol=1e-5)
+    assert net.copy_nbytes == (sum(4 * m.weight.numel() for m in linears) if merged_bytes else 0)  # first's, kept

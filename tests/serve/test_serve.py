@@ -67,7 +67,7 @@ def test_mixed_batch_logits_equal_each_adapters_own_model(world: dict, live: Liv
     metrics = httpx.get(f"{live.url}/metrics").text
     one_adapter = _metric(metrics, 'ppvit_batch_adapters_bucket{le="1.0"}')
     assert _metric(metrics, "ppvit_batch_adapters_count") > one_adapter, "no forward mixed tenants"
-    assert _metric(metrics, "ppvit_slot_table_bytes") > 0  # the mixed pass's adapters, written into slots
+    assert _metric(metrics, "ppvit_routing_copy_bytes") > 0  # the mixed pass's adapters, written into slots
 
 
 def _metric(text: str, name: str) -> float:

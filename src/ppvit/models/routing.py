@@ -282,6 +282,12 @@ class RoutedViT(nn.Module):
             self._deltas.by_path = {}
         return self._heads(features, adapters, index)
 
+    @property
+    def copy_nbytes(self) -> int:
+        """Bytes of the adapters' copies kept for speed: the slot tables and one adapter's merged weights."""
+        merged = [] if self._merged is None else [w for (w,) in self._merged[1].values()]
+        return self.slots.nbytes + sum(w.numel() * w.element_size() for w in merged)
+
     def _one(self, adapter: RoutedAdapter, device: torch.device) -> dict[str, tuple[torch.Tensor, ...]]:
         """One adapter's layers for a pass of its images alone: each LoRA'd weight merged (W + B A), kept for
         the adapter's next such pass (one adapter's, while their bytes are within ``merged_bytes``): a run of

@@ -224,7 +224,7 @@ def create_app(cfg: ServeConfig) -> FastAPI:
     app = FastAPI(title="ppvit", lifespan=lifespan, default_response_class=StrictJSONResponse, **docs)
 
     _one_line_errors(app, metrics)
-    metrics.slot_bytes.set_function(lambda: sum(base.routed.slots.nbytes for base in list(cache.bases.values())))
+    metrics.copy_bytes.set_function(lambda: sum(base.routed.copy_nbytes for base in list(cache.bases.values())))
 
     async def resolve(request: Request) -> Served:
         tenant = await bearer_tenant(request, store)

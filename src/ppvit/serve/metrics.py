@@ -31,6 +31,8 @@ class Metrics:
         )
         self.resident = Gauge("ppvit_adapters_resident", "adapters in memory", registry=r)
         self.resident_bytes = Gauge("ppvit_adapter_bytes_resident", "bytes of adapter tensors in memory", registry=r)
-        self.slot_bytes = Gauge(
-            "ppvit_slot_table_bytes", "bytes of the bases' slot tables (mixed passes' copies of adapters)", registry=r
+        self.copy_bytes = Gauge(
+            "ppvit_routing_copy_bytes",
+            "bytes of adapters' copies the bases keep for speed (slot tables, one tenant's merged weights)",
+            registry=r,
         )
