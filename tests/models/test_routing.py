@@ -10,7 +10,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from ppvit.models.adapters import AdapterMeta
 from ppvit.models.backbones import create_backbone
 from ppvit.models.methods import apply_method, merge_adapters, method_config
-from ppvit.models.routing import RoutedLinear, RoutedViT, _Deltas, merges, routed_adapter
+from ppvit.models.routing import NotRoutable, RoutedLinear, RoutedViT, _Deltas, merges, routed_adapter
 
 
 def trained(classes: int, seed: int, method: str = "lora-pe", **opts) -> torch.nn.Module:
@@ -167,3 +167,14 @@ def test_a_run_of_one_clients_passes_merges_once(merged_bytes: int) -> None:
             assert spent == expected, (seed, again)
             torch.testing.assert_close(torch.stack(net(x, [adapter], [0] * 5)), plain[seed](x), rtol=0, atol=1e-5)
     assert net.copy_nbytes == (sum(4 * m.weight.numel() for m in linears) if merged_bytes else 0)  # first's, kept
+
+
+def test_a_patch_bias_without_its_weight_is_refused() -> None:
+    """No method trains the bias alone; served, it would count in a pass that gathers embeddings only."""
+    base = create_backbone(SMALL)
+    model = trained(10, 0, "linear")
+    tensors = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    tensors["patch_embed.proj.bias"] = torch.ones(base.embed_dim)
+    meta = AdapterMeta(SMALL, 10, method_config("linear").to_dict(), weights_sha256="x")
+    with pytest.raises(NotRoutable, match="bias without its weight"):
+        routed_adapter(meta, tensors, base)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import gc
 import weakref
 
@@ -13,6 +14,7 @@ from torch.profiler import profile
 
 from ppvit.models.backbones import create_backbone
 from ppvit.models.routing import RoutedViT
+from ppvit.models.slots import _LoraTable
 
 # adapters by kind (KINDS: lora-pe rank 4 with its patch embedding; melo on every Linear, rank 2; a head only;
 # q/v LoRA rank 8 with position embeddings), then a second lora-pe rank 4 and a second head only
@@ -56,7 +58,8 @@ def test_every_row_of_every_pass_is_its_own_adapters(capacity: int, passes: list
 
 def test_slots_are_bounded_and_hold_no_adapter_alive() -> None:
     """Beyond ``capacity`` the least recently used adapter's slot is overwritten (the tables stay that size),
-    and an adapter the server's cache dropped is freed (the tables hold no reference to it)."""
+    and an adapter the server's cache dropped is freed (the tables hold no reference to it), its embeddings
+    zeroed by the next mixed pass."""
     base = create_backbone(SMALL)
     net = RoutedViT(base, slots=3)
     x = torch.randn(2, 3, 32, 32)
@@ -66,11 +69,13 @@ def test_slots_are_bounded_and_hold_no_adapter_alive() -> None:
     size = net.slots.nbytes
     assert net.slots.rows == 3 and size > 0
     refs = [weakref.ref(a) for a in adapters[1:]]
+    dropped = [a.patch_weight.clone() for a in adapters[1:]]  # lora-pe's own patch embeddings (a key's, with key-init)
     del adapters[1:]
     gc.collect()
     assert [r() for r in refs] == [None] * 5
     net(x, [adapters[0], routed(base, 10, 6)], [0, 1])
     assert net.slots.rows == 3 and net.slots.nbytes == size
+    assert not any(torch.equal(row, w) for row in net.slots.patch_weight for w in dropped)  # zeroed, not kept
 
 
 def test_slots_grow_to_capacity_then_go_to_a_dead_adapter_or_the_least_recently_used() -> None:
@@ -125,3 +130,54 @@ def test_q_v_lora_of_one_rank_stays_compact_until_another_layout_joins() -> None
     net(x, [qv4, general], [0, 1])
     table = net.slots.lora["blocks.0.attn.qkv"]
     assert not table.layout.qv and tuple(table.b.shape[1:]) == (3 * d, 8) and tuple(table.a.shape[1:]) == (8, d)
+
+
+def test_a_write_that_fails_half_way_leaves_no_slot_to_answer_from(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A newcomer's write into a slot taken over fails part way (on a GPU: out of memory): the tables are
+    cleared, so no later pass reads the slot's earlier holder's embeddings or factors as the newcomer's."""
+    torch.manual_seed(0)
+    base = create_backbone(SMALL)
+    a, b, c = kind(base, 0, 0), kind(base, 3, 1), kind(base, 1, 2)
+    net, x = RoutedViT(base, slots=2), torch.randn(4, 3, 32, 32)
+    net(x, [a, b], [0, 1, 0, 1])
+    write = _LoraTable.write
+
+    def fails(self: _LoraTable, slot: int, pair: tuple | None) -> None:
+        if pair is not None and pair[0].shape[0] == 2:  # c's rank-2 factors, after b's slot was claimed
+            raise RuntimeError("CUDA out of memory")
+        write(self, slot, pair)
+
+    monkeypatch.setattr(_LoraTable, "write", fails)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        net(x, [a, c], [0, 1, 0, 1])
+    monkeypatch.setattr(_LoraTable, "write", write)
+    for tenants in ([c, a], [b, c], [a, b]):
+        rows = net(x, tenants, [0, 1, 0, 1])
+        for j in range(4):
+            torch.testing.assert_close(rows[j], alone(net, tenants[j % 2], x[j : j + 1])[0], rtol=0, atol=1e-5)
+
+
+def test_a_newcomer_never_takes_the_slot_of_an_adapter_of_its_own_pass() -> None:
+    base = create_backbone(SMALL)
+    a, b, c = (routed(base, 3, seed, "linear") for seed in range(3))
+    net, x = RoutedViT(base, slots=2), torch.randn(2, 3, 32, 32)
+    net(x, [a, b], [0, 1])
+    slot = net.slots.slot_of(a)
+    net(x, [c, a], [0, 1])  # a and b were used alike long ago; a is in this pass: b's slot goes to c
+    assert net.slots.slot_of(a) == slot and net.slots.slot_of(b) is None
+
+
+def test_tables_live_on_the_backbones_device_and_outlast_inference_mode() -> None:
+    """Adapters on another device than the backbone are copied to it (the forward moved them before the
+    tables); tables made in a pass under ``torch.inference_mode`` are written by later passes outside it."""
+    base = create_backbone(SMALL)
+    adapters = [kind(base, k, k) for k in range(4)]
+    net = RoutedViT(copy.deepcopy(base).to("meta"))
+    rows = net(torch.empty(4, 3, 32, 32, device="meta"), adapters, [0, 1, 2, 3])  # adapters on the CPU
+    assert [r.device.type for r in rows] == ["meta"] * 4
+    net, x = RoutedViT(base), torch.randn(4, 3, 32, 32)
+    with torch.inference_mode():
+        net(x, adapters[:2], [0, 1, 0, 1])
+    rows = net(x, adapters[2:], [0, 1, 0, 1])
+    for j in range(4):
+        torch.testing.assert_close(rows[j], alone(net, adapters[2 + j % 2], x[j : j + 1])[0], rtol=0, atol=1e-5)

@@ -126,6 +126,8 @@ def routed_adapter(meta: AdapterMeta, tensors: dict[str, torch.Tensor], base: nn
         raise NotRoutable(f"the adapter needs a head of shape (classes, {dim}) with a bias")
     proj = base.patch_embed.proj
     patch_w, patch_b = rest.pop("patch_embed.proj.weight", None), rest.pop("patch_embed.proj.bias", None)
+    if patch_b is not None and patch_w is None:  # no method trains it alone; routing would use it in some passes only
+        raise NotRoutable("the adapter has a patch-embedding bias without its weight")
     if patch_w is not None:
         if patch_w.shape != proj.weight.shape:
             raise NotRoutable(f"patch embedding {tuple(patch_w.shape)}, the backbone's is {tuple(proj.weight.shape)}")

@@ -98,7 +98,7 @@ class _LoraTable:
 
     @classmethod
     def empty(cls, layout: _Layout, rows: int, shape: tuple[int, int], like: torch.Tensor) -> _LoraTable:
-        """Zero rows for a Linear of ``shape`` (out, in)."""
+        """Zero rows for a Linear of ``shape`` (out, in), of ``like``'s dtype and device (the backbone's)."""
         out, inp = shape
         if layout.qv:
             r = layout.rank
@@ -153,7 +153,8 @@ class SlotTables:
     @property
     def nbytes(self) -> int:
         tables = [self.patch_weight, self.patch_bias, self.pos_embed]
-        tables += [t for table in self.lora.values() for t in (table.a, table.b)]
+        tables += [t for table in list(self.lora.values()) for t in (table.a, table.b)]  # list(): one step, while
+        # the forward thread may add a table (/metrics reads this from the event loop)
         return sum(t.numel() * t.element_size() for t in tables if t is not None)
 
     def place(self, adapters: Sequence[RoutedAdapter], base: nn.Module) -> list[int]:
@@ -163,15 +164,33 @@ class SlotTables:
         if device != self.device:  # the backbone moved: the tables go with it, written afresh
             self._reset(device)
         self._passes += 1
-        slots = []
-        for adapter in adapters:
-            slot = self.slot_of(adapter)
-            if slot is None:
-                slot = self._free_slot(base)
-                self._write(slot, adapter, base)
-            self._used[slot] = self._passes
-            slots.append(slot)
-        return slots
+        held = [self.slot_of(a) for a in adapters]
+        for slot in held:  # first: no newcomer of this pass takes a slot this pass reads
+            if slot is not None:
+                self._used[slot] = self._passes
+        try:
+            with torch.inference_mode(False):  # tables a later pass outside inference mode can still write
+                self._forget_dropped()
+                for i, adapter in enumerate(adapters):
+                    if held[i] is None:
+                        held[i] = slot = self._free_slot(base)
+                        self._write(slot, adapter, base)
+                        self._used[slot] = self._passes
+        except BaseException:  # (out of device memory mid-write): no half-written slot may answer later
+            self._reset(device)
+            raise
+        return [slot for slot in held if slot is not None]
+
+    def _forget_dropped(self) -> None:
+        """Free the slots of adapters the cache dropped, and zero their own embeddings (a key holder's are
+        derived from the key): held no longer than the next mixed pass, not until the slot is reused."""
+        for slot, ref in enumerate(self._held):
+            if ref is not None and ref() is None:
+                self._held[slot] = None
+                self._slot_of.pop(self._ids[slot], None)
+                for table in (self.patch_weight, self.patch_bias, self.pos_embed):
+                    if table is not None:
+                        table[slot].zero_()
 
     def slot_of(self, adapter: RoutedAdapter) -> int | None:
         """The adapter's slot while the tables hold it."""
@@ -183,7 +202,7 @@ class SlotTables:
         """An empty slot, a dead adapter's, a new row (below capacity, or when every slot is this pass's),
         or else the least recently used adapter's."""
         for slot, ref in enumerate(self._held):
-            if ref is None or ref() is None:
+            if ref is None or ref() is None:  # free (or dropped during this pass)
                 return slot
         others = [s for s in range(self.rows) if self._used[s] != self._passes]
         if self.rows >= self.capacity and others:
@@ -222,7 +241,7 @@ class SlotTables:
         self._held[slot], self._ids[slot] = weakref.ref(adapter), id(adapter)
         self._slot_of[id(adapter)] = slot
         for path, pair in adapter.lora.items():
-            self._fit(path, pair)
+            self._fit(path, pair, base.pos_embed)
         for path, table in self.lora.items():
             table.write(slot, adapter.lora.get(path))
         weight, bias = self._base_patch(base)
@@ -238,7 +257,7 @@ class SlotTables:
         if self.pos_embed is not None:
             self.pos_embed[slot] = pos if adapter.pos_embed is None else adapter.pos_embed[0]
 
-    def _fit(self, path: str, pair: tuple[torch.Tensor, torch.Tensor]) -> None:
+    def _fit(self, path: str, pair: tuple[torch.Tensor, torch.Tensor], like: torch.Tensor) -> None:
         """A table at ``path`` that holds ``pair``: made, or widened with every held adapter written again."""
         need = _Layout.of(pair)
         table = self.lora.get(path)
@@ -247,7 +266,7 @@ class SlotTables:
         a, b = pair
         self._shapes.setdefault(path, (3 * b.shape[1] if b.ndim == 3 else b.shape[0], a.shape[1]))
         layout = need if table is None else table.layout.widened(need)
-        self.lora[path] = new = _LoraTable.empty(layout, self.rows, self._shapes[path], a)
+        self.lora[path] = new = _LoraTable.empty(layout, self.rows, self._shapes[path], like)
         for slot, ref in enumerate(self._held):
             adapter = None if ref is None else ref()
             if adapter is not None:
@@ -259,10 +278,12 @@ class SlotTables:
 
     def patch(self, at: SampleIndex) -> tuple[torch.Tensor, torch.Tensor]:
         """Each sample's patch-embedding weight (B, D, C p p) and bias (B, D)."""
-        assert self.patch_weight is not None and self.patch_bias is not None, "no adapter placed has its own"
+        if self.patch_weight is None or self.patch_bias is None:
+            raise RuntimeError("slot tables: no adapter placed has its own patch embedding")
         return per_sample(self.patch_weight, at), per_sample(self.patch_bias, at)
 
     def positions(self, at: SampleIndex) -> torch.Tensor:
         """Each sample's position embeddings (B, tokens, D)."""
-        assert self.pos_embed is not None, "no adapter placed has its own"
+        if self.pos_embed is None:
+            raise RuntimeError("slot tables: no adapter placed has its own position embeddings")
         return per_sample(self.pos_embed, at)
