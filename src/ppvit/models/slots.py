@@ -23,15 +23,29 @@ import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 import torch.nn as nn
 
 from ppvit.models.methods import qv_stacked
 
-if TYPE_CHECKING:  # routing imports this module; the type only
-    from ppvit.models.routing import RoutedAdapter
+
+class RoutedAdapter(Protocol):
+    """What the tables read of an adapter (:class:`ppvit.models.routing.RoutedAdapter`, which imports this
+    module: named here by its shape, not imported back)."""
+
+    @property
+    def lora(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]: ...
+
+    @property
+    def patch_weight(self) -> torch.Tensor | None: ...
+
+    @property
+    def patch_bias(self) -> torch.Tensor | None: ...
+
+    @property
+    def pos_embed(self) -> torch.Tensor | None: ...
 
 
 @dataclass(frozen=True)
