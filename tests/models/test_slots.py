@@ -181,3 +181,26 @@ def test_tables_live_on_the_backbones_device_and_outlast_inference_mode() -> Non
     rows = net(x, adapters[2:], [0, 1, 0, 1])
     for j in range(4):
         torch.testing.assert_close(rows[j], alone(net, adapters[2 + j % 2], x[j : j + 1])[0], rtol=0, atol=1e-5)
+
+
+def test_the_tables_keep_within_their_bytes_or_one_pass() -> None:
+    """A wide adapter (LoRA on every Linear) widens the tables past ``slot_bytes``: the pass that did it keeps
+    its own adapters alone, and no later pass leaves more than the bytes, or than its own adapters, held;
+    every row is still its adapter's."""
+    torch.manual_seed(0)
+    base = create_backbone(SMALL)
+    narrow = [kind(base, 0, seed) for seed in range(4)]  # lora-pe, q/v rank 4
+    wide = kind(base, 1, 4)  # melo, rank 2 on every Linear
+    x = torch.randn(4, 3, 32, 32)
+    probe = RoutedViT(copy.deepcopy(base))
+    probe(x, narrow[:2], [0, 1, 0, 1])
+    budget = 6 * probe.slots.nbytes // probe.slots.rows  # six narrow rows
+    net, rows = RoutedViT(base, slot_bytes=budget), []
+    for tenants in ([0, 1], [2, 3], [0, 1], [0, 4], [1, 2], [3, 4], [2, 0]):
+        adapters = [wide if t == 4 else narrow[t] for t in tenants]
+        out = net(x, adapters, [0, 1, 0, 1])
+        for j in range(4):
+            torch.testing.assert_close(out[j], alone(net, adapters[j % 2], x[j : j + 1])[0], rtol=0, atol=1e-5)
+        assert net.slots.nbytes <= budget or net.slots.rows == len(tenants)
+        rows.append(net.slots.rows)
+    assert rows[1:4] == [6, 6, 2]  # bounded by the bytes (six narrow rows), then the wide pass's two alone

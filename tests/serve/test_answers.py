@@ -207,6 +207,8 @@ def test_the_client_asks_for_top_k_and_reads_the_ranked_classes() -> None:
     assert [(t.label, t.index, t.probability, t.logit) for t in p.top] == [("b", 1, 0.7, None), ("a", 0, 0.2, None)]
 
 
-def test_slots_are_at_least_one(tmp_path: Path) -> None:
+def test_slots_are_at_least_one_and_their_bytes_not_negative(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="slots"):
         ServeConfig(tmp_path, slots=0)
+    with pytest.raises(ValueError, match="slot bytes"):
+        ServeConfig(tmp_path, slot_bytes=-1)

@@ -36,6 +36,7 @@ def _serve(args: argparse.Namespace) -> None:
             max_body_bytes=args.max_body_mb << 20,
             cache_bytes=args.cache_mb << 20,
             slots=args.slots,
+            slot_bytes=args.slot_mb << 20,
             device=args.device,
             max_connections=args.max_connections,
             max_client_connections=args.max_client_connections,
@@ -147,6 +148,9 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
         type=int,
         default=64,
         help="adapters each base keeps copied in its slot tables, which passes mixing tenants gather from (64)",
+    )
+    p.add_argument(
+        "--slot-mb", type=int, default=256, help="and the most MiB of those tables a base keeps (one pass's own: more)"
     )
     p.add_argument("--device", default="cpu", help="torch device of the backbones and adapters (default cpu)")
     p.add_argument("--max-connections", type=int, default=1000, help="open connections; more are closed (1000)")

@@ -228,17 +228,20 @@ class RoutedViT(nn.Module):
     """A frozen timm ViT that computes each sample of a batch with that sample's adapter.
 
     One forward at a time: the batch's LoRA factors are held on the module while it runs, and the adapters
-    of passes that mix tenants are kept in its :class:`~ppvit.models.slots.SlotTables` (``slots``: how many
-    before the least recently used is overwritten; the server calls it from a single worker thread).
+    of passes that mix tenants are kept in its :class:`~ppvit.models.slots.SlotTables` (``slots`` adapters,
+    ``slot_bytes`` bytes, before the least recently used is overwritten; the server calls it from a single
+    worker thread).
     """
 
-    def __init__(self, base: nn.Module, slots: int = 64, merged_bytes: int = 256 << 20) -> None:
+    def __init__(
+        self, base: nn.Module, slots: int = 64, slot_bytes: int = 256 << 20, merged_bytes: int = 256 << 20
+    ) -> None:
         super().__init__()
         _check_routable(base)
         self.base = base.eval().requires_grad_(False)
         self.patch, self.side = patch_size(base), input_size(base)
         self.in_channels = base.patch_embed.proj.in_channels
-        self.slots = SlotTables(slots)
+        self.slots = SlotTables(slots, slot_bytes)
         self.merged_bytes = merged_bytes
         self._merged: tuple[weakref.ref[RoutedAdapter], dict[str, tuple[torch.Tensor]]] | None = None
         self._deltas = _Deltas()

@@ -6,8 +6,10 @@ Stacking each tenant's tensors afresh every pass cost the host a Python list and
 a launch each. Here an adapter is written into a slot once, by the first pass it is in; a pass then gathers its
 samples' rows with one ``index_select`` a table (S-LoRA's unified adapter memory, without its paging).
 
-Once ``capacity`` slots are held, a newcomer takes the least recently used adapter's slot (never one of its
-own pass's); a pass with more tenants than that grows the tables. A table's layout follows what was written to
+Once ``capacity`` slots are held, or ``max_bytes`` of tables, a newcomer takes the least recently used adapter's
+slot (never one of its own pass's); a pass with more tenants than that grows the tables to its tenants, and a pass
+that leaves the tables over ``max_bytes`` (a wide adapter widened one) keeps its own adapters alone, at their
+widths: the tables hold at most ``max_bytes`` or one pass's adapters. A table's layout follows what was written to
 it: q/v LoRA of one rank ``r`` stays compact (``A`` (S, 2r, in), ``B`` (S, 2, d, r)); anything else widens it
 to the general layout (``A`` (S, R, in), ``B`` (S, out, R), ranks zero-padded), and the adapters it holds are
 written again (a layout only widens, so that happens a few times at most). An adapter without LoRA in a layer
@@ -141,10 +143,10 @@ class _LoraTable:
 class SlotTables:
     """The tables of one backbone's resident adapters (module docstring); ``capacity`` slots before eviction."""
 
-    def __init__(self, capacity: int = 64) -> None:
-        if capacity < 1:
-            raise ValueError(f"slot capacity must be at least 1, got {capacity}")
-        self.capacity = capacity
+    def __init__(self, capacity: int = 64, max_bytes: int = 256 << 20) -> None:
+        if capacity < 1 or max_bytes < 0:
+            raise ValueError(f"slot tables: capacity {capacity} (at least 1), max_bytes {max_bytes} (at least 0)")
+        self.capacity, self.max_bytes = capacity, max_bytes
         self._reset(None)
 
     def _reset(self, device: torch.device | None) -> None:
@@ -185,15 +187,26 @@ class SlotTables:
         try:
             with torch.inference_mode(False):  # tables a later pass outside inference mode can still write
                 self._forget_dropped()
-                for i, adapter in enumerate(adapters):
-                    if held[i] is None:
-                        held[i] = slot = self._free_slot(base)
-                        self._write(slot, adapter, base)
-                        self._used[slot] = self._passes
+                self._place_new(adapters, held, base)
+                if self.nbytes > self.max_bytes and self.rows > len(adapters):
+                    # over the bytes (a wide adapter widened a table, or rows grew): this pass's adapters alone,
+                    # at their own widths (the others are written again by their next mixed pass)
+                    self._reset(device)
+                    self._grow(len(adapters), base)
+                    held = [None] * len(adapters)
+                    self._place_new(adapters, held, base)
         except BaseException:  # (out of device memory mid-write): no half-written slot may answer later
             self._reset(device)
             raise
         return [slot for slot in held if slot is not None]
+
+    def _place_new(self, adapters: Sequence[RoutedAdapter], held: list[int | None], base: nn.Module) -> None:
+        """Write the adapters without a slot (``held[i]`` None) into free or freed ones."""
+        for i, adapter in enumerate(adapters):
+            if held[i] is None:
+                held[i] = slot = self._free_slot(base)
+                self._write(slot, adapter, base)
+                self._used[slot] = self._passes
 
     def _forget_dropped(self) -> None:
         """Free the slots of adapters the cache dropped, and zero their own embeddings (a key holder's are
@@ -219,10 +232,12 @@ class SlotTables:
             if ref is None or ref() is None:  # free (or dropped during this pass)
                 return slot
         others = [s for s in range(self.rows) if self._used[s] != self._passes]
-        if self.rows >= self.capacity and others:
+        row = self.nbytes // self.rows if self.rows else 0  # every row is as wide as the widest adapter's
+        if others and (self.rows >= self.capacity or (self.rows + 1) * row > self.max_bytes):
             return min(others, key=self._used.__getitem__)
         first = self.rows
-        self._grow(min(max(2 * first, 8), self.capacity) if first < self.capacity else first + 1, base)
+        rows = min(max(2 * first, 8), self.capacity) if first < self.capacity else first + 1
+        self._grow(max(first + 1, min(rows, self.max_bytes // row)) if row else rows, base)
         return first
 
     def _grow(self, rows: int, base: nn.Module) -> None:

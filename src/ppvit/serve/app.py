@@ -74,6 +74,7 @@ class ServeConfig:
     max_body_bytes: int = 32 << 20
     cache_bytes: int = 1 << 30  # adapter tensors kept resident (LRU beyond it)
     slots: int = 64  # adapters a base keeps in its slot tables for mixed passes (their copies: LRU beyond it)
+    slot_bytes: int = 256 << 20  # and the tables' bytes (a pass's own adapters are kept whatever their size)
     device: str = "cpu"
     max_connections: int = 1000  # open connections; more are closed at once
     max_client_connections: int = 100  # open connections of one client address; more are closed at once
@@ -94,8 +95,8 @@ class ServeConfig:
             raise ValueError(f"the body budget ({self.body_budget_bytes}) is under one body ({self.max_body_bytes})")
         if not 1 <= self.top_k <= self.max_top_k:
             raise ValueError(f"top-k ({self.top_k}): between 1 and the max top-k ({self.max_top_k})")
-        if self.slots < 1:
-            raise ValueError(f"slots ({self.slots}): at least 1")
+        if self.slots < 1 or self.slot_bytes < 0:
+            raise ValueError(f"slots ({self.slots}): at least 1; slot bytes ({self.slot_bytes}): at least 0")
         if self.max_client_connections < 1:
             raise ValueError(f"connections per client ({self.max_client_connections}): at least 1")
 
@@ -201,7 +202,7 @@ class Limits:
 def create_app(cfg: ServeConfig) -> FastAPI:
     """The FastAPI application over ``cfg.root`` (created on first start)."""
     store = TenantStore(cfg.root, hold_reader=True)
-    cache = AdapterCache(cfg.cache_bytes, cfg.device, cfg.slots)
+    cache = AdapterCache(cfg.cache_bytes, cfg.device, cfg.slots, cfg.slot_bytes)
     metrics = Metrics()
     limits = Limits(cfg.body_budget_bytes, cfg.tenant_requests)
     state: dict[str, Batcher] = {}

@@ -107,14 +107,15 @@ def base_identity(meta: AdapterMeta, weights_sha256: str | None) -> str:
 
 class AdapterCache:
     """Adapters by (tenant, version), least recently used dropped beyond ``budget`` bytes; bases built once,
-    each with ``slots`` rows of slot tables (copies of adapters for mixed passes, not in ``budget``).
+    each with slot tables of ``slots`` adapters and ``slot_bytes`` (copies of adapters for mixed passes, not in
+    ``budget``).
 
     The cache's lock guards only its dictionaries: a slow load (a base model built, a weights
     file hashed) holds a lock of its own key, so other tenants' requests are not held up by it.
     """
 
-    def __init__(self, budget: int, device: str, slots: int = 64) -> None:
-        self.budget, self.device, self.slots = budget, torch.device(device), slots
+    def __init__(self, budget: int, device: str, slots: int = 64, slot_bytes: int = 256 << 20) -> None:
+        self.budget, self.device, self.slots, self.slot_bytes = budget, torch.device(device), slots, slot_bytes
         self.adapters: OrderedDict[tuple[int, int], Served] = OrderedDict()
         self.bases: dict[str, Base] = {}
         self.resident_bytes = 0
@@ -181,5 +182,5 @@ class AdapterCache:
             ident = base_identity(meta, self._digest(tenant.weights))
             if ident not in self.bases:
                 model = build_base(meta, tenant.weights).to(self.device)
-                self.bases[ident] = Base(RoutedViT(model, self.slots), self.device)
+                self.bases[ident] = Base(RoutedViT(model, self.slots, self.slot_bytes), self.device)
             return self.bases[ident]
