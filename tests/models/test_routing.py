@@ -178,3 +178,19 @@ def test_a_patch_bias_without_its_weight_is_refused() -> None:
     meta = AdapterMeta(SMALL, 10, method_config("linear").to_dict(), weights_sha256="x")
     with pytest.raises(NotRoutable, match="bias without its weight"):
         routed_adapter(meta, tensors, base)
+
+
+def test_kept_merged_weights_are_exact_after_autocast_and_go_with_their_adapter() -> None:
+    """A one-client pass under bf16 autocast keeps float32 merged weights (a float32 pass after it answers what
+    PEFT's merge does), and they are dropped, and no longer counted, once their adapter is."""
+    torch.manual_seed(0)
+    base = create_backbone(SMALL, num_classes=10)
+    net, adapter = RoutedViT(base), routed(base, 10, 0, "melo", rank=2, targets="all")
+    plain, x = merge_adapters(trained(10, 0, "melo", rank=2, targets="all")), torch.randn(3, 3, 32, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        net(x, [adapter], [0] * 3)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.stack(net(x, [adapter], [0] * 3)), plain(x), rtol=0, atol=1e-5)
+    assert net.copy_nbytes > 0
+    del adapter
+    assert net.copy_nbytes == 0

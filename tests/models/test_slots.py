@@ -204,3 +204,27 @@ def test_the_tables_keep_within_their_bytes_or_one_pass() -> None:
         assert net.slots.nbytes <= budget or net.slots.rows == len(tenants)
         rows.append(net.slots.rows)
     assert rows[1:4] == [6, 6, 2]  # bounded by the bytes (six narrow rows), then the wide pass's two alone
+
+
+def test_a_wide_newcomer_never_widens_the_rows_it_is_about_to_drop(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the tables full of narrow rows up to the bytes, a wide adapter's pass starts afresh with its own
+    adapters (two rows) instead of widening all six held rows first (its peak, on a GPU an out-of-memory)."""
+    torch.manual_seed(0)
+    base = create_backbone(SMALL)
+    narrow = [kind(base, 0, seed) for seed in range(6)]
+    x = torch.randn(2, 3, 32, 32)
+    probe = RoutedViT(copy.deepcopy(base))
+    probe(x, narrow[:2], [0, 1])
+    net = RoutedViT(base, slot_bytes=6 * probe.slots.nbytes // probe.slots.rows)
+    for i in range(0, 6, 2):
+        net(x, narrow[i : i + 2], [0, 1])
+    assert net.slots.rows == 6
+    made, empty = [], _LoraTable.empty
+
+    def recording(layout, rows: int, shape, like):
+        made.append((layout.qv, rows))
+        return empty(layout, rows, shape, like)
+
+    monkeypatch.setattr(_LoraTable, "empty", staticmethod(recording))
+    net(x, [narrow[0], kind(base, 1, 6)], [0, 1])
+    assert made and all(rows == 2 for _, rows in made)

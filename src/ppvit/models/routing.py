@@ -24,6 +24,7 @@ cannot share a backbone: :class:`NotRoutable` (serve them with ``ppvit predict``
 
 from __future__ import annotations
 
+import contextlib
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -243,7 +244,7 @@ class RoutedViT(nn.Module):
         self.in_channels = base.patch_embed.proj.in_channels
         self.slots = SlotTables(slots, slot_bytes)
         self.merged_bytes = merged_bytes
-        self._merged: tuple[weakref.ref[RoutedAdapter], dict[str, tuple[torch.Tensor]]] | None = None
+        self._merged: tuple[weakref.ref[RoutedAdapter], torch.device, dict[str, tuple[torch.Tensor]]] | None = None
         self._deltas = _Deltas()
         self._linears: dict[str, nn.Linear] = {}
         for name, module in list(base.blocks.named_modules()):
@@ -261,6 +262,8 @@ class RoutedViT(nn.Module):
         sample ``i`` through ``adapters[index[i]]`` (``index`` in the host's memory: the pass then never
         waits for the device, which only the caller's copy of the logits does)."""
         index = SampleIndex.of(index, x.device)
+        if self._merged is not None and self._merged[0]() is None:  # its adapter was dropped: so are they
+            self._merged = None
         if len(index.host) != len(x) or not all(0 <= i < len(adapters) for i in index.host):
             raise IndexError(f"routing: {len(x)} images need as many adapter indices in 0..{len(adapters) - 1}")
         m = self.base
@@ -290,7 +293,8 @@ class RoutedViT(nn.Module):
     @property
     def copy_nbytes(self) -> int:
         """Bytes of the adapters' copies kept for speed: the slot tables and one adapter's merged weights."""
-        merged = [] if self._merged is None else [w for (w,) in self._merged[1].values()]
+        held = self._merged  # (read once: /metrics calls this from another thread)
+        merged = [] if held is None or held[0]() is None else [w for (w,) in held[2].values()]
         return self.slots.nbytes + sum(w.numel() * w.element_size() for w in merged)
 
     def _one(self, adapter: RoutedAdapter, device: torch.device) -> dict[str, tuple[torch.Tensor, ...]]:
@@ -299,15 +303,17 @@ class RoutedViT(nn.Module):
         one tenant's passes then runs the merged model's operators, without merging again each pass (36
         operators a pass for q/v LoRA on ViT-Ti's 12 blocks). Beyond the bytes, its factors, as they are."""
         held = self._merged
-        if held is not None and held[0]() is adapter:
-            return held[1]
+        if held is not None and held[0]() is adapter and held[1] == device:
+            return held[2]
         self._merged = None  # the last adapter's merged weights go (a pass of another adapter)
         factors = _factors(adapter, device)
         size = sum(self._linears[p].weight.numel() * self._linears[p].weight.element_size() for p in factors)
         if size > self.merged_bytes:
             return factors
-        merged = {p: (merged_weight(self._linears[p].weight, f),) for p, f in factors.items()}
-        self._merged = (weakref.ref(adapter), merged)
+        exact = torch.autocast(device.type, enabled=False) if torch.amp.is_autocast_available(device.type) else None
+        with exact or contextlib.nullcontext():  # kept in the weights' dtype, whatever this pass's autocast
+            merged = {p: (merged_weight(self._linears[p].weight, f),) for p, f in factors.items()}
+        self._merged = (weakref.ref(adapter), device, merged)
         return merged
 
     @staticmethod

@@ -105,6 +105,17 @@ class _Layout:
         """The layout that holds both (q/v of rank r is general of rank 2r)."""
         return self if self == other else _Layout(False, max(o.rank * (2 if o.qv else 1) for o in (self, other)))
 
+    def numel(self, shape: tuple[int, int]) -> int:
+        """Values of a row of A and B for a Linear of ``shape`` (out, in)."""
+        out, inp = shape
+        return 2 * self.rank * (inp + out // 3) if self.qv else self.rank * (inp + out)
+
+
+def _shape(pair: tuple[torch.Tensor, torch.Tensor]) -> tuple[int, int]:
+    """(out, in) of the Linear a LoRA pair adapts."""
+    a, b = pair
+    return (3 * b.shape[1] if b.ndim == 3 else b.shape[0]), a.shape[1]
+
 
 @dataclass
 class _LoraTable:
@@ -187,6 +198,11 @@ class SlotTables:
         try:
             with torch.inference_mode(False):  # tables a later pass outside inference mode can still write
                 self._forget_dropped()
+                new = [a for a, slot in zip(adapters, held, strict=True) if slot is None]
+                if new and self.rows > len(adapters) and self.rows * self._row_bytes_with(new, base) > self.max_bytes:
+                    self._reset(device)  # a newcomer would widen every row past the bytes: this pass alone, first
+                    self._grow(len(adapters), base)
+                    held = [None] * len(adapters)
                 self._place_new(adapters, held, base)
                 if self.nbytes > self.max_bytes and self.rows > len(adapters):
                     # over the bytes (a wide adapter widened a table, or rows grew): this pass's adapters alone,
@@ -200,11 +216,28 @@ class SlotTables:
             raise
         return [slot for slot in held if slot is not None]
 
+    def _row_bytes_with(self, adapters: Sequence[RoutedAdapter], base: nn.Module) -> int:
+        """Bytes of a row once ``adapters`` are written (their LoRA layouts joined to the tables')."""
+        layouts = {path: table.layout for path, table in self.lora.items()}
+        shapes = dict(self._shapes)
+        for adapter in adapters:
+            for path, pair in adapter.lora.items():
+                need = _Layout.of(pair)
+                layouts[path] = layouts[path].widened(need) if path in layouts else need
+                shapes.setdefault(path, _shape(pair))
+        numel = sum(layout.numel(shapes[path]) for path, layout in layouts.items())
+        weight = base.patch_embed.proj.weight
+        if self.patch_weight is not None or any(a.patch_weight is not None for a in adapters):
+            numel += weight.numel() + weight.shape[0]
+        if self.pos_embed is not None or any(a.pos_embed is not None for a in adapters):
+            numel += base.pos_embed[0].numel()
+        return numel * base.pos_embed.element_size()
+
     def _place_new(self, adapters: Sequence[RoutedAdapter], held: list[int | None], base: nn.Module) -> None:
         """Write the adapters without a slot (``held[i]`` None) into free or freed ones."""
         for i, adapter in enumerate(adapters):
             if held[i] is None:
-                held[i] = slot = self._free_slot(base)
+                held[i] = slot = self._free_slot(base, held.count(None))
                 self._write(slot, adapter, base)
                 self._used[slot] = self._passes
 
@@ -225,7 +258,7 @@ class SlotTables:
         ref = None if slot is None else self._held[slot]
         return slot if ref is not None and ref() is adapter else None
 
-    def _free_slot(self, base: nn.Module) -> int:
+    def _free_slot(self, base: nn.Module, wanted: int) -> int:
         """An empty slot, a dead adapter's, a new row (below capacity, or when every slot is this pass's),
         or else the least recently used adapter's."""
         for slot, ref in enumerate(self._held):
@@ -236,8 +269,9 @@ class SlotTables:
         if others and (self.rows >= self.capacity or (self.rows + 1) * row > self.max_bytes):
             return min(others, key=self._used.__getitem__)
         first = self.rows
-        rows = min(max(2 * first, 8), self.capacity) if first < self.capacity else first + 1
-        self._grow(max(first + 1, min(rows, self.max_bytes // row)) if row else rows, base)
+        must = first + (1 if others else wanted)  # every slot is this pass's: room for its newcomers at once
+        rows = min(max(2 * first, 8), self.capacity) if first < self.capacity else must
+        self._grow(max(must, min(rows, self.max_bytes // row) if row else rows), base)
         return first
 
     def _grow(self, rows: int, base: nn.Module) -> None:
@@ -292,8 +326,7 @@ class SlotTables:
         table = self.lora.get(path)
         if table is not None and table.layout.widened(need) == table.layout:
             return
-        a, b = pair
-        self._shapes.setdefault(path, (3 * b.shape[1] if b.ndim == 3 else b.shape[0], a.shape[1]))
+        self._shapes.setdefault(path, _shape(pair))
         layout = need if table is None else table.layout.widened(need)
         self.lora[path] = new = _LoraTable.empty(layout, self.rows, self._shapes[path], like)
         for slot, ref in enumerate(self._held):
