@@ -228,3 +228,23 @@ def test_a_wide_newcomer_never_widens_the_rows_it_is_about_to_drop(monkeypatch: 
     monkeypatch.setattr(_LoraTable, "empty", staticmethod(recording))
     net(x, [narrow[0], kind(base, 1, 6)], [0, 1])
     assert made and all(rows == 2 for _, rows in made)
+
+
+def test_the_tables_narrow_again_once_the_wide_adapter_has_left() -> None:
+    """After a wide adapter's pass, passes of narrow ones take its slot and, when the bytes make them evict,
+    start the tables afresh at their own width: q/v compact again, and as many rows as before it."""
+    torch.manual_seed(0)
+    base = create_backbone(SMALL)
+    narrow = [kind(base, 0, seed) for seed in range(4)]
+    wide = kind(base, 1, 4)
+    x = torch.randn(4, 3, 32, 32)
+    probe = RoutedViT(copy.deepcopy(base))
+    probe(x, narrow[:2], [0, 1, 0, 1])
+    net = RoutedViT(base, slot_bytes=6 * probe.slots.nbytes // probe.slots.rows)
+    for tenants in ([0, 1], [2, 3], [0, 4], [1, 2], [3, 0], [1, 2], [3, 0], [1, 2], [3, 0]):
+        adapters = [wide if t == 4 else narrow[t] for t in tenants]
+        out = net(x, adapters, [0, 1, 0, 1])
+        for j in range(4):
+            torch.testing.assert_close(out[j], alone(net, adapters[j % 2], x[j : j + 1])[0], rtol=0, atol=1e-5)
+    assert net.slots.lora["blocks.0.attn.qkv"].layout.qv and net.slots.rows >= 4
+    assert all(net.slots.slot_of(a) is not None for a in narrow)  # all four held: no rewrites in the last passes

@@ -8,7 +8,8 @@ samples' rows with one ``index_select`` a table (S-LoRA's unified adapter memory
 
 Once ``capacity`` slots are held, or ``max_bytes`` of tables, a newcomer takes the least recently used adapter's
 slot (never one of its own pass's); a pass with more tenants than that grows the tables to its tenants, and a pass
-that leaves the tables over ``max_bytes`` (a wide adapter widened one) keeps its own adapters alone, at their
+that would leave the tables over ``max_bytes`` (a wide adapter widening one), or that must evict while the tables
+are wider than their adapters need (a wide one has left), starts them afresh with its own adapters, at their
 widths: the tables hold at most ``max_bytes`` or one pass's adapters. A table's layout follows what was written to
 it: q/v LoRA of one rank ``r`` stays compact (``A`` (S, 2r, in), ``B`` (S, 2, d, r)); anything else widens it
 to the general layout (``A`` (S, R, in), ``B`` (S, out, R), ranks zero-padded), and the adapters it holds are
@@ -198,9 +199,8 @@ class SlotTables:
         try:
             with torch.inference_mode(False):  # tables a later pass outside inference mode can still write
                 self._forget_dropped()
-                new = [a for a, slot in zip(adapters, held, strict=True) if slot is None]
-                if new and self.rows > len(adapters) and self.rows * self._row_bytes_with(new, base) > self.max_bytes:
-                    self._reset(device)  # a newcomer would widen every row past the bytes: this pass alone, first
+                if self._afresh([a for a, slot in zip(adapters, held, strict=True) if slot is None], adapters, base):
+                    self._reset(device)
                     self._grow(len(adapters), base)
                     held = [None] * len(adapters)
                 self._place_new(adapters, held, base)
@@ -216,9 +216,24 @@ class SlotTables:
             raise
         return [slot for slot in held if slot is not None]
 
-    def _row_bytes_with(self, adapters: Sequence[RoutedAdapter], base: nn.Module) -> int:
-        """Bytes of a row once ``adapters`` are written (their LoRA layouts joined to the tables')."""
-        layouts = {path: table.layout for path, table in self.lora.items()}
+    def _afresh(self, new: list[RoutedAdapter], adapters: Sequence[RoutedAdapter], base: nn.Module) -> bool:
+        """Whether this pass should start the tables afresh with its own adapters: a newcomer would widen every
+        held row past the bytes (widen first, drop after: the pass's peak), or the bytes make a newcomer evict
+        while the tables are wider than the adapters they hold need (a wide adapter has left them)."""
+        if not new or self.rows < len(adapters):
+            return False
+        if self.rows > len(adapters) and self.rows * self._row_bytes_with(new, base) > self.max_bytes:
+            return True
+        row = self.nbytes // self.rows if self.rows else 0
+        if self.rows >= self.capacity or (self.rows + 1) * row <= self.max_bytes:
+            return False  # room for a row, or the count of slots (not their width) makes it evict
+        live = [a for ref in self._held if ref is not None and (a := ref()) is not None]
+        return self._row_bytes_with([*live, *new], base, fresh=True) < row
+
+    def _row_bytes_with(self, adapters: Sequence[RoutedAdapter], base: nn.Module, fresh: bool = False) -> int:
+        """Bytes of a row once ``adapters`` are written: their LoRA layouts joined to the tables' (``fresh``:
+        to none, the width those adapters alone need)."""
+        layouts = {} if fresh else {path: table.layout for path, table in self.lora.items()}
         shapes = dict(self._shapes)
         for adapter in adapters:
             for path, pair in adapter.lora.items():
@@ -227,9 +242,9 @@ class SlotTables:
                 shapes.setdefault(path, _shape(pair))
         numel = sum(layout.numel(shapes[path]) for path, layout in layouts.items())
         weight = base.patch_embed.proj.weight
-        if self.patch_weight is not None or any(a.patch_weight is not None for a in adapters):
+        if (self.patch_weight is not None and not fresh) or any(a.patch_weight is not None for a in adapters):
             numel += weight.numel() + weight.shape[0]
-        if self.pos_embed is not None or any(a.pos_embed is not None for a in adapters):
+        if (self.pos_embed is not None and not fresh) or any(a.pos_embed is not None for a in adapters):
             numel += base.pos_embed[0].numel()
         return numel * base.pos_embed.element_size()
 
