@@ -200,21 +200,28 @@ class SlotTables:
             with torch.inference_mode(False):  # tables a later pass outside inference mode can still write
                 self._forget_dropped()
                 if self._afresh([a for a, slot in zip(adapters, held, strict=True) if slot is None], adapters, base):
-                    self._reset(device)
-                    self._grow(len(adapters), base)
-                    held = [None] * len(adapters)
+                    held = self._restart(len(adapters), base)
                 self._place_new(adapters, held, base)
                 if self.nbytes > self.max_bytes and self.rows > len(adapters):
                     # over the bytes (a wide adapter widened a table, or rows grew): this pass's adapters alone,
                     # at their own widths (the others are written again by their next mixed pass)
-                    self._reset(device)
-                    self._grow(len(adapters), base)
-                    held = [None] * len(adapters)
+                    held = self._restart(len(adapters), base)
                     self._place_new(adapters, held, base)
         except BaseException:  # (out of device memory mid-write): no half-written slot may answer later
             self._reset(device)
             raise
         return [slot for slot in held if slot is not None]
+
+    def _restart(self, rows: int, base: nn.Module) -> list[int | None]:
+        """Empty tables of ``rows`` rows, for one pass's adapters alone (none of them held)."""
+        self._reset(self.device)
+        self._grow(rows, base)
+        return [None] * rows
+
+    @property
+    def _row_bytes(self) -> int:
+        """Bytes of one row (every row is as wide as the widest adapter's; 0 before any row)."""
+        return self.nbytes // self.rows if self.rows else 0
 
     def _afresh(self, new: list[RoutedAdapter], adapters: Sequence[RoutedAdapter], base: nn.Module) -> bool:
         """Whether this pass should start the tables afresh with its own adapters: a newcomer would widen every
@@ -224,7 +231,7 @@ class SlotTables:
             return False
         if self.rows > len(adapters) and self.rows * self._row_bytes_with(new, base) > self.max_bytes:
             return True
-        row = self.nbytes // self.rows if self.rows else 0
+        row = self._row_bytes
         if self.rows >= self.capacity or (self.rows + 1) * row <= self.max_bytes:
             return False  # room for a row, or the count of slots (not their width) makes it evict
         live = [a for ref in self._held if ref is not None and (a := ref()) is not None]
@@ -280,7 +287,7 @@ class SlotTables:
             if ref is None or ref() is None:  # free (or dropped during this pass)
                 return slot
         others = [s for s in range(self.rows) if self._used[s] != self._passes]
-        row = self.nbytes // self.rows if self.rows else 0  # every row is as wide as the widest adapter's
+        row = self._row_bytes
         if others and (self.rows >= self.capacity or (self.rows + 1) * row > self.max_bytes):
             return min(others, key=self._used.__getitem__)
         first = self.rows
