@@ -15,8 +15,8 @@ venv: $(VENV)/.installed
 # torch and torchvision pinned to the releases this project is tested with.
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install -q --disable-pip-version-check torch==2.14.1 torchvision==0.29.1
-	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev,serve,data,track]'
+	$(PY) -m pip install -q --disable-pip-version-check --no-cache-dir torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install -q --disable-pip-version-check --no-cache-dir -e '.[dev,serve,data,track]'
 	touch $@
 
 # The paper's comparison at CPU scale, reduced (12 min 28 s on one EPYC core in fp32; it prints its own
