@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -37,6 +37,7 @@ from timm.layers import PatchEmbed
 from ppvit.models.adapters import AdapterMeta
 from ppvit.models.backbones import input_size, patch_size
 from ppvit.models.configs import FullConfig, MeloConfig
+from ppvit.models.graphs import Capture, PassGraphs
 from ppvit.models.methods import ADAPTER, qv_stacked
 from ppvit.models.slots import SampleIndex, SlotTables, per_sample
 
@@ -235,7 +236,12 @@ class RoutedViT(nn.Module):
     """
 
     def __init__(
-        self, base: nn.Module, slots: int = 64, slot_bytes: int = 256 << 20, merged_bytes: int = 256 << 20
+        self,
+        base: nn.Module,
+        slots: int = 64,
+        slot_bytes: int = 256 << 20,
+        merged_bytes: int = 256 << 20,
+        capture: Capture | None = None,
     ) -> None:
         super().__init__()
         _check_routable(base)
@@ -243,6 +249,7 @@ class RoutedViT(nn.Module):
         self.patch, self.side = patch_size(base), input_size(base)
         self.in_channels = base.patch_embed.proj.in_channels
         self.slots = SlotTables(slots, slot_bytes)
+        self.graphs = None if capture is None else PassGraphs(capture)
         self.merged_bytes = merged_bytes
         self._merged: tuple[weakref.ref[RoutedAdapter], torch.device, dict[str, tuple[torch.Tensor]]] | None = None
         self._deltas = _Deltas()
@@ -260,35 +267,63 @@ class RoutedViT(nn.Module):
     ) -> list[torch.Tensor]:
         """Logits per sample (each of its adapter's class count): ``x`` (B, C, H, W) normalised,
         sample ``i`` through ``adapters[index[i]]`` (``index`` in the host's memory: the pass then never
-        waits for the device, which only the caller's copy of the logits does)."""
+        waits for the device, which only the caller's copy of the logits does). With ``capture``, every pass
+        gathers from the slot tables and is replayed as a recorded graph (:mod:`ppvit.models.graphs`)."""
         index = SampleIndex.of(index, x.device)
         if self._merged is not None and self._merged[0]() is None:  # its adapter was dropped: so are they
             self._merged = None
         if len(index.host) != len(x) or not all(0 <= i < len(adapters) for i in index.host):
             raise IndexError(f"routing: {len(x)} images need as many adapter indices in 0..{len(adapters) - 1}")
-        m = self.base
-        one = adapters[0] if len(adapters) == 1 else None  # one client: its tensors as they are, shared
-        at = None
-        if one is None:
-            slots = self.slots.place(adapters, m)
+        features = None
+        if self.graphs is not None and self.graphs.usable(x):
+            slots = self.slots.place(adapters, self.base)
+            rows = [slots[i] for i in index.host]
+            features = self.graphs.run(x, rows, self.slots.signature, lambda x, at: self._gathered(x, at, None))
+        if features is None and len(adapters) == 1:  # one client: its tensors as they are, shared
+            one = adapters[0]
+            pos = self.base.pos_embed if one.pos_embed is None else one.pos_embed
+            features = self._features(x, self._embed_one(one), pos, self._one(one, x.device))
+        elif features is None:
+            slots = self.slots.place(adapters, self.base)
             at = SampleIndex(tuple(slots[i] for i in index.host), x.device)  # each sample's row of the tables
-        tokens = m.patch_embed.norm(self._patch_embed(x, adapters, one, at))
+            features = self._gathered(x, at, adapters)
+        return self._heads(features, adapters, index)
+
+    def _gathered(self, x: torch.Tensor, at: SampleIndex, adapters: list[RoutedAdapter] | None) -> torch.Tensor:
+        """A pass reading each sample's rows of the slot tables at ``at``: the tables the pass's ``adapters`` use,
+        or (None: a recorded pass, whose replays may bring any resident adapter) every table there is."""
+
+        def used(name: str) -> bool:  # the tables and the adapters name their patch and position tensors alike
+            holders = [self.slots] if adapters is None else adapters
+            return any(getattr(h, name) is not None for h in holders)
+
+        embed = (lambda x: self._embed_rows(x, at)) if used("patch_weight") else self._embed_base
+        pos = self.slots.positions(at) if used("pos_embed") else self.base.pos_embed
+        paths = None if adapters is None else {p for a in adapters for p in a.lora}
+        return self._features(x, embed, pos, self.slots.lora_factors(at, paths))
+
+    def _features(
+        self,
+        x: torch.Tensor,
+        embed: Callable[[torch.Tensor], torch.Tensor],
+        pos: torch.Tensor,
+        factors: dict[str, tuple[torch.Tensor, ...]],
+    ) -> torch.Tensor:
+        """The backbone's pre-logits with the pass's patch ``embed``, position embeddings (per sample or shared)
+        and LoRA ``factors`` by layer path."""
+        m = self.base
+        tokens = m.patch_embed.norm(embed(x))
         prefix = [t.expand(len(x), -1, -1) for t in (m.cls_token, m.reg_token) if t is not None]
-        if all(a.pos_embed is None for a in adapters):
-            pos = m.pos_embed
-        else:
-            pos = one.pos_embed if one is not None else self.slots.positions(at)
         if m.no_embed_class:
             tokens = torch.cat([*prefix, tokens + pos], dim=1)
         else:
             tokens = torch.cat([*prefix, tokens], dim=1) + pos
         tokens = m.norm_pre(m.patch_drop(m.pos_drop(tokens)))
-        self._deltas.by_path = self.slots.lora_factors(adapters, at) if one is None else self._one(one, x.device)
+        self._deltas.by_path = factors
         try:
-            features = m.forward_head(m.norm(m.blocks(tokens)), pre_logits=True)
+            return m.forward_head(m.norm(m.blocks(tokens)), pre_logits=True)
         finally:
             self._deltas.by_path = {}
-        return self._heads(features, adapters, index)
 
     @property
     def copy_nbytes(self) -> int:
@@ -334,16 +369,20 @@ class RoutedViT(nn.Module):
             logits.update(zip(js, torch.addmm(bias, mine, weight.t()), strict=True))
         return [logits[j] for j in range(len(order))]
 
-    def _patch_embed(
-        self, x: torch.Tensor, adapters: list[RoutedAdapter], one: RoutedAdapter | None, at: SampleIndex | None
-    ) -> torch.Tensor:
+    def _embed_base(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base.patch_embed.proj(x).flatten(2).transpose(1, 2)
+
+    def _embed_one(self, one: RoutedAdapter) -> Callable[[torch.Tensor], torch.Tensor]:
+        """One adapter's patch embedding as the convolution it is (no unfold, no bmm); the backbone's without one."""
+        if one.patch_weight is None:
+            return self._embed_base
         proj = self.base.patch_embed.proj
-        if all(a.patch_weight is None for a in adapters):
-            return proj(x).flatten(2).transpose(1, 2)
-        if one is not None:  # the adapter's embedding as the convolution it is (no unfold, no bmm)
-            weight = one.patch_weight.to(x.device).view_as(proj.weight)
-            bias = proj.bias if one.patch_bias is None else one.patch_bias.to(x.device)
-            return F.conv2d(x, weight, bias, stride=self.patch).flatten(2).transpose(1, 2)
+        weight = one.patch_weight.to(proj.weight.device).view_as(proj.weight)
+        bias = proj.bias if one.patch_bias is None else one.patch_bias.to(proj.weight.device)
+        return lambda x: F.conv2d(x, weight, bias, stride=self.patch).flatten(2).transpose(1, 2)
+
+    def _embed_rows(self, x: torch.Tensor, at: SampleIndex) -> torch.Tensor:
+        """Each sample's patches times its own row of the patch table: one batched product."""
         weight, bias = self.slots.patch(at)
         patches = F.unfold(x, self.patch, stride=self.patch).transpose(1, 2)  # (B, N, C p p), the conv's order
         return torch.baddbmm(bias.unsqueeze(1), patches, weight.transpose(1, 2))

@@ -23,7 +23,7 @@ the writes queue on the stream of the passes that read the slots, so no pass rea
 from __future__ import annotations
 
 import weakref
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Protocol
@@ -60,22 +60,31 @@ class SampleIndex:
 
     host: tuple[int, ...]
     on: torch.device
+    buffer: torch.Tensor | None = None  # a captured pass's index: rewritten before each replay, always gathered
 
     @classmethod
     def of(cls, index: torch.Tensor | Sequence[int], device: torch.device) -> SampleIndex:
         """From the host's index (a device tensor works too, at the cost of one wait for it)."""
         return cls(tuple(index.tolist() if isinstance(index, torch.Tensor) else index), device)
 
+    @classmethod
+    def static(cls, buffer: torch.Tensor) -> SampleIndex:
+        """The index of a recorded pass (:mod:`ppvit.models.graphs`): a device buffer whose values change between
+        replays, so nothing may be decided from them; every table is gathered through it."""
+        return cls((), buffer.device, buffer)
+
     @cached_property
     def device(self) -> torch.Tensor:
         """The index on the device, copied once and only by a pass that gathers (one tenant's or distinct
         tenants' in order do not); non_blocking: the host's copy is staged at once, the device not waited for."""
+        if self.buffer is not None:
+            return self.buffer
         return torch.tensor(self.host, dtype=torch.long).to(self.on, non_blocking=True)
 
     @property
     def identity(self) -> bool:
         """Sample i uses entry i (a batch of distinct tenants, in order)."""
-        return self.host == tuple(range(len(self.host)))
+        return self.buffer is None and self.host == tuple(range(len(self.host)))
 
 
 def per_sample(table: torch.Tensor, index: SampleIndex | torch.Tensor) -> torch.Tensor:
@@ -83,6 +92,8 @@ def per_sample(table: torch.Tensor, index: SampleIndex | torch.Tensor) -> torch.
     itself when sample i uses entry i, a view for one entry."""
     if not isinstance(index, SampleIndex):
         index = SampleIndex.of(index, table.device)
+    if index.buffer is not None:
+        return table.index_select(0, index.buffer)
     if len(table) == 1:
         return table.expand(len(index.host), *table.shape[1:])
     if len(table) == len(index.host) and index.identity:
@@ -356,9 +367,18 @@ class SlotTables:
             if adapter is not None:
                 new.write(slot, adapter.lora.get(path))
 
-    def lora_factors(self, adapters: Sequence[RoutedAdapter], at: SampleIndex) -> dict[str, tuple[torch.Tensor, ...]]:
-        """Per layer where any of the pass's adapters has LoRA: each sample's factors."""
-        return {path: self.lora[path].gather(at) for path in {p for a in adapters for p in a.lora}}
+    def lora_factors(self, at: SampleIndex, paths: Iterable[str] | None = None) -> dict[str, tuple[torch.Tensor, ...]]:
+        """Each sample's factors per layer of ``paths`` (where any of a pass's adapters has LoRA), or of every
+        table (a recorded pass: any resident adapter may be in its replays)."""
+        return {path: self.lora[path].gather(at) for path in (self.lora if paths is None else paths)}
+
+    @property
+    def signature(self) -> tuple:
+        """Where the tables are: each one's name, address, shape, strides and dtype. A recorded pass reads them
+        there; while the signature stands, slots written in place are read by its replays."""
+        tables = [("patch_weight", self.patch_weight), ("patch_bias", self.patch_bias), ("pos_embed", self.pos_embed)]
+        tables += [(f"{path}.{n}", t) for path, table in self.lora.items() for n, t in (("a", table.a), ("b", table.b))]
+        return tuple((name, t.data_ptr(), t.shape, t.stride(), t.dtype) for name, t in tables if t is not None)
 
     def patch(self, at: SampleIndex) -> tuple[torch.Tensor, torch.Tensor]:
         """Each sample's patch-embedding weight (B, D, C p p) and bias (B, D)."""

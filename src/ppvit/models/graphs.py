@@ -1,0 +1,129 @@
+"""Routed passes replayed as captured CUDA graphs: the host launches one graph where it dispatched ~3,000 operators.
+
+A serving pass of a few dozen images through ViT-Ti on a GPU is bound by the host: on an H200 one merged model's
+pass of 64 images took 7 ms for about 1 ms of arithmetic, and a routed pass mixing 16-64 tenants (2,300-3,300
+operators against the merged model's 1,267) ran at 0.48-0.64 of it. A CUDA graph records the kernels of one pass
+once and replays them with a single launch, so the host's share no longer grows with the operators a pass needs.
+
+A graph replays the kernels it recorded on the memory it recorded them on: its inputs are static buffers the pass
+copies into, and everything else it reads (the backbone's weights, the slot tables) must stay where it was. So a
+graph is captured per batch-size bucket (powers of two; a batch is padded up to its bucket, the padding's rows
+discarded) and per :attr:`~ppvit.models.slots.SlotTables.signature` (each table's address, shape and dtype): a
+table that grew or was started afresh is a new signature, and that bucket's graph is captured again. Slots written
+in place (a newcomer in a free or evicted row) keep the signature: the graph reads their new values. Every pass of
+the graph gathers from the tables, one tenant's too: one graph serves any mix of the resident adapters.
+
+``capture`` is how a pass is recorded: :func:`cuda_graph` on a GPU; a test passes a recorder with the same
+contract (the tensors it read fixed at capture, the output written to one buffer each replay) to check the
+routing's use of it on a CPU.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+
+import torch
+
+from ppvit.models.slots import SampleIndex
+
+log = logging.getLogger(__name__)
+
+Replay = Callable[[], torch.Tensor]
+"""Runs the recorded pass again; returns its output buffer (overwritten by the next replay)."""
+Capture = Callable[[Callable[[], torch.Tensor]], Replay]
+"""Records ``fn`` (a pass reading only tensors that stay where they are) and returns its replay."""
+
+MAX_BUCKET = 256
+"""The largest batch a graph is captured for (bigger batches run eagerly: their host share is small)."""
+
+
+def cuda_graph(device: torch.device) -> Capture:
+    """Capture on ``device`` (a CUDA device): two warm-up runs on a side stream (cuBLAS workspaces, cuDNN's
+    choices), then the recording; graphs of one ``RoutedViT`` share one memory pool (they never run at once,
+    and each pass's output is read, on the same stream, before the next replay)."""
+    pool = torch.cuda.graph_pool_handle()
+
+    def capture(fn: Callable[[], torch.Tensor]) -> Replay:
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                fn()
+        torch.cuda.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        # thread_local: the server's other threads (an adapter loading onto the device) may go on meanwhile
+        with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+            out = fn()
+
+        def replay() -> torch.Tensor:
+            graph.replay()
+            return out
+
+        return replay
+
+    return capture
+
+
+def bucket(batch: int) -> int:
+    """The batch size a pass of ``batch`` images is captured at: the next power of two."""
+    return 1 << max(batch - 1, 0).bit_length()
+
+
+class PassGraphs:
+    """One routed model's captured passes, by bucket; replaced when what they read moved."""
+
+    def __init__(self, capture: Capture) -> None:
+        self.capture = capture
+        self.captures = 0  # graphs recorded so far (a figure for /metrics and benchmarks: each costs a few passes)
+        self.failed: str | None = None  # why capture is off (then every pass runs eagerly)
+        self._graphs: dict[int, tuple[tuple, torch.Tensor, torch.Tensor, Replay]] = {}
+
+    def usable(self, x: torch.Tensor) -> bool:
+        """Whether a pass of ``x`` is replayed (capture works and the batch fits a bucket)."""
+        return self.failed is None and 0 < len(x) <= MAX_BUCKET
+
+    def run(
+        self,
+        x: torch.Tensor,
+        rows: Sequence[int],
+        signature: tuple,
+        recorded: Callable[[torch.Tensor, SampleIndex], torch.Tensor],
+    ) -> torch.Tensor | None:
+        """The pass's output for ``x`` with sample i reading row ``rows[i]`` of the tables, replayed (captured
+        first where its bucket has no graph of this ``signature``); None where capture failed (run eagerly).
+        ``recorded(x, at)`` is the pass itself: reading ``x`` and gathering the tables at ``at``."""
+        size = bucket(len(x))
+        key = (
+            signature,
+            tuple(x.shape[1:]),
+            x.dtype,
+            x.device,
+            torch.is_autocast_enabled(x.device.type),
+            torch.get_autocast_dtype(x.device.type),
+        )
+        held = self._graphs.get(size)
+        if held is None or held[0] != key:
+            self._graphs.pop(size, None)  # its memory goes before the new one is recorded
+            static_x = x.new_zeros(size, *x.shape[1:])
+            static_rows = torch.zeros(size, dtype=torch.long, device=x.device)
+            at = SampleIndex.static(static_rows)
+            try:
+                replay = self.capture(lambda: recorded(static_x, at))
+            except Exception as exc:  # an operator the device cannot record: serve eagerly, say so once
+                self.failed = f"{type(exc).__name__}: {exc}".splitlines()[0]
+                log.warning("routed passes run eagerly: capturing one failed (%s)", self.failed)
+                self._graphs.clear()
+                return None
+            self.captures += 1
+            held = self._graphs[size] = (key, static_x, static_rows, replay)
+        _, static_x, static_rows, replay = held
+        static_x[: len(x)].copy_(x)
+        padded = torch.zeros(size, dtype=torch.long)  # padding reads row 0, which exists; its outputs are dropped
+        padded[: len(rows)] = torch.tensor(rows, dtype=torch.long)
+        static_rows.copy_(padded, non_blocking=True)
+        return replay()[: len(x)]
+
+    def clear(self) -> None:
+        """Drop every graph (and the memory it holds)."""
+        self._graphs.clear()
