@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import base64
 import socket
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch.fx.experimental.proxy_tensor import make_fx
 
 from ppvit.crypto.keys import Key
 from ppvit.train.config import TrainConfig
@@ -174,3 +175,19 @@ def one_line_error(argv: list, capsys: pytest.CaptureFixture[str], *expected: st
     for piece in expected:
         assert piece in err, err
     return err
+
+
+def recorder(fn: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
+    """A CPU stand-in for a CUDA graph's capture (``ppvit.models.graphs.Capture``) with its contract: the tensors
+    ``fn`` read are fixed at capture (``make_fx`` holds those tensors, not copies: one replaced later is not seen,
+    one written in place is) and each replay overwrites one output buffer."""
+    traced = make_fx(fn)()
+    out: list[torch.Tensor] = []
+
+    def replay() -> torch.Tensor:
+        y = traced()
+        if not out:
+            out.append(torch.empty_like(y))
+        return out[0].copy_(y)
+
+    return replay

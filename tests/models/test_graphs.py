@@ -11,28 +11,14 @@ from collections.abc import Callable
 
 import pytest
 import torch
-from conftest import SMALL
+from conftest import SMALL, recorder
 from test_routing import routed
 from test_slots import ADAPTERS, alone, kind
-from torch.fx.experimental.proxy_tensor import make_fx
 
 from ppvit.models import graphs
 from ppvit.models.backbones import create_backbone
 from ppvit.models.graphs import Replay, bucket
 from ppvit.models.routing import RoutedViT
-
-
-def recorder(fn: Callable[[], torch.Tensor]) -> Replay:
-    traced = make_fx(fn)()
-    out: list[torch.Tensor] = []
-
-    def replay() -> torch.Tensor:
-        y = traced()
-        if not out:
-            out.append(torch.empty_like(y))
-        return out[0].copy_(y)
-
-    return replay
 
 
 def nets(base: torch.nn.Module, **kwargs: object) -> tuple[RoutedViT, RoutedViT]:

@@ -20,7 +20,7 @@ import httpx
 import numpy as np
 import pytest
 import torch
-from conftest import SMALL, assert_no_key_material, free_port, train_config
+from conftest import SMALL, assert_no_key_material, free_port, recorder, train_config
 from PIL import Image
 from safetensors.torch import load_file, save_file
 from serving import EVERY_CLASS, TENANTS, LiveServer, build_world, dense, key_of, npy, png, reference_logits
@@ -68,6 +68,38 @@ def test_mixed_batch_logits_equal_each_adapters_own_model(world: dict, live: Liv
     one_adapter = _metric(metrics, 'ppvit_batch_adapters_bucket{le="1.0"}')
     assert _metric(metrics, "ppvit_batch_adapters_count") > one_adapter, "no forward mixed tenants"
     assert _metric(metrics, "ppvit_routing_copy_bytes") > 0  # the mixed pass's adapters, written into slots
+
+
+def test_passes_replayed_as_recorded_graphs_answer_as_each_adapters_own_model(
+    world: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--cuda-graphs`` end to end, its CUDA capture replaced by the CPU recorder of the same contract: mixed and
+    one-tenant batches answer each adapter's own logits, and /metrics counts the recordings."""
+    monkeypatch.setattr("ppvit.serve.cache.cuda_graph", lambda device: recorder)
+    cfg = ServeConfig(world["root"], window_ms=300, max_batch=64, max_images=16, metrics=True)
+    cfg.cuda_graphs = True  # (the config refuses it on a CPU device; the recorder stands in for the GPU)
+    images = world["images"][:3]
+    with LiveServer(cfg) as live:
+
+        def ask(tenant: str) -> list:
+            with Client(live.url, world["tokens"][tenant]) as c:
+                key = key_of(world, tenant)
+                return c.predict(list(images), key, logits=True, plain=key is None, top_k=EVERY_CLASS)
+
+        for together in (list(TENANTS), list(TENANTS)[:1]):  # within the window: all four together, then one
+            with ThreadPoolExecutor(len(together)) as pool:
+                answers = dict(zip(together, pool.map(ask, together), strict=True))
+            for tenant, preds in answers.items():
+                served = torch.tensor([dense(p.top, "logit") for p in preds])
+                torch.testing.assert_close(served, reference_logits(world, tenant, images), rtol=0, atol=1e-4)
+        # the batcher's fair passes here hold at most 4 images, and the first one all 4 tenants: one recording
+        assert _metric(httpx.get(f"{live.url}/metrics").text, "ppvit_routing_graph_captures") == 1
+
+
+def test_cuda_graphs_need_a_cuda_device(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="CUDA graphs need a CUDA device, not cpu"):
+        ServeConfig(tmp_path, cuda_graphs=True)
+    assert ServeConfig(tmp_path, cuda_graphs=True, device="cuda:1").cuda_graphs  # (no GPU needed to configure)
 
 
 def _metric(text: str, name: str) -> float:

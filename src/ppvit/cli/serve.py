@@ -37,6 +37,7 @@ def _serve(args: argparse.Namespace) -> None:
             cache_bytes=args.cache_mb << 20,
             slots=args.slots,
             slot_bytes=args.slot_mb << 20,
+            cuda_graphs=args.cuda_graphs,
             device=args.device,
             max_connections=args.max_connections,
             max_client_connections=args.max_client_connections,
@@ -153,6 +154,11 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
         "--slot-mb", type=int, default=256, help="and the most MiB of those tables a base keeps (one pass's own: more)"
     )
     p.add_argument("--device", default="cpu", help="torch device of the backbones and adapters (default cpu)")
+    p.add_argument(
+        "--cuda-graphs",
+        action="store_true",
+        help="replay each batch size's routed pass as a recorded CUDA graph (with --device cuda: one launch a pass)",
+    )
     p.add_argument("--max-connections", type=int, default=1000, help="open connections; more are closed (1000)")
     p.add_argument(
         "--max-client-connections",

@@ -76,6 +76,7 @@ class ServeConfig:
     slots: int = 64  # adapters a base keeps in its slot tables for mixed passes (their copies: LRU beyond it)
     slot_bytes: int = 256 << 20  # and the tables' bytes (a pass's own adapters are kept whatever their size)
     device: str = "cpu"
+    cuda_graphs: bool = False  # routed passes replayed as recorded CUDA graphs (ppvit.models.graphs)
     max_connections: int = 1000  # open connections; more are closed at once
     max_client_connections: int = 100  # open connections of one client address; more are closed at once
     header_timeout_s: float = 10.0  # from a request's first byte (or the connection's opening) to its last header
@@ -97,6 +98,8 @@ class ServeConfig:
             raise ValueError(f"top-k ({self.top_k}): between 1 and the max top-k ({self.max_top_k})")
         if self.slots < 1 or self.slot_bytes < 0:
             raise ValueError(f"slots ({self.slots}): at least 1; slot bytes ({self.slot_bytes}): at least 0")
+        if self.cuda_graphs and torch.device(self.device).type != "cuda":
+            raise ValueError(f"CUDA graphs need a CUDA device, not {self.device}")
         if self.max_client_connections < 1:
             raise ValueError(f"connections per client ({self.max_client_connections}): at least 1")
 
@@ -202,7 +205,7 @@ class Limits:
 def create_app(cfg: ServeConfig) -> FastAPI:
     """The FastAPI application over ``cfg.root`` (created on first start)."""
     store = TenantStore(cfg.root, hold_reader=True)
-    cache = AdapterCache(cfg.cache_bytes, cfg.device, cfg.slots, cfg.slot_bytes)
+    cache = AdapterCache(cfg.cache_bytes, cfg.device, cfg.slots, cfg.slot_bytes, cfg.cuda_graphs)
     metrics = Metrics()
     limits = Limits(cfg.body_budget_bytes, cfg.tenant_requests)
     state: dict[str, Batcher] = {}
@@ -226,6 +229,9 @@ def create_app(cfg: ServeConfig) -> FastAPI:
 
     _one_line_errors(app, metrics)
     metrics.copy_bytes.set_function(lambda: sum(base.routed.copy_nbytes for base in list(cache.bases.values())))
+    metrics.graph_captures.set_function(
+        lambda: sum(base.routed.graphs.captures for base in list(cache.bases.values()) if base.routed.graphs)
+    )
 
     async def resolve(request: Request) -> Served:
         tenant = await bearer_tenant(request, store)

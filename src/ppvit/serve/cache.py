@@ -29,6 +29,7 @@ from ppvit.models.adapters import (
     file_sha256,
     read_adapter_meta,
 )
+from ppvit.models.graphs import cuda_graph
 from ppvit.models.routing import RoutedAdapter, RoutedViT, routed_adapter
 from ppvit.serve.auth import HTTPError
 from ppvit.serve.tenants import TenantAdapter, check_meta
@@ -108,14 +109,17 @@ def base_identity(meta: AdapterMeta, weights_sha256: str | None) -> str:
 class AdapterCache:
     """Adapters by (tenant, version), least recently used dropped beyond ``budget`` bytes; bases built once,
     each with slot tables of ``slots`` adapters and ``slot_bytes`` (copies of adapters for mixed passes, not in
-    ``budget``).
+    ``budget``), and with ``cuda_graphs`` its passes replayed as recorded CUDA graphs.
 
     The cache's lock guards only its dictionaries: a slow load (a base model built, a weights
     file hashed) holds a lock of its own key, so other tenants' requests are not held up by it.
     """
 
-    def __init__(self, budget: int, device: str, slots: int = 64, slot_bytes: int = 256 << 20) -> None:
+    def __init__(
+        self, budget: int, device: str, slots: int = 64, slot_bytes: int = 256 << 20, cuda_graphs: bool = False
+    ) -> None:
         self.budget, self.device, self.slots, self.slot_bytes = budget, torch.device(device), slots, slot_bytes
+        self.cuda_graphs = cuda_graphs
         self.adapters: OrderedDict[tuple[int, int], Served] = OrderedDict()
         self.bases: dict[str, Base] = {}
         self.resident_bytes = 0
@@ -182,5 +186,7 @@ class AdapterCache:
             ident = base_identity(meta, self._digest(tenant.weights))
             if ident not in self.bases:
                 model = build_base(meta, tenant.weights).to(self.device)
-                self.bases[ident] = Base(RoutedViT(model, self.slots, self.slot_bytes), self.device)
+                capture = cuda_graph(self.device) if self.cuda_graphs else None
+                routed = RoutedViT(model, self.slots, self.slot_bytes, capture=capture)
+                self.bases[ident] = Base(routed, self.device)
             return self.bases[ident]

@@ -36,3 +36,8 @@ class Metrics:
             "bytes of adapters' copies the bases keep for speed (slot tables, one tenant's merged weights)",
             registry=r,
         )
+        self.graph_captures = Gauge(
+            "ppvit_routing_graph_captures",
+            "routed passes recorded as CUDA graphs so far (one a batch-size bucket, again when the slot tables move)",
+            registry=r,
+        )
