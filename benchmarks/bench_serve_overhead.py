@@ -117,6 +117,7 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=32, help="input size (default 32)")
     ap.add_argument("--weights", help="the backbone's weights file (default: a seeded random backbone)")
     ap.add_argument("--wrk", default="wrk", help="the wrk binary (default: wrk on the PATH)")
+    ap.add_argument("--cuda-graphs", action="store_true", help="the server replays its passes as CUDA graphs")
     args = ap.parse_args()
     binary = shutil.which(args.wrk)
     if binary is None:
@@ -126,7 +127,7 @@ def main() -> None:
     body = npy_body(work / "body.npy", args.images, args.size, 0)
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    flags = ("--metrics", "--device", args.device)
+    flags = ("--metrics", "--device", args.device, *(["--cuda-graphs"] if args.cuda_graphs else []))
     server = start_server(work / "root", port, args.window_ms, args.connections, 20, *flags)
     try:
         for token in tokens:  # every adapter loaded before anything is timed
@@ -138,7 +139,7 @@ def main() -> None:
         print(
             f"\n## ppvit serve's cost per request: {args.model} at {args.size} px on {args.device}, "
             f"{args.tenants} tenants, {args.connections} wrk connections, {args.images} image(s) a request, "
-            f"{args.seconds:g} s a run"
+            f"{args.seconds:g} s a run{', passes replayed as CUDA graphs' if args.cuda_graphs else ''}"
         )
         print("| route | requests/s | p50 ms | p99 ms | errors | server CPU ms / request | of which passes |")
         print("|---|---:|---:|---:|---:|---:|---:|", flush=True)

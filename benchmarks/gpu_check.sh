@@ -65,17 +65,21 @@ stage bench 240 "$PY" benchmarks/bench_gpu.py --data "$PPVIT_CIFAR10" --json "$O
 # and the passes' host time (--host-cost: ViT-Ti's layers at width 8, next to no arithmetic; on the GPU, what
 # launching a pass's kernels costs, which bounds a pass of a few images), and whether a routed pass ever makes the
 # host wait for the GPU (CUDA's sync debug mode: a blocking copy or a device value read, which the CPU tests' meta
-# device cannot see); mixed passes gather from slot tables since 2026-12-05 (fifteenth session)
-stage serve 90 "$PY" benchmarks/bench_serve.py --device "$DEVICE" --size 224 --batch 64 --tenant-counts 1,16,64 \
+# device cannot see); mixed passes gather from slot tables since 2026-12-05 (fifteenth session); on CUDA it also
+# times routed and merged passes replayed as CUDA graphs (`ppvit serve --cuda-graphs`, sixteenth session)
+stage serve 150 "$PY" benchmarks/bench_serve.py --device "$DEVICE" --size 224 --batch 64 --tenant-counts 1,16,64 \
   --repeats 5 --skip-loopback --profile --host-cost
 # then `ppvit serve --device $DEVICE` under wrk (a C client in its own process; bench_serve's loopback clients shared
 # the server's interpreter: 148.5 requests/s, p50 175 ms, p99 799 ms on 2026-12-04), 16 tenants of ViT-Ti/16 at
 # 224, one image a request, then 8: requests/s, p50/p99, the server's CPU per request (BENCHMARKS.md: on 2 CPU
 # cores the server's CPU per request fell 0.52-0.68x since, a pass's images go to the device as uint8, its logits
 # come back in one copy, gc is frozen); the server needs the extra `serve`, wrk comes from gpu-assets/
-for images in 1 8; do
+# (and at 8 images a request with --cuda-graphs: each pass one graph launch)
+for run in "1" "8" "8 --cuda-graphs"; do
+  # shellcheck disable=SC2086  # run: the images, then a flag
+  set -- $run
   stage serve-load 70 "$PY" benchmarks/bench_serve_overhead.py --device "$DEVICE" --model vit_tiny_patch16_224 \
-    --size 224 --weights "$PPVIT_WEIGHTS" --tenants 16 --connections 32 --images "$images" --seconds 8
+    --size 224 --weights "$PPVIT_WEIGHTS" --tenants 16 --connections 32 --images "$@" --seconds 8
 done
 
 # a service job trained on a CUDA slot (the micro ViT: the slot's path, not its speed)
