@@ -187,7 +187,8 @@ def recorder(fn: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
     def replay() -> torch.Tensor:
         y = traced()
         if not out:
-            out.append(torch.empty_like(y))
+            with torch.inference_mode(False):  # (a graph's output is device memory, written whatever the mode)
+                out.append(torch.empty_like(y))
         return out[0].copy_(y)
 
     return replay

@@ -93,12 +93,16 @@ def test_passes_replayed_as_recorded_graphs_answer_as_each_adapters_own_model(
                 served = torch.tensor([dense(p.top, "logit") for p in preds])
                 torch.testing.assert_close(served, reference_logits(world, tenant, images), rtol=0, atol=1e-4)
         # the batcher's fair passes here hold at most 4 images, and the first one all 4 tenants: one recording
-        assert _metric(httpx.get(f"{live.url}/metrics").text, "ppvit_routing_graph_captures") == 1
+        metrics = httpx.get(f"{live.url}/metrics").text
+        assert _metric(metrics, "ppvit_routing_graph_captures") == 1
+        assert _metric(metrics, "ppvit_routing_graphs_failed") == 0
 
 
-def test_cuda_graphs_need_a_cuda_device(tmp_path: Path) -> None:
+def test_cuda_graphs_need_a_cuda_device_and_a_device_is_one(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="CUDA graphs need a CUDA device, not cpu"):
         ServeConfig(tmp_path, cuda_graphs=True)
+    with pytest.raises(ValueError, match="device 'gpu0': not a torch device"):
+        ServeConfig(tmp_path, device="gpu0")
     assert ServeConfig(tmp_path, cuda_graphs=True, device="cuda:1").cuda_graphs  # (no GPU needed to configure)
 
 

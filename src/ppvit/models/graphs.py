@@ -9,9 +9,10 @@ A graph replays the kernels it recorded on the memory it recorded them on: its i
 copies into, and everything else it reads (the backbone's weights, the slot tables) must stay where it was. So a
 graph is captured per batch-size bucket (powers of two; a batch is padded up to its bucket, the padding's rows
 discarded) and per :attr:`~ppvit.models.slots.SlotTables.signature` (each table's address, shape and dtype): a
-table that grew or was started afresh is a new signature, and that bucket's graph is captured again. Slots written
-in place (a newcomer in a free or evicted row) keep the signature: the graph reads their new values. Every pass of
-the graph gathers from the tables, one tenant's too: one graph serves any mix of the resident adapters.
+table that grew or was started afresh is a new signature, and that bucket's graph is captured again (at the second
+pass in a row that finds it so: tables that change every pass run eagerly rather than record each time). Slots
+written in place (a newcomer in a free or evicted row) keep the signature: the graph reads their new values. Every
+pass of the graph gathers from the tables, one tenant's too: one graph serves any mix of the resident adapters.
 
 ``capture`` is how a pass is recorded: :func:`cuda_graph` on a GPU; a test passes a recorder with the same
 contract (the tensors it read fixed at capture, the output written to one buffer each replay) to check the
@@ -41,20 +42,35 @@ MAX_BUCKET = 256
 def cuda_graph(device: torch.device) -> Capture:
     """Capture on ``device`` (a CUDA device): two warm-up runs on a side stream (cuBLAS workspaces, cuDNN's
     choices), then the recording; graphs of one ``RoutedViT`` share one memory pool (they never run at once,
-    and each pass's output is read, on the same stream, before the next replay)."""
-    pool = torch.cuda.graph_pool_handle()
+    and each pass's output is read, on the same stream, before the next replay).
+
+    Everything happens with ``device`` current and on streams of it: captured on another device's stream (the
+    caller's thread keeps device 0 current), a graph of ``cuda:1`` recorded nothing and replayed nothing."""
+    with torch.cuda.device(device):
+        pool = torch.cuda.graph_pool_handle()
 
     def capture(fn: Callable[[], torch.Tensor]) -> Replay:
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                fn()
-        torch.cuda.current_stream(device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        # thread_local: the server's other threads (an adapter loading onto the device) may go on meanwhile
-        with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
-            out = fn()
+        with torch.cuda.device(device):
+            caller = torch.cuda.current_stream(device)
+            side = torch.cuda.Stream(device)
+            side.wait_stream(caller)
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    fn()
+            caller.wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            try:
+                # thread_local: the server's other threads (an adapter loading onto the device) may go on meanwhile
+                with torch.cuda.graph(graph, pool=pool, stream=side, capture_error_mode="thread_local"):
+                    out = fn()
+            except Exception as exc:
+                # torch.cuda.graph's exit ends the capture before it restores the stream, and raises: put the
+                # caller's stream back, and name the pass's own error (not "a previous error during capture")
+                torch.cuda.set_stream(caller)
+                first: BaseException = exc
+                while first.__context__ is not None:
+                    first = first.__context__
+                raise RuntimeError(f"{type(first).__name__}: {first}") from exc
 
         def replay() -> torch.Tensor:
             graph.replay()
@@ -78,6 +94,7 @@ class PassGraphs:
         self.captures = 0  # graphs recorded so far (a figure for /metrics and benchmarks: each costs a few passes)
         self.failed: str | None = None  # why capture is off (then every pass runs eagerly)
         self._graphs: dict[int, tuple[tuple, torch.Tensor, torch.Tensor, Replay]] = {}
+        self._seen: dict[int, tuple] = {}  # per bucket: the key of its last pass run eagerly
 
     def usable(self, x: torch.Tensor) -> bool:
         """Whether a pass of ``x`` is replayed (capture works and the batch fits a bucket)."""
@@ -91,7 +108,8 @@ class PassGraphs:
         recorded: Callable[[torch.Tensor, SampleIndex], torch.Tensor],
     ) -> torch.Tensor | None:
         """The pass's output for ``x`` with sample i reading row ``rows[i]`` of the tables, replayed (captured
-        first where its bucket has no graph of this ``signature``); None where capture failed (run eagerly).
+        first where its bucket's last pass had this ``signature`` too, but no graph of it); None where the pass is
+        to run eagerly (its bucket or tables new, or capture failed).
         ``recorded(x, at)`` is the pass itself: reading ``x`` and gathering the tables at ``at``."""
         size = bucket(len(x))
         key = (
@@ -104,9 +122,14 @@ class PassGraphs:
         )
         held = self._graphs.get(size)
         if held is None or held[0] != key:
-            self._graphs.pop(size, None)  # its memory goes before the new one is recorded
-            static_x = x.new_zeros(size, *x.shape[1:])
-            static_rows = torch.zeros(size, dtype=torch.long, device=x.device)
+            # the graphs of tables that moved go (with their memory) before this one is recorded
+            self._graphs = {b: held for b, held in self._graphs.items() if held[0] == key}
+            if self._seen.get(size) != key:  # new here: recorded at its second pass in a row (a bucket whose
+                self._seen[size] = key  # tables change every pass, as a wide tenant and narrow ones alternating
+                return None  # at the byte bound, runs eagerly rather than paying a recording each pass)
+            with torch.inference_mode(False):  # buffers a pass in or out of inference mode may write
+                static_x = x.new_zeros(size, *x.shape[1:])
+                static_rows = torch.zeros(size, dtype=torch.long, device=x.device)
             at = SampleIndex.static(static_rows)
             try:
                 replay = self.capture(lambda: recorded(static_x, at))
@@ -123,7 +146,3 @@ class PassGraphs:
         padded[: len(rows)] = torch.tensor(rows, dtype=torch.long)
         static_rows.copy_(padded, non_blocking=True)
         return replay()[: len(x)]
-
-    def clear(self) -> None:
-        """Drop every graph (and the memory it holds)."""
-        self._graphs.clear()

@@ -98,7 +98,11 @@ class ServeConfig:
             raise ValueError(f"top-k ({self.top_k}): between 1 and the max top-k ({self.max_top_k})")
         if self.slots < 1 or self.slot_bytes < 0:
             raise ValueError(f"slots ({self.slots}): at least 1; slot bytes ({self.slot_bytes}): at least 0")
-        if self.cuda_graphs and torch.device(self.device).type != "cuda":
+        try:
+            device = torch.device(self.device)
+        except RuntimeError:
+            raise ValueError(f"device {self.device!r}: not a torch device (cpu, cuda, cuda:1, ...)") from None
+        if self.cuda_graphs and device.type != "cuda":
             raise ValueError(f"CUDA graphs need a CUDA device, not {self.device}")
         if self.max_client_connections < 1:
             raise ValueError(f"connections per client ({self.max_client_connections}): at least 1")
@@ -229,9 +233,9 @@ def create_app(cfg: ServeConfig) -> FastAPI:
 
     _one_line_errors(app, metrics)
     metrics.copy_bytes.set_function(lambda: sum(base.routed.copy_nbytes for base in list(cache.bases.values())))
-    metrics.graph_captures.set_function(
-        lambda: sum(base.routed.graphs.captures for base in list(cache.bases.values()) if base.routed.graphs)
-    )
+    graphs = lambda: [base.routed.graphs for base in list(cache.bases.values()) if base.routed.graphs]  # noqa: E731
+    metrics.graph_captures.set_function(lambda: sum(g.captures for g in graphs()))
+    metrics.graphs_off.set_function(lambda: sum(g.failed is not None for g in graphs()))
 
     async def resolve(request: Request) -> Served:
         tenant = await bearer_tenant(request, store)

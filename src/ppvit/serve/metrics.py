@@ -41,3 +41,8 @@ class Metrics:
             "routed passes recorded as CUDA graphs so far (one a batch-size bucket, again when the slot tables move)",
             registry=r,
         )
+        self.graphs_off = Gauge(
+            "ppvit_routing_graphs_failed",
+            "bases whose recording of a CUDA graph failed: they serve eagerly (the server log says why)",
+            registry=r,
+        )
