@@ -15,7 +15,7 @@ cd "$(dirname "$0")/.."
 start=$SECONDS
 OUT="${OUT:-gpu-check-out}"
 TOTAL_S="${TOTAL_S:-570}"
-STAGES="${STAGES:-versions bench serve serve-load service preset}"
+STAGES="${STAGES:-versions tests bench serve serve-load service preset}"
 ASSETS="${ASSETS:-gpu-assets}"
 DEVICE="${DEVICE:-cuda}"  # the serve and serve-load stages' device (DEVICE=cpu: their plumbing on a CPU)
 mkdir -p "$OUT"
@@ -55,6 +55,9 @@ if torch.cuda.is_available():
     print("gpu", torch.cuda.get_device_name(0), f"{torch.cuda.get_device_properties(0).total_memory / 2**30:.0f} GiB")
 PY
 
+# the tests that need a GPU (skipped in CI): CUDA graphs of routed passes against eager ones, on the last device
+stage tests 120 "$PY" -m pytest -q -p no:cacheprovider -k cuda tests/models/test_graphs.py
+
 # (a)-(d): peak, ceiling, pipeline, lora-pe/full, ViT-Ti/16 at 224, batch 512, on 20,000 CIFAR-10 images,
 # eager then compiled (each figure printed and saved as it lands)
 stage bench 240 "$PY" benchmarks/bench_gpu.py --data "$PPVIT_CIFAR10" --json "$OUT/bench_gpu.json"
@@ -74,8 +77,9 @@ stage serve 150 "$PY" benchmarks/bench_serve.py --device "$DEVICE" --size 224 --
 # 224, one image a request, then 8: requests/s, p50/p99, the server's CPU per request (BENCHMARKS.md: on 2 CPU
 # cores the server's CPU per request fell 0.52-0.68x since, a pass's images go to the device as uint8, its logits
 # come back in one copy, gc is frozen); the server needs the extra `serve`, wrk comes from gpu-assets/
-# (and at 8 images a request with --cuda-graphs: each pass one graph launch)
-for run in "1" "8" "8 --cuda-graphs"; do
+# (and at 8 images a request with --cuda-graphs: each pass one graph launch); SERVE_LOAD: the runs, comma-separated
+IFS=, read -ra runs <<< "${SERVE_LOAD:-1,8,8 --cuda-graphs}"
+for run in "${runs[@]}"; do
   # shellcheck disable=SC2086  # run: the images, then a flag
   set -- $run
   stage serve-load 70 "$PY" benchmarks/bench_serve_overhead.py --device "$DEVICE" --model vit_tiny_patch16_224 \
