@@ -71,6 +71,26 @@ def make_adapter(
     return model, {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
+def peft_mixed(weights: str | None, size: int, tenants: int, device: torch.device) -> torch.nn.Module:
+    """PEFT's own way to serve a batch mixing adapters: one ``PeftModel`` holding ``tenants`` adapters of lora-pe's
+    shape (LoRA on the fused qkv at rank 2r = 8, the q and v updates of ppvit's q/v LoRA of rank 4; the patch
+    embedding and head as ``modules_to_save``), called with ``adapter_names`` (one per image): the backbone runs
+    once, and each LoRA layer and saved module runs each adapter's rows apart. Random tensors, LoRA B non-zero."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    backbone = create_backbone(MODEL, num_classes=10, weights=weights, img_size=size)
+    cfg = LoraConfig(r=8, lora_alpha=8, target_modules=["attn.qkv"], modules_to_save=["patch_embed.proj", "head"])
+    model = get_peft_model(backbone, cfg, adapter_name="t0")
+    for i in range(1, tenants):
+        model.add_adapter(f"t{i}", cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name or "modules_to_save" in name:
+                p.add_(torch.randn_like(p) * 0.02)
+    return model.eval().to(device)
+
+
 def seconds(fn: Callable[[], None]) -> float:
     t0 = time.perf_counter()
     fn()
@@ -80,7 +100,7 @@ def seconds(fn: Callable[[], None]) -> float:
 def in_process(args: argparse.Namespace) -> None:
     print(f"\n## in-process on {args.device}, {args.batch} images a batch, lora-pe tenants, ViT-Ti/16 at {args.size}")
     compare(args, args.weights, args.size, split=True)
-    print("\ntargets: routed / merged >= 0.8; routed / split-per-adapter >= 3")
+    print("\ntargets: routed / merged >= 0.8; routed / PEFT's adapter_names mixed batch >= 3 (and / split-per-adapter)")
     if args.host_cost:
         print(
             f"\n## the host's share: the same passes through ViT-Ti's layers at width {HOST_WIDTH} on 1 patch, on "
@@ -110,6 +130,7 @@ def compare(args: argparse.Namespace, weights: str | None, size: int, split: boo
             merged = merge_adapters(model).eval().to(device)  # tenant 0 alone: a plain timm model
         adapters.append(routed_adapter(meta, {k: v.to(device) for k, v in tensors.items()}, base))
     graphs = device.type == "cuda"  # and routed and merged replayed as CUDA graphs (ppvit serve --cuda-graphs)
+    peft = peft_mixed(weights, size, max(args.tenant_counts), device) if split else None
     graphed = RoutedViT(copy.deepcopy(base), capture=cuda_graph(device)) if graphs else None
     routed = RoutedViT(base)
     x = torch.randn(args.batch, 3, size, size, device=device)
@@ -131,8 +152,9 @@ def compare(args: argparse.Namespace, weights: str | None, size: int, split: boo
             run_merged_graph = cuda_graph(device)(lambda: merged(x))
     extra = " graphed img/s | merged graphed img/s | graphed / merged | graphed / merged graphed |" if graphs else ""
     if split:
-        print(f"| tenants | routed img/s | merged img/s | split img/s | routed / merged | routed / split |{extra}")
-        print("|---:|---:|---:|---:|---:|---:|" + "---:|" * 4 * graphs)
+        head = "| tenants | routed img/s | merged img/s | split img/s | PEFT adapter_names img/s | routed / merged |"
+        print(f"{head} routed / split | routed / PEFT |{extra}")
+        print("|---:|---:|---:|---:|---:|---:|---:|---:|" + "---:|" * 4 * graphs)
     else:
         extra = extra.replace("img/s", "ms a pass")
         print(f"| tenants | routed ms a pass | merged ms a pass | routed / merged | operators routed / merged |{extra}")
@@ -153,6 +175,13 @@ def compare(args: argparse.Namespace, weights: str | None, size: int, split: boo
         variants = {"routed": drained(run_routed), "merged": drained(run_merged)}
         if split:
             variants["split"] = drained(run_split)
+            names = [f"t{i}" for i in index.tolist()]
+
+            def run_peft(names: list[str] = names) -> None:
+                with torch.no_grad():
+                    peft(x, adapter_names=names)
+
+            variants["PEFT"] = drained(run_peft)
         if graphed is not None:
             variants["graphed"] = drained(lambda k=k, index=index: graphed(x, adapters[:k], index))
             variants["merged graphed"] = drained(run_merged_graph)
@@ -168,8 +197,9 @@ def compare(args: argparse.Namespace, weights: str | None, size: int, split: boo
         row = f"| {k} | "
         if split:
             ips = {name: args.batch * v for name, v in fast.items()}
-            row += f"{ips['routed']:.0f} | {ips['merged']:.0f} | {ips['split']:.0f} | "
-            row += f"{ips['routed'] / ips['merged']:.3f} | {ips['routed'] / ips['split']:.2f} |"
+            row += f"{ips['routed']:.0f} | {ips['merged']:.0f} | {ips['split']:.0f} | {ips['PEFT']:.0f} | "
+            row += f"{ips['routed'] / ips['merged']:.3f} | {ips['routed'] / ips['split']:.2f} | "
+            row += f"{ips['routed'] / ips['PEFT']:.2f} |"
         else:
             ms = {name: 1e3 * v for name, v in sec.items()}
             ops = {name: operators(fn) for name, fn in variants.items()}
