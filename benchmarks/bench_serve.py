@@ -71,7 +71,7 @@ def make_adapter(
     return model, {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def peft_mixed(weights: str | None, size: int, tenants: int, device: torch.device) -> torch.nn.Module:
+def peft_mixed(weights: str | None, size: int, tenants: int, device: torch.device, **kwargs: int) -> torch.nn.Module:
     """PEFT's own way to serve a batch mixing adapters: one ``PeftModel`` holding ``tenants`` adapters of lora-pe's
     shape (LoRA on the fused qkv at rank 2r = 8, the q and v updates of ppvit's q/v LoRA of rank 4; the patch
     embedding and head as ``modules_to_save``), called with ``adapter_names`` (one per image): the backbone runs
@@ -79,7 +79,7 @@ def peft_mixed(weights: str | None, size: int, tenants: int, device: torch.devic
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(0)
-    backbone = create_backbone(MODEL, num_classes=10, weights=weights, img_size=size)
+    backbone = create_backbone(MODEL, num_classes=10, weights=weights, img_size=size, **kwargs)
     cfg = LoraConfig(r=8, lora_alpha=8, target_modules=["attn.qkv"], modules_to_save=["patch_embed.proj", "head"])
     model = get_peft_model(backbone, cfg, adapter_name="t0")
     for i in range(1, tenants):
@@ -130,7 +130,7 @@ def compare(args: argparse.Namespace, weights: str | None, size: int, split: boo
             merged = merge_adapters(model).eval().to(device)  # tenant 0 alone: a plain timm model
         adapters.append(routed_adapter(meta, {k: v.to(device) for k, v in tensors.items()}, base))
     graphs = device.type == "cuda"  # and routed and merged replayed as CUDA graphs (ppvit serve --cuda-graphs)
-    peft = peft_mixed(weights, size, max(args.tenant_counts), device) if split else None
+    peft = peft_mixed(weights, size, max(args.tenant_counts), device, **kwargs)
     graphed = RoutedViT(copy.deepcopy(base), capture=cuda_graph(device)) if graphs else None
     routed = RoutedViT(base)
     x = torch.randn(args.batch, 3, size, size, device=device)
@@ -157,8 +157,9 @@ def compare(args: argparse.Namespace, weights: str | None, size: int, split: boo
         print("|---:|---:|---:|---:|---:|---:|---:|---:|" + "---:|" * 4 * graphs)
     else:
         extra = extra.replace("img/s", "ms a pass")
-        print(f"| tenants | routed ms a pass | merged ms a pass | routed / merged | operators routed / merged |{extra}")
-        print("|---:|---:|---:|---:|---:|" + "---:|" * 4 * graphs)
+        head = "| tenants | routed ms a pass | merged ms a pass | PEFT ms a pass | routed / merged | PEFT / routed |"
+        print(f"{head} operators routed / merged / PEFT |{extra}")
+        print("|---:|---:|---:|---:|---:|---:|---:|" + "---:|" * 4 * graphs)
     waits = {}
     for k in args.tenant_counts:
         index = torch.arange(args.batch) % k  # in the host's memory, as the server's batcher builds it
@@ -175,13 +176,13 @@ def compare(args: argparse.Namespace, weights: str | None, size: int, split: boo
         variants = {"routed": drained(run_routed), "merged": drained(run_merged)}
         if split:
             variants["split"] = drained(run_split)
-            names = [f"t{i}" for i in index.tolist()]
+        names = [f"t{i}" for i in index.tolist()]
 
-            def run_peft(names: list[str] = names) -> None:
-                with torch.no_grad():
-                    peft(x, adapter_names=names)
+        def run_peft(names: list[str] = names) -> None:
+            with torch.no_grad():
+                peft(x, adapter_names=names)
 
-            variants["PEFT"] = drained(run_peft)
+        variants["PEFT"] = drained(run_peft)
         if graphed is not None:
             variants["graphed"] = drained(lambda k=k, index=index: graphed(x, adapters[:k], index))
             variants["merged graphed"] = drained(run_merged_graph)
@@ -203,8 +204,8 @@ def compare(args: argparse.Namespace, weights: str | None, size: int, split: boo
         else:
             ms = {name: 1e3 * v for name, v in sec.items()}
             ops = {name: operators(fn) for name, fn in variants.items()}
-            row += f"{ms['routed']:.2f} | {ms['merged']:.2f} | {ms['routed'] / ms['merged']:.2f} | "
-            row += f"{ops['routed']} / {ops['merged']} |"
+            row += f"{ms['routed']:.2f} | {ms['merged']:.2f} | {ms['PEFT']:.2f} | {ms['routed'] / ms['merged']:.2f} | "
+            row += f"{ms['PEFT'] / ms['routed']:.2f} | {ops['routed']} / {ops['merged']} / {ops['PEFT']} |"
         if graphs:
             shown = {n: args.batch * fast[n] if split else fast[n] for n in ("graphed", "merged graphed")}
             row += f" {shown['graphed']:.{0 if split else 2}f} | {shown['merged graphed']:.{0 if split else 2}f} | "

@@ -69,7 +69,8 @@ stage bench 240 "$PY" benchmarks/bench_gpu.py --data "$PPVIT_CIFAR10" --json "$O
 # launching a pass's kernels costs, which bounds a pass of a few images), and whether a routed pass ever makes the
 # host wait for the GPU (CUDA's sync debug mode: a blocking copy or a device value read, which the CPU tests' meta
 # device cannot see); mixed passes gather from slot tables since 2026-12-05 (fifteenth session); on CUDA it also
-# times routed and merged passes replayed as CUDA graphs (`ppvit serve --cuda-graphs`, sixteenth session)
+# times routed and merged passes replayed as CUDA graphs (`ppvit serve --cuda-graphs`, sixteenth session), and PEFT's
+# own adapter_names mixed batch (issue 30: routed >= 3x it; on 2 CPU cores its host time was 5.3x routed's at 16)
 stage serve 150 "$PY" benchmarks/bench_serve.py --device "$DEVICE" --size 224 --batch 64 --tenant-counts 1,16,64 \
   --repeats 5 --skip-loopback --profile --host-cost
 # then `ppvit serve --device $DEVICE` under wrk (a C client in its own process; bench_serve's loopback clients shared
