@@ -71,7 +71,7 @@ stage bench 240 "$PY" benchmarks/bench_gpu.py --data "$PPVIT_CIFAR10" --json "$O
 # device cannot see); mixed passes gather from slot tables since 2026-12-05 (fifteenth session); on CUDA it also
 # times routed and merged passes replayed as CUDA graphs (`ppvit serve --cuda-graphs`, sixteenth session), and PEFT's
 # own adapter_names mixed batch (issue 30: routed >= 3x it; on 2 CPU cores its host time was 5.3x routed's at 16)
-stage serve 150 "$PY" benchmarks/bench_serve.py --device "$DEVICE" --size 224 --batch 64 --tenant-counts 1,16,64 \
+stage serve 180 "$PY" benchmarks/bench_serve.py --device "$DEVICE" --size 224 --batch 64 --tenant-counts 1,16,64 \
   --repeats 5 --skip-loopback --profile --host-cost
 # then `ppvit serve --device $DEVICE` under wrk (a C client in its own process; bench_serve's loopback clients shared
 # the server's interpreter: 148.5 requests/s, p50 175 ms, p99 799 ms on 2026-12-04), 16 tenants of ViT-Ti/16 at

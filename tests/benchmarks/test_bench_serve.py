@@ -38,6 +38,20 @@ def test_profile_names_the_operator_that_took_the_time(capsys: pytest.CaptureFix
     assert "aten::add" in adds and "aten::mm" not in adds
 
 
+def test_the_peft_baseline_runs_each_image_through_the_adapter_it_names() -> None:
+    """PEFT's adapter_names mixed batch (issue 30's baseline): each row is its named adapter's, and the adapters
+    differ (LoRA, patch embedding and head each its own), so the baseline does each adapter's work."""
+    bench = load("bench_serve")
+    model = bench.peft_mixed(None, 32, 3, torch.device("cpu"))
+    x, names = torch.randn(4, 3, 32, 32), ["t0", "t2", "t1", "t2"]
+    with torch.no_grad():
+        mixed = model(x, adapter_names=names)
+        alone = torch.cat([model(x[i : i + 1], adapter_names=[n]) for i, n in enumerate(names)])
+        other = model(x[:1], adapter_names=["t1"])
+    torch.testing.assert_close(mixed, alone, rtol=0, atol=1e-5)
+    assert (mixed[0] - other[0]).abs().max() > 1e-3
+
+
 WRK_REPORT = """Running 3s test @ http://127.0.0.1:8766/
   1 threads and 4 connections
   Thread Stats   Avg      Stdev     Max   +/- Stdev
