@@ -248,3 +248,26 @@ def test_the_tables_narrow_again_once_the_wide_adapter_has_left() -> None:
             torch.testing.assert_close(out[j], alone(net, adapters[j % 2], x[j : j + 1])[0], rtol=0, atol=1e-5)
     assert net.slots.lora["blocks.0.attn.qkv"].layout.qv and net.slots.rows >= 4
     assert all(net.slots.slot_of(a) is not None for a in narrow)  # all four held: no rewrites in the last passes
+
+
+def test_a_pass_that_writes_nothing_leaves_the_tables_where_they_are() -> None:
+    """At the byte bound, a pass of 4 tenants keeps its own adapters past the bytes (3 rows); passes of 3 of them
+    that follow write nothing and leave the tables as they are (they were started afresh each time, their 3
+    adapters written again, then grown again by the next pass of 4: a recorded graph's tables moved every pass);
+    a newcomer brings the bound back."""
+    base = create_backbone(SMALL)
+    adapters = [routed(base, 10, seed) for seed in range(5)]
+    x = torch.randn(4, 3, 32, 32)
+    probe = RoutedViT(copy.deepcopy(base))
+    probe(x[:3], adapters[:3], [0, 1, 2])
+    row = probe.slots.nbytes // probe.slots.rows
+    net = RoutedViT(base, slot_bytes=3 * row)
+    net(x, adapters[:4], [0, 1, 2, 3])
+    where = net.slots.signature
+    for tenants in ([0, 1, 2], [0, 1, 2, 3], [1, 2, 3], [3, 0, 1]):
+        out = net(x[: len(tenants)], [adapters[t] for t in tenants], list(range(len(tenants))))
+        for j, t in enumerate(tenants):
+            torch.testing.assert_close(out[j], alone(net, adapters[t], x[j : j + 1])[0], rtol=0, atol=1e-5)
+        assert net.slots.signature == where and net.slots.rows == 4
+    net(x[:3], [adapters[4], adapters[0], adapters[1]], [0, 1, 2])  # a newcomer: written, then within the bytes
+    assert net.slots.rows == 3 and net.slots.nbytes <= 3 * row

@@ -10,7 +10,9 @@ Once ``capacity`` slots are held, or ``max_bytes`` of tables, a newcomer takes t
 slot (never one of its own pass's); a pass with more tenants than that grows the tables to its tenants, and a pass
 that would leave the tables over ``max_bytes`` (a wide adapter widening one), or that must evict while the tables
 are wider than their adapters need (a wide one has left), starts them afresh with its own adapters, at their
-widths: the tables hold at most ``max_bytes`` or one pass's adapters. A table's layout follows what was written to
+widths: the tables hold at most ``max_bytes`` or one pass's adapters. A pass that writes nothing (its adapters all
+held) leaves them as they are, over the bytes or not: a pass of K held tenants after one of K+1 at the bytes' edge
+started them afresh each time (a recorded graph's tables moved every pass). A table's layout follows what was written to
 it: q/v LoRA of one rank ``r`` stays compact (``A`` (S, 2r, in), ``B`` (S, 2, d, r)); anything else widens it
 to the general layout (``A`` (S, R, in), ``B`` (S, out, R), ranks zero-padded), and the adapters it holds are
 written again (a layout only widens, so that happens a few times at most). An adapter without LoRA in a layer
@@ -212,8 +214,9 @@ class SlotTables:
                 self._forget_dropped()
                 if self._afresh([a for a, slot in zip(adapters, held, strict=True) if slot is None], adapters, base):
                     held = self._restart(len(adapters), base)
+                wrote = None in held
                 self._place_new(adapters, held, base)
-                if self.nbytes > self.max_bytes and self.rows > len(adapters):
+                if wrote and self.nbytes > self.max_bytes and self.rows > len(adapters):
                     # over the bytes (a wide adapter widened a table, or rows grew): this pass's adapters alone,
                     # at their own widths (the others are written again by their next mixed pass)
                     held = self._restart(len(adapters), base)
