@@ -271,3 +271,21 @@ def test_a_pass_that_writes_nothing_leaves_the_tables_where_they_are() -> None:
         assert net.slots.signature == where and net.slots.rows == 4
     net(x[:3], [adapters[4], adapters[0], adapters[1]], [0, 1, 2])  # a newcomer: written, then within the bytes
     assert net.slots.rows == 3 and net.slots.nbytes <= 3 * row
+
+
+def test_newcomers_taking_every_row_of_wider_tables_start_them_at_their_own_width() -> None:
+    """Tables made wide (patch and position embeddings, q/v LoRA) by one pass; a pass of as many newcomers as
+    rows, heads only, over the bytes: the tables start afresh at the newcomers' width (they were written into the
+    wide rows, which then stayed, over the bytes, while later passes held the same adapters)."""
+    base = create_backbone(SMALL)
+    wide = [kind(base, 0, 0), kind(base, 3, 1)]  # lora-pe; q/v LoRA with position embeddings
+    heads = [kind(base, 2, seed) for seed in (2, 3)]  # heads only: no row width at all
+    net = RoutedViT(base, slot_bytes=1)
+    x = torch.randn(2, 3, 32, 32)
+    net(x, wide, [0, 1])
+    assert net.slots.rows == 2 and net.slots.nbytes > 0
+    for _ in range(2):
+        out = net(x, heads, [0, 1])
+        for j in range(2):
+            torch.testing.assert_close(out[j], alone(net, heads[j], x[j : j + 1])[0], rtol=0, atol=1e-5)
+        assert net.slots.nbytes == 0

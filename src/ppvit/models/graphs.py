@@ -48,11 +48,11 @@ def cuda_graph(device: torch.device) -> Capture:
     caller's thread keeps device 0 current), a graph of ``cuda:1`` recorded nothing and replayed nothing."""
     with torch.cuda.device(device):
         pool = torch.cuda.graph_pool_handle()
+        side = torch.cuda.Stream(device)  # one for every capture: the pool's blocks are reused within a stream only
 
     def capture(fn: Callable[[], torch.Tensor]) -> Replay:
         with torch.cuda.device(device):
             caller = torch.cuda.current_stream(device)
-            side = torch.cuda.Stream(device)
             side.wait_stream(caller)
             with torch.cuda.stream(side):
                 for _ in range(2):

@@ -216,9 +216,16 @@ class SlotTables:
                     held = self._restart(len(adapters), base)
                 wrote = None in held
                 self._place_new(adapters, held, base)
-                if wrote and self.nbytes > self.max_bytes and self.rows > len(adapters):
-                    # over the bytes (a wide adapter widened a table, or rows grew): this pass's adapters alone,
-                    # at their own widths (the others are written again by their next mixed pass)
+                if (
+                    wrote
+                    and self.nbytes > self.max_bytes
+                    and (
+                        self.rows > len(adapters) or self._row_bytes > self._row_bytes_with(adapters, base, fresh=True)
+                    )
+                ):
+                    # over the bytes (a wide adapter widened a table, rows grew, or narrow newcomers took every row
+                    # of wide tables): this pass's adapters alone, at their own widths (the others are written
+                    # again by their next mixed pass)
                     held = self._restart(len(adapters), base)
                     self._place_new(adapters, held, base)
         except BaseException:  # (out of device memory mid-write): no half-written slot may answer later
