@@ -70,7 +70,7 @@ def cuda_graph(device: torch.device) -> Capture:
                 first: BaseException = exc
                 while first.__context__ is not None:
                     first = first.__context__
-                raise RuntimeError(f"{type(first).__name__}: {first}") from exc
+                raise RuntimeError(f"capture failed: {type(first).__name__}: {first}") from exc
 
         def replay() -> torch.Tensor:
             graph.replay()
@@ -123,7 +123,7 @@ class PassGraphs:
         held = self._graphs.get(size)
         if held is None or held[0] != key:
             # the graphs of tables that moved go (with their memory) before this one is recorded
-            self._graphs = {b: held for b, held in self._graphs.items() if held[0] == key}
+            self._graphs = {b: graph for b, graph in self._graphs.items() if graph[0] == key}
             if self._seen.get(size) != key:  # new here: recorded at its second pass in a row (a bucket whose
                 self._seen[size] = key  # tables change every pass, as a wide tenant and narrow ones alternating
                 return None  # at the byte bound, runs eagerly rather than paying a recording each pass)
