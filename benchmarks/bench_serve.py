@@ -184,7 +184,11 @@ def compare(args: argparse.Namespace, weights: str | None, size: int, split: boo
 
         variants["PEFT"] = drained(run_peft)
         if graphed is not None:
-            variants["graphed"] = drained(lambda k=k, index=index: graphed(x, adapters[:k], index))
+
+            def run_graphed(k: int = k, index: torch.Tensor = index) -> None:
+                graphed(x, adapters[:k], index)
+
+            variants["graphed"] = drained(run_graphed)
             variants["merged graphed"] = drained(run_merged_graph)
         for fn in 3 * list(variants.values()):  # warm-up
             fn()
@@ -213,7 +217,7 @@ def compare(args: argparse.Namespace, weights: str | None, size: int, split: boo
         print(row)
         if graphed is not None and split:
             waits[k] = host_waits(run_routed)
-            waits[f"{k}, graphed"] = host_waits(lambda k=k, index=index: graphed(x, adapters[:k], index))
+            waits[f"{k}, graphed"] = host_waits(run_graphed)
         if args.profile and split and k == max(args.tenant_counts):
             profile({"routed": variants["routed"], "merged": variants["merged"]}, device, k)
     for k, wait in waits.items():

@@ -176,6 +176,13 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--docs", action="store_true", help="serve /docs and /openapi.json")
     p.add_argument("--ssl-certfile", help="TLS certificate (PEM) for HTTPS; or put a TLS reverse proxy in front")
     p.add_argument("--ssl-keyfile", help="TLS private key (PEM), with --ssl-certfile")
+    _add_service_flags(p)
+    _add_tenant_actions(p)
+    p.set_defaults(func=_serve)
+
+
+def _add_service_flags(p: argparse.ArgumentParser) -> None:
+    """Fine-tuning as a service: its models, device slots and the limits of what a tenant may ask."""
     t = p.add_argument_group("fine-tuning as a service (on when --train-model is given)")
     t.add_argument(
         "--train-model",
@@ -213,6 +220,10 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
         "--ray-address",
         help="run jobs on a Ray cluster (its dashboard URL, e.g. http://head:8265; shared file system) instead of here",
     )
+
+
+def _add_tenant_actions(p: argparse.ArgumentParser) -> None:
+    """``serve ACTION DIR NAME``: the tenant registry, without a running server."""
     actions = p.add_subparsers(dest="action", metavar="ACTION")
     for name, text in (
         ("add-tenant", "register a tenant with a run's adapter; prints its token once"),
@@ -246,7 +257,6 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
     a.add_argument("name")
     a = actions.add_parser("list-tenants", help="tenants and their adapter versions")
     a.add_argument("dir")
-    p.set_defaults(func=_serve)
 
 
 def _token(path: str) -> str:

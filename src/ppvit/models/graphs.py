@@ -142,7 +142,6 @@ class PassGraphs:
             held = self._graphs[size] = (key, static_x, static_rows, replay)
         _, static_x, static_rows, replay = held
         static_x[: len(x)].copy_(x)
-        padded = torch.zeros(size, dtype=torch.long)  # padding reads row 0, which exists; its outputs are dropped
-        padded[: len(rows)] = torch.tensor(rows, dtype=torch.long)
+        padded = torch.tensor([*rows, *[0] * (size - len(rows))])  # padding reads row 0, which exists; dropped
         static_rows.copy_(padded, non_blocking=True)
         return replay()[: len(x)]

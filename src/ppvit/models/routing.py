@@ -274,19 +274,20 @@ class RoutedViT(nn.Module):
             self._merged = None
         if len(index.host) != len(x) or not all(0 <= i < len(adapters) for i in index.host):
             raise IndexError(f"routing: {len(x)} images need as many adapter indices in 0..{len(adapters) - 1}")
-        features = None
-        if self.graphs is not None and self.graphs.usable(x):
+        graphed = self.graphs is not None and self.graphs.usable(x)
+        rows = None  # each sample's row of the tables, where the pass reads them
+        if graphed or len(adapters) > 1:
             slots = self.slots.place(adapters, self.base)
-            rows = [slots[i] for i in index.host]
+            rows = tuple(slots[i] for i in index.host)
+        features = None
+        if graphed:
             features = self.graphs.run(x, rows, self.slots.signature, lambda x, at: self._gathered(x, at, None))
         if features is None and len(adapters) == 1:  # one client: its tensors as they are, shared
             one = adapters[0]
             pos = self.base.pos_embed if one.pos_embed is None else one.pos_embed
             features = self._features(x, self._embed_one(one), pos, self._one(one, x.device))
         elif features is None:
-            slots = self.slots.place(adapters, self.base)
-            at = SampleIndex(tuple(slots[i] for i in index.host), x.device)  # each sample's row of the tables
-            features = self._gathered(x, at, adapters)
+            features = self._gathered(x, SampleIndex(rows, x.device), adapters)
         return self._heads(features, adapters, index)
 
     def _gathered(self, x: torch.Tensor, at: SampleIndex, adapters: list[RoutedAdapter] | None) -> torch.Tensor:

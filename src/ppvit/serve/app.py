@@ -232,10 +232,7 @@ def create_app(cfg: ServeConfig) -> FastAPI:
     app = FastAPI(title="ppvit", lifespan=lifespan, default_response_class=StrictJSONResponse, **docs)
 
     _one_line_errors(app, metrics)
-    metrics.copy_bytes.set_function(lambda: sum(base.routed.copy_nbytes for base in list(cache.bases.values())))
-    graphs = lambda: [base.routed.graphs for base in list(cache.bases.values()) if base.routed.graphs]  # noqa: E731
-    metrics.graph_captures.set_function(lambda: sum(g.captures for g in graphs()))
-    metrics.graphs_off.set_function(lambda: sum(g.failed is not None for g in graphs()))
+    metrics.watch_routing(lambda: [base.routed for base in list(cache.bases.values())])
 
     async def resolve(request: Request) -> Served:
         tenant = await bearer_tenant(request, store)

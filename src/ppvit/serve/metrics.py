@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+if TYPE_CHECKING:
+    from ppvit.models.routing import RoutedViT
 
 
 class Metrics:
@@ -46,3 +52,9 @@ class Metrics:
             "bases whose recording of a CUDA graph failed: they serve eagerly (the server log says why)",
             registry=r,
         )
+
+    def watch_routing(self, routed: Callable[[], list[RoutedViT]]) -> None:
+        """The routing gauges, read from the bases' routed models when scraped (``routed``: them, now)."""
+        self.copy_bytes.set_function(lambda: sum(r.copy_nbytes for r in routed()))
+        self.graph_captures.set_function(lambda: sum(r.graphs.captures for r in routed() if r.graphs))
+        self.graphs_off.set_function(lambda: sum(r.graphs.failed is not None for r in routed() if r.graphs))
