@@ -26,13 +26,14 @@ RAY_EXIT = {"PENDING": None, "RUNNING": None, "SUCCEEDED": 0, "FAILED": 1, "STOP
 class Runner(Protocol):
     """Where job processes run. ``start`` runs one process per entry of ``devices`` (all "cpu", or
     CUDA indices) and returns a handle; ``poll`` the exit code (None: running); ``adopt`` takes
-    over a handle of an earlier server (False: its process is gone, start again)."""
+    over a job of an earlier server, by the handle it recorded or, where it recorded none (it died
+    while starting the job), by the job's id: the handle taken over, or None (gone: start again)."""
 
     def start(self, job_id: str, config: Path, log_file: Path, devices: list[str]) -> str: ...
 
     def poll(self, handle: str) -> int | None: ...
 
-    def adopt(self, handle: str) -> bool: ...
+    def adopt(self, job_id: str, handle: str | None) -> str | None: ...
 
     def cancel(self, handle: str) -> None: ...
 
@@ -108,8 +109,8 @@ class LocalRunner:
             del self.procs[handle]
         return code
 
-    def adopt(self, handle: str) -> bool:
-        return False  # an earlier server's processes died with it (PR_SET_PDEATHSIG)
+    def adopt(self, job_id: str, handle: str | None) -> str | None:
+        return None  # an earlier server's processes died with it (PR_SET_PDEATHSIG)
 
     def cancel(self, handle: str) -> None:
         proc = self.procs.get(handle)
@@ -167,8 +168,29 @@ class RayRunner:
             return -1
         return RAY_EXIT.get(response.json().get("status")) if response.status_code == 200 else None
 
-    def adopt(self, handle: str) -> bool:
-        return handle.startswith("ray:") and self.poll(handle) != -1
+    def adopt(self, job_id: str, handle: str | None) -> str | None:
+        """The recorded submission; else (a server killed between its submission and recording it) the
+        job's submissions still pending or running, found by their metadata: the newest is taken over,
+        any other stopped (two trainings would write one job folder). None: nothing left, start again."""
+        if handle is not None:
+            return handle if handle.startswith("ray:") and self.poll(handle) != -1 else None
+        try:  # unanswered, the server does not start: starting the job again would run it twice
+            response = self.http.get("/api/jobs/")
+        except Exception as exc:
+            raise RuntimeError(f"Ray at {self.http.base_url} did not list its jobs: {exc}") from exc
+        if response.status_code != 200:
+            raise RuntimeError(f"Ray at {self.http.base_url} did not list its jobs: {response.status_code}")
+        live = sorted(
+            (
+                j
+                for j in response.json()
+                if (j.get("metadata") or {}).get("ppvit_job") == job_id and j.get("status") in ("PENDING", "RUNNING")
+            ),
+            key=lambda j: j.get("start_time") or 0,
+        )
+        for stale in live[:-1]:
+            self.cancel(f"ray:{stale['submission_id']}")
+        return f"ray:{live[-1]['submission_id']}" if live else None
 
     def cancel(self, handle: str) -> None:
         self.http.post(f"/api/jobs/{handle.removeprefix('ray:')}/stop")

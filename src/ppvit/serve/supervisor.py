@@ -107,10 +107,12 @@ class Supervisor:
             ).fetchall()
         for job_id, handle, processes in running:
             devices = self._free(processes)
-            if handle and devices is not None and self.runner.adopt(handle):
-                self.handles[job_id], self.slots[job_id] = handle, devices
-            else:
-                with service_db(self.jobs.root) as con:
+            adopted = self.runner.adopt(job_id, handle) if devices is not None else None
+            with service_db(self.jobs.root) as con:
+                if adopted is not None:
+                    self.handles[job_id], self.slots[job_id] = adopted, devices
+                    con.execute("UPDATE jobs SET handle = ? WHERE id = ?", (adopted, job_id))
+                else:
                     con.execute("UPDATE jobs SET state = 'queued', handle = NULL WHERE id = ?", (job_id,))
         self._thread.start()
 
@@ -185,7 +187,7 @@ class Supervisor:
                 )
             return
         self.handles[job_id], self.slots[job_id] = handle, devices
-        with service_db(self.jobs.root) as con:  # (a server stopped before this line queues the job again)
+        with service_db(self.jobs.root) as con:  # (a server stopped before this line: the next adopts by job id)
             con.execute("UPDATE jobs SET handle = ? WHERE id = ?", (handle, job_id))
 
     def _finish(self, job_id: str, code: int, cancelled: bool, activate: bool, tenant: str) -> None:
