@@ -329,7 +329,7 @@ def test_datasets_per_tenant_and_shards_per_declaration_are_bounded(tmp_path: Pa
     with pytest.raises(DatasetError) as err:
         datasets.declare(tenant, "d3", MANIFEST, [spec("train/shard-000000.tar", b"x")])
     assert err.value.status == 429 and "3 datasets" in str(err.value)
-    datasets.delete(tenant, "d0", busy=False)
+    datasets.delete(tenant, "d0")
     shards = [spec(f"train/shard-{i:06d}.tar", b"x") for i in range(6)]
     with pytest.raises(DatasetError) as err:
         datasets.declare(tenant, "d3", MANIFEST, shards)

@@ -4,6 +4,8 @@ server taking over the jobs an earlier one left running on a cluster."""
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
 import threading
 from pathlib import Path
 
@@ -15,7 +17,7 @@ from serving import IdleRunner, tenant_root
 from ppvit.serve.datasets import service_db
 from ppvit.serve.jobs import Jobs, ServiceLimits
 from ppvit.serve.runners import RayRunner
-from ppvit.serve.supervisor import Supervisor
+from ppvit.serve.supervisor import Supervisor, remove_tenant
 from ppvit.serve.tenants import TenantStore
 from ppvit.train.config import TrainConfig
 
@@ -173,3 +175,191 @@ def test_a_server_whose_cluster_does_not_answer_does_not_start_its_unrecorded_jo
     with pytest.raises(RuntimeError, match=r"^Ray at http://ray:8265 did not list its jobs: connection refused$"):
         supervisor.start()
     assert handle_of(tmp_path) == ("running", None)
+
+
+def add_jobs(root: Path, tenant_id: int, rows: list[tuple[str, str, str | None, int, str | None]]) -> None:
+    """Jobs as an earlier server left them: (id, state, handle, processes, devices)."""
+    with service_db(root) as con:
+        for i, (job_id, state, handle, processes, devices) in enumerate(rows):
+            con.execute(
+                "INSERT INTO jobs (id, tenant_id, dataset, state, config, activate, created, handle, processes, "
+                "devices) VALUES (?, ?, 'toy', ?, ?, 0, ?, ?, ?, ?)",
+                (job_id, tenant_id, state, yaml.safe_dump(TrainConfig().to_dict()), i, handle, processes, devices),
+            )
+
+
+def ray_supervisor(root: Path, cluster: FakeRay, devices: list[str], max_processes: int = 1) -> Supervisor:
+    runner = RayRunner("http://ray")
+    runner.http = httpx.Client(base_url="http://ray", transport=httpx.MockTransport(cluster))
+    limits = ServiceLimits(models={}, devices=devices, max_processes=max_processes)
+    supervisor = Supervisor(Jobs(root, limits), TenantStore(root), runner)
+    supervisor._thread = threading.Thread(target=lambda: None)  # start() without the polling thread
+    return supervisor
+
+
+def live(cluster: FakeRay, job_id: str) -> list[str]:
+    return [
+        s
+        for s, j in cluster.jobs.items()
+        if j["metadata"]["ppvit_job"] == job_id and j["status"] in ("PENDING", "RUNNING")
+    ]
+
+
+@pytest.mark.parametrize("devices", [["0", "1", "cpu"], ["0"]], ids=["same slots", "fewer slots"])
+def test_a_restarted_server_adopts_every_live_job_on_the_slots_it_had(tmp_path: Path, devices: list[str]) -> None:
+    """Placed afresh in the order they were created, A (2 processes) took 0,1, B the cpu slot and C none: C went back
+    to the queue while its submission trained on, and the next free slot submitted it again (second reader). A
+    running job now keeps the slots recorded when it was claimed; a restart with fewer slots runs them over."""
+    tenant_id, _ = tenant_root(tmp_path)
+    add_jobs(tmp_path, tenant_id, [("A", "running", "ray:a", 2, "cpu,cpu"), ("B", "running", "ray:b", 1, "0"),
+                                   ("C", "running", "ray:c", 1, "1")])  # fmt: skip
+    cluster = FakeRay()
+    for submission, job_id in (("a", "A"), ("b", "B"), ("c", "C")):
+        cluster.add(submission, job_id, "RUNNING", 1)
+    supervisor = ray_supervisor(tmp_path, cluster, devices, max_processes=2)
+    supervisor.start()
+    assert supervisor.slots == {"A": ["cpu", "cpu"], "B": ["0"], "C": ["1"]}
+    cluster.jobs["b"]["status"] = "FAILED"  # B ends: its slot is free
+    supervisor.step()
+    assert {job: live(cluster, job) for job in "ABC"} == {"A": ["a"], "B": [], "C": ["c"]}
+    assert supervisor.slots == {"A": ["cpu", "cpu"], "C": ["1"]}
+
+
+def test_a_cluster_that_does_not_answer_a_submission_fails_the_job_and_the_step_goes_on(tmp_path: Path) -> None:
+    """httpx's errors are neither OSError nor RuntimeError: the claimed job stayed 'running' with no process for the
+    server's life (never polled, its cancel never acted on) and the rest of the step was abandoned. Now the job
+    fails in one line naming the cluster, the submission (taken or not) is stopped, the next job is started."""
+    tenant_id, _ = tenant_root(tmp_path)
+    add_jobs(tmp_path, tenant_id, [("A", "queued", None, 1, None), ("B", "queued", None, 1, None)])
+    cluster, calls = FakeRay(), []
+
+    def flaky(request: httpx.Request) -> httpx.Response:
+        calls.append((request.method, request.url.path))
+        if len(calls) == 1:  # A's submission reaches the cluster, its answer is lost
+            cluster(request)
+            raise httpx.ReadTimeout("timed out", request=request)
+        return cluster(request)
+
+    supervisor = ray_supervisor(tmp_path, cluster, ["cpu", "cpu"])
+    supervisor.runner.http = httpx.Client(base_url="http://ray", transport=httpx.MockTransport(flaky))
+    supervisor.step()
+    with service_db(tmp_path) as con:
+        rows = dict(con.execute("SELECT id, state || ' ' || COALESCE(error, '') FROM jobs").fetchall())
+    assert rows["A"] == "failed could not be started: Ray at http://ray did not answer job A's submission: timed out"
+    assert rows["B"].strip() == "running" and live(cluster, "A") == [] and len(live(cluster, "B")) == 1
+    assert list(supervisor.handles) == ["B"]
+
+
+def staged_copy(self: TenantStore, name: str, adapter: Path, weights: object, max_classes: int) -> tuple[Path, None]:
+    """TenantStore._stage without the model: the copy only (the registration's transaction is what is tested)."""
+    staged = Path(tempfile.mkdtemp(prefix=".new.", dir=self.root))
+    (staged / "adapter_model.safetensors").write_text(adapter.name)
+    return staged, None
+
+
+def versions(root: Path) -> tuple[list[int], int]:
+    with service_db(root) as con:
+        rows = [r[0] for r in con.execute("SELECT version FROM adapters ORDER BY version")]
+        return rows, con.execute("SELECT version FROM tenants").fetchone()[0]
+
+
+def test_a_jobs_adapter_and_its_success_are_written_together(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The adapter's version was committed, then the job's 'succeeded' in a second transaction: a server killed in
+    between adopted the finished job at its next start and registered (and activated) the adapter again (second
+    reader). Killed now inside the one transaction, nothing is registered; the next server registers it once."""
+    monkeypatch.setattr(TenantStore, "_stage", staged_copy)
+    tenant_id, _ = tenant_root(tmp_path)
+    add_jobs(tmp_path, tenant_id, [("A", "running", "ray:a", 1, "cpu")])
+    with service_db(tmp_path) as con:
+        con.execute("UPDATE jobs SET activate = 1")
+    cluster = FakeRay()
+    cluster.add("a", "A", "SUCCEEDED", 1)
+    first = ray_supervisor(tmp_path, cluster, ["cpu"])
+    first.start()
+    killed = []
+
+    def kill(con: object, job_id: str, state: str, version: int) -> None:  # the job's row next: the process dies
+        killed.append(version)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("ppvit.serve.supervisor._ended", kill)
+    with pytest.raises(KeyboardInterrupt):
+        first.step()
+    assert killed == [2] and versions(tmp_path) == ([1], 1)  # nothing registered
+    monkeypatch.undo()
+    monkeypatch.setattr(TenantStore, "_stage", staged_copy)
+    second = ray_supervisor(tmp_path, cluster, ["cpu"])
+    second.start()
+    second.step()
+    second.step()
+    with service_db(tmp_path) as con:
+        assert con.execute("SELECT state, version, handle FROM jobs").fetchone() == ("succeeded", 2, None)
+    assert versions(tmp_path) == ([1, 2], 2) and second.handles == {} and second.slots == {}
+    third = ray_supervisor(tmp_path, cluster, ["cpu"])  # and once more: a finished job is not taken up again
+    third.start()
+    third.step()
+    assert versions(tmp_path) == ([1, 2], 2)
+
+
+def test_a_job_whose_adapter_cannot_be_registered_fails_and_frees_its_slot(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Any error of the registration (a RuntimeError of torch's while the adapter is checked, here) failed to reach
+    the except, and the job, its slot already freed, stayed 'running' for good."""
+
+    def broken(*args: object) -> None:
+        raise RuntimeError("size mismatch for head.weight")
+
+    monkeypatch.setattr(TenantStore, "_stage", broken)
+    tenant_id, _ = tenant_root(tmp_path)
+    add_jobs(tmp_path, tenant_id, [("A", "running", "ray:a", 1, "cpu")])
+    cluster = FakeRay()
+    cluster.add("a", "A", "SUCCEEDED", 1)
+    supervisor = ray_supervisor(tmp_path, cluster, ["cpu"])
+    supervisor.start()
+    supervisor.step()
+    with service_db(tmp_path) as con:
+        row = con.execute("SELECT state, error FROM jobs").fetchone()
+    assert row == ("failed", "the adapter could not be registered: size mismatch for head.weight")
+    assert supervisor.handles == {} and versions(tmp_path) == ([1], 1)
+
+
+def test_a_tenant_whose_job_was_being_started_is_not_removed(tmp_path: Path) -> None:
+    """A job claimed with no process recorded (its server stopped while submitting it: the cluster may run it) was
+    taken for dead and its folder deleted under it. Now the removal waits, then refuses in one line; the token is
+    revoked at once, nothing else deleted."""
+    tenant_id, token = tenant_root(tmp_path)
+    add_jobs(tmp_path, tenant_id, [("A", "running", None, 1, "cpu")])
+    (tmp_path / "jobs" / "A").mkdir(parents=True)
+    with pytest.raises(ValueError, match=r"^tenant eve: job A was being started and its process is not recorded; "):
+        remove_tenant(tmp_path, "eve", wait_s=0.2)
+    assert (tmp_path / "jobs" / "A").is_dir() and TenantStore(tmp_path).by_token(token) is None
+    assert [t.tenant for t in TenantStore(tmp_path).list()] == ["eve"]
+
+
+def test_a_removal_cut_short_is_finished_by_running_it_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The rows went first, then the files: a removal interrupted while deleting a large dataset left its files, and
+    the next `remove-tenant` answered "no tenant eve". Now the rows go last."""
+    tenant_id, token = tenant_root(tmp_path)
+    add_jobs(tmp_path, tenant_id, [("A", "succeeded", None, 1, None)])
+    shard = tmp_path / "datasets" / str(tenant_id) / "d" / "train" / "shard-000000.tar"
+    shard.parent.mkdir(parents=True)
+    shard.write_bytes(b"ciphertext")
+    (tmp_path / "jobs" / "A" / "run").mkdir(parents=True)
+    rmtree = shutil.rmtree
+
+    def interrupted(path: Path, *args: object, **kwargs: object) -> None:
+        if "datasets" in str(path):
+            raise KeyboardInterrupt  # Ctrl-C while a large dataset is deleted
+        rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr("ppvit.serve.supervisor.shutil.rmtree", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        remove_tenant(tmp_path, "eve", wait_s=1)
+    assert TenantStore(tmp_path).by_token(token) is None  # not served meanwhile
+    monkeypatch.undo()
+    remove_tenant(tmp_path, "eve", wait_s=1)
+    left = [p for p in tmp_path.rglob("*") if p.is_file() and "sqlite" not in p.name]
+    assert left == [] and TenantStore(tmp_path).list() == []
+    with pytest.raises(ValueError, match=r"^no tenant eve$"):
+        remove_tenant(tmp_path, "eve", wait_s=1)

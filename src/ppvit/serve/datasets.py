@@ -29,6 +29,7 @@ import hashlib
 import json
 import os
 import re
+import secrets
 import shutil
 import sqlite3
 import tempfile
@@ -83,6 +84,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     activate INTEGER NOT NULL,
     processes INTEGER NOT NULL DEFAULT 1,  -- training processes (torchrun when more than one)
     handle TEXT,                     -- the runner's name for the running process
+    devices TEXT,                    -- the slots it runs on, comma-separated ("cpu", or CUDA indices)
     error TEXT,
     version INTEGER,                 -- the adapter version registered on success
     cancel INTEGER NOT NULL DEFAULT 0,
@@ -91,6 +93,10 @@ CREATE TABLE IF NOT EXISTS jobs (
     ended REAL
 );
 """
+
+
+ACTIVE = ("queued", "running")  # the states of a job that still holds its dataset
+TRASH = ".deleted-"  # a deleted dataset's folder, renamed so in the transaction that deletes its row
 
 
 class DatasetError(ValueError):
@@ -115,6 +121,7 @@ class DatasetLimits:
 ADDED_COLUMNS = {  # columns later than their table: (table, column) -> its definition, added to older stores
     ("jobs", "processes"): "INTEGER NOT NULL DEFAULT 1",
     ("shards", "images"): "INTEGER",
+    ("jobs", "devices"): "TEXT",  # the slots a running job holds, comma-separated: a restarted server keeps them
 }
 
 
@@ -164,6 +171,7 @@ class Dataset:
     bytes: int
     missing: list[str]
     counts: dict[str, int]
+    declared: float = 0.0  # when (``time.time()``): a job checks it is queued on this declaration, not a later one
 
     @property
     def complete(self) -> bool:
@@ -273,6 +281,8 @@ class DatasetStore:
     def __init__(self, root: str | os.PathLike, limits: DatasetLimits | None = None) -> None:
         self.root = Path(root)
         self.limits = limits or DatasetLimits()
+        for trash in self.root.glob(f"{DATASETS_DIR}/*/{TRASH}*"):  # deletions a process died in
+            shutil.rmtree(trash, ignore_errors=True)
 
     def folder(self, tenant_id: int, name: str) -> Path:
         return self.root / DATASETS_DIR / str(tenant_id) / name.lower()
@@ -316,6 +326,7 @@ class DatasetStore:
                     raise DatasetError(
                         413, f"dataset {name}: {total} bytes; the tenant holds {used} of its {quota}-byte quota"
                     )
+                shutil.rmtree(self.folder(tenant_id, name), ignore_errors=True)  # no row: an older release's leftover
                 con.execute("INSERT INTO datasets VALUES (?, ?, ?, ?, ?)", (tenant_id, name, doc, total, time.time()))
                 con.executemany(
                     "INSERT INTO shards (tenant_id, dataset, path, bytes, sha256) VALUES (?, ?, ?, ?, ?)",
@@ -334,7 +345,8 @@ class DatasetStore:
         check_name(name)
         with service_db(self.root) as con:
             row = con.execute(
-                "SELECT name, manifest, bytes FROM datasets WHERE tenant_id = ? AND name = ?", (tenant_id, name)
+                "SELECT name, manifest, bytes, created FROM datasets WHERE tenant_id = ? AND name = ?",
+                (tenant_id, name),
             ).fetchone()
             if row is None:
                 raise DatasetError(404, f"no dataset {name}")
@@ -351,7 +363,7 @@ class DatasetStore:
                 split = path.partition("/")[0]
                 counts[split] = counts.get(split, 0) + (images or 0)
         missing = [path for path, done, _ in shards if not done]
-        return Dataset(row[0], self.folder(tenant_id, row[0]), manifest, row[2], missing, counts)
+        return Dataset(row[0], self.folder(tenant_id, row[0]), manifest, row[2], missing, counts, row[3])
 
     def _count(self, tenant_id: int, name: str, shards: list[tuple], size: int) -> list[tuple]:
         """Shards an earlier release stored without counting: counted now, or missing again when
@@ -377,14 +389,22 @@ class DatasetStore:
             names = [r[0] for r in rows]
         return [self.get(tenant_id, n) for n in names]
 
-    def delete(self, tenant_id: int, name: str, busy: bool) -> None:
-        """Forget the dataset and its files (``busy``: a job of the tenant still uses it: 409)."""
+    def delete(self, tenant_id: int, name: str) -> None:
+        """Forget the dataset and its files; 409 while a queued or running job uses it. The check, the row
+        and the folder's rename go in one transaction (a job submitted meanwhile waits for it, and then finds
+        no dataset; a dataset declared again gets a folder of its own); the renamed folder is deleted after."""
         dataset = self.get(tenant_id, name)
-        if busy:
-            raise DatasetError(409, f"dataset {name}: a queued or running job uses it")
+        trash = dataset.folder.with_name(TRASH + secrets.token_hex(4))
         with service_db(self.root) as con:
+            if con.execute(
+                "SELECT 1 FROM jobs WHERE tenant_id = ? AND dataset = ? AND state IN (?, ?)",
+                (tenant_id, dataset.name, *ACTIVE),
+            ).fetchone():
+                raise DatasetError(409, f"dataset {name}: a queued or running job uses it")
             con.execute("DELETE FROM datasets WHERE tenant_id = ? AND name = ?", (tenant_id, dataset.name))
-        shutil.rmtree(dataset.folder, ignore_errors=True)
+            with contextlib.suppress(FileNotFoundError):
+                os.rename(dataset.folder, trash)
+        shutil.rmtree(trash, ignore_errors=True)
 
     async def receive(self, tenant_id: int, name: str, path: str, chunks: AsyncIterator[bytes]) -> None:
         """Stream one declared shard to disk; kept only if its size and SHA-256 are the declared ones

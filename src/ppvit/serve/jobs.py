@@ -36,14 +36,21 @@ from typing import Any
 import yaml
 
 from ppvit._io import atomic_write_bytes
-from ppvit.serve.datasets import DATASETS_DIR, Dataset, DatasetError, DatasetLimits, private_dirs, service_db
+from ppvit.serve.datasets import (
+    ACTIVE,
+    DATASETS_DIR,
+    Dataset,
+    DatasetError,
+    DatasetLimits,
+    private_dirs,
+    service_db,
+)
 from ppvit.serve.defaults import MAX_CLASSES
 from ppvit.serve.runners import LocalRunner, RayRunner, Runner
 from ppvit.serve.tenants import TenantStore
 from ppvit.train.config import TrainConfig
 
 JOBS_DIR = "jobs"
-ACTIVE = ("queued", "running")
 # Settings that are the server's (filled in from its limits and the dataset), never the client's.
 SERVER_SETTINGS = frozenset({"data", "out", "key", "weights", "pretrained", "quiet", "report_to"})
 # Settings that need the key or plain images, which the server never has.
@@ -220,6 +227,11 @@ class Jobs:
             ).fetchone()[0]
             if busy >= self.limits.tenant_jobs:
                 raise JobError(429, f"{busy} jobs queued or running; this server takes {self.limits.tenant_jobs}")
+            declared = con.execute(
+                "SELECT created FROM datasets WHERE tenant_id = ? AND name = ?", (tenant_id, dataset.name)
+            ).fetchone()
+            if declared is None or declared[0] != dataset.declared:  # deleted (and declared again) meanwhile
+                raise JobError(409, f"dataset {dataset.name}: deleted or declared again meanwhile; submit again")
             try:
                 private_dirs(folder)
                 atomic_write_bytes(folder / "config.yaml", cfg.dump().encode(), mode=0o600)
@@ -342,13 +354,3 @@ class Jobs:
         except ValueError as exc:
             raise JobError(409, str(exc)) from None
         return self.get(tenant_id, job_id)
-
-    def uses(self, tenant_id: int, dataset: str) -> bool:
-        with service_db(self.root) as con:
-            return (
-                con.execute(
-                    "SELECT 1 FROM jobs WHERE tenant_id = ? AND dataset = ? AND state IN (?, ?)",
-                    (tenant_id, dataset, *ACTIVE),
-                ).fetchone()
-                is not None
-            )

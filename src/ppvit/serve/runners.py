@@ -153,7 +153,12 @@ class RayRunner:
         body = {"entrypoint": entrypoint, "submission_id": submission, "metadata": {"ppvit_job": job_id}}
         if devices[0] != "cpu":
             body["entrypoint_num_gpus"] = len(devices)  # Ray picks them and sets CUDA_VISIBLE_DEVICES
-        response = self.http.post("/api/jobs/", json=body)
+        try:
+            response = self.http.post("/api/jobs/", json=body)
+        except Exception as exc:  # sent or not, unanswered: stopped, should the cluster have taken it
+            with contextlib.suppress(Exception):
+                self.cancel(f"ray:{submission}")
+            raise RuntimeError(f"Ray at {self.http.base_url} did not answer job {job_id}'s submission: {exc}") from None
         if response.status_code != 200:
             raise RuntimeError(f"Ray refused job {job_id}: {response.status_code} {response.text[:200]}")
         return f"ray:{submission}"

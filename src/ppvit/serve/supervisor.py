@@ -14,14 +14,15 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import sqlite3
 import threading
 import time
 from pathlib import Path
 
-from ppvit.serve.datasets import DATASETS_DIR, service_db
-from ppvit.serve.jobs import ACTIVE, JOBS_DIR, Jobs, last_line
+from ppvit.serve.datasets import ACTIVE, DATASETS_DIR, service_db
+from ppvit.serve.jobs import JOBS_DIR, Jobs, last_line
 from ppvit.serve.runners import Runner
-from ppvit.serve.tenants import TenantStore
+from ppvit.serve.tenants import TenantStore, hash_token, new_token
 
 log = logging.getLogger(__name__)
 
@@ -29,11 +30,12 @@ log = logging.getLogger(__name__)
 def remove_tenant(root: str | os.PathLike, name: str, wait_s: float = 120.0) -> None:
     """Remove a tenant with everything it has here: token, adapter versions, datasets and jobs.
 
-    Its jobs stop first: queued ones are cancelled, running ones asked to cancel, which the
-    server's supervisor does (SIGTERM, then it marks them); only then are rows and files
-    deleted, so no process writes into a folder being removed. A running job whose local
-    process is gone (no server up) is not waited for; one still alive after ``wait_s`` refuses
-    the removal in one line, with nothing deleted.
+    Its token is revoked and its jobs stop first: queued ones are cancelled, running ones asked to
+    cancel, which the server's supervisor does (SIGTERM, then it marks them); only then are files and
+    rows deleted (the rows last: a removal cut short is run again), so no process writes into a folder
+    being removed. A running job whose local process is gone (no server up) is not waited for; one
+    still alive after ``wait_s``, or one a server was starting when it stopped (no process recorded:
+    it may run on a cluster), refuses the removal in one line, with nothing deleted but the token.
     """
     root = Path(root)
     store = TenantStore(root, create=False)
@@ -42,6 +44,7 @@ def remove_tenant(root: str | os.PathLike, name: str, wait_s: float = 120.0) -> 
         if row is None:
             raise ValueError(f"no tenant {name}")
         tenant_id = row[0]
+        con.execute("UPDATE tenants SET token_sha256 = ? WHERE id = ?", (hash_token(new_token()), tenant_id))
         con.execute(
             "UPDATE jobs SET state = 'cancelled', ended = ? WHERE tenant_id = ? AND state = 'queued'",
             (time.time(), tenant_id),
@@ -51,22 +54,29 @@ def remove_tenant(root: str | os.PathLike, name: str, wait_s: float = 120.0) -> 
     while True:
         with service_db(root) as con:
             jobs = con.execute("SELECT id, state, handle FROM jobs WHERE tenant_id = ?", (tenant_id,)).fetchall()
-        running = [job_id for job_id, state, handle in jobs if state == "running" and _alive(handle)]
+        running = [(job_id, handle) for job_id, state, handle in jobs if state == "running" and _alive(handle)]
         if not running:
             break
         if time.monotonic() > deadline:
-            raise ValueError(f"tenant {name}: job {running[0]} still running after {wait_s:g} s; is the server up?")
+            job_id, handle = running[0]
+            if handle is None:
+                raise ValueError(
+                    f"tenant {name}: job {job_id} was being started and its process is not recorded; start the "
+                    "server once (it takes the job over, then cancels it) and remove the tenant again"
+                )
+            raise ValueError(f"tenant {name}: job {job_id} still running after {wait_s:g} s; is the server up?")
         time.sleep(0.5)
-    store.remove(name)  # its rows of datasets, shards and jobs go with it (ON DELETE CASCADE)
     for job_id, _, _ in jobs:
         shutil.rmtree(root / JOBS_DIR / job_id, ignore_errors=True)
     shutil.rmtree(root / DATASETS_DIR / str(tenant_id), ignore_errors=True)
+    store.remove(name)  # its adapters; its rows of datasets, shards and jobs go with it (ON DELETE CASCADE)
 
 
 def _alive(handle: str | None) -> bool:
-    """Whether a job's process may still run: a local one by its pid, any other (a cluster's) as far as we know."""
+    """Whether a job's process may still run: a local one by its pid; any other, or none recorded (the server
+    was starting it, on a cluster perhaps), as far as we know."""
     if handle is None or not handle.startswith("local:"):
-        return handle is not None
+        return True
     try:
         os.kill(int(handle.removeprefix("local:")), 0)
     except ProcessLookupError:
@@ -103,14 +113,14 @@ class Supervisor:
         queued again (``--resume`` continues them from their last checkpoint)."""
         with service_db(self.jobs.root) as con:
             running = con.execute(
-                "SELECT id, handle, processes FROM jobs WHERE state = 'running' ORDER BY created"
+                "SELECT id, handle, processes, devices FROM jobs WHERE state = 'running' ORDER BY created"
             ).fetchall()
-        for job_id, handle, processes in running:
-            devices = self._free(processes)
-            adopted = self.runner.adopt(job_id, handle) if devices is not None else None
+        for job_id, handle, processes, devices in running:
+            adopted = self.runner.adopt(job_id, handle)
             with service_db(self.jobs.root) as con:
-                if adopted is not None:
-                    self.handles[job_id], self.slots[job_id] = adopted, devices
+                if adopted is not None:  # on the slots it had (placed afresh, another order could leave it none)
+                    self.handles[job_id] = adopted
+                    self.slots[job_id] = devices.split(",") if devices else self._free(processes) or []
                     con.execute("UPDATE jobs SET handle = ? WHERE id = ?", (adopted, job_id))
                 else:
                     con.execute("UPDATE jobs SET state = 'queued', handle = NULL WHERE id = ?", (job_id,))
@@ -171,15 +181,16 @@ class Supervisor:
         'cancelled', and the job trained to its end. A job cancelled before the claim is not started."""
         with service_db(self.jobs.root) as con:
             claimed = con.execute(
-                "UPDATE jobs SET state = 'running', started = COALESCE(started, ?) WHERE id = ? AND state = 'queued'",
-                (time.time(), job_id),
+                "UPDATE jobs SET state = 'running', devices = ?, started = COALESCE(started, ?) "
+                "WHERE id = ? AND state = 'queued'",
+                (",".join(devices), time.time(), job_id),
             ).rowcount
         if not claimed:
             return
         folder = self.jobs.folder(job_id)
         try:
             handle = self.runner.start(job_id, folder / "config.yaml", folder / "log.txt", devices)
-        except (OSError, RuntimeError) as exc:  # no process (a full disk, a cluster that refuses): this job fails
+        except Exception as exc:  # no process (a full disk, a cluster that refuses or does not answer): it fails
             with service_db(self.jobs.root) as con:
                 con.execute(
                     "UPDATE jobs SET state = 'failed', error = ?, ended = ? WHERE id = ?",
@@ -191,21 +202,36 @@ class Supervisor:
             con.execute("UPDATE jobs SET handle = ? WHERE id = ?", (handle, job_id))
 
     def _finish(self, job_id: str, code: int, cancelled: bool, activate: bool, tenant: str) -> None:
-        del self.handles[job_id], self.slots[job_id]
+        """Record the job's end; on success its adapter's new version and the job's 'succeeded' in one
+        transaction (a server dying between the two registered the adapter again at its next start). Its
+        slot is freed once that is written: a failure to write leaves the job to finish at the next step."""
         folder = self.jobs.folder(job_id)
-        state, error, version = "succeeded", None, None
+        state, error = "succeeded", None
         if cancelled:
             state = "cancelled"
         elif code != 0:
             state, error = "failed", last_line(folder / "log.txt") or f"the training process exited with {code}"
         else:
             try:
-                version = self.tenants.set_adapter(tenant, folder / "run", activate=activate)
-            except (ValueError, OSError) as exc:
+                self.tenants.set_adapter(
+                    tenant, folder / "run", activate=activate, record=lambda con, v: _ended(con, job_id, state, v)
+                )
+            except Exception as exc:  # any: a job whose adapter cannot be registered fails, it does not hang
                 state, error = "failed", f"the adapter could not be registered: {exc}"
-        with service_db(self.jobs.root) as con:
-            con.execute(
-                "UPDATE jobs SET state = ?, error = ?, version = ?, ended = ?, handle = NULL WHERE id = ?",
-                (state, error, version, time.time(), job_id),
-            )
+        if state != "succeeded":
+            with service_db(self.jobs.root) as con:
+                _ended(con, job_id, state, None, error)
+        del self.handles[job_id], self.slots[job_id]
         log.info("job %s of %s: %s%s", job_id, tenant, state, f" ({error})" if error else "")
+
+
+def _ended(con: sqlite3.Connection, job_id: str, state: str, version: int | None, error: str | None = None) -> None:
+    """A running job's end, in the caller's transaction; one that is no longer running (its tenant removed
+    meanwhile) refuses a registration made for it."""
+    done = con.execute(
+        "UPDATE jobs SET state = ?, error = ?, version = ?, ended = ?, handle = NULL "
+        "WHERE id = ? AND state = 'running'",
+        (state, error, version, time.time(), job_id),
+    ).rowcount
+    if not done and version is not None:
+        raise ValueError(f"job {job_id}: no longer running")

@@ -28,7 +28,7 @@ import stat
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -128,14 +128,18 @@ class TenantStore:
             self.by_token("")
 
     @contextmanager
-    def _connect(self) -> Iterator[sqlite3.Connection]:
+    def _connect(self, immediate: bool = False) -> Iterator[sqlite3.Connection]:
+        """One transaction, committed on success, rolled back on error; ``immediate``: holding the write lock
+        from its start (a version number read and the row that takes it cannot interleave with another's)."""
         try:
             con = sqlite3.connect(self.db, timeout=30)
         except sqlite3.Error as exc:
             raise ValueError(f"{self.db}: cannot be opened ({exc})") from None
         try:
             con.execute("PRAGMA foreign_keys=ON")  # per connection; WAL is set once and kept by the file
-            with con:  # one transaction: committed on success, rolled back on error
+            with con:
+                if immediate:
+                    con.execute("BEGIN IMMEDIATE")
                 yield con
         except sqlite3.DatabaseError as exc:
             raise ValueError(f"{self.db}: {exc}") from None
@@ -154,13 +158,18 @@ class TenantStore:
             raise ValueError(f"tenant name {name!r}: use 1-64 letters, digits, '_', '.', '-' (starting alnum)")
         token = new_token()
         with self._connect() as con:
-            if con.execute("SELECT 1 FROM tenants WHERE name = ?", (name,)).fetchone():  # any case
-                raise ValueError(f"tenant {name} exists already (remove-tenant first, or set-adapter)")
-            cur = con.execute(
-                "INSERT INTO tenants (name, token_sha256, version, created) VALUES (?, ?, 1, ?)",
-                (name, hash_token(token), time.time()),
-            )
-            self._add_version(con, cur.lastrowid, name, 1, adapter, weights, max_classes)
+            _refuse_existing(con, name)  # before the copy and its checks, which take seconds
+        staged, weights = self._stage(name, adapter, weights, max_classes)
+        try:
+            with self._connect(immediate=True) as con:
+                _refuse_existing(con, name)
+                cur = con.execute(
+                    "INSERT INTO tenants (name, token_sha256, version, created) VALUES (?, ?, 1, ?)",
+                    (name, hash_token(token), time.time()),
+                )
+                self._commit_version(con, cur.lastrowid, name, 1, staged, weights)
+        finally:
+            shutil.rmtree(staged, ignore_errors=True)
         return token
 
     def set_adapter(
@@ -171,26 +180,45 @@ class TenantStore:
         keep: int = KEEP_VERSIONS,
         max_classes: int = MAX_CLASSES,
         activate: bool = True,
+        record: Callable[[sqlite3.Connection, int], None] | None = None,
     ) -> int:
         """A new adapter version for ``name``, active unless ``activate`` is False (a training job's
         result, activated later by :meth:`activate`); the newest ``keep`` versions and the active
-        one stay (the previous one for requests already in flight), older ones are deleted."""
+        one stay (the previous one for requests already in flight), older ones are deleted.
+
+        The copy is made and checked first, without the lock; its version number is chosen, its folder
+        moved in and its row written in one transaction holding the write lock: two registrations at once
+        (the CLI's and a finished job's) take two versions, each with its own files. ``record(con, version)``
+        runs in that transaction (a job marked succeeded with it: both or neither, whenever the process dies).
+        """
         if keep < 1:
             raise ValueError(f"--keep {keep}: keep at least the active version (1)")
         with self._connect() as con:
-            row = con.execute("SELECT id, version, name FROM tenants WHERE name = ?", (name,)).fetchone()
-            if row is None:
-                raise ValueError(f"no tenant {name}")
-            tenant_id, active, stored_name = row  # folders use the name as registered
-            version = con.execute("SELECT MAX(version) FROM adapters WHERE tenant_id = ?", (tenant_id,)).fetchone()[0]
-            version = max(version or 0, active) + 1  # above inactive versions too
-            self._add_version(con, tenant_id, stored_name, version, adapter, weights, max_classes)
-            if activate:
-                con.execute("UPDATE tenants SET version = ? WHERE id = ?", (version, tenant_id))
-                active = version
-            stale = "FROM adapters WHERE tenant_id = ? AND version <= ? AND version != ?"
-            old = con.execute("SELECT folder " + stale, (tenant_id, version - keep, active)).fetchall()
-            con.execute("DELETE " + stale, (tenant_id, version - keep, active))
+            row = con.execute("SELECT name FROM tenants WHERE name = ?", (name,)).fetchone()
+        if row is None:
+            raise ValueError(f"no tenant {name}")
+        staged, weights = self._stage(row[0], adapter, weights, max_classes)  # folders use the name as registered
+        try:
+            with self._connect(immediate=True) as con:
+                row = con.execute("SELECT id, version, name FROM tenants WHERE name = ?", (name,)).fetchone()
+                if row is None:
+                    raise ValueError(f"no tenant {name}")  # removed while its adapter was checked
+                tenant_id, active, stored_name = row
+                version = con.execute("SELECT MAX(version) FROM adapters WHERE tenant_id = ?", (tenant_id,)).fetchone()[
+                    0
+                ]
+                version = max(version or 0, active) + 1  # above inactive versions too
+                self._commit_version(con, tenant_id, stored_name, version, staged, weights)
+                if activate:
+                    con.execute("UPDATE tenants SET version = ? WHERE id = ?", (version, tenant_id))
+                    active = version
+                stale = "FROM adapters WHERE tenant_id = ? AND version <= ? AND version != ?"
+                old = con.execute("SELECT folder " + stale, (tenant_id, version - keep, active)).fetchall()
+                con.execute("DELETE " + stale, (tenant_id, version - keep, active))
+                if record is not None:
+                    record(con, version)
+        finally:
+            shutil.rmtree(staged, ignore_errors=True)  # gone already where it became the version
         for (folder,) in old:  # after the commit: a failed registration deletes nothing
             shutil.rmtree(self.folder(folder), ignore_errors=True)
         return version
@@ -215,26 +243,20 @@ class TenantStore:
                 raise ValueError(f"no tenant {name}")
         return token
 
-    def _add_version(
-        self,
-        con: sqlite3.Connection,
-        tenant_id: int,
-        name: str,
-        version: int,
-        adapter: str | os.PathLike,
-        weights: str | os.PathLike | None,
-        max_classes: int,
-    ) -> None:
+    def _stage(
+        self, name: str, adapter: str | os.PathLike, weights: str | os.PathLike | None, max_classes: int
+    ) -> tuple[Path, str | None]:
+        """A private, checked copy of ``adapter`` in a temporary folder beside ``name``'s versions, and the
+        base weights it was checked against (resolved): what :meth:`_commit_version` makes a version."""
         src = adapter_dir(adapter)
         read_adapter_meta(src)  # a clear error for what is not an adapter, before anything is copied
         store = self.root.resolve()
         if src.resolve().is_relative_to(store) and not src.resolve().is_relative_to(store / "jobs"):  # jobs: runs
             raise ValueError(f"adapter {src}: lies inside the server folder {self.root}; register a run's adapter")
-        rel = Path("adapters", name, f"v{version}")
-        folder = self.root / rel
-        folder.parent.parent.mkdir(mode=0o700, exist_ok=True)
-        folder.parent.mkdir(mode=0o700, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".v{version}.", dir=folder.parent))  # 0700
+        parent = self.root / "adapters" / name
+        parent.parent.mkdir(mode=0o700, exist_ok=True)
+        parent.mkdir(mode=0o700, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".new.", dir=parent))  # 0700
         try:
             config, weights_file = adapter_files(src)  # a folder of 0.3 or earlier: PEFT's names, copied as ppvit's
             private = self._private_inodes()
@@ -258,14 +280,25 @@ class TenantStore:
                         f"weights file {weights}: not the base this adapter was trained on (sha256 differs)"
                     )
             check_routable(tmp, weights)  # refused now rather than answered with 503 for ever
-            if folder.exists():  # left by a registration that failed after the copy
-                shutil.rmtree(folder)
-            os.replace(tmp, folder)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        w = str(Path(weights).resolve()) if weights else None
-        con.execute("INSERT INTO adapters VALUES (?, ?, ?, ?, ?)", (tenant_id, version, rel.as_posix(), w, time.time()))
+        return tmp, str(Path(weights).resolve()) if weights else None
+
+    def _commit_version(
+        self, con: sqlite3.Connection, tenant_id: int, name: str, version: int, staged: Path, weights: str | None
+    ) -> None:
+        """Under the write lock: ``staged`` becomes the folder of ``version`` and its row (rolled back with
+        the transaction, the folder stays without a row: the next registration of that number replaces it)."""
+        rel = Path("adapters", name, f"v{version}")
+        folder = self.root / rel
+        folder.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if folder.exists():  # no row names it (the version is above every row's): a failed registration's
+            shutil.rmtree(folder)
+        os.replace(staged, folder)
+        con.execute(
+            "INSERT INTO adapters VALUES (?, ?, ?, ?, ?)", (tenant_id, version, rel.as_posix(), weights, time.time())
+        )
 
     def _private_inodes(self) -> set[tuple[int, int]]:
         """(device, inode) of every file of the tenants' private copies: a hard link to one, wherever it
@@ -279,18 +312,22 @@ class TenantStore:
         return found
 
     def remove(self, name: str) -> None:
-        """Remove ``name``, its token and every adapter version it has."""
+        """Remove ``name``, its token and every adapter version it has: the token revoked at once, then
+        the files, the rows last, so that a removal cut short leaves the tenant to remove again (and no
+        longer served), not files no row names."""
         with self._connect() as con:
             row = con.execute("SELECT id, name FROM tenants WHERE name = ?", (name,)).fetchone()
             if row is None:
                 raise ValueError(f"no tenant {name}")
+            con.execute("UPDATE tenants SET token_sha256 = ? WHERE id = ?", (hash_token(new_token()), row[0]))
             folders = [r[0] for r in con.execute("SELECT folder FROM adapters WHERE tenant_id = ?", (row[0],))]
-            con.execute("DELETE FROM tenants WHERE id = ?", (row[0],))
         for folder in map(self.folder, folders):
             shutil.rmtree(folder, ignore_errors=True)
             with contextlib.suppress(OSError):  # a folder of another spelling of the name, now empty
                 folder.parent.rmdir()
         shutil.rmtree(self.root / "adapters" / row[1], ignore_errors=True)
+        with self._connect() as con:
+            con.execute("DELETE FROM tenants WHERE id = ?", (row[0],))
 
     def list(self) -> list[TenantAdapter]:
         with self._connect() as con:
@@ -329,6 +366,11 @@ class TenantStore:
 
     def _tenant(self, row: tuple) -> TenantAdapter:
         return TenantAdapter(row[0], row[1], row[2], self.folder(row[3]), Path(row[4]) if row[4] else None)
+
+
+def _refuse_existing(con: sqlite3.Connection, name: str) -> None:
+    if con.execute("SELECT 1 FROM tenants WHERE name = ?", (name,)).fetchone():  # any case
+        raise ValueError(f"tenant {name} exists already (remove-tenant first, or set-adapter)")
 
 
 def new_token() -> str:

@@ -108,7 +108,7 @@ def training_router(root: Path, tenants: TenantStore, limits: ServiceLimits, bod
     @router.delete("/datasets/{name}")
     async def delete(name: str, request: Request) -> dict[str, Any]:
         tid = await tenant(request)
-        await _call(lambda: datasets.delete(tid, name, jobs.uses(tid, name)))
+        await _call(datasets.delete, tid, name)
         return {"deleted": name}
 
     @router.put("/datasets/{name}/shards/{split}/{file}")

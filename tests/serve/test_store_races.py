@@ -1,0 +1,147 @@
+"""The store's rows and files when two requests interleave or a process dies between two steps: adapter
+versions registered at once, a dataset deleted while a job is submitted for it or while it is deleted."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from serving import tenant_root
+
+import ppvit.serve.tenants as tenants
+from ppvit.data.sources.encrypted_wds import EncryptedWds
+from ppvit.serve.datasets import TRASH, DatasetStore, service_db
+from ppvit.serve.jobs import JobError, Jobs, ServiceLimits
+from ppvit.serve.tenants import TenantStore
+
+MANIFEST = {
+    "scheme": "shuffle",
+    "block_size": 4,
+    "size": 32,
+    "key_fingerprint": "f" * 16,
+    "format": "wds",
+    "classes": {"train": ["a", "b"]},
+    "counts": {"train": 10},
+    "complete": True,
+}
+
+
+def shards(n: int) -> list[dict]:
+    return [{"path": f"train/shard-{i:06d}.tar", "bytes": 100, "sha256": f"{i:064x}"} for i in range(n)]
+
+
+def received(root: Path, tenant_id: int, name: str) -> None:
+    """Every declared shard received (its row done, an empty file where the shard lies; 1 or 2 shards)."""
+    with service_db(root) as con:
+        rows = con.execute("SELECT path FROM shards WHERE tenant_id = ? AND dataset = ?", (tenant_id, name)).fetchall()
+        con.execute(  # the manifest's 10 training images, spread over the shards
+            "UPDATE shards SET done = 1, images = ? WHERE tenant_id = ? AND dataset = ?",
+            (10 // len(rows), tenant_id, name),
+        )
+    for (path,) in rows:
+        file = root / "datasets" / str(tenant_id) / name / path
+        file.parent.mkdir(parents=True, exist_ok=True)
+        file.write_bytes(b"")
+
+
+def test_two_registrations_at_once_take_two_versions_each_with_its_own_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Both read the same MAX(version) before either wrote: the second deleted the first's committed folder, moved its
+    own in and failed on the row, so the row named one registration's base and the files were the other's (second
+    reader). Here A's check waits until B's has begun; B's until A has finished."""
+    root = tmp_path / "root"
+    tenant_root(root)
+    sources = {}
+    for who in ("A", "B"):
+        sources[who] = tmp_path / who
+        sources[who].mkdir()
+        (sources[who] / tenants.WEIGHTS_NAME).write_text(f"weights of {who}")
+        (sources[who] / tenants.CONFIG_NAME).write_text(f"config of {who}")
+    meta = SimpleNamespace(method={"method": "lora-pe"}, num_classes=2, classes=[], weights_sha256=None)
+    monkeypatch.setattr(tenants, "adapter_dir", Path)
+    monkeypatch.setattr(tenants, "read_adapter_meta", lambda folder: meta)
+    monkeypatch.setattr(tenants, "adapter_files", lambda p: (p / tenants.CONFIG_NAME, p / tenants.WEIGHTS_NAME))
+    b_checking, a_done = threading.Event(), threading.Event()
+
+    def check_routable(folder: Path, weights: str) -> None:  # the slow part: the base built, the adapter probed
+        if weights.endswith("A"):
+            assert b_checking.wait(10)
+        else:
+            b_checking.set()
+            assert a_done.wait(10)
+
+    monkeypatch.setattr(tenants, "check_routable", check_routable)
+    results: dict[str, object] = {}
+
+    def register(who: str) -> None:
+        try:
+            results[who] = TenantStore(root).set_adapter("eve", sources[who], weights=f"/base-{who}")
+        except Exception as exc:
+            results[who] = exc
+        finally:
+            if who == "A":
+                a_done.set()
+
+    threads = [threading.Thread(target=register, args=(who,)) for who in ("A", "B")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert results == {"A": 2, "B": 3}
+    with service_db(root) as con:
+        rows = con.execute(
+            "SELECT version, folder, weights FROM adapters WHERE version > 1 ORDER BY version"
+        ).fetchall()
+    for (version, folder, weights), who in zip(rows, "AB", strict=True):
+        assert (version, weights) == ({"A": 2, "B": 3}[who], f"/base-{who}")
+        assert (root / folder / tenants.WEIGHTS_NAME).read_text() == f"weights of {who}"
+    assert not list((root / "adapters" / "eve").glob(".new.*"))  # no staged copy left behind
+
+
+def test_a_job_is_not_queued_on_a_dataset_deleted_or_declared_again_since_it_was_read(tmp_path: Path) -> None:
+    """POST /v1/jobs read the dataset, then inserted the job without looking again, while DELETE checked for jobs and
+    deleted in two transactions: a job could be queued on a deleted dataset, or on one declared again under its name
+    with other shards, which its step bound never counted (second reader)."""
+    tenant_id, _ = tenant_root(tmp_path)
+    store = DatasetStore(tmp_path)
+    jobs = Jobs(tmp_path, ServiceLimits(models={"vit_micro_d2_patch4_32": None}, max_steps=10))
+    store.declare(tenant_id, "d", MANIFEST, shards(2))
+    received(tmp_path, tenant_id, "d")
+    read = store.get(tenant_id, "d")  # the submission has read the dataset
+    store.delete(tenant_id, "d")  # the delete lands meanwhile
+    with pytest.raises(JobError, match=r"^dataset d: deleted or declared again meanwhile; submit again$") as refused:
+        jobs.submit(tenant_id, read, {"epochs": 1, "batch_size": 2}, False)
+    assert refused.value.status == 409
+    store.declare(tenant_id, "d", MANIFEST, shards(1))  # declared again, other shards
+    received(tmp_path, tenant_id, "d")
+    with pytest.raises(JobError, match="declared again meanwhile"):
+        jobs.submit(tenant_id, read, {"epochs": 1, "batch_size": 2}, False)
+    job = jobs.submit(tenant_id, store.get(tenant_id, "d"), {"epochs": 1, "batch_size": 2}, False)
+    assert job["state"] == "queued"
+    with pytest.raises(ValueError, match=r"^dataset d: a queued or running job uses it$"):
+        store.delete(tenant_id, "d")
+
+
+def test_a_dataset_deleted_in_part_leaves_nothing_a_new_declaration_reads(tmp_path: Path) -> None:
+    """Its row was deleted, then its folder: a process killed between the two left the shards, and the same name
+    declared again trained on them beside its own (second reader). Now the folder is renamed in the transaction
+    that deletes the row, a renamed folder left by a kill is deleted when the store opens, and a folder that no
+    row names (an older release's) is cleared by the next declaration of its name."""
+    tenant_id, _ = tenant_root(tmp_path)
+    store = DatasetStore(tmp_path)
+    store.declare(tenant_id, "d", MANIFEST, shards(8))
+    received(tmp_path, tenant_id, "d")
+    with service_db(tmp_path) as con:  # an older release's delete, killed after its commit
+        con.execute("DELETE FROM datasets WHERE tenant_id = ? AND name = 'd'", (tenant_id,))
+    again = store.declare(tenant_id, "d", MANIFEST, shards(1))
+    assert EncryptedWds(again.folder).shard_files("train") == []  # its one shard not sent yet; none of the 8
+    received(tmp_path, tenant_id, "d")
+    trash = again.folder.with_name(TRASH + "0000")  # a delete killed after its commit, before its rmtree
+    again.folder.rename(trash)
+    with service_db(tmp_path) as con:
+        con.execute("DELETE FROM datasets WHERE tenant_id = ? AND name = 'd'", (tenant_id,))
+    DatasetStore(tmp_path)
+    assert not trash.exists()
