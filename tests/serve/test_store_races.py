@@ -129,7 +129,8 @@ def test_a_dataset_deleted_in_part_leaves_nothing_a_new_declaration_reads(tmp_pa
     """Its row was deleted, then its folder: a process killed between the two left the shards, and the same name
     declared again trained on them beside its own (second reader). Now the folder is renamed in the transaction
     that deletes the row, a renamed folder left by a kill is deleted when the store opens, and a folder that no
-    row names (an older release's) is cleared by the next declaration of its name."""
+    row names (an older release's) is cleared by the next declaration of its name; a shard's temporary file
+    left by a server killed while receiving it is deleted when the next one opens the store."""
     tenant_id, _ = tenant_root(tmp_path)
     store = DatasetStore(tmp_path)
     store.declare(tenant_id, "d", MANIFEST, shards(8))
@@ -143,5 +144,8 @@ def test_a_dataset_deleted_in_part_leaves_nothing_a_new_declaration_reads(tmp_pa
     again.folder.rename(trash)
     with service_db(tmp_path) as con:
         con.execute("DELETE FROM datasets WHERE tenant_id = ? AND name = 'd'", (tenant_id,))
-    DatasetStore(tmp_path)
-    assert not trash.exists()
+    partial = again.folder / "train" / ".shard-000001.tar.5dko7_sb.tmp"  # a shard arriving when the server died
+    partial.parent.mkdir(parents=True)
+    partial.write_bytes(b"half a shard")
+    DatasetStore(tmp_path)  # the next server's
+    assert not trash.exists() and not partial.exists()

@@ -40,7 +40,7 @@ from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from ppvit._io import atomic_write_bytes, commit_temp, json_text
+from ppvit._io import atomic_write_bytes, commit_temp, json_text, remove_stale_temps
 from ppvit._schema import check_fields
 from ppvit.crypto.ciphers import Scheme
 from ppvit.data.manifest import MANIFEST_NAME, Manifest
@@ -281,8 +281,9 @@ class DatasetStore:
     def __init__(self, root: str | os.PathLike, limits: DatasetLimits | None = None) -> None:
         self.root = Path(root)
         self.limits = limits or DatasetLimits()
-        for trash in self.root.glob(f"{DATASETS_DIR}/*/{TRASH}*"):  # deletions a process died in
+        for trash in self.root.glob(f"{DATASETS_DIR}/*/{TRASH}*"):  # what a server that died was deleting
             shutil.rmtree(trash, ignore_errors=True)
+        remove_stale_temps(self.root / DATASETS_DIR)  # and the shards it was receiving (the server's alone)
 
     def folder(self, tenant_id: int, name: str) -> Path:
         return self.root / DATASETS_DIR / str(tenant_id) / name.lower()
