@@ -165,7 +165,7 @@ def tenant_root(root: Path, name: str = "eve") -> tuple[int, str]:
 class IdleRunner(LocalRunner):
     """Starts nothing: a started job stays running until cancelled (no training here)."""
 
-    def start(self, job_id: str, config: Path, log_file: Path, devices: list[str]) -> str:
+    def start(self, job_id: str, config: Path, log_file: Path, devices: list[str], handle: str | None = None) -> str:
         return f"idle:{job_id}"
 
     def poll(self, handle: str) -> int | None:

@@ -3,13 +3,18 @@ versions registered at once, a dataset deleted while a job is submitted for it o
 
 from __future__ import annotations
 
+import sqlite3
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 from serving import tenant_root
+from test_supervisor import staged_copy
 
+import ppvit.serve.datasets as datasets
 import ppvit.serve.tenants as tenants
 from ppvit.data.sources.encrypted_wds import EncryptedWds
 from ppvit.serve.datasets import TRASH, DatasetStore, service_db
@@ -125,27 +130,81 @@ def test_a_job_is_not_queued_on_a_dataset_deleted_or_declared_again_since_it_was
         store.delete(tenant_id, "d")
 
 
-def test_a_dataset_deleted_in_part_leaves_nothing_a_new_declaration_reads(tmp_path: Path) -> None:
+def test_a_delete_killed_after_its_commit_leaves_nothing_a_new_declaration_reads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Its row was deleted, then its folder: a process killed between the two left the shards, and the same name
     declared again trained on them beside its own (second reader). Now the folder is renamed in the transaction
-    that deletes the row, a renamed folder left by a kill is deleted when the store opens, and a folder that no
-    row names (an older release's) is cleared by the next declaration of its name; a shard's temporary file
-    left by a server killed while receiving it is deleted when the next one opens the store."""
+    that deletes the row; what a kill leaves of it, and of a shard being received, goes when the next server opens
+    the store; a folder no row names (an older release's) is cleared by the next declaration of its name."""
     tenant_id, _ = tenant_root(tmp_path)
     store = DatasetStore(tmp_path)
-    store.declare(tenant_id, "d", MANIFEST, shards(8))
+    store.declare(tenant_id, "d", MANIFEST, shards(2))
     received(tmp_path, tenant_id, "d")
-    with service_db(tmp_path) as con:  # an older release's delete, killed after its commit
-        con.execute("DELETE FROM datasets WHERE tenant_id = ? AND name = 'd'", (tenant_id,))
+
+    def killed(path: Path, ignore_errors: bool = False) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(datasets.shutil, "rmtree", killed)
+    with pytest.raises(KeyboardInterrupt):
+        store.delete(tenant_id, "d")
+    monkeypatch.undo()
+    (trash,) = (tmp_path / "datasets" / str(tenant_id)).glob(TRASH + "*")
     again = store.declare(tenant_id, "d", MANIFEST, shards(1))
-    assert EncryptedWds(again.folder).shard_files("train") == []  # its one shard not sent yet; none of the 8
-    received(tmp_path, tenant_id, "d")
-    trash = again.folder.with_name(TRASH + "0000")  # a delete killed after its commit, before its rmtree
-    again.folder.rename(trash)
-    with service_db(tmp_path) as con:
-        con.execute("DELETE FROM datasets WHERE tenant_id = ? AND name = 'd'", (tenant_id,))
-    partial = again.folder / "train" / ".shard-000001.tar.5dko7_sb.tmp"  # a shard arriving when the server died
+    assert EncryptedWds(again.folder).shard_files("train") == []  # its one shard not sent yet; neither of the 2
+    partial = again.folder / "train" / ".shard-000000.tar.5dko7_sb.tmp"  # arriving when the server died
     partial.parent.mkdir(parents=True)
     partial.write_bytes(b"half a shard")
     DatasetStore(tmp_path)  # the next server's
     assert not trash.exists() and not partial.exists()
+    received(tmp_path, tenant_id, "d")
+    with service_db(tmp_path) as con:  # an older release's delete, killed after its commit
+        con.execute("DELETE FROM datasets WHERE tenant_id = ? AND name = 'd'", (tenant_id,))
+    assert EncryptedWds(store.declare(tenant_id, "d", MANIFEST, shards(2)).folder).shard_files("train") == []
+
+
+def test_a_delete_whose_commit_fails_keeps_its_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The folder is renamed inside the delete's transaction: a commit that fails (a full disk) brought the row
+    back but not the files, and the next server swept them (second reader). They are named back now."""
+    tenant_id, _ = tenant_root(tmp_path)
+    store = DatasetStore(tmp_path)
+    store.declare(tenant_id, "d", MANIFEST, shards(1))
+    received(tmp_path, tenant_id, "d")
+    real = datasets.service_db
+
+    @contextmanager
+    def commit_fails(root: Path) -> Iterator[sqlite3.Connection]:
+        with real(root) as con:
+            yield con
+            if con.total_changes:  # the delete's transaction, not get's read
+                raise datasets.DatasetError(507, "tenants.sqlite: database or disk is full")
+
+    monkeypatch.setattr(datasets, "service_db", commit_fails)
+    with pytest.raises(datasets.DatasetError, match="disk is full"):
+        store.delete(tenant_id, "d")
+    monkeypatch.undo()
+    DatasetStore(tmp_path)
+    kept = store.get(tenant_id, "d")
+    assert kept.complete and (kept.folder / "train" / "shard-000000.tar").exists()
+
+
+def test_a_registration_during_a_removal_leaves_no_folder_behind(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The removal deletes the files, then the rows: a version registered in between (the CLI's, a finished job's)
+    kept its folder after the rows went (second reader). The rows go with a second look at the folders now."""
+    root = tmp_path / "root"
+    tenant_root(root)
+    monkeypatch.setattr(TenantStore, "_stage", staged_copy)
+    rmtree = tenants.shutil.rmtree
+    registered = []
+
+    def between(path: Path, *args: object, **kwargs: object) -> None:
+        rmtree(path, *args, **kwargs)
+        if Path(path) == root / "adapters" / "eve" and not registered:  # the files gone, the rows next
+            registered.append(TenantStore(root).set_adapter("eve", tmp_path / "src"))
+
+    monkeypatch.setattr(tenants.shutil, "rmtree", between)
+    TenantStore(root).remove("eve")
+    assert registered == [2] and TenantStore(root).list() == []
+    assert [p for p in (root / "adapters").rglob("*")] == []

@@ -99,6 +99,17 @@ ACTIVE = ("queued", "running")  # the states of a job that still holds its datas
 TRASH = ".deleted-"  # a deleted dataset's folder, renamed so in the transaction that deletes its row
 
 
+def _discard(folder: Path) -> Path | None:
+    """Rename ``folder`` out of the way (``.deleted-*`` beside it, deleted later or when a store opens); None if
+    there is none. Within a transaction: the name is free for a new declaration the moment its row is gone."""
+    trash = folder.with_name(TRASH + secrets.token_hex(4))
+    try:
+        os.rename(folder, trash)
+    except FileNotFoundError:
+        return None
+    return trash
+
+
 class DatasetError(ValueError):
     """A refused dataset request; ``status`` is the HTTP status it answers with."""
 
@@ -303,7 +314,7 @@ class DatasetStore:
             raise DatasetError(422, "shards: a split the manifest does not name")
         total = sum(s.bytes for s in shards)
         doc = json.dumps(asdict(manifest), sort_keys=True)
-        quota = self.limits.quota_bytes
+        quota, leftover = self.limits.quota_bytes, None
         with service_db(self.root) as con:
             row = con.execute(
                 "SELECT manifest FROM datasets WHERE tenant_id = ? AND name = ?", (tenant_id, name)
@@ -327,12 +338,14 @@ class DatasetStore:
                     raise DatasetError(
                         413, f"dataset {name}: {total} bytes; the tenant holds {used} of its {quota}-byte quota"
                     )
-                shutil.rmtree(self.folder(tenant_id, name), ignore_errors=True)  # no row: an older release's leftover
+                leftover = _discard(self.folder(tenant_id, name))  # no row names it: an older release's
                 con.execute("INSERT INTO datasets VALUES (?, ?, ?, ?, ?)", (tenant_id, name, doc, total, time.time()))
                 con.executemany(
                     "INSERT INTO shards (tenant_id, dataset, path, bytes, sha256) VALUES (?, ?, ?, ?, ?)",
                     [(tenant_id, name, s.path, s.bytes, s.sha256) for s in shards],
                 )
+        if leftover is not None:  # deleted after the commit, not while every writer waits for the lock
+            shutil.rmtree(leftover, ignore_errors=True)
         folder = self.folder(tenant_id, name)
         try:
             private_dirs(folder)
@@ -393,19 +406,26 @@ class DatasetStore:
     def delete(self, tenant_id: int, name: str) -> None:
         """Forget the dataset and its files; 409 while a queued or running job uses it. The check, the row
         and the folder's rename go in one transaction (a job submitted meanwhile waits for it, and then finds
-        no dataset; a dataset declared again gets a folder of its own); the renamed folder is deleted after."""
+        no dataset; a dataset declared again gets a folder of its own); the renamed folder is deleted after,
+        or named back where the transaction failed to commit (its row is back: so are its files)."""
         dataset = self.get(tenant_id, name)
-        trash = dataset.folder.with_name(TRASH + secrets.token_hex(4))
-        with service_db(self.root) as con:
-            if con.execute(
-                "SELECT 1 FROM jobs WHERE tenant_id = ? AND dataset = ? AND state IN (?, ?)",
-                (tenant_id, dataset.name, *ACTIVE),
-            ).fetchone():
-                raise DatasetError(409, f"dataset {name}: a queued or running job uses it")
-            con.execute("DELETE FROM datasets WHERE tenant_id = ? AND name = ?", (tenant_id, dataset.name))
-            with contextlib.suppress(FileNotFoundError):
-                os.rename(dataset.folder, trash)
-        shutil.rmtree(trash, ignore_errors=True)
+        trash = None
+        try:
+            with service_db(self.root) as con:
+                if con.execute(
+                    "SELECT 1 FROM jobs WHERE tenant_id = ? AND dataset = ? AND state IN (?, ?)",
+                    (tenant_id, dataset.name, *ACTIVE),
+                ).fetchone():
+                    raise DatasetError(409, f"dataset {name}: a queued or running job uses it")
+                con.execute("DELETE FROM datasets WHERE tenant_id = ? AND name = ?", (tenant_id, dataset.name))
+                trash = _discard(dataset.folder)
+        except BaseException:
+            if trash is not None:
+                with contextlib.suppress(OSError):
+                    os.rename(trash, dataset.folder)
+            raise
+        if trash is not None:
+            shutil.rmtree(trash, ignore_errors=True)
 
     async def receive(self, tenant_id: int, name: str, path: str, chunks: AsyncIterator[bytes]) -> None:
         """Stream one declared shard to disk; kept only if its size and SHA-256 are the declared ones
@@ -459,8 +479,9 @@ class DatasetStore:
             raise
         with service_db(self.root) as con:
             con.execute(
-                "UPDATE shards SET done = 1, images = ? WHERE tenant_id = ? AND dataset = ? AND path = ?",
-                (images, tenant_id, name, path),
+                "UPDATE shards SET done = 1, images = ? "  # the row it was checked against, not a later declaration's
+                "WHERE tenant_id = ? AND dataset = ? AND path = ? AND sha256 = ? AND bytes = ?",
+                (images, tenant_id, name, path, digest, size),
             )
 
 

@@ -26,14 +26,20 @@ RAY_EXIT = {"PENDING": None, "RUNNING": None, "SUCCEEDED": 0, "FAILED": 1, "STOP
 class Runner(Protocol):
     """Where job processes run. ``start`` runs one process per entry of ``devices`` (all "cpu", or
     CUDA indices) and returns a handle; ``poll`` the exit code (None: running); ``adopt`` takes
-    over a job of an earlier server, by the handle it recorded or, where it recorded none (it died
-    while starting the job), by the job's id: the handle taken over, or None (gone: start again)."""
+    over a handle of an earlier server (False: its process is gone, start again).
 
-    def start(self, job_id: str, config: Path, log_file: Path, devices: list[str]) -> str: ...
+    ``plan`` names the handle a start will have where the runner can before starting (a cluster's
+    submission id): the supervisor records it with the job's claim, so a server that dies while starting
+    the job leaves the next one a handle to poll, never a job running where nobody looks. None: the
+    handle is known once started (a local process dies with the server anyway)."""
+
+    def plan(self, job_id: str) -> str | None: ...
+
+    def start(self, job_id: str, config: Path, log_file: Path, devices: list[str], handle: str | None) -> str: ...
 
     def poll(self, handle: str) -> int | None: ...
 
-    def adopt(self, job_id: str, handle: str | None) -> str | None: ...
+    def adopt(self, handle: str) -> bool: ...
 
     def cancel(self, handle: str) -> None: ...
 
@@ -80,7 +86,10 @@ class LocalRunner:
         if self.preexec is not None:
             self.preexec()
 
-    def start(self, job_id: str, config: Path, log_file: Path, devices: list[str]) -> str:
+    def plan(self, job_id: str) -> None:
+        return None  # its pid, once started
+
+    def start(self, job_id: str, config: Path, log_file: Path, devices: list[str], handle: str | None = None) -> str:
         env = dict(os.environ)
         if devices[0] != "cpu":
             env["CUDA_VISIBLE_DEVICES"] = ",".join(devices)  # torchrun's ranks take cuda:0.. of these
@@ -109,8 +118,8 @@ class LocalRunner:
             del self.procs[handle]
         return code
 
-    def adopt(self, job_id: str, handle: str | None) -> str | None:
-        return None  # an earlier server's processes died with it (PR_SET_PDEATHSIG)
+    def adopt(self, handle: str) -> bool:
+        return False  # an earlier server's processes died with it (PR_SET_PDEATHSIG)
 
     def cancel(self, handle: str) -> None:
         proc = self.procs.get(handle)
@@ -146,22 +155,30 @@ class RayRunner:
         self.http = httpx.Client(base_url=address.rstrip("/"), timeout=timeout)
         self.python = python
 
-    def start(self, job_id: str, config: Path, log_file: Path, devices: list[str]) -> str:
+    def plan(self, job_id: str) -> str:
+        return f"ray:ppvit-{job_id}-{secrets.token_hex(4)}"  # a resumed job is a new submission
+
+    def start(self, job_id: str, config: Path, log_file: Path, devices: list[str], handle: str | None = None) -> str:
+        """Submit the job as ``handle`` (from :meth:`plan`). A submission left unanswered (the cluster
+        unreachable for a moment, an answer lost) is not an error here: taken or not, the next polls say."""
+        handle = handle or self.plan(job_id)
         cmd = train_command(self.python, config, len(devices))
         entrypoint = f"umask 077; {shlex.join(cmd)} >> {shlex.quote(str(log_file))} 2>&1"
-        submission = f"ppvit-{job_id}-{secrets.token_hex(4)}"  # a resumed job is a new submission
-        body = {"entrypoint": entrypoint, "submission_id": submission, "metadata": {"ppvit_job": job_id}}
+        body = {
+            "entrypoint": entrypoint,
+            "submission_id": handle.removeprefix("ray:"),
+            "metadata": {"ppvit_job": job_id},
+        }
         if devices[0] != "cpu":
             body["entrypoint_num_gpus"] = len(devices)  # Ray picks them and sets CUDA_VISIBLE_DEVICES
         try:
             response = self.http.post("/api/jobs/", json=body)
-        except Exception as exc:  # sent or not, unanswered: stopped, should the cluster have taken it
-            with contextlib.suppress(Exception):
-                self.cancel(f"ray:{submission}")
-            raise RuntimeError(f"Ray at {self.http.base_url} did not answer job {job_id}'s submission: {exc}") from None
+        except Exception as exc:
+            log.warning("Ray job %s: its submission went unanswered (%s); polled as submitted", handle, exc)
+            return handle
         if response.status_code != 200:
             raise RuntimeError(f"Ray refused job {job_id}: {response.status_code} {response.text[:200]}")
-        return f"ray:{submission}"
+        return handle
 
     def poll(self, handle: str) -> int | None:
         try:
@@ -173,29 +190,8 @@ class RayRunner:
             return -1
         return RAY_EXIT.get(response.json().get("status")) if response.status_code == 200 else None
 
-    def adopt(self, job_id: str, handle: str | None) -> str | None:
-        """The recorded submission; else (a server killed between its submission and recording it) the
-        job's submissions still pending or running, found by their metadata: the newest is taken over,
-        any other stopped (two trainings would write one job folder). None: nothing left, start again."""
-        if handle is not None:
-            return handle if handle.startswith("ray:") and self.poll(handle) != -1 else None
-        try:  # unanswered, the server does not start: starting the job again would run it twice
-            response = self.http.get("/api/jobs/")
-        except Exception as exc:
-            raise RuntimeError(f"Ray at {self.http.base_url} did not list its jobs: {exc}") from exc
-        if response.status_code != 200:
-            raise RuntimeError(f"Ray at {self.http.base_url} did not list its jobs: {response.status_code}")
-        live = sorted(
-            (
-                j
-                for j in response.json()
-                if (j.get("metadata") or {}).get("ppvit_job") == job_id and j.get("status") in ("PENDING", "RUNNING")
-            ),
-            key=lambda j: j.get("start_time") or 0,
-        )
-        for stale in live[:-1]:
-            self.cancel(f"ray:{stale['submission_id']}")
-        return f"ray:{live[-1]['submission_id']}" if live else None
+    def adopt(self, handle: str) -> bool:
+        return handle.startswith("ray:") and self.poll(handle) != -1  # unreachable: running, as far as we know
 
     def cancel(self, handle: str) -> None:
         self.http.post(f"/api/jobs/{handle.removeprefix('ray:')}/stop")

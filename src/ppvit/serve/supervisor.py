@@ -33,9 +33,9 @@ def remove_tenant(root: str | os.PathLike, name: str, wait_s: float = 120.0) -> 
     Its token is revoked and its jobs stop first: queued ones are cancelled, running ones asked to
     cancel, which the server's supervisor does (SIGTERM, then it marks them); only then are files and
     rows deleted (the rows last: a removal cut short is run again), so no process writes into a folder
-    being removed. A running job whose local process is gone (no server up) is not waited for; one
-    still alive after ``wait_s``, or one a server was starting when it stopped (no process recorded:
-    it may run on a cluster), refuses the removal in one line, with nothing deleted but the token.
+    being removed. A running job whose local process is gone (no server up) is not waited for, nor, after
+    ``wait_s``, one with no process recorded (a local one its server died while starting: gone with it);
+    one still alive after ``wait_s`` refuses the removal in one line, with nothing deleted but the token.
     """
     root = Path(root)
     store = TenantStore(root, create=False)
@@ -45,26 +45,21 @@ def remove_tenant(root: str | os.PathLike, name: str, wait_s: float = 120.0) -> 
             raise ValueError(f"no tenant {name}")
         tenant_id = row[0]
         con.execute("UPDATE tenants SET token_sha256 = ? WHERE id = ?", (hash_token(new_token()), tenant_id))
-        con.execute(
-            "UPDATE jobs SET state = 'cancelled', ended = ? WHERE tenant_id = ? AND state = 'queued'",
-            (time.time(), tenant_id),
-        )
-        con.execute("UPDATE jobs SET cancel = 1 WHERE tenant_id = ? AND state = 'running'", (tenant_id,))
     deadline = time.monotonic() + wait_s
     while True:
-        with service_db(root) as con:
+        with service_db(root) as con:  # each round: a job submitted by a request let in before the revoke, too
+            con.execute(
+                "UPDATE jobs SET state = 'cancelled', ended = ? WHERE tenant_id = ? AND state = 'queued'",
+                (time.time(), tenant_id),
+            )
+            con.execute("UPDATE jobs SET cancel = 1 WHERE tenant_id = ? AND state = 'running'", (tenant_id,))
             jobs = con.execute("SELECT id, state, handle FROM jobs WHERE tenant_id = ?", (tenant_id,)).fetchall()
-        running = [(job_id, handle) for job_id, state, handle in jobs if state == "running" and _alive(handle)]
+        late = time.monotonic() > deadline
+        running = [job_id for job_id, state, handle in jobs if state == "running" and _alive(handle, late)]
         if not running:
             break
-        if time.monotonic() > deadline:
-            job_id, handle = running[0]
-            if handle is None:
-                raise ValueError(
-                    f"tenant {name}: job {job_id} was being started and its process is not recorded; start the "
-                    "server once (it takes the job over, then cancels it) and remove the tenant again"
-                )
-            raise ValueError(f"tenant {name}: job {job_id} still running after {wait_s:g} s; is the server up?")
+        if late:
+            raise ValueError(f"tenant {name}: job {running[0]} still running after {wait_s:g} s; is the server up?")
         time.sleep(0.5)
     for job_id, _, _ in jobs:
         shutil.rmtree(root / JOBS_DIR / job_id, ignore_errors=True)
@@ -72,10 +67,12 @@ def remove_tenant(root: str | os.PathLike, name: str, wait_s: float = 120.0) -> 
     store.remove(name)  # its adapters; its rows of datasets, shards and jobs go with it (ON DELETE CASCADE)
 
 
-def _alive(handle: str | None) -> bool:
-    """Whether a job's process may still run: a local one by its pid; any other, or none recorded (the server
-    was starting it, on a cluster perhaps), as far as we know."""
-    if handle is None or not handle.startswith("local:"):
+def _alive(handle: str | None, late: bool) -> bool:
+    """Whether a job's process may still run: a local one by its pid, a cluster's as far as we know; none
+    recorded: a server is starting it (a cluster's is recorded before its start), until ``late``."""
+    if handle is None:
+        return not late
+    if not handle.startswith("local:"):
         return True
     try:
         os.kill(int(handle.removeprefix("local:")), 0)
@@ -99,6 +96,7 @@ class Supervisor:
         self.interval = interval
         self.slots: dict[str, list[str]] = {}  # job id -> its devices ("cpu" once per process, or CUDA indices)
         self.handles: dict[str, str] = {}  # job id -> runner handle
+        self.exits: dict[str, int] = {}  # job id -> its exit code, until its end is written (a poll says it once)
         self._stop = threading.Event()
         self._wake = threading.Event()  # set by a submitted job or an ended process: step at once
         self.runner.on_exit(self.wake)
@@ -109,21 +107,24 @@ class Supervisor:
         self._wake.set()
 
     def start(self) -> None:
-        """Take over an earlier server's running jobs: adopted where the runner still has them, else
-        queued again (``--resume`` continues them from their last checkpoint)."""
+        """Take over an earlier server's running jobs: adopted where the runner still has them, on the slots
+        they had (placed afresh, in another order, one could find none and be started again beside itself),
+        else queued again (``--resume`` continues them from their last checkpoint), or cancelled if asked."""
         with service_db(self.jobs.root) as con:
             running = con.execute(
                 "SELECT id, handle, processes, devices FROM jobs WHERE state = 'running' ORDER BY created"
             ).fetchall()
         for job_id, handle, processes, devices in running:
-            adopted = self.runner.adopt(job_id, handle)
+            if handle is not None and self.runner.adopt(handle):
+                self.handles[job_id] = handle
+                self.slots[job_id] = devices.split(",") if devices else self._free(processes) or []
+                continue
             with service_db(self.jobs.root) as con:
-                if adopted is not None:  # on the slots it had (placed afresh, another order could leave it none)
-                    self.handles[job_id] = adopted
-                    self.slots[job_id] = devices.split(",") if devices else self._free(processes) or []
-                    con.execute("UPDATE jobs SET handle = ? WHERE id = ?", (adopted, job_id))
-                else:
-                    con.execute("UPDATE jobs SET state = 'queued', handle = NULL WHERE id = ?", (job_id,))
+                con.execute(
+                    "UPDATE jobs SET state = CASE WHEN cancel THEN 'cancelled' ELSE 'queued' END, handle = NULL, "
+                    "ended = CASE WHEN cancel THEN ? END WHERE id = ?",
+                    (time.time(), job_id),
+                )
         self._thread.start()
 
     def stop(self) -> None:
@@ -154,8 +155,10 @@ class Supervisor:
             if state == "running" and job_id in self.handles:
                 if cancel:
                     self.runner.cancel(self.handles[job_id])
-                code = self.runner.poll(self.handles[job_id])
+                code = self.exits.get(job_id)
+                code = self.runner.poll(self.handles[job_id]) if code is None else code
                 if code is not None:
+                    self.exits[job_id] = code
                     self._finish(job_id, code, bool(cancel), bool(activate), tenant)
             elif state == "queued":
                 devices = self._free(processes)
@@ -165,6 +168,7 @@ class Supervisor:
             self.runner.cancel(self.handles[job_id])
             if self.runner.poll(self.handles[job_id]) is not None:
                 del self.handles[job_id], self.slots[job_id]
+                self.exits.pop(job_id, None)
 
     def _free(self, processes: int) -> list[str] | None:
         """Devices for a job of ``processes``: as many free CUDA slots, else a free ``cpu`` slot (None: wait)."""
@@ -179,27 +183,29 @@ class Supervisor:
         """Claim the job (queued -> running) before its process starts, so a cancel that lands meanwhile finds
         it running and asks its process to stop: writing 'running' after the start overwrote such a cancel's
         'cancelled', and the job trained to its end. A job cancelled before the claim is not started."""
+        planned = self.runner.plan(job_id)
         with service_db(self.jobs.root) as con:
             claimed = con.execute(
-                "UPDATE jobs SET state = 'running', devices = ?, started = COALESCE(started, ?) "
-                "WHERE id = ? AND state = 'queued'",
-                (",".join(devices), time.time(), job_id),
+                "UPDATE jobs SET state = 'running', devices = ?, handle = ?, started = COALESCE(started, ?) "
+                "WHERE id = ? AND state = 'queued' AND cancel = 0",
+                (",".join(devices), planned, time.time(), job_id),
             ).rowcount
         if not claimed:
             return
         folder = self.jobs.folder(job_id)
         try:
-            handle = self.runner.start(job_id, folder / "config.yaml", folder / "log.txt", devices)
-        except Exception as exc:  # no process (a full disk, a cluster that refuses or does not answer): it fails
+            handle = self.runner.start(job_id, folder / "config.yaml", folder / "log.txt", devices, planned)
+        except Exception as exc:  # no process (a full disk, a cluster that refuses the job): it fails
             with service_db(self.jobs.root) as con:
                 con.execute(
-                    "UPDATE jobs SET state = 'failed', error = ?, ended = ? WHERE id = ?",
+                    "UPDATE jobs SET state = 'failed', error = ?, ended = ?, handle = NULL WHERE id = ?",
                     (f"could not be started: {exc}", time.time(), job_id),
                 )
             return
         self.handles[job_id], self.slots[job_id] = handle, devices
-        with service_db(self.jobs.root) as con:  # (a server stopped before this line: the next adopts by job id)
-            con.execute("UPDATE jobs SET handle = ? WHERE id = ?", (handle, job_id))
+        if handle != planned:  # a local process's pid (a server stopped before this line: it died with it)
+            with service_db(self.jobs.root) as con:
+                con.execute("UPDATE jobs SET handle = ? WHERE id = ?", (handle, job_id))
 
     def _finish(self, job_id: str, code: int, cancelled: bool, activate: bool, tenant: str) -> None:
         """Record the job's end; on success its adapter's new version and the job's 'succeeded' in one
@@ -221,7 +227,7 @@ class Supervisor:
         if state != "succeeded":
             with service_db(self.jobs.root) as con:
                 _ended(con, job_id, state, None, error)
-        del self.handles[job_id], self.slots[job_id]
+        del self.handles[job_id], self.slots[job_id], self.exits[job_id]
         log.info("job %s of %s: %s%s", job_id, tenant, state, f" ({error})" if error else "")
 
 

@@ -321,13 +321,18 @@ class TenantStore:
                 raise ValueError(f"no tenant {name}")
             con.execute("UPDATE tenants SET token_sha256 = ? WHERE id = ?", (hash_token(new_token()), row[0]))
             folders = [r[0] for r in con.execute("SELECT folder FROM adapters WHERE tenant_id = ?", (row[0],))]
+        self._remove_folders(row[1], folders)
+        with self._connect(immediate=True) as con:  # and any version registered meanwhile, with the rows
+            folders = [r[0] for r in con.execute("SELECT folder FROM adapters WHERE tenant_id = ?", (row[0],))]
+            con.execute("DELETE FROM tenants WHERE id = ?", (row[0],))
+        self._remove_folders(row[1], folders)
+
+    def _remove_folders(self, name: str, folders: list[str]) -> None:
         for folder in map(self.folder, folders):
             shutil.rmtree(folder, ignore_errors=True)
             with contextlib.suppress(OSError):  # a folder of another spelling of the name, now empty
                 folder.parent.rmdir()
-        shutil.rmtree(self.root / "adapters" / row[1], ignore_errors=True)
-        with self._connect() as con:
-            con.execute("DELETE FROM tenants WHERE id = ?", (row[0],))
+        shutil.rmtree(self.root / "adapters" / name, ignore_errors=True)
 
     def list(self) -> list[TenantAdapter]:
         with self._connect() as con:
