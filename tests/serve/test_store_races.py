@@ -3,9 +3,11 @@ versions registered at once, a dataset deleted while a job is submitted for it o
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import sqlite3
 import threading
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
@@ -15,6 +17,7 @@ from serving import tenant_root
 from test_supervisor import staged_copy
 
 import ppvit.serve.datasets as datasets
+import ppvit.serve.supervisor as supervisor
 import ppvit.serve.tenants as tenants
 from ppvit.data.sources.encrypted_wds import EncryptedWds
 from ppvit.serve.datasets import TRASH, DatasetStore, service_db
@@ -208,3 +211,56 @@ def test_a_registration_during_a_removal_leaves_no_folder_behind(
     TenantStore(root).remove("eve")
     assert registered == [2] and TenantStore(root).list() == []
     assert [p for p in (root / "adapters").rglob("*")] == []
+
+
+def test_a_shard_is_received_for_the_declaration_it_was_checked_against(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A shard's file went into place, then the dataset was deleted and declared again with the same shards, then
+    the upload marked the new declaration's row done: complete, with no file (third reader)."""
+    tenant_id, _ = tenant_root(tmp_path)
+    store = DatasetStore(tmp_path)
+    data = b"x" * 100
+    shard = [{"path": "train/shard-000000.tar", "bytes": 100, "sha256": hashlib.sha256(data).hexdigest()}]
+    store.declare(tenant_id, "d", MANIFEST, shard)
+    monkeypatch.setattr(datasets, "check_shard", lambda path, size: 10)
+    commit = datasets.commit_temp
+
+    def then_declared_again(tmp: Path, target: Path, mode: int) -> None:
+        commit(tmp, target, mode)
+        store.delete(tenant_id, "d")  # another request of the tenant, between the file and its row
+        store.declare(tenant_id, "d", MANIFEST, shard)
+
+    monkeypatch.setattr(datasets, "commit_temp", then_declared_again)
+
+    async def chunks() -> AsyncIterator[bytes]:
+        yield data
+
+    asyncio.run(store.receive(tenant_id, "d", "train/shard-000000.tar", chunks()))
+    assert store.get(tenant_id, "d").missing == ["train/shard-000000.tar"]  # sent again, then kept
+
+
+def test_a_job_submitted_as_the_tenant_is_removed_leaves_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A job request let in before the token's revoke could land after remove-tenant's last look at the jobs: its
+    row went with the tenant's, its folder stayed (third reader). The last look deletes the datasets' rows in its
+    own transaction: a job later than it is refused (its dataset gone)."""
+    tenant_id, _ = tenant_root(tmp_path)
+    store = DatasetStore(tmp_path)
+    jobs = Jobs(tmp_path, ServiceLimits(models={"vit_micro_d2_patch4_32": None}, max_steps=10))
+    store.declare(tenant_id, "d", MANIFEST, shards(1))
+    received(tmp_path, tenant_id, "d")
+    read = store.get(tenant_id, "d")  # the request has read its dataset
+    rmtree, late = supervisor.shutil.rmtree, []
+
+    def meanwhile(path: Path, *args: object, **kwargs: object) -> None:
+        if not late:  # the files being deleted: the request's transaction lands now
+            with pytest.raises(JobError, match="deleted or declared again meanwhile") as refused:
+                jobs.submit(tenant_id, read, {"epochs": 1, "batch_size": 2}, False)
+            late.append(refused.value.status)
+        rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(supervisor.shutil, "rmtree", meanwhile)
+    supervisor.remove_tenant(tmp_path, "eve", wait_s=1.0)
+    assert late == [409] and not any((tmp_path / "jobs").glob("*"))

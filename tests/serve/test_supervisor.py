@@ -88,6 +88,8 @@ class FakeRay:
         path = request.url.path.removeprefix("/api/jobs/").strip("/")
         if request.method == "POST" and not path:
             body = json.loads(request.content)
+            if body["submission_id"] in self.jobs:  # Ray's answer to an id it has
+                return httpx.Response(400, text=f"Job with submission_id {body['submission_id']} already exists.")
             self.add(body["submission_id"], body["metadata"]["ppvit_job"], "PENDING", 10**6)
             return httpx.Response(200, json={"submission_id": body["submission_id"]})
         if request.method == "GET" and not path:
@@ -209,8 +211,8 @@ def test_a_restarted_server_adopts_every_live_job_on_the_slots_it_had(tmp_path: 
 def test_a_submission_left_unanswered_is_polled_as_submitted(tmp_path: Path, taken: bool) -> None:
     """httpx's errors are neither OSError nor RuntimeError: a claimed job stayed 'running' with no process for the
     server's life (never polled, its cancel never acted on) and the rest of the step was abandoned (second reader).
-    Now the submission's id is recorded before it is sent; unanswered, the next polls say whether the cluster took
-    it (then it is the job's one training) or not (then the job fails); the step goes on to the next job."""
+    Now the submission's id is recorded before it is sent; unanswered, the next poll finds it on the cluster or
+    sends it again under that id: the job runs once either way, and the step goes on to the next job."""
     tenant_id, _ = tenant_root(tmp_path)
     add_jobs(tmp_path, tenant_id, [("A", "queued", None, 1, None), ("B", "queued", None, 1, None)])
     cluster, posts = FakeRay(), []
@@ -232,10 +234,58 @@ def test_a_submission_left_unanswered_is_polled_as_submitted(tmp_path: Path, tak
     supervisor.step()
     with service_db(tmp_path) as con:
         state, handle = con.execute("SELECT state, handle FROM jobs WHERE id = 'A'").fetchone()
-    if taken:
-        assert state == "running" and live(cluster, "A") == [handle.removeprefix("ray:")]
-    else:
-        assert state == "failed" and live(cluster, "A") == [] and "A" not in supervisor.handles
+    assert state == "running" and live(cluster, "A") == [handle.removeprefix("ray:")]  # sent again if need be
+    assert sorted(supervisor.handles) == ["A", "B"]
+
+
+def test_a_submission_the_cluster_takes_late_runs_once_and_is_watched(tmp_path: Path) -> None:
+    """Ray saves a submission after its own waits: a POST that timed out here could be saved after the next poll
+    answered 404, and the job was failed while the cluster ran it, unwatched (third reader). An unanswered
+    submission is now sent again under the same id while the cluster does not know it; Ray's "already exists"
+    for the id (the late one of our POSTs) is taken as submitted."""
+    tenant_id, _ = tenant_root(tmp_path)
+    add_jobs(tmp_path, tenant_id, [("A", "queued", None, 1, None)])
+    cluster, late = FakeRay(), []
+
+    def slow(request: httpx.Request) -> httpx.Response:
+        if request.method == "POST" and request.url.path == "/api/jobs/" and not late:
+            late.append(request)  # inside Ray still: saved after the next poll's 404
+            raise httpx.ReadTimeout("timed out", request=request)
+        if request.method == "GET" and late and late[-1] is not None:
+            answer = cluster(request)
+            cluster(late.pop())  # saved now, after that 404
+            late.append(None)
+            return answer
+        return cluster(request)
+
+    supervisor = ray_supervisor(tmp_path, cluster, ["cpu"])
+    supervisor.runner.http = httpx.Client(base_url="http://ray", transport=httpx.MockTransport(slow))
+    for _ in range(3):
+        supervisor.step()
+    with service_db(tmp_path) as con:
+        state, handle = con.execute("SELECT state, handle FROM jobs").fetchone()
+    assert state == "running" and live(cluster, "A") == [handle.removeprefix("ray:")]
+    assert supervisor.handles == {"A": handle}
+    cluster.jobs[handle.removeprefix("ray:")]["status"] = "FAILED"
+    supervisor.step()
+    with service_db(tmp_path) as con:
+        assert con.execute("SELECT state FROM jobs").fetchone()[0] == "failed"
+
+
+def test_a_server_killed_while_ray_takes_its_submission_is_not_run_twice(tmp_path: Path) -> None:
+    """Killed while its POST was inside Ray: the next server polled the recorded id (404: not saved yet), queued
+    the job and submitted it under a new id, then the first was saved: two trainings (third reader). The id of a
+    start the cluster never showed is used again, so one of the two POSTs is refused as a duplicate."""
+    tenant_id, _ = tenant_root(tmp_path)
+    add_jobs(tmp_path, tenant_id, [("A", "running", "ray:ppvit-A-1", 1, "cpu")])
+    cluster = FakeRay()
+    supervisor = ray_supervisor(tmp_path, cluster, ["cpu"])
+    supervisor.start()  # 404: queued again, its id kept
+    cluster.add("ppvit-A-1", "A", "PENDING", 1)  # the dead server's POST, saved now
+    supervisor.step()
+    with service_db(tmp_path) as con:
+        assert con.execute("SELECT state, handle FROM jobs").fetchone() == ("running", "ray:ppvit-A-1")
+    assert live(cluster, "A") == ["ppvit-A-1"] and supervisor.handles == {"A": "ray:ppvit-A-1"}
 
 
 def staged_copy(self: TenantStore, name: str, adapter: Path, weights: object, max_classes: int) -> tuple[Path, None]:

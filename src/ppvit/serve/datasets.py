@@ -435,7 +435,7 @@ class DatasetStore:
             raise DatasetError(404, f"shard path {path[:80]!r}: not SPLIT/shard-NNNNNN.tar")
         with service_db(self.root) as con:
             row = con.execute(
-                "SELECT s.bytes, s.sha256, s.done, d.manifest FROM shards s JOIN datasets d "
+                "SELECT s.bytes, s.sha256, s.done, d.manifest, d.created FROM shards s JOIN datasets d "
                 "ON d.tenant_id = s.tenant_id AND d.name = s.dataset "
                 "WHERE s.tenant_id = ? AND s.dataset = ? AND s.path = ?",
                 (tenant_id, name, path),
@@ -443,7 +443,7 @@ class DatasetStore:
         if row is None:
             self.get(tenant_id, name)  # 404 for the dataset first
             raise DatasetError(404, f"dataset {name}: no shard {path} was declared")
-        size, digest, done, manifest = row
+        size, digest, done, manifest, declared = row
         if done:
             return  # a retry after an answer that was lost: already here
         target = self.folder(tenant_id, name) / path
@@ -479,9 +479,9 @@ class DatasetStore:
             raise
         with service_db(self.root) as con:
             con.execute(
-                "UPDATE shards SET done = 1, images = ? "  # the row it was checked against, not a later declaration's
-                "WHERE tenant_id = ? AND dataset = ? AND path = ? AND sha256 = ? AND bytes = ?",
-                (images, tenant_id, name, path, digest, size),
+                "UPDATE shards SET done = 1, images = ? WHERE tenant_id = ? AND dataset = ? AND path = ? AND EXISTS "
+                "(SELECT 1 FROM datasets WHERE tenant_id = ? AND name = ? AND created = ?)",  # not a later declaration
+                (images, tenant_id, name, path, tenant_id, name, declared),
             )
 
 

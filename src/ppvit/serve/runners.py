@@ -31,9 +31,10 @@ class Runner(Protocol):
     ``plan`` names the handle a start will have where the runner can before starting (a cluster's
     submission id): the supervisor records it with the job's claim, so a server that dies while starting
     the job leaves the next one a handle to poll, never a job running where nobody looks. None: the
-    handle is known once started (a local process dies with the server anyway)."""
+    handle is known once started (a local process dies with the server anyway). ``previous``: the handle
+    recorded for the job's last start, which never reached the runner (a restarted server found nothing)."""
 
-    def plan(self, job_id: str) -> str | None: ...
+    def plan(self, job_id: str, previous: str | None = None) -> str | None: ...
 
     def start(self, job_id: str, config: Path, log_file: Path, devices: list[str], handle: str | None) -> str: ...
 
@@ -86,7 +87,7 @@ class LocalRunner:
         if self.preexec is not None:
             self.preexec()
 
-    def plan(self, job_id: str) -> None:
+    def plan(self, job_id: str, previous: str | None = None) -> None:
         return None  # its pid, once started
 
     def start(self, job_id: str, config: Path, log_file: Path, devices: list[str], handle: str | None = None) -> str:
@@ -154,13 +155,20 @@ class RayRunner:
 
         self.http = httpx.Client(base_url=address.rstrip("/"), timeout=timeout)
         self.python = python
+        self.unconfirmed: dict[str, dict] = {}  # handle -> its submission, sent but not answered yet
 
-    def plan(self, job_id: str) -> str:
-        return f"ray:ppvit-{job_id}-{secrets.token_hex(4)}"  # a resumed job is a new submission
+    def plan(self, job_id: str, previous: str | None = None) -> str:
+        """A new submission id for each start of a job (a resumed job is a new submission), except that the id of
+        a start that never reached the cluster is used again: its submission, were it to arrive late, is then
+        refused by Ray as a duplicate instead of running beside the new one."""
+        if previous is not None and previous.startswith("ray:"):
+            return previous
+        return f"ray:ppvit-{job_id}-{secrets.token_hex(4)}"
 
     def start(self, job_id: str, config: Path, log_file: Path, devices: list[str], handle: str | None = None) -> str:
         """Submit the job as ``handle`` (from :meth:`plan`). A submission left unanswered (the cluster
-        unreachable for a moment, an answer lost) is not an error here: taken or not, the next polls say."""
+        unreachable, an answer lost) is not an error: it is sent again, under the same id, while the
+        cluster does not know it, and taken as submitted when Ray says the id exists."""
         handle = handle or self.plan(job_id)
         cmd = train_command(self.python, config, len(devices))
         entrypoint = f"umask 077; {shlex.join(cmd)} >> {shlex.quote(str(log_file))} 2>&1"
@@ -171,30 +179,47 @@ class RayRunner:
         }
         if devices[0] != "cpu":
             body["entrypoint_num_gpus"] = len(devices)  # Ray picks them and sets CUDA_VISIBLE_DEVICES
+        refused = self._submit(handle, body)
+        if refused:
+            raise RuntimeError(f"Ray refused job {job_id}: {refused}")
+        return handle
+
+    def _submit(self, handle: str, body: dict) -> str | None:
+        """POST the submission: None when taken (answered, or Ray has the id already: an earlier POST of ours) or
+        left unanswered (kept, to send again at the next poll); else why Ray refused it."""
         try:
             response = self.http.post("/api/jobs/", json=body)
         except Exception as exc:
-            log.warning("Ray job %s: its submission went unanswered (%s); polled as submitted", handle, exc)
-            return handle
-        if response.status_code != 200:
-            raise RuntimeError(f"Ray refused job {job_id}: {response.status_code} {response.text[:200]}")
-        return handle
+            log.warning("Ray job %s: its submission went unanswered (%s); sent again at the next poll", handle, exc)
+            self.unconfirmed[handle] = body
+            return None
+        self.unconfirmed.pop(handle, None)
+        if response.status_code == 200 or "already exists" in response.text:
+            return None
+        return f"{response.status_code} {response.text[:200]}"
 
     def poll(self, handle: str) -> int | None:
         try:
             response = self.http.get(f"/api/jobs/{handle.removeprefix('ray:')}")
-        except Exception as exc:  # the cluster unreachable for a moment: still running, as far as we know
+            status = response.json().get("status") if response.status_code == 200 else None
+        except Exception as exc:  # the cluster unreachable for a moment, a page not Ray's: running, as far as we know
             log.warning("Ray job %s: %s", handle, exc)
             return None
         if response.status_code == 404:
+            if handle in self.unconfirmed:  # not (yet) taken: sent again, same id
+                return -1 if self._submit(handle, self.unconfirmed[handle]) else None
             return -1
-        return RAY_EXIT.get(response.json().get("status")) if response.status_code == 200 else None
+        return RAY_EXIT.get(status)
 
     def adopt(self, handle: str) -> bool:
         return handle.startswith("ray:") and self.poll(handle) != -1  # unreachable: running, as far as we know
 
     def cancel(self, handle: str) -> None:
-        self.http.post(f"/api/jobs/{handle.removeprefix('ray:')}/stop")
+        self.unconfirmed.pop(handle, None)  # not sent again: a late one of its POSTs is stopped at the next cancel
+        try:
+            self.http.post(f"/api/jobs/{handle.removeprefix('ray:')}/stop")
+        except Exception as exc:  # asked again at the next step while the job's cancel stands
+            log.warning("Ray job %s: stop: %s", handle, exc)
 
     def on_exit(self, callback: Callable[[], None]) -> None:
         """Ray's jobs end on the cluster: the supervisor's poll notices."""

@@ -54,8 +54,10 @@ def remove_tenant(root: str | os.PathLike, name: str, wait_s: float = 120.0) -> 
             )
             con.execute("UPDATE jobs SET cancel = 1 WHERE tenant_id = ? AND state = 'running'", (tenant_id,))
             jobs = con.execute("SELECT id, state, handle FROM jobs WHERE tenant_id = ?", (tenant_id,)).fetchall()
-        late = time.monotonic() > deadline
-        running = [job_id for job_id, state, handle in jobs if state == "running" and _alive(handle, late)]
+            late = time.monotonic() > deadline
+            running = [job_id for job_id, state, handle in jobs if state == "running" and _alive(handle, late)]
+            if not running:  # the last round: no job submitted after it (its dataset gone), none started
+                con.execute("DELETE FROM datasets WHERE tenant_id = ?", (tenant_id,))
         if not running:
             break
         if late:
@@ -121,8 +123,8 @@ class Supervisor:
                 continue
             with service_db(self.jobs.root) as con:
                 con.execute(
-                    "UPDATE jobs SET state = CASE WHEN cancel THEN 'cancelled' ELSE 'queued' END, handle = NULL, "
-                    "ended = CASE WHEN cancel THEN ? END WHERE id = ?",
+                    "UPDATE jobs SET state = CASE WHEN cancel THEN 'cancelled' ELSE 'queued' END, "  # the handle kept:
+                    "ended = CASE WHEN cancel THEN ? END WHERE id = ?",  # (Runner.plan: a cluster's id used again)
                     (time.time(), job_id),
                 )
         self._thread.start()
@@ -183,8 +185,10 @@ class Supervisor:
         """Claim the job (queued -> running) before its process starts, so a cancel that lands meanwhile finds
         it running and asks its process to stop: writing 'running' after the start overwrote such a cancel's
         'cancelled', and the job trained to its end. A job cancelled before the claim is not started."""
-        planned = self.runner.plan(job_id)
         with service_db(self.jobs.root) as con:
+            planned = self.runner.plan(
+                job_id, con.execute("SELECT handle FROM jobs WHERE id = ?", (job_id,)).fetchone()[0]
+            )
             claimed = con.execute(
                 "UPDATE jobs SET state = 'running', devices = ?, handle = ?, started = COALESCE(started, ?) "
                 "WHERE id = ? AND state = 'queued' AND cancel = 0",
