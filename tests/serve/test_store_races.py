@@ -20,7 +20,7 @@ import ppvit.serve.datasets as datasets
 import ppvit.serve.supervisor as supervisor
 import ppvit.serve.tenants as tenants
 from ppvit.data.sources.encrypted_wds import EncryptedWds
-from ppvit.serve.datasets import TRASH, DatasetStore, service_db
+from ppvit.serve.datasets import TRASH, Dataset, DatasetStore, service_db
 from ppvit.serve.jobs import JobError, Jobs, ServiceLimits
 from ppvit.serve.tenants import TenantStore
 
@@ -52,6 +52,20 @@ def received(root: Path, tenant_id: int, name: str) -> None:
         file = root / "datasets" / str(tenant_id) / name / path
         file.parent.mkdir(parents=True, exist_ok=True)
         file.write_bytes(b"")
+
+
+def a_dataset_read(root: Path, count: int) -> tuple[int, DatasetStore, Jobs, Dataset]:
+    """A tenant's dataset "d" of ``count`` shards, all received, as a job request has read it; its store and jobs."""
+    tenant_id, _ = tenant_root(root)
+    store = DatasetStore(root)
+    store.declare(tenant_id, "d", MANIFEST, shards(count))
+    received(root, tenant_id, "d")
+    return (
+        tenant_id,
+        store,
+        Jobs(root, ServiceLimits(models={"vit_micro_d2_patch4_32": None}, max_steps=10)),
+        store.get(tenant_id, "d"),
+    )
 
 
 def test_two_registrations_at_once_take_two_versions_each_with_its_own_files(
@@ -113,12 +127,7 @@ def test_a_job_is_not_queued_on_a_dataset_deleted_or_declared_again_since_it_was
     """POST /v1/jobs read the dataset, then inserted the job without looking again, while DELETE checked for jobs and
     deleted in two transactions: a job could be queued on a deleted dataset, or on one declared again under its name
     with other shards, which its step bound never counted (second reader)."""
-    tenant_id, _ = tenant_root(tmp_path)
-    store = DatasetStore(tmp_path)
-    jobs = Jobs(tmp_path, ServiceLimits(models={"vit_micro_d2_patch4_32": None}, max_steps=10))
-    store.declare(tenant_id, "d", MANIFEST, shards(2))
-    received(tmp_path, tenant_id, "d")
-    read = store.get(tenant_id, "d")  # the submission has read the dataset
+    tenant_id, store, jobs, read = a_dataset_read(tmp_path, 2)
     store.delete(tenant_id, "d")  # the delete lands meanwhile
     with pytest.raises(JobError, match=r"^dataset d: deleted or declared again meanwhile; submit again$") as refused:
         jobs.submit(tenant_id, read, {"epochs": 1, "batch_size": 2}, False)
@@ -246,12 +255,7 @@ def test_a_job_submitted_as_the_tenant_is_removed_leaves_nothing(
     """A job request let in before the token's revoke could land after remove-tenant's last look at the jobs: its
     row went with the tenant's, its folder stayed (third reader). The last look deletes the datasets' rows in its
     own transaction: a job later than it is refused (its dataset gone)."""
-    tenant_id, _ = tenant_root(tmp_path)
-    store = DatasetStore(tmp_path)
-    jobs = Jobs(tmp_path, ServiceLimits(models={"vit_micro_d2_patch4_32": None}, max_steps=10))
-    store.declare(tenant_id, "d", MANIFEST, shards(1))
-    received(tmp_path, tenant_id, "d")
-    read = store.get(tenant_id, "d")  # the request has read its dataset
+    tenant_id, _, jobs, read = a_dataset_read(tmp_path, 1)
     rmtree, late = supervisor.shutil.rmtree, []
 
     def meanwhile(path: Path, *args: object, **kwargs: object) -> None:
