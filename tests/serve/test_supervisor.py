@@ -91,6 +91,7 @@ class FakeRay:
             if body["submission_id"] in self.jobs:  # Ray's answer to an id it has
                 return httpx.Response(400, text=f"Job with submission_id {body['submission_id']} already exists.")
             self.add(body["submission_id"], body["metadata"]["ppvit_job"], "PENDING", 10**6)
+            self.jobs[body["submission_id"]]["metadata"] = body["metadata"]
             return httpx.Response(200, json={"submission_id": body["submission_id"]})
         if request.method == "GET" and not path:
             return httpx.Response(200, json=list(self.jobs.values()))
@@ -286,6 +287,48 @@ def test_a_server_killed_while_ray_takes_its_submission_is_not_run_twice(tmp_pat
     with service_db(tmp_path) as con:
         assert con.execute("SELECT state, handle FROM jobs").fetchone() == ("running", "ray:ppvit-A-1")
     assert live(cluster, "A") == ["ppvit-A-1"] and supervisor.handles == {"A": "ray:ppvit-A-1"}
+
+
+def job_state(root: Path, job_id: str = "A") -> str:
+    with service_db(root) as con:
+        return con.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()[0]
+
+
+@pytest.mark.parametrize("then", ["cancelled", "answered 500"])
+def test_a_submission_saved_after_the_job_ended_here_does_not_run(tmp_path: Path, then: str) -> None:
+    """A POST left inside Ray (unanswered here) and then a cancel, or a resend answered 500 ("no available agent"):
+    the job ended here (cancelled, failed) and the first POST, saved afterwards, trained unwatched (fourth reader).
+    A cancelled one's id is now taken by a job that does nothing; a 5xx is no answer (sent again)."""
+    tenant_id, _ = tenant_root(tmp_path)
+    add_jobs(tmp_path, tenant_id, [("A", "queued", None, 1, None)])
+    cluster, posts = FakeRay(), []
+
+    def slow(request: httpx.Request) -> httpx.Response:
+        if request.method == "POST" and request.url.path == "/api/jobs/":
+            posts.append(request)
+            if len(posts) == 1:  # inside Ray still
+                raise httpx.ReadTimeout("timed out", request=request)
+            if then == "answered 500" and len(posts) == 2:
+                return httpx.Response(500, text="No available agent to submit job, please try again later.")
+        return cluster(request)
+
+    supervisor = ray_supervisor(tmp_path, cluster, ["cpu"])
+    supervisor.runner.http = httpx.Client(base_url="http://ray", transport=httpx.MockTransport(slow))
+    supervisor.step()
+    if then == "cancelled":
+        Jobs(tmp_path, ServiceLimits(models={})).cancel(tenant_id, "A")
+    for _ in range(2):
+        supervisor.step()
+    cluster(posts[0])  # the first POST, saved now (refused, where its id is taken)
+    for _ in range(3):
+        supervisor.step()
+    submitted = json.loads(posts[0].content)["submission_id"]
+    if then == "cancelled":
+        assert job_state(tmp_path) == "cancelled" and live(cluster, "A") == []
+        assert cluster.jobs[submitted]["metadata"].get("ppvit_cancelled") == "1"  # the placeholder holds the id
+    else:
+        assert job_state(tmp_path) == "running" and live(cluster, "A") == [submitted]  # one training, watched
+        assert supervisor.handles == {"A": f"ray:{submitted}"} and supervisor.runner.unconfirmed == {}
 
 
 def staged_copy(self: TenantStore, name: str, adapter: Path, weights: object, max_classes: int) -> tuple[Path, None]:

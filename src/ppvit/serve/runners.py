@@ -185,12 +185,21 @@ class RayRunner:
         return handle
 
     def _submit(self, handle: str, body: dict) -> str | None:
-        """POST the submission: None when taken (answered, or Ray has the id already: an earlier POST of ours) or
-        left unanswered (kept, to send again at the next poll); else why Ray refused it."""
+        """POST a submission: None when taken (answered with its id, or Ray has it from an earlier POST of ours:
+        "already exists") or not answered (a timeout, a 5xx, a page not Ray's: kept, sent again at the next poll
+        that finds nothing under the id); else why Ray refused it."""
+        sid = body["submission_id"]
         try:
             response = self.http.post("/api/jobs/", json=body)
+            answered = response.status_code < 500 and (
+                response.status_code != 200 or response.json().get("submission_id") == sid
+            )
         except Exception as exc:
-            log.warning("Ray job %s: its submission went unanswered (%s); sent again at the next poll", handle, exc)
+            response, answered = exc, False
+        if not answered:
+            log.warning(
+                "Ray job %s: its submission was not answered (%s); sent again at the next poll", handle, response
+            )
             self.unconfirmed[handle] = body
             return None
         self.unconfirmed.pop(handle, None)
@@ -201,7 +210,7 @@ class RayRunner:
     def poll(self, handle: str) -> int | None:
         try:
             response = self.http.get(f"/api/jobs/{handle.removeprefix('ray:')}")
-            status = response.json().get("status") if response.status_code == 200 else None
+            status = response.json()["status"] if response.status_code == 200 else None
         except Exception as exc:  # the cluster unreachable for a moment, a page not Ray's: running, as far as we know
             log.warning("Ray job %s: %s", handle, exc)
             return None
@@ -209,13 +218,20 @@ class RayRunner:
             if handle in self.unconfirmed:  # not (yet) taken: sent again, same id
                 return -1 if self._submit(handle, self.unconfirmed[handle]) else None
             return -1
+        if response.status_code == 200:
+            self.unconfirmed.pop(handle, None)
         return RAY_EXIT.get(status)
 
     def adopt(self, handle: str) -> bool:
         return handle.startswith("ray:") and self.poll(handle) != -1  # unreachable: running, as far as we know
 
     def cancel(self, handle: str) -> None:
-        self.unconfirmed.pop(handle, None)  # not sent again: a late one of its POSTs is stopped at the next cancel
+        """Stop the job; one whose submission was not answered is sent again as a job that does nothing (its id
+        taken: a late POST of the real one is then refused, or, landed first, refuses this one and is stopped)."""
+        body = self.unconfirmed.get(handle)
+        if body is not None:
+            self.unconfirmed[handle] = {"entrypoint": "exit 143", "submission_id": body["submission_id"],
+                                        "metadata": {**body["metadata"], "ppvit_cancelled": "1"}}  # fmt: skip
         try:
             self.http.post(f"/api/jobs/{handle.removeprefix('ray:')}/stop")
         except Exception as exc:  # asked again at the next step while the job's cancel stands
