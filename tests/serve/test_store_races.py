@@ -20,8 +20,9 @@ import ppvit.serve.datasets as datasets
 import ppvit.serve.supervisor as supervisor
 import ppvit.serve.tenants as tenants
 from ppvit.data.sources.encrypted_wds import EncryptedWds
-from ppvit.serve.datasets import TRASH, Dataset, DatasetStore, service_db
+from ppvit.serve.datasets import TRASH, Dataset, DatasetStore
 from ppvit.serve.jobs import JobError, Jobs, ServiceLimits
+from ppvit.serve.service_db import service_db
 from ppvit.serve.tenants import TenantStore
 
 MANIFEST = {

@@ -17,9 +17,9 @@ import yaml
 from serving import IdleRunner, tenant_root
 
 import ppvit.serve.supervisor as supervisor_module
-from ppvit.serve.datasets import service_db
 from ppvit.serve.jobs import Jobs, ServiceLimits
 from ppvit.serve.runners import RayRunner
+from ppvit.serve.service_db import service_db
 from ppvit.serve.supervisor import Supervisor, remove_tenant
 from ppvit.serve.tenants import TenantStore
 from ppvit.train.config import TrainConfig

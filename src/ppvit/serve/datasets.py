@@ -31,11 +31,9 @@ import os
 import re
 import secrets
 import shutil
-import sqlite3
 import tempfile
 import time
-from collections.abc import AsyncIterator, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator
 from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -46,7 +44,8 @@ from ppvit.crypto.ciphers import Scheme
 from ppvit.data.manifest import MANIFEST_NAME, Manifest
 from ppvit.data.sources.encrypted_wds import check_shard
 from ppvit.serve.defaults import MAX_CLASSES
-from ppvit.serve.tenants import DB_NAME, NAME, check_classes
+from ppvit.serve.service_db import ACTIVE, DatasetError, service_db
+from ppvit.serve.tenants import NAME, check_classes
 
 DATASETS_DIR = "datasets"
 SPLIT = re.compile(r"[a-z0-9_]{1,32}")
@@ -55,47 +54,8 @@ SHA256 = re.compile(r"[0-9a-f]{64}")
 MAX_SPLITS = 4  # splits of one manifest (ppvit encrypt writes train and test)
 MIN_BLOCK = 2  # a block of one pixel is no block
 TEXT_FIELD = 128  # characters of a manifest's free text (fingerprint, version)
-SERVICE_SCHEMA = """
-CREATE TABLE IF NOT EXISTS datasets (
-    tenant_id INTEGER NOT NULL REFERENCES tenants(id) ON DELETE CASCADE,
-    name TEXT NOT NULL COLLATE NOCASE,
-    manifest TEXT NOT NULL,          -- JSON, as ppvit encrypt wrote it (no key: a fingerprint)
-    bytes INTEGER NOT NULL,          -- declared, counted against the quota
-    created REAL NOT NULL,
-    PRIMARY KEY (tenant_id, name)
-);
-CREATE TABLE IF NOT EXISTS shards (
-    tenant_id INTEGER NOT NULL,
-    dataset TEXT NOT NULL COLLATE NOCASE,
-    path TEXT NOT NULL,
-    bytes INTEGER NOT NULL,
-    sha256 TEXT NOT NULL,
-    done INTEGER NOT NULL DEFAULT 0,
-    images INTEGER,                  -- PNGs the server counted in it on arrival
-    PRIMARY KEY (tenant_id, dataset, path),
-    FOREIGN KEY (tenant_id, dataset) REFERENCES datasets(tenant_id, name) ON DELETE CASCADE
-);
-CREATE TABLE IF NOT EXISTS jobs (
-    id TEXT PRIMARY KEY,             -- random: says nothing about other tenants' jobs
-    tenant_id INTEGER NOT NULL REFERENCES tenants(id) ON DELETE CASCADE,
-    dataset TEXT NOT NULL,
-    state TEXT NOT NULL,             -- queued, running, succeeded, failed, cancelled
-    config TEXT NOT NULL,            -- the TrainConfig as config.yaml (the server's fields filled in)
-    activate INTEGER NOT NULL,
-    processes INTEGER NOT NULL DEFAULT 1,  -- training processes (torchrun when more than one)
-    handle TEXT,                     -- the runner's name for the running process
-    devices TEXT,                    -- the slots it runs on, comma-separated ("cpu", or CUDA indices)
-    error TEXT,
-    version INTEGER,                 -- the adapter version registered on success
-    cancel INTEGER NOT NULL DEFAULT 0,
-    created REAL NOT NULL,
-    started REAL,
-    ended REAL
-);
-"""
 
 
-ACTIVE = ("queued", "running")  # the states of a job that still holds its dataset
 TRASH = ".deleted-"  # a deleted dataset's folder, renamed so in the transaction that deletes its row
 
 
@@ -110,14 +70,6 @@ def _discard(folder: Path) -> Path | None:
     return trash
 
 
-class DatasetError(ValueError):
-    """A refused dataset request; ``status`` is the HTTP status it answers with."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-
-
 @dataclass(frozen=True)
 class DatasetLimits:
     """What one tenant's datasets may hold (the operator's, from ``ppvit serve``'s flags)."""
@@ -127,41 +79,6 @@ class DatasetLimits:
     shards: int = 10_000  # shards of one declaration
     classes: int = MAX_CLASSES  # classes of one split
     img_size: int = 512  # the manifest's input size (the job builds its model at it)
-
-
-ADDED_COLUMNS = {  # columns later than their table: (table, column) -> its definition, added to older stores
-    ("jobs", "processes"): "INTEGER NOT NULL DEFAULT 1",
-    ("shards", "images"): "INTEGER",
-    ("jobs", "devices"): "TEXT",  # the slots a running job holds, comma-separated: a restarted server keeps them
-}
-
-
-@contextmanager
-def service_db(root: Path) -> Iterator[sqlite3.Connection]:
-    """One transaction on the store's database, the service's tables created if missing.
-
-    Taken with the write lock from its start (``BEGIN IMMEDIATE``): a count and the insert it
-    allows (a quota, a tenant's jobs) cannot interleave with another request's. A database
-    error is a :class:`DatasetError` naming the file, not its folder: 507 for a full disk, else 503.
-    """
-    try:
-        con = sqlite3.connect(root / DB_NAME, timeout=30)
-    except sqlite3.Error as exc:
-        raise DatasetError(503, f"{DB_NAME}: cannot be opened ({exc})") from None
-    try:
-        con.execute("PRAGMA foreign_keys=ON")
-        con.executescript(SERVICE_SCHEMA)  # idempotent; runs in its own transaction
-        for (table, column), definition in ADDED_COLUMNS.items():
-            if column not in {r[1] for r in con.execute(f"PRAGMA table_info({table})")}:
-                con.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
-        with con:
-            con.execute("BEGIN IMMEDIATE")
-            yield con
-    except sqlite3.DatabaseError as exc:
-        full = getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL or "full" in str(exc)
-        raise DatasetError(507 if full else 503, f"{DB_NAME}: {exc}") from None
-    finally:
-        con.close()
 
 
 @dataclass(frozen=True)

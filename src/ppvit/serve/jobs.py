@@ -36,17 +36,10 @@ from typing import Any
 import yaml
 
 from ppvit._io import atomic_write_bytes
-from ppvit.serve.datasets import (
-    ACTIVE,
-    DATASETS_DIR,
-    Dataset,
-    DatasetError,
-    DatasetLimits,
-    private_dirs,
-    service_db,
-)
+from ppvit.serve.datasets import DATASETS_DIR, Dataset, DatasetLimits, private_dirs
 from ppvit.serve.defaults import MAX_CLASSES
 from ppvit.serve.runners import LocalRunner, RayRunner, Runner
+from ppvit.serve.service_db import ACTIVE, DatasetError, service_db
 from ppvit.serve.tenants import TenantStore
 from ppvit.train.config import TrainConfig
 

@@ -19,9 +19,10 @@ import threading
 import time
 from pathlib import Path
 
-from ppvit.serve.datasets import ACTIVE, DATASETS_DIR, service_db
+from ppvit.serve.datasets import DATASETS_DIR
 from ppvit.serve.jobs import JOBS_DIR, Jobs, last_line
 from ppvit.serve.runners import Runner
+from ppvit.serve.service_db import ACTIVE, service_db
 from ppvit.serve.tenants import TenantStore, hash_token, new_token
 
 log = logging.getLogger(__name__)
@@ -121,10 +122,10 @@ class Supervisor:
                 self.handles[job_id] = handle
                 self.slots[job_id] = devices.split(",") if devices else self._free(processes) or []
                 continue
-            with service_db(self.jobs.root) as con:
+            with service_db(self.jobs.root) as con:  # its handle kept: Runner.plan uses a cluster's id again
                 con.execute(
-                    "UPDATE jobs SET state = CASE WHEN cancel THEN 'cancelled' ELSE 'queued' END, "  # the handle kept:
-                    "ended = CASE WHEN cancel THEN ? END WHERE id = ?",  # (Runner.plan: a cluster's id used again)
+                    "UPDATE jobs SET state = CASE WHEN cancel THEN 'cancelled' ELSE 'queued' END, "
+                    "ended = CASE WHEN cancel THEN ? END WHERE id = ?",
                     (time.time(), job_id),
                 )
         self._thread.start()
