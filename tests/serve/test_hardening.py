@@ -591,6 +591,22 @@ def test_binding_beyond_loopback_without_tls_warns() -> None:
         assert "without TLS" in exposure_warning(host, tls=False)
 
 
+def test_a_server_that_cannot_start_its_job_service_says_why_in_one_line(tmp_path: Path) -> None:
+    """A store whose service tables are damaged (``jobs`` a view: no column can be added to it) stops the
+    job supervisor's first read: uvicorn printed the lifespan's traceback and exited 3."""
+    root = tmp_path / "store"
+    root.mkdir()
+    with sqlite3.connect(root / "tenants.sqlite") as con:
+        con.execute("CREATE VIEW jobs AS SELECT 1 AS id")
+    done = ppvit("serve", "--root", str(root), "--port", "0", "--train-model", "vit_tiny_patch16_224")
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr and "startup failed" not in done.stderr, done.stderr
+    assert lines[-1].startswith(f"ppvit serve: error: {root}: the server stopped on an error: tenants.sqlite:")
+    assert "view" in lines[-1], lines[-1]
+    assert len(lines) == 2, lines  # the line naming the root and port, then the error
+
+
 def test_the_server_speaks_tls_with_a_certificate(world: dict, tmp_path: Path) -> None:
     if shutil.which("openssl") is None:
         pytest.skip("needs openssl to make a certificate")

@@ -33,7 +33,7 @@ import logging
 import os
 import shutil
 import time
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -213,6 +213,9 @@ def create_app(cfg: ServeConfig) -> FastAPI:
     metrics = Metrics()
     limits = Limits(cfg.body_budget_bytes, cfg.tenant_requests)
     state: dict[str, Batcher] = {}
+    routes, service_lifespan = (None, nullcontext)
+    if cfg.training is not None:
+        routes, service_lifespan = training_router(cfg.root, store, cfg.training, cfg.body_timeout_s)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -224,9 +227,15 @@ def create_app(cfg: ServeConfig) -> FastAPI:
         # only what was made since. Collected first: garbage frozen would never be freed
         gc.collect()
         gc.freeze()
-        yield
-        await batcher.stop()
-        store.close()
+        try:  # the job supervisor's first read of its tables can fail (a damaged store)
+            async with service_lifespan(app):
+                yield
+        except Exception as exc:
+            app.state.failure = exc  # for serve(): one line and a non-zero exit, not uvicorn's traceback
+            raise
+        finally:
+            await batcher.stop()
+            store.close()
 
     docs = {} if cfg.docs else {"docs_url": None, "redoc_url": None, "openapi_url": None}
     app = FastAPI(title="ppvit", lifespan=lifespan, default_response_class=StrictJSONResponse, **docs)
@@ -300,8 +309,8 @@ def create_app(cfg: ServeConfig) -> FastAPI:
         metrics.latency.observe(time.perf_counter() - t0)
         return Response(answer, media_type="application/json")
 
-    if cfg.training is not None:
-        app.include_router(training_router(cfg.root, store, cfg.training, cfg.body_timeout_s))
+    if routes is not None:
+        app.include_router(routes)
     return app
 
 
@@ -450,4 +459,23 @@ def serve(
     warning = exposure_warning(host, ssl_certfile is not None)
     if warning:
         log.warning("%s", warning)
-    uvicorn.Server(uvicorn_config(cfg, host, port, ssl_certfile, ssl_keyfile)).run()
+    config = uvicorn_config(cfg, host, port, ssl_certfile, ssl_keyfile)
+    app = config.app
+    # uvicorn logs a failed start or stop of the app as a traceback: the failure is said once, below
+    uvicorn_log = logging.getLogger("uvicorn.error")
+
+    def quiet(record: logging.LogRecord) -> bool:
+        return not hasattr(app.state, "failure")
+
+    uvicorn_log.addFilter(quiet)
+    try:
+        uvicorn.Server(config).run()
+    except SystemExit:
+        if not hasattr(app.state, "failure"):
+            raise
+    finally:
+        uvicorn_log.removeFilter(quiet)
+    failure = getattr(app.state, "failure", None)
+    if failure is not None:
+        what = "" if isinstance(failure, (ValueError, OSError)) else f"{type(failure).__name__}: "
+        raise ValueError(f"{cfg.root}: the server stopped on an error: {what}{failure}") from failure

@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -65,9 +65,12 @@ async def _json(request: Request, limit: int) -> dict[str, Any]:
     return doc
 
 
-def training_router(root: Path, tenants: TenantStore, limits: ServiceLimits, body_timeout: float) -> APIRouter:
-    """The routes above over the store at ``root``, with a job supervisor living as long as the app;
-    a shard's body must arrive within ``body_timeout`` seconds, as a predict body must."""
+def training_router(
+    root: Path, tenants: TenantStore, limits: ServiceLimits, body_timeout: float
+) -> tuple[APIRouter, Callable[[Any], AbstractAsyncContextManager[None]]]:
+    """The routes above over the store at ``root``, and the lifespan of their job supervisor, which the app's
+    own lifespan enters (FastAPI before 0.112.2 never ran a lifespan given to an included router: jobs stayed
+    queued); a shard's body must arrive within ``body_timeout`` seconds, as a predict body must."""
     datasets = DatasetStore(root, limits.datasets)
     declaration_json = MANIFEST_JSON + SHARD_JSON * limits.max_shards
     jobs = Jobs(root, limits)
@@ -86,7 +89,7 @@ def training_router(root: Path, tenants: TenantStore, limits: ServiceLimits, bod
         if "supervisor" in running:
             running["supervisor"].wake()
 
-    router = APIRouter(prefix="/v1", lifespan=lifespan, default_response_class=StrictJSONResponse)  # a NaN loss
+    router = APIRouter(prefix="/v1", default_response_class=StrictJSONResponse)  # a NaN loss
 
     async def tenant(request: Request) -> int:
         return (await bearer_tenant(request, tenants)).tenant_id
@@ -162,4 +165,4 @@ def training_router(root: Path, tenants: TenantStore, limits: ServiceLimits, bod
     async def activate(job_id: str, request: Request) -> dict[str, Any]:
         return await _call(jobs.activate, await tenant(request), job_id, tenants)
 
-    return router
+    return router, lifespan
