@@ -30,7 +30,7 @@ def hf_split(toy: Path, split: str, image: str = "image", label: str = "label", 
 
 def test_hf_save_to_disk_round_trip(tmp_path: Path, toy_dataset: Path, key_file: Path) -> None:
     hf = tmp_path / "hf"
-    datasets.DatasetDict(train=hf_split(toy_dataset, "train"), test=hf_split(toy_dataset, "test")).save_to_disk(hf)
+    datasets.DatasetDict(train=hf_split(toy_dataset, "train"), test=hf_split(toy_dataset, "test")).save_to_disk(str(hf))
     assert open_source(hf).kind == "hf"
     rels = list(open_source(hf).paths())
     assert rels[0] == "test/class0/00000000.png" and len(rels) == 128
@@ -70,7 +70,7 @@ def test_hf_bad_rows_are_counted_not_fatal(tmp_path: Path, toy_dataset: Path) ->
     features = ds.features
     datasets.Dataset.from_dict(
         {"image": [{"bytes": b, "path": None} for b in pngs], "label": labels}, features
-    ).save_to_disk(tmp_path / "hf")
+    ).save_to_disk(str(tmp_path / "hf"))
     assert len(rows["label"]) == 32
     summary = encrypt_collection(tmp_path / "hf", tmp_path / "enc", BlockCipher(KEY, "shuffle", 4), progress=False)
     assert summary.written == 31 and [r for r, _ in summary.failed] == ["class0/00000003.png"]
@@ -89,7 +89,7 @@ def test_preview_shows_one_image_per_class_first(tmp_path: Path, toy_dataset: Pa
     got = sample_images(toy_dataset, 6, None, "train/")  # more than the classes: a second round
     assert all(np.array_equal(g, f) for g, f in zip(got, first + second[:2], strict=True))
     hf = tmp_path / "hf"
-    datasets.DatasetDict(train=hf_split(toy_dataset, "train"), test=hf_split(toy_dataset, "test")).save_to_disk(hf)
+    datasets.DatasetDict(train=hf_split(toy_dataset, "train"), test=hf_split(toy_dataset, "test")).save_to_disk(str(hf))
     got = sample_images(hf, 4, None, "train/")  # any source
     assert all(np.array_equal(g, f) for g, f in zip(got, first, strict=True))
 
@@ -99,12 +99,12 @@ def test_hf_train_validation_and_a_single_dataset_load(tmp_path: Path, toy_datas
 
     pair = tmp_path / "pair"
     datasets.DatasetDict(train=hf_split(toy_dataset, "train"), validation=hf_split(toy_dataset, "test")).save_to_disk(
-        pair
+        str(pair)
     )
     splits = load_splits(pair, 0.25, 0)
     assert (len(splits.train) + len(splits.val), len(splits.test)) == (96, 32)  # validation: the test split
     single = tmp_path / "single"
-    hf_split(toy_dataset, "train").save_to_disk(single)
+    hf_split(toy_dataset, "train").save_to_disk(str(single))
     splits = load_splits(single, 0.25, 0)
     assert len(splits.test) == 4 * round(24 * 0.2) and splits.train.classes == tuple(
         CLASSES

@@ -59,7 +59,7 @@ def hf_disk(toy: Path, tmp: Path, monkeypatch: pytest.MonkeyPatch) -> str:
         files, labels = toy_split(toy, split)
         cells = [{"bytes": f.read_bytes(), "path": None} for f in files]
         splits[split] = datasets.Dataset.from_dict({"image": cells, "label": labels}, features)
-    datasets.DatasetDict(splits).save_to_disk(tmp / "hf")
+    datasets.DatasetDict(splits).save_to_disk(str(tmp / "hf"))
     return str(tmp / "hf")
 
 

@@ -65,7 +65,7 @@ def hf_dict(tmp: Path, splits: tuple[str, ...]) -> Path:
         rows = [(v, k) for k, c in enumerate(CLASSES) for v in classes[c]]
         cells = [{"bytes": png(v), "path": None} for v, _ in rows]
         tables[split] = datasets.Dataset.from_dict({"image": cells, "label": [k for _, k in rows]}, features)
-    datasets.DatasetDict(tables).save_to_disk(tmp / "src")
+    datasets.DatasetDict(tables).save_to_disk(str(tmp / "src"))
     return tmp / "src"
 
 
