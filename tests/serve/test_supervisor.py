@@ -331,6 +331,41 @@ def test_a_submission_saved_after_the_job_ended_here_does_not_run(tmp_path: Path
         assert supervisor.handles == {"A": f"ray:{submitted}"} and supervisor.runner.unconfirmed == {}
 
 
+@pytest.mark.parametrize("answer", ["a page not Ray's", "unreachable"])
+def test_a_submission_never_confirmed_fails_its_job_at_the_deadline(tmp_path: Path, answer: str) -> None:
+    """An address answering every request with a sign-in page (a proxy), or a cluster gone for good: the job
+    stayed 'running' on its slot for the server's life, its submission sent again at every poll. Unconfirmed
+    past ``confirm_s``, it now fails with a line saying why, its id taken by a job that does nothing."""
+    tenant_id, _ = tenant_root(tmp_path)
+    add_jobs(tmp_path, tenant_id, [("A", "queued", None, 1, None)])
+    supervisor = ray_supervisor(tmp_path, FakeRay(), ["cpu"])
+    supervisor.jobs.folder("A").mkdir(parents=True)
+    posts = []
+
+    def proxy(request: httpx.Request) -> httpx.Response:
+        if request.method == "POST" and request.url.path == "/api/jobs/":
+            posts.append(json.loads(request.content))
+        if answer == "unreachable":
+            raise httpx.ConnectError("connection refused", request=request)
+        return httpx.Response(200, text="<html>sign in</html>", headers={"content-type": "text/html"})
+
+    supervisor.runner.http = httpx.Client(base_url="http://ray", transport=httpx.MockTransport(proxy))
+    supervisor.runner.confirm_s = 0.5
+    for _ in range(2):
+        supervisor.step()
+    assert job_state(tmp_path) == "running" and supervisor.slots == {"A": ["cpu"]}
+    time.sleep(0.6)
+    supervisor.step()
+    with service_db(tmp_path) as con:
+        state, error, handle = con.execute("SELECT state, error, handle FROM jobs").fetchone()
+    submitted = posts[0]["submission_id"]
+    assert state == "failed" and handle is None, (state, error)
+    assert error.startswith(f"ppvit serve: the Ray cluster at http://ray never confirmed submission {submitted} in 0.5")
+    assert supervisor.handles == {} and supervisor.slots == {}  # its slot is free for the next job
+    assert posts[-1]["entrypoint"] == "exit 143" and posts[-1]["submission_id"] == submitted
+    assert supervisor.runner.unconfirmed == {} and supervisor.runner.waiting == {}
+
+
 def staged_copy(self: TenantStore, name: str, adapter: Path, weights: object, max_classes: int) -> tuple[Path, None]:
     """TenantStore._stage without the model: the copy only (the registration's transaction is what is tested)."""
     staged = Path(tempfile.mkdtemp(prefix=".new.", dir=self.root))

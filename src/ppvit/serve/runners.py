@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
@@ -150,12 +151,15 @@ class RayRunner:
     server adopts them by their submission id.
     """
 
-    def __init__(self, address: str, python: str = sys.executable, timeout: float = 30.0) -> None:
+    def __init__(
+        self, address: str, python: str = sys.executable, timeout: float = 30.0, confirm_s: float = 600.0
+    ) -> None:
         import httpx
 
         self.http = httpx.Client(base_url=address.rstrip("/"), timeout=timeout)
-        self.python = python
+        self.address, self.python, self.confirm_s = address, python, confirm_s
         self.unconfirmed: dict[str, dict] = {}  # handle -> its submission, sent but not answered yet
+        self.waiting: dict[str, tuple[float, Path]] = {}  # handle -> when first sent unanswered, the job's log
 
     def plan(self, job_id: str, previous: str | None = None) -> str:
         """A new submission id for each start of a job (a resumed job is a new submission), except that the id of
@@ -182,6 +186,8 @@ class RayRunner:
         refused = self._submit(handle, body)
         if refused:
             raise RuntimeError(f"Ray refused job {job_id}: {refused}")
+        if handle in self.unconfirmed:
+            self.waiting[handle] = (time.monotonic(), log_file)
         return handle
 
     def _submit(self, handle: str, body: dict) -> str | None:
@@ -202,7 +208,7 @@ class RayRunner:
             )
             self.unconfirmed[handle] = body
             return None
-        self.unconfirmed.pop(handle, None)
+        self._confirmed(handle)
         if response.status_code == 200 or "already exists" in response.text:
             return None
         return f"{response.status_code} {response.text[:200]}"
@@ -213,14 +219,36 @@ class RayRunner:
             status = response.json()["status"] if response.status_code == 200 else None
         except Exception as exc:  # the cluster unreachable for a moment, a page not Ray's: running, as far as we know
             log.warning("Ray job %s: %s", handle, exc)
-            return None
+            return self._overdue(handle, str(exc))
         if response.status_code == 404:
             if handle in self.unconfirmed:  # not (yet) taken: sent again, same id
-                return -1 if self._submit(handle, self.unconfirmed[handle]) else None
+                refused = self._submit(handle, self.unconfirmed[handle])
+                return -1 if refused else self._overdue(handle, "404, and the submission sent again not answered")
             return -1
         if response.status_code == 200:
-            self.unconfirmed.pop(handle, None)
+            self._confirmed(handle)
         return RAY_EXIT.get(status)
+
+    def _confirmed(self, handle: str) -> None:
+        self.unconfirmed.pop(handle, None)
+        self.waiting.pop(handle, None)
+
+    def _overdue(self, handle: str, answer: str) -> int | None:
+        """None while a submission may still be confirmed; past ``confirm_s`` unconfirmed (an address that
+        answers every request with a page not Ray's, a cluster gone for good), the job ends failed with a line
+        in its log saying why, its id taken by a job that does nothing where the cluster still takes one."""
+        since, log_file = self.waiting.get(handle, (None, None))
+        if since is None or time.monotonic() - since < self.confirm_s:
+            return None
+        self._submit(handle, _placeholder(self.unconfirmed[handle]))  # once: the cluster may not answer it either
+        self.cancel(handle)
+        self._confirmed(handle)
+        with contextlib.suppress(OSError), open(log_file, "a") as fh:
+            fh.write(
+                f"ppvit serve: the Ray cluster at {self.address} never confirmed submission "
+                f"{handle.removeprefix('ray:')} in {self.confirm_s:g} s (its last answer: {answer[:200]})\n"
+            )
+        return -1
 
     def adopt(self, handle: str) -> bool:
         return handle.startswith("ray:") and self.poll(handle) != -1  # unreachable: running, as far as we know
@@ -230,8 +258,7 @@ class RayRunner:
         taken: a late POST of the real one is then refused, or, landed first, refuses this one and is stopped)."""
         body = self.unconfirmed.get(handle)
         if body is not None:
-            self.unconfirmed[handle] = {"entrypoint": "exit 143", "submission_id": body["submission_id"],
-                                        "metadata": {**body["metadata"], "ppvit_cancelled": "1"}}  # fmt: skip
+            self.unconfirmed[handle] = _placeholder(body)
         try:
             self.http.post(f"/api/jobs/{handle.removeprefix('ray:')}/stop")
         except Exception as exc:  # asked again at the next step while the job's cancel stands
@@ -242,3 +269,12 @@ class RayRunner:
 
     def shutdown(self) -> None:
         self.http.close()  # the cluster's jobs go on; the next server adopts them
+
+
+def _placeholder(body: dict) -> dict:
+    """A submission under ``body``'s id that does nothing: a late POST of the real one is refused as a duplicate."""
+    return {
+        "entrypoint": "exit 143",
+        "submission_id": body["submission_id"],
+        "metadata": {**body["metadata"], "ppvit_cancelled": "1"},
+    }
