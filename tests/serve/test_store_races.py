@@ -269,3 +269,33 @@ def test_a_job_submitted_as_the_tenant_is_removed_leaves_nothing(
     monkeypatch.setattr(supervisor.shutil, "rmtree", meanwhile)
     supervisor.remove_tenant(tmp_path, "eve", wait_s=1.0)
     assert late == [409] and not any((tmp_path / "jobs").glob("*"))
+
+
+@pytest.mark.parametrize("removed", ["the dataset", "its tenant"])
+def test_a_declaration_whose_row_goes_before_its_folder_is_written_leaves_no_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, removed: str
+) -> None:
+    """A declaration commits its row, then writes its folder and manifest outside the lock: a delete of the
+    dataset, or remove-tenant, landing in between left a folder with a manifest and no row (session 17's note).
+    The declaration now looks again after writing, and takes the folder away if its row is gone."""
+    tenant_id, _ = tenant_root(tmp_path)
+    store = DatasetStore(tmp_path)
+    write = datasets.private_dirs
+
+    def after_the_commit(folder: Path) -> None:
+        if removed == "the dataset":
+            store.delete(tenant_id, "d")
+        else:
+            supervisor.remove_tenant(tmp_path, "eve", wait_s=1.0)
+        write(folder)
+
+    monkeypatch.setattr(datasets, "private_dirs", after_the_commit)
+    with pytest.raises(datasets.DatasetError, match="deleted while it was declared") as refused:
+        store.declare(tenant_id, "d", MANIFEST, shards(1))
+    assert refused.value.status == 409
+    tenant_dir = tmp_path / "datasets" / str(tenant_id)
+    assert not tenant_dir.exists() if removed == "its tenant" else list(tenant_dir.iterdir()) == []
+    monkeypatch.setattr(datasets, "private_dirs", write)
+    if removed == "the dataset":  # declared again, it is stored
+        assert store.declare(tenant_id, "d", MANIFEST, shards(1)).missing == ["train/shard-000000.tar"]
+        assert (tenant_dir / "d" / datasets.MANIFEST_NAME).exists()

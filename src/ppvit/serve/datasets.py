@@ -269,6 +269,20 @@ class DatasetStore:
             atomic_write_bytes(folder / MANIFEST_NAME, json_text(asdict(manifest)).encode(), mode=0o600)
         except OSError as exc:  # a full disk: this declaration fails (declared again, it is written then)
             raise DatasetError(507, f"dataset {name}: cannot be stored ({exc.strerror or exc})") from None
+        with service_db(self.root) as con:  # deleted since its commit (the dataset, or its tenant removed)?
+            gone = (
+                con.execute("SELECT 1 FROM datasets WHERE tenant_id = ? AND name = ?", (tenant_id, name)).fetchone()
+                is None
+            )
+            trash = _discard(folder) if gone else None  # the folder just written has no row: it goes
+            owner = con.execute("SELECT 1 FROM tenants WHERE id = ?", (tenant_id,)).fetchone()
+        if gone:
+            if trash is not None:
+                shutil.rmtree(trash, ignore_errors=True)
+            if owner is None:  # no declaration of a removed tenant can follow
+                with contextlib.suppress(OSError):
+                    folder.parent.rmdir()
+            raise DatasetError(409, f"dataset {name}: deleted while it was declared; declare it again")
         return self.get(tenant_id, name)
 
     def get(self, tenant_id: int, name: str) -> Dataset:
