@@ -607,6 +607,16 @@ def test_a_server_that_cannot_start_its_job_service_says_why_in_one_line(tmp_pat
     assert len(lines) == 2, lines  # the line naming the root and port, then the error
 
 
+def test_a_port_in_use_is_one_line_before_anything_loads(tmp_path: Path) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        done = ppvit("serve", "--root", str(tmp_path / "store"), "--port", str(port))
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().splitlines()[1:] == [
+        f"ppvit serve: error: 127.0.0.1:{port}: cannot listen there (Address already in use)"
+    ], done.stderr
+
+
 def test_the_server_speaks_tls_with_a_certificate(world: dict, tmp_path: Path) -> None:
     if shutil.which("openssl") is None:
         pytest.skip("needs openssl to make a certificate")

@@ -17,7 +17,7 @@ import yaml
 from serving import IdleRunner, tenant_root
 
 import ppvit.serve.supervisor as supervisor_module
-from ppvit.serve.jobs import Jobs, ServiceLimits
+from ppvit.serve.jobs import Jobs, ServiceLimits, last_line
 from ppvit.serve.runners import RayRunner
 from ppvit.serve.service_db import service_db
 from ppvit.serve.supervisor import Supervisor, remove_tenant
@@ -331,39 +331,54 @@ def test_a_submission_saved_after_the_job_ended_here_does_not_run(tmp_path: Path
         assert supervisor.handles == {"A": f"ray:{submitted}"} and supervisor.runner.unconfirmed == {}
 
 
-@pytest.mark.parametrize("answer", ["a page not Ray's", "unreachable"])
-def test_a_submission_never_confirmed_fails_its_job_at_the_deadline(tmp_path: Path, answer: str) -> None:
-    """An address answering every request with a sign-in page (a proxy), or a cluster gone for good: the job
-    stayed 'running' on its slot for the server's life, its submission sent again at every poll. Unconfirmed
-    past ``confirm_s``, it now fails with a line saying why, its id taken by a job that does nothing."""
+@pytest.mark.parametrize("answer", ["a page not Ray's", "a gateway's 502", "unreachable"])
+@pytest.mark.parametrize("had_it", [False, True], ids=["never received", "received, its answer lost"])
+def test_a_submission_unconfirmed_past_the_deadline_is_given_up_not_taken_for_ended(
+    tmp_path: Path, answer: str, had_it: bool
+) -> None:
+    """An address answering a sign-in page (a proxy) or a gateway's 502 to everything, or a cluster gone: the
+    submission was sent again at every poll for the server's life, the job 'running' with no word why. Past
+    ``confirm_s`` it is now given up (its log says so; what is sent again is a job that does nothing), yet the
+    job ends only when the cluster answers: it may hold the real one, and one taken for ended trains unwatched
+    (second reader)."""
     tenant_id, _ = tenant_root(tmp_path)
     add_jobs(tmp_path, tenant_id, [("A", "queued", None, 1, None)])
-    supervisor = ray_supervisor(tmp_path, FakeRay(), ["cpu"])
+    cluster, posts, broken = FakeRay(), [], [True]
+    supervisor = ray_supervisor(tmp_path, cluster, ["cpu"])
     supervisor.jobs.folder("A").mkdir(parents=True)
-    posts = []
 
     def proxy(request: httpx.Request) -> httpx.Response:
         if request.method == "POST" and request.url.path == "/api/jobs/":
             posts.append(json.loads(request.content))
+            if had_it and len(posts) == 1:
+                cluster(request)  # Ray took it; its answer is lost
+        if not broken:
+            return cluster(request)
         if answer == "unreachable":
             raise httpx.ConnectError("connection refused", request=request)
+        if answer == "a gateway's 502":
+            return httpx.Response(502, text="Bad Gateway")
         return httpx.Response(200, text="<html>sign in</html>", headers={"content-type": "text/html"})
 
     supervisor.runner.http = httpx.Client(base_url="http://ray", transport=httpx.MockTransport(proxy))
-    supervisor.runner.confirm_s = 0.5
+    supervisor.step()
+    handle, submitted = supervisor.handles["A"], posts[0]["submission_id"]
+    since, log_file = supervisor.runner.waiting[handle]
+    supervisor.runner.waiting[handle] = (since - 601, log_file)  # ten minutes on
     for _ in range(2):
         supervisor.step()
-    assert job_state(tmp_path) == "running" and supervisor.slots == {"A": ["cpu"]}
-    time.sleep(0.6)
+    given_up = f"ppvit serve: the Ray cluster at http://ray did not confirm submission {submitted} in 600 s"
+    assert job_state(tmp_path) == "running" and supervisor.slots == {"A": ["cpu"]}  # not taken for ended
+    assert last_line(log_file).startswith(given_up) and supervisor.runner.waiting == {}
+    broken.clear()  # the cluster answers
+    supervisor.step()
+    assert (cluster.jobs[submitted]["metadata"].get("ppvit_cancelled") == "1") is not had_it
+    assert all(p["entrypoint"] == "exit 143" for p in posts[1 + had_it :] if p["submission_id"] == submitted)
+    cluster.jobs[submitted]["status"] = "FAILED"  # the placeholder's exit 143 (or the real one's end)
     supervisor.step()
     with service_db(tmp_path) as con:
-        state, error, handle = con.execute("SELECT state, error, handle FROM jobs").fetchone()
-    submitted = posts[0]["submission_id"]
-    assert state == "failed" and handle is None, (state, error)
-    assert error.startswith(f"ppvit serve: the Ray cluster at http://ray never confirmed submission {submitted} in 0.5")
-    assert supervisor.handles == {} and supervisor.slots == {}  # its slot is free for the next job
-    assert posts[-1]["entrypoint"] == "exit 143" and posts[-1]["submission_id"] == submitted
-    assert supervisor.runner.unconfirmed == {} and supervisor.runner.waiting == {}
+        state, error = con.execute("SELECT state, error FROM jobs").fetchone()
+    assert state == "failed" and error.startswith(given_up) and supervisor.slots == {}
 
 
 def staged_copy(self: TenantStore, name: str, adapter: Path, weights: object, max_classes: int) -> tuple[Path, None]:

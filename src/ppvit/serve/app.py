@@ -32,6 +32,7 @@ import ipaddress
 import logging
 import os
 import shutil
+import socket
 import time
 from contextlib import asynccontextmanager, nullcontext
 from dataclasses import dataclass
@@ -230,7 +231,7 @@ def create_app(cfg: ServeConfig) -> FastAPI:
         try:  # the job supervisor's first read of its tables can fail (a damaged store)
             async with service_lifespan(app):
                 yield
-        except Exception as exc:
+        except (ValueError, OSError) as exc:  # the store's (a bug's traceback is printed whole, by uvicorn)
             app.state.failure = exc  # for serve(): one line and a non-zero exit, not uvicorn's traceback
             raise
         finally:
@@ -441,6 +442,17 @@ def exposure_warning(host: str, tls: bool) -> str | None:
     )
 
 
+def listen(host: str, port: int) -> socket.socket:
+    """The server's socket, bound before anything loads: a port in use is one line of ours (uvicorn, binding it
+    itself, logged its own and exited 3)."""
+    try:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET  # as uvicorn's own bind
+        return socket.create_server((host, port), family=family, backlog=2048)
+    except OSError as exc:
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)  # create_server's strerror repeats the address
+        raise ValueError(f"{host}:{port}: cannot listen there ({reason})") from None
+
+
 def serve(
     cfg: ServeConfig,
     host: str = "127.0.0.1",
@@ -459,23 +471,23 @@ def serve(
     warning = exposure_warning(host, ssl_certfile is not None)
     if warning:
         log.warning("%s", warning)
-    config = uvicorn_config(cfg, host, port, ssl_certfile, ssl_keyfile)
-    app = config.app
-    # uvicorn logs a failed start or stop of the app as a traceback: the failure is said once, below
-    uvicorn_log = logging.getLogger("uvicorn.error")
+    with listen(host, port) as listening:  # closed also where the app cannot be made (a damaged tenants.sqlite)
+        config = uvicorn_config(cfg, host, port, ssl_certfile, ssl_keyfile)
+        app = config.app
+        # uvicorn logs a failed start or stop of the app as a traceback: the failure is said once, below
+        uvicorn_log = logging.getLogger("uvicorn.error")
 
-    def quiet(record: logging.LogRecord) -> bool:
-        return not hasattr(app.state, "failure")
+        def quiet(record: logging.LogRecord) -> bool:
+            return not hasattr(app.state, "failure")
 
-    uvicorn_log.addFilter(quiet)
-    try:
-        uvicorn.Server(config).run()
-    except SystemExit:
-        if not hasattr(app.state, "failure"):
-            raise
-    finally:
-        uvicorn_log.removeFilter(quiet)
-    failure = getattr(app.state, "failure", None)
-    if failure is not None:
-        what = "" if isinstance(failure, (ValueError, OSError)) else f"{type(failure).__name__}: "
-        raise ValueError(f"{cfg.root}: the server stopped on an error: {what}{failure}") from failure
+        uvicorn_log.addFilter(quiet)
+        try:
+            uvicorn.Server(config).run(sockets=[listening])
+        except SystemExit:
+            if not hasattr(app.state, "failure"):
+                raise
+        finally:
+            uvicorn_log.removeFilter(quiet)
+        failure = getattr(app.state, "failure", None)
+        if failure is not None:
+            raise ValueError(f"{cfg.root}: the server stopped on an error: {failure}") from failure

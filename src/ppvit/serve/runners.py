@@ -225,30 +225,32 @@ class RayRunner:
                 refused = self._submit(handle, self.unconfirmed[handle])
                 return -1 if refused else self._overdue(handle, "404, and the submission sent again not answered")
             return -1
-        if response.status_code == 200:
-            self._confirmed(handle)
+        if response.status_code != 200:  # a gateway's 502 for a dashboard gone: no answer
+            return self._overdue(handle, f"{response.status_code} {response.text[:100]}")
+        self._confirmed(handle)
         return RAY_EXIT.get(status)
 
     def _confirmed(self, handle: str) -> None:
         self.unconfirmed.pop(handle, None)
         self.waiting.pop(handle, None)
 
-    def _overdue(self, handle: str, answer: str) -> int | None:
-        """None while a submission may still be confirmed; past ``confirm_s`` unconfirmed (an address that
-        answers every request with a page not Ray's, a cluster gone for good), the job ends failed with a line
-        in its log saying why, its id taken by a job that does nothing where the cluster still takes one."""
+    def _overdue(self, handle: str, answer: str) -> None:
+        """A submission unconfirmed past ``confirm_s`` (an address that answers a sign-in page to everything, a
+        cluster gone) is given up: from then on it is sent again as a job that does nothing, and its log says why.
+        The job ends when the cluster answers: failed, once that placeholder has run; as the real one ends, where
+        the cluster had it all along (watched, not stopped). Never before: an answer lost is no proof that nothing
+        runs, and a job taken for ended would then train where nobody looks."""
         since, log_file = self.waiting.get(handle, (None, None))
         if since is None or time.monotonic() - since < self.confirm_s:
-            return None
-        self._submit(handle, _placeholder(self.unconfirmed[handle]))  # once: the cluster may not answer it either
-        self.cancel(handle)
-        self._confirmed(handle)
+            return
+        del self.waiting[handle]
+        self.unconfirmed[handle] = _placeholder(self.unconfirmed[handle])
         with contextlib.suppress(OSError), open(log_file, "a") as fh:
             fh.write(
-                f"ppvit serve: the Ray cluster at {self.address} never confirmed submission "
-                f"{handle.removeprefix('ray:')} in {self.confirm_s:g} s (its last answer: {answer[:200]})\n"
+                f"ppvit serve: the Ray cluster at {self.address} did not confirm submission "
+                f"{handle.removeprefix('ray:')} in {self.confirm_s:g} s (its last answer: {answer[:200]}): given "
+                "up, the job ends when the cluster answers\n"
             )
-        return -1
 
     def adopt(self, handle: str) -> bool:
         return handle.startswith("ray:") and self.poll(handle) != -1  # unreachable: running, as far as we know
