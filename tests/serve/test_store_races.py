@@ -299,3 +299,28 @@ def test_a_declaration_whose_row_goes_before_its_folder_is_written_leaves_no_fol
     if removed == "the dataset":  # declared again, it is stored
         assert store.declare(tenant_id, "d", MANIFEST, shards(1)).missing == ["train/shard-000000.tar"]
         assert (tenant_dir / "d" / datasets.MANIFEST_NAME).exists()
+
+
+def test_a_shard_arriving_for_a_removed_tenant_leaves_no_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A shard upload that read its declaration before remove-tenant's last round and made its folder after the
+    removal's rmtree wrote the whole shard into a folder no row names: disk outside any quota, for good."""
+    tenant_id, _ = tenant_root(tmp_path)
+    store = DatasetStore(tmp_path)
+    data = b"x" * 100
+    store.declare(tenant_id, "d", MANIFEST, [{"path": "train/shard-000000.tar", "bytes": 100,
+                                              "sha256": hashlib.sha256(data).hexdigest()}])  # fmt: skip
+    monkeypatch.setattr(datasets, "check_shard", lambda path, size: 10)
+    write = datasets.private_dirs
+
+    def after_the_removal(folder: Path) -> None:
+        supervisor.remove_tenant(tmp_path, "eve", wait_s=1.0)
+        write(folder)
+
+    monkeypatch.setattr(datasets, "private_dirs", after_the_removal)
+
+    async def chunks() -> AsyncIterator[bytes]:
+        yield data
+
+    with pytest.raises(datasets.DatasetError, match=r"deleted while shard train/shard-000000\.tar arrived"):
+        asyncio.run(store.receive(tenant_id, "d", "train/shard-000000.tar", chunks()))
+    assert not (tmp_path / "datasets" / str(tenant_id)).exists()

@@ -269,21 +269,25 @@ class DatasetStore:
             atomic_write_bytes(folder / MANIFEST_NAME, json_text(asdict(manifest)).encode(), mode=0o600)
         except OSError as exc:  # a full disk: this declaration fails (declared again, it is written then)
             raise DatasetError(507, f"dataset {name}: cannot be stored ({exc.strerror or exc})") from None
-        with service_db(self.root) as con:  # deleted since its commit (the dataset, or its tenant removed)?
-            gone = (
-                con.execute("SELECT 1 FROM datasets WHERE tenant_id = ? AND name = ?", (tenant_id, name)).fetchone()
-                is None
-            )
-            trash = _discard(folder) if gone else None  # the folder just written has no row: it goes
-            owner = con.execute("SELECT 1 FROM tenants WHERE id = ?", (tenant_id,)).fetchone()
-        if gone:
-            if trash is not None:
-                shutil.rmtree(trash, ignore_errors=True)
-            if owner is None:  # no declaration of a removed tenant can follow
-                with contextlib.suppress(OSError):
-                    folder.parent.rmdir()
+        if self._gone(tenant_id, name):  # deleted since its commit (the dataset, or its tenant removed)
             raise DatasetError(409, f"dataset {name}: deleted while it was declared; declare it again")
         return self.get(tenant_id, name)
+
+    def _gone(self, tenant_id: int, name: str) -> bool:
+        """Whether the dataset has no row any more; if so, its folder goes (written outside the lock by a
+        request that read the row before a delete or a tenant's removal landed, it would stay with no owner)."""
+        folder = self.folder(tenant_id, name)
+        with service_db(self.root) as con:
+            if con.execute("SELECT 1 FROM datasets WHERE tenant_id = ? AND name = ?", (tenant_id, name)).fetchone():
+                return False
+            trash = _discard(folder)
+            owner = con.execute("SELECT 1 FROM tenants WHERE id = ?", (tenant_id,)).fetchone()
+        if trash is not None:
+            shutil.rmtree(trash, ignore_errors=True)
+        if owner is None:  # no declaration of a removed tenant can follow
+            with contextlib.suppress(OSError):
+                folder.parent.rmdir()
+        return True
 
     def get(self, tenant_id: int, name: str) -> Dataset:
         """The tenant's dataset ``name``; 404 when it has none of that name (another tenant's included)."""
@@ -409,11 +413,13 @@ class DatasetStore:
             tmp.unlink(missing_ok=True)
             raise
         with service_db(self.root) as con:
-            con.execute(
+            marked = con.execute(
                 "UPDATE shards SET done = 1, images = ? WHERE tenant_id = ? AND dataset = ? AND path = ? AND EXISTS "
                 "(SELECT 1 FROM datasets WHERE tenant_id = ? AND name = ? AND created = ?)",  # not a later declaration
                 (images, tenant_id, name, path, tenant_id, name, declared),
-            )
+            ).rowcount
+        if not marked and self._gone(tenant_id, name):
+            raise DatasetError(404, f"no dataset {name}: deleted while shard {path} arrived")
 
 
 def private_dirs(folder: Path) -> None:
