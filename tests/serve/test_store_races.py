@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import sqlite3
 import threading
 from collections.abc import AsyncIterator, Iterator
@@ -271,34 +272,51 @@ def test_a_job_submitted_as_the_tenant_is_removed_leaves_nothing(
     assert late == [409] and not any((tmp_path / "jobs").glob("*"))
 
 
-@pytest.mark.parametrize("removed", ["the dataset", "its tenant"])
-def test_a_declaration_whose_row_goes_before_its_folder_is_written_leaves_no_folder(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, removed: str
+def test_a_declaration_cannot_write_its_manifest_over_a_later_ones(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A declaration commits its row, then writes its folder and manifest outside the lock: a delete of the
-    dataset, or remove-tenant, landing in between left a folder with a manifest and no row (session 17's note).
-    The declaration now looks again after writing, and takes the folder away if its row is gone."""
+    """A declared "d" and committed; B deleted it and C declared "d" again with other content; then A wrote its
+    manifest, outside the lock, over C's: C's row, A's manifest, and a job on "d" built from the wrong one (second
+    reader). The manifest is now written in the declaration's own transaction: C's lands after A's, whole."""
     tenant_id, _ = tenant_root(tmp_path)
     store = DatasetStore(tmp_path)
-    write = datasets.private_dirs
+    other = {**MANIFEST, "classes": {"train": ["x", "y"]}}
+    write, meanwhile = datasets.atomic_write_bytes, []
 
-    def after_the_commit(folder: Path) -> None:
-        if removed == "the dataset":
-            store.delete(tenant_id, "d")
-        else:
-            supervisor.remove_tenant(tmp_path, "eve", wait_s=1.0)
-        write(folder)
+    def then(path: Path, data: bytes, mode: int) -> None:
+        if not meanwhile:  # A's manifest: B and C, as other requests, from now on
+            thread = threading.Thread(
+                target=lambda: (store.delete(tenant_id, "d"), store.declare(tenant_id, "d", other, shards(2)))
+            )
+            meanwhile.append(thread)
+            thread.start()
+            thread.join(2.0)  # done by now, unless they wait for A's lock
+        write(path, data, mode)
 
-    monkeypatch.setattr(datasets, "private_dirs", after_the_commit)
-    with pytest.raises(datasets.DatasetError, match="deleted while it was declared") as refused:
-        store.declare(tenant_id, "d", MANIFEST, shards(1))
-    assert refused.value.status == 409
-    tenant_dir = tmp_path / "datasets" / str(tenant_id)
-    assert not tenant_dir.exists() if removed == "its tenant" else list(tenant_dir.iterdir()) == []
-    monkeypatch.setattr(datasets, "private_dirs", write)
-    if removed == "the dataset":  # declared again, it is stored
-        assert store.declare(tenant_id, "d", MANIFEST, shards(1)).missing == ["train/shard-000000.tar"]
-        assert (tenant_dir / "d" / datasets.MANIFEST_NAME).exists()
+    monkeypatch.setattr(datasets, "atomic_write_bytes", then)
+    store.declare(tenant_id, "d", MANIFEST, shards(1))
+    meanwhile[0].join()
+    kept = store.get(tenant_id, "d")
+    assert kept.manifest.classes == {"train": ["x", "y"]} and len(kept.missing) == 2  # C's row
+    on_disk = json.loads((kept.folder / datasets.MANIFEST_NAME).read_text())
+    assert on_disk["classes"] == {"train": ["x", "y"]}  # and C's manifest
+
+
+def test_a_declaration_landing_during_a_removal_leaves_no_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A declaration let in before remove-tenant's revoke and committed after its rmtree of the datasets (the tenant's
+    row still there) kept its folder and manifest for good once the row went with the tenant's."""
+    tenant_id, _ = tenant_root(tmp_path)
+    remove, late = TenantStore.remove, []
+
+    def after_the_files(self: TenantStore, name: str) -> None:
+        late.append(DatasetStore(tmp_path).declare(tenant_id, "d", MANIFEST, shards(1)).name)
+        remove(self, name)
+
+    monkeypatch.setattr(TenantStore, "remove", after_the_files)
+    supervisor.remove_tenant(tmp_path, "eve", wait_s=1.0)
+    assert late == ["d"] and not (tmp_path / "datasets" / str(tenant_id)).exists()
 
 
 def test_a_shard_arriving_for_a_removed_tenant_leaves_no_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

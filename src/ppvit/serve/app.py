@@ -444,13 +444,16 @@ def exposure_warning(host: str, tls: bool) -> str | None:
 
 def listen(host: str, port: int) -> socket.socket:
     """The server's socket, bound before anything loads: a port in use is one line of ours (uvicorn, binding it
-    itself, logged its own and exited 3)."""
+    itself, logged its own and exited 3). Bound only: connections are refused, not held, until serving starts
+    (asyncio's ``listen``), so a probe of the port does not find the server ready while its app is made."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)  # as uvicorn's own bind_socket
     try:
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET  # as uvicorn's own bind
-        return socket.create_server((host, port), family=family, backlog=2048)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
     except OSError as exc:
-        reason = os.strerror(exc.errno) if exc.errno else str(exc)  # create_server's strerror repeats the address
-        raise ValueError(f"{host}:{port}: cannot listen there ({reason})") from None
+        sock.close()
+        raise ValueError(f"{host}:{port}: cannot listen there ({exc.strerror or exc})") from None
+    return sock
 
 
 def serve(

@@ -261,21 +261,19 @@ class DatasetStore:
                     "INSERT INTO shards (tenant_id, dataset, path, bytes, sha256) VALUES (?, ?, ?, ?, ?)",
                     [(tenant_id, name, s.path, s.bytes, s.sha256) for s in shards],
                 )
+            folder = self.folder(tenant_id, name)
+            try:  # under the lock: a delete's rename, a later declaration's, come whole before or after it
+                private_dirs(folder)
+                atomic_write_bytes(folder / MANIFEST_NAME, json_text(asdict(manifest)).encode(), mode=0o600)
+            except OSError as exc:  # a full disk: nothing is recorded
+                raise DatasetError(507, f"dataset {name}: cannot be stored ({exc.strerror or exc})") from None
         if leftover is not None:  # deleted after the commit, not while every writer waits for the lock
             shutil.rmtree(leftover, ignore_errors=True)
-        folder = self.folder(tenant_id, name)
-        try:
-            private_dirs(folder)
-            atomic_write_bytes(folder / MANIFEST_NAME, json_text(asdict(manifest)).encode(), mode=0o600)
-        except OSError as exc:  # a full disk: this declaration fails (declared again, it is written then)
-            raise DatasetError(507, f"dataset {name}: cannot be stored ({exc.strerror or exc})") from None
-        if self._gone(tenant_id, name):  # deleted since its commit (the dataset, or its tenant removed)
-            raise DatasetError(409, f"dataset {name}: deleted while it was declared; declare it again")
         return self.get(tenant_id, name)
 
     def _gone(self, tenant_id: int, name: str) -> bool:
-        """Whether the dataset has no row any more; if so, its folder goes (written outside the lock by a
-        request that read the row before a delete or a tenant's removal landed, it would stay with no owner)."""
+        """Whether the dataset has no row any more; if so, its folder goes (a shard written outside the lock by
+        a request that read the row before a delete or its tenant's removal landed would stay with no owner)."""
         folder = self.folder(tenant_id, name)
         with service_db(self.root) as con:
             if con.execute("SELECT 1 FROM datasets WHERE tenant_id = ? AND name = ?", (tenant_id, name)).fetchone():

@@ -68,6 +68,9 @@ def remove_tenant(root: str | os.PathLike, name: str, wait_s: float = 120.0) -> 
         shutil.rmtree(root / JOBS_DIR / job_id, ignore_errors=True)
     shutil.rmtree(root / DATASETS_DIR / str(tenant_id), ignore_errors=True)
     store.remove(name)  # its adapters; its rows of datasets, shards and jobs go with it (ON DELETE CASCADE)
+    # again: a declaration let in before the revoke may have committed (and written its folder) since the first
+    # rmtree; none can once the tenant's row is gone
+    shutil.rmtree(root / DATASETS_DIR / str(tenant_id), ignore_errors=True)
 
 
 def _alive(handle: str | None, late: bool) -> bool:
