@@ -331,7 +331,7 @@ def test_a_submission_saved_after_the_job_ended_here_does_not_run(tmp_path: Path
         assert supervisor.handles == {"A": f"ray:{submitted}"} and supervisor.runner.unconfirmed == {}
 
 
-@pytest.mark.parametrize("answer", ["a page not Ray's", "a gateway's 502", "unreachable"])
+@pytest.mark.parametrize("answer", ["a page not Ray's", "a gateway's 502", "unreachable", "404, a POST's 502"])
 @pytest.mark.parametrize("had_it", [False, True], ids=["never received", "received, its answer lost"])
 def test_a_submission_unconfirmed_past_the_deadline_is_given_up_not_taken_for_ended(
     tmp_path: Path, answer: str, had_it: bool
@@ -356,8 +356,10 @@ def test_a_submission_unconfirmed_past_the_deadline_is_given_up_not_taken_for_en
             return cluster(request)
         if answer == "unreachable":
             raise httpx.ConnectError("connection refused", request=request)
-        if answer == "a gateway's 502":
+        if answer == "a gateway's 502" or (answer == "404, a POST's 502" and request.method == "POST"):
             return httpx.Response(502, text="Bad Gateway")
+        if answer == "404, a POST's 502":
+            return httpx.Response(404, json={})
         return httpx.Response(200, text="<html>sign in</html>", headers={"content-type": "text/html"})
 
     supervisor.runner.http = httpx.Client(base_url="http://ray", transport=httpx.MockTransport(proxy))
@@ -365,6 +367,7 @@ def test_a_submission_unconfirmed_past_the_deadline_is_given_up_not_taken_for_en
     handle, submitted = supervisor.handles["A"], posts[0]["submission_id"]
     since, log_file = supervisor.runner.waiting[handle]
     supervisor.runner.waiting[handle] = (since - 601, log_file)  # ten minutes on
+    sent = len(posts)
     for _ in range(2):
         supervisor.step()
     given_up = f"ppvit serve: the Ray cluster at http://ray did not confirm submission {submitted} in 600 s"
@@ -373,7 +376,8 @@ def test_a_submission_unconfirmed_past_the_deadline_is_given_up_not_taken_for_en
     broken.clear()  # the cluster answers
     supervisor.step()
     assert (cluster.jobs[submitted]["metadata"].get("ppvit_cancelled") == "1") is not had_it
-    assert all(p["entrypoint"] == "exit 143" for p in posts[1 + had_it :] if p["submission_id"] == submitted)
+    assert all(p["entrypoint"] == "exit 143" for p in posts[sent:])  # given up: nothing sent again trains
+    assert len(posts[sent:]) == (answer == "404, a POST's 502") * 2 + (not had_it)
     cluster.jobs[submitted]["status"] = "FAILED"  # the placeholder's exit 143 (or the real one's end)
     supervisor.step()
     with service_db(tmp_path) as con:

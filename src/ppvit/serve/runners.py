@@ -221,9 +221,9 @@ class RayRunner:
             log.warning("Ray job %s: %s", handle, exc)
             return self._overdue(handle, str(exc))
         if response.status_code == 404:
-            if handle in self.unconfirmed:  # not (yet) taken: sent again, same id
-                refused = self._submit(handle, self.unconfirmed[handle])
-                return -1 if refused else self._overdue(handle, "404, and the submission sent again not answered")
+            if handle in self.unconfirmed:  # not (yet) taken: sent again, same id (the placeholder, once given up)
+                self._overdue(handle, "404 for it, its submission not answered")
+                return -1 if self._submit(handle, self.unconfirmed[handle]) else None
             return -1
         if response.status_code != 200:  # a gateway's 502 for a dashboard gone: no answer
             return self._overdue(handle, f"{response.status_code} {response.text[:100]}")
