@@ -41,7 +41,7 @@ from ppvit.models import routing
 from ppvit.models.adapters import CONFIG_NAME, WEIGHTS_NAME, load_adapter
 from ppvit.models.backbones import create_backbone
 from ppvit.models.routing import NotRoutable
-from ppvit.serve.app import ServeConfig, exposure_warning
+from ppvit.serve.app import ServeConfig, exposure_warning, listen
 from ppvit.serve.batcher import Batcher, PassTimes, fair_shares
 from ppvit.serve.client import Client
 from ppvit.serve.jobs import ServiceLimits
@@ -615,6 +615,13 @@ def test_a_port_in_use_is_one_line_before_anything_loads(tmp_path: Path) -> None
     assert done.stderr.strip().splitlines()[1:] == [
         f"ppvit serve: error: 127.0.0.1:{port}: cannot listen there (Address already in use)"
     ], done.stderr
+
+
+def test_a_second_server_on_the_port_is_refused_while_the_first_loads() -> None:
+    """Bound with SO_REUSEADDR but not listening yet, two servers' sockets both took one port: the second made its
+    app and restarted the first one's jobs before uvicorn's listen failed (third reader). It listens at once."""
+    with listen("127.0.0.1", 0) as first, pytest.raises(ValueError, match=r"cannot listen there \(Address already"):
+        listen("127.0.0.1", first.getsockname()[1])
 
 
 def test_the_server_speaks_tls_with_a_certificate(world: dict, tmp_path: Path) -> None:

@@ -342,3 +342,26 @@ def test_a_shard_arriving_for_a_removed_tenant_leaves_no_file(tmp_path: Path, mo
     with pytest.raises(datasets.DatasetError, match=r"deleted while shard train/shard-000000\.tar arrived"):
         asyncio.run(store.receive(tenant_id, "d", "train/shard-000000.tar", chunks()))
     assert not (tmp_path / "datasets" / str(tenant_id)).exists()
+
+
+def test_a_declaration_that_cannot_be_stored_keeps_no_row_and_no_leftover(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Declared over a folder no row names (an older release's), the new declaration moved it aside, then failed
+    to write its manifest (a full disk): the moved folder stayed on the full disk until the next start (third
+    reader). It goes whatever the declaration's end; nothing is recorded."""
+    tenant_id, _ = tenant_root(tmp_path)
+    old = tmp_path / "datasets" / str(tenant_id) / "d"
+    old.mkdir(parents=True)
+    (old / "big").write_bytes(b"x" * 1000)
+
+    def full(*args: object, **kwargs: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(datasets, "atomic_write_bytes", full)
+    with pytest.raises(datasets.DatasetError, match="cannot be stored") as refused:
+        DatasetStore(tmp_path).declare(tenant_id, "d", MANIFEST, shards(1))
+    assert refused.value.status == 507
+    assert [p.name for p in old.parent.iterdir() if p.name.startswith(TRASH)] == []
+    with service_db(tmp_path) as con:
+        assert con.execute("SELECT COUNT(*) FROM datasets").fetchone()[0] == 0

@@ -443,13 +443,16 @@ def exposure_warning(host: str, tls: bool) -> str | None:
 
 
 def listen(host: str, port: int) -> socket.socket:
-    """The server's socket, bound before anything loads: a port in use is one line of ours (uvicorn, binding it
-    itself, logged its own and exited 3). Bound only: connections are refused, not held, until serving starts
-    (asyncio's ``listen``), so a probe of the port does not find the server ready while its app is made."""
+    """The server's socket, bound and listening before anything loads: a port in use is one line of ours (uvicorn,
+    binding it itself after the app's start, logged its own and exited 3, a second server on the port having run
+    its lifespan, the job supervisor's restart of the first one's jobs included). Listening at once: two sockets
+    with ``SO_REUSEADDR`` both bind a port that neither listens on yet. Connections made while the app loads wait
+    in the backlog: a readiness probe asks ``/healthz``."""
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)  # as uvicorn's own bind_socket
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, port))
+        sock.listen(2048)
     except OSError as exc:
         sock.close()
         raise ValueError(f"{host}:{port}: cannot listen there ({exc.strerror or exc})") from None

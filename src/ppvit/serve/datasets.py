@@ -31,6 +31,7 @@ import os
 import re
 import secrets
 import shutil
+import sqlite3
 import tempfile
 import time
 from collections.abc import AsyncIterator
@@ -229,47 +230,63 @@ class DatasetStore:
             raise DatasetError(422, "shards: none of the train split")
         if not {s.path.partition("/")[0] for s in shards} <= set(manifest.classes):
             raise DatasetError(422, "shards: a split the manifest does not name")
-        total = sum(s.bytes for s in shards)
-        doc = json.dumps(asdict(manifest), sort_keys=True)
-        quota, leftover = self.limits.quota_bytes, None
-        with service_db(self.root) as con:
-            row = con.execute(
-                "SELECT manifest FROM datasets WHERE tenant_id = ? AND name = ?", (tenant_id, name)
-            ).fetchone()
-            if row is not None:
-                have = {
-                    (p, b, h)
-                    for p, b, h in con.execute(
-                        "SELECT path, bytes, sha256 FROM shards WHERE tenant_id = ? AND dataset = ?", (tenant_id, name)
-                    )
-                }
-                if row[0] != doc or have != {(s.path, s.bytes, s.sha256) for s in shards}:
-                    raise DatasetError(409, f"dataset {name}: exists with other content; delete it or use a new name")
-            else:
-                n, used = con.execute(
-                    "SELECT COUNT(*), COALESCE(SUM(bytes), 0) FROM datasets WHERE tenant_id = ?", (tenant_id,)
-                ).fetchone()
-                if n >= self.limits.datasets:
-                    raise DatasetError(429, f"dataset {name}: the tenant holds {n} datasets, this server's most")
-                if used + total > quota:
-                    raise DatasetError(
-                        413, f"dataset {name}: {total} bytes; the tenant holds {used} of its {quota}-byte quota"
-                    )
-                leftover = _discard(self.folder(tenant_id, name))  # no row names it: an older release's
-                con.execute("INSERT INTO datasets VALUES (?, ?, ?, ?, ?)", (tenant_id, name, doc, total, time.time()))
-                con.executemany(
-                    "INSERT INTO shards (tenant_id, dataset, path, bytes, sha256) VALUES (?, ?, ?, ?, ?)",
-                    [(tenant_id, name, s.path, s.bytes, s.sha256) for s in shards],
-                )
-            folder = self.folder(tenant_id, name)
-            try:  # under the lock: a delete's rename, a later declaration's, come whole before or after it
-                private_dirs(folder)
-                atomic_write_bytes(folder / MANIFEST_NAME, json_text(asdict(manifest)).encode(), mode=0o600)
-            except OSError as exc:  # a full disk: nothing is recorded
-                raise DatasetError(507, f"dataset {name}: cannot be stored ({exc.strerror or exc})") from None
-        if leftover is not None:  # deleted after the commit, not while every writer waits for the lock
-            shutil.rmtree(leftover, ignore_errors=True)
+        leftover: list[Path] = []
+        try:
+            with service_db(self.root) as con:
+                self._record(con, tenant_id, name, manifest, shards, leftover)
+                folder = self.folder(tenant_id, name)
+                try:  # under the lock: a delete's rename, a later declaration's, come whole before or after it
+                    private_dirs(folder)
+                    atomic_write_bytes(folder / MANIFEST_NAME, json_text(asdict(manifest)).encode(), mode=0o600)
+                except OSError as exc:  # a full disk: nothing is recorded
+                    raise DatasetError(507, f"dataset {name}: cannot be stored ({exc.strerror or exc})") from None
+        finally:  # after the commit, not while every writer waits for the lock; no row names it either way
+            for trash in leftover:
+                shutil.rmtree(trash, ignore_errors=True)
         return self.get(tenant_id, name)
+
+    def _record(
+        self,
+        con: sqlite3.Connection,
+        tenant_id: int,
+        name: str,
+        manifest: Manifest,
+        shards: list[ShardSpec],
+        leftover: list[Path],
+    ) -> None:
+        """The declaration's rows, in the caller's transaction: the same one again is found, another under the
+        name refused (409), a new one counted against the tenant's bounds; a folder no row names (an older
+        release's) is moved aside into ``leftover``."""
+        doc = json.dumps(asdict(manifest), sort_keys=True)
+        total = sum(s.bytes for s in shards)
+        row = con.execute(
+            "SELECT manifest FROM datasets WHERE tenant_id = ? AND name = ?", (tenant_id, name)
+        ).fetchone()
+        if row is not None:
+            have = set(
+                con.execute(
+                    "SELECT path, bytes, sha256 FROM shards WHERE tenant_id = ? AND dataset = ?", (tenant_id, name)
+                )
+            )
+            if row[0] != doc or have != {(s.path, s.bytes, s.sha256) for s in shards}:
+                raise DatasetError(409, f"dataset {name}: exists with other content; delete it or use a new name")
+            return
+        n, used = con.execute(
+            "SELECT COUNT(*), COALESCE(SUM(bytes), 0) FROM datasets WHERE tenant_id = ?", (tenant_id,)
+        ).fetchone()
+        quota = self.limits.quota_bytes
+        if n >= self.limits.datasets:
+            raise DatasetError(429, f"dataset {name}: the tenant holds {n} datasets, this server's most")
+        if used + total > quota:
+            raise DatasetError(413, f"dataset {name}: {total} bytes; the tenant holds {used} of its {quota}-byte quota")
+        trash = _discard(self.folder(tenant_id, name))
+        if trash is not None:
+            leftover.append(trash)
+        con.execute("INSERT INTO datasets VALUES (?, ?, ?, ?, ?)", (tenant_id, name, doc, total, time.time()))
+        con.executemany(
+            "INSERT INTO shards (tenant_id, dataset, path, bytes, sha256) VALUES (?, ?, ?, ?, ?)",
+            [(tenant_id, name, s.path, s.bytes, s.sha256) for s in shards],
+        )
 
     def _gone(self, tenant_id: int, name: str) -> bool:
         """Whether the dataset has no row any more; if so, its folder goes (a shard written outside the lock by
