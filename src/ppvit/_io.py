@@ -9,7 +9,7 @@ import re
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 # the temporary names of atomic_write (and Key.save): ".NAME.XXXXXXXX.tmp", 8 random characters
 TEMP_NAME = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")
@@ -157,3 +157,32 @@ def remove_empty_folders(path: str | os.PathLike, created: Path | None) -> None:
         folder.rmdir()
         if folder == created:
             return
+
+
+class LockHeld(Exception):
+    """Another process holds the lock; ``holder``: the pid it wrote, or ''."""
+
+    def __init__(self, holder: str) -> None:
+        super().__init__(holder)
+        self.holder = holder
+
+
+def hold_lock(path: str | os.PathLike) -> IO[str]:
+    """An exclusive ``flock`` on ``path`` (made if missing, 0600), held until the returned file is closed or the
+    process ends (a killed one's is released by the system), with this pid written in; :class:`LockHeld` if
+    another process holds it. Not POSIX: no lock."""
+    fh = open(os.open(path, os.O_RDWR | os.O_CREAT, 0o600), "r+")  # noqa: SIM115 -- held open by the caller
+    try:
+        import fcntl
+    except ImportError:
+        return fh
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = fh.read().strip()
+        fh.close()
+        raise LockHeld(holder) from None
+    fh.truncate()
+    fh.write(f"{os.getpid()}\n")
+    fh.flush()
+    return fh

@@ -3,7 +3,9 @@ server taking over the jobs an earlier one left running on a cluster."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
 import shutil
 import sqlite3
 import tempfile
@@ -22,6 +24,7 @@ from ppvit.serve.runners import RayRunner
 from ppvit.serve.service_db import service_db
 from ppvit.serve.supervisor import Supervisor, remove_tenant
 from ppvit.serve.tenants import TenantStore
+from ppvit.serve.training_api import training_router
 from ppvit.train.config import TrainConfig
 
 
@@ -562,3 +565,22 @@ def test_a_removal_cut_short_is_finished_by_running_it_again(tmp_path: Path, mon
     assert left == [] and TenantStore(tmp_path).list() == []
     with pytest.raises(ValueError, match=r"^no tenant eve$"):
         remove_tenant(tmp_path, "eve", wait_s=1)
+
+
+def test_a_second_server_with_training_on_one_folder_is_refused(tmp_path: Path) -> None:
+    """Two servers with training on over one folder: each took the other's running jobs for a dead server's,
+    queued them again and started them beside themselves (third reader). The second is refused in one line."""
+    tenant_root(tmp_path)
+    limits = ServiceLimits(models={})
+
+    async def two() -> None:
+        _, first = training_router(tmp_path, TenantStore(tmp_path), limits, 5.0)
+        _, second = training_router(tmp_path, TenantStore(tmp_path), limits, 5.0)
+        async with first(None):
+            with pytest.raises(ValueError, match=rf"another ppvit serve \(pid {os.getpid()}\) runs the training"):
+                async with second(None):
+                    pass
+        async with second(None):  # the first gone, the folder is the second's
+            pass
+
+    asyncio.run(two())

@@ -17,8 +17,11 @@ import shutil
 import sqlite3
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
+from ppvit._io import LockHeld, hold_lock
 from ppvit.serve.datasets import DATASETS_DIR
 from ppvit.serve.jobs import JOBS_DIR, Jobs, last_line
 from ppvit.serve.runners import Runner
@@ -26,6 +29,25 @@ from ppvit.serve.service_db import ACTIVE, service_db
 from ppvit.serve.tenants import TenantStore, hash_token, new_token
 
 log = logging.getLogger(__name__)
+
+
+SUPERVISOR_LOCK = "jobs.lock"
+
+
+@contextmanager
+def sole_supervisor(root: Path) -> Iterator[None]:
+    """Hold the folder's job service for this process: a second server with training on over the same folder would
+    re-queue the first one's running jobs as a dead server's and start them again beside them (two trainings
+    writing one job folder); it is refused in one line. Inference alone may share a folder."""
+    try:
+        lock = hold_lock(root / SUPERVISOR_LOCK)
+    except LockHeld as held:
+        who = f" (pid {held.holder})" if held.holder else ""
+        raise ValueError(
+            f"{root}: another ppvit serve{who} runs the training service on this folder (one such server a folder)"
+        ) from None
+    with lock:
+        yield
 
 
 def remove_tenant(root: str | os.PathLike, name: str, wait_s: float = 120.0) -> None:

@@ -29,7 +29,7 @@ from ppvit.serve.auth import HTTPError, bearer_tenant
 from ppvit.serve.codec import StrictJSONResponse
 from ppvit.serve.datasets import DatasetError, DatasetStore
 from ppvit.serve.jobs import Jobs, ServiceLimits
-from ppvit.serve.supervisor import Supervisor
+from ppvit.serve.supervisor import Supervisor, sole_supervisor
 from ppvit.serve.tenants import TenantStore
 
 SHARD_JSON = 200  # bytes of one shard's {path, bytes, sha256} in a declaration, generously
@@ -79,11 +79,12 @@ def training_router(
 
     @asynccontextmanager
     async def lifespan(app: Any) -> AsyncIterator[None]:
-        supervisor = running["supervisor"] = Supervisor(jobs, tenants)
-        supervisor.start()
-        yield
-        await asyncio.to_thread(supervisor.stop)
-        del running["supervisor"]
+        with sole_supervisor(root):
+            supervisor = running["supervisor"] = Supervisor(jobs, tenants)
+            supervisor.start()
+            yield
+            await asyncio.to_thread(supervisor.stop)
+            del running["supervisor"]
 
     def wake() -> None:
         if "supervisor" in running:

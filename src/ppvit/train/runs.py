@@ -20,7 +20,15 @@ from typing import IO, Any
 
 import torch
 
-from ppvit._io import atomic_write, atomic_write_json, atomic_write_text, json_text, remove_empty_folders
+from ppvit._io import (
+    LockHeld,
+    atomic_write,
+    atomic_write_json,
+    atomic_write_text,
+    hold_lock,
+    json_text,
+    remove_empty_folders,
+)
 from ppvit.models.adapters import adapter_files, trainable_tensors
 from ppvit.train.config import IGNORED_ON_RESUME, TrainConfig
 
@@ -112,26 +120,13 @@ def lock_run_folder(out: Path) -> IO[str]:
 
     Two runs writing one folder would overwrite each other's checkpoints; the second is refused.
     """
-    fh = open(out / LOCK_FILE, "a+")  # noqa: SIM115 -- held open for the run's lifetime
     try:
-        import fcntl
-    except ImportError:  # not POSIX: no lock
-        return fh
-    try:
-        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        fh.seek(0)
-        holder = fh.read().strip()
-        fh.close()
+        return hold_lock(out / LOCK_FILE)
+    except LockHeld as held:
         raise RunFolderBusy(
-            f"run folder {out}: in use by another `ppvit train`{f' (pid {holder})' if holder else ''}; "
+            f"run folder {out}: in use by another `ppvit train`{f' (pid {held.holder})' if held.holder else ''}; "
             "wait for it to end or choose another --out"
         ) from None
-    fh.seek(0)
-    fh.truncate()
-    fh.write(f"{os.getpid()}\n")
-    fh.flush()
-    return fh
 
 
 def remove_empty_run_folder(out: Path, created: Path | None) -> None:
