@@ -178,7 +178,7 @@ def hold_lock(path: str | os.PathLike) -> IO[str]:
         return fh
     try:
         fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    except BlockingIOError:  # held (another error, e.g. no locks on a network file system, is said as it is)
         holder = fh.read().strip()
         fh.close()
         raise LockHeld(holder) from None

@@ -169,7 +169,7 @@ def test_a_delete_killed_after_its_commit_leaves_nothing_a_new_declaration_reads
     partial = again.folder / "train" / ".shard-000000.tar.5dko7_sb.tmp"  # arriving when the server died
     partial.parent.mkdir(parents=True)
     partial.write_bytes(b"half a shard")
-    DatasetStore(tmp_path)  # the next server's
+    DatasetStore(tmp_path).sweep()  # the next server's
     assert not trash.exists() and not partial.exists()
     received(tmp_path, tenant_id, "d")
     with service_db(tmp_path) as con:  # an older release's delete, killed after its commit
@@ -197,7 +197,7 @@ def test_a_delete_whose_commit_fails_keeps_its_files(tmp_path: Path, monkeypatch
     with pytest.raises(datasets.DatasetError, match="disk is full"):
         store.delete(tenant_id, "d")
     monkeypatch.undo()
-    DatasetStore(tmp_path)
+    DatasetStore(tmp_path).sweep()
     kept = store.get(tenant_id, "d")
     assert kept.complete and (kept.folder / "train" / "shard-000000.tar").exists()
 

@@ -210,9 +210,14 @@ class DatasetStore:
     def __init__(self, root: str | os.PathLike, limits: DatasetLimits | None = None) -> None:
         self.root = Path(root)
         self.limits = limits or DatasetLimits()
-        for trash in self.root.glob(f"{DATASETS_DIR}/*/{TRASH}*"):  # what a server that died was deleting
+
+    def sweep(self) -> None:
+        """Delete what a server that died left: the datasets it was deleting and the shards it was receiving.
+        Called by the job service once it holds the folder (``sole_supervisor``): a second server refused there
+        deleted the first one's shards in flight."""
+        for trash in self.root.glob(f"{DATASETS_DIR}/*/{TRASH}*"):
             shutil.rmtree(trash, ignore_errors=True)
-        remove_stale_temps(self.root / DATASETS_DIR)  # and the shards it was receiving (the server's alone)
+        remove_stale_temps(self.root / DATASETS_DIR)
 
     def folder(self, tenant_id: int, name: str) -> Path:
         return self.root / DATASETS_DIR / str(tenant_id) / name.lower()

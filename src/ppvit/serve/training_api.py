@@ -80,6 +80,7 @@ def training_router(
     @asynccontextmanager
     async def lifespan(app: Any) -> AsyncIterator[None]:
         with sole_supervisor(root):
+            datasets.sweep()
             supervisor = running["supervisor"] = Supervisor(jobs, tenants)
             supervisor.start()
             yield
