@@ -219,14 +219,16 @@ class RayRunner:
             status = response.json()["status"] if response.status_code == 200 else None
         except Exception as exc:  # the cluster unreachable for a moment, a page not Ray's: running, as far as we know
             log.warning("Ray job %s: %s", handle, exc)
-            return self._overdue(handle, str(exc))
+            self._overdue(handle, str(exc))
+            return None
         if response.status_code == 404:
             if handle in self.unconfirmed:  # not (yet) taken: sent again, same id (the placeholder, once given up)
                 self._overdue(handle, "404 for it, its submission not answered")
                 return -1 if self._submit(handle, self.unconfirmed[handle]) else None
             return -1
         if response.status_code != 200:  # a gateway's 502 for a dashboard gone: no answer
-            return self._overdue(handle, f"{response.status_code} {response.text[:100]}")
+            self._overdue(handle, f"{response.status_code} {response.text[:100]}")
+            return None
         self._confirmed(handle)
         return RAY_EXIT.get(status)
 
