@@ -368,14 +368,14 @@ def test_a_submission_unconfirmed_past_the_deadline_is_given_up_not_taken_for_en
     supervisor.runner.http = httpx.Client(base_url="http://ray", transport=httpx.MockTransport(proxy))
     supervisor.step()
     handle, submitted = supervisor.handles["A"], posts[0]["submission_id"]
-    since, log_file = supervisor.runner.waiting[handle]
-    supervisor.runner.waiting[handle] = (since - 601, log_file)  # ten minutes on
+    deadline, log_file = supervisor.runner.unconfirmed[handle].deadline
+    supervisor.runner.unconfirmed[handle].deadline = (deadline - 601, log_file)  # ten minutes on
     sent = len(posts)
     for _ in range(2):
         supervisor.step()
     given_up = f"ppvit serve: the Ray cluster at http://ray did not confirm submission {submitted} in 600 s"
     assert job_state(tmp_path) == "running" and supervisor.slots == {"A": ["cpu"]}  # not taken for ended
-    assert last_line(log_file).startswith(given_up) and supervisor.runner.waiting == {}
+    assert last_line(log_file).startswith(given_up) and supervisor.runner.unconfirmed[handle].deadline is None
     broken.clear()  # the cluster answers
     supervisor.step()
     assert (cluster.jobs[submitted]["metadata"].get("ppvit_cancelled") == "1") is not had_it

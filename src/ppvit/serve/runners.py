@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -158,8 +159,7 @@ class RayRunner:
 
         self.http = httpx.Client(base_url=address.rstrip("/"), timeout=timeout)
         self.address, self.python, self.confirm_s = address, python, confirm_s
-        self.unconfirmed: dict[str, dict] = {}  # handle -> its submission, sent but not answered yet
-        self.waiting: dict[str, tuple[float, Path]] = {}  # handle -> when first sent unanswered, the job's log
+        self.unconfirmed: dict[str, Unconfirmed] = {}  # handle -> its submission, sent but not answered yet
 
     def plan(self, job_id: str, previous: str | None = None) -> str:
         """A new submission id for each start of a job (a resumed job is a new submission), except that the id of
@@ -187,7 +187,7 @@ class RayRunner:
         if refused:
             raise RuntimeError(f"Ray refused job {job_id}: {refused}")
         if handle in self.unconfirmed:
-            self.waiting[handle] = (time.monotonic(), log_file)
+            self.unconfirmed[handle].deadline = (time.monotonic() + self.confirm_s, log_file)
         return handle
 
     def _submit(self, handle: str, body: dict) -> str | None:
@@ -206,9 +206,9 @@ class RayRunner:
             log.warning(
                 "Ray job %s: its submission was not answered (%s); sent again at the next poll", handle, response
             )
-            self.unconfirmed[handle] = body
+            self.unconfirmed.setdefault(handle, Unconfirmed(body)).body = body
             return None
-        self._confirmed(handle)
+        self.unconfirmed.pop(handle, None)
         if response.status_code == 200 or "already exists" in response.text:
             return None
         return f"{response.status_code} {response.text[:200]}"
@@ -224,17 +224,13 @@ class RayRunner:
         if response.status_code == 404:
             if handle in self.unconfirmed:  # not (yet) taken: sent again, same id (the placeholder, once given up)
                 self._overdue(handle, "404 for it, its submission not answered")
-                return -1 if self._submit(handle, self.unconfirmed[handle]) else None
+                return -1 if self._submit(handle, self.unconfirmed[handle].body) else None
             return -1
         if response.status_code != 200:  # a gateway's 502 for a dashboard gone: no answer
             self._overdue(handle, f"{response.status_code} {response.text[:100]}")
             return None
-        self._confirmed(handle)
-        return RAY_EXIT.get(status)
-
-    def _confirmed(self, handle: str) -> None:
         self.unconfirmed.pop(handle, None)
-        self.waiting.pop(handle, None)
+        return RAY_EXIT.get(status)
 
     def _overdue(self, handle: str, answer: str) -> None:
         """A submission unconfirmed past ``confirm_s`` (an address that answers a sign-in page to everything, a
@@ -242,11 +238,11 @@ class RayRunner:
         The job ends when the cluster answers: failed, once that placeholder has run; as the real one ends, where
         the cluster had it all along (watched, not stopped). Never before: an answer lost is no proof that nothing
         runs, and a job taken for ended would then train where nobody looks."""
-        since, log_file = self.waiting.get(handle, (None, None))
-        if since is None or time.monotonic() - since < self.confirm_s:
+        record = self.unconfirmed.get(handle)
+        if record is None or record.deadline is None or time.monotonic() < record.deadline[0]:
             return
-        del self.waiting[handle]
-        self.unconfirmed[handle] = _placeholder(self.unconfirmed[handle])
+        log_file = record.deadline[1]
+        record.body, record.deadline = _placeholder(record.body), None
         with contextlib.suppress(OSError), open(log_file, "a") as fh:
             fh.write(
                 f"ppvit serve: the Ray cluster at {self.address} did not confirm submission "
@@ -260,9 +256,9 @@ class RayRunner:
     def cancel(self, handle: str) -> None:
         """Stop the job; one whose submission was not answered is sent again as a job that does nothing (its id
         taken: a late POST of the real one is then refused, or, landed first, refuses this one and is stopped)."""
-        body = self.unconfirmed.get(handle)
-        if body is not None:
-            self.unconfirmed[handle] = _placeholder(body)
+        record = self.unconfirmed.get(handle)
+        if record is not None:
+            record.body = _placeholder(record.body)
         try:
             self.http.post(f"/api/jobs/{handle.removeprefix('ray:')}/stop")
         except Exception as exc:  # asked again at the next step while the job's cancel stands
@@ -273,6 +269,16 @@ class RayRunner:
 
     def shutdown(self) -> None:
         self.http.close()  # the cluster's jobs go on; the next server adopts them
+
+
+@dataclass
+class Unconfirmed:
+    """A submission sent but not answered: ``body`` is sent again while the cluster does not know its id;
+    ``deadline`` (the monotonic time past which it is given up, and the job's log that says so) is set by the start
+    that sent it, and cleared once given up."""
+
+    body: dict
+    deadline: tuple[float, Path] | None = None
 
 
 def _placeholder(body: dict) -> dict:
