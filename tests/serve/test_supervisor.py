@@ -100,7 +100,7 @@ class FakeRay:
             return httpx.Response(200, json=list(self.jobs.values()))
         submission, _, action = path.partition("/")
         if submission not in self.jobs:
-            return httpx.Response(404, json={})
+            return httpx.Response(404, text=f"Job {submission} does not exist")  # Ray's words (2.60's job_head)
         if action == "stop":
             self.stopped.append(submission)
             self.jobs[submission]["status"] = "STOPPED"
@@ -297,6 +297,40 @@ def job_state(root: Path, job_id: str = "A") -> str:
         return con.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()[0]
 
 
+@pytest.mark.parametrize("restarted", [False, True], ids=["while polling", "at a restart"])
+def test_a_proxys_404_page_is_no_answer_not_a_job_gone(tmp_path: Path, restarted: bool) -> None:
+    """A reverse proxy before the dashboard answering its own 404 page (a path it does not route yet, the dashboard
+    behind it restarting): any 404 was taken for Ray's "no such job", so a job training on the cluster was taken
+    for gone (a poll's -1: failed; a restarted server's: not adopted, queued and submitted again beside the one
+    training). Only Ray's own 404 ("Job ... does not exist") says so now; another is no answer."""
+    tenant_id, _ = tenant_root(tmp_path)
+    add_jobs(tmp_path, tenant_id, [("A", "running", "ray:a", 1, "cpu")])
+    cluster, posts, routed = FakeRay(), [], [not restarted]
+    cluster.add("a", "A", "RUNNING", 1)
+
+    def proxy(request: httpx.Request) -> httpx.Response:
+        if request.method == "POST":
+            posts.append(request)
+        if routed:
+            return cluster(request)
+        return httpx.Response(
+            404, text="<html><h1>404 Not Found</h1>nginx</html>", headers={"content-type": "text/html"}
+        )
+
+    supervisor = ray_supervisor(tmp_path, cluster, ["cpu"])
+    supervisor.runner.http = httpx.Client(base_url="http://ray", transport=httpx.MockTransport(proxy))
+    supervisor.start()
+    routed.clear()
+    for _ in range(3):
+        supervisor.step()
+    assert job_state(tmp_path) == "running" and supervisor.handles == {"A": "ray:a"}
+    assert posts == [] and live(cluster, "A") == ["a"]  # one training, still watched
+    routed.append(True)
+    cluster.jobs["a"]["status"] = "FAILED"
+    supervisor.step()
+    assert job_state(tmp_path) == "failed" and supervisor.slots == {}
+
+
 @pytest.mark.parametrize("then", ["cancelled", "answered 500"])
 def test_a_submission_saved_after_the_job_ended_here_does_not_run(tmp_path: Path, then: str) -> None:
     """A POST left inside Ray (unanswered here) and then a cancel, or a resend answered 500 ("no available agent"):
@@ -362,7 +396,7 @@ def test_a_submission_unconfirmed_past_the_deadline_is_given_up_not_taken_for_en
         if answer == "a gateway's 502" or (answer == "404, a POST's 502" and request.method == "POST"):
             return httpx.Response(502, text="Bad Gateway")
         if answer == "404, a POST's 502":
-            return httpx.Response(404, json={})
+            return httpx.Response(404, text=f"Job {request.url.path.rsplit('/', 1)[-1]} does not exist")
         return httpx.Response(200, text="<html>sign in</html>", headers={"content-type": "text/html"})
 
     supervisor.runner.http = httpx.Client(base_url="http://ray", transport=httpx.MockTransport(proxy))

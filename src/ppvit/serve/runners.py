@@ -221,12 +221,12 @@ class RayRunner:
             log.warning("Ray job %s: %s", handle, exc)
             self._overdue(handle, str(exc))
             return None
-        if response.status_code == 404:
+        if response.status_code == 404 and "does not exist" in response.text:  # Ray's own 404, not a proxy's
             if handle in self.unconfirmed:  # not (yet) taken: sent again, same id (the placeholder, once given up)
                 self._overdue(handle, "404 for it, its submission not answered")
                 return -1 if self._submit(handle, self.unconfirmed[handle].body) else None
             return -1
-        if response.status_code != 200:  # a gateway's 502 for a dashboard gone: no answer
+        if response.status_code != 200:  # a gateway's 502 for a dashboard gone, a proxy's 404 page: no answer
             self._overdue(handle, f"{response.status_code} {response.text[:100]}")
             return None
         self.unconfirmed.pop(handle, None)
