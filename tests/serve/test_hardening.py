@@ -605,6 +605,8 @@ def test_a_server_that_cannot_start_its_job_service_says_why_in_one_line(tmp_pat
     assert lines[-1].startswith(f"ppvit serve: error: {root}: the server stopped on an error: tenants.sqlite:")
     assert "view" in lines[-1], lines[-1]
     assert len(lines) == 2, lines  # the line naming the root and port, then the error
+    bound = re.fullmatch(rf"ppvit serve: {re.escape(str(root))} on http://127\.0\.0\.1:(\d+)", lines[0])
+    assert bound and int(bound[1]) > 0, lines[0]  # --port 0: the port chosen (it said 0)
 
 
 def test_a_port_in_use_is_one_line_before_anything_loads(tmp_path: Path) -> None:
@@ -612,7 +614,7 @@ def test_a_port_in_use_is_one_line_before_anything_loads(tmp_path: Path) -> None
         port = taken.getsockname()[1]
         done = ppvit("serve", "--root", str(tmp_path / "store"), "--port", str(port))
     assert done.returncode == 2, done.stderr
-    assert done.stderr.strip().splitlines()[1:] == [
+    assert done.stderr.strip().splitlines() == [  # not even a line saying it serves there
         f"ppvit serve: error: 127.0.0.1:{port}: cannot listen there (Address already in use)"
     ], done.stderr
 

@@ -49,9 +49,14 @@ def _serve(args: argparse.Namespace) -> None:
             docs=args.docs,
             training=_service_limits(args),
         )
-        scheme = "https" if args.ssl_certfile else "http"
-        print(f"ppvit serve: {args.root} on {scheme}://{args.host}:{args.port}", file=sys.stderr)
-        serve(cfg, args.host, args.port, args.ssl_certfile, args.ssl_keyfile)
+        serve(
+            cfg,
+            args.host,
+            args.port,
+            args.ssl_certfile,
+            args.ssl_keyfile,
+            listening_at=lambda url: print(f"ppvit serve: {args.root} on {url}", file=sys.stderr),
+        )
     elif args.action == "add-tenant":
         token = TenantStore(args.dir).add(args.name, args.adapter, args.weights, max_classes=args.max_classes)
         _hand_over(token, args.token_file, args.name)

@@ -34,6 +34,7 @@ import os
 import shutil
 import socket
 import time
+from collections.abc import Callable
 from contextlib import asynccontextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -465,8 +466,10 @@ def serve(
     port: int = 8000,
     ssl_certfile: str | None = None,
     ssl_keyfile: str | None = None,
+    listening_at: Callable[[str], None] | None = None,
 ) -> None:
-    """Run the server until SIGINT/SIGTERM; requests in flight are answered before it exits."""
+    """Run the server until SIGINT/SIGTERM; requests in flight are answered before it exits. ``listening_at`` is
+    told the server's URL once its port is bound (the port chosen where ``port`` is 0)."""
     import uvicorn
 
     if (ssl_certfile is None) != (ssl_keyfile is None):
@@ -478,6 +481,9 @@ def serve(
     if warning:
         log.warning("%s", warning)
     with listen(host, port) as listening:  # closed also where the app cannot be made (a damaged tenants.sqlite)
+        if listening_at is not None:
+            bound = f"[{host}]" if ":" in host else host
+            listening_at(f"{'https' if ssl_certfile else 'http'}://{bound}:{listening.getsockname()[1]}")
         config = uvicorn_config(cfg, host, port, ssl_certfile, ssl_keyfile)
         app = config.app
         # uvicorn logs a failed start or stop of the app as a traceback: the failure is said once, below
