@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import tarfile
 from pathlib import Path
@@ -215,6 +216,18 @@ def _empty(root: Path) -> None:
     (root / "train" / "cat").mkdir(parents=True)
 
 
+def _one_name_twice(root: Path, other: str = "0.jpg") -> None:
+    """Two images a PNG output (or a wds sample's key) cannot tell apart: the second was taken for the first's
+    output already there (exit 0, one image lost without a word)."""
+    make_tree(root, n=1, size=16)
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(root / "train" / "cat" / other)
+
+
+def _one_key_twice(root: Path) -> None:
+    _one_name_twice(root, "0.x.png")  # a wds key has no dot: 0_x, as 0_x.png's
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(root / "train" / "cat" / "0_x.png")
+
+
 @pytest.mark.parametrize(
     ("make", "extra", "says"),
     [
@@ -224,8 +237,22 @@ def _empty(root: Path) -> None:
         (_empty, [], "no images found"),
         (lambda r: make_tree(r, n=1, size=16), ["--scheme", "mix"], "float16 ciphertext; png holds uint8"),
         (lambda r: make_tree(r, n=1, size=16), ["--scheme", "lift", "--format", "wds"], "wds holds uint8"),
+        # a typo's size: 120 GB allocated for one image's resize, then a traceback
+        (lambda r: make_tree(r, n=1, size=16), ["--size", "100000", "--block-size", "16"], "--size 100000: at most"),
+        (_one_name_twice, [], "train/cat/0.jpg and train/cat/0.png would both be written as train/cat/0.png"),
+        (_one_key_twice, ["--format", "wds"], "0_x.png would both be written as train/cat/0_x"),
     ],
-    ids=["block-vs-image", "block-vs-size", "mixed-sizes", "empty", "mix-as-png", "lift-as-wds"],
+    ids=[
+        "block-vs-image",
+        "block-vs-size",
+        "mixed-sizes",
+        "empty",
+        "mix-as-png",
+        "lift-as-wds",
+        "huge-size",
+        "one-png-name",
+        "one-wds-key",
+    ],
 )
 def test_parameter_mistakes_are_one_line_before_any_work(
     tmp_path: Path, key_file: Path, capsys, make, extra: list[str], says: str
@@ -235,6 +262,76 @@ def test_parameter_mistakes_are_one_line_before_any_work(
     err = capsys.readouterr().err
     assert code == 2 and says in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "enc").exists()  # nothing written, not even the manifest
+
+
+@pytest.mark.parametrize("where", ["the source", "inside the source", "a folder of other files"])
+def test_an_output_over_its_source_or_a_foreign_folder_is_refused(
+    tmp_path: Path, key_file: Path, capsys, where: str
+) -> None:
+    """``encrypt SRC SRC`` took every plain image for its own output already there: exit 0, and a manifest declaring
+    the plain images ciphertext (hostile tester). An output is now apart from its source, and a folder holding
+    files is continued only where it holds a ppvit manifest."""
+    src = tmp_path / "src"
+    make_tree(src, n=1, size=16)
+    dst = {"the source": src, "inside the source": src / "enc", "a folder of other files": tmp_path / "mine"}[where]
+    if where == "a folder of other files":
+        make_tree(dst, n=1, size=16, seed=1)
+    before = tree_digest(src), tree_digest(dst)
+    code = cli.main(["-q", "encrypt", str(src), str(dst), "--key", str(key_file)])
+    err = capsys.readouterr().err
+    says = "give a new or empty folder" if where == "a folder of other files" else "overlaps the source"
+    assert code == 2 and says in err and len(err.strip().splitlines()) == 1, err
+    assert (tree_digest(src), tree_digest(dst)) == before  # nothing written, not even a manifest
+
+
+def test_a_run_that_fails_mid_shard_leaves_no_temporary_shard(
+    tmp_path: Path, key_file: Path, capsys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A full disk under ``--format wds``: the shard being written stayed as a temporary file, and tarfile's
+    stream, collected later, printed "Exception ignored ... Traceback ... No space left on device" after the one
+    error line (hostile tester). The run's open shards are now closed and deleted."""
+    import gc
+    import sys
+
+    from ppvit.data import sinks
+
+    class Full(io.FileIO):
+        def write(self, b: bytes) -> int:
+            if self.tell() + len(b) > 3000:
+                raise OSError(28, "No space left on device")
+            return super().write(b)
+
+    monkeypatch.setattr(sinks.os, "fdopen", lambda fd, mode: Full(fd, "w"))
+    unraisable: list = []
+    monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
+    make_tree(tmp_path / "src", n=4, size=16)
+    code = cli.main(
+        ["-q", "encrypt", str(tmp_path / "src"), str(tmp_path / "enc"), "--key", str(key_file), "--format", "wds"]
+    )
+    gc.collect()
+    err = capsys.readouterr().err
+    assert code != 0 and "No space left on device" in err and len(err.strip().splitlines()) == 1, err
+    assert unraisable == [] and list((tmp_path / "enc").rglob("*.tmp")) == []
+    assert list((tmp_path / "enc").rglob("*.tar")) == []  # and nothing half-written committed
+
+
+def test_workers_are_bounded_by_the_images_and_cpus(
+    tmp_path: Path, key_file: Path, capsys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--workers 300`` for 4 images forked 300 processes (100,000: thousands, before the machine stopped it)."""
+    from ppvit.data import encrypt
+
+    started: list[int] = []
+    run = encrypt.transform_all
+    monkeypatch.setattr(
+        encrypt, "transform_all", lambda items, init, n, consume: (started.append(n), run(items, init, 1, consume))
+    )
+    make_tree(tmp_path / "src", n=1, size=16)  # 4 images
+    code = cli.main(
+        ["-q", "encrypt", str(tmp_path / "src"), str(tmp_path / "enc"), "--key", str(key_file), "--workers", "300"]
+    )
+    assert code == 0, capsys.readouterr().err
+    assert started == [min(4, os.cpu_count() or 1)]
 
 
 def test_key_never_appears_in_outputs_or_messages(tmp_path: Path, key_file: Path, capsys) -> None:

@@ -139,3 +139,15 @@ def test_a_key_names_its_file_and_is_equal_whatever_its_file() -> None:
         key.settle("block_size", 8)
     assert key.settle("block_size", None) == 4 and key.settle("scheme", None) == "shuffle"
     assert Key(bytes(range(32)), pin, source="a.key") == key
+
+
+def test_keygen_refuses_to_pin_an_input_size_no_image_could_be_resized_to(tmp_path: Path, capsys) -> None:
+    """A key pinning a side of 100,000 made every encrypt with it allocate 120 GB for one image's resize, then
+    print a traceback (hostile tester)."""
+    one_line_error(
+        ["keygen", tmp_path / "k.key", "--scheme", "shuffle", "--block-size", "16", "--size", "100000"],
+        capsys,
+        "input size 100000: at most 4096",
+    )
+    assert not (tmp_path / "k.key").exists()
+    assert Geometry("shuffle", 16, 4096).input_size == 4096  # the bound itself is allowed

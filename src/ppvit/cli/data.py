@@ -95,7 +95,7 @@ def add_encrypt(sub: argparse._SubParsersAction) -> None:
     )
     add_splits_arg(p)
     add_strict_arg(p)
-    p.add_argument("--workers", type=int, default=1, help="processes to use")
+    p.add_argument("--workers", type=int, default=1, help="processes to use (at most the CPUs and the images)")
     p.set_defaults(func=_encrypt)
 
 
@@ -114,7 +114,7 @@ def add_decrypt(sub: argparse._SubParsersAction) -> None:
     p.add_argument("src", help="folder written by `ppvit encrypt`")
     p.add_argument("dst", help="output folder for the plain PNG images")
     p.add_argument("--key", required=True, help="the key it was encrypted with (checked by fingerprint)")
-    p.add_argument("--workers", type=int, default=1, help="processes to use")
+    p.add_argument("--workers", type=int, default=1, help="processes to use (at most the CPUs and the images)")
     p.set_defaults(func=_decrypt)
 
 

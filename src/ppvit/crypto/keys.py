@@ -42,6 +42,9 @@ import numpy as np
 KEY_FORMAT = "ppvit-key"
 KEY_VERSION = 1
 SECRET_BYTES = 32
+MAX_INPUT_SIZE = 4096
+"""The largest input side ppvit resizes to and encrypts at: ViTs take 224-518; one of 100,000 is a typo that would
+allocate tens of GB (120 GB for one image's resize) before saying anything."""
 
 
 T = TypeVar("T")
@@ -80,6 +83,8 @@ class Geometry:
             raise ValueError(f"a pinned geometry is a scheme and two positive integers, not {self}")
         if self.input_size % self.block_size:
             raise ValueError(f"input size {self.input_size} is not a multiple of block size {self.block_size}")
+        if self.input_size > MAX_INPUT_SIZE:
+            raise ValueError(f"input size {self.input_size}: at most {MAX_INPUT_SIZE}")
 
     def label(self) -> bytes:
         return f"scheme={self.scheme};block={self.block_size};size={self.input_size}".encode()

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from ppvit import __version__
 from ppvit._io import remove_stale_temps
 from ppvit.crypto.ciphers import BlockCipher
-from ppvit.crypto.keys import Key
+from ppvit.crypto.keys import MAX_INPUT_SIZE, Key
 from ppvit.data.manifest import (
     FORMATS,
     MANIFEST_NAME,
@@ -44,7 +44,7 @@ from ppvit.data.manifest import (
     write_manifest,
 )
 from ppvit.data.preprocess import KERNEL, Preprocess
-from ppvit.data.sinks import Sink, open_sink
+from ppvit.data.sinks import Sink, open_sink, output_name
 from ppvit.data.sources import Columns, Item, Select, Source, SplitNames, open_source
 from ppvit.data.sources.base import Data, split_of
 from ppvit.data.workers import Result, transform_all
@@ -75,6 +75,20 @@ def check_output(dst: Path, fmt: str) -> None:
         )
     if dst.exists() and not dst.is_dir():
         raise ValueError(f"output {dst}: exists and is not a folder")
+    if dst.is_dir() and not (dst / MANIFEST_NAME).exists() and any(dst.iterdir()):
+        raise ValueError(
+            f"output {dst}: holds files but no {MANIFEST_NAME} (not an output of ppvit to continue); "
+            "give a new or empty folder"
+        )
+
+
+def check_apart(source: Source, dst: Path) -> None:
+    """Refuse an output inside the source folder or holding it: written into itself, a folder's plain images
+    were taken for outputs already there (exit 0, a manifest calling them ciphertext), and a rerun reads the
+    outputs as inputs."""
+    src, out = Path(source.path).resolve(), dst.resolve()  # a path, or a pattern or a hub name (no overlap)
+    if src == out or src in out.parents or (src.is_dir() and out in src.parents):
+        raise ValueError(f"output {dst}: overlaps the source {source.path}; give a folder apart from it")
 
 
 def transform_collection(
@@ -94,8 +108,10 @@ def transform_collection(
     or with ``strict`` stops the run (ValueError naming it; a rerun continues)."""
     source = open_source(src, columns)
     dst = Path(dst)
+    check_apart(source, dst)
     check_output(dst, manifest.format)
-    counts = survey(source, select, manifest.block_size, manifest.size, check_sizes=not decrypting)
+    counts = survey(source, select, manifest.block_size, manifest.size, manifest.format, check_sizes=not decrypting)
+    workers = max(1, min(workers, sum(counts.values()), os.cpu_count() or 1))
     labels: list[str] = []
     if manifest.format == "wds":  # the label space first: each sample's .cls is an index into it
         manifest.shard_size = manifest.shard_size or WDS_SHARD_SIZE
@@ -137,8 +153,12 @@ def transform_collection(
         def consume(results: Iterator[Result]) -> None:
             _consume(results, sink, summary, bar, strict, str(source.path))
 
-        transform_all(fresh(source.items(select)), init, workers, consume)
-        sink.close()
+        try:
+            transform_all(fresh(source.items(select)), init, workers, consume)
+            sink.close()
+        except BaseException:  # a full disk, Ctrl-C: no half-written shard left behind (a rerun redoes it)
+            sink.abort()
+            raise
     manifest.classes, manifest.counts = sink.inventory()
     manifest.complete = not summary.failed
     write_manifest(dst, manifest)
@@ -147,24 +167,38 @@ def transform_collection(
 
 
 def survey(
-    source: Source, select: Select, block_size: int, size: int | None, check_sizes: bool = True
+    source: Source, select: Select, block_size: int, size: int | None, fmt: str = "png", check_sizes: bool = True
 ) -> dict[str, int]:
     """The number of images per split, after checking up front what would fail every image (one line, nothing written).
 
-    With ``size`` it must be a multiple of the block size. Without it the images must share one
-    size that is: a first pass reads each image's header (PIL reads the size without decoding)
-    and stops at the first image of another size, so a mixed source never leaves a half dataset.
-    An empty source is refused.
+    With ``size`` it must be a multiple of the block size, and at most :data:`~ppvit.crypto.keys.MAX_INPUT_SIZE`.
+    Without it the images must share one size that is: a first pass reads each image's header (PIL reads the size
+    without decoding) and stops at the first image of another size, so a mixed source never leaves a half dataset.
+    An empty source is refused, and one where two images would be written under one name (``a.jpg``, ``a.png``:
+    the second was taken for the first's output, one image lost without a word).
     """
     if size is not None and check_sizes and (size < block_size or size % block_size):
         raise ValueError(f"--size {size} is not a multiple of the block size {block_size}")
+    if size is not None and size > MAX_INPUT_SIZE:
+        raise ValueError(f"--size {size}: at most {MAX_INPUT_SIZE}")
     counts: Counter[str] = Counter()
+    names: dict[str, str] = {}
+
+    def count(rel: str) -> None:
+        first = names.setdefault(output_name(fmt, rel), rel)
+        if first != rel:
+            raise ValueError(
+                f"source {source.path}: {first} and {rel} would both be written as {output_name(fmt, rel)}; rename one"
+            )
+        counts[split_of(rel)] += 1
+
     if size is not None or not check_sizes:
-        counts.update(split_of(rel) for rel in source.paths(select))
+        for rel in source.paths(select):
+            count(rel)
     else:
         first = None
         for rel, data in source.items(select):
-            counts[split_of(rel)] += 1
+            count(rel)
             dims = _dims(data)
             if dims is None:  # unreadable: one failed image later, as before
                 continue

@@ -7,6 +7,7 @@ source order.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import tempfile
@@ -35,6 +36,9 @@ class Sink(Protocol):
 
     def close(self) -> None: ...
 
+    def abort(self) -> None:
+        """The run failed: drop what is not finished (no temporary file left, nothing half-written committed)."""
+
     def inventory(self) -> Inventory:
         """What the output holds now, for the manifest."""
 
@@ -48,6 +52,15 @@ def open_sink(
     if fmt == "wds":
         return WdsSink(dst, shard_size or 0, classes, counts, marker)
     return NpzSink(dst) if fmt == "npz" else PngSink(dst, marker)
+
+
+def output_name(fmt: str, rel: str) -> str:
+    """What image ``rel`` of a source is written as in output format ``fmt``: two images of one name would be
+    one output (npz shards keep each image's path as it is)."""
+    if fmt == "npz":
+        return rel
+    stem = Path(rel).with_suffix("").as_posix()
+    return stem.replace(".", "_") if fmt == "wds" else f"{stem}.png"  # a wds sample's key has no dot
 
 
 def png_bytes(arr: np.ndarray, marker: str | None = None) -> bytes:
@@ -79,7 +92,7 @@ class PngSink:
         self.dst, self.marker = dst, marker
 
     def _path(self, rel: str) -> Path:
-        return self.dst / Path(rel).with_suffix(".png")
+        return self.dst / output_name("png", rel)
 
     def claim(self, rel: str) -> bool:
         return self._path(rel).exists()
@@ -91,6 +104,9 @@ class PngSink:
 
     def close(self) -> None:
         pass
+
+    def abort(self) -> None:
+        pass  # each file is whole once written
 
     def inventory(self) -> Inventory:
         rels = (p.relative_to(self.dst).as_posix() for p in self.dst.rglob("*.png"))
@@ -158,6 +174,9 @@ class NpzSink(_NumberedShards):
         for key in list(self.buffers):
             self._flush(key)
 
+    def abort(self) -> None:
+        self.buffers.clear()  # a shard not written yet: the rerun makes it
+
     def inventory(self) -> Inventory:
         def entries() -> Iterator[tuple[str, str]]:
             for shard in self._shards():
@@ -223,8 +242,7 @@ class WdsSink(_NumberedShards):
                 raise _naming(exc, path) from None
             fh = os.fdopen(fd, "wb")
             self.open[split, number] = (path, Path(name), fh, wds.TarWriter(fh, encoder=False, mtime=0))
-        below = Path(rel).relative_to(split) if split else Path(rel)
-        key = below.with_suffix("").as_posix().replace(".", "_")
+        key = output_name("wds", Path(rel).relative_to(split).as_posix() if split else rel)
         path, _, _, writer = self.open[split, number]
         try:
             label = str(self.lookup[class_of(rel)]).encode()
@@ -236,18 +254,28 @@ class WdsSink(_NumberedShards):
             self._finish((split, number))
 
     def _finish(self, shard: tuple[str, int]) -> None:
-        path, tmp, fh, writer = self.open.pop(shard)
+        path, tmp, fh, writer = self.open[shard]
         try:
             writer.close()  # the tar stream; the file is ours to close
             fh.close()
         except OSError as exc:
-            tmp.unlink(missing_ok=True)
-            raise _naming(exc, path) from None
+            raise _naming(exc, path) from None  # abort() deletes it with the others
+        del self.open[shard]
         commit_temp(tmp, path)
 
     def close(self) -> None:
         for shard in list(self.open):  # shards short of an image that failed
             self._finish(shard)
+
+    def abort(self) -> None:
+        """Close and delete every shard being written (a full disk: closing one fails too, and tarfile's stream
+        then said so again as "Exception ignored" when collected)."""
+        for _, tmp, fh, writer in self.open.values():
+            for done in (writer.close, fh.close):
+                with contextlib.suppress(Exception):
+                    done()  # tarfile marks its stream closed before it writes: nothing left for its __del__
+            tmp.unlink(missing_ok=True)
+        self.open.clear()
 
     def inventory(self) -> Inventory:
         classes = sorted(self.lookup, key=self.lookup.__getitem__)
