@@ -241,6 +241,12 @@ def _one_key_twice(root: Path) -> None:
         (lambda r: make_tree(r, n=1, size=16), ["--size", "100000", "--block-size", "16"], "--size 100000: at most"),
         (_one_name_twice, [], "train/cat/0.jpg and train/cat/0.png would both be written as train/cat/0.png"),
         (_one_key_twice, ["--format", "wds"], "0_x.png would both be written as train/cat/0_x"),
+        # a mixing's matrix is (3 p^2)^2: 18 GiB at blocks of 128, then a MemoryError's traceback
+        (
+            lambda r: make_tree(r, n=1, size=64),
+            ["--scheme", "lift", "--block-size", "64", "--format", "npz"],
+            "at most 3072",
+        ),
     ],
     ids=[
         "block-vs-image",
@@ -252,6 +258,7 @@ def _one_key_twice(root: Path) -> None:
         "huge-size",
         "one-png-name",
         "one-wds-key",
+        "huge-mixing",
     ],
 )
 def test_parameter_mistakes_are_one_line_before_any_work(

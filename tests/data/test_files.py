@@ -45,16 +45,25 @@ def test_archive_member_outside_dst_is_refused(tmp_path: Path, bad_name: str) ->
     assert not [p for p in outside if p.exists()]
 
 
-def test_truncated_archive_is_one_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize("cut", ["gzip, halved", "tar, in a header"])
+def test_truncated_archive_is_one_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str], cut: str) -> None:
+    """A plain tar cut inside a member's header (a copy interrupted) was taken as whole: exit 0, a complete
+    manifest, the images after the cut missing without a word (hostile tester): Python's tarfile ends there."""
     write_tar(tmp_path / "d.tar", {f"cls/{i}.png": png_bytes(i, 64) for i in range(8)})
-    packed = gzip.compress((tmp_path / "d.tar").read_bytes())
-    (tmp_path / "d.tar.gz").write_bytes(packed[: len(packed) // 2])
+    whole = (tmp_path / "d.tar").read_bytes()
+    if cut == "gzip, halved":
+        packed, name = gzip.compress(whole), "d.tar.gz"
+        (tmp_path / name).write_bytes(packed[: len(packed) // 2])
+    else:
+        with tarfile.open(tmp_path / "d.tar") as tar:
+            fifth = tar.getmembers()[4].offset
+        name = "cut.tar"
+        (tmp_path / name).write_bytes(whole[: fifth + 200])
     Key.generate().save(tmp_path / "k.key")
-    code = cli.main(
-        ["-q", "encrypt", str(tmp_path / "d.tar.gz"), str(tmp_path / "enc"), "--key", str(tmp_path / "k.key")]
-    )
+    code = cli.main(["-q", "encrypt", str(tmp_path / name), str(tmp_path / "enc"), "--key", str(tmp_path / "k.key")])
     printed = capsys.readouterr()
-    assert code == 2 and "d.tar.gz" in printed.err and "damaged" in printed.err and "Traceback" not in printed.err
+    assert code == 2 and name in printed.err and "damaged" in printed.err and "Traceback" not in printed.err
+    assert not (tmp_path / "enc" / "ppvit-manifest.json").exists()
     assert_no_key_material([printed.out, printed.err], Key.load(tmp_path / "k.key"))
 
 

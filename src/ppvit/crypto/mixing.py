@@ -99,10 +99,16 @@ class BlockMixing:
         return (v + 128).clamp(0, 255).to(torch.uint8)
 
 
+MAX_MIXED_VALUES = 32 * 32 * 3
+"""The largest block a mixing takes, in values: its keyed matrix has this many squared (75 MB of float64)."""
+
+
 def block_mixing(key: Key, name: str, p: int, c: int) -> BlockMixing:
     """The keyed mixing ``name`` (``mix`` or ``lift``) for ``p x p x c`` blocks (cached per key)."""
     if name not in MIXING_STEPS:
         raise ValueError(f"unknown mixing {name!r}; choose from {', '.join(MIXING_STEPS)}")
+    if p * p * c > MAX_MIXED_VALUES:  # the matrix is (p*p*c)^2: 18 GiB at blocks of 128, before a word
+        raise ValueError(f"{name} in blocks of {p}: at most {MAX_MIXED_VALUES} values a block (32 x 32 x 3)")
     return _cached(key.secret, name, p, c)
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from ppvit.data.sources.base import IMAGE_SUFFIXES, Item, Select, Source, is_image_path
+from ppvit.data.sources.wds import members
 
 
 class FilesSource(Source):
@@ -67,15 +68,15 @@ def _image_files(root: Path) -> list[Path]:
 def _archive_items(src: Path, select: Select) -> Iterator[Item]:
     try:
         with tarfile.open(src, "r:*") as tar:
-            members = _TarMembers(tar)
-            for member in tar:
+            reader = _TarMembers(tar)
+            for member in members(tar, src):  # a cut archive (its header cut) is damaged, not shorter
                 rel = _image_member(member)
                 if rel is not None:
                     if select is not None and not select(rel):
                         continue
                     if Path(rel).is_absolute() or ".." in Path(rel).parts:
                         raise ValueError(f"archive {src}: member {member.name!r} has an unsafe path; refusing it")
-                    yield rel, members.read(member)
+                    yield rel, reader.read(member)
     except (tarfile.TarError, EOFError, zlib.error, OSError) as exc:
         raise ValueError(f"archive {src}: damaged ({exc.__class__.__name__}: {exc})") from None
 
@@ -90,7 +91,7 @@ def _archive_paths(src: Path) -> Iterator[str]:
     """The image members' paths from the tar headers alone (an uncompressed archive's data are skipped, not read)."""
     try:
         with tarfile.open(src, "r:*") as tar:
-            yield from (rel for rel in map(_image_member, tar) if rel is not None)
+            yield from (rel for rel in map(_image_member, members(tar, src)) if rel is not None)
     except (tarfile.TarError, EOFError, zlib.error, OSError) as exc:
         raise ValueError(f"archive {src}: damaged ({exc.__class__.__name__}: {exc})") from None
 
