@@ -408,6 +408,35 @@ def test_decrypt_restores_shards_as_png_files(tmp_path: Path, key_file: Path, fm
         np.testing.assert_array_equal(read_png(tmp_path / "dec" / rel), arr)
 
 
+@pytest.mark.parametrize("fmt", ["npz", "wds"])
+@pytest.mark.parametrize("name", ["../../escaped", "/ABS/escaped"])
+def test_decrypt_refuses_a_shard_whose_image_paths_leave_the_output(
+    tmp_path: Path, key_file: Path, capsys, fmt: str, name: str
+) -> None:
+    """An encrypted dataset written or altered by someone else: its npz ``paths`` or wds member names were the
+    output names unchecked, so ``ppvit decrypt`` wrote outside DST and said it had decrypted them (hostile tester)."""
+    make_tree(tmp_path / "src", n=1)
+    base = ["-q", "--key", str(key_file), "--block-size", "4"]
+    assert cli.main(["encrypt", str(tmp_path / "src"), str(tmp_path / "enc"), "--format", fmt, *base]) == 0
+    name = name.replace("/ABS", str(tmp_path))
+    if fmt == "npz":
+        shard = tmp_path / "enc" / "train" / "shard-00000.npz"
+        arrays = dict(np.load(shard))
+        arrays["paths"] = np.array([f"{name}-{i}.png" for i in range(len(arrays["paths"]))])
+        np.savez(shard, **arrays)
+    else:
+        shard = tmp_path / "enc" / "train" / "shard-000000.tar"
+        with tarfile.open(fileobj=io.BytesIO(shard.read_bytes())) as old, tarfile.open(shard, "w") as new:
+            for member in old.getmembers():
+                data = old.extractfile(member).read()
+                member.name = f"{name}/{member.name}"  # its class kept: cat/0.png
+                new.addfile(member, io.BytesIO(data))
+    code = cli.main(["decrypt", str(tmp_path / "enc"), str(tmp_path / "out" / "dec"), "-q", "--key", str(key_file)])
+    err = capsys.readouterr().err
+    assert code == 2 and "is an unsafe path" in err and len(err.strip().splitlines()) == 1, err
+    assert not list(tmp_path.rglob("escaped*"))
+
+
 def test_wds_shards_each_hold_every_class_not_runs_of_one(tmp_path: Path, key_file: Path) -> None:
     make_tree(tmp_path / "src", n=8)  # per split: 8 cat then 8 dog, in source order
     args = ["-q", "encrypt", str(tmp_path / "src"), str(tmp_path / "enc"), "--key", str(key_file), "--block-size", "4"]

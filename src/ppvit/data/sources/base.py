@@ -17,7 +17,7 @@ import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, ClassVar
 
 import numpy as np
@@ -247,17 +247,31 @@ class Source(ABC):
 
     def items(self, select: Select = None) -> Iterator[Item]:
         """(relative path in ImageFolder layout, data) of every image (that ``select`` accepts), in a stable order;
-        with ``splits``, the two chosen splits alone under ppvit's names."""
+        with ``splits``, the two chosen splits alone under ppvit's names. A path that would leave a folder it is
+        joined to stops the run (see :meth:`_safe`)."""
         if self.splits is None:
-            return self._items(select)
-        view = self.splits.view
-        return ((ours, data) for rel, data in self._items(self._viewed(select)) if (ours := view(rel)) is not None)
+            found = self._items(select)
+        else:
+            view = self.splits.view
+            found = ((ours, data) for rel, data in self._items(self._viewed(select)) if (ours := view(rel)) is not None)
+        return ((self._safe(rel), data) for rel, data in found)
 
     def paths(self, select: Select = None) -> Iterator[str]:
         """The relative paths of :meth:`items` alone."""
         if self.splits is None:
-            return self._paths(select)
-        return (ours for rel in self._paths(self._viewed(select)) if (ours := self.splits.view(rel)) is not None)
+            found = self._paths(select)
+        else:
+            found = (ours for rel in self._paths(self._viewed(select)) if (ours := self.splits.view(rel)) is not None)
+        return map(self._safe, found)
+
+    def _safe(self, rel: str) -> str:
+        """``rel``, refused where it is absolute or climbs (``..``): outputs are written under these paths (decrypt,
+        the audit's recovered images), and a tar member's, an npz shard's or a sample's path is whatever its
+        writer put there (a shard's ``/home/x/.bashrc`` was written there by ``ppvit decrypt``)."""
+        path = PurePosixPath(rel)
+        if not rel or path.is_absolute() or ".." in path.parts:
+            raise ValueError(f"source {self.path}: {rel!r} is an unsafe path (absolute, or with '..'); refusing it")
+        return rel
 
     def _viewed(self, select: Select) -> Select:
         """``select`` for the kind's own paths: a path in a chosen split that ``select`` accepts as ppvit names it."""
