@@ -7,7 +7,7 @@ import argparse
 from ppvit.cli.common import add_splits_arg, add_strict_arg, report_summary, scheme_args, stop_on_sigterm
 from ppvit.crypto.keys import Key
 from ppvit.data.manifest import OLD_FORMATS, WDS_SHARD_SIZE
-from ppvit.experiments.preview import PREVIEW_SCHEMES
+from ppvit.experiments.preview import MAX_PREVIEW_IMAGES, PREVIEW_SCHEMES
 
 
 def _keygen(args: argparse.Namespace) -> None:
@@ -121,9 +121,10 @@ def add_decrypt(sub: argparse._SubParsersAction) -> None:
 def _preview(args: argparse.Namespace) -> None:
     from ppvit.experiments import preview
 
-    images = preview.sample_images(args.src, args.n, args.size, args.prefix)
-    schemes = tuple(s for s in args.schemes.split(",") if s)
-    path = preview.preview_grid(images, Key.load(args.key), schemes, args.block_size, args.out)
+    schemes = tuple(s for s in args.schemes.split(",") if s) if args.schemes else None
+    path = preview.preview(
+        args.src, args.out, Key.load(args.key), schemes, args.block_size, args.n, args.size, args.prefix
+    )
     print(f"wrote {path}")
 
 
@@ -132,10 +133,12 @@ def add_preview(sub: argparse._SubParsersAction) -> None:
     p.add_argument("src", help="folder, image or tar archive")
     p.add_argument("out", help="PNG file to write")
     p.add_argument("--key", required=True, help="key file")
-    p.add_argument("--schemes", default=",".join(PREVIEW_SCHEMES), help="comma-separated schemes")
-    p.add_argument("--block-size", type=int, default=16, help="block size (default 16)")
-    p.add_argument("--n", type=int, default=4, help="number of example images")
-    p.add_argument("--size", type=int, default=224, help="resize to SIZE x SIZE (default 224)")
+    p.add_argument(
+        "--schemes", help=f"comma-separated schemes (default: the key's pin, else {','.join(PREVIEW_SCHEMES)})"
+    )
+    p.add_argument("--block-size", type=int, help="block size (default: the key's pin, else 16)")
+    p.add_argument("--n", type=int, default=4, help=f"number of example images (1 to {MAX_PREVIEW_IMAGES})")
+    p.add_argument("--size", type=int, help="resize to SIZE x SIZE (default: the key's pin, else 224)")
     p.add_argument("--prefix", default="", help="only images whose path starts with this, e.g. test/")
     p.set_defaults(func=_preview)
 

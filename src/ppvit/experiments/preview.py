@@ -8,12 +8,57 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
+from PIL.PngImagePlugin import PngInfo
 
 from ppvit._io import atomic_write
 from ppvit.crypto.keys import Key
 from ppvit.data.images import resize_array
 
 PREVIEW_SCHEMES = ("shuffle", "scramble", "rotate", "negpos", "channel", "shuffle+scramble")
+MAX_PREVIEW_IMAGES = 64  # a grid's columns: every image is decoded and encrypted per scheme, and pasted whole
+PREVIEW_MARK = "ppvit-preview"  # a PNG text chunk: the one kind of existing file a preview overwrites
+
+
+def preview(
+    src: str | os.PathLike,
+    out: str | os.PathLike,
+    key: Key,
+    schemes: tuple[str, ...] | None = None,
+    block_size: int | None = None,
+    n: int = 4,
+    size: int | None = None,
+    prefix: str = "",
+) -> Path:
+    """``ppvit preview``: ``n`` images of ``src`` plain and under each scheme, as a PNG grid at ``out``.
+
+    A key's pin is the default of the schemes, block size and size, and refuses others (as every verb that
+    encrypts); without a pin all of :data:`PREVIEW_SCHEMES` in blocks of 16 at 224. ``out`` is a ``.png`` that
+    does not exist or is an earlier preview: any other file there (the key itself) is refused, never replaced."""
+    from ppvit.crypto.ciphers import Scheme
+    from ppvit.crypto.keys import MAX_INPUT_SIZE
+
+    out = Path(out)
+    if out.suffix.lower() != ".png":
+        raise ValueError(f"preview {out}: a preview is a .png file")
+    if out.exists() and not _is_preview(out):
+        raise ValueError(f"preview {out}: exists and is not a preview written by ppvit; refusing to replace it")
+    if not 1 <= n <= MAX_PREVIEW_IMAGES:
+        raise ValueError(f"--n {n}: from 1 to {MAX_PREVIEW_IMAGES} images")
+    pinned = (key.pin.scheme,) if key.pin is not None else PREVIEW_SCHEMES
+    schemes = tuple(key.settle("scheme", str(Scheme.parse(s)), s) for s in schemes) if schemes else pinned
+    block_size = key.settle("block_size", block_size, 16)
+    size = key.settle("input_size", size, 224)
+    if not 1 <= size <= MAX_INPUT_SIZE:
+        raise ValueError(f"--size {size}: from 1 to {MAX_INPUT_SIZE}")
+    return preview_grid(sample_images(src, n, size, prefix), key, schemes, block_size, out)
+
+
+def _is_preview(path: Path) -> bool:
+    try:
+        with Image.open(path) as im:
+            return im.format == "PNG" and PREVIEW_MARK in getattr(im, "text", {})
+    except Exception:  # not an image PIL reads: not ours
+        return False
 
 
 def sample_images(src: str | os.PathLike, n: int, size: int | None, prefix: str = "") -> list[np.ndarray]:
@@ -59,7 +104,9 @@ def preview_grid(
     h, w, _ = images[0].shape
     zoom = max(1, 128 // max(h, w))
     cell_w, cell_h, label_w, pad = w * zoom, h * zoom, 150, 4
-    rows = [("plain", images)] + [(s, list(BlockCipher(key, s, block_size).encrypt(np.stack(images)))) for s in schemes]
+    rows = [("plain", images)] + [
+        (s, _visible(BlockCipher(key, s, block_size).encrypt(np.stack(images)))) for s in schemes
+    ]
     grid = Image.new("RGB", (label_w + len(images) * (cell_w + pad), len(rows) * (cell_h + pad)), "white")
     draw = ImageDraw.Draw(grid)
     for r, (name, row) in enumerate(rows):
@@ -69,8 +116,20 @@ def preview_grid(
             tile = Image.fromarray(im).resize((cell_w, cell_h), Image.Resampling.NEAREST)
             grid.paste(tile, (label_w + c * (cell_w + pad), y))
     out = Path(out)
-    atomic_write(out, lambda tmp: grid.save(tmp, format="PNG"))
+    info = PngInfo()
+    info.add_text(PREVIEW_MARK, "1")
+    atomic_write(out, lambda tmp: grid.save(tmp, format="PNG", pnginfo=info))
     return out
+
+
+def _visible(ciphertext: np.ndarray) -> list[np.ndarray]:
+    """A scheme's ciphertext as uint8 images: a mixing's (float16, int16) stretched from its least to its largest
+    value over the row (PIL shows no such array)."""
+    if ciphertext.dtype == np.uint8:
+        return list(ciphertext)
+    x = ciphertext.astype(np.float64)
+    lo, hi = x.min(), x.max()
+    return list(((x - lo) / max(hi - lo, 1e-12) * 255).round().astype(np.uint8))
 
 
 @dataclass
@@ -107,12 +166,10 @@ def encryption_demo(
     from ppvit.data.encrypt import decrypt_collection, encrypt_collection
     from ppvit.data.sources import open_source
 
+    if not 10 <= n <= 10000:
+        raise ValueError(f"--n {n}: from 10 to 10000 (n // 10 test images of each class)")
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    key = Key.generate()
-    key.save(out / "demo.key")
-    cipher = BlockCipher(key, "shuffle", block_size)
-    per_class = max(1, n // 10)
+    per_class = n // 10
     counts: dict[str, int] = {}
 
     def select(rel: str) -> bool:  # the first n // 10 test images of each class folder
@@ -128,6 +185,10 @@ def encryption_demo(
         if item.error is None
     }
     chosen = {Path(rel).with_suffix("").as_posix() for rel in originals}
+    out.mkdir(parents=True, exist_ok=True)  # the key once the data are read: a wrong --data leaves none behind
+    key = Key.generate()
+    key.save(out / "demo.key")
+    cipher = BlockCipher(key, "shuffle", block_size)
     enc = encrypt_collection(
         data,
         out / "encrypted",
