@@ -35,10 +35,12 @@ from ppvit.crypto.keys import MAX_INPUT_SIZE, Key
 from ppvit.data.manifest import (
     FORMATS,
     MANIFEST_NAME,
+    MARKER,
     PLAIN,
     WDS_SHARD_SIZE,
     Format,
     Manifest,
+    marker_agrees,
     marker_text,
     read_manifest,
     write_manifest,
@@ -46,7 +48,7 @@ from ppvit.data.manifest import (
 from ppvit.data.preprocess import KERNEL, Preprocess
 from ppvit.data.sinks import Sink, open_sink, output_name
 from ppvit.data.sources import Columns, Item, Select, Source, SplitNames, open_source
-from ppvit.data.sources.base import Data, split_of
+from ppvit.data.sources.base import Data, decode, split_of
 from ppvit.data.workers import Result, transform_all
 
 log = logging.getLogger(__name__)
@@ -144,7 +146,8 @@ def transform_collection(
             else:
                 yield rel, data
 
-    init = (cipher.key.secret, str(cipher.scheme), cipher.block_size, manifest.size, decrypting)
+    stated = marker_text(source.manifest) if decrypting and source.manifest is not None else None  # what files say
+    init = (cipher.key.secret, str(cipher.scheme), cipher.block_size, manifest.size, decrypting, stated)
     bar = tqdm(
         desc="decrypting" if decrypting else "encrypting", total=sum(counts.values()), unit="img", disable=not progress
     )
@@ -287,4 +290,10 @@ def decrypt_collection(
     manifest.check(fingerprint=key.fingerprint, where=f"{src}")
     cipher = BlockCipher(key, manifest.scheme, manifest.block_size)
     plain = Manifest(PLAIN, manifest.block_size, manifest.size, key.fingerprint, "png", __version__)
-    return transform_collection(open_source(src), dst, cipher, plain, True, workers, progress)
+    source = open_source(src)
+    first = next(iter(source.items()), None)  # a manifest edited by hand: one line, not a failure an image
+    if first is not None and isinstance(first[1], bytes) and (got := decode(*first)).error is None:
+        stated = got.image.info.get(MARKER)
+        if not marker_agrees(stated, marker_text(manifest)):
+            raise ValueError(f"{src}: its manifest says {marker_text(manifest)}; its image {first[0]}, {stated}")
+    return transform_collection(source, dst, cipher, plain, True, workers, progress)

@@ -45,6 +45,23 @@ class Manifest:
     preprocess: Preprocess | None = None  # how the images were resized (mean/std None: the model's); None: not resized
     dtype: str = "uint8"  # of the stored values: uint8, float16 (mix) or int16/int32 (lift: the key's bound decides)
 
+    def validate(self) -> None:
+        """TypeError for a field of the wrong kind: what :func:`read_manifest` checks of a file edited by hand
+        (a traceback further on, or a size no image could be resized to)."""
+        from ppvit.crypto.keys import MAX_INPUT_SIZE  # here: the CLI's parser imports this module for its names
+
+        def whole(v: object, top: int | None = None) -> bool:
+            return type(v) is int and v >= 1 and (top is None or v <= top)
+
+        if not isinstance(self.scheme, str) or not isinstance(self.key_fingerprint, str):
+            raise TypeError("scheme and key_fingerprint are strings")
+        if not whole(self.block_size) or not (self.size is None or whole(self.size, MAX_INPUT_SIZE)):
+            raise TypeError(f"block_size is a whole number, size one of 1-{MAX_INPUT_SIZE} (or null)")
+        if self.format not in FORMATS or not (self.shard_size is None or whole(self.shard_size)):
+            raise TypeError(f"format is one of {', '.join(FORMATS)}, shard_size a whole number (or null)")
+        if not all(isinstance(d, dict) for d in (self.classes, self.counts)) or type(self.complete) is not bool:
+            raise TypeError("classes and counts are objects, complete true or false")
+
     def __post_init__(self) -> None:
         if isinstance(self.preprocess, dict):  # read from JSON
             self.preprocess = Preprocess.of(self.preprocess, "manifest")
@@ -92,6 +109,17 @@ def marker_text(manifest: Manifest) -> str:
     return json.dumps(doc)
 
 
+def marker_agrees(stated: str | None, expected: str) -> bool:
+    """Whether a file's :data:`MARKER` text (None: it has none, as npz shards) states the facts of ``expected``
+    (a :func:`marker_text`): a manifest edited by hand, or a file of another dataset, does not."""
+    if stated is None:
+        return True
+    try:
+        return json.loads(stated) == json.loads(expected)
+    except ValueError:
+        return False
+
+
 def read_marker(text: str, where: str) -> Manifest:
     """The facts a :data:`MARKER` chunk states, as a manifest of one file (``where`` names it in errors)."""
     try:
@@ -105,8 +133,12 @@ def read_manifest(folder: str | os.PathLike) -> Manifest:
     path = Path(folder) / MANIFEST_NAME
     try:
         doc = json.loads(path.read_text())
+        if not isinstance(doc, dict):
+            raise TypeError("not a JSON object")
         doc["format"] = OLD_FORMATS.get(doc.get("format"), doc.get("format"))
-        return Manifest(**doc)
+        manifest = Manifest(**doc)
+        manifest.validate()
+        return manifest
     except FileNotFoundError:
         raise FileNotFoundError(f"{folder}: no {MANIFEST_NAME} (not written by `ppvit encrypt`?)") from None
     except (OSError, ValueError, TypeError) as exc:  # ValueError: JSON, or a malformed preprocess

@@ -21,10 +21,12 @@ import numpy as np
 from ppvit.crypto.ciphers import BlockCipher
 from ppvit.crypto.keys import Key
 from ppvit.data.images import resize_array
+from ppvit.data.manifest import MARKER, marker_agrees
 from ppvit.data.sources.base import Item, decode
 
 Result = tuple[str, np.ndarray | None, str | None]  # (relative path, transformed pixels, or why not)
-WorkerInit = tuple[bytes, str, int, int | None, bool]  # (key secret, scheme, block size, size, decrypting)
+WorkerInit = tuple[bytes, str, int, int | None, bool, str | None]
+"""(key secret, scheme, block size, size, decrypting, the marker text its ciphertext states: decrypting only)"""
 
 _worker: dict[str, object] = {}
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
@@ -53,9 +55,12 @@ def transform_all(
             raise
 
 
-def _init_worker(secret: bytes, scheme: str, block_size: int, size: int | None, decrypting: bool) -> None:
+def _init_worker(
+    secret: bytes, scheme: str, block_size: int, size: int | None, decrypting: bool, marker: str | None
+) -> None:
     """Sets up the transform in a worker process (or this one)."""
-    _worker.update(cipher=BlockCipher(Key(secret), scheme, block_size), size=size, decrypting=decrypting)
+    cipher = BlockCipher(Key(secret), scheme, block_size)
+    _worker.update(cipher=cipher, size=size, decrypting=decrypting, marker=marker)
 
 
 def _init_pool_worker(*args: object) -> None:
@@ -104,16 +109,21 @@ def _transform_one(item: Item) -> Result:
     """Decode, resize, encrypt (or decrypt) one image: the work a worker does. Arrays (npz shards) are taken
     as they are: a mixing's ciphertext is float16 or integers, no image."""
     rel, data = item
+    stated = None
     if isinstance(data, np.ndarray):
         arr = data
     else:
         got = decode(rel, data)
         if got.error is not None:
             return rel, None, got.error
-        arr = np.asarray(got.image)
+        arr, stated = np.asarray(got.image), got.image.info.get(MARKER)
     size = _worker["size"]
-    if size is not None:
-        arr = resize_array(arr, size)  # type: ignore[arg-type]
+    if not _worker["decrypting"]:
+        arr = arr if size is None else resize_array(arr, size)  # type: ignore[arg-type]
+    elif size is not None and arr.shape[:2] != (size, size):  # ciphertext is never resized: noise if it were
+        return rel, None, f"is {arr.shape[1]}x{arr.shape[0]}; the dataset's ciphertext is {size}x{size}"
+    elif _worker["marker"] is not None and not marker_agrees(stated, _worker["marker"]):  # type: ignore[arg-type]
+        return rel, None, f"its {MARKER} chunk says {stated}; the manifest, {_worker['marker']}"
     cipher: BlockCipher = _worker["cipher"]  # type: ignore[assignment]
     try:
         out = cipher.decrypt(arr) if _worker["decrypting"] else cipher.encrypt(arr)

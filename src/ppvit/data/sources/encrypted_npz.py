@@ -10,6 +10,7 @@ files before 0.3 have no ``paths``; a manifest naming the format ``npy`` means n
 
 from __future__ import annotations
 
+import zipfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,9 +50,26 @@ def write_npz(
 
 
 def read_npz(path: Path) -> NpzArrays:
+    """A shard's arrays; one that is cut, empty, not an npz or not of this layout is a one-line ValueError naming it
+    (a truncated one was zipfile's traceback)."""
+    try:
+        got = _read_npz(path)
+        n = len(got.images)
+        if got.images.ndim != 4 or len(got.labels) != n or len(got.paths) not in (0, n):
+            raise ValueError(
+                f"{n} images of shape {got.images.shape[1:]}, {len(got.labels)} labels, {len(got.paths)} paths"
+            )
+        if n and not 0 <= got.labels.min() <= got.labels.max() < len(got.classes):
+            raise ValueError(f"labels outside its {len(got.classes)} classes")
+    except (OSError, ValueError, KeyError, EOFError, TypeError, zipfile.BadZipFile) as exc:
+        raise ValueError(f"shard {path}: damaged ({type(exc).__name__}: {exc})") from None
+    return got
+
+
+def _read_npz(path: Path) -> NpzArrays:
     with np.load(path) as z:
-        paths = z["paths"].tolist() if "paths" in z else []
-        classes = z["classes"].tolist()
+        paths = [str(p) for p in z["paths"].tolist()] if "paths" in z else []
+        classes = [str(c) for c in z["classes"].tolist()]
         if "labels" in z:
             return NpzArrays(z["images"], z["labels"].astype(np.int64), classes, paths)
         names = sorted(set(classes))  # before 0.3: one class name per image

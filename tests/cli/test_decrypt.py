@@ -1,0 +1,94 @@
+"""``ppvit decrypt`` of a dataset someone else wrote or edited: a manifest changed by hand, ciphertext of the wrong
+size, damaged npz shards. Each was a traceback or, worse, every image "decrypted" into noise with exit 0."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import one_line_error, run_cli
+from PIL import Image
+from test_cli_encrypt import make_tree, read_png
+
+from ppvit.data.manifest import MANIFEST_NAME
+
+
+def encrypted(tmp_path: Path, key_file: Path, capsys, fmt: str = "png") -> Path:
+    make_tree(tmp_path / "src", n=2, size=16)
+    argv = ["encrypt", tmp_path / "src", tmp_path / "enc", "--key", key_file, "--block-size", "4", "--format", fmt]
+    assert run_cli([*argv, "--size", "16"], capsys)[0] == 0
+    return tmp_path / "enc"
+
+
+def edit_manifest(folder: Path, change) -> None:
+    doc = json.loads((folder / MANIFEST_NAME).read_text())
+    doc = change(doc) or doc
+    (folder / MANIFEST_NAME).write_text(json.dumps(doc))
+
+
+@pytest.mark.parametrize(
+    ("change", "says"),
+    [
+        (lambda d: d.update(block_size="4"), "damaged (block_size is a whole number"),  # a TypeError's traceback
+        (lambda d: d.update(size=-16), "damaged (block_size is a whole number"),  # a RuntimeError's
+        (lambda d: d.update(size=10**6), "size one of 1-4096"),  # said as "--size", a flag decrypt has not
+        (lambda d: [1, 2], "damaged (not a JSON object)"),  # an AttributeError's
+        (lambda d: d.update(format="zip"), "format is one of png, npz, wds"),
+        # consistent, but not what the files say: every image was decrypted into noise, exit 0
+        (lambda d: d.update(size=32), 'its image test/cat/0.png, {"key_fingerprint"'),
+        (lambda d: d.update(block_size=8), '"block_size": 8'),
+        (lambda d: d.update(scheme="shuffle+scramble"), '"scheme": "shuffle+scramble"'),
+    ],
+    ids=["block str", "size negative", "size huge", "a list", "format", "size", "block size", "scheme"],
+)
+def test_a_manifest_edited_by_hand_is_one_line_and_nothing_decrypted(
+    tmp_path: Path, key_file: Path, capsys, change, says: str
+) -> None:
+    enc = encrypted(tmp_path, key_file, capsys)
+    edit_manifest(enc, change)
+    one_line_error(["decrypt", enc, tmp_path / "dec", "--key", key_file], capsys, says)
+    assert not list((tmp_path / "dec").rglob("*.png")) if (tmp_path / "dec").exists() else True
+
+
+@pytest.mark.parametrize("fmt", ["png", "npz"])
+def test_ciphertext_of_another_size_is_named_never_resized(tmp_path: Path, key_file: Path, capsys, fmt: str) -> None:
+    """A 24x24 PNG dropped into the folder, or an npz shard of 8x16 images, was resized to the manifest's 16 and
+    "decrypted" into noise, exit 0 (the README: ciphertext is never resized)."""
+    enc = encrypted(tmp_path, key_file, capsys, fmt)
+    if fmt == "png":
+        Image.fromarray(np.zeros((24, 24, 3), np.uint8)).save(enc / "train" / "cat" / "odd.png")
+        bad = ["train/cat/odd.png"]
+    else:
+        shard = enc / "train" / "shard-00000.npz"
+        arrays = dict(np.load(shard))
+        arrays["images"] = arrays["images"][:, :8]
+        np.savez(shard, **arrays)
+        bad = [str(p) for p in arrays["paths"]]
+    code, _, err = run_cli(["decrypt", enc, tmp_path / "dec", "--key", key_file], capsys)
+    assert code == 1, err
+    for rel in bad:
+        side = "24x24" if fmt == "png" else "16x8"  # width x height
+        assert f"{rel}: is {side}; the dataset's ciphertext is 16x16" in err, err
+        assert not (tmp_path / "dec" / rel).with_suffix(".png").exists()
+    assert read_png(tmp_path / "dec" / "test" / "cat" / "0.png").shape == (16, 16, 3)  # the others decrypted
+
+
+@pytest.mark.parametrize("damage", ["cut in half", "empty", "object arrays", "labels past its classes"])
+def test_a_damaged_npz_shard_is_one_line_naming_it(tmp_path: Path, key_file: Path, capsys, damage: str) -> None:
+    enc = encrypted(tmp_path, key_file, capsys, "npz")
+    shard = enc / "train" / "shard-00000.npz"
+    data = shard.read_bytes()
+    if damage == "cut in half":
+        shard.write_bytes(data[: len(data) // 2])
+    elif damage == "empty":
+        shard.write_bytes(b"")
+    else:
+        arrays = dict(np.load(shard))
+        if damage == "object arrays":
+            arrays["images"] = np.array([{}] * len(arrays["images"]), dtype=object)
+        else:
+            arrays["labels"] = arrays["labels"] + 7
+        np.savez(shard, **arrays)
+    one_line_error(["decrypt", enc, tmp_path / "dec", "--key", key_file], capsys, f"shard {shard}: damaged")
