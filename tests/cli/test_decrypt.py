@@ -92,3 +92,13 @@ def test_a_damaged_npz_shard_is_one_line_naming_it(tmp_path: Path, key_file: Pat
             arrays["labels"] = arrays["labels"] + 7
         np.savez(shard, **arrays)
     one_line_error(["decrypt", enc, tmp_path / "dec", "--key", key_file], capsys, f"shard {shard}: damaged")
+
+
+def test_errors_name_what_the_user_gave(tmp_path: Path, key_file: Path, capsys) -> None:
+    """keygen into a missing folder named its hidden temporary file (``.new.key.1a2b3c4d.tmp``); decrypt of a folder
+    that does not exist said it had no manifest."""
+    err = one_line_error(["keygen", tmp_path / "nowhere" / "new.key"], capsys, f"{tmp_path / 'nowhere' / 'new.key'}'")
+    assert ".tmp" not in err
+    one_line_error(
+        ["decrypt", tmp_path / "nothere", tmp_path / "dec", "--key", key_file], capsys, "nothere: no such folder"
+    )

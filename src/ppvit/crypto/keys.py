@@ -39,6 +39,8 @@ from typing import TypeVar
 
 import numpy as np
 
+from ppvit._io import _naming
+
 KEY_FORMAT = "ppvit-key"
 KEY_VERSION = 1
 SECRET_BYTES = 32
@@ -156,18 +158,20 @@ class Key:
             }
         data = (json.dumps(doc, indent=2) + "\n").encode()
         tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             try:
+                with os.fdopen(fd, "wb") as fh:
+                    fh.write(data)
+                    fh.flush()
+                    os.fsync(fh.fileno())
                 os.link(tmp, path)  # atomic and fails if path exists: never overwrites
-            except FileExistsError:
-                raise KeyFileError(f"key file {path}: already exists, refusing to overwrite it") from None
-        finally:
-            tmp.unlink(missing_ok=True)
+            finally:
+                tmp.unlink(missing_ok=True)
+        except FileExistsError:
+            raise KeyFileError(f"key file {path}: already exists, refusing to overwrite it") from None
+        except OSError as exc:  # the key's own name, not the temporary one (a missing folder, a read-only disk)
+            raise _naming(exc, path) from None
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Key:

@@ -140,6 +140,8 @@ def read_manifest(folder: str | os.PathLike) -> Manifest:
         manifest.validate()
         return manifest
     except FileNotFoundError:
+        if not Path(folder).is_dir():
+            raise FileNotFoundError(f"{folder}: no such folder") from None
         raise FileNotFoundError(f"{folder}: no {MANIFEST_NAME} (not written by `ppvit encrypt`?)") from None
     except (OSError, ValueError, TypeError) as exc:  # ValueError: JSON, or a malformed preprocess
         raise ValueError(f"manifest {path}: damaged ({exc})") from None
