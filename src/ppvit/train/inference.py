@@ -96,7 +96,25 @@ def evaluate_adapter(
     test, manifest = load_test_split(data, subset, size=input_size(model), splits=splits)
     if manifest is not None:
         manifest.check(meta.scheme, meta.block_size, input_size(model), meta.key_fingerprint, where=str(data))
+    test = adapter_labels(test, meta, str(data))
     return score_test(model, meta, test, manifest is not None, key, make_accelerator(), batch_size)
+
+
+def adapter_labels(test: ArrayDataset | ShardStream, meta: AdapterMeta, where: str) -> ArrayDataset | ShardStream:
+    """``test`` labelled by the adapter's classes: a split's labels index its own class folders, so a test split
+    missing one of the adapter's classes was scored against shifted labels (every image of the classes after
+    it wrong); one holding a class the adapter does not know is refused, as a stream whose classes differ."""
+    if not meta.classes or tuple(test.classes) == tuple(meta.classes):
+        return test
+    unknown = [c for c in test.classes if c not in meta.classes]
+    if unknown:
+        raise ValueError(f"{where}: its test split's class {unknown[0]!r} is none of the adapter's {len(meta.classes)}")
+    if not isinstance(test, ArrayDataset):
+        raise ValueError(
+            f"{where}: its test split has {len(test.classes)} of the adapter's {len(meta.classes)} classes"
+        )
+    ours = np.array([meta.classes.index(c) for c in test.classes], dtype=test.labels.dtype)
+    return ArrayDataset(test.images, ours[test.labels], tuple(meta.classes))
 
 
 def score_test(
