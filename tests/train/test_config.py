@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 from pathlib import Path
 
 import pytest
 import yaml
+from conftest import SMALL
 
 from ppvit import cli
 from ppvit.models.configs import FullConfig, LoraPEConfig, MeloConfig
@@ -207,3 +209,36 @@ def test_reproduce_set_reads_each_value_as_its_settings_type() -> None:
     assert parsed == {"precision": "no", "lr": 1e-3, "rank": 8, "key": None, "targets": "qkv", "key_init": True}
     with pytest.raises(cli.common.UserError, match="rank takes int values"):
         _parse_sets(["rank=x"])
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "says"),
+    [
+        ("clip_grad", -1.0, "clip_grad -1.0: must be at least 0"),
+        ("lr", 0.0, "lr 0.0: must be above 0"),
+        ("epochs", 0, "epochs 0: must be at least 1"),
+        ("val_fraction", 1.0, "val_fraction 1.0: must be at least 0 and below 1"),
+        ("seed", -1, "seed -1: must be at least 0 and below 2**32"),
+    ],
+)
+def test_a_setting_out_of_its_range_is_refused_naming_it(name: str, value: float, says: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(says)):
+        TrainConfig.from_flat(**{name: value})
+
+
+def test_clip_grad_0_turns_clipping_off() -> None:
+    """Its help said "none to disable", which neither the flag (a float) nor YAML (null is the default) could say."""
+    assert TrainConfig.from_flat(clip_grad=0.0).optim.clip_grad == 0.0
+    assert TrainConfig.from_flat().optim.clip_grad == 1.0
+    assert "0 to disable" in next(s.help for s in settings() if s.name == "clip_grad")
+
+
+def test_a_diverging_run_is_one_line_and_exit_1(tmp_path: Path, toy_dataset: Path, key_file: Path, capsys) -> None:
+    """Too high a learning rate ended in TrainingDiverged's traceback."""
+    argv = ["-q", "train", "--model", SMALL, "--data", toy_dataset, "--key", key_file, "--out", tmp_path / "run"]
+    argv += ["--method", "full", "--lr", "1e30", "--warmup-epochs", "0", "--epochs", "2", "--precision", "no"]
+    code = cli.main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    assert code == 1 and "Traceback" not in err, err
+    assert err.strip().splitlines()[-1].startswith("ppvit train: error: loss is ")
+    assert len(err.strip().splitlines()) == 1, err

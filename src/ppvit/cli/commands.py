@@ -27,10 +27,11 @@ class _NeverRaised(Exception):
     """Stands for an exception whose module was never imported (so it cannot have been raised)."""
 
 
-def _training_stopped() -> type[BaseException]:
-    """Training's TrainingStopped when training ran; ``except`` evaluates this only on an exception."""
+def _from_training(name: str) -> type[BaseException]:
+    """Training's exception ``name`` when training ran (its module imported); ``except`` evaluates this only on
+    an exception, so a verb that never trains does not import the training stack for it."""
     loop = sys.modules.get("ppvit.train.loop")
-    return loop.TrainingStopped if loop is not None else _NeverRaised
+    return getattr(loop, name) if loop is not None else _NeverRaised
 
 
 PARSERS = [  # in the order of `ppvit --help`
@@ -104,9 +105,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (UserError, KeyFileError, ValueError, FileNotFoundError) as exc:
         print(f"ppvit {args.command}: error: {exc}", file=sys.stderr)
         return 2
-    except _training_stopped() as exc:  # a checkpoint was saved; the message says how to resume
+    except _from_training("TrainingStopped") as exc:  # a checkpoint was saved; the message says how to resume
         print(f"ppvit {args.command}: {exc}", file=sys.stderr)
         return 128 + exc.signum
+    except _from_training("TrainingDiverged") as exc:  # a NaN loss (too high a rate): what to try, in one line
+        print(f"ppvit {args.command}: error: {exc}", file=sys.stderr)
+        return 1
     except OSError as exc:  # the system's refusal (a full disk, a read-only folder): one line naming the file
         where = f"{exc.filename}: " if exc.filename else ""
         print(f"ppvit {args.command}: error: {where}{exc.strerror or exc}", file=sys.stderr)

@@ -72,8 +72,9 @@ AT_LEAST = {
     **dict.fromkeys(("img_size", "block_size", "epochs", "batch_size", "grad_accum", "save_every_steps"), 1),
     **dict.fromkeys(("train_subset", "test_subset"), 1),
     **dict.fromkeys(("loader_workers", "mixup", "cutmix", "patch_embed_lr_scale", "weight_decay", "warmup_epochs"), 0),
+    "clip_grad": 0,  # 0: no clipping (None is "the default", 1.0)
 }
-ABOVE_ZERO = ("lr", "clip_grad", "dist_timeout_s")
+ABOVE_ZERO = ("lr", "dist_timeout_s")
 SEEDS = ("seed", "data_seed")  # [0, 2**32): what numpy and torch both take
 SHARES = ("val_fraction", "label_smoothing")
 

@@ -165,7 +165,7 @@ class OptimConfig:
     weight_decay: float = field(default=0.05, metadata=_help("AdamW weight decay (not on biases, norms, embeddings)"))
     warmup_epochs: float = field(default=1.0, metadata=_help("linear warm-up, then cosine decay to 0"))
     label_smoothing: float = field(default=0.1, metadata=_help("label smoothing"))
-    clip_grad: float | None = field(default=1.0, metadata=_help("gradient-norm clipping (none to disable)"))
+    clip_grad: float | None = field(default=1.0, metadata=_help("gradient-norm clipping (0 to disable)"))
     grad_accum: int = field(default=1, metadata=_help("gradient accumulation steps"))
     precision: Literal["auto", "no", "bf16", "fp16"] = field(
         default="auto", metadata=_help("mixed precision; auto: bf16 on GPUs, and on CPUs where it measures faster")
