@@ -45,22 +45,18 @@ class Manifest:
     preprocess: Preprocess | None = None  # how the images were resized (mean/std None: the model's); None: not resized
     dtype: str = "uint8"  # of the stored values: uint8, float16 (mix) or int16/int32 (lift: the key's bound decides)
 
-    def validate(self) -> None:
-        """TypeError for a field of the wrong kind: what :func:`read_manifest` checks of a file edited by hand
-        (a traceback further on, or a size no image could be resized to)."""
+    def validate(self, where: str = "") -> None:
+        """ValueError for a field of the wrong type (:func:`ppvit._schema.check_fields`) or range: what is checked of
+        a manifest read from a file (edited by hand: a traceback further on, or a size no image could be resized
+        to) or sent by a client (``where`` prefixes the message)."""
+        from ppvit._schema import check_fields
         from ppvit.crypto.keys import MAX_INPUT_SIZE  # here: the CLI's parser imports this module for its names
 
-        def whole(v: object, top: int | None = None) -> bool:
-            return type(v) is int and v >= 1 and (top is None or v <= top)
-
-        if not isinstance(self.scheme, str) or not isinstance(self.key_fingerprint, str):
-            raise TypeError("scheme and key_fingerprint are strings")
-        if not whole(self.block_size) or not (self.size is None or whole(self.size, MAX_INPUT_SIZE)):
-            raise TypeError(f"block_size is a whole number, size one of 1-{MAX_INPUT_SIZE} (or null)")
-        if self.format not in FORMATS or not (self.shard_size is None or whole(self.shard_size)):
-            raise TypeError(f"format is one of {', '.join(FORMATS)}, shard_size a whole number (or null)")
-        if not all(isinstance(d, dict) for d in (self.classes, self.counts)) or type(self.complete) is not bool:
-            raise TypeError("classes and counts are objects, complete true or false")
+        check_fields(self, where)
+        if self.block_size < 1 or (self.shard_size is not None and self.shard_size < 1):
+            raise ValueError(f"{where}block_size and shard_size are at least 1")
+        if self.size is not None and not 1 <= self.size <= MAX_INPUT_SIZE:
+            raise ValueError(f"{where}size {self.size}: from 1 to {MAX_INPUT_SIZE}")
 
     def __post_init__(self) -> None:
         if isinstance(self.preprocess, dict):  # read from JSON
@@ -134,7 +130,7 @@ def read_manifest(folder: str | os.PathLike) -> Manifest:
     try:
         doc = json.loads(path.read_text())
         if not isinstance(doc, dict):
-            raise TypeError("not a JSON object")
+            raise ValueError("not a JSON object")
         doc["format"] = OLD_FORMATS.get(doc.get("format"), doc.get("format"))
         manifest = Manifest(**doc)
         manifest.validate()

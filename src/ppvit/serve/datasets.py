@@ -40,7 +40,6 @@ from pathlib import Path
 from typing import Any
 
 from ppvit._io import atomic_write_bytes, commit_temp, json_text, remove_stale_temps
-from ppvit._schema import check_fields
 from ppvit.crypto.ciphers import Scheme
 from ppvit.data.manifest import MANIFEST_NAME, Manifest
 from ppvit.data.sources.encrypted_wds import check_shard
@@ -149,7 +148,7 @@ def parse_manifest(doc: Any, limits: DatasetLimits) -> Manifest:
     except (TypeError, ValueError) as exc:  # a malformed preprocess
         raise DatasetError(422, f"manifest: {exc}") from None
     try:
-        check_fields(m, "manifest: ")
+        m.validate("manifest: ")
     except ValueError as exc:
         raise DatasetError(422, str(exc)) from None
     if max(len(m.scheme), len(m.key_fingerprint), len(m.ppvit_version)) > TEXT_FIELD or not m.key_fingerprint:
