@@ -219,6 +219,7 @@ def test_reproduce_set_reads_each_value_as_its_settings_type() -> None:
         ("epochs", 0, "epochs 0: must be at least 1"),
         ("val_fraction", 1.0, "val_fraction 1.0: must be at least 0 and below 1"),
         ("seed", -1, "seed -1: must be at least 0 and below 2**32"),
+        ("log_every_steps", 0, "log_every_steps 0: must be at least 1"),  # was let in, as -3
     ],
 )
 def test_a_setting_out_of_its_range_is_refused_naming_it(name: str, value: float, says: str) -> None:

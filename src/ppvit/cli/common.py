@@ -41,6 +41,17 @@ def stop_on_sigterm() -> Iterator[None]:
         signal.signal(signal.SIGTERM, old)
 
 
+def positive(text: str) -> int:
+    """An argparse type: a whole number of at least 1 (a count of classes, images, steps)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value}: must be at least 1")
+    return value
+
+
 def add_setting_args(parser: argparse.ArgumentParser, items: Iterable[Setting]) -> None:
     """One flag per schema setting (``--patch-embed-lr-scale``), help from the schema.
 

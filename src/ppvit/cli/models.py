@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ppvit.cli.common import UserError, add_setting_args
+from ppvit.cli.common import UserError, add_setting_args, positive
 from ppvit.cli.train import WEIGHTS_HELP
 from ppvit.crypto.keys import Key
 from ppvit.train.config import Setting, settings
@@ -30,7 +30,7 @@ def _params(args: argparse.Namespace) -> None:
 def add_params(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("params", help="trainable and total parameters per method")
     p.add_argument("--model", default="vit_base_patch16_224", help="timm ViT or ppvit small configuration")
-    p.add_argument("--num-classes", type=int, default=10, help="classes of the new head (default 10)")
+    p.add_argument("--num-classes", type=positive, default=10, help="classes of the new head (default 10)")
     p.add_argument("--img-size", type=int, help="input side (default: the model's)")
     add_setting_args(p, _method_settings())
     p.set_defaults(func=_params)
@@ -89,7 +89,7 @@ def add_transform_model(sub: argparse._SubParsersAction) -> None:
     p.add_argument("out", help="safetensors file to write (a timm state dict)")
     p.add_argument("--model", required=True, help="timm ViT name or ppvit small configuration")
     p.add_argument("--weights", required=True, help="the weights to transform (safetensors or PyTorch, timm keys)")
-    p.add_argument("--num-classes", type=int, help="classes of the weights' head (default: as stored)")
+    p.add_argument("--num-classes", type=positive, help="classes of the weights' head (default: as stored)")
     p.add_argument("--key", required=True, help="key file")
     p.add_argument(
         "--scheme", default="shuffle", help="absorbable steps: shuffle, scramble, negpos:pixel, channel:pixel"

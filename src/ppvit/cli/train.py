@@ -7,7 +7,7 @@ import dataclasses
 import json
 from pathlib import Path
 
-from ppvit.cli.common import add_setting_args, add_splits_arg, add_strict_arg, report_failed
+from ppvit.cli.common import add_setting_args, add_splits_arg, add_strict_arg, positive, report_failed
 from ppvit.crypto.keys import Key
 from ppvit.train.config import TrainConfig, settings
 
@@ -69,7 +69,7 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--key", help="key file, to encrypt plain test images as the client would")
     p.add_argument("--weights", help=WEIGHTS_HELP)
-    p.add_argument("--subset", type=int, help="evaluate on this many test images only")
+    p.add_argument("--subset", type=positive, help="evaluate on this many test images only")
     add_splits_arg(p)
     p.set_defaults(func=_eval)
 

@@ -27,6 +27,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ppvit._io import atomic_write, atomic_write_text
+from ppvit._schema import check_fields
 from ppvit.data.preprocess import KERNEL, Preprocess
 from ppvit.models.backbones import create_backbone, input_size, normalization
 from ppvit.models.configs import MethodConfig, method_config
@@ -114,15 +115,25 @@ def read_adapter_meta(adapter_dir: str | os.PathLike) -> AdapterMeta:
         doc = json.loads(path.read_text())
     except FileNotFoundError:
         raise FileNotFoundError(f"adapter {adapter_dir}: no {CONFIG_NAME} (not an adapter folder?)") from None
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, ValueError) as exc:  # JSON, or not UTF-8
         raise ValueError(f"adapter config {path}: cannot be read ({exc})") from None
+    if not isinstance(doc, dict):
+        raise ValueError(f"adapter config {path}: damaged (not a JSON object)")
     if doc.pop("format", None) != "ppvit-adapter" or doc.pop("version", None) != FORMAT_VERSION:
         raise ValueError(f"adapter config {path}: not a ppvit adapter of format version {FORMAT_VERSION}")
     doc.pop("extra", None)  # an unused field of the first release: always empty
     try:
-        return AdapterMeta(**doc)
+        meta = AdapterMeta(**doc)
+        check_fields(meta)  # a field edited by hand: a traceback later (a class name, a method, the model)
+        if meta.num_classes < 1 or not isinstance(meta.method.get("method"), str):
+            raise ValueError("num_classes is at least 1, method names its method")
+        if meta.classes is not None and len(meta.classes) != meta.num_classes:
+            raise ValueError(f"{len(meta.classes)} class names for {meta.num_classes} classes")
+        if meta.block_size is not None and meta.block_size < 1:
+            raise ValueError(f"block_size {meta.block_size}: at least 1")
     except (TypeError, ValueError) as exc:  # missing or unknown fields, a malformed recipe
         raise ValueError(f"adapter config {path}: damaged ({exc})") from None
+    return meta
 
 
 def adapter_preprocess(meta: AdapterMeta, model: nn.Module) -> Preprocess:
@@ -188,6 +199,8 @@ def load_adapter(
         raise ValueError(f"adapter weights {path}: do not fit {meta.model} with {meta.method['method']} ({diff[:2]})")
     with torch.no_grad():
         for name, t in tensors.items():
+            if t.is_floating_point() and not torch.isfinite(t).all():  # every prediction would be class 0
+                raise ValueError(f"adapter weights {path}: {name} holds NaN or infinite values")
             if t.shape != expected[name].shape:
                 raise ValueError(
                     f"adapter weights {path}: {name} is {tuple(t.shape)}, the model needs {tuple(expected[name].shape)}"

@@ -70,7 +70,7 @@ SECTION_OF = _section_of()
 # before anything runs (a server's job is refused at submission, not when it starts).
 AT_LEAST = {
     **dict.fromkeys(("img_size", "block_size", "epochs", "batch_size", "grad_accum", "save_every_steps"), 1),
-    **dict.fromkeys(("train_subset", "test_subset"), 1),
+    **dict.fromkeys(("train_subset", "test_subset", "log_every_steps"), 1),
     **dict.fromkeys(("loader_workers", "mixup", "cutmix", "patch_embed_lr_scale", "weight_decay", "warmup_epochs"), 0),
     "clip_grad": 0,  # 0: no clipping (None is "the default", 1.0)
 }

@@ -22,6 +22,7 @@ from ppvit.crypto.ciphers import BlockCipher, Scheme, pinned_cipher
 from ppvit.crypto.keys import Key
 from ppvit.data.datasets import ArrayDataset, load_test_split
 from ppvit.data.images import ciphertext_origin, image_files, read_ciphertext_array, read_image
+from ppvit.data.manifest import PLAIN
 from ppvit.data.pipeline import BatchPipeline, eval_batches
 from ppvit.data.sources import SplitNames
 from ppvit.data.streaming import ShardStream
@@ -95,6 +96,8 @@ def evaluate_adapter(
     model, meta = load_adapter(adapter_dir, weights)
     test, manifest = load_test_split(data, subset, size=input_size(model), splits=splits)
     if manifest is not None:
+        if meta.scheme is None and manifest.scheme != PLAIN:  # scored on ciphertext it never saw: a number, exit 0
+            raise ValueError(f"{data}: ppvit ciphertext ({manifest.scheme}), but this model takes plain images")
         manifest.check(meta.scheme, meta.block_size, input_size(model), meta.key_fingerprint, where=str(data))
     test = adapter_labels(test, meta, str(data))
     return score_test(model, meta, test, manifest is not None, key, make_accelerator(), batch_size)

@@ -1,0 +1,84 @@
+"""An adapter folder edited by hand, eval of a plain model on ciphertext, counts below 1 (hostile tester): each
+was a traceback, or a number with exit 0."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from cli_tools import toy_run
+from conftest import one_line_error, run_cli
+from safetensors.numpy import load_file, save_file
+
+from ppvit.models.adapters import CONFIG_NAME
+
+
+def edited(tmp_path: Path, change) -> Path:
+    run = toy_run(tmp_path / "run", None, None, None)
+    path = run / "adapter" / CONFIG_NAME
+    doc = json.loads(path.read_text())
+    doc = change(doc) or doc
+    path.write_text(json.dumps(doc))
+    return run
+
+
+@pytest.mark.parametrize(
+    ("change", "says"),
+    [
+        (lambda d: d.update(num_classes="4"), "damaged (num_classes '4': must be an integer)"),
+        (lambda d: d.update(classes="abcd"), "damaged (classes 'abcd': must be a list of text or null)"),
+        (lambda d: d.update(classes=d["classes"][:3]), "damaged (3 class names for 4 classes)"),
+        (lambda d: d.update(method="linear"), "damaged (method 'linear': must be a mapping of text to Any)"),
+        (lambda d: d["method"].pop("method") and None, "method names its method"),
+        (lambda d: d.update(model=5), "damaged (model 5: must be text)"),
+        (lambda d: d.update(block_size="4"), "damaged (block_size '4': must be an integer or null)"),
+        (lambda d: [1, 2], "damaged (not a JSON object)"),
+    ],
+    ids=["num_classes", "classes text", "classes short", "method text", "method unnamed", "model", "block", "list"],
+)
+def test_an_adapter_config_edited_by_hand_is_one_line_naming_it(tmp_path: Path, capsys, change, says: str) -> None:
+    run = edited(tmp_path, change)
+    image = tmp_path / "x.npy"
+    np.save(image, np.zeros((32, 32, 3), np.uint8))
+    one_line_error(["predict", run, image], capsys, f"adapter config {run / 'adapter' / CONFIG_NAME}: ", says)
+
+
+def test_adapter_tensors_holding_nan_are_refused(tmp_path: Path, capsys, toy_dataset: Path) -> None:
+    """eval answered ``"loss": NaN`` (not JSON) and accuracy 0.25, every argmax class 0; predict ``class0 nan``."""
+    run = toy_run(tmp_path / "run", None, None, None)
+    path = next((run / "adapter").glob("*.safetensors"))
+    tensors = load_file(str(path))
+    name = sorted(tensors)[0]
+    tensors[name] = np.full_like(tensors[name], np.nan)
+    save_file(tensors, str(path))
+    one_line_error(["eval", run, "--data", toy_dataset], capsys, f"{name} holds NaN or infinite values")
+
+
+def test_eval_refuses_ciphertext_for_a_model_of_plain_images(
+    tmp_path: Path, capsys, toy_dataset: Path, key_file: Path
+) -> None:
+    """It scored a plain model on ciphertext (exit 0, a number); predict already refused the same files."""
+    run = toy_run(tmp_path / "run", None, None, None)
+    shutil.copytree(toy_dataset / "test", tmp_path / "plain" / "test")
+    argv = ["encrypt", tmp_path / "plain", tmp_path / "enc", "--key", key_file, "--block-size", "4"]
+    assert run_cli(argv, capsys)[0] == 0
+    one_line_error(["eval", run, "--data", tmp_path / "enc"], capsys, "but this model takes plain images")
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["eval", "RUN", "--data", "DATA", "--subset", "-1"],
+        ["params", "--num-classes", "-5"],
+        ["transform-model", "OUT.safetensors", "--key", "KEY", "--num-classes", "0"],
+    ],
+    ids=["eval --subset", "params --num-classes", "transform-model --num-classes"],
+)
+def test_counts_below_1_are_refused_by_the_parser(tmp_path: Path, capsys, argv: list[str]) -> None:
+    with pytest.raises(SystemExit) as stopped:
+        run_cli([a.replace("RUN", str(tmp_path)) for a in argv], capsys)
+    err = capsys.readouterr().err
+    assert stopped.value.code == 2 and "must be at least 1" in err, err
