@@ -82,3 +82,10 @@ def test_counts_below_1_are_refused_by_the_parser(tmp_path: Path, capsys, argv: 
         run_cli([a.replace("RUN", str(tmp_path)) for a in argv], capsys)
     err = capsys.readouterr().err
     assert stopped.value.code == 2 and "must be at least 1" in err, err
+
+
+def test_resume_of_a_folder_with_no_run_says_so(tmp_path: Path, capsys) -> None:
+    """It said "CIFAR-10 download failed": with no run there and no settings, the defaults' dataset was fetched."""
+    one_line_error(
+        ["train", "--resume", "--out", tmp_path / "empty"], capsys, "empty: no run to resume (no config.yaml"
+    )
