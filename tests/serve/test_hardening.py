@@ -727,7 +727,7 @@ def test_a_registry_error_is_logged_by_every_router(
 @pytest.mark.parametrize(
     ("change", "words"),
     [
-        ({"classes": ["only", "three", "names"]}, "names 3 classes, its head has 4"),
+        ({"classes": ["only", "three", "names"]}, "3 class names for 4 classes"),  # read_adapter_meta says so now
         ({"model_kwargs": {"pretrained_cfg_overlay": {"file": "/etc/passwd"}}}, "pretrained_cfg_overlay"),
         ("nan", "NaN"),
         (1e38, "beyond ±1e\\+06"),  # finite: registered, and answered "probability": NaN (issue 31)

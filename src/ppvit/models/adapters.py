@@ -122,6 +122,8 @@ def read_adapter_meta(adapter_dir: str | os.PathLike) -> AdapterMeta:
     if doc.pop("format", None) != "ppvit-adapter" or doc.pop("version", None) != FORMAT_VERSION:
         raise ValueError(f"adapter config {path}: not a ppvit adapter of format version {FORMAT_VERSION}")
     doc.pop("extra", None)  # an unused field of the first release: always empty
+    if doc.get("pretrained", False) is None:  # written as null where the run left it to its default: not downloaded
+        doc["pretrained"] = False
     try:
         meta = AdapterMeta(**doc)
         check_fields(meta)  # a field edited by hand: a traceback later (a class name, a method, the model)

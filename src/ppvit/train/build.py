@@ -96,7 +96,7 @@ def adapter_meta(
         model_kwargs={"img_size": b.img_size} if b.img_size else {},
         classes=list(classes),
         weights_sha256=file_sha256(b.weights) if b.weights else None,
-        pretrained=b.pretrained,
+        pretrained=bool(b.pretrained),
         init_seed=None if (b.weights or b.pretrained) else cfg.run.seed,
         scheme=scheme,
         block_size=block,
