@@ -33,7 +33,7 @@ def edit_manifest(folder: Path, change) -> None:
     [
         (lambda d: d.update(block_size="4"), "damaged (block_size '4': must be an integer)"),  # a TypeError's traceback
         (lambda d: d.update(size=-16), "damaged (size -16: from 1 to 4096)"),  # a RuntimeError's
-        (lambda d: d.update(size=10**6), "damaged (size 1000000: from 1 to 4096)"),  # said as "--size", a flag decrypt has not
+        (lambda d: d.update(size=10**6), "damaged (size 1000000: from 1 to 4096)"),  # was "--size", not a decrypt flag
         (lambda d: [1, 2], "damaged (not a JSON object)"),  # an AttributeError's
         (lambda d: d.update(format="zip"), "format 'zip': must be one of png, npz, wds"),
         # consistent, but not what the files say: every image was decrypted into noise, exit 0
