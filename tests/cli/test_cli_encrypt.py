@@ -241,6 +241,8 @@ def _one_key_twice(root: Path) -> None:
         (lambda r: make_tree(r, n=1, size=16), ["--size", "100000", "--block-size", "16"], "--size 100000: at most"),
         (_one_name_twice, [], "train/cat/0.jpg and train/cat/0.png would both be written as train/cat/0.png"),
         (_one_key_twice, ["--format", "wds"], "0_x.png would both be written as train/cat/0_x"),
+        # npz keeps both paths, but its decryption writes PNG files: never decryptable whole (second reader)
+        (_one_name_twice, ["--format", "npz"], "train/cat/0.jpg and train/cat/0.png would both be written as"),
         # a mixing's matrix is (3 p^2)^2: 18 GiB at blocks of 128, then a MemoryError's traceback
         (
             lambda r: make_tree(r, n=1, size=64),
@@ -258,6 +260,7 @@ def _one_key_twice(root: Path) -> None:
         "huge-size",
         "one-png-name",
         "one-wds-key",
+        "one-npz-name",
         "huge-mixing",
     ],
 )
@@ -289,6 +292,26 @@ def test_an_output_over_its_source_or_a_foreign_folder_is_refused(
     says = "give a new or empty folder" if where == "a folder of other files" else "overlaps the source"
     assert code == 2 and says in err and len(err.strip().splitlines()) == 1, err
     assert (tree_digest(src), tree_digest(dst)) == before  # nothing written, not even a manifest
+
+
+def test_an_output_folder_of_hidden_files_only_is_taken_and_a_name_that_is_no_folder_overlaps_nothing(
+    tmp_path: Path, key_file: Path, capsys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A folder holding only ``.DS_Store`` was refused as "holds files"; a source named, not on disk (``cifar10``,
+    a hub name) was compared as a folder of the working directory (second reader)."""
+    from ppvit.data.encrypt import check_apart
+
+    make_tree(tmp_path / "src", n=1, size=16)
+    (tmp_path / "enc").mkdir()
+    (tmp_path / "enc" / ".DS_Store").write_bytes(b"x")
+    code = cli.main(["-q", "encrypt", str(tmp_path / "src"), str(tmp_path / "enc"), "--key", str(key_file)])
+    assert code == 0, capsys.readouterr().err
+    monkeypatch.chdir(tmp_path)
+
+    class Named:
+        path = "cifar10"
+
+    check_apart(Named(), Path("cifar10/enc"))  # no error: nothing named cifar10 here
 
 
 def test_a_run_that_fails_mid_shard_leaves_no_temporary_shard(

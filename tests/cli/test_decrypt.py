@@ -102,3 +102,15 @@ def test_errors_name_what_the_user_gave(tmp_path: Path, key_file: Path, capsys) 
     one_line_error(
         ["decrypt", tmp_path / "nothere", tmp_path / "dec", "--key", key_file], capsys, "nothere: no such folder"
     )
+
+
+def test_a_dataset_encrypted_with_size_then_continued_without_decrypts(tmp_path: Path, key_file: Path, capsys) -> None:
+    """A rerun without ``--size`` (the images already that size) wrote the manifest's size as null while the first
+    run's PNGs state 16: every decrypt was refused as an edited manifest (second reader). Unset agrees, as in
+    ``Manifest.check``."""
+    enc = encrypted(tmp_path, key_file, capsys)
+    argv = ["encrypt", tmp_path / "src", enc, "--key", key_file, "--block-size", "4"]
+    assert run_cli(argv, capsys)[0] == 0
+    assert json.loads((enc / MANIFEST_NAME).read_text())["size"] is None
+    assert run_cli(["decrypt", enc, tmp_path / "dec", "--key", key_file], capsys)[0] == 0
+    assert read_png(tmp_path / "dec" / "test" / "cat" / "0.png").shape == (16, 16, 3)

@@ -25,8 +25,8 @@ def _train_config(args: argparse.Namespace) -> TrainConfig:
     saved = Path(args.out or "") / CONFIG_FILE
     if args.resume and args.out and saved.exists():  # `--resume --out RUN`: the run's own settings, flags on top
         return TrainConfig.load(saved, **given)
-    if args.resume and set(given) <= {"out", "quiet"}:  # nothing to resume, nothing to start: not CIFAR-10's download
-        raise ValueError(f"{args.out or 'train'}: no run to resume (no {CONFIG_FILE} there)")
+    if args.resume and args.out and set(given) <= {"out", "quiet"}:  # nothing to resume or start: not a download
+        raise ValueError(f"{args.out}: no run to resume (no {CONFIG_FILE} there)")
     return TrainConfig.from_flat(**given)
 
 

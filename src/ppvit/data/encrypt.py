@@ -77,7 +77,7 @@ def check_output(dst: Path, fmt: str) -> None:
         )
     if dst.exists() and not dst.is_dir():
         raise ValueError(f"output {dst}: exists and is not a folder")
-    if dst.is_dir() and not (dst / MANIFEST_NAME).exists() and any(dst.iterdir()):
+    if dst.is_dir() and not (dst / MANIFEST_NAME).exists() and any(not p.name.startswith(".") for p in dst.iterdir()):
         raise ValueError(
             f"output {dst}: holds files but no {MANIFEST_NAME} (not an output of ppvit to continue); "
             "give a new or empty folder"
@@ -88,7 +88,10 @@ def check_apart(source: Source, dst: Path) -> None:
     """Refuse an output inside the source folder or holding it: written into itself, a folder's plain images
     were taken for outputs already there (exit 0, a manifest calling them ciphertext), and a rerun reads the
     outputs as inputs."""
-    src, out = Path(source.path).resolve(), dst.resolve()  # a path, or a pattern or a hub name (no overlap)
+    src, out = Path(source.path), dst.resolve()
+    if not src.exists():  # a brace pattern, a hub or download name: nothing on disk to overlap
+        return
+    src = src.resolve()
     if src == out or src in out.parents or (src.is_dir() and out in src.parents):
         raise ValueError(f"output {dst}: overlaps the source {source.path}; give a folder apart from it")
 

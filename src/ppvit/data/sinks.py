@@ -56,9 +56,8 @@ def open_sink(
 
 def output_name(fmt: str, rel: str) -> str:
     """What image ``rel`` of a source is written as in output format ``fmt``: two images of one name would be
-    one output (npz shards keep each image's path as it is)."""
-    if fmt == "npz":
-        return rel
+    one output. An npz shard keeps each image's path as it is, but its decryption writes PNG files: its images
+    are named as PNG output's, or a dataset encrypted whole could never be decrypted."""
     stem = Path(rel).with_suffix("").as_posix()
     return stem.replace(".", "_") if fmt == "wds" else f"{stem}.png"  # a wds sample's key has no dot
 
