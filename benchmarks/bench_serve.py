@@ -50,7 +50,8 @@ from ppvit.models.graphs import cuda_graph
 from ppvit.models.methods import apply_method, count_params, merge_adapters, method_config
 from ppvit.models.routing import RoutedViT, routed_adapter
 from ppvit.models.weights import WEIGHTS_ENV
-from ppvit.serve.app import ServeConfig, uvicorn_config
+from ppvit.serve.app import ServeConfig
+from ppvit.serve.server import uvicorn_config
 from ppvit.serve.tenants import TenantStore
 
 MODEL = "vit_tiny_patch16_224"

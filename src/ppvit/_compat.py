@@ -59,7 +59,15 @@ MOVED: dict[str, str | tuple[str, ...]] = {
     "preview": "experiments.preview",
     "routing": "models.routing",
     "tenants": "serve.tenants",
-    "server": ("serve.app", "serve.auth", "serve.cache", "serve.batcher", "serve.codec", "serve.metrics"),
+    "server": (
+        "serve.app",
+        "serve.server",
+        "serve.auth",
+        "serve.cache",
+        "serve.batcher",
+        "serve.codec",
+        "serve.metrics",
+    ),
     "client": "serve.client",
     "commands_serve": "cli.serve",
 }

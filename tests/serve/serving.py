@@ -27,9 +27,10 @@ from ppvit.crypto.keys import Key
 from ppvit.data.datasets import load_source_split
 from ppvit.models.adapters import load_adapter
 from ppvit.models.backbones import create_backbone
-from ppvit.serve.app import ServeConfig, uvicorn_config
+from ppvit.serve.app import ServeConfig
 from ppvit.serve.jobs import ServiceLimits
 from ppvit.serve.runners import LocalRunner
+from ppvit.serve.server import uvicorn_config
 from ppvit.serve.tenants import TenantStore, hash_token, new_token
 from ppvit.train.inference import adapter_pipeline
 from ppvit.train.loop import train

@@ -41,11 +41,12 @@ from ppvit.models import routing
 from ppvit.models.adapters import CONFIG_NAME, WEIGHTS_NAME, load_adapter
 from ppvit.models.backbones import create_backbone
 from ppvit.models.routing import NotRoutable
-from ppvit.serve.app import ServeConfig, exposure_warning, listen
+from ppvit.serve.app import ServeConfig
 from ppvit.serve.batcher import Batcher, PassTimes, fair_shares
 from ppvit.serve.client import Client
 from ppvit.serve.jobs import ServiceLimits
 from ppvit.serve.metrics import Metrics
+from ppvit.serve.server import exposure_warning, listen
 from ppvit.serve.tenants import TenantStore
 from ppvit.train.inference import adapter_pipeline
 

@@ -22,7 +22,8 @@ def _serve(args: argparse.Namespace) -> None:
         if args.root is None:
             raise ValueError("serve: --root DIR is needed (the folder of tenants.sqlite and the adapters)")
         try:
-            from ppvit.serve.app import ServeConfig, serve
+            from ppvit.serve.app import ServeConfig
+            from ppvit.serve.server import serve
         except ImportError as exc:
             raise ValueError(f"the server needs FastAPI and uvicorn: pip install 'ppvit[serve]' ({exc.name})") from None
         cfg = ServeConfig(
