@@ -97,6 +97,22 @@ def adapter_tensors(run: Path) -> dict[str, torch.Tensor]:
     return load_file(str(run / "adapter" / "ppvit_adapter.safetensors"))
 
 
+def write_adapter_tensors(folder: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """Replace the tensors of the adapter in ``folder`` and record their SHA-256 in its config: an adapter
+    consistent on disk that holds what a test needs (a file swapped in without its config is refused)."""
+    import hashlib
+    import json
+
+    from safetensors.torch import save_file
+
+    from ppvit.models.adapters import CONFIG_NAME, WEIGHTS_NAME
+
+    save_file(tensors, str(folder / WEIGHTS_NAME))
+    doc = json.loads((folder / CONFIG_NAME).read_text())
+    doc["tensors_sha256"] = hashlib.sha256((folder / WEIGHTS_NAME).read_bytes()).hexdigest()
+    (folder / CONFIG_NAME).write_text(json.dumps(doc))
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -9,11 +9,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from cli_tools import toy_run
-from conftest import one_line_error, run_cli
-from safetensors.numpy import load_file, save_file
+from conftest import adapter_tensors, one_line_error, run_cli, write_adapter_tensors
+from PIL import Image
+from safetensors.torch import save_file
 
-from ppvit.models.adapters import CONFIG_NAME
+from ppvit.models.adapters import CONFIG_NAME, WEIGHTS_NAME
 
 
 def edited(tmp_path: Path, change) -> Path:
@@ -35,9 +37,20 @@ def edited(tmp_path: Path, change) -> Path:
         (lambda d: d["method"].pop("method") and None, "method names its method"),
         (lambda d: d.update(model=5), "damaged (model 5: must be text)"),
         (lambda d: d.update(block_size="4"), "damaged (block_size '4': must be an integer or null)"),
+        (lambda d: d.update(tensors_sha256="abc"), "damaged (tensors_sha256 is 64 hexadecimal digits)"),
         (lambda d: [1, 2], "damaged (not a JSON object)"),
     ],
-    ids=["num_classes", "classes text", "classes short", "method text", "method unnamed", "model", "block", "list"],
+    ids=[
+        "num_classes",
+        "classes text",
+        "classes short",
+        "method text",
+        "method unnamed",
+        "model",
+        "block",
+        "sha256",
+        "list",
+    ],
 )
 def test_an_adapter_config_edited_by_hand_is_one_line_naming_it(tmp_path: Path, capsys, change, says: str) -> None:
     run = edited(tmp_path, change)
@@ -49,12 +62,38 @@ def test_an_adapter_config_edited_by_hand_is_one_line_naming_it(tmp_path: Path, 
 def test_adapter_tensors_holding_nan_are_refused(tmp_path: Path, capsys, toy_dataset: Path) -> None:
     """eval answered ``"loss": NaN`` (not JSON) and accuracy 0.25, every argmax class 0; predict ``class0 nan``."""
     run = toy_run(tmp_path / "run", None, None, None)
-    path = next((run / "adapter").glob("*.safetensors"))
-    tensors = load_file(str(path))
+    tensors = adapter_tensors(run)
     name = sorted(tensors)[0]
-    tensors[name] = np.full_like(tensors[name], np.nan)
-    save_file(tensors, str(path))
+    write_adapter_tensors(run / "adapter", {**tensors, name: torch.full_like(tensors[name], float("nan"))})
     one_line_error(["eval", run, "--data", toy_dataset], capsys, f"{name} holds NaN or infinite values")
+
+
+def test_a_weights_file_swapped_in_from_another_run_is_refused(tmp_path: Path, capsys) -> None:
+    """Another run's tensors of the same shapes loaded and answered as this adapter (hostile tester): the config
+    records the SHA-256 of the file it was written with."""
+    run = toy_run(tmp_path / "run", None, None, None)
+    image = tmp_path / "x.png"
+    Image.new("RGB", (32, 32)).save(image)
+    assert run_cli(["predict", run, image], capsys)[0] == 0  # as written: it loads
+    path = run / "adapter" / WEIGHTS_NAME
+    save_file({n: t * 2 for n, t in adapter_tensors(run).items()}, str(path))
+    one_line_error(
+        ["predict", run, image], capsys, f"adapter weights {path}: not the file its {CONFIG_NAME} was written with"
+    )
+
+
+def test_an_adapter_of_an_earlier_release_without_a_hash_loads(tmp_path: Path, capsys) -> None:
+    """Adapters written before the hash was recorded load as before (nothing to hold them to)."""
+    run = toy_run(tmp_path / "run", None, None, None)
+    image = tmp_path / "x.png"
+    Image.new("RGB", (32, 32)).save(image)
+    code, before, _ = run_cli(["predict", run, image], capsys)
+    assert code == 0 and "x.png" in before
+    config = run / "adapter" / CONFIG_NAME
+    doc = json.loads(config.read_text())
+    assert len(doc.pop("tensors_sha256")) == 64
+    config.write_text(json.dumps(doc))
+    assert run_cli(["predict", run, image], capsys)[1] == before
 
 
 def test_eval_refuses_ciphertext_for_a_model_of_plain_images(

@@ -31,7 +31,7 @@ import httpx
 import numpy as np
 import pytest
 import torch
-from conftest import SMALL
+from conftest import SMALL, write_adapter_tensors
 from PIL import Image, PngImagePlugin
 from safetensors.torch import load_file, save_file
 from serving import EVERY_CLASS, LiveServer, build_world, dense, key_of, npy, png, reference_logits
@@ -742,10 +742,10 @@ def test_adapters_that_would_fail_every_request_are_refused_at_registration(
     if not isinstance(change, dict):
         tensors = load_file(str(folder / WEIGHTS_NAME))
         tensors["head.weight"][0, 0] = float("nan")
-        save_file(tensors, str(folder / WEIGHTS_NAME))
+        write_adapter_tensors(folder, tensors)
     if isinstance(change, float) or change == "probe":  # every head weight huge: logits overflow to inf
         tensors["head.weight"].fill_(1e38)
-        save_file(tensors, str(folder / WEIGHTS_NAME))
+        write_adapter_tensors(folder, tensors)
     if change == "probe":  # past the magnitude bound: the probe forward refuses it on its own
         monkeypatch.setattr(routing, "MAX_ABS", float("inf"))
     with pytest.raises((ValueError, NotRoutable), match=words):

@@ -510,3 +510,32 @@ def test_dense_mixing_trains_through_the_simulated_client(
     torch.testing.assert_close(seen.double(), expected, rtol=0, atol=0.3 if scheme == "mix" else 1e-3)
     assert cli.main(["eval", str(tmp_path / "run"), "--data", str(toy_dataset), "--key", str(key_file)]) == 0
     assert result.test_acc >= 0
+
+
+def test_lora_dropout_draws_the_same_masks_in_a_rerun_and_a_resumed_run(
+    tmp_path: Path, toy_dataset: Path, key_file: Path
+) -> None:
+    """LoRA dropout drew from torch's global RNG, neither seeded by the run nor checkpointed: two runs with
+    ``--dropout`` differed, and so did a resumed run from an uninterrupted one. Seeded per step now."""
+    settings = dict(epochs=2, dropout=0.5, save_every_steps=1)
+    train(train_config(tmp_path / "ref", toy_dataset, key_file, **settings))
+    torch.rand(7)  # the caller's RNG moved on: the run does not follow it
+    state = torch.random.get_rng_state()
+    train(train_config(tmp_path / "again", toy_dataset, key_file, **settings))
+    assert torch.equal(torch.random.get_rng_state(), state)  # and the caller's RNG is given back as it was
+
+    def stop_at_step_3(step: int, model: torch.nn.Module) -> None:
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)  # checkpointed at the next step, then TrainingStopped
+
+    cfg = train_config(tmp_path / "stopped", toy_dataset, key_file, **settings)
+    with pytest.raises(ppvit_train.TrainingStopped):
+        train(cfg, on_step=stop_at_step_3)
+    train(cfg, resume=True)
+    train(train_config(tmp_path / "no-dropout", toy_dataset, key_file, epochs=2, save_every_steps=1))
+    ref = adapter_tensors(tmp_path / "ref")
+    for run in ("again", "stopped"):
+        got = adapter_tensors(tmp_path / run)
+        assert all(torch.equal(ref[n], got[n]) for n in ref), run
+    plain = adapter_tensors(tmp_path / "no-dropout")
+    assert not all(torch.equal(ref[n], plain[n]) for n in ref)  # the dropout acted

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -24,9 +25,9 @@ from typing import Any
 import torch
 import torch.nn as nn
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, save, save_file
 
-from ppvit._io import atomic_write, atomic_write_text
+from ppvit._io import atomic_write, atomic_write_bytes, atomic_write_text
 from ppvit._schema import check_fields
 from ppvit.data.preprocess import KERNEL, Preprocess
 from ppvit.models.backbones import create_backbone, input_size, normalization
@@ -64,6 +65,7 @@ class AdapterMeta:
     key_fingerprint: str | None = None
     key_init: bool = False  # the frozen backbone was transformed with the key: its changed tensors are saved
     preprocess: Preprocess | None = None  # the input recipe it trained with (None: an earlier release's adapter)
+    tensors_sha256: str | None = None  # of the weights file written beside it (None: an earlier release's adapter)
 
     def __post_init__(self) -> None:
         if isinstance(self.preprocess, dict):  # read from JSON
@@ -96,12 +98,15 @@ def trainable_tensors(model: nn.Module, key_init: bool = False) -> dict[str, tor
 
 
 def save_adapter(model: nn.Module, meta: AdapterMeta, out_dir: str | os.PathLike) -> Path:
-    """Write the adapter folder; each file atomically, the config last (it marks completion)."""
+    """Write the adapter folder; each file atomically, the config last (it marks completion) with the
+    SHA-256 of the weights file, which ties the two together."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tensors = trainable_tensors(model, meta.key_init)
     metadata = {"format": "ppvit-adapter", "method": meta.method["method"], "model": meta.model}
-    atomic_write(out / WEIGHTS_NAME, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+    data = save(tensors, metadata=metadata)
+    atomic_write_bytes(out / WEIGHTS_NAME, data)
+    meta = replace(meta, tensors_sha256=hashlib.sha256(data).hexdigest())
     doc = {"format": "ppvit-adapter", "version": FORMAT_VERSION, **asdict(meta)}
     atomic_write_text(out / CONFIG_NAME, json.dumps(doc, indent=2) + "\n")
     for name in LEGACY_NAMES:  # an earlier release's adapter here is replaced, not left beside the new one
@@ -133,9 +138,27 @@ def read_adapter_meta(adapter_dir: str | os.PathLike) -> AdapterMeta:
             raise ValueError(f"{len(meta.classes)} class names for {meta.num_classes} classes")
         if meta.block_size is not None and meta.block_size < 1:
             raise ValueError(f"block_size {meta.block_size}: at least 1")
+        if meta.tensors_sha256 is not None and not re.fullmatch(r"[0-9a-f]{64}", meta.tensors_sha256):
+            raise ValueError("tensors_sha256 is 64 hexadecimal digits")
     except (TypeError, ValueError) as exc:  # missing or unknown fields, a malformed recipe
         raise ValueError(f"adapter config {path}: damaged ({exc})") from None
     return meta
+
+
+def read_adapter_tensors(adapter_dir: str | os.PathLike, meta: AdapterMeta) -> dict[str, torch.Tensor]:
+    """The adapter's tensors, held to the SHA-256 its config recorded: another run's file of the same
+    shapes, copied over this one, would otherwise load and answer with that run's model."""
+    path = adapter_files(adapter_dir)[1]
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ValueError(f"adapter weights {path}: cannot be read ({exc.strerror or exc})") from None
+    if meta.tensors_sha256 is not None and hashlib.sha256(data).hexdigest() != meta.tensors_sha256:
+        raise ValueError(f"adapter weights {path}: not the file its {CONFIG_NAME} was written with (sha256 differs)")
+    try:
+        return load(data)
+    except SafetensorError as exc:
+        raise ValueError(f"adapter weights {path}: cannot be read ({exc})") from None
 
 
 def adapter_preprocess(meta: AdapterMeta, model: nn.Module) -> Preprocess:
@@ -191,10 +214,7 @@ def load_adapter(
     if num_classes is not None and num_classes != meta.num_classes:
         raise ValueError(f"adapter {adapter_dir}: has {meta.num_classes} classes, not {num_classes}")
     model = apply_method(build_base(meta, weights), meta.method_config())
-    try:
-        tensors = load_file(str(path))
-    except (SafetensorError, OSError) as exc:
-        raise ValueError(f"adapter weights {path}: cannot be read ({exc})") from None
+    tensors = read_adapter_tensors(adapter_dir, meta)
     expected = {n: p for n, p in model.named_parameters() if p.requires_grad or (meta.key_init and n in KEYED_TENSORS)}
     if set(tensors) != set(expected):
         diff = sorted(set(tensors) ^ set(expected))

@@ -17,17 +17,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 
 from ppvit.data.preprocess import Preprocess, normalize
 from ppvit.models.adapters import (
     AdapterMeta,
-    adapter_files,
     adapter_preprocess,
     build_base,
     file_sha256,
     read_adapter_meta,
+    read_adapter_tensors,
 )
 from ppvit.models.graphs import cuda_graph
 from ppvit.models.routing import RoutedAdapter, RoutedViT, routed_adapter
@@ -162,10 +160,10 @@ class AdapterCache:
             meta = read_adapter_meta(tenant.folder)
             check_meta(meta, tenant.folder)
             base = self._base(meta, tenant)
-            tensors = load_file(str(adapter_files(tenant.folder)[1]))  # a store of 0.3 or earlier: PEFT's names
+            tensors = read_adapter_tensors(tenant.folder, meta)
             adapter = routed_adapter(meta, tensors, base.routed.base).to(self.device)
             preprocess = adapter_preprocess(meta, base.routed.base)
-        except (OSError, ValueError, SafetensorError, RuntimeError) as exc:
+        except (OSError, ValueError, RuntimeError) as exc:
             log.warning("tenant %s, adapter version %d: %s", tenant.tenant, tenant.version, exc)
             raise HTTPError(
                 503, f"the adapter of tenant {tenant.tenant} cannot be loaded (see the server log)"

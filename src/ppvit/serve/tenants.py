@@ -35,8 +35,6 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 
 from ppvit.data.preprocess import Preprocess, normalize
 from ppvit.models.adapters import (
@@ -48,6 +46,7 @@ from ppvit.models.adapters import (
     build_base,
     file_sha256,
     read_adapter_meta,
+    read_adapter_tensors,
 )
 from ppvit.models.routing import RoutedAdapter, RoutedViT, routed_adapter
 from ppvit.serve.defaults import KEEP_VERSIONS, MAX_CLASS_BYTES, MAX_CLASS_NAME, MAX_CLASSES
@@ -425,11 +424,7 @@ def check_routable(adapter: Path, weights: str | os.PathLike | None) -> None:
     """Build the adapter's base and lay its tensors out for routing: every error a server would meet."""
     meta = read_adapter_meta(adapter)
     check_meta(meta, adapter)
-    path = adapter_files(adapter)[1]
-    try:
-        tensors = load_file(str(path))
-    except (SafetensorError, OSError) as exc:
-        raise ValueError(f"adapter weights {path}: cannot be read ({exc})") from None
+    tensors = read_adapter_tensors(adapter, meta)
     base = build_base(meta, weights)
     recipe = adapter_preprocess(meta, base)  # a recipe the server would not follow is refused here
     probe_outputs(routed_adapter(meta, tensors, base), base, recipe, adapter)

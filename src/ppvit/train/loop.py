@@ -152,6 +152,8 @@ def train_epoch(s: Session, epoch: int, on_step: StepCallback | None) -> dict[st
             partial = totals.read()[0]
             _stop(s, RunState(**{**vars(s.state), "epoch": epoch, "step": step, "partial": partial}))
         gen = torch.Generator().manual_seed(s.data_seed * 1_000_003 + step * 97 + rank)
+        if s.random_forward:  # dropout draws from torch's own RNG: the same masks in a resumed run as in one run
+            torch.manual_seed(int(np.random.SeedSequence((cfg.run.seed, step, rank)).generate_state(1)[0]))
         images, labels = next(feed)
         images, labels = images.to(acc.device), labels.to(acc.device)
         x = s.pipeline(images, train=True, generator=gen)
@@ -284,6 +286,9 @@ def train(cfg: TrainConfig, resume: bool = False, on_step: StepCallback | None =
                     remove_empty_run_folder(out, created)
                 raise
             hold.enter_context(_stop_on_signals(session))
+            if session.random_forward:  # seeded per step: the caller's RNG streams are given back as they were
+                device = session.accelerator.device
+                hold.enter_context(torch.random.fork_rng(devices=[device] if device.type == "cuda" else []))
             for epoch in range(session.state.epoch, cfg.optim.epochs):
                 sums = train_epoch(session, epoch, on_step)
                 end_epoch(session, epoch, sums)

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+from timm.layers import DropPath
 
 from ppvit._io import atomic_write_text
 from ppvit.crypto.ciphers import BlockCipher
@@ -74,6 +75,7 @@ class Session:
     stop_signal: int | None = None  # set by SIGTERM/SIGINT: checkpoint and stop at the next step
     lock: Any = None  # the run folder's lock (main process), held while this object lives
     net: torch.nn.Module | None = None  # what runs forward: ``model``, or ``torch.compile(model)`` (train.fast)
+    random_forward: bool = False  # the model draws at random in training (dropout): torch's RNG is seeded per step
 
     @property
     def forward(self) -> torch.nn.Module:
@@ -145,8 +147,19 @@ def setup(cfg: TrainConfig, resume: bool, hold: ExitStack | None = None) -> Sess
         cfg, out, accelerator, precision, splits, cipher, pipeline, block, data_seed, model, optimizer, schedule, state
     )
     session.lock = lock
+    session.random_forward = draws_at_random(accelerator.unwrap_model(model))
     session.net = maybe_compile(model, accelerator.device, cfg.backbone.compile)
     return session
+
+
+def draws_at_random(model: torch.nn.Module) -> bool:
+    """Whether a training forward of ``model`` draws from torch's RNG: a dropout (LoRA's, timm's) or a
+    stochastic depth that is not zero."""
+    return any(
+        (isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.p > 0)
+        or (isinstance(m, DropPath) and m.drop_prob > 0)
+        for m in model.modules()
+    )
 
 
 def load_run_data(cfg: TrainConfig, data_seed: int, side: int, accelerator: Accelerator) -> DataSplits:
