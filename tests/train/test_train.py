@@ -412,6 +412,11 @@ def test_resume_with_only_the_run_folder_from_anywhere(
     assert json.loads(capsys.readouterr().out)["test_acc"] == first["test_acc"]
     saved = yaml.safe_load((work / "run" / "config.yaml").read_text())
     assert saved["data"]["data"] == str(work / "data") and saved["crypto"]["key"] == str(work / "k.key")
+    shutil.move(work / "run", tmp_path / "moved")  # it said "--resume with different settings (out)"
+    assert cli.main(["-q", "train", "--resume", "--out", "moved", "--epochs", "2"]) == 0
+    assert json.loads(capsys.readouterr().out)["epochs"] == 2
+    saved = yaml.safe_load((tmp_path / "moved" / "config.yaml").read_text())
+    assert saved["run"]["out"] == str(tmp_path / "moved") and not (work / "run").exists()
 
 
 def test_a_refused_run_leaves_no_empty_folder(tmp_path: Path, capsys) -> None:

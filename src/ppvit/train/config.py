@@ -36,7 +36,10 @@ from ppvit.train.sections import (
 )
 
 ALIASES = {"lora_targets": "targets", "lora_dropout": "dropout"}
-IGNORED_ON_RESUME = ("quiet", "dist_timeout_s", "report_to", "strict", "log_every_steps", "device_data", "compile")
+IGNORED_ON_RESUME = (
+    *("quiet", "dist_timeout_s", "report_to", "strict", "log_every_steps", "device_data", "compile"),
+    "out",  # the run folder is where it is now: one moved or copied resumes (config.yaml records the new place)
+)
 
 
 def _method_fields() -> dict[str, dataclasses.Field]:
