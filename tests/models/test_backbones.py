@@ -70,6 +70,15 @@ def test_a_local_weights_file_loads_without_timms_pretrained_loader(
     assert new_head["head.weight"].shape == (7, 48) and torch.equal(new_head["head.weight"], fresh["head.weight"])
 
 
+@pytest.mark.parametrize(("written_as", "named"), [(".safetensors", "w.bin"), (".pth", "w.safetensors")])
+def test_a_weights_file_is_read_by_its_content_not_its_name(tmp_path: Path, written_as: str, named: str) -> None:
+    """A safetensors file saved as ``.bin`` was unpickled by torch: "cannot be read (KeyError: 53)"."""
+    state = _saved_small_vit(tmp_path / f"w{written_as}")
+    (tmp_path / f"w{written_as}").rename(tmp_path / named)
+    loaded = create_backbone("vit_micro_d2_patch4_32", num_classes=4, weights=tmp_path / named).state_dict()
+    assert all(torch.equal(loaded[k], state[k]) for k in state)
+
+
 def test_weights_at_another_input_size_get_timms_resampled_position_embeddings(tmp_path: Path) -> None:
     state = _saved_small_vit(tmp_path / "w.safetensors")
     model = create_backbone("vit_micro_d2_patch4_32", num_classes=4, weights=tmp_path / "w.safetensors", img_size=48)

@@ -25,16 +25,25 @@ def check_weights_file(path: str | os.PathLike) -> None:
     tensor_shapes(path)
 
 
+def is_safetensors(path: Path) -> bool:
+    """Whether a file is safetensors, by its content (an 8-byte header length, then the JSON header), not its
+    name: a safetensors file saved as ``vit.bin`` was read as a PyTorch pickle ("KeyError: 53")."""
+    with open(path, "rb") as fh:
+        start = fh.read(9)
+    return len(start) == 9 and start[8:] == b"{"
+
+
 def read_state_dict(path: Path) -> dict[str, Any]:
     """The tensors of a weights file: safetensors, or a PyTorch file of tensors only (``weights_only``:
     a pickle that would run code is refused), unwrapped from a ``state_dict``/``model`` entry."""
-    if path.suffix == ".safetensors":
+    if is_safetensors(path):
         from safetensors.torch import load_file
 
         return load_file(str(path))
     import torch
 
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    with open(path, "rb") as fh:  # a file object: torch 2.14 hands a path named *.safetensors to safetensors
+        state = torch.load(fh, map_location="cpu", weights_only=True)
     for wrapper in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
             state = state[wrapper]
@@ -44,7 +53,7 @@ def read_state_dict(path: Path) -> dict[str, Any]:
 def tensor_shapes(path: Path) -> dict[str, tuple[int, ...]]:
     """Name -> shape of every tensor in a weights file (a safetensors file: its header alone)."""
     try:
-        if path.suffix == ".safetensors":
+        if is_safetensors(path):
             with safe_open(str(path), framework="pt") as f:
                 return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
         return {k: tuple(v.shape) for k, v in read_state_dict(path).items()}
