@@ -94,6 +94,25 @@ def test_nested_yaml_round_trips_and_names_unknown_settings(tmp_path: Path) -> N
         TrainConfig.from_flat(method="full", rank=4)
 
 
+@pytest.mark.parametrize(
+    ("text", "says"),
+    [
+        ("optim:\n  lr: [1\n", "not valid YAML (line 3, column 1: expected ',' or ']', but got '<stream end>')"),
+        ("backbone: 5\n", "section backbone: 5 is not a mapping of settings"),
+        ("optim: [1, 2]\n", "section optim: [1, 2] is not a mapping of settings"),
+    ],
+    ids=["syntax", "section a number", "section a list"],
+)
+def test_a_config_file_that_is_not_settings_is_one_line_naming_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str, says: str
+) -> None:
+    """PyYAML's message took six lines quoting the file; ``backbone: 5`` said "'int' object is not iterable"."""
+    (tmp_path / "c.yaml").write_text(text)
+    assert cli.main(["-q", "train", "--config", str(tmp_path / "c.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert err == f"ppvit train: error: config file {tmp_path / 'c.yaml'}: {says}\n"
+
+
 def test_no_setting_is_declared_twice_and_every_one_is_a_train_flag() -> None:
     names = [f.name for cls in SECTIONS.values() for f in dataclasses.fields(cls)]
     assert len(names) == len(set(names))

@@ -199,6 +199,9 @@ class TrainConfig:
         """From :meth:`to_dict`'s nesting, or from the flat layout of ppvit 0.1 files."""
         try:
             if isinstance(doc.get("method", {}), dict) and set(doc) <= {*SECTIONS, "method"}:
+                for section in SECTIONS:
+                    if not isinstance(doc.get(section) or {}, dict):
+                        raise ValueError(f"section {section}: {doc[section]!r} is not a mapping of settings")
                 unknown = [f"{s}.{k}" for s, v in doc.items() if s in SECTIONS for k in v if SECTION_OF.get(k) != s]
                 if unknown:
                     raise ValueError(f"unknown settings {', '.join(unknown)}")
@@ -214,7 +217,11 @@ class TrainConfig:
         """A config from YAML, with flat ``overrides`` (e.g. command-line flags) taking precedence."""
         try:
             doc = yaml.safe_load(Path(path).read_text()) or {}
-        except (OSError, yaml.YAMLError) as exc:
+        except yaml.MarkedYAMLError as exc:  # PyYAML's own message is several lines, quoting the file
+            mark = exc.problem_mark
+            where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+            raise ValueError(f"config file {path}: not valid YAML ({where}{exc.problem or exc.context})") from None
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
             raise ValueError(f"config file {path}: cannot be read ({exc})") from None
         if not isinstance(doc, dict):
             raise ValueError(f"config file {path}: not a mapping of settings")
