@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import SMALL, assert_no_key_material
+from safetensors.torch import load
 
 from ppvit import cli
 from ppvit.crypto.keys import Key
@@ -455,3 +456,20 @@ def test_a_sigterm_to_reproduce_alone_stops_its_cell_with_a_checkpoint(
         with contextlib.suppress(ProcessLookupError, TypeError):
             os.kill(child, signal.SIGKILL)  # an orphan of a failed run must not outlive the test
     assert torch.load(out / CHECKPOINT_FILE, weights_only=False)  # what a rerun resumes from
+
+
+def test_a_cached_upstream_model_cut_short_is_merged_again_not_used(
+    toy_dataset: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`pretrain` took a cached weights file cut to 1,000 bytes as good (every cell then failed to load it)."""
+    upstream = Upstream(epochs=1, batch_size=8, lr=1e-3)
+    weights, first = runner.pretrain(SMALL, upstream, toy_dataset)
+    whole = load(weights.read_bytes())  # not load_file: its tensors map the file, cut short below
+    trained_at = (weights.parent / "result.json").stat().st_mtime_ns
+    weights.write_bytes(weights.read_bytes()[:1000])
+    again, second = runner.pretrain(SMALL, upstream, toy_dataset)
+    assert again == weights and second == first
+    merged = load(again.read_bytes())
+    assert merged.keys() == whole.keys() and all(torch.equal(merged[k], whole[k]) for k in whole)
+    assert (weights.parent / "result.json").stat().st_mtime_ns == trained_at  # merged again, not trained again
+    assert f"cached upstream model {weights} cannot be read; merging it again" in caplog.text

@@ -60,7 +60,13 @@ def pretrain(
     ident = json.dumps([model, asdict(upstream), str(source.resolve()) if source else "cifar10"], sort_keys=True)
     run = cache_dir() / "pretrained" / f"{model}-{hashlib.sha256(ident.encode()).hexdigest()[:12]}"
     weights = run / "weights.safetensors"
-    if not (weights.exists() and (run / RESULT_FILE).exists()):
+    if weights.exists():
+        try:
+            check_weights_file(weights)
+        except ValueError:  # a cache cut short (a full disk, a copy): merged again from the run beside it
+            log.warning("cached upstream model %s cannot be read; merging it again from %s", weights, run / "adapter")
+            weights.unlink()
+    if not (run / RESULT_FILE).exists():
         cfg = TrainConfig.from_flat(
             out=str(run),
             data=str(source) if source else "cifar10",
@@ -77,6 +83,7 @@ def pretrain(
             quiet=quiet,
         )
         train(cfg, resume=(run / "config.yaml").exists())
+    if not weights.exists():
         merge_to_file(run / "adapter", weights, None)
     return weights, RunResult.read(run / RESULT_FILE)
 
