@@ -140,5 +140,5 @@ def test_the_client_skips_an_unreadable_file_when_asked_to_and_names_it(tmp_path
     np.testing.assert_array_equal(sent, BlockCipher(key, "shuffle", 4).encrypt(np.stack(good)))
     with pytest.raises(ValueError, match=r"broken\.png"):
         client.encrypt(files, key)  # no list: the first unreadable file stops it, named
-    with pytest.raises(ValueError, match="none of the 1 images could be read"):
+    with pytest.raises(ValueError, match="none of the 1 images could be used"):
         client.encrypt([files[1]], key, failed=[])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -266,10 +267,15 @@ def _add_tenant_actions(p: argparse.ArgumentParser) -> None:
 
 
 def _token(path: str) -> str:
+    """The one token a token file holds; never echoed (a second line went out in a header, and httpx's error
+    about that header printed the whole token)."""
     try:
-        return Path(path).read_text().strip()
+        token = Path(path).read_bytes().strip()
     except OSError as exc:
         raise ValueError(f"token file {path}: cannot be read ({exc.strerror})") from None
+    if not re.fullmatch(rb"[\x21-\x7e]+", token):
+        raise ValueError(f"token file {path}: not one token (one line of printable ASCII, no spaces)")
+    return token.decode("ascii")
 
 
 @contextmanager
@@ -283,11 +289,16 @@ def _server_errors(url: str) -> Iterator[None]:
         yield
     except ServerError as exc:
         raise ValueError(str(exc)) from None
-    except httpx.HTTPError as exc:
+    except (httpx.HTTPError, httpx.InvalidURL) as exc:
         raise ValueError(f"server {url}: {exc or type(exc).__name__}") from None
+    except (KeyError, TypeError) as exc:  # JSON without a ppvit server's fields: another service at that URL
+        raise ValueError(
+            f"server {url}: an answer without a ppvit server's fields ({exc!r}); not a ppvit server?"
+        ) from None
 
 
 def _client(args: argparse.Namespace) -> int:
+    from ppvit.data.images import image_files
     from ppvit.serve.client import Client
 
     token = _token(args.token_file)
@@ -297,9 +308,10 @@ def _client(args: argparse.Namespace) -> int:
         _server_errors(args.server),
         Client(args.server, token, scheme=args.scheme, block_size=args.block_size, input_size=args.size) as client,
     ):
-        answers = client.predict(args.images, key, plain=args.plain, top_k=1, failed=failed)
+        images = list(image_files(args.images))  # a folder: the image files under it, as `ppvit predict`
+        answers = client.predict(images, key, plain=args.plain, top_k=1, failed=failed)
     bad = {f for f, _ in failed or []}
-    for f, p in zip([f for f in args.images if f not in bad], answers, strict=True):
+    for f, p in zip([f for f in images if f not in bad], answers, strict=True):
         print(f"{f}\t{p.label}\t{p.probability:.3f}")
     return report_failed(failed or [], "the others were classified")
 
@@ -396,6 +408,14 @@ def _service_call(client, args: argparse.Namespace) -> None:
         found = client.upload(args.folder, args.name, lambda rel: print(f"sent {rel}", file=sys.stderr))
         print(f"dataset {found['name']}: {found['bytes']} bytes, key fingerprint {found['key_fingerprint']}")
         return
+    if args.action == "datasets":
+        for found in client.datasets():
+            state = "complete" if found["complete"] else f"{len(found['missing'])} shards missing"
+            print(f"{found['name']}\t{found['bytes']} bytes\t{state}\tkey fingerprint {found['key_fingerprint']}")
+        return
+    if args.action == "delete":
+        print(f"dataset {client.delete_dataset(args.dataset)['deleted']} deleted")
+        return
     job = _train_remote(client, args)
     if job["state"] != "succeeded":
         print(_job_line(job))
@@ -424,10 +444,12 @@ def _train_remote(client, args: argparse.Namespace) -> dict:
     """encrypt here (resumable) -> upload (only missing shards) -> submit -> follow."""
     from ppvit.crypto.ciphers import pinned_cipher
     from ppvit.data.encrypt import encrypt_collection
+    from ppvit.serve.client import FINAL_STATES, ServerError, check_name
 
     key = Key.load(args.key)
     src = Path(args.src)
-    name = args.name or src.name.split(".")[0]
+    name = args.name if args.name is not None else src.name.split(".")[0]
+    check_name(name)  # before encrypting a whole dataset for a name the server refuses
     work = Path(args.work or f"{name}.ppvit-wds")
     cipher, size = pinned_cipher(key, args.scheme, args.block_size, args.img_size)
     if cipher.scheme.mixing:  # the service's datasets are wds shards of 8-bit images
@@ -440,9 +462,29 @@ def _train_remote(client, args: argparse.Namespace) -> dict:
         raise ValueError(f"{src}: {len(summary.failed)} images could not be encrypted (first: {summary.failed[0]})")
     client.upload(work, name, lambda rel: print(f"sent {rel}", file=sys.stderr))
     settings = {"method": args.method, "model": args.model, "epochs": args.epochs, **_settings(args.set or [])}
-    job = client.submit(name, settings, activate=args.activate, processes=args.processes)
-    print(f"job {job['id']} submitted on dataset {name}", file=sys.stderr)
-    return _follow(client, job)
+    same = [
+        j
+        for j in client.jobs()
+        if j["dataset"] == name
+        and j["state"] not in FINAL_STATES
+        and (j["method"], j["epochs"]) == (settings["method"], settings["epochs"])
+        and settings["model"] in (None, j["model"])
+    ]
+    if same:  # this command run again after an interruption: the job it submitted goes on, not a second one
+        job = same[0]
+        print(f"job {job['id']} on dataset {name} is already {job['state']}: following it", file=sys.stderr)
+    else:
+        job = client.submit(name, settings, activate=args.activate, processes=args.processes)
+        print(f"job {job['id']} submitted on dataset {name}", file=sys.stderr)
+    try:
+        return _follow(client, job)
+    except (KeyboardInterrupt, ServerError):
+        print(
+            f"job {job['id']} goes on on the server: ppvit client job {job['id']} --server {args.server} "
+            f"--token-file {args.token_file}",
+            file=sys.stderr,
+        )
+        raise
 
 
 def add_service_verbs(actions: argparse._SubParsersAction) -> None:
@@ -472,6 +514,10 @@ def add_service_verbs(actions: argparse._SubParsersAction) -> None:
     a.add_argument("--name", required=True, help="dataset name on the server")
     connection(a)
     connection(actions.add_parser("jobs", help="this tenant's training jobs"))
+    connection(actions.add_parser("datasets", help="this tenant's datasets on the server"))
+    a = actions.add_parser("delete", help="delete one of this tenant's datasets on the server")
+    a.add_argument("dataset", help="dataset name (as ppvit client datasets lists)")
+    connection(a)
     for verb, text in (
         ("job", "one job's state and progress"),
         ("cancel", "stop a queued or running job"),

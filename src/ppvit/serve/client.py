@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import re
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -35,8 +36,11 @@ from ppvit.crypto.keys import Key
 from ppvit.data.images import ciphertext_origin, read_ciphertext_array, read_image
 from ppvit.data.manifest import read_manifest
 from ppvit.data.preprocess import KERNEL, Preprocess
+from ppvit.serve.defaults import NAME, NAME_RULE
 
 MIN_BLOCK_SIZE = 4  # the smallest block size used without a pin
+UNPINNED_STEPS = ("shuffle", "mix", "lift")  # without a pin, a scheme must hold one: it moves values within blocks
+JOB_ID = re.compile(r"job-[0-9a-f]{1,64}")  # what the server names jobs (serve.jobs)
 THREAT_WARNING = (
     "warning: the server holds your ciphertexts. docs/THREAT_MODEL.md measured that about 20 of them "
     "suffice to recover the key of these block schemes; the service is no stronger than the scheme"
@@ -117,7 +121,7 @@ class ServerError(RuntimeError):
     """The server's one-line answer to a refused request, with its status code."""
 
     def __init__(self, status: int, message: str) -> None:
-        super().__init__(f"server answered {status}: {message}")
+        super().__init__(f"server answered {status}: {message}" if status else message)
         self.status = status
 
 
@@ -136,8 +140,14 @@ class Client:
     ):
         """``scheme``, ``block_size``, ``input_size``: what you trained with, for a key file that
         pins no geometry; the server's word for them is then checked, not trusted."""
+        try:
+            base = httpx.URL(url.rstrip("/"))
+        except httpx.InvalidURL as exc:
+            raise ValueError(f"server URL {url!r}: {exc}") from None
+        if base.scheme not in ("http", "https") or not base.host:
+            raise ValueError(f"server URL {url!r}: not an http:// or https:// URL of a host")
         self.http = httpx.Client(
-            base_url=url.rstrip("/"), headers={"Authorization": f"Bearer {token}"}, timeout=timeout, transport=transport
+            base_url=base, headers={"Authorization": f"Bearer {token}"}, timeout=timeout, transport=transport
         )
         self.wanted = {
             "scheme": None if scheme is None else str(Scheme.parse(scheme)),
@@ -159,14 +169,19 @@ class Client:
         try:
             response = self.http.request(method, path, **kw)
         except httpx.HTTPError as exc:
-            raise ServerError(0, f"{self.http.base_url}: {exc}") from None
+            raise ServerError(0, f"server {self.http.base_url}: no answer ({exc or type(exc).__name__})") from None
         if response.status_code != 200:
             try:
-                message = response.json()["error"]
-            except (ValueError, KeyError, TypeError):
-                message = response.text[:200]
-            raise ServerError(response.status_code, message)
-        return response.json()
+                message = str(response.json()["error"])
+            except (ValueError, KeyError, TypeError):  # not ppvit's JSON: an HTML page of a proxy or another server
+                message = f"{' '.join(response.text.split())[:200]} (not a ppvit server's answer)"
+            raise ServerError(response.status_code, " ".join(message.split()))
+        try:
+            return response.json()
+        except ValueError:
+            raise ServerError(
+                0, f"server {self.http.base_url}: answered {path} with no JSON (not a ppvit server?)"
+            ) from None
 
     def info(self) -> dict[str, Any]:
         """The tenant's adapter settings as the server states them (cached)."""
@@ -221,7 +236,8 @@ class Client:
             arrays.append(array)
             here.append(encrypt_here)
         if not arrays:
-            raise ValueError(f"none of the {len(images)} images could be read")
+            first = f" (first: {failed[0][0]}: {failed[0][1]})" if failed else ""
+            raise ValueError(f"none of the {len(images)} images could be used{first}")
         if info["scheme"] is not None and any(here):
             if key is None:
                 raise ValueError(f"the adapter expects images encrypted with scheme {info['scheme']}: pass the key")
@@ -269,6 +285,17 @@ class Client:
         for name, value in pinned.items():
             if stated[name] != value:
                 raise ValueError(f"the server says the adapter takes {name} {stated[name]}, not {value}: refusing")
+        scheme = stated["scheme"]
+        if (
+            scheme is not None
+            and "scheme" not in pinned
+            and not any(step.name in UNPINNED_STEPS for step in Scheme.parse(scheme).steps)
+        ):  # else a server could choose a scheme that leaves images all but plain (negpos of 32-pixel blocks)
+            raise ValueError(
+                f"the server says the adapter takes scheme {scheme}; without a pin this client encrypts only with a "
+                f"scheme that holds {', '.join(UNPINNED_STEPS)}: refusing (pass --scheme, or use a key pinned by "
+                "ppvit keygen --scheme --block-size --size)"
+            )
         block = stated["block_size"]
         if (
             stated["scheme"] is not None
@@ -389,9 +416,23 @@ class Client:
         specs = [
             {"path": p.relative_to(folder).as_posix(), "bytes": p.stat().st_size, "sha256": _sha256(p)} for p in shards
         ]
+        check_name(name)
         declared = self._call("PUT", f"/v1/datasets/{name}", json={"manifest": asdict(manifest), "shards": specs})
-        for rel in declared["missing"]:
-            self._call("PUT", f"/v1/datasets/{name}/shards/{rel}", content=_chunks(folder / rel))
+        missing = declared.get("missing") if isinstance(declared, dict) else None
+        ours = {spec["path"] for spec in specs}
+        if not isinstance(missing, list) or not all(isinstance(rel, str) and rel in ours for rel in missing):
+            raise ServerError(0, f"server {self.http.base_url}: asked for files this client did not offer: refusing")
+        for rel in missing:  # only shards declared above: a server cannot name another file here (a key)
+            try:
+                self._call("PUT", f"/v1/datasets/{name}/shards/{rel}", content=_chunks(folder / rel))
+            except ServerError as exc:
+                if exc.status != 408:
+                    raise
+                raise ServerError(
+                    408,
+                    f"shard {rel} did not arrive within the server's body timeout; encrypt with a smaller "
+                    "--shard-size into a new folder (ppvit encrypt --shard-size N, or client train --work)",
+                ) from None
             if on_shard is not None:
                 on_shard(rel)
         return self._call("GET", f"/v1/datasets/{name}")
@@ -409,18 +450,22 @@ class Client:
         return self._call("GET", "/v1/jobs")
 
     def job(self, job_id: str) -> dict:
-        return self._call("GET", f"/v1/jobs/{job_id}")
+        return self._call("GET", f"/v1/jobs/{checked_job(job_id)}")
 
     def job_metrics(self, job_id: str) -> list[dict]:
-        return self._call("GET", f"/v1/jobs/{job_id}/metrics")
+        return self._call("GET", f"/v1/jobs/{checked_job(job_id)}/metrics")
 
     def cancel(self, job_id: str) -> dict:
-        return self._call("POST", f"/v1/jobs/{job_id}/cancel")
+        return self._call("POST", f"/v1/jobs/{checked_job(job_id)}/cancel")
 
     def activate(self, job_id: str) -> dict:
         """Serve this tenant with the adapter version the job registered."""
         self._info = None
-        return self._call("POST", f"/v1/jobs/{job_id}/activate")
+        return self._call("POST", f"/v1/jobs/{checked_job(job_id)}/activate")
+
+    def delete_dataset(self, name: str) -> dict:
+        check_name(name)
+        return self._call("DELETE", f"/v1/datasets/{name}")
 
     def follow(self, job_id: str, on_update: Callable[[dict], None] | None = None, interval: float = 1.0) -> dict:
         """Poll the job until it ends; ``on_update`` sees each state. Returns the last one."""
@@ -432,3 +477,19 @@ class Client:
                 self._info = None  # the adapter may have changed
                 return job
             time.sleep(interval)
+
+
+def check_name(name: str) -> None:
+    """A dataset name as the server takes it, checked here: before encrypting a whole dataset for it, and
+    never a name that reads as another URL (``x?y`` declared dataset ``x``)."""
+    if not NAME.fullmatch(name):
+        raise ValueError(f"dataset name {name[:80]!r}: {NAME_RULE}; pass --name")
+
+
+def checked_job(job_id: str) -> str:
+    """A job id as the server writes them: never a path of another resource (``../adapter``)."""
+    if not JOB_ID.fullmatch(job_id):
+        raise ValueError(
+            f"job id {job_id[:80]!r}: not a job id (job- and hexadecimal digits, as ppvit client jobs lists)"
+        )
+    return job_id

@@ -43,9 +43,9 @@ from ppvit._io import atomic_write_bytes, commit_temp, json_text, remove_stale_t
 from ppvit.crypto.ciphers import Scheme
 from ppvit.data.manifest import MANIFEST_NAME, Manifest
 from ppvit.data.sources.encrypted_wds import check_shard
-from ppvit.serve.defaults import MAX_CLASSES
+from ppvit.serve.defaults import MAX_CLASSES, NAME, NAME_RULE
 from ppvit.serve.service_db import ACTIVE, DatasetError, service_db
-from ppvit.serve.tenants import NAME, check_classes
+from ppvit.serve.tenants import check_classes
 
 DATASETS_DIR = "datasets"
 SPLIT = re.compile(r"[a-z0-9_]{1,32}")
@@ -457,4 +457,4 @@ def private_dirs(folder: Path) -> None:
 
 def check_name(name: str) -> None:
     if not NAME.fullmatch(name):
-        raise DatasetError(422, f"dataset name {name[:80]!r}: use 1-64 letters, digits, '_', '.', '-' (starting alnum)")
+        raise DatasetError(422, f"dataset name {name[:80]!r}: {NAME_RULE}")

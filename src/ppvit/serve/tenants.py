@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-import re
 import secrets
 import shutil
 import sqlite3
@@ -49,14 +48,13 @@ from ppvit.models.adapters import (
     read_adapter_tensors,
 )
 from ppvit.models.routing import RoutedAdapter, RoutedViT, routed_adapter
-from ppvit.serve.defaults import KEEP_VERSIONS, MAX_CLASS_BYTES, MAX_CLASS_NAME, MAX_CLASSES
+from ppvit.serve.defaults import KEEP_VERSIONS, MAX_CLASS_BYTES, MAX_CLASS_NAME, MAX_CLASSES, NAME, NAME_RULE
 from ppvit.train.config import TrainConfig
 from ppvit.train.runs import adapter_dir
 
 SCHEMA_VERSION = 1
 DB_NAME = "tenants.sqlite"
 TOKEN_PREFIX = "ppvit_"
-NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 MODEL_KWARGS = frozenset({"img_size"})  # the only create_backbone arguments an adapter config may set
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -154,7 +152,7 @@ class TenantStore:
     ) -> str:
         """Register ``name`` with a copy of ``adapter``; returns the API token (shown once, never stored)."""
         if not NAME.fullmatch(name):
-            raise ValueError(f"tenant name {name!r}: use 1-64 letters, digits, '_', '.', '-' (starting alnum)")
+            raise ValueError(f"tenant name {name!r}: {NAME_RULE}")
         token = new_token()
         with self._connect() as con:
             _refuse_existing(con, name)  # before the copy and its checks, which take seconds
