@@ -399,6 +399,14 @@ def _service_call(client, args: argparse.Namespace) -> None:
         for job in client.jobs():
             print(_job_line(job))
         return
+    if args.action == "datasets":
+        for found in client.datasets():
+            state = "complete" if found["complete"] else f"{len(found['missing'])} shards missing"
+            print(f"{found['name']}\t{found['bytes']} bytes\t{state}\tkey fingerprint {found['key_fingerprint']}")
+        return
+    if args.action == "delete":
+        print(f"dataset {client.delete_dataset(args.dataset)['deleted']} deleted")
+        return
     if args.action in ("job", "cancel", "activate"):
         job = {"job": client.job, "cancel": client.cancel, "activate": client.activate}[args.action](args.job)
         print(_job_line(job))
@@ -407,14 +415,6 @@ def _service_call(client, args: argparse.Namespace) -> None:
     if args.action == "upload":
         found = client.upload(args.folder, args.name, lambda rel: print(f"sent {rel}", file=sys.stderr))
         print(f"dataset {found['name']}: {found['bytes']} bytes, key fingerprint {found['key_fingerprint']}")
-        return
-    if args.action == "datasets":
-        for found in client.datasets():
-            state = "complete" if found["complete"] else f"{len(found['missing'])} shards missing"
-            print(f"{found['name']}\t{found['bytes']} bytes\t{state}\tkey fingerprint {found['key_fingerprint']}")
-        return
-    if args.action == "delete":
-        print(f"dataset {client.delete_dataset(args.dataset)['deleted']} deleted")
         return
     job = _train_remote(client, args)
     if job["state"] != "succeeded":
