@@ -196,6 +196,47 @@ def test_rerun_skips_finished_outputs(tmp_path: Path, key_file: Path, capsys) ->
     assert_no_key_material([tmp_path / "enc", out], Key.load(key_file))
 
 
+@pytest.mark.parametrize("change", ["added", "removed"])
+@pytest.mark.parametrize("fmt", ["png", "npz", "wds"])
+def test_a_rerun_after_the_source_changed_is_refused_and_writes_nothing(
+    tmp_path: Path, key_file: Path, capsys, fmt: str, change: str
+) -> None:
+    """An interrupted run continued after an image was added to (or removed from) the source: the images were dealt
+    anew over the shards kept (wds: some twice, the new one missing; npz: the new one missing; png: the removed one
+    kept), manifest counts that were not the source's, exit 0 (hostile client). Now one line, nothing written; the
+    source as it was continues the run to exactly its images."""
+    src, enc = tmp_path / "src", tmp_path / "enc"
+    make_tree(src, n=4)
+    args = ["-q", "encrypt", str(src), str(enc), "--key", str(key_file), "--block-size", "4", "--format", fmt]
+    args += ["--shard-size", "3"] if fmt == "wds" else []
+    assert cli.main(args) == 0
+    outputs = sorted(p for p in enc.rglob("*") if p.is_file() and p.name != "ppvit-manifest.json")
+    outputs[-1].unlink()  # the run stopped before its last output
+    extra, gone = src / "train" / "cat" / "new.png", src / "train" / "dog" / "3.png"
+    if change == "added":
+        Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(extra)
+    else:
+        gone.rename(tmp_path / "away.png")
+    before = tree_digest(enc)
+    capsys.readouterr()
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err
+    assert f"output {enc}: was written from other images than {src}" in err and "new output folder" in err
+    assert len(err.strip().splitlines()) == 1 and tree_digest(enc) == before
+
+    extra.unlink(missing_ok=True)
+    if not gone.exists():
+        (tmp_path / "away.png").rename(gone)
+    assert cli.main(args) == 0
+    assert read_manifest(enc).counts == {"test": 8, "train": 8}
+    if fmt == "wds":  # each image once
+        names = []
+        for shard in enc.rglob("*.tar"):
+            with tarfile.open(shard) as tar:
+                names += [(shard.parent.name, m) for m in tar.getnames() if m.endswith(".png")]
+        assert len(names) == len(set(names)) == 16
+
+
 @pytest.mark.parametrize("bad", [["--format", "jpg"], ["DST.jpg"]])
 def test_lossy_output_is_refused(tmp_path: Path, key_file: Path, capsys, bad: list[str]) -> None:
     make_tree(tmp_path / "src")

@@ -10,11 +10,13 @@ only: PNG holds 8 bits a value.
 A manifest (``ppvit-manifest.json``) beside the output records the scheme, block size, input
 size, format, classes and the key fingerprint, never the key. It is written before the first
 image, so an interrupted run can be continued (outputs that exist are skipped) and a run with
-another key or scheme cannot write into the same folder.
+another key or scheme, or from a source whose images changed since (its ``listing``), cannot write into the
+same folder.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 import os
@@ -115,7 +117,9 @@ def transform_collection(
     dst = Path(dst)
     check_apart(source, dst)
     check_output(dst, manifest.format)
-    counts = survey(source, select, manifest.block_size, manifest.size, manifest.format, check_sizes=not decrypting)
+    counts, manifest.listing = survey(
+        source, select, manifest.block_size, manifest.size, manifest.format, check_sizes=not decrypting
+    )
     workers = max(1, min(workers, sum(counts.values()), os.cpu_count() or 1))
     labels: list[str] = []
     if manifest.format == "wds":  # the label space first: each sample's .cls is an index into it
@@ -132,6 +136,11 @@ def transform_collection(
             raise ValueError(f"output {dst}: was written with shard size {old.shard_size}, not {manifest.shard_size}")
         if manifest.format == "wds" and old.classes != manifest.classes:
             raise ValueError(f"output {dst}: its classes {old.classes} differ from the source's now; use a new output")
+        if old.listing is not None and old.listing != manifest.listing:  # None: written before ppvit recorded it
+            raise ValueError(
+                f"output {dst}: was written from other images than {source.path} holds now (added, removed or "
+                "renamed since); give a new output folder (client train: --work)"
+            )
     write_manifest(dst, manifest)  # before the first image: claims the folder for these settings
     for tmp in remove_stale_temps(dst):  # an interrupted run's half-written files
         log.info("removed %s (left by an interrupted run)", tmp)
@@ -174,8 +183,15 @@ def transform_collection(
 
 def survey(
     source: Source, select: Select, block_size: int, size: int | None, fmt: str = "png", check_sizes: bool = True
-) -> dict[str, int]:
-    """The number of images per split, after checking up front what would fail every image (one line, nothing written).
+) -> tuple[dict[str, int], str]:
+    """The number of images per split and the SHA-256 of their paths in source order (the manifest's ``listing``),
+    after checking up front what would fail every image (one line, nothing written).
+
+    The listing is what a rerun is held to: the sinks place images by their order (npz and wds shards by index,
+    PNG files by name), so a source with an image added, removed or renamed since would be dealt anew over the
+    shards kept (images twice, others missing) or leave outputs of images it no longer holds. It is of the paths,
+    not :meth:`~ppvit.data.sources.Source.identity` (a folder's is the folder's own times and absolute path: an
+    image added to a class folder leaves it as it was, and a moved source changes it).
 
     With ``size`` it must be a multiple of the block size, and at most :data:`~ppvit.crypto.keys.MAX_INPUT_SIZE`.
     Without it the images must share one size that is: a first pass reads each image's header (PIL reads the size
@@ -189,6 +205,7 @@ def survey(
         raise ValueError(f"--size {size}: at most {MAX_INPUT_SIZE}")
     counts: Counter[str] = Counter()
     names: dict[str, str] = {}
+    listing = hashlib.sha256()
 
     def count(rel: str) -> None:
         first = names.setdefault(output_name(fmt, rel), rel)
@@ -197,6 +214,7 @@ def survey(
                 f"source {source.path}: {first} and {rel} would both be written as {output_name(fmt, rel)}; rename one"
             )
         counts[split_of(rel)] += 1
+        listing.update(rel.encode("utf-8", "surrogateescape") + b"\0")  # no path holds a NUL
 
     if size is not None or not check_sizes:
         for rel in source.paths(select):
@@ -224,7 +242,7 @@ def survey(
             )
     if not counts:
         raise ValueError(f"source {source.path}: no images found")
-    return dict(counts)
+    return dict(counts), listing.hexdigest()
 
 
 def _dims(data: Data) -> tuple[int, int] | None:

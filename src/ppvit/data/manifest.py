@@ -44,6 +44,7 @@ class Manifest:
     shard_size: int | None = None  # wds: images per shard (dealt round-robin over up to 64 shards: data.sinks.WdsSink)
     preprocess: Preprocess | None = None  # how the images were resized (mean/std None: the model's); None: not resized
     dtype: str = "uint8"  # of the stored values: uint8, float16 (mix) or int16/int32 (lift: the key's bound decides)
+    listing: str | None = None  # SHA-256 of the source's image paths in order: a rerun continues only the same list
 
     def validate(self, where: str = "") -> None:
         """ValueError for a field of the wrong type (:func:`ppvit._schema.check_fields`) or range: what is checked of
