@@ -9,25 +9,22 @@ import pytest
 from conftest import SMALL
 
 from ppvit.cli import serve as serve_cli
-from ppvit.data.manifest import Manifest
+from ppvit.crypto.ciphers import BlockCipher
+from ppvit.crypto.keys import Key
+from ppvit.data.encrypt import encrypt_collection
+from ppvit.data.manifest import read_manifest
 from ppvit.serve.datasets import Dataset
 from ppvit.serve.jobs import JobError, ServiceLimits, job_config
 
-DATASET = Dataset(
-    "toy",
-    Path("/srv/toy"),
-    Manifest("shuffle", 4, 32, "f" * 16, "wds", counts={"train": 96, "test": 32}, complete=True),
-    0,
-    [],
-    {"train": 96, "test": 32},
-)
 
-
-def test_the_model_may_be_left_out_when_the_server_offers_one(tmp_path: Path) -> None:
-    cfg = job_config({"epochs": 1}, DATASET, ServiceLimits({SMALL: None}), tmp_path / "run")
+def test_the_model_may_be_left_out_when_the_server_offers_one(tmp_path: Path, toy_dataset: Path) -> None:
+    work = tmp_path / "toy"  # the shards a job's batch is checked against
+    encrypt_collection(toy_dataset, work, BlockCipher(Key.generate(), "shuffle", 4), 32, "wds", progress=False)
+    dataset = Dataset("toy", work, read_manifest(work), 0, [], {"train": 96, "test": 32})
+    cfg = job_config({"epochs": 1}, dataset, ServiceLimits({SMALL: None}), tmp_path / "run")
     assert cfg.backbone.model == SMALL
     with pytest.raises(JobError) as refused:
-        job_config({"epochs": 1}, DATASET, ServiceLimits({SMALL: None, "vit_tiny_patch16_224": None}), tmp_path)
+        job_config({"epochs": 1}, dataset, ServiceLimits({SMALL: None, "vit_tiny_patch16_224": None}), tmp_path)
     assert refused.value.status == 422
     assert f"this server offers {SMALL}, vit_tiny_patch16_224: choose one with --model" in str(refused.value)
 

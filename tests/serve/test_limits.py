@@ -308,6 +308,15 @@ BAD_JOBS = [
     {"method": "linear", "rank": 4},
     {"seed": -1},
     {"targets": ["qv"]},
+    # accepted, then the job failed when it ran (hostile client): streamed shards take no part or subset, no
+    # validation share of 0 or of all but no image, and a CPU-only server compiles for nothing
+    {"part": "abc"},
+    {"part": "5/2"},
+    {"train_subset": 8},
+    {"test_subset": 8},
+    {"val_fraction": 0},
+    {"val_fraction": 0.9999},
+    {"compile": True},
 ]
 
 
@@ -319,6 +328,31 @@ def test_a_bad_job_is_refused_at_submission_in_one_line(
     text = str(err)
     assert err.status == 422 and list(change)[-1] in text and "\n" not in text, text
     assert "__init__" not in text and "Error" not in text and str(store[0].root) not in text
+
+
+def test_a_batch_must_fit_the_training_images_that_training_leaves_after_validation(
+    store: tuple[DatasetStore, int], toy_wds: Path, tmp_path: Path
+) -> None:
+    """The training set a run would step over (its streamed train part: 96 images less those a hash of their key
+    holds out) takes a batch of exactly its size, and refuses one more naming that count: the server's rule is
+    training's, not a rounding of 96 x 0.5. A GPU server compiles."""
+    from ppvit.data.datasets import load_splits
+
+    held = len(load_splits(toy_wds, 0.5, seed=0).train)
+    assert held != 48  # the hash's count, not the share's
+    datasets, tenant = store
+    upload_folder(datasets, tenant, "toy", toy_wds)
+    found, limits = datasets.get(tenant, "toy"), ServiceLimits({SMALL: None}, devices=["0"])
+    settings = {**SETTINGS, "val_fraction": 0.5, "compile": True}
+    cfg = job_config({**settings, "batch_size": held}, found, limits, tmp_path / "run")
+    assert cfg.optim.batch_size == held and cfg.backbone.compile is True
+    with pytest.raises(JobError) as err:
+        job_config({**settings, "batch_size": held + 1}, found, limits, tmp_path / "run")
+    assert err.value.status == 422
+    assert str(err.value) == (
+        f"config: batch_size {held + 1} is larger than the training set: val_fraction 0.5 leaves {held} of the 96 "
+        "train images"
+    )
 
 
 def test_datasets_per_tenant_and_shards_per_declaration_are_bounded(tmp_path: Path) -> None:

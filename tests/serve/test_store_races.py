@@ -7,6 +7,7 @@ import asyncio
 import hashlib
 import json
 import sqlite3
+import tarfile
 import threading
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
@@ -43,17 +44,20 @@ def shards(n: int) -> list[dict]:
 
 
 def received(root: Path, tenant_id: int, name: str) -> None:
-    """Every declared shard received (its row done, an empty file where the shard lies; 1 or 2 shards)."""
+    """Every declared shard received (its row done, a tar of its images' empty PNG members where the shard lies,
+    which a job's batch is checked against; 1 or 2 shards)."""
     with service_db(root) as con:
         rows = con.execute("SELECT path FROM shards WHERE tenant_id = ? AND dataset = ?", (tenant_id, name)).fetchall()
         con.execute(  # the manifest's 10 training images, spread over the shards
             "UPDATE shards SET done = 1, images = ? WHERE tenant_id = ? AND dataset = ?",
             (10 // len(rows), tenant_id, name),
         )
-    for (path,) in rows:
+    for number, (path,) in enumerate(rows):
         file = root / "datasets" / str(tenant_id) / name / path
         file.parent.mkdir(parents=True, exist_ok=True)
-        file.write_bytes(b"")
+        with tarfile.open(file, "w") as tar:
+            for i in range(10 // len(rows)):
+                tar.addfile(tarfile.TarInfo(f"a/{number}-{i}.png"))
 
 
 def a_dataset_read(root: Path, count: int) -> tuple[int, DatasetStore, Jobs, Dataset]:

@@ -6,7 +6,8 @@ models and their weights, an operator's bound on every setting that sizes the ma
 :data:`JOB_BOUNDS`, jobs per tenant, optimiser steps over the images the server counted) and
 against what the server can do without the key: settings
 that need plain images (plain augmentation, ``key_init``) or a key are refused in one line,
-as is ``full`` (it replaces the whole backbone and cannot be routed). The server fills in
+as is ``full`` (it replaces the whole backbone and cannot be routed), and against the dataset (streamed
+shards take no part or subset; a batch fits in the training images left after validation). The server fills in
 what is its own (data folder, run folder, weights, scheme, block size and input size from
 the dataset's manifest) and records the result as the job's ``config.yaml``.
 
@@ -48,6 +49,8 @@ JOBS_DIR = "jobs"
 SERVER_SETTINGS = frozenset({"data", "out", "key", "weights", "pretrained", "quiet", "report_to"})
 # Settings that need the key or plain images, which the server never has.
 PLAIN_ONLY = {"key_init": "key_init needs the key", "augment": "plain augmentation needs plain images"}
+# Settings that streamed WebDataset data, the service's every dataset, take none of (data.datasets.load_splits).
+NOT_STREAMED = ("part", "train_subset", "test_subset")
 LOG_TAIL_BYTES = 8192
 LINE_CHARS = 500  # of a job's last log line or error, as the tenant sees it
 JOBS_LISTED = 100  # GET /v1/jobs: the tenant's newest jobs
@@ -133,6 +136,13 @@ def job_config(settings: Any, dataset: Dataset, limits: ServiceLimits, out: Path
         raise JobError(422, f"config: {PLAIN_ONLY['augment']}; use mixup or cutmix (ciphertext-safe)")
     if settings.get("method") == "full":
         raise JobError(422, "config: method full replaces the whole backbone; it cannot be served (use lora-pe)")
+    for name in NOT_STREAMED:
+        if settings.get(name) is not None:
+            raise JobError(
+                422,
+                f"config: {name} {str(settings[name])[:40]}: the service's datasets are streamed WebDataset shards, "
+                f"which take no {', '.join(NOT_STREAMED)}",
+            )
     m = dataset.manifest
     fixed = {"scheme": m.scheme, "block_size": m.block_size, "img_size": m.size}
     for name, value in fixed.items():
@@ -158,8 +168,15 @@ def job_config(settings: Any, dataset: Dataset, limits: ServiceLimits, out: Path
         )
     except (TypeError, ValueError) as exc:
         raise JobError(422, f"config: {exc}") from None
+    if cfg.backbone.compile and all(d == "cpu" for d in limits.devices):
+        raise JobError(
+            422,
+            "config: compile true: this server trains on CPUs only, where torch.compile costs more than it wins; "
+            "leave it out",
+        )
     limits.check_bounds(cfg)
     dataset.check_counts()
+    check_batch(cfg, dataset)
     steps = cfg.optim.epochs * math.ceil(train_images(cfg, dataset) / (cfg.optim.batch_size * cfg.optim.grad_accum))
     if limits.max_steps is not None and steps > limits.max_steps:
         raise JobError(422, f"config: about {steps} optimiser steps; this server allows {limits.max_steps}")
@@ -167,12 +184,31 @@ def job_config(settings: Any, dataset: Dataset, limits: ServiceLimits, out: Path
 
 
 def train_images(cfg: TrainConfig, dataset: Dataset) -> int:
-    """The training images a run of ``cfg`` steps over (the validation share held out), as the server
-    counted them in the shards it received."""
-    n = dataset.counts.get("train", 0)
-    if cfg.data.train_subset:
-        n = min(n, cfg.data.train_subset)
-    return max(1, round(n * (1 - cfg.data.val_fraction)))
+    """About the training images a run of ``cfg`` steps over (the validation share held out), as the server
+    counted them in the shards it received: an estimate of the steps (:func:`check_batch` counts exactly)."""
+    return max(1, round(dataset.counts.get("train", 0) * (1 - cfg.data.val_fraction)))
+
+
+def check_batch(cfg: TrainConfig, dataset: Dataset) -> None:
+    """A batch fits in the training images (422 naming batch_size and val_fraction): those of the received train
+    shards that training's own rule leaves out of validation (:func:`~ppvit.data.streaming.is_val`, a hash of each
+    sample's key), counted in tar headers up to a batch's worth. Else the job failed when it ran."""
+    from ppvit.data.sources.encrypted_wds import EncryptedWds
+    from ppvit.data.sources.wds import count_samples
+    from ppvit.data.streaming import is_val
+
+    batch, share = cfg.optim.batch_size, cfg.data.val_fraction
+    try:
+        shards = EncryptedWds(dataset.folder).shard_files("train")  # as training lists them
+        held = count_samples(shards, lambda key: not is_val(key, share), most=batch)
+    except (OSError, ValueError):  # its files gone meanwhile (the message names the server's paths)
+        raise JobError(409, f"dataset {dataset.name}: deleted or declared again meanwhile; submit again") from None
+    if held < batch:
+        raise JobError(
+            422,
+            f"config: batch_size {batch} is larger than the training set: val_fraction {share:g} leaves {held} of "
+            f"the {dataset.counts.get('train', 0)} train images",
+        )
 
 
 def redact(text: str, private: dict[str, str]) -> str:

@@ -77,7 +77,7 @@ AT_LEAST = {
     **dict.fromkeys(("loader_workers", "mixup", "cutmix", "patch_embed_lr_scale", "weight_decay", "warmup_epochs"), 0),
     "clip_grad": 0,  # 0: no clipping (None is "the default", 1.0)
 }
-ABOVE_ZERO = ("lr", "dist_timeout_s")
+ABOVE_ZERO = ("lr", "dist_timeout_s", "val_fraction")  # val_fraction 0: both validation splitters refuse it
 SEEDS = ("seed", "data_seed")  # [0, 2**32): what numpy and torch both take
 SHARES = ("val_fraction", "label_smoothing")
 

@@ -145,14 +145,17 @@ def members(tar: tarfile.TarFile, shard: Path, limit: int | None = None) -> Iter
         raise tarfile.ReadError(f"truncated after {tar.offset} bytes, no end-of-archive blocks")
 
 
-def count_samples(shards: Iterable[Path], keep: Callable[[str], bool] | None = None) -> int:
-    """Samples with a ``.png`` member (whose key ``keep`` accepts) in ``shards``; reads tar headers only."""
+def count_samples(shards: Iterable[Path], keep: Callable[[str], bool] | None = None, most: int | None = None) -> int:
+    """Samples with a ``.png`` member (whose key ``keep`` accepts) in ``shards``; reads tar headers only, and
+    stops at ``most`` (whether a dataset holds a batch: a few headers, not every shard's)."""
     n = 0
     for shard in shards:
         with open_shard(shard, compressed=False) as tar:
             for m in members(tar, shard):
                 name = m.name.removeprefix("./")
                 n += m.isreg() and name.endswith(".png") and (keep is None or keep(name[: -len(".png")]))
+                if most is not None and n >= most:
+                    return n
     return n
 
 
