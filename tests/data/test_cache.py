@@ -45,3 +45,26 @@ def test_cache_off_writes_nothing(tmp_path: Path, toy_dataset: Path, monkeypatch
     ds = load_source_split(toy_dataset, "test")
     assert len(ds) == 32
     assert not list(tmp_path.rglob("*.npz")) and not (Path("off")).exists()
+
+
+def test_an_image_added_or_replaced_in_a_class_folder_is_not_served_from_the_cache(
+    tmp_path: Path, toy_dataset: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The cache key held the top folder's own time, which an image added to ``test/class0/`` leaves as it was:
+    the rerun trained on the images from before, the new one left out without a word."""
+    import shutil
+
+    from PIL import Image
+
+    monkeypatch.setenv("PPVIT_CACHE", str(tmp_path / "cache"))
+    src = tmp_path / "src"
+    shutil.copytree(toy_dataset, src)
+    before = load_source_split(src, "test")
+    Image.new("RGB", (32, 32), (255, 255, 255)).save(src / "test" / "class0" / "zz-added.png")
+    added = load_source_split(src, "test")
+    assert len(added) == len(before) + 1 and (added.images == 255).all(axis=(1, 2, 3)).sum() == 1
+    first = sorted((src / "test" / "class1").iterdir())[0]
+    Image.new("RGB", (32, 32), (0, 0, 0)).save(first)  # replaced under its own name, same size on disk or not
+    os.utime(first, ns=(first.stat().st_atime_ns, first.stat().st_mtime_ns + 10**9))
+    replaced = load_source_split(src, "test")
+    assert (replaced.images == 0).all(axis=(1, 2, 3)).sum() == (added.images == 0).all(axis=(1, 2, 3)).sum() + 1

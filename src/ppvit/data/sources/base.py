@@ -316,7 +316,7 @@ class Source(ABC):
     def identity(self) -> str:
         """A short hash of what the source is on disk (paths, sizes, times), the columns and the splits read:
         a cache key."""
-        parts = [f"{p.resolve()}|{p.stat().st_size}|{p.stat().st_mtime_ns}" for p in self.files()]
+        parts = [f"{p.resolve()}|{_stamp(p)}" for p in self.files()]
         read = [repr(self.columns)] + ([repr(self.splits)] if self.splits else [])  # no mapping: keys as before
         return hashlib.sha256("\n".join([*parts, *read]).encode()).hexdigest()[:16]
 
@@ -332,6 +332,15 @@ class Source(ABC):
             return sorted(listed), sorted({c for split in listed.values() for c in split})
         rels = list(self.paths(select))
         return sorted({split_of(r) for r in rels}), sorted({class_of(r) for r in rels} - {UNLABELLED})
+
+
+def _stamp(path: Path) -> str:
+    """Size and time of a file (of the link itself where its target is gone: a broken link is a failed image)."""
+    try:
+        st = path.stat()
+    except OSError:
+        st = path.lstat()
+    return f"{st.st_size}|{st.st_mtime_ns}"
 
 
 class EncryptedFolder(Source):

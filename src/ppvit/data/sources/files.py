@@ -31,7 +31,10 @@ class FilesSource(Source):
         return p.is_dir() or p.suffix.lower() in IMAGE_SUFFIXES or (p.is_file() and tarfile.is_tarfile(p))
 
     def files(self) -> list[Path]:
-        return [Path(self.path)]
+        """A folder's every image file, not the folder alone: an image added to (or replaced in) a class folder
+        leaves the top folder's time as it was, and the decoded-image cache served the images from before."""
+        src = Path(self.path)
+        return [src, *_image_files(src)] if src.is_dir() else [src]
 
     def _items(self, select: Select = None) -> Iterator[Item]:
         src = Path(self.path)
