@@ -473,3 +473,45 @@ def test_a_cached_upstream_model_cut_short_is_merged_again_not_used(
     assert merged.keys() == whole.keys() and all(torch.equal(merged[k], whole[k]) for k in whole)
     assert (weights.parent / "result.json").stat().st_mtime_ns == trained_at  # merged again, not trained again
     assert f"cached upstream model {weights} cannot be read; merging it again" in caplog.text
+
+
+def test_a_finished_cell_trained_with_other_settings_is_refused_not_read_back(
+    tmp_path: Path, toy_dataset: Path
+) -> None:
+    """A rerun with --epochs 7 --set lr=0.5 read back cells of 1 epoch and wrote a table claiming 7 (hostile
+    tester)."""
+    one = Preset("one", "", TOY.base, {"linear": MethodSettings(lr=5e-3)}, ("none",), (0,))
+    run = dict(weights=None, pretrained=False, progress=False, one_process=True)
+    first = reproduce(one, tmp_path / "out", toy_dataset, **run)
+    again = reproduce(one, tmp_path / "out", toy_dataset, **run)  # the same settings: read back
+    assert again.cells[0].result == first.cells[0].result
+    cell = tmp_path / "out" / "cells" / "linear-none-s0"
+    with pytest.raises(ValueError, match=rf"finished cell {cell}: trained with other settings \(epochs, lr\)"):
+        reproduce(one, tmp_path / "out", toy_dataset, overrides={"epochs": 3, "lr": 0.5}, **run)
+
+
+def test_a_key_named_that_is_not_there_is_not_made(tmp_path: Path, toy_dataset: Path) -> None:
+    """`--key mykye.key` (a typo) made a new key there, and every cell encrypted with it."""
+    with pytest.raises(FileNotFoundError, match=r"key file .*mykye\.key: not found"):
+        reproduce(TOY, tmp_path / "out", toy_dataset, key=tmp_path / "mykye.key", progress=False)
+    assert not (tmp_path / "mykye.key").exists() and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("flags", "says"),
+    [
+        (["--seeds", "0,0"], "--seeds 0,0: a seed named twice"),
+        (["--seeds", "a"], "--seeds: expected comma-separated whole numbers"),
+        (["--epochs", "0"], "epochs"),
+    ],
+    ids=["seed twice", "seed not a number", "epochs 0"],
+)
+def test_reproduce_flags_that_cannot_be_meant_are_one_line(
+    tmp_path: Path, toy_dataset: Path, capsys: pytest.CaptureFixture[str], flags: list[str], says: str
+) -> None:
+    """A seed twice was one cell counted as two (n=2, spread 0); --epochs 0 was dropped for the preset's."""
+    argv = ["-q", "reproduce", "--preset", "small-demo", "--data", str(toy_dataset), "--out", str(tmp_path / "o")]
+    assert cli.main([*argv, *flags]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and says in err, err
+    assert not (tmp_path / "o").exists()

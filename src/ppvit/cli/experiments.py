@@ -6,12 +6,13 @@ import argparse
 import dataclasses
 import logging
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import yaml
 
-from ppvit.cli.common import UserError, add_splits_arg, counts
-from ppvit.crypto.keys import Key
+from ppvit.cli.common import UserError, add_splits_arg, counts, positive
+from ppvit.crypto.keys import Geometry, Key
 from ppvit.experiments import presets
 from ppvit.train.config import ALIASES, Setting, TrainConfig, settings
 
@@ -50,9 +51,20 @@ def _parse_sets(items: Sequence[str]) -> dict:
     return out
 
 
+def _seeds(text: str) -> tuple[int, ...]:
+    """``--seeds 0,1,2``; a seed named twice would be one cell counted as two (``n=2``, a spread of 0)."""
+    try:
+        seeds = tuple(int(s) for s in text.split(","))
+    except ValueError:
+        raise UserError(f"--seeds: expected comma-separated whole numbers (e.g. 0,1,2), got {text!r}") from None
+    if len(set(seeds)) < len(seeds):
+        raise UserError(f"--seeds {text}: a seed named twice")
+    return seeds
+
+
 def _reproduce(args: argparse.Namespace) -> int:
     given = ("epochs", "train_subset", "test_subset", "img_size", "splits")
-    overrides = {k: getattr(args, k) for k in given if getattr(args, k)}
+    overrides = {k: getattr(args, k) for k in given if getattr(args, k) is not None}  # 0 is checked, not dropped
     overrides.update(_parse_sets(args.set))
     if args.minutes is not None and args.minutes < 0:
         raise UserError(f"--minutes must be 0 (no budget) or more, got {args.minutes:g}")
@@ -63,7 +75,7 @@ def _reproduce(args: argparse.Namespace) -> int:
         from ppvit.data.sources import open_source
 
         open_source(resolve_data(args.data), splits=checked.data.splits)
-    changes: dict = {"seeds": tuple(int(s) for s in args.seeds.split(","))} if args.seeds else {}
+    changes: dict = {"seeds": _seeds(args.seeds)} if args.seeds else {}
     if args.schemes:
         changes["schemes"] = tuple(args.schemes.split(","))
     preset = preset.select(tuple(args.methods.split(",")) if args.methods else None, **changes)
@@ -209,17 +221,16 @@ def _audit_simulated(args: argparse.Namespace, ns: list[int]) -> dict:
     keys_made = args.keys or 3
     if args.prior is not None:
         raise UserError(f"--prior is for encrypted --data (mix/lift ciphertext); {args.data or 'CIFAR-10'} is plain")
-    if keys_made < 1:
-        raise UserError(f"--keys: expected a positive number of keys, got {args.keys}")
     schemes = args.scheme or list(CIPHERTEXT_ONLY_SCHEMES)
     for scheme in schemes:
         Scheme.parse(scheme)  # a bad scheme fails before the slow part
     keys = [Key.load(args.key)] if args.key else [Key.generate() for _ in range(keys_made)]
+    size, block = _plain_geometry(args, keys[0] if args.key else None)
     under = "the given key" if args.key else f"{len(keys)} fresh keys"
     log.info("%s: plain images (no manifest): encrypted here under %s, then attacked", args.data or "CIFAR-10", under)
     cfg = CiphertextOnlyConfig(
-        size=args.size or AUDIT_SIZE,
-        block_size=args.block_size or AUDIT_BLOCK,
+        size=size,
+        block_size=block,
         resize=args.resize or AUDIT_RESIZE,
         images=args.images,
         key_source="given" if args.key else "fresh (made for this audit, not saved)",
@@ -228,7 +239,35 @@ def _audit_simulated(args: argparse.Namespace, ns: list[int]) -> dict:
     return ciphertext_only_audit(images, schemes, ns, keys, cfg, args.out, progress=not args.quiet)
 
 
+def _plain_geometry(args: argparse.Namespace, key: Key | None) -> tuple[int, int]:
+    """Input size and block size the audit encrypts plain images at: ``--size``/``--block-size``, else a given
+    key's pin (a flag it contradicts is refused), else the audit's defaults; checked as a pin is (a multiple,
+    at most 4096: ``--size 40000`` tried a 57.6 GB allocation)."""
+    size = key.settle("input_size", args.size) if key is not None else args.size
+    block = key.settle("block_size", args.block_size) if key is not None else args.block_size
+    size, block = AUDIT_SIZE if size is None else size, AUDIT_BLOCK if block is None else block
+    try:
+        Geometry("shuffle", block, size)
+    except ValueError as exc:
+        raise UserError(f"--size {size}, --block-size {block}: {exc}") from None
+    return size, block
+
+
+def _check_out(out: str, data: str | None) -> None:
+    """An audit replaces its files in ``--out`` (audit.json, the figure, the PNGs of recovered/): a folder of
+    other files is refused (the user's photos under recovered/ were deleted), and so is one overlapping
+    ``--data`` (decrypted images were written into the encrypted dataset)."""
+    path = Path(out)
+    if data is not None and Path(data).exists():
+        src, dst = Path(data).resolve(), path.resolve()
+        if src == dst or src in dst.parents or dst in src.parents:
+            raise UserError(f"--out {out}: overlaps --data {data}; give a folder apart from it")
+    if path.is_dir() and any(path.iterdir()) and not (path / "audit.json").is_file():
+        raise UserError(f"--out {out}: holds other files and no audit.json of an earlier audit; give a new folder")
+
+
 def _audit(args: argparse.Namespace) -> int:
+    _check_out(args.out, args.data)
     if args.ciphertext_only is not None:
         return _audit_ciphertext_only(args)
     from ppvit.attacks.uploaded_audit import stored_ciphertexts
@@ -250,11 +289,12 @@ def _audit(args: argparse.Namespace) -> int:
     from ppvit.data.sources import SplitNames
 
     key = Key.load(args.key) if args.key else Key.generate()
+    size, block = _plain_geometry(args, key if args.key else None)
     cfg = audit.AuditConfig(
         schemes=tuple(args.scheme or audit.AuditConfig.schemes),
-        size=args.size or AUDIT_SIZE,
-        block_size=args.block_size or AUDIT_BLOCK,
-        pairs=tuple(int(n) for n in args.pairs.split(",")),
+        size=size,
+        block_size=block,
+        pairs=tuple(counts(args.pairs, "--pairs")),
         images=args.images,
         resize=args.resize or AUDIT_RESIZE,
         key_source="given" if args.key else "fresh (made for this audit, not saved)",
@@ -304,13 +344,13 @@ def add_audit(sub: argparse._SubParsersAction) -> None:
         "with scheme, block size and size from its manifest",
     )
     add_splits_arg(p)
-    p.add_argument("--size", type=int, help=f"plain images: side after resizing (default {AUDIT_SIZE})")
-    p.add_argument("--block-size", type=int, help=f"plain images: block size (default {AUDIT_BLOCK})")
+    p.add_argument("--size", type=positive, help=f"plain images: side after resizing (default {AUDIT_SIZE})")
+    p.add_argument("--block-size", type=positive, help=f"plain images: block size (default {AUDIT_BLOCK})")
     p.add_argument(
         "--resize", choices=["bicubic", "nearest"], help=f"plain images: {AUDIT_RESIZE} (default) or nearest (flat)"
     )
     p.add_argument("--pairs", default="1,2,4,8", help="known plain/encrypted pair counts to try (default 1,2,4,8)")
-    p.add_argument("--images", type=int, default=8, help="held-out images decrypted with the recovered key")
+    p.add_argument("--images", type=positive, default=8, help="held-out images decrypted with the recovered key")
     p.add_argument(
         "--model", help="model for weight matching (default: the first --adapter's, else vit_base_patch16_224)"
     )
@@ -321,14 +361,14 @@ def add_audit(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--adapter", action="append", help="run folder of an adapter trained on encrypted images (repeat)")
     p.add_argument("--watch", metavar="CONFIG", help="train this run config and match weights as it trains")
-    p.add_argument("--every", type=int, default=20, help="with --watch: match every N steps (default 20)")
+    p.add_argument("--every", type=positive, default=20, help="with --watch: match every N steps (default 20)")
     p.add_argument(
         "--ciphertext-only",
         metavar="N1,N2,...",
         help="instead: recover the key from N ciphertexts alone, per N: those of encrypted --data as they are, or "
         "plain images encrypted here per scheme (default shuffle, shuffle+scramble) and fresh key",
     )
-    p.add_argument("--keys", type=int, help="--ciphertext-only, plain images, no --key: fresh keys (default 3)")
+    p.add_argument("--keys", type=positive, help="--ciphertext-only, plain images, no --key: fresh keys (default 3)")
     p.add_argument(
         "--prior",
         metavar="PLAIN",

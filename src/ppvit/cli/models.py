@@ -62,21 +62,26 @@ def add_merge(sub: argparse._SubParsersAction) -> None:
 
 
 def _transform_model(args: argparse.Namespace) -> None:
+    for flag, path in (("--key", args.key), ("--weights", args.weights)):  # --force included: never the inputs
+        if Path(path).exists() and Path(args.out).exists() and Path(args.out).samefile(path):
+            raise UserError(f"output {args.out}: is the {flag} file; give another output")
     if Path(args.out).exists() and not args.force:
         raise UserError(f"output {args.out}: exists; pass --force to replace it")
+    from ppvit.crypto.ciphers import Scheme
     from ppvit.models.transform import transform_weights_file
 
     key = Key.load(args.key)
+    scheme = key.settle("scheme", None if args.scheme is None else str(Scheme.parse(args.scheme)), "shuffle")
     info = transform_weights_file(
         args.model,
         args.weights,
         args.out,
         key,
-        args.scheme,
+        scheme,
         args.num_classes,
-        args.block_size,
+        key.settle("block_size", args.block_size),  # a key's pin, as encrypt follows it
         args.inverse,
-        args.img_size,
+        key.settle("input_size", args.img_size),
     )
     print(
         f"wrote {args.out}: {args.model} for {info['input']} images (scheme {info['scheme']}, key {key.fingerprint},"
@@ -92,10 +97,13 @@ def add_transform_model(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--num-classes", type=positive, help="classes of the weights' head (default: as stored)")
     p.add_argument("--key", required=True, help="key file")
     p.add_argument(
-        "--scheme", default="shuffle", help="absorbable steps: shuffle, scramble, negpos:pixel, channel:pixel"
+        "--scheme",
+        help="absorbable steps: shuffle, scramble, negpos:pixel, channel:pixel (default: the key's pin, else shuffle)",
     )
-    p.add_argument("--block-size", type=int, help="must equal the patch size (the default)")
-    p.add_argument("--img-size", type=int, help="input side (default: the model's; pos_embed resampled by timm)")
+    p.add_argument("--block-size", type=int, help="must equal the patch size (the default, or the key's pin)")
+    p.add_argument(
+        "--img-size", type=int, help="input side (default: the key's pin, else the model's; pos_embed resampled)"
+    )
     p.add_argument("--inverse", action="store_true", help="undo: make a model for encrypted images work on plain ones")
     p.add_argument("--force", action="store_true", help="replace an existing output file")
     p.set_defaults(func=_transform_model)

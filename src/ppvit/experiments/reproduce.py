@@ -39,7 +39,7 @@ from ppvit.models.adapters import merge_to_file
 from ppvit.models.weights import check_weights_file
 from ppvit.train.config import TrainConfig
 from ppvit.train.loop import TrainingStopped, train
-from ppvit.train.runs import CONFIG_FILE, RESULT_FILE, RunResult
+from ppvit.train.runs import CONFIG_FILE, RESULT_FILE, RunResult, changed_settings
 from ppvit.train.runtime import resolve_precision
 
 if TYPE_CHECKING:
@@ -180,6 +180,8 @@ def reproduce(
     started training with it) and folders left empty; never a key or folder that was there before.
     """
     out = Path(out)
+    if key is not None and not Path(key).is_file():  # a typo made a new key, and every cell trained with it
+        raise FileNotFoundError(f"key file {key}: not found (without --key, reproduce makes one in {out})")
     created, key_path = first_missing(out), Path(key) if key else out / KEY_FILE
     new_key = not key_path.exists()
     try:
@@ -237,6 +239,7 @@ def _reproduce(
         est = est and replace(est, seconds=est.fixed + est.per_image * budget["train_subset"])
     if est and progress:
         log.info(est.line())
+    check_finished(configs)
     run_cells(todo, configs, preset.name, progress, spawn=not one_process)
     table = ResultTable.from_cells(
         preset.name, preset.model, todo, upstream_acc, dict(preset.paper), preset.base.backbone.img_size
@@ -250,6 +253,20 @@ def _reproduce(
     }
     table.write(out)
     return table
+
+
+def check_finished(configs: list[TrainConfig]) -> None:
+    """A finished cell is read back, not trained again: one trained with other settings than this run's (a rerun
+    with --epochs, --set, another --key) would stand in the table under this run's settings. Refused, naming it."""
+    for cfg in configs:
+        run = Path(cfg.run.out)
+        if (run / RESULT_FILE).exists() and (run / CONFIG_FILE).exists():
+            changed = changed_settings(run, cfg.resolved())
+            if changed:
+                raise ValueError(
+                    f"finished cell {run}: trained with other settings ({', '.join(changed)}) than this run's; "
+                    "give another --out, or drop the flags that changed them"
+                )
 
 
 def run_cells(todo: list[Cell], configs: list[TrainConfig], name: str, progress: bool, spawn: bool = True) -> None:

@@ -61,6 +61,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -73,6 +74,7 @@ from ppvit.crypto.ciphers import BlockCipher, Plan, Scheme
 from ppvit.crypto.keys import Key
 from ppvit.crypto.mixing import BlockMixing
 from ppvit.models.backbones import create_backbone, input_size, normalization, patch_size
+from ppvit.models.weights import check_weights_file, tensor_shapes
 
 
 @dataclass(frozen=True)
@@ -304,6 +306,10 @@ def transform_weights_file(
     The file's metadata (returned) names the scheme, block size, normalisation and the key's
     fingerprint, never the key, so the server can check it runs the matching pipeline.
     """
+    check_weights_file(weights)  # a missing file named as such, before its header is read
+    head = tensor_shapes(Path(weights)).get("head.weight")
+    if num_classes is not None and head is not None and head[0] != num_classes:  # a new head would be random
+        raise ValueError(f"weights file {weights}: its head has {head[0]} classes, not {num_classes}")
     model = create_backbone(model_name, num_classes=num_classes, weights=weights, img_size=img_size)
     transform_model(model, key, scheme, block_size, inverse=inverse)
     mean, std = normalization(model)

@@ -144,13 +144,18 @@ def check_run_folder(out: Path, cfg: TrainConfig, resume: bool) -> None:
         return
     if not resume:
         raise ValueError(f"run folder {out}: already holds a run; pass --resume to continue it or choose another --out")
-    old, new = TrainConfig.load(saved).resolved().flat(), cfg.flat()  # resolved: runs saved before 0.3
-    changed = [k for k in sorted(set(old) | set(new)) if k not in EXTENDABLE and old.get(k) != new.get(k)]
+    changed = changed_settings(out, cfg, EXTENDABLE)
     if changed:
         raise ValueError(
             f"run folder {out}: --resume with different settings ({', '.join(changed)}): a run keeps its settings "
             "(only a larger --epochs, which extends it); drop those flags, or start a new run with another --out"
         )
+
+
+def changed_settings(out: Path, cfg: TrainConfig, allowed: tuple[str, ...] = IGNORED_ON_RESUME) -> list[str]:
+    """The settings of resolved ``cfg`` that differ from the run's in ``out`` (its config.yaml), but ``allowed``."""
+    old, new = TrainConfig.load(out / CONFIG_FILE).resolved().flat(), cfg.flat()  # resolved: runs saved before 0.3
+    return [k for k in sorted(set(old) | set(new)) if k not in allowed and old.get(k) != new.get(k)]
 
 
 def plan_schedules(state: RunState, epochs: int, saved_epochs: int | None, out: Path) -> bool:

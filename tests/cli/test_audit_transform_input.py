@@ -1,0 +1,107 @@
+"""`ppvit audit` and `ppvit transform-model` given what a user can get wrong (hostile tester, session 20): a
+folder of the user's own files, an output overlapping the data or the inputs, sizes that cannot be, a key's pin."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import SMALL, one_line_error, run_cli
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from ppvit.crypto.keys import Geometry, Key
+from ppvit.models.backbones import create_backbone
+
+
+def test_audit_never_deletes_files_it_did_not_write(tmp_path: Path, toy_dataset: Path, capsys) -> None:
+    """`--out myproj` deleted myproj/recovered/holiday/beach.png (exit 0): an audit's PNGs were any PNG there."""
+    photo = tmp_path / "myproj" / "recovered" / "holiday" / "beach.png"
+    photo.parent.mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(photo)
+    argv = ["audit", "--ciphertext-only", "5", "--data", toy_dataset, "--out", tmp_path / "myproj"]
+    one_line_error(argv, capsys, f"--out {tmp_path / 'myproj'}: holds other files and no audit.json")
+    assert photo.is_file()
+
+
+@pytest.mark.parametrize("inside", [".", "audit"], ids=["the data folder", "a folder in it"])
+def test_audit_writes_nothing_into_the_data_it_attacks(tmp_path: Path, capsys, inside: str) -> None:
+    """`--out ENC` wrote decrypted images into the encrypted dataset; its next audit failed on them."""
+    data = tmp_path / "enc"
+    (data / "test" / "c").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(data / "test" / "c" / "x.png")
+    before = sorted(data.rglob("*"))
+    argv = ["audit", "--ciphertext-only", "5", "--data", data, "--out", data / inside]
+    one_line_error(argv, capsys, f"overlaps --data {data}")
+    assert sorted(data.rglob("*")) == before
+
+
+@pytest.mark.parametrize(
+    ("flags", "says"),
+    [
+        (["--size", "40000"], "--size 40000, --block-size 16: input size 40000: at most 4096"),
+        (["--size", "30", "--block-size", "8"], "input size 30 is not a multiple of block size 8"),
+        (["--ciphertext-only", "5", "--size", "40000"], "input size 40000: at most 4096"),
+        (["--pairs", "x"], "--pairs: expected comma-separated positive numbers"),
+        (["--pairs", "0"], "--pairs: expected comma-separated positive numbers"),
+    ],
+    ids=["size huge", "size not a multiple", "ciphertext-only size huge", "pairs text", "pairs 0"],
+)
+def test_audit_sizes_and_counts_that_cannot_be_are_one_line(
+    tmp_path: Path, toy_dataset: Path, capsys, flags: list[str], says: str
+) -> None:
+    """--size 40000 tried a 57.6 GB allocation (a traceback); --size 30 --block-size 8 said "cannot reshape"."""
+    one_line_error(["audit", "--data", toy_dataset, "--out", tmp_path / "o", *flags], capsys, says)
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("flag", ["--size", "--block-size", "--images", "--every", "--keys"])
+def test_audit_counts_below_1_are_refused_by_the_parser(tmp_path: Path, capsys, flag: str) -> None:
+    """--size 0 and --block-size 0 ran at 224/16 (exit 0); --every 0 divided by zero after training began."""
+    with pytest.raises(SystemExit) as stopped:
+        run_cli(["audit", "--out", tmp_path / "o", flag, "0"], capsys)
+    assert stopped.value.code == 2 and "must be at least 1" in capsys.readouterr().err
+
+
+def test_audit_follows_the_key_pin(tmp_path: Path, toy_dataset: Path, capsys) -> None:
+    """A key pinned to 32 pixels was audited at 224/16."""
+    key = tmp_path / "k.key"
+    Key.generate(Geometry("shuffle", 8, 32)).save(key)
+    argv = ["audit", "--data", toy_dataset, "--key", key, "--out", tmp_path / "o", "--size", "64"]
+    one_line_error(argv, capsys, "pins input size 32, not 64")
+
+
+@pytest.fixture
+def weights(tmp_path: Path) -> Path:
+    """A 10-class micro ViT's weights."""
+    torch.manual_seed(0)
+    path = tmp_path / "w.safetensors"
+    save_file(create_backbone(SMALL, num_classes=10).state_dict(), str(path))
+    return path
+
+
+def test_transform_model_never_writes_over_its_inputs(tmp_path: Path, weights: Path, capsys) -> None:
+    """`--force` onto the key file replaced the key with a 22 MB model (the key lost)."""
+    key = tmp_path / "k.key"
+    Key.generate().save(key)
+    secret = key.read_bytes()
+    for target, flag in ((key, "--key"), (weights, "--weights")):
+        argv = ["transform-model", target, "--model", SMALL, "--weights", weights, "--key", key, "--force"]
+        one_line_error(argv, capsys, f"output {target}: is the {flag} file")
+    assert key.read_bytes() == secret
+
+
+def test_transform_model_keeps_the_trained_head_and_the_key_pin(tmp_path: Path, weights: Path, capsys) -> None:
+    """--num-classes 4 on 10-class weights wrote a new random head; a pinned key's block size was ignored."""
+    key = tmp_path / "k.key"
+    Key.generate(Geometry("shuffle", 4, 32)).save(key)
+    out = tmp_path / "t.safetensors"
+    base = ["transform-model", out, "--model", SMALL, "--weights", weights, "--key", key]
+    one_line_error([*base, "--num-classes", "4"], capsys, f"weights file {weights}: its head has 10 classes, not 4")
+    one_line_error([*base, "--block-size", "8"], capsys, "pins block size 4, not 8")
+    assert run_cli(base, capsys)[0] == 0
+    with safe_open(str(out), framework="pt") as f:
+        meta = f.metadata()
+    assert (meta["block_size"], meta["img_size"], meta["scheme"]) == ("4", "32", "shuffle")
