@@ -176,20 +176,20 @@ def test_client_train_checks_the_dataset_name_before_encrypting(tmp_path: Path, 
 
 
 class Service:
-    """What `client train` asks of the server once the data are up: jobs listed, one submitted, one followed."""
+    """What `client train` asks of the server once the data are up: one job submitted, looked up, followed."""
 
-    def __init__(self, running: list[dict], follow_error: BaseException | None = None) -> None:
-        self.running, self.follow_error, self.submitted = running, follow_error, []
+    def __init__(self, state: str = "running", follow_error: BaseException | None = None) -> None:
+        self.state, self.follow_error, self.submitted = state, follow_error, []
 
     def upload(self, folder: Path, name: str, on_shard) -> dict:
         return {"name": name}
 
-    def jobs(self) -> list[dict]:
-        return self.running
+    def job(self, job_id: str) -> dict:
+        return job(job_id, self.state, "toy")
 
     def submit(self, dataset: str, settings: dict, activate: bool, processes: int) -> dict:
         self.submitted.append(settings)
-        return job("job-2", "queued", dataset)
+        return job(f"job-{len(self.submitted)}", "queued", dataset)
 
     def follow(self, job_id: str, on_update) -> dict:
         if self.follow_error is not None:
@@ -199,42 +199,52 @@ class Service:
         return done
 
 
-def job(jid: str, state: str, dataset: str, method: str = "lora-pe", epochs: int = 1) -> dict:
+def job(jid: str, state: str, dataset: str) -> dict:
     return {
-        "id": jid, "state": state, "dataset": dataset, "method": method, "model": "m", "epochs": epochs,
+        "id": jid, "state": state, "dataset": dataset, "method": "lora-pe", "model": "m", "epochs": 1,
         "epoch": 0, "train_loss": None, "val_acc": None, "version": None, "error": None,
     }  # fmt: skip
 
 
 def train_args(tmp_path: Path, toy_dataset: Path, **more: object) -> argparse.Namespace:
-    Key.generate(Geometry("shuffle", 4, 32)).save(tmp_path / "k.key")
-    return argparse.Namespace(
+    if not (tmp_path / "k.key").exists():
+        Key.generate(Geometry("shuffle", 4, 32)).save(tmp_path / "k.key")
+    settings = dict(
         key=str(tmp_path / "k.key"), src=str(toy_dataset), name="toy", work=str(tmp_path / "work"), scheme=None,
         block_size=None, img_size=None, shard_size=None, method="lora-pe", model=None, epochs=1, set=None,
-        activate=False, processes=1, server="http://s", token_file="t", **more,
+        activate=False, processes=1, server="http://s", token_file="t",
     )  # fmt: skip
+    return argparse.Namespace(**{**settings, **more})
 
 
 def test_client_train_run_again_follows_the_job_it_submitted_not_a_second(
     tmp_path: Path, toy_dataset: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """Rerun after a Ctrl-C while following, it submitted a second job on the same data (two versions trained)."""
+    """Rerun after a Ctrl-C while following, it submitted a second job on the same data (two versions trained);
+    the same command run again follows its job while it runs, and anything else is a new job."""
     args = train_args(tmp_path, toy_dataset)
-    service = Service([job("job-1", "running", "toy"), job("job-9", "running", "toy", epochs=5)])
-    assert serve_cli._train_remote(service, args)["id"] == "job-1" and service.submitted == []
+    first = Service(follow_error=KeyboardInterrupt())
+    with pytest.raises(KeyboardInterrupt):
+        serve_cli._train_remote(first, args)
+    assert len(first.submitted) == 1
+    again = Service()
+    assert serve_cli._train_remote(again, args)["id"] == "job-1" and again.submitted == []
     assert "job job-1 on dataset toy is already running: following it" in capsys.readouterr().err
-    other = Service([job("job-9", "running", "toy", epochs=5), job("job-8", "succeeded", "toy")])
-    assert serve_cli._train_remote(other, args)["id"] == "job-2" and len(other.submitted) == 1
+    other = Service()  # another setting: a job of its own
+    assert serve_cli._train_remote(other, train_args(tmp_path, toy_dataset, set=["lr=0.01"]))["id"] == "job-1"
+    assert other.submitted == [{"method": "lora-pe", "model": None, "epochs": 1, "lr": 0.01}]
+    ended = Service(state="succeeded")  # the job it submitted has ended: run again, it trains again
+    serve_cli._train_remote(ended, args)
+    assert len(ended.submitted) == 1
 
 
 @pytest.mark.parametrize("stop", [KeyboardInterrupt(), ServerError(0, "server http://s: no answer")])
 def test_a_follow_cut_short_names_the_job_that_goes_on(
     tmp_path: Path, toy_dataset: Path, capsys: pytest.CaptureFixture[str], stop: BaseException
 ) -> None:
-    args = train_args(tmp_path, toy_dataset)
     with pytest.raises(type(stop)):
-        serve_cli._train_remote(Service([], follow_error=stop), args)
-    assert "job job-2 goes on on the server: ppvit client job job-2 --server http://s --token-file t" in (
+        serve_cli._train_remote(Service(follow_error=stop), train_args(tmp_path, toy_dataset))
+    assert "job job-1 goes on on the server: ppvit client job job-1 --server http://s --token-file t" in (
         capsys.readouterr().err
     )
 
@@ -271,3 +281,25 @@ def test_datasets_are_listed_and_deleted_from_the_client(capsys: pytest.CaptureF
     out = capsys.readouterr().out.splitlines()
     assert out == [f"toy\t10 bytes\t2 shards missing\tkey fingerprint {'f' * 16}", "dataset toy deleted"]
     assert [(r.method, r.url.path) for r in seen] == [("GET", "/v1/datasets"), ("DELETE", "/v1/datasets/toy")]
+
+
+def test_the_library_client_never_puts_a_token_of_two_lines_in_a_header() -> None:
+    """httpx's error about the header printed the token, over two lines."""
+    with pytest.raises(ValueError, match="the API token: not one token") as refused:
+        Client("http://server.test", "ppvit_SECRET\n# alice")
+    assert "SECRET" not in str(refused.value)
+
+
+def test_ciphertext_files_sent_as_they_are_need_no_pin(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The unpinned-scheme rule is for what this client encrypts: negpos ciphertext files it only forwards (no key)
+    were refused by it (second reader)."""
+    other = tmp_path / "k.key"
+    Key.generate().save(other)
+    (tmp_path / "src" / "test" / "c").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(tmp_path / "src" / "test" / "c" / "x.png")
+    argv = ["encrypt", tmp_path / "src", tmp_path / "enc", "--key", other, "--block-size", "8", "--scheme", "negpos"]
+    assert run_cli(argv, capsys)[0] == 0
+    key = Key.load(other)
+    client, _ = fake_server(lambda r: httpx.Response(200, json=adapter_info(key, "negpos", 8)))
+    sent = client.encrypt([tmp_path / "enc" / "test" / "c" / "x.png"], None)
+    assert sent.shape == (1, 8, 8, 3)

@@ -520,3 +520,21 @@ def test_the_job_list_answers_the_newest_jobs_only(store: tuple[DatasetStore, in
         )
     listed = [j["id"] for j in jobs.list(tenant)]
     assert listed == [f"job-{i:012d}" for i in range(50, 150)]
+
+
+def test_a_dataset_recorded_by_the_previous_release_is_found_again_with_or_without_a_listing(
+    store: tuple[DatasetStore, int],
+) -> None:
+    """A manifest's ``listing`` (the client's source, local) was recorded with the dataset: every row of the
+    previous release, which has none, then differed from the same declaration (409, `client train` broken)."""
+
+    datasets, tenant = store
+    shards = [spec("train/shard-000000.tar", b"x")]
+    datasets.declare(tenant, "old", MANIFEST, shards)
+    with sqlite3.connect(datasets.root / "tenants.sqlite") as con:  # the row as the previous release wrote it
+        (row,) = con.execute("SELECT manifest FROM datasets WHERE name = 'old'").fetchone()
+        doc = json.loads(row)
+        assert "listing" not in doc  # recorded without it now
+        con.execute("UPDATE datasets SET manifest = ? WHERE name = 'old'", (json.dumps(doc, sort_keys=True),))
+    again = datasets.declare(tenant, "old", {**MANIFEST, "listing": "a" * 64}, shards)  # a client that sends one
+    assert again.name == "old"

@@ -100,8 +100,10 @@ def test_nested_yaml_round_trips_and_names_unknown_settings(tmp_path: Path) -> N
         ("optim:\n  lr: [1\n", "not valid YAML (line 3, column 1: expected ',' or ']', but got '<stream end>')"),
         ("backbone: 5\n", "section backbone: 5 is not a mapping of settings"),
         ("optim: [1, 2]\n", "section optim: [1, 2] is not a mapping of settings"),
+        ("backbone: 0\n", "section backbone: 0 is not a mapping of settings"),
+        ("optim: ''\n", "section optim: '' is not a mapping of settings"),
     ],
-    ids=["syntax", "section a number", "section a list"],
+    ids=["syntax", "section a number", "section a list", "section 0", "section empty text"],
 )
 def test_a_config_file_that_is_not_settings_is_one_line_naming_it(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str, says: str

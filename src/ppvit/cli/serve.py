@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
-import re
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from ppvit._io import atomic_write_bytes
+from ppvit._io import atomic_write_bytes, atomic_write_json
 from ppvit.cli.common import add_strict_arg, report_failed
 from ppvit.crypto.keys import Key
 from ppvit.serve.defaults import KEEP_VERSIONS, MAX_CLASSES
@@ -269,13 +269,15 @@ def _add_tenant_actions(p: argparse.ArgumentParser) -> None:
 def _token(path: str) -> str:
     """The one token a token file holds; never echoed (a second line went out in a header, and httpx's error
     about that header printed the whole token)."""
+    from ppvit.serve.client import TOKEN
+
     try:
-        token = Path(path).read_bytes().strip()
+        token = Path(path).read_bytes().strip().decode("ascii", "replace")
     except OSError as exc:
         raise ValueError(f"token file {path}: cannot be read ({exc.strerror})") from None
-    if not re.fullmatch(rb"[\x21-\x7e]+", token):
+    if not TOKEN.fullmatch(token):
         raise ValueError(f"token file {path}: not one token (one line of printable ASCII, no spaces)")
-    return token.decode("ascii")
+    return token
 
 
 @contextmanager
@@ -444,7 +446,7 @@ def _train_remote(client, args: argparse.Namespace) -> dict:
     """encrypt here (resumable) -> upload (only missing shards) -> submit -> follow."""
     from ppvit.crypto.ciphers import pinned_cipher
     from ppvit.data.encrypt import encrypt_collection
-    from ppvit.serve.client import FINAL_STATES, ServerError, check_name
+    from ppvit.serve.client import ServerError, check_name
 
     key = Key.load(args.key)
     src = Path(args.src)
@@ -462,19 +464,14 @@ def _train_remote(client, args: argparse.Namespace) -> dict:
         raise ValueError(f"{src}: {len(summary.failed)} images could not be encrypted (first: {summary.failed[0]})")
     client.upload(work, name, lambda rel: print(f"sent {rel}", file=sys.stderr))
     settings = {"method": args.method, "model": args.model, "epochs": args.epochs, **_settings(args.set or [])}
-    same = [
-        j
-        for j in client.jobs()
-        if j["dataset"] == name
-        and j["state"] not in FINAL_STATES
-        and (j["method"], j["epochs"]) == (settings["method"], settings["epochs"])
-        and settings["model"] in (None, j["model"])
-    ]
-    if same:  # this command run again after an interruption: the job it submitted goes on, not a second one
-        job = same[0]
+    submitted = {"server": args.server, "dataset": name, "settings": settings}
+    submitted.update(activate=args.activate, processes=args.processes)
+    job = _submitted_before(client, work / JOB_MARKER, submitted)
+    if job is not None:  # this command run again after an interruption: its job goes on, not a second one
         print(f"job {job['id']} on dataset {name} is already {job['state']}: following it", file=sys.stderr)
     else:
         job = client.submit(name, settings, activate=args.activate, processes=args.processes)
+        atomic_write_json(work / JOB_MARKER, {"job": job["id"], "submitted": submitted})
         print(f"job {job['id']} submitted on dataset {name}", file=sys.stderr)
     try:
         return _follow(client, job)
@@ -485,6 +482,31 @@ def _train_remote(client, args: argparse.Namespace) -> dict:
             file=sys.stderr,
         )
         raise
+
+
+JOB_MARKER = ".ppvit-job.json"  # in client train's --work: the job it submitted, and with what
+
+
+def _submitted_before(client, marker: Path, submitted: dict) -> dict | None:
+    """The job the same ``client train`` command submitted from this work folder, while it is queued or running
+    (None: there is none, it ended, or the command differs: a new job is submitted)."""
+    from ppvit.serve.client import FINAL_STATES, ServerError
+
+    try:
+        earlier = json.loads(marker.read_text())
+    except (OSError, ValueError):
+        return None
+    if (
+        not isinstance(earlier, dict)
+        or earlier.get("submitted") != submitted
+        or not isinstance(earlier.get("job"), str)
+    ):
+        return None
+    try:
+        job = client.job(earlier["job"])
+    except (ServerError, ValueError):  # gone from the server (404), or not a job id
+        return None
+    return None if job["state"] in FINAL_STATES else job
 
 
 def add_service_verbs(actions: argparse._SubParsersAction) -> None:

@@ -46,6 +46,13 @@ class Manifest:
     dtype: str = "uint8"  # of the stored values: uint8, float16 (mix) or int16/int32 (lift: the key's bound decides)
     listing: str | None = None  # SHA-256 of the source's image paths in order: a rerun continues only the same list
 
+    def shared(self) -> dict:
+        """What a client sends a server and the server records: all but ``listing``, a fact of the client's source
+        (a server of the previous release refused it as unknown; rows it recorded have none)."""
+        doc = asdict(self)
+        del doc["listing"]
+        return doc
+
     def validate(self, where: str = "") -> None:
         """ValueError for a field of the wrong type (:func:`ppvit._schema.check_fields`) or range: what is checked of
         a manifest read from a file (edited by hand: a traceback further on, or a size no image could be resized

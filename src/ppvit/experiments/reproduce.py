@@ -83,6 +83,7 @@ def pretrain(
             quiet=quiet,
         )
         train(cfg, resume=(run / "config.yaml").exists())
+        weights.unlink(missing_ok=True)  # merged from this run, not one left beside an unfinished one
     if not weights.exists():
         merge_to_file(run / "adapter", weights, None)
     return weights, RunResult.read(run / RESULT_FILE)

@@ -37,7 +37,7 @@ from ppvit.models.methods import apply_method, merge_adapters
 CONFIG_NAME = "ppvit_adapter.json"
 WEIGHTS_NAME = "ppvit_adapter.safetensors"
 LEGACY_NAMES = ("adapter_config.json", "adapter_model.safetensors")  # PEFT's names, not PEFT's format
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: tensors_sha256 (a release reading 1 calls a 2 "not of format version 1", not "damaged")
 
 
 def adapter_files(adapter_dir: str | os.PathLike) -> tuple[Path, Path]:
@@ -124,8 +124,8 @@ def read_adapter_meta(adapter_dir: str | os.PathLike) -> AdapterMeta:
         raise ValueError(f"adapter config {path}: cannot be read ({exc})") from None
     if not isinstance(doc, dict):
         raise ValueError(f"adapter config {path}: damaged (not a JSON object)")
-    if doc.pop("format", None) != "ppvit-adapter" or doc.pop("version", None) != FORMAT_VERSION:
-        raise ValueError(f"adapter config {path}: not a ppvit adapter of format version {FORMAT_VERSION}")
+    if doc.pop("format", None) != "ppvit-adapter" or doc.pop("version", None) not in (1, FORMAT_VERSION):
+        raise ValueError(f"adapter config {path}: not a ppvit adapter of format version 1 or {FORMAT_VERSION}")
     doc.pop("extra", None)  # an unused field of the first release: always empty
     if doc.get("pretrained", False) is None:  # written as null where the run left it to its default: not downloaded
         doc["pretrained"] = False

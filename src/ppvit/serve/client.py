@@ -24,7 +24,7 @@ import re
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +41,7 @@ from ppvit.serve.defaults import NAME, NAME_RULE
 MIN_BLOCK_SIZE = 4  # the smallest block size used without a pin
 UNPINNED_STEPS = ("shuffle", "mix", "lift")  # without a pin, a scheme must hold one: it moves values within blocks
 JOB_ID = re.compile(r"job-[0-9a-f]{1,64}")  # what the server names jobs (serve.jobs)
+TOKEN = re.compile(r"[\x21-\x7e]+")  # an API token: printable ASCII, no spaces or line breaks
 THREAT_WARNING = (
     "warning: the server holds your ciphertexts. docs/THREAT_MODEL.md measured that about 20 of them "
     "suffice to recover the key of these block schemes; the service is no stronger than the scheme"
@@ -140,6 +141,8 @@ class Client:
     ):
         """``scheme``, ``block_size``, ``input_size``: what you trained with, for a key file that
         pins no geometry; the server's word for them is then checked, not trusted."""
+        if not TOKEN.fullmatch(token):  # else httpx's error about the header would print it
+            raise ValueError("the API token: not one token (one line of printable ASCII, no spaces)")
         try:
             base = httpx.URL(url.rstrip("/"))
         except httpx.InvalidURL as exc:
@@ -246,6 +249,7 @@ class Client:
                     f"key fingerprint {key.fingerprint} is not the one the adapter was trained with "
                     f"({info['key_fingerprint']})"
                 )
+            self.check_unpinned_scheme(info["scheme"], key)
             rows = [i for i, h in enumerate(here) if h]
             cipher = BlockCipher(key, info["scheme"], info["block_size"])
             for i, c in zip(rows, cipher.encrypt(np.stack([arrays[i] for i in rows])), strict=True):
@@ -285,17 +289,6 @@ class Client:
         for name, value in pinned.items():
             if stated[name] != value:
                 raise ValueError(f"the server says the adapter takes {name} {stated[name]}, not {value}: refusing")
-        scheme = stated["scheme"]
-        if (
-            scheme is not None
-            and "scheme" not in pinned
-            and not any(step.name in UNPINNED_STEPS for step in Scheme.parse(scheme).steps)
-        ):  # else a server could choose a scheme that leaves images all but plain (negpos of 32-pixel blocks)
-            raise ValueError(
-                f"the server says the adapter takes scheme {scheme}; without a pin this client encrypts only with a "
-                f"scheme that holds {', '.join(UNPINNED_STEPS)}: refusing (pass --scheme, or use a key pinned by "
-                "ppvit keygen --scheme --block-size --size)"
-            )
         block = stated["block_size"]
         if (
             stated["scheme"] is not None
@@ -306,6 +299,17 @@ class Client:
                 f"the server says the adapter takes block size {block}; refusing to encrypt with blocks under "
                 f"{MIN_BLOCK_SIZE} pixels unless the key file or --block-size pins it"
             )
+
+    def check_unpinned_scheme(self, scheme: str, key: Key) -> None:
+        """Before this client encrypts: a scheme neither the key nor the caller pins must shuffle or mix within
+        blocks, else a server could choose one that leaves images all but plain (negpos of 32-pixel blocks)."""
+        if "scheme" in self.pinned(key) or any(step.name in UNPINNED_STEPS for step in Scheme.parse(scheme).steps):
+            return
+        raise ValueError(
+            f"the server says the adapter takes scheme {scheme}; without a pin this client encrypts only with a "
+            f"scheme that holds {', '.join(UNPINNED_STEPS)}: refusing (pass --scheme, or use a key pinned by "
+            "ppvit keygen --scheme --block-size --size)"
+        )
 
     @staticmethod
     def check_preprocess(info: dict[str, Any]) -> None:
@@ -417,7 +421,7 @@ class Client:
             {"path": p.relative_to(folder).as_posix(), "bytes": p.stat().st_size, "sha256": _sha256(p)} for p in shards
         ]
         check_name(name)
-        declared = self._call("PUT", f"/v1/datasets/{name}", json={"manifest": asdict(manifest), "shards": specs})
+        declared = self._call("PUT", f"/v1/datasets/{name}", json={"manifest": manifest.shared(), "shards": specs})
         missing = declared.get("missing") if isinstance(declared, dict) else None
         ours = {spec["path"] for spec in specs}
         if not isinstance(missing, list) or not all(isinstance(rel, str) and rel in ours for rel in missing):

@@ -35,7 +35,7 @@ import sqlite3
 import tempfile
 import time
 from collections.abc import AsyncIterator
-from dataclasses import MISSING, asdict, dataclass, fields
+from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -241,7 +241,7 @@ class DatasetStore:
                 folder = self.folder(tenant_id, name)
                 try:  # under the lock: a delete's rename, a later declaration's, come whole before or after it
                     private_dirs(folder)
-                    atomic_write_bytes(folder / MANIFEST_NAME, json_text(asdict(manifest)).encode(), mode=0o600)
+                    atomic_write_bytes(folder / MANIFEST_NAME, json_text(manifest.shared()).encode(), mode=0o600)
                 except OSError as exc:  # a full disk: nothing is recorded
                     raise DatasetError(507, f"dataset {name}: cannot be stored ({exc.strerror or exc})") from None
         finally:  # after the commit, not while every writer waits for the lock; no row names it either way
@@ -261,7 +261,7 @@ class DatasetStore:
         """The declaration's rows, in the caller's transaction: the same one again is found, another under the
         name refused (409), a new one counted against the tenant's bounds; a folder no row names (an older
         release's) is moved aside into ``leftover``."""
-        doc = json.dumps(asdict(manifest), sort_keys=True)
+        doc = json.dumps(manifest.shared(), sort_keys=True)
         total = sum(s.bytes for s in shards)
         row = con.execute(
             "SELECT manifest FROM datasets WHERE tenant_id = ? AND name = ?", (tenant_id, name)

@@ -168,6 +168,8 @@ def job_config(settings: Any, dataset: Dataset, limits: ServiceLimits, out: Path
         )
     except (TypeError, ValueError) as exc:
         raise JobError(422, f"config: {exc}") from None
+    if cfg.data.val_fraction == 0:  # not refused by TrainConfig: a job row of an earlier release may hold it
+        raise JobError(422, "config: val_fraction 0: training splits off a validation share; give one above 0")
     if cfg.backbone.compile and all(d == "cpu" for d in limits.devices):
         raise JobError(
             422,
@@ -201,8 +203,12 @@ def check_batch(cfg: TrainConfig, dataset: Dataset) -> None:
     try:
         shards = EncryptedWds(dataset.folder).shard_files("train")  # as training lists them
         held = count_samples(shards, lambda key: not is_val(key, share), most=batch)
-    except (OSError, ValueError):  # its files gone meanwhile (the message names the server's paths)
+    except OSError:  # its files gone meanwhile (the message names the server's paths)
         raise JobError(409, f"dataset {dataset.name}: deleted or declared again meanwhile; submit again") from None
+    except ValueError:  # a stored shard damaged on the server's disk: submitting again would not help
+        raise JobError(
+            409, f"dataset {dataset.name}: a stored shard cannot be read; delete it and upload again"
+        ) from None
     if held < batch:
         raise JobError(
             422,

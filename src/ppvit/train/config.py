@@ -77,7 +77,7 @@ AT_LEAST = {
     **dict.fromkeys(("loader_workers", "mixup", "cutmix", "patch_embed_lr_scale", "weight_decay", "warmup_epochs"), 0),
     "clip_grad": 0,  # 0: no clipping (None is "the default", 1.0)
 }
-ABOVE_ZERO = ("lr", "dist_timeout_s", "val_fraction")  # val_fraction 0: both validation splitters refuse it
+ABOVE_ZERO = ("lr", "dist_timeout_s")
 SEEDS = ("seed", "data_seed")  # [0, 2**32): what numpy and torch both take
 SHARES = ("val_fraction", "label_smoothing")
 
@@ -200,7 +200,7 @@ class TrainConfig:
         try:
             if isinstance(doc.get("method", {}), dict) and set(doc) <= {*SECTIONS, "method"}:
                 for section in SECTIONS:
-                    if not isinstance(doc.get(section) or {}, dict):
+                    if doc.get(section) is not None and not isinstance(doc[section], dict):
                         raise ValueError(f"section {section}: {doc[section]!r} is not a mapping of settings")
                 unknown = [f"{s}.{k}" for s, v in doc.items() if s in SECTIONS for k in v if SECTION_OF.get(k) != s]
                 if unknown:

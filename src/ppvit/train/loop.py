@@ -287,8 +287,7 @@ def train(cfg: TrainConfig, resume: bool = False, on_step: StepCallback | None =
                 raise
             hold.enter_context(_stop_on_signals(session))
             if session.random_forward:  # seeded per step: the caller's RNG streams are given back as they were
-                device = session.accelerator.device
-                hold.enter_context(torch.random.fork_rng(devices=[device] if device.type == "cuda" else []))
+                hold.enter_context(torch.random.fork_rng(devices=range(torch.cuda.device_count())))  # as seeded
             for epoch in range(session.state.epoch, cfg.optim.epochs):
                 sums = train_epoch(session, epoch, on_step)
                 end_epoch(session, epoch, sums)

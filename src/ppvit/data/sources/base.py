@@ -316,9 +316,12 @@ class Source(ABC):
     def identity(self) -> str:
         """A short hash of what the source is on disk (paths, sizes, times), the columns and the splits read:
         a cache key."""
-        parts = [f"{os.path.abspath(p)}|{_stamp(p)}" for p in self.files()]  # not resolve(): 2 s a 50,000 files
-        read = [repr(self.columns)] + ([repr(self.splits)] if self.splits else [])  # no mapping: keys as before
-        return hashlib.sha256("\n".join([*parts, *read]).encode()).hexdigest()[:16]
+        known = getattr(self, "_identity", None)  # once per source object: a folder's every file is stat'ed
+        if known is None:
+            parts = [f"{os.path.abspath(p)}|{_stamp(p)}" for p in self.files()]  # not resolve(): 2 s a 50,000 files
+            read = [repr(self.columns)] + ([repr(self.splits)] if self.splits else [])  # no mapping: keys as before
+            known = self._identity = hashlib.sha256("\n".join([*parts, *read]).encode()).hexdigest()[:16]
+        return known
 
     def known_classes(self, split: str) -> list[str] | None:
         """The class list labels index, where the source records one (a manifest); None: the classes found."""
