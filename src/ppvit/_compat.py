@@ -69,7 +69,7 @@ MOVED: dict[str, str | tuple[str, ...]] = {
         "serve.metrics",
     ),
     "client": "serve.client",
-    "commands_serve": "cli.serve",
+    "commands_serve": ("cli.serve", "cli.client"),
 }
 """Old module name -> its path(s) under ``ppvit`` now, searched in order. (``ppvit.data`` and ``ppvit.cli`` are packages
 whose ``__init__`` forwards the old modules' names.)"""

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from conftest import SMALL
 
-from ppvit.cli import serve as serve_cli
+from ppvit.cli import client as client_cli
 from ppvit.crypto.ciphers import BlockCipher
 from ppvit.crypto.keys import Key
 from ppvit.data.encrypt import encrypt_collection
@@ -62,7 +62,7 @@ class FakeClient:
 
 def test_progress_says_queued_then_real_figures_never_zeros(capsys) -> None:
     states = [job("queued"), job("running"), job("running", 1, 1.2345, 0.5), job("succeeded", 2, 0.9, 0.75)]
-    serve_cli._follow(FakeClient(states), states[0])
+    client_cli._follow(FakeClient(states), states[0])
     err = capsys.readouterr().err
     assert "0.000" not in err and "queued" in err and "loss 1.234 val acc 0.500" in err, err
 
@@ -72,17 +72,17 @@ def test_a_job_trained_without_activate_says_what_is_served_and_how_to_serve_it(
 ) -> None:
     """It ended with "version 3" as if served while version 2 still was, and never said `client activate`."""
     done = job("succeeded", 2, 0.9, 0.75, version=3, test_acc=0.8125, test_images=32)
-    monkeypatch.setattr(serve_cli, "_train_remote", lambda client, args: done)
+    monkeypatch.setattr(client_cli, "_train_remote", lambda client, args: done)
     args = argparse.Namespace(action="train", server="http://127.0.0.1:9", token_file="alice.token", activate=False)
-    monkeypatch.setattr(serve_cli, "warn_threat_model", lambda: None, raising=False)
-    serve_cli._service_call(FakeClient([done]), args)
+    monkeypatch.setattr(client_cli, "warn_threat_model", lambda: None, raising=False)
+    client_cli._service_call(FakeClient([done]), args)
     out = capsys.readouterr().out
     assert "test accuracy 0.812 on 32 images" in out
     assert "version 3 is trained but not served (version 2 still is)" in out
     assert "ppvit client activate job-1 --server http://127.0.0.1:9 --token-file alice.token" in out
     served = job("succeeded", 2, 0.9, 0.75, version=3, activate=True, test_acc=0.8125, test_images=32)
-    monkeypatch.setattr(serve_cli, "_train_remote", lambda client, args: served)
-    serve_cli._service_call(FakeClient([served], served=3), argparse.Namespace(**{**vars(args), "activate": True}))
+    monkeypatch.setattr(client_cli, "_train_remote", lambda client, args: served)
+    client_cli._service_call(FakeClient([served], served=3), argparse.Namespace(**{**vars(args), "activate": True}))
     out = capsys.readouterr().out
     assert "version 3 is served" in out and "client activate" not in out
 
@@ -105,7 +105,7 @@ def test_client_train_refuses_a_dense_mixing_saying_where_it_trains(tmp_path: Pa
         scheme=scheme, block_size=4, img_size=32, shard_size=None,
     )  # fmt: skip
     with pytest.raises(ValueError, match=rf"scheme {scheme}: the service trains on uint8 shards.*ppvit train --data"):
-        serve_cli._train_remote(Unreachable(), args)
+        client_cli._train_remote(Unreachable(), args)
     assert not (tmp_path / "work").exists()
 
 

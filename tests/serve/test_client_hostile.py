@@ -12,7 +12,7 @@ import pytest
 from conftest import one_line_error, run_cli
 from PIL import Image
 
-from ppvit.cli import serve as serve_cli
+from ppvit.cli import client as client_cli
 from ppvit.crypto.ciphers import BlockCipher
 from ppvit.crypto.keys import Geometry, Key
 from ppvit.serve.client import Client, ServerError
@@ -132,8 +132,8 @@ def test_a_server_that_is_not_ppvit_is_said_so_in_one_line() -> None:
         client.jobs()
     client, _ = fake_server(lambda r: httpx.Response(200, json=[{"id": "job-1"}]))
     foreign = r"server http://x: an answer without a ppvit server's fields \(KeyError"
-    with pytest.raises(ValueError, match=foreign), serve_cli._server_errors("http://x"):
-        serve_cli._job_line(client.jobs()[0])
+    with pytest.raises(ValueError, match=foreign), client_cli._server_errors("http://x"):
+        client_cli._job_line(client.jobs()[0])
 
 
 def test_job_ids_are_not_paths_to_other_resources() -> None:
@@ -171,7 +171,7 @@ def test_client_train_checks_the_dataset_name_before_encrypting(tmp_path: Path, 
     )  # fmt: skip
     for name in ("my photos", ""):
         with pytest.raises(ValueError, match=r"dataset name .*: use 1-64 letters.*; pass --name"):
-            serve_cli._train_remote(None, argparse.Namespace(**{**vars(args), "name": name}))
+            client_cli._train_remote(None, argparse.Namespace(**{**vars(args), "name": name}))
     assert not (tmp_path / "work").exists()
 
 
@@ -225,16 +225,16 @@ def test_client_train_run_again_follows_the_job_it_submitted_not_a_second(
     args = train_args(tmp_path, toy_dataset)
     first = Service(follow_error=KeyboardInterrupt())
     with pytest.raises(KeyboardInterrupt):
-        serve_cli._train_remote(first, args)
+        client_cli._train_remote(first, args)
     assert len(first.submitted) == 1
     again = Service()
-    assert serve_cli._train_remote(again, args)["id"] == "job-1" and again.submitted == []
+    assert client_cli._train_remote(again, args)["id"] == "job-1" and again.submitted == []
     assert "job job-1 on dataset toy is already running: following it" in capsys.readouterr().err
     other = Service()  # another setting: a job of its own
-    assert serve_cli._train_remote(other, train_args(tmp_path, toy_dataset, set=["lr=0.01"]))["id"] == "job-1"
+    assert client_cli._train_remote(other, train_args(tmp_path, toy_dataset, set=["lr=0.01"]))["id"] == "job-1"
     assert other.submitted == [{"method": "lora-pe", "model": None, "epochs": 1, "lr": 0.01}]
     ended = Service(state="succeeded")  # the job it submitted has ended: run again, it trains again
-    serve_cli._train_remote(ended, args)
+    client_cli._train_remote(ended, args)
     assert len(ended.submitted) == 1
 
 
@@ -243,7 +243,7 @@ def test_a_follow_cut_short_names_the_job_that_goes_on(
     tmp_path: Path, toy_dataset: Path, capsys: pytest.CaptureFixture[str], stop: BaseException
 ) -> None:
     with pytest.raises(type(stop)):
-        serve_cli._train_remote(Service(follow_error=stop), train_args(tmp_path, toy_dataset))
+        client_cli._train_remote(Service(follow_error=stop), train_args(tmp_path, toy_dataset))
     assert "job job-1 goes on on the server: ppvit client job job-1 --server http://s --token-file t" in (
         capsys.readouterr().err
     )
@@ -276,8 +276,8 @@ def test_datasets_are_listed_and_deleted_from_the_client(capsys: pytest.CaptureF
         return httpx.Response(200, json=listing)
 
     client, seen = fake_server(server)
-    serve_cli._service_call(client, argparse.Namespace(action="datasets"))
-    serve_cli._service_call(client, argparse.Namespace(action="delete", dataset="toy"))
+    client_cli._service_call(client, argparse.Namespace(action="datasets"))
+    client_cli._service_call(client, argparse.Namespace(action="delete", dataset="toy"))
     out = capsys.readouterr().out.splitlines()
     assert out == [f"toy\t10 bytes\t2 shards missing\tkey fingerprint {'f' * 16}", "dataset toy deleted"]
     assert [(r.method, r.url.path) for r in seen] == [("GET", "/v1/datasets"), ("DELETE", "/v1/datasets/toy")]

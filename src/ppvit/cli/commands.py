@@ -18,8 +18,9 @@ from typing import NoReturn
 
 from ppvit import __version__
 from ppvit.cli import data, experiments, models, train
+from ppvit.cli.client import add_client
 from ppvit.cli.common import UserError
-from ppvit.cli.serve import add_client, add_serve
+from ppvit.cli.serve import add_serve
 from ppvit.crypto.keys import KeyFileError
 
 
