@@ -98,6 +98,23 @@ def check_apart(source: Source, dst: Path) -> None:
         raise ValueError(f"output {dst}: overlaps the source {source.path}; give a folder apart from it")
 
 
+def check_continued(old: Manifest, manifest: Manifest, dst: Path, source: str) -> None:
+    """A run continuing output ``dst`` (its manifest ``old``) must write what the earlier run did: the same key and
+    geometry, format, shard size, classes and source images, or outputs of both would mix in one dataset."""
+    old.check(manifest.scheme, manifest.block_size, manifest.size, manifest.key_fingerprint, where=f"output {dst}")
+    if old.format != manifest.format:
+        raise ValueError(f"output {dst}: holds {old.format} output, not {manifest.format}")
+    if old.shard_size != manifest.shard_size:
+        raise ValueError(f"output {dst}: was written with shard size {old.shard_size}, not {manifest.shard_size}")
+    if manifest.format == "wds" and old.classes != manifest.classes:
+        raise ValueError(f"output {dst}: its classes {old.classes} differ from the source's now; use a new output")
+    if old.listing is not None and old.listing != manifest.listing:  # None: written before ppvit recorded it
+        raise ValueError(
+            f"output {dst}: was written from other images than {source} holds now (added, removed or "
+            "renamed since); give a new output folder (client train: --work)"
+        )
+
+
 def transform_collection(
     src: str | os.PathLike | Source,
     dst: str | os.PathLike,
@@ -128,19 +145,7 @@ def transform_collection(
         manifest.classes = {split: labels for split in splits}
     dst.mkdir(parents=True, exist_ok=True)
     if (dst / MANIFEST_NAME).exists():
-        old = read_manifest(dst)
-        old.check(manifest.scheme, manifest.block_size, manifest.size, manifest.key_fingerprint, where=f"output {dst}")
-        if old.format != manifest.format:
-            raise ValueError(f"output {dst}: holds {old.format} output, not {manifest.format}")
-        if old.shard_size != manifest.shard_size:
-            raise ValueError(f"output {dst}: was written with shard size {old.shard_size}, not {manifest.shard_size}")
-        if manifest.format == "wds" and old.classes != manifest.classes:
-            raise ValueError(f"output {dst}: its classes {old.classes} differ from the source's now; use a new output")
-        if old.listing is not None and old.listing != manifest.listing:  # None: written before ppvit recorded it
-            raise ValueError(
-                f"output {dst}: was written from other images than {source.path} holds now (added, removed or "
-                "renamed since); give a new output folder (client train: --work)"
-            )
+        check_continued(read_manifest(dst), manifest, dst, str(source.path))
     write_manifest(dst, manifest)  # before the first image: claims the folder for these settings
     for tmp in remove_stale_temps(dst):  # an interrupted run's half-written files
         log.info("removed %s (left by an interrupted run)", tmp)
