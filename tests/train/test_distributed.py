@@ -168,3 +168,26 @@ def test_a_global_batch_that_does_not_divide_is_refused(tmp_path: Path, toy_data
         assert stderr.strip().splitlines()[-1] == message and "Traceback" not in stderr, stderr[-3000:]
         assert_no_key_material([stdout, stderr], Key.load(key_file))
     assert not (tmp_path / "run" / "config.yaml").exists()
+
+
+def test_a_finished_train_process_ends_its_process_group(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A torchrun rank that left its gloo group to the interpreter's exit aborted ("terminate called without an
+    active exception", SIGABRT) after its run had finished, and torchrun reported the run failed (seen once under
+    load in `make test`). `ppvit train` destroys the group once the run is done."""
+    import torch.distributed as dist
+
+    from ppvit import cli
+    from ppvit.train import loop
+
+    done = RunResult(0.5, 1.0, 4, 1, 0.5, 1, "linear", "plain", 2, 10, 1.0, 4.0, 100.0, 1, "no")
+    monkeypatch.setattr(loop, "train", lambda cfg, resume=False: done)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        assert cli.main(["-q", "train", "--out", str(tmp_path / "run"), "--scheme", "none"]) == 0
+        assert json.loads(capsys.readouterr().out)["test_acc"] == 0.5
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -31,9 +31,13 @@ def _train_config(args: argparse.Namespace) -> TrainConfig:
 
 
 def _train(args: argparse.Namespace) -> int:
+    import torch.distributed as dist
+
     from ppvit.train.loop import train
 
     result = train(_train_config(args), resume=args.resume)
+    if dist.is_available() and dist.is_initialized():  # torchrun: this process's group ends with the run (a
+        dist.destroy_process_group()  # gloo thread left to the interpreter's exit aborted a finished run's rank)
     print(json.dumps(dataclasses.asdict(result), indent=2))
     return report_failed(list(result.unreadable.items()), "the run trained on the others")
 
