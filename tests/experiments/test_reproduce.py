@@ -401,6 +401,10 @@ def test_a_stop_signal_in_a_cell_stops_the_run_not_just_that_cell(
     with pytest.raises(TrainingStopped) as caught:
         runner.run_cells(todo, configs, "toy", progress=False, spawn=False)
     assert len(ran) == 2 and caught.value.signum == 15  # the third and fourth cells never started
+    assert str(caught.value) == (  # not the cell's own `--resume`, which reproduce lacks
+        f"stopped by SIGTERM in the cell linear none seed 1, its checkpoint kept in {tmp_path / '1'}: the same "
+        "reproduce command continues it"
+    )
     again = pickle.loads(pickle.dumps(caught.value))  # as it comes back from a spawned cell
     assert type(again) is TrainingStopped and again.signum == 15 and str(again) == str(caught.value)
 
@@ -417,10 +421,12 @@ except TrainingStopped as exc:
 """
 
 
-def test_a_sigterm_to_reproduce_alone_stops_its_cell_with_a_checkpoint(
-    tmp_path: Path, toy_dataset: Path, key_file: Path
+@pytest.mark.parametrize("signum", [15, 9], ids=["SIGTERM", "SIGKILL"])
+def test_a_signal_to_reproduce_alone_stops_its_cell_with_a_checkpoint(
+    tmp_path: Path, toy_dataset: Path, key_file: Path, signum: int
 ) -> None:
-    """`kill PID` of a reproduce run once left the cell's spawned process training, orphaned, holding the lock."""
+    """`kill PID` of a reproduce run once left the cell's spawned process training, orphaned, holding the lock;
+    after `kill -9 PID` it trained on, then waited forever for work (hostile tester): it stops as by a SIGTERM."""
     import pickle
     import signal
     import subprocess
@@ -444,11 +450,12 @@ def test_a_sigterm_to_reproduce_alone_stops_its_cell_with_a_checkpoint(
             time.sleep(0.2)
         child = int((out / LOCK_FILE).read_text())
         assert child != parent.pid
-        parent.send_signal(signal.SIGTERM)  # to the parent only, as `kill PID` does
+        parent.send_signal(signum)  # to the parent only, as `kill PID` does
         stdout, stderr = parent.communicate(timeout=120)
-        assert parent.returncode == 3 and stdout.split() == [b"stopped", b"15"], stderr[-3000:]
+        if signum == signal.SIGTERM:
+            assert parent.returncode == 3 and stdout.split() == [b"stopped", b"15"], stderr[-3000:]
         with pytest.raises(ProcessLookupError):  # the cell's process is gone, not training on
-            for _ in range(100):
+            for _ in range(300):
                 os.kill(child, 0)
                 time.sleep(0.1)
     finally:
@@ -503,15 +510,63 @@ def test_a_key_named_that_is_not_there_is_not_made(tmp_path: Path, toy_dataset: 
         (["--seeds", "0,0"], "--seeds 0,0: a seed named twice"),
         (["--seeds", "a"], "--seeds: expected comma-separated whole numbers"),
         (["--epochs", "0"], "epochs"),
+        (["--minutes", "nan"], "--minutes nan: must be 0 (no budget) or a finite number"),
+        (["--minutes", "-1"], "--minutes -1: must be 0 (no budget) or a finite number"),
+        (["--schemes", "none,bogus"], "unknown scheme step 'bogus'"),
+        (["--key", "{bad_key}"], "bad.key"),
     ],
-    ids=["seed twice", "seed not a number", "epochs 0"],
+    ids=["seed twice", "seed not a number", "epochs 0", "minutes nan", "minutes below 0", "bogus scheme", "bad key"],
 )
 def test_reproduce_flags_that_cannot_be_meant_are_one_line(
     tmp_path: Path, toy_dataset: Path, capsys: pytest.CaptureFixture[str], flags: list[str], says: str
 ) -> None:
-    """A seed twice was one cell counted as two (n=2, spread 0); --epochs 0 was dropped for the preset's."""
+    """A seed twice was one cell counted as two (n=2, spread 0); --epochs 0 was dropped for the preset's; a bogus
+    scheme or an unreadable key failed only after the plain cells had trained; --minutes nan was taken."""
+    (tmp_path / "bad.key").write_text("not a key")
+    flags = [f.format(bad_key=tmp_path / "bad.key") for f in flags]
     argv = ["-q", "reproduce", "--preset", "small-demo", "--data", str(toy_dataset), "--out", str(tmp_path / "o")]
     assert cli.main([*argv, *flags]) == 2
     err = capsys.readouterr().err
     assert len(err.splitlines()) == 1 and says in err, err
     assert not (tmp_path / "o").exists()
+
+
+def test_a_second_reproduce_into_a_folder_in_use_is_refused_and_removes_nothing(
+    tmp_path: Path, toy_dataset: Path
+) -> None:
+    """Two runs into one --out: one stopped early deleted reproduce.key, the key the other's cells trained with."""
+    from ppvit._io import hold_lock
+
+    out = tmp_path / "out"
+    out.mkdir()
+    with hold_lock(out / ".lock"):  # as the first run holds it
+        with pytest.raises(ValueError, match=rf"output folder {out}: in use by another `ppvit reproduce` \(pid "):
+            reproduce(TOY, out, toy_dataset, progress=False)
+        assert sorted(p.name for p in out.iterdir()) == [".lock"]  # no key made, none deleted
+        Key.generate().save(out / "reproduce.key")  # the first run's
+        with pytest.raises(ValueError, match="in use by another"):
+            reproduce(TOY, out, toy_dataset, progress=False)
+        assert (out / "reproduce.key").exists()
+
+
+@pytest.mark.parametrize(
+    ("text", "says"),
+    [
+        ('{"train_subset": 11}', None),
+        ("{", "cannot be read"),
+        ("[11]", "no training subset"),
+        ('{"minutes": 2}', "no training subset"),
+        ('{"train_subset": "11"}', "no training subset"),
+        ('{"train_subset": 0}', "no training subset"),
+        ('{"train_subset": true}', "no training subset"),
+    ],
+)
+def test_a_budget_record_edited_by_hand_is_one_line(tmp_path: Path, text: str, says: str | None) -> None:
+    """An edited budget.json was a KeyError traceback (hostile tester)."""
+    record = tmp_path / "budget.json"
+    record.write_text(text)
+    if says is None:
+        assert runner.read_budget(record) == {"train_subset": 11}
+        return
+    with pytest.raises(ValueError, match=rf"budget record {record}: {says}"):
+        runner.read_budget(record)

@@ -141,3 +141,32 @@ def test_a_refused_run_leaves_no_empty_parent_folders_but_keeps_the_users(
         code = cli.main(["-q", "train", "--out", out, "--data", "missing", "--scheme", "none", "--precision", "no"])
         assert code == 2 and "missing" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"] and not any((tmp_path / "mine").iterdir())
+
+
+@pytest.mark.parametrize(
+    ("edit", "says"),
+    [
+        ({}, None),
+        ({"test_loss": None}, None),  # a diverged model's NaN loss, as JSON writes it
+        ({"test_acc": 5}, "test_acc 5: must be a fraction from 0 to 1"),
+        ({"best_val_acc": -0.5}, "best_val_acc -0.5: must be a fraction from 0 to 1"),
+        ({"test_acc": None}, "test_acc None: must be a finite number"),
+        ({"epochs": "3"}, "epochs '3': must be an integer"),
+        ({"surprise": 1}, "cannot be read"),
+    ],
+    ids=["as written", "loss null", "acc 5", "val acc below 0", "acc null", "epochs text", "unknown field"],
+)
+def test_a_run_result_edited_by_hand_is_refused_in_one_line(tmp_path: Path, edit: dict, says: str | None) -> None:
+    """`test_acc: 5` in a cell's result.json became 500.00 in reproduce's table; null was a traceback."""
+    from ppvit.train.runs import RunResult
+
+    fields = dict(test_acc=0.5, test_loss=1.2, test_images=4, best_epoch=1, best_val_acc=0.5, epochs=1)
+    fields.update(method="full", scheme="plain", num_classes=4, trainable_params=1, train_seconds=1.0)
+    RunResult(**fields, images_per_s=None, peak_rss_mb=1.0, processes=1, precision="no").write(tmp_path / "r.json")
+    doc = {**json.loads((tmp_path / "r.json").read_text()), **edit}
+    (tmp_path / "r.json").write_text(json.dumps(doc))
+    if says is None:
+        assert RunResult.read(tmp_path / "r.json").test_acc == 0.5
+        return
+    with pytest.raises(ValueError, match=rf"run result {tmp_path / 'r.json'}: {says}"):
+        RunResult.read(tmp_path / "r.json")

@@ -66,8 +66,6 @@ def _reproduce(args: argparse.Namespace) -> int:
     given = ("epochs", "train_subset", "test_subset", "img_size", "splits")
     overrides = {k: getattr(args, k) for k in given if getattr(args, k) is not None}  # 0 is checked, not dropped
     overrides.update(_parse_sets(args.set))
-    if args.minutes is not None and args.minutes < 0:
-        raise UserError(f"--minutes must be 0 (no budget) or more, got {args.minutes:g}")
     preset = _preset(args)
     checked = preset.base.replace(**overrides)  # a bad setting fails here, not in every cell
     if checked.data.splits is not None:  # and so does a split the source lacks

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from ppvit._io import atomic_write_json, first_missing, remove_empty_folders
+from ppvit._io import LockHeld, atomic_write_json, first_missing, hold_lock, remove_empty_folders
 from ppvit.crypto.keys import Key
 from ppvit.data.cache import cache_dir
 from ppvit.data.datasets import load_splits, load_test_split, resolve_data
@@ -39,7 +39,7 @@ from ppvit.models.adapters import merge_to_file
 from ppvit.models.weights import check_weights_file
 from ppvit.train.config import TrainConfig
 from ppvit.train.loop import TrainingStopped, train
-from ppvit.train.runs import CONFIG_FILE, RESULT_FILE, RunResult, changed_settings
+from ppvit.train.runs import CONFIG_FILE, LOCK_FILE, RESULT_FILE, RunResult, changed_settings
 from ppvit.train.runtime import resolve_precision
 
 if TYPE_CHECKING:
@@ -98,13 +98,30 @@ def cell_config(
     return cfg.replace(out=str(out), scheme=scheme, seed=seed, quiet=True, key=str(key) if scheme != "none" else None)
 
 
-def _cell_worker(cfg: TrainConfig, log_file: str) -> RunResult:
-    """In the spawned process: stderr (warnings, tracebacks of native crashes) goes to the cell's log."""
+def _cell_worker(cfg: TrainConfig, log_file: str, parent: int) -> RunResult:
+    """In the spawned process: stderr (warnings, tracebacks of native crashes) goes to the cell's log; the cell
+    stops when ``parent`` (reproduce) dies."""
     fd = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     os.dup2(fd, 2)
     sys.stderr = os.fdopen(2, "w", buffering=1)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    return train(cfg, resume=True)
+    done = threading.Event()
+    threading.Thread(target=_stop_with_parent, args=(parent, done), daemon=True).start()
+    try:
+        return train(cfg, resume=True)
+    finally:
+        done.set()
+
+
+def _stop_with_parent(parent: int, done: threading.Event, poll_s: float = 1.0) -> None:
+    """Once ``parent`` is gone (``kill -9`` of reproduce), stop this cell as a SIGTERM does (a checkpoint at the
+    next step) and end the process: a cell orphaned trained on, then waited for work forever, holding its memory."""
+    while os.getppid() == parent:
+        if done.wait(poll_s):
+            return
+    os.kill(os.getpid(), signal.SIGTERM)
+    done.wait()
+    os._exit(1)
 
 
 def run_cell(cfg: TrainConfig, spawn: bool = True) -> RunResult:
@@ -122,7 +139,7 @@ def run_cell(cfg: TrainConfig, spawn: bool = True) -> RunResult:
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
         child = pool.submit(os.getpid).result()  # the pool's one process, which then trains the cell
         with _sigterm_forwarded_to(child):
-            return pool.submit(_cell_worker, cfg, str(out / "stderr.log")).result()
+            return pool.submit(_cell_worker, cfg, str(out / "stderr.log"), os.getpid()).result()
 
 
 @contextmanager
@@ -179,26 +196,59 @@ def reproduce(
     on fewer images, chosen before the first cell from measured speeds and stated in the table.
     A failure removes what this call made and nothing needs: the key it generated (unless a cell
     started training with it) and folders left empty; never a key or folder that was there before.
+    ``out`` is locked while it runs: a second reproduce into it is refused.
     """
     out = Path(out)
-    if key is not None and not Path(key).is_file():  # a typo made a new key, and every cell trained with it
-        raise FileNotFoundError(f"key file {key}: not found (without --key, reproduce makes one in {out})")
-    created, key_path = first_missing(out), Path(key) if key else out / KEY_FILE
-    new_key = not key_path.exists()
+    check_request(preset, out, key, overrides, minutes)
+    created = first_missing(out)
+    out.mkdir(parents=True, exist_ok=True)
     try:
-        return _reproduce(preset, out, data, key, weights, pretrained, overrides, progress, minutes, one_process)
+        lock = hold_lock(out / LOCK_FILE)
+    except LockHeld as held:  # two runs into one folder: one's failure deleted the key the other trained with
+        remove_empty_folders(out, created)
+        holder = f" (pid {held.holder})" if held.holder else ""
+        raise ValueError(
+            f"output folder {out}: in use by another `ppvit reproduce`{holder}; wait for it or choose another --out"
+        ) from None
+    key_path = Path(key) if key else out / KEY_FILE
+    made_key = not key_path.exists()
+    try:
+        if made_key:
+            Key.generate().save(key_path)
+        return _reproduce(preset, out, data, key_path, weights, pretrained, overrides, progress, minutes, one_process)
     except BaseException:
-        if new_key and not any(out.glob(f"cells/*/{CONFIG_FILE}")):  # no cell has trained with it
+        if made_key and not any(out.glob(f"cells/*/{CONFIG_FILE}")):  # no cell has trained with it
             key_path.unlink(missing_ok=True)
+        if created is not None:
+            (out / LOCK_FILE).unlink(missing_ok=True)
         remove_empty_folders(out, created)
         raise
+    finally:
+        lock.close()
+
+
+def check_request(
+    preset: Preset, out: Path, key: str | os.PathLike | None, overrides: dict | None, minutes: float | None
+) -> None:
+    """What can be checked before anything is read or made, refused in one line: a key named that is not there (a
+    typo made a new key, and every cell trained with it) or cannot be read, a time budget that is not a number, and
+    every scheme with this run's settings and key pin (a bogus one failed only in its own cells, after the others)."""
+    if key is not None:
+        if not Path(key).is_file():
+            raise FileNotFoundError(f"key file {key}: not found (without --key, reproduce makes one in {out})")
+        Key.load(key)
+    if minutes is not None and not (math.isfinite(minutes) and minutes >= 0):
+        raise ValueError(f"--minutes {minutes:g}: must be 0 (no budget) or a finite number of minutes above it")
+    method, seed, key_path = next(iter(preset.methods)), preset.seeds[0], Path(key) if key else out / KEY_FILE
+    for scheme in preset.schemes:
+        cell_config(preset, method, scheme, seed, out, key_path, **(overrides or {})).settled_geometry()
 
 
 def _reproduce(
     preset: Preset,
     out: Path,
     data: str | os.PathLike | None,
-    key: str | os.PathLike | None,
+    key_path: Path,
     weights: str | os.PathLike | None,
     pretrained: bool | None,
     overrides: dict | None,
@@ -216,10 +266,6 @@ def _reproduce(
         weights, upstream = pretrain(preset.model, preset.upstream, data, quiet=not progress)
         upstream_acc = upstream.test_acc
     common.update(weights=str(weights) if weights else None, pretrained=bool(pretrained) and weights is None)
-    out.mkdir(parents=True, exist_ok=True)
-    key_path = Path(key) if key else out / KEY_FILE
-    if not key_path.exists():
-        Key.generate().save(key_path)
     # seed by seed: an interrupted run leaves whole tables of the first seeds
     todo = [Cell(m, s, seed) for seed in preset.seeds for m in preset.methods for s in preset.schemes]
 
@@ -282,8 +328,12 @@ def run_cells(todo: list[Cell], configs: list[TrainConfig], name: str, progress:
             t0 = time.perf_counter()
             try:
                 cell.result = run_cell(cfg, spawn)
-            except TrainingStopped:  # SIGTERM/SIGINT asked the whole run to stop, not this cell alone
-                raise
+            except TrainingStopped as exc:  # SIGTERM/SIGINT asked the whole run to stop, not this cell alone
+                raise TrainingStopped(  # its message said `--resume`, which reproduce has no need of
+                    f"stopped by {signal.Signals(exc.signum).name} in the cell {cell.method} {cell.scheme} seed "
+                    f"{cell.seed}, its checkpoint kept in {run}: the same reproduce command continues it",
+                    exc.signum,
+                ) from None
             except Exception as exc:  # one failed cell is reported in the table; the others still run
                 if i == 0:
                     raise ValueError(
@@ -390,7 +440,7 @@ def fit_budget(
     """
     record = out / BUDGET_FILE
     if record.exists():
-        return json.loads(record.read_text())
+        return read_budget(record)
     if est is None or len(left) < len(configs):
         return None
     chosen = est.fit(minutes * 60)
@@ -413,6 +463,21 @@ def fit_budget(
     if resized > minutes * 60:
         log.warning("even %d images would take about %.0f min here", chosen, resized / 60)
     atomic_write_json(record, budget)
+    return budget
+
+
+def read_budget(record: Path) -> dict:
+    """The budget a first run chose, checked: its training subset sizes every cell this folder still trains."""
+    try:
+        budget = json.loads(record.read_text())
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"budget record {record}: cannot be read ({exc})") from None
+    size = budget.get("train_subset") if isinstance(budget, dict) else None
+    if type(size) is not int or size < 1:
+        raise ValueError(
+            f"budget record {record}: no training subset (a whole number above 0) in it; it sizes the cells this "
+            "folder's first run chose: restore it, or start again in another --out"
+        )
     return budget
 
 

@@ -29,6 +29,7 @@ from ppvit._io import (
     json_text,
     remove_empty_folders,
 )
+from ppvit._schema import check_fields
 from ppvit.models.adapters import adapter_files, trainable_tensors
 from ppvit.train.config import IGNORED_ON_RESUME, TrainConfig
 
@@ -62,7 +63,7 @@ class RunResult:
     """What a finished run reports (``result.json``)."""
 
     test_acc: float
-    test_loss: float
+    test_loss: float | None  # None: read back from JSON, where a loss that is not finite (diverged) is null
     test_images: int
     best_epoch: int | None
     best_val_acc: float | None  # None: no validation split (the last epoch is the one kept)
@@ -81,10 +82,17 @@ class RunResult:
 
     @classmethod
     def read(cls, path: str | os.PathLike) -> RunResult:
+        """The result as written, checked: a table or an answer built on ``test_acc: 5`` said 500% (hand edits)."""
         try:
-            return cls(**json.loads(Path(path).read_text()))
+            result = cls(**json.loads(Path(path).read_text()))
         except (OSError, json.JSONDecodeError, TypeError) as exc:
             raise ValueError(f"run result {path}: cannot be read ({exc})") from None
+        check_fields(result, f"run result {path}: ")
+        for name in ("test_acc", "best_val_acc"):
+            value = getattr(result, name)
+            if value is not None and not 0 <= value <= 1:
+                raise ValueError(f"run result {path}: {name} {value!r}: must be a fraction from 0 to 1")
+        return result
 
     def write(self, path: str | os.PathLike) -> None:
         atomic_write_json(path, dataclasses.asdict(self))
