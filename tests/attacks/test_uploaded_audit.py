@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -165,6 +166,27 @@ def test_wrong_key_and_settings_that_contradict_the_manifest_are_refused(
     assert cli.main(["audit", "--data", str(enc), "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--ciphertext-only" in err and str(enc) in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_folder_holding_another_keys_ciphertexts_is_refused_naming_the_first(
+    tmp_path: Path, photos: Path, key_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """astronaut/ copied in from another key's encrypted folder (each PNG marked with that key's fingerprint):
+    the audit attacked and scored every file as this key's (exit 0); decrypt and predict refuse such files."""
+    enc = encrypted(photos, key_path, tmp_path / "enc")
+    other = Key(bytes([7]) * 32)
+    other.save(tmp_path / "other.key")
+    shutil.rmtree(enc / "astronaut")
+    shutil.copytree(encrypted(photos, tmp_path / "other.key", tmp_path / "enc2") / "astronaut", enc / "astronaut")
+    capsys.readouterr()
+    args = ["audit", "--ciphertext-only", "8", "--data", str(enc), "--images", "4", "--out", str(tmp_path / "out")]
+    assert cli.main([*args, "--key", str(key_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{enc}: astronaut/0.png: ciphertext of another dataset" in err, err
+    assert f"key fingerprint is {other.fingerprint}, not {KEY.fingerprint}" in err, err
+    assert_no_key_material([err], KEY)
+    assert_no_key_material([err], other)
     assert not (tmp_path / "out").exists()
 
 

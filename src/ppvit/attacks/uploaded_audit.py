@@ -37,6 +37,7 @@ from ppvit.attacks.report import RECOVERED, SHOWN, write_recovered, write_report
 from ppvit.attacks.uploaded_mixing import attack_stored_mixing, check_prior, read_prior
 from ppvit.crypto.keys import Key
 from ppvit.data.datasets import resolve_data
+from ppvit.data.manifest import MARKER, read_marker
 from ppvit.data.sources import Source, decode, open_source
 
 log = logging.getLogger(__name__)
@@ -66,7 +67,10 @@ def stored_ciphertexts(data: str | os.PathLike | None) -> Source | None:
 
 def read_ciphertexts(source: Source, n: int, seed: int = 0) -> tuple[list[str], np.ndarray, int]:
     """``n`` ciphertexts of ``source`` in a fixed random choice over every split, as stored (NHWC uint8,
-    never resized), with their relative paths and the number the source holds."""
+    never resized), with their relative paths and the number the source holds. A PNG whose
+    :data:`~ppvit.data.manifest.MARKER` chunk names another key or geometry than the manifest is refused, as
+    ``predict`` refuses it (a folder holding two keys' ciphertexts was attacked and scored as one key's)."""
+    m = source.manifest
     rels = sorted(source.paths())
     if len(rels) < n:
         raise ValueError(
@@ -83,6 +87,11 @@ def read_ciphertexts(source: Source, n: int, seed: int = 0) -> tuple[list[str], 
         item = decode(rel, data)
         if item.image is None:
             raise ValueError(f"encrypted dataset {source.path}: {rel}: {item.error}")
+        stated = item.image.info.get(MARKER)
+        if isinstance(stated, str):  # npz shards and unmarked files state nothing
+            file = f"encrypted dataset {source.path}: {rel}"
+            marked = read_marker(stated, file)
+            marked.check(m.scheme, m.block_size, m.size, m.key_fingerprint, f"{file}: ciphertext of another dataset")
         images[where[rel]] = np.asarray(item.image)
     shapes = sorted({im.shape for im in images if im is not None})
     if len(shapes) != 1:
