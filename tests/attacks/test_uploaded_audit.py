@@ -12,19 +12,24 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
+from attack_images import smooth_images
 from conftest import KEY, assert_no_key_material
 from PIL import Image
 
 from ppvit import cli
-from ppvit.attacks.ciphertext_only_audit import score_recovery, verdict
+from ppvit.attacks.audit import AuditConfig, run_audit
+from ppvit.attacks.ciphertext_only_audit import CiphertextOnlyConfig, ciphertext_only_audit, score_recovery, verdict
 from ppvit.attacks.metrics import roughness
 from ppvit.attacks.orientation import image_symmetry_index, then
+from ppvit.attacks.uploaded_audit import UploadedConfig, audit_uploaded
 from ppvit.crypto.ciphers import BlockCipher, compile_plan
 from ppvit.crypto.keys import Key
+from ppvit.data.sources import open_source
 
 SIZE, BLOCK, N, HELD = 64, 8, 6, 4  # shuffle at 64x64 with 8x8 blocks: 6 real photos give the key away
 
@@ -190,6 +195,45 @@ def test_a_folder_holding_another_keys_ciphertexts_is_refused_naming_the_first(
     assert not (tmp_path / "out").exists()
 
 
+def _uploaded(enc: Path, out: Path) -> None:
+    audit_uploaded(open_source(enc), [N], UploadedConfig(images=HELD), out=out)
+
+
+def _simulated(enc: Path, out: Path) -> None:
+    cfg = CiphertextOnlyConfig(size=SIZE, block_size=BLOCK, images=HELD)
+    ciphertext_only_audit(smooth_images(N + HELD, SIZE, seed=0), ["shuffle"], [N], [KEY], cfg, out)
+
+
+def _full(enc: Path, out: Path) -> None:
+    cfg = AuditConfig(schemes=("shuffle",), size=SIZE, block_size=BLOCK, pairs=(1,), images=HELD)
+    run_audit(KEY, smooth_images(N + HELD, SIZE, seed=0), cfg, out)
+
+
+@pytest.mark.parametrize(
+    ("entry", "out", "said"),
+    [
+        (_uploaded, "myproj", "holds other files and no audit.json"),
+        (_uploaded, "enc/audit", "overlaps --data"),
+        (_simulated, "myproj", "holds other files and no audit.json"),
+        (_full, "myproj", "holds other files and no audit.json"),
+    ],
+    ids=["stored, other files", "stored, inside the data", "simulated", "full audit"],
+)
+def test_the_library_audits_never_delete_or_replace_files_they_did_not_write(
+    tmp_path: Path, photos: Path, key_path: Path, entry: Callable[[Path, Path], None], out: str, said: str
+) -> None:
+    """audit_uploaded(out=myproj) deleted myproj/recovered/holiday/beach.png (write_recovered removes every PNG
+    there) and each audit replaced a user's audit.json: only the CLI refused such an --out."""
+    enc = encrypted(photos, key_path, tmp_path / "enc")
+    photo = tmp_path / "myproj" / "recovered" / "holiday" / "beach.png"
+    photo.parent.mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(photo)
+    before = sorted(tmp_path.rglob("*"))
+    with pytest.raises(ValueError, match=said):
+        entry(enc, tmp_path / out)
+    assert sorted(tmp_path.rglob("*")) == before
+
+
 def test_a_mirror_is_reported_as_readable_and_mirrored() -> None:
     """What "up to a symmetry" costs the user is said in words: a mirrored image is fully readable."""
     shape, p = (16, 16, 3), 4
@@ -208,8 +252,6 @@ def test_scrambled_blocks_come_back_up_to_the_mirror_the_report_names(
 ) -> None:
     """`shuffle+scramble`: no ciphertext shows left from right, so the recovered images are the originals or
     their mirror images; the report says so without the key, and with it says which and what it costs."""
-    from attack_images import smooth_images
-
     secret = Key(bytes([1]) * 32)
     src = tmp_path / "photos" / "test" / "field"
     src.mkdir(parents=True)

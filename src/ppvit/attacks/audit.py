@@ -27,7 +27,7 @@ from ppvit.attacks.block_mixing import BlockStats, audit_mixing
 from ppvit.attacks.ciphertext_stats import block_mean_image, ciphertext_stats, jigsaw_neighbours, source_blocks
 from ppvit.attacks.known_plaintext import known_plaintext_attack
 from ppvit.attacks.metrics import plan_accuracy, psnr, upscale
-from ppvit.attacks.report import Figures, write_report
+from ppvit.attacks.report import Figures, check_out, write_report
 from ppvit.attacks.weight_matching import (
     MapScore,
     embedding,
@@ -225,8 +225,11 @@ def run_audit(
     ``weights`` and ``leakage_during_training`` are model attacks already run (weight matching's
     :class:`MapScore`, or :func:`adapter_leakage`'s dict); they join the report.
     ``public`` (the public model at ``cfg.size``): the key holder's model is attacked for each mixing.
-    With ``out``, writes ``audit.json`` and ``audit.png`` there (:func:`ppvit.attacks.report.write_report`).
+    With ``out``, writes ``audit.json`` and ``audit.png`` there (:func:`ppvit.attacks.report.write_report`);
+    one holding other files is refused first (:func:`~ppvit.attacks.report.check_out`).
     """
+    if out is not None:
+        check_out(out)
     images = upscale(images, cfg.size, cfg.resize)
     report: dict[str, Any] = {
         "size": cfg.size,

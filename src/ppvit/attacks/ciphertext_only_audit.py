@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from ppvit.attacks.ciphertext_only import recover_plan, unsupported
 from ppvit.attacks.metrics import plan_accuracy, psnr, ssim, upscale
 from ppvit.attacks.orientation import DIHEDRAL_NAMES, block_symmetry_index, image_symmetry_index, then
-from ppvit.attacks.report import write_report
+from ppvit.attacks.report import check_out, write_report
 from ppvit.crypto.keys import Key
 
 if TYPE_CHECKING:
@@ -150,11 +150,13 @@ def ciphertext_only_audit(
     ``len(keys)*M`` of them besides the held-out ones, so that keys are independent trials,
     else all keys share the first ``M``; the last ``cfg.images`` are held out. A scheme
     :func:`recover_plan` does not attack is reported as ``"not attacked: <reason>"``. Keys appear
-    only by fingerprint. With ``out``, writes ``audit.json`` (the report under ``"ciphertext_only"``)
-    and ``ciphertext-only.png``.
+    only by fingerprint. With ``out`` (refused first if it holds other files: :func:`check_out`), writes
+    ``audit.json`` (the report under ``"ciphertext_only"``) and ``ciphertext-only.png``.
     """
     from ppvit.crypto.ciphers import Scheme
 
+    if out is not None:
+        check_out(out)
     ns = sorted(set(ns))
     if not ns or min(ns) < 1:
         raise ValueError(f"numbers of ciphertexts must be positive, got {list(ns)}")

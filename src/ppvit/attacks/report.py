@@ -13,6 +13,7 @@ Each printed figure is named by the attack that produced it.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,20 @@ Figures = dict[str, dict[str, np.ndarray]]
 def figure_name(report: dict[str, Any]) -> str:
     """The figure's file name: ``ciphertext-only.png`` for a ciphertext-only report, else ``audit.png``."""
     return "ciphertext-only.png" if "ciphertext_only" in report else "audit.png"
+
+
+def check_out(out: str | os.PathLike, data: str | os.PathLike | None = None) -> None:
+    """An audit replaces its files in ``out`` (audit.json, the figure, the PNGs of recovered/): a folder of
+    other files is refused (the user's photos under recovered/ were deleted), and so is one overlapping
+    ``data`` (decrypted images were written into the encrypted dataset). Each audit entry point checks it
+    first; the CLI also before its slow part, with ``--data`` (plain images reach the simulated audits as arrays)."""
+    path = Path(out)
+    if data is not None and Path(data).exists():
+        src, dst = Path(data).resolve(), path.resolve()
+        if src == dst or src in dst.parents or dst in src.parents:
+            raise ValueError(f"--out {out}: overlaps --data {data}; give a folder apart from it")
+    if path.is_dir() and any(path.iterdir()) and not (path / "audit.json").is_file():
+        raise ValueError(f"--out {out}: holds other files and no audit.json of an earlier audit; give a new folder")
 
 
 def write_report(report: dict[str, Any], figures: Figures, out: str | Path) -> None:

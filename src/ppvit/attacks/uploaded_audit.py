@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from ppvit.attacks.ciphertext_only import recover_plan, unsupported
 from ppvit.attacks.ciphertext_only_audit import readable_as, score_recovery, symmetries, verdict
 from ppvit.attacks.metrics import roughness
-from ppvit.attacks.report import RECOVERED, SHOWN, write_recovered, write_report
+from ppvit.attacks.report import RECOVERED, SHOWN, check_out, write_recovered, write_report
 from ppvit.attacks.uploaded_mixing import attack_stored_mixing, check_prior, read_prior
 from ppvit.crypto.keys import Key
 from ppvit.data.datasets import resolve_data
@@ -115,10 +115,13 @@ def audit_uploaded(
     writes ``audit.json`` (the report under ``"ciphertext_only"``), ``ciphertext-only.png`` and
     ``recovered/``: the held-out ciphertexts decrypted with the plan from the largest N, as PNGs
     under their paths in the dataset (nothing else is left there). A ``mix``/``lift`` dataset needs
-    ``cfg.prior`` (:func:`~ppvit.attacks.uploaded_mixing.attack_stored_mixing`).
+    ``cfg.prior`` (:func:`~ppvit.attacks.uploaded_mixing.attack_stored_mixing`). An ``out`` holding other
+    files than an earlier audit's, or overlapping the dataset, is refused first (:func:`check_out`).
     """
     m = source.manifest
     assert m is not None, "stored_ciphertexts gives encrypted datasets only"
+    if out is not None:
+        check_out(out, source.path)
     ns = sorted(set(ns))
     mixing = _check_request(source, ns, cfg, key)
     log.info(

@@ -6,7 +6,6 @@ import argparse
 import dataclasses
 import logging
 from collections.abc import Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import yaml
@@ -251,21 +250,10 @@ def _plain_geometry(args: argparse.Namespace, key: Key | None) -> tuple[int, int
     return size, block
 
 
-def _check_out(out: str, data: str | None) -> None:
-    """An audit replaces its files in ``--out`` (audit.json, the figure, the PNGs of recovered/): a folder of
-    other files is refused (the user's photos under recovered/ were deleted), and so is one overlapping
-    ``--data`` (decrypted images were written into the encrypted dataset)."""
-    path = Path(out)
-    if data is not None and Path(data).exists():
-        src, dst = Path(data).resolve(), path.resolve()
-        if src == dst or src in dst.parents or dst in src.parents:
-            raise UserError(f"--out {out}: overlaps --data {data}; give a folder apart from it")
-    if path.is_dir() and any(path.iterdir()) and not (path / "audit.json").is_file():
-        raise UserError(f"--out {out}: holds other files and no audit.json of an earlier audit; give a new folder")
-
-
 def _audit(args: argparse.Namespace) -> int:
-    _check_out(args.out, args.data)
+    from ppvit.attacks.report import check_out
+
+    check_out(args.out, args.data)  # before the slow part, and with --data: the simulated audits get arrays
     if args.ciphertext_only is not None:
         return _audit_ciphertext_only(args)
     from ppvit.attacks.uploaded_audit import stored_ciphertexts
