@@ -247,6 +247,8 @@ def test_merge_gives_a_plain_model_with_equal_outputs(method: str, targets: str)
         ("melo", {"rank": 0}, "rank must be at least 1"),
         ("melo", {"targets": "kv"}, "targets must be qv, qkv or all"),
         ("melo", {"alpha": -1.0}, "alpha must be positive"),
+        ("melo", {"alpha": float("nan")}, "alpha must be positive and finite, got nan"),
+        ("lora-pe", {"alpha": float("inf")}, "alpha must be positive and finite, got inf"),
         ("lora-pe", {"dropout": 1.0}, r"dropout must be in \[0, 1\)"),
         ("full", {"rank": 8}, "method full takes no rank"),
     ],

@@ -7,6 +7,7 @@ method is one config class here plus its branch in :func:`ppvit.models.methods.a
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar, Literal
 
@@ -83,8 +84,8 @@ class MeloConfig(MethodConfig):
             raise ValueError(f"LoRA targets must be qv, qkv or all, got {self.targets!r}")
         if self.alpha is not None:
             self.alpha = float(self.alpha)  # YAML may give an int
-        if self.lora_alpha <= 0:
-            raise ValueError(f"LoRA alpha must be positive, got {self.alpha}")
+        if not (math.isfinite(self.lora_alpha) and self.lora_alpha > 0):  # nan passed a `<= 0` test
+            raise ValueError(f"LoRA alpha must be positive and finite, got {self.alpha}")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
 
