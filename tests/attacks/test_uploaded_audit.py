@@ -162,6 +162,7 @@ def test_wrong_key_and_settings_that_contradict_the_manifest_are_refused(
         (["--scheme", "shuffle+scramble"], "scheme is shuffle"),
         (["--block-size", "16"], "block size is 8"),
         (["--keys", "3"], "--keys"),
+        (["--splits", "test=astronaut"], "--splits is for the source it was encrypted from"),  # it was ignored
     ):
         capsys.readouterr()
         assert cli.main([*base, *extra]) == 2, extra

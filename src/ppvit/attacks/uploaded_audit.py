@@ -38,7 +38,7 @@ from ppvit.attacks.uploaded_mixing import attack_stored_mixing, check_prior, rea
 from ppvit.crypto.keys import Key
 from ppvit.data.datasets import resolve_data
 from ppvit.data.manifest import MARKER, read_marker
-from ppvit.data.sources import Source, decode, open_source
+from ppvit.data.sources import Source, SplitNames, decode, open_source
 
 log = logging.getLogger(__name__)
 
@@ -58,10 +58,12 @@ class UploadedConfig:
             raise ValueError(f"--prior-images: expected a positive number of images, got {self.prior_images}")
 
 
-def stored_ciphertexts(data: str | os.PathLike | None) -> Source | None:
+def stored_ciphertexts(data: str | os.PathLike | None, splits: SplitNames | None = None) -> Source | None:
     """The encrypted dataset ``data`` names (a manifest with a scheme), or None for plain images
-    (no manifest, or ``ppvit decrypt`` output): ciphertext is never taken for plain images."""
-    source = open_source(resolve_data(data))
+    (no manifest, or ``ppvit decrypt`` output): ciphertext is never taken for plain images. ``splits`` are
+    checked as every source checks them: a manifest's dataset refuses them (the stored audit draws from
+    every split as stored, so a choice of two could not apply)."""
+    source = open_source(resolve_data(data), splits=splits)
     return source if source.encrypted else None
 
 

@@ -182,9 +182,10 @@ AUDIT_SIZE, AUDIT_BLOCK, AUDIT_RESIZE = 224, 16, "bicubic"  # for plain images (
 def _audit_ciphertext_only(args: argparse.Namespace) -> int:
     from ppvit.attacks.report import RECOVERED, format_report
     from ppvit.attacks.uploaded_audit import stored_ciphertexts
+    from ppvit.data.sources import SplitNames
 
     ns = counts(args.ciphertext_only, "--ciphertext-only")
-    stored = stored_ciphertexts(args.data)
+    stored = stored_ciphertexts(args.data, SplitNames.of(args.splits))
     report = _audit_simulated(args, ns) if stored is None else _audit_stored(args, ns, stored)
     print(format_report(report))
     extra = f", {RECOVERED}/" if report["ciphertext_only"].get("runs") else ""
