@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import gzip
 import io
+import os
 import tarfile
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +18,8 @@ from ppvit import cli
 from ppvit.crypto.ciphers import BlockCipher
 from ppvit.crypto.keys import Key
 from ppvit.data.encrypt import encrypt_collection
+from ppvit.data.images import read_image
+from ppvit.data.sources import base
 from ppvit.data.sources.files import FilesSource
 
 
@@ -72,19 +76,48 @@ def test_unreadable_file_is_listed_not_fatal(tmp_path: Path, monkeypatch: pytest
     (tmp_path / "src" / "cls").mkdir(parents=True)
     for name in ("a.png", "b.png", "c.png"):
         (tmp_path / "src" / "cls" / name).write_bytes(png_bytes(ord(name[0])))
-    real = Path.read_bytes
+    real = open
 
-    def read_bytes(self: Path) -> bytes:
-        if self.name == "b.png":
-            raise PermissionError(13, "Permission denied", str(self))
-        return real(self)
+    def refusing(path: Path, *args: object) -> object:
+        if Path(path).name == "b.png":
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path, *args)
 
-    monkeypatch.setattr(Path, "read_bytes", read_bytes)  # root ignores chmod 000, so simulate it
+    monkeypatch.setattr(base, "open", refusing, raising=False)  # root ignores chmod 000, so simulate it
     summary = encrypt_collection(tmp_path / "src", tmp_path / "enc", BlockCipher(KEY), progress=False)
     assert summary.written == 2 and [rel for rel, _ in summary.failed] == ["cls/b.png"]
     assert "Permission denied" in summary.failed[0][1]
     assert sorted(p.name for p in (tmp_path / "enc" / "cls").iterdir()) == ["a.png", "c.png"]
     assert_no_key_material([tmp_path / "enc", *summary.failed[0]], KEY)
+
+
+def test_a_pipe_or_a_huge_file_named_like_an_image_is_a_failed_image(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A link x.png to a FIFO was waited on forever (to /dev/zero: read until memory ran out), a file of
+    gigabytes read whole (hostile tester): each is one failed image, named with why, the others written."""
+    monkeypatch.setattr(base, "MAX_IMAGE_BYTES", 2_000)
+    (tmp_path / "src" / "cls").mkdir(parents=True)
+    (tmp_path / "src" / "cls" / "a.png").write_bytes(png_bytes(1))
+    os.mkfifo(tmp_path / "pipe")
+    (tmp_path / "src" / "cls" / "b.png").symlink_to(tmp_path / "pipe")  # a listed name (a bare FIFO is not)
+    (tmp_path / "src" / "cls" / "c.png").write_bytes(png_bytes(3) + bytes(3_000))
+    done: list = []
+    work = threading.Thread(
+        target=lambda: done.append(encrypt_collection(tmp_path / "src", tmp_path / "enc", BlockCipher(KEY))),
+        daemon=True,
+    )
+    work.start()
+    work.join(60)
+    if work.is_alive():  # the reader waits on the pipe: a writer's end, closed, lets it go
+        os.close(os.open(tmp_path / "pipe", os.O_WRONLY | os.O_NONBLOCK))
+        work.join(60)
+        pytest.fail("the pipe was waited on")
+    failed = dict(done[0].failed)
+    assert done[0].written == 1 and sorted(failed) == ["cls/b.png", "cls/c.png"]
+    assert "not a regular file" in failed["cls/b.png"] and "over the 2,000 an image may be" in failed["cls/c.png"]
+    with pytest.raises(ValueError, match=r"image .*b\.png: cannot be read \(not a regular file"):
+        read_image(tmp_path / "src" / "cls" / "b.png", 16)
 
 
 def test_hidden_files_are_not_images(tmp_path: Path) -> None:

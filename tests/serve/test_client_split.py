@@ -208,3 +208,33 @@ def test_the_reported_case_64_int32_images_of_224_are_two_bodies_under_32_mib() 
     assert [len(b) for b in request_bodies(rows[:5], 2, 32 << 20)] == [128 + 2 * 602_112] * 2 + [128 + 602_112]
     with pytest.raises(ValueError, match="602,240 bytes; the server takes at most 600,000"):
         list(request_bodies(rows[:2], 64, 600_000))
+
+
+def test_predict_reads_and_encrypts_a_chunk_of_whole_requests_at_a_time(
+    lifted: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`client predict` of a folder read, encrypted and stacked every image before the first request (hostile
+    tester): now a chunk at a time, whole requests each; the answers as one pass's, an unreadable file named."""
+    from ppvit.serve import client as client_mod
+
+    bad = lifted["tmp"] / "bad.png"
+    bad.write_bytes(b"not an image")
+    files = [*lifted["files"]["png"], bad]
+    cfg = ServeConfig(lifted["root"], window_ms=1, max_images=2, max_batch=8, max_body_bytes=1 << 20)
+    with LiveServer(cfg) as server, Client(server.url, lifted["token"]) as c:
+        whole = c.predict(files, KEY, failed=[])
+        chunks: list[int] = []
+        encrypt = Client._encrypt
+
+        def counted(self: Client, images: list, *args: Any) -> np.ndarray | None:
+            chunks.append(len(images))
+            return encrypt(self, images, *args)
+
+        monkeypatch.setattr(Client, "_encrypt", counted)
+        monkeypatch.setattr(client_mod, "PREDICT_CHUNK", 5)  # two requests of 2 a chunk
+        failed: list[tuple[str, str]] = []
+        chunked = c.predict(files, KEY, failed=failed)
+    assert chunks == [4, 4, 1]
+    assert [p.label for p in chunked] == [p.label for p in whole] and len(whole) == 8
+    np.testing.assert_allclose([p.probability for p in chunked], [p.probability for p in whole], atol=1e-6)
+    assert [name for name, _ in failed] == [str(bad)]

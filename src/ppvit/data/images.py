@@ -55,10 +55,10 @@ def resize_array(image: np.ndarray, size: int) -> np.ndarray:
 
 def read_image(path: str | os.PathLike, size: int, resize: bool = True) -> np.ndarray:
     """An image file as (size, size, 3) uint8: plain images are resized, ciphertext must fit already."""
-    from ppvit.data.sources.base import decode
+    from ppvit.data.sources.base import decode, read_image_file
 
     try:
-        item = decode(str(path), Path(path).read_bytes())
+        item = decode(str(path), read_image_file(path))
     except OSError as exc:
         raise ValueError(f"image {path}: cannot be read ({exc.strerror})") from None
     if item.error:

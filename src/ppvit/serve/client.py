@@ -23,7 +23,7 @@ import os
 import re
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,6 +48,7 @@ THREAT_WARNING = (
 )
 FINAL_STATES = ("succeeded", "failed", "cancelled")
 CHUNK = 1 << 20
+PREDICT_CHUNK = 256  # images read and encrypted at once by `predict` (a multiple of the server's request count)
 _warned = False
 
 
@@ -211,6 +212,19 @@ class Client:
         as (file, problem) and left out (the answers are then for the others, in order); without a
         list the first one raises.
         """
+        arrays = self._encrypt(images, key, plain, failed)
+        if arrays is None:
+            raise _none_used(len(images), failed)
+        return arrays
+
+    def _encrypt(
+        self,
+        images: Sequence[str | os.PathLike | np.ndarray],
+        key: Key | None,
+        plain: bool,
+        failed: list[tuple[str, str]] | None,
+    ) -> np.ndarray | None:
+        """:meth:`encrypt`, None when no image could be used."""
         info = self.info()
         self.check_geometry(info, key)
         if info["scheme"] is None and (key is not None or not plain):
@@ -239,8 +253,7 @@ class Client:
             arrays.append(array)
             here.append(encrypt_here)
         if not arrays:
-            first = f" (first: {failed[0][0]}: {failed[0][1]})" if failed else ""
-            raise ValueError(f"none of the {len(images)} images could be used{first}")
+            return None
         if info["scheme"] is not None and any(here):
             if key is None:
                 raise ValueError(f"the adapter expects images encrypted with scheme {info['scheme']}: pass the key")
@@ -370,14 +383,21 @@ class Client:
             info = self.info()
             if failed is not None:
                 failed.clear()  # a second round reads the files again
-            ciphertext = self.encrypt(images, key, plain, failed)
             limit = info.get("max_body_bytes")  # None: a server that does not publish it (an earlier release)
-            alone = len(npy_body(ciphertext[:1]))
-            if limit is not None and alone > limit:
-                return self._too_large(images, failed, alone, ciphertext.dtype.name, limit)
+            most = info.get("max_images")
+            step = most * max(1, PREDICT_CHUNK // most) if most else PREDICT_CHUNK  # whole requests per chunk
             answers: list[Prediction] = []
-            for body in request_bodies(ciphertext, info.get("max_images"), limit):
-                answers += self.predict_ciphertext(body, logits, top_k)
+            for start in range(0, len(images), step):  # a chunk at a time: a folder of photos is not held at once
+                ciphertext = self._encrypt(images[start : start + step], key, plain, failed)
+                if ciphertext is None:
+                    continue
+                alone = len(npy_body(ciphertext[:1]))
+                if limit is not None and alone > limit:
+                    return self._too_large(images, failed, alone, ciphertext.dtype.name, limit)
+                for body in request_bodies(ciphertext, most, limit):
+                    answers += self.predict_ciphertext(body, logits, top_k)
+            if not answers:
+                raise _none_used(len(images), failed)
             if all(a.version == info["version"] for a in answers):
                 return answers
             self._info = None
@@ -481,6 +501,12 @@ class Client:
                 self._info = None  # the adapter may have changed
                 return job
             time.sleep(interval)
+
+
+def _none_used(n: int, failed: list[tuple[str, str]] | None) -> ValueError:
+    """The error when no image could be sent, with the first reason (another key's ciphertext said nothing)."""
+    first = f" (first: {failed[0][0]}: {failed[0][1]})" if failed else ""
+    return ValueError(f"none of the {n} images could be used{first}")
 
 
 def check_name(name: str) -> None:

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import ClassVar
 
-from ppvit.data.sources.base import IMAGE_SUFFIXES, Item, Select, Source, is_image_path
+from ppvit.data.sources.base import IMAGE_SUFFIXES, Item, Select, Source, is_image_path, read_image_file
 from ppvit.data.sources.wds import members
 
 
@@ -100,7 +100,7 @@ def _archive_paths(src: Path) -> Iterator[str]:
 def _read(path: Path) -> bytes | OSError:
     """An unreadable file is one failed image, not the end of the run."""
     try:
-        return path.read_bytes()
+        return read_image_file(path)
     except OSError as exc:
         if path.is_symlink() and exc.errno is not None:  # dangling or looping: say so
             try:

@@ -25,6 +25,7 @@ from ppvit.data.sources.base import (
     has_images,
     label_name,
     optional,
+    read_image_file,
     split_from_path,
 )
 
@@ -162,6 +163,6 @@ def _cell_bytes(cell: Any, where: Path) -> bytes | OSError:
         return OSError(errno.ENODATA, f"empty image cell in {where}")
     target = Path(path) if Path(path).is_absolute() else (where if where.is_dir() else where.parent) / path
     try:
-        return target.read_bytes()
+        return read_image_file(target)
     except OSError as exc:
         return OSError(exc.errno, f"{target}: {exc.strerror}")

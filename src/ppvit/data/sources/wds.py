@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from ppvit.data.sources.base import (
+    MAX_IMAGE_BYTES,
     UNLABELLED,
     Item,
     Select,
@@ -42,7 +43,7 @@ from ppvit.data.sources.base import (
 )
 
 WDS_IMAGE_EXTS = ("png", "jpg", "jpeg", "webp", "bmp", "ppm", "tif", "tiff")
-MAX_MEMBER_BYTES = 256 << 20  # one member read into memory (a 8192x8192 RGB image stored raw is 192 MiB)
+MAX_MEMBER_BYTES = MAX_IMAGE_BYTES  # one member read into memory
 COMPRESSION_MAGIC = {b"\x1f\x8b": "gzip", b"BZh": "bzip2", b"\xfd7zXZ\x00": "xz", b"\x28\xb5\x2f\xfd": "zstd"}
 
 
