@@ -139,21 +139,25 @@ def test_data_it_cannot_use_is_refused_before_any_cell(
 
 
 def test_results_say_what_they_ran_on(tmp_path: Path, toy_dataset: Path) -> None:
-    one = Preset("one", "", TOY.base, {"linear": MethodSettings(lr=5e-3)}, ("none",), (0,))
+    """Parameter counts too: at --img-size 16 the table counted full's at the preset's size (hostile tester)."""
+    one = Preset("one", "", TOY.base, {"full": MethodSettings(lr=5e-3)}, ("none",), (0,))
     table = reproduce(
         one,
         tmp_path / "out",
         toy_dataset,
         weights=None,
         pretrained=False,
-        overrides={"epochs": 1},
+        overrides={"epochs": 1, "img_size": 16},
         progress=False,
         one_process=True,
     )
     saved = json.loads((tmp_path / "out" / "results.json").read_text())["settings"]
-    assert saved["data"] == str(toy_dataset) and saved["overrides"] == {"epochs": 1}
+    assert saved["data"] == str(toy_dataset) and saved["overrides"] == {"epochs": 1, "img_size": 16}
     assert saved["key_fingerprint"] == Key.load(tmp_path / "out" / "reproduce.key").fingerprint
-    assert "**overrides of the preset: epochs=1** (not the preset's protocol)" in table.markdown()
+    assert "**overrides of the preset: epochs=1, img_size=16** (not the preset's protocol)" in table.markdown()
+    trained = RunResult.read(tmp_path / "out" / "cells" / "full-none-s0" / "result.json").trainable_params
+    at_32 = sum(p.numel() for p in create_backbone(SMALL, num_classes=4).parameters())
+    assert table.rows[0].trainable == trained == at_32 - 48 * (64 - 16)  # 48 values a position, 16 of 64 kept
 
 
 def test_every_preset_builds_each_cell_config_on_its_geometry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -288,8 +288,8 @@ def _reproduce(
         log.info(est.line())
     check_finished(configs)
     run_cells(todo, configs, preset.name, progress, spawn=not one_process)
-    table = ResultTable.from_cells(
-        preset.name, preset.model, todo, upstream_acc, dict(preset.paper), preset.base.backbone.img_size
+    table = ResultTable.from_cells(  # parameters counted at the cells' input size (the position embedding)
+        preset.name, preset.model, todo, upstream_acc, dict(preset.paper), configs[0].backbone.img_size
     )
     table.settings = {
         "data": common["data"],
