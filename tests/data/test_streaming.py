@@ -106,6 +106,18 @@ print(seen, before, peak_rss_mb())
 """
 
 
+def test_a_set_of_few_batches_trains_with_several_loader_workers(tmp_path: Path) -> None:
+    """1,500 images in shards of 1,000 and 500, batches of 1,200, 2 loader workers: each worker batched its own
+    shard and none filled one ("no batch per process"), though the set holds one (a job passed its check)."""
+    from ppvit.data.streaming import ShardStream
+
+    write_noise_shards(tmp_path, 1500, 4)
+    stream = ShardStream(sorted(tmp_path.glob("*.tar")), tuple("0123456789"), workers=2)
+    batches = [labels for _, labels in stream.batches(1200, 0, 1, shuffle=True, seed=1, steps=2)]
+    assert [len(b) for b in batches] == [1200, 1200]
+    assert sum(len(labels) for _, labels in stream.batches(1200, 0, 1)) == 1500  # evaluation: every image, its workers
+
+
 def test_streaming_memory_is_bounded(tmp_path: Path) -> None:
     """A shard set whose decoded images are 2.5x the memory bound streams in full within the bound
     (loading the same images into memory grows the peak by about 90 MiB)."""

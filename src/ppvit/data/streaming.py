@@ -128,11 +128,16 @@ class ShardStream:
         """This process's batches: ``steps`` full ones after skipping ``skip`` (training), or the whole
         share once with a short last batch (``steps`` None: evaluation)."""
         done, cycle = 0, 0
+        # each loader worker batches its own shards: with more workers than batches in the set, none might fill
+        # one (100 images, 64 a batch, 2 workers: "no batch"); with at most that many, the largest share does
+        workers = (
+            self.workers if steps is None else min(self.workers, len(self.shards), self.n // (per_process * world))
+        )
         while True:
             loader = DataLoader(
                 _Samples(self.shards, len(self.classes), self.keep, shuffle, seed * 1_000_003 + cycle, rank, world),
                 batch_size=per_process,
-                num_workers=self.workers,
+                num_workers=workers,
                 collate_fn=_collate,
                 drop_last=steps is not None,
                 persistent_workers=False,
