@@ -44,7 +44,8 @@ import numpy as np
 import torch
 import uvicorn
 
-from ppvit.models.adapters import AdapterMeta, file_sha256, save_adapter
+from ppvit._io import file_sha256
+from ppvit.models.adapters import AdapterMeta, save_adapter
 from ppvit.models.backbones import create_backbone
 from ppvit.models.graphs import cuda_graph
 from ppvit.models.methods import apply_method, count_params, merge_adapters, method_config

@@ -32,8 +32,8 @@ from ppvit.attacks.ciphertext_only_audit import score_recovery
 from ppvit.crypto.ciphers import BlockCipher
 from ppvit.crypto.keys import Key
 from ppvit.data.datasets import load_splits, resolve_data
+from ppvit.experiments.cells import cell_config, run_cell
 from ppvit.experiments.presets import PRESETS
-from ppvit.experiments.reproduce import cell_config, run_cell
 from ppvit.models.backbones import create_backbone, input_size, patch_size
 from ppvit.models.transform import install_embedding, plan_embedding
 from ppvit.models.weights import WEIGHTS_ENV

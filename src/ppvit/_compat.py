@@ -54,7 +54,7 @@ MOVED: dict[str, str | tuple[str, ...]] = {
         "attacks.metrics",
         "attacks.report",
     ),
-    "presets": ("experiments.reproduce", "experiments.presets"),
+    "presets": ("experiments.reproduce", "experiments.cells", "experiments.budget", "experiments.presets"),
     "results": "experiments.results",
     "preview": "experiments.preview",
     "routing": "models.routing",
@@ -68,7 +68,7 @@ MOVED: dict[str, str | tuple[str, ...]] = {
         "serve.codec",
         "serve.metrics",
     ),
-    "client": "serve.client",
+    "client": ("serve.client", "serve.bodies"),
     "commands_serve": ("cli.serve", "cli.client"),
 }
 """Old module name -> its path(s) under ``ppvit`` now, searched in order. (``ppvit.data`` and ``ppvit.cli`` are packages

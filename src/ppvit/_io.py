@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 import re
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -186,3 +187,17 @@ def hold_lock(path: str | os.PathLike) -> IO[str]:
     fh.write(f"{os.getpid()}\n")
     fh.flush()
     return fh
+
+
+def file_chunks(path: str | os.PathLike, size: int = 1 << 20) -> Iterator[bytes]:
+    """A file's bytes in pieces of ``size``: hashed or sent without holding the file in memory."""
+    with open(path, "rb") as fh:
+        while chunk := fh.read(size):
+            yield chunk
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    for chunk in file_chunks(path):
+        h.update(chunk)
+    return h.hexdigest()

@@ -14,7 +14,8 @@ from conftest import SMALL, one_line_error, run_cli, train_config
 from safetensors.torch import load_file, save_file
 
 from ppvit import cli
-from ppvit.models.adapters import CONFIG_NAME, AdapterMeta, file_sha256, load_adapter, save_adapter
+from ppvit._io import file_sha256
+from ppvit.models.adapters import CONFIG_NAME, AdapterMeta, load_adapter, save_adapter
 from ppvit.models.backbones import create_backbone
 from ppvit.models.configs import method_config
 from ppvit.models.methods import apply_method
@@ -180,5 +181,5 @@ def test_client_with_no_server_is_one_line(tmp_path: Path, capsys: pytest.Captur
 
 
 def test_a_negative_time_budget_is_one_line(tmp_path: Path, capsys) -> None:
-    one_line_error(["reproduce", "--out", tmp_path / "r", "--minutes", "-5"], capsys, "--minutes must be 0")
+    one_line_error(["reproduce", "--out", tmp_path / "r", "--minutes", "-5"], capsys, "--minutes -5: must be 0")
     assert not (tmp_path / "r").exists()

@@ -7,6 +7,7 @@ import io
 import os
 import tarfile
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,7 @@ from ppvit import cli
 from ppvit.crypto.ciphers import BlockCipher
 from ppvit.crypto.keys import Key
 from ppvit.data.encrypt import encrypt_collection
-from ppvit.data.images import read_image
+from ppvit.data.images import ciphertext_origin, read_ciphertext_array, read_image
 from ppvit.data.sources import base
 from ppvit.data.sources.files import FilesSource
 
@@ -91,33 +92,51 @@ def test_unreadable_file_is_listed_not_fatal(tmp_path: Path, monkeypatch: pytest
     assert_no_key_material([tmp_path / "enc", *summary.failed[0]], KEY)
 
 
+def within_a_minute(pipe: Path, read: Callable[[], object]) -> object:
+    """``read()``'s result (its exception raised); a reader waiting on ``pipe`` fails the test, let go first."""
+    done: list = []
+
+    def run() -> None:
+        try:
+            done.append(read())
+        except Exception as exc:
+            done.append(exc)
+
+    work = threading.Thread(target=run, daemon=True)
+    work.start()
+    work.join(60)
+    if work.is_alive():  # the reader waits on the pipe: a writer's end, closed, lets it go
+        os.close(os.open(pipe, os.O_WRONLY | os.O_NONBLOCK))
+        work.join(60)
+        pytest.fail("the pipe was waited on")
+    if isinstance(done[0], Exception):
+        raise done[0]
+    return done[0]
+
+
 def test_a_pipe_or_a_huge_file_named_like_an_image_is_a_failed_image(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A link x.png to a FIFO was waited on forever (to /dev/zero: read until memory ran out), a file of
-    gigabytes read whole (hostile tester): each is one failed image, named with why, the others written."""
+    gigabytes read whole (hostile tester): each is one failed image, named with why, the others written; predict's
+    look for a marker and its .npy reader wait on no pipe either (second reader)."""
     monkeypatch.setattr(base, "MAX_IMAGE_BYTES", 2_000)
     (tmp_path / "src" / "cls").mkdir(parents=True)
     (tmp_path / "src" / "cls" / "a.png").write_bytes(png_bytes(1))
-    os.mkfifo(tmp_path / "pipe")
-    (tmp_path / "src" / "cls" / "b.png").symlink_to(tmp_path / "pipe")  # a listed name (a bare FIFO is not)
+    pipe = tmp_path / "pipe"
+    os.mkfifo(pipe)
+    (tmp_path / "src" / "cls" / "b.png").symlink_to(pipe)  # a listed name (a bare FIFO is not)
     (tmp_path / "src" / "cls" / "c.png").write_bytes(png_bytes(3) + bytes(3_000))
-    done: list = []
-    work = threading.Thread(
-        target=lambda: done.append(encrypt_collection(tmp_path / "src", tmp_path / "enc", BlockCipher(KEY))),
-        daemon=True,
-    )
-    work.start()
-    work.join(60)
-    if work.is_alive():  # the reader waits on the pipe: a writer's end, closed, lets it go
-        os.close(os.open(tmp_path / "pipe", os.O_WRONLY | os.O_NONBLOCK))
-        work.join(60)
-        pytest.fail("the pipe was waited on")
-    failed = dict(done[0].failed)
-    assert done[0].written == 1 and sorted(failed) == ["cls/b.png", "cls/c.png"]
+    (tmp_path / "b.npy").symlink_to(pipe)
+    summary = within_a_minute(pipe, lambda: encrypt_collection(tmp_path / "src", tmp_path / "enc", BlockCipher(KEY)))
+    failed = dict(summary.failed)
+    assert summary.written == 1 and sorted(failed) == ["cls/b.png", "cls/c.png"]
     assert "not a regular file" in failed["cls/b.png"] and "over the 2,000 an image may be" in failed["cls/c.png"]
     with pytest.raises(ValueError, match=r"image .*b\.png: cannot be read \(not a regular file"):
-        read_image(tmp_path / "src" / "cls" / "b.png", 16)
+        within_a_minute(pipe, lambda: read_image(tmp_path / "src" / "cls" / "b.png", 16))
+    assert within_a_minute(pipe, lambda: ciphertext_origin(tmp_path / "src" / "cls" / "b.png")) is None
+    with pytest.raises(ValueError, match=r"image .*b\.npy: not a readable .npy array .*not a regular file"):
+        within_a_minute(pipe, lambda: read_ciphertext_array(tmp_path / "b.npy", 16, ("uint8",)))
 
 
 def test_hidden_files_are_not_images(tmp_path: Path) -> None:

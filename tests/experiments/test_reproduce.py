@@ -16,9 +16,12 @@ from safetensors.torch import load
 
 from ppvit import cli
 from ppvit.crypto.keys import Key
+from ppvit.experiments import budget as budgets
+from ppvit.experiments import cells as cell_runs
 from ppvit.experiments import reproduce as runner
+from ppvit.experiments.cells import cell_config
 from ppvit.experiments.presets import PRESETS, MethodSettings, Preset, Upstream
-from ppvit.experiments.reproduce import cell_config, reproduce, resolve_weights
+from ppvit.experiments.reproduce import reproduce, resolve_weights
 from ppvit.models.backbones import create_backbone, input_size, patch_size
 from ppvit.train.config import TrainConfig
 from ppvit.train.runs import RunResult
@@ -78,7 +81,7 @@ def test_toy_reproduction_end_to_end(tmp_path: Path, toy_dataset: Path) -> None:
 def test_failed_cells_are_reported_not_hidden(
     tmp_path: Path, toy_dataset: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real, calls = runner.run_cell, []
+    real, calls = cell_runs.run_cell, []
 
     def second_fails(cfg: TrainConfig, spawn: bool = True) -> RunResult:
         calls.append(cfg.run.out)
@@ -86,7 +89,7 @@ def test_failed_cells_are_reported_not_hidden(
             raise ValueError("batch size 10000 is larger than the training set")
         return real(cfg, spawn)
 
-    monkeypatch.setattr(runner, "run_cell", second_fails)
+    monkeypatch.setattr(cell_runs, "run_cell", second_fails)
     preset = Preset("two", "", TOY.base, {"linear": MethodSettings(lr=5e-3)}, ("none", "shuffle"), (0,))
     table = reproduce(
         preset, tmp_path / "out", toy_dataset, weights=None, pretrained=False, progress=False, one_process=True
@@ -239,9 +242,9 @@ def test_the_estimate_measures_each_method_and_counts_every_cell(monkeypatch: py
     """A cell without a training subset (the gpu preset's) counts with the whole training split: it printed
     "about 0 min for 0 of 3 cells" on an H200 (issue 30)."""
     speeds = {"linear": 200.0, "melo": 50.0}
-    monkeypatch.setattr(runner, "training_speed", lambda cfg: speeds[cfg.method.name])
-    monkeypatch.setattr(runner, "cell_overhead_seconds", lambda cfg, spawn=True: 10.0)
-    monkeypatch.setattr(runner, "training_images", lambda cfg: 2_000)
+    monkeypatch.setattr(budgets, "training_speed", lambda cfg: speeds[cfg.method.name])
+    monkeypatch.setattr(budgets, "cell_overhead_seconds", lambda cfg, spawn=True: 10.0)
+    monkeypatch.setattr(budgets, "training_images", lambda cfg: 2_000)
     sized = TOY.base.replace(train_subset=1_000, test_subset=500, epochs=2, val_fraction=0.1, precision="no")
     cells = [sized.replace(method="linear"), sized.replace(method="melo"), TOY.base.replace(method="melo")]
     est = runner.estimate(cells)
@@ -257,7 +260,7 @@ def test_the_estimate_measures_each_method_and_counts_every_cell(monkeypatch: py
     assert both.fixed == pytest.approx(25.0) and both.per_image == pytest.approx(0.047)
     assert both.fit(100) is None  # 72 s is within 80% of 100 s
     assert both.fit(80) == 820  # (0.8 x 80 - 25) / 0.047 = 829.8, to two digits
-    assert both.fit(40) == runner.MIN_TRAIN_SUBSET  # (32 - 25) / 0.047 = 149: the floor
+    assert both.fit(40) == budgets.MIN_TRAIN_SUBSET  # (32 - 25) / 0.047 = 149: the floor
 
 
 @pytest.mark.parametrize("key_init", [False, True])
@@ -265,21 +268,21 @@ def test_training_speed_times_a_step_of_every_cell(key_init: bool) -> None:
     """Measured, not monkeypatched: a key holder's cell (`reproduce --set key_init=true`) failed here before any
     cell ran ("--key-init needs the key"): the speed probe builds its model without a cipher."""
     cfg = TOY.base.replace(method="lora-pe", key_init=key_init, precision="no", batch_size=4)
-    assert 0 < runner.training_speed(cfg, steps=1) < 1e6
+    assert 0 < budgets.training_speed(cfg, steps=1) < 1e6
 
 
 def test_a_cell_without_a_subset_counts_its_part_of_the_training_split(toy_dataset: Path) -> None:
     cfg = TOY.base.replace(data=str(toy_dataset))  # part 1/2 of 96 training images
-    assert runner.training_images(cfg) == 48
+    assert budgets.training_images(cfg) == 48
 
 
 @pytest.mark.slow  # (minutes in all with the others: make test-slow)
 def test_a_cells_overhead_is_measured_by_a_trial_cell_that_leaves_nothing(tmp_path: Path, toy_dataset: Path) -> None:
     cfg = TOY.base.replace(method="linear", scheme="none", data=str(toy_dataset), out=str(tmp_path / "cell"))
-    seconds = runner.cell_overhead_seconds(cfg)
+    seconds = budgets.cell_overhead_seconds(cfg)
     assert 0 < seconds < 300 and not (tmp_path / "cell").exists()
     with pytest.raises(ValueError, match=r"a trial cell \(linear, a few images\) failed, so every cell would"):
-        runner.cell_overhead_seconds(cfg.replace(data=str(tmp_path / "nothing-here")))
+        budgets.cell_overhead_seconds(cfg.replace(data=str(tmp_path / "nothing-here")))
 
 
 @pytest.mark.slow  # (minutes in all with the others: make test-slow)
@@ -288,13 +291,13 @@ def test_a_slow_machine_trains_fewer_images_within_the_budget_and_says_so(
 ) -> None:
     """A budget the measured speed cannot meet shrinks every cell's training subset, once, before
     the first cell; the table states it, and a rerun (a faster measurement now) keeps the size."""
-    monkeypatch.setattr(runner, "training_speed", lambda cfg: 10.0)
-    monkeypatch.setattr(runner, "cell_overhead_seconds", lambda cfg, spawn=True: 1.0)
-    monkeypatch.setattr(runner, "MIN_TRAIN_SUBSET", 8)
+    monkeypatch.setattr(budgets, "training_speed", lambda cfg: 10.0)
+    monkeypatch.setattr(budgets, "cell_overhead_seconds", lambda cfg, spawn=True: 1.0)
+    monkeypatch.setattr(budgets, "MIN_TRAIN_SUBSET", 8)
     preset = TOY.select(seeds=(0,), minutes=0.2, base=TOY.base.replace(train_subset=80, test_subset=16))
     out = tmp_path / "out"
     table = reproduce(preset, out, toy_dataset, progress=False)
-    budget = json.loads((out / runner.BUDGET_FILE).read_text())
+    budget = json.loads((out / budgets.BUDGET_FILE).read_text())
     # per cell: 1 + 16 / 10 = 2.6 s fixed; per image 0.75 x 2 / 10 + 0.25 x 2 / 10 = 0.2 s; two cells:
     # (0.8 x 12 - 5.2) / 0.4 = 11
     assert (budget["train_subset"], budget["preset_train_subset"]) == (11, 80), budget
@@ -302,14 +305,14 @@ def test_a_slow_machine_trains_fewer_images_within_the_budget_and_says_so(
         assert TrainConfig.load(out / "cells" / cell / "config.yaml").data.train_subset == 11
     assert "sized to the 0.2-minute budget: 11 training images instead of 80" in (out / "results.md").read_text()
     assert table.settings["budget"]["train_subset"] == 11
-    monkeypatch.setattr(runner, "training_speed", lambda cfg: 1e6)
+    monkeypatch.setattr(budgets, "training_speed", lambda cfg: 1e6)
     assert reproduce(preset, out, toy_dataset, progress=False).settings["budget"]["train_subset"] == 11
     (out / "cells" / "linear-shuffle-s0" / "result.json").unlink()  # as if interrupted before the last cell
     again = reproduce(preset, out, toy_dataset, progress=False, minutes=0)  # the folder's size still stands
     assert again.settings["budget"]["train_subset"] == 11
     assert TrainConfig.load(out / "cells" / "linear-shuffle-s0" / "config.yaml").data.train_subset == 11
     quick = reproduce(preset, tmp_path / "quick", toy_dataset, progress=False)  # fast enough: the preset's size
-    assert "budget" not in quick.settings and not (tmp_path / "quick" / runner.BUDGET_FILE).exists()
+    assert "budget" not in quick.settings and not (tmp_path / "quick" / budgets.BUDGET_FILE).exists()
     assert TrainConfig.load(tmp_path / "quick" / "cells" / "linear-none-s0" / "config.yaml").data.train_subset == 80
 
 
@@ -319,10 +322,10 @@ def test_the_gpu_preset_fits_9_minutes_at_the_throughput_targets(monkeypatch: py
 
     gpu = PRESETS["gpu"]
     targets = {"full": 20_000.0, "lora-pe": 20_000 / 0.75, "melo": 20_000 / 0.75, "linear": 60_000.0}
-    monkeypatch.setattr(runner, "training_speed", lambda cfg: targets[cfg.method.name])
-    monkeypatch.setattr(runner, "cell_overhead_seconds", lambda cfg, spawn=True: 3.0)
+    monkeypatch.setattr(budgets, "training_speed", lambda cfg: targets[cfg.method.name])
+    monkeypatch.setattr(budgets, "cell_overhead_seconds", lambda cfg, spawn=True: 3.0)
     cells = [
-        runner.cell_config(gpu, m, s, seed, Path("x"), Path("k"))
+        cell_runs.cell_config(gpu, m, s, seed, Path("x"), Path("k"))
         for seed in gpu.seeds
         for m in gpu.methods
         for s in gpu.schemes
@@ -332,7 +335,7 @@ def test_the_gpu_preset_fits_9_minutes_at_the_throughput_targets(monkeypatch: py
     # 10 x 45,000 training images at 20,000 (full), 26,667 (lora-pe, melo) and 60,000 (linear) a second = 63.75 s
     assert len(cells) == 24 and est.sized == 24
     assert est.seconds == pytest.approx(6 * (16 + 63.75)) and est.seconds < gpu.minutes * 60  # 478.5 s
-    lrs = {m: runner.cell_config(gpu, m, "none", 0, Path("x"), Path("k")).optim.lr for m in gpu.methods}
+    lrs = {m: cell_runs.cell_config(gpu, m, "none", 0, Path("x"), Path("k")).optim.lr for m in gpu.methods}
     assert lrs == pytest.approx({"full": 2e-4, "linear": 2e-2, "melo": 6e-3, "lora-pe": 6e-3})  # 2x the recipes
 
 
@@ -342,7 +345,7 @@ def test_one_process_trains_the_cells_here_without_spawning(
     def no_spawn(*args: object, **kwargs: object) -> None:
         raise AssertionError("a cell was spawned")
 
-    monkeypatch.setattr(runner, "ProcessPoolExecutor", no_spawn)
+    monkeypatch.setattr(cell_runs, "ProcessPoolExecutor", no_spawn)
     one = TOY.select(seeds=(0,), schemes=("none",))
     table = reproduce(one, tmp_path / "out", toy_dataset, progress=False, overrides={"epochs": 1}, one_process=True)
     assert table.cells[0].error is None and table.cells[0].result.epochs == 1
@@ -399,11 +402,11 @@ def test_a_stop_signal_in_a_cell_stops_the_run_not_just_that_cell(
             raise TrainingStopped("stopped by SIGTERM at epoch 3, step 17", 15)
         return SimpleNamespace(test_acc=0.5)
 
-    monkeypatch.setattr(runner, "run_cell", fake_run_cell)
+    monkeypatch.setattr(cell_runs, "run_cell", fake_run_cell)
     todo = [Cell("linear", "none", seed) for seed in range(4)]
     configs = [TOY.base.replace(out=str(tmp_path / str(i))) for i in range(4)]
     with pytest.raises(TrainingStopped) as caught:
-        runner.run_cells(todo, configs, "toy", progress=False, spawn=False)
+        cell_runs.run_cells(todo, configs, "toy", progress=False, spawn=False)
     assert len(ran) == 2 and caught.value.signum == 15  # the third and fourth cells never started
     assert str(caught.value) == (  # not the cell's own `--resume`, which reproduce lacks
         f"stopped by SIGTERM in the cell linear none seed 1, its checkpoint kept in {tmp_path / '1'}: the same "
@@ -415,7 +418,7 @@ def test_a_stop_signal_in_a_cell_stops_the_run_not_just_that_cell(
 
 STOPPED_CELL = """
 import pickle, sys
-from ppvit.experiments.reproduce import run_cell
+from ppvit.experiments.cells import run_cell
 from ppvit.train.loop import TrainingStopped
 try:
     run_cell(pickle.loads(open(sys.argv[1], "rb").read()))
@@ -570,7 +573,41 @@ def test_a_budget_record_edited_by_hand_is_one_line(tmp_path: Path, text: str, s
     record = tmp_path / "budget.json"
     record.write_text(text)
     if says is None:
-        assert runner.read_budget(record) == {"train_subset": 11}
+        assert budgets.read_budget(record) == {"train_subset": 11}
         return
     with pytest.raises(ValueError, match=rf"budget record {record}: {says}"):
-        runner.read_budget(record)
+        budgets.read_budget(record)
+
+
+def test_a_folder_that_cannot_be_locked_is_named_and_not_left_behind(
+    tmp_path: Path, toy_dataset: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """flock's ENOLCK (a network file system) was "No locks available", naming no file, the new folder left."""
+    import errno
+
+    from ppvit.train import runs
+
+    def no_locks(path: Path) -> None:
+        Path(path).touch()
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(runs, "hold_lock", no_locks)
+    out = tmp_path / "new" / "out"
+    with pytest.raises(OSError, match="cannot be locked") as refused:
+        reproduce(TOY, out, toy_dataset, progress=False)
+    assert refused.value.filename == str(out / ".lock") and not (tmp_path / "new").exists()
+
+
+def test_a_stop_while_pretraining_says_the_same_reproduce_command_continues(
+    tmp_path: Path, toy_dataset: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The upstream model's training said `--resume`, which reproduce has not (second reader)."""
+    from ppvit.train.loop import TrainingStopped
+
+    def stopped(*args: object, **kw: object) -> None:
+        raise TrainingStopped("stopped by SIGTERM at epoch 1, step 2; ...: continue with ... --resume", 15)
+
+    monkeypatch.setattr(runner, "pretrain", stopped)
+    with pytest.raises(TrainingStopped, match="while pretraining the upstream model") as caught:
+        reproduce(TOY, tmp_path / "out", toy_dataset, progress=False)
+    assert "--resume" not in str(caught.value) and caught.value.signum == 15

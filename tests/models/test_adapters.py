@@ -95,7 +95,7 @@ def test_refuses_a_different_base_weights_file(tmp_path: Path) -> None:
     torch.manual_seed(0)
     base = create_backbone(SMALL, num_classes=5)
     save_file(base.state_dict(), str(tmp_path / "base.safetensors"))
-    from ppvit.models.adapters import file_sha256
+    from ppvit._io import file_sha256
 
     model, meta = trained("melo", weights=tmp_path / "base.safetensors")
     meta.weights_sha256 = file_sha256(tmp_path / "base.safetensors")

@@ -26,7 +26,8 @@ from ppvit.models.adapters import AdapterMeta, save_adapter
 from ppvit.models.backbones import create_backbone
 from ppvit.models.methods import apply_method, method_config
 from ppvit.serve.app import ServeConfig
-from ppvit.serve.client import Client, request_bodies
+from ppvit.serve.bodies import request_bodies
+from ppvit.serve.client import Client
 from ppvit.serve.tenants import TenantStore
 
 SIDE = 32

@@ -146,7 +146,7 @@ def toy(world: dict) -> str:
 def sent(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
     """Every request body the client sends (JSON and shard bytes), recorded as sent."""
     bodies: list[bytes] = []
-    call, chunks = Client._call, client_module._chunks
+    call, chunks = Client._call, client_module.file_chunks
 
     def recording_call(self: Client, method: str, path: str, **kw: object) -> object:
         bodies.append(f"{method} {path} {json.dumps(kw.get('json'))} {kw.get('params')}".encode())
@@ -160,7 +160,7 @@ def sent(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
             yield chunk
 
     monkeypatch.setattr(Client, "_call", recording_call)
-    monkeypatch.setattr(client_module, "_chunks", recording_chunks)
+    monkeypatch.setattr(client_module, "file_chunks", recording_chunks)
     return bodies
 
 

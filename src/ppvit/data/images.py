@@ -72,14 +72,18 @@ def read_image(path: str | os.PathLike, size: int, resize: bool = True) -> np.nd
 def read_ciphertext_array(path: str | os.PathLike, size: int, dtypes: tuple[str, ...]) -> np.ndarray:
     """A ``.npy`` file of one image's ciphertext as the server takes it: (size, size, 3) of one of ``dtypes``
     (the scheme's: a ``mix``/``lift`` ciphertext is no image file); anything else is one line naming the file."""
+    from ppvit.data.sources.base import check_image_file
+
     try:
-        arr = np.load(path, allow_pickle=False)
+        check_image_file(path)
+        arr = np.load(path, mmap_mode="r", allow_pickle=False)  # the header checked before the values are read
     except (OSError, ValueError, EOFError) as exc:
         raise ValueError(f"image {path}: not a readable .npy array ({exc})") from None
     if arr.dtype.name not in dtypes:
         raise ValueError(f"image {path}: a {arr.dtype.name} array; this model's ciphertext is {' or '.join(dtypes)}")
     if arr.shape != (size, size, 3):
         raise ValueError(f"image {path}: an array of shape {arr.shape}; the model takes ({size}, {size}, 3)")
+    arr = np.array(arr)
     if arr.dtype.kind == "f" and not np.isfinite(arr).all():
         raise ValueError(f"image {path}: holds values that are not finite")
     return arr
@@ -90,8 +94,11 @@ def ciphertext_origin(path: str | os.PathLike) -> Manifest | None:
     :data:`~ppvit.data.manifest.MARKER` text chunk, else the manifest of the encrypted folder it lies in
     (``DST/``, ``DST/CLASS/`` or ``DST/SPLIT/CLASS/``; a decrypted folder's says plain). None: plain as far
     as the file tells (ciphertext written before ppvit marked it, copied out of its folder, cannot be told)."""
+    from ppvit.data.sources.base import check_image_file
+
     path = Path(path)
     try:
+        check_image_file(path)  # a link to a FIFO was waited on here: whoever reads it says why it cannot be
         with Image.open(path) as im:
             text = im.info.get(MARKER)  # text chunks before the pixels: read with the header
     except Exception:  # PIL raises many types; an unreadable file is reported by whoever decodes it

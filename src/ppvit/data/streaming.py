@@ -127,12 +127,7 @@ class ShardStream:
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """This process's batches: ``steps`` full ones after skipping ``skip`` (training), or the whole
         share once with a short last batch (``steps`` None: evaluation)."""
-        done, cycle = 0, 0
-        # each loader worker batches its own shards: with more workers than batches in the set, none might fill
-        # one (100 images, 64 a batch, 2 workers: "no batch"); with at most that many, the largest share does
-        workers = (
-            self.workers if steps is None else min(self.workers, len(self.shards), self.n // (per_process * world))
-        )
+        done, cycle, workers = 0, 0, self.workers
         while True:
             loader = DataLoader(
                 _Samples(self.shards, len(self.classes), self.keep, shuffle, seed * 1_000_003 + cycle, rank, world),
@@ -152,6 +147,9 @@ class ShardStream:
                     return
             if steps is None:
                 return
+            if got == 0 and workers > 1:  # each worker batched its own shards and none filled one (1,500 images,
+                workers = 0  # batches of 1,200, 2 workers): this cycle again as one stream, as a rerun does
+                continue
             if got == 0:
                 raise ValueError(f"{self.n} streamed images give no batch of {per_process} per process")
-            cycle += 1
+            cycle, workers = cycle + 1, self.workers

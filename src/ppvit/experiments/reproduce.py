@@ -1,8 +1,6 @@
-"""Running a preset: every cell (finished ones skipped, so a rerun continues), then the result table.
-
-Each cell trains in its own spawned process through :func:`ppvit.train.loop.train` (its peak
-memory is its own, a crash stays its own); its exception comes back with type and message.
-"""
+"""Running a preset: checks first, the key, an upstream model where the preset pretrains one, an estimate and
+budget (:mod:`~ppvit.experiments.budget`), every cell (:mod:`~ppvit.experiments.cells`; finished ones skipped,
+so a rerun continues), then the result table."""
 
 from __future__ import annotations
 
@@ -10,40 +8,34 @@ import hashlib
 import json
 import logging
 import math
-import multiprocessing
 import os
 import signal
-import sys
-import tempfile
-import threading
-import time
-from collections.abc import Iterator
-from concurrent.futures import ProcessPoolExecutor
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from tqdm.auto import tqdm
-from tqdm.contrib.logging import logging_redirect_tqdm
-
-from ppvit._io import LockHeld, atomic_write_json, first_missing, hold_lock, remove_empty_folders
+from ppvit._io import first_missing, remove_empty_folders
 from ppvit.crypto.keys import Key
 from ppvit.data.cache import cache_dir
-from ppvit.data.datasets import load_splits, load_test_split, resolve_data
+from ppvit.data.datasets import load_test_split, resolve_data
 from ppvit.data.sources.cifar10 import CIFAR10_ENV
 from ppvit.data.sources.cifar10 import NAME as CIFAR10_NAME
+from ppvit.experiments.budget import BUDGET_FILE, estimate, fit_budget
+from ppvit.experiments.cells import cell_config, check_finished, run_cells
 from ppvit.experiments.presets import Preset, Upstream
-from ppvit.experiments.results import Cell, ResultTable, speeds_text
+from ppvit.experiments.results import Cell, ResultTable
 from ppvit.models.adapters import merge_to_file
 from ppvit.models.weights import check_weights_file
 from ppvit.train.config import TrainConfig
 from ppvit.train.loop import TrainingStopped, train
-from ppvit.train.runs import CONFIG_FILE, LOCK_FILE, RESULT_FILE, RunResult, changed_settings
-from ppvit.train.runtime import resolve_precision
-
-if TYPE_CHECKING:
-    import torch
+from ppvit.train.runs import (
+    CONFIG_FILE,
+    LOCK_FILE,
+    RESULT_FILE,
+    RunFolderBusy,
+    RunResult,
+    lock_run_folder,
+    remove_empty_run_folder,
+)
 
 log = logging.getLogger(__name__)
 
@@ -87,74 +79,6 @@ def pretrain(
     if not weights.exists():
         merge_to_file(run / "adapter", weights, None)
     return weights, RunResult.read(run / RESULT_FILE)
-
-
-def cell_config(
-    preset: Preset, method: str, scheme: str, seed: int, out: Path, key: Path, **common: object
-) -> TrainConfig:
-    """The TrainConfig of one cell: the preset's base, the method's settings, then ``common``."""
-    cfg = preset.methods[method].apply(preset.base.replace(method=method))
-    cfg = cfg.replace(**common) if common else cfg
-    return cfg.replace(out=str(out), scheme=scheme, seed=seed, quiet=True, key=str(key) if scheme != "none" else None)
-
-
-def _cell_worker(cfg: TrainConfig, log_file: str, parent: int) -> RunResult:
-    """In the spawned process: stderr (warnings, tracebacks of native crashes) goes to the cell's log; the cell
-    stops when ``parent`` (reproduce) dies."""
-    fd = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-    os.dup2(fd, 2)
-    sys.stderr = os.fdopen(2, "w", buffering=1)
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    done = threading.Event()
-    threading.Thread(target=_stop_with_parent, args=(parent, done), daemon=True).start()
-    try:
-        return train(cfg, resume=True)
-    finally:
-        done.set()
-
-
-def _stop_with_parent(parent: int, done: threading.Event, poll_s: float = 1.0) -> None:
-    """Once ``parent`` is gone (``kill -9`` of reproduce), stop this cell as a SIGTERM does (a checkpoint at the
-    next step) and end the process: a cell orphaned trained on, then waited for work forever, holding its memory."""
-    while os.getppid() == parent:
-        if done.wait(poll_s):
-            return
-    os.kill(os.getpid(), signal.SIGTERM)
-    done.wait()
-    os._exit(1)
-
-
-def run_cell(cfg: TrainConfig, spawn: bool = True) -> RunResult:
-    """Train one cell in a fresh spawned process (``spawn=False``: in this one); a finished cell is read
-    back, not retrained, and an interrupted one resumes from its checkpoint.
-
-    Errors keep their type and message (a child killed by a signal raises BrokenProcessPool).
-    """
-    out = Path(cfg.run.out)
-    if (out / RESULT_FILE).exists():
-        return RunResult.read(out / RESULT_FILE)
-    out.mkdir(parents=True, exist_ok=True)
-    if not spawn:
-        return train(cfg, resume=True)
-    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        child = pool.submit(os.getpid).result()  # the pool's one process, which then trains the cell
-        with _sigterm_forwarded_to(child):
-            return pool.submit(_cell_worker, cfg, str(out / "stderr.log"), os.getpid()).result()
-
-
-@contextmanager
-def _sigterm_forwarded_to(pid: int) -> Iterator[None]:
-    """A SIGTERM sent to this process alone (``kill PID``, a job runner) goes on to the cell's process,
-    which checkpoints and comes back with :class:`TrainingStopped`; without it, this process died and
-    the cell trained on, orphaned, holding its folder's lock. (Ctrl-C reaches the whole process group.)"""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    old = signal.signal(signal.SIGTERM, lambda signum, frame: os.kill(pid, signum))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, old)
 
 
 def resolve_weights(
@@ -203,13 +127,11 @@ def reproduce(
     created = first_missing(out)
     out.mkdir(parents=True, exist_ok=True)
     try:
-        lock = hold_lock(out / LOCK_FILE)
-    except LockHeld as held:  # two runs into one folder: one's failure deleted the key the other trained with
-        remove_empty_folders(out, created)
-        holder = f" (pid {held.holder})" if held.holder else ""
-        raise ValueError(
-            f"output folder {out}: in use by another `ppvit reproduce`{holder}; wait for it or choose another --out"
-        ) from None
+        lock = lock_run_folder(out, "output folder", "reproduce")
+    except (RunFolderBusy, OSError):
+        if created is not None:  # never another run's lock file
+            remove_empty_run_folder(out, created)
+        raise
     key_path = Path(key) if key else out / KEY_FILE
     made_key = not key_path.exists()
     try:
@@ -219,6 +141,7 @@ def reproduce(
     except BaseException:
         if made_key and not any(out.glob(f"cells/*/{CONFIG_FILE}")):  # no cell has trained with it
             key_path.unlink(missing_ok=True)
+        lock.close()  # before its file goes (Windows cannot remove an open file)
         if created is not None:
             (out / LOCK_FILE).unlink(missing_ok=True)
         remove_empty_folders(out, created)
@@ -263,7 +186,14 @@ def _reproduce(
     upstream_acc = None
     if preset.upstream is not None and weights is None:
         log.info("pretraining %s upstream (cached after the first run)", preset.model)
-        weights, upstream = pretrain(preset.model, preset.upstream, data, quiet=not progress)
+        try:
+            weights, upstream = pretrain(preset.model, preset.upstream, data, quiet=not progress)
+        except TrainingStopped as exc:  # its message said `--resume`, which reproduce has no need of
+            raise TrainingStopped(
+                f"stopped by {signal.Signals(exc.signum).name} while pretraining the upstream model, its checkpoint "
+                "kept: the same reproduce command continues it",
+                exc.signum,
+            ) from None
         upstream_acc = upstream.test_acc
     common.update(weights=str(weights) if weights else None, pretrained=bool(pretrained) and weights is None)
     # seed by seed: an interrupted run leaves whole tables of the first seeds
@@ -302,238 +232,7 @@ def _reproduce(
     return table
 
 
-def check_finished(configs: list[TrainConfig]) -> None:
-    """A finished cell is read back, not trained again: one trained with other settings than this run's (a rerun
-    with --epochs, --set, another --key) would stand in the table under this run's settings. Refused, naming it."""
-    for cfg in configs:
-        run = Path(cfg.run.out)
-        if (run / RESULT_FILE).exists() and (run / CONFIG_FILE).exists():
-            changed = changed_settings(run, cfg.resolved())
-            if changed:
-                raise ValueError(
-                    f"finished cell {run}: trained with other settings ({', '.join(changed)}) than this run's; "
-                    "give another --out, or drop the flags that changed them"
-                )
-
-
-def run_cells(todo: list[Cell], configs: list[TrainConfig], name: str, progress: bool, spawn: bool = True) -> None:
-    """Train each cell (its result or error set on it), one line each; the first cell's failure
-    stops everything, since every cell shares its data, weights and key, and so does a stop signal
-    (its cell keeps a checkpoint; a rerun resumes it)."""
-    bar = tqdm(todo, desc=f"reproduce {name}", unit="cell", disable=not progress, dynamic_ncols=True)
-    with logging_redirect_tqdm():
-        for i, (cell, cfg) in enumerate(zip(bar, configs, strict=True)):
-            bar.set_postfix_str(f"{cell.method} {cell.scheme} seed {cell.seed}")
-            run = Path(cfg.run.out)
-            t0 = time.perf_counter()
-            try:
-                cell.result = run_cell(cfg, spawn)
-            except TrainingStopped as exc:  # SIGTERM/SIGINT asked the whole run to stop, not this cell alone
-                raise TrainingStopped(  # its message said `--resume`, which reproduce has no need of
-                    f"stopped by {signal.Signals(exc.signum).name} in the cell {cell.method} {cell.scheme} seed "
-                    f"{cell.seed}, its checkpoint kept in {run}: the same reproduce command continues it",
-                    exc.signum,
-                ) from None
-            except Exception as exc:  # one failed cell is reported in the table; the others still run
-                if i == 0:
-                    raise ValueError(
-                        f"the first cell ({cell.method}, {cell.scheme}, seed {cell.seed}) failed, so every cell "
-                        f"would: {type(exc).__name__}: {str(exc)[:300]} (its log: {run / 'stderr.log'})"
-                    ) from None
-                cell.error = f"{type(exc).__name__}: {str(exc)[:300]}"
-            status = cell.error or f"test acc {cell.result.test_acc:.4f}"
-            log.info(
-                "%s %s seed %d: %s (%.0f s)", cell.method, cell.scheme, cell.seed, status, time.perf_counter() - t0
-            )
-
-
 KEY_FILE = "reproduce.key"  # in the output folder: the key a run without --key generates
-BUDGET_FILE = "budget.json"  # in the output folder: the training subset a budget chose (reruns keep it)
-BUDGET_MARGIN = 0.8  # aim this far under the budget: estimates were 18-25% off (RESULTS.md, the demo on one core)
-MIN_TRAIN_SUBSET = 500
-
-
-@dataclass(frozen=True)
-class Estimate:
-    """Seconds the sized cells should take here, as ``fixed + per_image * train_subset``."""
-
-    fixed: float  # process starts and testing: they do not grow with the training subset
-    per_image: float  # per image of the training subset (training and validation, all cells)
-    train_subset: int | None  # the cells' common training subset (None: they differ)
-    seconds: float  # the cells as they are
-    sized: int  # cells with a training subset (only those can be resized to a budget)
-    cells: int
-    speeds: dict[str, float]
-    precision: str
-    device: str = "cpu"
-
-    def line(self) -> str:
-        return (
-            f"estimate: about {self.seconds / 60:.0f} min for {self.cells} cells on this machine "
-            f"(training img/s measured just now on {self.device}: {speeds_text(self.speeds)}; precision "
-            f"{self.precision})"
-        )
-
-    def fit(self, budget_s: float) -> int | None:
-        """The training subset (rounded down to two digits, at least ``MIN_TRAIN_SUBSET``) that fits
-        within ``BUDGET_MARGIN`` of ``budget_s``; None when the cells already fit or cannot be resized."""
-        if self.train_subset is None or self.sized < self.cells or self.seconds <= BUDGET_MARGIN * budget_s:
-            return None
-        fitting = max(1, int((BUDGET_MARGIN * budget_s - self.fixed) / self.per_image))
-        step = 10 ** max(0, len(str(fitting)) - 2)
-        return min(self.train_subset, max(MIN_TRAIN_SUBSET, fitting // step * step))
-
-
-def estimate(cells: list[TrainConfig], spawn: bool = True) -> Estimate:
-    """How long ``cells`` should take on this machine, measured before they start.
-
-    Each method's training speed is measured here on the device the cells train on, at their
-    batch size and input size, in their precision, after warm-up steps (compiling, autotuning);
-    evaluation is taken as forward passes at the measured speed of the fastest method, and
-    what a cell costs beyond its images (process start, data, compiling, testing) by one real
-    cell of a few images. A cell without a training subset trains on the whole training split,
-    counted once the trial cell has cached it.
-    """
-    speeds = {cfg.method.name: training_speed(cfg) for cfg in {c.method.name: c for c in cells}.values()}
-    forward = max(speeds.values())
-    start = cell_overhead_seconds(cells[0], spawn)
-    whole: dict[tuple, int] = {}  # training images of the cells without a subset, by data, part and size
-    fixed = per_image = seconds = 0.0
-    for cfg in cells:
-        d, o = cfg.data, cfg.optim
-        where = (d.data, d.part, cfg.backbone.img_size)
-        if d.train_subset is None and where not in whole:
-            whole[where] = training_images(cfg)
-        test = (d.test_subset or 10_000) / forward
-        slope = (1 - d.val_fraction) * o.epochs / speeds[cfg.method.name] + d.val_fraction * o.epochs / forward
-        fixed, per_image = fixed + start + test, per_image + slope
-        seconds += start + test + slope * (d.train_subset or whole[where])
-    subsets = {cfg.data.train_subset for cfg in cells}
-    common = subsets.pop() if len(subsets) == 1 else None
-    sized = sum(cfg.data.train_subset is not None for cfg in cells)
-    precision = resolve_precision(cells[0].optim.precision)
-    return Estimate(fixed, per_image, common, seconds, sized, len(cells), speeds, precision, str(train_device()))
-
-
-def training_images(cfg: TrainConfig) -> int:
-    """The images a cell without a training subset draws its training and validation sets from."""
-    d = cfg.data
-    splits = load_splits(d.data, d.val_fraction, 0, d.part, size=cfg.backbone.img_size, splits=d.splits)
-    return len(splits.train) + len(splits.val)
-
-
-def train_device() -> torch.device:
-    """Where the cells train: the GPU when there is one (Accelerate's choice in ``make_accelerator``)."""
-    import torch
-
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def fit_budget(
-    out: Path, configs: list[TrainConfig], left: list[TrainConfig], minutes: float, est: Estimate | None
-) -> dict | None:
-    """The training subset that keeps the cells within ``minutes`` here, when the preset's does not.
-
-    Chosen once, before the first cell, from ``est`` (of every cell), and kept in
-    ``out/budget.json`` so that a rerun continues with the same size; a run whose first cells
-    finished at the preset's size keeps it.
-    """
-    record = out / BUDGET_FILE
-    if record.exists():
-        return read_budget(record)
-    if est is None or len(left) < len(configs):
-        return None
-    chosen = est.fit(minutes * 60)
-    if chosen is None:
-        return None
-    resized = est.fixed + est.per_image * chosen
-    budget = {
-        "minutes": minutes,
-        "train_subset": chosen,
-        "preset_train_subset": est.train_subset,
-        "estimate_min": round(est.seconds / 60, 1),
-        "resized_estimate_min": round(resized / 60, 1),
-        "speeds": {m: round(v, 1) for m, v in est.speeds.items()},
-    }
-    log.warning(
-        "this machine is too slow for %d training images within %g minutes (estimate %.0f min; training img/s %s): "
-        "every cell trains on %d instead (estimate %.0f min), as the results say; --minutes 0 in a new --out keeps %d",
-        est.train_subset, minutes, est.seconds / 60, speeds_text(est.speeds), chosen, resized / 60, est.train_subset,
-    )  # fmt: skip
-    if resized > minutes * 60:
-        log.warning("even %d images would take about %.0f min here", chosen, resized / 60)
-    atomic_write_json(record, budget)
-    return budget
-
-
-def read_budget(record: Path) -> dict:
-    """The budget a first run chose, checked: its training subset sizes every cell this folder still trains."""
-    try:
-        budget = json.loads(record.read_text())
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"budget record {record}: cannot be read ({exc})") from None
-    size = budget.get("train_subset") if isinstance(budget, dict) else None
-    if type(size) is not int or size < 1:
-        raise ValueError(
-            f"budget record {record}: no training subset (a whole number above 0) in it; it sizes the cells this "
-            "folder's first run chose: restore it, or start again in another --out"
-        )
-    return budget
-
-
-def cell_overhead_seconds(cfg: TrainConfig, spawn: bool = True) -> float:
-    """Seconds a cell like ``cfg`` costs beyond its images, measured by running one on a few images:
-    its process start and imports, reading and encrypting its data, building the model, writing
-    checkpoints, results and plots (without it the estimate came 18-25% short of the cells); ``spawn`` as
-    the cells run (``--one-process``: no process start to pay)."""
-    with tempfile.TemporaryDirectory(prefix="ppvit-probe-") as tmp:
-        batch = cfg.optim.batch_size  # two batches to train on, whatever is held out for validation
-        subset = math.ceil(2 * batch / (1 - cfg.data.val_fraction))
-        probe = cfg.replace(out=str(Path(tmp) / "probe"), epochs=1, train_subset=subset, test_subset=batch)
-        t0 = time.perf_counter()
-        try:
-            run_cell(probe, spawn)
-        except Exception as exc:
-            raise ValueError(
-                f"a trial cell ({cfg.method.name}, a few images) failed, so every cell would: "
-                f"{type(exc).__name__}: {str(exc)[:300]}"
-            ) from None
-        return time.perf_counter() - t0
-
-
-def training_speed(cfg: TrainConfig, steps: int = 3, warmup: int = 1) -> float:
-    """Images per second of ``cfg``'s training step here, on the cells' device: its model, batch (on a CPU at most
-    64), input size and precision, compiled and with the optimiser as a run has them (``train.fast``), timed
-    after ``warmup`` steps (a compiled model: at least 3, which compile and autotune) with the device drained.
-    Random inputs, no cipher: a ``key_init`` cell is timed from the public weights (the same step)."""
-    import torch
-    import torch.nn.functional as F
-
-    from ppvit.models.backbones import input_size
-    from ppvit.train.build import build_model, param_groups
-    from ppvit.train.fast import make_optimizer, maybe_compile
-
-    cfg, device = cfg.resolved(), train_device()
-    model = build_model(cfg.replace(key_init=False), 10).to(device).train()  # the key's transform costs no step
-    net = maybe_compile(model, device, cfg.backbone.compile)
-    opt = make_optimizer(param_groups(model, cfg), device)
-    side, batch = input_size(model), cfg.optim.batch_size if device.type == "cuda" else min(cfg.optim.batch_size, 64)
-    x, y = torch.rand(batch, 3, side, side, device=device), torch.randint(0, 10, (batch,), device=device)
-    bf16 = resolve_precision(cfg.optim.precision) == "bf16"
-    warmup = max(warmup, 3) if net is not model else warmup
-    for i in range(warmup + steps):
-        if i == warmup:
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            t0 = time.perf_counter()
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            loss = F.cross_entropy(net(x).float(), y)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return batch * steps / (time.perf_counter() - t0)
 
 
 def check_data(data: str | os.PathLike | None, size: int | None = None) -> Path | None:

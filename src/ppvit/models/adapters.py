@@ -27,7 +27,7 @@ import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load, save, save_file
 
-from ppvit._io import atomic_write, atomic_write_bytes, atomic_write_text
+from ppvit._io import atomic_write, atomic_write_bytes, atomic_write_text, file_sha256
 from ppvit._schema import check_fields
 from ppvit.data.preprocess import KERNEL, Preprocess
 from ppvit.models.backbones import create_backbone, input_size, normalization
@@ -74,14 +74,6 @@ class AdapterMeta:
     def method_config(self) -> MethodConfig:
         opts = {k: v for k, v in self.method.items() if k != "method"}
         return method_config(self.method["method"], **opts)
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 KEYED_TENSORS = ("patch_embed.proj.weight", "patch_embed.proj.bias", "pos_embed")

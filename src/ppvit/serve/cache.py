@@ -18,12 +18,12 @@ from typing import Any
 
 import torch
 
+from ppvit._io import file_sha256
 from ppvit.data.preprocess import Preprocess, normalize
 from ppvit.models.adapters import (
     AdapterMeta,
     adapter_preprocess,
     build_base,
-    file_sha256,
     read_adapter_meta,
     read_adapter_tensors,
 )

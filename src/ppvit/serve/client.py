@@ -17,13 +17,11 @@ none under :data:`MIN_BLOCK_SIZE` is used (a block of 1 pixel keeps every pixel'
 
 from __future__ import annotations
 
-import hashlib
-import io
 import os
 import re
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,11 +29,13 @@ from typing import Any
 import httpx
 import numpy as np
 
+from ppvit._io import file_chunks, file_sha256
 from ppvit.crypto.ciphers import BlockCipher, Scheme
 from ppvit.crypto.keys import Key
 from ppvit.data.images import ciphertext_origin, read_ciphertext_array, read_image
 from ppvit.data.manifest import read_manifest
 from ppvit.data.preprocess import KERNEL, Preprocess
+from ppvit.serve.bodies import npy_body, request_bodies
 from ppvit.serve.defaults import NAME, NAME_RULE
 
 MIN_BLOCK_SIZE = 4  # the smallest block size used without a pin
@@ -47,7 +47,6 @@ THREAT_WARNING = (
     "suffice to recover the key of these block schemes; the service is no stronger than the scheme"
 )
 FINAL_STATES = ("succeeded", "failed", "cancelled")
-CHUNK = 1 << 20
 PREDICT_CHUNK = 256  # images read and encrypted at once by `predict` (a multiple of the server's request count)
 _warned = False
 
@@ -58,47 +57,6 @@ def warn_threat_model() -> None:
     if not _warned:
         print(THREAT_WARNING, file=sys.stderr)
         _warned = True
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _chunks(path: Path) -> Iterator[bytes]:
-    with open(path, "rb") as fh:
-        while chunk := fh.read(CHUNK):
-            yield chunk
-
-
-def npy_body(ciphertext: np.ndarray) -> bytes:
-    """The ``.npy`` body of a predict request: what the server's ``max_body_bytes`` counts."""
-    buf = io.BytesIO()
-    np.save(buf, np.ascontiguousarray(ciphertext), allow_pickle=False)
-    return buf.getvalue()
-
-
-def request_bodies(ciphertext: np.ndarray, max_images: int | None, max_body_bytes: int | None) -> Iterator[bytes]:
-    """(N, S, S, 3) ciphertext as the bodies of consecutive requests, in order, each of as many images as
-    both limits allow (None: no limit). A body is measured as encoded, never estimated: a ``lift``
-    ciphertext (int32 at worst) of the server's image count can be over its body limit."""
-    start, total = 0, len(ciphertext)
-    while start < total:
-        n = min(max_images or total, total - start)
-        body = npy_body(ciphertext[start : start + n])
-        while max_body_bytes is not None and len(body) > max_body_bytes:
-            if n == 1:
-                raise ValueError(
-                    f"one image's body is {len(body):,} bytes; the server takes at most {max_body_bytes:,}"
-                )
-            excess = -(-(len(body) - max_body_bytes) // ciphertext[0].nbytes)  # images to leave for the next
-            n = max(1, n - excess)
-            body = npy_body(ciphertext[start : start + n])
-        yield body
-        start += n
 
 
 @dataclass(frozen=True)
@@ -438,7 +396,8 @@ class Client:
         if not shards:
             raise ValueError(f"{folder}: no WebDataset shards (SPLIT/shard-NNNNNN.tar); encrypt with --format wds")
         specs = [
-            {"path": p.relative_to(folder).as_posix(), "bytes": p.stat().st_size, "sha256": _sha256(p)} for p in shards
+            {"path": p.relative_to(folder).as_posix(), "bytes": p.stat().st_size, "sha256": file_sha256(p)}
+            for p in shards
         ]
         check_name(name)
         declared = self._call("PUT", f"/v1/datasets/{name}", json={"manifest": manifest.shared(), "shards": specs})
@@ -448,7 +407,7 @@ class Client:
             raise ServerError(0, f"server {self.http.base_url}: asked for files this client did not offer: refusing")
         for rel in missing:  # only shards declared above: a server cannot name another file here (a key)
             try:
-                self._call("PUT", f"/v1/datasets/{name}/shards/{rel}", content=_chunks(folder / rel))
+                self._call("PUT", f"/v1/datasets/{name}/shards/{rel}", content=file_chunks(folder / rel))
             except ServerError as exc:
                 if exc.status != 408:
                     raise

@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from ppvit._io import file_sha256
 from ppvit.data.preprocess import Preprocess, normalize
 from ppvit.models.adapters import (
     CONFIG_NAME,
@@ -43,7 +44,6 @@ from ppvit.models.adapters import (
     adapter_files,
     adapter_preprocess,
     build_base,
-    file_sha256,
     read_adapter_meta,
     read_adapter_tensors,
 )

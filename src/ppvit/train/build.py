@@ -11,11 +11,12 @@ from typing import Any
 
 import torch
 
+from ppvit._io import file_sha256
 from ppvit.crypto.ciphers import BlockCipher, Scheme
 from ppvit.crypto.keys import Key
 from ppvit.data.manifest import Manifest
 from ppvit.data.preprocess import Preprocess
-from ppvit.models.adapters import AdapterMeta, file_sha256
+from ppvit.models.adapters import AdapterMeta
 from ppvit.models.backbones import create_backbone
 from ppvit.models.methods import apply_method
 from ppvit.models.transform import transform_model

@@ -123,18 +123,21 @@ def adapter_and_weights(path: str | os.PathLike, weights: str | os.PathLike | No
     return adapter, found
 
 
-def lock_run_folder(out: Path) -> IO[str]:
+def lock_run_folder(out: Path, what: str = "run folder", command: str = "train") -> IO[str]:
     """Hold an exclusive lock on ``OUT/.lock`` until the returned file is closed (or the process ends).
 
-    Two runs writing one folder would overwrite each other's checkpoints; the second is refused.
+    Two runs writing one folder would overwrite each other's checkpoints (two ``reproduce``: one's cleanup
+    deleted the key the other's cells used); the second is refused. A file system without locks is named.
     """
     try:
         return hold_lock(out / LOCK_FILE)
     except LockHeld as held:
         raise RunFolderBusy(
-            f"run folder {out}: in use by another `ppvit train`{f' (pid {held.holder})' if held.holder else ''}; "
+            f"{what} {out}: in use by another `ppvit {command}`{f' (pid {held.holder})' if held.holder else ''}; "
             "wait for it to end or choose another --out"
         ) from None
+    except OSError as exc:  # e.g. ENOLCK on a network file system: said with the file, not "No locks available"
+        raise OSError(exc.errno, f"cannot be locked ({exc.strerror})", str(out / LOCK_FILE)) from None
 
 
 def remove_empty_run_folder(out: Path, created: Path | None) -> None:

@@ -134,14 +134,19 @@ class ImageItem:
 MAX_IMAGE_BYTES = 256 << 20  # one image file read into memory (a 8192x8192 RGB image stored raw is 192 MiB)
 
 
-def read_image_file(path: str | os.PathLike) -> bytes:
-    """An image file's bytes, or OSError: a FIFO or ``/dev/zero`` (a name in a folder, a link) was read forever,
-    a file of gigabytes whole into memory; neither is an image to decode."""
+def check_image_file(path: str | os.PathLike) -> None:
+    """OSError unless ``path`` is a regular file of at most ``MAX_IMAGE_BYTES``, checked before it is opened: a FIFO
+    or ``/dev/zero`` (a name in a folder, a link) was read forever, a file of gigabytes whole into memory."""
     info = os.stat(path)
     if not stat.S_ISREG(info.st_mode):
         raise OSError(errno.EINVAL, "not a regular file (a device, a pipe or a socket)", str(path))
     if info.st_size > MAX_IMAGE_BYTES:
         raise OSError(errno.EFBIG, f"{info.st_size:,} bytes, over the {MAX_IMAGE_BYTES:,} an image may be", str(path))
+
+
+def read_image_file(path: str | os.PathLike) -> bytes:
+    """An image file's bytes, or OSError (:func:`check_image_file`)."""
+    check_image_file(path)
     with open(path, "rb") as fh:
         return fh.read(MAX_IMAGE_BYTES + 1)  # a file grown since: decoding then fails, it is not read on
 
