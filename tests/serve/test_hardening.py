@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import gc
 import hmac
 import io
@@ -165,10 +166,10 @@ def test_one_client_holding_every_slot_does_not_starve_healthz_or_others(world: 
         assert httpx.get(f"{server.url}/healthz", timeout=5).status_code == 200
 
 
-def _start_upload(port: int, token: str, declared: int, sent: int) -> socket.socket:
+def _start_upload(port: int, token: str, declared: int, sent: int, route: str = "POST /v1/predict") -> socket.socket:
     s = socket.create_connection(("127.0.0.1", port))
     head = (
-        f"POST /v1/predict HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n"
+        f"{route} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n"
         f"Content-Type: application/x-npy\r\nContent-Length: {declared}\r\n\r\n"
     )
     s.sendall(head.encode() + b"\0" * sent)
@@ -192,6 +193,28 @@ def test_a_stalled_body_times_out_and_stalled_bodies_hold_a_bounded_memory(world
         try:
             time.sleep(0.3)
             second = predict_raw(server.url, token, b"\0" * 500_000)  # would push the bodies held past 1 MiB
+            assert second.status_code == 503 and "retry" in second.json()["error"]
+            assert _status(stalled, 5) == 408, "a body that stopped arriving was waited for"
+        finally:
+            stalled.close()
+        ok = predict_raw(server.url, token, npy(world["images"][:1]))
+        assert ok.status_code == 200, ok.text  # the budget was given back
+
+
+@pytest.mark.parametrize(("route", "declared"), [("PUT /v1/datasets/x", 900_000), ("POST /v1/jobs", 60_000)])
+def test_a_service_body_is_held_to_the_deadline_and_the_body_budget(
+    world: dict, tmp_path: Path, route: str, declared: int
+) -> None:
+    """A declaration or job trickled in was read for ever, and sixty held a byte short took 240 MiB that the body
+    budget never counted (hostile tester): 408 at the body deadline, and the budget's 503 while it is held."""
+    token = world["tokens"]["carol"]
+    limits = ServiceLimits({SMALL: None})
+    cfg = ServeConfig(world["root"], window_ms=1, max_body_bytes=1 << 20, body_budget_bytes=1 << 20, body_timeout_s=1.5)
+    with LiveServer(dataclasses.replace(cfg, training=limits)) as server:
+        stalled = _start_upload(server.port, token, declared, 1_000, route)
+        try:
+            time.sleep(0.3)
+            second = predict_raw(server.url, token, b"\0" * ((1 << 20) - declared + 1_000))  # past the budget
             assert second.status_code == 503 and "retry" in second.json()["error"]
             assert _status(stalled, 5) == 408, "a body that stopped arriving was waited for"
         finally:

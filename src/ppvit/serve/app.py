@@ -43,15 +43,15 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.requests import ClientDisconnect
 
 from ppvit.serve.auth import HTTPError, bearer_tenant
 from ppvit.serve.batcher import Batcher
 from ppvit.serve.cache import AdapterCache, Served
 from ppvit.serve.codec import Expected, StrictJSONResponse, adapter_answer, answers_json, decode_images
 from ppvit.serve.jobs import ServiceLimits
+from ppvit.serve.limits import Limits
 from ppvit.serve.metrics import Metrics
-from ppvit.serve.tenants import TenantAdapter, TenantStore
+from ppvit.serve.tenants import TenantStore
 from ppvit.serve.training_api import training_router
 
 log = logging.getLogger(__name__)
@@ -178,32 +178,6 @@ class AccessLog:
             )
 
 
-class Limits:
-    """What the server holds for its clients at once: body bytes in memory (all tenants) and each
-    tenant's predict requests in flight. Used from the event loop only: no lock."""
-
-    def __init__(self, body_budget: int, per_tenant: int) -> None:
-        self.body_budget, self.per_tenant = body_budget, per_tenant
-        self.body_bytes = 0
-        self.in_flight: dict[int, int] = {}
-
-    def enter(self, tenant: TenantAdapter) -> None:
-        n = self.in_flight.get(tenant.tenant_id, 0)
-        if n >= self.per_tenant:
-            raise HTTPError(429, f"tenant {tenant.tenant}: {n} requests in flight; the limit is {self.per_tenant}")
-        self.in_flight[tenant.tenant_id] = n + 1
-
-    def leave(self, tenant: TenantAdapter) -> None:
-        n = self.in_flight.pop(tenant.tenant_id) - 1
-        if n:
-            self.in_flight[tenant.tenant_id] = n
-
-    def reserve(self, nbytes: int) -> None:
-        if self.body_bytes + nbytes > self.body_budget:
-            raise HTTPError(503, "the server holds as many request bodies as it takes; retry shortly")
-        self.body_bytes += nbytes
-
-
 def create_app(cfg: ServeConfig) -> FastAPI:
     """The FastAPI application over ``cfg.root`` (created on first start)."""
     store = TenantStore(cfg.root, hold_reader=True)
@@ -213,7 +187,7 @@ def create_app(cfg: ServeConfig) -> FastAPI:
     state: dict[str, Batcher] = {}
     routes, service_lifespan = (None, nullcontext)
     if cfg.training is not None:
-        routes, service_lifespan = training_router(cfg.root, store, cfg.training, cfg.body_timeout_s)
+        routes, service_lifespan = training_router(cfg.root, store, cfg.training, limits, cfg.body_timeout_s)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -289,51 +263,22 @@ def create_app(cfg: ServeConfig) -> FastAPI:
             raise HTTPError(422, f"top_k: ask for 1 to {cfg.max_top_k} classes")
         served = await resolve(request)
         limits.enter(served.tenant)
-        held = [0]  # body bytes reserved by this request
-        try:
-            body = await read_body(request, cfg.max_body_bytes, cfg.body_timeout_s, limits, held)
-            expected = Expected.of(served, cfg.max_images)
-            kind = request.headers.get("content-type", "")
-            images = await asyncio.to_thread(decode_images, body, kind, expected)  # off the event loop
-            del body
-            rows = await state["batcher"].submit(served, torch.from_numpy(np.array(images)))
-            if len(rows) == 1:  # one image's answer (0.1-0.5 ms, the head's width) costs about a thread hop
-                answer = answers_json(served, rows, logits, top_k)
-            else:  # up to max_images x max_top_k entries: off the event loop
-                answer = await asyncio.to_thread(answers_json, served, rows, logits, top_k)
+        try:  # the body's bytes stay reserved until the answer: its images are held as long
+            async with limits.body(request, cfg.max_body_bytes, cfg.body_timeout_s) as body:
+                expected = Expected.of(served, cfg.max_images)
+                kind = request.headers.get("content-type", "")
+                images = await asyncio.to_thread(decode_images, body, kind, expected)  # off the event loop
+                del body
+                rows = await state["batcher"].submit(served, torch.from_numpy(np.array(images)))
+                if len(rows) == 1:  # one image's answer (0.1-0.5 ms, the head's width) costs about a thread hop
+                    answer = answers_json(served, rows, logits, top_k)
+                else:  # up to max_images x max_top_k entries: off the event loop
+                    answer = await asyncio.to_thread(answers_json, served, rows, logits, top_k)
         finally:
             limits.leave(served.tenant)
-            limits.body_bytes -= held[0]
         metrics.latency.observe(time.perf_counter() - t0)
         return Response(answer, media_type="application/json")
 
     if routes is not None:
         app.include_router(routes)
     return app
-
-
-async def read_body(request: Request, limit: int, timeout: float, limits: Limits, held: list[int]) -> bytes:
-    """The body within ``timeout`` seconds, refused with 413 as soon as it exceeds ``limit``
-    (declared or streamed) and with 503 when the server's body budget cannot hold it; ``held[0]``
-    counts the bytes reserved from the budget (the caller gives them back)."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise HTTPError(413, f"body of {declared} bytes; the limit is {limit}")
-    expected = int(declared) if declared is not None and declared.isdigit() else 0
-    limits.reserve(expected)
-    held[0] = expected
-    body = bytearray()
-    try:
-        async with asyncio.timeout(timeout):
-            async for chunk in request.stream():
-                if len(body) + len(chunk) > limit:
-                    raise HTTPError(413, f"body over {limit} bytes")
-                if len(body) + len(chunk) > held[0]:  # sent without a length, or more than it declared
-                    limits.reserve(len(body) + len(chunk) - held[0])
-                    held[0] = len(body) + len(chunk)
-                body += chunk
-    except TimeoutError:
-        raise HTTPError(408, f"the body did not arrive within {timeout:g} s") from None
-    except ClientDisconnect:
-        raise HTTPError(499, "the client closed the connection") from None
-    return bytes(body)

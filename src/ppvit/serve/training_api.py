@@ -29,6 +29,7 @@ from ppvit.serve.auth import HTTPError, bearer_tenant
 from ppvit.serve.codec import StrictJSONResponse
 from ppvit.serve.datasets import DatasetError, DatasetStore
 from ppvit.serve.jobs import Jobs, ServiceLimits
+from ppvit.serve.limits import Limits
 from ppvit.serve.supervisor import Supervisor, sole_supervisor
 from ppvit.serve.tenants import TenantStore
 
@@ -46,31 +47,28 @@ async def _call(fn: Callable[..., T], *args: Any) -> T:
         raise HTTPError(exc.status, str(exc)) from None
 
 
-async def _json(request: Request, limit: int) -> dict[str, Any]:
-    """The body as a JSON object: at most ``limit`` bytes (413), parsed off the event loop (a large
-    declaration does not hold up other requests), nested too deep or not JSON: 400."""
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise HTTPError(413, f"body over {limit} bytes")
-    try:
-        doc = await asyncio.to_thread(json.loads, body)
-    except RecursionError:
-        raise HTTPError(400, "body: JSON nested too deep") from None
-    except (ValueError, UnicodeDecodeError):
-        raise HTTPError(400, "body: not JSON") from None
+async def _json(request: Request, limit: int, limits: Limits, timeout: float) -> dict[str, Any]:
+    """The body as a JSON object: read as every body is (:meth:`Limits.body`: 413, 408, the budget's 503), parsed
+    off the event loop (a large declaration does not hold up other requests), nested too deep or not JSON: 400."""
+    async with limits.body(request, limit, timeout) as body:
+        try:
+            doc = await asyncio.to_thread(json.loads, body)
+        except RecursionError:
+            raise HTTPError(400, "body: JSON nested too deep") from None
+        except (ValueError, UnicodeDecodeError):
+            raise HTTPError(400, "body: not JSON") from None
     if not isinstance(doc, dict):
         raise HTTPError(422, "body: not a JSON object")
     return doc
 
 
 def training_router(
-    root: Path, tenants: TenantStore, limits: ServiceLimits, body_timeout: float
+    root: Path, tenants: TenantStore, limits: ServiceLimits, held: Limits, body_timeout: float
 ) -> tuple[APIRouter, Callable[[Any], AbstractAsyncContextManager[None]]]:
     """The routes above over the store at ``root``, and the lifespan of their job supervisor, which the app's
     own lifespan enters (FastAPI before 0.112.2 never ran a lifespan given to an included router: jobs stayed
-    queued); a shard's body must arrive within ``body_timeout`` seconds, as a predict body must."""
+    queued); every body must arrive within ``body_timeout`` seconds, as a predict body must, and a JSON one is
+    held within the server's body budget (``held``; a shard streams to disk, counted by the quota)."""
     datasets = DatasetStore(root, limits.datasets)
     declaration_json = MANIFEST_JSON + SHARD_JSON * limits.max_shards
     jobs = Jobs(root, limits)
@@ -103,7 +101,7 @@ def training_router(
     @router.put("/datasets/{name}")
     async def declare(name: str, request: Request) -> dict[str, Any]:
         tid = await tenant(request)
-        doc = await _json(request, declaration_json)
+        doc = await _json(request, declaration_json, held, body_timeout)
         return (await _call(datasets.declare, tid, name, doc.get("manifest"), doc.get("shards"))).summary()
 
     @router.get("/datasets/{name}")
@@ -133,7 +131,7 @@ def training_router(
     @router.post("/jobs")
     async def submit(request: Request) -> dict[str, Any]:
         tid = await tenant(request)
-        doc = await _json(request, JOB_JSON)
+        doc = await _json(request, JOB_JSON, held, body_timeout)
         name = doc.get("dataset")
         if not isinstance(name, str):
             raise HTTPError(422, "dataset: the name of one of your datasets")
