@@ -538,3 +538,35 @@ def test_a_dataset_recorded_by_the_previous_release_is_found_again_with_or_witho
         con.execute("UPDATE datasets SET manifest = ? WHERE name = 'old'", (json.dumps(doc, sort_keys=True),))
     again = datasets.declare(tenant, "old", {**MANIFEST, "listing": "a" * 64}, shards)  # a client that sends one
     assert again.name == "old"
+
+
+def test_finished_jobs_past_the_kept_number_go_with_their_folders(
+    store: tuple[DatasetStore, int], toy_wds: Path
+) -> None:
+    """Jobs cancelled while queued cost nothing and left rows and folders for ever (150 in 14 s), and finished
+    jobs' folders (14 MiB each) counted in no quota (hostile tester): past --jobs-kept the oldest go."""
+    datasets, tenant = store
+    upload_folder(datasets, tenant, "toy", toy_wds)
+    jobs = Jobs(datasets.root, ServiceLimits({SMALL: None}, jobs_kept=3))
+    first = jobs.get(tenant, jobs.submit(tenant, datasets.get(tenant, "toy"), SETTINGS, False)["id"])
+    with sqlite3.connect(datasets.root / "tenants.sqlite") as con:
+        yaml_text = con.execute("SELECT config FROM jobs").fetchone()[0]
+        con.execute("UPDATE jobs SET state = 'running'")  # an active job is never pruned
+        con.executemany(
+            "INSERT INTO jobs (id, tenant_id, dataset, state, config, activate, created) "
+            "VALUES (?, ?, 'toy', ?, ?, 0, ?)",
+            [(f"job-{i:012d}", tenant, state, yaml_text, first["created"] + 1 + i) for i, state in
+             enumerate(["succeeded", "failed", "cancelled", "succeeded", "cancelled"])],
+        )  # fmt: skip
+    for i in range(5):
+        (jobs.folder(f"job-{i:012d}") / "run").mkdir(parents=True)
+    (jobs.folder("job-ffffffffffff") / "run").mkdir(parents=True)  # no row: a pruning cut short
+    newest = jobs.submit(tenant, datasets.get(tenant, "toy"), SETTINGS, False)["id"]
+    kept = [j["id"] for j in jobs.list(tenant)]
+    assert kept == [first["id"], newest, "job-000000000002", "job-000000000003", "job-000000000004"]  # by created
+    assert not jobs.folder("job-000000000000").exists() and not jobs.folder("job-000000000001").exists()
+    assert jobs.folder("job-000000000002").exists() and jobs.folder("job-ffffffffffff").exists()
+    jobs.sweep()
+    assert not jobs.folder("job-ffffffffffff").exists() and jobs.folder(newest).exists()
+    with pytest.raises(ValueError, match="jobs kept: 0; at least 1"):
+        ServiceLimits({SMALL: None}, jobs_kept=0)

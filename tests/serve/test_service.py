@@ -213,6 +213,7 @@ def test_client_train_round_trip_serves_what_predict_computes(
         files = sorted((world["toy"] / "test").rglob("*.png"))[::4]
         served = c.predict(files, Key.load(world["keys"]["alice"]))
     run = world["tmp"] / "root" / "jobs" / job_id / "run"
+    assert not (run / "checkpoint.pt").exists() and not (run / "best.pt").exists()  # a finished job's: never resumed
     direct = list(iter_predictions(run / "adapter", files, Key.load(world["keys"]["alice"]), weights=world["weights"]))
     assert [p.label for p in served] == [cls for _, cls, _ in direct]
     assert [p.probability for p in served] == pytest.approx([prob for _, _, prob in direct], abs=1e-4)

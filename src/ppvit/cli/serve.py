@@ -106,6 +106,7 @@ def _service_limits(args: argparse.Namespace):
         max_shards=args.max_shards,
         max_classes=args.max_classes,
         max_img_size=args.max_img_size,
+        jobs_kept=args.jobs_kept,
     )
 
 
@@ -216,6 +217,7 @@ def _add_service_flags(p: argparse.ArgumentParser) -> None:
         ("--max-shards", 10_000, "shards of a dataset"),
         ("--max-classes", MAX_CLASSES, "classes of a dataset's split"),
         ("--max-img-size", 512, "a dataset's input size in pixels"),
+        ("--jobs-kept", 50, "finished jobs of a tenant kept, with their logs and metrics (older ones go)"),
     ):
         t.add_argument(flag, type=int, default=default, help=f"{text} (default {default})")
     t.add_argument(

@@ -29,6 +29,7 @@ import json
 import math
 import os
 import secrets
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,6 +55,7 @@ NOT_STREAMED = ("part", "train_subset", "test_subset")
 LOG_TAIL_BYTES = 8192
 LINE_CHARS = 500  # of a job's last log line or error, as the tenant sees it
 JOBS_LISTED = 100  # GET /v1/jobs: the tenant's newest jobs
+ROW = "SELECT id, dataset, state, config, activate, error, version, created, started, ended, processes FROM jobs"
 # A job setting a tenant chooses that sizes the machine's work -> the ServiceLimits field bounding it
 # (at most; ``min_save_every_steps``: at least). README: "Fine-tuning as a service", its limits table.
 JOB_BOUNDS = {
@@ -89,6 +91,7 @@ class ServiceLimits:
     max_shards: int = 10_000  # shards of one dataset
     max_classes: int = MAX_CLASSES  # classes of a dataset's split (a job's head)
     max_img_size: int = 512  # a dataset's input size (a job's model is built at it)
+    jobs_kept: int = 50  # finished jobs of one tenant kept (rows, logs, metrics): older ones go at a submission
 
     def runner(self) -> Runner:
         return LocalRunner() if self.ray_address is None else RayRunner(self.ray_address)
@@ -96,6 +99,10 @@ class ServiceLimits:
     @property
     def datasets(self) -> DatasetLimits:
         return DatasetLimits(self.quota_bytes, self.max_datasets, self.max_shards, self.max_classes, self.max_img_size)
+
+    def __post_init__(self) -> None:
+        if self.jobs_kept < 1:
+            raise ValueError(f"jobs kept: {self.jobs_kept}; at least 1 (a finished job is read back once)")
 
     def check_bounds(self, cfg: TrainConfig) -> None:
         """Every setting of :data:`JOB_BOUNDS` within the operator's bound (422 naming the first over)."""
@@ -277,14 +284,30 @@ class Jobs:
                 "VALUES (?, ?, ?, 'queued', ?, ?, ?, ?)",
                 (job_id, tenant_id, dataset.name, cfg.dump(), int(activate), processes, time.time()),
             )
+            old = [  # finished jobs past the newest kept: their rows and folders (outside every quota) go
+                r[0]
+                for r in con.execute(
+                    "SELECT id FROM jobs WHERE tenant_id = ? AND state NOT IN (?, ?) ORDER BY created DESC "
+                    "LIMIT -1 OFFSET ?",
+                    (tenant_id, *ACTIVE, self.limits.jobs_kept),
+                )
+            ]
+            con.executemany("DELETE FROM jobs WHERE id = ?", [(j,) for j in old])
+        for j in old:  # after the rows: a server stopped in between leaves folders that the next one sweeps
+            shutil.rmtree(self.folder(j), ignore_errors=True)
         return self.get(tenant_id, job_id)
 
+    def sweep(self) -> None:
+        """Remove the folders of jobs that have no row (pruned, or their tenant removed, by a server stopped
+        before it removed them). At start, before any submission."""
+        with service_db(self.root) as con:
+            known = {r[0] for r in con.execute("SELECT id FROM jobs")}
+        for folder in (self.root / JOBS_DIR).glob("job-*"):
+            if folder.name not in known:
+                shutil.rmtree(folder, ignore_errors=True)
+
     def _row(self, con: Any, tenant_id: int, job_id: str) -> tuple:
-        row = con.execute(
-            "SELECT id, dataset, state, config, activate, error, version, created, started, ended, processes "
-            "FROM jobs WHERE id = ? AND tenant_id = ?",
-            (job_id, tenant_id),
-        ).fetchone()
+        row = con.execute(f"{ROW} WHERE id = ? AND tenant_id = ?", (job_id, tenant_id)).fetchone()
         if row is None:
             raise JobError(404, f"no job {job_id[:40]}")
         return row
@@ -293,6 +316,9 @@ class Jobs:
         """The job's state, progress (last epoch of metrics.jsonl) and last log line; 404 if not the tenant's."""
         with service_db(self.root) as con:
             row = self._row(con, tenant_id, job_id)
+        return self._describe(tenant_id, row)
+
+    def _describe(self, tenant_id: int, row: tuple) -> dict[str, Any]:
         jid, dataset, state, config, activate, error, version, created, started, ended, processes = row
         cfg = TrainConfig.from_dict(yaml.safe_load(config))
         private = self.private_paths(cfg, tenant_id, dataset)
@@ -360,10 +386,12 @@ class Jobs:
             return {}
 
     def list(self, tenant_id: int) -> list[dict[str, Any]]:
+        """The tenant's newest jobs, oldest first, read in one transaction (a transaction each held the store's
+        write lock a hundred times per listing: a tenant listing in a loop slowed every other tenant)."""
         with service_db(self.root) as con:
-            newest = "SELECT id FROM jobs WHERE tenant_id = ? ORDER BY created DESC LIMIT ?"
-            ids = [r[0] for r in con.execute(newest, (tenant_id, JOBS_LISTED))]
-        return [self.get(tenant_id, j) for j in reversed(ids)]
+            rows = con.execute(f"{ROW} WHERE tenant_id = ? ORDER BY created DESC LIMIT ?", (tenant_id, JOBS_LISTED))
+            rows = rows.fetchall()
+        return [self._describe(tenant_id, row) for row in reversed(rows)]
 
     def cancel(self, tenant_id: int, job_id: str) -> dict[str, Any]:
         """Ask for the job to stop: a queued one is cancelled at once, a running one at its next step."""

@@ -79,6 +79,7 @@ def training_router(
     async def lifespan(app: Any) -> AsyncIterator[None]:
         with sole_supervisor(root):
             datasets.sweep()
+            await asyncio.to_thread(jobs.sweep)
             supervisor = running["supervisor"] = Supervisor(jobs, tenants)
             supervisor.start()
             yield
