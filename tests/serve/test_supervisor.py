@@ -20,6 +20,7 @@ from serving import IdleRunner, tenant_root
 
 import ppvit.serve.supervisor as supervisor_module
 from ppvit.serve.jobs import Jobs, ServiceLimits, last_line
+from ppvit.serve.limits import Limits
 from ppvit.serve.runners import RayRunner
 from ppvit.serve.service_db import service_db
 from ppvit.serve.supervisor import Supervisor, remove_tenant
@@ -608,12 +609,12 @@ def test_a_second_server_with_training_on_one_folder_is_refused(tmp_path: Path) 
     limits = ServiceLimits(models={})
 
     async def two() -> None:
-        _, first = training_router(tmp_path, TenantStore(tmp_path), limits, 5.0)
+        _, first = training_router(tmp_path, TenantStore(tmp_path), limits, Limits(1 << 20, 1), 5.0)
         async with first(None):
             arriving = tmp_path / "datasets" / "1" / "d" / "train" / ".shard-000000.tar.5dko7_sb.tmp"
             arriving.parent.mkdir(parents=True)
             arriving.write_bytes(b"half a shard")  # the first server's upload in flight
-            _, second = training_router(tmp_path, TenantStore(tmp_path), limits, 5.0)
+            _, second = training_router(tmp_path, TenantStore(tmp_path), limits, Limits(1 << 20, 1), 5.0)
             with pytest.raises(ValueError, match=rf"another ppvit serve \(pid {os.getpid()}\) runs the training"):
                 async with second(None):
                     pass
