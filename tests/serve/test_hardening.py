@@ -32,7 +32,7 @@ import httpx
 import numpy as np
 import pytest
 import torch
-from conftest import SMALL, write_adapter_tensors
+from conftest import SMALL, one_line_error, write_adapter_tensors
 from PIL import Image, PngImagePlugin
 from safetensors.torch import load_file, save_file
 from serving import EVERY_CLASS, LiveServer, build_world, dense, key_of, npy, png, reference_logits
@@ -932,3 +932,31 @@ def test_a_token_can_be_rotated(world: dict, tmp_path: Path) -> None:
         assert Client(server.url, new).info()["tenant"] == "carol"
     with pytest.raises(ValueError, match="no tenant"):
         TenantStore(root).rotate_token("nobody")
+
+
+@pytest.mark.parametrize(
+    ("action", "name", "file", "says"),
+    [
+        ("rotate-token", "carol", "taken.token", "token file {}: exists"),
+        ("rotate-token", "carol", "missing/new.token", "token file {}: cannot be created"),
+        ("add-tenant", "dave", "taken.token", "token file {}: exists"),
+        ("add-tenant", "dave", "missing/new.token", "token file {}: cannot be created"),
+        ("rotate-token", "nobody", "new.token", "no tenant nobody"),  # the change fails: its file goes
+        ("add-tenant", "carol", "new.token", "tenant carol exists already"),
+    ],
+)
+def test_a_token_that_cannot_be_handed_over_changes_nothing(
+    world: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str], action: str, name: str, file: str, says: str
+) -> None:
+    """The store was changed before the token file was refused: carol's token revoked with no new one written or
+    shown, or dave registered with a token nobody has (hostile tenants 1). Now the file is made first."""
+    root, taken, token_file = tmp_path / "root", tmp_path / "taken.token", tmp_path / file
+    old = TenantStore(root).add("carol", world["runs"]["carol"])
+    taken.write_text("kept\n")
+    argv = ["serve", action, str(root), name, "--token-file", token_file]
+    if action == "add-tenant":
+        argv += ["--adapter", world["runs"]["carol"]]
+    one_line_error(argv, capsys, says.format(token_file))
+    store = TenantStore(root, create=False)
+    assert store.by_token(old).tenant == "carol" and [t.tenant for t in store.list()] == ["carol"]
+    assert taken.read_text() == "kept\n" and sorted(p.name for p in tmp_path.iterdir()) == ["root", "taken.token"]

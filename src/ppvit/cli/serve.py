@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
-from ppvit._io import atomic_write_bytes
 from ppvit.serve.defaults import KEEP_VERSIONS, MAX_CLASSES
 
 
@@ -55,15 +55,22 @@ def _serve(args: argparse.Namespace) -> None:
             listening_at=lambda url: print(f"ppvit serve: {args.root} on {url}", file=sys.stderr),
         )
     elif args.action == "add-tenant":
-        token = TenantStore(args.dir).add(args.name, args.adapter, args.weights, max_classes=args.max_classes)
-        _hand_over(token, args.token_file, args.name)
+        _hand_over(
+            lambda: TenantStore(args.dir).add(args.name, args.adapter, args.weights, max_classes=args.max_classes),
+            args.token_file,
+            args.name,
+        )
     elif args.action == "set-adapter":
         store = TenantStore(args.dir, create=False)
         version = store.set_adapter(args.name, args.adapter, args.weights, keep=args.keep, max_classes=args.max_classes)
         print(f"tenant {args.name}: adapter version {version} (requests in flight finish on the previous one)")
     elif args.action == "rotate-token":
-        token = TenantStore(args.dir, create=False).rotate_token(args.name)
-        _hand_over(token, args.token_file, args.name, "has a new token (the old one no longer works)")
+        _hand_over(
+            lambda: TenantStore(args.dir, create=False).rotate_token(args.name),
+            args.token_file,
+            args.name,
+            "has a new token (the old one no longer works)",
+        )
     elif args.action == "remove-tenant":
         from ppvit.serve.supervisor import remove_tenant
 
@@ -110,14 +117,30 @@ def _service_limits(args: argparse.Namespace):
     )
 
 
-def _hand_over(token: str, token_file: str | None, name: str, what: str = "added") -> None:
-    """Show the token once, or write it to a new 0600 file (never over an existing one)."""
+def _hand_over(change: Callable[[], str], token_file: str | None, name: str, what: str = "added") -> None:
+    """Make the store ``change`` that yields a new token, then show the token once or write it to a new 0600 file.
+
+    The file is created first (never over an existing one) and removed if the change fails: a token file that
+    cannot be made must not leave a revoked token, or a tenant whose token nobody has, behind."""
     if token_file is None:
+        token = change()
         print(f"tenant {name} {what}. Its API token (shown once, only its hash is kept):\n{token}")
         return
-    if os.path.lexists(token_file):
-        raise ValueError(f"token file {token_file}: exists; choose a new name")
-    atomic_write_bytes(token_file, (token + "\n").encode(), mode=0o600)
+    try:
+        fd = os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        raise ValueError(f"token file {token_file}: exists; choose a new name") from None
+    except OSError as exc:
+        raise ValueError(f"token file {token_file}: cannot be created ({exc.strerror or exc})") from None
+    with os.fdopen(fd, "w") as fh:
+        try:
+            token = change()
+        except BaseException:
+            os.unlink(token_file)
+            raise
+        fh.write(token + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())  # the store's change is durable: so is the only copy of its token
     print(f"tenant {name} {what}; token written to {token_file} (mode 0600)")
 
 
