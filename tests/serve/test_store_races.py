@@ -16,6 +16,7 @@ from types import SimpleNamespace
 
 import pytest
 from serving import tenant_root
+from starlette.requests import ClientDisconnect
 from test_supervisor import staged_copy
 
 import ppvit.serve.datasets as datasets
@@ -369,3 +370,85 @@ def test_a_declaration_that_cannot_be_stored_keeps_no_row_and_no_leftover(
     assert [p.name for p in old.parent.iterdir() if p.name.startswith(TRASH)] == []
     with service_db(tmp_path) as con:
         assert con.execute("SELECT COUNT(*) FROM datasets").fetchone()[0] == 0
+
+
+def one_shard(store: DatasetStore, tenant_id: int, name: str, data: bytes) -> str:
+    """Declare dataset ``name`` of one shard holding ``data``; its path."""
+    path = "train/shard-000000.tar"
+    store.declare(tenant_id, name, MANIFEST, [{"path": path, "bytes": len(data), "sha256": sha256(data)}])
+    return path
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+async def sent(data: bytes) -> AsyncIterator[bytes]:
+    yield data
+
+
+async def held(data: bytes, holding: asyncio.Event, go: asyncio.Event, end: str) -> AsyncIterator[bytes]:
+    """``data``'s first half, then (once ``go`` is set) its end: the rest, other bytes, or the client gone."""
+    yield data[: len(data) // 2]
+    holding.set()
+    await go.wait()
+    if end == "client leaves":
+        raise ClientDisconnect
+    yield data[len(data) // 2 :] if end == "arrives" else b"y" * (len(data) - len(data) // 2)
+
+
+@pytest.mark.parametrize("end", ["arrives", "cancelled", "client leaves", "bad bytes"])
+def test_one_upload_of_a_shard_at_a_time_whichever_way_it_ends(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, end: str
+) -> None:
+    """Each upload of a shard streamed into its own temporary file: 40 at once held 40 times its declared bytes on
+    disk, past the quota (hostile tenants 3). A second one is 409 while the first is in flight (the dataset's name in
+    another case is the same dataset); the shard can be sent once that one ended, by a timeout (a cancel) or not."""
+    tenant_id, _ = tenant_root(tmp_path)
+    store = DatasetStore(tmp_path)
+    data = b"x" * 100
+    path = one_shard(store, tenant_id, "d", data)
+    monkeypatch.setattr(datasets, "check_shard", lambda path, size: 10)
+
+    async def uploads() -> None:
+        holding, go = asyncio.Event(), asyncio.Event()
+        first = asyncio.create_task(store.receive(tenant_id, "d", path, held(data, holding, go, end)))
+        await holding.wait()
+        with pytest.raises(datasets.DatasetError, match=r"shard train/shard-000000\.tar: being uploaded") as err:
+            await store.receive(tenant_id, "D", path, sent(data))
+        assert err.value.status == 409
+        if end == "cancelled":
+            first.cancel()
+        go.set()
+        await asyncio.gather(first, return_exceptions=True)
+        await store.receive(tenant_id, "d", path, sent(data))
+
+    asyncio.run(uploads())
+    dataset = store.get(tenant_id, "d")
+    assert dataset.complete and [p.name for p in (dataset.folder / "train").iterdir()] == ["shard-000000.tar"]
+
+
+def test_uploads_in_flight_hold_at_most_the_quota(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A dataset deleted while its shard arrives no longer counts against the quota, but its upload goes on: declared
+    again under new names, uploads held without end would each hold a quota's bytes. Those in flight hold at most it."""
+    tenant_id, _ = tenant_root(tmp_path)
+    store = DatasetStore(tmp_path, datasets.DatasetLimits(quota_bytes=150))
+    data = b"x" * 100
+    path = one_shard(store, tenant_id, "a", data)
+    monkeypatch.setattr(datasets, "check_shard", lambda path, size: 10)
+
+    async def uploads() -> None:
+        holding, go = asyncio.Event(), asyncio.Event()
+        first = asyncio.create_task(store.receive(tenant_id, "a", path, held(data, holding, go, "arrives")))
+        await holding.wait()
+        store.delete(tenant_id, "a")
+        one_shard(store, tenant_id, "b", data)
+        with pytest.raises(datasets.DatasetError, match="uploads in flight hold 100 bytes of the 150-byte") as err:
+            await store.receive(tenant_id, "b", path, sent(data))
+        assert err.value.status == 429
+        go.set()
+        await asyncio.gather(first, return_exceptions=True)
+        await store.receive(tenant_id, "b", path, sent(data))
+
+    asyncio.run(uploads())
+    assert store.get(tenant_id, "b").complete and [d.name for d in store.list(tenant_id)] == ["b"]

@@ -209,6 +209,10 @@ class DatasetStore:
     def __init__(self, root: str | os.PathLike, limits: DatasetLimits | None = None) -> None:
         self.root = Path(root)
         self.limits = limits or DatasetLimits()
+        # Shards being received, (tenant, dataset, path) -> declared bytes: one upload of a shard at a time, each into
+        # its own temporary file, so N at once held N times the declared (and counted) bytes on disk. Touched on
+        # the event loop only (receive is a coroutine), between awaits: no lock.
+        self._receiving: dict[tuple[int, str, str], int] = {}
 
     def sweep(self) -> None:
         """Delete what a server that died left: the datasets it was deleting and the shards it was receiving.
@@ -397,9 +401,31 @@ class DatasetStore:
         if row is None:
             self.get(tenant_id, name)  # 404 for the dataset first
             raise DatasetError(404, f"dataset {name}: no shard {path} was declared")
-        size, digest, done, manifest, declared = row
+        size, _, done, _, _ = row
         if done:
             return  # a retry after an answer that was lost: already here
+        key = (tenant_id, name.lower(), path)
+        if key in self._receiving:
+            raise DatasetError(
+                409, f"shard {path}: being uploaded by another request; send it again when that one ends"
+            )
+        held = sum(n for (tenant, _, _), n in self._receiving.items() if tenant == tenant_id)
+        if held + size > self.limits.quota_bytes:  # a deleted dataset's uploads still arriving: no longer counted
+            raise DatasetError(
+                429,
+                f"shard {path}: uploads in flight hold {held} bytes of the {self.limits.quota_bytes}-byte quota; "
+                "send it again when they end",
+            )
+        self._receiving[key] = size
+        try:
+            await self._write(tenant_id, name, path, row, chunks)
+        finally:
+            del self._receiving[key]
+
+    async def _write(self, tenant_id: int, name: str, path: str, row: tuple, chunks: AsyncIterator[bytes]) -> None:
+        """:meth:`receive`'s file and row, once it holds the shard: the body streamed to a temporary file, checked,
+        moved into place and marked done for the declaration ``row`` was read from."""
+        size, digest, _, manifest, declared = row
         target = self.folder(tenant_id, name) / path
         h, n = hashlib.sha256(), 0
         try:
