@@ -3,7 +3,9 @@ JSON or YAML (a job's settings, a dataset's manifest), where ``"3"`` may stand f
 
 The hints are the schema; nothing here restates them. ``int`` takes integers (not booleans),
 ``float`` finite numbers, ``str`` text (or a path), ``Literal`` one of its values, ``X | None``
-either, ``dict``/``list`` their items, a dataclass an instance of it.
+either, ``dict``/``list`` their items, a dataclass an instance of it. Text is what UTF-8 can
+write: JSON's ``"\\ud800"`` reads into a lone surrogate, which every answer or file naming it
+would fail on.
 """
 
 from __future__ import annotations
@@ -35,13 +37,22 @@ def matches(value: Any, hint: Any) -> bool:
     if hint is float:
         return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
     if hint is str:
-        return isinstance(value, str | os.PathLike)
+        return isinstance(value, os.PathLike) or (isinstance(value, str) and _is_text(value))
     if origin is dict:
         return isinstance(value, dict) and all(matches(k, args[0]) and matches(v, args[1]) for k, v in value.items())
     if origin in (list, tuple) and args:
         return isinstance(value, list | tuple) and all(matches(v, args[0]) for v in value)
     if isinstance(hint, type) and dataclasses.is_dataclass(hint):
         return isinstance(value, hint)
+    return True
+
+
+def _is_text(value: str) -> bool:
+    """Whether ``value`` can be written as UTF-8 (no lone surrogate)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
     return True
 
 

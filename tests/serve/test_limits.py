@@ -296,6 +296,25 @@ def test_a_bad_manifest_is_refused_at_declaration(store: tuple[DatasetStore, int
     assert "\n" not in str(err.value) and str(datasets.root) not in str(err.value)
 
 
+NAMED_MANIFESTS = [  # (change, what the refusal names): declared, trained and served, then the client failed on them
+    ({"key_fingerprint": "\ud800x"}, "key_fingerprint"),  # a lone surrogate: no UTF-8 writes it
+    ({"classes": {"train": ["\ud800", "dog"]}}, "classes"),
+    ({"preprocess": {"size": 32, "kernel": "\ud800", "mean": None, "std": None}}, "preprocess"),
+]
+
+
+@pytest.mark.parametrize(("change", "named"), NAMED_MANIFESTS, ids=[n for _, n in NAMED_MANIFESTS])
+def test_a_manifest_refused_at_declaration_names_what_is_wrong(
+    store: tuple[DatasetStore, int], change: dict, named: str
+) -> None:
+    datasets, tenant = store
+    with pytest.raises(DatasetError) as err:
+        datasets.declare(tenant, "m", {**MANIFEST, **change}, [spec("train/shard-000000.tar", b"x")])
+    text = str(err.value)
+    assert err.value.status == 422 and text.startswith("manifest: ") and named in text and "\n" not in text, text
+    text.encode("utf-8")  # the refusal itself can be answered
+
+
 BAD_JOBS = [
     {"batch_size": -8},
     {"batch_size": 0},
@@ -317,6 +336,7 @@ BAD_JOBS = [
     {"val_fraction": 0},
     {"val_fraction": 0.9999},
     {"compile": True},
+    {"image_column": "\ud800"},  # a lone surrogate: every answer naming it fails in the client
 ]
 
 
