@@ -296,10 +296,12 @@ def test_a_bad_manifest_is_refused_at_declaration(store: tuple[DatasetStore, int
     assert "\n" not in str(err.value) and str(datasets.root) not in str(err.value)
 
 
-NAMED_MANIFESTS = [  # (change, what the refusal names): declared, trained and served, then the client failed on them
+NAMED_MANIFESTS = [  # (change, what the refusal names): each was accepted at declaration
     ({"key_fingerprint": "\ud800x"}, "key_fingerprint"),  # a lone surrogate: no UTF-8 writes it
     ({"classes": {"train": ["\ud800", "dog"]}}, "classes"),
     ({"preprocess": {"size": 32, "kernel": "\ud800", "mean": None, "std": None}}, "preprocess"),
+    ({"classes": {"train": ["a", "a", "a"]}}, "classes of train: 'a' is named more than once"),
+    ({"classes": {"train": ["cat", "dog"], "test": ["dog", "cat", "dog"]}}, "classes of test: 'dog'"),
 ]
 
 
