@@ -338,7 +338,8 @@ BAD_JOBS = [
     {"val_fraction": 0},
     {"val_fraction": 0.9999},
     {"compile": True},
-    {"image_column": "\ud800"},  # a lone surrogate: every answer naming it fails in the client
+    {"image_column": "\ud800"},  # a lone surrogate: every answer naming it failed in the client
+    {"splits": {"train": "tr\ud800"}},  # a structured setting too
 ]
 
 

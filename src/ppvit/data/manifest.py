@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -55,17 +54,13 @@ class Manifest:
         return doc
 
     def validate(self, where: str = "") -> None:
-        """ValueError for a field of the wrong type (:func:`ppvit._schema.check_fields`) or range, or a split naming
-        a class twice: what is checked of a manifest read from a file (edited by hand: a traceback further on, or a
-        size no image could be resized to) or sent by a client (``where`` prefixes the message)."""
+        """ValueError for a field of the wrong type (:func:`ppvit._schema.check_fields`) or range: what is checked of
+        a manifest read from a file (edited by hand: a traceback further on, or a size no image could be resized
+        to) or sent by a client (``where`` prefixes the message)."""
         from ppvit._schema import check_fields
         from ppvit.crypto.keys import MAX_INPUT_SIZE  # here: the CLI's parser imports this module for its names
 
         check_fields(self, where)
-        for split, names in self.classes.items():  # a label's name says which class it is
-            twice = next((name for name, n in Counter(names).items() if n > 1), None)
-            if twice is not None:
-                raise ValueError(f"{where}classes of {split}: {twice[:40]!r} is named more than once")
         if self.block_size < 1 or (self.shard_size is not None and self.shard_size < 1):
             raise ValueError(f"{where}block_size and shard_size are at least 1")
         if self.size is not None and not 1 <= self.size <= MAX_INPUT_SIZE:

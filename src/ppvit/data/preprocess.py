@@ -13,8 +13,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from ppvit._schema import matches
-
 if TYPE_CHECKING:
     import torch
 
@@ -39,7 +37,7 @@ class Preprocess:
         """A recipe read from JSON; ValueError naming ``where`` for anything malformed."""
         try:
             size, kernel, mean, std = doc["size"], doc["kernel"], doc["mean"], doc["std"]
-            if type(size) is not int or size < 1 or not matches(kernel, str):
+            if type(size) is not int or size < 1 or not isinstance(kernel, str):
                 raise TypeError
             stats = [None if v is None else tuple(float(x) for x in v) for v in (mean, std)]
             if (stats[0] is None) != (stats[1] is None) or (stats[0] is not None and len(stats[0]) != len(stats[1])):

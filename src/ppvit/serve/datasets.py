@@ -34,12 +34,14 @@ import shutil
 import sqlite3
 import tempfile
 import time
+from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 from typing import Any
 
 from ppvit._io import atomic_write_bytes, commit_temp, json_text, remove_stale_temps
+from ppvit._schema import lone_surrogate
 from ppvit.crypto.ciphers import Scheme
 from ppvit.data.manifest import MANIFEST_NAME, Manifest
 from ppvit.data.sources.encrypted_wds import check_shard
@@ -151,6 +153,10 @@ def parse_manifest(doc: Any, limits: DatasetLimits) -> Manifest:
         m.validate("manifest: ")
     except ValueError as exc:
         raise DatasetError(422, str(exc)) from None
+    for split, names in m.classes.items():  # a label's name says which class it is
+        twice = next((n for n, count in Counter(names).items() if count > 1), None)
+        if twice is not None:
+            raise DatasetError(422, f"manifest: classes of {split}: {twice[:40]!r} is named more than once")
     if max(len(m.scheme), len(m.key_fingerprint), len(m.ppvit_version)) > TEXT_FIELD or not m.key_fingerprint:
         raise DatasetError(422, f"manifest: a scheme, key fingerprint and version of 1 to {TEXT_FIELD} characters")
     if m.format != "wds":
@@ -232,6 +238,10 @@ class DatasetStore:
         never changes under a job; delete it and declare again.
         """
         check_name(name)
+        for part, doc in (("manifest", manifest_doc), ("shards", shards_doc)):
+            where = lone_surrogate(doc)
+            if where is not None:
+                raise DatasetError(422, f"{part}: {where[:80]}: a lone UTF-16 surrogate, which is not text")
         manifest = parse_manifest(manifest_doc, self.limits)
         shards = parse_shards(shards_doc, self.limits.shards)
         if not any(s.path.startswith("train/") for s in shards):

@@ -38,6 +38,7 @@ from typing import Any
 import yaml
 
 from ppvit._io import atomic_write_bytes
+from ppvit._schema import lone_surrogate
 from ppvit.serve.datasets import DATASETS_DIR, Dataset, DatasetLimits, private_dirs
 from ppvit.serve.defaults import MAX_CLASSES
 from ppvit.serve.runners import LocalRunner, RayRunner, Runner
@@ -134,6 +135,9 @@ def job_config(settings: Any, dataset: Dataset, limits: ServiceLimits, out: Path
     setting checked now, so that nothing a client chose fails when the job runs."""
     if not isinstance(settings, dict) or not all(isinstance(k, str) for k in settings):
         raise JobError(422, "config: a JSON object of `ppvit train` settings (flat names: epochs, lr, rank, ...)")
+    where = lone_surrogate(settings)
+    if where is not None:  # any setting, structured ones (splits) too
+        raise JobError(422, f"config: {where[:80]}: a lone UTF-16 surrogate, which is not text")
     given = sorted(SERVER_SETTINGS & set(settings))
     if given:
         raise JobError(422, f"config: {', '.join(given)} are the server's to set, not the client's")
