@@ -201,26 +201,36 @@ def test_a_stalled_body_times_out_and_stalled_bodies_hold_a_bounded_memory(world
         assert ok.status_code == 200, ok.text  # the budget was given back
 
 
-@pytest.mark.parametrize(("route", "declared"), [("PUT /v1/datasets/x", 900_000), ("POST /v1/jobs", 60_000)])
-def test_a_service_body_is_held_to_the_deadline_and_the_body_budget(
-    world: dict, tmp_path: Path, route: str, declared: int
+@pytest.mark.parametrize(("route", "declared"), [("PUT /v1/datasets/x", 1_200_000), ("POST /v1/jobs", 60_000)])
+def test_a_service_body_is_held_to_the_deadline_the_body_budget_and_the_tenants_share(
+    world: dict, route: str, declared: int
 ) -> None:
     """A declaration or job trickled in was read for ever, and sixty held a byte short took 240 MiB that the body
-    budget never counted (hostile tester): 408 at the body deadline, and the budget's 503 while it is held."""
-    token = world["tokens"]["carol"]
-    limits = ServiceLimits({SMALL: None})
-    cfg = ServeConfig(world["root"], window_ms=1, max_body_bytes=1 << 20, body_budget_bytes=1 << 20, body_timeout_s=1.5)
-    with LiveServer(dataclasses.replace(cfg, training=limits)) as server:
-        stalled = _start_upload(server.port, token, declared, 1_000, route)
+    budget never counted, so that another tenant's predict got 503 (hostile tester, second reader): 408 at the
+    body deadline, the budget's 503 while it is held, and 429 past the tenant's requests in flight."""
+    carol, alice = world["tokens"]["carol"], world["tokens"]["alice"]
+    limits = ServiceLimits({SMALL: None}, max_shards=1_000)  # a declaration of at most 1.25 MB
+    budget = 2 << 20
+    cfg = ServeConfig(
+        world["root"], window_ms=1, max_body_bytes=budget, body_budget_bytes=budget, body_timeout_s=1.5,
+        tenant_requests=1, training=limits,
+    )  # fmt: skip
+    with LiveServer(cfg) as server:
+        stalled = _start_upload(server.port, carol, declared, 1_000, route)
         try:
             time.sleep(0.3)
-            second = predict_raw(server.url, token, b"\0" * ((1 << 20) - declared + 1_000))  # past the budget
+            again = _start_upload(server.port, carol, 100, 0, route)  # a second body of carol's
+            assert _status(again, 5) == 429
+            again.close()
+            second = predict_raw(server.url, alice, b"\0" * (budget - declared + 1_000))  # past the budget
             assert second.status_code == 503 and "retry" in second.json()["error"]
             assert _status(stalled, 5) == 408, "a body that stopped arriving was waited for"
         finally:
             stalled.close()
-        ok = predict_raw(server.url, token, npy(world["images"][:1]))
+        ok = predict_raw(server.url, alice, npy(world["images"][:1]))
         assert ok.status_code == 200, ok.text  # the budget was given back
+    with pytest.raises(ValueError, match=r"the body budget \(1048576 bytes\) is under one declaration of 1000"):
+        LiveServer(dataclasses.replace(cfg, max_body_bytes=1 << 20, body_budget_bytes=1 << 20)).__enter__()
 
 
 def test_one_tenant_gets_429_past_its_requests_in_flight_and_others_are_served(world: dict) -> None:
@@ -960,3 +970,27 @@ def test_a_token_that_cannot_be_handed_over_changes_nothing(
     store = TenantStore(root, create=False)
     assert store.by_token(old).tenant == "carol" and [t.tenant for t in store.list()] == ["carol"]
     assert taken.read_text() == "kept\n" and sorted(p.name for p in tmp_path.iterdir()) == ["root", "taken.token"]
+
+
+@pytest.mark.parametrize("action", ["rotate-token", "add-tenant"])
+def test_a_token_file_that_cannot_be_written_changes_nothing(
+    world: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, action: str
+) -> None:
+    """The token was written after the store changed: a full disk then left carol's token revoked and the only
+    copy of the new one lost (second reader). It is written first; the store does not change if it cannot be."""
+    import errno
+
+    root = tmp_path / "root"
+    old = TenantStore(root).add("carol", world["runs"]["carol"])
+
+    def full(fd: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    argv = ["serve", action, str(root), "carol" if action == "rotate-token" else "dave", "--token-file"]
+    argv += [tmp_path / "new.token", *(["--adapter", world["runs"]["carol"]] if action == "add-tenant" else [])]
+    one_line_error(argv, capsys, f"token file {tmp_path / 'new.token'}: cannot be written (No space left on device)")
+    monkeypatch.undo()
+    store = TenantStore(root, create=False)
+    assert store.by_token(old).tenant == "carol" and [t.tenant for t in store.list()] == ["carol"]
+    assert not (tmp_path / "new.token").exists()

@@ -567,29 +567,35 @@ def test_finished_jobs_past_the_kept_number_go_with_their_folders(
     store: tuple[DatasetStore, int], toy_wds: Path
 ) -> None:
     """Jobs cancelled while queued cost nothing and left rows and folders for ever (150 in 14 s), and finished
-    jobs' folders (14 MiB each) counted in no quota (hostile tester): past --jobs-kept the oldest go."""
+    jobs' folders (14 MiB each) counted in no quota (hostile tester): past --jobs-kept the oldest go, by when they
+    ended (a long job just ended is kept: second reader), and the sweep at start takes finished jobs' checkpoints."""
     datasets, tenant = store
     upload_folder(datasets, tenant, "toy", toy_wds)
     jobs = Jobs(datasets.root, ServiceLimits({SMALL: None}, jobs_kept=3))
     first = jobs.get(tenant, jobs.submit(tenant, datasets.get(tenant, "toy"), SETTINGS, False)["id"])
+    t = first["created"]
+    rows = [(f"job-{i:012d}", state, t + 1 + i, None) for i, state in
+            enumerate(["succeeded", "failed", "cancelled", "succeeded", "cancelled"])]  # fmt: skip
+    rows.append(("job-00000000000a", "succeeded", t - 10, t + 100))  # the oldest submitted, the last to end
     with sqlite3.connect(datasets.root / "tenants.sqlite") as con:
         yaml_text = con.execute("SELECT config FROM jobs").fetchone()[0]
         con.execute("UPDATE jobs SET state = 'running'")  # an active job is never pruned
         con.executemany(
-            "INSERT INTO jobs (id, tenant_id, dataset, state, config, activate, created) "
-            "VALUES (?, ?, 'toy', ?, ?, 0, ?)",
-            [(f"job-{i:012d}", tenant, state, yaml_text, first["created"] + 1 + i) for i, state in
-             enumerate(["succeeded", "failed", "cancelled", "succeeded", "cancelled"])],
-        )  # fmt: skip
-    for i in range(5):
-        (jobs.folder(f"job-{i:012d}") / "run").mkdir(parents=True)
+            "INSERT INTO jobs (id, tenant_id, dataset, state, config, activate, created, ended) "
+            "VALUES (?, ?, 'toy', ?, ?, 0, ?, ?)",
+            [(j, tenant, state, yaml_text, created, ended) for j, state, created, ended in rows],
+        )
+    for j, *_ in rows:
+        (jobs.folder(j) / "run").mkdir(parents=True)
+        (jobs.folder(j) / "run" / "checkpoint.pt").write_bytes(b"a finished job's")
     (jobs.folder("job-ffffffffffff") / "run").mkdir(parents=True)  # no row: a pruning cut short
     newest = jobs.submit(tenant, datasets.get(tenant, "toy"), SETTINGS, False)["id"]
-    kept = [j["id"] for j in jobs.list(tenant)]
-    assert kept == [first["id"], newest, "job-000000000002", "job-000000000003", "job-000000000004"]  # by created
-    assert not jobs.folder("job-000000000000").exists() and not jobs.folder("job-000000000001").exists()
-    assert jobs.folder("job-000000000002").exists() and jobs.folder("job-ffffffffffff").exists()
+    kept = {j["id"] for j in jobs.list(tenant)}
+    assert kept == {first["id"], newest, "job-00000000000a", "job-000000000003", "job-000000000004"}
+    assert not any(jobs.folder(f"job-{i:012d}").exists() for i in range(3))
+    assert jobs.folder("job-ffffffffffff").exists() and (jobs.folder("job-000000000004") / "run/checkpoint.pt").exists()
     jobs.sweep()
     assert not jobs.folder("job-ffffffffffff").exists() and jobs.folder(newest).exists()
+    assert not (jobs.folder("job-000000000004") / "run" / "checkpoint.pt").exists()
     with pytest.raises(ValueError, match="jobs kept: 0; at least 1"):
         ServiceLimits({SMALL: None}, jobs_kept=0)

@@ -264,3 +264,10 @@ def test_a_diverging_run_is_one_line_and_exit_1(tmp_path: Path, toy_dataset: Pat
     assert code == 1 and "Traceback" not in err, err
     assert err.strip().splitlines()[-1].startswith("ppvit train: error: loss is ")
     assert len(err.strip().splitlines()) == 1, err
+
+
+def test_a_path_with_bytes_that_are_not_utf8_is_a_setting_like_any_other() -> None:
+    """Python decodes a file name's non-UTF-8 bytes to lone surrogates ('caf\\udce9'): a check refusing those
+    in every settings read made Latin-1 folders untrainable and older run folders unreadable (second reader)."""
+    cfg = TrainConfig.from_flat(data="caf\udce9/enc", out="runs/caf\udce9")
+    assert TrainConfig.from_dict(cfg.to_dict()).data.data == "caf\udce9/enc"

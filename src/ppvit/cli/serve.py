@@ -56,7 +56,9 @@ def _serve(args: argparse.Namespace) -> None:
         )
     elif args.action == "add-tenant":
         _hand_over(
-            lambda: TenantStore(args.dir).add(args.name, args.adapter, args.weights, max_classes=args.max_classes),
+            lambda token: TenantStore(args.dir).add(
+                args.name, args.adapter, args.weights, max_classes=args.max_classes, token=token
+            ),
             args.token_file,
             args.name,
         )
@@ -66,7 +68,7 @@ def _serve(args: argparse.Namespace) -> None:
         print(f"tenant {args.name}: adapter version {version} (requests in flight finish on the previous one)")
     elif args.action == "rotate-token":
         _hand_over(
-            lambda: TenantStore(args.dir, create=False).rotate_token(args.name),
+            lambda token: TenantStore(args.dir, create=False).rotate_token(args.name, token),
             args.token_file,
             args.name,
             "has a new token (the old one no longer works)",
@@ -117,13 +119,17 @@ def _service_limits(args: argparse.Namespace):
     )
 
 
-def _hand_over(change: Callable[[], str], token_file: str | None, name: str, what: str = "added") -> None:
-    """Make the store ``change`` that yields a new token, then show the token once or write it to a new 0600 file.
+def _hand_over(change: Callable[[str], object], token_file: str | None, name: str, what: str = "added") -> None:
+    """Make the store ``change`` that registers a new token, showing it once or, into a new 0600 file, first.
 
-    The file is created first (never over an existing one) and removed if the change fails: a token file that
-    cannot be made must not leave a revoked token, or a tenant whose token nobody has, behind."""
+    The file is made and written (never over an existing one) before the store changes, and removed if the change
+    fails: a token that cannot be handed over (the file there, its folder missing, a full disk) must not leave a
+    revoked token, or a tenant whose token nobody has, behind."""
+    from ppvit.serve.tenants import new_token
+
+    token = new_token()
     if token_file is None:
-        token = change()
+        change(token)
         print(f"tenant {name} {what}. Its API token (shown once, only its hash is kept):\n{token}")
         return
     try:
@@ -132,15 +138,20 @@ def _hand_over(change: Callable[[], str], token_file: str | None, name: str, wha
         raise ValueError(f"token file {token_file}: exists; choose a new name") from None
     except OSError as exc:
         raise ValueError(f"token file {token_file}: cannot be created ({exc.strerror or exc})") from None
-    with os.fdopen(fd, "w") as fh:
-        try:
-            token = change()
-        except BaseException:
-            os.unlink(token_file)
-            raise
-        fh.write(token + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())  # the store's change is durable: so is the only copy of its token
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(token + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        change(token)
+    except OSError as exc:
+        os.unlink(token_file)
+        raise ValueError(
+            f"token file {token_file}: cannot be written ({exc.strerror or exc}); nothing changed"
+        ) from None
+    except BaseException:
+        os.unlink(token_file)
+        raise
     print(f"tenant {name} {what}; token written to {token_file} (mode 0600)")
 
 

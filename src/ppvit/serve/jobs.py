@@ -45,6 +45,7 @@ from ppvit.serve.runners import LocalRunner, RayRunner, Runner
 from ppvit.serve.service_db import ACTIVE, DatasetError, service_db
 from ppvit.serve.tenants import TenantStore
 from ppvit.train.config import TrainConfig
+from ppvit.train.runs import BEST_FILE, CHECKPOINT_FILE
 
 JOBS_DIR = "jobs"
 # Settings that are the server's (filled in from its limits and the dataset), never the client's.
@@ -247,6 +248,12 @@ def last_line(path: Path) -> str:
     return lines[-1] if lines else ""
 
 
+def drop_checkpoints(folder: Path) -> None:
+    """A finished job's checkpoints, its largest files: it is never resumed, and its adapter is registered."""
+    for name in (CHECKPOINT_FILE, BEST_FILE):
+        (folder / "run" / name).unlink(missing_ok=True)
+
+
 class Jobs:
     """Job records of one server root, per tenant; the :class:`Supervisor` moves them along."""
 
@@ -291,8 +298,8 @@ class Jobs:
             old = [  # finished jobs past the newest kept: their rows and folders (outside every quota) go
                 r[0]
                 for r in con.execute(
-                    "SELECT id FROM jobs WHERE tenant_id = ? AND state NOT IN (?, ?) ORDER BY created DESC "
-                    "LIMIT -1 OFFSET ?",
+                    "SELECT id FROM jobs WHERE tenant_id = ? AND state NOT IN (?, ?) "
+                    "ORDER BY COALESCE(ended, created) DESC LIMIT -1 OFFSET ?",  # a long job just ended is kept
                     (tenant_id, *ACTIVE, self.limits.jobs_kept),
                 )
             ]
@@ -302,13 +309,16 @@ class Jobs:
         return self.get(tenant_id, job_id)
 
     def sweep(self) -> None:
-        """Remove the folders of jobs that have no row (pruned, or their tenant removed, by a server stopped
-        before it removed them). At start, before any submission."""
+        """At start, before any submission: remove the folders of jobs that have no row (pruned, or their tenant
+        removed, by a server stopped before it removed them) and the checkpoints of finished jobs (a server stopped
+        before it removed them, or an earlier release: it kept them)."""
         with service_db(self.root) as con:
-            known = {r[0] for r in con.execute("SELECT id FROM jobs")}
+            states = dict(con.execute("SELECT id, state FROM jobs").fetchall())
         for folder in (self.root / JOBS_DIR).glob("job-*"):
-            if folder.name not in known:
+            if folder.name not in states:
                 shutil.rmtree(folder, ignore_errors=True)
+            elif states[folder.name] not in ACTIVE:
+                drop_checkpoints(folder)
 
     def _row(self, con: Any, tenant_id: int, job_id: str) -> tuple:
         row = con.execute(f"{ROW} WHERE id = ? AND tenant_id = ?", (job_id, tenant_id)).fetchone()

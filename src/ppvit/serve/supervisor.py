@@ -23,11 +23,10 @@ from pathlib import Path
 
 from ppvit._io import LockHeld, hold_lock
 from ppvit.serve.datasets import DATASETS_DIR
-from ppvit.serve.jobs import JOBS_DIR, Jobs, last_line
+from ppvit.serve.jobs import JOBS_DIR, Jobs, drop_checkpoints, last_line
 from ppvit.serve.runners import Runner
 from ppvit.serve.service_db import ACTIVE, service_db
 from ppvit.serve.tenants import TenantStore, hash_token, new_token
-from ppvit.train.runs import BEST_FILE, CHECKPOINT_FILE
 
 log = logging.getLogger(__name__)
 
@@ -258,8 +257,7 @@ class Supervisor:
         if state != "succeeded":
             with service_db(self.jobs.root) as con:
                 _ended(con, job_id, state, None, error)
-        for name in (CHECKPOINT_FILE, BEST_FILE):  # a finished job resumes never: its largest files go
-            (folder / "run" / name).unlink(missing_ok=True)
+        drop_checkpoints(folder)
         del self.handles[job_id], self.slots[job_id], self.exits[job_id]
         log.info("job %s of %s: %s%s", job_id, tenant, state, f" ({error})" if error else "")
 

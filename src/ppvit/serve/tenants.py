@@ -149,11 +149,13 @@ class TenantStore:
         adapter: str | os.PathLike,
         weights: str | os.PathLike | None = None,
         max_classes: int = MAX_CLASSES,
+        token: str | None = None,
     ) -> str:
-        """Register ``name`` with a copy of ``adapter``; returns the API token (shown once, never stored)."""
+        """Register ``name`` with a copy of ``adapter``; returns the API token (shown once, never stored): ``token``,
+        else a new one (a caller hands a token over before it is registered: a lost one locks nobody out)."""
         if not NAME.fullmatch(name):
             raise ValueError(f"tenant name {name!r}: {NAME_RULE}")
-        token = new_token()
+        token = token or new_token()
         with self._connect() as con:
             _refuse_existing(con, name)  # before the copy and its checks, which take seconds
         staged, weights = self._stage(name, adapter, weights, max_classes)
@@ -231,9 +233,9 @@ class TenantStore:
                 raise ValueError(f"tenant {name}: no adapter version {version} (deleted, or never registered)")
             con.execute("UPDATE tenants SET version = ? WHERE id = ?", (version, row[0]))
 
-    def rotate_token(self, name: str) -> str:
-        """A new API token for ``name``; the old one stops working at once."""
-        token = new_token()
+    def rotate_token(self, name: str, token: str | None = None) -> str:
+        """A new API token for ``name`` (``token``, else a new one); the old one stops working at once."""
+        token = token or new_token()
         with self._connect() as con:
             cur = con.execute("UPDATE tenants SET token_sha256 = ? WHERE name = ?", (hash_token(token), name))
             if cur.rowcount == 0:

@@ -31,7 +31,7 @@ from ppvit.serve.datasets import DatasetError, DatasetStore
 from ppvit.serve.jobs import Jobs, ServiceLimits
 from ppvit.serve.limits import Limits
 from ppvit.serve.supervisor import Supervisor, sole_supervisor
-from ppvit.serve.tenants import TenantStore
+from ppvit.serve.tenants import TenantAdapter, TenantStore
 
 SHARD_JSON = 200  # bytes of one shard's {path, bytes, sha256} in a declaration, generously
 MANIFEST_JSON = 1 << 20  # a manifest's bytes, its class names (at most 512 KiB) included
@@ -47,16 +47,22 @@ async def _call(fn: Callable[..., T], *args: Any) -> T:
         raise HTTPError(exc.status, str(exc)) from None
 
 
-async def _json(request: Request, limit: int, limits: Limits, timeout: float) -> dict[str, Any]:
-    """The body as a JSON object: read as every body is (:meth:`Limits.body`: 413, 408, the budget's 503), parsed
-    off the event loop (a large declaration does not hold up other requests), nested too deep or not JSON: 400."""
-    async with limits.body(request, limit, timeout) as body:
-        try:
-            doc = await asyncio.to_thread(json.loads, body)
-        except RecursionError:
-            raise HTTPError(400, "body: JSON nested too deep") from None
-        except (ValueError, UnicodeDecodeError):
-            raise HTTPError(400, "body: not JSON") from None
+async def _json(request: Request, limit: int, limits: Limits, timeout: float, who: TenantAdapter) -> dict[str, Any]:
+    """The body as a JSON object: read as every body is (:meth:`Limits.body`: 413, 408, the budget's 503), one of the
+    tenant's requests in flight (429 past its share: one tenant's bodies held open took the budget from every
+    other's predict), parsed off the event loop (a large declaration does not hold up other requests), nested too
+    deep or not JSON: 400."""
+    limits.enter(who)
+    try:
+        async with limits.body(request, limit, timeout) as body:
+            try:
+                doc = await asyncio.to_thread(json.loads, body)
+            except RecursionError:
+                raise HTTPError(400, "body: JSON nested too deep") from None
+            except (ValueError, UnicodeDecodeError):
+                raise HTTPError(400, "body: not JSON") from None
+    finally:
+        limits.leave(who)
     if not isinstance(doc, dict):
         raise HTTPError(422, "body: not a JSON object")
     return doc
@@ -71,6 +77,11 @@ def training_router(
     held within the server's body budget (``held``; a shard streams to disk, counted by the quota)."""
     datasets = DatasetStore(root, limits.datasets)
     declaration_json = MANIFEST_JSON + SHARD_JSON * limits.max_shards
+    if declaration_json > held.body_budget:  # else every large declaration got "retry shortly", for ever
+        raise ValueError(
+            f"the body budget ({held.body_budget} bytes) is under one declaration of {limits.max_shards} shards "
+            f"({declaration_json} bytes): raise the budget or lower the shards a dataset may have"
+        )
     jobs = Jobs(root, limits)
 
     running: dict[str, Supervisor] = {}  # the supervisor of the app's current lifespan
@@ -101,9 +112,9 @@ def training_router(
 
     @router.put("/datasets/{name}")
     async def declare(name: str, request: Request) -> dict[str, Any]:
-        tid = await tenant(request)
-        doc = await _json(request, declaration_json, held, body_timeout)
-        return (await _call(datasets.declare, tid, name, doc.get("manifest"), doc.get("shards"))).summary()
+        who = await bearer_tenant(request, tenants)
+        doc = await _json(request, declaration_json, held, body_timeout, who)
+        return (await _call(datasets.declare, who.tenant_id, name, doc.get("manifest"), doc.get("shards"))).summary()
 
     @router.get("/datasets/{name}")
     async def dataset(name: str, request: Request) -> dict[str, Any]:
@@ -131,8 +142,9 @@ def training_router(
 
     @router.post("/jobs")
     async def submit(request: Request) -> dict[str, Any]:
-        tid = await tenant(request)
-        doc = await _json(request, JOB_JSON, held, body_timeout)
+        who = await bearer_tenant(request, tenants)
+        tid = who.tenant_id
+        doc = await _json(request, JOB_JSON, held, body_timeout, who)
         name = doc.get("dataset")
         if not isinstance(name, str):
             raise HTTPError(422, "dataset: the name of one of your datasets")
