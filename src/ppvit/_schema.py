@@ -71,10 +71,11 @@ def check_fields(obj: Any, where: str = "") -> None:
 
 
 def lone_surrogate(doc: Any, path: str = "") -> str | None:
-    """Where a JSON document (its strings and keys) holds text no UTF-8 writes, a lone UTF-16 surrogate (valid JSON,
-    ``"\\ud800"``), as ``classes.train[0]``; None if nowhere. What a client sends the service is held to it: such a
-    class name was declared, trained and served, then every client command naming it failed. Not a rule of
-    :func:`matches`: Python decodes a file name's non-UTF-8 bytes to surrogates, which local paths may hold."""
+    """Where a JSON document (its strings and keys) holds text no UTF-8 writes, a lone UTF-16 surrogate (valid
+    JSON, ``"\\ud800"``), as ``classes.train[0]``; None if nowhere.
+    What a client sends the service is held to it: such a class name was declared, trained and served, then every
+    client command naming it failed. Not a rule of :func:`matches`: Python decodes a file name's non-UTF-8 bytes
+    to surrogates, which local paths may hold."""
     if isinstance(doc, str):
         try:
             doc.encode("utf-8")
@@ -85,7 +86,7 @@ def lone_surrogate(doc: Any, path: str = "") -> str | None:
     for k, v in items:
         where = f"{path}[{k}]" if isinstance(doc, list) else f"{path}.{k}" if path else str(k)
         if isinstance(k, str) and lone_surrogate(k) is not None:
-            return f"a key of {path or 'the body'}"
+            return f"a key of {path}" if path else "a key"
         found = lone_surrogate(v, where)
         if found is not None:
             return found

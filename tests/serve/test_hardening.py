@@ -37,6 +37,7 @@ from PIL import Image, PngImagePlugin
 from safetensors.torch import load_file, save_file
 from serving import EVERY_CLASS, LiveServer, build_world, dense, key_of, npy, png, reference_logits
 
+from ppvit import cli
 from ppvit.crypto.keys import Geometry, Key, KeyFileError
 from ppvit.models import routing
 from ppvit.models.adapters import CONFIG_NAME, WEIGHTS_NAME, load_adapter
@@ -192,8 +193,10 @@ def test_a_stalled_body_times_out_and_stalled_bodies_hold_a_bounded_memory(world
         stalled = _start_upload(server.port, token, 900_000, 100_000)
         try:
             time.sleep(0.3)
-            second = predict_raw(server.url, token, b"\0" * 500_000)  # would push the bodies held past 1 MiB
-            assert second.status_code == 503 and "retry" in second.json()["error"]
+            second = predict_raw(server.url, token, b"\0" * 500_000)  # would push carol's bodies past her share
+            assert second.status_code == 429 and "body bytes at once; the limit is 1048576" in second.json()["error"]
+            other = predict_raw(server.url, world["tokens"]["alice"], b"\0" * 500_000)  # and the bodies past 1 MiB
+            assert other.status_code == 503 and "retry" in other.json()["error"]
             assert _status(stalled, 5) == 408, "a body that stopped arriving was waited for"
         finally:
             stalled.close()
@@ -229,8 +232,8 @@ def test_a_service_body_is_held_to_the_deadline_the_body_budget_and_the_tenants_
             stalled.close()
         ok = predict_raw(server.url, alice, npy(world["images"][:1]))
         assert ok.status_code == 200, ok.text  # the budget was given back
-    with pytest.raises(ValueError, match=r"the body budget \(1048576 bytes\) is under one declaration of 1000"):
-        LiveServer(dataclasses.replace(cfg, max_body_bytes=1 << 20, body_budget_bytes=1 << 20)).__enter__()
+    with pytest.raises(ValueError, match=r"the body budget \(1048576\) is under one declaration of 1000 shards"):
+        dataclasses.replace(cfg, max_body_bytes=1 << 20, body_budget_bytes=1 << 20)  # refused before a port is bound
 
 
 def test_one_tenant_gets_429_past_its_requests_in_flight_and_others_are_served(world: dict) -> None:
@@ -994,3 +997,44 @@ def test_a_token_file_that_cannot_be_written_changes_nothing(
     store = TenantStore(root, create=False)
     assert store.by_token(old).tenant == "carol" and [t.tenant for t in store.list()] == ["carol"]
     assert not (tmp_path / "new.token").exists()
+
+
+def test_one_tenant_holds_at_most_the_budget_less_one_body(world: dict) -> None:
+    """Eight predict bodies of 32 MiB held open were the whole default budget: every other tenant's request got 503
+    (third reader). A tenant holds at most the budget less one body; another tenant's body still fits."""
+    carol, alice = world["tokens"]["carol"], world["tokens"]["alice"]
+    cfg = ServeConfig(world["root"], window_ms=1, max_body_bytes=1 << 20, body_budget_bytes=3 << 20, body_timeout_s=3)
+    with LiveServer(cfg) as server:
+        held = [_start_upload(server.port, carol, 1 << 20, 1_000) for _ in range(2)]  # her share: 2 MiB
+        try:
+            time.sleep(0.3)
+            third = predict_raw(server.url, carol, b"\0" * 1_000)
+            assert third.status_code == 429 and "the limit is 2097152" in third.json()["error"], third.text
+            ok = predict_raw(server.url, alice, npy(world["images"][:1]))
+            assert ok.status_code == 200, ok.text
+        finally:
+            for s in held:
+                s.close()
+
+
+def test_a_store_refusal_is_said_as_itself_and_a_registered_token_keeps_its_file(
+    world: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The store's own refusal (an adapter folder missing) was said as the token file's "cannot be written"; and an
+    interrupt after the store took the token removed the file, its only copy (third reader)."""
+    root = tmp_path / "root"
+    old = TenantStore(root).add("carol", world["runs"]["carol"])
+    argv = ["serve", "add-tenant", str(root), "dave", "--token-file", tmp_path / "dave.token"]
+    one_line_error([*argv, "--adapter", tmp_path / "nope"], capsys, "nope: no ppvit_adapter.json")
+    assert not (tmp_path / "dave.token").exists()
+    rotate = TenantStore.rotate_token
+
+    def rotated_then_interrupted(self: TenantStore, name: str, token: str | None = None) -> str:
+        rotate(self, name, token)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(TenantStore, "rotate_token", rotated_then_interrupted)
+    assert cli.main(["serve", "rotate-token", str(root), "carol", "--token-file", str(tmp_path / "new.token")]) == 130
+    new = (tmp_path / "new.token").read_text().strip()
+    store = TenantStore(root, create=False)
+    assert store.by_token(new).tenant == "carol" and store.by_token(old) is None

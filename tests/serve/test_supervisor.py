@@ -609,12 +609,12 @@ def test_a_second_server_with_training_on_one_folder_is_refused(tmp_path: Path) 
     limits = ServiceLimits(models={})
 
     async def two() -> None:
-        _, first = training_router(tmp_path, TenantStore(tmp_path), limits, Limits(256 << 20, 1), 5.0)
+        _, first = training_router(tmp_path, TenantStore(tmp_path), limits, Limits(256 << 20, 1, 32 << 20), 5.0)
         async with first(None):
             arriving = tmp_path / "datasets" / "1" / "d" / "train" / ".shard-000000.tar.5dko7_sb.tmp"
             arriving.parent.mkdir(parents=True)
             arriving.write_bytes(b"half a shard")  # the first server's upload in flight
-            _, second = training_router(tmp_path, TenantStore(tmp_path), limits, Limits(256 << 20, 1), 5.0)
+            _, second = training_router(tmp_path, TenantStore(tmp_path), limits, Limits(256 << 20, 1, 32 << 20), 5.0)
             with pytest.raises(ValueError, match=rf"another ppvit serve \(pid {os.getpid()}\) runs the training"):
                 async with second(None):
                     pass

@@ -59,6 +59,7 @@ def _serve(args: argparse.Namespace) -> None:
             lambda token: TenantStore(args.dir).add(
                 args.name, args.adapter, args.weights, max_classes=args.max_classes, token=token
             ),
+            args.dir,
             args.token_file,
             args.name,
         )
@@ -69,6 +70,7 @@ def _serve(args: argparse.Namespace) -> None:
     elif args.action == "rotate-token":
         _hand_over(
             lambda token: TenantStore(args.dir, create=False).rotate_token(args.name, token),
+            args.dir,
             args.token_file,
             args.name,
             "has a new token (the old one no longer works)",
@@ -119,7 +121,9 @@ def _service_limits(args: argparse.Namespace):
     )
 
 
-def _hand_over(change: Callable[[str], object], token_file: str | None, name: str, what: str = "added") -> None:
+def _hand_over(
+    change: Callable[[str], object], root: str, token_file: str | None, name: str, what: str = "added"
+) -> None:
     """Make the store ``change`` that registers a new token, showing it once or, into a new 0600 file, first.
 
     The file is made and written (never over an existing one) before the store changes, and removed if the change
@@ -143,16 +147,28 @@ def _hand_over(change: Callable[[str], object], token_file: str | None, name: st
             fh.write(token + "\n")
             fh.flush()
             os.fsync(fh.fileno())
-        change(token)
     except OSError as exc:
         os.unlink(token_file)
         raise ValueError(
             f"token file {token_file}: cannot be written ({exc.strerror or exc}); nothing changed"
         ) from None
+    try:
+        change(token)
     except BaseException:
-        os.unlink(token_file)
+        if not _registered(root, token):  # interrupted after the store took it: the file is its only copy
+            os.unlink(token_file)
         raise
     print(f"tenant {name} {what}; token written to {token_file} (mode 0600)")
+
+
+def _registered(root: str, token: str) -> bool:
+    """Whether the store at ``root`` knows ``token`` (False where it cannot say: no store, a damaged one)."""
+    from ppvit.serve.tenants import TenantStore
+
+    try:
+        return TenantStore(root, create=False).by_token(token) is not None
+    except (ValueError, OSError):
+        return False
 
 
 def add_serve(sub: argparse._SubParsersAction) -> None:
@@ -208,7 +224,7 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--body-budget-mb", type=int, default=256, help="request bodies held in memory at once, MiB (256; 503 beyond)"
     )
-    p.add_argument("--tenant-requests", type=int, default=8, help="a tenant's predict requests in flight (8; 429)")
+    p.add_argument("--tenant-requests", type=int, default=8, help="a tenant's requests with bodies in flight (8; 429)")
     p.add_argument("--metrics", action="store_true", help="serve GET /metrics (every tenant's traffic; bind privately)")
     p.add_argument("--docs", action="store_true", help="serve /docs and /openapi.json")
     p.add_argument("--ssl-certfile", help="TLS certificate (PEM) for HTTPS; or put a TLS reverse proxy in front")

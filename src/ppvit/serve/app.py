@@ -52,7 +52,7 @@ from ppvit.serve.jobs import ServiceLimits
 from ppvit.serve.limits import Limits
 from ppvit.serve.metrics import Metrics
 from ppvit.serve.tenants import TenantStore
-from ppvit.serve.training_api import training_router
+from ppvit.serve.training_api import declaration_bytes, training_router
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("ppvit.serve.access")
@@ -80,7 +80,7 @@ class ServeConfig:
     header_timeout_s: float = 10.0  # from a request's first byte (or the connection's opening) to its last header
     body_timeout_s: float = 30.0  # to receive a whole body
     body_budget_bytes: int = 256 << 20  # request bodies held in memory at once, all tenants (503 beyond)
-    tenant_requests: int = 8  # one tenant's predict requests in flight (429 beyond)
+    tenant_requests: int = 8  # one tenant's requests with bodies in flight, predict's and the service's (429 beyond)
     min_free_bytes: int = 64 << 20  # free space on the store's disk under which /healthz says degraded
     metrics: bool = False  # serve GET /metrics (it shows every tenant's traffic: bind it privately)
     docs: bool = False  # serve /docs and /openapi.json
@@ -92,6 +92,12 @@ class ServeConfig:
             raise ValueError(f"max images per request ({self.max_images}) exceeds the batch ({self.max_batch})")
         if self.body_budget_bytes < self.max_body_bytes:
             raise ValueError(f"the body budget ({self.body_budget_bytes}) is under one body ({self.max_body_bytes})")
+        declaration = declaration_bytes(self.training) if self.training else 0
+        if self.body_budget_bytes < declaration:  # else every large declaration was told "retry shortly", for ever
+            raise ValueError(
+                f"the body budget ({self.body_budget_bytes}) is under one declaration of {self.training.max_shards} "
+                f"shards ({declaration} bytes): raise the budget or lower the shards a dataset may have"
+            )
         if not 1 <= self.top_k <= self.max_top_k:
             raise ValueError(f"top-k ({self.top_k}): between 1 and the max top-k ({self.max_top_k})")
         if self.slots < 1 or self.slot_bytes < 0:
@@ -183,7 +189,7 @@ def create_app(cfg: ServeConfig) -> FastAPI:
     store = TenantStore(cfg.root, hold_reader=True)
     cache = AdapterCache(cfg.cache_bytes, cfg.device, cfg.slots, cfg.slot_bytes, cfg.cuda_graphs)
     metrics = Metrics()
-    limits = Limits(cfg.body_budget_bytes, cfg.tenant_requests)
+    limits = Limits(cfg.body_budget_bytes, cfg.tenant_requests, cfg.max_body_bytes)
     state: dict[str, Batcher] = {}
     routes, service_lifespan = (None, nullcontext)
     if cfg.training is not None:
@@ -264,7 +270,7 @@ def create_app(cfg: ServeConfig) -> FastAPI:
         served = await resolve(request)
         limits.enter(served.tenant)
         try:  # the body's bytes stay reserved until the answer: its images are held as long
-            async with limits.body(request, cfg.max_body_bytes, cfg.body_timeout_s) as body:
+            async with limits.body(request, cfg.max_body_bytes, cfg.body_timeout_s, served.tenant) as body:
                 expected = Expected.of(served, cfg.max_images)
                 kind = request.headers.get("content-type", "")
                 images = await asyncio.to_thread(decode_images, body, kind, expected)  # off the event loop

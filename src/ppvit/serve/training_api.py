@@ -39,6 +39,11 @@ JOB_JSON = 64 << 10  # a job submission: flat settings
 T = TypeVar("T")
 
 
+def declaration_bytes(limits: ServiceLimits) -> int:
+    """The most bytes a dataset declaration may have: a manifest and its shards' specs."""
+    return MANIFEST_JSON + SHARD_JSON * limits.max_shards
+
+
 async def _call(fn: Callable[..., T], *args: Any) -> T:
     """A store call off the event loop; its refusal as the answer's status and line."""
     try:
@@ -54,7 +59,7 @@ async def _json(request: Request, limit: int, limits: Limits, timeout: float, wh
     deep or not JSON: 400."""
     limits.enter(who)
     try:
-        async with limits.body(request, limit, timeout) as body:
+        async with limits.body(request, limit, timeout, who) as body:
             try:
                 doc = await asyncio.to_thread(json.loads, body)
             except RecursionError:
@@ -76,12 +81,7 @@ def training_router(
     queued); every body must arrive within ``body_timeout`` seconds, as a predict body must, and a JSON one is
     held within the server's body budget (``held``; a shard streams to disk, counted by the quota)."""
     datasets = DatasetStore(root, limits.datasets)
-    declaration_json = MANIFEST_JSON + SHARD_JSON * limits.max_shards
-    if declaration_json > held.body_budget:  # else every large declaration got "retry shortly", for ever
-        raise ValueError(
-            f"the body budget ({held.body_budget} bytes) is under one declaration of {limits.max_shards} shards "
-            f"({declaration_json} bytes): raise the budget or lower the shards a dataset may have"
-        )
+    declaration_json = declaration_bytes(limits)
     jobs = Jobs(root, limits)
 
     running: dict[str, Supervisor] = {}  # the supervisor of the app's current lifespan
