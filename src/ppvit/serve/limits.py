@@ -1,5 +1,6 @@
 """What the server holds for its clients at once, every route alike: request body bytes in memory (all tenants,
-503 beyond), a body's deadline (408) and size (413), and each tenant's predict requests in flight (429).
+503 beyond; one tenant at most the budget less one body, 429), a body's deadline (408) and size (413), and each
+tenant's requests with bodies in flight (429).
 
 A declaration or a job submission trickled in, or sixty of them held open a byte short, held memory the
 budget never counted (hostile tester): every body, predict's and the service's, is read here.
