@@ -123,11 +123,8 @@ def run_cells(todo: list[Cell], configs: list[TrainConfig], name: str, progress:
             try:
                 cell.result = run_cell(cfg, spawn)
             except TrainingStopped as exc:  # SIGTERM/SIGINT asked the whole run to stop, not this cell alone
-                raise TrainingStopped(  # its message said `--resume`, which reproduce has no need of
-                    f"stopped by {signal.Signals(exc.signum).name} in the cell {cell.method} {cell.scheme} seed "
-                    f"{cell.seed}, its checkpoint kept in {run}: the same reproduce command continues it",
-                    exc.signum,
-                ) from None
+                where = f"in the cell {cell.method} {cell.scheme} seed {cell.seed}, its checkpoint kept in {run}"
+                raise rerun_continues(exc, where) from None
             except Exception as exc:  # one failed cell is reported in the table; the others still run
                 if i == 0:
                     raise ValueError(
@@ -139,3 +136,10 @@ def run_cells(todo: list[Cell], configs: list[TrainConfig], name: str, progress:
             log.info(
                 "%s %s seed %d: %s (%.0f s)", cell.method, cell.scheme, cell.seed, status, time.perf_counter() - t0
             )
+
+
+def rerun_continues(stopped: TrainingStopped, where: str) -> TrainingStopped:
+    """A stop of training inside reproduce, said as reproduce continues it: training's own message says
+    `--resume`, which reproduce has no need of (the same command skips finished work and resumes the rest)."""
+    name = signal.Signals(stopped.signum).name
+    return TrainingStopped(f"stopped by {name} {where}: the same reproduce command continues it", stopped.signum)

@@ -9,7 +9,6 @@ import json
 import logging
 import math
 import os
-import signal
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from ppvit.data.datasets import load_test_split, resolve_data
 from ppvit.data.sources.cifar10 import CIFAR10_ENV
 from ppvit.data.sources.cifar10 import NAME as CIFAR10_NAME
 from ppvit.experiments.budget import BUDGET_FILE, estimate, fit_budget
-from ppvit.experiments.cells import cell_config, check_finished, run_cells
+from ppvit.experiments.cells import cell_config, check_finished, rerun_continues, run_cells
 from ppvit.experiments.presets import Preset, Upstream
 from ppvit.experiments.results import Cell, ResultTable
 from ppvit.models.adapters import merge_to_file
@@ -188,12 +187,8 @@ def _reproduce(
         log.info("pretraining %s upstream (cached after the first run)", preset.model)
         try:
             weights, upstream = pretrain(preset.model, preset.upstream, data, quiet=not progress)
-        except TrainingStopped as exc:  # its message said `--resume`, which reproduce has no need of
-            raise TrainingStopped(
-                f"stopped by {signal.Signals(exc.signum).name} while pretraining the upstream model, its checkpoint "
-                "kept: the same reproduce command continues it",
-                exc.signum,
-            ) from None
+        except TrainingStopped as exc:
+            raise rerun_continues(exc, "while pretraining the upstream model, its checkpoint kept") from None
         upstream_acc = upstream.test_acc
     common.update(weights=str(weights) if weights else None, pretrained=bool(pretrained) and weights is None)
     # seed by seed: an interrupted run leaves whole tables of the first seeds
