@@ -452,3 +452,15 @@ def test_uploads_in_flight_hold_at_most_the_quota(tmp_path: Path, monkeypatch: p
 
     asyncio.run(uploads())
     assert store.get(tenant_id, "b").complete and [d.name for d in store.list(tenant_id)] == ["b"]
+
+
+def test_a_declaration_for_a_tenant_removed_after_its_token_was_checked_is_a_409(tmp_path: Path) -> None:
+    """The token checked, then remove-tenant, then the declaration's insert: "FOREIGN KEY constraint failed" was
+    answered 503, as if the server were at fault (hostile tester, session 21)."""
+    tenant_id, _ = tenant_root(tmp_path)
+    TenantStore(tmp_path).remove("eve")
+    with pytest.raises(datasets.DatasetError, match="removed meanwhile") as refused:
+        DatasetStore(tmp_path).declare(tenant_id, "d", MANIFEST, shards(1))
+    assert refused.value.status == 409
+    with service_db(tmp_path) as con:
+        assert con.execute("SELECT COUNT(*) FROM datasets").fetchone() == (0,)

@@ -72,7 +72,8 @@ def service_db(root: Path) -> Iterator[sqlite3.Connection]:
 
     Taken with the write lock from its start (``BEGIN IMMEDIATE``): a count and the insert it
     allows (a quota, a tenant's jobs) cannot interleave with another request's. A database
-    error is a :class:`DatasetError` naming the file, not its folder: 507 for a full disk, else 503.
+    error is a :class:`DatasetError` naming the file, not its folder: 507 for a full disk, 409 for a row naming
+    a tenant or dataset removed since the request was let in, else 503.
     """
     try:
         con = sqlite3.connect(root / DB_NAME, timeout=30)
@@ -87,6 +88,11 @@ def service_db(root: Path) -> Iterator[sqlite3.Connection]:
         with con:
             con.execute("BEGIN IMMEDIATE")
             yield con
+    except sqlite3.IntegrityError as exc:
+        if "FOREIGN KEY" not in str(exc):
+            raise DatasetError(503, f"{DB_NAME}: {exc}") from None
+        # a row naming a tenant (or dataset) removed after the request's token was checked: not the server's fault
+        raise DatasetError(409, "the tenant or dataset of this request was removed meanwhile") from None
     except sqlite3.DatabaseError as exc:
         full = getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL or "full" in str(exc)
         raise DatasetError(507 if full else 503, f"{DB_NAME}: {exc}") from None
