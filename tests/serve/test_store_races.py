@@ -9,6 +9,7 @@ import json
 import sqlite3
 import tarfile
 import threading
+import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -464,3 +465,37 @@ def test_a_declaration_for_a_tenant_removed_after_its_token_was_checked_is_a_409
     assert refused.value.status == 409
     with service_db(tmp_path) as con:
         assert con.execute("SELECT COUNT(*) FROM datasets").fetchone() == (0,)
+
+
+def test_a_shard_upload_waiting_for_the_database_lock_does_not_stall_other_requests(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The upload's reads and writes of the database ran on the event loop: while another request's transaction held
+    the write lock (up to the 30 s timeout), every tenant's requests, predictions too, waited (session 21's note)."""
+    tenant_id, _ = tenant_root(tmp_path)
+    store = DatasetStore(tmp_path)
+    data = b"x" * 100
+    path = one_shard(store, tenant_id, "d", data)
+    monkeypatch.setattr(datasets, "check_shard", lambda path, size: 10)
+    locked, release = threading.Event(), threading.Event()
+
+    def writer() -> None:  # another request's transaction, as a declaration's in its thread
+        with service_db(tmp_path):
+            locked.set()
+            release.wait(10)
+
+    async def meanwhile() -> None:
+        upload = asyncio.create_task(store.receive(tenant_id, "d", path, sent(data)))
+        for _ in range(10):  # the loop's other work, 0.5 s of it, while the lock is held; then the writer ends
+            await asyncio.sleep(0.05)
+        release.set()
+        await upload
+
+    holder = threading.Thread(target=writer)
+    holder.start()
+    locked.wait(10)
+    started = time.monotonic()
+    asyncio.run(meanwhile())
+    holder.join()
+    assert time.monotonic() - started < 5  # the ticks ran while the upload waited, not after the lock was released
+    assert store.get(tenant_id, "d").complete

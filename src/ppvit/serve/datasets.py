@@ -401,16 +401,8 @@ class DatasetStore:
         check_name(name)
         if not SHARD_PATH.fullmatch(path):
             raise DatasetError(404, f"shard path {path[:80]!r}: not SPLIT/shard-NNNNNN.tar")
-        with service_db(self.root) as con:
-            row = con.execute(
-                "SELECT s.bytes, s.sha256, s.done, d.manifest, d.created FROM shards s JOIN datasets d "
-                "ON d.tenant_id = s.tenant_id AND d.name = s.dataset "
-                "WHERE s.tenant_id = ? AND s.dataset = ? AND s.path = ?",
-                (tenant_id, name, path),
-            ).fetchone()
-        if row is None:
-            self.get(tenant_id, name)  # 404 for the dataset first
-            raise DatasetError(404, f"dataset {name}: no shard {path} was declared")
+        # the database in a thread, as every route's: a writer holding its lock (up to 30 s) stalls this request only
+        row = await asyncio.to_thread(self._declared, tenant_id, name, path)
         size, _, done, _, _ = row
         if done:
             return  # a retry after an answer that was lost: already here
@@ -431,6 +423,20 @@ class DatasetStore:
             await self._write(tenant_id, name, path, row, chunks)
         finally:
             del self._receiving[key]
+
+    def _declared(self, tenant_id: int, name: str, path: str) -> tuple:
+        """The shard's declaration (bytes, sha256, done) with its dataset's (manifest, created); 404 without one."""
+        with service_db(self.root) as con:
+            row = con.execute(
+                "SELECT s.bytes, s.sha256, s.done, d.manifest, d.created FROM shards s JOIN datasets d "
+                "ON d.tenant_id = s.tenant_id AND d.name = s.dataset "
+                "WHERE s.tenant_id = ? AND s.dataset = ? AND s.path = ?",
+                (tenant_id, name, path),
+            ).fetchone()
+        if row is None:
+            self.get(tenant_id, name)  # 404 for the dataset first
+            raise DatasetError(404, f"dataset {name}: no shard {path} was declared")
+        return row
 
     async def _write(self, tenant_id: int, name: str, path: str, row: tuple, chunks: AsyncIterator[bytes]) -> None:
         """:meth:`receive`'s file and row, once it holds the shard: the body streamed to a temporary file, checked,
@@ -467,6 +473,10 @@ class DatasetStore:
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
+        await asyncio.to_thread(self._mark_done, tenant_id, name, path, images, declared)
+
+    def _mark_done(self, tenant_id: int, name: str, path: str, images: int, declared: float) -> None:
+        """The received shard's row marked done, for the declaration it was checked against (``declared``: when)."""
         with service_db(self.root) as con:
             marked = con.execute(
                 "UPDATE shards SET done = 1, images = ? WHERE tenant_id = ? AND dataset = ? AND path = ? AND EXISTS "
