@@ -933,6 +933,21 @@ def test_a_token_can_be_rotated(world: dict, tmp_path: Path) -> None:
         TenantStore(root).rotate_token("nobody")
 
 
+@pytest.mark.parametrize("token", ["", "secret", "ppvit_" + "a" * 42, "ppvit_" + "a" * 42 + " ", "x" * 49])
+def test_a_library_caller_cannot_give_a_tenant_a_weak_token(world: dict, tmp_path: Path, token: str) -> None:
+    """``add``/``rotate_token(token=...)`` took any string: "" or "secret" was a tenant's whole protection."""
+    store = TenantStore(tmp_path / "root")
+    store.add("carol", world["runs"]["carol"])
+    for change in (
+        lambda: store.add("dave", world["runs"]["carol"], token=token),
+        lambda: store.rotate_token("carol", token),
+    ):
+        with pytest.raises(ValueError, match="API token: not one ppvit issues"):
+            change()
+    assert [t.tenant for t in store.list()] == ["carol"] and store.by_token(token) is None
+    assert store.rotate_token("carol", "ppvit_" + "a" * 43) == "ppvit_" + "a" * 43  # one it could have issued
+
+
 @pytest.mark.parametrize(
     ("action", "name", "file", "says"),
     [

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import re
 import secrets
 import shutil
 import sqlite3
@@ -55,6 +56,7 @@ from ppvit.train.runs import adapter_dir
 SCHEMA_VERSION = 1
 DB_NAME = "tenants.sqlite"
 TOKEN_PREFIX = "ppvit_"
+ISSUED_TOKEN = re.compile(TOKEN_PREFIX + r"[A-Za-z0-9_-]{43}")
 MODEL_KWARGS = frozenset({"img_size"})  # the only create_backbone arguments an adapter config may set
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -155,7 +157,7 @@ class TenantStore:
         else a new one (a caller hands a token over before it is registered: a lost one locks nobody out)."""
         if not NAME.fullmatch(name):
             raise ValueError(f"tenant name {name!r}: {NAME_RULE}")
-        token = token or new_token()
+        token = checked_token(token)
         with self._connect() as con:
             _refuse_existing(con, name)  # before the copy and its checks, which take seconds
         staged, weights = self._stage(name, adapter, weights, max_classes)
@@ -235,7 +237,7 @@ class TenantStore:
 
     def rotate_token(self, name: str, token: str | None = None) -> str:
         """A new API token for ``name`` (``token``, else a new one); the old one stops working at once."""
-        token = token or new_token()
+        token = checked_token(token)
         with self._connect() as con:
             cur = con.execute("UPDATE tenants SET token_sha256 = ? WHERE name = ?", (hash_token(token), name))
             if cur.rowcount == 0:
@@ -379,6 +381,16 @@ def _refuse_existing(con: sqlite3.Connection, name: str) -> None:
 
 def new_token() -> str:
     return TOKEN_PREFIX + secrets.token_urlsafe(32)
+
+
+def checked_token(token: str | None) -> str:
+    """``token`` if it is one :func:`new_token` could have made (256 random bits), else a new one when None: a
+    library caller's "secret" or "" would otherwise be a tenant's whole protection."""
+    if token is None:
+        return new_token()
+    if not (isinstance(token, str) and ISSUED_TOKEN.fullmatch(token)):
+        raise ValueError(f"API token: not one ppvit issues ({TOKEN_PREFIX} and 43 URL-safe base64 characters)")
+    return token
 
 
 def _copy_private(src: Path, dst: Path, private: set[tuple[int, int]]) -> None:
