@@ -39,7 +39,8 @@ import yaml
 
 from ppvit._io import atomic_write_bytes
 from ppvit._schema import lone_surrogate
-from ppvit.serve.datasets import DATASETS_DIR, Dataset, DatasetLimits, private_dirs
+from ppvit.serve.datasets import DATASETS_DIR, Dataset, private_dirs
+from ppvit.serve.declarations import DatasetLimits
 from ppvit.serve.defaults import MAX_CLASSES
 from ppvit.serve.runners import LocalRunner, RayRunner, Runner
 from ppvit.serve.service_db import ACTIVE, DatasetError, service_db
