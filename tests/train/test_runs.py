@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -170,3 +172,83 @@ def test_a_run_result_edited_by_hand_is_refused_in_one_line(tmp_path: Path, edit
         return
     with pytest.raises(ValueError, match=rf"run result {tmp_path / 'r.json'}: {says}"):
         RunResult.read(tmp_path / "r.json")
+
+
+@pytest.fixture(scope="module")
+def keyed_run(tmp_path_factory: pytest.TempPathFactory, toy_dataset: Path) -> Path:
+    """A finished one-epoch run with a key, its data and key copied beside it (each case edits its own copy)."""
+    from ppvit.crypto.keys import Key
+
+    base = tmp_path_factory.mktemp("keyed")
+    shutil.copytree(toy_dataset, base / "data")
+    Key.generate().save(base / "k.key")
+    train(train_config(base / "run", base / "data", base / "k.key", epochs=1))
+    return base
+
+
+def _damage(name: str, run: Path, where: Path) -> None:
+    """One way a run's key, data or files can change between its stop and its --resume."""
+    from ppvit.crypto.keys import Key
+
+    ckpt = run / "checkpoint.pt"
+    if name == "key swapped":
+        (where / "k.key").unlink()
+        Key.generate().save(where / "k.key")
+    elif name == "class added":
+        shutil.copytree(where / "data" / "train" / "class0", where / "data" / "train" / "class9")
+    elif name == "class renamed":
+        (where / "data" / "train" / "class3").rename(where / "data" / "train" / "classX")
+    elif name == "best truncated":
+        (run / "best.pt").write_bytes((run / "best.pt").read_bytes()[:100])
+    elif name == "best of other shapes":
+        torch.save({n: t[:1] for n, t in torch.load(run / "best.pt").items()}, run / "best.pt")
+    else:
+        payload = torch.load(ckpt, weights_only=False)
+        edits = {
+            "a list": lambda p: [p],
+            "no model": lambda p: {k: v for k, v in p.items() if k != "model"},
+            "an extra field": lambda p: {**p, "bogus": 1},
+            "epoch as text": lambda p: {**p, "epoch": "x"},
+            "head of 5 classes": lambda p: {
+                **p,
+                "model": {**p["model"], "head.weight": torch.zeros(5, p["model"]["head.weight"].shape[1])},
+            },
+        }
+        torch.save(edits[name](payload), ckpt)
+
+
+@pytest.mark.parametrize(
+    ("damage", "says"),
+    [
+        (
+            "key swapped",
+            r"checkpoint .*checkpoint\.pt: trained with key fingerprint \w+, this run has \w+: resume with",
+        ),
+        ("class added", r"trained with classes class0, class1, class2, class3, this run has class0, .*class9"),
+        ("class renamed", r"trained with classes class0, class1, class2, class3, this run has .*classX"),
+        ("a list", r"checkpoint .*: damaged \(not a ppvit checkpoint\)"),
+        ("no model", r"checkpoint .*: damaged \(not a ppvit checkpoint\)"),
+        ("an extra field", r"checkpoint .*: damaged \(.*'bogus'"),
+        ("epoch as text", r"checkpoint .*: damaged \(epoch 'x': must be an integer\)"),
+        ("head of 5 classes", r"checkpoint .*: head\.weight has shape \(5, 48\), this run's \(4, 48\)"),
+        ("best truncated", r"best weights .*best\.pt: cannot be read"),
+        ("best of other shapes", r"best weights .*best\.pt: \S+ has shape"),
+    ],
+)
+def test_a_resume_refuses_another_key_other_classes_and_damaged_files_in_one_line(
+    tmp_path: Path, keyed_run: Path, damage: str, says: str, capsys
+) -> None:
+    """A key replaced at the run's key path was trained on (config.yaml names the path, not the key): the adapter's
+    fingerprint changed silently; a class added was a traceback from copy_, one renamed trained on under the old
+    name; checkpoints and best weights that load but are not what ppvit wrote were tracebacks (hostile tester)."""
+    where = tmp_path / "copy"
+    shutil.copytree(keyed_run, where)
+    config = where / "run" / "config.yaml"
+    config.write_text(config.read_text().replace(str(keyed_run), str(where)))
+    _damage(damage, where / "run", where)
+    before = (where / "run" / "checkpoint.pt").read_bytes()
+    capsys.readouterr()
+    assert cli.main(["-q", "train", "--resume", "--out", str(where / "run")]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and re.search(says, err), err
+    assert (where / "run" / "checkpoint.pt").read_bytes() == before

@@ -75,6 +75,13 @@ def make_cipher(cfg: TrainConfig, block_size: int) -> BlockCipher | None:
     return BlockCipher(Key.load(cfg.crypto.key), Scheme.parse(cfg.crypto.scheme), block_size)
 
 
+def run_fingerprint(cipher: BlockCipher | None, manifest: Manifest | None) -> str | None:
+    """The key a run trains with, by fingerprint: its cipher's (it holds the key) or its ciphertext's manifest's."""
+    if cipher is not None:
+        return cipher.key.fingerprint
+    return None if manifest is None else manifest.key_fingerprint
+
+
 def adapter_meta(
     cfg: TrainConfig,
     classes: tuple[str, ...],
@@ -84,11 +91,11 @@ def adapter_meta(
 ) -> AdapterMeta:
     """What the adapter must remember: base model and input size, method, classes, the encryption (no key),
     and the input recipe (resize kernel, mean and std) it trained with."""
-    scheme = block = fingerprint = None
+    scheme = block = None
     if cipher is not None:
-        scheme, block, fingerprint = str(cipher.scheme), cipher.block_size, cipher.key.fingerprint
+        scheme, block = str(cipher.scheme), cipher.block_size
     elif manifest is not None:
-        scheme, block, fingerprint = manifest.scheme, manifest.block_size, manifest.key_fingerprint
+        scheme, block = manifest.scheme, manifest.block_size
     b = cfg.backbone
     return AdapterMeta(
         model=b.model,
@@ -101,7 +108,7 @@ def adapter_meta(
         init_seed=None if (b.weights or b.pretrained) else cfg.run.seed,
         scheme=scheme,
         block_size=block,
-        key_fingerprint=fingerprint,
+        key_fingerprint=run_fingerprint(cipher, manifest),
         key_init=cfg.crypto.key_init,
         preprocess=preprocess,
     )

@@ -51,11 +51,15 @@ class RunState:
     step: int = 0  # micro-batches consumed
     best_val_acc: float = -1.0
     best_epoch: int | None = None
-    history: list[dict[str, float]] = field(default_factory=list)
-    partial: dict[str, float] | None = None  # running sums of an epoch checkpointed part-way
+    history: list[dict[str, Any]] = field(default_factory=list)  # per epoch (a diverged run's losses: not finite)
+    partial: dict[str, Any] | None = None  # running sums of an epoch checkpointed part-way
     # the learning-rate schedules, oldest first: {start_epoch, start_step, epochs (the run's length under it)};
     # a resume with a larger --epochs adds one (see :func:`plan_schedules`)
     schedules: list[dict[str, int]] = field(default_factory=list)
+    # what the run trains on: {"key_fingerprint": its cipher's or its data manifest's (None: plain), "classes": [...]}
+    # (config.yaml names the key file, not its content: a key swapped at that path was trained on; None: a
+    # checkpoint written before this was recorded)
+    trained_on: dict[str, Any] | None = None
 
 
 @dataclass
@@ -206,18 +210,68 @@ def _torch_save(obj: object, tmp: Path) -> None:
         torch.save(obj, fh)
 
 
-def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> RunState:
-    """Restore the trained tensors and the optimiser in place; returns the saved state."""
+def load_checkpoint(
+    path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, trained_on: dict[str, Any] | None = None
+) -> RunState:
+    """Restore the trained tensors and the optimiser in place; returns the saved state. ``trained_on``: what this
+    run trains on (:attr:`RunState.trained_on`), which the checkpoint's must be. A file that is not what
+    :func:`save_checkpoint` wrote, or another run's, is one line naming it."""
+    payload = _read_torch_file(path, "checkpoint", weights_only=False)
+    if not isinstance(payload, dict) or not {"model", "optimizer"} <= set(payload):
+        raise ValueError(f"checkpoint {path}: damaged (not a ppvit checkpoint)")
+    tensors, optimizer_state = payload.pop("model"), payload.pop("optimizer")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=False)
+        state = RunState(**payload)
+        check_fields(state, "")
+        for name in ("epoch", "step"):
+            if getattr(state, name) < 0:
+                raise ValueError(f"{name} {getattr(state, name)}: must not be negative")
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"checkpoint {path}: damaged ({exc})") from None
+    saved = state.trained_on if trained_on is not None else None  # None: a caller that states nothing to check
+    for what, word in (("key_fingerprint", "key fingerprint"), ("classes", "classes")):
+        if saved is not None and saved.get(what) != trained_on[what]:
+            raise ValueError(
+                f"checkpoint {path}: trained with {word} {_shown(saved.get(what))}, this run has "
+                f"{_shown(trained_on[what])}: resume with the run's own key and data, or start a new run"
+            )
+    check_tensors(path, "checkpoint", model, tensors)
+    load_tensors(model, tensors)
+    try:
+        optimizer.load_state_dict(optimizer_state)
+    except (ValueError, KeyError, TypeError, RuntimeError) as exc:
+        raise ValueError(f"checkpoint {path}: its optimiser state does not fit this run ({exc})") from None
+    state.trained_on = trained_on or state.trained_on
+    return state
+
+
+def _shown(value: Any) -> str:
+    text = ", ".join(map(str, value)) if isinstance(value, list) else str(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _read_torch_file(path: Path, what: str, weights_only: bool) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=weights_only)
     except Exception as exc:
-        raise ValueError(f"checkpoint {path}: cannot be read ({exc.__class__.__name__})") from None
-    missing = set(trainable_tensors(model)) ^ set(payload["model"])
-    if missing:
-        raise ValueError(f"checkpoint {path}: does not match this run's method ({sorted(missing)[:3]} ...)")
-    load_tensors(model, payload.pop("model"))
-    optimizer.load_state_dict(payload.pop("optimizer"))
-    return RunState(**payload)
+        raise ValueError(f"{what} {path}: cannot be read ({exc.__class__.__name__})") from None
+
+
+def check_tensors(path: Path, what: str, model: torch.nn.Module, tensors: Any) -> None:
+    """``tensors`` are this run's trained tensors by name, each of its parameter's shape (a head of other classes
+    otherwise failed in ``copy_``, a traceback)."""
+    expected = {n: p.shape for n, p in model.named_parameters() if p.requires_grad}  # what trainable_tensors saves
+    if not isinstance(tensors, dict) or not all(isinstance(t, torch.Tensor) for t in tensors.values()):
+        raise ValueError(f"{what} {path}: damaged (not a mapping of names to tensors)")
+    odd = sorted(set(expected) ^ set(tensors))
+    if odd:
+        raise ValueError(f"{what} {path}: does not match this run's method ({odd[:3]} ...)")
+    for name, shape in expected.items():
+        if tensors[name].shape != shape:
+            raise ValueError(
+                f"{what} {path}: {name} has shape {tuple(tensors[name].shape)}, this run's {tuple(shape)} "
+                "(another model, or other classes)"
+            )
 
 
 def load_tensors(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
@@ -233,7 +287,9 @@ def save_best(out: Path, model: torch.nn.Module) -> None:
 
 
 def load_best(out: Path, model: torch.nn.Module) -> None:
-    load_tensors(model, torch.load(out / BEST_FILE, map_location="cpu", weights_only=True))
+    tensors = _read_torch_file(out / BEST_FILE, "best weights", weights_only=True)
+    check_tensors(out / BEST_FILE, "best weights", model, tensors)
+    load_tensors(model, tensors)
 
 
 def write_metrics(out: Path, history: list[dict[str, Any]]) -> None:

@@ -27,7 +27,7 @@ from ppvit.data.datasets import DataSplits, load_splits
 from ppvit.data.pipeline import BatchPipeline
 from ppvit.data.sources import Columns
 from ppvit.models.backbones import create_backbone, input_size, normalization, patch_size
-from ppvit.train.build import build_model, make_cipher, param_groups
+from ppvit.train.build import build_model, make_cipher, param_groups, run_fingerprint
 from ppvit.train.config import TrainConfig
 from ppvit.train.fast import make_optimizer, maybe_compile, resident_splits
 from ppvit.train.runs import (
@@ -137,7 +137,8 @@ def setup(cfg: TrainConfig, resume: bool, hold: ExitStack | None = None) -> Sess
     optimizer = make_optimizer(param_groups(model, cfg), accelerator.device)  # fused on CUDA
     model, optimizer = accelerator.prepare(model, optimizer)
     base_lrs = [g["lr"] for g in optimizer.param_groups]  # before a checkpoint's state replaces them
-    state = run_state(cfg, out, accelerator.unwrap_model(model), optimizer, resume, saved_epochs)
+    trained_on = {"key_fingerprint": run_fingerprint(cipher, splits.manifest), "classes": list(splits.train.classes)}
+    state = run_state(cfg, out, accelerator.unwrap_model(model), optimizer, resume, saved_epochs, trained_on)
     schedule = make_schedule(cfg, len(splits.train), base_lrs, state)
     if accelerator.is_main_process:  # written once the run's inputs have been checked: it marks the folder
         atomic_write_text(out / CONFIG_FILE, cfg.dump())
@@ -196,13 +197,14 @@ def run_state(
     optimizer: torch.optim.Optimizer,
     resume: bool,
     saved_epochs: int | None,
+    trained_on: dict[str, Any],
 ) -> RunState:
     """Where the run starts: the interrupted run's checkpoint when resuming (a fresh state without one),
     with its schedules planned for ``cfg``'s epochs (``--resume --epochs N`` extends the run under a new
-    warm-up and cosine)."""
-    state = RunState()
+    warm-up and cosine). ``trained_on``: the key fingerprint and classes, which a checkpoint must share."""
+    state = RunState(trained_on=trained_on)
     if resume and (out / CHECKPOINT_FILE).exists():
-        state = load_checkpoint(out / CHECKPOINT_FILE, model, optimizer)
+        state = load_checkpoint(out / CHECKPOINT_FILE, model, optimizer, trained_on)
         log.info("resumed %s at epoch %d, step %d", out, state.epoch, state.step)
     if plan_schedules(state, cfg.optim.epochs, saved_epochs, out):
         log.info(
