@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import math
 import os
 import re
+import stat
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -41,6 +43,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None], mode: i
     """
     path = Path(path)
     try:
+        _replaceable(path)  # before the work of writing
         fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as exc:
         raise _naming(exc, path) from None
@@ -65,6 +68,7 @@ def commit_temp(tmp: Path, path: Path, mode: int | None = None) -> None:
     names ``path``.
     """
     try:
+        _replaceable(path)
         os.chmod(tmp, (0o666 & ~current_umask()) if mode is None else mode)
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
@@ -75,6 +79,17 @@ def commit_temp(tmp: Path, path: Path, mode: int | None = None) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def _replaceable(path: Path) -> None:
+    """A file, a link or nothing may be replaced by the rename; a device, FIFO or socket never (as root, ``merge
+    --force ... /dev/full`` replaced the device node with a regular file)."""
+    try:
+        kind = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not (stat.S_ISREG(kind) or stat.S_ISLNK(kind) or stat.S_ISDIR(kind)):  # a folder: the rename's own error
+        raise OSError(errno.EEXIST, "exists and is not a regular file; refusing to replace it", str(path))
 
 
 def _naming(exc: OSError, path: Path) -> OSError:

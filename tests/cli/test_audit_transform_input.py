@@ -3,16 +3,20 @@ folder of the user's own files, an output overlapping the data or the inputs, si
 
 from __future__ import annotations
 
+import os
+import stat
 from pathlib import Path
 
 import pytest
 import torch
+from cli_tools import toy_run
 from conftest import SMALL, one_line_error, run_cli
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ppvit.crypto.keys import Geometry, Key
+from ppvit.models.adapters import CONFIG_NAME, WEIGHTS_NAME
 from ppvit.models.backbones import create_backbone
 
 
@@ -91,6 +95,52 @@ def test_transform_model_never_writes_over_its_inputs(tmp_path: Path, weights: P
         argv = ["transform-model", target, "--model", SMALL, "--weights", weights, "--key", key, "--force"]
         one_line_error(argv, capsys, f"output {target}: is the {flag} file")
     assert key.read_bytes() == secret
+
+
+def test_merge_and_transform_model_replace_only_their_own_earlier_outputs(
+    tmp_path: Path, weights: Path, capsys
+) -> None:
+    """`merge --force` wrote over the adapter it merged, the run's checkpoint, the key file and the base weights, and
+    as root over /dev/full (the device node became a regular file); only earlier outputs may be replaced."""
+    run = toy_run(tmp_path / "run", None, None, None)
+    adapter, key, fifo = run / "adapter", tmp_path / "k.key", tmp_path / "fifo"
+    (run / "checkpoint.pt").write_bytes(b"a checkpoint")
+    Key.generate().save(key)
+    os.mkfifo(fifo)
+    kept = {p: p.read_bytes() for p in (adapter / CONFIG_NAME, adapter / WEIGHTS_NAME, run / "checkpoint.pt", key)}
+    kept[weights] = weights.read_bytes()
+    for target, says in (
+        (adapter / WEIGHTS_NAME, "is the adapter's tensors"),
+        (adapter / CONFIG_NAME, "is the adapter's config"),
+        (run / "checkpoint.pt", "exists and is not a model file ppvit merge or transform-model wrote"),
+        (key, "exists and is not a model file"),
+        (fifo, "exists and is not a model file"),
+        (weights, "exists and is not a model file"),  # timm's weights: no ppvit metadata
+    ):
+        one_line_error(["merge", run, target, "--force"], capsys, f"output {target}: {says}")
+    one_line_error(["merge", run, weights, "--weights", weights, "--force"], capsys, "is the --weights")
+    transform = ["--model", SMALL, "--weights", weights, "--key", key, "--force"]
+    one_line_error(["transform-model", fifo, *transform], capsys, f"output {fifo}: exists and is not a model file")
+    assert all(p.read_bytes() == data for p, data in kept.items()) and stat.S_ISFIFO(fifo.stat().st_mode)
+    for out, argv in ((tmp_path / "m.safetensors", ["merge", run]), (tmp_path / "t.safetensors", ["transform-model"])):
+        extra = transform[:-1] if argv == ["transform-model"] else []
+        assert run_cli([*argv, out, *extra], capsys)[0] == 0
+        one_line_error([*argv, out, *extra], capsys, f"output {out}: exists; pass --force")
+        assert run_cli([*argv, out, *extra, "--force"], capsys)[0] == 0  # its own earlier output
+
+
+def test_an_atomic_write_never_replaces_a_device_or_a_fifo(tmp_path: Path) -> None:
+    """The rename of an atomic write replaced what was there, a device node too (root: /dev/full)."""
+    from ppvit._io import atomic_write_bytes
+
+    os.mkfifo(tmp_path / "fifo")
+    with pytest.raises(OSError, match="exists and is not a regular file") as refused:
+        atomic_write_bytes(tmp_path / "fifo", b"x")
+    assert refused.value.filename == str(tmp_path / "fifo") and stat.S_ISFIFO((tmp_path / "fifo").stat().st_mode)
+    assert [p.name for p in tmp_path.iterdir()] == ["fifo"]  # no temporary file left
+    atomic_write_bytes(tmp_path / "file", b"x")
+    atomic_write_bytes(tmp_path / "file", b"y")
+    assert (tmp_path / "file").read_bytes() == b"y"
 
 
 def test_transform_model_keeps_the_trained_head_and_the_key_pin(tmp_path: Path, weights: Path, capsys) -> None:

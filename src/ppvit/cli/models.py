@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
-from ppvit.cli.common import UserError, add_setting_args, positive
+from ppvit.cli.common import add_setting_args, positive
 from ppvit.cli.train import WEIGHTS_HELP
 from ppvit.crypto.keys import Key
+from ppvit.models.weights import check_model_output
 from ppvit.train.config import Setting, settings
 
 
@@ -42,12 +42,14 @@ def _method_settings() -> list[Setting]:
 
 
 def _merge(args: argparse.Namespace) -> None:
-    if Path(args.out).exists() and not args.force:
-        raise UserError(f"output {args.out}: exists; pass --force to replace it")
-    from ppvit.models.adapters import merge_to_file
+    from ppvit.models.adapters import adapter_files, merge_to_file
     from ppvit.train.runs import adapter_and_weights
 
     adapter, weights = adapter_and_weights(args.adapter, args.weights)
+    config, tensors = adapter_files(adapter)
+    check_model_output(
+        args.out, args.force, {"adapter's tensors": tensors, "adapter's config": config, "--weights": weights}
+    )
     merge_to_file(adapter, args.out, weights)
     print(f"wrote {args.out} (a plain timm state dict)")
 
@@ -62,11 +64,7 @@ def add_merge(sub: argparse._SubParsersAction) -> None:
 
 
 def _transform_model(args: argparse.Namespace) -> None:
-    for flag, path in (("--key", args.key), ("--weights", args.weights)):  # --force included: never the inputs
-        if Path(path).exists() and Path(args.out).exists() and Path(args.out).samefile(path):
-            raise UserError(f"output {args.out}: is the {flag} file; give another output")
-    if Path(args.out).exists() and not args.force:
-        raise UserError(f"output {args.out}: exists; pass --force to replace it")
+    check_model_output(args.out, args.force, {"--key file": args.key, "--weights file": args.weights})
     from ppvit.crypto.ciphers import Scheme
     from ppvit.models.transform import transform_weights_file
 

@@ -25,6 +25,35 @@ def check_weights_file(path: str | os.PathLike) -> None:
     tensor_shapes(path)
 
 
+def check_model_output(out: str | os.PathLike, force: bool, inputs: dict[str, str | os.PathLike | None]) -> None:
+    """Where ``merge`` and ``transform-model`` may write: a new file, or (``force``) a model file one of them wrote
+    before; never one of ``inputs`` (what names it -> its path) or any other file: ``merge --force`` wrote over the
+    adapter it merged, the run's checkpoint, the key file and the base weights (hostile tester)."""
+    out = Path(out)
+    for what, path in inputs.items():
+        if path is not None and out.exists() and Path(path).exists() and out.samefile(path):
+            raise ValueError(f"output {out}: is the {what}; give another output")
+    if not out.exists():
+        return
+    if not force:
+        raise ValueError(f"output {out}: exists; pass --force to replace it")
+    if not (out.is_file() and _written_by_ppvit(out)):
+        raise ValueError(f"output {out}: exists and is not a model file ppvit merge or transform-model wrote; refusing")
+
+
+def _written_by_ppvit(path: Path) -> bool:
+    """A safetensors file with the metadata of :func:`~ppvit.models.adapters.merge_to_file` or
+    :func:`~ppvit.models.transform.transform_weights_file`."""
+    try:
+        if not is_safetensors(path):
+            return False
+        with safe_open(str(path), framework="pt") as f:
+            info = f.metadata() or {}
+    except Exception:  # unreadable: not one of ours
+        return False
+    return info.get("format") == "timm-state-dict" or info.get("input") in ("plain", "encrypted")
+
+
 def is_safetensors(path: Path) -> bool:
     """Whether a file is safetensors, by its content (an 8-byte header length, then the JSON header), not its
     name: a safetensors file saved as ``vit.bin`` was read as a PyTorch pickle ("KeyError: 53")."""
