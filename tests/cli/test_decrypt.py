@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from conftest import one_line_error, run_cli
 from PIL import Image
-from test_cli_encrypt import make_tree, read_png
+from test_cli_encrypt import make_tree, read_png, tree_digest
 
 from ppvit.data.manifest import MANIFEST_NAME
 
@@ -104,13 +104,29 @@ def test_errors_name_what_the_user_gave(tmp_path: Path, key_file: Path, capsys) 
     )
 
 
-def test_a_dataset_encrypted_with_size_then_continued_without_decrypts(tmp_path: Path, key_file: Path, capsys) -> None:
-    """A rerun without ``--size`` (the images already that size) wrote the manifest's size as null while the first
-    run's PNGs state 16: every decrypt was refused as an edited manifest (second reader). Unset agrees, as in
+@pytest.mark.parametrize(("first", "rerun"), [(["--size", "32"], []), ([], ["--size", "32"])], ids=["drop", "add"])
+def test_a_run_continued_with_another_size_is_refused_and_writes_nothing(
+    tmp_path: Path, key_file: Path, capsys, first: list[str], rerun: list[str]
+) -> None:
+    """A run with ``--size 32`` continued without it (or the reverse) wrote 16x16 and 32x32 ciphertext into one
+    dataset and the manifest's size as the rerun's, exit 0 (hostile tester): unset was taken for "any size"."""
+    make_tree(tmp_path / "src", n=2, size=16)
+    argv = ["encrypt", tmp_path / "src", tmp_path / "enc", "--key", key_file, "--block-size", "4"]
+    assert run_cli([*argv, *first], capsys)[0] == 0
+    (tmp_path / "enc" / "train" / "cat" / "0.png").unlink()  # the run stopped before its last image
+    before = tree_digest(tmp_path / "enc")
+    says = "with --size 32, this run is without --size" if first else "without --size, this run is with --size 32"
+    one_line_error([*argv, *rerun], capsys, f"output {tmp_path / 'enc'}: was written {says}")
+    assert tree_digest(tmp_path / "enc") == before
+    assert run_cli([*argv, *first], capsys)[0] == 0  # continued as it was written
+    assert read_png(tmp_path / "enc" / "train" / "cat" / "0.png").shape == (32 if first else 16,) * 2 + (3,)
+
+
+def test_a_dataset_whose_manifest_lost_its_size_decrypts(tmp_path: Path, key_file: Path, capsys) -> None:
+    """An earlier release continued a ``--size 16`` run without it, writing the manifest's size as null while the
+    first run's PNGs state 16: every decrypt was refused as an edited manifest (second reader). Unset agrees, as in
     ``Manifest.check``."""
     enc = encrypted(tmp_path, key_file, capsys)
-    argv = ["encrypt", tmp_path / "src", enc, "--key", key_file, "--block-size", "4"]
-    assert run_cli(argv, capsys)[0] == 0
-    assert json.loads((enc / MANIFEST_NAME).read_text())["size"] is None
+    edit_manifest(enc, lambda d: d.update(size=None, preprocess=None))
     assert run_cli(["decrypt", enc, tmp_path / "dec", "--key", key_file], capsys)[0] == 0
     assert read_png(tmp_path / "dec" / "test" / "cat" / "0.png").shape == (16, 16, 3)

@@ -101,7 +101,12 @@ def check_apart(source: Source, dst: Path) -> None:
 def check_continued(old: Manifest, manifest: Manifest, dst: Path, source: str) -> None:
     """A run continuing output ``dst`` (its manifest ``old``) must write what the earlier run did: the same key and
     geometry, format, shard size, classes and source images, or outputs of both would mix in one dataset."""
-    old.check(manifest.scheme, manifest.block_size, manifest.size, manifest.key_fingerprint, where=f"output {dst}")
+    old.check(manifest.scheme, manifest.block_size, fingerprint=manifest.key_fingerprint, where=f"output {dst}")
+    if old.size != manifest.size:  # unset is no wildcard here: images of the source's size and --size's would mix
+        raise ValueError(
+            f"output {dst}: was written {_with_size(old.size)}, this run is {_with_size(manifest.size)}; "
+            "continue it as it was written, or give a new output folder"
+        )
     if old.format != manifest.format:
         raise ValueError(f"output {dst}: holds {old.format} output, not {manifest.format}")
     if old.shard_size != manifest.shard_size:
@@ -113,6 +118,10 @@ def check_continued(old: Manifest, manifest: Manifest, dst: Path, source: str) -
             f"output {dst}: was written from other images than {source} holds now (added, removed or "
             "renamed since); give a new output folder (client train: --work)"
         )
+
+
+def _with_size(size: int | None) -> str:
+    return "without --size" if size is None else f"with --size {size}"
 
 
 def transform_collection(

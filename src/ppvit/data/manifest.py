@@ -120,7 +120,8 @@ def marker_agrees(stated: str | None, expected: str) -> bool:
         return True
     try:
         have, want = json.loads(stated), json.loads(expected)
-        # a fact unset on either side agrees, as in Manifest.check: a run with --size and a rerun without it
+        # a fact unset on either side agrees, as in Manifest.check: an earlier release continued a run with --size
+        # without it, writing the manifest's size as null
         return have.keys() == want.keys() and all(None in (have[k], want[k]) or have[k] == want[k] for k in want)
     except (ValueError, AttributeError):
         return False
