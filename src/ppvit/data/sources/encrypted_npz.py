@@ -19,7 +19,7 @@ from typing import ClassVar
 import numpy as np
 
 from ppvit._io import atomic_write
-from ppvit.data.sources.base import EncryptedFolder, Item, Select
+from ppvit.data.sources.base import EncryptedFolder, Item, Select, split_of
 
 
 @dataclass
@@ -49,13 +49,14 @@ def write_npz(
     atomic_write(path, write, mode=mode)
 
 
-def read_npz(path: Path) -> NpzArrays:
+def read_npz(path: Path, shard: bool = False) -> NpzArrays:
     """A shard's arrays; one that is cut, empty, not an npz or not of this layout is a one-line ValueError naming it
-    (a truncated one was zipfile's traceback)."""
+    (a truncated one was zipfile's traceback). ``shard``: an encrypted dataset's, whose every image needs its path
+    (a cache file of 0.2 has none; a shard without them was skipped, exit 0)."""
     try:
         got = _read_npz(path)
         n = len(got.images)
-        if got.images.ndim != 4 or len(got.labels) != n or len(got.paths) not in (0, n):
+        if got.images.ndim != 4 or len(got.labels) != n or len(got.paths) not in (n if shard else 0, n):
             raise ValueError(
                 f"{n} images of shape {got.images.shape[1:]}, {len(got.labels)} labels, {len(got.paths)} paths"
             )
@@ -89,10 +90,18 @@ class EncryptedNpz(EncryptedFolder):
         return sorted(Path(self.path).rglob("shard-*.npz"))
 
     def _items(self, select: Select = None) -> Iterator[Item]:
+        seen: set[str] = set()
         for shard in self.shards():
-            got = read_npz(shard)
+            got = read_npz(shard, shard=True)
             if self.manifest is not None and got.images.dtype != self.manifest.dtype:
                 raise ValueError(f"shard {shard}: holds {got.images.dtype}, its manifest says {self.manifest.dtype}")
+            folder = shard.parent.relative_to(self.path).as_posix()
             for i, rel in enumerate(got.paths):
+                # a path twice, or of another split than the shard's folder: one image decrypted over another (or
+                # skipped as written already), exit 0; an unsafe path is named as one first
+                if split_of(self._safe(rel)) != ("" if folder == "." else folder) or rel in seen:
+                    why = "listed twice" if rel in seen else f"not of the split {folder!r} its shard is in"
+                    raise ValueError(f"shard {shard}: {rel} is {why} (damaged)")
+                seen.add(rel)
                 if select is None or select(rel):
                     yield rel, got.images[i]
