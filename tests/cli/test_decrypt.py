@@ -3,8 +3,10 @@ size, damaged npz shards. Each was a traceback or, worse, every image "decrypted
 
 from __future__ import annotations
 
+import io
 import json
 import tarfile
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -95,19 +97,36 @@ def _edit_arrays(shard: Path, change) -> None:
         ("a path twice", "train/cat/0.png is listed twice"),
         ("paths of another split", "test/cat/0.png is not of the split 'train' its shard is in"),
         ("a path in two shards", "train/cat/0.png is listed twice"),
+        # a traceback each: numpy's MemoryError (4.58 TiB), PIL's TypeError; four channels were decrypted to RGBA
+        ("a header declaring terabytes", "damaged (ValueError: images.npy declares (100000, 4096, 4096, 3) of uint8"),
+        ("one channel", "damaged (ValueError: 4 images of shape (16, 16, 1)"),
+        ("four channels", "damaged (ValueError: 4 images of shape (16, 16, 4)"),
+        # with no size in the manifest: 32x32 images decrypted into noise among the others' 16x16, exit 0
+        ("images of another size", "images of 32x32, "),
     ],
 )
 def test_a_damaged_npz_shard_is_one_line_naming_it(
     tmp_path: Path, key_file: Path, capsys, damage: str, says: str
 ) -> None:
     enc = encrypted(tmp_path, key_file, capsys, "npz")
-    (enc / "test" / "shard-00000.npz").unlink()  # this split alone: its paths are of no other shard
+    if damage == "paths of another split":
+        (enc / "test" / "shard-00000.npz").unlink()  # its paths then are of no other shard
     shard = enc / "train" / "shard-00000.npz"
     data = shard.read_bytes()
     if damage == "cut in half":
         shard.write_bytes(data[: len(data) // 2])
     elif damage == "empty":
         shard.write_bytes(b"")
+    elif damage == "a header declaring terabytes":
+        _edit_arrays(shard, lambda a: a.update(images=None))
+        header = np.lib.format.header_data_from_array_1_0(np.zeros((0,), np.uint8)) | {"shape": (10**5, 4096, 4096, 3)}
+        npy = io.BytesIO()
+        np.lib.format.write_array_header_1_0(npy, header)
+        with zipfile.ZipFile(shard, "a") as z:
+            z.writestr("images.npy", npy.getvalue() + bytes(64))
+    elif damage == "images of another size":
+        edit_manifest(enc, lambda doc: doc.update(size=None, preprocess=None))
+        _edit_arrays(shard, lambda a: a.update(images=a["images"].repeat(2, 1).repeat(2, 2)))
     elif damage == "a path in two shards":
         shard = shard.with_name("shard-00001.npz")
         shard.write_bytes(data)
@@ -118,6 +137,8 @@ def test_a_damaged_npz_shard_is_one_line_naming_it(
             "no paths": lambda a: a.update(paths=None),
             "a path twice": lambda a: a["paths"].__setitem__(1, a["paths"][0]),
             "paths of another split": lambda a: a.update(paths=np.char.replace(a["paths"], "train/", "test/")),
+            "one channel": lambda a: a.update(images=a["images"][..., :1]),
+            "four channels": lambda a: a.update(images=np.concatenate([a["images"], a["images"][..., :1]], -1)),
         }[damage]
         _edit_arrays(shard, change)
     one_line_error(["decrypt", enc, tmp_path / "dec", "--key", key_file], capsys, f"shard {shard}: {says}")

@@ -10,6 +10,7 @@ files before 0.3 have no ``paths``; a manifest naming the format ``npy`` means n
 
 from __future__ import annotations
 
+import math
 import zipfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
+from numpy.lib.npyio import NpzFile
 
 from ppvit._io import atomic_write
 from ppvit.data.sources.base import EncryptedFolder, Item, Select, split_of
@@ -55,8 +57,8 @@ def read_npz(path: Path, shard: bool = False) -> NpzArrays:
     (a cache file of 0.2 has none; a shard without them was skipped, exit 0)."""
     try:
         got = _read_npz(path)
-        n = len(got.images)
-        if got.images.ndim != 4 or len(got.labels) != n or len(got.paths) not in (n if shard else 0, n):
+        n = len(got.images)  # of (N, H, W, 3): one channel or four were a traceback or RGBA output
+        if got.images.shape[3:] != (3,) or len(got.labels) != n or len(got.paths) not in (n if shard else 0, n):
             raise ValueError(
                 f"{n} images of shape {got.images.shape[1:]}, {len(got.labels)} labels, {len(got.paths)} paths"
             )
@@ -69,13 +71,30 @@ def read_npz(path: Path, shard: bool = False) -> NpzArrays:
 
 def _read_npz(path: Path) -> NpzArrays:
     with np.load(path) as z:
-        paths = [str(p) for p in z["paths"].tolist()] if "paths" in z else []
-        classes = [str(c) for c in z["classes"].tolist()]
+        paths = [str(p) for p in _array(z, "paths").tolist()] if "paths" in z else []
+        classes = [str(c) for c in _array(z, "classes").tolist()]
         if "labels" in z:
-            return NpzArrays(z["images"], z["labels"].astype(np.int64), classes, paths)
+            return NpzArrays(_array(z, "images"), _array(z, "labels").astype(np.int64), classes, paths)
         names = sorted(set(classes))  # before 0.3: one class name per image
         lookup = {c: i for i, c in enumerate(names)}
-        return NpzArrays(z["images"], np.array([lookup[c] for c in classes], dtype=np.int64), names, paths)
+        return NpzArrays(_array(z, "images"), np.array([lookup[c] for c in classes], dtype=np.int64), names, paths)
+
+
+def _array(z: NpzFile, name: str) -> np.ndarray:
+    """Array ``name`` of ``z``, once its header's shape and dtype are checked against the bytes its member holds: a
+    header may declare any shape (one of (100000, 4096, 4096, 3) was numpy's 4.58 TiB allocation, a traceback)."""
+    member = f"{name}.npy"
+    with z.zip.open(member) as fh:
+        version = np.lib.format.read_magic(fh)
+        read_header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+        if version not in read_header:
+            raise ValueError(f"{member}: .npy format version {version[0]}.{version[1]}, not 1.0 or 2.0")
+        shape, _, dtype = read_header[version](fh)
+        room = z.zip.getinfo(member).file_size - fh.tell()
+    declared = math.prod(shape) * dtype.itemsize
+    if declared > room:
+        raise ValueError(f"{member} declares {shape} of {dtype}, {declared:,} bytes, and holds {room:,}")
+    return z[name]
 
 
 class EncryptedNpz(EncryptedFolder):
@@ -91,10 +110,16 @@ class EncryptedNpz(EncryptedFolder):
 
     def _items(self, select: Select = None) -> Iterator[Item]:
         seen: set[str] = set()
+        first: tuple[Path, tuple[int, ...]] | None = None  # a shard, and the height and width of its images
         for shard in self.shards():
             got = read_npz(shard, shard=True)
             if self.manifest is not None and got.images.dtype != self.manifest.dtype:
                 raise ValueError(f"shard {shard}: holds {got.images.dtype}, its manifest says {self.manifest.dtype}")
+            first = first or (shard, got.images.shape[1:3])
+            if self.manifest is not None and self.manifest.size is None and got.images.shape[1:3] != first[1]:
+                # no size stated: the source's one size (a stated one is held to each image when it is decrypted)
+                (h, w), (h0, w0) = got.images.shape[1:3], first[1]
+                raise ValueError(f"shard {shard}: images of {w}x{h}, {first[0]}'s of {w0}x{h0}; ciphertext is one size")
             folder = shard.parent.relative_to(self.path).as_posix()
             for i, rel in enumerate(got.paths):
                 # a path twice, or of another split than the shard's folder: one image decrypted over another (or
