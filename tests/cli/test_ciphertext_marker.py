@@ -13,8 +13,9 @@ import httpx
 import numpy as np
 import pytest
 from cli_tools import toy_run
-from conftest import assert_no_key_material, run_cli
+from conftest import assert_no_key_material, one_line_error, run_cli
 from PIL import Image
+from test_cli_encrypt import make_tree
 
 from ppvit.crypto.keys import Key
 from ppvit.data.images import ciphertext_origin
@@ -130,3 +131,20 @@ def test_the_client_sends_marked_ciphertext_as_it_is(world: dict, key_file: Path
         with pytest.raises(ValueError, match=f"{foreign}.*{Key.load(other).fingerprint}"):
             c.predict([foreign], key)
     assert len(posted) == 1  # nothing sent for the foreign ciphertext
+
+
+@pytest.mark.parametrize("fmt", ["png", "npz", "wds"])
+def test_an_encrypted_folder_is_neither_encrypted_nor_previewed_again(
+    tmp_path: Path, key_file: Path, capsys, fmt: str
+) -> None:
+    """``encrypt ENC ENC2`` and ``preview ENC`` encrypted ciphertext a second time, exit 0 (hostile tester): refused
+    naming the folder; decrypt is the verb for it, and its output (scheme plain) is encrypted as any plain images."""
+    make_tree(tmp_path / "src", n=1, size=16)
+    enc, base = tmp_path / "enc", ["--key", key_file, "--block-size", "4"]
+    assert run_cli(["encrypt", tmp_path / "src", enc, "--format", fmt, *base], capsys)[0] == 0
+    preview = ["preview", enc, tmp_path / "p.png", *base, "--size", "16"]
+    for argv in (["encrypt", enc, tmp_path / "enc2", *base], preview):
+        one_line_error(argv, capsys, f"source {enc}: is ciphertext", "`ppvit decrypt` is the verb for it")
+    assert not (tmp_path / "enc2").exists() and not (tmp_path / "p.png").exists()
+    assert run_cli(["decrypt", enc, tmp_path / "dec", "--key", key_file], capsys)[0] == 0
+    assert run_cli(["encrypt", tmp_path / "dec", tmp_path / "enc2", *base], capsys)[0] == 0

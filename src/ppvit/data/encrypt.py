@@ -327,6 +327,7 @@ def encrypt_collection(
     manifest.shard_size = shard_size
     manifest.preprocess = None if size is None else Preprocess(size, KERNEL, None, None)
     source = open_source(src, columns, splits)
+    source.check_plain("encrypt")
     return transform_collection(source, dst, cipher, manifest, False, workers, progress, select, strict=strict)
 
 

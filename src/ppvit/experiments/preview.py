@@ -69,6 +69,8 @@ def sample_images(src: str | os.PathLike, n: int, size: int | None, prefix: str 
     """
     from ppvit.data.sources import class_of, open_source  # the data stack only when previews are made
 
+    source = open_source(src)
+    source.check_plain("preview")
     quota, taken = 1, {}
     while True:
         per_class: dict[str, list[np.ndarray]] = {}
@@ -76,7 +78,7 @@ def sample_images(src: str | os.PathLike, n: int, size: int | None, prefix: str 
         def select(rel: str, quota: int = quota, per_class: dict = per_class) -> bool:
             return (not prefix or rel.startswith(prefix)) and len(per_class.get(class_of(rel), [])) < quota
 
-        for item in open_source(src).images(select):
+        for item in source.images(select):
             if item.error is None:
                 im = np.asarray(item.image)
                 per_class.setdefault(class_of(item.relpath), []).append(im if size is None else resize_array(im, size))

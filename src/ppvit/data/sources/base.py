@@ -335,6 +335,15 @@ class Source(ABC):
     def encrypted(self) -> bool:
         return self.manifest is not None and self.manifest.scheme != PLAIN
 
+    def check_plain(self, verb: str) -> None:
+        """ValueError where this source is ciphertext: ``verb`` (encrypt, preview) encrypted it again, exit 0."""
+        m = self.manifest
+        if m is not None and self.encrypted:
+            raise ValueError(
+                f"source {self.path}: is ciphertext (its {MANIFEST_NAME}: scheme {m.scheme}, key {m.key_fingerprint}); "
+                f"{verb} takes plain images: `ppvit decrypt` is the verb for it"
+            )
+
     def identity(self) -> str:
         """A short hash of what the source is on disk (paths, sizes, times), the columns and the splits read:
         a cache key."""
