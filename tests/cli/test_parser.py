@@ -14,6 +14,9 @@ from ppvit import cli
         (["train", "--epochs", "three"], "ppvit train", "argument --epochs: invalid int value: 'three'"),
         (["trian"], "ppvit", "invalid choice: 'trian'"),
         (["client", "train"], "ppvit client train", "the following arguments are required"),
+        # taken as 1 without a word
+        (["encrypt", "SRC", "DST", "--key", "K", "--workers", "0"], "ppvit encrypt", "--workers: 0: must be at least"),
+        (["decrypt", "SRC", "DST", "--key", "K", "--workers", "-3"], "ppvit decrypt", "-3: must be at least"),
     ],
 )
 def test_a_typo_is_one_error_line_and_the_help_hint_exit_2(argv: list[str], verb: str, problem: str, capsys) -> None:

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import argparse
 
-from ppvit.cli.common import add_splits_arg, add_strict_arg, report_summary, scheme_args, stop_on_sigterm
+from ppvit.cli.common import (
+    add_splits_arg,
+    add_strict_arg,
+    positive,
+    report_summary,
+    scheme_args,
+    stop_on_sigterm,
+)
 from ppvit.crypto.keys import Key
 from ppvit.data.manifest import OLD_FORMATS, WDS_SHARD_SIZE
 from ppvit.experiments.preview import MAX_PREVIEW_IMAGES, PREVIEW_SCHEMES
@@ -95,8 +102,13 @@ def add_encrypt(sub: argparse._SubParsersAction) -> None:
     )
     add_splits_arg(p)
     add_strict_arg(p)
-    p.add_argument("--workers", type=int, default=1, help="processes to use (at most the CPUs and the images)")
+    _add_workers(p)
     p.set_defaults(func=_encrypt)
+
+
+def _add_workers(p: argparse.ArgumentParser) -> None:
+    """0 or -3 were taken as 1 without a word."""
+    p.add_argument("--workers", type=positive, default=1, help="processes to use (at most the CPUs and the images)")
 
 
 def _decrypt(args: argparse.Namespace) -> int:
@@ -114,7 +126,7 @@ def add_decrypt(sub: argparse._SubParsersAction) -> None:
     p.add_argument("src", help="folder written by `ppvit encrypt`")
     p.add_argument("dst", help="output folder for the plain PNG images")
     p.add_argument("--key", required=True, help="the key it was encrypted with (checked by fingerprint)")
-    p.add_argument("--workers", type=int, default=1, help="processes to use (at most the CPUs and the images)")
+    _add_workers(p)
     p.set_defaults(func=_decrypt)
 
 
