@@ -88,8 +88,9 @@ def _edit_arrays(shard: Path, change) -> None:
 @pytest.mark.parametrize(
     ("damage", "says"),
     [
-        ("cut in half", "damaged"),
+        ("cut in half", "damaged (ValueError: not an npz file (a zip archive), or one cut short)"),
         ("empty", "damaged"),
+        ("garbage", "damaged (ValueError: not an npz file"),  # was said to hold pickled (object) data
         ("object arrays", "damaged"),
         ("labels past its classes", "damaged"),
         # each lost images with exit 0 (hostile tester): the shard skipped, or images decrypted over others
@@ -115,8 +116,8 @@ def test_a_damaged_npz_shard_is_one_line_naming_it(
     data = shard.read_bytes()
     if damage == "cut in half":
         shard.write_bytes(data[: len(data) // 2])
-    elif damage == "empty":
-        shard.write_bytes(b"")
+    elif damage in ("empty", "garbage"):
+        shard.write_bytes(b"garbage" if damage == "garbage" else b"")
     elif damage == "a header declaring terabytes":
         _edit_arrays(shard, lambda a: a.update(images=None))
         header = np.lib.format.header_data_from_array_1_0(np.zeros((0,), np.uint8)) | {"shape": (10**5, 4096, 4096, 3)}

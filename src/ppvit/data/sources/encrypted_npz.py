@@ -56,6 +56,8 @@ def read_npz(path: Path, shard: bool = False) -> NpzArrays:
     (a truncated one was zipfile's traceback). ``shard``: an encrypted dataset's, whose every image needs its path
     (a cache file of 0.2 has none; a shard without them was skipped, exit 0)."""
     try:
+        if not zipfile.is_zipfile(path):  # numpy reads any other file as a pickle: "contains pickled (object) data"
+            raise ValueError("not an npz file (a zip archive), or one cut short")
         got = _read_npz(path)
         n = len(got.images)  # of (N, H, W, 3): one channel or four were a traceback or RGBA output
         if got.images.shape[3:] != (3,) or len(got.labels) != n or len(got.paths) not in (n if shard else 0, n):
