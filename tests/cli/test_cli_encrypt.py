@@ -349,10 +349,7 @@ def test_an_output_folder_of_hidden_files_only_is_taken_and_a_name_that_is_no_fo
     assert code == 0, capsys.readouterr().err
     monkeypatch.chdir(tmp_path)
 
-    class Named:
-        path = "cifar10"
-
-    check_apart(Named(), Path("cifar10/enc"))  # no error: nothing named cifar10 here
+    check_apart("cifar10", Path("cifar10/enc"))  # no error: nothing named cifar10 here
 
 
 def test_a_run_that_fails_mid_shard_leaves_no_temporary_shard(

@@ -252,3 +252,18 @@ def test_a_resume_refuses_another_key_other_classes_and_damaged_files_in_one_lin
     err = capsys.readouterr().err
     assert len(err.splitlines()) == 1 and re.search(says, err), err
     assert (where / "run" / "checkpoint.pt").read_bytes() == before
+
+
+@pytest.mark.parametrize("out", ["data", "data/train", "data/train/new"])
+def test_a_run_folder_in_its_data_or_holding_it_is_refused_before_anything_is_written(
+    tmp_path: Path, toy_dataset: Path, out: str, capsys
+) -> None:
+    """`train --out DATA/train` wrote config.yaml, checkpoints, curves.png and adapter/ into the dataset (exit 0); the
+    next run on it failed on curves.png, and an adapter/ folder alone would have become a class (hostile tester)."""
+    shutil.copytree(toy_dataset, tmp_path / "data")
+    before = sorted(p.relative_to(tmp_path) for p in (tmp_path / "data").rglob("*"))
+    argv = ["-q", "train", "--out", str(tmp_path / out), "--data", str(tmp_path / "data"), "--scheme", "none"]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and f"run folder {tmp_path / out}: overlaps the data" in err, err
+    assert sorted(p.relative_to(tmp_path) for p in (tmp_path / "data").rglob("*")) == before

@@ -86,16 +86,16 @@ def check_output(dst: Path, fmt: str) -> None:
         )
 
 
-def check_apart(source: Source, dst: Path) -> None:
+def check_apart(source: str | os.PathLike, dst: Path, what: str = "output", of: str = "the source") -> None:
     """Refuse an output inside the source folder or holding it: written into itself, a folder's plain images
     were taken for outputs already there (exit 0, a manifest calling them ciphertext), and a rerun reads the
-    outputs as inputs."""
-    src, out = Path(source.path), dst.resolve()
+    outputs as inputs (a run folder in its data: its files became images of no class, ``adapter/`` a class)."""
+    src, out = Path(source), dst.resolve()
     if not src.exists():  # a brace pattern, a hub or download name: nothing on disk to overlap
         return
     src = src.resolve()
     if src == out or src in out.parents or (src.is_dir() and out in src.parents):
-        raise ValueError(f"output {dst}: overlaps the source {source.path}; give a folder apart from it")
+        raise ValueError(f"{what} {dst}: overlaps {of} {source}; give a folder apart from it")
 
 
 def check_continued(old: Manifest, manifest: Manifest, dst: Path, source: str) -> None:
@@ -154,7 +154,7 @@ def transform_collection(
     or with ``strict`` stops the run (ValueError naming it; a rerun continues)."""
     source = open_source(src, columns)
     dst = Path(dst)
-    check_apart(source, dst)
+    check_apart(source.path, dst)
     check_output(dst, manifest.format)
     counts, manifest.listing = survey(
         source, select, manifest.block_size, manifest.size, manifest.format, check_sizes=not decrypting

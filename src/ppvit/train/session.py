@@ -24,6 +24,7 @@ from ppvit._io import atomic_write_text
 from ppvit.crypto.ciphers import BlockCipher
 from ppvit.crypto.keys import Key
 from ppvit.data.datasets import DataSplits, load_splits
+from ppvit.data.encrypt import check_apart
 from ppvit.data.pipeline import BatchPipeline
 from ppvit.data.sources import Columns
 from ppvit.models.backbones import create_backbone, input_size, normalization, patch_size
@@ -107,6 +108,8 @@ def setup(cfg: TrainConfig, resume: bool, hold: ExitStack | None = None) -> Sess
     lock = None
     if accelerator.is_main_process:
         log.info(cfg.describe_start())
+        if cfg.data.data is not None:  # before the folder and its lock: nothing written into the data
+            check_apart(cfg.data.data, out, "run folder", "the data")
         out.mkdir(parents=True, exist_ok=True)
         lock = lock_run_folder(out)
         if hold is not None:
