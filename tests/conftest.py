@@ -8,7 +8,9 @@ Test modules import the plain names directly (pytest puts ``tests/`` on ``sys.pa
 from __future__ import annotations
 
 import base64
+import os
 import socket
+import threading
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -208,3 +210,25 @@ def recorder(fn: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
         return out[0].copy_(y)
 
     return replay
+
+
+def within_a_minute(pipe: Path, read: Callable[[], object]) -> object:
+    """``read()``'s result (its exception raised); a reader waiting on ``pipe`` fails the test, let go first."""
+    done: list = []
+
+    def run() -> None:
+        try:
+            done.append(read())
+        except Exception as exc:
+            done.append(exc)
+
+    work = threading.Thread(target=run, daemon=True)
+    work.start()
+    work.join(60)
+    if work.is_alive():  # the reader waits on the pipe: a writer's end, closed, lets it go
+        os.close(os.open(pipe, os.O_WRONLY | os.O_NONBLOCK))
+        work.join(60)
+        pytest.fail("the pipe was waited on")
+    if isinstance(done[0], Exception):
+        raise done[0]
+    return done[0]

@@ -1,4 +1,5 @@
-"""Atomic file output: a reader or a crash never sees a half-written file; JSON that strict parsers read."""
+"""Atomic file output: a reader or a crash never sees a half-written file; JSON that strict parsers read; files read
+whole only where they are regular files of a bounded size."""
 
 from __future__ import annotations
 
@@ -216,3 +217,42 @@ def file_sha256(path: str | os.PathLike) -> str:
     for chunk in file_chunks(path):
         h.update(chunk)
     return h.hexdigest()
+
+
+MAX_JSON_BYTES = 16 << 20  # a manifest, an adapter config, a run result: kilobytes (21,000 class names: 0.5 MB)
+
+
+def check_regular_file(path: str | os.PathLike, limit: int, what: str = "a file") -> None:
+    """OSError unless ``path`` is a regular file of at most ``limit`` bytes, checked before it is opened: a FIFO was
+    waited on forever, ``/dev/zero`` (a name in a folder, a link, a ``--key``) read until memory ran out; ``what``
+    names the kind in the message ("an image")."""
+    info = os.stat(path)
+    if not stat.S_ISREG(info.st_mode):
+        raise OSError(errno.EINVAL, "not a regular file (a folder, a device, a pipe or a socket)", str(path))
+    if info.st_size > limit:
+        raise OSError(errno.EFBIG, f"{info.st_size:,} bytes, over the {limit:,} {what} may be", str(path))
+
+
+def read_regular_file(path: str | os.PathLike, limit: int, what: str = "a file") -> bytes:
+    """A file's bytes, or OSError (:func:`check_regular_file`; a file grown past ``limit`` since is not read on)."""
+    check_regular_file(path, limit, what)
+    with open(path, "rb") as fh:
+        data = fh.read(limit + 1)
+    if len(data) > limit:
+        raise OSError(errno.EFBIG, f"over the {limit:,} bytes {what} may be", str(path))
+    return data
+
+
+def read_json(path: str | os.PathLike, limit: int = MAX_JSON_BYTES, what: str = "a JSON file") -> Any:
+    """One of ppvit's JSON files (a key, a manifest, an adapter config, a run result), parsed.
+
+    OSError where it cannot be read (:func:`read_regular_file`); ValueError saying what is wrong with its text: not
+    UTF-8 or not JSON, nested too deep for the parser (a RecursionError), an integer past Python's digit limit.
+    Callers name the file and what it is for."""
+    data = read_regular_file(path, limit, what)
+    try:
+        return json.loads(data.decode("utf-8"))
+    except RecursionError:
+        raise ValueError("not JSON ppvit reads (nested too deeply)") from None
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, and the digit limit of int("1" * 5000)
+        raise ValueError(f"not JSON ppvit reads ({exc})") from None

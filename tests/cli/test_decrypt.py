@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import tarfile
+import threading
 import zipfile
 from pathlib import Path
 
@@ -53,6 +55,32 @@ def test_a_manifest_edited_by_hand_is_one_line_and_nothing_decrypted(
     edit_manifest(enc, change)
     one_line_error(["decrypt", enc, tmp_path / "dec", "--key", key_file], capsys, says)
     assert not list((tmp_path / "dec").rglob("*.png")) if (tmp_path / "dec").exists() else True
+
+
+@pytest.mark.parametrize(
+    ("make", "says"),
+    [
+        (os.mkfifo, "not a regular file"),  # waited on forever
+        (lambda p: p.symlink_to("/dev/zero"), "not a regular file"),  # read until memory ran out
+        (lambda p: p.write_text("[" * 100_000), "nested too deeply"),  # a RecursionError's traceback
+    ],
+    ids=["fifo", "dev-zero", "deep"],
+)
+def test_a_manifest_that_is_no_json_file_is_one_line_naming_it(
+    tmp_path: Path, key_file: Path, capsys, make, says: str
+) -> None:
+    manifest = encrypted(tmp_path, key_file, capsys) / MANIFEST_NAME
+    manifest.unlink()
+    make(manifest)
+    # a reader still waiting on the pipe after a minute is let go (a writer's end, closed): the test then fails
+    release = threading.Timer(60, lambda: os.close(os.open(manifest, os.O_WRONLY | os.O_NONBLOCK)))
+    release.start()
+    try:
+        one_line_error(
+            ["decrypt", manifest.parent, tmp_path / "dec", "--key", key_file], capsys, f"manifest {manifest}", says
+        )
+    finally:
+        release.cancel()
 
 
 @pytest.mark.parametrize("fmt", ["png", "npz"])

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import KEY, assert_no_key_material, key_encodings
+from conftest import KEY, assert_no_key_material, key_encodings, within_a_minute
 
 from ppvit.crypto.keys import Key, KeyFileError
 
@@ -119,6 +119,11 @@ def _write(path: Path, text: str, mode: int = 0o600) -> Path:
     return path
 
 
+def _fifo(path: Path) -> Path:
+    os.mkfifo(path, 0o600)
+    return path
+
+
 def _valid_doc(key: Key) -> dict:
     return {"format": "ppvit-key", "version": 1, "fingerprint": key.fingerprint, "secret": key.secret.hex()}
 
@@ -134,13 +139,23 @@ def _valid_doc(key: Key) -> dict:
         (lambda p, d: _write(p, json.dumps({**d, "secret": d["secret"][:40]})), "damaged"),
         (lambda p, d: _write(p, json.dumps({**d, "secret": "ab" * 31 + "cd"})), "fingerprint does not match"),
         (lambda p, d: _write(p, json.dumps(d), 0o644), "readable by other users"),
+        # hostile tester: a FIFO was waited on forever, /dev/zero read until a MemoryError, deep nesting a
+        # RecursionError's traceback, a 5000-digit number a line naming no file, a megabyte of spaces accepted
+        (lambda p, d: _fifo(p), r"cannot be read \(not a regular file"),
+        (lambda p, d: p.symlink_to("/dev/zero") or p, r"cannot be read \(not a regular file"),
+        (lambda p, d: _write(p, "[" * 60_000), "truncated or not JSON"),
+        (lambda p, d: _write(p, '{"format": "ppvit-key", "version": 1' + "0" * 5000 + "}"), "truncated or not JSON"),
+        (lambda p, d: _write(p, json.dumps(d) + " " * 1_000_000), "over the 65,536 a key file may be"),
     ],
-    ids=["missing", "truncated", "version", "not-json", "not-key", "short-secret", "tampered", "world-readable"],
+    ids=[
+        *["missing", "truncated", "version", "not-json", "not-key", "short-secret", "tampered", "world-readable"],
+        *["fifo", "dev-zero", "deep", "5000-digits", "a-megabyte"],
+    ],
 )
 def test_bad_key_files(tmp_path: Path, make, message: str) -> None:
     path = make(tmp_path / "k.key", _valid_doc(Key(GOLDEN_SECRET)))
     with pytest.raises(KeyFileError, match=message) as info:
-        Key.load(path)
+        within_a_minute(path, lambda: Key.load(path))
     assert str(path) in str(info.value)
     assert_no_key_material(str(info.value), Key(GOLDEN_SECRET))
 

@@ -6,16 +6,14 @@ import gzip
 import io
 import os
 import tarfile
-import threading
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import KEY, assert_no_key_material
+from conftest import KEY, assert_no_key_material, within_a_minute
 from PIL import Image
 
-from ppvit import cli
+from ppvit import _io, cli
 from ppvit.crypto.ciphers import BlockCipher
 from ppvit.crypto.keys import Key
 from ppvit.data.encrypt import encrypt_collection
@@ -84,34 +82,12 @@ def test_unreadable_file_is_listed_not_fatal(tmp_path: Path, monkeypatch: pytest
             raise PermissionError(13, "Permission denied", str(path))
         return real(path, *args)
 
-    monkeypatch.setattr(base, "open", refusing, raising=False)  # root ignores chmod 000, so simulate it
+    monkeypatch.setattr(_io, "open", refusing, raising=False)  # root ignores chmod 000, so simulate it
     summary = encrypt_collection(tmp_path / "src", tmp_path / "enc", BlockCipher(KEY), progress=False)
     assert summary.written == 2 and [rel for rel, _ in summary.failed] == ["cls/b.png"]
     assert "Permission denied" in summary.failed[0][1]
     assert sorted(p.name for p in (tmp_path / "enc" / "cls").iterdir()) == ["a.png", "c.png"]
     assert_no_key_material([tmp_path / "enc", *summary.failed[0]], KEY)
-
-
-def within_a_minute(pipe: Path, read: Callable[[], object]) -> object:
-    """``read()``'s result (its exception raised); a reader waiting on ``pipe`` fails the test, let go first."""
-    done: list = []
-
-    def run() -> None:
-        try:
-            done.append(read())
-        except Exception as exc:
-            done.append(exc)
-
-    work = threading.Thread(target=run, daemon=True)
-    work.start()
-    work.join(60)
-    if work.is_alive():  # the reader waits on the pipe: a writer's end, closed, lets it go
-        os.close(os.open(pipe, os.O_WRONLY | os.O_NONBLOCK))
-        work.join(60)
-        pytest.fail("the pipe was waited on")
-    if isinstance(done[0], Exception):
-        raise done[0]
-    return done[0]
 
 
 def test_a_pipe_or_a_huge_file_named_like_an_image_is_a_failed_image(

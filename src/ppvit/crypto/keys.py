@@ -39,12 +39,13 @@ from typing import TypeVar
 
 import numpy as np
 
-from ppvit._io import _naming
+from ppvit._io import _naming, read_json
 
 KEY_FORMAT = "ppvit-key"
 KEY_VERSION = 1
 SECRET_BYTES = 32
 MAX_INPUT_SIZE = 4096
+MAX_KEY_FILE_BYTES = 1 << 16  # a key file is about 250 bytes: 64 KiB is room for any editing, a megabyte is no key
 """The largest input side ppvit resizes to and encrypts at: ViTs take 224-518; one of 100,000 is a typo that would
 allocate tens of GB (120 GB for one image's resize) before saying anything."""
 
@@ -183,14 +184,12 @@ class Key:
 
         try:
             st = path.stat()
-            raw = path.read_bytes()
+            doc = read_json(path, MAX_KEY_FILE_BYTES, "a key file")
         except FileNotFoundError:
             raise bad("not found") from None
         except OSError as exc:
             raise bad(f"cannot be read ({exc.strerror})") from None
-        try:
-            doc = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError):
+        except ValueError:
             raise bad("not a ppvit key file (truncated or not JSON)") from None
         if not isinstance(doc, dict) or doc.get("format") != KEY_FORMAT:
             raise bad("not a ppvit key file")

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from ppvit._io import atomic_write_json
+from ppvit._io import atomic_write_json, read_json
 from ppvit.data.preprocess import Preprocess
 
 MANIFEST_NAME = "ppvit-manifest.json"
@@ -139,7 +139,7 @@ def read_marker(text: str, where: str) -> Manifest:
 def read_manifest(folder: str | os.PathLike) -> Manifest:
     path = Path(folder) / MANIFEST_NAME
     try:
-        doc = json.loads(path.read_text())
+        doc = read_json(path)
         if not isinstance(doc, dict):
             raise ValueError("not a JSON object")
         doc["format"] = OLD_FORMATS.get(doc.get("format"), doc.get("format"))

@@ -3,7 +3,6 @@ them within a time budget: chosen once, recorded in the output folder, kept by e
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import tempfile
@@ -12,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ppvit._io import atomic_write_json
+from ppvit._io import atomic_write_json, read_json
 from ppvit.data.datasets import load_splits
 from ppvit.experiments.cells import run_cell
 from ppvit.experiments.results import speeds_text
@@ -145,7 +144,7 @@ def fit_budget(
 def read_budget(record: Path) -> dict:
     """The budget a first run chose, checked: its training subset sizes every cell this folder still trains."""
     try:
-        budget = json.loads(record.read_text())
+        budget = read_json(record)
     except (OSError, ValueError) as exc:
         raise ValueError(f"budget record {record}: cannot be read ({exc})") from None
     size = budget.get("train_subset") if isinstance(budget, dict) else None

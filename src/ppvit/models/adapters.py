@@ -27,7 +27,7 @@ import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load, save, save_file
 
-from ppvit._io import atomic_write, atomic_write_bytes, atomic_write_text, file_sha256
+from ppvit._io import atomic_write, atomic_write_bytes, atomic_write_text, file_sha256, read_json
 from ppvit._schema import check_fields
 from ppvit.data.preprocess import KERNEL, Preprocess
 from ppvit.models.backbones import create_backbone, input_size, normalization
@@ -109,7 +109,7 @@ def save_adapter(model: nn.Module, meta: AdapterMeta, out_dir: str | os.PathLike
 def read_adapter_meta(adapter_dir: str | os.PathLike) -> AdapterMeta:
     path = adapter_files(adapter_dir)[0]
     try:
-        doc = json.loads(path.read_text())
+        doc = read_json(path)
     except FileNotFoundError:
         raise FileNotFoundError(f"adapter {adapter_dir}: no {CONFIG_NAME} (not an adapter folder?)") from None
     except (OSError, ValueError) as exc:  # JSON, or not UTF-8

@@ -12,7 +12,6 @@ OUT/.lock            held (flock) by the ``train`` writing the folder: a second 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +26,7 @@ from ppvit._io import (
     atomic_write_text,
     hold_lock,
     json_text,
+    read_json,
     remove_empty_folders,
 )
 from ppvit._schema import check_fields
@@ -88,8 +88,8 @@ class RunResult:
     def read(cls, path: str | os.PathLike) -> RunResult:
         """The result as written, checked: a table or an answer built on ``test_acc: 5`` said 500% (hand edits)."""
         try:
-            result = cls(**json.loads(Path(path).read_text()))
-        except (OSError, json.JSONDecodeError, TypeError) as exc:
+            result = cls(**read_json(path))
+        except (OSError, ValueError, TypeError) as exc:
             raise ValueError(f"run result {path}: cannot be read ({exc})") from None
         check_fields(result, f"run result {path}: ")
         for name in ("test_acc", "best_val_acc"):

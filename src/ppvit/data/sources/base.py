@@ -10,12 +10,10 @@ end of a run). Torch-free: PIL and numpy only.
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import importlib
 import io
 import os
-import stat
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -25,6 +23,7 @@ from typing import Any, ClassVar
 import numpy as np
 from PIL import Image
 
+from ppvit._io import check_regular_file, read_regular_file
 from ppvit.data.manifest import MANIFEST_NAME, PLAIN, Manifest, read_manifest
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".tif", ".tiff", ".webp", ".gif")
@@ -135,20 +134,13 @@ MAX_IMAGE_BYTES = 256 << 20  # one image file read into memory (a 8192x8192 RGB 
 
 
 def check_image_file(path: str | os.PathLike) -> None:
-    """OSError unless ``path`` is a regular file of at most ``MAX_IMAGE_BYTES``, checked before it is opened: a FIFO
-    or ``/dev/zero`` (a name in a folder, a link) was read forever, a file of gigabytes whole into memory."""
-    info = os.stat(path)
-    if not stat.S_ISREG(info.st_mode):
-        raise OSError(errno.EINVAL, "not a regular file (a device, a pipe or a socket)", str(path))
-    if info.st_size > MAX_IMAGE_BYTES:
-        raise OSError(errno.EFBIG, f"{info.st_size:,} bytes, over the {MAX_IMAGE_BYTES:,} an image may be", str(path))
+    """OSError unless ``path`` is a regular file of at most ``MAX_IMAGE_BYTES`` (see :func:`check_regular_file`)."""
+    check_regular_file(path, MAX_IMAGE_BYTES, "an image")
 
 
 def read_image_file(path: str | os.PathLike) -> bytes:
     """An image file's bytes, or OSError (:func:`check_image_file`)."""
-    check_image_file(path)
-    with open(path, "rb") as fh:
-        return fh.read(MAX_IMAGE_BYTES + 1)  # a file grown since: decoding then fails, it is not read on
+    return read_regular_file(path, MAX_IMAGE_BYTES, "an image")
 
 
 def decode(relpath: str, data: Data) -> ImageItem:
