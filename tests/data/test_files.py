@@ -29,9 +29,9 @@ def png_bytes(seed: int, size: int = 16) -> bytes:
     return buf.getvalue()
 
 
-def write_tar(path: Path, members: dict[str, bytes]) -> None:
+def write_tar(path: Path, members: dict[str, bytes] | list[tuple[str, bytes]]) -> None:
     with tarfile.open(path, "w") as tf:
-        for name, data in members.items():
+        for name, data in members.items() if isinstance(members, dict) else members:
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tf.addfile(info, io.BytesIO(data))
@@ -46,6 +46,19 @@ def test_archive_member_outside_dst_is_refused(tmp_path: Path, bad_name: str) ->
     with pytest.raises(ValueError, match="unsafe path"):
         encrypt_collection(tmp_path / "evil.tar", tmp_path / "out" / "enc", BlockCipher(KEY), progress=False)
     assert not [p for p in outside if p.exists()]
+
+
+@pytest.mark.parametrize("twice", ["cls/a.png", "./cls/a.png", "cls//a.png"])
+def test_a_member_twice_in_an_archive_is_refused_naming_it(tmp_path: Path, capsys, twice: str) -> None:
+    """The second cls/a.png (another image) was dropped: "encrypted 2 images (1 already there)", exit 0 (hostile
+    tester); ``./x`` is ``x``."""
+    write_tar(tmp_path / "d.tar", [("cls/a.png", png_bytes(0)), ("cls/b.png", png_bytes(1)), (twice, png_bytes(2))])
+    Key.generate().save(tmp_path / "k.key")
+    code = cli.main(["-q", "encrypt", str(tmp_path / "d.tar"), str(tmp_path / "enc"), "--key", str(tmp_path / "k.key")])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert f"archive {tmp_path / 'd.tar'}: {twice.removeprefix('./')} appears twice" in err, err
+    assert not list((tmp_path / "enc").rglob("*.png")) if (tmp_path / "enc").exists() else True
 
 
 @pytest.mark.parametrize("cut", ["gzip, halved", "tar, in a header"])

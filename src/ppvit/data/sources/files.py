@@ -72,27 +72,33 @@ def _archive_items(src: Path, select: Select) -> Iterator[Item]:
     try:
         with tarfile.open(src, "r:*") as tar:
             reader = _TarMembers(tar)
-            for member in members(tar, src):  # a cut archive (its header cut) is damaged, not shorter
-                rel = _image_member(member)
-                if rel is not None:
-                    if select is not None and not select(rel):
-                        continue
+            for member, rel in _image_members(tar, src):
+                if select is None or select(rel):
                     yield rel, reader.read(member)  # its path checked by Source.items
     except (tarfile.TarError, EOFError, zlib.error, OSError) as exc:
         raise ValueError(f"archive {src}: damaged ({exc.__class__.__name__}: {exc})") from None
 
 
-def _image_member(member: tarfile.TarInfo) -> str | None:
-    """The member's path when it is an image (a file, or a link that may be one), else None."""
-    rel = member.name.removeprefix("./")
-    return rel if (member.isfile() or member.issym() or member.islnk()) and is_image_path(rel) else None
+def _image_members(tar: tarfile.TarFile, src: Path) -> Iterator[tuple[tarfile.TarInfo, str]]:
+    """Each member that is an image (a file, or a link that may be one) and its path, in order; a cut archive (its
+    header cut) is damaged, not shorter. A path twice (``tar -r`` appends a changed file again; ``./x`` and ``x``)
+    stops the read naming it: one of the two images was dropped without a word."""
+    seen: set[str] = set()
+    for member in members(tar, src):
+        rel = member.name.removeprefix("./")
+        if not ((member.isfile() or member.issym() or member.islnk()) and is_image_path(rel)):
+            continue
+        if (same := posixpath.normpath(rel)) in seen:
+            raise ValueError(f"archive {src}: {rel} appears twice (two members of one name); keep one")
+        seen.add(same)
+        yield member, rel
 
 
 def _archive_paths(src: Path) -> Iterator[str]:
     """The image members' paths from the tar headers alone (an uncompressed archive's data are skipped, not read)."""
     try:
         with tarfile.open(src, "r:*") as tar:
-            yield from (rel for rel in map(_image_member, members(tar, src)) if rel is not None)
+            yield from (rel for _, rel in _image_members(tar, src))
     except (tarfile.TarError, EOFError, zlib.error, OSError) as exc:
         raise ValueError(f"archive {src}: damaged ({exc.__class__.__name__}: {exc})") from None
 
