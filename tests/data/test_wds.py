@@ -57,11 +57,16 @@ def test_wds_source_bad_samples_and_damaged_shards(tmp_path: Path, capsys) -> No
             ("c", {"png": image}),  # no label
             ("d", {"json": b"{}"}),  # no image: not an image at all
             ("e", {"png": image, "cls": b"0"}),
+            ("f", {"png": image, "jpg": image, "cls": b"0"}),  # two images: the .jpg was dropped without a word
         ],
     )
     summary = encrypt_collection(tmp_path / "s", tmp_path / "enc", BlockCipher(KEY, "shuffle", 4), progress=False)
-    assert summary.written == 2 and len(summary.failed) == 2
+    assert summary.written == 2 and len(summary.failed) == 3
     why = dict(summary.failed)
+    assert (
+        "sample f of " in why["train/0000/train-000_f.png"]
+        and "2 images (.png, .jpg)" in why["train/0000/train-000_f.png"]
+    )
     assert "cannot decode" in why["train/0000/train-000_b.jpg"]
     assert (
         "no .cls member" in why["train/_unlabelled_/train-000_c.png"]

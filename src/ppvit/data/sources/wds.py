@@ -4,7 +4,7 @@ A source is a ``.tar`` file whose samples are ``KEY.jpg|png|...`` with ``KEY.cls
 text), a folder of such shards, or a brace pattern (``shards/train-{000..009}.tar``). The split
 is the shard's folder or name prefix (``train/``, ``train-000.tar``). Paths are
 ``split/class/SHARD_KEY.jpg``. A sample without an image (metadata only) is skipped; one
-without a ``.cls``, or whose ``.cls`` is not a label, is a failed image.
+without a ``.cls``, whose ``.cls`` is not a label, or with two images (``.png`` and ``.jpg``), is a failed image.
 
 :func:`read_samples` reads every WebDataset tar in ppvit (these sources, ``ppvit encrypt
 --format wds`` output in memory and streamed): the ``webdataset`` library groups members into
@@ -70,9 +70,10 @@ class WdsSource(Source):
         for shard, sample in read_samples(wds_shards(text), compressed=True):
             key = sample["__key__"]
             cls_data = sample.get("cls")
-            image_ext = next((e for e in WDS_IMAGE_EXTS if e in sample), None)
-            if image_ext is None:
+            images = [e for e in WDS_IMAGE_EXTS if e in sample]
+            if not images:
                 continue  # a sample with no image (metadata only) is not an image
+            image_ext = images[0]
             cls = None
             if isinstance(cls_data, bytes):
                 try:
@@ -86,11 +87,12 @@ class WdsSource(Source):
             rel = "/".join(p for p in (split, cls or UNLABELLED, name) if p)
             if select is not None and not select(rel):
                 continue
-            if cls is None:
+            why = None
+            if len(images) > 1:  # the first was taken, the others dropped without a word
+                why = f"{len(images)} images (.{', .'.join(images)}); a sample holds one"
+            elif cls is None:
                 why = "no .cls member" if cls_data is None else "its .cls is not a label"
-                yield rel, OSError(errno.ENODATA, f"sample {key} of {shard}: {why}")
-            else:
-                yield rel, sample[image_ext]
+            yield rel, sample[image_ext] if why is None else OSError(errno.ENODATA, f"sample {key} of {shard}: {why}")
 
 
 def is_pattern(text: str) -> bool:
