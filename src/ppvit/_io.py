@@ -230,7 +230,12 @@ def check_regular_file(path: str | os.PathLike, limit: int, what: str = "a file"
     if not stat.S_ISREG(info.st_mode):
         raise OSError(errno.EINVAL, "not a regular file (a folder, a device, a pipe or a socket)", str(path))
     if info.st_size > limit:
-        raise OSError(errno.EFBIG, f"{info.st_size:,} bytes, over the {limit:,} {what} may be", str(path))
+        raise too_large(info.st_size, limit, what, str(path))
+
+
+def too_large(size: int, limit: int, what: str, name: str | None = None) -> OSError:
+    """The error of a file (an archive's member) of ``size`` bytes, over the ``limit`` that ``what`` may be."""
+    return OSError(errno.EFBIG, f"{size:,} bytes, over the {limit:,} {what} may be", name)
 
 
 def read_regular_file(path: str | os.PathLike, limit: int, what: str = "a file") -> bytes:

@@ -18,7 +18,7 @@ from ppvit.crypto.ciphers import BlockCipher
 from ppvit.crypto.keys import Key
 from ppvit.data.encrypt import encrypt_collection
 from ppvit.data.images import ciphertext_origin, read_ciphertext_array, read_image
-from ppvit.data.sources import base
+from ppvit.data.sources import base, files
 from ppvit.data.sources.files import FilesSource
 
 
@@ -126,6 +126,22 @@ def test_a_pipe_or_a_huge_file_named_like_an_image_is_a_failed_image(
     assert within_a_minute(pipe, lambda: ciphertext_origin(tmp_path / "src" / "cls" / "b.png")) is None
     with pytest.raises(ValueError, match=r"image .*b\.npy: not a readable .npy array .*not a regular file"):
         within_a_minute(pipe, lambda: read_ciphertext_array(tmp_path / "b.npy", 16, ("uint8",)))
+
+
+def test_an_archive_member_over_the_image_limit_is_a_failed_image_never_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A member of 300 MB of zeros (310 KB gzipped) was read whole into memory (hostile tester): its header says its
+    size, so it is a failed image before any of it is read, as a file of that size is."""
+    monkeypatch.setattr(files, "MAX_IMAGE_BYTES", 2_000)
+    write_tar(tmp_path / "d.tar", {"cls/a.png": png_bytes(1), "cls/big.png": png_bytes(2) + bytes(3_000)})
+    read: list[str] = []
+    extract = tarfile.TarFile.extractfile
+    monkeypatch.setattr(tarfile.TarFile, "extractfile", lambda tar, m: read.append(m.name) or extract(tar, m))
+    summary = encrypt_collection(tmp_path / "d.tar", tmp_path / "enc", BlockCipher(KEY), progress=False)
+    failed = dict(summary.failed)
+    assert summary.written == 1 and list(failed) == ["cls/big.png"], failed
+    assert "bytes, over the 2,000 an image may be" in failed["cls/big.png"] and "cls/big.png" not in read
 
 
 def test_hidden_files_are_not_images(tmp_path: Path) -> None:

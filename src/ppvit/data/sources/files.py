@@ -16,7 +16,16 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import ClassVar
 
-from ppvit.data.sources.base import IMAGE_SUFFIXES, Item, Select, Source, is_image_path, read_image_file
+from ppvit._io import too_large
+from ppvit.data.sources.base import (
+    IMAGE_SUFFIXES,
+    MAX_IMAGE_BYTES,
+    Item,
+    Select,
+    Source,
+    is_image_path,
+    read_image_file,
+)
 from ppvit.data.sources.wds import members
 
 
@@ -124,7 +133,8 @@ class _TarMembers:
     link is resolved against its member's folder, a hard link against the archive's root (and
     only to a member before it, as tar writes them). A link that leaves the archive (``/x``,
     ``../x``), names no member, loops, or ends at something other than a file is an unreadable
-    image (an ``OSError`` value), named like a dangling link in a folder.
+    image (an ``OSError`` value), named like a dangling link in a folder; so is a member over ``MAX_IMAGE_BYTES``,
+    as a file would be, before any of it is read.
     """
 
     MAX_HOPS = 40  # as Linux's limit on nested symbolic links
@@ -157,4 +167,6 @@ class _TarMembers:
             return OSError(errno.ELOOP, f"{link}: {os.strerror(errno.ELOOP)}")
         if not target.isfile():
             return OSError(errno.EISDIR, f"{link}: not a file in the archive")
+        if target.size > MAX_IMAGE_BYTES:  # its header says so: 300 MB of zeros were read whole from a 310 KB tar.gz
+            return too_large(target.size, MAX_IMAGE_BYTES, "an image")
         return self.tar.extractfile(target).read()
