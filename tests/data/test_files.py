@@ -144,6 +144,35 @@ def test_an_archive_member_over_the_image_limit_is_a_failed_image_never_read(
     assert "bytes, over the 2,000 an image may be" in failed["cls/big.png"] and "cls/big.png" not in read
 
 
+def _saved(values: list[int] | list[float], dtype: str, fmt: str) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.array([values], dtype=dtype)).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+GREY16 = [0, 128, 129, 257, 32768, 65535]  # value / 257, rounded: 0, 0, 1, 1, 128, 255
+
+
+@pytest.mark.parametrize(
+    ("data", "grey", "error"),
+    [
+        (_saved(GREY16, "uint16", "PNG"), [0, 0, 1, 1, 128, 255], None),  # was clipped: all but 0 white
+        (_saved(GREY16, "uint16", "TIFF"), [0, 0, 1, 1, 128, 255], None),
+        (_saved([0.0, 0.5, 1.0], "float32", "TIFF"), None, "mode F (32-bit floating point pixels) has no one scale"),
+        (_saved([0, 1 << 20], "int32", "TIFF"), None, "mode I (32-bit integer pixels) has no one scale"),
+    ],
+    ids=["16-bit png", "16-bit tiff", "float tiff", "int32 tiff"],
+)
+def test_wide_images_are_scaled_to_8_bits_or_failed_naming_their_mode(data: bytes, grey, error) -> None:
+    """PIL's convert("RGB") clips: a 16-bit PNG came out almost all white, a float TIFF all black, exit 0 (hostile
+    tester). 16-bit grey has one scale to 8 bits; floats and 32-bit integers have none that is right for all."""
+    item = base.decode("c/x.png", data)
+    if error is None:
+        assert item.error is None and np.asarray(item.image).tolist() == [[[g] * 3 for g in grey]]
+    else:
+        assert item.image is None and error in item.error
+
+
 def test_hidden_files_are_not_images(tmp_path: Path) -> None:
     """macOS puts ._name.jpg resource forks into archives; they are not images and not failures."""
     write_tar(

@@ -152,10 +152,27 @@ def decode(relpath: str, data: Data) -> ImageItem:
     buf = io.BytesIO(data)
     try:
         with Image.open(buf) as im:
-            return ImageItem(relpath, im.convert("RGB"))
+            if im.mode in WIDE_MODES:
+                why = (
+                    f"mode {im.mode} ({WIDE_MODES[im.mode]} pixels) has no one scale to 8 bits; save it as 8 or 16 bits"
+                )
+                return ImageItem(relpath, error=why)
+            return ImageItem(relpath, _rgb(im))
     except Exception as exc:  # PIL raises many types for bad files
         detail = str(exc).replace(repr(buf), repr(Path(relpath).name))  # PIL names its buffer, "<_io.BytesIO ...>"
         return ImageItem(relpath, error=f"cannot decode ({exc.__class__.__name__}: {detail})")
+
+
+WIDE_MODES = {"I": "32-bit integer", "F": "32-bit floating point"}  # PIL's convert("RGB") clips them: black, white
+
+
+def _rgb(im: Image.Image) -> Image.Image:
+    """``im`` as 8-bit RGB; 16-bit grey (``I;16``, ``I;16B``, ...) scaled, value / 257 rounded (65535 is 255), where
+    PIL's convert clips it at 255 (a 16-bit PNG came out almost all white)."""
+    if im.mode.startswith("I;16"):
+        wide = np.asarray(im).astype(np.uint32)
+        return Image.fromarray(((wide + 128) // 257).astype(np.uint8)).convert("RGB")
+    return im.convert("RGB")
 
 
 def class_of(relpath: str) -> str:
