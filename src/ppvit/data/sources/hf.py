@@ -11,6 +11,7 @@ to 4 digits, so that they sort as numbers). Parquet is read batch by batch with 
 from __future__ import annotations
 
 import errno
+import os
 import posixpath
 from collections.abc import Iterator
 from pathlib import Path
@@ -54,6 +55,7 @@ class HFSource(Source):
 
     def _rows(self, select: Select, read: bool) -> Iterator[tuple[str, Any]]:
         row_offset: dict[str, int] = {}  # parquet files of one split number their rows on from each other
+        root = Path(self.path) if Path(self.path).is_dir() else Path(self.path).parent  # what path cells may name
         for split, table, where in _splits(Path(self.path), self.split_names()):
             image, label, names = find_columns(_features(table, where), self.columns, where)
             names = names or (list(self.columns.classes) if self.columns.classes else None)
@@ -69,7 +71,7 @@ class HFSource(Source):
                 elif cls is None:
                     yield rel, OSError(errno.ENODATA, f"no label ({label} is {value!r}) in {where}")
                 else:
-                    yield rel, _cell_bytes(cell, Path(where))
+                    yield rel, _cell_bytes(cell, Path(where), root)
 
 
 def _saved(folder: Path) -> bool:
@@ -154,14 +156,18 @@ def _table_rows(table: Any, image: str, label: str, read: bool, where: str) -> I
             yield (batch[image][i] if read else None), batch[label][i]
 
 
-def _cell_bytes(cell: Any, where: Path) -> bytes | OSError:
-    """An Image cell's bytes (``{"bytes", "path"}``); a path-only cell is read relative to the dataset."""
+def _cell_bytes(cell: Any, where: Path, root: Path) -> bytes | OSError:
+    """An Image cell's bytes (``{"bytes", "path"}``); a path-only cell is read relative to the dataset's file, from
+    under the dataset's folder ``root`` only: an absolute path or one climbing out (``../../x``) put a local file that
+    is none of the dataset's into the output (as a tar's link out of the archive, it is not followed)."""
     if isinstance(cell, dict) and cell.get("bytes"):
         return cell["bytes"]
     path = cell.get("path") if isinstance(cell, dict) else None
     if not path:
         return OSError(errno.ENODATA, f"empty image cell in {where}")
-    target = Path(path) if Path(path).is_absolute() else (where if where.is_dir() else where.parent) / path
+    target = Path(os.path.normpath((where if where.is_dir() else where.parent).absolute() / path))
+    if Path(path).is_absolute() or not target.is_relative_to(os.path.normpath(root.absolute())):
+        return OSError(errno.EXDEV, f"image path {path!r} in {where}: outside the dataset's folder {root}, not read")
     try:
         return read_image_file(target)
     except OSError as exc:
