@@ -86,8 +86,12 @@ def test_preview_takes_a_keys_pin_as_its_default_and_refuses_anything_else(tmp_p
     assert grid.size[1] == 2 * (128 + 4)  # plain and the pinned scheme, 16 px zoomed to 128
 
 
-def test_encrypt_demo_makes_no_key_before_its_data_are_read(tmp_path: Path, capsys) -> None:
-    """A wrong ``--data`` left ``OUT/demo.key``, and the corrected command was refused for it ("already exists")."""
-    one_line_error(["encrypt-demo", "--data", tmp_path / "nothere", "--out", tmp_path / "demo"], capsys, "nothere")
-    assert not (tmp_path / "demo" / "demo.key").exists()
+@pytest.mark.parametrize(("layout", "says"), [(None, "nothere"), ("train", "nothere: no readable images under test/")])
+def test_encrypt_demo_makes_no_key_before_its_data_are_read(tmp_path: Path, capsys, layout: str | None, says) -> None:
+    """A wrong ``--data`` (none there, or no test/ split) left ``OUT/demo.key``, and the corrected command was refused
+    for it ("already exists")."""
+    if layout is not None:  # its images in another split
+        tree(tmp_path / "nothere").joinpath("test").rename(tmp_path / "nothere" / layout)
+    one_line_error(["encrypt-demo", "--data", tmp_path / "nothere", "--out", tmp_path / "demo"], capsys, says)
+    assert not (tmp_path / "demo").exists()
     one_line_error(["encrypt-demo", "--data", tmp_path / "nothere", "--n", "5"], capsys, "--n 5: from 10 to 10000")

@@ -186,6 +186,8 @@ def encryption_demo(
         for item in open_source(data).images(select)
         if item.error is None
     }
+    if not originals:  # else the key was made, the encryption refused, and every rerun refused for the key
+        raise ValueError(f"source {data}: no readable images under test/ (the demo encrypts the test split)")
     chosen = {Path(rel).with_suffix("").as_posix() for rel in originals}
     out.mkdir(parents=True, exist_ok=True)  # the key once the data are read: a wrong --data leaves none behind
     key = Key.generate()
