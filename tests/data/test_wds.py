@@ -58,11 +58,13 @@ def test_wds_source_bad_samples_and_damaged_shards(tmp_path: Path, capsys) -> No
             ("d", {"json": b"{}"}),  # no image: not an image at all
             ("e", {"png": image, "cls": b"0"}),
             ("f", {"png": image, "jpg": image, "cls": b"0"}),  # two images: the .jpg was dropped without a word
+            ("g", {"png": image, "cls": b"9" * 5000}),  # past int()'s digit limit: a line naming no shard
         ],
     )
     summary = encrypt_collection(tmp_path / "s", tmp_path / "enc", BlockCipher(KEY, "shuffle", 4), progress=False)
-    assert summary.written == 2 and len(summary.failed) == 3
+    assert summary.written == 2 and len(summary.failed) == 4
     why = dict(summary.failed)
+    assert "sample g of " in why["train/_unlabelled_/train-000_g.png"]
     assert (
         "sample f of " in why["train/0000/train-000_f.png"]
         and "2 images (.png, .jpg)" in why["train/0000/train-000_f.png"]

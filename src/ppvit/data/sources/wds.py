@@ -80,7 +80,7 @@ class WdsSource(Source):
                     label = cls_data.decode("utf-8").strip()
                     value = int(label) if label.lstrip("-").isdigit() else label
                     cls = label_name(value, list(self.columns.classes) if self.columns.classes else None)
-                except UnicodeDecodeError:
+                except ValueError:  # not UTF-8, or past Python's 4300 digits (a line naming no shard)
                     cls = None
             split = split_from_path(shard, root, self.split_names())
             name = f"{shard.name.split('.')[0]}_{safe_name(key)}.{image_ext}"
