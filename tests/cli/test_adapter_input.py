@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from cli_tools import toy_run
-from conftest import adapter_tensors, one_line_error, run_cli, write_adapter_tensors
+from conftest import SMALL, adapter_tensors, one_line_error, run_cli, write_adapter_tensors
 from PIL import Image
 from safetensors.torch import save_file
 
@@ -39,6 +39,11 @@ def edited(tmp_path: Path, change) -> Path:
         (lambda d: d.update(block_size="4"), "damaged (block_size '4': must be an integer or null)"),
         (lambda d: d.update(tensors_sha256="abc"), "damaged (tensors_sha256 is 64 hexadecimal digits)"),
         (lambda d: [1, 2], "damaged (not a JSON object)"),
+        (lambda d: d.update(model_kwargs={"img_size": "abc"}), "damaged (model_kwargs img_size 'abc': must be a"),
+        (lambda d: d["method"].update(method="melo", rank="x"), "damaged (method melo: rank 'x': must be an integer)"),
+        (lambda d: d["method"].update(method="melo", dropout=2.0), "damaged (LoRA dropout must be in [0, 1), got 2.0)"),
+        (lambda d: d.update(init_seed=2**70), "damaged (init_seed 1180591620717411303424: from 0 to 2**63 - 1)"),
+        (lambda d: d.update(scheme="bogus"), "damaged (unknown scheme step 'bogus'"),
     ],
     ids=[
         "num_classes",
@@ -50,6 +55,11 @@ def edited(tmp_path: Path, change) -> Path:
         "block",
         "sha256",
         "list",
+        "img_size text",
+        "rank text",
+        "dropout 2",
+        "seed 2**70",
+        "scheme bogus",
     ],
 )
 def test_an_adapter_config_edited_by_hand_is_one_line_naming_it(tmp_path: Path, capsys, change, says: str) -> None:
@@ -57,6 +67,13 @@ def test_an_adapter_config_edited_by_hand_is_one_line_naming_it(tmp_path: Path, 
     image = tmp_path / "x.npy"
     np.save(image, np.zeros((32, 32, 3), np.uint8))
     one_line_error(["predict", run, image], capsys, f"adapter config {run / 'adapter' / CONFIG_NAME}: ", says)
+
+
+def test_adapter_model_arguments_the_model_does_not_take_are_one_line(tmp_path: Path, capsys) -> None:
+    """``model_kwargs: {"bogus": 1}`` was timm's TypeError traceback in predict, eval and merge (hostile tester)."""
+    run = edited(tmp_path, lambda d: d.update(model_kwargs={"bogus": 1}))
+    np.save(tmp_path / "x.npy", np.zeros((32, 32, 3), np.uint8))
+    one_line_error(["predict", run, tmp_path / "x.npy"], capsys, f"model {SMALL}: ", "'bogus'")
 
 
 def test_adapter_tensors_holding_nan_are_refused(tmp_path: Path, capsys, toy_dataset: Path) -> None:

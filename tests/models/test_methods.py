@@ -245,10 +245,12 @@ def test_merge_gives_a_plain_model_with_equal_outputs(method: str, targets: str)
     [
         ("lora", {}, "unknown method 'lora'"),
         ("melo", {"rank": 0}, "rank must be at least 1"),
-        ("melo", {"targets": "kv"}, "targets must be qv, qkv or all"),
+        ("melo", {"targets": "kv"}, "method melo: targets 'kv': must be one of qv, qkv, all"),
         ("melo", {"alpha": -1.0}, "alpha must be positive"),
-        ("melo", {"alpha": float("nan")}, "alpha must be positive and finite, got nan"),
-        ("lora-pe", {"alpha": float("inf")}, "alpha must be positive and finite, got inf"),
+        ("melo", {"alpha": float("nan")}, "method melo: alpha nan: must be a finite number or null"),
+        ("lora-pe", {"alpha": float("inf")}, "method lora-pe: alpha inf: must be a finite number or null"),
+        ("lora-pe", {"rank": "8"}, "method lora-pe: rank '8': must be an integer"),  # an adapter edited by hand
+        ("melo", {"train_pos_embed": 1}, "method melo: train_pos_embed 1: must be true or false"),
         ("lora-pe", {"dropout": 1.0}, r"dropout must be in \[0, 1\)"),
         ("full", {"rank": 8}, "method full takes no rank"),
     ],

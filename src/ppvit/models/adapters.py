@@ -29,6 +29,7 @@ from safetensors.torch import load, save, save_file
 
 from ppvit._io import atomic_write, atomic_write_bytes, atomic_write_text, file_sha256, read_json
 from ppvit._schema import check_fields
+from ppvit.crypto.ciphers import Scheme
 from ppvit.data.preprocess import KERNEL, Preprocess
 from ppvit.models.backbones import create_backbone, input_size, normalization
 from ppvit.models.configs import MethodConfig, method_config
@@ -130,6 +131,14 @@ def read_adapter_meta(adapter_dir: str | os.PathLike) -> AdapterMeta:
             raise ValueError(f"{len(meta.classes)} class names for {meta.num_classes} classes")
         if meta.block_size is not None and meta.block_size < 1:
             raise ValueError(f"block_size {meta.block_size}: at least 1")
+        size = meta.model_kwargs.get("img_size", 1)
+        if not (type(size) is int and size >= 1):  # other arguments: create_backbone's refusal names them
+            raise ValueError(f"model_kwargs img_size {size!r}: must be a positive integer")
+        if meta.init_seed is not None and not 0 <= meta.init_seed < 2**63:
+            raise ValueError(f"init_seed {meta.init_seed}: from 0 to 2**63 - 1")
+        if meta.scheme is not None:
+            Scheme.parse(meta.scheme)
+        meta.method_config()  # the method's own checks (a rank of "x", a dropout of 2)
         if meta.tensors_sha256 is not None and not re.fullmatch(r"[0-9a-f]{64}", meta.tensors_sha256):
             raise ValueError("tensors_sha256 is 64 hexadecimal digits")
     except (TypeError, ValueError) as exc:  # missing or unknown fields, a malformed recipe

@@ -102,12 +102,12 @@ def create_backbone(
         kwargs["img_size"] = img_size
     if not timm.is_model(name):
         raise ValueError(f"model {name}: not a timm model name; ppvit needs a timm ViT ({LIST_MODELS})")
-    if weights is not None or pretrained:  # the kind of model first: weights for a ResNet would fail obscurely
-        with torch.device("meta"):
-            _require_vit(name, timm.create_model(name, **kwargs))
-    try:
+    try:  # TypeError: an argument the model does not take (an adapter's model_kwargs edited by hand)
+        if weights is not None or pretrained:  # the kind of model first: weights for a ResNet would fail obscurely
+            with torch.device("meta"):
+                _require_vit(name, timm.create_model(name, **kwargs))
         model = timm.create_model(name, pretrained=pretrained and weights is None, **kwargs)
-    except (RuntimeError, KeyError) as exc:
+    except (RuntimeError, KeyError, TypeError) as exc:
         raise ValueError(f"model {name}: {str(exc).splitlines()[0]}") from exc
     _require_vit(name, model)
     if img_size is not None and img_size % patch_size(model):

@@ -11,6 +11,8 @@ import math
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar, Literal
 
+from ppvit._schema import check_fields
+
 LoraTargets = Literal["qv", "qkv", "all"]
 
 
@@ -31,8 +33,8 @@ class MethodConfig:
     )
 
     def __post_init__(self) -> None:
-        if self.patch_embed_init not in ("pretrained", "random"):
-            raise ValueError(f"patch_embed_init must be pretrained or random, got {self.patch_embed_init!r}")
+        # types first (Literal values too): an adapter's "rank": "x" was a '<' TypeError
+        check_fields(self, f"method {self.name}: ")
         if self.patch_embed_init == "random" and not (self.train_patch_embed or self.name == "full"):
             raise ValueError("a random patch embedding must be trained: use it with lora-pe or full")
 
@@ -80,8 +82,6 @@ class MeloConfig(MethodConfig):
         super().__post_init__()
         if self.rank < 1:
             raise ValueError(f"LoRA rank must be at least 1, got {self.rank}")
-        if self.targets not in ("qv", "qkv", "all"):
-            raise ValueError(f"LoRA targets must be qv, qkv or all, got {self.targets!r}")
         if self.alpha is not None:
             self.alpha = float(self.alpha)  # YAML may give an int
         if not (math.isfinite(self.lora_alpha) and self.lora_alpha > 0):  # nan passed a `<= 0` test
