@@ -152,7 +152,7 @@ def decode(relpath: str, data: Data) -> ImageItem:
     buf = io.BytesIO(data)
     try:
         with Image.open(buf) as im:
-            if im.mode in WIDE_MODES:
+            if im.mode in WIDE_MODES and not _sixteen_bits(im):
                 why = (
                     f"mode {im.mode} ({WIDE_MODES[im.mode]} pixels) has no one scale to 8 bits; save it as 8 or 16 bits"
                 )
@@ -166,10 +166,15 @@ def decode(relpath: str, data: Data) -> ImageItem:
 WIDE_MODES = {"I": "32-bit integer", "F": "32-bit floating point"}  # PIL's convert("RGB") clips them: black, white
 
 
+def _sixteen_bits(im: Image.Image) -> bool:
+    """16-bit grey: ``I;16*``, or ``I`` from a PNG (no PNG is 32-bit grey; Pillow before 10.3 opened 16-bit ones so)."""
+    return im.mode.startswith("I;16") or (im.mode == "I" and im.format == "PNG")
+
+
 def _rgb(im: Image.Image) -> Image.Image:
     """``im`` as 8-bit RGB; 16-bit grey (``I;16``, ``I;16B``, ...) scaled, value / 257 rounded (65535 is 255), where
     PIL's convert clips it at 255 (a 16-bit PNG came out almost all white)."""
-    if im.mode.startswith("I;16"):
+    if _sixteen_bits(im):
         wide = np.asarray(im).astype(np.uint32)
         return Image.fromarray(((wide + 128) // 257).astype(np.uint8)).convert("RGB")
     return im.convert("RGB")
