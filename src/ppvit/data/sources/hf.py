@@ -158,15 +158,16 @@ def _table_rows(table: Any, image: str, label: str, read: bool, where: str) -> I
 
 def _cell_bytes(cell: Any, where: Path, root: Path) -> bytes | OSError:
     """An Image cell's bytes (``{"bytes", "path"}``); a path-only cell is read relative to the dataset's file, from
-    under the dataset's folder ``root`` only: an absolute path or one climbing out (``../../x``) put a local file that
-    is none of the dataset's into the output (as a tar's link out of the archive, it is not followed)."""
+    under the dataset's folder ``root`` only: a path out of it (``../../x``, ``/home/me/x``) put a local file that is
+    none of the dataset's into the output. Absolute paths under ``root`` are read (``Dataset.to_parquet`` writes
+    them); the check is on the path's text, so links inside the folder (the Hub cache's blobs) are followed."""
     if isinstance(cell, dict) and cell.get("bytes"):
         return cell["bytes"]
     path = cell.get("path") if isinstance(cell, dict) else None
     if not path:
         return OSError(errno.ENODATA, f"empty image cell in {where}")
     target = Path(os.path.normpath((where if where.is_dir() else where.parent).absolute() / path))
-    if Path(path).is_absolute() or not target.is_relative_to(os.path.normpath(root.absolute())):
+    if not target.is_relative_to(os.path.normpath(root.absolute())):
         return OSError(errno.EXDEV, f"image path {path!r} in {where}: outside the dataset's folder {root}, not read")
     try:
         return read_image_file(target)
