@@ -145,6 +145,21 @@ def test_a_refused_run_leaves_no_empty_parent_folders_but_keeps_the_users(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"] and not any((tmp_path / "mine").iterdir())
 
 
+def test_a_run_result_listing_many_unreadable_images_is_read_back(tmp_path: Path) -> None:
+    """130,000 images left out made a result.json of 17 MB, which the JSON reader's 16 MB bound refused after the
+    run had trained (reproduce's cells, pretrain; second reader)."""
+    from ppvit.train.runs import RunResult
+
+    fields = dict(test_acc=0.5, test_loss=1.2, test_images=4, best_epoch=1, best_val_acc=0.5, epochs=1)
+    fields.update(method="full", scheme="plain", num_classes=4, trainable_params=1, train_seconds=1.0)
+    unreadable = {f"train/cat/{i:08d}.png": "cannot decode (truncated file) " + "x" * 90 for i in range(140_000)}
+    RunResult(**fields, images_per_s=None, peak_rss_mb=1.0, processes=1, precision="no", unreadable=unreadable).write(
+        tmp_path / "r.json"
+    )
+    assert (tmp_path / "r.json").stat().st_size > 16 << 20
+    assert RunResult.read(tmp_path / "r.json").unreadable == unreadable
+
+
 @pytest.mark.parametrize(
     ("edit", "says"),
     [

@@ -37,6 +37,7 @@ EXTENDABLE = (*IGNORED_ON_RESUME, "epochs")  # settings a resume may change (epo
 
 CONFIG_FILE, CHECKPOINT_FILE, BEST_FILE, RESULT_FILE = "config.yaml", "checkpoint.pt", "best.pt", "result.json"
 LOCK_FILE = ".lock"
+RESULT_LIMIT = 1 << 30  # result.json lists every image left out, whole: 130,000 took 17 MB (read_json's bound: 16 MB)
 
 
 class RunFolderBusy(ValueError):
@@ -88,8 +89,10 @@ class RunResult:
     def read(cls, path: str | os.PathLike) -> RunResult:
         """The result as written, checked: a table or an answer built on ``test_acc: 5`` said 500% (hand edits)."""
         try:
-            result = cls(**read_json(path))
-        except (OSError, ValueError, TypeError) as exc:
+            result = cls(**read_json(path, RESULT_LIMIT))
+        except OSError as exc:
+            raise ValueError(f"run result {path}: cannot be read ({exc.strerror or exc})") from None
+        except (ValueError, TypeError) as exc:
             raise ValueError(f"run result {path}: cannot be read ({exc})") from None
         check_fields(result, f"run result {path}: ")
         for name in ("test_acc", "best_val_acc"):
