@@ -282,3 +282,12 @@ def test_a_run_folder_in_its_data_or_holding_it_is_refused_before_anything_is_wr
     err = capsys.readouterr().err
     assert len(err.splitlines()) == 1 and f"run folder {tmp_path / out}: overlaps the data" in err, err
     assert sorted(p.relative_to(tmp_path) for p in (tmp_path / "data").rglob("*")) == before
+
+
+def test_a_run_folder_may_hold_its_data(tmp_path: Path, toy_dataset: Path) -> None:
+    """`--data data --out .` trained before the check above and writes nothing into data/ (second reader)."""
+    shutil.copytree(toy_dataset, tmp_path / "data")
+    train(train_config(tmp_path, tmp_path / "data", None, scheme="none", epochs=1, train_subset=8, test_subset=8))
+    assert (tmp_path / "result.json").is_file() and not any(
+        p.name == "curves.png" for p in (tmp_path / "data").rglob("*")
+    )

@@ -86,15 +86,18 @@ def check_output(dst: Path, fmt: str) -> None:
         )
 
 
-def check_apart(source: str | os.PathLike, dst: Path, what: str = "output", of: str = "the source") -> None:
-    """Refuse an output inside the source folder or holding it: written into itself, a folder's plain images
-    were taken for outputs already there (exit 0, a manifest calling them ciphertext), and a rerun reads the
-    outputs as inputs (a run folder in its data: its files became images of no class, ``adapter/`` a class)."""
+def check_apart(
+    source: str | os.PathLike, dst: Path, what: str = "output", of: str = "the source", holding: bool = False
+) -> None:
+    """Refuse an output inside the source folder (or, unless ``holding``, holding it): written into itself, a
+    folder's plain images were taken for outputs already there (exit 0, a manifest calling them ciphertext), and a
+    rerun reads the outputs as inputs (a run folder in its data: its files became images of no class, ``adapter/`` a
+    class). A run folder may hold its data (``--data data --out .``): nothing it writes lands in it."""
     src, out = Path(source), dst.resolve()
     if not src.exists():  # a brace pattern, a hub or download name: nothing on disk to overlap
         return
     src = src.resolve()
-    if src == out or src in out.parents or (src.is_dir() and out in src.parents):
+    if src == out or src in out.parents or (not holding and src.is_dir() and out in src.parents):
         raise ValueError(f"{what} {dst}: overlaps {of} {source}; give a folder apart from it")
 
 

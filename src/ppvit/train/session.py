@@ -109,7 +109,7 @@ def setup(cfg: TrainConfig, resume: bool, hold: ExitStack | None = None) -> Sess
     if accelerator.is_main_process:
         log.info(cfg.describe_start())
         if cfg.data.data is not None:  # before the folder and its lock: nothing written into the data
-            check_apart(cfg.data.data, out, "run folder", "the data")
+            check_apart(cfg.data.data, out, "run folder", "the data", holding=True)
         out.mkdir(parents=True, exist_ok=True)
         lock = lock_run_folder(out)
         if hold is not None:
