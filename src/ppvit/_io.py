@@ -44,7 +44,6 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None], mode: i
     """
     path = Path(path)
     try:
-        _replaceable(path)  # before the work of writing
         fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as exc:
         raise _naming(exc, path) from None

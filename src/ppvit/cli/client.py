@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from ppvit._io import atomic_write_json
+from ppvit._io import atomic_write_json, read_json
 from ppvit.cli.common import add_strict_arg, report_failed
 from ppvit.crypto.keys import Key
 
@@ -98,7 +98,6 @@ def _job_line(job: dict) -> str:
 
 def _settings(pairs: list[str]) -> dict:
     """``--set NAME=VALUE`` pairs; a value is JSON where it parses (3e-3, true, null), else the text ("no")."""
-    import json
 
     out = {}
     for pair in pairs:
@@ -241,7 +240,7 @@ def _submitted_before(client, marker: Path, submitted: dict) -> dict | None:
     from ppvit.serve.client import FINAL_STATES, ServerError
 
     try:
-        earlier = json.loads(marker.read_text())
+        earlier = read_json(marker)
     except (OSError, ValueError):
         return None
     if (

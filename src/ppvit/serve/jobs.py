@@ -37,7 +37,7 @@ from typing import Any
 
 import yaml
 
-from ppvit._io import atomic_write_bytes
+from ppvit._io import atomic_write_bytes, read_json
 from ppvit._schema import lone_surrogate
 from ppvit.serve.datasets import DATASETS_DIR, Dataset, private_dirs
 from ppvit.serve.declarations import DatasetLimits
@@ -46,7 +46,7 @@ from ppvit.serve.runners import LocalRunner, RayRunner, Runner
 from ppvit.serve.service_db import ACTIVE, DatasetError, service_db
 from ppvit.serve.tenants import TenantStore
 from ppvit.train.config import TrainConfig
-from ppvit.train.runs import BEST_FILE, CHECKPOINT_FILE
+from ppvit.train.runs import BEST_FILE, CHECKPOINT_FILE, RESULT_FILE, RESULT_LIMIT
 
 JOBS_DIR = "jobs"
 # Settings that are the server's (filled in from its limits and the dataset), never the client's.
@@ -396,7 +396,7 @@ class Jobs:
     def result(self, job_id: str) -> dict[str, Any]:
         """The finished run's result.json ({} if unreadable: the job's state says why)."""
         try:
-            return json.loads((self.folder(job_id) / "run" / "result.json").read_text())
+            return read_json(self.folder(job_id) / "run" / RESULT_FILE, RESULT_LIMIT)
         except (OSError, ValueError):
             return {}
 
