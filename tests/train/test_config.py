@@ -102,8 +102,14 @@ def test_nested_yaml_round_trips_and_names_unknown_settings(tmp_path: Path) -> N
         ("optim: [1, 2]\n", "section optim: [1, 2] is not a mapping of settings"),
         ("backbone: 0\n", "section backbone: 0 is not a mapping of settings"),
         ("optim: ''\n", "section optim: '' is not a mapping of settings"),
+        ("", "empty (no settings)"),  # a run's config.yaml emptied: --resume started a default run, a download
+        ("learning_rate:\n", "unknown setting 'learning_rate'"),  # misspelt and left empty: ignored
+        (
+            "optim:\n  lr: 0.1\nbogus_setting: null\n",
+            "unknown settings bogus_setting beside the sections (each belongs in one)",
+        ),
     ],
-    ids=["syntax", "section a number", "section a list", "section 0", "section empty text"],
+    ids=["syntax", "section a number", "section a list", "section 0", "section empty text", "empty", "null", "beside"],
 )
 def test_a_config_file_that_is_not_settings_is_one_line_naming_it(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str, says: str

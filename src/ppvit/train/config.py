@@ -152,6 +152,8 @@ class TrainConfig:
         method_fields = _method_fields()
         for name, value in settings.items():
             name = ALIASES.get(name, name)
+            if name != "method" and name not in SECTION_OF and name not in method_fields:
+                raise ValueError(f"unknown setting {name[:40]!r}")  # null too: a misspelt `learning_rate:` left empty
             if value is None:
                 continue
             if name == "method":
@@ -160,10 +162,8 @@ class TrainConfig:
                 method_name = value
             elif name in SECTION_OF:
                 sections[SECTION_OF[name]][name] = value
-            elif name in method_fields:
-                method_opts[name] = value
             else:
-                raise ValueError(f"unknown setting {name[:40]!r}")
+                method_opts[name] = value
             check_setting(name, value)
         cfg = cls(
             **{s: SECTIONS[s](**v) for s, v in sections.items()},
@@ -208,6 +208,9 @@ class TrainConfig:
                 method = dict(doc.get("method", {}))
                 flat = {k: v for s in SECTIONS for k, v in (doc.get(s) or {}).items()}
                 return cls.from_flat(**flat, method=method.pop("name", "lora-pe"), **method)
+            if any(isinstance(doc[s], dict) for s in SECTIONS if s in doc):  # sections, and a setting beside them
+                extra = sorted(str(k)[:40] for k in doc if k not in {*SECTIONS, "method"})
+                raise ValueError(f"unknown settings {', '.join(extra)} beside the sections (each belongs in one)")
             return cls.from_flat(**doc)
         except (TypeError, ValueError) as exc:
             raise ValueError(f"{where}: {exc}") from None
@@ -216,13 +219,15 @@ class TrainConfig:
     def load(cls, path: str | os.PathLike, **overrides: Any) -> TrainConfig:
         """A config from YAML, with flat ``overrides`` (e.g. command-line flags) taking precedence."""
         try:
-            doc = yaml.safe_load(Path(path).read_text()) or {}
+            doc = yaml.safe_load(Path(path).read_text())
         except yaml.MarkedYAMLError as exc:  # PyYAML's own message is several lines, quoting the file
             mark = exc.problem_mark
             where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
             raise ValueError(f"config file {path}: not valid YAML ({where}{exc.problem or exc.context})") from None
         except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
             raise ValueError(f"config file {path}: cannot be read ({exc})") from None
+        if doc is None:  # a run's config.yaml emptied: --resume started a default run (a download of CIFAR-10)
+            raise ValueError(f"config file {path}: empty (no settings)")
         if not isinstance(doc, dict):
             raise ValueError(f"config file {path}: not a mapping of settings")
         cfg = cls.from_dict(doc, where=f"config file {path}")
