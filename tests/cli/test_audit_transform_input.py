@@ -13,7 +13,7 @@ from cli_tools import toy_run
 from conftest import SMALL, one_line_error, run_cli
 from PIL import Image
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from ppvit.crypto.keys import Geometry, Key
 from ppvit.models.adapters import CONFIG_NAME, WEIGHTS_NAME
@@ -127,6 +127,29 @@ def test_merge_and_transform_model_replace_only_their_own_earlier_outputs(
         assert run_cli([*argv, out, *extra], capsys)[0] == 0
         one_line_error([*argv, out, *extra], capsys, f"output {out}: exists; pass --force")
         assert run_cli([*argv, out, *extra, "--force"], capsys)[0] == 0  # its own earlier output
+
+
+def test_transform_model_refuses_a_transformed_file_it_cannot_rightly_change(
+    tmp_path: Path, weights: Path, capsys
+) -> None:
+    """`--inverse --key k2` of a model transformed with k1 wrote a model "for plain images, key k2" that is right for
+    none, exit 0; a transformed model was transformed a second time (hostile tester)."""
+    k1, k2 = tmp_path / "k1.key", tmp_path / "k2.key"
+    Key.generate().save(k1)
+    Key.generate().save(k2)
+    enc, back = tmp_path / "enc.safetensors", tmp_path / "back.safetensors"
+    assert run_cli(["transform-model", enc, "--model", SMALL, "--weights", weights, "--key", k1], capsys)[0] == 0
+    base = ["--model", SMALL, "--weights", enc]
+    one_line_error(["transform-model", back, *base, "--key", k2, "--inverse"], capsys, "transformed with key")
+    one_line_error(["transform-model", back, *base, "--key", k1], capsys, "already a model for encrypted images")
+    assert not back.exists()
+    assert run_cli(["transform-model", back, *base, "--key", k1, "--inverse"], capsys)[0] == 0
+    original, undone = load_file(str(weights)), load_file(str(back))
+    assert all(torch.allclose(original[k], undone[k], atol=1e-6) for k in original)  # the key's own inverse
+    base = ["--model", SMALL, "--weights", back, "--inverse"]
+    one_line_error(
+        ["transform-model", tmp_path / "x.safetensors", *base, "--key", k1], capsys, "already a model for plain"
+    )
 
 
 def test_an_atomic_write_never_replaces_a_device_or_a_fifo(tmp_path: Path) -> None:

@@ -74,7 +74,7 @@ from ppvit.crypto.ciphers import BlockCipher, Plan, Scheme
 from ppvit.crypto.keys import Key
 from ppvit.crypto.mixing import BlockMixing
 from ppvit.models.backbones import create_backbone, input_size, normalization, patch_size
-from ppvit.models.weights import check_weights_file, tensor_shapes
+from ppvit.models.weights import check_weights_file, file_metadata, tensor_shapes
 
 
 @dataclass(frozen=True)
@@ -307,6 +307,14 @@ def transform_weights_file(
     fingerprint, never the key, so the server can check it runs the matching pipeline.
     """
     check_weights_file(weights)  # a missing file named as such, before its header is read
+    made = file_metadata(weights)  # a transform's own output: undone only with its key, never done twice
+    if made.get("input") == ("plain" if inverse else "encrypted"):
+        raise ValueError(f"weights file {weights}: already a model for {made['input']} images; nothing to do")
+    if inverse and made.get("input") == "encrypted" and made.get("key_fingerprint") != key.fingerprint:
+        raise ValueError(
+            f"weights file {weights}: transformed with key {made.get('key_fingerprint')}, not this key "
+            f"{key.fingerprint}: undoing it with another key gives a model that is right for no images"
+        )
     head = tensor_shapes(Path(weights)).get("head.weight")
     if num_classes is not None and head is not None and head[0] != num_classes:  # a new head would be random
         raise ValueError(f"weights file {weights}: its head has {head[0]} classes, not {num_classes}")

@@ -44,14 +44,19 @@ def check_model_output(out: str | os.PathLike, force: bool, inputs: dict[str, st
 def _written_by_ppvit(path: Path) -> bool:
     """A safetensors file with the metadata of :func:`~ppvit.models.adapters.merge_to_file` or
     :func:`~ppvit.models.transform.transform_weights_file`."""
-    try:
-        if not is_safetensors(path):
-            return False
-        with safe_open(str(path), framework="pt") as f:
-            info = f.metadata() or {}
-    except Exception:  # unreadable: not one of ours
-        return False
+    info = file_metadata(path)
     return info.get("format") == "timm-state-dict" or info.get("input") in ("plain", "encrypted")
+
+
+def file_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """A safetensors file's metadata ({} for another kind of file, or one that cannot be read)."""
+    try:
+        if not is_safetensors(Path(path)):
+            return {}
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except Exception:  # unreadable: the reader of its tensors says why
+        return {}
 
 
 def is_safetensors(path: Path) -> bool:
