@@ -17,6 +17,18 @@ from ppvit import cli
         # taken as 1 without a word
         (["encrypt", "SRC", "DST", "--key", "K", "--workers", "0"], "ppvit encrypt", "--workers: 0: must be at least"),
         (["decrypt", "SRC", "DST", "--key", "K", "--workers", "-3"], "ppvit decrypt", "-3: must be at least"),
+        # torch's "Expected a positive image size (H, W), got (0, 0)." naming no flag
+        (
+            ["transform-model", "O", "--model", "M", "--weights", "W", "--key", "K", "--img-size", "0"],
+            "ppvit transform-model",
+            "--img-size: 0: must be at least",
+        ),
+        (["keygen", "K", "--block-size", "-4"], "ppvit keygen", "--block-size: -4: must be at least"),
+        (
+            ["client", "predict", "X", "--server", "S", "--token-file", "T", "--size", "0"],
+            "ppvit client predict",
+            "--size: 0: must be at least",
+        ),
     ],
 )
 def test_a_typo_is_one_error_line_and_the_help_hint_exit_2(argv: list[str], verb: str, problem: str, capsys) -> None:

@@ -10,7 +10,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from ppvit._io import atomic_write_json, read_json
-from ppvit.cli.common import add_strict_arg, report_failed
+from ppvit.cli.common import add_strict_arg, positive, report_failed
 from ppvit.crypto.keys import Key
 
 
@@ -78,8 +78,10 @@ def add_client(sub: argparse._SubParsersAction) -> None:
     a.add_argument("--key", help="the key file the adapter was trained with (stays here)")
     a.add_argument("--plain", action="store_true", help="send plain images (only to an adapter trained on them)")
     a.add_argument("--scheme", help="the scheme you trained with: refuse a server that reports another")
-    a.add_argument("--block-size", type=int, help="the block size you trained with: refuse a server reporting another")
-    a.add_argument("--size", type=int, help="the input size you trained with: refuse a server reporting another")
+    a.add_argument(
+        "--block-size", type=positive, help="the block size you trained with: refuse a server reporting another"
+    )
+    a.add_argument("--size", type=positive, help="the input size you trained with: refuse a server reporting another")
     add_strict_arg(a)
     p.set_defaults(func=_client)
     add_service_verbs(actions)
@@ -269,9 +271,9 @@ def add_service_verbs(actions: argparse._SubParsersAction) -> None:
     a.add_argument("--work", help="local folder of the encrypted shards (default NAME.ppvit-wds; resumable)")
     a.add_argument("--method", default="lora-pe", help="lora-pe, melo or linear (default lora-pe)")
     a.add_argument("--model", help="base model, one the server offers (default: its only one, if it offers one)")
-    a.add_argument("--img-size", type=int, help="input size (default: the key's pin, else 224)")
+    a.add_argument("--img-size", type=positive, help="input size (default: the key's pin, else 224)")
     a.add_argument("--scheme", help="encryption scheme (default: the key's pin, else shuffle)")
-    a.add_argument("--block-size", type=int, help="block size (default: the key's pin, else 16)")
+    a.add_argument("--block-size", type=positive, help="block size (default: the key's pin, else 16)")
     a.add_argument("--shard-size", type=int, help="images per shard (default 1000)")
     a.add_argument("--epochs", type=int, default=10, help="training epochs (default 10)")
     a.add_argument("--set", action="append", metavar="NAME=VALUE", help="any other `ppvit train` setting")

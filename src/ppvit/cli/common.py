@@ -87,7 +87,9 @@ def scheme_args(p: argparse.ArgumentParser) -> None:
     """--key, --scheme, --block-size; a key file's pin is the default, and anything else is refused."""
     p.add_argument("--key", required=True, help="key file (see `ppvit keygen`)")
     p.add_argument("--scheme", help="steps joined by +, e.g. shuffle+scramble (default: the key's pin, else shuffle)")
-    p.add_argument("--block-size", type=int, help="block size; the ViT patch size (default: the key's pin, else 16)")
+    p.add_argument(
+        "--block-size", type=positive, help="block size; the ViT patch size (default: the key's pin, else 16)"
+    )
 
 
 def add_strict_arg(p: argparse.ArgumentParser) -> None:

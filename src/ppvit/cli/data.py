@@ -37,8 +37,8 @@ def add_keygen(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("keygen", help="write a new secret key file (mode 0600)")
     p.add_argument("out", help="key file to create; an existing file is never overwritten")
     p.add_argument("--scheme", help="pin the scheme this key encrypts with (with --block-size and --size)")
-    p.add_argument("--block-size", type=int, help="pin the block size (a client refuses a server stating another)")
-    p.add_argument("--size", type=int, help="pin the input size the images are encrypted at")
+    p.add_argument("--block-size", type=positive, help="pin the block size (a client refuses a server stating another)")
+    p.add_argument("--size", type=positive, help="pin the input size the images are encrypted at")
     p.set_defaults(func=_keygen)
 
 
@@ -79,7 +79,7 @@ def add_encrypt(sub: argparse._SubParsersAction) -> None:
     p.add_argument("dst", help="output folder (created); the source layout is kept")
     scheme_args(p)
     p.add_argument(
-        "--size", type=int, help="resize to SIZE x SIZE first (the model input size; default: the key's pin)"
+        "--size", type=positive, help="resize to SIZE x SIZE first (the model input size; default: the key's pin)"
     )
     p.add_argument(
         "--format",
@@ -148,7 +148,7 @@ def add_preview(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--schemes", help=f"comma-separated schemes (default: the key's pin, else {','.join(PREVIEW_SCHEMES)})"
     )
-    p.add_argument("--block-size", type=int, help="block size (default: the key's pin, else 16)")
+    p.add_argument("--block-size", type=positive, help="block size (default: the key's pin, else 16)")
     p.add_argument("--n", type=int, default=4, help=f"number of example images (1 to {MAX_PREVIEW_IMAGES})")
     p.add_argument("--size", type=int, help="resize to SIZE x SIZE (default: the key's pin, else 224)")
     p.add_argument("--prefix", default="", help="only images whose path starts with this, e.g. test/")

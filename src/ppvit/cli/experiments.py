@@ -115,7 +115,9 @@ def add_reproduce(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--epochs", type=int, help="fine-tuning epochs instead of the preset's")
     p.add_argument("--train-subset", type=int, help="fine-tune on this many images (smoke runs)")
     p.add_argument("--test-subset", type=int, help="test on this many images (smoke runs)")
-    p.add_argument("--img-size", type=int, help="input side instead of the preset's (a multiple of the patch size)")
+    p.add_argument(
+        "--img-size", type=positive, help="input side instead of the preset's (a multiple of the patch size)"
+    )
     p.add_argument(
         "--minutes",
         type=float,

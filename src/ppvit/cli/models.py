@@ -31,7 +31,7 @@ def add_params(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("params", help="trainable and total parameters per method")
     p.add_argument("--model", default="vit_base_patch16_224", help="timm ViT or ppvit small configuration")
     p.add_argument("--num-classes", type=positive, default=10, help="classes of the new head (default 10)")
-    p.add_argument("--img-size", type=int, help="input side (default: the model's)")
+    p.add_argument("--img-size", type=positive, help="input side (default: the model's)")
     add_setting_args(p, _method_settings())
     p.set_defaults(func=_params)
 
@@ -98,9 +98,9 @@ def add_transform_model(sub: argparse._SubParsersAction) -> None:
         "--scheme",
         help="absorbable steps: shuffle, scramble, negpos:pixel, channel:pixel (default: the key's pin, else shuffle)",
     )
-    p.add_argument("--block-size", type=int, help="must equal the patch size (the default, or the key's pin)")
+    p.add_argument("--block-size", type=positive, help="must equal the patch size (the default, or the key's pin)")
     p.add_argument(
-        "--img-size", type=int, help="input side (default: the key's pin, else the model's; pos_embed resampled)"
+        "--img-size", type=positive, help="input side (default: the key's pin, else the model's; pos_embed resampled)"
     )
     p.add_argument("--inverse", action="store_true", help="undo: make a model for encrypted images work on plain ones")
     p.add_argument("--force", action="store_true", help="replace an existing output file")
