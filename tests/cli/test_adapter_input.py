@@ -33,6 +33,7 @@ def edited(tmp_path: Path, change) -> Path:
         (lambda d: d.update(num_classes="4"), "damaged (num_classes '4': must be an integer)"),
         (lambda d: d.update(classes="abcd"), "damaged (classes 'abcd': must be a list of text or null)"),
         (lambda d: d.update(classes=d["classes"][:3]), "damaged (3 class names for 4 classes)"),
+        (lambda d: d.update(classes=["a", "b", "a", "c"]), "damaged (a class is named twice)"),
         (lambda d: d.update(method="linear"), "damaged (method 'linear': must be a mapping of text to Any)"),
         (lambda d: d["method"].pop("method") and None, "method names its method"),
         (lambda d: d.update(model=5), "damaged (model 5: must be text)"),
@@ -49,6 +50,7 @@ def edited(tmp_path: Path, change) -> Path:
         "num_classes",
         "classes text",
         "classes short",
+        "classes twice",
         "method text",
         "method unnamed",
         "model",
@@ -74,6 +76,19 @@ def test_adapter_model_arguments_the_model_does_not_take_are_one_line(tmp_path: 
     run = edited(tmp_path, lambda d: d.update(model_kwargs={"bogus": 1}))
     np.save(tmp_path / "x.npy", np.zeros((32, 32, 3), np.uint8))
     one_line_error(["predict", run, tmp_path / "x.npy"], capsys, f"model {SMALL}: ", "'bogus'")
+
+
+def test_predict_writes_a_control_character_of_a_class_or_file_name_escaped(tmp_path: Path, capsys) -> None:
+    """A class folder named with a newline printed predict's answer over two lines of its TSV (hostile tester)."""
+    run = edited(tmp_path, lambda d: d.update(classes=["a\nb", "c\td", "e\u202ef", "g"]))
+    (tmp_path / "in").mkdir()
+    for name in ("x\ny.png", "plain.png"):
+        Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(tmp_path / "in" / name)
+    code, out, err = run_cli(["predict", run, tmp_path / "in"], capsys)
+    lines = out.splitlines()
+    assert code == 0 and len(lines) == 2 and all(len(line.split("\t")) == 3 for line in lines), err
+    assert lines[1].startswith(str(tmp_path / "in" / "x\\ny.png") + "\t"), out
+    assert {line.split("\t")[1] for line in lines} <= {"a\\nb", "c\\td", "e\\u202ef", "g"}
 
 
 def test_adapter_tensors_holding_nan_are_refused(tmp_path: Path, capsys, toy_dataset: Path) -> None:

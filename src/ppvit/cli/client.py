@@ -10,7 +10,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from ppvit._io import atomic_write_json, read_json
-from ppvit.cli.common import add_strict_arg, positive, report_failed
+from ppvit.cli.common import add_strict_arg, positive, prediction_line, report_failed
 from ppvit.crypto.keys import Key
 
 
@@ -62,7 +62,7 @@ def _client(args: argparse.Namespace) -> int:
         answers = client.predict(images, key, plain=args.plain, top_k=1, failed=failed)
     bad = {f for f, _ in failed or []}
     for f, p in zip([f for f in images if f not in bad], answers, strict=True):
-        print(f"{f}\t{p.label}\t{p.probability:.3f}")
+        print(prediction_line(f, p.label, p.probability))
     return report_failed(failed or [], "the others were classified")
 
 

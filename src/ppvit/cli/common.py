@@ -100,11 +100,21 @@ def add_strict_arg(p: argparse.ArgumentParser) -> None:
     )
 
 
+def prediction_line(name: object, label: str, probability: float) -> str:
+    """One line of ``predict``'s TSV: a file name or class name holding a tab, a newline or another control
+    character (a class folder named so) is written escaped, as Python writes it, so one line stays one answer."""
+    return "\t".join((_shown(str(name)), _shown(label), f"{probability:.3f}"))
+
+
+def _shown(text: str) -> str:
+    return text if text.isprintable() else text.encode("unicode_escape").decode("ascii")
+
+
 def report_failed(failed: Sequence[tuple[str, str]], rest: str) -> int:
     """Name each image that failed (unreadable, or refused as too large) on stderr, count them, say what
     became of the ``rest``; the exit status: 1 when any failed. The one rule of every verb that reads many images."""
     for rel, problem in failed:
-        print(f"  failed: {rel}: {problem}", file=sys.stderr)
+        print(f"  failed: {_shown(str(rel))}: {problem}", file=sys.stderr)
     if failed:
         print(f"{len(failed)} image{'s' * (len(failed) != 1)} failed (named above); {rest}", file=sys.stderr)
     return 1 if failed else 0

@@ -7,7 +7,14 @@ import dataclasses
 import json
 from pathlib import Path
 
-from ppvit.cli.common import add_setting_args, add_splits_arg, add_strict_arg, positive, report_failed
+from ppvit.cli.common import (
+    add_setting_args,
+    add_splits_arg,
+    add_strict_arg,
+    positive,
+    prediction_line,
+    report_failed,
+)
 from ppvit.crypto.keys import Key
 from ppvit.train.config import TrainConfig, settings
 
@@ -89,7 +96,7 @@ def _predict(args: argparse.Namespace) -> int:
     failed: list[tuple[str, str]] | None = None if args.strict else []
     found = iter_predictions(adapter, args.images, key, args.encrypted, weights, args.batch_size, failed)
     for f, cls, prob in found:
-        print(f"{f}\t{cls}\t{prob:.3f}", flush=True)
+        print(prediction_line(f, cls, prob), flush=True)
     return report_failed(failed or [], "the others were classified")
 
 

@@ -129,6 +129,8 @@ def read_adapter_meta(adapter_dir: str | os.PathLike) -> AdapterMeta:
             raise ValueError("num_classes is at least 1, method names its method")
         if meta.classes is not None and len(meta.classes) != meta.num_classes:
             raise ValueError(f"{len(meta.classes)} class names for {meta.num_classes} classes")
+        if meta.classes is not None and len(set(meta.classes)) != len(meta.classes):  # which one did it answer?
+            raise ValueError("a class is named twice")
         if meta.block_size is not None and meta.block_size < 1:
             raise ValueError(f"block_size {meta.block_size}: at least 1")
         size = meta.model_kwargs.get("img_size", 1)
