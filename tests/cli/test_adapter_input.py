@@ -100,6 +100,18 @@ def test_adapter_tensors_holding_nan_are_refused(tmp_path: Path, capsys, toy_dat
     one_line_error(["eval", run, "--data", toy_dataset], capsys, f"{name} holds NaN or infinite values")
 
 
+def test_eval_prints_strict_json_when_a_finite_adapter_overflows(tmp_path: Path, capsys, toy_dataset: Path) -> None:
+    """A head of finite 1e38 weights (passing the NaN check) made eval print ``"loss": NaN``, not JSON (hostile
+    tester): the one JSON writer writes it as null."""
+    run = toy_run(tmp_path / "run", None, None, None)
+    tensors = adapter_tensors(run)
+    write_adapter_tensors(run / "adapter", {**tensors, "head.weight": torch.full_like(tensors["head.weight"], 1e38)})
+    code, out, err = run_cli(["eval", run, "--data", toy_dataset], capsys)
+    assert code == 0, err
+    result = json.loads(out, parse_constant=lambda word: pytest.fail(f"not strict JSON: {word}"))
+    assert result["loss"] is None and 0 <= result["acc"] <= 1
+
+
 def test_a_weights_file_swapped_in_from_another_run_is_refused(tmp_path: Path, capsys) -> None:
     """Another run's tensors of the same shapes loaded and answered as this adapter (hostile tester): the config
     records the SHA-256 of the file it was written with."""

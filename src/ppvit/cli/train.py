@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 from pathlib import Path
 
+from ppvit._io import json_text
 from ppvit.cli.common import (
     add_setting_args,
     add_splits_arg,
@@ -45,7 +45,7 @@ def _train(args: argparse.Namespace) -> int:
     result = train(_train_config(args), resume=args.resume)
     if dist.is_available() and dist.is_initialized():  # torchrun: this process's group ends with the run (a
         dist.destroy_process_group()  # gloo thread left to the interpreter's exit aborted a finished run's rank)
-    print(json.dumps(dataclasses.asdict(result), indent=2))
+    print(json_text(dataclasses.asdict(result)), end="")  # strict JSON: a diverged loss is null, not NaN
     return report_failed(list(result.unreadable.items()), "the run trained on the others")
 
 
@@ -71,7 +71,7 @@ def _eval(args: argparse.Namespace) -> None:
     key = Key.load(args.key) if args.key else None
     adapter, weights = adapter_and_weights(args.adapter, args.weights)
     result = evaluate_adapter(adapter, args.data, key, weights, subset=args.subset, splits=splits)
-    print(json.dumps(result, indent=2))
+    print(json_text(result), end="")
 
 
 def add_eval(sub: argparse._SubParsersAction) -> None:
