@@ -6,7 +6,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import tarfile
 import threading
 import zipfile
 from pathlib import Path
@@ -85,13 +84,12 @@ def test_a_manifest_that_is_no_json_file_is_one_line_naming_it(
 
 @pytest.mark.parametrize("fmt", ["png", "npz"])
 def test_ciphertext_of_another_size_is_named_never_resized(tmp_path: Path, key_file: Path, capsys, fmt: str) -> None:
-    """A 24x24 PNG in the folder, or an npz shard of 8x16 images, was resized to the manifest's 16 and
-    "decrypted" into noise, exit 0 (the README: ciphertext is never resized). One put in place of an image: one
-    added is refused by the manifest's count."""
+    """A 24x24 PNG dropped into the folder, or an npz shard of 8x16 images, was resized to the manifest's 16 and
+    "decrypted" into noise, exit 0 (the README: ciphertext is never resized)."""
     enc = encrypted(tmp_path, key_file, capsys, fmt)
     if fmt == "png":
-        Image.fromarray(np.zeros((24, 24, 3), np.uint8)).save(enc / "train" / "cat" / "1.png")
-        bad = ["train/cat/1.png"]
+        Image.fromarray(np.zeros((24, 24, 3), np.uint8)).save(enc / "train" / "cat" / "odd.png")
+        bad = ["train/cat/odd.png"]
     else:
         shard = enc / "train" / "shard-00000.npz"
         arrays = dict(np.load(shard))
@@ -171,46 +169,6 @@ def test_a_damaged_npz_shard_is_one_line_naming_it(
         }[damage]
         _edit_arrays(shard, change)
     one_line_error(["decrypt", enc, tmp_path / "dec", "--key", key_file], capsys, f"shard {shard}: {says}")
-
-
-def _drop_test_split(doc: dict) -> None:
-    del doc["classes"]["test"], doc["counts"]["test"]
-
-
-@pytest.mark.parametrize(
-    ("fmt", "damage", "says"),
-    [
-        ("wds", "shard deleted", "split 'train' holds 0 images, its manifest counts 4"),
-        ("wds", "shard emptied", "split 'train' holds 0 images, its manifest counts 4"),
-        ("npz", "shard emptied", "split 'train' holds 0 images, its manifest counts 4"),
-        ("png", "image deleted", "split 'train' holds 3 images, its manifest counts 4"),
-        ("npz", "split unlisted", "split 'test' holds 4 images, its manifest counts 0"),
-        ("wds", "split unlisted", "test/shard-000000.tar: of no split its manifest lists ('train')"),
-    ],
-)
-def test_a_complete_dataset_missing_images_is_refused_naming_the_split(
-    tmp_path: Path, key_file: Path, capsys, fmt: str, damage: str, says: str
-) -> None:
-    """Images missing from a dataset whose manifest says it is complete: decrypted short ("decrypted 14 images"),
-    and a split taken out of the manifest left its shards unread, exit 0 (hostile tester). Its manifest's counts
-    (train 4, test 4) are held to what is found; an interrupted run's manifest counts nothing yet."""
-    enc = encrypted(tmp_path, key_file, capsys, fmt)
-    train = enc / "train"
-    if damage == "shard deleted":
-        (train / "shard-000000.tar").unlink()
-    elif damage == "shard emptied" and fmt == "wds":
-        tarfile.open(train / "shard-000000.tar", "w").close()
-    elif damage == "shard emptied":
-        _edit_arrays(train / "shard-00000.npz", lambda a: a.update({k: v[:0] for k, v in a.items() if k != "classes"}))
-    elif damage == "image deleted":
-        (train / "cat" / "0.png").unlink()
-    else:
-        edit_manifest(enc, _drop_test_split)
-    one_line_error(["decrypt", enc, tmp_path / "dec", "--key", key_file], capsys, str(enc), says)
-    assert not (tmp_path / "dec").exists()
-    if damage != "split unlisted":
-        edit_manifest(enc, lambda doc: doc.update(complete=False))
-        assert run_cli(["decrypt", enc, tmp_path / "dec", "--key", key_file], capsys)[0] == 0
 
 
 def test_errors_name_what_the_user_gave(tmp_path: Path, key_file: Path, capsys) -> None:
