@@ -112,16 +112,10 @@ class EncryptedNpz(EncryptedFolder):
 
     def _items(self, select: Select = None) -> Iterator[Item]:
         seen: set[str] = set()
-        first: tuple[Path, tuple[int, ...]] | None = None  # a shard, and the height and width of its images
         for shard in self.shards():
             got = read_npz(shard, shard=True)
             if self.manifest is not None and got.images.dtype != self.manifest.dtype:
                 raise ValueError(f"shard {shard}: holds {got.images.dtype}, its manifest says {self.manifest.dtype}")
-            first = first or (shard, got.images.shape[1:3])
-            if self.manifest is not None and self.manifest.size is None and got.images.shape[1:3] != first[1]:
-                # no size stated: the source's one size (a stated one is held to each image when it is decrypted)
-                (h, w), (h0, w0) = got.images.shape[1:3], first[1]
-                raise ValueError(f"shard {shard}: images of {w}x{h}, {first[0]}'s of {w0}x{h0}; ciphertext is one size")
             folder = shard.parent.relative_to(self.path).as_posix()
             for i, rel in enumerate(got.paths):
                 # a path twice, or of another split than the shard's folder: one image decrypted over another (or
