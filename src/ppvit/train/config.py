@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import re
 import typing
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -94,18 +93,6 @@ def _hints() -> dict[str, Any]:
 
 
 HINTS = _hints()
-
-
-class _Loader(yaml.SafeLoader):
-    """PyYAML's safe loader with YAML 1.2's floats: YAML 1.1 wants a dot, so ``lr: 3e-3`` was the text '3e-3' (refused
-    as "must be a finite number") where ``--lr 3e-3`` worked."""
-
-
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
-    list("-+0123456789"),
-)
 
 
 def check_setting(name: str, value: Any) -> None:
@@ -232,7 +219,7 @@ class TrainConfig:
     def load(cls, path: str | os.PathLike, **overrides: Any) -> TrainConfig:
         """A config from YAML, with flat ``overrides`` (e.g. command-line flags) taking precedence."""
         try:
-            doc = yaml.load(Path(path).read_text(), Loader=_Loader)
+            doc = yaml.safe_load(Path(path).read_text())
         except yaml.MarkedYAMLError as exc:  # PyYAML's own message is several lines, quoting the file
             mark = exc.problem_mark
             where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
