@@ -43,7 +43,7 @@ def edited(tmp_path: Path, change) -> Path:
         (lambda d: d.update(model_kwargs={"img_size": "abc"}), "damaged (model_kwargs img_size 'abc': must be a"),
         (lambda d: d["method"].update(method="melo", rank="x"), "damaged (method melo: rank 'x': must be an integer)"),
         (lambda d: d["method"].update(method="melo", dropout=2.0), "damaged (LoRA dropout must be in [0, 1), got 2.0)"),
-        (lambda d: d.update(init_seed=2**70), "damaged (init_seed 1180591620717411303424: from 0 to 2**63 - 1)"),
+        (lambda d: d.update(init_seed=2**70), "damaged (init_seed 1180591620717411303424: from -2**63 to 2**64 - 1)"),
         (lambda d: d.update(scheme="bogus"), "damaged (unknown scheme step 'bogus'"),
     ],
     ids=[

@@ -121,6 +121,14 @@ def test_a_config_file_that_is_not_settings_is_one_line_naming_it(
     assert err == f"ppvit train: error: config file {tmp_path / 'c.yaml'}: {says}\n"
 
 
+@pytest.mark.parametrize("method", ["method: melo\n", "method:\n", "method:\n  name: melo\n"])
+def test_a_config_file_with_sections_names_its_method_either_way(tmp_path: Path, method: str) -> None:
+    """`method: melo` beside sections was refused with "unknown settings  beside the sections", naming nothing."""
+    (tmp_path / "c.yaml").write_text("optim:\n  lr: 0.1\n" + method)
+    cfg = TrainConfig.load(tmp_path / "c.yaml")
+    assert cfg.optim.lr == 0.1 and cfg.method.name == ("lora-pe" if method == "method:\n" else "melo")
+
+
 def test_no_setting_is_declared_twice_and_every_one_is_a_train_flag() -> None:
     names = [f.name for cls in SECTIONS.values() for f in dataclasses.fields(cls)]
     assert len(names) == len(set(names))

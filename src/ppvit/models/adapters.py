@@ -136,9 +136,9 @@ def read_adapter_meta(adapter_dir: str | os.PathLike) -> AdapterMeta:
         size = meta.model_kwargs.get("img_size", 1)
         if not (type(size) is int and size >= 1):  # other arguments: create_backbone's refusal names them
             raise ValueError(f"model_kwargs img_size {size!r}: must be a positive integer")
-        if meta.init_seed is not None and not 0 <= meta.init_seed < 2**63:
-            raise ValueError(f"init_seed {meta.init_seed}: from 0 to 2**63 - 1")
-        if meta.scheme is not None:
+        if meta.init_seed is not None and not -(2**63) <= meta.init_seed < 2**64:  # torch.manual_seed's range
+            raise ValueError(f"init_seed {meta.init_seed}: from -2**63 to 2**64 - 1")
+        if meta.scheme not in (None, "none", "plain"):  # plain, as an earlier release may have written it
             Scheme.parse(meta.scheme)
         meta.method_config()  # the method's own checks (a rank of "x", a dropout of 2)
         if meta.tensors_sha256 is not None and not re.fullmatch(r"[0-9a-f]{64}", meta.tensors_sha256):

@@ -198,6 +198,9 @@ class TrainConfig:
     def from_dict(cls, doc: dict[str, Any], where: str = "config") -> TrainConfig:
         """From :meth:`to_dict`'s nesting, or from the flat layout of ppvit 0.1 files."""
         try:
+            nested = any(isinstance(doc[s], dict) for s in SECTIONS if s in doc)
+            if nested and (doc.get("method") is None or isinstance(doc["method"], str)):  # `method: melo` by name
+                doc = {**doc, "method": {} if doc.get("method") is None else {"name": doc["method"]}}
             if isinstance(doc.get("method", {}), dict) and set(doc) <= {*SECTIONS, "method"}:
                 for section in SECTIONS:
                     if doc.get(section) is not None and not isinstance(doc[section], dict):
@@ -208,7 +211,7 @@ class TrainConfig:
                 method = dict(doc.get("method", {}))
                 flat = {k: v for s in SECTIONS for k, v in (doc.get(s) or {}).items()}
                 return cls.from_flat(**flat, method=method.pop("name", "lora-pe"), **method)
-            if any(isinstance(doc[s], dict) for s in SECTIONS if s in doc):  # sections, and a setting beside them
+            if nested:  # sections, and a setting beside them
                 extra = sorted(str(k)[:40] for k in doc if k not in {*SECTIONS, "method"})
                 raise ValueError(f"unknown settings {', '.join(extra)} beside the sections (each belongs in one)")
             return cls.from_flat(**doc)
